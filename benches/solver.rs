@@ -1,0 +1,121 @@
+//! Criterion benchmarks of the core (`cargo bench`). Matrices are "LLM-like" importance
+//! scores: |N(0,1)| times a log-normal(sigma=1) column scale and a log-normal(sigma=0.3)
+//! row scale (heavy-tailed input channels, as in real activations).
+//!
+//! - `search/*`: the permutation search on LLaMA-7B shapes, capped at two slot-LSA
+//!   sweeps (8 steps) so one sample is seconds; `benches/permutation.py` runs the full
+//!   search against the reference and reports efficacy.
+//! - `lap/*`: the assignment solver on real slot-LSA value matrices of those shapes
+//!   (G = 1024 and 2752 groups), next to the `lapjv` crate (Jonker-Volgenant) on the
+//!   same matrices.
+//! - `mask/*`, `score/*`: the N:M and unstructured selection and the RIA score.
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use half::bf16;
+use rand::{RngExt, SeedableRng};
+use rand_distr::{Distribution, LogNormal, StandardNormal};
+use rand_pcg::Pcg64Mcg;
+use ria::matrix::MatRef;
+use ria::permute::{Options, Problem, heuristic, lsa, search};
+use ria::{lap, mask, score};
+use std::hint::black_box;
+use std::time::Duration;
+
+fn llm_like(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Pcg64Mcg::seed_from_u64(seed);
+    let col_scale: Vec<f32> = LogNormal::new(0.0, 1.0)
+        .unwrap()
+        .sample_iter(&mut rng)
+        .take(cols)
+        .collect();
+    let row_scale: Vec<f32> = LogNormal::new(0.0, 0.3)
+        .unwrap()
+        .sample_iter(&mut rng)
+        .take(rows)
+        .collect();
+    let mut out = Vec::with_capacity(rows * cols);
+    for row in &row_scale {
+        for &c in &col_scale {
+            let z: f32 = StandardNormal.sample(&mut rng);
+            out.push(z.abs() * c * row);
+        }
+    }
+    out
+}
+
+const SHAPES: [(usize, usize); 3] = [(4096, 4096), (11008, 4096), (4096, 11008)];
+
+fn bench_search(c: &mut Criterion) {
+    let mut group = c.benchmark_group("search");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(30));
+    for (rows, cols) in SHAPES {
+        let s = llm_like(rows, cols, 0);
+        let problem = Problem::new(&[MatRef::new(&s, rows, cols, "s").unwrap()], 2, 4).unwrap();
+        let options = Options {
+            max_steps: 8,
+            tabu_steps: Some(0),
+            ..Options::default()
+        };
+        group.bench_function(
+            BenchmarkId::new("2:4, two sweeps", format!("{rows}x{cols}")),
+            |b| b.iter(|| black_box(search(&problem, &options))),
+        );
+    }
+    group.finish();
+}
+
+fn bench_lap(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lap");
+    group.sample_size(10);
+    for (rows, cols) in [(4096, 4096), (4096, 11008)] {
+        let s = llm_like(rows, cols, 1);
+        let problem = Problem::new(&[MatRef::new(&s, rows, cols, "s").unwrap()], 2, 4).unwrap();
+        let perm = heuristic::snake(&problem);
+        let groups = problem.groups();
+        let value = lsa::value_matrix(&problem, &perm, &vec![0; groups]);
+        group.bench_function(BenchmarkId::new("auction (ours)", groups), |b| {
+            b.iter(|| black_box(lap::solve_max(&value, groups)))
+        });
+        let cost = lapjv::Matrix::from_shape_fn((groups, groups), |(i, j)| {
+            -f64::from(value[i * groups + j])
+        });
+        group.bench_function(BenchmarkId::new("lapjv crate", groups), |b| {
+            b.iter(|| black_box(lapjv::lapjv(&cost).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+fn bench_masks_and_scores(c: &mut Criterion) {
+    let (rows, cols) = (4096, 11008);
+    let s = llm_like(rows, cols, 2);
+    let scores = MatRef::new(&s, rows, cols, "s").unwrap();
+    let mut group = c.benchmark_group("mask");
+    group.bench_function("nm 2:4 4096x11008", |b| {
+        b.iter(|| black_box(mask::nm_mask(scores, 2, 4).unwrap()))
+    });
+    group.bench_function("unstructured 50% 4096x11008", |b| {
+        b.iter(|| black_box(mask::unstructured_mask(scores, rows * cols / 2, false).unwrap()))
+    });
+    group.bench_function("unstructured 50% per row 4096x11008", |b| {
+        b.iter(|| black_box(mask::unstructured_mask(scores, cols / 2, true).unwrap()))
+    });
+    group.finish();
+
+    let mut rng = Pcg64Mcg::seed_from_u64(3);
+    let w: Vec<bf16> = (0..rows * cols)
+        .map(|_| bf16::from_f32(rng.random::<f32>() - 0.5))
+        .collect();
+    let act: Vec<f32> = (0..cols).map(|_| rng.random::<f32>()).collect();
+    let weight = MatRef::new(&w, rows, cols, "w").unwrap();
+    let mut group = c.benchmark_group("score");
+    group.bench_function("ria bf16 4096x11008", |b| {
+        b.iter(|| black_box(score::ria(weight, Some(&act), 0.5).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_masks_and_scores, bench_lap, bench_search);
+criterion_main!(benches);

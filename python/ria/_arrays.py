@@ -1,0 +1,86 @@
+"""Turning user inputs (numpy arrays, torch tensors) into what the Rust core reads.
+
+The core reads C-contiguous arrays; 16-bit floats travel as their raw bits (`uint16`)
+with the format named, so a bf16 weight is never upcast or copied on the Python side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+try:  # torch is a dependency, but the core API must not need it.
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None  # type: ignore[assignment]
+
+ArrayLike = Any  # np.ndarray | torch.Tensor
+
+_TORCH_FORMATS = {"torch.float32": "f32", "torch.float16": "f16", "torch.bfloat16": "bf16"}
+
+
+def _is_tensor(x: object) -> bool:
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _check_2d(shape: tuple[int, ...], name: str) -> None:
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be 2-D (rows x columns), got shape {tuple(shape)}")
+
+
+def weight_array(weight: ArrayLike, name: str = "weight") -> tuple[np.ndarray, str]:
+    """A 2-D weight as (C-contiguous array, format) with format in f32 / f16 / bf16.
+
+    f16 and bf16 come back as `uint16` views of the same bits. float64 is converted to
+    float32 (scores are computed in f32 anyway).
+    """
+    if _is_tensor(weight):
+        _check_2d(tuple(weight.shape), name)
+        t = weight.detach()
+        fmt = _TORCH_FORMATS.get(str(t.dtype))
+        if fmt is None and t.dtype == torch.float64:
+            t, fmt = t.float(), "f32"
+        if fmt is None:
+            raise TypeError(
+                f"{name} has unsupported dtype {t.dtype}; use float32, float16 or bfloat16"
+            )
+        t = t.cpu().contiguous()
+        if fmt == "f32":
+            return t.numpy(), fmt
+        return t.view(torch.int16).numpy().view(np.uint16), fmt
+    array = np.asarray(weight)
+    _check_2d(array.shape, name)
+    if array.dtype == np.float32:
+        return np.ascontiguousarray(array), "f32"
+    if array.dtype == np.float64:
+        return np.ascontiguousarray(array, dtype=np.float32), "f32"
+    if array.dtype == np.float16:
+        return np.ascontiguousarray(array).view(np.uint16), "f16"
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16
+        return np.ascontiguousarray(array).view(np.uint16), "bf16"
+    raise TypeError(f"{name} has unsupported dtype {array.dtype}; use float32, float16 or bfloat16")
+
+
+def float32_array(x: ArrayLike, name: str, ndim: int) -> np.ndarray:
+    """A C-contiguous float32 array of `ndim` dimensions (other float types converted)."""
+    if _is_tensor(x):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        array = x.detach().float().cpu().numpy()
+    else:
+        array = np.asarray(x)
+        if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+            raise TypeError(f"{name} must be floating point, got {array.dtype}")
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(array.shape)}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def score_list(scores: ArrayLike | list[ArrayLike] | tuple[ArrayLike, ...]) -> list[np.ndarray]:
+    """One score matrix or a list of them (layers sharing an input) as float32 arrays."""
+    if isinstance(scores, (list, tuple)):
+        if not scores:
+            raise ValueError("scores is an empty list")
+        return [float32_array(s, f"scores[{i}]", 2) for i, s in enumerate(scores)]
+    return [float32_array(scores, "scores", 2)]

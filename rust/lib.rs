@@ -1,0 +1,19 @@
+//! ria-rs core: RIA importance scores, N:M and unstructured mask selection, and the
+//! channel-permutation search for N:M sparsity.
+//!
+//! Pure functions over row-major slices; nothing here knows about models or Python.
+//! The Python bindings live in [`python`] behind the `python` feature.
+
+pub mod error;
+pub mod lap;
+pub mod mask;
+pub mod matrix;
+pub mod permute;
+pub mod score;
+mod simd;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{InputError, Result};
+pub use matrix::{Element, MatRef};

@@ -1,0 +1,463 @@
+//! The permutation search: RIA's heuristic, then slot-LSA descent until no gain, then
+//! (where the problem is small enough to afford it) exhaustive pair repartitions and an
+//! iterated local search over independent chains, keeping the best.
+//!
+//! Every stage is deterministic for a fixed seed whatever the thread count: chains have
+//! their own seeded generators, their number does not depend on the thread pool, and
+//! ties between chains go to the lower chain index. Only `time_budget` makes a result
+//! depend on machine speed.
+
+use super::problem::Problem;
+use super::tabu::Tabu;
+use super::{heuristic, lsa, polish};
+use rand::{RngExt, SeedableRng};
+use rand_pcg::Pcg64Mcg;
+use rayon::prelude::*;
+use std::time::{Duration, Instant};
+
+/// Search settings. `Default` gives the settings the benchmarks report.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seed: u64,
+    /// Wall-clock cap for the whole search (makes the result timing-dependent).
+    pub time_budget: Option<Duration>,
+    /// A slot-LSA step "makes progress" when it gains more than `tolerance` times the
+    /// gap `upper_bound - identity`.
+    pub tolerance: f64,
+    /// Consecutive steps without progress that end a descent.
+    pub patience: usize,
+    /// Cap on slot-LSA steps in the main descent.
+    pub max_steps: usize,
+    /// Tabu steps per chain; `None` sizes them from the problem (none for large
+    /// matrices, where slot-LSA is the better use of time).
+    pub tabu_steps: Option<usize>,
+    /// Steps a column may not return to a group it left (randomised around this);
+    /// `None`: half the number of groups, clamped to 4..=16.
+    pub tabu_tenure: Option<usize>,
+    /// Independent tabu chains, each with its own seed.
+    pub chains: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            time_budget: None,
+            tolerance: 1e-4,
+            patience: 8,
+            max_steps: 400,
+            tabu_steps: None,
+            tabu_tenure: None,
+            chains: 8,
+        }
+    }
+}
+
+/// What the search found, with the numbers needed to judge it.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// New column order: position p holds original column `perm[p]`.
+    pub perm: Vec<u32>,
+    pub retained: f64,
+    pub identity: f64,
+    /// Retained score after RIA's heuristic alone.
+    pub heuristic: f64,
+    pub upper_bound: f64,
+    pub lsa_steps: usize,
+    /// Tabu steps made, over all chains.
+    pub tabu_steps: usize,
+    /// True when the result is the proven optimum (small problems solved exhaustively).
+    pub exact: bool,
+}
+
+impl Outcome {
+    /// Share of the gap between identity and the upper bound that the search closed.
+    pub fn efficacy(&self) -> f64 {
+        efficacy(self.retained, self.identity, self.upper_bound)
+    }
+}
+
+/// `(retained - identity) / (upper_bound - identity)`; 1 when there is no gap to close.
+pub fn efficacy(retained: f64, identity: f64, upper_bound: f64) -> f64 {
+    let gap = upper_bound - identity;
+    if gap <= 1e-12 * upper_bound.abs().max(f64::MIN_POSITIVE) {
+        1.0
+    } else {
+        (retained - identity) / gap
+    }
+}
+
+/// A permutation with its per-group kept scores.
+#[derive(Clone)]
+struct State {
+    perm: Vec<u32>,
+    values: Vec<f64>,
+}
+
+impl State {
+    fn new(problem: &Problem, perm: Vec<u32>) -> Self {
+        let values = problem.group_values(&perm);
+        Self { perm, values }
+    }
+
+    fn total(&self) -> f64 {
+        self.values.iter().sum()
+    }
+}
+
+/// Problem size below which exhaustive pair repartitions are worth a full pass.
+const POLISH_WORK: f64 = 4e8;
+/// Work (relu-sum operations and equivalents) allowed for tabu search, over all chains.
+const TABU_WORK: f64 = 4e9;
+/// Steps after which a tabu chain has long stopped finding anything new.
+const MAX_TABU_STEPS: usize = 20_000;
+
+pub fn search(problem: &Problem, options: &Options) -> Outcome {
+    let started = Instant::now();
+    let deadline = options.time_budget.map(|b| started + b);
+    let (cols, groups) = (problem.cols(), problem.groups());
+    let identity_perm: Vec<u32> = (0..cols as u32).collect();
+    let identity = problem.retained(&identity_perm);
+    let upper_bound = problem.upper_bound();
+    let outcome = |state: &State, heuristic: f64, lsa_steps, tabu_steps, exact| Outcome {
+        perm: state.perm.clone(),
+        retained: state.total(),
+        identity,
+        heuristic,
+        upper_bound,
+        lsa_steps,
+        tabu_steps,
+        exact,
+    };
+
+    let mut state = State::new(problem, identity_perm.clone());
+    if groups == 1 {
+        return outcome(&state, identity, 0, 0, true);
+    }
+    if cols <= 12 && groups <= 3 {
+        let ids: Vec<usize> = (0..groups).collect();
+        polish::repartition(problem, &mut state.perm, &mut state.values, &ids);
+        return outcome(&state, identity, 0, 0, true);
+    }
+
+    let snake = State::new(problem, heuristic::snake(problem));
+    let heuristic_value = snake.total();
+    if heuristic_value > state.total() {
+        state = snake;
+    }
+    let min_gain = options.tolerance * (upper_bound - identity).max(0.0);
+    let mut rng = Pcg64Mcg::seed_from_u64(options.seed);
+    let descent = Descent {
+        problem,
+        min_gain,
+        deadline,
+    };
+    let mut lsa_steps = descent.run(
+        &mut state,
+        &mut rng,
+        options.patience,
+        options.max_steps,
+        true,
+    );
+
+    let pair_work = polish_pass_work(problem);
+    let polish = pair_work <= POLISH_WORK;
+    if polish {
+        descent.polish_pairs(&mut state);
+    }
+
+    let steps = options
+        .tabu_steps
+        .unwrap_or_else(|| auto_tabu_steps(problem, options));
+    if steps == 0 || options.chains == 0 || descent.expired() {
+        return outcome(&state, heuristic_value, lsa_steps, 0, false);
+    }
+    let tenure = options
+        .tabu_tenure
+        .unwrap_or_else(|| (groups / 2).clamp(4, 16));
+    let stall = (20 * cols).max(1000);
+    let chains: Vec<State> = (0..options.chains)
+        .into_par_iter()
+        .map(|chain| {
+            let seed = options.seed ^ (chain as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut rng = Pcg64Mcg::seed_from_u64(seed);
+            let tabu = Tabu::new(problem, state.perm.clone(), state.values.clone());
+            let (perm, values) = tabu.run(steps, stall, tenure, &mut rng, deadline);
+            State { perm, values }
+        })
+        .collect();
+    // Ties go to the lower chain index.
+    for chain_state in chains {
+        if chain_state.total() > state.total() {
+            state = chain_state;
+        }
+    }
+    lsa_steps += descent.run(
+        &mut state,
+        &mut rng,
+        options.patience,
+        options.max_steps,
+        false,
+    );
+    if polish {
+        descent.polish_pairs(&mut state);
+    }
+    outcome(
+        &state,
+        heuristic_value,
+        lsa_steps,
+        steps * options.chains,
+        false,
+    )
+}
+
+/// Estimated work of one full pass of pair repartitions.
+fn polish_pass_work(problem: &Problem) -> f64 {
+    let m = problem.m();
+    if 2 * m > polish::MAX_COLUMNS {
+        return f64::INFINITY;
+    }
+    let g = problem.groups() as f64;
+    let subsets = binomial(2 * m, m) as f64;
+    g * (g - 1.0) / 2.0 * subsets * (problem.rows() * m * problem.n()) as f64
+}
+
+/// Tabu steps per chain: the work budget over the cost of one step (scanning every
+/// swap, refreshing `2m` rows of the swap matrix), or none when that leaves too few steps
+/// to matter (large matrices, where slot-LSA is the better use of time).
+fn auto_tabu_steps(problem: &Problem, options: &Options) -> usize {
+    let cols = problem.cols() as f64;
+    let rows = problem.rows() as f64;
+    let setup = cols * cols * rows;
+    let per_step = cols * cols * 2.0 + 2.0 * problem.m() as f64 * cols * rows;
+    let budget = TABU_WORK / options.chains.max(1) as f64 - setup;
+    let steps = (budget / per_step).max(0.0) as usize;
+    if steps < problem.cols() {
+        0
+    } else {
+        steps.min(MAX_TABU_STEPS)
+    }
+}
+
+fn binomial(n: usize, k: usize) -> usize {
+    (0..k).fold(1, |acc, i| acc * (n - i) / (i + 1))
+}
+
+/// The local-search moves, sharing the problem, the progress threshold and the deadline.
+struct Descent<'a> {
+    problem: &'a Problem,
+    min_gain: f64,
+    deadline: Option<Instant>,
+}
+
+impl Descent<'_> {
+    fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Slot-LSA steps until `patience` steps in a row make no progress. With
+    /// `sweep_first`, the first `m` steps move slots 0..m (the reference's sweep); later
+    /// steps pick a random mover in every group. Returns the number of steps.
+    fn run(
+        &self,
+        state: &mut State,
+        rng: &mut Pcg64Mcg,
+        patience: usize,
+        max_steps: usize,
+        sweep_first: bool,
+    ) -> usize {
+        let (m, groups) = (self.problem.m(), self.problem.groups());
+        let (mut steps, mut stale) = (0, 0);
+        while stale < patience && steps < max_steps && !self.expired() {
+            let movers: Vec<usize> = if sweep_first && steps < m {
+                vec![steps; groups]
+            } else {
+                (0..groups).map(|_| rng.random_range(0..m)).collect()
+            };
+            let gain = lsa::step(self.problem, &mut state.perm, &mut state.values, &movers);
+            stale = if gain > self.min_gain { 0 } else { stale + 1 };
+            steps += 1;
+        }
+        steps
+    }
+
+    /// Repartitions every pair of groups optimally, repeating passes while they gain.
+    fn polish_pairs(&self, state: &mut State) {
+        let groups = self.problem.groups();
+        for _ in 0..8 {
+            let mut gain = 0.0;
+            for g in 0..groups {
+                for h in g + 1..groups {
+                    gain += polish::repartition(
+                        self.problem,
+                        &mut state.perm,
+                        &mut state.values,
+                        &[g, h],
+                    );
+                }
+            }
+            if gain <= self.min_gain || self.expired() {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matrix::MatRef;
+
+    fn random_scores(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Pcg64Mcg::seed_from_u64(seed);
+        (0..rows * cols).map(|_| rng.random::<f32>()).collect()
+    }
+
+    /// Best retained score over every partition of the columns into groups of m.
+    fn brute_force(problem: &Problem) -> f64 {
+        fn rec(
+            problem: &Problem,
+            left: &mut Vec<u32>,
+            group: &mut Vec<u32>,
+            acc: f64,
+            best: &mut f64,
+        ) {
+            let m = problem.m();
+            if group.len() == m {
+                let v = problem.group_value(group);
+                let mut next = Vec::new();
+                rec(problem, left, &mut next, acc + v, best);
+                return;
+            }
+            if left.is_empty() {
+                *best = best.max(acc);
+                return;
+            }
+            // The first remaining column opens a group; others join in index order.
+            let start = if group.is_empty() {
+                0
+            } else {
+                left.iter()
+                    .position(|&c| c > *group.last().unwrap())
+                    .unwrap_or(left.len())
+            };
+            let candidates: Vec<u32> = if group.is_empty() {
+                vec![left[0]]
+            } else {
+                left[start..].to_vec()
+            };
+            for c in candidates {
+                let i = left.iter().position(|&x| x == c).unwrap();
+                left.remove(i);
+                group.push(c);
+                rec(problem, left, group, acc, best);
+                group.pop();
+                left.insert(i, c);
+            }
+        }
+        let mut best = f64::NEG_INFINITY;
+        let mut left: Vec<u32> = (0..problem.cols() as u32).collect();
+        rec(problem, &mut left, &mut Vec::new(), 0.0, &mut best);
+        best
+    }
+
+    fn is_permutation(perm: &[u32]) -> bool {
+        let mut sorted = perm.to_vec();
+        sorted.sort();
+        sorted.iter().enumerate().all(|(i, &p)| p as usize == i)
+    }
+
+    #[test]
+    fn reaches_the_exhaustive_optimum_on_small_matrices() {
+        for (cols, n, m) in [
+            (8, 2, 4),
+            (12, 2, 4),
+            (12, 1, 4),
+            (12, 3, 4),
+            (8, 1, 2),
+            (10, 1, 2),
+            (12, 1, 2),
+            (12, 2, 6),
+        ] {
+            for seed in 0..4 {
+                let s = random_scores(9, cols, seed);
+                let p = Problem::new(&[MatRef::new(&s, 9, cols, "s").unwrap()], n, m).unwrap();
+                let out = search(
+                    &p,
+                    &Options {
+                        seed,
+                        ..Options::default()
+                    },
+                );
+                assert!(is_permutation(&out.perm));
+                let best = brute_force(&p);
+                assert!(
+                    (out.retained - best).abs() <= 1e-9 * best,
+                    "cols={cols} {n}:{m} seed={seed}: {} vs {best}",
+                    out.retained
+                );
+                assert!((p.retained(&out.perm) - out.retained).abs() <= 1e-9 * best);
+            }
+        }
+    }
+
+    #[test]
+    fn never_below_identity_and_reports_consistent_numbers() {
+        for (rows, cols, n, m, seed) in [
+            (16, 64, 2, 4, 1),
+            (40, 96, 4, 8, 2),
+            (7, 32, 1, 4, 3),
+            (64, 256, 2, 4, 4),
+        ] {
+            let s = random_scores(rows, cols, seed);
+            let p = Problem::new(&[MatRef::new(&s, rows, cols, "s").unwrap()], n, m).unwrap();
+            let out = search(
+                &p,
+                &Options {
+                    tabu_steps: Some(300),
+                    ..Options::default()
+                },
+            );
+            assert!(is_permutation(&out.perm));
+            assert!(out.retained >= out.identity);
+            assert!(out.retained <= out.upper_bound * (1.0 + 1e-12));
+            assert!((p.retained(&out.perm) - out.retained).abs() <= 1e-9 * out.retained);
+            assert!((0.0..=1.0).contains(&out.efficacy()));
+        }
+    }
+
+    #[test]
+    fn identity_is_kept_when_it_is_already_optimal() {
+        // Every column equal: nothing can beat the identity, so it must be returned as is.
+        let s = vec![1.0f32; 8 * 32];
+        let p = Problem::new(&[MatRef::new(&s, 8, 32, "s").unwrap()], 2, 4).unwrap();
+        let out = search(&p, &Options::default());
+        assert_eq!(out.retained, out.identity);
+        assert_eq!(out.efficacy(), 1.0);
+    }
+
+    #[test]
+    fn same_result_for_any_thread_count() {
+        let s = random_scores(48, 128, 7);
+        let p = Problem::new(&[MatRef::new(&s, 48, 128, "s").unwrap()], 2, 4).unwrap();
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                search(
+                    &p,
+                    &Options {
+                        seed: 3,
+                        tabu_steps: Some(300),
+                        ..Options::default()
+                    },
+                )
+            })
+        };
+        let (a, b) = (run(1), run(4));
+        assert_eq!(a.perm, b.perm);
+        assert_eq!(a.retained, b.retained);
+    }
+}

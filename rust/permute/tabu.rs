@@ -1,0 +1,182 @@
+//! Tabu search over swaps of two columns between two groups.
+//!
+//! The whole swap neighbourhood comes from one relu-sum matrix: with `t_a` / `T_a` the
+//! N-th largest value and the top-N sum of column a's group *without a* (row by row),
+//! group(a) with b in a's place keeps `T_a + sum_r max(0, S_b[r] - t_a[r])`, so
+//! `swap_gain(a, b) = T_a + D[a][b] + T_b + D[b][a] - V(group a) - V(group b)` with
+//! `D[a][b] = sum_r max(0, S_b[r] - t_a[r])`. A swap changes two groups, so only the
+//! `2m` rows of D that belong to their columns are recomputed.
+//!
+//! Each step takes the best swap that is not tabu (a column may not return to a group
+//! it just left for a few steps) unless it beats the best state seen (aspiration).
+
+use super::kernel::relu_sum;
+use super::problem::{MAX_M, Problem, kept_sum, nth_largest};
+use rand::RngExt;
+use rand_pcg::Pcg64Mcg;
+use std::time::Instant;
+
+pub struct Tabu<'a> {
+    problem: &'a Problem,
+    perm: Vec<u32>,
+    /// Column -> position in `perm`.
+    pos: Vec<usize>,
+    values: Vec<f64>,
+    /// Column-indexed leave-one-out N-th largest values (`cols x rows`) and top-N sums.
+    loo_t: Vec<f32>,
+    loo_sum: Vec<f64>,
+    /// `d[a * cols + b]`, see the module docs.
+    d: Vec<f32>,
+    /// `tabu_until[col * groups + g]`: step before which `col` may not enter group g.
+    tabu_until: Vec<usize>,
+}
+
+impl<'a> Tabu<'a> {
+    pub fn new(problem: &'a Problem, perm: Vec<u32>, values: Vec<f64>) -> Self {
+        let (cols, rows, groups) = (problem.cols(), problem.rows(), problem.groups());
+        let mut pos = vec![0; cols];
+        for (p, &c) in perm.iter().enumerate() {
+            pos[c as usize] = p;
+        }
+        let mut tabu = Self {
+            problem,
+            perm,
+            pos,
+            values,
+            loo_t: vec![0.0; cols * rows],
+            loo_sum: vec![0.0; cols],
+            d: Vec::new(),
+            tabu_until: vec![0; cols * groups],
+        };
+        for g in 0..groups {
+            tabu.refresh_leave_one_out(g);
+        }
+        tabu.d = relu_sum(&tabu.loo_t, problem.columns(), rows);
+        tabu
+    }
+
+    pub fn into_state(self) -> (Vec<u32>, Vec<f64>) {
+        (self.perm, self.values)
+    }
+
+    fn total(&self) -> f64 {
+        self.values.iter().sum()
+    }
+
+    /// Recomputes `loo_t` / `loo_sum` for the columns of group `g`.
+    fn refresh_leave_one_out(&mut self, g: usize) {
+        let (m, n, rows) = (self.problem.m(), self.problem.n(), self.problem.rows());
+        let members = &self.perm[g * m..(g + 1) * m];
+        for skip in 0..m {
+            let mut rest: [&[f32]; MAX_M] = [&[]; MAX_M];
+            for (k, &c) in members
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| *k != skip)
+                .map(|(_, c)| c)
+                .enumerate()
+            {
+                rest[k] = self.problem.column(c);
+            }
+            let col = members[skip] as usize;
+            nth_largest(
+                &rest[..m - 1],
+                n,
+                &mut self.loo_t[col * rows..(col + 1) * rows],
+            );
+            self.loo_sum[col] = kept_sum(&rest[..m - 1], n);
+        }
+    }
+
+    /// Recomputes the rows of `d` for the columns of groups `g` and `h`.
+    fn refresh_rows(&mut self, g: usize, h: usize) {
+        let (m, rows, cols) = (self.problem.m(), self.problem.rows(), self.problem.cols());
+        let changed: Vec<usize> = [g, h]
+            .iter()
+            .flat_map(|&k| self.perm[k * m..(k + 1) * m].to_vec())
+            .map(|c| c as usize)
+            .collect();
+        let t: Vec<f32> = changed
+            .iter()
+            .flat_map(|&c| self.loo_t[c * rows..(c + 1) * rows].to_vec())
+            .collect();
+        let fresh = relu_sum(&t, self.problem.columns(), rows);
+        for (k, &c) in changed.iter().enumerate() {
+            self.d[c * cols..(c + 1) * cols].copy_from_slice(&fresh[k * cols..(k + 1) * cols]);
+        }
+    }
+
+    fn gain(&self, a: usize, b: usize) -> f64 {
+        let (cols, m) = (self.problem.cols(), self.problem.m());
+        let (ga, gb) = (self.pos[a] / m, self.pos[b] / m);
+        self.loo_sum[a]
+            + f64::from(self.d[a * cols + b])
+            + self.loo_sum[b]
+            + f64::from(self.d[b * cols + a])
+            - self.values[ga]
+            - self.values[gb]
+    }
+
+    /// Runs up to `steps` tabu steps, stopping early after `stall` steps without a new
+    /// best; returns the best permutation and group values seen.
+    pub fn run(
+        mut self,
+        steps: usize,
+        stall: usize,
+        tenure: usize,
+        rng: &mut Pcg64Mcg,
+        deadline: Option<Instant>,
+    ) -> (Vec<u32>, Vec<f64>) {
+        let (cols, m, groups) = (self.problem.cols(), self.problem.m(), self.problem.groups());
+        let mut best = (self.perm.clone(), self.values.clone());
+        let mut best_total = self.total();
+        let mut best_step = 0;
+        for step in 0..steps {
+            if step - best_step > stall
+                || (step % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d))
+            {
+                break;
+            }
+            let current = self.total();
+            let mut choice: Option<(f64, usize, usize)> = None;
+            for a in 0..cols {
+                let ga = self.pos[a] / m;
+                for b in a + 1..cols {
+                    let gb = self.pos[b] / m;
+                    if ga == gb {
+                        continue;
+                    }
+                    let gain = self.gain(a, b);
+                    let tabu = self.tabu_until[a * groups + gb] > step
+                        || self.tabu_until[b * groups + ga] > step;
+                    if tabu && current + gain <= best_total * (1.0 + 1e-12) {
+                        continue;
+                    }
+                    if choice.is_none_or(|(best_gain, _, _)| gain > best_gain) {
+                        choice = Some((gain, a, b));
+                    }
+                }
+            }
+            let Some((_, a, b)) = choice else { break };
+            let (pa, pb) = (self.pos[a], self.pos[b]);
+            let (ga, gb) = (pa / m, pb / m);
+            self.perm.swap(pa, pb);
+            self.pos.swap(a, b);
+            for g in [ga, gb] {
+                self.values[g] = self.problem.group_value(&self.perm[g * m..(g + 1) * m]);
+                self.refresh_leave_one_out(g);
+            }
+            self.refresh_rows(ga, gb);
+            let stay = tenure / 2 + rng.random_range(0..=tenure);
+            self.tabu_until[a * groups + ga] = step + stay;
+            self.tabu_until[b * groups + gb] = step + stay;
+            let total = self.total();
+            if total > best_total * (1.0 + 1e-12) {
+                best_step = step;
+                best_total = total;
+                best = (self.perm.clone(), self.values.clone());
+            }
+        }
+        best
+    }
+}
