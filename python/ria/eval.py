@@ -1,0 +1,287 @@
+"""Evaluation of (pruned) causal LMs, comparable with SparseGPT, Wanda and RIA.
+
+`perplexity` follows the papers' protocol exactly: the evaluation documents are joined with
+blank lines, tokenized once, cut into non-overlapping windows of `seqlen` tokens (the
+remainder dropped) and scored with the shifted-label loss, so every window predicts
+`seqlen - 1` tokens. `zero_shot` runs lm-evaluation-harness tasks on an in-memory model (an
+optional dependency: ``pip install 'ria-rs[eval]'``).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ria.data import TextSource, join_documents, load_documents
+
+__all__ = ["C4_DOCUMENTS", "C4_WINDOWS", "ZERO_SHOT_TASKS", "perplexity", "zero_shot"]
+
+# SparseGPT's C4 validation protocol: the first 1100 documents of the validation shard,
+# joined with single spaces, truncated to 256 windows.
+C4_DOCUMENTS = 1100
+C4_WINDOWS = 256
+
+# The zero-shot suite of the RIA paper (lm-evaluation-harness task names).
+ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "arc_challenge", "winogrande")
+
+LM_EVAL_HINT = "zero-shot evaluation needs lm-evaluation-harness: pip install 'ria-rs[eval]'"
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: TextSource = "wikitext2",
+    *,
+    seqlen: int = 2048,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> float:
+    """Perplexity of a causal LM, by the SparseGPT/Wanda/RIA protocol.
+
+    The text is tokenized once as a whole (``tokenizer(text, return_tensors="pt")``, so the
+    only special tokens are those the tokenizer adds to any text, e.g. one BOS at the very
+    start for LLaMA), cut into ``n = len(ids) // seqlen`` non-overlapping windows of
+    `seqlen` tokens, and the remainder (fewer than `seqlen` tokens) is dropped. Each window
+    is scored independently (no context carried over) with the shifted-label convention of
+    those repositories: the logits at positions ``0..seqlen-2`` predict the tokens at
+    ``1..seqlen-1``, so every window contributes exactly ``seqlen - 1`` predicted tokens
+    and its first token is never predicted. The result is
+    ``exp(sum of token NLL / (n * (seqlen - 1)))`` with the NLL (nats) accumulated in fp32
+    per window and summed in fp64; this equals SparseGPT's ``exp(mean of window losses)``.
+
+    Args:
+        model: a Hugging Face causal LM (``model(input_ids).logits`` of shape
+            ``(batch, seqlen, vocab)``). Inputs go to the device of its first parameter,
+            which also works for models dispatched over devices by accelerate. Run in eval
+            mode under ``torch.inference_mode`` with ``use_cache=False``; its training mode
+            is restored afterwards.
+        tokenizer: a Hugging Face tokenizer; unused (may be None) when `data` is token ids.
+        data: what to evaluate on:
+
+            - ``"wikitext2"``: the test split of wikitext-2-raw-v1 through `datasets`, its
+              lines joined with ``"\\n\\n"`` (needs the Hugging Face Hub or its cache);
+            - ``"c4"``: SparseGPT's C4 validation protocol: the first 1100 documents of
+              ``en/c4-validation.00000-of-00008.json.gz`` joined with ``" "``, the tokens
+              truncated to ``256 * seqlen`` (256 windows);
+            - anything else `ria.data.load_documents` accepts: ``"austen"`` (the shipped
+              sample), a path to a text file or a directory of ``*.txt`` files, the text
+              itself (a string with whitespace), a list of strings, a `datasets.Dataset`
+              with a "text" column; documents are joined with ``"\\n\\n"``;
+            - token ids: an integer tensor of shape ``(n,)`` or ``(rows, n)`` (rows are
+              concatenated in order, so a tokenizer's ``(1, n)`` output works as is).
+        seqlen: tokens per window (>= 2); the papers use 2048.
+        batch_size: windows per forward pass (>= 1). Changes speed and memory, not the
+            result (up to floating-point rounding).
+        max_windows: evaluate only the first `max_windows` windows (>= 1); None for all.
+        progress: show a tqdm progress bar over windows.
+
+    Returns:
+        The perplexity, a float >= 1 (nats-based: ``exp`` of the mean NLL).
+
+    Raises:
+        ValueError: seqlen < 2, batch_size or max_windows < 1, an unknown dataset name, a
+            text with fewer than `seqlen` tokens, or token ids outside the vocabulary.
+        TypeError: `tokenizer` is None while `data` is text, or token ids that are not an
+            integer tensor of 1 or 2 dimensions.
+    """
+    if not isinstance(seqlen, int) or seqlen < 2:
+        raise ValueError(
+            f"seqlen must be an integer >= 2 (one input and one target), got {seqlen!r}"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise ValueError(f"max_windows must be None or an integer >= 1, got {max_windows!r}")
+
+    ids = _token_stream(tokenizer, data, seqlen)
+    n_tokens = ids.numel()
+    n_windows = n_tokens // seqlen
+    if n_windows == 0:
+        raise ValueError(
+            f"the evaluation text has {n_tokens} tokens, fewer than one window of "
+            f"seqlen={seqlen} tokens; give a longer text or a smaller seqlen"
+        )
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+    _check_vocab(model, windows)
+
+    device = _input_device(model)
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64)
+    try:
+        with (
+            torch.inference_mode(),
+            tqdm(total=n_windows, desc="perplexity", unit="window", disable=not progress) as bar,
+        ):
+            for start in range(0, n_windows, batch_size):
+                batch = windows[start : start + batch_size].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                # One window at a time, so the fp32 copy of the logits stays one window big.
+                for row in range(batch.shape[0]):
+                    nll += (
+                        F.cross_entropy(
+                            logits[row, :-1].float(),
+                            batch[row, 1:].to(logits.device),
+                            reduction="sum",
+                        )
+                        .double()
+                        .cpu()
+                    )
+                del logits
+                bar.update(batch.shape[0])
+    finally:
+        model.train(was_training)
+    return math.exp(nll.item() / (n_windows * (seqlen - 1)))
+
+
+def zero_shot(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: Iterable[str] = ZERO_SHOT_TASKS,
+    *,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int = 0,
+    task_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, dict[str, float | None]]:
+    """Zero-shot (or few-shot) accuracies through lm-evaluation-harness.
+
+    Wraps the in-memory `model` in ``lm_eval.models.huggingface.HFLM`` and runs
+    ``lm_eval.simple_evaluate`` on `tasks` (lm-eval task names; the default is the RIA
+    paper's suite: boolq, rte, hellaswag, arc_challenge, winogrande, which need the
+    Hugging Face Hub or its cache). The model stays on its device; its training mode is
+    restored afterwards.
+
+    Args:
+        model: a Hugging Face causal LM.
+        tokenizer: its tokenizer.
+        tasks: lm-eval task (or group) names.
+        limit: examples per task: an int (the first `limit`), a float < 1 (that fraction),
+            or None for all. Limited results are for testing, not for reporting.
+        batch_size: requests per forward pass.
+        num_fewshot: in-context examples per prompt (0 for zero-shot). Tasks whose YAML
+            fixes ``num_fewshot: 0`` keep it (lm-eval's rule).
+        task_dir: a directory of extra lm-eval YAML task definitions (e.g. local tasks
+            over local JSON files), searched before the built-in tasks.
+
+    Returns:
+        ``{task: {metric: value}}`` from lm-eval's per-task results, e.g.
+        ``{"rte": {"acc": 0.61, "acc_stderr": 0.03}}`` (``acc_norm`` and its stderr where
+        the task reports it). Metric keys drop lm-eval's default filter suffix
+        (``"acc,none"`` becomes ``"acc"``; another filter ``f`` gives ``"acc/f"``).
+        Values are floats in task units (accuracies in [0, 1]); a stderr lm-eval cannot
+        compute (``"N/A"``) becomes None. Groups appear like tasks. JSON-serializable.
+
+    Raises:
+        ImportError: lm-evaluation-harness is not installed.
+        ValueError: `tasks` is empty.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise ImportError(LM_EVAL_HINT) from exc
+
+    task_list = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not task_list:
+        raise ValueError("no zero-shot tasks given")
+
+    task_manager = None
+    if task_dir is not None:
+        # Indexing lm-eval's thousands of built-in tasks takes seconds: skip it when the
+        # local directory defines every requested task.
+        task_manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+        if not set(task_list) <= set(task_manager.all_tasks):
+            task_manager = TaskManager(include_path=str(task_dir))
+
+    was_training = model.training
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=task_list,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            task_manager=task_manager,
+            log_samples=False,
+        )
+    finally:
+        model.train(was_training)
+    if out is None:  # a non-zero rank of a distributed run
+        return {}
+    return {task: _flatten_metrics(metrics) for task, metrics in out["results"].items()}
+
+
+def _token_stream(tokenizer: Any, data: TextSource, seqlen: int) -> torch.Tensor:
+    """The evaluation tokens as one 1-D int64 tensor (CPU), shape ``(n_tokens,)``."""
+    if isinstance(data, torch.Tensor):
+        if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor, got dtype {data.dtype}")
+        if data.dim() not in (1, 2):
+            raise TypeError(f"token ids must have shape (n,) or (rows, n), got {tuple(data.shape)}")
+        return data.detach().reshape(-1).to("cpu", torch.long)
+    if tokenizer is None:
+        raise TypeError("a tokenizer is needed to evaluate text; pass token ids to skip it")
+    is_c4 = isinstance(data, str) and data.lower() == "c4"
+    try:
+        docs = load_documents(data, "test")
+    except OSError as exc:
+        # A long text is no file name (the OS says so when asked whether it exists).
+        if not (isinstance(data, str) and exc.errno == errno.ENAMETOOLONG):
+            raise
+        docs = [data]
+    text = " ".join(docs[:C4_DOCUMENTS]) if is_c4 else join_documents(docs)
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"].reshape(-1)
+    if is_c4:
+        ids = ids[: C4_WINDOWS * seqlen]
+    return ids.to(torch.long)
+
+
+def _check_vocab(model: torch.nn.Module, windows: torch.Tensor) -> None:
+    """Token ids outside the embedding table fail with an unreadable error on GPUs."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is None:
+        return
+    low, high = int(windows.min()), int(windows.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"token ids must lie in [0, {vocab}) (the model's vocabulary), got [{low}, {high}]"
+        )
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the device of the first parameter (the embedding, also when the
+    model is dispatched over several devices by accelerate)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    flat: dict[str, float | None] = {}
+    for key, value in metrics.items():
+        if key == "alias" or key.startswith("sample"):
+            continue
+        name, _, filt = key.partition(",")
+        if filt and filt != "none":
+            name = f"{name}/{filt}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            flat[name] = float(value) if math.isfinite(value) else None
+        elif name.endswith("_stderr"):
+            flat[name] = None  # lm-eval writes "N/A" when it cannot compute one
+    return flat
