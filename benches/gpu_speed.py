@@ -1,0 +1,347 @@
+"""2:4 sparse vs dense on one GPU, LLaMA-2-7B shapes, bf16, everything under CUDA-graph replay.
+
+Sections (`--only` picks some):
+  gemm  per-GEMM table: q/k/v/o, gate/up, down at M = 1 .. 16384 tokens, dense cuBLAS vs
+        cuSPARSELt (searched algorithm) vs the compact-format Triton kernel (M <= 256);
+        weights rotate over copies > 200 MB so they stream from HBM, not L2.
+  e2e   whole model (random weights, 2:4 by magnitude): prefill 8x128 and 1x2048, decode
+        tokens/s at batch 1 and 16 with a 512-token KV cache, pruned-Linear weight memory,
+        and sparse-vs-masked-dense output agreement.
+
+Writes JSON to benches/results/ and prints markdown tables.
+Usage: python benches/gpu_speed.py [--only gemm,e2e] [--layers 32] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import ria
+from ria.sparse import StaticGenerator, pack_24, sparse24_linear, sparsify
+from ria.sparse.cslt import cslt_compress, cslt_linear, cslt_search
+from ria.sparse.graphs import time_call, time_graph
+from ria.sparse.triton_gemv import MAX_M
+
+HIDDEN, INTER, HEADS, LAYERS, VOCAB = 4096, 11008, 32, 32, 32000
+SHAPES = {"q/k/v/o": (HIDDEN, HIDDEN), "gate/up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
+GEMM_MS = [1, 16, 64, 256, 1024, 4096, 16384]
+DTYPE = torch.bfloat16
+STREAM_BYTES = 256 * 2**20  # weights per rotation: > 4x the H200's 60 MB L2
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def prune_24(w: torch.Tensor) -> torch.Tensor:
+    """2:4 by magnitude with the Rust core (on the CPU), back on `w`'s device."""
+    keep = torch.from_numpy(ria.nm_mask(ria.magnitude_score(w), 2, 4)).to(w.device)
+    return w * keep
+
+
+def distinct_copies(w: torch.Tensor, count: int, seed: int) -> list[torch.Tensor]:
+    """`w` and `count - 1` row permutations of it: each a 2:4 magnitude-pruned random matrix."""
+    g = torch.Generator(device=w.device).manual_seed(seed)
+    perms = [torch.randperm(w.shape[0], generator=g, device=w.device) for _ in range(count - 1)]
+    return [w] + [w[p].contiguous() for p in perms]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = time_call(lambda: b.copy_(a), iters=10)
+    return 2 * a.numel() / ms / 1e6
+
+
+# -- per-GEMM ----------------------------------------------------------------------------
+
+
+def bench_shape(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
+    """One weight shape at every token count; weights rotate over copies > STREAM_BYTES."""
+    t0 = time.perf_counter()
+    w0 = prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02)
+    copies = max(1, math.ceil(STREAM_BYTES / (n * k * 2)))
+    ws = distinct_copies(w0, copies, seed=n + k)
+    packed = [cslt_compress(w) for w in ws]
+    compact = [pack_24(w) for w in ws]
+    log(f"gemm {name} {n}x{k}: {copies} copies ready in {time.perf_counter() - t0:.1f}s")
+
+    def per_call(fn) -> float:
+        return 1e3 * time_call(fn) / copies
+
+    rows = []
+    for m in ms_list:
+        x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+        cfg = cslt_search(packed[0], x)
+        row = {"shape": name, "n": n, "k": k, "m": m}
+        row["dense_us"] = per_call(lambda x=x: [F.linear(x, w) for w in ws])
+        row["cslt_us"] = per_call(lambda x=x, c=cfg: [cslt_linear(x, p, None, c) for p in packed])
+        row["cslt_alg"] = [cfg.alg_id, cfg.split_k, cfg.split_k_mode]
+        ref = x.float() @ ws[0].float().t()
+        got = cslt_linear(x, packed[0], None, cfg).float()
+        row["cslt_rel_err"] = float((got - ref).norm() / ref.norm())
+        msg = f"  M={m:>5}: dense {row['dense_us']:8.1f} us  cslt {row['cslt_us']:8.1f} us"
+        if m <= MAX_M:
+            row["triton_us"] = per_call(lambda x=x: [sparse24_linear(x, c) for c in compact])
+            got = sparse24_linear(x, compact[0]).float()
+            row["triton_rel_err"] = float((got - ref).norm() / ref.norm())
+            msg += f"  triton {row['triton_us']:8.1f} us"
+        if m == 1:
+            row["dense_GBps"] = n * k * 2 / row["dense_us"] / 1e3
+            if "triton_us" in row:
+                row["triton_GBps"] = compact[0].nbytes / row["triton_us"] / 1e3
+        rows.append(row)
+        log(msg)
+    return rows
+
+
+def bench_gemm(ms_list: list[int]) -> list[dict]:
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        rows += bench_shape(name, n, k, ms_list)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def gemm_table(rows: list[dict]) -> str:
+    out = [
+        "| shape | M | dense us | cuSPARSELt us | speedup | Triton us | speedup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tri = r.get("triton_us")
+        out.append(
+            f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['dense_us']:.1f} | "
+            f"{r['cslt_us']:.1f} | {r['dense_us'] / r['cslt_us']:.2f}x | "
+            + (f"{tri:.1f} | {r['dense_us'] / tri:.2f}x |" if tri else "- | - |")
+        )
+    return "\n".join(out)
+
+
+# -- end to end --------------------------------------------------------------------------
+
+
+def build_model(layers: int, prune_all: bool) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        num_hidden_layers=layers,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPE).eval()
+    # Pruning: layer 0 by magnitude with the Rust core; other layers get distinct row
+    # permutations of layer 0's pruned matrices (each again a magnitude-pruned random matrix),
+    # unless --prune-all prunes every layer itself (slower: ~6.5 G weights through the CPU).
+    blocks = model.model.layers
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            for nm in names:
+                w = block.get_submodule(nm).weight
+                if i == 0 or prune_all:
+                    w.copy_(prune_24(w))
+                else:
+                    w0 = blocks[0].get_submodule(nm).weight
+                    w.copy_(w0[torch.randperm(w.shape[0], generator=g, device="cuda")])
+    return model
+
+
+def linear_bytes(model: torch.nn.Module) -> int:
+    from ria.sparse import Sparse24Linear
+
+    total = 0
+    for mod in model.model.layers.modules():
+        if isinstance(mod, torch.nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+        elif isinstance(mod, Sparse24Linear):
+            total += mod.weight_bytes()
+    return total
+
+
+def time_e2e(model: torch.nn.Module, decode_steps: int) -> tuple[dict, dict]:
+    """Graph-replay timings and the outputs used for the correctness check."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    res, outs = {}, {}
+    for b, q in [(8, 128), (1, 2048)]:
+        ids = torch.randint(0, VOCAB, (b, q), device="cuda", generator=g)
+        gen = StaticGenerator(model, b, q)
+        gen.prefill(ids)
+        ms = time_graph(gen.prefill_graph(q), iters=10, repeats=3)
+        res[f"prefill_{b}x{q}_ms"] = ms
+        res[f"prefill_{b}x{q}_tok_s"] = b * q / ms * 1e3
+        outs[f"prefill_{b}x{q}_logits"] = gen.prefill(ids).float().clone()
+        log(f"  prefill {b}x{q}: {ms:.2f} ms")
+        del gen
+    for b in (1, 16):
+        ids = torch.randint(0, VOCAB, (b, 512), device="cuda", generator=g)
+        gen = StaticGenerator(model, b, 512 + decode_steps + 8)
+        gen.prefill(ids)
+        tokens = [gen.step().clone() for _ in range(decode_steps)]  # first step captures
+        outs[f"decode_b{b}_tokens"] = torch.cat(tokens, dim=1)
+        gen.prefill(ids)  # rewind, then time replays of the captured step
+        ms = time_graph(gen.step_graph(), iters=5, repeats=3)
+        res[f"decode_b{b}_ms_per_step"] = ms
+        res[f"decode_b{b}_tok_s"] = b / ms * 1e3
+        log(f"  decode b={b}: {ms:.3f} ms/step, {b / ms * 1e3:.1f} tok/s")
+        del gen
+    return res, outs
+
+
+def bench_e2e(layers: int, prune_all: bool, decode_steps: int) -> dict:
+    t0 = time.perf_counter()
+    model = build_model(layers, prune_all)
+    log(f"model built and pruned in {time.perf_counter() - t0:.1f}s")
+    dense_bytes = linear_bytes(model)
+    log("dense timings")
+    dense, dense_out = time_e2e(model, decode_steps)
+    gc.collect()
+    torch.cuda.empty_cache()
+    mem0 = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    report = sparsify(model, batch_sizes=[1, 16, 1024, 2048])
+    log(f"{report}")
+    gc.collect()
+    torch.cuda.empty_cache()
+    mem1 = torch.cuda.memory_allocated()
+    sparse_bytes = linear_bytes(model)
+    log("sparse timings")
+    sparse, sparse_out = time_e2e(model, decode_steps)
+    result = {"dense": dense, "sparse": sparse, "speedup": {}, "correctness": {}}
+    for key, d in dense.items():
+        if key.endswith("_ms") or key.endswith("_ms_per_step"):
+            result["speedup"][key] = d / sparse[key]
+    for key, ref in dense_out.items():
+        got = sparse_out[key]
+        if key.endswith("logits"):
+            result["correctness"][key] = {
+                "rel_err": float((got - ref).norm() / ref.norm()),
+                "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+            }
+        else:
+            first = (got != ref).float().argmax(1)
+            same = (got == ref).all(1)
+            result["correctness"][key] = {
+                "token_agree": float((got == ref).float().mean()),
+                "first_divergence": [
+                    int(f) if not s else None for f, s in zip(first, same, strict=True)
+                ],
+            }
+    result["memory"] = {
+        "linear_dense_bytes": dense_bytes,
+        "linear_sparse_bytes": sparse_bytes,
+        "ratio": sparse_bytes / dense_bytes,
+        "cuda_allocated_before": mem0,
+        "cuda_allocated_after": mem1,
+    }
+    result["report"] = report.to_dict()
+    result["report_markdown"] = report.markdown(max_rows=8)
+    result["layers"] = layers
+    result["pruning"] = "per layer" if prune_all else "layer 0 + row permutations"
+    return result
+
+
+def e2e_table(r: dict) -> str:
+    d, s, sp = r["dense"], r["sparse"], r["speedup"]
+    out = ["| workload | dense | sparse | speedup |", "|---|---|---|---|"]
+    for b, q in [(8, 128), (1, 2048)]:
+        k = f"prefill_{b}x{q}_ms"
+        out.append(f"| prefill {b}x{q} (ms) | {d[k]:.2f} | {s[k]:.2f} | {sp[k]:.2f}x |")
+    for b in (1, 16):
+        k = f"decode_b{b}_ms_per_step"
+        t = f"decode_b{b}_tok_s"
+        out.append(f"| decode batch {b}, KV 512 (tok/s) | {d[t]:.1f} | {s[t]:.1f} | {sp[k]:.2f}x |")
+    m = r["memory"]
+    out.append(
+        f"| pruned-Linear weights (GiB) | {m['linear_dense_bytes'] / 2**30:.2f} | "
+        f"{m['linear_sparse_bytes'] / 2**30:.2f} | {m['ratio']:.3f}x |"
+    )
+    return "\n".join(out)
+
+
+def environment() -> dict:
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cusparselt": torch.backends.cusparselt.version(),
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="gemm,e2e", help="comma list of: gemm, e2e")
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--m", default=",".join(map(str, GEMM_MS)), help="GEMM token counts")
+    ap.add_argument("--prune-all", action="store_true", help="prune every layer with ria")
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--out", default="benches/results/gpu_h200.json")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    out: dict = {"env": environment(), "command": " ".join(__import__("sys").argv)}
+    out["copy_GBps"] = copy_bandwidth()
+    log(f"{out['env']}; D2D copy {out['copy_GBps']:.0f} GB/s")
+    tables = []
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "gemm" in only:
+        try:
+            out["gemm"] = bench_gemm([int(m) for m in args.m.split(",")])
+            tables.append("### Per GEMM (bf16, CUDA-graph replay)\n\n" + gemm_table(out["gemm"]))
+        except Exception:
+            out["gemm_error"] = traceback.format_exc()
+            log(out["gemm_error"])
+        path.write_text(json.dumps(out, indent=1))
+    if "e2e" in only:
+        try:
+            out["e2e"] = bench_e2e(args.layers, args.prune_all, args.decode_steps)
+            tables.append(
+                f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
+                + e2e_table(out["e2e"])
+                + "\n\ncorrectness: "
+                + json.dumps(out["e2e"]["correctness"])
+                + "\n\n"
+                + out["e2e"]["report_markdown"]
+            )
+        except Exception:
+            out["e2e_error"] = traceback.format_exc()
+            log(out["e2e_error"])
+        path.write_text(json.dumps(out, indent=1))
+    log(f"wrote {path}")
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()

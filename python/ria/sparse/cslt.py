@@ -1,0 +1,103 @@
+"""cuSPARSELt through torch's private ops: availability, compression, algorithm search and a
+linear `y = x @ W.T (+ bias)` with the transposes fused.
+
+cuSPARSELt computes `D = A @ B` with `A` the compressed 2:4 weight `(N, K)`. Passing `x.t()`
+(a `(K, M)` view of the row-major `(M, K)` activations, so no copy: cuSPARSELt reads it as
+a transposed operand) and `transpose_result=True` gives `(W x^T)^T = x W^T` written directly
+as a row-major `(M, N)` tensor — the same trick as torch's `SparseSemiStructuredTensorCUSPARSELT`
+but without its padding copies, except where cuSPARSELt needs them (M not a multiple of 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# cuSPARSELt needs the dense operand's rows/cols/leading dimension to be multiples of 8
+# for 16-bit types; torch's wrapper pads to the same (dense_min_rows = 8).
+M_ALIGN = 8
+# The compressed weight: rows and columns multiples of 16 (torch's sparse_min_rows/cols).
+W_ALIGN = 16
+
+__all__ = ["CsltConfig", "cslt_compress", "cslt_linear", "cslt_search", "cslt_status"]
+
+
+@dataclass(frozen=True)
+class CsltConfig:
+    """A cuSPARSELt matmul algorithm, as found by its search (defaults: alg 0, no split-K)."""
+
+    alg_id: int = 0
+    split_k: int = 1
+    split_k_mode: int = -1
+
+
+def cslt_status(device: torch.device | None = None) -> str | None:
+    """None if cuSPARSELt can run on `device` (default: the current CUDA device), else why not."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if not torch.backends.cusparselt.is_available():
+        return "this torch build has no cuSPARSELt"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"cuSPARSELt needs compute capability >= 8.0, device has {major}.x"
+    return None
+
+
+def cslt_shape_status(out_features: int, in_features: int) -> str | None:
+    if out_features % W_ALIGN or in_features % W_ALIGN:
+        return f"cuSPARSELt needs both dimensions multiples of {W_ALIGN}"
+    return None
+
+
+def cslt_compress(weight: torch.Tensor) -> torch.Tensor:
+    """cuSPARSELt's opaque compressed form of a 2:4 fp16/bf16 CUDA weight `(N, K)`.
+
+    It holds the `N * K / 2` kept values first (row-major), then metadata.
+    """
+    return torch._cslt_compress(weight.detach().contiguous())
+
+
+def cslt_values_view(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The kept-values region of a compressed weight as an `(N, K/2)` view (no copy)."""
+    count = out_features * in_features // 2
+    return packed.reshape(-1)[:count].view(out_features, in_features // 2)
+
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    m = x.shape[0]
+    pad = (-m) % M_ALIGN
+    return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def cslt_search(
+    packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> CsltConfig:
+    """Best algorithm (and split-K) for `x @ W.T` at `x`'s token count, by cuSPARSELt's search.
+
+    `x`: `(M, K)`; the search runs the matmul several times on the current stream.
+    """
+    xt = _pad_rows(x.contiguous()).t()
+    search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+    if search is not None:  # torch >= 2.6: alg id, split-K, split-K mode, max alg id
+        alg, split_k, mode, _ = search(packed, xt, bias, None, None, True)
+        return CsltConfig(int(alg), int(split_k), int(mode))
+    return CsltConfig(int(torch._cslt_sparse_mm_search(packed, xt, bias, transpose_result=True)))
+
+
+def cslt_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: CsltConfig = CsltConfig(),
+) -> torch.Tensor:
+    """`x @ W.T + bias` for contiguous `x` `(M, K)`; returns a contiguous `(M, N)` tensor."""
+    m = x.shape[0]
+    xp = _pad_rows(x)
+    extra = {}
+    if config.split_k != 1:
+        extra = {"split_k": config.split_k, "split_k_mode": config.split_k_mode}
+    y = torch._cslt_sparse_mm(
+        packed, xp.t(), bias, transpose_result=True, alg_id=config.alg_id, **extra
+    )
+    return y if xp is x else y[:m]

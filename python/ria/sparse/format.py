@@ -1,0 +1,134 @@
+"""The compact 2:4 format read by the decode kernel, and the 2:4 check.
+
+A 2:4 weight `W` (`out_features x in_features` = `N x K`, as in `nn.Linear`) keeps at most
+2 nonzeros in every group of 4 consecutive input columns of every row. It is stored as:
+
+- `values`: `N x Kp/2`, the weight's dtype. Group `g` of a row keeps its two values at slots
+  `2g` (lower column) and `2g + 1` (higher column).
+- `meta`: `N x Kp/32`, int32. Group `g` owns the 4-bit nibble at bits `4 * (g % 8)` of word
+  `g // 8`: `i0 | (i1 << 2)` with `i0 < i1` the in-group columns (0..3) of the two slots.
+
+`Kp` is `K` rounded up to a multiple of 32 (the padding groups hold zeros). A group with
+fewer than 2 nonzeros keeps its nonzeros plus its lowest zero columns, so every group has
+exactly two distinct indices. Bytes per weight: 1 value (2 B) per 2 columns + 4 bits per
+4 columns = 9/16 of dense fp16/bf16 (56.25%).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP = 4  # columns per 2:4 group
+KEEP = 2  # kept values per group
+GROUPS_PER_WORD = 8  # 4-bit nibbles per int32 metadata word
+COLS_PER_WORD = GROUP * GROUPS_PER_WORD  # 32 input columns per metadata word
+
+__all__ = [
+    "COLS_PER_WORD",
+    "Compact24",
+    "check_24",
+    "count_24_violations",
+    "pack_24",
+    "unpack_24",
+]
+
+
+@dataclass(frozen=True)
+class Compact24:
+    """A 2:4 weight in the compact format (see the module docstring).
+
+    Attributes:
+        values: `(N, Kp/2)` kept values, the weight's dtype.
+        meta: `(N, Kp/32)` int32, eight 4-bit index pairs per word.
+        in_features: `K`, the unpadded number of input columns.
+    """
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by `values` and `meta` together."""
+        return tensor_bytes(self.values) + tensor_bytes(self.meta)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def count_24_violations(weight: torch.Tensor) -> int:
+    """Number of (row, group of 4 columns) with more than 2 nonzeros; `K % 4 != 0` raises."""
+    n, k = weight.shape
+    if k % GROUP:
+        raise ValueError(f"in_features={k} is not a multiple of {GROUP}")
+    nonzero = (weight.detach().reshape(n, k // GROUP, GROUP) != 0).sum(-1)
+    return int((nonzero > KEEP).sum())
+
+
+def check_24(weight: torch.Tensor) -> str | None:
+    """None when `weight` (2-D) is 2:4 sparse along its columns, else why not (one line)."""
+    if weight.dim() != 2:
+        return f"weight is {weight.dim()}-D, expected 2-D"
+    n, k = weight.shape
+    if k % GROUP:
+        return f"in_features={k} is not a multiple of {GROUP}"
+    bad = count_24_violations(weight)
+    if bad:
+        return f"not 2:4 sparse: {bad} of {n * k // GROUP} groups of 4 have more than 2 nonzeros"
+    return None
+
+
+def _padded_cols(k: int) -> int:
+    return -(-k // COLS_PER_WORD) * COLS_PER_WORD
+
+
+def pack_24(weight: torch.Tensor) -> Compact24:
+    """Compress a 2:4 weight `(N, K)` into the compact format, on the weight's device.
+
+    Raises ValueError if the weight is not 2:4 sparse (see `check_24`).
+    """
+    reason = check_24(weight)
+    if reason is not None:
+        raise ValueError(reason)
+    w = weight.detach()
+    n, k = w.shape
+    kp = _padded_cols(k)
+    if kp != k:
+        w = torch.nn.functional.pad(w, (0, kp - k))
+    groups = w.reshape(n, kp // GROUP, GROUP)
+    # Nonzeros first (in column order), then the lowest zero columns: the first two win.
+    col = torch.arange(GROUP, device=w.device, dtype=torch.int8)
+    key = (groups == 0).to(torch.int8) * GROUP + col
+    idx = key.topk(KEEP, dim=-1, largest=False, sorted=True).indices.sort(dim=-1).values
+    values = groups.gather(-1, idx).reshape(n, kp // 2).contiguous()
+    nibble = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.int64)  # (N, Kp/4), 0..14
+    shifts = torch.arange(0, 32, 4, device=w.device, dtype=torch.int64)
+    words = (nibble.reshape(n, kp // COLS_PER_WORD, GROUPS_PER_WORD) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
+    return Compact24(values=values, meta=words.to(torch.int32).contiguous(), in_features=k)
+
+
+def unpack_indices(meta: torch.Tensor) -> torch.Tensor:
+    """`(N, Kp/4, 2)` int64 in-group column indices (0..3) from `(N, Kp/32)` int32 words."""
+    n, words = meta.shape
+    shifts = torch.arange(0, 32, 4, device=meta.device, dtype=torch.int64)
+    nibble = ((meta.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & 0xF
+    nibble = nibble.reshape(n, words * GROUPS_PER_WORD)
+    return torch.stack((nibble & 3, nibble >> 2), dim=-1)
+
+
+def unpack_24(compact: Compact24) -> torch.Tensor:
+    """The dense `(N, K)` weight a `Compact24` stands for (exact inverse of `pack_24`)."""
+    values, meta = compact.values, compact.meta
+    n, half = values.shape
+    idx = unpack_indices(meta)
+    dense = torch.zeros(n, half // KEEP, GROUP, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, idx, values.reshape(n, half // KEEP, KEEP))
+    return dense.reshape(n, half * KEEP)[:, : compact.in_features]
