@@ -1,6 +1,7 @@
 """ria-rs: RIA post-training pruning for large language models, with a Rust core.
 
-Core API (numpy arrays or torch tensors in, numpy arrays out):
+Pipeline: `prune(model, tokenizer, sparsity="2:4", permute=True)`, then `save_pruned` /
+`load_pruned`. Core API (numpy arrays or torch tensors in, numpy arrays out):
 `ria_score`, `wanda_score`, `magnitude_score`, `nm_mask`, `unstructured_mask`,
 `retained_score`, `search_permutation`.
 """
@@ -16,14 +17,23 @@ from .core import (
     unstructured_mask,
     wanda_score,
 )
+from .pipeline import Sparsity, prune
+from .report import LayerReport, PruneReport
+from .save import load_pruned, save_pruned
 
 __all__ = [
+    "LayerReport",
     "PermutationResult",
+    "PruneReport",
+    "Sparsity",
     "__version__",
+    "load_pruned",
     "magnitude_score",
     "nm_mask",
+    "prune",
     "retained_score",
     "ria_score",
+    "save_pruned",
     "search_permutation",
     "unstructured_mask",
     "wanda_score",

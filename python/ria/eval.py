@@ -9,7 +9,6 @@ optional dependency: ``pip install 'ria-rs[eval]'``).
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -234,13 +233,7 @@ def _token_stream(tokenizer: Any, data: TextSource, seqlen: int) -> torch.Tensor
     if tokenizer is None:
         raise TypeError("a tokenizer is needed to evaluate text; pass token ids to skip it")
     is_c4 = isinstance(data, str) and data.lower() == "c4"
-    try:
-        docs = load_documents(data, "test")
-    except OSError as exc:
-        # A long text is no file name (the OS says so when asked whether it exists).
-        if not (isinstance(data, str) and exc.errno == errno.ENAMETOOLONG):
-            raise
-        docs = [data]
+    docs = load_documents(data, "test")
     text = " ".join(docs[:C4_DOCUMENTS]) if is_c4 else join_documents(docs)
     ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"].reshape(-1)
     if is_c4:

@@ -176,18 +176,20 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
         .tabu_tenure
         .unwrap_or_else(|| (groups / 2).clamp(4, 16));
     let stall = (20 * cols).max(1000);
-    let chains: Vec<State> = (0..options.chains)
+    let chains: Vec<(State, usize)> = (0..options.chains)
         .into_par_iter()
         .map(|chain| {
             let seed = options.seed ^ (chain as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let mut rng = Pcg64Mcg::seed_from_u64(seed);
             let tabu = Tabu::new(problem, state.perm.clone(), state.values.clone());
-            let (perm, values) = tabu.run(steps, stall, tenure, &mut rng, deadline);
-            State { perm, values }
+            let (perm, values, taken) = tabu.run(steps, stall, tenure, &mut rng, deadline);
+            (State { perm, values }, taken)
         })
         .collect();
     // Ties go to the lower chain index.
-    for chain_state in chains {
+    let mut tabu_steps = 0;
+    for (chain_state, taken) in chains {
+        tabu_steps += taken;
         if chain_state.total() > state.total() {
             state = chain_state;
         }
@@ -202,13 +204,7 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
     if polish {
         descent.polish_pairs(&mut state);
     }
-    outcome(
-        &state,
-        heuristic_value,
-        lsa_steps,
-        steps * options.chains,
-        false,
-    )
+    outcome(&state, heuristic_value, lsa_steps, tabu_steps, false)
 }
 
 /// Estimated work of one full pass of pair repartitions.

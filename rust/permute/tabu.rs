@@ -118,7 +118,7 @@ impl<'a> Tabu<'a> {
     }
 
     /// Runs up to `steps` tabu steps, stopping early after `stall` steps without a new
-    /// best; returns the best permutation and group values seen.
+    /// best; returns the best permutation and group values seen, and the steps taken.
     pub fn run(
         mut self,
         steps: usize,
@@ -126,11 +126,12 @@ impl<'a> Tabu<'a> {
         tenure: usize,
         rng: &mut Pcg64Mcg,
         deadline: Option<Instant>,
-    ) -> (Vec<u32>, Vec<f64>) {
+    ) -> (Vec<u32>, Vec<f64>, usize) {
         let (cols, m, groups) = (self.problem.cols(), self.problem.m(), self.problem.groups());
         let mut best = (self.perm.clone(), self.values.clone());
         let mut best_total = self.total();
         let mut best_step = 0;
+        let mut taken = 0;
         for step in 0..steps {
             if step - best_step > stall
                 || (step % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d))
@@ -158,6 +159,7 @@ impl<'a> Tabu<'a> {
                 }
             }
             let Some((_, a, b)) = choice else { break };
+            taken += 1;
             let (pa, pb) = (self.pos[a], self.pos[b]);
             let (ga, gb) = (pa / m, pb / m);
             self.perm.swap(pa, pb);
@@ -177,6 +179,6 @@ impl<'a> Tabu<'a> {
                 best = (self.perm.clone(), self.values.clone());
             }
         }
-        best
+        (best.0, best.1, taken)
     }
 }

@@ -1,0 +1,7 @@
+"""`python -m ria ...` is the `ria` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

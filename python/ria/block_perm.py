@@ -1,0 +1,86 @@
+"""Finding one block's deployable input orders from its score matrices (DESIGN §4):
+q/k/v share one order (their scores stacked), gate/up share one, down has its own, and
+o_proj gets one within-head order per key/value head, shared by that head's query heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .arch import BlockSpec, Heads
+from .core import PermutationResult, search_permutation
+from .permute import BlockPermutation
+
+
+@dataclass(frozen=True)
+class SearchStats:
+    """What one permutation search achieved, in score units (see `PermutationResult`)."""
+
+    retained: float
+    identity: float
+    upper_bound: float
+    seconds: float
+
+    @property
+    def efficacy(self) -> float:
+        gap = self.upper_bound - self.identity
+        return (
+            1.0 if gap <= 1e-12 * abs(self.upper_bound) else (self.retained - self.identity) / gap
+        )
+
+    @classmethod
+    def of(cls, results: list[PermutationResult]) -> SearchStats:
+        return cls(
+            sum(r.retained for r in results),
+            sum(r.identity_retained for r in results),
+            sum(r.upper_bound for r in results),
+            sum(r.seconds for r in results),
+        )
+
+
+def search_block(
+    scores: dict[str, np.ndarray],
+    spec: BlockSpec,
+    heads: Heads,
+    n: int,
+    m: int,
+    options: dict[str, Any],
+) -> tuple[BlockPermutation, dict[str, SearchStats]]:
+    """Input orders for one block and, per Linear name, the stats of the search that
+    decided its order. `options` go to `ria.search_permutation`."""
+    perm = BlockPermutation()
+    stats: dict[str, SearchStats] = {}
+
+    def solve(names: tuple[str, ...]) -> torch.Tensor:
+        result = search_permutation([scores[x] for x in names], n, m, **options)
+        for x in names:
+            stats[x] = SearchStats.of([result])
+        return torch.from_numpy(result.perm)
+
+    perm.attn = solve(spec.attn_inputs)
+    perm.mlp = solve(spec.mlp_inputs)
+    perm.mlp_hidden = solve((spec.mlp_output,))
+    if heads.head_dim % m == 0:
+        perm.o_heads, stats[spec.o_proj] = _search_heads(scores[spec.o_proj], heads, n, m, options)
+    return perm, stats
+
+
+def _search_heads(
+    score: np.ndarray, heads: Heads, n: int, m: int, options: dict[str, Any]
+) -> tuple[torch.Tensor, SearchStats]:
+    """One within-head order per key/value head: the N:M groups of o_proj never straddle
+    heads (m divides head_dim), so the objective splits into one problem per key/value
+    head over the column blocks of its query heads."""
+    group = heads.num_heads // heads.num_kv_heads
+    d = heads.head_dim
+    orders, results = [], []
+    for kv in range(heads.num_kv_heads):
+        blocks = [score[:, h * d : (h + 1) * d] for h in range(kv * group, (kv + 1) * group)]
+        result = search_permutation(blocks, n, m, **options)
+        orders.append(torch.from_numpy(result.perm))
+        results.append(result)
+    return torch.stack(orders), SearchStats.of(results)

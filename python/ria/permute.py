@@ -1,0 +1,157 @@
+"""Applying channel permutations to modules so a model computes the same function with
+its pruned weights N:M in storage order (DESIGN §4).
+
+Per decoder block there are four input orders:
+- `attn`: q/k/v input columns. The input is the residual stream after the attention
+  norm, so the norm is wrapped in `ChannelGather`, which reorders its output once.
+- `o_heads`: o_proj input columns, restricted to one within-head order per key/value
+  head (shared by that head's query heads). It is folded into v_proj's output rows, so
+  it costs nothing at run time. Reordering whole heads would change no N:M group (groups
+  never straddle heads), so it is not needed.
+- `mlp`: gate/up (fc1) input columns, applied like `attn` with the MLP norm.
+- `mlp_hidden`: down (fc2) input columns, folded into gate/up (fc1) output rows: free.
+
+Plain Hugging Face checkpoints cannot hold `ChannelGather`, so `plain_state_dict` undoes
+`attn` and `mlp` (restoring the original column order) and the orders are saved beside
+the model; `apply_block` puts them back after loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import BlockSpec, Heads
+
+
+class ChannelGather(nn.Module):
+    """Runs `norm`, then reorders the channels of its output: `norm(x)[..., order]`."""
+
+    def __init__(self, norm: nn.Module, order: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = norm
+        # Not persistent: the order is saved separately so checkpoints stay plain.
+        self.register_buffer("order", order.long(), persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden_states).index_select(-1, self.order)
+
+
+@dataclass
+class BlockPermutation:
+    """The input orders of one block (None: left as is). Each is a LongTensor `new -> old`:
+    position p of the permuted input holds original channel `order[p]`."""
+
+    attn: torch.Tensor | None = None
+    o_heads: torch.Tensor | None = None  # (num_kv_heads, head_dim)
+    mlp: torch.Tensor | None = None
+    mlp_hidden: torch.Tensor | None = None
+
+
+def o_proj_order(o_heads: torch.Tensor, heads: Heads) -> torch.Tensor:
+    """o_proj's full input order from one within-head order per key/value head."""
+    group = heads.num_heads // heads.num_kv_heads
+    return torch.cat(
+        [h * heads.head_dim + o_heads[h // group] for h in range(heads.num_heads)]
+    ).long()
+
+
+def v_proj_order(o_heads: torch.Tensor, heads: Heads) -> torch.Tensor:
+    """v_proj's output-row order that produces o_proj's permuted input."""
+    return torch.cat([j * heads.head_dim + o_heads[j] for j in range(heads.num_kv_heads)]).long()
+
+
+@torch.no_grad()
+def permute_columns(linear: nn.Linear, order: torch.Tensor) -> None:
+    linear.weight.data = linear.weight.data.index_select(1, order.to(linear.weight.device))
+
+
+@torch.no_grad()
+def permute_rows(linear: nn.Linear, order: torch.Tensor) -> None:
+    order = order.to(linear.weight.device)
+    linear.weight.data = linear.weight.data.index_select(0, order)
+    if linear.bias is not None:
+        linear.bias.data = linear.bias.data.index_select(0, order)
+
+
+def _wrap_norm(block: nn.Module, name: str, order: torch.Tensor) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    norm = getattr(parent, attr)
+    if isinstance(norm, ChannelGather):
+        raise ValueError(f"{name} is already permuted")
+    device = next(norm.parameters(), torch.empty(0)).device
+    setattr(parent, attr, ChannelGather(norm, order.to(device)))
+
+
+def apply_block(block: nn.Module, spec: BlockSpec, heads: Heads, perm: BlockPermutation) -> None:
+    """Reorders one block's weights by `perm`; its outputs are unchanged (up to rounding)."""
+    if perm.attn is not None:
+        for name in spec.attn_inputs:
+            permute_columns(block.get_submodule(name), perm.attn)
+        _wrap_norm(block, spec.attn_norm, perm.attn)
+    if perm.o_heads is not None:
+        permute_rows(block.get_submodule(spec.v_proj), v_proj_order(perm.o_heads, heads))
+        permute_columns(block.get_submodule(spec.o_proj), o_proj_order(perm.o_heads, heads))
+    if perm.mlp is not None:
+        for name in spec.mlp_inputs:
+            permute_columns(block.get_submodule(name), perm.mlp)
+        _wrap_norm(block, spec.mlp_norm, perm.mlp)
+    if perm.mlp_hidden is not None:
+        for name in spec.mlp_inputs:
+            permute_rows(block.get_submodule(name), perm.mlp_hidden)
+        permute_columns(block.get_submodule(spec.mlp_output), perm.mlp_hidden)
+
+
+def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model's state dict as a plain checkpoint of the same architecture, and the
+    gather orders that were taken out of it (`"<norm path>": order`).
+
+    For each `ChannelGather`, the Linears that read the norm get their original column
+    order back, so the checkpoint computes the same function without the gather.
+    """
+    state = model.state_dict()
+    orders: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, ChannelGather):
+            continue
+        orders[path] = module.order.detach().cpu()
+        for key in [k for k in state if k.startswith(f"{path}.norm.")]:
+            state[f"{path}." + key[len(f"{path}.norm.") :]] = state.pop(key)
+    if not orders:
+        return state, orders
+    for path, order in orders.items():
+        inverse = torch.argsort(order)
+        for key in _readers_of(model, path):
+            state[key] = state[key].index_select(1, inverse.to(state[key].device))
+    return state, orders
+
+
+def _readers_of(model: nn.Module, norm_path: str) -> list[str]:
+    """Weight keys of the Linears fed by the norm at `norm_path` (from the adapter)."""
+    from .arch import block_spec, find_blocks
+
+    spec = block_spec(model)
+    blocks_path, _ = find_blocks(model)
+    if spec is None:
+        raise ValueError("the model has gathered norms but no architecture adapter")
+    block_path, _, norm_name = norm_path.rpartition(".")
+    if not block_path.startswith(blocks_path):
+        raise ValueError(f"unexpected gathered norm {norm_path}")
+    readers = (
+        spec.attn_inputs if norm_name == spec.attn_norm.rpartition(".")[2] else spec.mlp_inputs
+    )
+    return [f"{block_path}.{name}.weight" for name in readers]
+
+
+def restore_orders(model: nn.Module, orders: dict[str, torch.Tensor]) -> None:
+    """Re-applies gather orders saved by `plain_state_dict` to a plainly loaded model."""
+    for path, order in orders.items():
+        block_path, _, norm_name = path.rpartition(".")
+        block = model.get_submodule(block_path)
+        for key in _readers_of(model, path):
+            linear_name = key[len(block_path) + 1 : -len(".weight")]
+            permute_columns(block.get_submodule(linear_name), order)
+        _wrap_norm(block, norm_name, order)

@@ -1,0 +1,86 @@
+"""What `ria.prune` did, layer by layer: a table when printed, a dict / JSON to keep."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LayerReport:
+    """One pruned Linear.
+
+    `kept_score` is the sum of the importance scores the mask keeps. For permuted N:M
+    layers, `permutation` holds the search's `retained`, `identity` and `upper_bound`
+    (score units, for the whole group of Linears that share the order) and `efficacy`.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    kept_score: float
+    seconds: float
+    permutation: dict[str, float] | None = None
+
+
+@dataclass
+class PruneReport:
+    """Settings, per-layer results and time per stage (seconds)."""
+
+    settings: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    total_seconds: float = 0.0
+    perplexity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned weights."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / total if total else 0.0
+
+    @property
+    def mean_efficacy(self) -> float | None:
+        values = [r.permutation["efficacy"] for r in self.layers if r.permutation]
+        return sum(values) / len(values) if values else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sparsity"] = self.sparsity
+        data["mean_efficacy"] = self.mean_efficacy
+        return data
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def __str__(self) -> str:
+        header = (
+            f"{'layer':<44} {'shape':>13} {'sparsity':>8} {'kept score':>12} "
+            f"{'efficacy':>8} {'s':>6}"
+        )
+        lines = [header, "-" * len(header)]
+        for r in self.layers:
+            eff = f"{100 * r.permutation['efficacy']:7.1f}%" if r.permutation else f"{'-':>8}"
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            lines.append(
+                f"{r.name[-44:]:<44} {shape:>13} {100 * r.sparsity:7.2f}% {r.kept_score:12.5g} "
+                f"{eff} {r.seconds:6.2f}"
+            )
+        lines.append("-" * len(header))
+        settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        lines.append(
+            f"{len(self.layers)} layers, sparsity {100 * self.sparsity:.2f}%  ({settings})"
+        )
+        if self.mean_efficacy is not None:
+            lines.append(f"mean permutation efficacy {100 * self.mean_efficacy:.1f}%")
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
+        lines.append(f"total {self.total_seconds:.1f}s: {stages}")
+        for label, value in self.perplexity.items():
+            lines.append(f"perplexity {label}: {value:.3f}")
+        return "\n".join(lines)

@@ -1,0 +1,250 @@
+"""`ria.prune` on tiny random models of every supported family (fast, offline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model
+
+import ria
+from ria import pipeline
+from ria.arch import attention_heads, block_linears, block_spec, find_blocks
+from ria.block_perm import search_block
+from ria.permute import ChannelGather, apply_block
+
+CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
+# Small searches keep the tests fast; the search itself is tested in test_core.py.
+FAST_SEARCH = {"tabu_steps": 20, "max_steps": 8}
+
+
+def pruned_linears(model) -> dict[str, torch.nn.Linear]:
+    path, blocks = find_blocks(model)
+    return {
+        f"{path}.{i}.{name}": linear
+        for i, block in enumerate(blocks)
+        for name, linear in block_linears(block).items()
+    }
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def assert_nm(weight: torch.Tensor, n: int, m: int) -> None:
+    nonzero = (weight != 0).reshape(weight.shape[0], -1, m).sum(dim=-1)
+    assert (nonzero <= n).all(), "a group of m keeps more than n weights"
+
+
+@pytest.mark.parametrize("method", ["ria", "wanda", "magnitude", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", [0.5, "2:4", "4:8"])
+def test_exact_sparsity_for_every_method_and_pattern(tokenizer, method, sparsity):
+    model = tiny_model("llama")
+    report = ria.prune(model, tokenizer, sparsity=sparsity, method=method, **CALIB)
+    layers = pruned_linears(model)
+    assert [r.name for r in report.layers] == list(layers)
+    for name, linear in layers.items():
+        w = linear.weight
+        if isinstance(sparsity, str):
+            n, m = map(int, sparsity.split(":"))
+            assert_nm(w, n, m)
+        per_row = method == "wanda"
+        zeros = (w == 0).sum(dim=1) if per_row else (w == 0).sum()
+        expected = round(0.5 * w.shape[1]) if per_row else round(0.5 * w.numel())
+        if method == "sparsegpt" and not isinstance(sparsity, str):
+            # SparseGPT prunes exactly half of every block of 128 columns.
+            expected = sum(
+                round(0.5 * w.shape[0] * min(128, w.shape[1] - b))
+                for b in range(0, w.shape[1], 128)
+            )
+        assert (zeros == expected).all(), f"{name}: {zeros} zeros, expected {expected}"
+    assert report.sparsity == pytest.approx(0.5)
+
+
+def test_per_row_override(tokenizer):
+    model = tiny_model("llama")
+    ria.prune(model, tokenizer, sparsity=0.3, method="ria", per_row=True, **CALIB)
+    for linear in pruned_linears(model).values():
+        zeros = (linear.weight == 0).sum(dim=1)
+        assert (zeros == round(0.3 * linear.weight.shape[1])).all()
+
+
+def test_embeddings_and_head_are_never_pruned(tokenizer):
+    model = tiny_model("llama")
+    ria.prune(model, tokenizer, sparsity="2:4", **CALIB)
+    assert (model.get_input_embeddings().weight != 0).all()
+    assert (model.lm_head.weight != 0).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_permutation_alone_leaves_logits_unchanged(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 512, (2, 24))
+    before = logits(model, ids)
+    spec, heads = block_spec(model), attention_heads(model)
+    rng = np.random.default_rng(0)
+    for block in find_blocks(model)[1]:
+        scores = {
+            name: rng.random(tuple(lin.weight.shape)).astype(np.float32)
+            for name, lin in block_linears(block).items()
+        }
+        perm, _ = search_block(scores, spec, heads, 2, 4, {"seed": 0, **FAST_SEARCH})
+        assert not torch.equal(perm.attn, torch.arange(perm.attn.numel()))
+        apply_block(block, spec, heads, perm)
+    assert sum(isinstance(m, ChannelGather) for m in model.modules()) == 4
+    after = logits(model, ids)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_permuted_prune_is_nm_in_storage_order_and_keeps_more(tokenizer, family, pattern):
+    n, m = map(int, pattern.split(":"))
+    plain = tiny_model(family)
+    plain_report = ria.prune(plain, tokenizer, sparsity=pattern, **CALIB)
+    model = tiny_model(family)
+    report = ria.prune(
+        model, tokenizer, sparsity=pattern, permute=True, permutation_options=FAST_SEARCH, **CALIB
+    )
+    for linear in pruned_linears(model).values():
+        assert_nm(linear.weight, n, m)
+    # Every permutation search found at least the identity's score...
+    for r in report.layers:
+        assert r.permutation is not None and r.permutation["efficacy"] >= 0
+    # ...and in total the permuted masks keep more importance than the plain ones.
+    assert sum(r.kept_score for r in report.layers) > sum(r.kept_score for r in plain_report.layers)
+    assert np.isfinite(logits(model, torch.randint(0, 512, (1, 16))).numpy()).all()
+
+
+def test_sequential_calibration_sees_the_pruned_outputs(tokenizer, monkeypatch):
+    """Block 1 must be scored on what pruned block 0 outputs, not on dense activations."""
+    seen: list[torch.Tensor] = []
+    original = pipeline._score
+
+    def spy(linear, stats, method, alpha):
+        if stats is not None:
+            seen.append(stats.act_norm.clone())
+        return original(linear, stats, method, alpha)
+
+    monkeypatch.setattr(pipeline, "_score", spy)
+    model = tiny_model("llama")
+    dense = tiny_model("llama")
+    windows = ria.calibration.calibration_windows("austen", tokenizer, 4, 32, seed=0)
+    ria.prune(model, tokenizer, sparsity=0.5, **CALIB)
+    # The first Linear scored in block 1 is q_proj; its input is block 1's input_layernorm.
+    block1_q = seen[len(block_linears(find_blocks(model)[1][0]))]
+
+    def q_input_norm(m) -> torch.Tensor:
+        acc = []
+        handle = find_blocks(m)[1][1].self_attn.q_proj.register_forward_hook(
+            lambda _mod, args, _out: acc.append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        with torch.no_grad():
+            for w in windows:
+                m(w[None])
+        handle.remove()
+        return torch.cat(acc).float().pow(2).sum(0).sqrt()
+
+    torch.testing.assert_close(block1_q, q_input_norm(model), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(block1_q, q_input_norm(dense), rtol=1e-3)
+
+
+def test_reconstruct_changes_kept_weights_and_keeps_the_mask(tokenizer):
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ria.prune(a, tokenizer, sparsity="2:4", **CALIB)
+    ria.prune(b, tokenizer, sparsity="2:4", reconstruct=True, **CALIB)
+    for la, lb in zip(pruned_linears(a).values(), pruned_linears(b).values(), strict=True):
+        assert (
+            torch.equal(la.weight != 0, lb.weight != 0)
+            or (lb.weight == 0).sum() >= (la.weight == 0).sum()
+        )
+        assert_nm(lb.weight, 2, 4)
+    assert any(
+        not torch.equal(la.weight, lb.weight)
+        for la, lb in zip(pruned_linears(a).values(), pruned_linears(b).values(), strict=True)
+    )
+
+
+def test_config_records_the_settings(tokenizer):
+    model = tiny_model("qwen2")
+    ria.prune(
+        model, tokenizer, sparsity="2:4", permute=True, permutation_options=FAST_SEARCH, **CALIB
+    )
+    assert model.config.ria["method"] == "ria"
+    assert model.config.ria["sparsity"] == "2:4"
+    assert model.config.ria["permute"] is True
+
+
+def test_magnitude_needs_no_calibration_data():
+    model = tiny_model("llama")
+    report = ria.prune(
+        model, None, sparsity="2:4", method="magnitude", calibration=None, progress=False
+    )
+    assert report.sparsity == pytest.approx(0.5)
+    assert "calibration" not in report.stage_seconds
+
+
+def test_deterministic_for_a_seed(tokenizer):
+    a, b = tiny_model("llama"), tiny_model("llama")
+    for model in (a, b):
+        ria.prune(
+            model,
+            tokenizer,
+            sparsity="2:4",
+            permute=True,
+            seed=3,
+            permutation_options=FAST_SEARCH,
+            **CALIB,
+        )
+    for la, lb in zip(pruned_linears(a).values(), pruned_linears(b).values(), strict=True):
+        assert torch.equal(la.weight, lb.weight)
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+def test_unknown_method(tokenizer):
+    with pytest.raises(ValueError, match="unknown method 'obd'"):
+        ria.prune(tiny_model("llama"), tokenizer, method="obd", **CALIB)
+
+
+@pytest.mark.parametrize("bad", ["2/4", "4:4", "0:4", "half", 1.5, -0.1])
+def test_bad_sparsity(tokenizer, bad):
+    with pytest.raises(ValueError, match="sparsity"):
+        ria.prune(tiny_model("llama"), tokenizer, sparsity=bad, **CALIB)
+
+
+def test_nm_with_in_features_not_divisible_by_m(tokenizer):
+    model = tiny_model("llama", intermediate_size=130)
+    with pytest.raises(
+        ValueError, match=r"mlp.down_proj has 130 input features, not divisible by M=4"
+    ):
+        ria.prune(model, tokenizer, sparsity="2:4", **CALIB)
+
+
+def test_permute_needs_nm(tokenizer):
+    with pytest.raises(ValueError, match="permute=True needs an N:M sparsity"):
+        ria.prune(tiny_model("llama"), tokenizer, sparsity=0.5, permute=True, **CALIB)
+
+
+@pytest.mark.parametrize("empty", ["", [], ["", ""]])
+def test_empty_calibration(tokenizer, empty):
+    with pytest.raises(ValueError, match=r"empty|unknown text source"):
+        ria.prune(
+            tiny_model("llama"), tokenizer, calibration=empty, nsamples=2, seqlen=16, progress=False
+        )
+
+
+def test_text_calibration_needs_a_tokenizer():
+    with pytest.raises(ValueError, match="tokenizer"):
+        ria.prune(tiny_model("llama"), None, **CALIB)
+
+
+def test_unsupported_architecture_for_permutation(tokenizer):
+    model = tiny_model("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(
+        ValueError, match="channel permutation is not supported for model_type='mystery'"
+    ):
+        ria.prune(model, tokenizer, sparsity="2:4", permute=True, **CALIB)

@@ -1,0 +1,131 @@
+"""Saving pruned models (atomic, plain Hugging Face checkpoints) and the `ria` CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_prune import FAST_SEARCH, assert_nm, pruned_linears
+from transformers import AutoModelForCausalLM
+
+import ria
+from ria.cli import main
+from ria.permute import ChannelGather
+from ria.save import PERMUTATION_FILE
+
+CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture
+def permuted(tokenizer):
+    model = tiny_model("llama")
+    report = ria.prune(
+        model, tokenizer, sparsity="2:4", permute=True, permutation_options=FAST_SEARCH, **CALIB
+    )
+    return model, report
+
+
+def test_saved_model_reloads_with_plain_transformers(tmp_path, tokenizer, permuted):
+    model, report = permuted
+    ids = torch.randint(0, 512, (1, 20))
+    out = ria.save_pruned(model, tmp_path / "out", tokenizer, report)
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert not any(isinstance(m, ChannelGather) for m in plain.modules())
+    torch.testing.assert_close(logits(plain, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert plain.config.ria["sparsity"] == "2:4"
+    assert json.loads((out / "ria_report.json").read_text())["settings"]["permute"] is True
+    assert (out / PERMUTATION_FILE).exists()
+
+
+def test_load_pruned_restores_the_storage_order(tmp_path, tokenizer, permuted):
+    model, report = permuted
+    out = ria.save_pruned(model, tmp_path / "out", tokenizer, report)
+    restored = ria.load_pruned(out)
+    assert sum(isinstance(m, ChannelGather) for m in restored.modules()) == 4
+    for name, linear in pruned_linears(restored).items():
+        assert_nm(linear.weight, 2, 4)
+        assert torch.equal(linear.weight, pruned_linears(model)[name].weight)
+    ids = torch.randint(0, 512, (1, 20))
+    torch.testing.assert_close(logits(restored, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_save_leaves_nothing_that_looks_complete(
+    tmp_path, tokenizer, permuted, monkeypatch
+):
+    model, report = permuted
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ria.save_pruned(model, tmp_path / "out", tokenizer, report)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_to_overwrite_unless_asked(tmp_path, tokenizer, permuted):
+    model, report = permuted
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ria.save_pruned(model, tmp_path / "out", tokenizer, report)
+    assert (tmp_path / "out" / "keep.txt").exists()
+    ria.save_pruned(model, tmp_path / "out", tokenizer, report, overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tokenizer):
+    path = tmp_path / "tiny"
+    tiny_model("qwen2").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_prune_end_to_end(tmp_path, tiny_checkpoint, capsys):
+    from importlib import resources
+
+    sample = resources.files("ria.samples").joinpath("austen_sample.txt")
+    out = tmp_path / "pruned"
+    code = main(
+        [
+            "prune", str(tiny_checkpoint), "--sparsity", "2:4", "--permute", "--method", "ria",
+            "--calibration", str(sample), "--nsamples", "4", "--seqlen", "32",
+            "--eval", str(sample), "--max-windows", "2", "--out", str(out), "--no-progress",
+            "--json", str(tmp_path / "report.json"),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity dense" in printed and "perplexity pruned" in printed
+    assert "mean permutation efficacy" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.5)
+    assert report["perplexity"]["pruned"] > 0
+    reloaded = ria.load_pruned(out)
+    for linear in pruned_linears(reloaded).values():
+        assert_nm(linear.weight, 2, 4)
+
+
+def test_cli_eval(tiny_checkpoint, capsys):
+    from importlib import resources
+
+    sample = str(resources.files("ria.samples").joinpath("austen_sample.txt"))
+    args = ["eval", str(tiny_checkpoint), "--ppl", sample, "--seqlen", "64", "--max-windows", "2"]
+    assert main([*args, "--no-progress"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_without_a_traceback(tiny_checkpoint, capsys):
+    assert main(["prune", str(tiny_checkpoint), "--sparsity", "3/4", "--no-progress"]) == 2
+    assert "bad sparsity '3/4'" in capsys.readouterr().err
+    assert main(["eval", str(tiny_checkpoint)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
