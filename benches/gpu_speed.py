@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import ria
-from ria.sparse import StaticGenerator, pack_24, sparse24_linear, sparsify
-from ria.sparse.cslt import cslt_compress, cslt_linear, cslt_search
+from ria.sparse import StaticGenerator, pack_24, sparse24_linear, sparsify, triton_gemv
+from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, cslt_search
 from ria.sparse.graphs import time_call, time_graph
 from ria.sparse.triton_gemv import MAX_M
 
@@ -83,17 +83,25 @@ def bench_shape(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
     rows = []
     for m in ms_list:
         x = torch.randn(m, k, dtype=DTYPE, device="cuda")
-        cfg = cslt_search(packed[0], x)
+        found, _ = cslt_search(packed[0], x)
+        cfg = cslt_best_config(packed, x, sweep=m >= 256)
         row = {"shape": name, "n": n, "k": k, "m": m}
         row["dense_us"] = per_call(lambda x=x: [F.linear(x, w) for w in ws])
         row["cslt_us"] = per_call(lambda x=x, c=cfg: [cslt_linear(x, p, None, c) for p in packed])
         row["cslt_alg"] = [cfg.alg_id, cfg.split_k, cfg.split_k_mode]
+        row["cslt_search_alg"] = [found.alg_id, found.split_k, found.split_k_mode]
+        if found != cfg:
+            row["cslt_search_us"] = per_call(
+                lambda x=x, c=found: [cslt_linear(x, p, None, c) for p in packed]
+            )
         ref = x.float() @ ws[0].float().t()
         got = cslt_linear(x, packed[0], None, cfg).float()
         row["cslt_rel_err"] = float((got - ref).norm() / ref.norm())
         msg = f"  M={m:>5}: dense {row['dense_us']:8.1f} us  cslt {row['cslt_us']:8.1f} us"
         if m <= MAX_M:
             row["triton_us"] = per_call(lambda x=x: [sparse24_linear(x, c) for c in compact])
+            tuned = triton_gemv._gemv_tuned if m == 1 else triton_gemv._mm_tuned
+            row["triton_config"] = str(getattr(tuned, "best_config", None))
             got = sparse24_linear(x, compact[0]).float()
             row["triton_rel_err"] = float((got - ref).norm() / ref.norm())
             msg += f"  triton {row['triton_us']:8.1f} us"
@@ -180,6 +188,85 @@ def linear_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def fp32_reference(model: torch.nn.Module) -> dict:
+    """Last-position logits of the masked dense model in fp32 for the prefill prompts."""
+    g = torch.Generator(device="cuda").manual_seed(7)  # the prompts time_e2e draws first
+    params = list(model.parameters())
+    for p in params:
+        p.data = p.data.float()
+    ref = {}
+    with torch.no_grad():
+        for b, q in [(8, 128), (1, 2048)]:
+            ids = torch.randint(0, VOCAB, (b, q), device="cuda", generator=g)
+            out = model(ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            ref[f"prefill_{b}x{q}_logits"] = out
+    for p in params:
+        p.data = p.data.to(DTYPE)  # exact: the weights were bf16
+    return ref
+
+
+def kernel_breakdown(fn) -> dict:
+    """GPU time per kernel category (ms) and the top kernels, for one eager call of `fn`."""
+    import re
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    cats = {
+        "triton_2:4": r"_gemv_kernel|_mm_kernel",
+        "cusparselt": r"sparse|cusparselt|spmma|_sp_",
+        "attention": r"flash|fmha|attention|efficient|softmax",
+        "gemm_dense": r"gemm|gemv|cutlass|nvjet|xmma|cublas|sm90_",
+    }
+    by_cat: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        cat = next((c for c, rx in cats.items() if re.search(rx, e.key, re.I)), "other")
+        by_cat[cat] = by_cat.get(cat, 0.0) + t / 1e3
+        kernels.append((t / 1e3, e.count, e.key[:90]))
+    kernels.sort(reverse=True)
+    return {"ms_by_category": by_cat, "top_kernels": kernels[:12]}
+
+
+def profile_e2e(model: torch.nn.Module) -> dict:
+    """Eager GPU-time breakdown of a prefill 8x128 and one decode step (batch 1, KV 512)."""
+    ids = torch.randint(0, VOCAB, (8, 128), device="cuda")
+    out = {}
+    with torch.no_grad():
+        out["prefill_8x128"] = kernel_breakdown(
+            lambda: model(ids, use_cache=False, logits_to_keep=1)
+        )
+        gen = StaticGenerator(model, 1, 600, cuda_graph=False)
+        gen.prefill(torch.randint(0, VOCAB, (1, 512), device="cuda"))
+        out["decode_b1"] = kernel_breakdown(gen.step)
+    return out
+
+
+def dump_cslt_layout(path: Path) -> None:
+    """cuSPARSELt compressed buffers next to the compact format of the same 2:4 weights, for
+    working out its metadata layout offline."""
+    dump = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        for n, k in [(32, 64), (64, 128), (128, 256), (256, 512)]:
+            w = prune_24(torch.randn(n, k, dtype=dtype, device="cuda"))
+            c = pack_24(w)
+            dump[f"{dtype}_{n}x{k}"] = {
+                "weight": w.cpu(),
+                "packed": cslt_compress(w).cpu(),
+                "values": c.values.cpu(),
+                "meta": c.meta.cpu(),
+            }
+    torch.save(dump, path)
+
+
 def time_e2e(model: torch.nn.Module, decode_steps: int) -> tuple[dict, dict]:
     """Graph-replay timings and the outputs used for the correctness check."""
     g = torch.Generator(device="cuda").manual_seed(7)
@@ -214,13 +301,17 @@ def bench_e2e(layers: int, prune_all: bool, decode_steps: int) -> dict:
     model = build_model(layers, prune_all)
     log(f"model built and pruned in {time.perf_counter() - t0:.1f}s")
     dense_bytes = linear_bytes(model)
+    ref = fp32_reference(model)
     log("dense timings")
     dense, dense_out = time_e2e(model, decode_steps)
+    profiles = {"dense": profile_e2e(model)}
     gc.collect()
     torch.cuda.empty_cache()
     mem0 = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    report = sparsify(model, batch_sizes=[1, 16, 1024, 2048])
+    # allow_dense=False: no dense copies kept, so the weight memory is that of the 2:4 forms
+    # alone; the report still lists the dense time of every bucket.
+    report = sparsify(model, batch_sizes=[1, 16, 1024, 2048], allow_dense=False)
     log(f"{report}")
     gc.collect()
     torch.cuda.empty_cache()
@@ -228,16 +319,27 @@ def bench_e2e(layers: int, prune_all: bool, decode_steps: int) -> dict:
     sparse_bytes = linear_bytes(model)
     log("sparse timings")
     sparse, sparse_out = time_e2e(model, decode_steps)
+    profiles["sparse"] = profile_e2e(model)
     result = {"dense": dense, "sparse": sparse, "speedup": {}, "correctness": {}}
+    result["profiles"] = profiles
     for key, d in dense.items():
         if key.endswith("_ms") or key.endswith("_ms_per_step"):
             result["speedup"][key] = d / sparse[key]
+    ref_fp32 = ref
     for key, ref in dense_out.items():
         got = sparse_out[key]
         if key.endswith("logits"):
+            r32 = ref_fp32[key]
             result["correctness"][key] = {
-                "rel_err": float((got - ref).norm() / ref.norm()),
-                "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+                "rel_err_sparse_vs_dense_bf16": float((got - ref).norm() / ref.norm()),
+                "rel_err_dense_bf16_vs_fp32": float((ref - r32).norm() / r32.norm()),
+                "rel_err_sparse_bf16_vs_fp32": float((got - r32).norm() / r32.norm()),
+                "top1_agree_sparse_vs_dense": float(
+                    (got.argmax(-1) == ref.argmax(-1)).float().mean()
+                ),
+                "top1_agree_dense_vs_fp32": float(
+                    (ref.argmax(-1) == r32.argmax(-1)).float().mean()
+                ),
             }
         else:
             first = (got != ref).float().argmax(1)
@@ -302,7 +404,7 @@ def environment() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="gemm,e2e", help="comma list of: gemm, e2e")
+    ap.add_argument("--only", default="gemm,probe,e2e", help="comma list of: gemm, probe, e2e")
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--m", default=",".join(map(str, GEMM_MS)), help="GEMM token counts")
     ap.add_argument("--prune-all", action="store_true", help="prune every layer with ria")
@@ -324,6 +426,12 @@ def main() -> None:
             out["gemm_error"] = traceback.format_exc()
             log(out["gemm_error"])
         path.write_text(json.dumps(out, indent=1))
+    if "probe" in only:
+        try:
+            dump_cslt_layout(path.parent / "cslt_layout.pt")
+        except Exception:
+            out["probe_error"] = traceback.format_exc()
+            log(out["probe_error"])
     if "e2e" in only:
         try:
             out["e2e"] = bench_e2e(args.layers, args.prune_all, args.decode_steps)

@@ -192,7 +192,9 @@ def test_static_generator_eager_matches_hf_greedy():
 
 _INTERPRET_SCRIPT = textwrap.dedent(
     """
+    import itertools
     import torch
+    from ria.sparse import triton_gemv as tg
     from ria.sparse.format import pack_24
     from ria.sparse.triton_gemv import sparse24_linear
     from test_sparse import random_24
@@ -201,7 +203,12 @@ _INTERPRET_SCRIPT = textwrap.dedent(
         (torch.float16, 40, 96, 1), (torch.bfloat16, 64, 256, 1), (torch.bfloat16, 33, 320, 1),
         (torch.float16, 64, 256, 3), (torch.float16, 40, 96, 17), (torch.float16, 48, 512, 70),
     ]
-    for dtype, n, k, m in cases:
+    variants = [  # small K tiles so the unmasked main loop and the masked tail both run
+        (dict(BLOCK_N=8, BLOCK_K=64, X_VEC=1), dict(BLOCK_N=16, BLOCK_K=64, DENSE_TILE=1)),
+        (dict(BLOCK_N=4, BLOCK_K=128, X_VEC=0), dict(BLOCK_N=32, BLOCK_K=128, DENSE_TILE=0)),
+    ]
+    for (gemv_cfg, mm_cfg), (dtype, n, k, m) in itertools.product(variants, cases):
+        tg._GEMV_DEFAULT, tg._MM_DEFAULT = gemv_cfg, mm_cfg
         w = random_24(n, k, dtype=dtype, seed=n + k)
         c = pack_24(w)
         x = torch.randn(m, k, dtype=dtype)
@@ -222,6 +229,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(CUDA, reason="CPU check; on CUDA the compiled kernels are tested below")
 def test_triton_kernels_interpreted():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", RIA_TRITON_AUTOTUNE="0")

@@ -10,9 +10,12 @@ but without its padding copies, except where cuSPARSELt needs them (M not a mult
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .graphs import time_call
 
 # cuSPARSELt needs the dense operand's rows/cols/leading dimension to be multiples of 8
 # for 16-bit types; torch's wrapper pads to the same (dense_min_rows = 8).
@@ -20,7 +23,14 @@ M_ALIGN = 8
 # The compressed weight: rows and columns multiples of 16 (torch's sparse_min_rows/cols).
 W_ALIGN = 16
 
-__all__ = ["CsltConfig", "cslt_compress", "cslt_linear", "cslt_search", "cslt_status"]
+__all__ = [
+    "CsltConfig",
+    "cslt_best_config",
+    "cslt_compress",
+    "cslt_linear",
+    "cslt_search",
+    "cslt_status",
+]
 
 
 @dataclass(frozen=True)
@@ -72,17 +82,20 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
 
 def cslt_search(
     packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
-) -> CsltConfig:
-    """Best algorithm (and split-K) for `x @ W.T` at `x`'s token count, by cuSPARSELt's search.
+) -> tuple[CsltConfig, int | None]:
+    """cuSPARSELt's own search for `x @ W.T` at `x`'s token count.
 
-    `x`: `(M, K)`; the search runs the matmul several times on the current stream.
+    Returns the best configuration found (algorithm, split-K) and the largest valid
+    algorithm id (None where torch does not report it). `x`: `(M, K)`; the search runs the
+    matmul several times on the current stream.
     """
     xt = _pad_rows(x.contiguous()).t()
     search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
     if search is not None:  # torch >= 2.6: alg id, split-K, split-K mode, max alg id
-        alg, split_k, mode, _ = search(packed, xt, bias, None, None, True)
-        return CsltConfig(int(alg), int(split_k), int(mode))
-    return CsltConfig(int(torch._cslt_sparse_mm_search(packed, xt, bias, transpose_result=True)))
+        alg, split_k, mode, max_alg = search(packed, xt, bias, None, None, True)
+        return CsltConfig(int(alg), int(split_k), int(mode)), int(max_alg)
+    alg = torch._cslt_sparse_mm_search(packed, xt, bias, transpose_result=True)
+    return CsltConfig(int(alg)), None
 
 
 def cslt_linear(
@@ -95,9 +108,45 @@ def cslt_linear(
     m = x.shape[0]
     xp = _pad_rows(x)
     extra = {}
-    if config.split_k != 1:
+    if config.split_k > 1:  # the search reports split_k <= 1 when it does not split
         extra = {"split_k": config.split_k, "split_k_mode": config.split_k_mode}
     y = torch._cslt_sparse_mm(
         packed, xp.t(), bias, transpose_result=True, alg_id=config.alg_id, **extra
     )
     return y if xp is x else y[:m]
+
+
+def cslt_best_config(
+    packed: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    sweep: bool = True,
+    max_algs: int = 64,
+) -> CsltConfig:
+    """The fastest cuSPARSELt configuration for `x @ W.T` on weights of one shape.
+
+    Starts from cuSPARSELt's own search (on `packed[0]`); with `sweep`, also times that
+    configuration without split-K and every algorithm id (up to `max_algs`) under CUDA-graph
+    replay over `packed` in rotation, because the search times eagerly and can pick a split-K
+    that loses inside a graph.
+    """
+    found, max_alg = cslt_search(packed[0], x, bias)
+    if not sweep:
+        return found
+    configs = {found, CsltConfig(found.alg_id)}
+    configs |= {CsltConfig(a) for a in range(min(max_alg or 0, max_algs - 1) + 1)}
+    best, best_ms = found, float("inf")
+    for cfg in sorted(configs, key=lambda c: (c.alg_id, c.split_k)):
+
+        def call(cfg: CsltConfig = cfg) -> None:
+            for p in packed:
+                cslt_linear(x, p, bias, cfg)
+
+        try:
+            ms = time_call(call, iters=3, repeats=1)
+        except RuntimeError:  # an algorithm id this shape does not support
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best

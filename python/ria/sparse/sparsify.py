@@ -18,9 +18,9 @@ from torch import nn
 
 from .cslt import (
     CsltConfig,
+    cslt_best_config,
     cslt_compress,
     cslt_linear,
-    cslt_search,
     cslt_shape_status,
     cslt_status,
     cslt_values_view,
@@ -192,12 +192,23 @@ def _candidates(backend: str, m: int, usable: set[str]) -> list[str]:
     return [b for b in BACKENDS if b in usable and not (b == TRITON and m > MAX_M)]
 
 
+def _time_us(backend: str, forms: Sequence[_Forms], x: torch.Tensor, cfg, **kw) -> float:
+    """Microseconds per call of `backend` on `forms` in rotation, under graph replay."""
+
+    def call() -> None:
+        for f in forms:
+            _run(backend, f, x, cfg)
+
+    return 1000.0 * time_call(call, **kw) / len(forms)
+
+
 def _tune_group(
     forms: Sequence[_Forms],
     batch_sizes: Sequence[int],
     backend: str,
     usable: set[str],
     dense_margin: float,
+    cslt_sweep: bool,
 ) -> tuple[dict[int, Choice], dict[int, dict[str, float]]]:
     """Plan for one layer shape: time each candidate at each bucket on `forms` in rotation."""
     plan: dict[int, Choice] = {}
@@ -207,18 +218,15 @@ def _tune_group(
     for m in batch_sizes:
         x = torch.randn(m, k, dtype=dtype, device=device)
         cands = _candidates(backend, m, usable)
-        cfg = cslt_search(forms[0].packed, x, forms[0].bias) if CUSPARSELT in cands else None
-        if len(cands) == 1:
+        timed = len(cands) > 1
+        cfg = None
+        if CUSPARSELT in cands:
+            packed = [f.packed for f in forms]
+            cfg = cslt_best_config(packed, x, forms[0].bias, sweep=cslt_sweep and timed)
+        if not timed:
             plan[m] = Choice(cands[0], cfg)
             continue
-        times[m] = {}
-        for b in cands:
-
-            def call(b: str = b, x: torch.Tensor = x, cfg: CsltConfig | None = cfg) -> None:
-                for f in forms:
-                    _run(b, f, x, cfg)
-
-            times[m][b] = 1000.0 * time_call(call) / len(forms)
+        times[m] = {b: _time_us(b, forms, x, cfg) for b in cands}
         sparse = [b for b in cands if b != DENSE]
         best = min(sparse, key=lambda b: times[m][b])
         if DENSE in cands and times[m][DENSE] < times[m][best] * (1.0 - dense_margin):
@@ -296,6 +304,7 @@ def sparsify(
     allow_dense: bool = True,
     dense_margin: float = 0.05,
     tune_layers: int = 8,
+    cslt_sweep: bool = True,
     verbose: bool = False,
 ) -> SparsifyReport:
     """Replace every 2:4-sparse `nn.Linear` of `model` (in place) by a `Sparse24Linear`.
@@ -311,6 +320,8 @@ def sparsify(
         allow_dense: let "auto" keep a layer's dense weight for buckets where cuBLAS beats
             the sparse kernels by more than `dense_margin` (costs the dense bytes).
         tune_layers: layers of one shape timed in rotation.
+        cslt_sweep: time every cuSPARSELt algorithm id per bucket (graph replay) instead of
+            trusting cuSPARSELt's eager search alone.
         verbose: print the report table.
 
     Returns:
@@ -336,7 +347,7 @@ def sparsify(
                 report.layers.append(LayerReport(name, n, k, False, cslt_shape_status(n, k) or ""))
             continue
         sample = [_build_forms(mod, shape_usable) for _, mod in members[:tune_layers]]
-        plan, times = _tune_group(sample, buckets, backend, shape_usable, dense_margin)
+        plan, times = _tune_group(sample, buckets, backend, shape_usable, dense_margin, cslt_sweep)
         used = {c.backend for c in plan.values()}
         for i in range(len(members)):
             name, mod = members[i]

@@ -50,6 +50,61 @@ def triton_status(device: torch.device | None = None) -> str | None:
 if triton is not None:
 
     @triton.jit
+    def _load_groups(v_rows, m_rows, k0, K, n_ok, G: tl.constexpr, MASK_K: tl.constexpr):
+        """Kept values `v0, v1` and in-group columns `i0 < i1` of the G groups from column k0.
+
+        All `(BLOCK_N, G)`. Values load as one contiguous `(BLOCK_N, 2G)` tile (16-byte
+        vectors); each group's metadata word is addressed per group (8 groups share a word,
+        so the compiler merges those loads).
+        """
+        rg = tl.arange(0, G)
+        rv = tl.arange(0, 2 * G)
+        if MASK_K:  # the ragged last tile: whole groups past K read as zero
+            v_ok = n_ok[:, None] & ((k0 + 2 * rv) < K)[None, :]
+            w_ok = n_ok[:, None] & ((k0 + 4 * rg) < K)[None, :]
+        else:
+            v_ok = n_ok[:, None]
+            w_ok = n_ok[:, None]
+        g0 = k0 // 4
+        v = tl.load(v_rows + (2 * g0 + rv)[None, :], mask=v_ok, other=0.0)
+        v0, v1 = tl.split(tl.reshape(v, (v.shape[0], G, 2)))
+        word = tl.load(m_rows + ((g0 + rg) // 8)[None, :], mask=w_ok, other=0)
+        nib = (word >> ((rg % 8) * 4)[None, :]) & 15
+        return v0, v1, nib & 3, nib >> 2
+
+    @triton.jit
+    def _gemv_step(
+        acc,
+        v_rows,
+        m_rows,
+        x_row,
+        k0,
+        K,
+        n_ok,
+        G: tl.constexpr,
+        MASK_K: tl.constexpr,
+        X_VEC: tl.constexpr,
+    ):
+        v0, v1, i0, i1 = _load_groups(v_rows, m_rows, k0, K, n_ok, G, MASK_K)
+        rg = tl.arange(0, G)
+        kk = k0 + 4 * rg
+        if X_VEC:  # one contiguous load of the x tile, split into its 4 columns per group
+            rk = k0 + tl.arange(0, 4 * G)
+            xt = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+            xa, xb = tl.split(tl.reshape(xt, (G, 2, 2)))
+            x0, x2 = tl.split(xa)
+            x1, x3 = tl.split(xb)
+        else:
+            x0 = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x1 = tl.load(x_row + kk + 1, mask=kk < K, other=0.0).to(tl.float32)
+            x2 = tl.load(x_row + kk + 2, mask=kk < K, other=0.0).to(tl.float32)
+            x3 = tl.load(x_row + kk + 3, mask=kk < K, other=0.0).to(tl.float32)
+        # i0 is in 0..2 and i1 in 1..3 (i0 < i1): two selects each.
+        xs0 = tl.where(i0 == 0, x0[None, :], tl.where(i0 == 1, x1[None, :], x2[None, :]))
+        xs1 = tl.where(i1 == 3, x3[None, :], tl.where(i1 == 2, x2[None, :], x1[None, :]))
+        return acc + v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,
         v_ptr,
@@ -63,48 +118,64 @@ if triton is not None:
         stride_mn,
         stride_ym,
         HAS_BIAS: tl.constexpr,
-        EVEN_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        X_VEC: tl.constexpr,
     ):
         G: tl.constexpr = BLOCK_K // 4  # 2:4 groups per K tile
         pid_n = tl.program_id(0)
         row = tl.program_id(1)  # token
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rg = tl.arange(0, G)
-        rv = tl.arange(0, 2 * G)
         n_ok = rn < N
         v_rows = v_ptr + rn[:, None].to(tl.int64) * stride_vn
         m_rows = meta_ptr + rn[:, None].to(tl.int64) * stride_mn
         x_row = x_ptr + row * stride_xm
-        shift = (rg % 8) * 4
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            g0 = k0 // 4
-            v_ok = n_ok[:, None]
-            w_ok = n_ok[:, None]
-            if not EVEN_K:  # a ragged last K tile: mask whole groups past K
-                v_ok = v_ok & ((k0 + 4 * (rv // 2)) < K)[None, :]
-                w_ok = w_ok & ((k0 + 4 * rg) < K)[None, :]
-            v = tl.load(v_rows + (2 * g0 + rv)[None, :], mask=v_ok, other=0.0)
-            v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
-            word = tl.load(m_rows + ((g0 + rg) // 8)[None, :], mask=w_ok, other=0)
-            nib = (word >> shift[None, :]) & 15
-            i0 = nib & 3
-            i1 = nib >> 2
-            kk = k0 + 4 * rg
-            x0 = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-            x1 = tl.load(x_row + kk + 1, mask=kk + 1 < K, other=0.0).to(tl.float32)[None, :]
-            x2 = tl.load(x_row + kk + 2, mask=kk + 2 < K, other=0.0).to(tl.float32)[None, :]
-            x3 = tl.load(x_row + kk + 3, mask=kk + 3 < K, other=0.0).to(tl.float32)[None, :]
-            # i0 is in 0..2 and i1 in 1..3 (i0 < i1): two selects each.
-            xs0 = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
-            xs1 = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
-            acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+        k_main = K - K % BLOCK_K
+        for k0 in range(0, k_main, BLOCK_K):
+            acc = _gemv_step(acc, v_rows, m_rows, x_row, k0, K, n_ok, G, False, X_VEC)
+        if k_main < K:
+            acc = _gemv_step(acc, v_rows, m_rows, x_row, k_main, K, n_ok, G, True, X_VEC)
         out = tl.sum(acc, axis=1)
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * stride_ym + rn, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _mm_step(
+        acc,
+        v_rows,
+        m_rows,
+        x_cols,
+        k0,
+        K,
+        n_ok,
+        m_ok,
+        G: tl.constexpr,
+        MASK_K: tl.constexpr,
+        DENSE_TILE: tl.constexpr,
+    ):
+        v0, v1, i0, i1 = _load_groups(v_rows, m_rows, k0, K, n_ok, G, MASK_K)
+        zero = tl.zeros(v0.shape, dtype=v0.dtype)
+        # Dense column p of every group: column 0 can only be slot 0, column 3 only slot 1.
+        d0 = tl.where(i0 == 0, v0, zero)
+        d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+        d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+        d3 = tl.where(i1 == 3, v1, zero)
+        if DENSE_TILE:  # interleave to the (BLOCK_N, 4G) dense tile, one dot with x^T
+            w = tl.join(tl.join(d0, d2), tl.join(d1, d3))  # [n, g, a, b] = d_{2a+b}
+            w = tl.reshape(w, (w.shape[0], 4 * G))
+            rk = k0 + tl.arange(0, 4 * G)
+            xt = tl.load(x_cols + rk[:, None], mask=m_ok[None, :] & (rk < K)[:, None], other=0.0)
+            acc = tl.dot(w, xt, acc)
+        else:  # four dots, one per in-group column, over stride-4 slices of x^T
+            kk = (k0 + 4 * tl.arange(0, G))[:, None]
+            ok = m_ok[None, :] & (kk < K)
+            acc = tl.dot(d0, tl.load(x_cols + kk, mask=ok, other=0.0), acc)
+            acc = tl.dot(d1, tl.load(x_cols + kk + 1, mask=ok, other=0.0), acc)
+            acc = tl.dot(d2, tl.load(x_cols + kk + 2, mask=ok, other=0.0), acc)
+            acc = tl.dot(d3, tl.load(x_cols + kk + 3, mask=ok, other=0.0), acc)
+        return acc
 
     @triton.jit
     def _mm_kernel(
@@ -121,79 +192,71 @@ if triton is not None:
         stride_mn,
         stride_ym,
         HAS_BIAS: tl.constexpr,
-        EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        DENSE_TILE: tl.constexpr,
     ):
         G: tl.constexpr = BLOCK_K // 4
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rg = tl.arange(0, G)
-        rv = tl.arange(0, 2 * G)
         n_ok = rn < N
         m_ok = rm < M
         v_rows = v_ptr + rn[:, None].to(tl.int64) * stride_vn
         m_rows = meta_ptr + rn[:, None].to(tl.int64) * stride_mn
         x_cols = x_ptr + rm[None, :].to(tl.int64) * stride_xm  # (1, BLOCK_M): x^T tiles
-        shift = (rg % 8) * 4
-        zero = tl.zeros((BLOCK_N, G), dtype=v_ptr.dtype.element_ty)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            g0 = k0 // 4
-            v_ok = n_ok[:, None]
-            w_ok = n_ok[:, None]
-            if not EVEN_K:  # a ragged last K tile: mask whole groups past K
-                v_ok = v_ok & ((k0 + 4 * (rv // 2)) < K)[None, :]
-                w_ok = w_ok & ((k0 + 4 * rg) < K)[None, :]
-            v = tl.load(v_rows + (2 * g0 + rv)[None, :], mask=v_ok, other=0.0)
-            v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
-            word = tl.load(m_rows + ((g0 + rg) // 8)[None, :], mask=w_ok, other=0)
-            nib = (word >> shift[None, :]) & 15
-            i0 = nib & 3
-            i1 = nib >> 2
-            # Dense column p of every group: column 0 can only be slot 0, column 3 only slot 1.
-            d0 = tl.where(i0 == 0, v0, zero)
-            d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
-            d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
-            d3 = tl.where(i1 == 3, v1, zero)
-            kk = (k0 + 4 * rg)[:, None]  # (G, 1)
-            x0 = tl.load(x_cols + kk, mask=m_ok[None, :] & (kk < K), other=0.0)
-            x1 = tl.load(x_cols + kk + 1, mask=m_ok[None, :] & (kk + 1 < K), other=0.0)
-            x2 = tl.load(x_cols + kk + 2, mask=m_ok[None, :] & (kk + 2 < K), other=0.0)
-            x3 = tl.load(x_cols + kk + 3, mask=m_ok[None, :] & (kk + 3 < K), other=0.0)
-            acc = tl.dot(d0, x0, acc)
-            acc = tl.dot(d1, x1, acc)
-            acc = tl.dot(d2, x2, acc)
-            acc = tl.dot(d3, x3, acc)
+        k_main = K - K % BLOCK_K
+        for k0 in range(0, k_main, BLOCK_K):
+            acc = _mm_step(acc, v_rows, m_rows, x_cols, k0, K, n_ok, m_ok, G, False, DENSE_TILE)
+        if k_main < K:
+            acc = _mm_step(acc, v_rows, m_rows, x_cols, k_main, K, n_ok, m_ok, G, True, DENSE_TILE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         y = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
-    def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    def _configs(rows: list[tuple[int, int, int, int, int]], flag: str) -> list[triton.Config]:
         return [
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in pairs
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, flag: f}, num_warps=w, num_stages=s)
+            for bn, bk, w, s, f in rows
         ]
 
-    # (BLOCK_N, BLOCK_K, warps, stages). Small BLOCK_N keeps >= 2 programs per SM on
-    # 4096-row layers; several K tiles in flight per program saturate HBM. BLOCK_K <= 256
-    # divides LLaMA's 11008 = 43 * 256, so those layers take the unmasked path.
-    _GEMV_CONFIGS = [(16, 256, 4, 3), (32, 256, 4, 3), (8, 256, 4, 4), (64, 128, 4, 4)]
-    _MM_CONFIGS = [(32, 128, 4, 3), (64, 128, 4, 3), (16, 256, 4, 3), (32, 256, 4, 4)]
-    _GEMV_DEFAULT = {"BLOCK_N": 32, "BLOCK_K": 256}
-    _MM_DEFAULT = {"BLOCK_N": 32, "BLOCK_K": 128}
-
-    _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
-    _gemv_tuned = triton.autotune(_configs(_GEMV_CONFIGS), key=["N", "K"])(_even_k(_gemv_kernel))
-    _mm_tuned = triton.autotune(_configs(_MM_CONFIGS), key=["N", "K", "BLOCK_M"])(
-        _even_k(_mm_kernel)
+    # (BLOCK_N, BLOCK_K, warps, stages, variant flag). Decode is latency-bound unless each
+    # SM keeps ~20-40 KB of weight loads in flight: short-and-wide tiles (few rows, 512-1024
+    # columns) with >= 2 programs per SM on 4096-row layers.
+    _GEMV_CONFIGS = _configs(
+        [
+            (4, 1024, 4, 1, 1),
+            (8, 1024, 4, 1, 1),
+            (8, 512, 4, 1, 1),
+            (16, 512, 4, 1, 1),
+            (16, 1024, 8, 1, 1),
+            (4, 1024, 4, 1, 0),
+            (8, 512, 4, 1, 0),
+            (16, 256, 4, 1, 0),
+        ],
+        "X_VEC",
     )
-    _gemv_fixed = _even_k(_gemv_kernel)
-    _mm_fixed = _even_k(_mm_kernel)
+    _MM_CONFIGS = _configs(
+        [
+            (16, 512, 4, 1, 1),
+            (16, 1024, 8, 1, 1),
+            (32, 512, 8, 1, 1),
+            (16, 256, 4, 2, 1),
+            (32, 256, 4, 2, 1),
+            (16, 512, 4, 1, 0),
+            (32, 256, 4, 2, 0),
+        ],
+        "DENSE_TILE",
+    )
+    _GEMV_DEFAULT = {"BLOCK_N": 8, "BLOCK_K": 512, "X_VEC": 1}
+    _MM_DEFAULT = {"BLOCK_N": 16, "BLOCK_K": 256, "DENSE_TILE": 1}
+
+    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K"])(_gemv_kernel)
+    _mm_tuned = triton.autotune(_MM_CONFIGS, key=["N", "K", "BLOCK_M"])(_mm_kernel)
 
 
 def _block_m(m: int) -> int:
@@ -235,7 +298,7 @@ def sparse24_linear(
     strides = (x.stride(0), values.stride(0), meta.stride(0), out.stride(0))
     tuned = _AUTOTUNE and not _INTERPRET
     if m == 1:
-        kernel = _gemv_tuned if tuned else _gemv_fixed
+        kernel = _gemv_tuned if tuned else _gemv_kernel
         params = {} if tuned else _GEMV_DEFAULT
 
         def grid(meta_: dict) -> tuple[int, int]:
@@ -244,7 +307,7 @@ def sparse24_linear(
         kernel[grid](*args, n, k, *strides, HAS_BIAS=has_bias, **params)
     else:
         block_m = _block_m(m)
-        kernel = _mm_tuned if tuned else _mm_fixed
+        kernel = _mm_tuned if tuned else _mm_kernel
         params = {} if tuned else _MM_DEFAULT
 
         def grid(meta_: dict) -> tuple[int, int]:
