@@ -17,10 +17,6 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-# Groups per numpy block when building a value matrix (bounds memory to
-# BLOCK x rows x groups floats).
-BLOCK = 8
-
 
 def retained(scores: np.ndarray, n: int, m: int, perm: np.ndarray | None = None) -> float:
     """Score kept by the N:M rule after reordering columns by `perm`."""
@@ -50,16 +46,17 @@ def value_matrix(s: np.ndarray, n: int, m: int, slot: int) -> np.ndarray:
     rows, cols = s.shape
     g_count = cols // m
     grouped = s.reshape(rows, g_count, m)
-    movers = grouped[:, :, slot]  # rows x G
+    movers = np.ascontiguousarray(grouped[:, :, slot].T)  # G x rows
     rest = np.delete(grouped, slot, axis=2)  # rows x G x (m-1)
     rest_sorted = np.sort(rest, axis=2)[:, :, ::-1]
     top_sum = rest_sorted[:, :, :n].sum(axis=2, dtype=np.float64).sum(axis=0)  # G
-    nth = rest_sorted[:, :, n - 1]  # rows x G
+    nth = np.ascontiguousarray(rest_sorted[:, :, n - 1].T)  # G x rows
     value = np.empty((g_count, g_count))
-    for g0 in range(0, g_count, BLOCK):
-        t = nth[:, g0 : g0 + BLOCK]  # rows x B
-        gain = np.maximum(movers[:, None, :] - t[:, :, None], 0.0).sum(axis=0, dtype=np.float64)
-        value[g0 : g0 + BLOCK] = top_sum[g0 : g0 + BLOCK, None] + gain
+    buffer = np.empty_like(movers)
+    for g in range(g_count):
+        np.subtract(movers, nth[g], out=buffer)
+        np.maximum(buffer, 0.0, out=buffer)
+        value[g] = top_sum[g] + buffer.sum(axis=1)
     return value
 
 

@@ -266,7 +266,7 @@ fn retained_score(
 }
 
 #[pyfunction]
-#[pyo3(signature = (scores, n, m, *, seed=0, time_budget=None, threads=None, patience=None, max_steps=None, tabu_steps=None, chains=None))]
+#[pyo3(signature = (scores, n, m, *, seed=0, time_budget=None, threads=None, patience=None, max_steps=None, block_groups=None, global_steps=None, tabu_steps=None, chains=None))]
 #[allow(clippy::too_many_arguments)]
 fn search_permutation<'py>(
     py: Python<'py>,
@@ -278,6 +278,8 @@ fn search_permutation<'py>(
     threads: Option<usize>,
     patience: Option<usize>,
     max_steps: Option<usize>,
+    block_groups: Option<usize>,
+    global_steps: Option<usize>,
     tabu_steps: Option<usize>,
     chains: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
@@ -296,6 +298,8 @@ fn search_permutation<'py>(
     }
     options.patience = patience.unwrap_or(options.patience);
     options.max_steps = max_steps.unwrap_or(options.max_steps);
+    options.block_groups = block_groups.unwrap_or(options.block_groups);
+    options.global_steps = global_steps.unwrap_or(options.global_steps);
     options.tabu_steps = tabu_steps.or(options.tabu_steps);
     options.chains = chains.unwrap_or(options.chains);
     if threads == Some(0) {

@@ -41,6 +41,8 @@ def search_permutation(
     threads: int | None = None,
     patience: int | None = None,
     max_steps: int | None = None,
+    block_groups: int | None = None,
+    global_steps: int | None = None,
     tabu_steps: int | None = None,
     chains: int | None = None,
 ) -> dict[str, Any]: ...

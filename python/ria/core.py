@@ -137,14 +137,17 @@ def search_permutation(
     threads: int | None = None,
     patience: int | None = None,
     max_steps: int | None = None,
+    block_groups: int | None = None,
+    global_steps: int | None = None,
     tabu_steps: int | None = None,
     chains: int | None = None,
 ) -> PermutationResult:
     """Find a column permutation that maximises the score kept by an N:M mask.
 
-    RIA's heuristic allocation, then slot-LSA (exact linear assignment) repeated with
-    randomised slots until it stops gaining, then, for matrices small enough to afford
-    it, annealing chains and exhaustive pair repartitions. Never worse than the identity.
+    RIA's heuristic allocation, then slot-LSA (exact linear assignment) on random blocks
+    of groups with randomised slots until it stops gaining, a few slot-LSA steps over all
+    groups at once, and, for matrices small enough to afford it, tabu search over swaps
+    and exhaustive pair repartitions. Never worse than the identity.
 
     Args:
         scores: `(rows, cols)` non-negative importance, or a list of such matrices with
@@ -154,7 +157,12 @@ def search_permutation(
         seed: the result is identical for a fixed seed on any number of threads.
         time_budget: wall-clock cap in seconds (the result then depends on speed).
         threads: worker threads (default: all cores).
-        patience, max_steps, tabu_steps, chains: search effort (see the README).
+        patience: block-phase steps in a row without progress that end it (default 8).
+        max_steps: cap on block-phase steps (400).
+        block_groups: groups per assignment in the block phase (64).
+        global_steps: cap on steps over all groups at once, after the blocks (8).
+        tabu_steps: tabu steps per chain (default: sized from the matrix, 0 for large).
+        chains: independent tabu chains (8).
     """
     mats = score_list(scores)
     raw = _core.search_permutation(
@@ -166,6 +174,8 @@ def search_permutation(
         threads=threads,
         patience=patience,
         max_steps=max_steps,
+        block_groups=block_groups,
+        global_steps=global_steps,
         tabu_steps=tabu_steps,
         chains=chains,
     )

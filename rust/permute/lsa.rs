@@ -14,26 +14,32 @@ use rayon::prelude::*;
 const NOISE: f64 = 1e-12;
 
 /// One slot-LSA step on `perm` (position -> column) with `values` the per-group kept
-/// score. `movers[g]` is the slot of group g that moves. Applies every cycle of the
-/// optimal assignment whose exactly recomputed gain is positive; returns the total gain.
-pub fn step(problem: &Problem, perm: &mut [u32], values: &mut [f64], movers: &[usize]) -> f64 {
-    let gain_matrix = value_matrix(problem, perm, movers);
-    let sigma = lap::solve_max(&gain_matrix, problem.groups());
-    apply_cycles(problem, perm, values, movers, &sigma)
+/// score, among the groups `ids`. `movers[g]` is the slot of group g that moves. Applies
+/// every cycle of the optimal assignment whose exactly recomputed gain is positive;
+/// returns the total gain.
+pub fn step(
+    problem: &Problem,
+    perm: &mut [u32],
+    values: &mut [f64],
+    movers: &[usize],
+    ids: &[usize],
+) -> f64 {
+    let gain_matrix = value_matrix(problem, perm, movers, ids);
+    let sigma = lap::solve_max(&gain_matrix, ids.len());
+    apply_cycles(problem, perm, values, movers, ids, &sigma)
 }
 
-/// The `groups x groups` matrix `sum_r max(0, x_h[r] - t_g[r])`: the value of giving
-/// group g the mover of group h, less a constant per g (which no assignment can change).
-pub fn value_matrix(problem: &Problem, perm: &[u32], movers: &[usize]) -> Vec<f32> {
+/// The `ids.len()` square matrix `sum_r max(0, x_h[r] - t_g[r])` over groups `ids`: the
+/// value of giving group g the mover of group h, less a constant per g (which no
+/// assignment can change).
+pub fn value_matrix(problem: &Problem, perm: &[u32], movers: &[usize], ids: &[usize]) -> Vec<f32> {
     let (rows, m, n) = (problem.rows(), problem.m(), problem.n());
-    let groups = problem.groups();
-    debug_assert_eq!(movers.len(), groups);
-    let mut x = vec![0.0f32; groups * rows];
-    let mut t = vec![0.0f32; groups * rows];
+    let mut x = vec![0.0f32; ids.len() * rows];
+    let mut t = vec![0.0f32; ids.len() * rows];
     x.par_chunks_mut(rows)
         .zip(t.par_chunks_mut(rows))
-        .enumerate()
-        .for_each(|(g, (x_g, t_g))| {
+        .zip(ids.par_iter())
+        .for_each(|((x_g, t_g), &g)| {
             let members = &perm[g * m..(g + 1) * m];
             x_g.copy_from_slice(problem.column(members[movers[g]]));
             let rest: Vec<&[f32]> = (0..m)
@@ -45,17 +51,18 @@ pub fn value_matrix(problem: &Problem, perm: &[u32], movers: &[usize]) -> Vec<f3
     relu_sum(&t, &x, rows)
 }
 
-/// Applies each cycle of `sigma` (group g receives the mover of group `sigma[g]`) whose
-/// exact gain is positive.
+/// Applies each cycle of `sigma` (group `ids[i]` receives the mover of group
+/// `ids[sigma[i]]`) whose exact gain is positive.
 fn apply_cycles(
     problem: &Problem,
     perm: &mut [u32],
     values: &mut [f64],
     movers: &[usize],
+    ids: &[usize],
     sigma: &[usize],
 ) -> f64 {
     let m = problem.m();
-    let mover_col = |g: usize, perm: &[u32]| perm[g * m + movers[g]];
+    let mover_col = |i: usize, perm: &[u32]| perm[ids[i] * m + movers[ids[i]]];
     let mut seen = vec![false; sigma.len()];
     let mut total_gain = 0.0;
     for start in 0..sigma.len() {
@@ -63,25 +70,27 @@ fn apply_cycles(
             continue;
         }
         let mut cycle = Vec::new();
-        let mut g = start;
-        while !seen[g] {
-            seen[g] = true;
-            cycle.push(g);
-            g = sigma[g];
+        let mut i = start;
+        while !seen[i] {
+            seen[i] = true;
+            cycle.push(i);
+            i = sigma[i];
         }
         let updated: Vec<(Vec<u32>, f64)> = cycle
             .par_iter()
-            .map(|&g| {
+            .map(|&i| {
+                let g = ids[i];
                 let mut members = perm[g * m..(g + 1) * m].to_vec();
-                members[movers[g]] = mover_col(sigma[g], perm);
+                members[movers[g]] = mover_col(sigma[i], perm);
                 let value = problem.group_value(&members);
                 (members, value)
             })
             .collect();
-        let old: f64 = cycle.iter().map(|&g| values[g]).sum();
+        let old: f64 = cycle.iter().map(|&i| values[ids[i]]).sum();
         let new: f64 = updated.iter().map(|(_, v)| v).sum();
         if new - old > NOISE * old.abs().max(f64::MIN_POSITIVE) {
-            for (&g, (members, value)) in cycle.iter().zip(updated) {
+            for (&i, (members, value)) in cycle.iter().zip(updated) {
+                let g = ids[i];
                 perm[g * m..(g + 1) * m].copy_from_slice(&members);
                 values[g] = value;
             }
@@ -107,7 +116,8 @@ mod tests {
         let mut values = p.group_values(&perm);
         for slot in 0..4 {
             let before = p.retained(&perm);
-            let gain = step(&p, &mut perm, &mut values, &vec![slot; cols / 4]);
+            let all: Vec<usize> = (0..cols / 4).collect();
+            let gain = step(&p, &mut perm, &mut values, &vec![slot; cols / 4], &all);
             let after = p.retained(&perm);
             assert!(gain >= 0.0 && (after - before - gain).abs() < 1e-6);
             let mut sorted = perm.clone();

@@ -1,6 +1,11 @@
-//! The permutation search: RIA's heuristic, then slot-LSA descent until no gain, then
-//! (where the problem is small enough to afford it) exhaustive pair repartitions and an
-//! iterated local search over independent chains, keeping the best.
+//! The permutation search, in stages:
+//! 1. RIA's snake heuristic (kept only if it beats the identity);
+//! 2. block phase: slot-LSA steps on random blocks of `block_groups` groups (the first
+//!    sweep moves slots 0..m, as the reference does, then random movers) until
+//!    `patience` steps in a row gain less than `tolerance` of the gap;
+//! 3. global phase: up to `global_steps` slot-LSA steps over all groups at once;
+//! 4. on matrices small enough to afford them: exhaustive pair repartitions and tabu
+//!    search over swaps on independent chains, then stages 3-4's polish again.
 //!
 //! Every stage is deterministic for a fixed seed whatever the thread count: chains have
 //! their own seeded generators, their number does not depend on the thread pool, and
@@ -10,6 +15,7 @@
 use super::problem::Problem;
 use super::tabu::Tabu;
 use super::{heuristic, lsa, polish};
+use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use rayon::prelude::*;
@@ -26,8 +32,13 @@ pub struct Options {
     pub tolerance: f64,
     /// Consecutive steps without progress that end a descent.
     pub patience: usize,
-    /// Cap on slot-LSA steps in the main descent.
+    /// Cap on slot-LSA steps in the block phase.
     pub max_steps: usize,
+    /// Groups per assignment in the block phase (random blocks each step): many cheap
+    /// small assignments make faster progress than few large ones.
+    pub block_groups: usize,
+    /// Cap on slot-LSA steps over all groups at once, after the block phase.
+    pub global_steps: usize,
     /// Tabu steps per chain; `None` sizes them from the problem (none for large
     /// matrices, where slot-LSA is the better use of time).
     pub tabu_steps: Option<usize>,
@@ -46,6 +57,8 @@ impl Default for Options {
             tolerance: 1e-4,
             patience: 8,
             max_steps: 400,
+            block_groups: 64,
+            global_steps: 8,
             tabu_steps: None,
             tabu_tenure: None,
             chains: 8,
@@ -158,6 +171,16 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
         options.patience,
         options.max_steps,
         true,
+        options.block_groups.max(2),
+    );
+    // The global phase: every group in one assignment, for the moves blocks cannot make.
+    lsa_steps += descent.run(
+        &mut state,
+        &mut rng,
+        options.patience,
+        options.global_steps,
+        false,
+        groups,
     );
 
     let pair_work = polish_pass_work(problem);
@@ -198,8 +221,9 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
         &mut state,
         &mut rng,
         options.patience,
-        options.max_steps,
+        options.global_steps,
         false,
+        groups,
     );
     if polish {
         descent.polish_pairs(&mut state);
@@ -251,9 +275,11 @@ impl Descent<'_> {
         self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
-    /// Slot-LSA steps until `patience` steps in a row make no progress. With
-    /// `sweep_first`, the first `m` steps move slots 0..m (the reference's sweep); later
-    /// steps pick a random mover in every group. Returns the number of steps.
+    /// Slot-LSA steps until `patience` steps in a row make no progress or `max_steps`.
+    /// With `sweep_first`, the first `m` steps move slots 0..m (the reference's sweep);
+    /// later steps pick a random mover in every group. Each step solves one assignment per
+    /// block of `block` groups (random blocks after the sweep; `block >= groups`: one
+    /// assignment over all groups). Returns the number of steps.
     fn run(
         &self,
         state: &mut State,
@@ -261,6 +287,7 @@ impl Descent<'_> {
         patience: usize,
         max_steps: usize,
         sweep_first: bool,
+        block: usize,
     ) -> usize {
         let (m, groups) = (self.problem.m(), self.problem.groups());
         let (mut steps, mut stale) = (0, 0);
@@ -270,7 +297,20 @@ impl Descent<'_> {
             } else {
                 (0..groups).map(|_| rng.random_range(0..m)).collect()
             };
-            let gain = lsa::step(self.problem, &mut state.perm, &mut state.values, &movers);
+            let mut ids: Vec<usize> = (0..groups).collect();
+            if block < groups && !(sweep_first && steps < m) {
+                ids.shuffle(rng);
+            }
+            let mut gain = 0.0;
+            for chunk in ids.chunks(block) {
+                gain += lsa::step(
+                    self.problem,
+                    &mut state.perm,
+                    &mut state.values,
+                    &movers,
+                    chunk,
+                );
+            }
             stale = if gain > self.min_gain { 0 } else { stale + 1 };
             steps += 1;
         }
