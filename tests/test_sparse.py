@@ -24,10 +24,11 @@ from ria.sparse import (
     count_24_violations,
     find_linears,
     pack_24,
+    sparse24_linear,
     sparsify,
     unpack_24,
 )
-from ria.sparse.format import unpack_indices
+from ria.sparse.format import Compact24, cslt_nibble_index, to_cslt_layout, unpack_indices
 from ria.sparse.sparsify import LayerReport
 
 CUDA = torch.cuda.is_available()
@@ -97,6 +98,27 @@ def test_index_encoding():
     assert c.meta[0, 1].item() < 0
     assert c.values[0, :4].tolist() == [1.0, 5.0, 2.0, 3.0]
     assert c.values[0, 30:32].tolist() == [6.0, 8.0]
+
+
+def test_cslt_layout_order():
+    """The nibble order measured in cuSPARSELt 0.8's compressed buffers on an H200: 16x8-group
+    tiles, rows r and r + 8 interleaved, tiles down 64-row blocks, then along K."""
+    n, k = 128, 256
+    word, shift = cslt_nibble_index(n, k)
+    q = word * 8 + shift // 4  # nibble position in the metadata region
+    for r in range(16):
+        for g in range(8):
+            assert q[r, g] == 16 * (r % 8) + 4 * (g % 4) + (r // 8) + 2 * (g // 4)
+    assert q[16, 0] == 128 and q[0, 8] == 4 * 128 and q[64, 0] == 4 * 128 * (k // 32)
+    assert sorted(q.reshape(-1).tolist()) == list(range(n * k // 4))  # a permutation
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (128, 256), (32, 64), (192, 96)])
+def test_cslt_layout_round_trip(shape):
+    w = random_24(*shape)
+    c = pack_24(w)
+    tiled = Compact24(c.values, to_cslt_layout(c), shape[1], layout="cslt")
+    assert torch.equal(unpack_24(tiled), w)
 
 
 def test_rejects_non_24():
@@ -195,7 +217,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     import itertools
     import torch
     from ria.sparse import triton_gemv as tg
-    from ria.sparse.format import pack_24
+    from ria.sparse.format import pack_24, to_cslt_layout
     from ria.sparse.triton_gemv import sparse24_linear
     from test_sparse import random_24
     torch.manual_seed(0)
@@ -217,6 +239,11 @@ _INTERPRET_SCRIPT = textwrap.dedent(
             ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
             err = float((y.double() - ref).norm() / ref.norm())
             assert y.shape == (m, n) and err < 1e-2, (dtype, n, k, m, err)
+        if k % 32 == 0:  # indices in cuSPARSELt's order, as when read from its buffer
+            y3 = sparse24_linear(
+                x, None, values=c.values, meta=to_cslt_layout(c), in_features=k, layout="cslt"
+            )
+            assert torch.equal(y3, sparse24_linear(x, c)), (n, k, m, "cslt layout")
         # values read through a strided view, as when shared with cuSPARSELt's buffer
         wide = torch.zeros(n, c.values.shape[1] + 8, dtype=dtype)
         wide[:, : c.values.shape[1]] = c.values
@@ -276,16 +303,27 @@ def test_sparse_linear_matches_masked_dense(backend, dtype, bias):
 
 
 @needs_cuda
-def test_cslt_values_region_is_shared_when_layout_matches():
+@pytest.mark.parametrize("shape", [(256, 512), (4096, 1376), (96, 128)])
+def test_decode_kernel_reads_cuslt_buffer(shape):
+    """Values and indices come straight from cuSPARSELt's compressed buffer (no copy)."""
     from ria.sparse.cslt import cslt_compress
-    from ria.sparse.sparsify import _Forms, _share_values
+    from ria.sparse.sparsify import _Forms, _share_with_cslt
 
-    w = random_24(256, 512, device="cuda", seed=3)
+    w = random_24(*shape, device="cuda", seed=3)
     f = _Forms(weight=w, bias=None, packed=cslt_compress(w), compact=pack_24(w))
-    c = _share_values(f)
-    shared = c.values.untyped_storage().data_ptr() == f.packed.untyped_storage().data_ptr()
-    print(f"cuSPARSELt values region shared: {shared}")
+    c = _share_with_cslt(f)
+    assert c.values.untyped_storage().data_ptr() == f.packed.untyped_storage().data_ptr()
+    print(f"{shape}: cuSPARSELt indices shared: {c.layout == 'cslt'}")
+    if shape[0] % 64 == 0:
+        assert (
+            c.layout == "cslt"
+            and c.meta.untyped_storage().data_ptr() == c.values.untyped_storage().data_ptr()
+        )
     torch.testing.assert_close(unpack_24(c), w, rtol=0, atol=0)
+    for m in (1, 5, 16, 64):
+        x = torch.randn(m, shape[1], dtype=w.dtype, device="cuda")
+        ref = x.float() @ w.float().t()
+        assert _rel_err(sparse24_linear(x, c), ref) < 1e-2
 
 
 @needs_cuda

@@ -74,6 +74,13 @@ def cslt_values_view(packed: torch.Tensor, out_features: int, in_features: int) 
     return packed.reshape(-1)[:count].view(out_features, in_features // 2)
 
 
+def cslt_meta_view(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The metadata region of a compressed weight as a 1-D int32 view (no copy); its order
+    is `format.cslt_nibble_index` (checked per layer before use)."""
+    count = out_features * in_features // 2
+    return packed.reshape(-1)[count:].view(torch.int32)
+
+
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     m = x.shape[0]
     pad = (-m) % M_ALIGN

@@ -12,6 +12,11 @@ A 2:4 weight `W` (`out_features x in_features` = `N x K`, as in `nn.Linear`) kee
 fewer than 2 nonzeros keeps its nonzeros plus its lowest zero columns, so every group has
 exactly two distinct indices. Bytes per weight: 1 value (2 B) per 2 columns + 4 bits per
 4 columns = 9/16 of dense fp16/bf16 (56.25%).
+
+cuSPARSELt's compressed buffer (measured with cuSPARSELt 0.8 on sm90, checked per layer at
+conversion) holds the same values row-major, then the same nibbles in a tiled order
+(layout "cslt", see `cslt_nibble_index`), so the decode kernel can read a layer's
+cuSPARSELt buffer directly and the layer needs no second copy of its weight.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ __all__ = [
     "Compact24",
     "check_24",
     "count_24_violations",
+    "cslt_nibble_index",
+    "nibbles",
     "pack_24",
+    "to_cslt_layout",
     "unpack_24",
 ]
 
@@ -48,6 +56,7 @@ class Compact24:
     values: torch.Tensor
     meta: torch.Tensor
     in_features: int
+    layout: str = "rows"  # "rows": (N, Kp/32) words as above; "cslt": 1-D, cuSPARSELt order
 
     @property
     def out_features(self) -> int:
@@ -115,6 +124,37 @@ def pack_24(weight: torch.Tensor) -> Compact24:
     return Compact24(values=values, meta=words.to(torch.int32).contiguous(), in_features=k)
 
 
+def cslt_nibble_index(n: int, k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where cuSPARSELt keeps the nibble of (row r, group g): int32 word index and bit shift,
+    both `(N, K/4)`, for `N % 64 == 0` (or < 64) and `K % 32 == 0`.
+
+    Tiles of 16 rows x 8 groups take 128 nibbles (rows r and r + 8 share each 16-bit word:
+    nibble j = (r % 16) // 8 + 2 * ((g % 8) // 4) of word 4 * (r % 8) + g % 4); tiles run
+    down 64-row blocks, then along K, then to the next 64-row block.
+    """
+    r = torch.arange(n, device=device)[:, None]
+    g = torch.arange(k // GROUP, device=device)[None, :]
+    col_tiles = k // COLS_PER_WORD
+    word = 16 * ((r // 64) * 4 * col_tiles + (r % 64) // 16) + 2 * (r % 8)
+    word = word + 64 * (g // 8) + (g % 4) // 2
+    shift = 16 * (g % 2) + 4 * ((r % 16) // 8) + 8 * ((g % 8) // 4)
+    return word, shift
+
+
+def nibbles(compact: Compact24) -> torch.Tensor:
+    """`(N, Kp/4)` int64 nibbles `i0 | i1 << 2` of a compact weight (either layout)."""
+    n, half = compact.values.shape
+    if compact.layout == "cslt":
+        word, shift = cslt_nibble_index(n, half * 2, compact.meta.device)
+        return ((compact.meta.to(torch.int64) & 0xFFFFFFFF)[word] >> shift) & 0xF
+    if compact.layout != "rows":
+        raise ValueError(f"unknown metadata layout {compact.layout!r}")
+    meta = compact.meta
+    shifts = torch.arange(0, 32, 4, device=meta.device, dtype=torch.int64)
+    nibble = ((meta.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & 0xF
+    return nibble.reshape(n, -1)[:, : half // KEEP]
+
+
 def unpack_indices(meta: torch.Tensor) -> torch.Tensor:
     """`(N, Kp/4, 2)` int64 in-group column indices (0..3) from `(N, Kp/32)` int32 words."""
     n, words = meta.shape
@@ -124,11 +164,24 @@ def unpack_indices(meta: torch.Tensor) -> torch.Tensor:
     return torch.stack((nibble & 3, nibble >> 2), dim=-1)
 
 
+def to_cslt_layout(compact: Compact24) -> torch.Tensor:
+    """The 1-D int32 metadata of `compact` rearranged into cuSPARSELt's order."""
+    n, half = compact.values.shape
+    k = half * 2
+    word, shift = cslt_nibble_index(n, k, compact.meta.device)
+    size = 16 * 4 * (k // COLS_PER_WORD) * (-(-n // 64))
+    out = torch.zeros(size, dtype=torch.int64, device=compact.meta.device)
+    out.index_add_(0, word.reshape(-1), (nibbles(compact) << shift).reshape(-1))
+    out = torch.where(out >= 2**31, out - 2**32, out)
+    return out.to(torch.int32)
+
+
 def unpack_24(compact: Compact24) -> torch.Tensor:
     """The dense `(N, K)` weight a `Compact24` stands for (exact inverse of `pack_24`)."""
-    values, meta = compact.values, compact.meta
+    values = compact.values
     n, half = values.shape
-    idx = unpack_indices(meta)
+    nib = nibbles(compact)
+    idx = torch.stack((nib & 3, nib >> 2), dim=-1)
     dense = torch.zeros(n, half // KEEP, GROUP, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, idx, values.reshape(n, half // KEEP, KEEP))
     return dense.reshape(n, half * KEEP)[:, : compact.in_features]

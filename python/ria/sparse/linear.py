@@ -3,7 +3,8 @@ measured fastest for its shape: dense cuBLAS, cuSPARSELt, or the compact-format 
 
 It keeps only the weight forms its plan uses: cuSPARSELt's compressed buffer, the compact
 format (values + 2-bit indices; the values are shared with cuSPARSELt's buffer when its
-layout allows), and the dense weight only where dense won a token-count bucket.
+layout allows, and so are its 2-bit indices: a layer using both kernels then holds no
+second copy), and the dense weight only where dense won a token-count bucket.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Sparse24Linear(nn.Module):
         keep_compact = TRITON in used and compact is not None
         self.register_buffer("values", compact.values if keep_compact else None, persistent=False)
         self.register_buffer("meta", compact.meta if keep_compact else None, persistent=False)
+        self.meta_layout = compact.layout if keep_compact else "rows"
         self.register_buffer("weight", weight if DENSE in used else None, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self._by_m: dict[int, Choice] = {}
@@ -103,7 +105,13 @@ class Sparse24Linear(nn.Module):
         choice = self.choice_for(x.shape[0])
         if choice.backend == TRITON:
             return sparse24_linear(
-                x, None, self.bias, values=self.values, meta=self.meta, in_features=self.in_features
+                x,
+                None,
+                self.bias,
+                values=self.values,
+                meta=self.meta,
+                in_features=self.in_features,
+                layout=self.meta_layout,
             )
         if choice.backend == CUSPARSELT:
             return cslt_linear(x, self.packed, self.bias, choice.cslt or CsltConfig())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -21,11 +21,12 @@ from .cslt import (
     cslt_best_config,
     cslt_compress,
     cslt_linear,
+    cslt_meta_view,
     cslt_shape_status,
     cslt_status,
     cslt_values_view,
 )
-from .format import Compact24, check_24, pack_24, tensor_bytes
+from .format import COLS_PER_WORD, Compact24, check_24, nibbles, pack_24, tensor_bytes
 from .graphs import time_call
 from .linear import BACKENDS, CUSPARSELT, DENSE, TRITON, Choice, Sparse24Linear
 from .triton_gemv import MAX_M, sparse24_linear, triton_status
@@ -244,15 +245,22 @@ def _build_forms(mod: nn.Linear, need: set[str]) -> _Forms:
     return f
 
 
-def _share_values(f: _Forms) -> Compact24 | None:
-    """The compact weight, reading its values from cuSPARSELt's buffer when they match."""
+def _share_with_cslt(f: _Forms) -> Compact24 | None:
+    """The compact weight, reading its values and its indices from cuSPARSELt's buffer when
+    their layouts there are the ones this runtime knows (checked on this layer's data)."""
     c = f.compact
     if c is None or f.packed is None or c.values.shape[1] * 2 != c.in_features:
         return c
-    view = cslt_values_view(f.packed, c.out_features, c.in_features)
-    if torch.equal(view, c.values):
-        return Compact24(values=view, meta=c.meta, in_features=c.in_features)
-    return c
+    n, k = c.out_features, c.in_features
+    values = cslt_values_view(f.packed, n, k)
+    if not torch.equal(values, c.values):
+        return c
+    shared = Compact24(values=values, meta=c.meta, in_features=k)
+    tiled = Compact24(values=values, meta=cslt_meta_view(f.packed, n, k), in_features=k)
+    tiled = replace(tiled, layout="cslt")
+    if k % COLS_PER_WORD == 0 and torch.equal(nibbles(tiled), nibbles(c)):
+        return tiled
+    return shared
 
 
 def _usable_backends(backend: str, allow_dense: bool) -> tuple[set[str], str | None]:
@@ -355,7 +363,7 @@ def sparsify(
             f = sample[i] if i < len(sample) else _build_forms(mod, used)
             if CUSPARSELT not in used:
                 f.packed = None
-            compact = _share_values(f) if TRITON in used else None
+            compact = _share_with_cslt(f) if TRITON in used else None
             new = Sparse24Linear(
                 k,
                 n,

@@ -50,12 +50,23 @@ def triton_status(device: torch.device | None = None) -> str | None:
 if triton is not None:
 
     @triton.jit
-    def _load_groups(v_rows, m_rows, k0, K, n_ok, G: tl.constexpr, MASK_K: tl.constexpr):
+    def _load_groups(
+        v_rows,
+        m_rows,
+        m_shift,
+        k0,
+        K,
+        n_ok,
+        G: tl.constexpr,
+        MASK_K: tl.constexpr,
+        META_CSLT: tl.constexpr,
+    ):
         """Kept values `v0, v1` and in-group columns `i0 < i1` of the G groups from column k0.
 
         All `(BLOCK_N, G)`. Values load as one contiguous `(BLOCK_N, 2G)` tile (16-byte
-        vectors); each group's metadata word is addressed per group (8 groups share a word,
-        so the compiler merges those loads).
+        vectors); metadata words are addressed per group (several groups share a word, so
+        the compiler merges those loads). `m_rows`/`m_shift`: per-row word pointer and bit
+        shift of the metadata layout (see `_meta_rows`).
         """
         rg = tl.arange(0, G)
         rv = tl.arange(0, 2 * G)
@@ -65,18 +76,34 @@ if triton is not None:
         else:
             v_ok = n_ok[:, None]
             w_ok = n_ok[:, None]
-        g0 = k0 // 4
+        g0 = k0 // 4  # a multiple of 8: rg % 8 is the group's place in its 32-column tile
         v = tl.load(v_rows + (2 * g0 + rv)[None, :], mask=v_ok, other=0.0)
         v0, v1 = tl.split(tl.reshape(v, (v.shape[0], G, 2)))
-        word = tl.load(m_rows + ((g0 + rg) // 8)[None, :], mask=w_ok, other=0)
-        nib = (word >> ((rg % 8) * 4)[None, :]) & 15
+        if META_CSLT:  # cuSPARSELt's tiled order (format.cslt_nibble_index)
+            gi = g0 + rg
+            word = tl.load(m_rows + (64 * (gi // 8) + (gi % 4) // 2)[None, :], mask=w_ok, other=0)
+            shift = (16 * (rg % 2) + 8 * ((rg % 8) // 4))[None, :] + m_shift
+        else:  # own layout: 8 nibbles per int32, row-major
+            word = tl.load(m_rows + ((g0 + rg) // 8)[None, :], mask=w_ok, other=0)
+            shift = ((rg % 8) * 4)[None, :] + m_shift
+        nib = (word >> shift) & 15
         return v0, v1, nib & 3, nib >> 2
+
+    @triton.jit
+    def _meta_rows(meta_ptr, rn, K, stride_mn, META_CSLT: tl.constexpr):
+        """Per-row metadata word pointer `(BLOCK_N, 1)` and bit shift `(BLOCK_N, 1)`."""
+        if META_CSLT:
+            tiles = K // 32
+            word = 16 * ((rn // 64) * 4 * tiles + (rn % 64) // 16) + 2 * (rn % 8)
+            return meta_ptr + word[:, None].to(tl.int64), (4 * ((rn % 16) // 8))[:, None]
+        return meta_ptr + rn[:, None].to(tl.int64) * stride_mn, (rn * 0)[:, None]
 
     @triton.jit
     def _gemv_step(
         acc,
         v_rows,
         m_rows,
+        m_shift,
         x_row,
         k0,
         K,
@@ -84,8 +111,9 @@ if triton is not None:
         G: tl.constexpr,
         MASK_K: tl.constexpr,
         X_VEC: tl.constexpr,
+        META_CSLT: tl.constexpr,
     ):
-        v0, v1, i0, i1 = _load_groups(v_rows, m_rows, k0, K, n_ok, G, MASK_K)
+        v0, v1, i0, i1 = _load_groups(v_rows, m_rows, m_shift, k0, K, n_ok, G, MASK_K, META_CSLT)
         rg = tl.arange(0, G)
         kk = k0 + 4 * rg
         if X_VEC:  # one contiguous load of the x tile, split into its 4 columns per group
@@ -121,6 +149,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         X_VEC: tl.constexpr,
+        META_CSLT: tl.constexpr = False,
     ):
         G: tl.constexpr = BLOCK_K // 4  # 2:4 groups per K tile
         pid_n = tl.program_id(0)
@@ -128,14 +157,18 @@ if triton is not None:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         v_rows = v_ptr + rn[:, None].to(tl.int64) * stride_vn
-        m_rows = meta_ptr + rn[:, None].to(tl.int64) * stride_mn
+        m_rows, m_shift = _meta_rows(meta_ptr, rn, K, stride_mn, META_CSLT)
         x_row = x_ptr + row * stride_xm
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         k_main = K - K % BLOCK_K
         for k0 in range(0, k_main, BLOCK_K):
-            acc = _gemv_step(acc, v_rows, m_rows, x_row, k0, K, n_ok, G, False, X_VEC)
+            acc = _gemv_step(
+                acc, v_rows, m_rows, m_shift, x_row, k0, K, n_ok, G, False, X_VEC, META_CSLT
+            )
         if k_main < K:
-            acc = _gemv_step(acc, v_rows, m_rows, x_row, k_main, K, n_ok, G, True, X_VEC)
+            acc = _gemv_step(
+                acc, v_rows, m_rows, m_shift, x_row, k_main, K, n_ok, G, True, X_VEC, META_CSLT
+            )
         out = tl.sum(acc, axis=1)
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -146,6 +179,7 @@ if triton is not None:
         acc,
         v_rows,
         m_rows,
+        m_shift,
         x_cols,
         k0,
         K,
@@ -154,8 +188,9 @@ if triton is not None:
         G: tl.constexpr,
         MASK_K: tl.constexpr,
         DENSE_TILE: tl.constexpr,
+        META_CSLT: tl.constexpr,
     ):
-        v0, v1, i0, i1 = _load_groups(v_rows, m_rows, k0, K, n_ok, G, MASK_K)
+        v0, v1, i0, i1 = _load_groups(v_rows, m_rows, m_shift, k0, K, n_ok, G, MASK_K, META_CSLT)
         zero = tl.zeros(v0.shape, dtype=v0.dtype)
         # Dense column p of every group: column 0 can only be slot 0, column 3 only slot 1.
         d0 = tl.where(i0 == 0, v0, zero)
@@ -196,6 +231,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DENSE_TILE: tl.constexpr,
+        META_CSLT: tl.constexpr = False,
     ):
         G: tl.constexpr = BLOCK_K // 4
         pid_n = tl.program_id(0)
@@ -205,14 +241,42 @@ if triton is not None:
         n_ok = rn < N
         m_ok = rm < M
         v_rows = v_ptr + rn[:, None].to(tl.int64) * stride_vn
-        m_rows = meta_ptr + rn[:, None].to(tl.int64) * stride_mn
+        m_rows, m_shift = _meta_rows(meta_ptr, rn, K, stride_mn, META_CSLT)
         x_cols = x_ptr + rm[None, :].to(tl.int64) * stride_xm  # (1, BLOCK_M): x^T tiles
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         k_main = K - K % BLOCK_K
         for k0 in range(0, k_main, BLOCK_K):
-            acc = _mm_step(acc, v_rows, m_rows, x_cols, k0, K, n_ok, m_ok, G, False, DENSE_TILE)
+            acc = _mm_step(
+                acc,
+                v_rows,
+                m_rows,
+                m_shift,
+                x_cols,
+                k0,
+                K,
+                n_ok,
+                m_ok,
+                G,
+                False,
+                DENSE_TILE,
+                META_CSLT,
+            )
         if k_main < K:
-            acc = _mm_step(acc, v_rows, m_rows, x_cols, k_main, K, n_ok, m_ok, G, True, DENSE_TILE)
+            acc = _mm_step(
+                acc,
+                v_rows,
+                m_rows,
+                m_shift,
+                x_cols,
+                k_main,
+                K,
+                n_ok,
+                m_ok,
+                G,
+                True,
+                DENSE_TILE,
+                META_CSLT,
+            )
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         y = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
@@ -271,22 +335,28 @@ def sparse24_linear(
     values: torch.Tensor | None = None,
     meta: torch.Tensor | None = None,
     in_features: int | None = None,
+    layout: str = "rows",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ W.T + bias` for `x` `(M, K)` (contiguous rows) and a compact 2:4 weight.
 
     The weight comes as a `Compact24` or as its parts (`values` may be any `(N, K/2)` view
-    with unit column stride, e.g. the values region of cuSPARSELt's compressed buffer).
-    Returns `(M, N)` in `x`'s dtype, accumulated in fp32.
+    with unit column stride and `meta` either layout, e.g. both regions of cuSPARSELt's
+    compressed buffer with `layout="cslt"`). Returns `(M, N)` in `x`'s dtype, accumulated
+    in fp32.
     """
     if compact is not None:
-        values, meta, in_features = compact.values, compact.meta, compact.in_features
+        values, meta = compact.values, compact.meta
+        in_features, layout = compact.in_features, compact.layout
     assert values is not None and meta is not None and in_features is not None
     m, k = x.shape
     n = values.shape[0]
     if k != in_features:
         raise ValueError(f"x has {k} features, the weight {in_features}")
-    if meta.shape[1] * COLS_PER_WORD < k or values.stride(1) != 1:
+    cslt_meta = layout == "cslt"
+    if cslt_meta and k % COLS_PER_WORD:
+        raise ValueError("the cuSPARSELt metadata layout needs in_features % 32 == 0")
+    if values.stride(1) != 1 or (not cslt_meta and meta.shape[1] * COLS_PER_WORD < k):
         raise ValueError("values/meta do not cover the weight's columns")
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -296,6 +366,7 @@ def sparse24_linear(
     b = bias if has_bias else out  # unused pointer when there is no bias
     args = (x, values, meta, b, out)
     strides = (x.stride(0), values.stride(0), meta.stride(0), out.stride(0))
+    flags = {"HAS_BIAS": has_bias, "META_CSLT": cslt_meta}
     tuned = _AUTOTUNE and not _INTERPRET
     if m == 1:
         kernel = _gemv_tuned if tuned else _gemv_kernel
@@ -304,7 +375,7 @@ def sparse24_linear(
         def grid(meta_: dict) -> tuple[int, int]:
             return (triton.cdiv(n, meta_["BLOCK_N"]), m)
 
-        kernel[grid](*args, n, k, *strides, HAS_BIAS=has_bias, **params)
+        kernel[grid](*args, n, k, *strides, **flags, **params)
     else:
         block_m = _block_m(m)
         kernel = _mm_tuned if tuned else _mm_kernel
@@ -313,5 +384,5 @@ def sparse24_linear(
         def grid(meta_: dict) -> tuple[int, int]:
             return (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(m, block_m))
 
-        kernel[grid](*args, m, n, k, *strides, HAS_BIAS=has_bias, BLOCK_M=block_m, **params)
+        kernel[grid](*args, m, n, k, *strides, BLOCK_M=block_m, **flags, **params)
     return out
