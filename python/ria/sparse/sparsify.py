@@ -242,6 +242,7 @@ def _build_forms(mod: nn.Linear, need: set[str]) -> _Forms:
         f.packed = cslt_compress(f.weight)
     if TRITON in need:
         f.compact = pack_24(f.weight)
+        f.compact = _share_with_cslt(f)  # tune on the layout the layer will run
     return f
 
 
@@ -249,7 +250,12 @@ def _share_with_cslt(f: _Forms) -> Compact24 | None:
     """The compact weight, reading its values and its indices from cuSPARSELt's buffer when
     their layouts there are the ones this runtime knows (checked on this layer's data)."""
     c = f.compact
-    if c is None or f.packed is None or c.values.shape[1] * 2 != c.in_features:
+    if (
+        c is None
+        or f.packed is None
+        or c.layout == "cslt"
+        or c.values.shape[1] * 2 != c.in_features
+    ):
         return c
     n, k = c.out_features, c.in_features
     values = cslt_values_view(f.packed, n, k)
