@@ -298,7 +298,7 @@ fn search_permutation<'py>(
     }
     options.patience = patience.unwrap_or(options.patience);
     options.max_steps = max_steps.unwrap_or(options.max_steps);
-    options.block_groups = block_groups.unwrap_or(options.block_groups);
+    options.block_groups = block_groups.or(options.block_groups);
     options.global_steps = global_steps.unwrap_or(options.global_steps);
     options.tabu_steps = tabu_steps.or(options.tabu_steps);
     options.chains = chains.unwrap_or(options.chains);

@@ -159,7 +159,8 @@ def search_permutation(
         threads: worker threads (default: all cores).
         patience: block-phase steps in a row without progress that end it (default 8).
         max_steps: cap on block-phase steps (400).
-        block_groups: groups per assignment in the block phase (64).
+        block_groups: groups per assignment in the block phase (default: all groups when
+            one assignment over all is cheap, else as few as keep a step cheap, >= 64).
         global_steps: cap on steps over all groups at once, after the blocks (8).
         tabu_steps: tabu steps per chain (default: sized from the matrix, 0 for large).
         chains: independent tabu chains (8).

@@ -34,9 +34,11 @@ pub struct Options {
     pub patience: usize,
     /// Cap on slot-LSA steps in the block phase.
     pub max_steps: usize,
-    /// Groups per assignment in the block phase (random blocks each step): many cheap
-    /// small assignments make faster progress than few large ones.
-    pub block_groups: usize,
+    /// Groups per assignment in the block phase (random blocks each step): on large
+    /// matrices many cheap small assignments make faster progress than few large ones.
+    /// `None`: as many as keep one block's relu-sum work near `BLOCK_WORK` (all groups,
+    /// when that is cheap), at least 64.
+    pub block_groups: Option<usize>,
     /// Cap on slot-LSA steps over all groups at once, after the block phase.
     pub global_steps: usize,
     /// Tabu steps per chain; `None` sizes them from the problem (none for large
@@ -57,7 +59,7 @@ impl Default for Options {
             tolerance: 1e-4,
             patience: 8,
             max_steps: 400,
-            block_groups: 64,
+            block_groups: None,
             global_steps: 8,
             tabu_steps: None,
             tabu_tenure: None,
@@ -171,7 +173,10 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
         options.patience,
         options.max_steps,
         true,
-        options.block_groups.max(2),
+        options
+            .block_groups
+            .unwrap_or_else(|| auto_block(problem))
+            .max(2),
     );
     // The global phase: every group in one assignment, for the moves blocks cannot make.
     lsa_steps += descent.run(
@@ -229,6 +234,16 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
         descent.polish_pairs(&mut state);
     }
     outcome(&state, heuristic_value, lsa_steps, tabu_steps, false)
+}
+
+/// Relu-sum work (pair-rows) of one block's assignment that keeps a step cheap: 2^28,
+/// about 15 ms on two cores.
+const BLOCK_WORK: f64 = 268_435_456.0;
+
+fn auto_block(problem: &Problem) -> usize {
+    let groups = problem.groups();
+    let per_group = (groups * problem.rows()) as f64;
+    ((BLOCK_WORK / per_group) as usize).clamp(64.min(groups), groups)
 }
 
 /// Estimated work of one full pass of pair repartitions.
