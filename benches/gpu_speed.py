@@ -113,7 +113,7 @@ def bench_shape(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
         if m == 1:
             row["dense_GBps"] = n * k * 2 / row["dense_us"] / 1e3
             if "triton_us" in row:  # bytes the kernel reads: values + indices
-                row["triton_GBps"] = n * k * 9 / 16 / row["triton_us"] / 1e3
+                row["triton_GBps"] = n * k * 2 * 9 / 16 / row["triton_us"] / 1e3
                 row["triton_layout"] = compact[0].layout
         rows.append(row)
         log(msg)
