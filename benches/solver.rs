@@ -69,7 +69,13 @@ fn bench_lap(c: &mut Criterion) {
         let perm = heuristic::snake(&problem);
         let groups = problem.groups();
         let all: Vec<usize> = (0..groups).collect();
-        let value = lsa::value_matrix(&problem, &perm, &vec![0; groups], &all);
+        let value = lsa::value_matrix(
+            &problem,
+            &perm,
+            &vec![0; groups],
+            &all,
+            &mut lsa::Panels::default(),
+        );
         group.bench_function(BenchmarkId::new("auction (ours)", groups), |b| {
             b.iter(|| black_box(lap::solve_max(&value, groups)))
         });

@@ -39,7 +39,9 @@ pub struct Options {
     /// `None`: as many as keep one block's relu-sum work near `BLOCK_WORK` (all groups,
     /// when that is cheap), at least 64.
     pub block_groups: Option<usize>,
-    /// Cap on slot-LSA steps over all groups at once, after the block phase.
+    /// Cap on slot-LSA steps over all groups at once, after the block phase; fewer when
+    /// they would exceed `GLOBAL_WORK` (none on the largest matrices, where one step
+    /// would take minutes).
     pub global_steps: usize,
     /// Tabu steps per chain; `None` sizes them from the problem (none for large
     /// matrices, where slot-LSA is the better use of time).
@@ -179,11 +181,12 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
             .max(2),
     );
     // The global phase: every group in one assignment, for the moves blocks cannot make.
+    let global_steps = options.global_steps.min(affordable_global_steps(problem));
     lsa_steps += descent.run(
         &mut state,
         &mut rng,
         options.patience,
-        options.global_steps,
+        global_steps,
         false,
         groups,
     );
@@ -226,7 +229,7 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
         &mut state,
         &mut rng,
         options.patience,
-        options.global_steps,
+        global_steps,
         false,
         groups,
     );
@@ -239,6 +242,14 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
 /// Relu-sum work (pair-rows) of one block's assignment that keeps a step cheap: 2^28,
 /// about 15 ms on two cores.
 const BLOCK_WORK: f64 = 268_435_456.0;
+
+/// Relu-sum work allowed for the global phase: 2^35 pair-rows, about 2 s on two cores.
+const GLOBAL_WORK: f64 = 34_359_738_368.0;
+
+fn affordable_global_steps(problem: &Problem) -> usize {
+    let g = problem.groups() as f64;
+    (GLOBAL_WORK / (g * g * problem.rows() as f64)) as usize
+}
 
 fn auto_block(problem: &Problem) -> usize {
     let groups = problem.groups();
@@ -306,6 +317,9 @@ impl Descent<'_> {
     ) -> usize {
         let (m, groups) = (self.problem.m(), self.problem.groups());
         let (mut steps, mut stale) = (0, 0);
+        let mut panels: Vec<lsa::Panels> = (0..groups.div_ceil(block))
+            .map(|_| lsa::Panels::default())
+            .collect();
         while stale < patience && steps < max_steps && !self.expired() {
             let movers: Vec<usize> = if sweep_first && steps < m {
                 vec![steps; groups]
@@ -316,15 +330,25 @@ impl Descent<'_> {
             if block < groups && !(sweep_first && steps < m) {
                 ids.shuffle(rng);
             }
+            // Blocks hold disjoint groups: solve them in parallel, then apply in order.
+            let found: Vec<lsa::Moves> = ids
+                .par_chunks(block)
+                .zip(panels.par_iter_mut())
+                .map(|(chunk, scratch)| {
+                    lsa::step(
+                        self.problem,
+                        &state.perm,
+                        &state.values,
+                        &movers,
+                        chunk,
+                        scratch,
+                    )
+                })
+                .collect();
             let mut gain = 0.0;
-            for chunk in ids.chunks(block) {
-                gain += lsa::step(
-                    self.problem,
-                    &mut state.perm,
-                    &mut state.values,
-                    &movers,
-                    chunk,
-                );
+            for moves in found {
+                gain += moves.gain;
+                moves.apply(self.problem, &mut state.perm, &mut state.values);
             }
             stale = if gain > self.min_gain { 0 } else { stale + 1 };
             steps += 1;
