@@ -354,3 +354,23 @@ def test_generate_graphs_match_eager(backend):
     graphed = ria.sparse.generate(model, ids, 12, max_cache_len=32)
     assert torch.equal(graphed[:, :9], ids)
     assert (graphed[:, 9:] == eager).float().mean() > 0.9  # bf16 ties may flip a token
+
+
+@needs_cuda
+def test_sparsify_a_model_pruned_and_permuted_by_ria():
+    """The whole path: ria.prune (2:4, permuted: gathered norms, folded orders), then
+    sparsify; every decoder Linear converts and the logits match the pruned model's."""
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    ria.prune(
+        model, sparsity="2:4", method="magnitude", permute=True, calibration=None,
+        progress=False, permutation_options={"tabu_steps": 20},
+    )  # fmt: skip
+    ids = torch.randint(0, 512, (2, 24), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    report = sparsify(model, batch_sizes=[1, 16, 128])
+    assert report.applied, report.reason
+    assert len(report.converted) == 2 * 7
+    with torch.no_grad():
+        out = model(ids).logits.float()
+    assert _rel_err(out, ref) < 2e-2
