@@ -169,44 +169,50 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
         min_gain,
         deadline,
     };
+    let block = options
+        .block_groups
+        .unwrap_or_else(|| auto_block(problem))
+        .max(2);
     let mut lsa_steps = descent.run(
         &mut state,
         &mut rng,
         options.patience,
         options.max_steps,
         true,
-        options
-            .block_groups
-            .unwrap_or_else(|| auto_block(problem))
-            .max(2),
+        block,
     );
-    // The global phase: every group in one assignment, for the moves blocks cannot make.
     let global_steps = options.global_steps.min(affordable_global_steps(problem));
-    lsa_steps += descent.run(
-        &mut state,
-        &mut rng,
-        options.patience,
-        global_steps,
-        false,
-        groups,
-    );
-
-    let pair_work = polish_pass_work(problem);
-    let polish = pair_work <= POLISH_WORK;
-    if polish {
-        descent.polish_pairs(&mut state);
-    }
+    let polish = polish_pass_work(problem) <= POLISH_WORK;
+    lsa_steps += descent.finish(&mut state, &mut rng, options.patience, global_steps, polish);
 
     let steps = options
         .tabu_steps
         .unwrap_or_else(|| auto_tabu_steps(problem, options));
-    if steps == 0 || options.chains == 0 || descent.expired() {
-        return outcome(&state, heuristic_value, lsa_steps, 0, false);
+    let mut tabu_steps = 0;
+    if steps > 0 && options.chains > 0 && !descent.expired() {
+        let before = state.total();
+        tabu_steps = tabu_chains(problem, &mut state, options, steps, deadline);
+        if state.total() > before {
+            lsa_steps +=
+                descent.finish(&mut state, &mut rng, options.patience, global_steps, polish);
+        }
     }
+    outcome(&state, heuristic_value, lsa_steps, tabu_steps, false)
+}
+
+/// Independent tabu chains from `state` (seeded from `options.seed` and the chain index);
+/// keeps the best (ties to the lower chain index). Returns the steps taken in all chains.
+fn tabu_chains(
+    problem: &Problem,
+    state: &mut State,
+    options: &Options,
+    steps: usize,
+    deadline: Option<Instant>,
+) -> usize {
     let tenure = options
         .tabu_tenure
-        .unwrap_or_else(|| (groups / 2).clamp(4, 16));
-    let stall = (20 * cols).max(1000);
+        .unwrap_or_else(|| (problem.groups() / 2).clamp(4, 16));
+    let stall = (20 * problem.cols()).max(1000);
     let chains: Vec<(State, usize)> = (0..options.chains)
         .into_par_iter()
         .map(|chain| {
@@ -217,26 +223,14 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
             (State { perm, values }, taken)
         })
         .collect();
-    // Ties go to the lower chain index.
-    let mut tabu_steps = 0;
-    for (chain_state, taken) in chains {
-        tabu_steps += taken;
+    let mut taken = 0;
+    for (chain_state, chain_steps) in chains {
+        taken += chain_steps;
         if chain_state.total() > state.total() {
-            state = chain_state;
+            *state = chain_state;
         }
     }
-    lsa_steps += descent.run(
-        &mut state,
-        &mut rng,
-        options.patience,
-        global_steps,
-        false,
-        groups,
-    );
-    if polish {
-        descent.polish_pairs(&mut state);
-    }
-    outcome(&state, heuristic_value, lsa_steps, tabu_steps, false)
+    taken
 }
 
 /// Relu-sum work (pair-rows) of one block's assignment that keeps a step cheap: 2^28,
@@ -352,6 +346,24 @@ impl Descent<'_> {
             }
             stale = if gain > self.min_gain { 0 } else { stale + 1 };
             steps += 1;
+        }
+        steps
+    }
+
+    /// The global phase (slot-LSA over all groups at once, up to `global_steps`), then
+    /// pair repartitions when affordable. Returns the slot-LSA steps taken.
+    fn finish(
+        &self,
+        state: &mut State,
+        rng: &mut Pcg64Mcg,
+        patience: usize,
+        global_steps: usize,
+        polish: bool,
+    ) -> usize {
+        let groups = self.problem.groups();
+        let steps = self.run(state, rng, patience, global_steps, false, groups);
+        if polish {
+            self.polish_pairs(state);
         }
         steps
     }
