@@ -248,3 +248,24 @@ def test_unsupported_architecture_for_permutation(tokenizer):
         ValueError, match="channel permutation is not supported for model_type='mystery'"
     ):
         ria.prune(model, tokenizer, sparsity="2:4", permute=True, **CALIB)
+
+
+def test_a_dispatched_model_is_pruned_where_it_is(tokenizer, monkeypatch):
+    """With accelerate's `hf_device_map` set, no module is moved (each block runs on its
+    own device); the result is the same as for an undispatched model."""
+    plain, dispatched = tiny_model("llama"), tiny_model("llama")
+    dispatched.hf_device_map = {"": "cpu"}
+    moves = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moves.append(a) or self)
+    ria.prune(dispatched, tokenizer, sparsity="2:4", device="cuda", **CALIB)
+    assert moves == []
+    monkeypatch.undo()
+    ria.prune(plain, tokenizer, sparsity="2:4", device="cpu", **CALIB)
+    for a, b in zip(plain.state_dict().values(), dispatched.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_device_without_cuda_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        ria.prune(tiny_model("llama"), tokenizer, device="cuda", **CALIB)

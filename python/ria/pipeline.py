@@ -124,7 +124,7 @@ def prune(
         seed: calibration windows and permutation searches depend on it alone.
         device: where blocks run ("cuda" if available). A model on the CPU stays there
             and each block visits the device in turn; a model dispatched by accelerate
-            (`device_map`) is used where it is.
+            (`device_map`) is used where it is and `device` is ignored.
         batch_size: calibration windows per forward pass.
         permutation_options: extra arguments for `ria.search_permutation` (e.g.
             `{"max_steps": 8}` or `{"time_budget": 5.0}` to bound the search per matrix).
@@ -145,6 +145,9 @@ def prune(
     if per_row is None:
         per_row = method == "wanda"
     compute = torch.device(device) if device is not None else _default_device()
+    dispatched = bool(getattr(model, "hf_device_map", None))
+    if compute.type == "cuda" and not dispatched and not torch.cuda.is_available():
+        raise ValueError(f"device={str(compute)!r} but CUDA is not available here")
 
     settings = {
         "method": method,
@@ -159,7 +162,7 @@ def prune(
         "seed": seed,
     }
     report = PruneReport(settings)
-    timer = _StageTimer(report, compute)
+    timer = _StageTimer(report)
     needs_data = method != "magnitude" or reconstruct
     hessian = method == "sparsegpt" or reconstruct
     search_options = {"seed": seed, **(permutation_options or {})}
@@ -409,9 +412,8 @@ def _outside_blocks(module: nn.Module, block_ids: set[int]) -> list[nn.Module]:
 class _StageTimer:
     """Adds wall time per stage to the report (synchronising the GPU at boundaries)."""
 
-    def __init__(self, report: PruneReport, device: torch.device) -> None:
+    def __init__(self, report: PruneReport) -> None:
         self.report = report
-        self.cuda = device.type == "cuda"
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -419,7 +421,7 @@ class _StageTimer:
         try:
             yield
         finally:
-            if self.cuda:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.synchronize()
             seconds = self.report.stage_seconds
             seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
