@@ -8,6 +8,7 @@ pub mod error;
 pub mod lap;
 pub mod mask;
 pub mod matrix;
+mod parallel;
 pub mod permute;
 pub mod score;
 mod simd;

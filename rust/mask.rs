@@ -6,6 +6,7 @@
 
 use crate::error::{Result, bail};
 use crate::matrix::MatRef;
+use crate::parallel::for_each_row_mut;
 use rayon::prelude::*;
 
 /// Checks an N:M pattern against a matrix with `cols` input columns.
@@ -49,20 +50,18 @@ pub fn nm_mask(scores: MatRef<f32>, n: usize, m: usize) -> Result<Vec<bool>> {
     }
     scores.check_finite("scores")?;
     let mut mask = vec![false; scores.rows() * scores.cols()];
-    mask.par_chunks_mut(scores.cols())
-        .enumerate()
-        .for_each(|(r, mask_row)| {
-            for (group, keep) in scores
-                .row(r)
-                .chunks_exact(m)
-                .zip(mask_row.chunks_exact_mut(m))
-            {
-                let bits = group_keep_bits(group, n);
-                for (i, k) in keep.iter_mut().enumerate() {
-                    *k = bits >> i & 1 == 1;
-                }
+    for_each_row_mut(&mut mask, scores.cols(), |r, mask_row| {
+        for (group, keep) in scores
+            .row(r)
+            .chunks_exact(m)
+            .zip(mask_row.chunks_exact_mut(m))
+        {
+            let bits = group_keep_bits(group, n);
+            for (i, k) in keep.iter_mut().enumerate() {
+                *k = bits >> i & 1 == 1;
             }
-        });
+        }
+    });
     Ok(mask)
 }
 
@@ -110,9 +109,9 @@ pub fn unstructured_mask(scores: MatRef<f32>, prune: usize, per_row: bool) -> Re
     }
     if per_row {
         let mut mask = vec![true; scores.rows() * scores.cols()];
-        mask.par_chunks_mut(scores.cols())
-            .enumerate()
-            .for_each(|(r, mask_row)| prune_row(scores.row(r), prune, mask_row));
+        for_each_row_mut(&mut mask, scores.cols(), |r, mask_row| {
+            prune_row(scores.row(r), prune, mask_row)
+        });
         Ok(mask)
     } else {
         Ok(prune_global(scores.data(), prune))

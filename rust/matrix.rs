@@ -1,8 +1,8 @@
 //! Borrowed row-major matrices and the element types the core reads.
 
 use crate::error::{Result, bail};
+use crate::parallel::position_first;
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 /// An element that converts losslessly to `f32` (weights arrive as f32, f16 or bf16).
 pub trait Element: Copy + Send + Sync + 'static {
@@ -78,7 +78,7 @@ impl<'a, T: Element> MatRef<'a, T> {
     /// Fails on the first value that is not finite and non-negative.
     pub fn check_non_negative(&self, name: &str) -> Result<()> {
         self.check_finite(name)?;
-        let bad = self.data.par_iter().position_first(|v| v.to_f32() < 0.0);
+        let bad = position_first(self.data, |v| v.to_f32() < 0.0);
         if let Some(i) = bad {
             bail!(
                 "{name} must be >= 0, found {} at ({}, {})",
@@ -93,7 +93,7 @@ impl<'a, T: Element> MatRef<'a, T> {
 
 /// Fails on the first NaN or infinity of a row-major array with `cols` columns.
 pub fn check_finite<T: Element>(data: &[T], cols: usize, name: &str) -> Result<()> {
-    let bad = data.par_iter().position_first(|v| !v.to_f32().is_finite());
+    let bad = position_first(data, |v| !v.to_f32().is_finite());
     if let Some(i) = bad {
         let cols = cols.max(1);
         bail!(

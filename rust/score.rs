@@ -5,6 +5,7 @@
 
 use crate::error::{Result, bail};
 use crate::matrix::{Element, MatRef};
+use crate::parallel::for_each_row_mut;
 use rayon::prelude::*;
 
 /// Columns per parallel task when summing down columns.
@@ -34,15 +35,12 @@ pub fn ria<T: Element>(w: MatRef<T>, act_norm: Option<&[f32]>, alpha: f32) -> Re
     let col_inv: Vec<f32> = column_abs_sums(w).into_iter().map(reciprocal).collect();
 
     let mut out = vec![0.0f32; w.rows() * w.cols()];
-    out.par_chunks_mut(w.cols())
-        .zip(row_inv.par_iter())
-        .enumerate()
-        .for_each(|(r, (out_row, &ri))| {
-            for (((o, v), &ci), &p) in out_row.iter_mut().zip(w.row(r)).zip(&col_inv).zip(&act_pow)
-            {
-                *o = v.to_f32().abs() * (ci + ri) * p;
-            }
-        });
+    for_each_row_mut(&mut out, w.cols(), |r, out_row| {
+        let ri = row_inv[r];
+        for (((o, v), &ci), &p) in out_row.iter_mut().zip(w.row(r)).zip(&col_inv).zip(&act_pow) {
+            *o = v.to_f32().abs() * (ci + ri) * p;
+        }
+    });
     Ok(out)
 }
 
@@ -51,20 +49,24 @@ pub fn wanda<T: Element>(w: MatRef<T>, act_norm: &[f32]) -> Result<Vec<f32>> {
     w.check_finite("weight")?;
     check_act_norm(act_norm, w.cols())?;
     let mut out = vec![0.0f32; w.rows() * w.cols()];
-    out.par_chunks_mut(w.cols())
-        .enumerate()
-        .for_each(|(r, out_row)| {
-            for ((o, v), &a) in out_row.iter_mut().zip(w.row(r)).zip(act_norm) {
-                *o = v.to_f32().abs() * a;
-            }
-        });
+    for_each_row_mut(&mut out, w.cols(), |r, out_row| {
+        for ((o, v), &a) in out_row.iter_mut().zip(w.row(r)).zip(act_norm) {
+            *o = v.to_f32().abs() * a;
+        }
+    });
     Ok(out)
 }
 
 /// Magnitude: `S_ij = |W_ij|`.
 pub fn magnitude<T: Element>(w: MatRef<T>) -> Result<Vec<f32>> {
     w.check_finite("weight")?;
-    Ok(w.data().par_iter().map(|v| v.to_f32().abs()).collect())
+    let mut out = vec![0.0f32; w.rows() * w.cols()];
+    for_each_row_mut(&mut out, w.cols(), |r, out_row| {
+        for (o, v) in out_row.iter_mut().zip(w.row(r)) {
+            *o = v.to_f32().abs();
+        }
+    });
+    Ok(out)
 }
 
 fn check_act_norm(act_norm: &[f32], cols: usize) -> Result<()> {
