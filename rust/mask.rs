@@ -50,19 +50,47 @@ pub fn nm_mask(scores: MatRef<f32>, n: usize, m: usize) -> Result<Vec<bool>> {
     }
     scores.check_finite("scores")?;
     let mut mask = vec![false; scores.rows() * scores.cols()];
-    for_each_row_mut(&mut mask, scores.cols(), |r, mask_row| {
-        for (group, keep) in scores
-            .row(r)
-            .chunks_exact(m)
-            .zip(mask_row.chunks_exact_mut(m))
-        {
-            let bits = group_keep_bits(group, n);
-            for (i, k) in keep.iter_mut().enumerate() {
-                *k = bits >> i & 1 == 1;
-            }
-        }
-    });
+    let cols = scores.cols();
+    match m {
+        2 => for_each_row_mut(&mut mask, cols, |r, keep| {
+            keep_fixed::<2>(scores.row(r), n, keep)
+        }),
+        4 => for_each_row_mut(&mut mask, cols, |r, keep| {
+            keep_fixed::<4>(scores.row(r), n, keep)
+        }),
+        8 => for_each_row_mut(&mut mask, cols, |r, keep| {
+            keep_fixed::<8>(scores.row(r), n, keep)
+        }),
+        _ => for_each_row_mut(&mut mask, cols, |r, keep| {
+            keep_any(scores.row(r), n, m, keep)
+        }),
+    }
     Ok(mask)
+}
+
+/// Keep-mask of one row for a group size known at compile time: the rank of each value
+/// is counted branch-free (same order as `group_keep_bits`), which the compiler unrolls.
+#[inline]
+fn keep_fixed<const M: usize>(row: &[f32], n: usize, keep: &mut [bool]) {
+    for (group, keep) in row.chunks_exact(M).zip(keep.chunks_exact_mut(M)) {
+        let g: &[f32; M] = group.try_into().expect("chunks of M");
+        for i in 0..M {
+            let mut rank = 0usize;
+            for j in 0..M {
+                rank += usize::from(g[j] > g[i] || (g[j] == g[i] && j < i));
+            }
+            keep[i] = rank < n;
+        }
+    }
+}
+
+fn keep_any(row: &[f32], n: usize, m: usize, keep: &mut [bool]) {
+    for (group, keep) in row.chunks_exact(m).zip(keep.chunks_exact_mut(m)) {
+        let bits = group_keep_bits(group, n);
+        for (i, k) in keep.iter_mut().enumerate() {
+            *k = bits >> i & 1 == 1;
+        }
+    }
 }
 
 /// Sum of the scores an N:M mask keeps, in f64.
@@ -288,6 +316,21 @@ mod tests {
                     .fold(f64::MIN, f64::max);
                 assert_eq!(kept, best, "n={n} m={m} group={g:?}");
             }
+        }
+    }
+
+    #[test]
+    fn fixed_size_paths_agree_with_the_generic_one() {
+        for (n, m) in [(1, 2), (2, 4), (3, 4), (4, 8), (7, 8)] {
+            let row = lcg_values(m * 50, m as u64, 4);
+            let (mut fast, mut slow) = (vec![false; row.len()], vec![false; row.len()]);
+            match m {
+                2 => keep_fixed::<2>(&row, n, &mut fast),
+                4 => keep_fixed::<4>(&row, n, &mut fast),
+                _ => keep_fixed::<8>(&row, n, &mut fast),
+            }
+            keep_any(&row, n, m, &mut slow);
+            assert_eq!(fast, slow, "{n}:{m}");
         }
     }
 
