@@ -82,6 +82,19 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path, tokenizer, permuted):
     assert (tmp_path / "out" / "config.json").exists()
 
 
+def test_a_sparsified_model_is_not_saved(tmp_path, permuted):
+    from ria.sparse import Choice, Sparse24Linear
+
+    model, _ = permuted
+    linear = model.model.layers[0].mlp.down_proj
+    model.model.layers[0].mlp.down_proj = Sparse24Linear(
+        linear.in_features, linear.out_features, {1: Choice("dense")}, weight=linear.weight.data
+    )
+    with pytest.raises(ValueError, match=r"save it before ria\.sparsify"):
+        ria.save_pruned(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path, tokenizer):
     path = tmp_path / "tiny"

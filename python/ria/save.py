@@ -36,6 +36,13 @@ def save_pruned(
     """Saves model (+ tokenizer, + report) to `out_dir`; reloadable with plain
     `AutoModelForCausalLM.from_pretrained` (same function; `load_pruned` also restores
     the storage order the sparse kernels need)."""
+    from .sparse import Sparse24Linear
+
+    if any(isinstance(m, Sparse24Linear) for m in model.modules()):
+        raise ValueError(
+            "the model has been sparsified (its weights are in GPU kernel formats); "
+            "save it before ria.sparsify, and sparsify again after loading"
+        )
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
