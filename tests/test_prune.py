@@ -150,20 +150,16 @@ def test_sequential_calibration_sees_the_pruned_outputs(tokenizer, monkeypatch):
     assert not torch.allclose(block1_q, q_input_norm(dense), rtol=1e-3)
 
 
-def test_reconstruct_changes_kept_weights_and_keeps_the_mask(tokenizer):
-    a, b = tiny_model("llama"), tiny_model("llama")
-    ria.prune(a, tokenizer, sparsity="2:4", **CALIB)
-    ria.prune(b, tokenizer, sparsity="2:4", reconstruct=True, **CALIB)
-    for la, lb in zip(pruned_linears(a).values(), pruned_linears(b).values(), strict=True):
-        assert (
-            torch.equal(la.weight != 0, lb.weight != 0)
-            or (lb.weight == 0).sum() >= (la.weight == 0).sum()
-        )
+def test_reconstruct_updates_kept_weights_under_the_same_mask(tokenizer):
+    plain, updated = tiny_model("llama"), tiny_model("llama")
+    ria.prune(plain, tokenizer, sparsity="2:4", **CALIB)
+    ria.prune(updated, tokenizer, sparsity="2:4", reconstruct=True, **CALIB)
+    for name, lb in pruned_linears(updated).items():
         assert_nm(lb.weight, 2, 4)
-    assert any(
-        not torch.equal(la.weight, lb.weight)
-        for la, lb in zip(pruned_linears(a).values(), pruned_linears(b).values(), strict=True)
-    )
+        if ".layers.0." in name:  # same inputs, so the same RIA mask; only the values move
+            la = pruned_linears(plain)[name]
+            assert ((lb.weight != 0) <= (la.weight != 0)).all()
+            assert not torch.equal(la.weight, lb.weight)
 
 
 def test_config_records_the_settings(tokenizer):

@@ -29,7 +29,7 @@ from ria.sparse import (
     unpack_24,
 )
 from ria.sparse.format import Compact24, cslt_nibble_index, to_cslt_layout, unpack_indices
-from ria.sparse.sparsify import LayerReport
+from ria.sparse.sparsify import SparseLayerReport
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -44,13 +44,8 @@ def random_24(n: int, k: int, dtype=torch.bfloat16, device="cpu", seed: int = 0)
 
 
 def prune_model_24(model: nn.Module) -> nn.Module:
-    """Prune every linear layer but the output embedding to 2:4 by magnitude, in place."""
-    out_emb = model.get_output_embeddings()
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear) and mod is not out_emb:
-                keep = torch.from_numpy(ria.nm_mask(ria.magnitude_score(mod.weight), 2, 4))
-                mod.weight.mul_(keep.to(mod.weight.device))
+    """Prune every decoder Linear to 2:4 by magnitude (no data needed), in place."""
+    ria.prune(model, sparsity="2:4", method="magnitude", calibration=None, progress=False)
     return model
 
 
@@ -186,10 +181,12 @@ def test_sparse_linear_buckets_dense_on_cpu():
 
 
 def test_report_formatting():
-    lr = LayerReport("a.q", 32, 64, True, plan={1: "triton", 1024: "cusparselt"})
+    lr = SparseLayerReport("a.q", 32, 64, True, plan={1: "triton", 1024: "cusparselt"})
     lr.times_us = {1: {"dense": 10.0, "triton": 6.0}, 1024: {"dense": 30.0, "cusparselt": 20.0}}
     lr.dense_bytes, lr.sparse_bytes = 4096, 2304
-    skip = LayerReport("lm_head", 100, 64, False, reason="output embedding (lm_head) stays dense")
+    skip = SparseLayerReport(
+        "lm_head", 100, 64, False, reason="output embedding (lm_head) stays dense"
+    )
     rep = SparsifyReport(True, "", "auto", (1, 1024), [lr, skip])
     assert lr.speedup(1) == pytest.approx(10 / 6) and lr.speedup(1024) == pytest.approx(1.5)
     md = rep.markdown()

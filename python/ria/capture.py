@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,14 +96,12 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 class InputStats:
     """Statistics of one Linear input over all calibration tokens (fp32).
 
-    `sumsq[j]` is the sum of squares of channel j; `hessian` is `X^T X` (`(C, C)`), kept
-    only for the OBS (SparseGPT) update.
+    `sumsq[j]` is the sum of squares of channel j; `hessian` is `X^T X` (`(C, C)`),
+    collected only for the OBS (SparseGPT) update (None otherwise).
     """
 
     sumsq: torch.Tensor
     hessian: torch.Tensor | None = None
-    tokens: int = 0
-    _keep_hessian: bool = field(default=False, repr=False)
 
     @property
     def act_norm(self) -> torch.Tensor:
@@ -113,11 +111,17 @@ class InputStats:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.sumsq += (x * x).sum(dim=0)
-        if self._keep_hessian:
-            if self.hessian is None:
-                self.hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
-        self.tokens += x.shape[0]
+
+    def reordered(self, order: torch.Tensor) -> InputStats:
+        """The same statistics with input channels in `order` (new -> old)."""
+        idx = order.to(self.sumsq.device)
+        h = self.hessian
+        return InputStats(
+            self.sumsq.index_select(0, idx),
+            None if h is None else h.index_select(0, idx).index_select(1, idx),
+        )
 
 
 @contextmanager
@@ -131,8 +135,9 @@ def collecting_stats(
     handles = []
     for group in groups:
         first = block.get_submodule(group[0])
+        c, device = first.in_features, module_device(first)
         shared = InputStats(
-            torch.zeros(first.in_features, device=module_device(first)), _keep_hessian=hessian
+            torch.zeros(c, device=device), torch.zeros(c, c, device=device) if hessian else None
         )
         for name in group:
             stats[name] = shared

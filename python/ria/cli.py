@@ -186,6 +186,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _default_device() -> str:
-    import torch
+    from .pipeline import default_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(default_device())

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ria.capture import module_device
 from ria.data import TextSource, join_documents, load_documents
 
 __all__ = ["C4_DOCUMENTS", "C4_WINDOWS", "ZERO_SHOT_TASKS", "perplexity", "zero_shot"]
@@ -113,10 +114,11 @@ def perplexity(
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
     _check_vocab(model, windows)
 
-    device = _input_device(model)
+    device = module_device(model)
     was_training = model.training
     model.eval()
-    nll = torch.zeros((), dtype=torch.float64)
+    # Accumulated where the logits are and read once at the end: no host sync per window.
+    nll = torch.zeros((), dtype=torch.float64, device=device)
     try:
         with (
             torch.inference_mode(),
@@ -127,15 +129,11 @@ def perplexity(
                 logits = model(input_ids=batch, use_cache=False).logits
                 # One window at a time, so the fp32 copy of the logits stays one window big.
                 for row in range(batch.shape[0]):
-                    nll += (
-                        F.cross_entropy(
-                            logits[row, :-1].float(),
-                            batch[row, 1:].to(logits.device),
-                            reduction="sum",
-                        )
-                        .double()
-                        .cpu()
-                    )
+                    nll += F.cross_entropy(
+                        logits[row, :-1].float(),
+                        batch[row, 1:].to(logits.device),
+                        reduction="sum",
+                    ).to(nll.device, torch.float64)
                 del logits
                 bar.update(batch.shape[0])
     finally:
@@ -252,15 +250,6 @@ def _check_vocab(model: torch.nn.Module, windows: torch.Tensor) -> None:
         raise ValueError(
             f"token ids must lie in [0, {vocab}) (the model's vocabulary), got [{low}, {high}]"
         )
-
-
-def _input_device(model: torch.nn.Module) -> torch.device:
-    """Where inputs go: the device of the first parameter (the embedding, also when the
-    model is dispatched over several devices by accelerate)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import BlockSpec, Heads
+from .arch import BlockSpec, Heads, block_spec
 
 
 class ChannelGather(nn.Module):
@@ -76,6 +76,30 @@ def permute_rows(linear: nn.Linear, order: torch.Tensor) -> None:
         linear.bias.data = linear.bias.data.index_select(0, order)
 
 
+Orders = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+def linear_orders(spec: BlockSpec, heads: Heads, perm: BlockPermutation) -> dict[str, Orders]:
+    """For each Linear the permutation touches: its (output-row order, input-column order).
+    The one place that says which Linear carries which order."""
+    orders: dict[str, list[torch.Tensor | None]] = {}
+
+    def put(name: str, axis: int, order: torch.Tensor | None) -> None:
+        if order is not None:
+            orders.setdefault(name, [None, None])[axis] = order
+
+    for name in spec.attn_inputs:
+        put(name, 1, perm.attn)
+    if perm.o_heads is not None:
+        put(spec.v_proj, 0, v_proj_order(perm.o_heads, heads))
+        put(spec.o_proj, 1, o_proj_order(perm.o_heads, heads))
+    for name in spec.mlp_inputs:
+        put(name, 1, perm.mlp)
+        put(name, 0, perm.mlp_hidden)
+    put(spec.mlp_output, 1, perm.mlp_hidden)
+    return {name: (rows, cols) for name, (rows, cols) in orders.items()}
+
+
 def _wrap_norm(block: nn.Module, name: str, order: torch.Tensor) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = block.get_submodule(parent_name) if parent_name else block
@@ -88,21 +112,16 @@ def _wrap_norm(block: nn.Module, name: str, order: torch.Tensor) -> None:
 
 def apply_block(block: nn.Module, spec: BlockSpec, heads: Heads, perm: BlockPermutation) -> None:
     """Reorders one block's weights by `perm`; its outputs are unchanged (up to rounding)."""
+    for name, (rows, cols) in linear_orders(spec, heads, perm).items():
+        linear = block.get_submodule(name)
+        if rows is not None:
+            permute_rows(linear, rows)
+        if cols is not None:
+            permute_columns(linear, cols)
     if perm.attn is not None:
-        for name in spec.attn_inputs:
-            permute_columns(block.get_submodule(name), perm.attn)
         _wrap_norm(block, spec.attn_norm, perm.attn)
-    if perm.o_heads is not None:
-        permute_rows(block.get_submodule(spec.v_proj), v_proj_order(perm.o_heads, heads))
-        permute_columns(block.get_submodule(spec.o_proj), o_proj_order(perm.o_heads, heads))
     if perm.mlp is not None:
-        for name in spec.mlp_inputs:
-            permute_columns(block.get_submodule(name), perm.mlp)
         _wrap_norm(block, spec.mlp_norm, perm.mlp)
-    if perm.mlp_hidden is not None:
-        for name in spec.mlp_inputs:
-            permute_rows(block.get_submodule(name), perm.mlp_hidden)
-        permute_columns(block.get_submodule(spec.mlp_output), perm.mlp_hidden)
 
 
 def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -120,30 +139,24 @@ def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
         orders[path] = module.order.detach().cpu()
         for key in [k for k in state if k.startswith(f"{path}.norm.")]:
             state[f"{path}." + key[len(f"{path}.norm.") :]] = state.pop(key)
-    if not orders:
-        return state, orders
-    for path, order in orders.items():
-        inverse = torch.argsort(order)
-        for key in _readers_of(model, path):
+        inverse = torch.argsort(module.order)
+        block_path, _, norm_name = path.rpartition(".")
+        for name in _readers(model, norm_name):
+            key = f"{block_path}.{name}.weight"
             state[key] = state[key].index_select(1, inverse.to(state[key].device))
     return state, orders
 
 
-def _readers_of(model: nn.Module, norm_path: str) -> list[str]:
-    """Weight keys of the Linears fed by the norm at `norm_path` (from the adapter)."""
-    from .arch import block_spec, find_blocks
-
+def _readers(model: nn.Module, norm_name: str) -> tuple[str, ...]:
+    """The Linears (names within a block) fed by the block's norm `norm_name`."""
     spec = block_spec(model)
-    blocks_path, _ = find_blocks(model)
     if spec is None:
         raise ValueError("the model has gathered norms but no architecture adapter")
-    block_path, _, norm_name = norm_path.rpartition(".")
-    if not block_path.startswith(blocks_path):
-        raise ValueError(f"unexpected gathered norm {norm_path}")
-    readers = (
-        spec.attn_inputs if norm_name == spec.attn_norm.rpartition(".")[2] else spec.mlp_inputs
-    )
-    return [f"{block_path}.{name}.weight" for name in readers]
+    if norm_name == spec.attn_norm:
+        return spec.attn_inputs
+    if norm_name == spec.mlp_norm:
+        return spec.mlp_inputs
+    raise ValueError(f"{norm_name} is not a norm that channel permutation gathers")
 
 
 def restore_orders(model: nn.Module, orders: dict[str, torch.Tensor]) -> None:
@@ -151,7 +164,6 @@ def restore_orders(model: nn.Module, orders: dict[str, torch.Tensor]) -> None:
     for path, order in orders.items():
         block_path, _, norm_name = path.rpartition(".")
         block = model.get_submodule(block_path)
-        for key in _readers_of(model, path):
-            linear_name = key[len(block_path) + 1 : -len(".weight")]
-            permute_columns(block.get_submodule(linear_name), order)
+        for name in _readers(model, norm_name):
+            permute_columns(block.get_submodule(name), order)
         _wrap_norm(block, norm_name, order)

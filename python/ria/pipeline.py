@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -34,12 +34,12 @@ from .capture import (
     run_block,
 )
 from .core import magnitude_score, nm_mask, ria_score, unstructured_mask, wanda_score
-from .permute import BlockPermutation, apply_block, o_proj_order
+from .permute import apply_block, linear_orders
 from .report import LayerReport, PruneReport
 from .sparsegpt import obs_prune
 
 Method = Literal["ria", "wanda", "magnitude", "sparsegpt"]
-METHODS = ("ria", "wanda", "magnitude", "sparsegpt")
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def prune(
     _check_layers(blocks_path, blocks, target)
     if per_row is None:
         per_row = method == "wanda"
-    compute = torch.device(device) if device is not None else _default_device()
+    compute = torch.device(device) if device is not None else default_device()
     dispatched = bool(getattr(model, "hf_device_map", None))
     if compute.type == "cuda" and not dispatched and not torch.cuda.is_available():
         raise ValueError(f"device={str(compute)!r} but CUDA is not available here")
@@ -243,9 +243,12 @@ def _prune_block(
             heads = attention_heads(model)
             perm, searched = search_block(scores, spec, heads, target.n, target.m, search_options)
             apply_block(block, spec, heads, perm)
-            stats = _permute_stats(stats, spec, heads, perm)
-            linears = block_linears(block)
-            scores = {name: _score(linears[name], stats.get(name), method, alpha) for name in names}
+            # Scores and input statistics follow the weights into storage order.
+            orders = linear_orders(spec, heads, perm)
+            scores = {
+                name: _reorder(s, *orders.get(name, (None, None))) for name, s in scores.items()
+            }
+            stats = _reorder_stats(stats, orders)
 
     layers = []
     for name in names:
@@ -283,7 +286,7 @@ def _prune_block(
             LayerReport(
                 name=f"{prefix}.{name}",
                 shape=tuple(linear.weight.shape),
-                sparsity=float((linear.weight.data == 0).float().mean()),
+                sparsity=1.0 - int(torch.count_nonzero(linear.weight)) / linear.weight.numel(),
                 kept_score=float(score[keep].sum(dtype=np.float64)),
                 seconds=time.perf_counter() - t0,
                 permutation=permutation,
@@ -310,28 +313,29 @@ def _select(score: np.ndarray, target: Sparsity, per_row: bool) -> np.ndarray:
     return unstructured_mask(score, target.fraction, per_row=per_row)
 
 
-def _permute_stats(
-    stats: dict[str, InputStats], spec, heads, perm: BlockPermutation
+def _reorder(score: np.ndarray, rows: torch.Tensor | None, cols: torch.Tensor | None) -> np.ndarray:
+    """A score matrix in a permuted storage order (scores are equivariant to it)."""
+    if rows is not None:
+        score = score[rows.numpy()]
+    if cols is not None:
+        score = score[:, cols.numpy()]
+    return score
+
+
+def _reorder_stats(
+    stats: dict[str, InputStats], orders: dict[str, tuple[torch.Tensor | None, ...]]
 ) -> dict[str, InputStats]:
-    """Input statistics in the permuted channel order of each Linear's input."""
-    if not stats:
-        return stats
-    orders = {name: perm.attn for name in spec.attn_inputs}
-    orders.update({name: perm.mlp for name in spec.mlp_inputs})
-    orders[spec.mlp_output] = perm.mlp_hidden
-    if perm.o_heads is not None:
-        orders[spec.o_proj] = o_proj_order(perm.o_heads, heads)
+    """Input statistics in the permuted order of each Linear's input channels; Linears
+    that share an input (and an order) keep sharing one `InputStats`."""
     out: dict[str, InputStats] = {}
     done: dict[int, InputStats] = {}
     for name, s in stats.items():
-        order = orders.get(name)
-        if order is None:
+        cols = orders.get(name, (None, None))[1]
+        if cols is None:
             out[name] = s
             continue
         if id(s) not in done:
-            idx = order.to(s.sumsq.device)
-            h = None if s.hessian is None else s.hessian.index_select(0, idx).index_select(1, idx)
-            done[id(s)] = InputStats(s.sumsq.index_select(0, idx), h, s.tokens)
+            done[id(s)] = s.reordered(cols)
         out[name] = done[id(s)]
     return out
 
@@ -348,7 +352,8 @@ def _check_layers(blocks_path: str, blocks: nn.ModuleList, target: Sparsity) -> 
                 )
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

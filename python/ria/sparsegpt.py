@@ -70,7 +70,7 @@ def obs_prune(
                 group = (w1[:, i : i + m] / d[i : i + m]) ** 2
                 keep1[:, i : i + m] = _keep(nm_mask(group.cpu(), n, m), w.device)
             col = w1[:, i]
-            q = torch.where(keep1[:, i], col, torch.zeros_like(col))
+            q = col * keep1[:, i]
             e = (col - q) / d[i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             w1[:, i] = q

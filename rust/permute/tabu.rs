@@ -131,8 +131,8 @@ impl<'a> Tabu<'a> {
         let mut best = (self.perm.clone(), self.values.clone());
         let mut best_total = self.total();
         let mut best_step = 0;
-        let mut taken = 0;
-        for step in 0..steps {
+        let mut step = 0;
+        while step < steps {
             if step - best_step > stall
                 || (step % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d))
             {
@@ -159,7 +159,6 @@ impl<'a> Tabu<'a> {
                 }
             }
             let Some((_, a, b)) = choice else { break };
-            taken += 1;
             let (pa, pb) = (self.pos[a], self.pos[b]);
             let (ga, gb) = (pa / m, pb / m);
             self.perm.swap(pa, pb);
@@ -178,7 +177,8 @@ impl<'a> Tabu<'a> {
                 best_total = total;
                 best = (self.perm.clone(), self.values.clone());
             }
+            step += 1;
         }
-        (best.0, best.1, taken)
+        (best.0, best.1, step)
     }
 }

@@ -11,7 +11,7 @@ from .cslt import CsltConfig
 from .format import Compact24, check_24, count_24_violations, pack_24, unpack_24
 from .generate import StaticGenerator, generate
 from .linear import Choice, Sparse24Linear
-from .sparsify import DEFAULT_BATCH_SIZES, LayerReport, SparsifyReport, find_linears, sparsify
+from .sparsify import DEFAULT_BATCH_SIZES, SparseLayerReport, SparsifyReport, find_linears, sparsify
 from .triton_gemv import sparse24_linear
 
 __all__ = [
@@ -19,8 +19,8 @@ __all__ = [
     "Choice",
     "Compact24",
     "CsltConfig",
-    "LayerReport",
     "Sparse24Linear",
+    "SparseLayerReport",
     "SparsifyReport",
     "StaticGenerator",
     "check_24",

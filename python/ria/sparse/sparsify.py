@@ -36,7 +36,7 @@ HALF_TYPES = (torch.float16, torch.bfloat16)
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
-    "LayerReport",
+    "SparseLayerReport",
     "SparsifyReport",
     "find_linears",
     "sparsify",
@@ -44,7 +44,7 @@ __all__ = [
 
 
 @dataclass
-class LayerReport:
+class SparseLayerReport:
     """What `sparsify` did with one `nn.Linear`.
 
     `plan` maps a token-count bucket to the backend chosen; `times_us` holds, per bucket, the
@@ -78,15 +78,15 @@ class SparsifyReport:
     reason: str
     backend: str
     batch_sizes: tuple[int, ...]
-    layers: list[LayerReport] = field(default_factory=list)
+    layers: list[SparseLayerReport] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
-    def converted(self) -> list[LayerReport]:
+    def converted(self) -> list[SparseLayerReport]:
         return [lr for lr in self.layers if lr.converted]
 
     @property
-    def skipped(self) -> list[LayerReport]:
+    def skipped(self) -> list[SparseLayerReport]:
         return [lr for lr in self.layers if not lr.converted]
 
     @property
@@ -301,7 +301,7 @@ def _group_layers(
         if why is not None:
             if strict and why.startswith("not 2:4"):
                 raise ValueError(f"{name}: {why}")
-            report.layers.append(LayerReport(name, n, k, converted=False, reason=why))
+            report.layers.append(SparseLayerReport(name, n, k, converted=False, reason=why))
             continue
         key = (n, k, mod.weight.dtype, mod.bias is not None, str(mod.weight.device))
         groups.setdefault(key, []).append((name, mod))
@@ -358,7 +358,9 @@ def sparsify(
             shape_usable.discard(CUSPARSELT)
         if not shape_usable - {DENSE}:
             for name, _ in members:
-                report.layers.append(LayerReport(name, n, k, False, cslt_shape_status(n, k) or ""))
+                report.layers.append(
+                    SparseLayerReport(name, n, k, False, cslt_shape_status(n, k) or "")
+                )
             continue
         sample = [_build_forms(mod, shape_usable) for _, mod in members[:tune_layers]]
         plan, times = _tune_group(sample, buckets, backend, shape_usable, dense_margin, cslt_sweep)
@@ -381,7 +383,7 @@ def sparsify(
             )
             _set_module(model, name, new)
             report.layers.append(
-                LayerReport(
+                SparseLayerReport(
                     name,
                     n,
                     k,
