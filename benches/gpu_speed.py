@@ -28,9 +28,14 @@ import torch.nn.functional as F
 
 import ria
 from ria.sparse import StaticGenerator, pack_24, sparse24_linear, sparsify, triton_gemv
-from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, cslt_search
+from ria.sparse.cslt import (
+    cslt_best_config,
+    cslt_compress,
+    cslt_linear,
+    cslt_search,
+    share_cslt_buffer,
+)
 from ria.sparse.graphs import time_call, time_graph
-from ria.sparse.sparsify import _Forms, _share_with_cslt
 from ria.sparse.triton_gemv import MAX_M
 
 HIDDEN, INTER, HEADS, LAYERS, VOCAB = 4096, 11008, 32, 32, 32000
@@ -76,10 +81,7 @@ def bench_shape(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
     ws = distinct_copies(w0, copies, seed=n + k)
     packed = [cslt_compress(w) for w in ws]
     # The decode kernel reads values and indices from the cuSPARSELt buffer, as in the model.
-    compact = [
-        _share_with_cslt(_Forms(weight=w, bias=None, packed=p, compact=pack_24(w)))
-        for w, p in zip(ws, packed, strict=True)
-    ]
+    compact = [share_cslt_buffer(pack_24(w), p) for w, p in zip(ws, packed, strict=True)]
     log(f"gemm {name} {n}x{k}: {copies} copies ready in {time.perf_counter() - t0:.1f}s")
 
     def per_call(fn) -> float:
@@ -105,8 +107,7 @@ def bench_shape(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
         msg = f"  M={m:>5}: dense {row['dense_us']:8.1f} us  cslt {row['cslt_us']:8.1f} us"
         if m <= MAX_M:
             row["triton_us"] = per_call(lambda x=x: [sparse24_linear(x, c) for c in compact])
-            tuned = triton_gemv._gemv_tuned if m == 1 else triton_gemv._mm_tuned
-            row["triton_config"] = str(getattr(tuned, "best_config", None))
+            row["triton_config"] = str(triton_gemv.tuned_config(m))
             got = sparse24_linear(x, compact[0]).float()
             row["triton_rel_err"] = float((got - ref).norm() / ref.norm())
             msg += f"  triton {row['triton_us']:8.1f} us"

@@ -49,8 +49,8 @@ def apex() -> np.ndarray:
 
 def smollm2_scores() -> dict[str, np.ndarray]:
     """RIA scores of SmolLM2-135M's block 15, stacked like the pipeline's shared orders."""
-    from ria.calibration import calibration_windows
     from ria.demo import load_smollm2
+    from ria.pruning import calibration_windows
 
     model, tokenizer = load_smollm2()
     text = SHARED / "brown_calib.txt"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, sample_text, tiny_model
+from helpers import VOCAB, sample_text, tiny_model
 
 import ria.eval
 from ria.eval import perplexity, zero_shot

@@ -5,36 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from helpers import FAMILIES, FAST_SEARCH, assert_nm, logits, pruned_linears, tiny_model
 
 import ria
-from ria import pipeline
 from ria.arch import attention_heads, block_linears, block_spec, find_blocks
-from ria.block_perm import search_block
-from ria.permute import ChannelGather, apply_block
+from ria.permutation import ChannelGather, apply_block, search_block
+from ria.pruning import pipeline
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
-# Small searches keep the tests fast; the search itself is tested in test_core.py.
-FAST_SEARCH = {"tabu_steps": 20, "max_steps": 8}
-
-
-def pruned_linears(model) -> dict[str, torch.nn.Linear]:
-    path, blocks = find_blocks(model)
-    return {
-        f"{path}.{i}.{name}": linear
-        for i, block in enumerate(blocks)
-        for name, linear in block_linears(block).items()
-    }
-
-
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def assert_nm(weight: torch.Tensor, n: int, m: int) -> None:
-    nonzero = (weight != 0).reshape(weight.shape[0], -1, m).sum(dim=-1)
-    assert (nonzero <= n).all(), "a group of m keeps more than n weights"
 
 
 @pytest.mark.parametrize("method", ["ria", "wanda", "magnitude", "sparsegpt"])
@@ -120,17 +98,17 @@ def test_permuted_prune_is_nm_in_storage_order_and_keeps_more(tokenizer, family,
 def test_sequential_calibration_sees_the_pruned_outputs(tokenizer, monkeypatch):
     """Block 1 must be scored on what pruned block 0 outputs, not on dense activations."""
     seen: list[torch.Tensor] = []
-    original = pipeline._score
+    original = pipeline.score_linear
 
-    def spy(linear, stats, method, alpha):
+    def spy(linear, stats, config):
         if stats is not None:
             seen.append(stats.act_norm.clone())
-        return original(linear, stats, method, alpha)
+        return original(linear, stats, config)
 
-    monkeypatch.setattr(pipeline, "_score", spy)
+    monkeypatch.setattr(pipeline, "score_linear", spy)
     model = tiny_model("llama")
     dense = tiny_model("llama")
-    windows = ria.calibration.calibration_windows("austen", tokenizer, 4, 32, seed=0)
+    windows = ria.pruning.calibration_windows("austen", tokenizer, 4, 32, seed=0)
     ria.prune(model, tokenizer, sparsity=0.5, **CALIB)
     # The first Linear scored in block 1 is q_proj; its input is block 1's input_layernorm.
     block1_q = seen[len(block_linears(find_blocks(model)[1][0]))]

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_prune import FAST_SEARCH, assert_nm, pruned_linears
+from helpers import FAST_SEARCH, assert_nm, pruned_linears, tiny_model
 from transformers import AutoModelForCausalLM
 
 import ria
 from ria.cli import main
-from ria.permute import ChannelGather
+from ria.permutation import ChannelGather
 from ria.save import PERMUTATION_FILE
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
@@ -77,9 +76,24 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path, tokenizer, permuted):
     with pytest.raises(FileExistsError, match="overwrite"):
         ria.save_pruned(model, tmp_path / "out", tokenizer, report)
     assert (tmp_path / "out" / "keep.txt").exists()
-    ria.save_pruned(model, tmp_path / "out", tokenizer, report, overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert (tmp_path / "out" / "config.json").exists()
+    # overwrite replaces an earlier checkpoint of ours, never a directory of other files.
+    with pytest.raises(ria.InvalidArgumentError, match="not a checkpoint written by ria"):
+        ria.save_pruned(model, tmp_path / "out", tokenizer, report, overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    ria.save_pruned(model, tmp_path / "ckpt", tokenizer, report)
+    (tmp_path / "ckpt" / "stale.txt").write_text("from an earlier save")
+    ria.save_pruned(model, tmp_path / "ckpt", tokenizer, report, overwrite=True)
+    assert not (tmp_path / "ckpt" / "stale.txt").exists()
+    assert (tmp_path / "ckpt" / "config.json").exists()
+
+
+def test_overwrite_never_replaces_the_current_directory(tmp_path, tokenizer, permuted, monkeypatch):
+    model, report = permuted
+    ria.save_pruned(model, tmp_path / "ckpt", tokenizer, report)
+    monkeypatch.chdir(tmp_path / "ckpt")
+    with pytest.raises(ria.InvalidArgumentError, match="current directory"):
+        ria.save_pruned(model, ".", tokenizer, report, overwrite=True)
+    assert (tmp_path / "ckpt" / "config.json").exists()
 
 
 def test_a_sparsified_model_is_not_saved(tmp_path, permuted):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_prune import FAST_SEARCH, assert_nm, pruned_linears
+from helpers import FAST_SEARCH, assert_nm, pruned_linears
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ria
 from ria.arch import attention_heads, block_linears, block_spec, find_blocks
-from ria.block_perm import search_block
 from ria.demo import smollm2_path
-from ria.permute import apply_block
+from ria.permutation import apply_block, search_block
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from torch import nn
 
 import ria
@@ -171,7 +171,7 @@ def test_sparse_linear_buckets_dense_on_cpu():
     plan = {1: Choice("dense"), 16: Choice("dense"), 256: Choice("dense")}
     mod = Sparse24Linear(64, 24, plan, weight=w, bias=b)
     assert [mod.choice_for(m).backend for m in (1, 2, 16, 17, 10_000)] == ["dense"] * 5
-    assert mod._buckets == [1, 16, 256] and mod.choice_for(300) is plan[256]
+    assert mod.buckets == [1, 16, 256] and mod.choice_for(300) is plan[256]
     x = torch.randn(2, 3, 64)
     torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, w, b))
     assert mod.weight_bytes() == w.numel() * 4 and "plan=[<=1:dense" in repr(mod)
@@ -303,13 +303,12 @@ def test_sparse_linear_matches_masked_dense(backend, dtype, bias):
 @pytest.mark.parametrize("shape", [(256, 512), (4096, 1376), (96, 128)])
 def test_decode_kernel_reads_cuslt_buffer(shape):
     """Values and indices come straight from cuSPARSELt's compressed buffer (no copy)."""
-    from ria.sparse.cslt import cslt_compress
-    from ria.sparse.sparsify import _Forms, _share_with_cslt
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
 
     w = random_24(*shape, device="cuda", seed=3)
-    f = _Forms(weight=w, bias=None, packed=cslt_compress(w), compact=pack_24(w))
-    c = _share_with_cslt(f)
-    assert c.values.untyped_storage().data_ptr() == f.packed.untyped_storage().data_ptr()
+    packed = cslt_compress(w)
+    c = share_cslt_buffer(pack_24(w), packed)
+    assert c.values.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
     print(f"{shape}: cuSPARSELt indices shared: {c.layout == 'cslt'}")
     if shape[0] % 64 == 0:
         assert (

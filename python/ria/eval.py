@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ria.capture import module_device
-from ria.data import TextSource, join_documents, load_documents
+from ._torch import module_device
+from .data import TextSource, check_vocabulary, join_documents, load_documents, token_ids
+from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = ["C4_DOCUMENTS", "C4_WINDOWS", "ZERO_SHOT_TASKS", "perplexity", "zero_shot"]
 
@@ -93,26 +94,28 @@ def perplexity(
             integer tensor of 1 or 2 dimensions.
     """
     if not isinstance(seqlen, int) or seqlen < 2:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"seqlen must be an integer >= 2 (one input and one target), got {seqlen!r}"
         )
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise InvalidArgumentError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
-        raise ValueError(f"max_windows must be None or an integer >= 1, got {max_windows!r}")
+        raise InvalidArgumentError(
+            f"max_windows must be None or an integer >= 1, got {max_windows!r}"
+        )
 
     ids = _token_stream(tokenizer, data, seqlen)
     n_tokens = ids.numel()
     n_windows = n_tokens // seqlen
     if n_windows == 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the evaluation text has {n_tokens} tokens, fewer than one window of "
             f"seqlen={seqlen} tokens; give a longer text or a smaller seqlen"
         )
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
-    _check_vocab(model, windows)
+    check_vocabulary(model, windows, "evaluation")
 
     device = module_device(model)
     was_training = model.training
@@ -192,7 +195,7 @@ def zero_shot(
 
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)
     if not task_list:
-        raise ValueError("no zero-shot tasks given")
+        raise InvalidArgumentError("no zero-shot tasks given")
 
     task_manager = None
     if task_dir is not None:
@@ -223,13 +226,9 @@ def zero_shot(
 def _token_stream(tokenizer: Any, data: TextSource, seqlen: int) -> torch.Tensor:
     """The evaluation tokens as one 1-D int64 tensor (CPU), shape ``(n_tokens,)``."""
     if isinstance(data, torch.Tensor):
-        if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
-            raise TypeError(f"token ids must be an integer tensor, got dtype {data.dtype}")
-        if data.dim() not in (1, 2):
-            raise TypeError(f"token ids must have shape (n,) or (rows, n), got {tuple(data.shape)}")
-        return data.detach().reshape(-1).to("cpu", torch.long)
+        return token_ids(data, "evaluation").reshape(-1)
     if tokenizer is None:
-        raise TypeError("a tokenizer is needed to evaluate text; pass token ids to skip it")
+        raise InvalidTypeError("a tokenizer is needed to evaluate text; pass token ids to skip it")
     is_c4 = isinstance(data, str) and data.lower() == "c4"
     docs = load_documents(data, "test")
     text = " ".join(docs[:C4_DOCUMENTS]) if is_c4 else join_documents(docs)
@@ -237,19 +236,6 @@ def _token_stream(tokenizer: Any, data: TextSource, seqlen: int) -> torch.Tensor
     if is_c4:
         ids = ids[: C4_WINDOWS * seqlen]
     return ids.to(torch.long)
-
-
-def _check_vocab(model: torch.nn.Module, windows: torch.Tensor) -> None:
-    """Token ids outside the embedding table fail with an unreadable error on GPUs."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(embeddings, "num_embeddings", None)
-    if vocab is None:
-        return
-    low, high = int(windows.min()), int(windows.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(
-            f"token ids must lie in [0, {vocab}) (the model's vocabulary), got [{low}, {high}]"
-        )
 
 
 def _flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:

@@ -11,10 +11,11 @@ but without its padding copies, except where cuSPARSELt needs them (M not a mult
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .format import COLS_PER_WORD, Compact24, nibbles
 from .graphs import time_call
 
 # cuSPARSELt needs the dense operand's rows/cols/leading dimension to be multiples of 8
@@ -30,6 +31,7 @@ __all__ = [
     "cslt_linear",
     "cslt_search",
     "cslt_status",
+    "share_cslt_buffer",
 ]
 
 
@@ -68,17 +70,41 @@ def cslt_compress(weight: torch.Tensor) -> torch.Tensor:
     return torch._cslt_compress(weight.detach().contiguous())
 
 
-def cslt_values_view(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+def _values_view(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The kept-values region of a compressed weight as an `(N, K/2)` view (no copy)."""
     count = out_features * in_features // 2
     return packed.reshape(-1)[:count].view(out_features, in_features // 2)
 
 
-def cslt_meta_view(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+def _meta_view(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The metadata region of a compressed weight as a 1-D int32 view (no copy); its order
     is `format.cslt_nibble_index` (checked per layer before use)."""
     count = out_features * in_features // 2
     return packed.reshape(-1)[count:].view(torch.int32)
+
+
+def share_cslt_buffer(compact: Compact24, packed: torch.Tensor) -> Compact24:
+    """`compact` reading its values, and its indices where possible, straight from
+    cuSPARSELt's compressed buffer `packed` of the same weight, so a layer holds one copy.
+
+    Everything this runtime knows about that buffer's layout is here. Each layout is
+    checked on this layer's data before it is used: values shared only when they match,
+    indices only when the tiled metadata decodes to the same nibbles; otherwise the
+    corresponding part of `compact` is kept.
+    """
+    if compact.layout == "cslt" or compact.values.shape[1] * 2 != compact.in_features:
+        return compact
+    n, k = compact.out_features, compact.in_features
+    values = _values_view(packed, n, k)
+    if not torch.equal(values, compact.values):
+        return compact
+    shared = Compact24(values=values, meta=compact.meta, in_features=k)
+    tiled = replace(
+        Compact24(values=values, meta=_meta_view(packed, n, k), in_features=k), layout="cslt"
+    )
+    if k % COLS_PER_WORD == 0 and torch.equal(nibbles(tiled), nibbles(compact)):
+        return tiled
+    return shared
 
 
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:

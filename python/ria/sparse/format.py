@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidArgumentError
+
 GROUP = 4  # columns per 2:4 group
 KEEP = 2  # kept values per group
 GROUPS_PER_WORD = 8  # 4-bit nibbles per int32 metadata word
@@ -76,7 +78,7 @@ def count_24_violations(weight: torch.Tensor) -> int:
     """Number of (row, group of 4 columns) with more than 2 nonzeros; `K % 4 != 0` raises."""
     n, k = weight.shape
     if k % GROUP:
-        raise ValueError(f"in_features={k} is not a multiple of {GROUP}")
+        raise InvalidArgumentError(f"in_features={k} is not a multiple of {GROUP}")
     nonzero = (weight.detach().reshape(n, k // GROUP, GROUP) != 0).sum(-1)
     return int((nonzero > KEEP).sum())
 
@@ -105,7 +107,7 @@ def pack_24(weight: torch.Tensor) -> Compact24:
     """
     reason = check_24(weight)
     if reason is not None:
-        raise ValueError(reason)
+        raise InvalidArgumentError(reason)
     w = weight.detach()
     n, k = w.shape
     kp = _padded_cols(k)
@@ -148,7 +150,7 @@ def nibbles(compact: Compact24) -> torch.Tensor:
         word, shift = cslt_nibble_index(n, half * 2, compact.meta.device)
         return ((compact.meta.to(torch.int64) & 0xFFFFFFFF)[word] >> shift) & 0xF
     if compact.layout != "rows":
-        raise ValueError(f"unknown metadata layout {compact.layout!r}")
+        raise InvalidArgumentError(f"unknown metadata layout {compact.layout!r}")
     meta = compact.meta
     shifts = torch.arange(0, 32, 4, device=meta.device, dtype=torch.int64)
     nibble = ((meta.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & 0xF

@@ -16,6 +16,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from .graphs import capture
 
 __all__ = ["StaticGenerator", "generate"]
@@ -118,7 +119,9 @@ class StaticGenerator:
         """
         b, q = input_ids.shape
         if b != self.batch_size or q > self.max_cache_len:
-            raise ValueError(f"input {tuple(input_ids.shape)} does not fit batch {self.batch_size}")
+            raise InvalidArgumentError(
+                f"input {tuple(input_ids.shape)} does not fit batch {self.batch_size}"
+            )
         self.cache.query_offset = 0
         try:
             if not self.cuda_graph:
@@ -179,7 +182,7 @@ class StaticGenerator:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation: `(B, q)` prompt -> `(B, max_new_tokens)` new tokens."""
         if input_ids.shape[1] + max_new_tokens > self.max_cache_len:
-            raise ValueError("prompt + max_new_tokens exceeds max_cache_len")
+            raise InvalidArgumentError("prompt + max_new_tokens exceeds max_cache_len")
         self.prefill(input_ids)
         out = torch.empty(self.batch_size, max_new_tokens, dtype=torch.long, device=self.device)
         out[:, :1] = self._ids

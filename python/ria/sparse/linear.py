@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from .cslt import CsltConfig, cslt_linear
 from .format import Compact24
 from .triton_gemv import sparse24_linear
@@ -63,7 +64,7 @@ class Sparse24Linear(nn.Module):
     ) -> None:
         super().__init__()
         if not plan:
-            raise ValueError("plan must name at least one bucket")
+            raise InvalidArgumentError("plan must name at least one bucket")
         self.in_features = in_features
         self.out_features = out_features
         self._buckets = sorted(plan)
@@ -72,7 +73,7 @@ class Sparse24Linear(nn.Module):
         need = {CUSPARSELT: packed, TRITON: compact, DENSE: weight}
         missing = [b for b in used if need.get(b, 0) is None]
         if missing or not used <= set(BACKENDS):
-            raise ValueError(f"plan uses {sorted(used)} but no weight form for {missing}")
+            raise InvalidArgumentError(f"plan uses {sorted(used)} but no weight form for {missing}")
         # Non-persistent buffers: they follow .to()/.cuda() but stay out of state_dict, so a
         # checkpoint of the sparsified model is not mistaken for a dense one.
         self.register_buffer("packed", packed if CUSPARSELT in used else None, persistent=False)
@@ -83,6 +84,11 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("weight", weight if DENSE in used else None, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self._by_m: dict[int, Choice] = {}
+
+    @property
+    def buckets(self) -> list[int]:
+        """The token-count buckets of the plan, ascending."""
+        return list(self._buckets)
 
     @property
     def plan(self) -> dict[int, Choice]:

@@ -11,22 +11,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from .._torch import replace_module
+from ..errors import InvalidArgumentError
 from .cslt import (
     CsltConfig,
     cslt_best_config,
     cslt_compress,
     cslt_linear,
-    cslt_meta_view,
     cslt_shape_status,
     cslt_status,
-    cslt_values_view,
+    share_cslt_buffer,
 )
-from .format import COLS_PER_WORD, Compact24, check_24, nibbles, pack_24, tensor_bytes
+from .format import Compact24, check_24, pack_24, tensor_bytes
 from .graphs import time_call
 from .linear import BACKENDS, CUSPARSELT, DENSE, TRITON, Choice, Sparse24Linear
 from .triton_gemv import MAX_M, sparse24_linear, triton_status
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZES",
     "SparseLayerReport",
     "SparsifyReport",
+    "WeightForms",
     "find_linears",
     "sparsify",
 ]
@@ -163,14 +165,8 @@ def find_linears(
     return found
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 @dataclass
-class _Forms:
+class WeightForms:
     """The weight forms of one layer that the candidate kernels need."""
 
     weight: torch.Tensor
@@ -179,7 +175,7 @@ class _Forms:
     compact: Compact24 | None = None
 
 
-def _run(backend: str, f: _Forms, x: torch.Tensor, cfg: CsltConfig | None) -> torch.Tensor:
+def _run(backend: str, f: WeightForms, x: torch.Tensor, cfg: CsltConfig | None) -> torch.Tensor:
     if backend == TRITON:
         return sparse24_linear(x, f.compact, f.bias)
     if backend == CUSPARSELT:
@@ -193,7 +189,7 @@ def _candidates(backend: str, m: int, usable: set[str]) -> list[str]:
     return [b for b in BACKENDS if b in usable and not (b == TRITON and m > MAX_M)]
 
 
-def _time_us(backend: str, forms: Sequence[_Forms], x: torch.Tensor, cfg, **kw) -> float:
+def _time_us(backend: str, forms: Sequence[WeightForms], x: torch.Tensor, cfg, **kw) -> float:
     """Microseconds per call of `backend` on `forms` in rotation, under graph replay."""
 
     def call() -> None:
@@ -204,7 +200,7 @@ def _time_us(backend: str, forms: Sequence[_Forms], x: torch.Tensor, cfg, **kw) 
 
 
 def _tune_group(
-    forms: Sequence[_Forms],
+    forms: Sequence[WeightForms],
     batch_sizes: Sequence[int],
     backend: str,
     usable: set[str],
@@ -236,43 +232,25 @@ def _tune_group(
     return plan, times
 
 
-def _build_forms(mod: nn.Linear, need: set[str]) -> _Forms:
-    f = _Forms(weight=mod.weight.detach(), bias=None if mod.bias is None else mod.bias.detach())
+def _build_forms(mod: nn.Linear, need: set[str]) -> WeightForms:
+    f = WeightForms(
+        weight=mod.weight.detach(), bias=None if mod.bias is None else mod.bias.detach()
+    )
     if CUSPARSELT in need:
         f.packed = cslt_compress(f.weight)
     if TRITON in need:
         f.compact = pack_24(f.weight)
-        f.compact = _share_with_cslt(f)  # tune on the layout the layer will run
+        if f.packed is not None:  # tune on the layout the layer will run
+            f.compact = share_cslt_buffer(f.compact, f.packed)
     return f
-
-
-def _share_with_cslt(f: _Forms) -> Compact24 | None:
-    """The compact weight, reading its values and its indices from cuSPARSELt's buffer when
-    their layouts there are the ones this runtime knows (checked on this layer's data)."""
-    c = f.compact
-    if (
-        c is None
-        or f.packed is None
-        or c.layout == "cslt"
-        or c.values.shape[1] * 2 != c.in_features
-    ):
-        return c
-    n, k = c.out_features, c.in_features
-    values = cslt_values_view(f.packed, n, k)
-    if not torch.equal(values, c.values):
-        return c
-    shared = Compact24(values=values, meta=c.meta, in_features=k)
-    tiled = Compact24(values=values, meta=cslt_meta_view(f.packed, n, k), in_features=k)
-    tiled = replace(tiled, layout="cslt")
-    if k % COLS_PER_WORD == 0 and torch.equal(nibbles(tiled), nibbles(c)):
-        return tiled
-    return shared
 
 
 def _usable_backends(backend: str, allow_dense: bool) -> tuple[set[str], str | None]:
     """Backends that can run here, and the reason nothing can (or None)."""
     if backend not in ("auto", CUSPARSELT, TRITON):
-        raise ValueError(f"backend must be 'auto', 'cusparselt' or 'triton', got {backend!r}")
+        raise InvalidArgumentError(
+            f"backend must be 'auto', 'cusparselt' or 'triton', got {backend!r}"
+        )
     if not torch.cuda.is_available():
         return set(), "CUDA is not available (so no cuSPARSELt): model left unchanged"
     why = {CUSPARSELT: cslt_status(), TRITON: triton_status()}
@@ -300,7 +278,7 @@ def _group_layers(
             why = cslt_shape_status(n, k)
         if why is not None:
             if strict and why.startswith("not 2:4"):
-                raise ValueError(f"{name}: {why}")
+                raise InvalidArgumentError(f"{name}: {why}")
             report.layers.append(SparseLayerReport(name, n, k, converted=False, reason=why))
             continue
         key = (n, k, mod.weight.dtype, mod.bias is not None, str(mod.weight.device))
@@ -329,8 +307,8 @@ def sparsify(
             bucket, keep the fastest), "cusparselt" or "triton" (that kernel everywhere).
         batch_sizes: token counts (batch x new tokens) to tune for; each is the upper bound
             of a bucket. Default `DEFAULT_BATCH_SIZES`.
-        strict: raise ValueError for a CUDA fp16/bf16 linear layer that is not 2:4 instead of
-            skipping it (the output embedding is always skipped).
+        strict: raise InvalidArgumentError for a CUDA fp16/bf16 linear layer that is not 2:4
+            instead of skipping it (the output embedding is always skipped).
         allow_dense: let "auto" keep a layer's dense weight for buckets where cuBLAS beats
             the sparse kernels by more than `dense_margin` (costs the dense bytes).
         tune_layers: layers of one shape timed in rotation.
@@ -345,7 +323,7 @@ def sparsify(
     t0 = time.perf_counter()
     buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
     if not buckets or buckets[0] < 1:
-        raise ValueError(f"batch_sizes must be positive token counts, got {buckets}")
+        raise InvalidArgumentError(f"batch_sizes must be positive token counts, got {buckets}")
     usable, reason = _usable_backends(backend, allow_dense)
     report = SparsifyReport(False, reason or "", backend, buckets)
     if reason is not None:
@@ -371,7 +349,9 @@ def sparsify(
             f = sample[i] if i < len(sample) else _build_forms(mod, used)
             if CUSPARSELT not in used:
                 f.packed = None
-            compact = _share_with_cslt(f) if TRITON in used else None
+            compact = f.compact if TRITON in used else None
+            if compact is not None and f.packed is not None:
+                compact = share_cslt_buffer(compact, f.packed)
             new = Sparse24Linear(
                 k,
                 n,
@@ -381,7 +361,7 @@ def sparsify(
                 weight=f.weight if DENSE in used else None,
                 bias=f.bias,
             )
-            _set_module(model, name, new)
+            replace_module(model, name, new)
             report.layers.append(
                 SparseLayerReport(
                     name,

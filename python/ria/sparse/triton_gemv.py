@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from ..errors import InvalidArgumentError
 from .format import COLS_PER_WORD, Compact24
 
 try:
@@ -27,7 +28,7 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
     triton = None
     tl = None
 
-__all__ = ["MAX_M", "sparse24_linear", "triton_status"]
+__all__ = ["MAX_M", "sparse24_linear", "triton_status", "tuned_config"]
 
 # Largest token count the kernels are offered for; beyond this they are compute-bound
 # and cuSPARSELt / cuBLAS win.
@@ -323,6 +324,16 @@ if triton is not None:
     _mm_tuned = triton.autotune(_MM_CONFIGS, key=["N", "K", "BLOCK_M"])(_mm_kernel)
 
 
+def tuned_config(m: int) -> str | None:
+    """The autotuner's last choice for the kernel that serves `m` tokens (None before
+    any tuned call)."""
+    if triton is None:
+        return None
+    tuned = _gemv_tuned if m == 1 else _mm_tuned
+    best = getattr(tuned, "best_config", None)
+    return None if best is None else str(best)
+
+
 def _block_m(m: int) -> int:
     return 16 if m <= 16 else 64
 
@@ -352,12 +363,12 @@ def sparse24_linear(
     m, k = x.shape
     n = values.shape[0]
     if k != in_features:
-        raise ValueError(f"x has {k} features, the weight {in_features}")
+        raise InvalidArgumentError(f"x has {k} features, the weight {in_features}")
     cslt_meta = layout == "cslt"
     if cslt_meta and k % COLS_PER_WORD:
-        raise ValueError("the cuSPARSELt metadata layout needs in_features % 32 == 0")
+        raise InvalidArgumentError("the cuSPARSELt metadata layout needs in_features % 32 == 0")
     if values.stride(1) != 1 or (not cslt_meta and meta.shape[1] * COLS_PER_WORD < k):
-        raise ValueError("values/meta do not cover the weight's columns")
+        raise InvalidArgumentError("values/meta do not cover the weight's columns")
     if x.stride(1) != 1:
         x = x.contiguous()
     if out is None:

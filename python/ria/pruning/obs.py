@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .core import nm_mask, unstructured_mask
+from ..core import nm_mask, unstructured_mask
+from ..errors import InvalidArgumentError
 
 
 @torch.no_grad()
@@ -39,9 +40,11 @@ def obs_prune(
     """
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+        raise InvalidArgumentError(
+            f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})"
+        )
     if keep is not None and keep.shape != weight.shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"keep-mask has shape {tuple(keep.shape)}, weight has {tuple(weight.shape)}"
         )
     w = weight.detach().float().clone()

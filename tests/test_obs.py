@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 import ria
-from ria.sparsegpt import obs_prune
+from ria.pruning import obs_prune
 
 
 def correlated_inputs(tokens: int, features: int, rank: int = 16, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Finding one block's deployable input orders from its score matrices (DESIGN §4):
+"""Finding one block's deployable input orders from its score matrices:
 q/k/v share one order (their scores stacked), gate/up share one, down has its own, and
 o_proj gets one within-head order per key/value head, shared by that head's query heads.
 """
@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .arch import BlockSpec, Heads
-from .core import PermutationResult, search_permutation
-from .permute import BlockPermutation
+from ..arch import BlockSpec, Heads
+from ..core import PermutationResult, search_permutation
+from .apply import BlockPermutation
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,16 @@ class SearchStats:
         return (
             1.0 if gap <= 1e-12 * abs(self.upper_bound) else (self.retained - self.identity) / gap
         )
+
+    def to_dict(self) -> dict[str, float]:
+        """The stats as the report records them (score units; seconds)."""
+        return {
+            "retained": self.retained,
+            "identity": self.identity,
+            "upper_bound": self.upper_bound,
+            "efficacy": self.efficacy,
+            "seconds": self.seconds,
+        }
 
     @classmethod
     def of(cls, results: list[PermutationResult]) -> SearchStats:

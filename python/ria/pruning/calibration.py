@@ -12,7 +12,8 @@ import random
 
 import torch
 
-from .data import TextSource, join_documents, load_documents
+from ..data import TextSource, join_documents, load_documents, token_ids
+from ..errors import InvalidArgumentError
 
 # Documents drawn before giving up on finding one longer than seqlen (C4 only).
 _MAX_DRAWS = 10_000
@@ -28,17 +29,17 @@ def calibration_windows(
     stream to sample windows from.
     """
     if nsamples < 1 or seqlen < 1:
-        raise ValueError(f"nsamples and seqlen must be >= 1, got {nsamples} and {seqlen}")
+        raise InvalidArgumentError(f"nsamples and seqlen must be >= 1, got {nsamples} and {seqlen}")
     rng = random.Random(seed)
     if isinstance(source, torch.Tensor):
         return _from_tokens(source, nsamples, seqlen, rng)
     if tokenizer is None:
-        raise ValueError("a tokenizer is needed to calibrate on text; pass tokenizer=...")
+        raise InvalidArgumentError("a tokenizer is needed to calibrate on text; pass tokenizer=...")
     if isinstance(source, str) and source.lower() == "c4":
         return _c4_windows(load_documents(source, "train"), tokenizer, nsamples, seqlen, rng)
     docs = load_documents(source, "train")
     if not docs or not any(d.strip() for d in docs):
-        raise ValueError("the calibration text is empty")
+        raise InvalidArgumentError("the calibration text is empty")
     stream = tokenizer(join_documents(docs), return_tensors="pt").input_ids[0]
     return _sample(stream, nsamples, seqlen, rng)
 
@@ -46,29 +47,25 @@ def calibration_windows(
 def _from_tokens(
     tokens: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random
 ) -> torch.Tensor:
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"token ids must be an integer tensor, got {tokens.dtype}")
-    tokens = tokens.long().cpu()
+    tokens = token_ids(tokens, "calibration")
     if tokens.dim() == 1:
         return _sample(tokens, nsamples, seqlen, rng)
-    if tokens.dim() == 2:
-        if tokens.shape[0] == 0:
-            raise ValueError("the calibration token tensor is empty")
-        if tokens.shape[1] != seqlen:
-            raise ValueError(
-                f"calibration windows have {tokens.shape[1]} tokens, seqlen is {seqlen}"
-            )
-        if tokens.shape[0] < nsamples:
-            raise ValueError(f"{tokens.shape[0]} calibration windows given, nsamples={nsamples}")
-        return tokens[:nsamples].clone()
-    raise ValueError(f"token ids must be 1-D or 2-D, got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] != seqlen:
+        raise InvalidArgumentError(
+            f"calibration windows have {tokens.shape[1]} tokens, seqlen is {seqlen}"
+        )
+    if tokens.shape[0] < nsamples:
+        raise InvalidArgumentError(
+            f"{tokens.shape[0]} calibration windows given, nsamples={nsamples}"
+        )
+    return tokens[:nsamples].clone()
 
 
 def _sample(stream: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random) -> torch.Tensor:
     if stream.numel() == 0:
-        raise ValueError("the calibration text is empty")
+        raise InvalidArgumentError("the calibration text is empty")
     if stream.numel() <= seqlen:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the calibration text has {stream.numel()} tokens, fewer than one window of "
             f"seqlen={seqlen} + 1"
         )
@@ -86,7 +83,9 @@ def _c4_windows(
             if ids.numel() > seqlen:
                 break
         else:
-            raise ValueError(f"no C4 document longer than seqlen={seqlen} in {_MAX_DRAWS} draws")
+            raise InvalidArgumentError(
+                f"no C4 document longer than seqlen={seqlen} in {_MAX_DRAWS} draws"
+            )
         start = rng.randint(0, ids.numel() - seqlen - 1)
         windows.append(ids[start : start + seqlen])
     return torch.stack(windows)

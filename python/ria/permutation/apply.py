@@ -1,5 +1,5 @@
 """Applying channel permutations to modules so a model computes the same function with
-its pruned weights N:M in storage order (DESIGN §4).
+its pruned weights N:M in storage order (ARCHITECTURE.md, "The permutation contract").
 
 Per decoder block there are four input orders:
 - `attn`: q/k/v input columns. The input is the residual stream after the attention
@@ -11,9 +11,8 @@ Per decoder block there are four input orders:
 - `mlp`: gate/up (fc1) input columns, applied like `attn` with the MLP norm.
 - `mlp_hidden`: down (fc2) input columns, folded into gate/up (fc1) output rows: free.
 
-Plain Hugging Face checkpoints cannot hold `ChannelGather`, so `plain_state_dict` undoes
-`attn` and `mlp` (restoring the original column order) and the orders are saved beside
-the model; `apply_block` puts them back after loading.
+Plain Hugging Face checkpoints cannot hold `ChannelGather`; `ria.permutation.checkpoint`
+takes the gathers out for saving and puts them back after loading.
 """
 
 from __future__ import annotations
@@ -23,7 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import BlockSpec, Heads, block_spec
+from .._torch import replace_module
+from ..arch import BlockSpec, Heads
+from ..errors import InvalidArgumentError
 
 
 class ChannelGather(nn.Module):
@@ -100,18 +101,31 @@ def linear_orders(spec: BlockSpec, heads: Heads, perm: BlockPermutation) -> dict
     return {name: (rows, cols) for name, (rows, cols) in orders.items()}
 
 
-def _wrap_norm(block: nn.Module, name: str, order: torch.Tensor) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    norm = getattr(parent, attr)
-    if isinstance(norm, ChannelGather):
-        raise ValueError(f"{name} is already permuted")
+def is_permuted(block: nn.Module, spec: BlockSpec) -> bool:
+    """Whether a block already carries gathered norms (it was permuted before)."""
+    return any(
+        isinstance(block.get_submodule(name), ChannelGather)
+        for name in (spec.attn_norm, spec.mlp_norm)
+    )
+
+
+def wrap_norm(block: nn.Module, name: str, order: torch.Tensor) -> None:
+    """Replaces the norm at `name` (relative to `block`) by a `ChannelGather` of it."""
+    norm = block.get_submodule(name)
     device = next(norm.parameters(), torch.empty(0)).device
-    setattr(parent, attr, ChannelGather(norm, order.to(device)))
+    replace_module(block, name, ChannelGather(norm, order.to(device)))
 
 
 def apply_block(block: nn.Module, spec: BlockSpec, heads: Heads, perm: BlockPermutation) -> None:
-    """Reorders one block's weights by `perm`; its outputs are unchanged (up to rounding)."""
+    """Reorders one block's weights by `perm`; its outputs are unchanged (up to rounding).
+
+    Raises `InvalidArgumentError` before changing anything if the block was permuted before.
+    """
+    if is_permuted(block, spec):
+        raise InvalidArgumentError(
+            f"the block's {spec.attn_norm} / {spec.mlp_norm} are already permuted "
+            "(the model was pruned with permutation before); nothing was changed"
+        )
     for name, (rows, cols) in linear_orders(spec, heads, perm).items():
         linear = block.get_submodule(name)
         if rows is not None:
@@ -119,51 +133,6 @@ def apply_block(block: nn.Module, spec: BlockSpec, heads: Heads, perm: BlockPerm
         if cols is not None:
             permute_columns(linear, cols)
     if perm.attn is not None:
-        _wrap_norm(block, spec.attn_norm, perm.attn)
+        wrap_norm(block, spec.attn_norm, perm.attn)
     if perm.mlp is not None:
-        _wrap_norm(block, spec.mlp_norm, perm.mlp)
-
-
-def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The model's state dict as a plain checkpoint of the same architecture, and the
-    gather orders that were taken out of it (`"<norm path>": order`).
-
-    For each `ChannelGather`, the Linears that read the norm get their original column
-    order back, so the checkpoint computes the same function without the gather.
-    """
-    state = model.state_dict()
-    orders: dict[str, torch.Tensor] = {}
-    for path, module in model.named_modules():
-        if not isinstance(module, ChannelGather):
-            continue
-        orders[path] = module.order.detach().cpu()
-        for key in [k for k in state if k.startswith(f"{path}.norm.")]:
-            state[f"{path}." + key[len(f"{path}.norm.") :]] = state.pop(key)
-        inverse = torch.argsort(module.order)
-        block_path, _, norm_name = path.rpartition(".")
-        for name in _readers(model, norm_name):
-            key = f"{block_path}.{name}.weight"
-            state[key] = state[key].index_select(1, inverse.to(state[key].device))
-    return state, orders
-
-
-def _readers(model: nn.Module, norm_name: str) -> tuple[str, ...]:
-    """The Linears (names within a block) fed by the block's norm `norm_name`."""
-    spec = block_spec(model)
-    if spec is None:
-        raise ValueError("the model has gathered norms but no architecture adapter")
-    if norm_name == spec.attn_norm:
-        return spec.attn_inputs
-    if norm_name == spec.mlp_norm:
-        return spec.mlp_inputs
-    raise ValueError(f"{norm_name} is not a norm that channel permutation gathers")
-
-
-def restore_orders(model: nn.Module, orders: dict[str, torch.Tensor]) -> None:
-    """Re-applies gather orders saved by `plain_state_dict` to a plainly loaded model."""
-    for path, order in orders.items():
-        block_path, _, norm_name = path.rpartition(".")
-        block = model.get_submodule(block_path)
-        for name in _readers(model, norm_name):
-            permute_columns(block.get_submodule(name), order)
-        _wrap_norm(block, norm_name, order)
+        wrap_norm(block, spec.mlp_norm, perm.mlp)

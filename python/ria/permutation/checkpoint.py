@@ -1,0 +1,90 @@
+"""Permuted models as plain Hugging Face checkpoints: `plain_state_dict` takes the
+`ChannelGather`s out (the Linears reading a gathered norm get their original column
+order back, so the checkpoint computes the same function without them) and returns the
+orders, which `ria.save_pruned` stores beside the weights; `restore_orders` puts them
+back after a plain load, so pruned weights are N:M in storage order again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch import block_spec
+from ..errors import InvalidArgumentError, UnsupportedModelError
+from .apply import ChannelGather, permute_columns, wrap_norm
+
+__all__ = ["plain_state_dict", "restore_orders"]
+
+
+def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model's state dict as a plain checkpoint of the same architecture, and the
+    gather orders that were taken out of it (`"<norm path>": order`).
+
+    For each `ChannelGather`, the Linears that read the norm get their original column
+    order back, so the checkpoint computes the same function without the gather.
+    """
+    state = model.state_dict()
+    orders: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, ChannelGather):
+            continue
+        orders[path] = module.order.detach().cpu()
+        for key in [k for k in state if k.startswith(f"{path}.norm.")]:
+            state[f"{path}." + key[len(f"{path}.norm.") :]] = state.pop(key)
+        inverse = torch.argsort(module.order)
+        block_path, _, norm_name = path.rpartition(".")
+        for name in _readers(model, norm_name):
+            key = f"{block_path}.{name}.weight"
+            state[key] = state[key].index_select(1, inverse.to(state[key].device))
+    return state, orders
+
+
+def _readers(model: nn.Module, norm_name: str) -> tuple[str, ...]:
+    """The Linears (names within a block) fed by the block's norm `norm_name`."""
+    spec = block_spec(model)
+    if spec is None:
+        raise UnsupportedModelError("the model has gathered norms but no architecture adapter")
+    if norm_name == spec.attn_norm:
+        return spec.attn_inputs
+    if norm_name == spec.mlp_norm:
+        return spec.mlp_inputs
+    raise InvalidArgumentError(f"{norm_name} is not a norm that channel permutation gathers")
+
+
+def restore_orders(model: nn.Module, orders: dict[str, torch.Tensor]) -> None:
+    """Re-applies gather orders saved by `plain_state_dict` to a plainly loaded model.
+
+    Every order is checked first (a permutation of the input features of each Linear it
+    reorders, on a norm that is not gathered yet); on any error nothing is changed.
+    """
+    plan = []
+    for path, order in orders.items():
+        block_path, _, norm_name = path.rpartition(".")
+        try:
+            block = model.get_submodule(block_path)
+            norm = block.get_submodule(norm_name)
+        except AttributeError:
+            raise InvalidArgumentError(f"order {path!r}: the model has no module {path}") from None
+        if isinstance(norm, ChannelGather):
+            raise InvalidArgumentError(f"order {path!r}: {path} is already gathered")
+        linears = [block.get_submodule(name) for name in _readers(model, norm_name)]
+        for linear in linears:
+            _check_order(order, linear.in_features, path)
+        plan.append((block, norm_name, order, linears))
+    for block, norm_name, order, linears in plan:
+        for linear in linears:
+            permute_columns(linear, order)
+        wrap_norm(block, norm_name, order)
+
+
+def _check_order(order: torch.Tensor, size: int, key: str) -> None:
+    if order.dim() != 1 or order.dtype not in (torch.int64, torch.int32):
+        raise InvalidArgumentError(
+            f"order {key!r} must be a 1-D integer tensor, got {order.dtype} of shape "
+            f"{tuple(order.shape)}"
+        )
+    if order.numel() != size or not torch.equal(torch.sort(order).values, torch.arange(size)):
+        raise InvalidArgumentError(
+            f"order {key!r} is not a permutation of the {size} input features it reorders"
+        )

@@ -1,0 +1,38 @@
+"""Pruning: `prune` (the block loop), its validated settings (`PruneConfig`, `Sparsity`),
+calibration windows, block inputs and statistics (`capture`), the OBS update
+(`obs_prune`) and the report (`PruneReport`)."""
+
+from .calibration import calibration_windows
+from .capture import (
+    BlockInputs,
+    CalibrationInputs,
+    InputStats,
+    capture_block_inputs,
+    collecting_stats,
+    run_block,
+)
+from .config import METHODS, Method, PruneConfig, Sparsity
+from .obs import obs_prune
+from .pipeline import INCOMPLETE, prune, prune_with, score_linear
+from .report import LayerReport, PruneReport
+
+__all__ = [
+    "INCOMPLETE",
+    "METHODS",
+    "BlockInputs",
+    "CalibrationInputs",
+    "InputStats",
+    "LayerReport",
+    "Method",
+    "PruneConfig",
+    "PruneReport",
+    "Sparsity",
+    "calibration_windows",
+    "capture_block_inputs",
+    "collecting_stats",
+    "obs_prune",
+    "prune",
+    "prune_with",
+    "run_block",
+    "score_linear",
+]

@@ -1,0 +1,206 @@
+"""Running decoder blocks on calibration data: the inputs every block is called with,
+per-Linear input statistics, and each block's outputs (which feed the next block).
+
+Works with any Hugging Face decoder: the blocks' inputs are caught with every keyword
+argument the model passes (attention masks, position ids, `position_embeddings`, cache
+positions...), whatever its version, and *per block*: hybrid models (Gemma 2/3, Cohere 2,
+Qwen2 with sliding layers) give sliding-window and full-attention layers different masks
+and rotary embeddings, computed by the model's own forward, never by ria.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._torch import module_device, move
+from ..errors import UnsupportedModelError
+
+__all__ = [
+    "BlockInputs",
+    "CalibrationInputs",
+    "InputStats",
+    "capture_block_inputs",
+    "collecting_stats",
+    "run_block",
+]
+
+# Keyword arguments that would make a block read or write a KV cache: blocks run statelessly.
+_CACHE_KEYS = ("past_key_value", "past_key_values", "cache")
+
+
+class _Caught(Exception):
+    """Raised by a recorder to stop the model's forward once it has what it needs."""
+
+
+@dataclass
+class BlockInputs:
+    """What one block is called with: the hidden states `(batch, seqlen, hidden)` of every
+    calibration batch, and the keyword arguments the model passes this block, by batch
+    size (masks and position embeddings carry the batch dimension)."""
+
+    hidden: list[torch.Tensor]
+    kwargs: dict[int, dict[str, Any]]
+
+    def kwargs_for(self, states: torch.Tensor) -> dict[str, Any]:
+        """The keyword arguments for one batch of hidden states."""
+        return self.kwargs[states.shape[0]]
+
+
+@dataclass
+class CalibrationInputs:
+    """The hidden states entering the current block, and every block's own keyword
+    arguments (`kwargs[i]` for block i, by batch size)."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[int, dict[str, Any]]]
+
+    def at(self, i: int) -> BlockInputs:
+        """Block i's inputs (the hidden states are those last set by `advanced`)."""
+        return BlockInputs(self.hidden, self.kwargs[i])
+
+    def advanced(self, hidden: list[torch.Tensor]) -> CalibrationInputs:
+        """The same, with the hidden states a block produced (the next block's input)."""
+        return replace(self, hidden=hidden)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int
+) -> CalibrationInputs:
+    """Runs the model on `windows` (`(n, seqlen)` token ids) with every block replaced by a
+    recorder: block 0 records the hidden states of each batch, and, for the first batch
+    of each size, every block records the keyword arguments the model gives it. No block
+    computes anything here; the forward stops at the last recorder it needs."""
+    hidden: list[torch.Tensor] = []
+    per_block: list[dict[int, dict[str, Any]]] = [{} for _ in blocks]
+    last = len(blocks) - 1
+
+    def recorder(i: int) -> Callable[..., torch.Tensor]:
+        def record(*args: Any, **kw: Any) -> torch.Tensor:
+            states = args[0] if args else kw.pop("hidden_states")
+            if len(args) > 1:
+                raise UnsupportedModelError(
+                    "decoder blocks called with extra positional arguments; ria replays "
+                    "keyword arguments only"
+                )
+            size = states.shape[0]
+            if i == 0:
+                hidden.append(states.detach())
+            if size not in per_block[i]:
+                kw = {k: v for k, v in kw.items() if k not in _CACHE_KEYS}
+                kw["use_cache"] = False
+                per_block[i][size] = kw
+            if i == last or size in per_block[last]:
+                raise _Caught
+            return states
+
+        return record
+
+    device = module_device(model.get_input_embeddings())
+    with _forwards_replaced(blocks, recorder):
+        for start in range(0, windows.shape[0], batch_size):
+            with suppress(_Caught):
+                model(windows[start : start + batch_size].to(device), use_cache=False)
+    return CalibrationInputs(hidden, per_block)
+
+
+@contextmanager
+def _forwards_replaced(
+    blocks: nn.ModuleList, make: Callable[[int], Callable[..., torch.Tensor]]
+) -> Iterator[None]:
+    """Within the context, block i's `forward` is `make(i)`. The block object stays in
+    place, so models that read a block's attributes (its attention type) still work;
+    whatever wrapper accelerate put on `forward` is restored afterwards."""
+    saved = [block.__dict__.get("forward") for block in blocks]
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = make(i)
+        yield
+    finally:
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's outputs for every calibration batch (on the block's device)."""
+    device = module_device(block)
+    outputs = []
+    for states in inputs.hidden:
+        kwargs = move(inputs.kwargs_for(states), device)
+        out = block(states.to(device), **kwargs)
+        outputs.append((out[0] if isinstance(out, tuple) else out).detach())
+    return outputs
+
+
+@dataclass
+class InputStats:
+    """Statistics of one Linear input over all calibration tokens (fp32).
+
+    `sumsq[j]` is the sum of squares of channel j; `hessian` is `X^T X` (`(C, C)`),
+    collected only for the OBS (SparseGPT) update (None otherwise).
+    """
+
+    sumsq: torch.Tensor
+    hessian: torch.Tensor | None = None
+
+    @property
+    def act_norm(self) -> torch.Tensor:
+        """L2 norm of every input channel over all calibration tokens, `(C,)`."""
+        return self.sumsq.sqrt()
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sumsq += (x * x).sum(dim=0)
+        if self.hessian is not None:
+            self.hessian.addmm_(x.T, x)
+
+    def reordered(self, order: torch.Tensor) -> InputStats:
+        """The same statistics with input channels in `order` (new -> old)."""
+        idx = order.to(self.sumsq.device)
+        h = self.hessian
+        return InputStats(
+            self.sumsq.index_select(0, idx),
+            None if h is None else h.index_select(0, idx).index_select(1, idx),
+        )
+
+
+@contextmanager
+def collecting_stats(
+    block: nn.Module, groups: list[tuple[str, ...]], hessian: bool
+) -> Iterator[dict[str, InputStats]]:
+    """Within the context, forward passes of `block` accumulate input statistics for every
+    Linear named in `groups`; Linears of one group read the same tensor and share one
+    `InputStats` (collected once)."""
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for group in groups:
+        first = block.get_submodule(group[0])
+        c, device = first.in_features, module_device(first)
+        shared = InputStats(
+            torch.zeros(c, device=device), torch.zeros(c, c, device=device) if hessian else None
+        )
+        for name in group:
+            stats[name] = shared
+        handles.append(first.register_forward_hook(_adder(shared)))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _adder(stats: InputStats) -> Callable[..., None]:
+    def hook(_module: nn.Module, args: tuple, _output: Any) -> None:
+        stats.add(args[0].detach())
+
+    return hook

@@ -1,0 +1,175 @@
+"""What a prune is asked to do, validated once: `Sparsity` (the target pattern) and
+`PruneConfig` (every setting of `ria.prune`). The pipeline, the CLI's choices and defaults
+and the saved checkpoint's `ria` section all read the same object.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args
+
+import torch
+
+from ..errors import InvalidArgumentError, InvalidTypeError
+
+__all__ = ["METHODS", "Method", "PruneConfig", "Sparsity"]
+
+Method = Literal["ria", "wanda", "magnitude", "sparsegpt"]
+METHODS: tuple[str, ...] = get_args(Method)
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """A target: `fraction` of weights pruned, as N:M (keep n of every m) or unstructured."""
+
+    fraction: float
+    n: int = 0
+    m: int = 0
+
+    @property
+    def structured(self) -> bool:
+        """True for N:M patterns."""
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else f"{self.fraction:g}"
+
+    @classmethod
+    def parse(cls, value: Sparsity | float | str) -> Sparsity:
+        """A `Sparsity`, 0.5 (unstructured) or "2:4" / "4:8" / "N:M" (keep N of every M)."""
+        if isinstance(value, Sparsity):
+            return value
+        if isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+            if match is None:
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise InvalidArgumentError(
+                        f"bad sparsity {value!r}: use a fraction like 0.5 or N:M like '2:4'"
+                    ) from None
+            else:
+                n, m = int(match[1]), int(match[2])
+                if not 1 <= n < m:
+                    raise InvalidArgumentError(
+                        f"bad sparsity {value!r}: N:M keeps N of every M, 1 <= N < M"
+                    )
+                return cls(1 - n / m, n, m)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InvalidTypeError(f"sparsity must be a float or an 'N:M' string, got {value!r}")
+        value = float(value)
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise InvalidArgumentError(f"sparsity must be in [0, 1), got {value}")
+        return cls(value)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Every setting of one `ria.prune` call, validated at construction (see `ria.prune`
+    for what each means). `per_row=None` resolves to the method's published rule."""
+
+    sparsity: Sparsity = field(default_factory=lambda: Sparsity(0.5))
+    method: Method = "ria"
+    permute: bool = False
+    calibration: Any = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    alpha: float = 0.5
+    per_row: bool | None = None
+    reconstruct: bool = False
+    seed: int = 0
+    device: torch.device | None = None
+    progress: bool = True
+    batch_size: int = 1
+    permutation_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Normalise what has one obvious meaning, refuse the rest before any work starts.
+        set_ = object.__setattr__
+        set_(self, "sparsity", Sparsity.parse(self.sparsity))
+        if self.method not in METHODS:
+            raise InvalidArgumentError(
+                f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
+            )
+        for name in ("permute", "reconstruct", "progress"):
+            _require_bool(name, getattr(self, name))
+        if self.per_row is None:
+            set_(self, "per_row", self.method == "wanda")
+        _require_bool("per_row", self.per_row)
+        for name in ("nsamples", "seqlen", "batch_size"):
+            set_(self, name, _require_int(name, getattr(self, name), minimum=1))
+        set_(self, "seed", _require_int("seed", self.seed, minimum=0))
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
+            raise InvalidTypeError(f"alpha must be a number, got {self.alpha!r}")
+        if not math.isfinite(self.alpha):
+            raise InvalidArgumentError(f"alpha must be finite, got {self.alpha}")
+        set_(self, "alpha", float(self.alpha))
+        if self.permute and not self.sparsity.structured:
+            raise InvalidArgumentError("permute=True needs an N:M sparsity such as '2:4'")
+        if self.device is not None:
+            try:
+                set_(self, "device", torch.device(self.device))
+            except (RuntimeError, TypeError) as exc:
+                raise InvalidArgumentError(f"bad device {self.device!r}: {exc}") from None
+        if not isinstance(self.permutation_options, dict):
+            raise InvalidTypeError(
+                f"permutation_options must be a dict, got {type(self.permutation_options)}"
+            )
+        set_(self, "permutation_options", {"seed": self.seed, **self.permutation_options})
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether calibration data is needed (everything but plain magnitude pruning)."""
+        return self.method != "magnitude" or self.reconstruct
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether the OBS update runs, so `X^T X` must be collected."""
+        return self.method == "sparsegpt" or self.reconstruct
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (what the report and the checkpoint record)."""
+        return {
+            "method": self.method,
+            "sparsity": str(self.sparsity),
+            "permute": self.permute,
+            "reconstruct": self.reconstruct,
+            "alpha": self.alpha,
+            "per_row": self.per_row,
+            "calibration": describe_source(self.calibration),
+            "nsamples": self.nsamples,
+            "seqlen": self.seqlen,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each setting's default value, by name (the CLI shows and uses these)."""
+        built = cls()
+        return {f.name: getattr(built, f.name) for f in fields(cls)}
+
+
+def describe_source(calibration: Any) -> str:
+    """A short, JSON-ready description of a calibration source."""
+    if isinstance(calibration, str):
+        return calibration if len(calibration) < 200 else f"text ({len(calibration)} chars)"
+    if isinstance(calibration, torch.Tensor):
+        return f"token ids {tuple(calibration.shape)}"
+    return type(calibration).__name__
+
+
+def _require_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidTypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> int:
+    """`value` as an int (numpy integers welcome; bools and floats refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidTypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidArgumentError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)

@@ -1,0 +1,430 @@
+"""`ria.prune`: the block loop (ARCHITECTURE.md, "One block's data flow").
+
+Per decoder block, in order: gather input statistics on the dense block, score every
+Linear (Rust), find and apply the deployable channel permutation (optional), select the
+masks, reconstruct the weights under them (optional OBS update) and apply them; then re-run
+the pruned block so the next block is calibrated on what it will really see.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._core import __version__
+from .._torch import default_device, module_device
+from ..arch import (
+    BlockSpec,
+    attention_heads,
+    block_linears,
+    find_blocks,
+    input_groups,
+    require_permutable,
+)
+from ..core import magnitude_score, nm_mask, ria_score, unstructured_mask, wanda_score
+from ..data import check_vocabulary
+from ..errors import InvalidArgumentError
+from ..permutation import SearchStats, apply_block, is_permuted, linear_orders, search_block
+from .calibration import calibration_windows
+from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
+from .config import Method, PruneConfig, Sparsity
+from .obs import obs_prune
+from .report import LayerReport, PruneReport
+
+__all__ = ["INCOMPLETE", "prune"]
+
+# `model.config.ria["status"]` while a prune is under way or after one was interrupted:
+# the model is part pruned and `ria.save_pruned` refuses it.
+INCOMPLETE = "incomplete"
+
+
+def prune(
+    model: nn.Module,
+    tokenizer: Any = None,
+    *,
+    sparsity: Sparsity | float | str = 0.5,
+    method: Method = "ria",
+    permute: bool = False,
+    calibration: Any = "c4",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    alpha: float = 0.5,
+    per_row: bool | None = None,
+    reconstruct: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    batch_size: int = 1,
+    permutation_options: dict[str, Any] | None = None,
+) -> PruneReport:
+    """Prunes every `nn.Linear` inside the decoder blocks of a causal LM, in place.
+
+    Embeddings and the LM head are never pruned. The model keeps its class, dtype and
+    devices, and stays a normal Hugging Face model (`ria.save_pruned` writes it). Every
+    argument is checked before the model is touched.
+
+    Args:
+        sparsity: fraction of weights to prune (unstructured), or "N:M" to keep N of every
+            M consecutive input weights per row ("2:4" runs on sparse tensor cores), or a
+            `ria.Sparsity`.
+        method: "ria" (relative importance x activations, the paper), "wanda",
+            "magnitude" (no calibration data needed) or "sparsegpt" (OBS, baseline).
+        permute: N:M only. Find and apply channel permutations that raise the importance
+            an N:M mask keeps; the model computes the same function (norm outputs are
+            gathered once per block, other orders are folded into weights).
+        calibration: "c4", "wikitext2", "austen" (shipped sample), a text file or
+            directory, a list of strings, a `datasets.Dataset`, or token ids.
+        nsamples, seqlen: calibration windows and their length in tokens.
+        alpha: RIA's activation exponent (`a` in the paper).
+        per_row: unstructured selection per output row; None uses each method's own rule
+            (per row for Wanda, per matrix for RIA, magnitude and SparseGPT).
+        reconstruct: apply SparseGPT's OBS weight update under the chosen mask (for
+            unstructured and N:M).
+        seed: calibration windows and permutation searches depend on it alone.
+        device: where blocks run ("cuda" if available). A model on the CPU stays there
+            and each block visits the device in turn; a model dispatched by accelerate
+            (`device_map`) is used where it is and `device` is ignored.
+        progress: show a progress bar over the blocks.
+        batch_size: calibration windows per forward pass.
+        permutation_options: settings of `ria.SearchOptions` for every search (e.g.
+            `{"max_steps": 8}` or `{"time_budget": 5.0}` to bound the search per matrix).
+
+    Returns:
+        A `PruneReport`: per-layer sparsity, kept score, permutation efficacy and time,
+        and seconds per stage.
+    """
+    config = PruneConfig(
+        sparsity=Sparsity.parse(sparsity),
+        method=method,
+        permute=permute,
+        calibration=calibration,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        alpha=alpha,
+        per_row=per_row,
+        reconstruct=reconstruct,
+        seed=seed,
+        device=device,
+        progress=progress,
+        batch_size=batch_size,
+        permutation_options=dict(permutation_options or {}),
+    )
+    return prune_with(model, tokenizer, config)
+
+
+def prune_with(model: nn.Module, tokenizer: Any, config: PruneConfig) -> PruneReport:
+    """`ria.prune` with its settings given as one `PruneConfig`."""
+    started = time.perf_counter()
+    plan = _plan(model, config)
+    report = PruneReport(config.to_dict())
+    timer = _StageTimer(report)
+
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    was_training = model.training
+    model.eval()
+    model.config.ria = {**config.to_dict(), "status": INCOMPLETE, "version": __version__}
+    try:
+        with torch.no_grad(), _placement(model, plan.blocks, plan.device) as visit:
+            inputs = None
+            if config.needs_data:
+                with timer("calibration"):
+                    windows = calibration_windows(
+                        config.calibration, tokenizer, config.nsamples, config.seqlen, config.seed
+                    )
+                    check_vocabulary(model, windows, "calibration")
+                    inputs = capture_block_inputs(model, plan.blocks, windows, config.batch_size)
+            bar = tqdm(
+                range(len(plan.blocks)), desc="pruning", unit="block", disable=not config.progress
+            )
+            for i in bar:
+                with visit(plan.blocks[i]) as block:
+                    step = _BlockStep(model, block, f"{plan.path}.{i}", config, plan.spec, timer)
+                    report.layers.extend(step.run(inputs.at(i) if inputs else None))
+                    if inputs is not None and i + 1 < len(plan.blocks):
+                        with timer("propagation"):
+                            inputs = inputs.advanced(run_block(block, inputs.at(i)))
+                bar.set_postfix(sparsity=f"{100 * report.sparsity:.1f}%")
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    model.config.ria = {**config.to_dict(), "version": __version__}
+    report.total_seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What `prune` found out about the model before changing anything."""
+
+    path: str
+    blocks: nn.ModuleList
+    spec: BlockSpec | None
+    device: torch.device
+
+
+def _plan(model: nn.Module, config: PruneConfig) -> _Plan:
+    """Checks everything that can be checked before the first block is changed."""
+    spec = require_permutable(model) if config.permute else None
+    path, blocks = find_blocks(model)
+    target = config.sparsity
+    for i, block in enumerate(blocks):
+        if spec is not None and is_permuted(block, spec):
+            raise InvalidArgumentError(
+                f"{path}.{i} is already permuted (this model was pruned with permutation "
+                "before); load the dense model to prune it again. Nothing was changed"
+            )
+        if not target.structured:
+            continue
+        for name, linear in block_linears(block).items():
+            if linear.in_features % target.m:
+                raise InvalidArgumentError(
+                    f"{path}.{i}.{name} has {linear.in_features} input features, "
+                    f"not divisible by M={target.m} of {target}"
+                )
+    device = config.device or default_device()
+    dispatched = bool(getattr(model, "hf_device_map", None))
+    if device.type == "cuda" and not dispatched and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device={str(device)!r} but CUDA is not available here")
+    return _Plan(path, blocks, spec, device)
+
+
+class _BlockStep:
+    """One decoder block through the named stages of `run`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        block: nn.Module,
+        prefix: str,
+        config: PruneConfig,
+        spec: BlockSpec | None,
+        timer: _StageTimer,
+    ) -> None:
+        self.model, self.block, self.prefix = model, block, prefix
+        self.config, self.spec, self.timer = config, spec, timer
+        self.linears = block_linears(block)
+
+    def run(self, inputs: BlockInputs | None) -> list[LayerReport]:
+        stats = self.gather_statistics(inputs)
+        scores = self.score(stats)
+        searched: dict[str, SearchStats] = {}
+        if self.spec is not None:
+            scores, stats, searched = self.permute(self.spec, scores, stats)
+        layers = []
+        for name, linear in self.linears.items():
+            t0 = time.perf_counter()
+            keep = self.select(scores[name])
+            if self.config.needs_hessian:
+                keep = self.reconstruct(linear, stats[name], keep)
+            else:
+                self.apply(linear, keep)
+            layers.append(self.layer_report(name, scores[name], keep, searched, t0))
+        return layers
+
+    def gather_statistics(self, inputs: BlockInputs | None) -> dict[str, InputStats]:
+        """Input statistics of every Linear on the dense block (empty without data)."""
+        if inputs is None:
+            return {}
+        groups = input_groups(self.model, list(self.linears))
+        with (
+            self.timer("statistics"),
+            collecting_stats(self.block, groups, self.config.needs_hessian) as stats,
+        ):
+            run_block(self.block, inputs)
+        return stats
+
+    def score(self, stats: dict[str, InputStats]) -> dict[str, np.ndarray]:
+        """Importance of every weight, `(out, in)` float32 per Linear."""
+        with self.timer("scores"):
+            return {
+                name: score_linear(linear, stats.get(name), self.config)
+                for name, linear in self.linears.items()
+            }
+
+    def permute(
+        self, spec: BlockSpec, scores: dict[str, np.ndarray], stats: dict[str, InputStats]
+    ) -> tuple[dict[str, np.ndarray], dict[str, InputStats], dict[str, SearchStats]]:
+        """Finds and applies the block's orders; scores and statistics follow the weights
+        into storage order (scores are equivariant to it, so nothing is recomputed)."""
+        target = self.config.sparsity
+        with self.timer("permutation"):
+            heads = attention_heads(self.model)
+            perm, searched = search_block(
+                scores, spec, heads, target.n, target.m, self.config.permutation_options
+            )
+            apply_block(self.block, spec, heads, perm)
+            orders = linear_orders(spec, heads, perm)
+        scores = {name: _reorder(s, *orders.get(name, (None, None))) for name, s in scores.items()}
+        return scores, _reorder_stats(stats, orders), searched
+
+    def select(self, score: np.ndarray) -> np.ndarray | None:
+        """The keep-mask (None for SparseGPT, whose mask is chosen inside its OBS loop)."""
+        if self.config.method == "sparsegpt":
+            return None
+        target = self.config.sparsity
+        with self.timer("masks"):
+            if target.structured:
+                return nm_mask(score, target.n, target.m)
+            return unstructured_mask(score, target.fraction, per_row=bool(self.config.per_row))
+
+    def reconstruct(
+        self, linear: nn.Linear, stats: InputStats, keep: np.ndarray | None
+    ) -> np.ndarray:
+        """The OBS update under `keep` (or SparseGPT's own mask); returns the mask used."""
+        target = self.config.sparsity
+        assert stats.hessian is not None  # collected whenever config.needs_hessian
+        with self.timer("reconstruction"):
+            new_weight, keep_t = obs_prune(
+                linear.weight.data,
+                stats.hessian,
+                keep=None if keep is None else torch.from_numpy(keep),
+                sparsity=target.fraction,
+                n=target.n,
+                m=target.m,
+            )
+            linear.weight.data.copy_(new_weight)
+        return keep_t.cpu().numpy()
+
+    def apply(self, linear: nn.Linear, keep: np.ndarray | None) -> None:
+        """Zeroes the pruned weights."""
+        assert keep is not None
+        with self.timer("masks"):
+            linear.weight.data.mul_(torch.from_numpy(keep).to(linear.weight.device))
+
+    def layer_report(
+        self,
+        name: str,
+        score: np.ndarray,
+        keep: np.ndarray,
+        searched: dict[str, SearchStats],
+        started: float,
+    ) -> LayerReport:
+        weight = self.linears[name].weight
+        s = searched.get(name)
+        return LayerReport(
+            name=f"{self.prefix}.{name}",
+            shape=(weight.shape[0], weight.shape[1]),
+            sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(),
+            kept_score=float(score[keep].sum(dtype=np.float64)),
+            seconds=time.perf_counter() - started,
+            permutation=None if s is None else s.to_dict(),
+        )
+
+
+def score_linear(linear: nn.Linear, stats: InputStats | None, config: PruneConfig) -> np.ndarray:
+    """The importance of every weight of `linear` under `config.method`, `(out, in)` f32."""
+    weight = linear.weight.data
+    if config.method == "magnitude":
+        return magnitude_score(weight)
+    if stats is None:
+        raise InvalidArgumentError(f"method {config.method!r} needs calibration statistics")
+    act = stats.act_norm
+    if config.method == "ria":
+        return ria_score(weight, act, config.alpha)
+    # Wanda's score; for SparseGPT (whose mask is chosen inside the OBS loop) it is the
+    # diagonal-Hessian saliency |W_ij| * sqrt(H_jj), used for reporting and permutation.
+    return wanda_score(weight, act)
+
+
+def _reorder(score: np.ndarray, rows: torch.Tensor | None, cols: torch.Tensor | None) -> np.ndarray:
+    """A score matrix in a permuted storage order (scores are equivariant to it)."""
+    if rows is not None:
+        score = score[rows.numpy()]
+    if cols is not None:
+        score = score[:, cols.numpy()]
+    return score
+
+
+def _reorder_stats(
+    stats: dict[str, InputStats], orders: dict[str, tuple[torch.Tensor | None, ...]]
+) -> dict[str, InputStats]:
+    """Input statistics in the permuted order of each Linear's input channels; Linears
+    that share an input (and an order) keep sharing one `InputStats`."""
+    out: dict[str, InputStats] = {}
+    done: dict[int, InputStats] = {}
+    for name, s in stats.items():
+        cols = orders.get(name, (None, None))[1]
+        if cols is None:
+            out[name] = s
+            continue
+        if id(s) not in done:
+            done[id(s)] = s.reordered(cols)
+        out[name] = done[id(s)]
+    return out
+
+
+@contextmanager
+def _placement(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[Any]:
+    """Puts everything but the blocks on `device` for the duration, and yields a context
+    that brings one block to `device` and back. Models dispatched by accelerate stay
+    where they are."""
+    if getattr(model, "hf_device_map", None):
+
+        @contextmanager
+        def in_place(block: nn.Module) -> Iterator[nn.Module]:
+            yield block
+
+        yield in_place
+        return
+
+    block_ids = {id(b) for b in blocks}
+    moved = []
+    for module in _outside_blocks(model, block_ids):
+        moved.append((module, module_device(module)))
+        module.to(device)
+
+    @contextmanager
+    def visit(block: nn.Module) -> Iterator[nn.Module]:
+        home = module_device(block)
+        block.to(device)
+        try:
+            yield block
+        finally:
+            block.to(home)
+
+    try:
+        yield visit
+    finally:
+        for module, home in moved:
+            module.to(home)
+
+
+def _outside_blocks(module: nn.Module, block_ids: set[int]) -> list[nn.Module]:
+    """The largest submodules that contain no block (their union is everything else)."""
+    out = []
+    for child in module.children():
+        if id(child) in block_ids:
+            continue
+        if any(id(m) in block_ids for m in child.modules()):
+            out.extend(_outside_blocks(child, block_ids))
+        else:
+            out.append(child)
+    return out
+
+
+class _StageTimer:
+    """Adds wall time per stage to the report (synchronising the GPU at boundaries)."""
+
+    def __init__(self, report: PruneReport) -> None:
+        self.report = report
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            seconds = self.report.stage_seconds
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
