@@ -85,7 +85,7 @@ def unstructured_mask(scores: ArrayLike, sparsity: float, per_row: bool = False)
     """
     s = float32_array(scores, "scores", 2)
     if not (isinstance(sparsity, (int, float)) and math.isfinite(sparsity) and 0 <= sparsity <= 1):
-        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+        raise InvalidArgumentError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
     count = s.shape[1] if per_row else s.size
     return _core.unstructured_mask(s, round(sparsity * count), bool(per_row))
 
@@ -93,7 +93,9 @@ def unstructured_mask(scores: ArrayLike, sparsity: float, per_row: bool = False)
 def _perm_array(perm: ArrayLike) -> np.ndarray:
     p = np.asarray(perm.cpu() if hasattr(perm, "cpu") else perm)
     if p.ndim != 1 or p.dtype.kind not in "iu":
-        raise ValueError(f"perm must be a 1-D integer array, got {p.dtype} of shape {p.shape}")
+        raise InvalidArgumentError(
+            f"perm must be a 1-D integer array, got {p.dtype} of shape {p.shape}"
+        )
     return np.ascontiguousarray(p, dtype=np.int64)
 
 
