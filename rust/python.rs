@@ -2,6 +2,13 @@
 //! the core. Arrays arrive C-contiguous (the Python layer makes them so); 16-bit
 //! weights arrive as raw `uint16` words with their format named, so nothing is upcast
 //! on the Python side.
+//!
+//! The permutation search's settings and result are the classes `SearchOptions` and
+//! `PermutationResult`, defined here and nowhere else: adding a search option is a field
+//! of [`permute::Options`] and one line in `search_options!` below (then
+//! `python -m ria._stubgen` rewrites `python/ria/_core.pyi`). Bad arguments raise
+//! `ria.errors.InvalidArgumentError` (a `ValueError`), wrong option types
+//! `ria.errors.InvalidTypeError` (a `TypeError`).
 
 use crate::error::InputError;
 use crate::matrix::{Element, MatRef};
@@ -13,14 +20,23 @@ use numpy::ndarray::Array2;
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOverflowError, PyRuntimeError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyTuple};
+use std::convert::Infallible;
+use std::fmt;
+use std::ops::Bound::{Excluded, Included, Unbounded};
+use std::ops::RangeBounds;
 use std::time::{Duration, Instant};
+
+// The exceptions of `ria.errors` (python/ria/errors.py): `InvalidArgumentError` is also
+// a `ValueError`, `InvalidTypeError` also a `TypeError`.
+pyo3::import_exception!(ria.errors, InvalidArgumentError);
+pyo3::import_exception!(ria.errors, InvalidTypeError);
 
 impl From<InputError> for PyErr {
     fn from(e: InputError) -> Self {
-        PyValueError::new_err(e.0)
+        InvalidArgumentError::new_err(e.0)
     }
 }
 
@@ -43,7 +59,7 @@ impl<'py> Weight<'py> {
             "f16" => Weight::Bits16(array.extract()?, Half::F16),
             "bf16" => Weight::Bits16(array.extract()?, Half::Bf16),
             other => {
-                return Err(PyValueError::new_err(format!(
+                return Err(InvalidArgumentError::new_err(format!(
                     "unknown weight format {other:?}"
                 )));
             }
@@ -117,7 +133,7 @@ fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
 ) -> PyResult<&'a [T]> {
     a.as_slice()
-        .map_err(|_| PyValueError::new_err("array must be C-contiguous"))
+        .map_err(|_| InvalidArgumentError::new_err("array must be C-contiguous"))
 }
 
 fn into_matrix<T: numpy::Element>(
@@ -228,7 +244,7 @@ fn score_refs<'a>(scores: &'a [PyReadonlyArray2<'_, f32>]) -> PyResult<Vec<MatRe
 /// Checks that `perm` is a permutation of `0..cols` and converts it.
 fn permutation(perm: &[i64], cols: usize) -> PyResult<Vec<u32>> {
     if perm.len() != cols {
-        return Err(PyValueError::new_err(format!(
+        return Err(InvalidArgumentError::new_err(format!(
             "perm has {} entries, expected {cols}",
             perm.len()
         )));
@@ -237,7 +253,7 @@ fn permutation(perm: &[i64], cols: usize) -> PyResult<Vec<u32>> {
     perm.iter()
         .map(|&p| {
             if p < 0 || p as usize >= cols || std::mem::replace(&mut seen[p as usize], true) {
-                Err(PyValueError::new_err(format!(
+                Err(InvalidArgumentError::new_err(format!(
                     "perm is not a permutation of 0..{cols}: {p} is out of range or repeated"
                 )))
             } else {
@@ -265,69 +281,496 @@ fn retained_score(
     Ok(py.detach(|| problem.retained(&perm)))
 }
 
+// --- search options: how each crosses the boundary -------------------------------------
+
+/// Why a Python value was refused for an option (the caller names the option).
+enum Bad {
+    /// Not of the option's Python type.
+    Type,
+    /// Of the right type but out of range: the condition it fails, e.g. ">= 1".
+    Value(String),
+}
+
+/// An option's value other than None: its Python type, the number its range is checked
+/// on, and the conversions both ways.
+trait Scalar: Sized {
+    /// The type in `_core.pyi`.
+    const PY_TYPE: &'static str;
+    /// Appended to range conditions in messages (" seconds").
+    const UNIT: &'static str = "";
+    type Num: PartialOrd + fmt::Display;
+    fn number(obj: &Bound<'_, PyAny>) -> Result<Self::Num, Bad>;
+    fn convert(n: Self::Num) -> Result<Self, Bad>;
+    fn scalar_to_py<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>>;
+}
+
+/// A Python int (or anything with `__index__`, such as numpy integers), but not a bool.
+fn int_number(obj: &Bound<'_, PyAny>) -> Result<i128, Bad> {
+    if obj.is_instance_of::<PyBool>() {
+        return Err(Bad::Type);
+    }
+    obj.extract::<i128>().map_err(|e| {
+        if e.is_instance_of::<PyOverflowError>(obj.py()) {
+            Bad::Value("a 128-bit integer".into())
+        } else {
+            Bad::Type
+        }
+    })
+}
+
+/// A finite Python float or int (or anything with `__float__`), but not a bool.
+fn float_number(obj: &Bound<'_, PyAny>) -> Result<f64, Bad> {
+    if obj.is_instance_of::<PyBool>() {
+        return Err(Bad::Type);
+    }
+    let x: f64 = obj.extract().map_err(|_| Bad::Type)?;
+    if x.is_finite() {
+        Ok(x)
+    } else {
+        Err(Bad::Value("finite".into()))
+    }
+}
+
+macro_rules! int_scalar {
+    ($($t:ty),*) => {$(
+        impl Scalar for $t {
+            const PY_TYPE: &'static str = "int";
+            type Num = i128;
+            fn number(obj: &Bound<'_, PyAny>) -> Result<i128, Bad> {
+                int_number(obj)
+            }
+            fn convert(n: i128) -> Result<Self, Bad> {
+                Self::try_from(n)
+                    .map_err(|_| Bad::Value(format!(">= {} and <= {}", Self::MIN, Self::MAX)))
+            }
+            fn scalar_to_py<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+                Ok(self.into_pyobject(py)?.into_any())
+            }
+        }
+    )*};
+}
+int_scalar!(u64, usize);
+
+impl Scalar for f64 {
+    const PY_TYPE: &'static str = "float";
+    type Num = f64;
+    fn number(obj: &Bound<'_, PyAny>) -> Result<f64, Bad> {
+        float_number(obj)
+    }
+    fn convert(n: f64) -> Result<Self, Bad> {
+        Ok(n)
+    }
+    fn scalar_to_py<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(PyFloat::new(py, *self).into_any())
+    }
+}
+
+/// A duration crosses as a float number of seconds.
+impl Scalar for Duration {
+    const PY_TYPE: &'static str = "float";
+    const UNIT: &'static str = " seconds";
+    type Num = f64;
+    fn number(obj: &Bound<'_, PyAny>) -> Result<f64, Bad> {
+        float_number(obj)
+    }
+    fn convert(n: f64) -> Result<Self, Bad> {
+        Duration::try_from_secs_f64(n).map_err(|e| Bad::Value(e.to_string()))
+    }
+    fn scalar_to_py<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(PyFloat::new(py, self.as_secs_f64()).into_any())
+    }
+}
+
+/// The type of a search option's field: a [`Scalar`], or an `Option` of one where None
+/// is a setting of its own (no cap, sized from the matrix).
+trait OptionValue: Sized {
+    type Num: PartialOrd + fmt::Display;
+    fn py_type() -> String;
+    fn from_py(obj: &Bound<'_, PyAny>, range: &impl RangeBounds<Self::Num>) -> Result<Self, Bad>;
+    fn to_py<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>>;
+}
+
+impl<T: Scalar> OptionValue for T {
+    type Num = T::Num;
+    fn py_type() -> String {
+        T::PY_TYPE.to_string()
+    }
+    fn from_py(obj: &Bound<'_, PyAny>, range: &impl RangeBounds<T::Num>) -> Result<Self, Bad> {
+        let n = T::number(obj)?;
+        if !range.contains(&n) {
+            return Err(Bad::Value(format!("{}{}", describe_range(range), T::UNIT)));
+        }
+        T::convert(n)
+    }
+    fn to_py<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.scalar_to_py(py)
+    }
+}
+
+impl<T: Scalar> OptionValue for Option<T> {
+    type Num = T::Num;
+    fn py_type() -> String {
+        format!("{} | None", T::PY_TYPE)
+    }
+    fn from_py(obj: &Bound<'_, PyAny>, range: &impl RangeBounds<T::Num>) -> Result<Self, Bad> {
+        if obj.is_none() {
+            Ok(None)
+        } else {
+            <T as OptionValue>::from_py(obj, range).map(Some)
+        }
+    }
+    fn to_py<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match self {
+            None => Ok(py.None().into_bound(py)),
+            Some(value) => value.scalar_to_py(py),
+        }
+    }
+}
+
+/// ">= 1", "> 0 and <= 1000000000".
+fn describe_range<N: fmt::Display>(range: &impl RangeBounds<N>) -> String {
+    let low = match range.start_bound() {
+        Included(a) => Some(format!(">= {a}")),
+        Excluded(a) => Some(format!("> {a}")),
+        Unbounded => None,
+    };
+    let high = match range.end_bound() {
+        Included(b) => Some(format!("<= {b}")),
+        Excluded(b) => Some(format!("< {b}")),
+        Unbounded => None,
+    };
+    [low, high]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" and ")
+}
+
+/// The option `name` from a Python value: type and range checked, with errors that name
+/// the option (`InvalidTypeError`, `InvalidArgumentError`).
+fn option_value<T: OptionValue>(
+    name: &str,
+    obj: &Bound<'_, PyAny>,
+    range: impl RangeBounds<T::Num>,
+) -> PyResult<T> {
+    T::from_py(obj, &range).map_err(|bad| {
+        let repr = obj.repr().map_or_else(|_| "?".into(), |r| r.to_string());
+        match bad {
+            Bad::Type => {
+                let ty = obj
+                    .get_type()
+                    .name()
+                    .map_or_else(|_| "?".into(), |n| n.to_string());
+                InvalidTypeError::new_err(format!(
+                    "{name} must be of type {}, got {repr} of type {ty}",
+                    T::py_type()
+                ))
+            }
+            Bad::Value(condition) => {
+                InvalidArgumentError::new_err(format!("{name} must be {condition}, got {repr}"))
+            }
+        }
+    })
+}
+
+/// A keyword argument that may be absent, in which case the option keeps its default.
+/// None given explicitly is a value: only options whose type admits None accept it.
+enum Given<'py> {
+    Absent,
+    Value(Bound<'py, PyAny>),
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Given<'py> {
+    type Error = Infallible;
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> Result<Self, Self::Error> {
+        Ok(Given::Value(obj.to_owned()))
+    }
+}
+
+/// Declares the `SearchOptions` pyclass from one line per option: its doc (shown by the
+/// getter and in `_core.pyi`), name, Rust type and accepted range. `core` options are the
+/// fields of [`permute::Options`] (listing all of them is checked at compile time), with
+/// their defaults; `binding` options belong to this layer and give their default here.
+/// Everything else (constructor, getters, validation, `to_dict`, `__repr__`, `__eq__`,
+/// `__hash__`, pickling) is generated from that list.
+macro_rules! search_options {
+    (
+        $(#[doc = $doc:literal])*
+        core {$(
+            $(#[doc = $cdoc:literal])+
+            $c:ident: $cty:ty, $crange:expr;
+        )*}
+        binding {$(
+            $(#[doc = $bdoc:literal])+
+            $b:ident: $bty:ty = $bdefault:expr, $brange:expr;
+        )*}
+    ) => {
+        $(#[doc = $doc])*
+        #[pyclass(frozen, eq, module = "ria._core")]
+        #[derive(Clone, Debug)]
+        pub(crate) struct SearchOptions {
+            core: Options,
+            $($b: $bty,)*
+        }
+
+        /// Stops compiling when `permute::Options` gains a field that is not listed.
+        const _: fn(Options) = |options| {
+            let Options { $($c: _,)* } = options;
+        };
+
+        impl Default for SearchOptions {
+            fn default() -> Self {
+                Self { core: Options::default(), $($b: $bdefault,)* }
+            }
+        }
+
+        impl SearchOptions {
+            /// Every option's name and value, in declaration order.
+            fn items<'py>(
+                &self,
+                py: Python<'py>,
+            ) -> PyResult<Vec<(&'static str, Bound<'py, PyAny>)>> {
+                Ok(vec![
+                    $((stringify!($c), OptionValue::to_py(&self.core.$c, py)?),)*
+                    $((stringify!($b), OptionValue::to_py(&self.$b, py)?),)*
+                ])
+            }
+
+        }
+
+        impl PartialEq for SearchOptions {
+            fn eq(&self, other: &Self) -> bool {
+                true $(&& self.core.$c == other.core.$c)* $(&& self.$b == other.$b)*
+            }
+        }
+
+        #[pymethods]
+        impl SearchOptions {
+            #[new]
+            #[allow(clippy::too_many_arguments, reason = "one keyword per option")]
+            #[pyo3(signature = (*, $($c = Given::Absent,)* $($b = Given::Absent,)*))]
+            fn new($($c: Given<'_>,)* $($b: Given<'_>,)*) -> PyResult<Self> {
+                let mut options = Self::default();
+                $(if let Given::Value(value) = $c {
+                    options.core.$c = option_value::<$cty>(stringify!($c), &value, $crange)?;
+                })*
+                $(if let Given::Value(value) = $b {
+                    options.$b = option_value::<$bty>(stringify!($b), &value, $brange)?;
+                })*
+                Ok(options)
+            }
+
+            $(
+                $(#[doc = $cdoc])+
+                #[getter]
+                fn $c<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+                    OptionValue::to_py(&self.core.$c, py)
+                }
+            )*
+            $(
+                $(#[doc = $bdoc])+
+                #[getter]
+                fn $b<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+                    OptionValue::to_py(&self.$b, py)
+                }
+            )*
+
+            /// The Python type of every option, by name (read by `ria._stubgen`).
+            #[classattr]
+            fn _option_types(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+                let types = PyDict::new(py);
+                $(types.set_item(stringify!($c), <$cty as OptionValue>::py_type())?;)*
+                $(types.set_item(stringify!($b), <$bty as OptionValue>::py_type())?;)*
+                Ok(types)
+            }
+
+            /// Every option as `{name: value}` of plain Python types (int, float, None;
+            /// seconds for `time_budget`): what a checkpoint's JSON records, and
+            /// `SearchOptions(**options.to_dict())` gives equal options back.
+            fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+                let dict = PyDict::new(py);
+                for (name, value) in self.items(py)? {
+                    dict.set_item(name, value)?;
+                }
+                Ok(dict)
+            }
+
+            fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+                let fields = self
+                    .items(py)?
+                    .into_iter()
+                    .map(|(name, value)| Ok(format!("{name}={}", value.repr()?)))
+                    .collect::<PyResult<Vec<_>>>()?;
+                Ok(format!("SearchOptions({})", fields.join(", ")))
+            }
+
+            fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
+                let values = self.items(py)?.into_iter().map(|(_, value)| value);
+                PyTuple::new(py, values)?.hash()
+            }
+
+            /// Pickling and copying rebuild the options from their keywords.
+            fn __getnewargs_ex__<'py>(
+                &self,
+                py: Python<'py>,
+            ) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyDict>)> {
+                Ok((PyTuple::empty(py), self.to_dict(py)?))
+            }
+        }
+    };
+}
+
+// --- the permutation search: its options and its result -------------------------------
+
+/// Most `threads`: more than any machine this runs on, few enough to catch a typo.
+const MAX_THREADS: i128 = 1024;
+/// Most `chains`: every chain holds a copy of the search state.
+const MAX_CHAINS: i128 = 1024;
+/// Longest `time_budget`, in seconds (about 30 years; far longer overflows a deadline).
+const MAX_SECONDS: f64 = 1e9;
+
+search_options! {
+    /// Settings of `search_permutation`. Frozen; every keyword is optional and
+    /// `SearchOptions()` gives the defaults the benchmarks report. The result is identical
+    /// for equal options on any number of threads, unless `time_budget` stops the search.
+    core {
+        /// Seed of every random choice (block draws, slot orders, tabu chains).
+        seed: u64, ..;
+        /// Wall-clock cap on the whole search in seconds, or None for no cap. With a cap
+        /// the result depends on the machine's speed.
+        time_budget: Option<Duration>, (Excluded(0.0), Included(MAX_SECONDS));
+        /// A slot-LSA step makes progress when it gains more than this fraction of the gap
+        /// `upper_bound - identity` (a fraction in [0, 1]).
+        tolerance: f64, 0.0..=1.0;
+        /// Steps in a row without progress (see `tolerance`) that end a descent.
+        patience: usize, 1..;
+        /// Cap on slot-LSA steps in the block phase (0 skips it).
+        max_steps: usize, 0..;
+        /// Groups (of m columns) per assignment in the block phase, or None to size the
+        /// blocks from the matrix: all groups when one assignment over all is cheap, else
+        /// as few as keep a step cheap, at least 64.
+        block_groups: Option<usize>, 2..;
+        /// Cap on slot-LSA steps over all groups at once, after the block phase; fewer on
+        /// large matrices, where one step would take minutes.
+        global_steps: usize, 0..;
+        /// Tabu steps per chain, or None to size them from the matrix (none on large
+        /// matrices, where slot-LSA is the better use of time). 0 skips tabu search.
+        tabu_steps: Option<usize>, 0..;
+        /// Steps a column may not return to a group it left (randomised around this), or
+        /// None for half the number of groups, clamped to 4..=16.
+        tabu_tenure: Option<usize>, 1..;
+        /// Independent tabu chains, each with its own seed (at most 1024).
+        chains: usize, 1..=MAX_CHAINS;
+    }
+    binding {
+        /// Worker threads, or None for one per core (at most 1024). The result does not
+        /// depend on it.
+        threads: Option<usize> = None, 1..=MAX_THREADS;
+    }
+}
+
+/// A column permutation for N:M sparsity and how good it is. Scores are sums of the
+/// scores an N:M mask keeps, over all rows of all matrices searched together.
+#[pyclass(frozen, module = "ria._core")]
+pub(crate) struct PermutationResult {
+    /// The new column order (int64): position p holds original column perm[p], so
+    /// `scores[:, perm]` is the permuted matrix.
+    #[pyo3(get)]
+    perm: Py<PyArray1<i64>>,
+    /// Score kept by the N:M mask after the permutation.
+    #[pyo3(get)]
+    retained: f64,
+    /// Score kept by the N:M mask in the original column order.
+    #[pyo3(get)]
+    identity: f64,
+    /// Score kept when every row keeps its best n/m of the columns (unstructured); no
+    /// permutation can beat it.
+    #[pyo3(get)]
+    upper_bound: f64,
+    /// Share of the gap between `identity` and `upper_bound` that the permutation
+    /// closes, `(retained - identity) / (upper_bound - identity)` (NVIDIA apex's
+    /// measure); 1.0 when there is no gap.
+    #[pyo3(get)]
+    efficacy: f64,
+    /// Score kept after RIA's heuristic allocation alone, before any search.
+    #[pyo3(get)]
+    heuristic_retained: f64,
+    /// Slot-LSA (linear assignment) steps made.
+    #[pyo3(get)]
+    lsa_steps: usize,
+    /// Tabu steps made, over all chains.
+    #[pyo3(get)]
+    tabu_steps: usize,
+    /// True when `perm` is a proven optimum (small problems are solved exhaustively).
+    #[pyo3(get)]
+    exact: bool,
+    /// Wall-clock seconds the call took.
+    #[pyo3(get)]
+    seconds: f64,
+}
+
+/// `x` formatted like Python's `format(x, spec)`.
+fn py_format(py: Python<'_>, x: f64, spec: &str) -> PyResult<String> {
+    PyFloat::new(py, x)
+        .call_method1("__format__", (spec,))?
+        .extract()
+}
+
+#[pymethods]
+impl PermutationResult {
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "PermutationResult(efficacy={}%, retained={}, identity={}, upper_bound={}, \
+             columns={}, {}s)",
+            py_format(py, 100.0 * self.efficacy, ".2f")?,
+            py_format(py, self.retained, ".6g")?,
+            py_format(py, self.identity, ".6g")?,
+            py_format(py, self.upper_bound, ".6g")?,
+            self.perm.bind(py).len(),
+            py_format(py, self.seconds, ".2f")?,
+        ))
+    }
+
+    fn __str__(&self, py: Python<'_>) -> PyResult<String> {
+        self.__repr__(py)
+    }
+}
+
+/// The best column order for an N:M mask on `scores` (see `ria.core.search_permutation`).
 #[pyfunction]
-#[pyo3(signature = (scores, n, m, *, seed=0, time_budget=None, threads=None, patience=None, max_steps=None, block_groups=None, global_steps=None, tabu_steps=None, chains=None))]
-#[allow(clippy::too_many_arguments)]
-fn search_permutation<'py>(
-    py: Python<'py>,
-    scores: Vec<PyReadonlyArray2<'py, f32>>,
+#[pyo3(signature = (scores, n, m, options=None))]
+fn search_permutation(
+    py: Python<'_>,
+    scores: Vec<PyReadonlyArray2<'_, f32>>,
     n: usize,
     m: usize,
-    seed: u64,
-    time_budget: Option<f64>,
-    threads: Option<usize>,
-    patience: Option<usize>,
-    max_steps: Option<usize>,
-    block_groups: Option<usize>,
-    global_steps: Option<usize>,
-    tabu_steps: Option<usize>,
-    chains: Option<usize>,
-) -> PyResult<Bound<'py, PyDict>> {
+    options: Option<Bound<'_, SearchOptions>>,
+) -> PyResult<PermutationResult> {
     let started = Instant::now();
-    let mut options = Options {
-        seed,
-        ..Options::default()
-    };
-    if let Some(b) = time_budget {
-        if !(b.is_finite() && b > 0.0) {
-            return Err(PyValueError::new_err(format!(
-                "time_budget must be a positive number of seconds, got {b}"
-            )));
-        }
-        options.time_budget = Some(Duration::from_secs_f64(b));
-    }
-    options.patience = patience.unwrap_or(options.patience);
-    options.max_steps = max_steps.unwrap_or(options.max_steps);
-    options.block_groups = block_groups.or(options.block_groups);
-    options.global_steps = global_steps.unwrap_or(options.global_steps);
-    options.tabu_steps = tabu_steps.or(options.tabu_steps);
-    options.chains = chains.unwrap_or(options.chains);
-    if threads == Some(0) {
-        return Err(PyValueError::new_err("threads must be >= 1"));
-    }
+    let options = options.map(|o| o.get().clone()).unwrap_or_default();
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.unwrap_or(0))
+        .num_threads(options.threads.unwrap_or(0))
         .build()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot start worker threads: {e}")))?;
     let mats = score_refs(&scores)?;
     let outcome = py.detach(|| {
         pool.install(|| {
-            Problem::new(&mats, n, m).map(|problem| permute::search(&problem, &options))
+            Problem::new(&mats, n, m).map(|problem| permute::search(&problem, &options.core))
         })
     })?;
-    let result = PyDict::new(py);
     let perm: Vec<i64> = outcome.perm.iter().map(|&p| i64::from(p)).collect();
-    result.set_item("perm", PyArray1::from_vec(py, perm))?;
-    result.set_item("retained", outcome.retained)?;
-    result.set_item("identity_retained", outcome.identity)?;
-    result.set_item("heuristic_retained", outcome.heuristic)?;
-    result.set_item("upper_bound", outcome.upper_bound)?;
-    result.set_item("efficacy", outcome.efficacy())?;
-    result.set_item("lsa_steps", outcome.lsa_steps)?;
-    result.set_item("tabu_steps", outcome.tabu_steps)?;
-    result.set_item("exact", outcome.exact)?;
-    result.set_item("seconds", started.elapsed().as_secs_f64())?;
-    Ok(result)
+    Ok(PermutationResult {
+        perm: PyArray1::from_vec(py, perm).unbind(),
+        retained: outcome.retained,
+        identity: outcome.identity,
+        upper_bound: outcome.upper_bound,
+        efficacy: outcome.efficacy(),
+        heuristic_retained: outcome.heuristic,
+        lsa_steps: outcome.lsa_steps,
+        tabu_steps: outcome.tabu_steps,
+        exact: outcome.exact,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 #[pymodule]
@@ -339,6 +782,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unstructured_mask, m)?)?;
     m.add_function(wrap_pyfunction!(retained_score, m)?)?;
     m.add_function(wrap_pyfunction!(search_permutation, m)?)?;
+    m.add_class::<SearchOptions>()?;
+    m.add_class::<PermutationResult>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import json
+import pickle
 import threading
 
 import numpy as np
@@ -10,6 +13,8 @@ import pytest
 import torch
 
 import ria
+from ria.core import PermutationResult, SearchOptions
+from ria.errors import InvalidArgumentError, InvalidTypeError, RiaError
 
 
 def naive_ria(w: np.ndarray, act: np.ndarray, alpha: float) -> np.ndarray:
@@ -198,12 +203,11 @@ def test_search_result_is_consistent_and_beats_apex_on_its_own_matrix():
     np.random.seed(1)
     s = np.random.rand(128, 64)  # NVIDIA apex README's example
     result = ria.search_permutation(s, 2, 4)
-    assert result.identity_retained == pytest.approx(2852.38, abs=0.01)
+    assert result.identity == pytest.approx(2852.38, abs=0.01)
     assert result.upper_bound == pytest.approx(3042.33, abs=0.01)
     assert result.retained == pytest.approx(ria.retained_score(s, 2, 4, result.perm), rel=1e-12)
     assert result.efficacy == pytest.approx(
-        (result.retained - result.identity_retained)
-        / (result.upper_bound - result.identity_retained)
+        (result.retained - result.identity) / (result.upper_bound - result.identity)
     )
     assert result.efficacy > 0.366  # apex's best published result on this matrix
     assert sorted(result.perm.tolist()) == list(range(64))
@@ -221,7 +225,7 @@ def test_search_is_deterministic_across_thread_counts(rng):
 def test_search_never_loses_to_the_identity(rng):
     s = np.ones((8, 32), np.float32)  # nothing to gain
     result = ria.search_permutation(s, 2, 4)
-    assert result.retained == result.identity_retained and result.efficacy == 1.0
+    assert result.retained == result.identity and result.efficacy == 1.0
     s = rng.random((16, 64)).astype(np.float32)
     assert ria.search_permutation(s, 4, 8, tabu_steps=100).retained >= ria.retained_score(s, 4, 8)
 
@@ -229,7 +233,7 @@ def test_search_never_loses_to_the_identity(rng):
 def test_search_accepts_torch_tensors(rng):
     s = torch.from_numpy(rng.random((8, 32)).astype(np.float32)).to(torch.bfloat16)
     result = ria.search_permutation(s, 2, 4, tabu_steps=20)
-    assert result.retained >= result.identity_retained
+    assert result.retained >= result.identity
 
 
 def test_search_releases_the_gil(rng):
@@ -278,3 +282,134 @@ def test_search_rejects_bad_options(rng):
         ria.search_permutation(s, 2, 4, time_budget=-1.0)
     with pytest.raises(ValueError, match="threads"):
         ria.search_permutation(s, 2, 4, threads=0)
+
+
+# --- search options -----------------------------------------------------------------
+
+
+def test_search_options_defaults_match_the_keywordless_search(rng):
+    options = SearchOptions()
+    assert options == SearchOptions(**options.to_dict())
+    assert options.seed == 0 and options.time_budget is None and options.threads is None
+    assert options.patience >= 1 and options.chains >= 1 and options.max_steps > 0
+    s = rng.random((16, 64)).astype(np.float32)
+    np.testing.assert_array_equal(
+        ria.search_permutation(s, 2, 4, options).perm, ria.search_permutation(s, 2, 4).perm
+    )
+
+
+def test_options_object_and_keywords_give_the_same_search(rng):
+    s = rng.random((16, 64)).astype(np.float32)
+    by_object = ria.search_permutation(s, 2, 4, SearchOptions(seed=5))
+    by_keyword = ria.search_permutation(s, 2, 4, seed=5)
+    np.testing.assert_array_equal(by_object.perm, by_keyword.perm)
+    assert (by_object.retained, by_object.lsa_steps, by_object.tabu_steps) == (
+        by_keyword.retained,
+        by_keyword.lsa_steps,
+        by_keyword.tabu_steps,
+    )
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        ria.search_permutation(s, 2, 4, SearchOptions(), seed=5)
+
+
+def test_search_options_to_dict_is_plain_json():
+    options = SearchOptions(seed=3, time_budget=2.5, block_groups=64, threads=2)
+    d = options.to_dict()
+    assert list(d) == list(SearchOptions._option_types)
+    assert d["seed"] == 3 and d["time_budget"] == 2.5 and d["block_groups"] == 64
+    assert d["threads"] == 2 and d["tabu_steps"] is None
+    assert json.loads(json.dumps(d)) == d
+    assert SearchOptions(**d) == options
+
+
+def test_search_options_equality_hash_repr_and_copies():
+    a = SearchOptions(seed=1, time_budget=1.5)
+    b = SearchOptions(time_budget=1.5, seed=1)
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != SearchOptions(seed=2) and a != SearchOptions() and a != "seed=1"
+    assert repr(a).startswith("SearchOptions(seed=1, time_budget=1.5, ")
+    assert eval(repr(a), {"SearchOptions": SearchOptions}) == a
+    assert pickle.loads(pickle.dumps(a)) == a and copy.deepcopy(a) == a
+    with pytest.raises(AttributeError):
+        a.seed = 2  # type: ignore[misc]
+
+
+def test_search_options_accept_numpy_integers_and_ints_for_floats():
+    options = SearchOptions(patience=np.int64(3), time_budget=2, tolerance=0)
+    assert options.patience == 3 and type(options.patience) is int
+    assert options.time_budget == 2.0 and options.tolerance == 0.0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"time_budget": -1.0}, r"time_budget must be > 0 .* seconds, got -1\.0"),
+        ({"time_budget": 0}, "time_budget must be > 0"),
+        ({"time_budget": float("inf")}, "time_budget must be finite"),
+        ({"time_budget": 1e12}, "time_budget must be .*<= 1000000000"),
+        ({"threads": 0}, "threads must be >= 1 and <= 1024, got 0"),
+        ({"threads": 100_000}, "threads must be >= 1 and <= 1024"),
+        ({"patience": 0}, "patience must be >= 1, got 0"),
+        ({"chains": 0}, "chains must be >= 1"),
+        ({"block_groups": 1}, "block_groups must be >= 2"),
+        ({"tabu_tenure": 0}, "tabu_tenure must be >= 1"),
+        ({"max_steps": -1}, "max_steps must be >= 0"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"seed": 2**64}, "seed must be >= 0 and <= 18446744073709551615"),
+        ({"tolerance": 2.0}, "tolerance must be >= 0 and <= 1"),
+    ],
+)
+def test_a_bad_option_value_is_an_invalid_argument_naming_it(rng, options, message):
+    with pytest.raises(InvalidArgumentError, match=message) as caught:
+        SearchOptions(**options)
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, RiaError)
+    s = rng.random((2, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=message):
+        ria.search_permutation(s, 2, 4, **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"patience": 2.5}, "patience must be of type int, got 2.5 of type float"),
+        ({"patience": True}, "patience must be of type int, got True of type bool"),
+        ({"chains": None}, "chains must be of type int, got None"),
+        ({"block_groups": "64"}, r"block_groups must be of type int \| None, got '64'"),
+        ({"time_budget": "5"}, r"time_budget must be of type float \| None"),
+    ],
+)
+def test_a_bad_option_type_is_an_invalid_type_naming_it(options, message):
+    with pytest.raises(InvalidTypeError, match=message) as caught:
+        SearchOptions(**options)
+    assert isinstance(caught.value, TypeError)
+
+
+def test_an_unknown_option_is_a_type_error(rng):
+    with pytest.raises(TypeError, match="bogus"):
+        SearchOptions(bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="bogus"):
+        ria.search_permutation(rng.random((2, 8)).astype(np.float32), 2, 4, bogus=1)
+
+
+def test_core_input_errors_are_invalid_argument_errors():
+    with pytest.raises(InvalidArgumentError, match="1 <= n < m"):
+        ria.nm_mask(np.ones((2, 8), np.float32), 4, 4)
+    with pytest.raises(InvalidArgumentError, match="not divisible"):
+        ria.search_permutation(np.ones((2, 10), np.float32), 2, 4)
+    with pytest.raises(InvalidArgumentError, match="not a permutation"):
+        ria.retained_score(np.ones((2, 8), np.float32), 2, 4, np.zeros(8, np.int64))
+
+
+def test_permutation_result_is_frozen_and_reads_like_a_summary(rng):
+    s = rng.random((8, 32)).astype(np.float32)
+    result = ria.search_permutation(s, 2, 4, tabu_steps=20)
+    assert isinstance(result, PermutationResult)
+    text = str(result)
+    assert text == repr(result)
+    assert text.startswith("PermutationResult(efficacy=") and "columns=32" in text
+    assert f"identity={result.identity:.6g}" in text
+    assert result.heuristic_retained <= result.upper_bound
+    assert isinstance(result.lsa_steps, int) and isinstance(result.exact, bool)
+    assert not hasattr(result, "identity_retained")
+    with pytest.raises(AttributeError):
+        result.retained = 0.0  # type: ignore[misc]

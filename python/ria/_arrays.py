@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidArgumentError, InvalidTypeError
+
 try:  # torch is a dependency, but the core API must not need it.
     import torch
 except ImportError:  # pragma: no cover
@@ -26,7 +28,7 @@ def _is_tensor(x: object) -> bool:
 
 def _check_2d(shape: tuple[int, ...], name: str) -> None:
     if len(shape) != 2:
-        raise ValueError(f"{name} must be 2-D (rows x columns), got shape {tuple(shape)}")
+        raise InvalidArgumentError(f"{name} must be 2-D (rows x columns), got shape {tuple(shape)}")
 
 
 def weight_array(weight: ArrayLike, name: str = "weight") -> tuple[np.ndarray, str]:
@@ -42,7 +44,7 @@ def weight_array(weight: ArrayLike, name: str = "weight") -> tuple[np.ndarray, s
         if fmt is None and t.dtype == torch.float64:
             t, fmt = t.float(), "f32"
         if fmt is None:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"{name} has unsupported dtype {t.dtype}; use float32, float16 or bfloat16"
             )
         t = t.cpu().contiguous()
@@ -59,21 +61,23 @@ def weight_array(weight: ArrayLike, name: str = "weight") -> tuple[np.ndarray, s
         return np.ascontiguousarray(array).view(np.uint16), "f16"
     if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16
         return np.ascontiguousarray(array).view(np.uint16), "bf16"
-    raise TypeError(f"{name} has unsupported dtype {array.dtype}; use float32, float16 or bfloat16")
+    raise InvalidTypeError(
+        f"{name} has unsupported dtype {array.dtype}; use float32, float16 or bfloat16"
+    )
 
 
 def float32_array(x: ArrayLike, name: str, ndim: int) -> np.ndarray:
     """A C-contiguous float32 array of `ndim` dimensions (other float types converted)."""
     if _is_tensor(x):
         if not x.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+            raise InvalidTypeError(f"{name} must be floating point, got {x.dtype}")
         array = x.detach().float().cpu().numpy()
     else:
         array = np.asarray(x)
         if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
-            raise TypeError(f"{name} must be floating point, got {array.dtype}")
+            raise InvalidTypeError(f"{name} must be floating point, got {array.dtype}")
     if array.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(array.shape)}")
+        raise InvalidArgumentError(f"{name} must be {ndim}-D, got shape {tuple(array.shape)}")
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -81,6 +85,6 @@ def score_list(scores: ArrayLike | list[ArrayLike] | tuple[ArrayLike, ...]) -> l
     """One score matrix or a list of them (layers sharing an input) as float32 arrays."""
     if isinstance(scores, (list, tuple)):
         if not scores:
-            raise ValueError("scores is an empty list")
+            raise InvalidArgumentError("scores is an empty list")
         return [float32_array(s, f"scores[{i}]", 2) for i, s in enumerate(scores)]
     return [float32_array(scores, "scores", 2)]

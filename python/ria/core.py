@@ -9,15 +9,23 @@ numpy arrays. Work runs in Rust on all cores with the GIL released.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import _core
 from ._arrays import ArrayLike, float32_array, score_list, weight_array
+from ._core import PermutationResult, SearchOptions
+from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._core import _SearchOptionsKwargs
 
 __all__ = [
     "PermutationResult",
+    "SearchOptions",
     "magnitude_score",
     "nm_mask",
     "retained_score",
@@ -77,7 +85,7 @@ def unstructured_mask(scores: ArrayLike, sparsity: float, per_row: bool = False)
     """
     s = float32_array(scores, "scores", 2)
     if not (isinstance(sparsity, (int, float)) and math.isfinite(sparsity) and 0 <= sparsity <= 1):
-        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+        raise InvalidArgumentError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
     count = s.shape[1] if per_row else s.size
     return _core.unstructured_mask(s, round(sparsity * count), bool(per_row))
 
@@ -85,7 +93,9 @@ def unstructured_mask(scores: ArrayLike, sparsity: float, per_row: bool = False)
 def _perm_array(perm: ArrayLike) -> np.ndarray:
     p = np.asarray(perm.cpu() if hasattr(perm, "cpu") else perm)
     if p.ndim != 1 or p.dtype.kind not in "iu":
-        raise ValueError(f"perm must be a 1-D integer array, got {p.dtype} of shape {p.shape}")
+        raise InvalidArgumentError(
+            f"perm must be a 1-D integer array, got {p.dtype} of shape {p.shape}"
+        )
     return np.ascontiguousarray(p, dtype=np.int64)
 
 
@@ -99,48 +109,12 @@ def retained_score(
     return _core.retained_score(mats, int(n), int(m), None if perm is None else _perm_array(perm))
 
 
-@dataclass(frozen=True)
-class PermutationResult:
-    """A column permutation for N:M sparsity and how good it is.
-
-    `perm` is the new column order (`scores[:, perm]`). `efficacy` is the share of the
-    gap between the identity and the per-row unstructured upper bound that it closes
-    (NVIDIA apex's measure); 1.0 when there is no gap.
-    """
-
-    perm: np.ndarray
-    retained: float
-    identity_retained: float
-    upper_bound: float
-    efficacy: float
-    heuristic_retained: float
-    lsa_steps: int
-    tabu_steps: int
-    exact: bool
-    seconds: float
-
-    def __str__(self) -> str:
-        return (
-            f"PermutationResult(efficacy={100 * self.efficacy:.2f}%, retained={self.retained:.6g}, "
-            f"identity={self.identity_retained:.6g}, upper_bound={self.upper_bound:.6g}, "
-            f"columns={self.perm.size}, {self.seconds:.2f}s)"
-        )
-
-
 def search_permutation(
     scores: ArrayLike | list[ArrayLike],
     n: int,
     m: int,
-    *,
-    seed: int = 0,
-    time_budget: float | None = None,
-    threads: int | None = None,
-    patience: int | None = None,
-    max_steps: int | None = None,
-    block_groups: int | None = None,
-    global_steps: int | None = None,
-    tabu_steps: int | None = None,
-    chains: int | None = None,
+    options: SearchOptions | None = None,
+    **kwargs: Unpack[_SearchOptionsKwargs],
 ) -> PermutationResult:
     """Find a column permutation that maximises the score kept by an N:M mask.
 
@@ -154,30 +128,20 @@ def search_permutation(
             the same `cols` (layers reading one input share one permutation; the
             objective is their sum).
         n, m: the pattern, keep `n` of every `m` (1 <= n < m, m divides cols).
-        seed: the result is identical for a fixed seed on any number of threads.
-        time_budget: wall-clock cap in seconds (the result then depends on speed).
-        threads: worker threads (default: all cores).
-        patience: block-phase steps in a row without progress that end it (default 8).
-        max_steps: cap on block-phase steps (400).
-        block_groups: groups per assignment in the block phase (default: all groups when
-            one assignment over all is cheap, else as few as keep a step cheap, >= 64).
-        global_steps: cap on steps over all groups at once, after the blocks (8).
-        tabu_steps: tabu steps per chain (default: sized from the matrix, 0 for large).
-        chains: independent tabu chains (8).
+        options: the search's settings, a `SearchOptions` (see it for every option, its
+            unit and default); None gives the defaults.
+        **kwargs: the same settings as keywords (`seed=1, time_budget=5.0`), a shorthand
+            for `options=SearchOptions(**kwargs)`; not together with `options`.
+
+    Raises:
+        InvalidArgumentError (a ValueError) for a bad input or option value, naming it;
+        InvalidTypeError (a TypeError) for an option of the wrong type.
     """
-    mats = score_list(scores)
-    raw = _core.search_permutation(
-        mats,
-        int(n),
-        int(m),
-        seed=int(seed),
-        time_budget=time_budget,
-        threads=threads,
-        patience=patience,
-        max_steps=max_steps,
-        block_groups=block_groups,
-        global_steps=global_steps,
-        tabu_steps=tabu_steps,
-        chains=chains,
-    )
-    return PermutationResult(**raw)
+    if kwargs:
+        if options is not None:
+            raise InvalidArgumentError(
+                "pass the search options either as `options` or as keywords, not both "
+                f"(got options and {', '.join(sorted(kwargs))})"
+            )
+        options = SearchOptions(**kwargs)
+    return _core.search_permutation(score_list(scores), int(n), int(m), options)
