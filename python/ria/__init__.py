@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ._core import __version__
 from .core import (
     PermutationResult,
+    SearchOptions,
     magnitude_score,
     nm_mask,
     retained_score,
@@ -76,6 +77,7 @@ __all__ = [
     "PruneConfig",
     "PruneReport",
     "RiaError",
+    "SearchOptions",
     "Sparse24Linear",
     "SparsifyReport",
     "Sparsity",

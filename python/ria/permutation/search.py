@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..arch import BlockSpec, Heads
-from ..core import PermutationResult, search_permutation
+from ..core import PermutationResult, SearchOptions, search_permutation
 from .apply import BlockPermutation
 
 
@@ -46,7 +46,7 @@ class SearchStats:
     def of(cls, results: list[PermutationResult]) -> SearchStats:
         return cls(
             sum(r.retained for r in results),
-            sum(r.identity_retained for r in results),
+            sum(r.identity for r in results),
             sum(r.upper_bound for r in results),
             sum(r.seconds for r in results),
         )
@@ -58,15 +58,17 @@ def search_block(
     heads: Heads,
     n: int,
     m: int,
-    options: dict[str, Any],
+    options: SearchOptions | dict[str, Any],
 ) -> tuple[BlockPermutation, dict[str, SearchStats]]:
     """Input orders for one block and, per Linear name, the stats of the search that
-    decided its order. `options` go to `ria.search_permutation`."""
+    decided its order, every search run with `options` (or a dict of their settings)."""
+    if isinstance(options, dict):
+        options = SearchOptions(**options)
     perm = BlockPermutation()
     stats: dict[str, SearchStats] = {}
 
     def solve(names: tuple[str, ...]) -> torch.Tensor:
-        result = search_permutation([scores[x] for x in names], n, m, **options)
+        result = search_permutation([scores[x] for x in names], n, m, options)
         for x in names:
             stats[x] = SearchStats.of([result])
         return torch.from_numpy(result.perm)
@@ -80,7 +82,7 @@ def search_block(
 
 
 def _search_heads(
-    score: np.ndarray, heads: Heads, n: int, m: int, options: dict[str, Any]
+    score: np.ndarray, heads: Heads, n: int, m: int, options: SearchOptions
 ) -> tuple[torch.Tensor, SearchStats]:
     """One within-head order per key/value head: the N:M groups of o_proj never straddle
     heads (m divides head_dim), so the objective splits into one problem per key/value
@@ -90,7 +92,7 @@ def _search_heads(
     orders, results = [], []
     for kv in range(heads.num_kv_heads):
         blocks = [score[:, h * d : (h + 1) * d] for h in range(kv * group, (kv + 1) * group)]
-        result = search_permutation(blocks, n, m, **options)
+        result = search_permutation(blocks, n, m, options)
         orders.append(torch.from_numpy(result.perm))
         results.append(result)
     return torch.stack(orders), SearchStats.of(results)

@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from ..core import SearchOptions
 from ..errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = ["METHODS", "Method", "PruneConfig", "Sparsity"]
@@ -84,7 +85,9 @@ class PruneConfig:
     device: torch.device | None = None
     progress: bool = True
     batch_size: int = 1
-    permutation_options: dict[str, Any] = field(default_factory=dict)
+    # A dict of `SearchOptions` settings is accepted and converted; the search's seed is
+    # `seed` unless the options name their own.
+    permutation_options: SearchOptions = field(default_factory=SearchOptions)
 
     def __post_init__(self) -> None:
         # Normalise what has one obvious meaning, refuse the rest before any work starts.
@@ -114,11 +117,15 @@ class PruneConfig:
                 set_(self, "device", torch.device(self.device))
             except (RuntimeError, TypeError) as exc:
                 raise InvalidArgumentError(f"bad device {self.device!r}: {exc}") from None
-        if not isinstance(self.permutation_options, dict):
+        options: Any = self.permutation_options
+        if isinstance(options, dict):
+            options = SearchOptions(**{"seed": self.seed, **options})
+        if not isinstance(options, SearchOptions):
             raise InvalidTypeError(
-                f"permutation_options must be a dict, got {type(self.permutation_options)}"
+                "permutation_options must be a dict or a ria.SearchOptions, "
+                f"got {type(options).__name__}"
             )
-        set_(self, "permutation_options", {"seed": self.seed, **self.permutation_options})
+        set_(self, "permutation_options", options)
 
     @property
     def needs_data(self) -> bool:
@@ -143,6 +150,7 @@ class PruneConfig:
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
             "seed": self.seed,
+            **({"permutation_options": self.permutation_options.to_dict()} if self.permute else {}),
         }
 
     @classmethod

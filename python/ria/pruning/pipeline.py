@@ -29,7 +29,14 @@ from ..arch import (
     input_groups,
     require_permutable,
 )
-from ..core import magnitude_score, nm_mask, ria_score, unstructured_mask, wanda_score
+from ..core import (
+    SearchOptions,
+    magnitude_score,
+    nm_mask,
+    ria_score,
+    unstructured_mask,
+    wanda_score,
+)
 from ..data import check_vocabulary
 from ..errors import InvalidArgumentError
 from ..permutation import SearchStats, apply_block, is_permuted, linear_orders, search_block
@@ -63,7 +70,7 @@ def prune(
     device: str | torch.device | None = None,
     progress: bool = True,
     batch_size: int = 1,
-    permutation_options: dict[str, Any] | None = None,
+    permutation_options: dict[str, Any] | SearchOptions | None = None,
 ) -> PruneReport:
     """Prunes every `nn.Linear` inside the decoder blocks of a causal LM, in place.
 
@@ -94,8 +101,9 @@ def prune(
             (`device_map`) is used where it is and `device` is ignored.
         progress: show a progress bar over the blocks.
         batch_size: calibration windows per forward pass.
-        permutation_options: settings of `ria.SearchOptions` for every search (e.g.
-            `{"max_steps": 8}` or `{"time_budget": 5.0}` to bound the search per matrix).
+        permutation_options: a `ria.SearchOptions`, or a dict of its settings, for every
+            search (e.g. `{"max_steps": 8}` or `{"time_budget": 5.0}` to bound the search
+            per matrix); its seed defaults to `seed`.
 
     Returns:
         A `PruneReport`: per-layer sparsity, kept score, permutation efficacy and time,
@@ -115,7 +123,7 @@ def prune(
         device=device,
         progress=progress,
         batch_size=batch_size,
-        permutation_options=dict(permutation_options or {}),
+        permutation_options=permutation_options or {},  # type: ignore[arg-type]
     )
     return prune_with(model, tokenizer, config)
 
