@@ -38,6 +38,6 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     """Puts `new` at `path` (dotted, relative to `root`) and returns what was there."""
     parent_name, _, child = path.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    old = getattr(parent, child)
+    old: nn.Module = getattr(parent, child)
     setattr(parent, child, new)
     return old

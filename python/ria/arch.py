@@ -8,10 +8,14 @@ permutation needs to know the block's wiring, so it is limited to the families b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     spec = block_spec(model)
     if spec is not None:
         blocks = model.get_submodule(spec.blocks)
+        if not isinstance(blocks, nn.ModuleList):
+            raise UnsupportedModelError(
+                f"{spec.blocks} of {type(model).__name__} is a {type(blocks).__name__}, "
+                "not an nn.ModuleList of decoder blocks"
+            )
         return spec.blocks, blocks
     candidates = [
         (name, module)
@@ -97,6 +106,14 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"(model_type={model_type(model)!r}); supported families: {', '.join(SPECS)}"
         )
     return max(candidates, key=lambda c: len(c[1]))
+
+
+def linear_at(block: nn.Module, name: str) -> nn.Linear:
+    """The `nn.Linear` at `name` (dotted, relative to `block`)."""
+    module = block.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise UnsupportedModelError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+    return module
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -123,7 +140,7 @@ class Heads:
     head_dim: int
 
 
-def attention_heads(model: nn.Module) -> Heads:
+def attention_heads(model: PreTrainedModel) -> Heads:
     config = model.config
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads

@@ -23,7 +23,7 @@ from .save import check_target, load_pruned, save_pruned
 
 DEMO = "demo"
 # Calibration for the demo: small enough for a few minutes on 2 CPU cores.
-DEMO_DEFAULTS = {"calibration": "austen", "nsamples": 32, "seqlen": 256}
+DEMO_DEFAULTS: dict[str, Any] = {"calibration": "austen", "nsamples": 32, "seqlen": 256}
 # The CLI prunes for sparse tensor cores unless told otherwise; every other default is
 # `ria.prune`'s own.
 CLI_SPARSITY = "2:4"
@@ -132,7 +132,7 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
         per_row=args.per_row,
         reconstruct=args.reconstruct,
         seed=args.seed,
-        device=args.device or str(default_device()),
+        device=args.device or default_device(),
         progress=not args.no_progress,
         batch_size=args.batch_size,
     )

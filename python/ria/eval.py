@@ -232,7 +232,7 @@ def _token_stream(tokenizer: Any, data: TextSource, seqlen: int) -> torch.Tensor
     is_c4 = isinstance(data, str) and data.lower() == "c4"
     docs = load_documents(data, "test")
     text = " ".join(docs[:C4_DOCUMENTS]) if is_c4 else join_documents(docs)
-    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"].reshape(-1)
+    ids: torch.Tensor = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"].reshape(-1)
     if is_c4:
         ids = ids[: C4_WINDOWS * seqlen]
     return ids.to(torch.long)

@@ -14,7 +14,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,12 +24,15 @@ from .errors import InvalidArgumentError
 from .permutation import plain_state_dict, restore_orders
 from .pruning import INCOMPLETE, PruneReport
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 PERMUTATION_FILE = "ria_permutation.safetensors"
 REPORT_FILE = "ria_report.json"
 
 
 def save_pruned(
-    model: nn.Module,
+    model: PreTrainedModel,
     out_dir: str | Path,
     tokenizer: Any = None,
     report: PruneReport | None = None,
@@ -116,7 +119,7 @@ def _swap_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_pruned(path: str | Path, **kwargs: Any) -> nn.Module:
+def load_pruned(path: str | Path, **kwargs: Any) -> PreTrainedModel:
     """Loads a model saved by `save_pruned`, with its channel orders restored (so pruned
     weights are N:M in storage order again). `kwargs` go to `from_pretrained`."""
     from transformers import AutoModelForCausalLM

@@ -23,12 +23,14 @@ import torch
 from torch import nn
 
 from .._torch import replace_module
-from ..arch import BlockSpec, Heads
+from ..arch import BlockSpec, Heads, linear_at
 from ..errors import InvalidArgumentError
 
 
 class ChannelGather(nn.Module):
     """Runs `norm`, then reorders the channels of its output: `norm(x)[..., order]`."""
+
+    order: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, norm: nn.Module, order: torch.Tensor) -> None:
         super().__init__()
@@ -37,7 +39,8 @@ class ChannelGather(nn.Module):
         self.register_buffer("order", order.long(), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden_states).index_select(-1, self.order)
+        normed: torch.Tensor = self.norm(hidden_states)
+        return normed.index_select(-1, self.order)
 
 
 @dataclass
@@ -127,7 +130,7 @@ def apply_block(block: nn.Module, spec: BlockSpec, heads: Heads, perm: BlockPerm
             "(the model was pruned with permutation before); nothing was changed"
         )
     for name, (rows, cols) in linear_orders(spec, heads, perm).items():
-        linear = block.get_submodule(name)
+        linear = linear_at(block, name)
         if rows is not None:
             permute_rows(linear, rows)
         if cols is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import block_spec
+from ..arch import block_spec, linear_at
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from .apply import ChannelGather, permute_columns, wrap_norm
 
@@ -68,7 +68,7 @@ def restore_orders(model: nn.Module, orders: dict[str, torch.Tensor]) -> None:
             raise InvalidArgumentError(f"order {path!r}: the model has no module {path}") from None
         if isinstance(norm, ChannelGather):
             raise InvalidArgumentError(f"order {path!r}: {path} is already gathered")
-        linears = [block.get_submodule(name) for name in _readers(model, norm_name)]
+        linears = [linear_at(block, name) for name in _readers(model, norm_name)]
         for linear in linears:
             _check_order(order, linear.in_features, path)
         plan.append((block, norm_name, order, linears))

@@ -9,6 +9,7 @@ randomness comes from `random.Random(seed)`, so the windows depend on the seed a
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 
@@ -20,8 +21,8 @@ _MAX_DRAWS = 10_000
 
 
 def calibration_windows(
-    source: TextSource, tokenizer, nsamples: int, seqlen: int, seed: int = 0
-) -> torch.LongTensor:
+    source: TextSource, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0
+) -> torch.Tensor:
     """`nsamples` windows of `seqlen` token ids (int64, shape `(nsamples, seqlen)`).
 
     `source` is anything `ria.data.load_documents` reads, or token ids: a LongTensor of
@@ -40,7 +41,7 @@ def calibration_windows(
     docs = load_documents(source, "train")
     if not docs or not any(d.strip() for d in docs):
         raise InvalidArgumentError("the calibration text is empty")
-    stream = tokenizer(join_documents(docs), return_tensors="pt").input_ids[0]
+    stream: torch.Tensor = tokenizer(join_documents(docs), return_tensors="pt").input_ids[0]
     return _sample(stream, nsamples, seqlen, rng)
 
 
@@ -74,7 +75,7 @@ def _sample(stream: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random
 
 
 def _c4_windows(
-    docs: list[str], tokenizer, nsamples: int, seqlen: int, rng: random.Random
+    docs: list[str], tokenizer: Any, nsamples: int, seqlen: int, rng: random.Random
 ) -> torch.Tensor:
     windows = []
     for _ in range(nsamples):

@@ -13,13 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .._torch import module_device, move
+from ..arch import linear_at
 from ..errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = [
     "BlockInputs",
@@ -71,7 +75,7 @@ class CalibrationInputs:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int
+    model: PreTrainedModel, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int
 ) -> CalibrationInputs:
     """Runs the model on `windows` (`(n, seqlen)` token ids) with every block replaced by a
     recorder: block 0 records the hidden states of each batch, and, for the first batch
@@ -83,7 +87,7 @@ def capture_block_inputs(
 
     def recorder(i: int) -> Callable[..., torch.Tensor]:
         def record(*args: Any, **kw: Any) -> torch.Tensor:
-            states = args[0] if args else kw.pop("hidden_states")
+            states: torch.Tensor = args[0] if args else kw.pop("hidden_states")
             if len(args) > 1:
                 raise UnsupportedModelError(
                     "decoder blocks called with extra positional arguments; ria replays "
@@ -184,7 +188,7 @@ def collecting_stats(
     stats: dict[str, InputStats] = {}
     handles = []
     for group in groups:
-        first = block.get_submodule(group[0])
+        first = linear_at(block, group[0])
         c, device = first.in_features, module_device(first)
         shared = InputStats(
             torch.zeros(c, device=device), torch.zeros(c, c, device=device) if hessian else None
@@ -200,7 +204,7 @@ def collecting_stats(
 
 
 def _adder(stats: InputStats) -> Callable[..., None]:
-    def hook(_module: nn.Module, args: tuple, _output: Any) -> None:
+    def hook(_module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
         stats.add(args[0].detach())
 
     return hook

@@ -10,6 +10,7 @@ core, so counts are exact and ties deterministic, as everywhere else.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..core import nm_mask, unstructured_mask
@@ -84,5 +85,5 @@ def obs_prune(
     return w.to(weight.dtype), mask
 
 
-def _keep(mask, device: torch.device) -> torch.Tensor:
+def _keep(mask: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(mask).to(device)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,11 +40,15 @@ from ..core import (
 from ..data import check_vocabulary
 from ..errors import InvalidArgumentError
 from ..permutation import SearchStats, apply_block, is_permuted, linear_orders, search_block
+from ..permutation.apply import Orders
 from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
 from .config import Method, PruneConfig, Sparsity
 from .obs import obs_prune
 from .report import LayerReport, PruneReport
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["INCOMPLETE", "prune"]
 
@@ -54,7 +58,7 @@ INCOMPLETE = "incomplete"
 
 
 def prune(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: Any = None,
     *,
     sparsity: Sparsity | float | str = 0.5,
@@ -120,7 +124,7 @@ def prune(
         per_row=per_row,
         reconstruct=reconstruct,
         seed=seed,
-        device=device,
+        device=device,  # type: ignore[arg-type]  # __post_init__ turns a str into a device
         progress=progress,
         batch_size=batch_size,
         permutation_options=permutation_options or {},  # type: ignore[arg-type]
@@ -128,7 +132,7 @@ def prune(
     return prune_with(model, tokenizer, config)
 
 
-def prune_with(model: nn.Module, tokenizer: Any, config: PruneConfig) -> PruneReport:
+def prune_with(model: PreTrainedModel, tokenizer: Any, config: PruneConfig) -> PruneReport:
     """`ria.prune` with its settings given as one `PruneConfig`."""
     started = time.perf_counter()
     plan = _plan(model, config)
@@ -211,7 +215,7 @@ class _BlockStep:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PreTrainedModel,
         block: nn.Module,
         prefix: str,
         config: PruneConfig,
@@ -235,6 +239,7 @@ class _BlockStep:
             if self.config.needs_hessian:
                 keep = self.reconstruct(linear, stats[name], keep)
             else:
+                assert keep is not None  # only SparseGPT leaves the mask to its OBS loop
                 self.apply(linear, keep)
             layers.append(self.layer_report(name, scores[name], keep, searched, t0))
         return layers
@@ -303,9 +308,8 @@ class _BlockStep:
             linear.weight.data.copy_(new_weight)
         return keep_t.cpu().numpy()
 
-    def apply(self, linear: nn.Linear, keep: np.ndarray | None) -> None:
+    def apply(self, linear: nn.Linear, keep: np.ndarray) -> None:
         """Zeroes the pruned weights."""
-        assert keep is not None
         with self.timer("masks"):
             linear.weight.data.mul_(torch.from_numpy(keep).to(linear.weight.device))
 
@@ -354,7 +358,7 @@ def _reorder(score: np.ndarray, rows: torch.Tensor | None, cols: torch.Tensor | 
 
 
 def _reorder_stats(
-    stats: dict[str, InputStats], orders: dict[str, tuple[torch.Tensor | None, ...]]
+    stats: dict[str, InputStats], orders: dict[str, Orders]
 ) -> dict[str, InputStats]:
     """Input statistics in the permuted order of each Linear's input channels; Linears
     that share an input (and an order) keep sharing one `InputStats`."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -140,7 +141,7 @@ def cslt_linear(
     """`x @ W.T + bias` for contiguous `x` `(M, K)`; returns a contiguous `(M, N)` tensor."""
     m = x.shape[0]
     xp = _pad_rows(x)
-    extra = {}
+    extra: dict[str, Any] = {}
     if config.split_k > 1:  # the search reports split_k <= 1 when it does not split
         extra = {"split_k": config.split_k, "split_k_mode": config.split_k_mode}
     y = torch._cslt_sparse_mm(

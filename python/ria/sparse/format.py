@@ -126,7 +126,9 @@ def pack_24(weight: torch.Tensor) -> Compact24:
     return Compact24(values=values, meta=words.to(torch.int32).contiguous(), in_features=k)
 
 
-def cslt_nibble_index(n: int, k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def cslt_nibble_index(
+    n: int, k: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Where cuSPARSELt keeps the nibble of (row r, group g): int32 word index and bit shift,
     both `(N, K/4)`, for `N % 64 == 0` (or < 64) and `K % 32 == 0`.
 

@@ -21,6 +21,9 @@ from .graphs import capture
 
 __all__ = ["StaticGenerator", "generate"]
 
+# A captured prefill: (graph, static input ids, static logits).
+_Prefill = tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]
+
 
 def _static_cache_class() -> type:
     from transformers import StaticCache
@@ -30,7 +33,7 @@ def _static_cache_class() -> type:
 
         query_offset: int | None = None
 
-        def get_query_offset(self, layer_idx: int = 0):
+        def get_query_offset(self, layer_idx: int = 0) -> int:
             if self.query_offset is not None:
                 return self.query_offset
             return super().get_query_offset(layer_idx)
@@ -69,18 +72,20 @@ class StaticGenerator:
         self._ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self._pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self._kv_arange = torch.arange(max_cache_len, device=device)
-        # prompt length -> (graph, static input ids, static logits)
-        self._prefill_graphs: dict[int, tuple] = {}
+        self._prefill_graphs: dict[int, _Prefill] = {}  # by prompt length
         self._step_graph: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
         self.pos = 0  # tokens in the cache (host mirror of self._pos)
 
     # -- model calls -------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         kwargs = {self._cache_kw: self.cache, **self._extra}
         out = self.model(
             input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs
         )
-        return out.logits[:, -1, :]
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
 
     def _lengths(self) -> list[torch.Tensor]:
         """Each cache layer's device-side token counter (transformers >= 5 StaticLayer)."""

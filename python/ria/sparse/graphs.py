@@ -8,9 +8,12 @@ sparse alike.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE  # what graph_pool_handle() and CUDAGraph.pool() return
 
 T = TypeVar("T")
 
@@ -18,7 +21,7 @@ __all__ = ["capture", "time_call", "time_graph"]
 
 
 def capture(
-    fn: Callable[[], T], *, warmup: int = 2, pool: tuple[int, int] | None = None
+    fn: Callable[[], T], *, warmup: int = 2, pool: _POOL_HANDLE | None = None
 ) -> tuple[torch.cuda.CUDAGraph, T]:
     """Run `fn` `warmup` times on a side stream (compiles kernels, runs autotuning, creates
     library handles), then capture one call. Returns the graph and `fn`'s static output,
@@ -39,7 +42,7 @@ def time_graph(graph: torch.cuda.CUDAGraph, *, iters: int = 20, repeats: int = 3
     """Median over `repeats` of the mean milliseconds per replay over `iters` replays."""
     graph.replay()  # warm: first replay uploads the graph
     torch.cuda.synchronize()
-    samples = []
+    samples: list[float] = []
     for _ in range(repeats):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)

@@ -51,6 +51,13 @@ class Sparse24Linear(nn.Module):
         bias: `(out_features,)` or None.
     """
 
+    # Buffers (registered in __init__): the weight forms the plan uses, None for the others.
+    packed: torch.Tensor | None
+    values: torch.Tensor | None
+    meta: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -77,10 +84,10 @@ class Sparse24Linear(nn.Module):
         # Non-persistent buffers: they follow .to()/.cuda() but stay out of state_dict, so a
         # checkpoint of the sparsified model is not mistaken for a dense one.
         self.register_buffer("packed", packed if CUSPARSELT in used else None, persistent=False)
-        keep_compact = TRITON in used and compact is not None
-        self.register_buffer("values", compact.values if keep_compact else None, persistent=False)
-        self.register_buffer("meta", compact.meta if keep_compact else None, persistent=False)
-        self.meta_layout = compact.layout if keep_compact else "rows"
+        kept = compact if TRITON in used else None
+        self.register_buffer("values", None if kept is None else kept.values, persistent=False)
+        self.register_buffer("meta", None if kept is None else kept.meta, persistent=False)
+        self.meta_layout = "rows" if kept is None else kept.layout
         self.register_buffer("weight", weight if DENSE in used else None, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self._by_m: dict[int, Choice] = {}
@@ -120,7 +127,9 @@ class Sparse24Linear(nn.Module):
                 layout=self.meta_layout,
             )
         if choice.backend == CUSPARSELT:
+            assert self.packed is not None  # __init__ checks the plan's forms are given
             return cslt_linear(x, self.packed, self.bias, choice.cslt or CsltConfig())
+        assert self.weight is not None
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,7 +102,7 @@ class SparsifyReport:
         """Weight bytes the converted layers hold now (all kept forms)."""
         return sum(lr.sparse_bytes for lr in self.converted)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["dense_bytes"], d["sparse_bytes"] = self.dense_bytes, self.sparse_bytes
         return d
@@ -148,11 +149,13 @@ def find_linears(
     The output embedding (lm_head) is never converted; fp32 layers, layers off CUDA (when
     `require_cuda`) and layers that are not 2:4 sparse get a one-line reason.
     """
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found = []
+    get_out_emb = getattr(model, "get_output_embeddings", None)  # Hugging Face models have it
+    out_emb = get_out_emb() if get_out_emb is not None else None
+    found: list[tuple[str, nn.Linear, str | None]] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
+        reason: str | None
         if mod is out_emb:
             reason = "output embedding (lm_head) stays dense"
         elif mod.weight.dtype not in HALF_TYPES:
@@ -174,12 +177,17 @@ class WeightForms:
     packed: torch.Tensor | None = None
     compact: Compact24 | None = None
 
+    def cslt_packed(self) -> torch.Tensor:
+        """`packed`, which `_build_forms` makes whenever cuSPARSELt is a candidate."""
+        assert self.packed is not None
+        return self.packed
+
 
 def _run(backend: str, f: WeightForms, x: torch.Tensor, cfg: CsltConfig | None) -> torch.Tensor:
     if backend == TRITON:
         return sparse24_linear(x, f.compact, f.bias)
     if backend == CUSPARSELT:
-        return cslt_linear(x, f.packed, f.bias, cfg or CsltConfig())
+        return cslt_linear(x, f.cslt_packed(), f.bias, cfg or CsltConfig())
     return torch.nn.functional.linear(x, f.weight, f.bias)
 
 
@@ -189,7 +197,9 @@ def _candidates(backend: str, m: int, usable: set[str]) -> list[str]:
     return [b for b in BACKENDS if b in usable and not (b == TRITON and m > MAX_M)]
 
 
-def _time_us(backend: str, forms: Sequence[WeightForms], x: torch.Tensor, cfg, **kw) -> float:
+def _time_us(
+    backend: str, forms: Sequence[WeightForms], x: torch.Tensor, cfg: CsltConfig | None, **kw: int
+) -> float:
     """Microseconds per call of `backend` on `forms` in rotation, under graph replay."""
 
     def call() -> None:
@@ -218,7 +228,7 @@ def _tune_group(
         timed = len(cands) > 1
         cfg = None
         if CUSPARSELT in cands:
-            packed = [f.packed for f in forms]
+            packed = [f.cslt_packed() for f in forms]
             cfg = cslt_best_config(packed, x, forms[0].bias, sweep=cslt_sweep and timed)
         if not timed:
             plan[m] = Choice(cands[0], cfg)
@@ -245,6 +255,12 @@ def _build_forms(mod: nn.Linear, need: set[str]) -> WeightForms:
     return f
 
 
+# (out_features, in_features, dtype, has bias, device): layers that share one plan.
+_ShapeKey = tuple[int, int, torch.dtype, bool, str]
+# (name, layer); the layer becomes None once it is replaced.
+_Member = tuple[str, nn.Linear | None]
+
+
 def _usable_backends(backend: str, allow_dense: bool) -> tuple[set[str], str | None]:
     """Backends that can run here, and the reason nothing can (or None)."""
     if backend not in ("auto", CUSPARSELT, TRITON):
@@ -269,9 +285,9 @@ def _usable_backends(backend: str, allow_dense: bool) -> tuple[set[str], str | N
 
 def _group_layers(
     model: nn.Module, backend: str, strict: bool, report: SparsifyReport
-) -> dict[tuple, list[tuple[str, nn.Linear | None]]]:
+) -> dict[_ShapeKey, list[_Member]]:
     """Convertible layers grouped by (out, in, dtype, bias, device); the rest go to `report`."""
-    groups: dict[tuple, list[tuple[str, nn.Linear | None]]] = {}
+    groups: dict[_ShapeKey, list[_Member]] = {}
     for name, mod, why in find_linears(model):
         n, k = mod.weight.shape
         if why is None and backend == CUSPARSELT:
@@ -340,11 +356,15 @@ def sparsify(
                     SparseLayerReport(name, n, k, False, cslt_shape_status(n, k) or "")
                 )
             continue
-        sample = [_build_forms(mod, shape_usable) for _, mod in members[:tune_layers]]
+        sample = []
+        for _, mod in members[:tune_layers]:
+            assert mod is not None  # none is replaced yet
+            sample.append(_build_forms(mod, shape_usable))
         plan, times = _tune_group(sample, buckets, backend, shape_usable, dense_margin, cslt_sweep)
         used = {c.backend for c in plan.values()}
         for i in range(len(members)):
             name, mod = members[i]
+            assert mod is not None  # each member is replaced once
             members[i] = (name, None)  # drop the dense layer as soon as it is replaced
             f = sample[i] if i < len(sample) else _build_forms(mod, used)
             if CUSPARSELT not in used:
