@@ -84,17 +84,21 @@ def capture_block_inputs(
     hidden: list[torch.Tensor] = []
     per_block: list[dict[int, dict[str, Any]]] = [{} for _ in blocks]
     last = len(blocks) - 1
+    # The batch size of the forward in flight, as block 0 saw it: later recorders get
+    # whatever the model makes of block 0's return value, so their own input says nothing.
+    size = 0
 
     def recorder(i: int) -> Callable[..., torch.Tensor]:
         def record(*args: Any, **kw: Any) -> torch.Tensor:
+            nonlocal size
             states: torch.Tensor = args[0] if args else kw.pop("hidden_states")
             if len(args) > 1:
                 raise UnsupportedModelError(
                     "decoder blocks called with extra positional arguments; ria replays "
                     "keyword arguments only"
                 )
-            size = states.shape[0]
             if i == 0:
+                size = states.shape[0]
                 hidden.append(states.detach())
             if size not in per_block[i]:
                 kw = {k: v for k, v in kw.items() if k not in _CACHE_KEYS}

@@ -15,6 +15,7 @@ Triton is optional: `triton_status()` says why the kernels cannot run.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -86,16 +87,25 @@ if triton is not None:
     _GEMV_DEFAULT = {"BLOCK_N": 8, "BLOCK_K": 512, "X_VEC": 1}
     _MM_DEFAULT = {"BLOCK_N": 16, "BLOCK_K": 256, "DENSE_TILE": 1}
 
-    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K"])(_gemv_kernel)
-    _mm_tuned = triton.autotune(_MM_CONFIGS, key=["N", "K", "BLOCK_M"])(_mm_kernel)
+# The autotuned kernels, built on first use: older triton releases need an active GPU
+# driver to build an autotuner, and importing this module must work on any machine.
+_TUNED: dict[str, Any] = {}
+
+
+def _tuned_kernel(m: int) -> Any:
+    kind = "gemv" if m == 1 else "mm"
+    if kind not in _TUNED:
+        if kind == "gemv":
+            _TUNED[kind] = triton.autotune(_GEMV_CONFIGS, key=["N", "K"])(_gemv_kernel)
+        else:
+            _TUNED[kind] = triton.autotune(_MM_CONFIGS, key=["N", "K", "BLOCK_M"])(_mm_kernel)
+    return _TUNED[kind]
 
 
 def tuned_config(m: int) -> str | None:
     """The autotuner's last choice for the kernel that serves `m` tokens (None before
     any tuned call)."""
-    if triton is None:
-        return None
-    tuned = _gemv_tuned if m == 1 else _mm_tuned
+    tuned = _TUNED.get("gemv" if m == 1 else "mm")
     best = getattr(tuned, "best_config", None)
     return None if best is None else str(best)
 
@@ -146,7 +156,7 @@ def sparse24_linear(
     flags = {"HAS_BIAS": has_bias, "META_CSLT": cslt_meta}
     tuned = _AUTOTUNE and not _INTERPRET
     if m == 1:
-        kernel = _gemv_tuned if tuned else _gemv_kernel
+        kernel = _tuned_kernel(m) if tuned else _gemv_kernel
         params = {} if tuned else _GEMV_DEFAULT
 
         def grid(meta_: dict[str, int]) -> tuple[int, int]:
@@ -155,7 +165,7 @@ def sparse24_linear(
         kernel[grid](*args, n, k, *strides, **flags, **params)
     else:
         block_m = _block_m(m)
-        kernel = _mm_tuned if tuned else _mm_kernel
+        kernel = _tuned_kernel(m) if tuned else _mm_kernel
         params = {} if tuned else _MM_DEFAULT
 
         def grid(meta_: dict[str, int]) -> tuple[int, int]:
