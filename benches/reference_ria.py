@@ -8,7 +8,8 @@ group h's, solved with `scipy.optimize.linear_sum_assignment(maximize=True)`.
 
 One deliberate difference, which only makes the baseline faster: the reference builds
 each value matrix by sorting every candidate group row by row; here it is built from the
-identity top_N(rest + x) = T + max(0, x - t) (DESIGN §4), blocked numpy, same numbers.
+identity top_N(rest + x) = T + max(0, x - t) (README, "The permutation solver"), blocked
+numpy, same numbers.
 `check_against_sorting()` verifies that on a small matrix.
 """
 

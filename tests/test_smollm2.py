@@ -14,6 +14,8 @@ from ria.arch import attention_heads, block_linears, block_spec, find_blocks
 from ria.demo import smollm2_path
 from ria.permutation import apply_block, search_block
 
+pytestmark = pytest.mark.real_model
+
 
 @pytest.fixture(scope="module")
 def checkpoint():

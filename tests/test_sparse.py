@@ -32,7 +32,11 @@ from ria.sparse.format import Compact24, cslt_nibble_index, to_cslt_layout, unpa
 from ria.sparse.sparsify import SparseLayerReport
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def needs_cuda(test):
+    """Marks a test `gpu` (select with `-m gpu`) and skips it without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")(test))
 
 
 def random_24(n: int, k: int, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> torch.Tensor:

@@ -16,9 +16,12 @@ def default_device() -> torch.device:
 
 
 def module_device(module: nn.Module) -> torch.device:
-    """The device of the module's first parameter (the CPU when it has none)."""
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    """The device of the module's first parameter, else of its first buffer (rotary
+    embeddings hold only buffers), else the CPU."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def move(obj: Any, device: torch.device) -> Any:

@@ -1,7 +1,7 @@
 //! The relu-sum kernel: `out[g][h] = sum_r max(0, x[h][r] - t[g][r])`.
 //!
 //! Every slot-LSA cost matrix and every swap delta of the N:M objective reduces to this
-//! (DESIGN §4: inserting `x` into a group whose other values in row r have top-N sum
+//! (README, "The permutation solver": inserting `x` into a group whose other values in row r have top-N sum
 //! `T_r` and N-th largest `t_r` gives `T_r + max(0, x_r - t_r)`). It has the shape of a
 //! matrix product, so it is blocked like one: row blocks of `r` that stay in L1/L2,
 //! register tiles of `TG x TH` outputs, rayon over stripes of `g`.

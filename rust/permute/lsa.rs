@@ -1,5 +1,5 @@
 //! Slot-LSA: one column of every group (its "mover") is taken out, and the movers are
-//! reassigned to the groups by an exact linear assignment (DESIGN §4).
+//! reassigned to the groups by an exact linear assignment (README, "The permutation solver").
 //!
 //! `value[g][h]` = score kept by group g with its mover replaced by group h's mover
 //! = `sum_r T_g[r] + sum_r max(0, x_h[r] - t_g[r])`, where `T_g`/`t_g` are the top-N sum

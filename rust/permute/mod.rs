@@ -1,4 +1,4 @@
-//! Channel permutation for N:M sparsity (DESIGN §4).
+//! Channel permutation for N:M sparsity (README, "The permutation solver"; ARCHITECTURE.md).
 //!
 //! A permutation `perm` reorders input columns (`scores[:, perm]`); position `p` belongs
 //! to group `p / m`. The objective is the score an N:M mask keeps after reordering.
