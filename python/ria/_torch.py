@@ -18,7 +18,7 @@ def default_device() -> torch.device:
 def module_device(module: nn.Module) -> torch.device:
     """The device of the module's first parameter, else of its first buffer (rotary
     embeddings hold only buffers), else the CPU."""
-    tensor = next(module.parameters(), None)
+    tensor: torch.Tensor | None = next(module.parameters(), None)
     if tensor is None:
         tensor = next(module.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._core import __version__
 from ._torch import default_device
+from .core import __version__
 from .errors import InvalidArgumentError, RiaError
 from .pruning import METHODS, PruneConfig, prune_with
 from .save import check_target, load_pruned, save_pruned

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import ArrayLike, float32_array, score_list, weight_array
-from ._core import PermutationResult, SearchOptions
+from ._core import PermutationResult, SearchOptions, __version__
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PermutationResult",
     "SearchOptions",
+    "__version__",
     "magnitude_score",
     "nm_mask",
     "retained_score",

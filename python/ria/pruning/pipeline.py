@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._core import __version__
 from .._torch import default_device, module_device
 from ..arch import (
     BlockSpec,
@@ -31,6 +30,7 @@ from ..arch import (
 )
 from ..core import (
     SearchOptions,
+    __version__,
     magnitude_score,
     nm_mask,
     ria_score,
