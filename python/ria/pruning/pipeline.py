@@ -277,7 +277,9 @@ class _BlockStep:
             )
             apply_block(self.block, spec, heads, perm)
             orders = linear_orders(spec, heads, perm)
-        scores = {name: _reorder(s, *orders.get(name, (None, None))) for name, s in scores.items()}
+            scores = {
+                name: _reorder(s, *orders.get(name, (None, None))) for name, s in scores.items()
+            }
         return scores, _reorder_stats(stats, orders), searched
 
     def select(self, score: np.ndarray) -> np.ndarray | None:
@@ -349,12 +351,18 @@ def score_linear(linear: nn.Linear, stats: InputStats | None, config: PruneConfi
 
 
 def _reorder(score: np.ndarray, rows: torch.Tensor | None, cols: torch.Tensor | None) -> np.ndarray:
-    """A score matrix in a permuted storage order (scores are equivariant to it)."""
+    """A score matrix in a permuted storage order (scores are equivariant to it).
+
+    Gathered with torch's multi-threaded `index_select`, which returns C-contiguous rows:
+    numpy's `score[:, cols]` is single-threaded and returns a column-major array that the
+    core then had to copy again (that made the masks stage 4x slower on a 7B model).
+    """
+    out = torch.from_numpy(score)
     if rows is not None:
-        score = score[rows.numpy()]
+        out = out.index_select(0, rows.cpu())
     if cols is not None:
-        score = score[:, cols.numpy()]
-    return score
+        out = out.index_select(1, cols.cpu())
+    return out.numpy()
 
 
 def _reorder_stats(
