@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from .._checks import require_bool, require_int
 from ..core import SearchOptions
 from ..errors import InvalidArgumentError, InvalidTypeError
 
@@ -98,13 +99,13 @@ class PruneConfig:
                 f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
             )
         for name in ("permute", "reconstruct", "progress"):
-            _require_bool(name, getattr(self, name))
+            require_bool(name, getattr(self, name))
         if self.per_row is None:
             set_(self, "per_row", self.method == "wanda")
-        _require_bool("per_row", self.per_row)
+        require_bool("per_row", self.per_row)
         for name in ("nsamples", "seqlen", "batch_size"):
-            set_(self, name, _require_int(name, getattr(self, name), minimum=1))
-        set_(self, "seed", _require_int("seed", self.seed, minimum=0))
+            set_(self, name, require_int(name, getattr(self, name), minimum=1))
+        set_(self, "seed", require_int("seed", self.seed, minimum=0))
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
             raise InvalidTypeError(f"alpha must be a number, got {self.alpha!r}")
         if not math.isfinite(self.alpha):
@@ -167,17 +168,3 @@ def describe_source(calibration: Any) -> str:
     if isinstance(calibration, torch.Tensor):
         return f"token ids {tuple(calibration.shape)}"
     return type(calibration).__name__
-
-
-def _require_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise InvalidTypeError(f"{name} must be True or False, got {value!r}")
-
-
-def _require_int(name: str, value: object, *, minimum: int) -> int:
-    """`value` as an int (numpy integers welcome; bools and floats refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidTypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise InvalidArgumentError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
