@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._interrupts import interrupts_deferred
 from .._torch import replace_module
 from ..arch import BlockSpec, Heads, linear_at
 from ..errors import InvalidArgumentError
@@ -81,6 +82,7 @@ def permute_rows(linear: nn.Linear, order: torch.Tensor) -> None:
 
 
 Orders = tuple[torch.Tensor | None, torch.Tensor | None]
+Swaps = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def linear_orders(spec: BlockSpec, heads: Heads, perm: BlockPermutation) -> dict[str, Orders]:
@@ -112,30 +114,58 @@ def is_permuted(block: nn.Module, spec: BlockSpec) -> bool:
     )
 
 
-def wrap_norm(block: nn.Module, name: str, order: torch.Tensor) -> None:
-    """Replaces the norm at `name` (relative to `block`) by a `ChannelGather` of it."""
+def gathered(block: nn.Module, name: str, order: torch.Tensor) -> ChannelGather:
+    """A `ChannelGather` of the norm at `name` (relative to `block`), not yet installed."""
     norm = block.get_submodule(name)
     device = next(norm.parameters(), torch.empty(0)).device
-    replace_module(block, name, ChannelGather(norm, order.to(device)))
+    return ChannelGather(norm, order.to(device))
+
+
+def reordered(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> Swaps:
+    """The new weight (and bias) of `linear` with output rows and input columns in the
+    given orders (None: unchanged), as `(parameter, new data)` pairs; nothing is changed."""
+    weight = linear.weight.data
+    swaps: Swaps = []
+    if rows is not None:
+        rows = rows.to(weight.device)
+        weight = weight.index_select(0, rows)
+        if linear.bias is not None:
+            swaps.append((linear.bias, linear.bias.data.index_select(0, rows)))
+    if cols is not None:
+        weight = weight.index_select(1, cols.to(weight.device))
+    swaps.append((linear.weight, weight))
+    return swaps
+
+
+def swap_in(root: nn.Module, swaps: Swaps, gathers: dict[str, ChannelGather]) -> None:
+    """Installs new parameter data and gathered norms (paths relative to `root`) as one
+    step: Ctrl-C is deferred until all are in place, so the model never computes a
+    half-permuted function. Everything passed in must be computed beforehand."""
+    with interrupts_deferred():
+        for param, data in swaps:
+            param.data = data
+        for path, gather in gathers.items():
+            replace_module(root, path, gather)
 
 
 def apply_block(block: nn.Module, spec: BlockSpec, heads: Heads, perm: BlockPermutation) -> None:
     """Reorders one block's weights by `perm`; its outputs are unchanged (up to rounding).
 
-    Raises `InvalidArgumentError` before changing anything if the block was permuted before.
+    Atomic: every new tensor is computed first and swapped in by `swap_in`, so an error or
+    Ctrl-C leaves the block either untouched or fully permuted, never in between. Raises
+    `InvalidArgumentError` before changing anything if the block was permuted before.
     """
     if is_permuted(block, spec):
         raise InvalidArgumentError(
             f"the block's {spec.attn_norm} / {spec.mlp_norm} are already permuted "
             "(the model was pruned with permutation before); nothing was changed"
         )
+    swaps: Swaps = []
     for name, (rows, cols) in linear_orders(spec, heads, perm).items():
-        linear = linear_at(block, name)
-        if rows is not None:
-            permute_rows(linear, rows)
-        if cols is not None:
-            permute_columns(linear, cols)
-    if perm.attn is not None:
-        wrap_norm(block, spec.attn_norm, perm.attn)
-    if perm.mlp is not None:
-        wrap_norm(block, spec.mlp_norm, perm.mlp)
+        swaps += reordered(linear_at(block, name), rows, cols)
+    gathers = {
+        norm: gathered(block, norm, order)
+        for norm, order in ((spec.attn_norm, perm.attn), (spec.mlp_norm, perm.mlp))
+        if order is not None
+    }
+    swap_in(block, swaps, gathers)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..arch import block_spec, linear_at
 from ..errors import InvalidArgumentError, UnsupportedModelError
-from .apply import ChannelGather, permute_columns, wrap_norm
+from .apply import ChannelGather, Swaps, gathered, reordered, swap_in
 
 __all__ = ["plain_state_dict", "restore_orders"]
 
@@ -55,10 +55,12 @@ def _readers(model: nn.Module, norm_name: str) -> tuple[str, ...]:
 def restore_orders(model: nn.Module, orders: dict[str, torch.Tensor]) -> None:
     """Re-applies gather orders saved by `plain_state_dict` to a plainly loaded model.
 
-    Every order is checked first (a permutation of the input features of each Linear it
-    reorders, on a norm that is not gathered yet); on any error nothing is changed.
+    Every order is checked and every new tensor computed first (each order must be a
+    permutation of the input features of each Linear it reorders, on a norm that is not
+    gathered yet); on any error or Ctrl-C nothing is changed.
     """
-    plan = []
+    swaps: Swaps = []
+    gathers: dict[str, ChannelGather] = {}
     for path, order in orders.items():
         block_path, _, norm_name = path.rpartition(".")
         try:
@@ -68,14 +70,12 @@ def restore_orders(model: nn.Module, orders: dict[str, torch.Tensor]) -> None:
             raise InvalidArgumentError(f"order {path!r}: the model has no module {path}") from None
         if isinstance(norm, ChannelGather):
             raise InvalidArgumentError(f"order {path!r}: {path} is already gathered")
-        linears = [linear_at(block, name) for name in _readers(model, norm_name)]
-        for linear in linears:
+        for name in _readers(model, norm_name):
+            linear = linear_at(block, name)
             _check_order(order, linear.in_features, path)
-        plan.append((block, norm_name, order, linears))
-    for block, norm_name, order, linears in plan:
-        for linear in linears:
-            permute_columns(linear, order)
-        wrap_norm(block, norm_name, order)
+            swaps += reordered(linear, None, order)
+        gathers[path] = gathered(block, norm_name, order)
+    swap_in(model, swaps, gathers)
 
 
 def _check_order(order: torch.Tensor, size: int, key: str) -> None:
