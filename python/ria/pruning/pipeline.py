@@ -38,7 +38,7 @@ from ..core import (
     wanda_score,
 )
 from ..data import check_vocabulary
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, RiaError
 from ..permutation import SearchStats, apply_block, is_permuted, linear_orders, search_block
 from ..permutation.apply import Orders
 from .calibration import calibration_windows
@@ -210,6 +210,17 @@ def _plan(model: nn.Module, config: PruneConfig) -> _Plan:
     return _Plan(path, blocks, spec, device)
 
 
+NON_FINITE_ACTIVATIONS = (
+    "its input activations on the calibration data contain NaN or inf (the blocks before "
+    "it overflow in the model's dtype, or the model is damaged); load the model in "
+    "bfloat16 or float32, or check its weights"
+)
+NON_FINITE_SCORES = (
+    "its importance scores overflow float32 (its weights or input activations are too "
+    "large); check the model's weights"
+)
+
+
 class _BlockStep:
     """One decoder block through the named stages of `run`."""
 
@@ -231,16 +242,18 @@ class _BlockStep:
         scores = self.score(stats)
         searched: dict[str, SearchStats] = {}
         if self.spec is not None:
-            scores, stats, searched = self.permute(self.spec, scores, stats)
+            with naming(self.prefix):
+                scores, stats, searched = self.permute(self.spec, scores, stats)
         layers = []
         for name, linear in self.linears.items():
             t0 = time.perf_counter()
-            keep = self.select(scores[name])
-            if self.config.needs_hessian:
-                keep = self.reconstruct(linear, stats[name], keep)
-            else:
-                assert keep is not None  # only SparseGPT leaves the mask to its OBS loop
-                self.apply(linear, keep)
+            with naming(f"{self.prefix}.{name}"):
+                keep = self.select(scores[name])
+                if self.config.needs_hessian:
+                    keep = self.reconstruct(linear, stats[name], keep)
+                else:
+                    assert keep is not None  # only SparseGPT leaves the mask to its OBS loop
+                    self.apply(linear, keep)
             layers.append(self.layer_report(name, scores[name], keep, searched, t0))
         return layers
 
@@ -257,12 +270,19 @@ class _BlockStep:
         return stats
 
     def score(self, stats: dict[str, InputStats]) -> dict[str, np.ndarray]:
-        """Importance of every weight, `(out, in)` float32 per Linear."""
+        """Importance of every weight, `(out, in)` float32 per Linear; all finite."""
+        scores = {}
         with self.timer("scores"):
-            return {
-                name: score_linear(linear, stats.get(name), self.config)
-                for name, linear in self.linears.items()
-            }
+            for name, linear in self.linears.items():
+                with naming(f"{self.prefix}.{name}"):
+                    # The core refuses non-finite weights itself, naming the entry.
+                    if name in stats and not stats[name].sumsq.isfinite().all():
+                        raise InvalidArgumentError(NON_FINITE_ACTIVATIONS)
+                    score = score_linear(linear, stats.get(name), self.config)
+                    if not torch.from_numpy(score).isfinite().all():
+                        raise InvalidArgumentError(NON_FINITE_SCORES)
+                scores[name] = score
+        return scores
 
     def permute(
         self, spec: BlockSpec, scores: dict[str, np.ndarray], stats: dict[str, InputStats]
@@ -348,6 +368,17 @@ def score_linear(linear: nn.Linear, stats: InputStats | None, config: PruneConfi
     # Wanda's score; for SparseGPT (whose mask is chosen inside the OBS loop) it is the
     # diagonal-Hessian saliency |W_ij| * sqrt(H_jj), used for reporting and permutation.
     return wanda_score(weight, act)
+
+
+@contextmanager
+def naming(where: str) -> Iterator[None]:
+    """ria's errors raised in the body (the Rust core's included) start with `where`."""
+    try:
+        yield
+    except RiaError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise type(exc)(f"{where}: {exc}") from exc
 
 
 def _reorder(score: np.ndarray, rows: torch.Tensor | None, cols: torch.Tensor | None) -> np.ndarray:
