@@ -2,14 +2,19 @@
 
 The directory is written atomically: everything goes to a hidden staging directory
 beside the target, which is renamed into place only once complete, so a crash or Ctrl-C
-never leaves a half-written model that looks complete. Channel orders that live in
-`ChannelGather` wrappers are taken out of the weights (see `ria.permute`) and saved to
-`ria_permutation.safetensors`; `load_pruned` puts them back.
+never leaves a half-written model that looks complete; what a killed save leaves there
+(named with its process id) is removed by the next save of the same target.
+
+Channel orders that live in `ChannelGather` wrappers are taken out of the weights (see
+`ria.permutation`) and saved to `ria_permutation.safetensors`; `load_pruned` puts them back.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import re
 import shutil
 import sys
 import uuid
@@ -20,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._checks import require_bool, require_path
 from .errors import InvalidArgumentError
 from .permutation import plain_state_dict, restore_orders
 from .pruning import INCOMPLETE, PruneReport
@@ -46,11 +52,13 @@ def save_pruned(
     `overwrite=True` replaces only an earlier checkpoint (a directory whose config.json
     has a `ria` section) or an empty directory, never anything else.
     """
+    out = require_path("out_dir", out_dir).resolve()
+    require_bool("overwrite", overwrite)
     check_savable(model)
-    out = Path(out_dir).expanduser().resolve()
     check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    remove_stale_staging(out)
+    staging = _sibling(out, "incomplete")
     try:
         state, orders = plain_state_dict(model)
         model.save_pretrained(staging, state_dict=state)
@@ -109,11 +117,50 @@ def _is_checkpoint(path: Path) -> bool:
     return isinstance(config, dict) and "ria" in config
 
 
+def _sibling(out: Path, kind: str) -> Path:
+    """A hidden directory name beside `out` for this process's writes (staging: "incomplete",
+    a replaced checkpoint: "old"); the pid says whether its writer is still alive."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Removes what saves of `out` killed midway left beside it: staging directories, and
+    replaced checkpoints once `out` exists again. Only those whose writing process is
+    gone; returns what was removed."""
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
+        kind, pid = _stale_kind(path, out.name)
+        if kind is None or (kind == "old" and not out.exists()) or _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _stale_kind(path: Path, name: str) -> tuple[str | None, int]:
+    match = re.fullmatch(rf"\.{re.escape(name)}\.(incomplete|old)-(\d+)-[0-9a-f]{{8}}", path.name)
+    if match is None or not path.is_dir():
+        return None, 0
+    return match[1], int(match[2])
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: alive
+        return True
+    return True
+
+
 def _swap_into_place(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
         return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    old = _sibling(out, "old")
     out.rename(old)
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)
@@ -124,8 +171,14 @@ def load_pruned(path: str | Path, **kwargs: Any) -> PreTrainedModel:
     weights are N:M in storage order again). `kwargs` go to `from_pretrained`."""
     from transformers import AutoModelForCausalLM
 
+    path = require_path("path", path)
+    if not path.is_dir():
+        raise InvalidArgumentError(
+            f"{path} is not a directory; load_pruned reads a directory written by "
+            "ria.save_pruned (use transformers' from_pretrained for a Hub model)"
+        )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    orders_file = Path(path) / PERMUTATION_FILE
+    orders_file = path / PERMUTATION_FILE
     if not orders_file.exists():
         if (getattr(model.config, "ria", None) or {}).get("permute"):
             raise InvalidArgumentError(
