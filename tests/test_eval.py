@@ -191,9 +191,11 @@ def test_errors(llama, tokenizer, text, ids):
         perplexity(llama, tokenizer, short, seqlen=SEQLEN, progress=False)
     with pytest.raises(ValueError, match="seqlen"):
         perplexity(llama, tokenizer, text, seqlen=1, progress=False)
-    for bad in (0, -2, 1.5):
+    for bad in (0, -2):
         with pytest.raises(ValueError, match="batch_size"):
             perplexity(llama, tokenizer, text, seqlen=SEQLEN, batch_size=bad, progress=False)
+    with pytest.raises(TypeError, match="batch_size"):
+        perplexity(llama, tokenizer, text, seqlen=SEQLEN, batch_size=1.5, progress=False)
     with pytest.raises(ValueError, match="max_windows"):
         perplexity(llama, tokenizer, text, seqlen=SEQLEN, max_windows=0, progress=False)
     with pytest.raises(TypeError, match="tokenizer"):

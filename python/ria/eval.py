@@ -10,19 +10,32 @@ optional dependency: ``pip install 'ria-rs[eval]'``).
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ._checks import require_bool, require_int
 from ._torch import module_device
 from .data import TextSource, check_vocabulary, join_documents, load_documents, token_ids
-from .errors import InvalidArgumentError, InvalidTypeError
+from .errors import InvalidArgumentError, InvalidTypeError, MissingDependencyError
 
-__all__ = ["C4_DOCUMENTS", "C4_WINDOWS", "ZERO_SHOT_TASKS", "perplexity", "zero_shot"]
+__all__ = [
+    "C4_DOCUMENTS",
+    "C4_WINDOWS",
+    "ZERO_SHOT_TASKS",
+    "check_limit",
+    "check_perplexity_args",
+    "check_task_dir",
+    "perplexity",
+    "zero_shot",
+]
 
 # SparseGPT's C4 validation protocol: the first 1100 documents of the validation shard,
 # joined with single spaces, truncated to 256 windows.
@@ -93,17 +106,8 @@ def perplexity(
         TypeError: `tokenizer` is None while `data` is text, or token ids that are not an
             integer tensor of 1 or 2 dimensions.
     """
-    if not isinstance(seqlen, int) or seqlen < 2:
-        raise InvalidArgumentError(
-            f"seqlen must be an integer >= 2 (one input and one target), got {seqlen!r}"
-        )
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
-        raise InvalidArgumentError(
-            f"max_windows must be None or an integer >= 1, got {max_windows!r}"
-        )
-
+    seqlen, batch_size, max_windows = check_perplexity_args(seqlen, batch_size, max_windows)
+    require_bool("progress", progress)
     ids = _token_stream(tokenizer, data, seqlen)
     n_tokens = ids.numel()
     n_windows = n_tokens // seqlen
@@ -120,8 +124,8 @@ def perplexity(
     device = module_device(model)
     was_training = model.training
     model.eval()
-    # Accumulated where the logits are and read once at the end: no host sync per window.
-    nll = torch.zeros((), dtype=torch.float64, device=device)
+    # Kept where the logits are and read once at the end: no host sync per window.
+    nll = torch.zeros(n_windows, dtype=torch.float64, device=device)
     try:
         with (
             torch.inference_mode(),
@@ -132,7 +136,7 @@ def perplexity(
                 logits = model(input_ids=batch, use_cache=False).logits
                 # One window at a time, so the fp32 copy of the logits stays one window big.
                 for row in range(batch.shape[0]):
-                    nll += F.cross_entropy(
+                    nll[start + row] = F.cross_entropy(
                         logits[row, :-1].float(),
                         batch[row, 1:].to(logits.device),
                         reduction="sum",
@@ -141,7 +145,32 @@ def perplexity(
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)
-    return math.exp(nll.item() / (n_windows * (seqlen - 1)))
+    finite = nll.isfinite()
+    if not finite.all():
+        first = int((~finite).nonzero()[0, 0])
+        raise InvalidArgumentError(
+            f"the model's logits are not finite on evaluation window {first} (tokens "
+            f"{first * seqlen} to {(first + 1) * seqlen - 1}), so perplexity is undefined; "
+            "check the model's weights for NaN/inf, or load it in bfloat16 or float32 if "
+            "float16 overflows"
+        )
+    mean_nll = nll.sum().item() / (n_windows * (seqlen - 1))
+    return math.exp(mean_nll) if mean_nll < _MAX_EXP else math.inf
+
+
+# math.exp overflows above this (the perplexity is then reported as inf).
+_MAX_EXP = math.log(sys.float_info.max)
+
+
+def check_perplexity_args(
+    seqlen: object, batch_size: object, max_windows: object
+) -> tuple[int, int, int | None]:
+    """`perplexity`'s numeric arguments, checked (the CLI checks them before loading)."""
+    return (
+        require_int("seqlen", seqlen, minimum=2),
+        require_int("batch_size", batch_size, minimum=1),
+        None if max_windows is None else require_int("max_windows", max_windows, minimum=1),
+    )
 
 
 def zero_shot(
@@ -153,6 +182,7 @@ def zero_shot(
     batch_size: int = 8,
     num_fewshot: int = 0,
     task_dir: str | os.PathLike[str] | None = None,
+    trust_task_code: bool = False,
 ) -> dict[str, dict[str, float | None]]:
     """Zero-shot (or few-shot) accuracies through lm-evaluation-harness.
 
@@ -173,6 +203,9 @@ def zero_shot(
             fixes ``num_fewshot: 0`` keep it (lm-eval's rule).
         task_dir: a directory of extra lm-eval YAML task definitions (e.g. local tasks
             over local JSON files), searched before the built-in tasks.
+        trust_task_code: allow `task_dir` to hold Python files. lm-eval imports and runs
+            the code that its YAML names with `!function`, so a directory with `.py`
+            files is refused unless this is True.
 
     Returns:
         ``{task: {metric: value}}`` from lm-eval's per-task results, e.g.
@@ -184,18 +217,23 @@ def zero_shot(
 
     Raises:
         ImportError: lm-evaluation-harness is not installed.
-        ValueError: `tasks` is empty.
+        ValueError: `tasks` is empty, or `task_dir` is not a directory or holds Python
+            files without `trust_task_code=True`.
     """
+    task_list = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not task_list:
+        raise InvalidArgumentError("no zero-shot tasks given")
+    if task_dir is not None:
+        check_task_dir(task_dir, trust_task_code)
+    batch_size = require_int("batch_size", batch_size, minimum=1)
+    num_fewshot = require_int("num_fewshot", num_fewshot, minimum=0)
+    check_limit(limit)
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise ImportError(LM_EVAL_HINT) from exc
-
-    task_list = [tasks] if isinstance(tasks, str) else list(tasks)
-    if not task_list:
-        raise InvalidArgumentError("no zero-shot tasks given")
+        raise MissingDependencyError(LM_EVAL_HINT) from exc
 
     task_manager = None
     if task_dir is not None:
@@ -221,6 +259,39 @@ def zero_shot(
     if out is None:  # a non-zero rank of a distributed run
         return {}
     return {task: _flatten_metrics(metrics) for task, metrics in out["results"].items()}
+
+
+def check_limit(limit: object) -> None:
+    """`zero_shot`'s `limit`: None, an integer >= 1, or a fraction in (0, 1)."""
+    if limit is None:
+        return
+    if isinstance(limit, numbers.Integral) and not isinstance(limit, bool):
+        require_int("limit", limit, minimum=1)
+        return
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real):
+        raise InvalidTypeError(f"limit must be None, an integer or a fraction, got {limit!r}")
+    if not 0 < float(limit) < 1:
+        raise InvalidArgumentError(
+            f"limit must be an integer >= 1 (examples) or a fraction in (0, 1), got {limit}"
+        )
+
+
+def check_task_dir(task_dir: str | os.PathLike[str], trust_task_code: bool) -> None:
+    """Refuses a task directory that is missing, or that holds Python code (which lm-eval
+    would import) unless `trust_task_code`."""
+    path = Path(task_dir).expanduser()
+    if not path.is_dir():
+        raise InvalidArgumentError(f"task directory {path} does not exist or is not a directory")
+    if require_bool("trust_task_code", trust_task_code):
+        return
+    code = sorted(path.rglob("*.py"))
+    if code:
+        raise InvalidArgumentError(
+            f"task directory {path} holds Python files ({code[0].name}"
+            f"{f' and {len(code) - 1} more' if len(code) > 1 else ''}), which lm-eval imports "
+            "and runs when a task's YAML names them with !function; if you trust that code, "
+            "pass trust_task_code=True (CLI: --trust-task-code)"
+        )
 
 
 def _token_stream(tokenizer: Any, data: TextSource, seqlen: int) -> torch.Tensor:
