@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from ._torch import default_device
 from .core import __version__
 from .errors import InvalidArgumentError, RiaError
+from .eval import check_limit, check_perplexity_args, check_task_dir
 from .pruning import METHODS, PruneConfig, prune_with
 from .save import check_target, load_pruned, save_pruned
 
@@ -28,15 +30,23 @@ DEMO_DEFAULTS: dict[str, Any] = {"calibration": "austen", "nsamples": 32, "seqle
 # `ria.prune`'s own.
 CLI_SPARSITY = "2:4"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# A Hugging Face Hub id: "name" or "org/name" (letters, digits, "-", "_", ".").
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """The `ria` command: ria's own errors and OS errors become one line and exit code 2."""
     try:
-        return int(args.run(args))
+        return run(argv)
     except (RiaError, OSError) as exc:
         print(f"ria: error: {exc}", file=sys.stderr)
         return 2
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line `argv` and returns its exit code; errors propagate."""
+    args = _parser().parse_args(argv)
+    return int(args.run(args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--zero-shot", metavar="TASKS", help="comma-separated lm-eval tasks")
     e.add_argument("--limit", type=int, help="examples per zero-shot task")
     e.add_argument("--task-dir", help="directory of extra lm-eval task YAML files")
+    e.add_argument(
+        "--trust-task-code",
+        action="store_true",
+        help="allow --task-dir to hold Python files (lm-eval runs code its YAML names)",
+    )
     _common(e)
     e.set_defaults(run=_eval)
     return parser
@@ -98,6 +113,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="load the model in this dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def check_model(name: str) -> None:
+    """Refuses a MODEL that is written as a local path but does not exist (instead of
+    asking the Hub for it); only `demo`, existing paths and Hub ids like `org/name`
+    pass."""
+    if name == DEMO or Path(name).expanduser().exists():
+        return
+    separators = {os.sep, os.altsep or os.sep, "/"}
+    looks_like_path = name.startswith((".", "/", "~")) or any(c in name for c in separators)
+    if not name.strip() or (looks_like_path and not HUB_ID.fullmatch(name)):
+        raise InvalidArgumentError(
+            f"model {name!r} does not exist: give an existing model directory, "
+            f"a Hugging Face Hub id like 'org/name', or '{DEMO}'"
+        )
 
 
 def _load(name: str, dtype: str) -> tuple[Any, Any]:
@@ -126,8 +156,8 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
         method=args.method,
         permute=args.permute,
         calibration=args.calibration or defaults["calibration"],
-        nsamples=args.nsamples or defaults["nsamples"],
-        seqlen=args.seqlen or defaults["seqlen"],
+        nsamples=defaults["nsamples"] if args.nsamples is None else args.nsamples,
+        seqlen=defaults["seqlen"] if args.seqlen is None else args.seqlen,
         alpha=args.alpha,
         per_row=args.per_row,
         reconstruct=args.reconstruct,
@@ -139,8 +169,9 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """Fails before the (long) prune if its results could not be written afterwards."""
-    if args.out is not None:
+    """Fails before the (long) prune or evaluation if its results could not be written
+    afterwards."""
+    if getattr(args, "out", None) is not None:
         if not args.out.strip():
             raise InvalidArgumentError("--out is empty; give an output directory")
         out = Path(args.out).expanduser().resolve()
@@ -149,6 +180,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if not parent.is_dir():
             raise InvalidArgumentError(f"cannot write {out}: {parent} is not a directory")
     if args.json is not None:
+        if not args.json.strip():
+            raise InvalidArgumentError("--json is empty; give a file path")
         json_path = Path(args.json).expanduser().resolve()
         if json_path.is_dir() or not os.access(json_path.parent, os.W_OK):
             raise InvalidArgumentError(f"cannot write the JSON report to {json_path}")
@@ -158,7 +191,11 @@ def _prune(args: argparse.Namespace) -> int:
     from .eval import perplexity
 
     config = _prune_config(args)
+    if args.eval:
+        seqlen = config.seqlen if args.eval_seqlen is None else args.eval_seqlen
+        check_perplexity_args(seqlen, 1, args.max_windows)
     _check_outputs(args)
+    check_model(args.model)
     model, tokenizer = _load(args.model, args.dtype)
     progress = config.progress
     device = config.device
@@ -170,7 +207,7 @@ def _prune(args: argparse.Namespace) -> int:
             model,
             tokenizer,
             args.eval,
-            seqlen=args.eval_seqlen or config.seqlen,
+            seqlen=config.seqlen if args.eval_seqlen is None else args.eval_seqlen,
             max_windows=args.max_windows,
             progress=progress,
         )
@@ -197,6 +234,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     if not args.ppl and not args.zero_shot:
         raise InvalidArgumentError("nothing to evaluate: pass --ppl DATA and/or --zero-shot TASKS")
+    check_perplexity_args(args.seqlen, 1, args.max_windows)
+    if args.zero_shot:
+        check_limit(args.limit)
+        if args.task_dir is not None:
+            check_task_dir(args.task_dir, args.trust_task_code)
+    _check_outputs(args)
+    check_model(args.model)
     model, tokenizer = _load(args.model, args.dtype)
     model.to(args.device or default_device())
     results: dict[str, Any] = {}
@@ -213,7 +257,12 @@ def _eval(args: argparse.Namespace) -> int:
     if args.zero_shot:
         tasks = [t.strip() for t in args.zero_shot.split(",") if t.strip()]
         results["zero_shot"] = zero_shot(
-            model, tokenizer, tasks, limit=args.limit, task_dir=args.task_dir
+            model,
+            tokenizer,
+            tasks,
+            limit=args.limit,
+            task_dir=args.task_dir,
+            trust_task_code=args.trust_task_code,
         )
         for task, metrics in results["zero_shot"].items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
