@@ -283,12 +283,13 @@ def test_numpy_integers_are_numbers():
 # --- a refused second permutation changes nothing ---------------------------------------
 
 
-@pytest.mark.parametrize("second", ["2:4", "4:8"])
-def test_a_refused_second_permutation_leaves_the_model_unchanged(tokenizer, second):
-    model = tiny_model("llama")
-    ria.prune(
+def prune_4of8(model, tokenizer) -> Any:
+    return ria.prune(
         model, tokenizer, sparsity="4:8", permute=True, permutation_options=FAST_SEARCH, **CALIB
     )
+
+
+def assert_second_permutation_refused(model, tokenizer, second: str) -> None:
     before = logits(model, IDS)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(InvalidArgumentError, match="already permuted"):
@@ -301,15 +302,20 @@ def test_a_refused_second_permutation_leaves_the_model_unchanged(tokenizer, seco
     assert model.config.ria.get("status") != "incomplete"
 
 
-def test_a_loaded_permuted_model_is_not_permuted_again(tokenizer, permuted_checkpoint):
-    model = ria.load_pruned(permuted_checkpoint)
-    before = logits(model, IDS)
-    with pytest.raises(InvalidArgumentError, match="already permuted"):
-        ria.prune(
-            model, tokenizer, sparsity="2:4", permute=True, permutation_options=FAST_SEARCH,
-            **CALIB,
-        )  # fmt: skip
-    torch.testing.assert_close(logits(model, IDS), before, rtol=0, atol=0)
+# 2:4 after 4:8 needs new orders (a search on 4:8 masks finds them); a re-run cell with
+# the same pattern finds the identity, which hid the defect.
+@pytest.mark.parametrize("second", ["2:4", "4:8"])
+def test_a_refused_second_permutation_leaves_the_model_unchanged(tokenizer, second):
+    model = tiny_model("llama")
+    prune_4of8(model, tokenizer)
+    assert_second_permutation_refused(model, tokenizer, second)
+
+
+def test_a_loaded_permuted_model_is_not_permuted_again(tokenizer, tmp_path):
+    model = tiny_model("llama")
+    report = prune_4of8(model, tokenizer)
+    loaded = ria.load_pruned(ria.save_pruned(model, tmp_path / "ckpt", tokenizer, report))
+    assert_second_permutation_refused(loaded, tokenizer, "2:4")
 
 
 # --- an interrupted prune is marked, and not saved --------------------------------------
