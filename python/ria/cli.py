@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=default["alpha"], help="RIA activation exponent")
     p.add_argument("--per-row", action="store_true", default=None, help="unstructured per row")
     p.add_argument("--reconstruct", action="store_true", help="SparseGPT weight update")
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="prune even if under 90%% of the decoder's matmul weights are nn.Linear",
+    )
     p.add_argument("--seed", type=int, default=default["seed"])
     p.add_argument(
         "--batch-size", type=int, default=default["batch_size"], help="windows per forward pass"
@@ -165,6 +170,7 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
         device=args.device or default_device(),
         progress=not args.no_progress,
         batch_size=args.batch_size,
+        allow_partial=args.allow_partial,
     )
 
 

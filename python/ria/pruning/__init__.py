@@ -12,6 +12,7 @@ from .capture import (
     run_block,
 )
 from .config import METHODS, Method, PruneConfig, Sparsity
+from .coverage import MIN_COVERAGE, Coverage, DenseWeight, decoder_coverage
 from .obs import obs_prune
 from .pipeline import INCOMPLETE, prune, prune_with, score_linear
 from .report import LayerReport, PruneReport
@@ -19,8 +20,11 @@ from .report import LayerReport, PruneReport
 __all__ = [
     "INCOMPLETE",
     "METHODS",
+    "MIN_COVERAGE",
     "BlockInputs",
     "CalibrationInputs",
+    "Coverage",
+    "DenseWeight",
     "InputStats",
     "LayerReport",
     "Method",
@@ -30,6 +34,7 @@ __all__ = [
     "calibration_windows",
     "capture_block_inputs",
     "collecting_stats",
+    "decoder_coverage",
     "obs_prune",
     "prune",
     "prune_with",

@@ -86,6 +86,7 @@ class PruneConfig:
     device: torch.device | None = None
     progress: bool = True
     batch_size: int = 1
+    allow_partial: bool = False
     # A dict of `SearchOptions` settings is accepted and converted; the search's seed is
     # `seed` unless the options name their own.
     permutation_options: SearchOptions = field(default_factory=SearchOptions)
@@ -98,7 +99,7 @@ class PruneConfig:
             raise InvalidArgumentError(
                 f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
             )
-        for name in ("permute", "reconstruct", "progress"):
+        for name in ("permute", "reconstruct", "progress", "allow_partial"):
             require_bool(name, getattr(self, name))
         if self.per_row is None:
             set_(self, "per_row", self.method == "wanda")

@@ -38,12 +38,13 @@ from ..core import (
     wanda_score,
 )
 from ..data import check_vocabulary
-from ..errors import InvalidArgumentError, RiaError
+from ..errors import InvalidArgumentError, RiaError, UnsupportedModelError
 from ..permutation import SearchStats, apply_block, is_permuted, linear_orders, search_block
 from ..permutation.apply import Orders
 from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
 from .config import Method, PruneConfig, Sparsity
+from .coverage import MIN_COVERAGE, Coverage, decoder_coverage
 from .obs import obs_prune
 from .report import LayerReport, PruneReport
 
@@ -75,6 +76,7 @@ def prune(
     progress: bool = True,
     batch_size: int = 1,
     permutation_options: dict[str, Any] | SearchOptions | None = None,
+    allow_partial: bool = False,
 ) -> PruneReport:
     """Prunes every `nn.Linear` inside the decoder blocks of a causal LM, in place.
 
@@ -108,6 +110,9 @@ def prune(
         permutation_options: a `ria.SearchOptions`, or a dict of its settings, for every
             search (e.g. `{"max_steps": 8}` or `{"time_budget": 5.0}` to bound the search
             per matrix); its seed defaults to `seed`.
+        allow_partial: prune even when the `nn.Linear`s inside the decoder blocks hold
+            less than 90% of the blocks' matmul parameters (e.g. fused MoE experts, which
+            are not pruned yet); the report lists what stayed dense and why.
 
     Returns:
         A `PruneReport`: per-layer sparsity, kept score, permutation efficacy and time,
@@ -127,6 +132,7 @@ def prune(
         device=device,  # type: ignore[arg-type]  # __post_init__ turns a str into a device
         progress=progress,
         batch_size=batch_size,
+        allow_partial=allow_partial,
         permutation_options=permutation_options or {},  # type: ignore[arg-type]
     )
     return prune_with(model, tokenizer, config)
@@ -136,7 +142,7 @@ def prune_with(model: PreTrainedModel, tokenizer: Any, config: PruneConfig) -> P
     """`ria.prune` with its settings given as one `PruneConfig`."""
     started = time.perf_counter()
     plan = _plan(model, config)
-    report = PruneReport(config.to_dict())
+    report = PruneReport(config.to_dict(), coverage=plan.coverage)
     timer = _StageTimer(report)
 
     use_cache = getattr(model.config, "use_cache", None)
@@ -182,6 +188,7 @@ class _Plan:
     blocks: nn.ModuleList
     spec: BlockSpec | None
     device: torch.device
+    coverage: Coverage
 
 
 def _plan(model: nn.Module, config: PruneConfig) -> _Plan:
@@ -203,11 +210,18 @@ def _plan(model: nn.Module, config: PruneConfig) -> _Plan:
                     f"{path}.{i}.{name} has {linear.in_features} input features, "
                     f"not divisible by M={target.m} of {target}"
                 )
+    coverage = decoder_coverage(model, path, blocks)
+    if coverage.fraction < MIN_COVERAGE and not config.allow_partial:
+        raise UnsupportedModelError(
+            f"ria would prune only {100 * coverage.fraction:.1f}% of the decoder's matmul "
+            f"parameters ({coverage.summary()}); pass allow_partial=True to prune what it "
+            "can anyway. Nothing was changed"
+        )
     device = config.device or default_device()
     dispatched = bool(getattr(model, "hf_device_map", None))
     if device.type == "cuda" and not dispatched and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device={str(device)!r} but CUDA is not available here")
-    return _Plan(path, blocks, spec, device)
+    return _Plan(path, blocks, spec, device, coverage)
 
 
 NON_FINITE_ACTIVATIONS = (

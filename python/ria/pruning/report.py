@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .coverage import Coverage
+
 
 @dataclass
 class LayerReport:
@@ -34,6 +36,8 @@ class PruneReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
     perplexity: dict[str, float] = field(default_factory=dict)
+    # Which of the decoder's matmul weights were pruned, and what stayed dense and why.
+    coverage: Coverage | None = None
 
     @property
     def sparsity(self) -> float:
@@ -49,6 +53,7 @@ class PruneReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["coverage"] = None if self.coverage is None else self.coverage.to_dict()
         data["sparsity"] = self.sparsity
         data["mean_efficacy"] = self.mean_efficacy
         return data
@@ -77,6 +82,8 @@ class PruneReport:
         lines.append(
             f"{len(self.layers)} layers, sparsity {100 * self.sparsity:.2f}%  ({settings})"
         )
+        if self.coverage is not None:
+            lines.append(self.coverage.summary())
         if self.mean_efficacy is not None:
             lines.append(f"mean permutation efficacy {100 * self.mean_efficacy:.1f}%")
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
