@@ -963,6 +963,27 @@ fn search_permutation(
     })
 }
 
+/// Panics on a pool worker thread on purpose (tests only: a panic must reach Python as
+/// the `RuntimeError` of [`bug`], through [`run`] or, with `interruptible`, through
+/// [`run_interruptible`]).
+#[pyfunction]
+fn _panic_for_tests(py: Python<'_>, interruptible: bool) -> PyResult<()> {
+    use rayon::prelude::*;
+    let work = || -> crate::Result<()> {
+        (0..64).into_par_iter().for_each(|i| {
+            if i == 63 {
+                panic!("deliberate panic for tests");
+            }
+        });
+        Ok(())
+    };
+    if interruptible {
+        run_interruptible(py, &*pool(py, None)?, |_| work())
+    } else {
+        run(py, work)
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ria_score, m)?)?;
@@ -972,6 +993,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unstructured_mask, m)?)?;
     m.add_function(wrap_pyfunction!(retained_score, m)?)?;
     m.add_function(wrap_pyfunction!(search_permutation, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add_class::<SearchOptions>()?;
     m.add_class::<PermutationResult>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

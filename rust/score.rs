@@ -27,10 +27,14 @@ pub fn ria<T: Element>(w: MatRef<T>, act_norm: Option<&[f32]>, alpha: f32) -> Re
     let act_pow: Vec<f64> = match act_norm {
         Some(a) => {
             check_act_norm(a, w.cols())?;
-            let pow: Vec<f64> = a.iter().map(|&s| f64::from(s).powf(f64::from(alpha))).collect();
+            // `abs`: -0.0 passes the `>= 0` check, and (-0.0) ** -1 is -inf.
+            let pow: Vec<f64> = a
+                .iter()
+                .map(|&s| f64::from(s).abs().powf(f64::from(alpha)))
+                .collect();
             // |W_ij| / colsum + |W_ij| / rowsum <= 2, so half of float32's range is safe.
             let limit = f64::from(f32::MAX) / 2.0;
-            if let Some(j) = pow.iter().position(|p| !(*p <= limit)) {
+            if let Some(j) = pow.iter().position(|p| !(p.is_finite() && *p <= limit)) {
                 bail!(
                     "act_norm ** alpha overflows float32 for alpha={alpha}: act_norm[{j}] = {} \
                      gives {:e} (scores must stay below {limit:e}); rescale act_norm or use a \

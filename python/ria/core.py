@@ -150,7 +150,7 @@ def search_permutation(
     Raises:
         InvalidArgumentError (a ValueError) for a bad input or option value, naming it,
         including scores too large for the search's float32 sums and options whose
-        scratch memory would exceed 4 GiB; InvalidTypeError (a TypeError) for an argument
+        scratch memory would exceed 1 GiB; InvalidTypeError (a TypeError) for an argument
         or option of the wrong type (`n`, `m`: ints, never bools or floats);
         KeyboardInterrupt on Ctrl-C, within a fraction of a second (the search stops).
     """

@@ -153,12 +153,12 @@ pub fn search_with(problem: &Problem, options: &Options, stop: Stop<'_>) -> Resu
     let upper_bound = problem.upper_bound();
     let outcome = |state: &State, heuristic: f64, lsa_steps, tabu_steps, exact| {
         Ok(Outcome {
-        perm: state.perm.clone(),
-        retained: state.total(),
-        identity,
-        heuristic,
-        upper_bound,
-        lsa_steps,
+            perm: state.perm.clone(),
+            retained: state.total(),
+            identity,
+            heuristic,
+            upper_bound,
+            lsa_steps,
             tabu_steps,
             exact,
         })
@@ -256,10 +256,10 @@ const GLOBAL_WORK: f64 = 34_359_738_368.0;
 
 /// Most elements of scratch whose size is quadratic in the problem (the relu-sum and
 /// assignment matrices of one slot-LSA step, summed over its blocks; tabu's swap matrix
-/// and tables, summed over chains), counted in 4-byte words: 2^30, 4 GiB. Automatic
+/// and tables, summed over chains), counted in 4-byte words: 2^28, 1 GiB. Automatic
 /// sizes stay below it; explicit options that exceed it are refused before any work, so
 /// an oversized search raises instead of aborting the process on a failed allocation.
-pub const MAX_SCRATCH: usize = 1 << 30;
+pub const MAX_SCRATCH: usize = 1 << 28;
 
 /// Largest score the search accepts times the rows summed over: relu sums of one column
 /// against another accumulate up to `rows * max` in float32, which must stay finite (with
