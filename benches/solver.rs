@@ -54,7 +54,7 @@ fn bench_search(c: &mut Criterion) {
         let problem = Problem::new(&[MatRef::new(&s, rows, cols, "s").unwrap()], 2, 4).unwrap();
         let options = Options::default();
         group.bench_function(BenchmarkId::new("2:4", format!("{rows}x{cols}")), |b| {
-            b.iter(|| black_box(search(&problem, &options)))
+            b.iter(|| black_box(search(&problem, &options).unwrap()))
         });
     }
     group.finish();

@@ -18,3 +18,6 @@ mod python;
 
 pub use error::{InputError, Result};
 pub use matrix::{Element, MatRef};
+
+#[cfg(test)]
+mod proptests;

@@ -28,6 +28,7 @@ pub fn check_pattern(n: usize, m: usize, cols: usize) -> Result<()> {
 /// O(m^2) comparisons; groups are small (m = 4 or 8 in practice).
 #[inline]
 pub fn group_keep_bits(group: &[f32], n: usize) -> u64 {
+    assert!(group.len() <= 64, "a group has at most 64 columns");
     let mut bits = 0u64;
     for (i, &v) in group.iter().enumerate() {
         let rank = group
@@ -96,6 +97,9 @@ fn keep_any(row: &[f32], n: usize, m: usize, keep: &mut [bool]) {
 /// Sum of the scores an N:M mask keeps, in f64.
 pub fn nm_retained(scores: MatRef<f32>, n: usize, m: usize) -> Result<f64> {
     check_pattern(n, m, scores.cols())?;
+    if m > 64 {
+        bail!("m must be <= 64, got {m}");
+    }
     scores.check_finite("scores")?;
     Ok((0..scores.rows())
         .into_par_iter()
@@ -134,6 +138,14 @@ pub fn unstructured_mask(scores: MatRef<f32>, prune: usize, per_row: bool) -> Re
     };
     if prune > limit {
         bail!("cannot prune {prune} weights of {limit}");
+    }
+    if per_row && u32::try_from(scores.cols()).is_err() {
+        // Per-row keys hold the column index in 32 bits.
+        bail!(
+            "scores has {} columns; per-row selection supports at most {}",
+            scores.cols(),
+            u32::MAX
+        );
     }
     if per_row {
         let mut mask = vec![true; scores.rows() * scores.cols()];

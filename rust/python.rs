@@ -7,8 +7,21 @@
 //! `PermutationResult`, defined here and nowhere else: adding a search option is a field
 //! of [`permute::Options`] and one line in `search_options!` below (then
 //! `python -m ria._stubgen` rewrites `python/ria/_core.pyi`). Bad arguments raise
-//! `ria.errors.InvalidArgumentError` (a `ValueError`), wrong option types
-//! `ria.errors.InvalidTypeError` (a `TypeError`).
+//! `ria.errors.InvalidArgumentError` (a `ValueError`), wrong argument or option types
+//! `ria.errors.InvalidTypeError` (a `TypeError`); every numeric argument is checked here,
+//! by type (an int is a Python or numpy integer, never a bool or a float) and range.
+//!
+//! Reliability at the boundary:
+//! - Work runs on a thread pool of this process ([`pool`]), never rayon's global one,
+//!   which does not survive `fork` (a forked child would wait forever on threads that
+//!   only exist in its parent); the pool is rebuilt when the process id changes.
+//! - A panic in the core is caught and raised as a `RuntimeError` that says it is a bug
+//!   in ria ([`run`]): the checks here and in the core are meant to refuse every bad
+//!   input with a `RiaError`, so a panic is never the caller's fault, and a
+//!   `pyo3_runtime.PanicException` (a `BaseException`) would escape `except Exception`.
+//! - The permutation search polls Ctrl-C ([`run_interruptible`]): the calling thread
+//!   checks Python's signals while the search runs on the pool, and a pending
+//!   `KeyboardInterrupt` stops the search at its next step and is raised.
 
 use crate::error::InputError;
 use crate::matrix::{Element, MatRef};
@@ -23,10 +36,15 @@ use numpy::{
 use pyo3::exceptions::{PyOverflowError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyTuple};
+use rayon::ThreadPool;
+use std::any::Any;
 use std::convert::Infallible;
 use std::fmt;
 use std::ops::Bound::{Excluded, Included, Unbounded};
 use std::ops::RangeBounds;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 // The exceptions of `ria.errors` (python/ria/errors.py): `InvalidArgumentError` is also
@@ -39,6 +57,157 @@ impl From<InputError> for PyErr {
         InvalidArgumentError::new_err(e.0)
     }
 }
+
+// --- where the work runs ---------------------------------------------------------------
+
+/// The default pool and the process it was built in.
+static POOL: Mutex<Option<(u32, Arc<ThreadPool>)>> = Mutex::new(None);
+
+fn build_pool(threads: usize) -> PyResult<ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot start worker threads: {e}")))
+}
+
+/// The pool for `threads` workers, or for one per core (`None`, shared between calls and
+/// rebuilt in a forked child). Called with the GIL held, so `os.fork` (which takes the
+/// GIL) cannot happen while another thread holds the lock.
+fn pool(_py: Python<'_>, threads: Option<usize>) -> PyResult<Arc<ThreadPool>> {
+    if let Some(threads) = threads {
+        return Ok(Arc::new(build_pool(threads)?));
+    }
+    let pid = std::process::id();
+    let mut slot = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((owner, pool)) = slot.as_ref()
+        && *owner == pid
+    {
+        return Ok(pool.clone());
+    }
+    let fresh = Arc::new(build_pool(0)?);
+    if let Some((_, inherited)) = slot.replace((pid, fresh.clone())) {
+        // Built by the parent before a fork: its workers do not exist here, and dropping
+        // it would signal them through locks they may have held. Leak it.
+        std::mem::forget(inherited);
+    }
+    Ok(fresh)
+}
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+/// A panic caught at the boundary, as the `RuntimeError` it becomes.
+fn bug(payload: &(dyn Any + Send)) -> PyErr {
+    PyRuntimeError::new_err(format!(
+        "internal error in ria (a bug, please report it with the call that caused it): {}",
+        panic_message(payload)
+    ))
+}
+
+/// Runs `work` on the default pool without the GIL; a panic becomes a `RuntimeError`.
+fn run<R: Send>(py: Python<'_>, work: impl FnOnce() -> crate::Result<R> + Send) -> PyResult<R> {
+    let pool = pool(py, None)?;
+    py.detach(|| pool.install(|| catch_unwind(AssertUnwindSafe(work))))
+        .map_err(|payload| bug(&*payload))?
+        .map_err(PyErr::from)
+}
+
+/// Marks a worker finished when dropped.
+struct Finished<'a>(&'a (Mutex<bool>, Condvar));
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        *self.0.0.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.0.1.notify_all();
+    }
+}
+
+/// How often the calling thread checks for Ctrl-C while an interruptible call runs.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Runs `work` on `pool` while this thread checks Python's signals every
+/// [`SIGNAL_POLL`]. When a signal handler raises (Ctrl-C: `KeyboardInterrupt`), the stop
+/// flag `work` polls is set, `work` is waited for, and the handler's exception is raised.
+/// A panic becomes a `RuntimeError`.
+fn run_interruptible<R: Send>(
+    py: Python<'_>,
+    pool: &ThreadPool,
+    work: impl FnOnce(permute::Stop<'_>) -> crate::Result<R> + Send,
+) -> PyResult<R> {
+    let stop = AtomicBool::new(false);
+    let stopped = || stop.load(Ordering::Relaxed);
+    let slot = Mutex::new(None);
+    let done = (Mutex::new(false), Condvar::new());
+    let interrupted = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // Set when this thread ends, however it ends, so the wait below cannot hang.
+            let _finished = Finished(&done);
+            let outcome = pool.install(|| catch_unwind(AssertUnwindSafe(|| work(&stopped))));
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
+        });
+        let mut interrupted: Option<PyErr> = None;
+        loop {
+            let finished = py.detach(|| {
+                let flag = done.0.lock().unwrap_or_else(PoisonError::into_inner);
+                let (flag, _) = done
+                    .1
+                    .wait_timeout_while(flag, SIGNAL_POLL, |finished| !*finished)
+                    .unwrap_or_else(PoisonError::into_inner);
+                *flag
+            });
+            if finished {
+                return interrupted;
+            }
+            if interrupted.is_none()
+                && let Err(e) = py.check_signals()
+            {
+                stop.store(true, Ordering::Relaxed);
+                interrupted = Some(e);
+            }
+        }
+    });
+    let outcome = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
+    if let Some(e) = interrupted {
+        return Err(e);
+    }
+    match outcome {
+        Some(Ok(result)) => result.map_err(PyErr::from),
+        Some(Err(payload)) => Err(bug(&*payload)),
+        None => Err(bug(&"the worker thread ended without a result")),
+    }
+}
+
+// --- arguments ------------------------------------------------------------------------
+
+/// An integer argument (a Python or numpy integer, not a bool) within `range`.
+fn int_arg(name: &str, obj: &Bound<'_, PyAny>, range: impl RangeBounds<i128>) -> PyResult<usize> {
+    option_value::<usize>(name, obj, range)
+}
+
+/// A boolean argument (Python or numpy bool).
+fn bool_arg(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    obj.extract::<bool>().map_err(|_| {
+        let repr = obj.repr().map_or_else(|_| "?".into(), |r| r.to_string());
+        let ty = obj
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".into(), |n| n.to_string());
+        InvalidTypeError::new_err(format!(
+            "{name} must be of type bool, got {repr} of type {ty}"
+        ))
+    })
+}
+
+/// Largest `alpha`: `act_norm ** alpha` is computed for float32 scores.
+const MAX_ALPHA: f64 = f32::MAX as f64;
 
 /// A 2-D weight in one of the supported storage formats.
 enum Weight<'py> {
@@ -74,29 +243,28 @@ impl<'py> Weight<'py> {
         (s[0], s[1])
     }
 
-    /// Runs `f` on the weight as a typed matrix, without the GIL.
+    /// Runs `f` on the weight as a typed matrix, without the GIL (see [`run`]).
     fn with<R: Send>(&self, py: Python<'_>, f: impl ScoreFn<R>) -> PyResult<R> {
         let (rows, cols) = self.shape();
         match self {
             Weight::F32(a) => {
                 let data = slice(a)?;
-                py.detach(|| f.call(MatRef::new(data, rows, cols, "weight")?))
+                run(py, || f.call(MatRef::new(data, rows, cols, "weight")?))
             }
             Weight::Bits16(a, half) => {
                 let bits = slice(a)?;
                 match half {
                     Half::F16 => {
                         let data: &[f16] = bits.reinterpret_cast();
-                        py.detach(|| f.call(MatRef::new(data, rows, cols, "weight")?))
+                        run(py, || f.call(MatRef::new(data, rows, cols, "weight")?))
                     }
                     Half::Bf16 => {
                         let data: &[bf16] = bits.reinterpret_cast();
-                        py.detach(|| f.call(MatRef::new(data, rows, cols, "weight")?))
+                        run(py, || f.call(MatRef::new(data, rows, cols, "weight")?))
                     }
                 }
             }
         }
-        .map_err(PyErr::from)
     }
 }
 
@@ -154,8 +322,9 @@ fn ria_score<'py>(
     weight: &Bound<'py, PyAny>,
     weight_format: &str,
     act_norm: Option<PyReadonlyArray1<'py, f32>>,
-    alpha: f32,
+    alpha: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let alpha = option_value::<f64>("alpha", alpha, -MAX_ALPHA..=MAX_ALPHA)? as f32;
     let weight = Weight::extract(weight, weight_format)?;
     let act = act_norm.as_ref().map(slice).transpose()?;
     let out = weight.with(
@@ -194,6 +363,11 @@ fn magnitude_score<'py>(
     Ok(into_matrix(py, out, rows, cols))
 }
 
+/// `n` and `m` of an N:M pattern as non-negative ints (the core checks `1 <= n < m`).
+fn pattern(n: &Bound<'_, PyAny>, m: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+    Ok((int_arg("n", n, 0..)?, int_arg("m", m, 0..)?))
+}
+
 fn scores_ref<'a>(a: &'a PyReadonlyArray2<'_, f32>, name: &str) -> PyResult<MatRef<'a, f32>> {
     let s = a.shape();
     Ok(MatRef::new(slice(a)?, s[0], s[1], name)?)
@@ -203,11 +377,12 @@ fn scores_ref<'a>(a: &'a PyReadonlyArray2<'_, f32>, name: &str) -> PyResult<MatR
 fn nm_mask<'py>(
     py: Python<'py>,
     scores: PyReadonlyArray2<'py, f32>,
-    n: usize,
-    m: usize,
+    n: &Bound<'py, PyAny>,
+    m: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArray2<bool>>> {
+    let (n, m) = pattern(n, m)?;
     let s = scores_ref(&scores, "scores")?;
-    let out = py.detach(|| mask::nm_mask(s, n, m))?;
+    let out = run(py, || mask::nm_mask(s, n, m))?;
     Ok(into_matrix(py, out, s.rows(), s.cols()))
 }
 
@@ -215,11 +390,13 @@ fn nm_mask<'py>(
 fn unstructured_mask<'py>(
     py: Python<'py>,
     scores: PyReadonlyArray2<'py, f32>,
-    prune: usize,
-    per_row: bool,
+    prune: &Bound<'py, PyAny>,
+    per_row: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArray2<bool>>> {
+    let prune = int_arg("prune", prune, 0..)?;
+    let per_row = bool_arg("per_row", per_row)?;
     let s = scores_ref(&scores, "scores")?;
-    let out = py.detach(|| mask::unstructured_mask(s, prune, per_row))?;
+    let out = run(py, || mask::unstructured_mask(s, prune, per_row))?;
     Ok(into_matrix(py, out, s.rows(), s.cols()))
 }
 
@@ -268,17 +445,18 @@ fn permutation(perm: &[i64], cols: usize) -> PyResult<Vec<u32>> {
 fn retained_score(
     py: Python<'_>,
     scores: Vec<PyReadonlyArray2<'_, f32>>,
-    n: usize,
-    m: usize,
+    n: &Bound<'_, PyAny>,
+    m: &Bound<'_, PyAny>,
     perm: Option<PyReadonlyArray1<'_, i64>>,
 ) -> PyResult<f64> {
+    let (n, m) = pattern(n, m)?;
     let mats = score_refs(&scores)?;
-    let problem = py.detach(|| Problem::new(&mats, n, m))?;
+    let problem = run(py, || Problem::new(&mats, n, m))?;
     let perm = match perm {
         Some(p) => permutation(slice(&p)?, problem.cols())?,
         None => (0..problem.cols() as u32).collect(),
     };
-    Ok(py.detach(|| problem.retained(&perm)))
+    run(py, || Ok(problem.retained(&perm)))
 }
 
 // --- search options: how each crosses the boundary -------------------------------------
@@ -742,21 +920,33 @@ impl PermutationResult {
 fn search_permutation(
     py: Python<'_>,
     scores: Vec<PyReadonlyArray2<'_, f32>>,
-    n: usize,
-    m: usize,
-    options: Option<Bound<'_, SearchOptions>>,
+    n: &Bound<'_, PyAny>,
+    m: &Bound<'_, PyAny>,
+    options: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PermutationResult> {
     let started = Instant::now();
-    let options = options.map(|o| o.get().clone()).unwrap_or_default();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(options.threads.unwrap_or(0))
-        .build()
-        .map_err(|e| PyRuntimeError::new_err(format!("cannot start worker threads: {e}")))?;
+    let (n, m) = pattern(n, m)?;
+    let options = match options {
+        None => SearchOptions::default(),
+        Some(o) => o
+            .cast::<SearchOptions>()
+            .map_err(|_| {
+                let ty = o
+                    .get_type()
+                    .name()
+                    .map_or_else(|_| "?".into(), |n| n.to_string());
+                InvalidTypeError::new_err(format!(
+                    "options must be a SearchOptions or None, got {ty}"
+                ))
+            })?
+            .get()
+            .clone(),
+    };
+    let pool = pool(py, options.threads)?;
     let mats = score_refs(&scores)?;
-    let outcome = py.detach(|| {
-        pool.install(|| {
-            Problem::new(&mats, n, m).map(|problem| permute::search(&problem, &options.core))
-        })
+    let outcome = run_interruptible(py, &pool, |stop| {
+        let problem = Problem::new(&mats, n, m)?;
+        permute::search_with(&problem, &options.core, stop)
     })?;
     let perm: Vec<i64> = outcome.perm.iter().map(|&p| i64::from(p)).collect();
     Ok(PermutationResult {
@@ -773,6 +963,27 @@ fn search_permutation(
     })
 }
 
+/// Panics on a pool worker thread on purpose (tests only: a panic must reach Python as
+/// the `RuntimeError` of [`bug`], through [`run`] or, with `interruptible`, through
+/// [`run_interruptible`]).
+#[pyfunction]
+fn _panic_for_tests(py: Python<'_>, interruptible: bool) -> PyResult<()> {
+    use rayon::prelude::*;
+    let work = || -> crate::Result<()> {
+        (0..64).into_par_iter().for_each(|i| {
+            if i == 63 {
+                panic!("deliberate panic for tests");
+            }
+        });
+        Ok(())
+    };
+    if interruptible {
+        run_interruptible(py, &*pool(py, None)?, |_| work())
+    } else {
+        run(py, work)
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ria_score, m)?)?;
@@ -782,6 +993,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unstructured_mask, m)?)?;
     m.add_function(wrap_pyfunction!(retained_score, m)?)?;
     m.add_function(wrap_pyfunction!(search_permutation, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add_class::<SearchOptions>()?;
     m.add_class::<PermutationResult>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -1,11 +1,14 @@
 //! Importance scores of a weight matrix `W` (`C_out x C_in`, row-major).
 //!
-//! All scores are computed in f32 whatever the weight type; sums are accumulated in f64.
+//! Scores are float32 whatever the weight type; sums and RIA's ratios are computed in f64.
 //! `act_norm[j]` is the L2 norm of input channel `j` over every calibration token.
+//!
+//! Finite inputs give finite scores or an error that names the argument: a score that
+//! would overflow float32 is refused, never returned as infinity (or NaN).
 
 use crate::error::{Result, bail};
 use crate::matrix::{Element, MatRef};
-use crate::parallel::for_each_row_mut;
+use crate::parallel::{for_each_row_mut, position_first};
 use rayon::prelude::*;
 
 /// Columns per parallel task when summing down columns.
@@ -21,24 +24,43 @@ pub fn ria<T: Element>(w: MatRef<T>, act_norm: Option<&[f32]>, alpha: f32) -> Re
     if !alpha.is_finite() {
         bail!("alpha must be finite, got {alpha}");
     }
-    let act_pow = match act_norm {
+    let act_pow: Vec<f64> = match act_norm {
         Some(a) => {
             check_act_norm(a, w.cols())?;
-            a.iter().map(|&s| s.powf(alpha)).collect()
+            // `abs`: -0.0 passes the `>= 0` check, and (-0.0) ** -1 is -inf.
+            let pow: Vec<f64> = a
+                .iter()
+                .map(|&s| f64::from(s).abs().powf(f64::from(alpha)))
+                .collect();
+            // |W_ij| / colsum + |W_ij| / rowsum <= 2, so half of float32's range is safe.
+            let limit = f64::from(f32::MAX) / 2.0;
+            if let Some(j) = pow.iter().position(|p| !(p.is_finite() && *p <= limit)) {
+                bail!(
+                    "act_norm ** alpha overflows float32 for alpha={alpha}: act_norm[{j}] = {} \
+                     gives {:e} (scores must stay below {limit:e}); rescale act_norm or use a \
+                     smaller alpha",
+                    a[j],
+                    pow[j]
+                );
+            }
+            pow
         }
-        None => vec![1.0f32; w.cols()],
+        None => vec![1.0; w.cols()],
     };
-    let row_inv: Vec<f32> = (0..w.rows())
+    // Reciprocals in f64: a row or column of tiny (e.g. subnormal) weights has a sum
+    // whose reciprocal overflows float32, and `0 * inf` would make its zeros NaN.
+    let row_inv: Vec<f64> = (0..w.rows())
         .into_par_iter()
         .map(|r| reciprocal(w.row(r).iter().map(|v| f64::from(v.to_f32().abs())).sum()))
         .collect();
-    let col_inv: Vec<f32> = column_abs_sums(w).into_iter().map(reciprocal).collect();
+    let col_inv: Vec<f64> = column_abs_sums(w).into_iter().map(reciprocal).collect();
 
     let mut out = vec![0.0f32; w.rows() * w.cols()];
     for_each_row_mut(&mut out, w.cols(), |r, out_row| {
         let ri = row_inv[r];
         for (((o, v), &ci), &p) in out_row.iter_mut().zip(w.row(r)).zip(&col_inv).zip(&act_pow) {
-            *o = v.to_f32().abs() * (ci + ri) * p;
+            let a = f64::from(v.to_f32().abs());
+            *o = ((a * ci + a * ri) * p) as f32;
         }
     });
     Ok(out)
@@ -54,6 +76,17 @@ pub fn wanda<T: Element>(w: MatRef<T>, act_norm: &[f32]) -> Result<Vec<f32>> {
             *o = v.to_f32().abs() * a;
         }
     });
+    // The product of two finite float32 values can overflow; say where instead of
+    // returning infinity.
+    if let Some(i) = position_first(&out, |v| !v.is_finite()) {
+        let (r, c) = (i / w.cols(), i % w.cols());
+        bail!(
+            "wanda score |weight| * act_norm overflows float32 at ({r}, {c}): |weight| = {:e}, \
+             act_norm[{c}] = {:e}; rescale act_norm",
+            w.row(r)[c].to_f32().abs(),
+            act_norm[c]
+        );
+    }
     Ok(out)
 }
 
@@ -87,8 +120,8 @@ fn check_act_norm(act_norm: &[f32], cols: usize) -> Result<()> {
 }
 
 /// `1 / s`, or 0 for an all-zero row/column (whose scores are zero anyway).
-fn reciprocal(s: f64) -> f32 {
-    if s > 0.0 { (1.0 / s) as f32 } else { 0.0 }
+fn reciprocal(s: f64) -> f64 {
+    if s > 0.0 { 1.0 / s } else { 0.0 }
 }
 
 /// `sum_k |W_kj|` for every column j, in f64, summed in row order (deterministic).

@@ -26,6 +26,21 @@ def _is_tensor(x: object) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def _asarray(x: ArrayLike, name: str) -> np.ndarray:
+    """`np.asarray(x)`, with numpy's refusals (ragged nested lists) as InvalidArgumentError."""
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgumentError(f"{name} is not an array: {e}") from None
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+    """C-contiguous float32; values beyond float32's range become inf without a warning
+    (the core then refuses them, naming their position)."""
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+
 def _check_2d(shape: tuple[int, ...], name: str) -> None:
     if len(shape) != 2:
         raise InvalidArgumentError(f"{name} must be 2-D (rows x columns), got shape {tuple(shape)}")
@@ -42,7 +57,7 @@ def weight_array(weight: ArrayLike, name: str = "weight") -> tuple[np.ndarray, s
         t = weight.detach()
         fmt = _TORCH_FORMATS.get(str(t.dtype))
         if fmt is None and t.dtype == torch.float64:
-            t, fmt = t.float(), "f32"
+            t, fmt = t.float(), "f32"  # torch casts out-of-range values to inf silently
         if fmt is None:
             raise InvalidTypeError(
                 f"{name} has unsupported dtype {t.dtype}; use float32, float16 or bfloat16"
@@ -51,12 +66,12 @@ def weight_array(weight: ArrayLike, name: str = "weight") -> tuple[np.ndarray, s
         if fmt == "f32":
             return t.numpy(), fmt
         return t.view(torch.int16).numpy().view(np.uint16), fmt
-    array = np.asarray(weight)
+    array = _asarray(weight, name)
     _check_2d(array.shape, name)
     if array.dtype == np.float32:
         return np.ascontiguousarray(array), "f32"
     if array.dtype == np.float64:
-        return np.ascontiguousarray(array, dtype=np.float32), "f32"
+        return _float32(array), "f32"
     if array.dtype == np.float16:
         return np.ascontiguousarray(array).view(np.uint16), "f16"
     if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16
@@ -73,12 +88,12 @@ def float32_array(x: ArrayLike, name: str, ndim: int) -> np.ndarray:
             raise InvalidTypeError(f"{name} must be floating point, got {x.dtype}")
         array = x.detach().float().cpu().numpy()
     else:
-        array = np.asarray(x)
+        array = _asarray(x, name)
         if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
             raise InvalidTypeError(f"{name} must be floating point, got {array.dtype}")
     if array.ndim != ndim:
         raise InvalidArgumentError(f"{name} must be {ndim}-D, got shape {tuple(array.shape)}")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return _float32(array)
 
 
 def score_list(scores: ArrayLike | list[ArrayLike] | tuple[ArrayLike, ...]) -> list[np.ndarray]:

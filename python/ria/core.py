@@ -9,6 +9,7 @@ numpy arrays. Work runs in Rust on all cores with the GIL released.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from . import _core
 from ._arrays import ArrayLike, float32_array, score_list, weight_array
 from ._core import PermutationResult, SearchOptions, __version__
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, InvalidTypeError
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -46,14 +47,19 @@ def ria_score(
         weight: `(out_features, in_features)`, float32, float16 or bfloat16.
         act_norm: `(in_features,)`, the L2 norm of each input channel over all
             calibration tokens. None gives relative importance alone (no data).
-        alpha: exponent of the activation term (the paper's `a`, 0.5 by default).
+        alpha: exponent of the activation term (the paper's `a`, 0.5 by default): a
+            finite int or float (numpy scalars too), not a bool.
 
     Returns:
         float32 scores of the weight's shape. Zero rows/columns score 0.
+
+    Raises:
+        InvalidArgumentError when a score would overflow float32 (`act_norm ** alpha`
+        too large, or infinite for a zero `act_norm` and a negative `alpha`), naming it.
     """
     w, fmt = weight_array(weight)
     act = None if act_norm is None else float32_array(act_norm, "act_norm", 1)
-    return _core.ria_score(w, fmt, act, float(alpha))
+    return _core.ria_score(w, fmt, act, alpha)
 
 
 def wanda_score(weight: ArrayLike, act_norm: ArrayLike) -> np.ndarray:
@@ -72,9 +78,11 @@ def nm_mask(scores: ArrayLike, n: int, m: int) -> np.ndarray:
     """Keep-mask with, in every row and every group of `m` consecutive columns, the `n`
     highest scores True (2:4 keeps 2 of 4). Ties keep the lower column index.
 
-    Raises ValueError unless `1 <= n < m` and `m` divides the number of columns.
+    `n` and `m` are ints (Python or numpy integers; a bool or a float is refused with
+    InvalidTypeError). Raises InvalidArgumentError (a ValueError) unless `1 <= n < m`
+    and `m` divides the number of columns.
     """
-    return _core.nm_mask(float32_array(scores, "scores", 2), int(n), int(m))
+    return _core.nm_mask(float32_array(scores, "scores", 2), n, m)
 
 
 def unstructured_mask(scores: ArrayLike, sparsity: float, per_row: bool = False) -> np.ndarray:
@@ -85,10 +93,15 @@ def unstructured_mask(scores: ArrayLike, sparsity: float, per_row: bool = False)
     count is exact and the result deterministic.
     """
     s = float32_array(scores, "scores", 2)
-    if not (isinstance(sparsity, (int, float)) and math.isfinite(sparsity) and 0 <= sparsity <= 1):
+    if isinstance(sparsity, (bool, np.bool_)) or not isinstance(sparsity, numbers.Real):
+        raise InvalidTypeError(
+            f"sparsity must be a number in [0, 1], got {sparsity!r} of type "
+            f"{type(sparsity).__name__}"
+        )
+    if not (math.isfinite(sparsity) and 0 <= sparsity <= 1):
         raise InvalidArgumentError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
     count = s.shape[1] if per_row else s.size
-    return _core.unstructured_mask(s, round(sparsity * count), bool(per_row))
+    return _core.unstructured_mask(s, round(float(sparsity) * count), per_row)
 
 
 def _perm_array(perm: ArrayLike) -> np.ndarray:
@@ -107,7 +120,7 @@ def retained_score(
     (`scores[:, perm]`). A list of matrices sharing their columns counts as their sum.
     """
     mats = score_list(scores)
-    return _core.retained_score(mats, int(n), int(m), None if perm is None else _perm_array(perm))
+    return _core.retained_score(mats, n, m, None if perm is None else _perm_array(perm))
 
 
 def search_permutation(
@@ -135,8 +148,11 @@ def search_permutation(
             for `options=SearchOptions(**kwargs)`; not together with `options`.
 
     Raises:
-        InvalidArgumentError (a ValueError) for a bad input or option value, naming it;
-        InvalidTypeError (a TypeError) for an option of the wrong type.
+        InvalidArgumentError (a ValueError) for a bad input or option value, naming it,
+        including scores too large for the search's float32 sums and options whose
+        scratch memory would exceed 1 GiB; InvalidTypeError (a TypeError) for an argument
+        or option of the wrong type (`n`, `m`: ints, never bools or floats);
+        KeyboardInterrupt on Ctrl-C, within a fraction of a second (the search stops).
     """
     if kwargs:
         if options is not None:
@@ -145,4 +161,4 @@ def search_permutation(
                 f"(got options and {', '.join(sorted(kwargs))})"
             )
         options = SearchOptions(**kwargs)
-    return _core.search_permutation(score_list(scores), int(n), int(m), options)
+    return _core.search_permutation(score_list(scores), n, m, options)

@@ -12,4 +12,4 @@ pub mod search;
 pub mod tabu;
 
 pub use problem::Problem;
-pub use search::{Options, Outcome, efficacy, search};
+pub use search::{MAX_SCRATCH, Options, Outcome, Stop, efficacy, search, search_with};

@@ -19,6 +19,8 @@ pub struct Problem {
     n: usize,
     m: usize,
     upper_bound: f64,
+    /// Largest score.
+    max_score: f32,
 }
 
 impl Problem {
@@ -49,6 +51,12 @@ impl Problem {
         if m > MAX_M {
             bail!("m must be <= {MAX_M} for the permutation search, got {m}");
         }
+        if u32::try_from(cols).is_err() {
+            bail!(
+                "scores has {cols} columns; the permutation search supports at most {}",
+                u32::MAX
+            );
+        }
         let rows: usize = mats.iter().map(|s| s.rows()).sum();
         let mut data = vec![0.0f32; rows * cols];
         data.par_chunks_mut(rows)
@@ -72,6 +80,10 @@ impl Problem {
             .collect::<Vec<f64>>()
             .iter()
             .sum();
+        let max_score = data
+            .par_chunks(crate::parallel::PARALLEL_MIN)
+            .map(|c| c.iter().copied().fold(0.0f32, f32::max))
+            .reduce(|| 0.0, f32::max);
         Ok(Self {
             data,
             rows,
@@ -79,6 +91,7 @@ impl Problem {
             n,
             m,
             upper_bound,
+            max_score,
         })
     }
 
@@ -105,6 +118,11 @@ impl Problem {
     /// Per-row unstructured bound: every row keeps its `cols * n / m` largest scores.
     pub fn upper_bound(&self) -> f64 {
         self.upper_bound
+    }
+
+    /// The largest score (scores are finite and non-negative).
+    pub fn max_score(&self) -> f32 {
+        self.max_score
     }
 
     /// All columns, column-major (`cols x rows`).

@@ -15,6 +15,7 @@
 use super::problem::Problem;
 use super::tabu::Tabu;
 use super::{heuristic, lsa, polish};
+use crate::error::{Result, bail};
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_pcg::Pcg64Mcg;
@@ -129,22 +130,38 @@ const TABU_WORK: f64 = 4e9;
 /// Steps after which a tabu chain has long stopped finding anything new.
 const MAX_TABU_STEPS: usize = 20_000;
 
-pub fn search(problem: &Problem, options: &Options) -> Outcome {
+/// A cancellation check, polled between steps of the search: when it returns true the
+/// search stops as if its time budget had run out (the result is still valid).
+pub type Stop<'a> = &'a (dyn Fn() -> bool + Sync);
+
+/// [`search_with`] without cancellation.
+pub fn search(problem: &Problem, options: &Options) -> Result<Outcome> {
+    search_with(problem, options, &|| false)
+}
+
+/// The search (module docs). Fails, before any work, when the scores are too large for
+/// its float32 sums or when the options would need more scratch memory than
+/// [`MAX_SCRATCH`]; `stop` is polled between steps (see [`Stop`]).
+pub fn search_with(problem: &Problem, options: &Options, stop: Stop<'_>) -> Result<Outcome> {
     let started = Instant::now();
-    let deadline = options.time_budget.map(|b| started + b);
+    // No deadline when the budget reaches past what an `Instant` can hold.
+    let deadline = options.time_budget.and_then(|b| started.checked_add(b));
     let (cols, groups) = (problem.cols(), problem.groups());
+    check_magnitude(problem)?;
     let identity_perm: Vec<u32> = (0..cols as u32).collect();
     let identity = problem.retained(&identity_perm);
     let upper_bound = problem.upper_bound();
-    let outcome = |state: &State, heuristic: f64, lsa_steps, tabu_steps, exact| Outcome {
-        perm: state.perm.clone(),
-        retained: state.total(),
-        identity,
-        heuristic,
-        upper_bound,
-        lsa_steps,
-        tabu_steps,
-        exact,
+    let outcome = |state: &State, heuristic: f64, lsa_steps, tabu_steps, exact| {
+        Ok(Outcome {
+            perm: state.perm.clone(),
+            retained: state.total(),
+            identity,
+            heuristic,
+            upper_bound,
+            lsa_steps,
+            tabu_steps,
+            exact,
+        })
     };
 
     let mut state = State::new(problem, identity_perm.clone());
@@ -157,6 +174,8 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
         return outcome(&state, identity, 0, 0, true);
     }
 
+    let block = block_size(problem, options)?;
+    let steps = tabu_steps(problem, options)?;
     let snake = State::new(problem, heuristic::snake(problem));
     let heuristic_value = snake.total();
     if heuristic_value > state.total() {
@@ -168,11 +187,8 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
         problem,
         min_gain,
         deadline,
+        stop,
     };
-    let block = options
-        .block_groups
-        .unwrap_or_else(|| auto_block(problem))
-        .max(2);
     let mut lsa_steps = descent.run(
         &mut state,
         &mut rng,
@@ -185,13 +201,10 @@ pub fn search(problem: &Problem, options: &Options) -> Outcome {
     let polish = polish_pass_work(problem) <= POLISH_WORK;
     lsa_steps += descent.finish(&mut state, &mut rng, options.patience, global_steps, polish);
 
-    let steps = options
-        .tabu_steps
-        .unwrap_or_else(|| auto_tabu_steps(problem, options));
     let mut tabu_steps = 0;
     if steps > 0 && options.chains > 0 && !descent.expired() {
         let before = state.total();
-        tabu_steps = tabu_chains(problem, &mut state, options, steps, deadline);
+        tabu_steps = tabu_chains(problem, &mut state, options, steps, deadline, stop);
         if state.total() > before {
             lsa_steps +=
                 descent.finish(&mut state, &mut rng, options.patience, global_steps, polish);
@@ -208,6 +221,7 @@ fn tabu_chains(
     options: &Options,
     steps: usize,
     deadline: Option<Instant>,
+    stop: Stop<'_>,
 ) -> usize {
     let tenure = options
         .tabu_tenure
@@ -219,7 +233,7 @@ fn tabu_chains(
             let seed = options.seed ^ (chain as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let mut rng = Pcg64Mcg::seed_from_u64(seed);
             let tabu = Tabu::new(problem, state.perm.clone(), state.values.clone());
-            let (perm, values, taken) = tabu.run(steps, stall, tenure, &mut rng, deadline);
+            let (perm, values, taken) = tabu.run(steps, stall, tenure, &mut rng, deadline, stop);
             (State { perm, values }, taken)
         })
         .collect();
@@ -240,8 +254,83 @@ const BLOCK_WORK: f64 = 268_435_456.0;
 /// Relu-sum work allowed for the global phase: 2^35 pair-rows, about 2 s on two cores.
 const GLOBAL_WORK: f64 = 34_359_738_368.0;
 
+/// Most elements of scratch whose size is quadratic in the problem (the relu-sum and
+/// assignment matrices of one slot-LSA step, summed over its blocks; tabu's swap matrix
+/// and tables, summed over chains), counted in 4-byte words: 2^28, 1 GiB. Automatic
+/// sizes stay below it; explicit options that exceed it are refused before any work, so
+/// an oversized search raises instead of aborting the process on a failed allocation.
+pub const MAX_SCRATCH: usize = 1 << 28;
+
+/// Largest score the search accepts times the rows summed over: relu sums of one column
+/// against another accumulate up to `rows * max` in float32, which must stay finite (with
+/// room for rounding) for the assignments to be meaningful.
+const MAX_COLUMN_SUM: f64 = f32::MAX as f64 / 4.0;
+
+fn gib(words: f64) -> String {
+    format!("{:.1} GiB", words * 4.0 / (1u64 << 30) as f64)
+}
+
+/// Fails when relu sums over a column could overflow float32.
+fn check_magnitude(problem: &Problem) -> Result<()> {
+    let (max, rows) = (problem.max_score(), problem.rows());
+    if f64::from(max) * rows as f64 > MAX_COLUMN_SUM {
+        bail!(
+            "scores are too large for the permutation search: the largest, {max:e}, times \
+             {rows} rows overflows its float32 sums (limit {MAX_COLUMN_SUM:e}); divide the \
+             scores by a constant (e.g. their maximum), which does not change the best \
+             permutation"
+        );
+    }
+    Ok(())
+}
+
+/// Words of relu-sum output for one step over all `groups` in blocks of `block`.
+fn block_scratch(groups: usize, block: usize) -> f64 {
+    let block = block.min(groups);
+    groups.div_ceil(block) as f64 * block as f64 * block as f64
+}
+
+/// The block size of the block phase: `options.block_groups`, or sized from the problem;
+/// either way at least 2 and within [`MAX_SCRATCH`] (an explicit size beyond it fails).
+fn block_size(problem: &Problem, options: &Options) -> Result<usize> {
+    let groups = problem.groups();
+    // Largest block whose step stays within the scratch bound (blocks of b need about
+    // groups * b words).
+    let fitting = (MAX_SCRATCH / groups).min(groups);
+    if options.max_steps == 0 || groups <= 2 {
+        return Ok(options.block_groups.unwrap_or(2).clamp(2, groups.max(2)));
+    }
+    if fitting < 2 {
+        bail!(
+            "scores have too many column groups for the permutation search: {groups} groups \
+             of m={} columns need {} of scratch per step even in blocks of 2; use fewer \
+             columns or max_steps=0",
+            problem.m(),
+            gib(block_scratch(groups, 2))
+        );
+    }
+    match options.block_groups {
+        None => Ok(auto_block(problem).min(fitting).max(2)),
+        Some(b) if block_scratch(groups, b) > MAX_SCRATCH as f64 => bail!(
+            "block_groups={b} needs {} of scratch per step on scores with {groups} column \
+             groups ({} columns / m={}), more than the {} allowed; use block_groups <= \
+             {fitting}, or None to size blocks from the matrix",
+            gib(block_scratch(groups, b)),
+            problem.cols(),
+            problem.m(),
+            gib(MAX_SCRATCH as f64)
+        ),
+        Some(b) => Ok(b.max(2)),
+    }
+}
+
+/// Global slot-LSA steps within the work budget and the scratch bound (none when one
+/// assignment over all groups would not fit).
 fn affordable_global_steps(problem: &Problem) -> usize {
     let g = problem.groups() as f64;
+    if g * g > MAX_SCRATCH as f64 {
+        return 0;
+    }
     (GLOBAL_WORK / (g * g * problem.rows() as f64)) as usize
 }
 
@@ -249,6 +338,38 @@ fn auto_block(problem: &Problem) -> usize {
     let groups = problem.groups();
     let per_group = (groups * problem.rows()) as f64;
     ((BLOCK_WORK / per_group) as usize).clamp(64.min(groups), groups)
+}
+
+/// Words of scratch one tabu chain holds: the swap matrix (`cols^2`), the leave-one-out
+/// thresholds (`cols * rows`) and the tabu table (`cols * groups` of 8 bytes).
+fn tabu_scratch(problem: &Problem) -> f64 {
+    let (cols, rows, groups) = (
+        problem.cols() as f64,
+        problem.rows() as f64,
+        problem.groups() as f64,
+    );
+    cols * cols + cols * rows + 2.0 * cols * groups
+}
+
+/// Tabu steps per chain: `options.tabu_steps` or sized from the problem; an explicit
+/// count whose chains would exceed [`MAX_SCRATCH`] fails, an automatic one becomes 0.
+fn tabu_steps(problem: &Problem, options: &Options) -> Result<usize> {
+    let words = options.chains as f64 * tabu_scratch(problem);
+    let fits = words <= MAX_SCRATCH as f64;
+    match options.tabu_steps {
+        None if fits => Ok(auto_tabu_steps(problem, options)),
+        None => Ok(0),
+        Some(steps) if steps > 0 && options.chains > 0 && !fits => bail!(
+            "tabu_steps={steps} with chains={} needs {} of scratch on scores with {} \
+             columns, more than the {} allowed; use tabu_steps=0 or None (sized from the \
+             matrix), or fewer chains",
+            options.chains,
+            gib(words),
+            problem.cols(),
+            gib(MAX_SCRATCH as f64)
+        ),
+        Some(steps) => Ok(steps),
+    }
 }
 
 /// Estimated work of one full pass of pair repartitions.
@@ -288,11 +409,13 @@ struct Descent<'a> {
     problem: &'a Problem,
     min_gain: f64,
     deadline: Option<Instant>,
+    stop: Stop<'a>,
 }
 
 impl Descent<'_> {
+    /// The deadline has passed or the caller asked to stop.
     fn expired(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+        (self.stop)() || self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
     /// Slot-LSA steps until `patience` steps in a row make no progress or `max_steps`.
@@ -374,6 +497,9 @@ impl Descent<'_> {
         for _ in 0..8 {
             let mut gain = 0.0;
             for g in 0..groups {
+                if self.expired() {
+                    return;
+                }
                 for h in g + 1..groups {
                     gain += polish::repartition(
                         self.problem,
@@ -475,7 +601,8 @@ mod tests {
                         seed,
                         ..Options::default()
                     },
-                );
+                )
+                .unwrap();
                 assert!(is_permutation(&out.perm));
                 let best = brute_force(&p);
                 assert!(
@@ -504,7 +631,8 @@ mod tests {
                     tabu_steps: Some(300),
                     ..Options::default()
                 },
-            );
+            )
+            .unwrap();
             assert!(is_permutation(&out.perm));
             assert!(out.retained >= out.identity);
             assert!(out.retained <= out.upper_bound * (1.0 + 1e-12));
@@ -518,7 +646,7 @@ mod tests {
         // Every column equal: nothing can beat the identity, so it must be returned as is.
         let s = vec![1.0f32; 8 * 32];
         let p = Problem::new(&[MatRef::new(&s, 8, 32, "s").unwrap()], 2, 4).unwrap();
-        let out = search(&p, &Options::default());
+        let out = search(&p, &Options::default()).unwrap();
         assert_eq!(out.retained, out.identity);
         assert_eq!(out.efficacy(), 1.0);
     }
@@ -541,6 +669,7 @@ mod tests {
                         ..Options::default()
                     },
                 )
+                .unwrap()
             })
         };
         let (a, b) = (run(1), run(4));

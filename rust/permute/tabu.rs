@@ -16,6 +16,8 @@ use rand::RngExt;
 use rand_pcg::Pcg64Mcg;
 use std::time::Instant;
 
+use super::search::Stop;
+
 pub struct Tabu<'a> {
     problem: &'a Problem,
     perm: Vec<u32>,
@@ -126,6 +128,7 @@ impl<'a> Tabu<'a> {
         tenure: usize,
         rng: &mut Pcg64Mcg,
         deadline: Option<Instant>,
+        stop: Stop<'_>,
     ) -> (Vec<u32>, Vec<f64>, usize) {
         let (cols, m, groups) = (self.problem.cols(), self.problem.m(), self.problem.groups());
         let mut best = (self.perm.clone(), self.values.clone());
@@ -133,7 +136,9 @@ impl<'a> Tabu<'a> {
         let mut best_step = 0;
         let mut step = 0;
         while step < steps {
+            // A step scans all column pairs (cols^2): poll `stop` every step.
             if step - best_step > stall
+                || stop()
                 || (step % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d))
             {
                 break;
@@ -168,9 +173,10 @@ impl<'a> Tabu<'a> {
                 self.refresh_leave_one_out(g);
             }
             self.refresh_rows(ga, gb);
-            let stay = tenure / 2 + rng.random_range(0..=tenure);
-            self.tabu_until[a * groups + ga] = step + stay;
-            self.tabu_until[b * groups + gb] = step + stay;
+            // Saturating: `tenure` may be any positive count.
+            let stay = (tenure / 2).saturating_add(rng.random_range(0..=tenure));
+            self.tabu_until[a * groups + ga] = step.saturating_add(stay);
+            self.tabu_until[b * groups + gb] = step.saturating_add(stay);
             let total = self.total();
             if total > best_total * (1.0 + 1e-12) {
                 best_step = step;
