@@ -392,3 +392,44 @@ fn act_norm_power_overflow_names_alpha() {
     .unwrap_err();
     assert!(err.0.contains("overflows float32 at (0, 0)"), "{err}");
 }
+
+#[test]
+fn search_never_returns_less_than_the_identity_when_scores_span_many_magnitudes() {
+    // Found by the long fuzz run (948,457 cases in): a move gained ~0.1 on its groups,
+    // below the rounding of a total near 6.4e16, and the re-summed total came out one
+    // ulp under the identity's.
+    let s = [
+        0.0,
+        0.597_614_17,
+        0.077_639_87,
+        0.0,
+        0.0,
+        3.0,
+        0.0,
+        0.0,
+        0.449_805,
+        0.0,
+        6.379_931_3e16,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ];
+    let problem = Problem::new(&[MatRef::new(&s, 1, 15, "scores").unwrap()], 1, 3).unwrap();
+    let out = permute::search(
+        &problem,
+        &Options {
+            seed: 1_876_153_802_248_634_252,
+            chains: 1,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        out.retained >= out.identity,
+        "{} < {}",
+        out.retained,
+        out.identity
+    );
+    assert_eq!(out.retained, problem.retained(&out.perm));
+}

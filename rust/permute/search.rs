@@ -210,6 +210,12 @@ pub fn search_with(problem: &Problem, options: &Options, stop: Stop<'_>) -> Resu
                 descent.finish(&mut state, &mut rng, options.patience, global_steps, polish);
         }
     }
+    // Every move gains on the groups it changes, but the total is re-summed over all
+    // groups: when the scores span many orders of magnitude, a gain below the total's
+    // rounding can leave it an ulp under the identity's. Never return less.
+    if state.total() < identity {
+        state = State::new(problem, identity_perm);
+    }
     outcome(&state, heuristic_value, lsa_steps, tabu_steps, false)
 }
 
