@@ -192,14 +192,23 @@ fn int_arg(name: &str, obj: &Bound<'_, PyAny>, range: impl RangeBounds<i128>) ->
     option_value::<usize>(name, obj, range)
 }
 
+/// `type(obj).__name__`, for error messages.
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map_or_else(|_| "?".into(), |n| n.to_string())
+}
+
+/// `repr(obj)`, for error messages.
+fn repr_of(obj: &Bound<'_, PyAny>) -> String {
+    obj.repr().map_or_else(|_| "?".into(), |r| r.to_string())
+}
+
 /// A boolean argument (Python or numpy bool).
 fn bool_arg(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
     obj.extract::<bool>().map_err(|_| {
-        let repr = obj.repr().map_or_else(|_| "?".into(), |r| r.to_string());
-        let ty = obj
-            .get_type()
-            .name()
-            .map_or_else(|_| "?".into(), |n| n.to_string());
+        let repr = repr_of(obj);
+        let ty = type_name(obj);
         InvalidTypeError::new_err(format!(
             "{name} must be of type bool, got {repr} of type {ty}"
         ))
@@ -632,13 +641,10 @@ fn option_value<T: OptionValue>(
     range: impl RangeBounds<T::Num>,
 ) -> PyResult<T> {
     T::from_py(obj, &range).map_err(|bad| {
-        let repr = obj.repr().map_or_else(|_| "?".into(), |r| r.to_string());
+        let repr = repr_of(obj);
         match bad {
             Bad::Type => {
-                let ty = obj
-                    .get_type()
-                    .name()
-                    .map_or_else(|_| "?".into(), |n| n.to_string());
+                let ty = type_name(obj);
                 InvalidTypeError::new_err(format!(
                     "{name} must be of type {}, got {repr} of type {ty}",
                     T::py_type()
@@ -931,10 +937,7 @@ fn search_permutation(
         Some(o) => o
             .cast::<SearchOptions>()
             .map_err(|_| {
-                let ty = o
-                    .get_type()
-                    .name()
-                    .map_or_else(|_| "?".into(), |n| n.to_string());
+                let ty = type_name(o);
                 InvalidTypeError::new_err(format!(
                     "options must be a SearchOptions or None, got {ty}"
                 ))

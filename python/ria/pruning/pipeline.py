@@ -229,10 +229,6 @@ NON_FINITE_ACTIVATIONS = (
     "it overflow in the model's dtype, or the model is damaged); load the model in "
     "bfloat16 or float32, or check its weights"
 )
-NON_FINITE_SCORES = (
-    "its importance scores overflow float32 (its weights or input activations are too "
-    "large); check the model's weights"
-)
 
 
 class _BlockStep:
@@ -289,13 +285,12 @@ class _BlockStep:
         with self.timer("scores"):
             for name, linear in self.linears.items():
                 with naming(f"{self.prefix}.{name}"):
-                    # The core refuses non-finite weights itself, naming the entry.
+                    # The core refuses non-finite weights and scores that would overflow,
+                    # naming the entry; activations are checked here to say where they
+                    # come from.
                     if name in stats and not stats[name].sumsq.isfinite().all():
                         raise InvalidArgumentError(NON_FINITE_ACTIVATIONS)
-                    score = score_linear(linear, stats.get(name), self.config)
-                    if not torch.from_numpy(score).isfinite().all():
-                        raise InvalidArgumentError(NON_FINITE_SCORES)
-                scores[name] = score
+                    scores[name] = score_linear(linear, stats.get(name), self.config)
         return scores
 
     def permute(
