@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import ria
 from ria.cli import main
-from ria.permutation import ChannelGather
+from ria.permutation import ChannelGather, GatheredLinear
 from ria.save import PERMUTATION_FILE
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
@@ -22,11 +22,21 @@ def logits(model, ids):
         return model(ids).logits
 
 
-@pytest.fixture
-def permuted(tokenizer):
+# Modules that carry a tiny Llama's orders (2 blocks): the attention and MLP norms
+# (folded), or q/k/v/o/gate/up (free; down's order is folded into gate/up rows).
+CARRIERS = {"folded": (ChannelGather, 4), "free": (GatheredLinear, 12)}
+
+
+@pytest.fixture(params=["folded", "free"])
+def permuted(request, tokenizer):
     model = tiny_model("llama")
     report = ria.prune(
-        model, tokenizer, sparsity="2:4", permute=True, permutation_options=FAST_SEARCH, **CALIB
+        model,
+        tokenizer,
+        sparsity="2:4",
+        permute=request.param,
+        permutation_options=FAST_SEARCH,
+        **CALIB,
     )
     return model, report
 
@@ -36,10 +46,11 @@ def test_saved_model_reloads_with_plain_transformers(tmp_path, tokenizer, permut
     ids = torch.randint(0, 512, (1, 20))
     out = ria.save_pruned(model, tmp_path / "out", tokenizer, report)
     plain = AutoModelForCausalLM.from_pretrained(out)
-    assert not any(isinstance(m, ChannelGather) for m in plain.modules())
+    assert not any(isinstance(m, (ChannelGather, GatheredLinear)) for m in plain.modules())
     torch.testing.assert_close(logits(plain, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
     assert plain.config.ria["sparsity"] == "2:4"
-    assert json.loads((out / "ria_report.json").read_text())["settings"]["permute"] is True
+    mode = report.settings["permute"]
+    assert json.loads((out / "ria_report.json").read_text())["settings"]["permute"] == mode
     assert (out / PERMUTATION_FILE).exists()
 
 
@@ -47,7 +58,8 @@ def test_load_pruned_restores_the_storage_order(tmp_path, tokenizer, permuted):
     model, report = permuted
     out = ria.save_pruned(model, tmp_path / "out", tokenizer, report)
     restored = ria.load_pruned(out)
-    assert sum(isinstance(m, ChannelGather) for m in restored.modules()) == 4
+    carrier, count = CARRIERS[report.settings["permute"]]
+    assert sum(isinstance(m, carrier) for m in restored.modules()) == count
     for name, linear in pruned_linears(restored).items():
         assert_nm(linear.weight, 2, 4)
         assert torch.equal(linear.weight, pruned_linears(model)[name].weight)

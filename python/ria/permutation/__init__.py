@@ -1,13 +1,14 @@
 """Deployable channel permutation for N:M sparsity: finding one block's input orders
 (`search_block`, on the Rust solver), applying them so the model computes the same
-function (`apply_block`, `ChannelGather`), and taking them out of / back into plain
-checkpoints (`plain_state_dict`, `restore_orders`). See ARCHITECTURE.md for the contract:
+function (`apply_block`, `ChannelGather`, `GatheredLinear`), and taking them out of / back
+into plain checkpoints (`plain_state_dict`, `restore_orders`). See ARCHITECTURE.md for the contract:
 which orders are shared, folded into weights, or gathered.
 """
 
 from .apply import (
     BlockPermutation,
     ChannelGather,
+    GatheredLinear,
     apply_block,
     is_permuted,
     linear_orders,
@@ -15,11 +16,14 @@ from .apply import (
     permute_rows,
 )
 from .checkpoint import plain_state_dict, restore_orders
-from .search import SearchStats, search_block
+from .search import PERMUTATION_MODES, PermutationMode, SearchStats, search_block
 
 __all__ = [
+    "PERMUTATION_MODES",
     "BlockPermutation",
     "ChannelGather",
+    "GatheredLinear",
+    "PermutationMode",
     "SearchStats",
     "apply_block",
     "is_permuted",

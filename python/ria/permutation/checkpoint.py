@@ -1,8 +1,10 @@
 """Permuted models as plain Hugging Face checkpoints: `plain_state_dict` takes the
-`ChannelGather`s out (the Linears reading a gathered norm get their original column
-order back, so the checkpoint computes the same function without them) and returns the
-orders, which `ria.save_pruned` stores beside the weights; `restore_orders` puts them
-back after a plain load, so pruned weights are N:M in storage order again.
+`ChannelGather`s and `GatheredLinear`s out (the Linears reading a gathered norm, and each
+gathered Linear, get their original column order back, so the checkpoint computes the same
+function without them) and returns the orders, which `ria.save_pruned` stores beside the
+weights; `restore_orders` puts them back after a plain load, so pruned weights are N:M in
+storage order again. An order's key is the path of the module that carries it: a norm
+(folded mode) or a Linear (free mode).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from torch import nn
 
 from ..arch import block_spec, linear_at
 from ..errors import InvalidArgumentError, UnsupportedModelError
-from .apply import ChannelGather, Swaps, gathered, reordered, swap_in
+from .apply import ChannelGather, GatheredLinear, Swaps, gathered, reordered, swap_in
 
 __all__ = ["plain_state_dict", "restore_orders"]
 
@@ -27,6 +29,12 @@ def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     state = model.state_dict()
     orders: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
+        if isinstance(module, GatheredLinear):
+            orders[path] = module.input_order.detach().cpu()
+            key = f"{path}.weight"
+            inverse = torch.argsort(module.input_order)
+            state[key] = state[key].index_select(1, inverse.to(state[key].device))
+            continue
         if not isinstance(module, ChannelGather):
             continue
         orders[path] = module.order.detach().cpu()
@@ -60,8 +68,19 @@ def restore_orders(model: nn.Module, orders: dict[str, torch.Tensor]) -> None:
     gathered yet); on any error or Ctrl-C nothing is changed.
     """
     swaps: Swaps = []
-    gathers: dict[str, ChannelGather] = {}
+    gathers: dict[str, nn.Module] = {}
     for path, order in orders.items():
+        try:
+            target = model.get_submodule(path)
+        except AttributeError:
+            raise InvalidArgumentError(f"order {path!r}: the model has no module {path}") from None
+        if isinstance(target, GatheredLinear):
+            raise InvalidArgumentError(f"order {path!r}: {path} is already gathered")
+        if isinstance(target, nn.Linear):
+            _check_order(order, target.in_features, path)
+            swaps += reordered(target, None, order)
+            gathers[path] = GatheredLinear(target, order)
+            continue
         block_path, _, norm_name = path.rpartition(".")
         try:
             block = model.get_submodule(block_path)

@@ -1,19 +1,29 @@
-"""Finding one block's deployable input orders from its score matrices:
-q/k/v share one order (their scores stacked), gate/up share one, down has its own, and
-o_proj gets one within-head order per key/value head, shared by that head's query heads.
+"""Finding one block's deployable input orders from its score matrices, in one of two
+modes (`PERMUTATION_MODES`):
+
+- "folded": q/k/v share one order (their scores stacked), gate/up share one, down has its
+  own, and o_proj gets one within-head order per key/value head, shared by that head's
+  query heads. Every order is carried by the modules around it: no run-time cost.
+- "free": every Linear its own order, searched on its scores alone, applied by gathering
+  its input; where the family allows a free fold (down's order into gate/up rows) it is
+  folded instead. Keeps more score; costs a gather per Linear unless a kernel fuses it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
 from ..arch import BlockSpec, Heads
 from ..core import PermutationResult, SearchOptions, search_permutation
+from ..errors import InvalidArgumentError
 from .apply import BlockPermutation
+
+PermutationMode = Literal["folded", "free"]
+PERMUTATION_MODES: tuple[str, ...] = get_args(PermutationMode)
 
 
 @dataclass(frozen=True)
@@ -54,14 +64,19 @@ class SearchStats:
 
 def search_block(
     scores: dict[str, np.ndarray],
-    spec: BlockSpec,
-    heads: Heads,
+    spec: BlockSpec | None,
+    heads: Heads | None,
     n: int,
     m: int,
     options: SearchOptions | dict[str, Any],
+    mode: PermutationMode = "folded",
 ) -> tuple[BlockPermutation, dict[str, SearchStats]]:
     """Input orders for one block and, per Linear name, the stats of the search that
-    decided its order, every search run with `options` (or a dict of their settings)."""
+    decided its order, every search run with `options` (or a dict of their settings).
+
+    `scores` holds every Linear of the block to be permuted, `(out, in)` float32. The
+    "folded" mode needs the family's `spec` and `heads`; "free" uses them, when given,
+    only to fold down's order into gate/up rows."""
     if isinstance(options, dict):
         options = SearchOptions(**options)
     perm = BlockPermutation()
@@ -73,6 +88,14 @@ def search_block(
             stats[x] = SearchStats.of([result])
         return torch.from_numpy(result.perm)
 
+    if mode == "free":
+        folded = spec.mlp_output if spec is not None else None
+        if folded is not None:
+            perm.mlp_hidden = solve((folded,))
+        perm.inputs = {name: solve((name,)) for name in scores if name != folded}
+        return perm, stats
+    if spec is None or heads is None:
+        raise InvalidArgumentError("the folded mode needs the family's block spec and heads")
     perm.attn = solve(spec.attn_inputs)
     perm.mlp = solve(spec.mlp_inputs)
     perm.mlp_hidden = solve((spec.mlp_output,))

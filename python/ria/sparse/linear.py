@@ -49,6 +49,8 @@ class Sparse24Linear(nn.Module):
         compact: the compact 2:4 weight (needed if the plan uses the decode kernel).
         weight: the dense (masked) weight (needed if the plan uses dense).
         bias: `(out_features,)` or None.
+        input_order: the channel order the weight is stored in (a free permutation, from
+            a `ria.permutation.GatheredLinear`): the layer computes `x[..., order] @ W.T`.
     """
 
     # Buffers (registered in __init__): the weight forms the plan uses, None for the others.
@@ -57,6 +59,7 @@ class Sparse24Linear(nn.Module):
     meta: torch.Tensor | None
     weight: torch.Tensor | None
     bias: torch.Tensor | None
+    input_order: torch.Tensor | None
 
     def __init__(
         self,
@@ -68,6 +71,7 @@ class Sparse24Linear(nn.Module):
         compact: Compact24 | None = None,
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        input_order: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if not plan:
@@ -90,6 +94,7 @@ class Sparse24Linear(nn.Module):
         self.meta_layout = "rows" if kept is None else kept.layout
         self.register_buffer("weight", weight if DENSE in used else None, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("input_order", input_order, persistent=False)
         self._by_m: dict[int, Choice] = {}
 
     @property
@@ -134,14 +139,18 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = self.linear_2d(x.reshape(-1, self.in_features).contiguous())
+        x = x.reshape(-1, self.in_features)
+        if self.input_order is not None:
+            x = x.index_select(1, self.input_order)  # a gather per call; no kernel fuses it yet
+        y = self.linear_2d(x.contiguous())
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         plan = ", ".join(f"<={b}:{c.backend}" for b, c in self.plan.items())
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, plan=[{plan}]"
+            f"bias={self.bias is not None}, gathered={self.input_order is not None}, "
+            f"plan=[{plan}]"
         )
 
 

@@ -380,6 +380,8 @@ def sparsify(
                 compact=compact,
                 weight=f.weight if DENSE in used else None,
                 bias=f.bias,
+                # A free channel order (`ria.permutation.GatheredLinear`) travels along.
+                input_order=getattr(mod, "input_order", None),
             )
             replace_module(model, name, new)
             report.layers.append(

@@ -1,0 +1,114 @@
+"""Free channel orders: every Linear its own input order, applied by gathering its input
+(`GatheredLinear`), down's order folded into gate/up rows where the family allows it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import FAMILIES, FAST_SEARCH, assert_nm, logits, pruned_linears, tiny_model
+from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+import ria
+from ria.arch import attention_heads, block_linears, block_spec, find_blocks
+from ria.permutation import GatheredLinear, apply_block, search_block
+from ria.save import saved_orders
+
+CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
+
+
+def tiny_gemma3() -> torch.nn.Module:
+    """A family without a block spec: free orders must work from the Linears alone."""
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def model_of(family: str) -> torch.nn.Module:
+    return tiny_gemma3() if family == "gemma3" else tiny_model(family)
+
+
+def permute_with_random_scores(model: torch.nn.Module) -> None:
+    spec = block_spec(model)
+    heads = attention_heads(model) if spec is not None else None
+    rng = np.random.default_rng(0)
+    for block in find_blocks(model)[1]:
+        scores = {
+            name: rng.random(tuple(lin.weight.shape)).astype(np.float32)
+            for name, lin in block_linears(block).items()
+        }
+        perm, _ = search_block(scores, spec, heads, 2, 4, {"seed": 0, **FAST_SEARCH}, "free")
+        assert all(not torch.equal(o, torch.arange(o.numel())) for o in perm.inputs.values())
+        apply_block(block, spec, heads, perm)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gemma3"])
+def test_free_orders_alone_leave_logits_unchanged(family):
+    model = model_of(family)
+    ids = torch.randint(0, 512, (2, 24))
+    before = logits(model, ids)
+    linears = len(pruned_linears(model))
+    permute_with_random_scores(model)
+    gathered = sum(isinstance(m, GatheredLinear) for m in model.modules())
+    # Where the family has a spec, down's order is folded into gate/up rows: one fewer
+    # gather per block.
+    folds = len(find_blocks(model)[1]) if block_spec(model) is not None else 0
+    assert gathered == linears - folds
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_free_prune_is_nm_in_storage_order_and_round_trips(tmp_path, tokenizer, family):
+    model = model_of(family)
+    report = ria.prune(
+        model, tokenizer, sparsity="2:4", permute="free", permutation_options=FAST_SEARCH, **CALIB
+    )
+    assert report.settings["permute"] == "free"
+    for linear in pruned_linears(model).values():
+        assert_nm(linear.weight, 2, 4)
+    assert all(r.permutation is not None and r.permutation["efficacy"] >= 0 for r in report.layers)
+
+    out = ria.save_pruned(model, tmp_path / "out", tokenizer, report)
+    ids = torch.randint(0, 512, (1, 20))
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(plain, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    # Every gathered Linear's order is stored under that Linear's path...
+    gathered = {n for n, m in model.named_modules() if isinstance(m, GatheredLinear)}
+    assert set(saved_orders(out)) == gathered
+    # ...and load_pruned puts the weights back into their N:M storage order.
+    restored = ria.load_pruned(out)
+    for name, linear in pruned_linears(restored).items():
+        assert torch.equal(linear.weight, pruned_linears(model)[name].weight)
+    torch.testing.assert_close(logits(restored, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_free_orders_keep_at_least_the_folded_score_on_the_shared_groups(tokenizer):
+    """A free search on q alone can always do what the shared q/k/v order does for q, so
+    over the whole model free masks keep more importance than folded ones here."""
+    kept = {}
+    for mode in ("folded", "free"):
+        model = tiny_model("llama")
+        report = ria.prune(
+            model, tokenizer, sparsity="2:4", permute=mode, permutation_options=FAST_SEARCH, **CALIB
+        )
+        kept[mode] = sum(r.kept_score for r in report.layers)
+    assert kept["free"] > kept["folded"]
+
+
+def test_unknown_permutation_mode_is_refused_before_anything_changes(tokenizer):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ria.InvalidArgumentError, match="permute must be"):
+        ria.prune(model, tokenizer, sparsity="2:4", permute="shared", **CALIB)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
