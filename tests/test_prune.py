@@ -10,7 +10,7 @@ from helpers import FAMILIES, FAST_SEARCH, assert_nm, logits, pruned_linears, ti
 import ria
 from ria.arch import attention_heads, block_linears, block_spec, find_blocks
 from ria.permutation import ChannelGather, apply_block, search_block
-from ria.pruning import pipeline
+from ria.pruning import DEFAULT_PERMUTATION, pipeline
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
 
@@ -147,7 +147,7 @@ def test_config_records_the_settings(tokenizer):
     )
     assert model.config.ria["method"] == "ria"
     assert model.config.ria["sparsity"] == "2:4"
-    assert model.config.ria["permute"] is True
+    assert model.config.ria["permute"] == DEFAULT_PERMUTATION == "free"
 
 
 def test_magnitude_needs_no_calibration_data():

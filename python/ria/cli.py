@@ -20,6 +20,7 @@ from ._torch import default_device
 from .core import __version__
 from .errors import InvalidArgumentError, RiaError
 from .eval import check_limit, check_perplexity_args, check_task_dir
+from .permutation import PERMUTATION_MODES
 from .pruning import METHODS, PruneConfig, prune_with
 from .save import check_target, load_pruned, save_pruned
 
@@ -59,7 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL_OR_PATH", help=f"HF name or directory, or '{DEMO}'")
     p.add_argument("--sparsity", default=CLI_SPARSITY, help="a fraction (0.5) or N:M (2:4, 4:8)")
     p.add_argument("--method", default=default["method"], choices=METHODS)
-    p.add_argument("--permute", action="store_true", help="N:M channel permutation")
+    p.add_argument(
+        "--permute",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=PERMUTATION_MODES,
+        help="N:M channel permutation; alone: the default mode (free)",
+    )
     p.add_argument(
         "--calibration",
         help=f"c4, wikitext2, austen, or a text file/directory ({default['calibration']}; "
@@ -75,9 +83,15 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help=f"tokens per window ({default['seqlen']}; demo {DEMO_DEFAULTS['seqlen']})",
     )
-    p.add_argument("--alpha", type=float, default=default["alpha"], help="RIA activation exponent")
+    p.add_argument(
+        "--alpha",
+        type=_alpha,
+        default=default["alpha"],
+        help="RIA activation exponent, or 'auto' (per layer, by output error)",
+    )
     p.add_argument("--per-row", action="store_true", default=None, help="unstructured per row")
     p.add_argument("--reconstruct", action="store_true", help="SparseGPT weight update")
+    p.add_argument("--refine", action="store_true", help="refine masks by output error")
     p.add_argument(
         "--allow-partial",
         action="store_true",
@@ -111,6 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     _common(e)
     e.set_defaults(run=_eval)
     return parser
+
+
+def _alpha(text: str) -> float | str:
+    """`--alpha`: a number or "auto" (PruneConfig checks the range)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -166,6 +190,7 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
         alpha=args.alpha,
         per_row=args.per_row,
         reconstruct=args.reconstruct,
+        refine=args.refine,
         seed=args.seed,
         device=args.device or default_device(),
         progress=not args.no_progress,

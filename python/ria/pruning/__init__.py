@@ -1,6 +1,7 @@
 """Pruning: `prune` (the block loop), its validated settings (`PruneConfig`, `Sparsity`),
 calibration windows, block inputs and statistics (`capture`), the OBS update
-(`obs_prune`) and the report (`PruneReport`)."""
+(`obs_prune`), the layer output error (`relative_output_error`) and the report
+(`PruneReport`)."""
 
 from .calibration import calibration_windows
 from .capture import (
@@ -11,13 +12,16 @@ from .capture import (
     collecting_stats,
     run_block,
 )
-from .config import METHODS, Method, PruneConfig, Sparsity
+from .config import ALPHA_GRID, DEFAULT_PERMUTATION, METHODS, Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, DenseWeight, decoder_coverage
+from .error import relative_output_error
 from .obs import obs_prune
 from .pipeline import INCOMPLETE, prune, prune_with, score_linear
 from .report import LayerReport, PruneReport
 
 __all__ = [
+    "ALPHA_GRID",
+    "DEFAULT_PERMUTATION",
     "INCOMPLETE",
     "METHODS",
     "MIN_COVERAGE",
@@ -38,6 +42,7 @@ __all__ = [
     "obs_prune",
     "prune",
     "prune_with",
+    "relative_output_error",
     "run_block",
     "score_linear",
 ]

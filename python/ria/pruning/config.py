@@ -16,11 +16,18 @@ import torch
 from .._checks import require_bool, require_int
 from ..core import SearchOptions
 from ..errors import InvalidArgumentError, InvalidTypeError
+from ..permutation import PERMUTATION_MODES, PermutationMode
 
-__all__ = ["METHODS", "Method", "PruneConfig", "Sparsity"]
+__all__ = ["ALPHA_GRID", "DEFAULT_PERMUTATION", "METHODS", "Method", "PruneConfig", "Sparsity"]
 
 Method = Literal["ria", "wanda", "magnitude", "sparsegpt"]
 METHODS: tuple[str, ...] = get_args(Method)
+
+# What `permute=True` means (benches/quality.py, README "Quality"): free orders keep more
+# score than folded ones on every method and pattern measured.
+DEFAULT_PERMUTATION: PermutationMode = "free"
+# The activation exponents `alpha="auto"` chooses from, per layer.
+ALPHA_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 
 
 @dataclass(frozen=True)
@@ -75,13 +82,17 @@ class PruneConfig:
 
     sparsity: Sparsity = field(default_factory=lambda: Sparsity(0.5))
     method: Method = "ria"
-    permute: bool = False
+    # False, or the permutation mode ("folded" / "free"); True becomes DEFAULT_PERMUTATION.
+    permute: bool | PermutationMode = False
     calibration: Any = "c4"
     nsamples: int = 128
     seqlen: int = 2048
-    alpha: float = 0.5
+    alpha: float | Literal["auto"] = 0.5
     per_row: bool | None = None
     reconstruct: bool = False
+    refine: bool = False
+    refine_sweeps: int = 8
+    measure_error: bool = False
     seed: int = 0
     device: torch.device | None = None
     progress: bool = True
@@ -99,19 +110,25 @@ class PruneConfig:
             raise InvalidArgumentError(
                 f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
             )
-        for name in ("permute", "reconstruct", "progress", "allow_partial"):
+        for name in ("reconstruct", "refine", "measure_error", "progress", "allow_partial"):
             require_bool(name, getattr(self, name))
+        set_(self, "permute", _permutation_mode(self.permute))
         if self.per_row is None:
             set_(self, "per_row", self.method == "wanda")
         require_bool("per_row", self.per_row)
-        for name in ("nsamples", "seqlen", "batch_size"):
+        for name in ("nsamples", "seqlen", "batch_size", "refine_sweeps"):
             set_(self, name, require_int(name, getattr(self, name), minimum=1))
         set_(self, "seed", require_int("seed", self.seed, minimum=0))
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
-            raise InvalidTypeError(f"alpha must be a number, got {self.alpha!r}")
-        if not math.isfinite(self.alpha):
-            raise InvalidArgumentError(f"alpha must be finite, got {self.alpha}")
-        set_(self, "alpha", float(self.alpha))
+        if self.alpha != "auto":
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
+                raise InvalidTypeError(f"alpha must be a number or 'auto', got {self.alpha!r}")
+            if not math.isfinite(self.alpha):
+                raise InvalidArgumentError(f"alpha must be finite, got {self.alpha}")
+            set_(self, "alpha", float(self.alpha))
+        elif self.method != "ria":
+            raise InvalidArgumentError(
+                f"alpha='auto' chooses RIA's activation exponent; method is {self.method!r}"
+            )
         if self.permute and not self.sparsity.structured:
             raise InvalidArgumentError("permute=True needs an N:M sparsity such as '2:4'")
         if self.device is not None:
@@ -136,8 +153,25 @@ class PruneConfig:
 
     @property
     def needs_hessian(self) -> bool:
-        """Whether the OBS update runs, so `X^T X` must be collected."""
+        """Whether `X^T X` must be collected: for the OBS update, mask refinement, choosing
+        alpha by output error, or reporting each layer's output error."""
+        return (
+            self.method == "sparsegpt"
+            or self.reconstruct
+            or self.refine
+            or self.alpha == "auto"
+            or self.measure_error
+        )
+
+    @property
+    def needs_reconstruction(self) -> bool:
+        """Whether the OBS update runs (SparseGPT, or `reconstruct=True`)."""
         return self.method == "sparsegpt" or self.reconstruct
+
+    @property
+    def permutation_mode(self) -> PermutationMode | None:
+        """ "folded" or "free", or None without permutation."""
+        return self.permute or None  # type: ignore[return-value]  # False -> None
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values (what the report and the checkpoint record)."""
@@ -146,6 +180,7 @@ class PruneConfig:
             "sparsity": str(self.sparsity),
             "permute": self.permute,
             "reconstruct": self.reconstruct,
+            "refine": self.refine,
             "alpha": self.alpha,
             "per_row": self.per_row,
             "calibration": describe_source(self.calibration),
@@ -160,6 +195,19 @@ class PruneConfig:
         """Each setting's default value, by name (the CLI shows and uses these)."""
         built = cls()
         return {f.name: getattr(built, f.name) for f in fields(cls)}
+
+
+def _permutation_mode(value: object) -> Literal[False] | PermutationMode:
+    if value is True:
+        return DEFAULT_PERMUTATION
+    if value is False or value is None:
+        return False
+    if isinstance(value, str) and value in PERMUTATION_MODES:
+        return value  # type: ignore[return-value]  # checked against PERMUTATION_MODES
+    raise InvalidArgumentError(
+        f"permute must be True, False or one of {', '.join(map(repr, PERMUTATION_MODES))}, "
+        f"got {value!r}"
+    )
 
 
 def describe_source(calibration: Any) -> str:

@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 from .._torch import default_device, module_device
 from ..arch import (
     BlockSpec,
+    Heads,
     attention_heads,
     block_linears,
+    block_spec,
     find_blocks,
     input_groups,
     require_permutable,
@@ -43,8 +45,9 @@ from ..permutation import SearchStats, apply_block, is_permuted, linear_orders, 
 from ..permutation.apply import Orders
 from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
-from .config import Method, PruneConfig, Sparsity
+from .config import ALPHA_GRID, Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, decoder_coverage
+from .error import relative_output_error
 from .obs import obs_prune
 from .report import LayerReport, PruneReport
 
@@ -64,19 +67,21 @@ def prune(
     *,
     sparsity: Sparsity | float | str = 0.5,
     method: Method = "ria",
-    permute: bool = False,
+    permute: bool | str = False,
     calibration: Any = "c4",
     nsamples: int = 128,
     seqlen: int = 2048,
-    alpha: float = 0.5,
+    alpha: float | str = 0.5,
     per_row: bool | None = None,
     reconstruct: bool = False,
+    refine: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
     batch_size: int = 1,
     permutation_options: dict[str, Any] | SearchOptions | None = None,
     allow_partial: bool = False,
+    measure_error: bool = False,
 ) -> PruneReport:
     """Prunes every `nn.Linear` inside the decoder blocks of a causal LM, in place.
 
@@ -91,16 +96,27 @@ def prune(
         method: "ria" (relative importance x activations, the paper), "wanda",
             "magnitude" (no calibration data needed) or "sparsegpt" (OBS, baseline).
         permute: N:M only. Find and apply channel permutations that raise the importance
-            an N:M mask keeps; the model computes the same function (norm outputs are
-            gathered once per block, other orders are folded into weights).
+            an N:M mask keeps; the model computes the same function. "free": every Linear
+            its own input order, applied by gathering its input (fused into ria's decode
+            kernels; one gather per Linear elsewhere), down's order folded into gate/up
+            rows; works for any family. "folded": orders shared by q/k/v and by gate/up
+            (the norm's output gathered once per block), o_proj's restricted to heads and
+            folded into v_proj: no run-time cost, less quality, Llama/Mistral/Qwen/OPT
+            only. True means "free" (it measured better on every method, README
+            "Quality").
         calibration: "c4", "wikitext2", "austen" (shipped sample), a text file or
             directory, a list of strings, a `datasets.Dataset`, or token ids.
         nsamples, seqlen: calibration windows and their length in tokens.
-        alpha: RIA's activation exponent (`a` in the paper).
+        alpha: RIA's activation exponent (`a` in the paper), or "auto": per layer, the
+            exponent in `ria.pruning.ALPHA_GRID` whose mask gives the lowest output error
+            on the calibration data (collects `X^T X`, like `reconstruct`).
         per_row: unstructured selection per output row; None uses each method's own rule
             (per row for Wanda, per matrix for RIA, magnitude and SparseGPT).
         reconstruct: apply SparseGPT's OBS weight update under the chosen mask (for
             unstructured and N:M).
+        refine: improve every mask against the layer's output error on the calibration
+            data by swapping kept and pruned weights within an N:M group (or a row), in
+            the Rust core (DSnoT / SparseSwaps); before `reconstruct` when both are on.
         seed: calibration windows and permutation searches depend on it alone.
         device: where blocks run ("cuda" if available). A model on the CPU stays there
             and each block visits the device in turn; a model dispatched by accelerate
@@ -113,6 +129,8 @@ def prune(
         allow_partial: prune even when the `nn.Linear`s inside the decoder blocks hold
             less than 90% of the blocks' matmul parameters (e.g. fused MoE experts, which
             are not pruned yet); the report lists what stayed dense and why.
+        measure_error: report each layer's relative output error on the calibration data
+            (`LayerReport.output_error`); collects `X^T X` per Linear input.
 
     Returns:
         A `PruneReport`: per-layer sparsity, kept score, permutation efficacy and time,
@@ -121,13 +139,15 @@ def prune(
     config = PruneConfig(
         sparsity=Sparsity.parse(sparsity),
         method=method,
-        permute=permute,
+        permute=permute,  # type: ignore[arg-type]  # __post_init__ checks the mode
         calibration=calibration,
         nsamples=nsamples,
         seqlen=seqlen,
-        alpha=alpha,
+        alpha=alpha,  # type: ignore[arg-type]  # __post_init__ checks "auto"
         per_row=per_row,
         reconstruct=reconstruct,
+        refine=refine,
+        measure_error=measure_error,
         seed=seed,
         device=device,  # type: ignore[arg-type]  # __post_init__ turns a str into a device
         progress=progress,
@@ -165,7 +185,7 @@ def prune_with(model: PreTrainedModel, tokenizer: Any, config: PruneConfig) -> P
             )
             for i in bar:
                 with visit(plan.blocks[i]) as block:
-                    step = _BlockStep(model, block, f"{plan.path}.{i}", config, plan.spec, timer)
+                    step = _BlockStep(model, block, f"{plan.path}.{i}", config, plan, timer)
                     report.layers.extend(step.run(inputs.at(i) if inputs else None))
                     if inputs is not None and i + 1 < len(plan.blocks):
                         with timer("propagation"):
@@ -187,17 +207,22 @@ class _Plan:
     path: str
     blocks: nn.ModuleList
     spec: BlockSpec | None
+    heads: Heads | None
     device: torch.device
     coverage: Coverage
 
 
-def _plan(model: nn.Module, config: PruneConfig) -> _Plan:
+def _plan(model: PreTrainedModel, config: PruneConfig) -> _Plan:
     """Checks everything that can be checked before the first block is changed."""
-    spec = require_permutable(model) if config.permute else None
+    mode = config.permutation_mode
+    # Free orders need no family rules; they use the family's spec, when there is one,
+    # to fold down's order into gate/up rows.
+    spec = require_permutable(model) if mode == "folded" else block_spec(model)
+    heads = attention_heads(model) if mode is not None and spec is not None else None
     path, blocks = find_blocks(model)
     target = config.sparsity
     for i, block in enumerate(blocks):
-        if spec is not None and is_permuted(block, spec):
+        if mode is not None and is_permuted(block):
             raise InvalidArgumentError(
                 f"{path}.{i} is already permuted (this model was pruned with permutation "
                 "before); load the dense model to prune it again. Nothing was changed"
@@ -221,7 +246,7 @@ def _plan(model: nn.Module, config: PruneConfig) -> _Plan:
     dispatched = bool(getattr(model, "hf_device_map", None))
     if device.type == "cuda" and not dispatched and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device={str(device)!r} but CUDA is not available here")
-    return _Plan(path, blocks, spec, device, coverage)
+    return _Plan(path, blocks, spec if mode else None, heads, device, coverage)
 
 
 NON_FINITE_ACTIVATIONS = (
@@ -240,31 +265,43 @@ class _BlockStep:
         block: nn.Module,
         prefix: str,
         config: PruneConfig,
-        spec: BlockSpec | None,
+        plan: _Plan,
         timer: _StageTimer,
     ) -> None:
         self.model, self.block, self.prefix = model, block, prefix
-        self.config, self.spec, self.timer = config, spec, timer
+        self.config, self.plan, self.timer = config, plan, timer
         self.linears = block_linears(block)
+        self.alphas: dict[str, float] = {}
 
     def run(self, inputs: BlockInputs | None) -> list[LayerReport]:
         stats = self.gather_statistics(inputs)
         scores = self.score(stats)
         searched: dict[str, SearchStats] = {}
-        if self.spec is not None:
+        if self.config.permute:
             with naming(self.prefix):
-                scores, stats, searched = self.permute(self.spec, scores, stats)
+                scores, stats, searched = self.permute(scores, stats)
+            self.linears = block_linears(self.block)  # free orders replaced some modules
         layers = []
         for name, linear in self.linears.items():
             t0 = time.perf_counter()
             with naming(f"{self.prefix}.{name}"):
+                hessian = stats[name].hessian if name in stats else None
+                original = linear.weight.data.clone() if hessian is not None else None
                 keep = self.select(scores[name])
-                if self.config.needs_hessian:
-                    keep = self.reconstruct(linear, stats[name], keep)
+                refined = None
+                if self.config.refine:
+                    assert hessian is not None  # collected whenever config.refine
+                    keep, refined = self.refine(linear, hessian, keep)
+                if self.config.needs_reconstruction:
+                    assert hessian is not None
+                    keep = self.reconstruct(linear, hessian, keep)
                 else:
                     assert keep is not None  # only SparseGPT leaves the mask to its OBS loop
                     self.apply(linear, keep)
-            layers.append(self.layer_report(name, scores[name], keep, searched, t0))
+                error = None
+                if original is not None and hessian is not None:
+                    error = relative_output_error(original, linear.weight.data, hessian)
+            layers.append(self.layer_report(name, scores[name], keep, searched, t0, error, refined))
         return layers
 
     def gather_statistics(self, inputs: BlockInputs | None) -> dict[str, InputStats]:
@@ -290,19 +327,40 @@ class _BlockStep:
                     # come from.
                     if name in stats and not stats[name].sumsq.isfinite().all():
                         raise InvalidArgumentError(NON_FINITE_ACTIVATIONS)
-                    scores[name] = score_linear(linear, stats.get(name), self.config)
+                    if self.config.alpha == "auto":
+                        self.alphas[name], scores[name] = self.best_alpha(linear, stats[name])
+                    else:
+                        scores[name] = score_linear(linear, stats.get(name), self.config)
         return scores
 
+    def best_alpha(self, linear: nn.Linear, stats: InputStats) -> tuple[float, np.ndarray]:
+        """The exponent of `ALPHA_GRID` whose RIA mask (in storage order, no update) has
+        the lowest output error on the calibration data, and its scores."""
+        assert stats.hessian is not None  # collected whenever alpha="auto"
+        weight = linear.weight.data
+        best: tuple[float, float, np.ndarray] | None = None
+        for alpha in ALPHA_GRID:
+            score = ria_score(weight, stats.act_norm, alpha)
+            keep = self.select(score)
+            assert keep is not None  # alpha="auto" is RIA-only
+            pruned = weight * torch.from_numpy(keep).to(weight.device)
+            error = relative_output_error(weight, pruned, stats.hessian)
+            if best is None or error < best[0]:
+                best = (error, alpha, score)
+        assert best is not None
+        return best[1], best[2]
+
     def permute(
-        self, spec: BlockSpec, scores: dict[str, np.ndarray], stats: dict[str, InputStats]
+        self, scores: dict[str, np.ndarray], stats: dict[str, InputStats]
     ) -> tuple[dict[str, np.ndarray], dict[str, InputStats], dict[str, SearchStats]]:
         """Finds and applies the block's orders; scores and statistics follow the weights
         into storage order (scores are equivariant to it, so nothing is recomputed)."""
-        target = self.config.sparsity
+        target, mode = self.config.sparsity, self.config.permutation_mode
+        assert mode is not None
+        spec, heads = self.plan.spec, self.plan.heads
         with self.timer("permutation"):
-            heads = attention_heads(self.model)
             perm, searched = search_block(
-                scores, spec, heads, target.n, target.m, self.config.permutation_options
+                scores, spec, heads, target.n, target.m, self.config.permutation_options, mode
             )
             apply_block(self.block, spec, heads, perm)
             orders = linear_orders(spec, heads, perm)
@@ -321,23 +379,49 @@ class _BlockStep:
                 return nm_mask(score, target.n, target.m)
             return unstructured_mask(score, target.fraction, per_row=bool(self.config.per_row))
 
+    def refine(
+        self, linear: nn.Linear, hessian: torch.Tensor, keep: np.ndarray | None
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """The mask improved against the output error (SparseGPT's own mask first, when
+        SparseGPT chooses it)."""
+        from ..core import refine_mask  # TODO(merge): top-level once the core has it
+
+        if keep is None:
+            keep = self.obs(linear, hessian, None)[1]
+        target = self.config.sparsity
+        with self.timer("refinement"):
+            keep, result = refine_mask(
+                linear.weight.data,
+                hessian,
+                keep,
+                target.n,
+                target.m,
+                max_sweeps=self.config.refine_sweeps,
+            )
+        return keep, result.to_dict()
+
     def reconstruct(
-        self, linear: nn.Linear, stats: InputStats, keep: np.ndarray | None
+        self, linear: nn.Linear, hessian: torch.Tensor, keep: np.ndarray | None
     ) -> np.ndarray:
         """The OBS update under `keep` (or SparseGPT's own mask); returns the mask used."""
+        new_weight, keep = self.obs(linear, hessian, keep)
+        linear.weight.data.copy_(new_weight)
+        return keep
+
+    def obs(
+        self, linear: nn.Linear, hessian: torch.Tensor, keep: np.ndarray | None
+    ) -> tuple[torch.Tensor, np.ndarray]:
         target = self.config.sparsity
-        assert stats.hessian is not None  # collected whenever config.needs_hessian
         with self.timer("reconstruction"):
             new_weight, keep_t = obs_prune(
                 linear.weight.data,
-                stats.hessian,
+                hessian,
                 keep=None if keep is None else torch.from_numpy(keep),
                 sparsity=target.fraction,
                 n=target.n,
                 m=target.m,
             )
-            linear.weight.data.copy_(new_weight)
-        return keep_t.cpu().numpy()
+        return new_weight, keep_t.cpu().numpy()
 
     def apply(self, linear: nn.Linear, keep: np.ndarray) -> None:
         """Zeroes the pruned weights."""
@@ -351,6 +435,8 @@ class _BlockStep:
         keep: np.ndarray,
         searched: dict[str, SearchStats],
         started: float,
+        output_error: float | None,
+        refined: dict[str, float] | None,
     ) -> LayerReport:
         weight = self.linears[name].weight
         s = searched.get(name)
@@ -361,6 +447,9 @@ class _BlockStep:
             kept_score=float(score[keep].sum(dtype=np.float64)),
             seconds=time.perf_counter() - started,
             permutation=None if s is None else s.to_dict(),
+            output_error=output_error,
+            alpha=self.alphas.get(name),
+            refinement=refined,
         )
 
 
@@ -373,6 +462,7 @@ def score_linear(linear: nn.Linear, stats: InputStats | None, config: PruneConfi
         raise InvalidArgumentError(f"method {config.method!r} needs calibration statistics")
     act = stats.act_norm
     if config.method == "ria":
+        assert config.alpha != "auto"  # chosen per layer by `_BlockStep.best_alpha`
         return ria_score(weight, act, config.alpha)
     # Wanda's score; for SparseGPT (whose mask is chosen inside the OBS loop) it is the
     # diagonal-Hessian saliency |W_ij| * sqrt(H_jj), used for reporting and permutation.
@@ -409,17 +499,18 @@ def _reorder_stats(
     stats: dict[str, InputStats], orders: dict[str, Orders]
 ) -> dict[str, InputStats]:
     """Input statistics in the permuted order of each Linear's input channels; Linears
-    that share an input (and an order) keep sharing one `InputStats`."""
+    that share an input and an order keep sharing one `InputStats`."""
     out: dict[str, InputStats] = {}
-    done: dict[int, InputStats] = {}
+    done: dict[tuple[int, int], InputStats] = {}
     for name, s in stats.items():
         cols = orders.get(name, (None, None))[1]
         if cols is None:
             out[name] = s
             continue
-        if id(s) not in done:
-            done[id(s)] = s.reordered(cols)
-        out[name] = done[id(s)]
+        key = (id(s), id(cols))  # free orders: one copy per Linear; folded: per group
+        if key not in done:
+            done[key] = s.reordered(cols)
+        out[name] = done[key]
     return out
 
 

@@ -17,6 +17,9 @@ class LayerReport:
     `kept_score` is the sum of the importance scores the mask keeps. For permuted N:M
     layers, `permutation` holds the search's `retained`, `identity` and `upper_bound`
     (score units, for the whole group of Linears that share the order) and `efficacy`.
+    `output_error` is `||(W - W') X^T||^2 / ||W X^T||^2` on the calibration inputs, when
+    `X^T X` was collected (refine, reconstruct, SparseGPT, alpha="auto", measure_error);
+    `alpha` the exponent alpha="auto" chose; `refinement` what mask refinement did.
     """
 
     name: str
@@ -25,6 +28,9 @@ class LayerReport:
     kept_score: float
     seconds: float
     permutation: dict[str, float] | None = None
+    output_error: float | None = None
+    alpha: float | None = None
+    refinement: dict[str, float] | None = None
 
 
 @dataclass
@@ -47,6 +53,12 @@ class PruneReport:
         return zeros / total if total else 0.0
 
     @property
+    def mean_output_error(self) -> float | None:
+        """Mean over layers of the relative output error (None if not measured)."""
+        values = [r.output_error for r in self.layers if r.output_error is not None]
+        return sum(values) / len(values) if values else None
+
+    @property
     def mean_efficacy(self) -> float | None:
         values = [r.permutation["efficacy"] for r in self.layers if r.permutation]
         return sum(values) / len(values) if values else None
@@ -56,6 +68,7 @@ class PruneReport:
         data["coverage"] = None if self.coverage is None else self.coverage.to_dict()
         data["sparsity"] = self.sparsity
         data["mean_efficacy"] = self.mean_efficacy
+        data["mean_output_error"] = self.mean_output_error
         return data
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -86,6 +99,8 @@ class PruneReport:
             lines.append(self.coverage.summary())
         if self.mean_efficacy is not None:
             lines.append(f"mean permutation efficacy {100 * self.mean_efficacy:.1f}%")
+        if self.mean_output_error is not None:
+            lines.append(f"mean relative output error {self.mean_output_error:.4g}")
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         lines.append(f"total {self.total_seconds:.1f}s: {stages}")
         for label, value in self.perplexity.items():
