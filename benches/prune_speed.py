@@ -1,9 +1,10 @@
-"""Wall time of `ria.prune(..., sparsity="2:4", permute=True)` on a LLaMA-2-7B-shaped
+"""Wall time of `ria.prune(..., sparsity="2:4", permute=...)` on a LLaMA-2-7B-shaped
 model (random bf16 weights) on one GPU, stage by stage, then `ria.sparsify` on the
 result (the permuted model must convert and compute the same logits).
 
     python benches/prune_speed.py                      # 32 layers, 128 x 2048 tokens
     python benches/prune_speed.py --layers 2 --nsamples 8   # a quick check
+    python benches/prune_speed.py --layers 8 --refine   # what mask refinement adds
 
 Writes benches/results/prune_<device>.json. Calibration windows are random token ids:
 the weights are random, so real text would measure nothing more.
@@ -42,6 +43,9 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--method", default="ria")
+    parser.add_argument("--permute", default="folded", choices=["folded", "free"])
+    parser.add_argument("--refine", action="store_true", help="ria.prune(refine=True)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -50,8 +54,9 @@ def main() -> None:
     build = time.perf_counter() - t0
     windows = torch.randint(0, 32000, (args.nsamples, args.seqlen))
     report = ria.prune(
-        model, None, sparsity="2:4", method=args.method, permute=True, calibration=windows,
-        nsamples=args.nsamples, seqlen=args.seqlen, device="cuda",
+        model, None, sparsity="2:4", method=args.method, permute=args.permute,
+        refine=args.refine, calibration=windows, nsamples=args.nsamples, seqlen=args.seqlen,
+        device="cuda",
     )  # fmt: skip
     print(report)
 
@@ -71,10 +76,14 @@ def main() -> None:
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "method": args.method,
+        "permute": args.permute,
+        "refine": args.refine,
         "model_build_seconds": build,
         "prune_seconds": report.total_seconds,
         "stage_seconds": report.stage_seconds,
         "mean_efficacy": report.mean_efficacy,
+        "mean_output_error": report.mean_output_error,
+        "refine_swaps": sum((r.refinement or {}).get("swaps", 0) for r in report.layers),
         "sparsity": report.sparsity,
         "sparsify_converted": len(sparse.converted),
         "sparsify_seconds": sparse.seconds,
@@ -83,7 +92,7 @@ def main() -> None:
     name = torch.cuda.get_device_name().split()[-1].lower()
     out_dir = Path(os.environ.get("OUT", RESULTS))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"prune_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"prune_{name}{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
