@@ -12,6 +12,7 @@ from .cslt import CsltConfig
 from .format import Compact24, check_24, count_24_violations, pack_24, unpack_24
 from .generate import StaticGenerator, cached_generator, clear_generators, generate
 from .linear import Choice, Sparse24Linear
+from .plan_cache import PlanCache, TunedPlan
 from .sampling import Sampling
 from .sparsify import DEFAULT_BATCH_SIZES, SparseLayerReport, SparsifyReport, find_linears, sparsify
 from .triton_gemv import sparse24_linear
@@ -21,11 +22,13 @@ __all__ = [
     "Choice",
     "Compact24",
     "CsltConfig",
+    "PlanCache",
     "Sampling",
     "Sparse24Linear",
     "SparseLayerReport",
     "SparsifyReport",
     "StaticGenerator",
+    "TunedPlan",
     "cached_generator",
     "check_24",
     "clear_generators",
