@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from .cslt import CsltConfig, cslt_linear
 from .format import Compact24
+from .graphs import graph_mode
 from .triton_gemv import sparse24_linear
 
 DENSE = "dense"
@@ -143,7 +144,7 @@ class Sparse24Linear(nn.Module):
     def linear_2d(self, x: torch.Tensor) -> torch.Tensor:
         """`(M, K)` contiguous -> `(M, N)` with the kernel planned for `M` in the current
         mode (graph capture or eager)."""
-        eager = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        eager = not (x.is_cuda and graph_mode())
         choice = self.choice_for(x.shape[0], eager=eager)
         if choice.backend == TRITON:
             return sparse24_linear(

@@ -409,7 +409,7 @@ def _cached_plan_works(entry: TunedPlan, f: WeightForms) -> bool:
     for m, choice in (*entry.graph.items(), *entry.eager.items()):
         if choice.backend != CUSPARSELT:
             continue
-        x = torch.zeros(min(m, 64), k, dtype=f.weight.dtype, device=f.weight.device)
+        x = torch.zeros(m, k, dtype=f.weight.dtype, device=f.weight.device)
         try:
             cslt_linear(x, f.cslt_packed(), f.bias, choice.cslt or CsltConfig())
         except RuntimeError:
@@ -501,6 +501,7 @@ def _convert_group(
     else:
         mods = [mod for _, mod in members[:tune_layers] if mod is not None]
         sample = [build_forms(mod, usable) for mod in mods]
+        del mods  # the forms reference the weights; the layers go once replaced
         tuned = planner.tune(shape, [f for f in sample if f is not None], usable)
         source = "tuned"
     used = tuned.backends()
