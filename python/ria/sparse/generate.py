@@ -109,7 +109,7 @@ class StaticGenerator:
         self._slot = torch.zeros(1, dtype=torch.long, device=device)  # its cache slot
         self._valid = torch.ones(b, length, dtype=torch.bool, device=device)  # not padding
         self._done = torch.zeros(b, 1, dtype=torch.bool, device=device)  # EOS emitted
-        self._eos = torch.full((1,), -1, dtype=torch.long, device=device)  # -1: never
+        self._eos = torch.full((1,), -1, dtype=torch.long, device=device)  # -1 pads: never
         self._pad = torch.zeros(1, 1, dtype=torch.long, device=device)
         self._noise: torch.Tensor | None = None  # Exp(1) draws, (B, vocab), when sampling
         self._vocab = 0  # logits per token, known after the first prefill
@@ -181,6 +181,16 @@ class StaticGenerator:
         self._slot.add_(1)
         return logits
 
+    def _set_eos(self, ids: list[int]) -> None:
+        """Write the EOS ids into `_eos` in place (captured steps read that buffer); a longer
+        list needs a bigger buffer, and so new step graphs."""
+        if len(ids) > self._eos.numel():
+            self._eos = torch.full((len(ids),), -1, dtype=torch.long, device=self.device)
+            self._step_graphs.clear()
+        self._eos.fill_(-1)
+        if ids:
+            self._eos[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+
     def _draw_noise(self, sampling: Sampling | None, generator: torch.Generator | None) -> None:
         if sampling is None:
             return
@@ -246,8 +256,7 @@ class StaticGenerator:
         else:
             self._valid[:, :q] = padding
             self._pos.copy_(padding.sum(-1, keepdim=True))
-        eos = list(eos_token_id) or [-1]
-        self._eos = torch.tensor(eos, dtype=torch.long, device=self.device)
+        self._set_eos(list(eos_token_id))
         self._pad.fill_(pad_token_id)
         self._done.zero_()
         self._draw_noise(sampling, generator)
