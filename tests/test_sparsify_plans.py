@@ -184,13 +184,16 @@ def allocated() -> int:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_defaults_never_raise_gpu_memory(tmp_path: Path):
+def test_defaults_never_raise_gpu_memory():
+    # A first run sets up what the runtime holds once per process, not per model (the
+    # libraries' workspaces on the timing stream, compiled kernels): not measured here.
+    sparsify_fn(real_sized_llama(), batch_sizes=[1, 16, 256], plan_cache=False)
     model = real_sized_llama()
     ids = torch.randint(0, 512, (2, 16), device="cuda")
     with torch.no_grad():
         ref = model(ids).logits.float()
     before = allocated()
-    report = sparsify_fn(model, batch_sizes=[1, 16, 256], plan_cache=tmp_path)
+    report = sparsify_fn(model, batch_sizes=[1, 16, 256], plan_cache=False)
     after = allocated()
     assert report.applied and len(report.converted) == 14
     assert all(model.get_submodule(lr.name).weight is None for lr in report.converted)
