@@ -73,6 +73,7 @@ def test_bad_prompts_are_refused(model):
         generate(model, ids, 2, attention_mask=mask[:, 1:], cuda_graph=False)
     with pytest.raises(InvalidArgumentError, match="CUDA"):
         StaticGenerator(model, 1, 8, cuda_graph=True)
+    assert StaticGenerator(model, 1, 8).cuda_graph is False  # default: graphs on CUDA only
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
         generate(model, ids, 0, cuda_graph=False)
 

@@ -74,11 +74,16 @@ class StaticGenerator:
         batch_size: sequences decoded together.
         max_cache_len: KV-cache length (prompt + new tokens must fit).
         cuda_graph: replay prefill and decode steps as CUDA graphs (needs CUDA; False: eager,
-            same numerics, runs on any device).
+            same numerics, runs on any device; None: on CUDA only).
     """
 
     def __init__(
-        self, model: nn.Module, batch_size: int, max_cache_len: int, *, cuda_graph: bool = True
+        self,
+        model: nn.Module,
+        batch_size: int,
+        max_cache_len: int,
+        *,
+        cuda_graph: bool | None = None,
     ) -> None:
         if batch_size < 1 or max_cache_len < 1:
             raise InvalidArgumentError(
@@ -87,9 +92,9 @@ class StaticGenerator:
         self._model = weakref.ref(model.eval())
         self.batch_size = batch_size
         self.max_cache_len = max_cache_len
-        self.cuda_graph = cuda_graph
         device = next(model.parameters()).device
-        if cuda_graph and device.type != "cuda":
+        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cuda_graph and device.type != "cuda":
             raise InvalidArgumentError(
                 f"cuda_graph=True needs a CUDA model, this one is on {device}"
             )
@@ -378,7 +383,7 @@ _GENERATORS: weakref.WeakKeyDictionary[nn.Module, _ModelGenerators] = weakref.We
 
 
 def cached_generator(
-    model: nn.Module, batch_size: int, max_cache_len: int, *, cuda_graph: bool = True
+    model: nn.Module, batch_size: int, max_cache_len: int, *, cuda_graph: bool | None = None
 ) -> StaticGenerator:
     """The `StaticGenerator` kept for (model, batch size, cache length), made on first use.
 
@@ -389,6 +394,8 @@ def cached_generator(
     entry = _GENERATORS.get(model)
     if entry is None or entry.fingerprint != fingerprint:
         entry = _GENERATORS[model] = _ModelGenerators(fingerprint)
+    if cuda_graph is None:
+        cuda_graph = next(model.parameters()).device.type == "cuda"
     key = (batch_size, max_cache_len, cuda_graph)
     gen = entry.by_key.get(key)
     if gen is None:
@@ -430,7 +437,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     max_cache_len: int | None = None,
-    cuda_graph: bool = True,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Generation with a static KV cache and CUDA-graph replay; the graphs are kept for the
     next call with the same model, batch size and cache length.
@@ -448,7 +455,8 @@ def generate(
         pad_token_id: None: the generation config's pad token, else the first EOS, else 0.
         max_cache_len: KV-cache length; default `q + max_new_tokens` rounded up to
             `CACHE_LEN_STEP`.
-        cuda_graph: replay captured graphs (False: run eagerly, on any device).
+        cuda_graph: replay captured graphs (False: run eagerly, on any device; None: replay
+            on CUDA, eager elsewhere).
 
     Returns:
         `(B, q + n)`: the prompts followed by `n <= max_new_tokens` tokens (fewer when
