@@ -17,7 +17,15 @@ import torch
 from helpers import prune_model_24, random_24, tiny_model
 
 from ria.errors import InvalidArgumentError
-from ria.sparse import Choice, CsltConfig, PlanCache, Sparse24Linear, SparsifyReport, TunedPlan
+from ria.sparse import (
+    Choice,
+    CsltConfig,
+    PlanCache,
+    Sparse24Linear,
+    SparseLayerReport,
+    SparsifyReport,
+    TunedPlan,
+)
 from ria.sparse import sparsify as sparsify_fn
 from ria.sparse.plan_cache import plan_key
 from ria.sparse.sparsify import (
@@ -163,6 +171,13 @@ def test_report_names_the_cusparselt_version_and_plan_sources():
     assert cusparselt_version_warning(801) is None and cusparselt_version_warning(None) is None
     rep = SparsifyReport(True, "", "auto", (1,), cusparselt_version=801)
     assert rep.cusparselt == "0.8.1"
+    rep.layers.append(
+        SparseLayerReport(
+            "q", 64, 64, True, plan={1: "cusparselt"}, eager_plan={1: "triton"},
+            plan_source="cache", dense_bytes=8192, sparse_bytes=4608,
+        )
+    )  # fmt: skip
+    assert "cusparselt (eager: triton)" in rep.markdown() and rep.plans_from_cache == 1
     rep.warnings.append("cuSPARSELt 0.8.0 is loaded")
     assert "cuSPARSELt 0.8.1" in str(rep) and "warning: cuSPARSELt 0.8.0" in str(rep)
 

@@ -32,6 +32,7 @@ from .sampling import Sampling, next_tokens
 __all__ = [
     "CACHE_LEN_STEP",
     "MAX_CACHED_GENERATORS",
+    "MAX_PREFILL_GRAPHS",
     "StaticGenerator",
     "cached_generator",
     "clear_generators",
@@ -43,6 +44,8 @@ __all__ = [
 CACHE_LEN_STEP = 256
 # Generators kept per model (least recently used dropped first): each holds a KV cache.
 MAX_CACHED_GENERATORS = 4
+# Prefill graphs kept per generator, by prompt length: each holds its activations' memory.
+MAX_PREFILL_GRAPHS = 8
 
 # A captured prefill: (graph, static input ids, static padding mask or None, static logits).
 _Prefill = tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None, torch.Tensor]
@@ -119,7 +122,9 @@ class StaticGenerator:
         self._noise: torch.Tensor | None = None  # Exp(1) draws, (B, vocab), when sampling
         self._vocab = 0  # logits per token, known after the first prefill
         self._kv_arange = torch.arange(length, device=device)
-        self._prefill_graphs: dict[tuple[int, bool], _Prefill] = {}  # by (length, padded)
+        # by (length, padded), least recently used first
+        self._prefill_graphs: OrderedDict[tuple[int, bool], _Prefill] = OrderedDict()
+        self._cache_ready = False  # the KV cache's tensors exist (made by a first eager call)
         self._step_graphs: dict[Sampling | None, torch.cuda.CUDAGraph] = {}
         self.pos = 0  # tokens in the cache (host mirror of self._slot)
 
@@ -237,13 +242,17 @@ class StaticGenerator:
                 logits = self._prefill_call(ids, padding)
             else:
                 key = (q, padding is not None)
-                if not self._prefill_graphs:  # first call initialises the cache eagerly
+                if not self._cache_ready:  # the first call initialises the cache eagerly
                     self._prefill_call(ids, padding)
+                    self._cache_ready = True
                 if key not in self._prefill_graphs:
+                    while len(self._prefill_graphs) >= MAX_PREFILL_GRAPHS:
+                        self._prefill_graphs.popitem(last=False)
                     buf = ids.clone()
                     pbuf = None if padding is None else padding.clone()
                     graph, out = capture(lambda: self._prefill_call(buf, pbuf), warmup=1)
                     self._prefill_graphs[key] = (graph, buf, pbuf, out)
+                self._prefill_graphs.move_to_end(key)
                 graph, buf, pbuf, out = self._prefill_graphs[key]
                 buf.copy_(ids)
                 if pbuf is not None and padding is not None:

@@ -143,7 +143,8 @@ class SparsifyReport:
         return json.dumps(self.to_dict(), indent=1)
 
     def markdown(self, max_rows: int | None = None) -> str:
-        """A per-layer table: backend per bucket (with speedup over dense) and bytes."""
+        """A per-layer table: backend per bucket (with speedup over dense under graph replay,
+        and the eager plan's backend where it differs) and bytes."""
         head = "| layer | shape | " + " | ".join(f"M<={b}" for b in self.batch_sizes)
         lines = [head + " | weight bytes (sparse/dense) |"]
         lines.append("|" + "---|" * (3 + len(self.batch_sizes)))
@@ -157,7 +158,9 @@ class SparsifyReport:
             cells = []
             for b in self.batch_sizes:
                 s = lr.speedup(b)
-                cells.append(lr.plan[b] + ("" if s is None else f" {s:.2f}x"))
+                cell = lr.plan[b] + ("" if s is None else f" {s:.2f}x")
+                eager = lr.eager_plan.get(b, lr.plan[b])
+                cells.append(cell if eager == lr.plan[b] else f"{cell} (eager: {eager})")
             ratio = lr.sparse_bytes / max(lr.dense_bytes, 1)
             lines.append(f"| {lr.name} | {shape} | " + " | ".join(cells) + f" | {ratio:.3f} |")
         return "\n".join(lines)
