@@ -454,6 +454,16 @@ def _host_cost_us(model: torch.nn.Module) -> dict:
     return out
 
 
+def _report_per_shape(report: dict) -> dict:
+    """The report with one converted layer per shape (layers of a shape share plan and
+    timings), the others counted."""
+    shapes: dict[str, dict] = {}
+    for lr in report["layers"]:
+        key = f"{lr['out_features']}x{lr['in_features']}" if lr["converted"] else lr["reason"]
+        shapes.setdefault(key, {**lr, "count": 0})["count"] += 1
+    return {**{k: v for k, v in report.items() if k != "layers"}, "layers_per_shape": shapes}
+
+
 def bench_user(layers: int, new_tokens: int) -> dict:
     """The user's path with default arguments (see the module docstring)."""
     import tempfile
@@ -473,7 +483,7 @@ def bench_user(layers: int, new_tokens: int) -> dict:
     mem["sparsify_peak"] = torch.cuda.max_memory_allocated()
     mem["sparse"] = _allocated()
     log(f"user: {report}")
-    result["report"] = report.to_dict()
+    result["report"] = _report_per_shape(report.to_dict())
     result["report_markdown"] = report.markdown(max_rows=7)
     result["sparse"] = _generation_speeds(model, new_tokens)
     result["sparse"]["host_us"] = _host_cost_us(model)
