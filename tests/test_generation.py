@@ -112,11 +112,11 @@ def test_sampled_generation_is_seeded(model):
 
     def sample(seed: int, **extra) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
-        return generate(model, ids, 8, generator=g, **kw, **extra)  # type: ignore[arg-type]
+        return generate(model, ids, 6, generator=g, **kw, **extra)  # type: ignore[arg-type]
 
     assert torch.equal(sample(0), sample(0))
     assert not torch.equal(sample(0), sample(1))
-    greedy = generate(model, ids, 8, eos_token_id=(), cuda_graph=False)
+    greedy = generate(model, ids, 6, eos_token_id=(), cuda_graph=False)
     assert torch.equal(sample(3, top_k=1), greedy)
 
 
@@ -138,6 +138,27 @@ def test_generators_are_kept_per_model_and_shape_and_dropped_on_change():
     gc.collect()
     with pytest.raises(ReferenceError):  # generators never keep a model alive
         _ = alive.model
+
+
+def test_hf_static_cache_generate_traces_sparse_layers_in_one_graph():
+    """transformers' fast path (static cache, compiled forward, `fullgraph=True`) over
+    `Sparse24Linear`s: on the CPU dynamo alone (backend "eager"), dense-planned layers."""
+    from transformers import CompileConfig
+
+    from ria.sparse import Choice, Sparse24Linear, find_linears
+
+    model = prune_model_24(tiny_model("llama"))
+    for name, mod, _ in find_linears(model, require_cuda=False):
+        if not name.endswith("lm_head"):
+            n, k = mod.weight.shape
+            sparse = Sparse24Linear(k, n, {1: Choice("dense")}, weight=mod.weight.detach())
+            model.set_submodule(name, sparse)
+    ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(4))
+    config = CompileConfig(backend="eager", fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on accelerators only
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=config, **kw)
+    assert torch.equal(compiled, model.generate(ids, **kw))
 
 
 # -- CUDA graphs ------------------------------------------------------------------------
