@@ -7,9 +7,14 @@ Sections (`--only` picks some):
   e2e   whole model (random weights, 2:4 by magnitude): prefill 8x128 and 1x2048, decode
         tokens/s at batch 1 and 16 with a 512-token KV cache, pruned-Linear weight memory,
         and sparse-vs-masked-dense output agreement.
+  user  what a user gets with default arguments: GPU memory allocated dense vs after
+        `sparsify(model)`, `sparsify` time cold and with its plan cache, Hugging Face
+        `model.generate` (default mode) dense vs sparse, `ria.generate` (the fast path:
+        static cache + CUDA graphs kept across calls) first and second call, and the host
+        cost of one eager layer call per backend.
 
 Writes JSON to benches/results/ and prints markdown tables.
-Usage: python benches/gpu_speed.py [--only gemm,e2e] [--layers 32] [--out PATH]
+Usage: python benches/gpu_speed.py [--only gemm,e2e,user] [--layers 32] [--out PATH]
 """
 
 from __future__ import annotations
@@ -316,9 +321,9 @@ def bench_e2e(layers: int, prune_all: bool, decode_steps: int) -> dict:
     torch.cuda.empty_cache()
     mem0 = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    # allow_dense=False: no dense copies kept, so the weight memory is that of the 2:4 forms
+    # No dense copies kept (the default), so the weight memory is that of the 2:4 forms
     # alone; the report still lists the dense time of every bucket.
-    report = sparsify(model, batch_sizes=[1, 16, 1024, 2048], allow_dense=False)
+    report = sparsify(model, batch_sizes=[1, 16, 1024, 2048], plan_cache=False)
     log(f"{report}")
     gc.collect()
     torch.cuda.empty_cache()
@@ -371,6 +376,159 @@ def bench_e2e(layers: int, prune_all: bool, decode_steps: int) -> dict:
     return result
 
 
+def _tok_s(fn, tokens: int) -> tuple[float, float]:
+    """(seconds, tokens/s) of one call of `fn`."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return dt, tokens / dt
+
+
+def _allocated() -> int:
+    gc.collect()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
+def _generation_speeds(model: torch.nn.Module, new_tokens: int) -> dict:
+    """HF `model.generate` (default mode: dynamic cache, eager) and `ria.generate` on a
+    1x128 prompt, greedy, EOS off so every run makes `new_tokens` tokens."""
+    ids = torch.randint(3, VOCAB, (1, 128), device="cuda", generator=torch.Generator("cuda"))
+    hf = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    hf["eos_token_id"] = None
+    with torch.no_grad():
+        model.generate(ids, **{**hf, "max_new_tokens": 4, "min_new_tokens": 4})  # warm
+        out = {}
+        out["hf_generate_s"], out["hf_generate_tok_s"] = _tok_s(
+            lambda: model.generate(ids, **hf), new_tokens
+        )
+        first, out["ria_generate_first_tok_s"] = _tok_s(
+            lambda: ria.generate(model, ids, new_tokens, eos_token_id=()), new_tokens
+        )
+        out["ria_generate_first_s"] = first
+        out["ria_generate_s"], out["ria_generate_tok_s"] = _tok_s(
+            lambda: ria.generate(model, ids, new_tokens, eos_token_id=()), new_tokens
+        )
+    return out
+
+
+def _host_cost_us(model: torch.nn.Module) -> dict:
+    """Eager microseconds per call at M = 1 (x of 1x1x4096, as in HF decode) of layer 0's
+    q_proj and down_proj: the module, and each backend's function alone. GPU time per call
+    is 12-28 us, so where these exceed that, the host is the bottleneck."""
+    from ria.sparse import Sparse24Linear
+    from ria.sparse.linear import CUSPARSELT, TRITON
+
+    out: dict = {}
+    block = model.model.layers[0]
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        mod = block.get_submodule(name)
+        x = torch.randn(1, 1, mod.in_features, dtype=DTYPE, device="cuda")
+        calls = {"module": lambda mod=mod, x=x: mod(x)}
+        if isinstance(mod, Sparse24Linear):
+            x2 = x.view(1, -1)
+            calls["linear_2d"] = lambda mod=mod, x2=x2: mod.linear_2d(x2)
+            if mod.values is not None:
+                calls[TRITON] = lambda mod=mod, x2=x2: sparse24_linear(
+                    x2, None, mod.bias, values=mod.values, meta=mod.meta,
+                    in_features=mod.in_features, layout=mod.meta_layout,
+                )  # fmt: skip
+            if mod.packed is not None:
+                calls[CUSPARSELT] = lambda mod=mod, x2=x2: cslt_linear(x2, mod.packed)
+        else:
+            calls["F.linear"] = lambda mod=mod, x=x: F.linear(x, mod.weight)
+        row = {}
+        with torch.no_grad():
+            for label, fn in calls.items():
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                torch.cuda.synchronize()
+                row[label] = 1e6 * (time.perf_counter() - t0) / 200
+        out[name] = row
+    return out
+
+
+def _report_per_shape(report: dict) -> dict:
+    """The report with one converted layer per shape (layers of a shape share plan and
+    timings), the others counted."""
+    shapes: dict[str, dict] = {}
+    for lr in report["layers"]:
+        key = f"{lr['out_features']}x{lr['in_features']}" if lr["converted"] else lr["reason"]
+        shapes.setdefault(key, {**lr, "count": 0})["count"] += 1
+    return {**{k: v for k, v in report.items() if k != "layers"}, "layers_per_shape": shapes}
+
+
+def bench_user(layers: int, new_tokens: int) -> dict:
+    """The user's path with default arguments (see the module docstring)."""
+    import tempfile
+
+    result: dict = {"layers": layers, "new_tokens": new_tokens}
+    plan_dir = tempfile.mkdtemp(prefix="ria-plans-")
+    model = build_model(layers, prune_all=False)
+    mem = {"dense": _allocated()}
+    log(f"user: dense model {mem['dense'] / 2**30:.2f} GiB allocated")
+    result["dense"] = _generation_speeds(model, new_tokens)
+    result["dense"]["host_us"] = _host_cost_us(model)
+    log(f"user: dense {result['dense']}")
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    report = sparsify(model, plan_cache=plan_dir)
+    result["sparsify_cold_s"] = time.perf_counter() - t0
+    mem["sparsify_peak"] = torch.cuda.max_memory_allocated()
+    mem["sparse"] = _allocated()
+    log(f"user: {report}")
+    result["report"] = _report_per_shape(report.to_dict())
+    result["report_markdown"] = report.markdown(max_rows=7)
+    result["sparse"] = _generation_speeds(model, new_tokens)
+    result["sparse"]["host_us"] = _host_cost_us(model)
+    log(f"user: sparse {result['sparse']}")
+    result["linear_bytes"] = {"dense": report.dense_bytes, "sparse": report.sparse_bytes}
+    del model, report
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = build_model(layers, prune_all=False)
+    t0 = time.perf_counter()
+    again = sparsify(model, plan_cache=plan_dir)
+    result["sparsify_cached_s"] = time.perf_counter() - t0
+    result["plans_from_cache"] = [again.plans_from_cache, len(again.converted)]
+    log(f"user: cached {again}")
+    result["memory"] = mem
+    result["memory_ratio"] = mem["sparse"] / mem["dense"]
+    d, sp = result["dense"], result["sparse"]
+    result["speedup"] = {k: sp[k] / d[k] for k in ("hf_generate_tok_s", "ria_generate_tok_s")}
+    return result
+
+
+def user_table(r: dict) -> str:
+    d, s, m = r["dense"], r["sparse"], r["memory"]
+    rows = [
+        "| with default arguments | dense | 2:4 | ratio |",
+        "|---|---:|---:|---:|",
+        f"| GPU memory allocated (GiB) | {m['dense'] / 2**30:.2f} | {m['sparse'] / 2**30:.2f} | "
+        f"{r['memory_ratio']:.3f}x |",
+        f"| pruned-Linear weights (GiB) | {r['linear_bytes']['dense'] / 2**30:.2f} | "
+        f"{r['linear_bytes']['sparse'] / 2**30:.2f} | "
+        f"{r['linear_bytes']['sparse'] / r['linear_bytes']['dense']:.3f}x |",
+    ]
+    for key, label in [
+        ("hf_generate_tok_s", "HF model.generate, default mode (tok/s)"),
+        ("ria_generate_first_tok_s", "ria.generate, first call (tok/s)"),
+        ("ria_generate_tok_s", "ria.generate, next calls (tok/s)"),
+    ]:
+        rows.append(f"| {label} | {d[key]:.1f} | {s[key]:.1f} | {s[key] / d[key]:.2f}x |")
+    rows.append(
+        f"| sparsify cold / with its plan cache (s) | | {r['sparsify_cold_s']:.1f} / "
+        f"{r['sparsify_cached_s']:.1f} | |"
+    )
+    return "\n".join(rows)
+
+
 def e2e_table(r: dict) -> str:
     d, s, sp = r["dense"], r["sparse"], r["speedup"]
     out = ["| workload | dense | sparse | speedup |", "|---|---|---|---|"]
@@ -411,7 +569,8 @@ def environment() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="gemm,e2e", help="comma list of: gemm, probe, e2e")
+    ap.add_argument("--only", default="gemm,e2e,user", help="comma list of: gemm, probe, e2e, user")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens per generate call (user)")
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--m", default=",".join(map(str, GEMM_MS)), help="GEMM token counts")
     ap.add_argument("--prune-all", action="store_true", help="prune every layer with ria")
@@ -453,6 +612,17 @@ def main() -> None:
         except Exception:
             out["e2e_error"] = traceback.format_exc()
             log(out["e2e_error"])
+        path.write_text(json.dumps(out, indent=1))
+    if "user" in only:
+        try:
+            out["user"] = bench_user(args.layers, args.new_tokens)
+            tables.append(
+                f"### With default arguments, LLaMA-2-7B shapes, {args.layers} layers\n\n"
+                + user_table(out["user"])
+            )
+        except Exception:
+            out["user_error"] = traceback.format_exc()
+            log(out["user_error"])
         path.write_text(json.dumps(out, indent=1))
     log(f"wrote {path}")
     print("\n\n".join(tables))

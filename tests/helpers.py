@@ -17,6 +17,7 @@ from transformers import (
     Qwen3Config,
 )
 
+import ria
 from ria.arch import block_linears, find_blocks
 
 VOCAB = 512
@@ -66,6 +67,20 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     return model.eval()
+
+
+def random_24(n: int, k: int, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> torch.Tensor:
+    """A random `(n, k)` weight pruned 2:4 by magnitude with the Rust core."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    keep = torch.from_numpy(ria.nm_mask(ria.magnitude_score(w), 2, 4))
+    return (w * keep).to(device)
+
+
+def prune_model_24(model: torch.nn.Module) -> torch.nn.Module:
+    """Prune every decoder Linear to 2:4 by magnitude (no data needed), in place."""
+    ria.prune(model, sparsity="2:4", method="magnitude", calibration=None, progress=False)
+    return model
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

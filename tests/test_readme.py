@@ -73,3 +73,12 @@ def test_core_api_snippet():
     exec(compile(snippets()[1], "README.md (core API)", "exec"), namespace)
     res = namespace["res"]
     assert isinstance(res, ria.PermutationResult) and res.retained >= res.identity
+
+
+def test_gpu_runtime_snippet():
+    """On the CPU: sparsify reports why it changed nothing, generate runs eagerly."""
+    namespace: dict[str, object] = {"model": tiny_model("llama"), "tokenizer": build_tokenizer()}
+    exec(compile(snippets()[2], "README.md (GPU runtime)", "exec"), namespace)
+    out, hf, prompts = namespace["out"], namespace["hf"], namespace["prompts"]
+    assert out.shape[0] == 2 and out.shape[1] <= prompts.input_ids.shape[1] + 16  # type: ignore[attr-defined]
+    assert hf.shape[0] == 2  # type: ignore[attr-defined]

@@ -11,8 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import tiny_model
-from torch import nn
+from helpers import prune_model_24, random_24, tiny_model
 
 import ria
 from ria.sparse import (
@@ -37,20 +36,6 @@ CUDA = torch.cuda.is_available()
 def needs_cuda(test):
     """Marks a test `gpu` (select with `-m gpu`) and skips it without CUDA."""
     return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")(test))
-
-
-def random_24(n: int, k: int, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> torch.Tensor:
-    """A random `(n, k)` weight pruned 2:4 by magnitude with the Rust core."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    keep = torch.from_numpy(ria.nm_mask(ria.magnitude_score(w), 2, 4))
-    return (w * keep).to(device)
-
-
-def prune_model_24(model: nn.Module) -> nn.Module:
-    """Prune every decoder Linear to 2:4 by magnitude (no data needed), in place."""
-    ria.prune(model, sparsity="2:4", method="magnitude", calibration=None, progress=False)
-    return model
 
 
 # -- compact format (CPU) -------------------------------------------------------------
@@ -220,7 +205,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     from ria.sparse import triton_gemv as tg
     from ria.sparse.format import pack_24, to_cslt_layout
     from ria.sparse.triton_gemv import sparse24_linear
-    from test_sparse import random_24
+    from helpers import random_24
     torch.manual_seed(0)
     cases = [  # (dtype, n, k, m): bf16 only through the gemv, the interpreter's bf16 dot is off
         (torch.float16, 40, 96, 1), (torch.bfloat16, 64, 256, 1), (torch.bfloat16, 33, 320, 1),

@@ -1,7 +1,8 @@
 """GPU runtime for 2:4-pruned models: `sparsify` swaps 2:4 `nn.Linear` layers for
 `Sparse24Linear` (cuSPARSELt for many tokens, an own Triton kernel over a compact 2:4
-format for few, dense cuBLAS where it measures faster), and `generate` decodes with a
-static KV cache under CUDA-graph replay.
+format for few; dense cuBLAS only where the user opts in), and `generate` decodes with a
+static KV cache under CUDA-graph replay (greedy or sampled, EOS, left padding), keeping
+its graphs across calls.
 
 Importing this package needs neither CUDA nor triton; without CUDA `sparsify` is a no-op
 whose report says why.
@@ -9,8 +10,10 @@ whose report says why.
 
 from .cslt import CsltConfig
 from .format import Compact24, check_24, count_24_violations, pack_24, unpack_24
-from .generate import StaticGenerator, generate
+from .generate import StaticGenerator, cached_generator, clear_generators, generate
 from .linear import Choice, Sparse24Linear
+from .plan_cache import PlanCache, TunedPlan
+from .sampling import Sampling
 from .sparsify import DEFAULT_BATCH_SIZES, SparseLayerReport, SparsifyReport, find_linears, sparsify
 from .triton_gemv import sparse24_linear
 
@@ -19,11 +22,16 @@ __all__ = [
     "Choice",
     "Compact24",
     "CsltConfig",
+    "PlanCache",
+    "Sampling",
     "Sparse24Linear",
     "SparseLayerReport",
     "SparsifyReport",
     "StaticGenerator",
+    "TunedPlan",
+    "cached_generator",
     "check_24",
+    "clear_generators",
     "count_24_violations",
     "find_linears",
     "generate",

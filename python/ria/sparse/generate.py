@@ -1,28 +1,54 @@
-"""Greedy generation over a transformers `StaticCache` with prefill and decode steps replayed
-as CUDA graphs, so dense and sparse models run with no per-kernel host overhead.
+"""Generation over a transformers `StaticCache` with prefill and decode steps replayed as
+CUDA graphs, so dense and sparse models run with no per-kernel host overhead.
 
-- Prefill (a fresh sequence, positions 0..q-1) is captured once per prompt length. The
-  cache reports a query offset of 0 as a Python int, so transformers picks SDPA's
-  `is_causal` path (flash attention) without reading a device tensor.
-- A decode step is captured once: it builds its own `(B, 1, 1, L)` mask from a device
-  position counter, runs the model, writes the argmax token back into its input buffer and
-  advances the counter, so consecutive replays decode consecutive tokens.
+- Prefill (a fresh sequence, positions 0..q-1) is captured once per prompt length (and
+  padding). Without padding the cache reports a query offset of 0 as a Python int, so
+  transformers picks SDPA's `is_causal` path (flash attention) without reading a device
+  tensor; a left-padded batch passes its own 4-D mask.
+- A decode step is captured once per sampling setting: it builds its own `(B, 1, 1, L)`
+  mask from a device slot counter and the padding, runs the model, chooses the next token
+  (greedy or sampled from noise filled before each replay, see `sampling.py`), emits the pad
+  token for finished sequences, and advances the counters, so consecutive replays decode
+  consecutive tokens.
+- `generate` keeps its `StaticGenerator`s (and so their graphs) per model, batch size and
+  cache length, and drops them when the model changes (`model_fingerprint`) or on
+  `clear_generators`, which `sparsify` calls.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
 from .graphs import capture
+from .sampling import Sampling, next_tokens
 
-__all__ = ["StaticGenerator", "generate"]
+__all__ = [
+    "CACHE_LEN_STEP",
+    "MAX_CACHED_GENERATORS",
+    "MAX_PREFILL_GRAPHS",
+    "StaticGenerator",
+    "cached_generator",
+    "clear_generators",
+    "generate",
+    "model_fingerprint",
+]
 
-# A captured prefill: (graph, static input ids, static logits).
-_Prefill = tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]
+# Default cache lengths are rounded up to this, so calls with similar lengths share graphs.
+CACHE_LEN_STEP = 256
+# Generators kept per model (least recently used dropped first): each holds a KV cache.
+MAX_CACHED_GENERATORS = 4
+# Prefill graphs kept per generator, by prompt length: each holds its activations' memory.
+MAX_PREFILL_GRAPHS = 8
+
+# A captured prefill: (graph, static input ids, static padding mask or None, static logits).
+_Prefill = tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None, torch.Tensor]
 
 
 def _static_cache_class() -> type:
@@ -42,24 +68,39 @@ def _static_cache_class() -> type:
 
 
 class StaticGenerator:
-    """Greedy decoding for one batch size on a CUDA causal LM (dense or sparsified).
+    """Decoding for one batch size on a causal LM (dense or sparsified), greedy or sampled,
+    with EOS and left-padded prompts.
 
     Args:
-        model: a transformers causal LM on CUDA using SDPA or eager attention.
+        model: a transformers causal LM using SDPA or eager attention; held by weak
+            reference (the generator does not keep the model alive).
         batch_size: sequences decoded together.
         max_cache_len: KV-cache length (prompt + new tokens must fit).
-        cuda_graph: replay prefill and decode steps as CUDA graphs (False: eager, for
-            debugging; same numerics).
+        cuda_graph: replay prefill and decode steps as CUDA graphs (needs CUDA; False: eager,
+            same numerics, runs on any device; None: on CUDA only).
     """
 
     def __init__(
-        self, model: nn.Module, batch_size: int, max_cache_len: int, *, cuda_graph: bool = True
+        self,
+        model: nn.Module,
+        batch_size: int,
+        max_cache_len: int,
+        *,
+        cuda_graph: bool | None = None,
     ) -> None:
-        self.model = model.eval()
+        if batch_size < 1 or max_cache_len < 1:
+            raise InvalidArgumentError(
+                f"batch_size and max_cache_len must be >= 1, got {batch_size}, {max_cache_len}"
+            )
+        self._model = weakref.ref(model.eval())
         self.batch_size = batch_size
         self.max_cache_len = max_cache_len
-        self.cuda_graph = cuda_graph
         device = next(model.parameters()).device
+        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cuda_graph and device.type != "cuda":
+            raise InvalidArgumentError(
+                f"cuda_graph=True needs a CUDA model, this one is on {device}"
+            )
         self.device = device
         self.cache = _static_cache_class()(config=model.config, max_cache_len=max_cache_len)
         params = inspect.signature(model.forward).parameters
@@ -69,17 +110,39 @@ class StaticGenerator:
         if impl not in ("sdpa", "eager"):
             raise NotImplementedError(f"attention implementation {impl!r}: use sdpa or eager")
         self._additive_mask = impl == "eager"
-        self._ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self._pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self._kv_arange = torch.arange(max_cache_len, device=device)
-        self._prefill_graphs: dict[int, _Prefill] = {}  # by prompt length
-        self._step_graph: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
-        self.pos = 0  # tokens in the cache (host mirror of self._pos)
+        self._dtype = next(model.parameters()).dtype
+        b, length = batch_size, max_cache_len
+        self._ids = torch.zeros(b, 1, dtype=torch.long, device=device)  # next input token
+        self._pos = torch.zeros(b, 1, dtype=torch.long, device=device)  # its position id
+        self._slot = torch.zeros(1, dtype=torch.long, device=device)  # its cache slot
+        self._valid = torch.ones(b, length, dtype=torch.bool, device=device)  # not padding
+        self._done = torch.zeros(b, 1, dtype=torch.bool, device=device)  # EOS emitted
+        self._eos = torch.full((1,), -1, dtype=torch.long, device=device)  # -1 pads: never
+        self._pad = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self._noise: torch.Tensor | None = None  # Exp(1) draws, (B, vocab), when sampling
+        self._vocab = 0  # logits per token, known after the first prefill
+        self._kv_arange = torch.arange(length, device=device)
+        # by (length, padded), least recently used first
+        self._prefill_graphs: OrderedDict[tuple[int, bool], _Prefill] = OrderedDict()
+        self._cache_ready = False  # the KV cache's tensors exist (made by a first eager call)
+        self._step_graphs: dict[Sampling | None, torch.cuda.CUDAGraph] = {}
+        self.pos = 0  # tokens in the cache (host mirror of self._slot)
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise ReferenceError("the generator's model was deleted")
+        return model
 
     # -- model calls -------------------------------------------------------------------
     def _forward(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
+        if mask is not None and self._additive_mask:
+            mask = torch.zeros(mask.shape, dtype=self._dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(self._dtype).min
+            )
         kwargs = {self._cache_kw: self.cache, **self._extra}
         out = self.model(
             input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs
@@ -95,105 +158,277 @@ class StaticGenerator:
             if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
         ]
 
-    def _prefill_call(self, ids: torch.Tensor) -> torch.Tensor:
+    def _prefill_call(self, ids: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         lengths = self._lengths()
         if lengths:
             torch._foreach_zero_(lengths)
-        q = ids.shape[1]
-        positions = torch.arange(q, device=self.device).expand(self.batch_size, q)
-        return self._forward(ids, positions, None)
+        b, q = ids.shape
+        if padding is None:
+            positions = torch.arange(q, device=self.device).expand(b, q)
+            return self._forward(ids, positions, None)
+        # as transformers: positions count real tokens; pads get 1 (never read)
+        positions = (padding.cumsum(-1) - 1).masked_fill(~padding, 1)
+        rows = torch.arange(q, device=self.device)
+        causal = rows[None, :] <= rows[:, None]  # (q, q): key j <= query i
+        allowed = causal & padding[:, None, :]
+        allowed |= torch.eye(q, dtype=torch.bool, device=self.device)  # no all-masked row
+        mask = torch.zeros(b, 1, q, self.max_cache_len, dtype=torch.bool, device=self.device)
+        mask[:, 0, :, :q] = allowed
+        return self._forward(ids, positions, mask)
 
-    def _step_call(self) -> torch.Tensor:
-        mask = self._kv_arange[None, None, None, :] <= self._pos[:, None, :, None]
-        if self._additive_mask:
-            dtype = next(self.model.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(
-                ~mask, torch.finfo(dtype).min
-            )
-        logits = self._forward(self._ids, self._pos, mask)
-        self._ids.copy_(logits.argmax(-1, keepdim=True))
+    def _select(self, logits: torch.Tensor, sampling: Sampling | None) -> None:
+        """Write the next tokens into `_ids`: chosen for running sequences, pad for finished."""
+        chosen = next_tokens(logits, sampling, self._noise)
+        chosen = torch.where(self._done, self._pad, chosen)
+        self._done |= (chosen == self._eos).any(-1, keepdim=True)
+        self._ids.copy_(chosen)
+
+    def _step_call(self, sampling: Sampling | None) -> torch.Tensor:
+        mask = (self._kv_arange <= self._slot) & self._valid
+        logits = self._forward(self._ids, self._pos, mask[:, None, None, :])
+        self._select(logits, sampling)
         self._pos.add_(1)
+        self._slot.add_(1)
         return logits
+
+    def _set_eos(self, ids: list[int]) -> None:
+        """Write the EOS ids into `_eos` in place (captured steps read that buffer); a longer
+        list needs a bigger buffer, and so new step graphs."""
+        if len(ids) > self._eos.numel():
+            self._eos = torch.full((len(ids),), -1, dtype=torch.long, device=self.device)
+            self._step_graphs.clear()
+        self._eos.fill_(-1)
+        if ids:
+            self._eos[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+
+    def _draw_noise(self, sampling: Sampling | None, generator: torch.Generator | None) -> None:
+        if sampling is None:
+            return
+        if self._noise is None:
+            self._noise = torch.empty(
+                self.batch_size, self._vocab, dtype=torch.float32, device=self.device
+            )
+        self._noise.exponential_(generator=generator)
 
     # -- public ------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        sampling: Sampling | None = None,
+        generator: torch.Generator | None = None,
+        eos_token_id: Sequence[int] = (),
+        pad_token_id: int = 0,
+    ) -> torch.Tensor:
         """Start new sequences: `input_ids` `(B, q)` -> last-position logits `(B, vocab)`.
 
-        Sets the next decode input to the argmax token.
+        `attention_mask` `(B, q)` (1 = token, 0 = padding) allows left-padded prompts.
+        Chooses the first new token (greedy, or with `sampling` from `generator`); a
+        sequence that emits one of `eos_token_id` continues with `pad_token_id`.
         """
         b, q = input_ids.shape
         if b != self.batch_size or q > self.max_cache_len:
             raise InvalidArgumentError(
-                f"input {tuple(input_ids.shape)} does not fit batch {self.batch_size}"
+                f"input {tuple(input_ids.shape)} does not fit batch {self.batch_size} "
+                f"and cache length {self.max_cache_len}"
             )
+        ids = input_ids.to(self.device)
+        padding = _padding(attention_mask, ids.shape, self.device)
         self.cache.query_offset = 0
         try:
             if not self.cuda_graph:
-                logits = self._prefill_call(input_ids.to(self.device))
+                logits = self._prefill_call(ids, padding)
             else:
-                if not self._prefill_graphs:  # first call initialises the cache eagerly
-                    self._prefill_call(input_ids.to(self.device))
-                if q not in self._prefill_graphs:
-                    buf = input_ids.to(self.device).clone()
-                    graph, out = capture(lambda: self._prefill_call(buf), warmup=1)
-                    self._prefill_graphs[q] = (graph, buf, out)
-                graph, buf, out = self._prefill_graphs[q]
-                buf.copy_(input_ids)
+                key = (q, padding is not None)
+                if not self._cache_ready:  # the first call initialises the cache eagerly
+                    self._prefill_call(ids, padding)
+                    self._cache_ready = True
+                if key not in self._prefill_graphs:
+                    while len(self._prefill_graphs) >= MAX_PREFILL_GRAPHS:
+                        self._prefill_graphs.popitem(last=False)
+                    buf = ids.clone()
+                    pbuf = None if padding is None else padding.clone()
+                    graph, out = capture(lambda: self._prefill_call(buf, pbuf), warmup=1)
+                    self._prefill_graphs[key] = (graph, buf, pbuf, out)
+                self._prefill_graphs.move_to_end(key)
+                graph, buf, pbuf, out = self._prefill_graphs[key]
+                buf.copy_(ids)
+                if pbuf is not None and padding is not None:
+                    pbuf.copy_(padding)
                 graph.replay()
                 logits = out
         finally:
             self.cache.query_offset = None
         self.pos = q
-        self._pos.fill_(q)
-        self._ids.copy_(logits.argmax(-1, keepdim=True))
+        self._vocab = logits.shape[-1]
+        self._slot.fill_(q)
+        self._valid.fill_(True)
+        if padding is None:
+            self._pos.fill_(q)
+        else:
+            self._valid[:, :q] = padding
+            self._pos.copy_(padding.sum(-1, keepdim=True))
+        self._set_eos(list(eos_token_id))
+        self._pad.fill_(pad_token_id)
+        self._done.zero_()
+        self._draw_noise(sampling, generator)
+        self._select(logits, sampling)
         return logits
 
-    def prefill_graph(self, q: int) -> torch.cuda.CUDAGraph | None:
-        """The captured prefill graph for prompt length `q` (after one `prefill` of that length)."""
-        entry = self._prefill_graphs.get(q)
+    def prefill_graph(self, q: int, padded: bool = False) -> torch.cuda.CUDAGraph | None:
+        """The captured prefill graph for prompt length `q` (after one `prefill` of that
+        length, with or without padding)."""
+        entry = self._prefill_graphs.get((q, padded))
         return None if entry is None else entry[0]
 
-    def _sync_position(self) -> None:
-        self._pos.fill_(self.pos)
-        lengths = self._lengths()
-        if lengths:
-            torch._foreach_zero_(lengths)
-            torch._foreach_add_(lengths, self.pos)
-
     @torch.no_grad()
-    def step(self) -> torch.Tensor:
+    def step(
+        self, *, sampling: Sampling | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Decode one token for every sequence: returns the new tokens `(B, 1)` (a view of the
         buffer the next step reads, so clone it to keep it)."""
         if self.pos >= self.max_cache_len:
             raise RuntimeError(f"KV cache full ({self.max_cache_len} tokens)")
+        self._draw_noise(sampling, generator)
         if not self.cuda_graph:
-            self._step_call()
+            self._step_call(sampling)
         else:
-            if self._step_graph is None:
-                saved = self._ids.clone()
-                self._step_graph = capture(self._step_call, warmup=1)
-                self._ids.copy_(saved)  # the warm-up step consumed it
-                self._sync_position()
-            self._step_graph[0].replay()
+            graph = self._step_graphs.get(sampling)
+            if graph is None:
+                state = [self._ids, self._pos, self._slot, self._done, *self._lengths()]
+                saved = [t.clone() for t in state]
+                graph, _ = capture(lambda: self._step_call(sampling), warmup=1)
+                for t, s in zip(state, saved, strict=True):  # undo the warm-up step
+                    t.copy_(s)
+                self._step_graphs[sampling] = graph
+            graph.replay()
         self.pos += 1
         return self._ids
 
-    def step_graph(self) -> torch.cuda.CUDAGraph | None:
-        """The captured decode-step graph (after the first `step`)."""
-        return None if self._step_graph is None else self._step_graph[0]
+    def step_graph(self, sampling: Sampling | None = None) -> torch.cuda.CUDAGraph | None:
+        """The captured decode-step graph for `sampling` (after the first such `step`)."""
+        return self._step_graphs.get(sampling)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy continuation: `(B, q)` prompt -> `(B, max_new_tokens)` new tokens."""
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        sampling: Sampling | None = None,
+        generator: torch.Generator | None = None,
+        eos_token_id: Sequence[int] = (),
+        pad_token_id: int = 0,
+    ) -> torch.Tensor:
+        """Continue `(B, q)` prompts: returns `(B, n)` new tokens, `n <= max_new_tokens`.
+
+        Stops early once every sequence has emitted one of `eos_token_id` (finished
+        sequences emit `pad_token_id` meanwhile). Greedy unless `sampling` is given.
+        """
+        if max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if input_ids.shape[1] + max_new_tokens > self.max_cache_len:
             raise InvalidArgumentError("prompt + max_new_tokens exceeds max_cache_len")
-        self.prefill(input_ids)
+        self.prefill(
+            input_ids,
+            attention_mask,
+            sampling=sampling,
+            generator=generator,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
         out = torch.empty(self.batch_size, max_new_tokens, dtype=torch.long, device=self.device)
         out[:, :1] = self._ids
+        watch_eos = bool(eos_token_id)
         for i in range(1, max_new_tokens):
-            out[:, i : i + 1] = self.step()
+            if watch_eos and bool(self._done.all()):  # one sync per token, only with EOS
+                return out[:, :i]
+            out[:, i : i + 1] = self.step(sampling=sampling, generator=generator)
         return out
+
+
+def _padding(
+    attention_mask: torch.Tensor | None, shape: torch.Size, device: torch.device
+) -> torch.Tensor | None:
+    """The prompt's padding as a bool `(B, q)` tensor, or None when there is none."""
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise InvalidArgumentError(
+            f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(shape)}"
+        )
+    padding = attention_mask.to(device).bool()
+    if bool(padding.all()):
+        return None
+    if not bool(padding[:, -1].all()):
+        raise InvalidArgumentError("attention_mask: pad on the left (every last token real)")
+    return padding
+
+
+# -- generators kept across calls ----------------------------------------------------------
+
+
+def model_fingerprint(model: nn.Module) -> tuple[object, ...]:
+    """What a captured graph depends on: the modules and the addresses of every parameter
+    and buffer. Any change (a replaced layer, `.to()`, new weights) changes it; writing
+    into existing weights in place does not, and the graphs then read the new values."""
+    tensors = [t.data_ptr() for t in model.parameters()]
+    tensors += [t.data_ptr() for t in model.buffers()]
+    modules = tuple(id(m) for m in model.modules())
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return modules, tuple(tensors), impl
+
+
+class _ModelGenerators:
+    def __init__(self, fingerprint: tuple[object, ...]) -> None:
+        self.fingerprint = fingerprint
+        self.by_key: OrderedDict[tuple[int, int, bool], StaticGenerator] = OrderedDict()
+
+
+_GENERATORS: weakref.WeakKeyDictionary[nn.Module, _ModelGenerators] = weakref.WeakKeyDictionary()
+
+
+def cached_generator(
+    model: nn.Module, batch_size: int, max_cache_len: int, *, cuda_graph: bool | None = None
+) -> StaticGenerator:
+    """The `StaticGenerator` kept for (model, batch size, cache length), made on first use.
+
+    Kept while the model lives and is unchanged (see `model_fingerprint`); at most
+    `MAX_CACHED_GENERATORS` per model, the least recently used dropped first.
+    """
+    fingerprint = model_fingerprint(model)
+    entry = _GENERATORS.get(model)
+    if entry is None or entry.fingerprint != fingerprint:
+        entry = _GENERATORS[model] = _ModelGenerators(fingerprint)
+    if cuda_graph is None:
+        cuda_graph = next(model.parameters()).device.type == "cuda"
+    key = (batch_size, max_cache_len, cuda_graph)
+    gen = entry.by_key.get(key)
+    if gen is None:
+        while len(entry.by_key) >= MAX_CACHED_GENERATORS:
+            entry.by_key.popitem(last=False)
+        gen = entry.by_key[key] = StaticGenerator(
+            model, batch_size, max_cache_len, cuda_graph=cuda_graph
+        )
+    entry.by_key.move_to_end(key)
+    return gen
+
+
+def clear_generators(model: nn.Module | None = None) -> None:
+    """Drop the kept generators (their graphs and KV caches) of `model`, or of all models."""
+    if model is None:
+        _GENERATORS.clear()
+    else:
+        _GENERATORS.pop(model, None)
+
+
+def _token_ids(value: int | Sequence[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
 @torch.no_grad()
@@ -202,22 +437,59 @@ def generate(
     input_ids: torch.Tensor,
     max_new_tokens: int = 32,
     *,
+    attention_mask: torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
     max_cache_len: int | None = None,
-    cuda_graph: bool = True,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
-    """Greedy generation with a static KV cache and CUDA-graph replay.
+    """Generation with a static KV cache and CUDA-graph replay; the graphs are kept for the
+    next call with the same model, batch size and cache length.
 
     Args:
-        model: transformers causal LM on CUDA (dense, or after `ria.sparsify`).
-        input_ids: `(B, q)` prompt token ids (no padding).
-        max_new_tokens: tokens to generate per sequence.
-        max_cache_len: KV-cache length; default `q + max_new_tokens`.
-        cuda_graph: replay captured graphs (False: run eagerly).
+        model: transformers causal LM (dense, or after `ria.sparsify`).
+        input_ids: `(B, q)` prompt token ids.
+        max_new_tokens: most tokens to generate per sequence.
+        attention_mask: `(B, q)`, 0 marks padding; prompts must be padded on the left.
+        do_sample: sample (with `temperature`, `top_k`, `top_p`) instead of greedy.
+        generator: the random source of sampling, on the model's device (None: torch's
+            default generator).
+        eos_token_id: token(s) that end a sequence (None: the model's generation config;
+            `()` never stops early). Finished sequences continue with `pad_token_id`.
+        pad_token_id: None: the generation config's pad token, else the first EOS, else 0.
+        max_cache_len: KV-cache length; default `q + max_new_tokens` rounded up to
+            `CACHE_LEN_STEP`.
+        cuda_graph: replay captured graphs (False: run eagerly, on any device; None: replay
+            on CUDA, eager elsewhere).
 
     Returns:
-        `(B, q + max_new_tokens)`: the prompt followed by the generated tokens.
+        `(B, q + n)`: the prompts followed by `n <= max_new_tokens` tokens (fewer when
+        every sequence stopped at EOS).
     """
     b, q = input_ids.shape
-    gen = StaticGenerator(model, b, max_cache_len or q + max_new_tokens, cuda_graph=cuda_graph)
-    new = gen.generate(input_ids, max_new_tokens)
+    sampling = Sampling(temperature, top_k, top_p) if do_sample else None
+    config = getattr(model, "generation_config", None)
+    eos = _token_ids(
+        getattr(config, "eos_token_id", None) if eos_token_id is None else eos_token_id
+    )
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if max_cache_len is None:
+        max_cache_len = -(-(q + max_new_tokens) // CACHE_LEN_STEP) * CACHE_LEN_STEP
+    gen = cached_generator(model, b, max_cache_len, cuda_graph=cuda_graph)
+    new = gen.generate(
+        input_ids,
+        max_new_tokens,
+        attention_mask=attention_mask,
+        sampling=sampling,
+        generator=generator,
+        eos_token_id=eos,
+        pad_token_id=int(pad_token_id),
+    )
     return torch.cat([input_ids.to(new.device), new], dim=1)

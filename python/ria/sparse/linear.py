@@ -1,17 +1,25 @@
 """`Sparse24Linear`: a 2:4-sparse `nn.Linear` that runs, per token count, the kernel that
 measured fastest for its shape: dense cuBLAS, cuSPARSELt, or the compact-format decode kernel.
 
-It keeps only the weight forms its plan uses: cuSPARSELt's compressed buffer, the compact
+It keeps only the weight forms its plans use: cuSPARSELt's compressed buffer, the compact
 format (values + 2-bit indices; the values are shared with cuSPARSELt's buffer when its
 layout allows, and so are its 2-bit indices: a layer using both kernels then holds no
-second copy), and the dense weight only where dense won a token-count bucket.
+second copy), and the dense weight only where dense won a token-count bucket (opt-in).
+
+Two plans: one for calls captured in a CUDA graph (GPU time decides), one for eager calls,
+where a kernel's host cost counts too (eager cuSPARSELt builds its matmul plan on every
+call). Under `torch.compile` the layer is one opaque custom op (`torch.ops.ria.sparse_linear`),
+so models compile with `fullgraph=True` and `mode="reduce-overhead"` captures it in graphs.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +28,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from .cslt import CsltConfig, cslt_linear
 from .format import Compact24
+from .graphs import graph_mode
 from .triton_gemv import sparse24_linear
 
 DENSE = "dense"
@@ -27,7 +36,7 @@ CUSPARSELT = "cusparselt"
 TRITON = "triton"
 BACKENDS = (DENSE, CUSPARSELT, TRITON)
 
-__all__ = ["BACKENDS", "CUSPARSELT", "DENSE", "TRITON", "Choice", "Sparse24Linear"]
+__all__ = ["BACKENDS", "CUSPARSELT", "DENSE", "TRITON", "Choice", "Sparse24Linear", "sparse_linear"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,10 @@ class Sparse24Linear(nn.Module):
 
     Args:
         in_features, out_features: as `nn.Linear`.
-        plan: token-count bucket upper bound -> `Choice`. An input of `M` tokens (all leading
-            dimensions flattened) uses the smallest bucket `>= M`, else the largest.
+        plan: token-count bucket upper bound -> `Choice`, for calls inside a CUDA graph. An
+            input of `M` tokens (all leading dimensions flattened) uses the smallest bucket
+            `>= M`, else the largest.
+        eager_plan: the same for eager calls (default: `plan`).
         packed: cuSPARSELt's compressed weight (needed if the plan uses cuSPARSELt).
         compact: the compact 2:4 weight (needed if the plan uses the decode kernel).
         weight: the dense (masked) weight (needed if the plan uses dense).
@@ -67,6 +78,7 @@ class Sparse24Linear(nn.Module):
         out_features: int,
         plan: Mapping[int, Choice],
         *,
+        eager_plan: Mapping[int, Choice] | None = None,
         packed: torch.Tensor | None = None,
         compact: Compact24 | None = None,
         weight: torch.Tensor | None = None,
@@ -74,13 +86,16 @@ class Sparse24Linear(nn.Module):
         input_order: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if not plan:
-            raise InvalidArgumentError("plan must name at least one bucket")
+        if not plan or (eager_plan is not None and not eager_plan):
+            raise InvalidArgumentError("plan and eager_plan must name at least one bucket")
         self.in_features = in_features
         self.out_features = out_features
         self._buckets = sorted(plan)
         self._choices = [plan[b] for b in self._buckets]
-        used = {c.backend for c in self._choices}
+        eager = plan if eager_plan is None else eager_plan
+        self._eager_buckets = sorted(eager)
+        self._eager_choices = [eager[b] for b in self._eager_buckets]
+        used = {c.backend for c in (*self._choices, *self._eager_choices)}
         need = {CUSPARSELT: packed, TRITON: compact, DENSE: weight}
         missing = [b for b in used if need.get(b, 0) is None]
         if missing or not used <= set(BACKENDS):
@@ -95,7 +110,12 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("weight", weight if DENSE in used else None, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("input_order", input_order, persistent=False)
-        self._by_m: dict[int, Choice] = {}
+        self._by_m: dict[tuple[int, bool], Choice] = {}
+        self._handle = _register(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._handle = _register(self)  # a copy (deepcopy, pickle) is another layer
 
     @property
     def buckets(self) -> list[int]:
@@ -104,14 +124,22 @@ class Sparse24Linear(nn.Module):
 
     @property
     def plan(self) -> dict[int, Choice]:
+        """Bucket -> kernel for calls inside a CUDA graph."""
         return dict(zip(self._buckets, self._choices, strict=True))
 
-    def choice_for(self, m: int) -> Choice:
-        """The kernel used for an input of `m` tokens."""
-        choice = self._by_m.get(m)
+    @property
+    def eager_plan(self) -> dict[int, Choice]:
+        """Bucket -> kernel for eager calls."""
+        return dict(zip(self._eager_buckets, self._eager_choices, strict=True))
+
+    def choice_for(self, m: int, *, eager: bool = False) -> Choice:
+        """The kernel used for an input of `m` tokens (in a CUDA graph, or `eager`)."""
+        choice = self._by_m.get((m, eager))
         if choice is None:
-            i = min(bisect.bisect_left(self._buckets, m), len(self._buckets) - 1)
-            choice = self._by_m[m] = self._choices[i]
+            buckets = self._eager_buckets if eager else self._buckets
+            choices = self._eager_choices if eager else self._choices
+            i = min(bisect.bisect_left(buckets, m), len(buckets) - 1)
+            choice = self._by_m[(m, eager)] = choices[i]
         return choice
 
     def weight_bytes(self) -> int:
@@ -119,8 +147,10 @@ class Sparse24Linear(nn.Module):
         return storage_bytes(self.packed, self.values, self.meta, self.weight)
 
     def linear_2d(self, x: torch.Tensor) -> torch.Tensor:
-        """`(M, K)` -> `(M, N)` with the kernel planned for `M`."""
-        choice = self.choice_for(x.shape[0])
+        """`(M, K)` contiguous -> `(M, N)` with the kernel planned for `M` in the current
+        mode (graph capture or eager)."""
+        eager = not (x.is_cuda and graph_mode())
+        choice = self.choice_for(x.shape[0], eager=eager)
         if choice.backend == TRITON:
             return sparse24_linear(
                 x,
@@ -138,20 +168,54 @@ class Sparse24Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features)
         if self.input_order is not None:
-            x = x.index_select(1, self.input_order)  # a gather per call; no kernel fuses it yet
-        y = self.linear_2d(x.contiguous())
-        return y.view(*lead, self.out_features)
+            x2 = x2.index_select(1, self.input_order)  # a gather per call (contiguous)
+        elif not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if torch.compiler.is_compiling():
+            y: torch.Tensor = torch.ops.ria.sparse_linear(x2, self._handle)
+        else:
+            y = self.linear_2d(x2)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         plan = ", ".join(f"<={b}:{c.backend}" for b, c in self.plan.items())
-        return (
+        text = (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, gathered={self.input_order is not None}, "
             f"plan=[{plan}]"
         )
+        if self.eager_plan != self.plan:
+            text += (
+                ", eager_plan=["
+                + ", ".join(f"<={b}:{c.backend}" for b, c in self.eager_plan.items())
+                + "]"
+            )
+        return text
+
+
+# The layers `torch.ops.ria.sparse_linear` can name (by handle), without keeping them alive.
+_LAYERS: weakref.WeakValueDictionary[int, Sparse24Linear] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+def _register(layer: Sparse24Linear) -> int:
+    handle = next(_HANDLES)
+    _LAYERS[handle] = layer
+    return handle
+
+
+@torch.library.custom_op("ria::sparse_linear", mutates_args=())
+def sparse_linear(x: torch.Tensor, layer: int) -> torch.Tensor:
+    """`Sparse24Linear` number `layer` on `(M, K)` contiguous `x` (the op `torch.compile`
+    sees in place of the layer's Python)."""
+    return _LAYERS[layer].linear_2d(x)
+
+
+@sparse_linear.register_fake
+def _sparse_linear_fake(x: torch.Tensor, layer: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], _LAYERS[layer].out_features)
 
 
 def storage_bytes(*tensors: torch.Tensor | None) -> int:

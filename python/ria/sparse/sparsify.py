@@ -3,13 +3,20 @@ shape and per token-count bucket the kernel that measured fastest under CUDA-gra
 
 Layers of one shape (out, in, dtype, bias) share a plan: they run the same kernels, so they
 are timed together (a rotation over up to `tune_layers` of them, so the weights stream from
-memory rather than L2, as they do in a real forward).
+memory rather than L2, as they do in a real forward). Plans are cached on disk
+(`plan_cache.py`), so converting the same model again takes seconds.
+
+Defaults never cost memory: each converted layer keeps only its sparse forms (9/16 of the
+dense bytes) and its dense weight is released; a dense copy is kept only with
+`allow_dense=True`, for the buckets where cuBLAS measured faster.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,8 +36,10 @@ from .cslt import (
     share_cslt_buffer,
 )
 from .format import Compact24, check_24, pack_24, tensor_bytes
+from .generate import clear_generators as clear_generators
 from .graphs import time_call
 from .linear import BACKENDS, CUSPARSELT, DENSE, TRITON, Choice, Sparse24Linear
+from .plan_cache import PlanCache, TunedPlan, library_versions, plan_key
 from .triton_gemv import MAX_M, sparse24_linear, triton_status
 
 DEFAULT_BATCH_SIZES = (1, 16, 64, 256, 1024, 4096)
@@ -41,7 +50,11 @@ __all__ = [
     "SparseLayerReport",
     "SparsifyReport",
     "WeightForms",
+    "build_forms",
+    "choose_backend",
+    "cusparselt_version_warning",
     "find_linears",
+    "sparse_layer",
     "sparsify",
 ]
 
@@ -50,8 +63,10 @@ __all__ = [
 class SparseLayerReport:
     """What `sparsify` did with one `nn.Linear`.
 
-    `plan` maps a token-count bucket to the backend chosen; `times_us` holds, per bucket, the
-    microseconds per call measured for each candidate backend (shared by layers of a shape).
+    `plan` maps a token-count bucket to the backend chosen for calls inside CUDA graphs,
+    `eager_plan` for eager calls; `times_us` / `eager_times_us` hold, per bucket, the
+    microseconds per call measured for each candidate backend in that mode (shared by the
+    layers of a shape).
     """
 
     name: str
@@ -61,8 +76,11 @@ class SparseLayerReport:
     reason: str = ""
     plan: dict[int, str] = field(default_factory=dict)
     times_us: dict[int, dict[str, float]] = field(default_factory=dict)
+    eager_plan: dict[int, str] = field(default_factory=dict)
+    eager_times_us: dict[int, dict[str, float]] = field(default_factory=dict)
     dense_bytes: int = 0
     sparse_bytes: int = 0
+    plan_source: str = ""  # "cache" (read from the plan cache) or "tuned" (timed now)
 
     def speedup(self, bucket: int) -> float | None:
         """Dense time over the chosen kernel's time at `bucket`, if both were measured."""
@@ -83,6 +101,20 @@ class SparsifyReport:
     batch_sizes: tuple[int, ...]
     layers: list[SparseLayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    cusparselt_version: int | None = None  # torch.backends.cusparselt.version(), e.g. 801
+    plan_cache: str | None = None  # the plan cache directory, None when caching is off
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def cusparselt(self) -> str | None:
+        """The loaded cuSPARSELt as "major.minor.patch" (None without it)."""
+        v = self.cusparselt_version
+        return None if v is None else f"{v // 1000}.{v % 1000 // 100}.{v % 100}"
+
+    @property
+    def plans_from_cache(self) -> int:
+        """Converted layers whose plan was read from the plan cache (not tuned)."""
+        return sum(lr.plan_source == "cache" for lr in self.converted)
 
     @property
     def converted(self) -> list[SparseLayerReport]:
@@ -111,7 +143,8 @@ class SparsifyReport:
         return json.dumps(self.to_dict(), indent=1)
 
     def markdown(self, max_rows: int | None = None) -> str:
-        """A per-layer table: backend per bucket (with speedup over dense) and bytes."""
+        """A per-layer table: backend per bucket (with speedup over dense under graph replay,
+        and the eager plan's backend where it differs) and bytes."""
         head = "| layer | shape | " + " | ".join(f"M<={b}" for b in self.batch_sizes)
         lines = [head + " | weight bytes (sparse/dense) |"]
         lines.append("|" + "---|" * (3 + len(self.batch_sizes)))
@@ -125,7 +158,9 @@ class SparsifyReport:
             cells = []
             for b in self.batch_sizes:
                 s = lr.speedup(b)
-                cells.append(lr.plan[b] + ("" if s is None else f" {s:.2f}x"))
+                cell = lr.plan[b] + ("" if s is None else f" {s:.2f}x")
+                eager = lr.eager_plan.get(b, lr.plan[b])
+                cells.append(cell if eager == lr.plan[b] else f"{cell} (eager: {eager})")
             ratio = lr.sparse_bytes / max(lr.dense_bytes, 1)
             lines.append(f"| {lr.name} | {shape} | " + " | ".join(cells) + f" | {ratio:.3f} |")
         return "\n".join(lines)
@@ -134,11 +169,13 @@ class SparsifyReport:
         if not self.applied:
             return f"sparsify: nothing converted ({self.reason})"
         ratio = self.sparse_bytes / max(self.dense_bytes, 1)
-        return (
+        text = (
             f"sparsify: {len(self.converted)} layers converted, {len(self.skipped)} skipped; "
             f"weights {self.dense_bytes / 2**30:.2f} -> {self.sparse_bytes / 2**30:.2f} GiB "
-            f"({ratio:.3f}x) in {self.seconds:.1f}s"
+            f"({ratio:.3f}x) in {self.seconds:.1f}s; plans of {self.plans_from_cache} layers "
+            f"from the cache; cuSPARSELt {self.cusparselt or 'not loaded'}"
         )
+        return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
 
 
 def find_linears(
@@ -178,7 +215,7 @@ class WeightForms:
     compact: Compact24 | None = None
 
     def cslt_packed(self) -> torch.Tensor:
-        """`packed`, which `_build_forms` makes whenever cuSPARSELt is a candidate."""
+        """`packed`, which `build_forms` makes whenever cuSPARSELt is a candidate."""
         assert self.packed is not None
         return self.packed
 
@@ -197,6 +234,22 @@ def _candidates(backend: str, m: int, usable: set[str]) -> list[str]:
     return [b for b in BACKENDS if b in usable and not (b == TRITON and m > MAX_M)]
 
 
+def choose_backend(times_us: dict[str, float], *, allow_dense: bool, dense_margin: float) -> str:
+    """The backend to run for one bucket, from its measured microseconds per call.
+
+    The fastest sparse kernel, unless `allow_dense` and dense cuBLAS beats it by more than
+    `dense_margin` (a fraction: 0.05 = 5%). Without `allow_dense` a bucket that dense wins
+    still runs the best sparse kernel, so no dense copy of the weight is needed.
+    """
+    sparse = [b for b in times_us if b != DENSE]
+    if not sparse:
+        raise InvalidArgumentError(f"no sparse kernel among the timed backends {list(times_us)}")
+    best = min(sparse, key=lambda b: times_us[b])
+    if allow_dense and DENSE in times_us and times_us[DENSE] < times_us[best] * (1 - dense_margin):
+        return DENSE
+    return best
+
+
 def _time_us(
     backend: str, forms: Sequence[WeightForms], x: torch.Tensor, cfg: CsltConfig | None, **kw: int
 ) -> float:
@@ -209,17 +262,38 @@ def _time_us(
     return 1000.0 * time_call(call, **kw) / len(forms)
 
 
+def _eager_time_us(
+    backend: str,
+    forms: Sequence[WeightForms],
+    x: torch.Tensor,
+    cfg: CsltConfig | None,
+    rounds: int = 3,
+) -> float:
+    """Microseconds per eager call (host and GPU: whichever is slower) over `forms`."""
+    for f in forms:  # warm: first calls compile or set up
+        _run(backend, f, x, cfg)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        for f in forms:
+            _run(backend, f, x, cfg)
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - t0) / (rounds * len(forms))
+
+
 def _tune_group(
     forms: Sequence[WeightForms],
     batch_sizes: Sequence[int],
     backend: str,
     usable: set[str],
+    allow_dense: bool,
     dense_margin: float,
     cslt_sweep: bool,
-) -> tuple[dict[int, Choice], dict[int, dict[str, float]]]:
-    """Plan for one layer shape: time each candidate at each bucket on `forms` in rotation."""
-    plan: dict[int, Choice] = {}
-    times: dict[int, dict[str, float]] = {}
+) -> TunedPlan:
+    """Plans for one layer shape: time each candidate at each bucket on `forms` in rotation,
+    under graph replay and eagerly (dense too, for the report, whether or not it may be
+    chosen)."""
+    tuned = TunedPlan({}, {})
     k = forms[0].weight.shape[1]
     dtype, device = forms[0].weight.dtype, forms[0].weight.device
     for m in batch_sizes:
@@ -231,18 +305,21 @@ def _tune_group(
             packed = [f.cslt_packed() for f in forms]
             cfg = cslt_best_config(packed, x, forms[0].bias, sweep=cslt_sweep and timed)
         if not timed:
-            plan[m] = Choice(cands[0], cfg)
+            tuned.graph[m] = tuned.eager[m] = Choice(cands[0], cfg)
             continue
-        times[m] = {b: _time_us(b, forms, x, cfg) for b in cands}
-        sparse = [b for b in cands if b != DENSE]
-        best = min(sparse, key=lambda b: times[m][b])
-        if DENSE in cands and times[m][DENSE] < times[m][best] * (1.0 - dense_margin):
-            best = DENSE
-        plan[m] = Choice(best, cfg if best == CUSPARSELT else None)
-    return plan, times
+        for plan, times, timer in (
+            (tuned.graph, tuned.times_us, _time_us),
+            (tuned.eager, tuned.eager_times_us, _eager_time_us),
+        ):
+            times[m] = {b: timer(b, forms, x, cfg) for b in cands}
+            best = choose_backend(times[m], allow_dense=allow_dense, dense_margin=dense_margin)
+            plan[m] = Choice(best, cfg if best == CUSPARSELT else None)
+    return tuned
 
 
-def _build_forms(mod: nn.Linear, need: set[str]) -> WeightForms:
+def build_forms(mod: nn.Linear, need: set[str]) -> WeightForms:
+    """The weight forms of `mod` that the backends in `need` read (the dense weight is
+    always referenced, not copied)."""
     f = WeightForms(
         weight=mod.weight.detach(), bias=None if mod.bias is None else mod.bias.detach()
     )
@@ -255,14 +332,35 @@ def _build_forms(mod: nn.Linear, need: set[str]) -> WeightForms:
     return f
 
 
+def sparse_layer(
+    f: WeightForms, tuned: TunedPlan, input_order: torch.Tensor | None = None
+) -> Sparse24Linear:
+    """The `Sparse24Linear` for `tuned`, holding only the forms its plans use; it reads its
+    input through `input_order` when the weight is stored in a free channel order."""
+    used = tuned.backends()
+    n, k = f.weight.shape
+    return Sparse24Linear(
+        k,
+        n,
+        tuned.graph,
+        eager_plan=tuned.eager,
+        packed=f.packed if CUSPARSELT in used else None,
+        compact=f.compact if TRITON in used else None,
+        weight=f.weight if DENSE in used else None,
+        bias=f.bias,
+        input_order=input_order,
+    )
+
+
 # (out_features, in_features, dtype, has bias, device): layers that share one plan.
 _ShapeKey = tuple[int, int, torch.dtype, bool, str]
 # (name, layer); the layer becomes None once it is replaced.
 _Member = tuple[str, nn.Linear | None]
 
 
-def _usable_backends(backend: str, allow_dense: bool) -> tuple[set[str], str | None]:
-    """Backends that can run here, and the reason nothing can (or None)."""
+def _usable_backends(backend: str) -> tuple[set[str], str | None]:
+    """Backends that can run here (dense included with "auto", for timing), and the reason
+    nothing can (or None)."""
     if backend not in ("auto", CUSPARSELT, TRITON):
         raise InvalidArgumentError(
             f"backend must be 'auto', 'cusparselt' or 'triton', got {backend!r}"
@@ -278,9 +376,7 @@ def _usable_backends(backend: str, allow_dense: bool) -> tuple[set[str], str | N
     if not usable:
         reasons = "; ".join(f"{b}: {r}" for b, r in why.items())
         return set(), f"no sparse kernel can run ({reasons}): model left unchanged"
-    if allow_dense:
-        usable.add(DENSE)
-    return usable, None
+    return usable | {DENSE}, None
 
 
 def _group_layers(
@@ -302,6 +398,151 @@ def _group_layers(
     return groups
 
 
+def cusparselt_version_warning(version: int | None) -> str | None:
+    """Why the loaded cuSPARSELt (`torch.backends.cusparselt.version()`) is a bad choice,
+    or None."""
+    if version == 800:
+        return (
+            "cuSPARSELt 0.8.0 is loaded: PyTorch notes a Hopper performance regression in it, "
+            "fixed in 0.8.1 (install a torch wheel that pins nvidia-cusparselt >= 0.8.1)"
+        )
+    return None
+
+
+def _cached_plan_works(entry: TunedPlan, f: WeightForms) -> bool:
+    """Run each cached cuSPARSELt choice once on `f`: an algorithm id this library version
+    refuses makes the entry stale."""
+    k = f.weight.shape[1]
+    for m, choice in (*entry.graph.items(), *entry.eager.items()):
+        if choice.backend != CUSPARSELT:
+            continue
+        x = torch.zeros(m, k, dtype=f.weight.dtype, device=f.weight.device)
+        try:
+            cslt_linear(x, f.cslt_packed(), f.bias, choice.cslt or CsltConfig())
+        except RuntimeError:
+            return False
+    return True
+
+
+class _Planner:
+    """Finds (cache) or tunes (and caches) the plan of each layer shape."""
+
+    def __init__(
+        self,
+        cache: PlanCache | None,
+        buckets: tuple[int, ...],
+        backend: str,
+        options: dict[str, Any],
+    ) -> None:
+        self.cache, self.buckets, self.backend, self.options = cache, buckets, backend, options
+        self.versions = library_versions() if cache is not None else {}
+
+    def key(self, shape: _ShapeKey) -> dict[str, Any]:
+        n, k, dtype, bias, device = shape
+        return plan_key(
+            device=torch.cuda.get_device_name(torch.device(device)),
+            capability=torch.cuda.get_device_capability(torch.device(device)),
+            out_features=n,
+            in_features=k,
+            dtype=dtype,
+            bias=bias,
+            buckets=self.buckets,
+            options={"backend": self.backend, **self.options},
+            versions=self.versions,
+        )
+
+    def cached(
+        self, shape: _ShapeKey, first: nn.Linear, usable: set[str]
+    ) -> tuple[TunedPlan, WeightForms] | None:
+        """The cached plan of `shape` and the forms of its first layer, or None."""
+        if self.cache is None:
+            return None
+        key = self.key(shape)
+        allowed = usable if self.options["allow_dense"] else usable - {DENSE}
+        entry = self.cache.load(key, self.buckets, allowed)
+        if entry is None:
+            return None
+        f = build_forms(first, entry.backends())
+        if not _cached_plan_works(entry, f):
+            warnings.warn(
+                f"sparsify plan cache: {self.cache.path(key)} names a cuSPARSELt algorithm "
+                "this library refuses; tuning again",
+                stacklevel=3,
+            )
+            return None
+        return entry, f
+
+    def tune(self, shape: _ShapeKey, sample: Sequence[WeightForms], usable: set[str]) -> TunedPlan:
+        entry = _tune_group(
+            sample,
+            self.buckets,
+            self.backend,
+            usable,
+            self.options["allow_dense"],
+            self.options["dense_margin"],
+            self.options["cslt_sweep"],
+        )
+        if self.cache is not None:
+            self.cache.store(self.key(shape), entry)
+        return entry
+
+
+def _convert_group(
+    model: nn.Module,
+    shape: _ShapeKey,
+    members: list[_Member],
+    planner: _Planner,
+    usable: set[str],
+    tune_layers: int,
+    report: SparsifyReport,
+) -> None:
+    """Replace every layer of one shape; each dense weight is released once replaced."""
+    n, k = shape[0], shape[1]
+    first = members[0][1]
+    assert first is not None  # none is replaced yet
+    found = planner.cached(shape, first, usable)
+    sample: list[WeightForms | None]
+    if found is not None:
+        tuned, f0 = found
+        source, sample = "cache", [f0]
+    else:
+        mods = [mod for _, mod in members[:tune_layers] if mod is not None]
+        sample = [build_forms(mod, usable) for mod in mods]
+        del mods  # the forms reference the weights; the layers go once replaced
+        tuned = planner.tune(shape, [f for f in sample if f is not None], usable)
+        source = "tuned"
+    used = tuned.backends()
+    for i, (name, mod) in enumerate(members):
+        assert mod is not None  # each member is replaced once
+        members[i] = (name, None)  # drop the dense layer as soon as it is replaced
+        f = sample[i] if i < len(sample) else None
+        if i < len(sample):
+            sample[i] = None  # the new layer holds what it keeps; the rest is freed
+        if f is None:
+            f = build_forms(mod, used)
+        elif TRITON in used and f.compact is not None and f.packed is not None:
+            f.compact = share_cslt_buffer(f.compact, f.packed)
+        # A free channel order (`ria.permutation.GatheredLinear`) travels along.
+        new = sparse_layer(f, tuned, getattr(mod, "input_order", None))
+        replace_module(model, name, new)
+        report.layers.append(
+            SparseLayerReport(
+                name,
+                n,
+                k,
+                converted=True,
+                plan={b: c.backend for b, c in tuned.graph.items()},
+                times_us=tuned.times_us,
+                eager_plan={b: c.backend for b, c in tuned.eager.items()},
+                eager_times_us=tuned.eager_times_us,
+                dense_bytes=tensor_bytes(mod.weight),
+                sparse_bytes=new.weight_bytes(),
+                plan_source=source,
+            )
+        )
+        del mod, f, new
+
+
 @torch.no_grad()
 def sparsify(
     model: nn.Module,
@@ -309,27 +550,37 @@ def sparsify(
     backend: str = "auto",
     batch_sizes: Iterable[int] | None = None,
     strict: bool = False,
-    allow_dense: bool = True,
+    allow_dense: bool = False,
     dense_margin: float = 0.05,
     tune_layers: int = 8,
     cslt_sweep: bool = True,
+    plan_cache: bool | str | os.PathLike[str] = True,
     verbose: bool = False,
 ) -> SparsifyReport:
     """Replace every 2:4-sparse `nn.Linear` of `model` (in place) by a `Sparse24Linear`.
 
+    With the defaults, GPU memory never grows: each converted layer holds its 2:4 forms
+    only (<= 0.6x its dense bytes) and its dense weight is released. Plans are cached on
+    disk, so the second `sparsify` of the same model (same GPU, versions, settings) skips
+    the tuning.
+
     Args:
         model: a CUDA model in fp16/bf16 whose pruned layers are 2:4 along their inputs.
         backend: "auto" (time dense, cuSPARSELt and the decode kernel per layer shape and
-            bucket, keep the fastest), "cusparselt" or "triton" (that kernel everywhere).
+            bucket, keep the fastest sparse kernel), "cusparselt" or "triton" (that kernel
+            everywhere).
         batch_sizes: token counts (batch x new tokens) to tune for; each is the upper bound
             of a bucket. Default `DEFAULT_BATCH_SIZES`.
         strict: raise InvalidArgumentError for a CUDA fp16/bf16 linear layer that is not 2:4
             instead of skipping it (the output embedding is always skipped).
-        allow_dense: let "auto" keep a layer's dense weight for buckets where cuBLAS beats
-            the sparse kernels by more than `dense_margin` (costs the dense bytes).
+        allow_dense: opt in to keeping a layer's dense weight beside its sparse forms, run by
+            cuBLAS in the buckets where it beats the best sparse kernel by more than
+            `dense_margin` (a fraction). Costs the dense bytes of those layers.
         tune_layers: layers of one shape timed in rotation.
         cslt_sweep: time every cuSPARSELt algorithm id per bucket (graph replay) instead of
             trusting cuSPARSELt's eager search alone.
+        plan_cache: True (the default directory, `$RIA_CACHE/sparsify-plans`), a directory,
+            or False (always tune, write nothing).
         verbose: print the report table.
 
     Returns:
@@ -340,66 +591,41 @@ def sparsify(
     buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
     if not buckets or buckets[0] < 1:
         raise InvalidArgumentError(f"batch_sizes must be positive token counts, got {buckets}")
-    usable, reason = _usable_backends(backend, allow_dense)
+    if not 0 <= dense_margin < 1:
+        raise InvalidArgumentError(f"dense_margin must be in [0, 1), got {dense_margin}")
+    usable, reason = _usable_backends(backend)
     report = SparsifyReport(False, reason or "", backend, buckets)
     if reason is not None:
         return report
+    cache = None
+    if plan_cache is not False:
+        cache = PlanCache(None if plan_cache is True else plan_cache)
+        report.plan_cache = str(cache.directory)
+    if CUSPARSELT in usable:
+        report.cusparselt_version = torch.backends.cusparselt.version()
+        note = cusparselt_version_warning(report.cusparselt_version)
+        if note is not None:
+            report.warnings.append(note)
+            warnings.warn(note, stacklevel=2)
+    clear_generators(model)  # their graphs replay the layers about to be replaced
 
-    groups = _group_layers(model, backend, strict, report)
-    for (n, k, *_), members in groups.items():
-        shape_usable = set(usable)
-        if cslt_shape_status(n, k) is not None:
-            shape_usable.discard(CUSPARSELT)
-        if not shape_usable - {DENSE}:
+    options = {
+        "allow_dense": allow_dense,
+        "dense_margin": dense_margin,
+        "tune_layers": tune_layers,
+        "cslt_sweep": cslt_sweep,
+    }
+    planner = _Planner(cache, buckets, backend, options)
+    for shape, members in _group_layers(model, backend, strict, report).items():
+        n, k = shape[0], shape[1]
+        if cslt_shape_status(n, k) is not None and not (usable - {DENSE, CUSPARSELT}):
             for name, _ in members:
                 report.layers.append(
                     SparseLayerReport(name, n, k, False, cslt_shape_status(n, k) or "")
                 )
             continue
-        sample = []
-        for _, mod in members[:tune_layers]:
-            assert mod is not None  # none is replaced yet
-            sample.append(_build_forms(mod, shape_usable))
-        plan, times = _tune_group(sample, buckets, backend, shape_usable, dense_margin, cslt_sweep)
-        used = {c.backend for c in plan.values()}
-        for i in range(len(members)):
-            name, mod = members[i]
-            assert mod is not None  # each member is replaced once
-            members[i] = (name, None)  # drop the dense layer as soon as it is replaced
-            f = sample[i] if i < len(sample) else _build_forms(mod, used)
-            if CUSPARSELT not in used:
-                f.packed = None
-            compact = f.compact if TRITON in used else None
-            if compact is not None and f.packed is not None:
-                compact = share_cslt_buffer(compact, f.packed)
-            new = Sparse24Linear(
-                k,
-                n,
-                plan,
-                packed=f.packed,
-                compact=compact,
-                weight=f.weight if DENSE in used else None,
-                bias=f.bias,
-                # A free channel order (`ria.permutation.GatheredLinear`) travels along.
-                input_order=getattr(mod, "input_order", None),
-            )
-            replace_module(model, name, new)
-            report.layers.append(
-                SparseLayerReport(
-                    name,
-                    n,
-                    k,
-                    converted=True,
-                    plan={b: c.backend for b, c in plan.items()},
-                    times_us=times,
-                    dense_bytes=tensor_bytes(mod.weight),
-                    sparse_bytes=new.weight_bytes(),
-                )
-            )
-            if i < len(sample):
-                sample[i] = None  # type: ignore[call-overload]  # the new module holds it
-            del mod, f
-        del sample
+        shape_usable = usable - ({CUSPARSELT} if cslt_shape_status(n, k) else set())
+        _convert_group(model, shape, members, planner, shape_usable, tune_layers, report)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda lr: order.get(lr.name, len(order)))
     report.applied = bool(report.converted)
