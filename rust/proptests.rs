@@ -1,7 +1,8 @@
 //! Property tests of the core's entry points on arbitrary small inputs, NaN, infinities,
 //! zeros, subnormals and huge values included: nothing panics, hangs or returns a
 //! non-finite value from finite input; masks are exact; permutations are permutations;
-//! the search never loses to the identity; bad input is an error, never a panic.
+//! the search never loses to the identity; refinement never increases the error and keeps
+//! the mask's structure; bad input is an error, never a panic.
 //!
 //! `cargo test --release proptests` runs a few hundred cases per property;
 //! `PROPTEST_CASES=100000 cargo test --release proptests` runs a long fuzz.
@@ -9,6 +10,8 @@
 use crate::mask::{nm_mask, nm_retained, unstructured_mask};
 use crate::matrix::MatRef;
 use crate::permute::{self, Options, Problem};
+use crate::refine::tests::Case;
+use crate::refine::{Sparsity, refine};
 use crate::score;
 use half::{bf16, f16};
 use proptest::prelude::*;
@@ -432,4 +435,121 @@ fn search_never_returns_less_than_the_identity_when_scores_span_many_magnitudes(
         out.identity
     );
     assert_eq!(out.retained, problem.retained(&out.perm));
+}
+
+/// Refinement's structures: N:M `(n, m)` with `cols` of at most 48, or unstructured
+/// (`None`) with `cols` of at most 32 (where the candidate lists hold the whole row).
+fn refine_shape() -> impl Strategy<Value = (Option<(usize, usize)>, usize)> {
+    prop_oneof![
+        pattern().prop_map(|(n, m, cols)| (Some((n, m)), cols)),
+        (1usize..=32).prop_map(|cols| (None, cols)),
+    ]
+}
+
+/// A calibration input: normal-ish values, zeros (dead channels), ties, a few large.
+fn input_value() -> BoxedStrategy<f64> {
+    prop_oneof![
+        6 => -2.0f64..2.0,
+        1 => Just(0.0),
+        1 => Just(1.0),
+        1 => -100.0f64..100.0,
+    ]
+    .boxed()
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Refinement never increases the error (recomputed from scratch), keeps the N:M
+    /// pattern or every row's kept count, and when it converges no single swap improves.
+    #[test]
+    fn refinement_never_increases_the_error_and_keeps_the_structure(
+        ((shape, cols), rows, tokens) in (refine_shape(), 1usize..4, 1usize..10),
+        seed in any::<u64>(),
+        x_values in proptest::collection::vec(input_value(), 10 * 48),
+        w_values in proptest::collection::vec(prop_oneof![4 => -3.0f32..3.0, 1 => Just(0.0f32), 1 => Just(1.0f32)], 3 * 48),
+        max_sweeps in 0usize..30,
+    ) {
+        let case = Case::from_inputs(rows, cols, w_values[..rows * cols].to_vec(), &x_values[..tokens * cols], tokens);
+        let noise = lcg(rows * cols, seed);
+        let (sparsity, first) = match shape {
+            Some((n, m)) => {
+                let s = MatRef::new(&noise, rows, cols, "s").unwrap();
+                (Sparsity::NM { n, m }, nm_mask(s, n, m).unwrap())
+            }
+            None => (Sparsity::Unstructured, noise.iter().map(|&v| v < 0.5).collect()),
+        };
+        let mut keep = first.clone();
+        let stats = case.refine(&mut keep, sparsity, max_sweeps).unwrap();
+        match sparsity {
+            Sparsity::NM { n, m } => {
+                for group in keep.chunks(m) {
+                    prop_assert_eq!(group.iter().filter(|k| **k).count(), n);
+                }
+            }
+            Sparsity::Unstructured => {
+                for (a, b) in keep.chunks(cols).zip(first.chunks(cols)) {
+                    prop_assert_eq!(a.iter().filter(|k| **k).count(), b.iter().filter(|k| **k).count());
+                }
+            }
+        }
+        for r in 0..rows {
+            let (before, after) = (case.row_error(&first, r), case.row_error(&keep, r));
+            prop_assert!(after <= before + case.slack(&first, &first, r), "row {}: {} -> {}", r, before, after);
+        }
+        prop_assert!(stats.error_after <= stats.error_before);
+        prop_assert!(stats.sweeps <= max_sweeps);
+        if stats.converged {
+            prop_assert_eq!(case.improving_swap(&keep, &first, sparsity), None);
+        }
+    }
+
+    /// Any numbers, NaN and infinities included: a result or an error, never a panic; an
+    /// error leaves the mask as it was; finite, symmetric input with a non-negative
+    /// diagonal is accepted.
+    #[test]
+    fn refinement_refuses_bad_numbers_without_panicking(
+        ((n, m, cols), rows) in (pattern(), 1usize..4),
+        w in proptest::collection::vec(any_value(), 3 * 48),
+        g in proptest::collection::vec(any_value(), 48 * 48),
+        r in proptest::collection::vec(any_value(), 3 * 48),
+        mirror in any::<bool>(),
+        unstructured in any::<bool>(),
+    ) {
+        let (w, r) = (&w[..rows * cols], &r[..rows * cols]);
+        let mut g = g[..cols * cols].to_vec();
+        if mirror {
+            for i in 0..cols {
+                for j in 0..i {
+                    g[i * cols + j] = g[j * cols + i];
+                }
+            }
+        }
+        let first = nm_mask(MatRef::new(&lcg(rows * cols, 1), rows, cols, "s").unwrap(), n, m).unwrap();
+        let mut keep = first.clone();
+        let sparsity = if unstructured { Sparsity::Unstructured } else { Sparsity::NM { n, m } };
+        let out = refine(
+            MatRef::new(w, rows, cols, "weight").unwrap(),
+            MatRef::new(&g, cols, cols, "gram").unwrap(),
+            MatRef::new(r, rows, cols, "residual").unwrap(),
+            &mut keep,
+            sparsity,
+            20,
+            &|| false,
+        );
+        let finite = w.iter().chain(&g).chain(r).all(|v| v.is_finite());
+        let valid = finite
+            && (0..cols).all(|k| g[k * cols + k] >= 0.0)
+            && (0..cols).all(|i| (0..cols).all(|j| g[i * cols + j] == g[j * cols + i]));
+        match out {
+            Ok(stats) => {
+                prop_assert!(finite);
+                prop_assert!(stats.error_before.is_finite() && stats.error_after.is_finite());
+            }
+            Err(e) => {
+                prop_assert!(!valid, "{}", e);
+                prop_assert_eq!(&keep, &first);
+            }
+        }
+    }
 }

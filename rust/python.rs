@@ -19,13 +19,14 @@
 //!   in ria ([`run`]): the checks here and in the core are meant to refuse every bad
 //!   input with a `RiaError`, so a panic is never the caller's fault, and a
 //!   `pyo3_runtime.PanicException` (a `BaseException`) would escape `except Exception`.
-//! - The permutation search polls Ctrl-C ([`run_interruptible`]): the calling thread
-//!   checks Python's signals while the search runs on the pool, and a pending
-//!   `KeyboardInterrupt` stops the search at its next step and is raised.
+//! - The permutation search and mask refinement poll Ctrl-C ([`run_interruptible`]): the
+//!   calling thread checks Python's signals while the work runs on the pool, and a pending
+//!   `KeyboardInterrupt` stops it at its next step and is raised.
 
 use crate::error::InputError;
 use crate::matrix::{Element, MatRef};
 use crate::permute::{self, Options, Problem};
+use crate::refine::{self, Sparsity};
 use crate::{mask, score};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
@@ -252,56 +253,75 @@ impl<'py> Weight<'py> {
         (s[0], s[1])
     }
 
-    /// Runs `f` on the weight as a typed matrix, without the GIL (see [`run`]).
-    fn with<R: Send>(&self, py: Python<'_>, f: impl ScoreFn<R>) -> PyResult<R> {
+    /// The weight as a typed matrix.
+    fn typed(&self) -> PyResult<WeightRef<'_>> {
         let (rows, cols) = self.shape();
-        match self {
-            Weight::F32(a) => {
-                let data = slice(a)?;
-                run(py, || f.call(MatRef::new(data, rows, cols, "weight")?))
-            }
+        Ok(match self {
+            Weight::F32(a) => WeightRef::F32(MatRef::new(slice(a)?, rows, cols, "weight")?),
             Weight::Bits16(a, half) => {
                 let bits = slice(a)?;
                 match half {
                     Half::F16 => {
-                        let data: &[f16] = bits.reinterpret_cast();
-                        run(py, || f.call(MatRef::new(data, rows, cols, "weight")?))
+                        WeightRef::F16(MatRef::new(bits.reinterpret_cast(), rows, cols, "weight")?)
                     }
                     Half::Bf16 => {
-                        let data: &[bf16] = bits.reinterpret_cast();
-                        run(py, || f.call(MatRef::new(data, rows, cols, "weight")?))
+                        WeightRef::Bf16(MatRef::new(bits.reinterpret_cast(), rows, cols, "weight")?)
                     }
                 }
             }
+        })
+    }
+
+    /// Runs `f` on the weight as a typed matrix, without the GIL (see [`run`]).
+    fn with<R: Send>(&self, py: Python<'_>, f: impl WeightFn<R>) -> PyResult<R> {
+        let w = self.typed()?;
+        run(py, || w.apply(f))
+    }
+}
+
+/// A weight matrix with its element type known.
+#[derive(Clone, Copy)]
+enum WeightRef<'a> {
+    F32(MatRef<'a, f32>),
+    F16(MatRef<'a, f16>),
+    Bf16(MatRef<'a, bf16>),
+}
+
+impl WeightRef<'_> {
+    fn apply<R>(self, f: impl WeightFn<R>) -> crate::Result<R> {
+        match self {
+            WeightRef::F32(w) => f.call(w),
+            WeightRef::F16(w) => f.call(w),
+            WeightRef::Bf16(w) => f.call(w),
         }
     }
 }
 
 /// A computation generic over the weight's element type.
-trait ScoreFn<R>: Send + Sync {
-    fn call<T: Element>(&self, w: MatRef<T>) -> crate::Result<R>;
+trait WeightFn<R>: Send + Sync {
+    fn call<T: Element>(self, w: MatRef<T>) -> crate::Result<R>;
 }
 
 struct Ria<'a> {
     act_norm: Option<&'a [f32]>,
     alpha: f32,
 }
-impl ScoreFn<Vec<f32>> for Ria<'_> {
-    fn call<T: Element>(&self, w: MatRef<T>) -> crate::Result<Vec<f32>> {
+impl WeightFn<Vec<f32>> for Ria<'_> {
+    fn call<T: Element>(self, w: MatRef<T>) -> crate::Result<Vec<f32>> {
         score::ria(w, self.act_norm, self.alpha)
     }
 }
 
 struct Wanda<'a>(&'a [f32]);
-impl ScoreFn<Vec<f32>> for Wanda<'_> {
-    fn call<T: Element>(&self, w: MatRef<T>) -> crate::Result<Vec<f32>> {
+impl WeightFn<Vec<f32>> for Wanda<'_> {
+    fn call<T: Element>(self, w: MatRef<T>) -> crate::Result<Vec<f32>> {
         score::wanda(w, self.0)
     }
 }
 
 struct Magnitude;
-impl ScoreFn<Vec<f32>> for Magnitude {
-    fn call<T: Element>(&self, w: MatRef<T>) -> crate::Result<Vec<f32>> {
+impl WeightFn<Vec<f32>> for Magnitude {
+    fn call<T: Element>(self, w: MatRef<T>) -> crate::Result<Vec<f32>> {
         score::magnitude(w)
     }
 }
@@ -966,6 +986,138 @@ fn search_permutation(
     })
 }
 
+// --- mask refinement --------------------------------------------------------------------
+
+/// What `refine_mask` did. Errors are output errors summed over rows, `d^T G d` with `d`
+/// a row's pruned weights, in the units of `gram` times the weights squared.
+#[pyclass(frozen, module = "ria._core")]
+pub(crate) struct RefineStats {
+    /// Output error of the given mask.
+    #[pyo3(get)]
+    error_before: f64,
+    /// Output error of the refined mask; never above `error_before`.
+    #[pyo3(get)]
+    error_after: f64,
+    /// Swaps made (a kept and a pruned weight exchanged), over all rows.
+    #[pyo3(get)]
+    swaps: usize,
+    /// Most sweeps any row ran (the last sweep of a converged row finds nothing).
+    #[pyo3(get)]
+    sweeps: usize,
+    /// True when every row stopped at a swap-local optimum, none at `max_sweeps`.
+    #[pyo3(get)]
+    converged: bool,
+    /// Wall-clock seconds the call took.
+    #[pyo3(get)]
+    seconds: f64,
+}
+
+#[pymethods]
+impl RefineStats {
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let change = if self.error_before > 0.0 {
+            self.error_after / self.error_before - 1.0
+        } else {
+            0.0
+        };
+        Ok(format!(
+            "RefineStats(error {} -> {} ({}%), swaps={}, sweeps={}, converged={}, {}s)",
+            py_format(py, self.error_before, ".6g")?,
+            py_format(py, self.error_after, ".6g")?,
+            py_format(py, 100.0 * change, "+.2f")?,
+            self.swaps,
+            self.sweeps,
+            if self.converged { "True" } else { "False" },
+            py_format(py, self.seconds, ".2f")?,
+        ))
+    }
+
+    fn __str__(&self, py: Python<'_>) -> PyResult<String> {
+        self.__repr__(py)
+    }
+}
+
+/// Refinement of a mask for one weight, generic over the weight's element type.
+struct Refine<'a> {
+    gram: MatRef<'a, f32>,
+    residual: MatRef<'a, f32>,
+    keep: &'a mut [bool],
+    sparsity: Sparsity,
+    max_sweeps: usize,
+    stop: permute::Stop<'a>,
+}
+
+impl WeightFn<refine::Stats> for Refine<'_> {
+    fn call<T: Element>(self, w: MatRef<T>) -> crate::Result<refine::Stats> {
+        refine::refine(
+            w,
+            self.gram,
+            self.residual,
+            self.keep,
+            self.sparsity,
+            self.max_sweeps,
+            self.stop,
+        )
+    }
+}
+
+/// The refined keep-mask and what refinement did (see `ria.core.refine_mask`).
+#[pyfunction]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the arguments of ria.core.refine_mask"
+)]
+fn refine_mask<'py>(
+    py: Python<'py>,
+    weight: &Bound<'py, PyAny>,
+    weight_format: &str,
+    gram: PyReadonlyArray2<'py, f32>,
+    residual: PyReadonlyArray2<'py, f32>,
+    keep: PyReadonlyArray2<'py, bool>,
+    n: &Bound<'py, PyAny>,
+    m: &Bound<'py, PyAny>,
+    max_sweeps: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyArray2<bool>>, RefineStats)> {
+    let started = Instant::now();
+    let (n, m) = pattern(n, m)?;
+    let sparsity = match (n, m) {
+        (0, 0) => Sparsity::Unstructured,
+        (n, m) => Sparsity::NM { n, m },
+    };
+    let max_sweeps = int_arg("max_sweeps", max_sweeps, 0..)?;
+    let weight = Weight::extract(weight, weight_format)?;
+    let (rows, cols) = weight.shape();
+    if keep.shape() != [rows, cols] {
+        return Err(InvalidArgumentError::new_err(format!(
+            "keep has shape {:?}, expected the weight's ({rows}, {cols})",
+            keep.shape()
+        )));
+    }
+    let w = weight.typed()?;
+    let gram = scores_ref(&gram, "gram")?;
+    let residual = scores_ref(&residual, "residual")?;
+    let mut refined = slice(&keep)?.to_vec();
+    let outcome = run_interruptible(py, &*pool(py, None)?, |stop| {
+        w.apply(Refine {
+            gram,
+            residual,
+            keep: &mut refined,
+            sparsity,
+            max_sweeps,
+            stop,
+        })
+    })?;
+    let stats = RefineStats {
+        error_before: outcome.error_before,
+        error_after: outcome.error_after,
+        swaps: outcome.swaps,
+        sweeps: outcome.sweeps,
+        converged: outcome.converged,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((into_matrix(py, refined, rows, cols), stats))
+}
+
 /// Panics on a pool worker thread on purpose (tests only: a panic must reach Python as
 /// the `RuntimeError` of [`bug`], through [`run`] or, with `interruptible`, through
 /// [`run_interruptible`]).
@@ -996,9 +1148,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unstructured_mask, m)?)?;
     m.add_function(wrap_pyfunction!(retained_score, m)?)?;
     m.add_function(wrap_pyfunction!(search_permutation, m)?)?;
+    m.add_function(wrap_pyfunction!(refine_mask, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add_class::<SearchOptions>()?;
     m.add_class::<PermutationResult>()?;
+    m.add_class::<RefineStats>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -189,6 +189,10 @@ TABLE = [
         r"model\.layers\.0\.self_attn\.q_proj: its input activations .* NaN or inf .* bfloat16"),
     Bad("ppl-nan-logits", nan_logits, InvalidArgumentError,
         "logits are not finite on evaluation window 0"),
+    # mask refinement needs the Gram matrix X^T X, not any square matrix
+    Bad("refine-gram-not-gram", lambda e: ria.refine_mask(
+        torch.ones(4, 8), torch.arange(64.0).reshape(8, 8), np.ones((4, 8), bool)),
+        InvalidArgumentError, r"gram is not symmetric: gram\[0, 1\] = 1 but gram\[1, 0\] = 8"),
     # types: a bool is not a number, a float is not a count
     Bad("ppl-seqlen-bool", ppl(seqlen=True), InvalidTypeError, "seqlen must be an integer"),
     Bad("ppl-batch-bool", ppl(batch_size=True), InvalidTypeError, "batch_size must be an integer"),

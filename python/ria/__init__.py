@@ -5,7 +5,7 @@ Pipeline: `prune(model, tokenizer, sparsity="2:4", permute=True)`, then `save_pr
 `generate` decodes under CUDA graphs; `ria.eval` measures perplexity and zero-shot
 accuracy. Core API (numpy arrays or torch tensors in, numpy arrays out): `ria_score`,
 `wanda_score`, `magnitude_score`, `nm_mask`, `unstructured_mask`, `retained_score`,
-`search_permutation`. Every error raised on purpose is a `ria.RiaError`.
+`search_permutation`, `refine_mask`. Every error raised on purpose is a `ria.RiaError`.
 
 The GPU runtime (`ria.sparse`, which imports triton) and `ria.eval` load on first use,
 so `import ria` stays light on machines that only prune.
@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 from ._core import __version__
 from .core import (
     PermutationResult,
+    RefineStats,
     SearchOptions,
     magnitude_score,
     nm_mask,
+    refine_mask,
     retained_score,
     ria_score,
     search_permutation,
@@ -76,6 +78,7 @@ __all__ = [
     "PermutationResult",
     "PruneConfig",
     "PruneReport",
+    "RefineStats",
     "RiaError",
     "SearchOptions",
     "Sparse24Linear",
@@ -90,6 +93,7 @@ __all__ = [
     "magnitude_score",
     "nm_mask",
     "prune",
+    "refine_mask",
     "retained_score",
     "ria_score",
     "save_pruned",

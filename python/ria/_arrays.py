@@ -22,7 +22,8 @@ ArrayLike = Any  # np.ndarray | torch.Tensor
 _TORCH_FORMATS = {"torch.float32": "f32", "torch.float16": "f16", "torch.bfloat16": "bf16"}
 
 
-def _is_tensor(x: object) -> bool:
+def is_tensor(x: object) -> bool:
+    """Whether `x` is a torch tensor (False when torch is not installed)."""
     return torch is not None and isinstance(x, torch.Tensor)
 
 
@@ -52,7 +53,7 @@ def weight_array(weight: ArrayLike, name: str = "weight") -> tuple[np.ndarray, s
     f16 and bf16 come back as `uint16` views of the same bits. float64 is converted to
     float32 (scores are computed in f32 anyway).
     """
-    if _is_tensor(weight):
+    if is_tensor(weight):
         _check_2d(tuple(weight.shape), name)
         t = weight.detach()
         fmt = _TORCH_FORMATS.get(str(t.dtype))
@@ -83,7 +84,7 @@ def weight_array(weight: ArrayLike, name: str = "weight") -> tuple[np.ndarray, s
 
 def float32_array(x: ArrayLike, name: str, ndim: int) -> np.ndarray:
     """A C-contiguous float32 array of `ndim` dimensions (other float types converted)."""
-    if _is_tensor(x):
+    if is_tensor(x):
         if not x.is_floating_point():
             raise InvalidTypeError(f"{name} must be floating point, got {x.dtype}")
         array = x.detach().float().cpu().numpy()
@@ -103,3 +104,15 @@ def score_list(scores: ArrayLike | list[ArrayLike] | tuple[ArrayLike, ...]) -> l
             raise InvalidArgumentError("scores is an empty list")
         return [float32_array(s, f"scores[{i}]", 2) for i, s in enumerate(scores)]
     return [float32_array(scores, "scores", 2)]
+
+
+def bool_array(x: ArrayLike, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A C-contiguous bool array of exactly `shape` (a mask: no other dtype is converted)."""
+    array = x.detach().cpu().numpy() if is_tensor(x) else _asarray(x, name)
+    if array.dtype != np.bool_:
+        raise InvalidTypeError(f"{name} must be a bool array, got {array.dtype}")
+    if array.shape != tuple(shape):
+        raise InvalidArgumentError(
+            f"{name} has shape {tuple(array.shape)}, expected the weight's {tuple(shape)}"
+        )
+    return np.ascontiguousarray(array)

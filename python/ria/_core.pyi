@@ -36,6 +36,18 @@ def search_permutation(
 ) -> PermutationResult:
     """The best column order for an N:M mask on `scores` (see `ria.core.search_permutation`)."""
 
+def refine_mask(
+    weight: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    weight_format: str,
+    gram: npt.NDArray[np.float32],
+    residual: npt.NDArray[np.float32],
+    keep: npt.NDArray[np.bool_],
+    n: int,
+    m: int,
+    max_sweeps: int,
+) -> tuple[npt.NDArray[np.bool_], RefineStats]:
+    """The refined keep-mask and what refinement did (see `ria.core.refine_mask`)."""
+
 @final
 class SearchOptions:
     """Settings of `search_permutation`. Frozen; every keyword is optional and
@@ -166,6 +178,31 @@ class PermutationResult:
     @property
     def exact(self) -> bool:
         """True when `perm` is a proven optimum (small problems are solved exhaustively)."""
+    @property
+    def seconds(self) -> float:
+        """Wall-clock seconds the call took."""
+
+@final
+class RefineStats:
+    """What `refine_mask` did. Errors are output errors summed over rows, `d^T G d` with `d`
+    a row's pruned weights, in the units of `gram` times the weights squared.
+    """
+
+    @property
+    def error_before(self) -> float:
+        """Output error of the given mask."""
+    @property
+    def error_after(self) -> float:
+        """Output error of the refined mask; never above `error_before`."""
+    @property
+    def swaps(self) -> int:
+        """Swaps made (a kept and a pruned weight exchanged), over all rows."""
+    @property
+    def sweeps(self) -> int:
+        """Most sweeps any row ran (the last sweep of a converged row finds nothing)."""
+    @property
+    def converged(self) -> bool:
+        """True when every row stopped at a swap-local optimum, none at `max_sweeps`."""
     @property
     def seconds(self) -> float:
         """Wall-clock seconds the call took."""

@@ -59,6 +59,17 @@ TYPES: dict[str, dict[str, str]] = {
         "options": "SearchOptions | None",
         "return": "PermutationResult",
     },
+    "refine_mask": {
+        "weight": _WEIGHT,
+        "weight_format": "str",
+        "gram": _F32,
+        "residual": _F32,
+        "keep": _MASK,
+        "n": "int",
+        "m": "int",
+        "max_sweeps": "int",
+        "return": f"tuple[{_MASK}, RefineStats]",
+    },
     "SearchOptions": {"to_dict": "dict[str, int | float | None]"},
     "PermutationResult": {
         "perm": "npt.NDArray[np.int64]",
@@ -70,6 +81,14 @@ TYPES: dict[str, dict[str, str]] = {
         "lsa_steps": "int",
         "tabu_steps": "int",
         "exact": "bool",
+        "seconds": "float",
+    },
+    "RefineStats": {
+        "error_before": "float",
+        "error_after": "float",
+        "swaps": "int",
+        "sweeps": "int",
+        "converged": "bool",
         "seconds": "float",
     },
 }
@@ -210,10 +229,13 @@ def render(core: types.ModuleType) -> str:
             kind = "class"
         else:
             lines, kind = _function(core, name), "function"
-        # `ruff format`'s stub layout: no blank line between functions, one around classes.
+        # `ruff format`'s stub layout: no blank line between functions, one around classes
+        # and after a function with a docstring.
         one_line = kind == previous == "function" or previous == "header"
         text += ("\n" if one_line else "\n\n") + "\n".join(lines)
-        previous = kind
+        previous = (
+            "function with body" if kind == "function" and lines[-1].endswith('"""') else kind
+        )
     return text + "\n"
 
 

@@ -1,4 +1,5 @@
-"""The Rust core's public API: importance scores, masks and the permutation search.
+"""The Rust core's public API: importance scores, masks, the permutation search and mask
+refinement.
 
 Shapes follow `nn.Linear`: a weight or score matrix is `rows x cols` =
 `out_features x in_features`; N:M groups run along the columns (input channels).
@@ -15,8 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import _core
-from ._arrays import ArrayLike, float32_array, score_list, weight_array
-from ._core import PermutationResult, SearchOptions, __version__
+from ._arrays import ArrayLike, bool_array, float32_array, is_tensor, score_list, weight_array
+from ._core import PermutationResult, RefineStats, SearchOptions, __version__
 from .errors import InvalidArgumentError, InvalidTypeError
 
 if TYPE_CHECKING:
@@ -26,10 +27,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PermutationResult",
+    "RefineStats",
     "SearchOptions",
     "__version__",
     "magnitude_score",
     "nm_mask",
+    "refine_mask",
     "retained_score",
     "ria_score",
     "search_permutation",
@@ -162,3 +165,87 @@ def search_permutation(
             )
         options = SearchOptions(**kwargs)
     return _core.search_permutation(score_list(scores), n, m, options)
+
+
+def refine_mask(
+    weight: ArrayLike,
+    gram: ArrayLike,
+    keep: ArrayLike,
+    n: int = 0,
+    m: int = 0,
+    *,
+    max_sweeps: int = 16,
+    residual: ArrayLike | None = None,
+) -> tuple[np.ndarray, RefineStats]:
+    """Improve a keep-mask against the layer's output error by swapping a kept and a
+    pruned weight wherever that lowers it (DSnoT, SparseSwaps).
+
+    The objective: a row `w` of the weight, with pruned part `d = w * ~keep`, changes the
+    layer's output on the calibration inputs `X` (`tokens x in`) by `X d`; its squared
+    error is `||X d||^2 = d^T G d`, with `G = X^T X` (SparseGPT's Hessian). Swaps keep the
+    row's kept count and, with N:M, every group's (only columns of one group swap).
+
+    Why it is fast: with the residual `r = G d` kept up to date, a candidate swap's change
+    of the error, `2 (w_j r_j - w_i r_i) + w_j^2 G_jj + w_i^2 G_ii - 2 w_i w_j G_ij`, costs
+    O(1); only an accepted swap costs O(in), to update `r`. The starting residual of all
+    rows is one GEMM, `(weight * ~keep) @ gram`, done here by torch (on the GPU when the
+    tensors are there); the swaps run in Rust, rows in parallel.
+
+    Args:
+        weight: `(out, in)`, float32, float16 or bfloat16 (read as is, not upcast).
+        gram: `X^T X`, `(in, in)`, symmetric with a non-negative diagonal; any positive
+            scale (a mean over tokens is fine).
+        keep: `(out, in)` bool, True = kept: an N:M mask when `n` and `m` are given,
+            any mask when both are 0 (unstructured: swaps anywhere in a row).
+        n, m: the N:M pattern `keep` has (ints), or 0, 0 for unstructured.
+        max_sweeps: most passes over a row (an int >= 0); a row also stops when a pass
+            finds no improving swap. Each pass lowers the error less than the one before.
+        residual: `(weight * ~keep) @ gram`, `(out, in)`, when the caller has it; by
+            default it is computed in float32 with torch on the tensors' device (numpy
+            for numpy inputs).
+
+    Returns:
+        `(keep, stats)`: the refined mask (numpy bool, the weight's shape; the input is
+        not changed) and a `RefineStats` (errors before and after, swaps, sweeps).
+
+    Raises:
+        InvalidArgumentError (a ValueError), naming the argument, for shapes that do not
+        match, a `keep` that is not N:M, non-finite numbers, or a `gram` that is not
+        symmetric or has a negative diagonal; InvalidTypeError (a TypeError) for a
+        non-bool `keep` or non-int `n`, `m`, `max_sweeps`; KeyboardInterrupt on Ctrl-C
+        (the call stops within a fraction of a second).
+    """
+    w, fmt = weight_array(weight)
+    g = float32_array(gram, "gram", 2)
+    k = bool_array(keep, "keep", w.shape)
+    if g.shape != (w.shape[1], w.shape[1]):
+        raise InvalidArgumentError(
+            f"gram has shape {g.shape}, expected ({w.shape[1]}, {w.shape[1]}) "
+            "(the weight's input columns)"
+        )
+    if residual is None:
+        r = _residual(weight, gram, keep)
+    else:
+        r = float32_array(residual, "residual", 2)
+    return _core.refine_mask(w, fmt, g, r, k, n, m, max_sweeps)
+
+
+def _residual(weight: ArrayLike, gram: ArrayLike, keep: ArrayLike) -> np.ndarray:
+    """`(weight * ~keep) @ gram` in float32: with torch on the device of the first tensor
+    argument, else with numpy. Called after the shapes are checked."""
+    device = next((x.device for x in (weight, gram, keep) if is_tensor(x)), None)
+    if device is None:
+        d = np.where(np.asarray(keep), np.float32(0), np.asarray(weight, np.float32))
+        return np.ascontiguousarray(d @ np.asarray(gram, np.float32), dtype=np.float32)
+    import torch
+
+    def tensor(x: ArrayLike, dtype: torch.dtype) -> torch.Tensor:
+        t: torch.Tensor = (
+            x.detach()
+            if is_tensor(x)
+            else torch.from_numpy(np.asarray(x, np.float32 if dtype.is_floating_point else bool))
+        )
+        return t.to(device=device, dtype=dtype)
+
+    pruned = tensor(weight, torch.float32).masked_fill(tensor(keep, torch.bool), 0)
+    return float32_array(pruned @ tensor(gram, torch.float32), "residual", 2)
