@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import pruned_linears, tiny_model
+from helpers import assert_nm, pruned_linears, tiny_model
 
 import ria
 from ria.pruning import ALPHA_GRID, relative_output_error
@@ -63,3 +63,35 @@ def test_alpha_auto_is_deterministic(tokenizer):
 def test_alpha_auto_is_refused_for_other_methods(tokenizer):
     with pytest.raises(ria.InvalidArgumentError, match="alpha='auto'"):
         ria.prune(tiny_model("llama"), tokenizer, method="wanda", alpha="auto", **CALIB)
+
+
+@pytest.mark.parametrize("sparsity", ["2:4", 0.5])
+def test_refine_never_raises_a_layers_output_error_on_the_first_block(tokenizer, sparsity):
+    """Block 0 is calibrated on the same inputs with and without refinement, so each of
+    its masks can only get better (refinement starts from the plain mask)."""
+    reports = {}
+    for refine in (False, True):
+        model = tiny_model("llama")
+        reports[refine] = ria.prune(
+            model, tokenizer, sparsity=sparsity, refine=refine, measure_error=True, **CALIB
+        )
+        if sparsity == "2:4":
+            for linear in pruned_linears(model).values():
+                assert_nm(linear.weight, 2, 4)
+    plain = {r.name: r for r in reports[False].layers}
+    first = [r for r in reports[True].layers if ".0." in r.name]
+    assert first and sum(r.refinement["swaps"] for r in first) > 0
+    for r in first:
+        assert r.output_error <= plain[r.name].output_error * (1 + 1e-5)
+    assert sum(r.output_error for r in first) < sum(plain[r.name].output_error for r in first)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_refine_composes_with_reconstruction_and_other_methods(tokenizer, method):
+    model = tiny_model("qwen2")
+    report = ria.prune(
+        model, tokenizer, sparsity="2:4", method=method, refine=True, reconstruct=True, **CALIB
+    )
+    assert all(r.refinement is not None for r in report.layers)
+    for linear in pruned_linears(model).values():
+        assert_nm(linear.weight, 2, 4)

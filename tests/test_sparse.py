@@ -169,6 +169,16 @@ def test_sparse_linear_buckets_dense_on_cpu():
         Sparse24Linear(64, 24, {1: Choice("triton")}, weight=w)
 
 
+def test_sparse_linear_reads_its_input_through_its_order_on_cpu():
+    """A free channel order (from a `GatheredLinear`): `x[..., order] @ W.T + b`."""
+    w = random_24(24, 64, dtype=torch.float32)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    mod = Sparse24Linear(64, 24, {1: Choice("dense")}, weight=w, input_order=order)
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(mod(x), torch.nn.functional.linear(x[..., order], w))
+    assert "gathered=True" in repr(mod)
+
+
 def test_report_formatting():
     lr = SparseLayerReport("a.q", 32, 64, True, plan={1: "triton", 1024: "cusparselt"})
     lr.times_us = {1: {"dense": 10.0, "triton": 6.0}, 1024: {"dense": 30.0, "cusparselt": 20.0}}
@@ -309,6 +319,27 @@ def test_decode_kernel_reads_cuslt_buffer(shape):
         x = torch.randn(m, shape[1], dtype=w.dtype, device="cuda")
         ref = x.float() @ w.float().t()
         assert _rel_err(sparse24_linear(x, c), ref) < 1e-2
+
+
+@needs_cuda
+def test_sparsify_keeps_free_channel_orders():
+    """A model pruned with free orders (GatheredLinears) computes the same after sparsify."""
+    from helpers import FAST_SEARCH
+
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    ria.prune(
+        model, sparsity="2:4", method="magnitude", calibration=None, permute="free",
+        permutation_options=FAST_SEARCH, progress=False,
+    )  # fmt: skip
+    ids = torch.randint(0, 512, (3, 40), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    report = sparsify(model, batch_sizes=[1, 16, 128])
+    gathered = [m for m in model.modules() if isinstance(m, Sparse24Linear)]
+    assert sum(m.input_order is not None for m in gathered) == 12  # q/k/v/o/gate/up x 2
+    with torch.no_grad():
+        out = model(ids).logits.float()
+    assert report.applied and _rel_err(out, ref) < 2e-2
 
 
 @needs_cuda

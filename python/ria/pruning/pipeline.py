@@ -35,6 +35,7 @@ from ..core import (
     __version__,
     magnitude_score,
     nm_mask,
+    refine_mask,
     ria_score,
     unstructured_mask,
     wanda_score,
@@ -384,8 +385,6 @@ class _BlockStep:
     ) -> tuple[np.ndarray, dict[str, float]]:
         """The mask improved against the output error (SparseGPT's own mask first, when
         SparseGPT chooses it)."""
-        from ..core import refine_mask  # TODO(merge): top-level once the core has it
-
         if keep is None:
             keep = self.obs(linear, hessian, None)[1]
         target = self.config.sparsity
@@ -398,7 +397,13 @@ class _BlockStep:
                 target.m,
                 max_sweeps=self.config.refine_sweeps,
             )
-        return keep, result.to_dict()
+        return keep, {
+            "error_before": result.error_before,
+            "error_after": result.error_after,
+            "swaps": result.swaps,
+            "sweeps": result.sweeps,
+            "seconds": result.seconds,
+        }
 
     def reconstruct(
         self, linear: nn.Linear, hessian: torch.Tensor, keep: np.ndarray | None
