@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from importlib import resources
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -21,6 +22,7 @@ import ria
 from ria.arch import block_linears, find_blocks
 
 VOCAB = 512
+CUDA = torch.cuda.is_available()
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
 
@@ -67,6 +69,11 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     return model.eval()
+
+
+def needs_cuda(test):
+    """Marks a test `gpu` (select with `-m gpu`) and skips it without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")(test))
 
 
 def random_24(n: int, k: int, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> torch.Tensor:

@@ -13,6 +13,10 @@ fewer than 2 nonzeros keeps its nonzeros plus its lowest zero columns, so every 
 exactly two distinct indices. Bytes per weight: 1 value (2 B) per 2 columns + 4 bits per
 4 columns = 9/16 of dense fp16/bf16 (56.25%).
 
+The mma layout (`Mma24`, `pack_mma24`) holds the same values and nibbles rearranged into the
+register fragments of the sparse tensor-core instruction `mma.sp` m16n8k32 (see `pack_mma24`),
+so the `mma_sp` kernel loads each lane's operands with one 16-byte and one 4-byte load.
+
 cuSPARSELt's compressed buffer (measured with cuSPARSELt 0.8 on sm90, checked per layer at
 conversion) holds the same values row-major, then the same nibbles in a tiled order
 (layout "cslt", see `cslt_nibble_index`), so the decode kernel can read a layer's
@@ -34,14 +38,19 @@ COLS_PER_WORD = GROUP * GROUPS_PER_WORD  # 32 input columns per metadata word
 
 __all__ = [
     "COLS_PER_WORD",
+    "MMA_PAIR_COLS",
+    "MMA_TILE_ROWS",
     "Compact24",
+    "Mma24",
     "check_24",
     "count_24_violations",
     "cslt_nibble_index",
     "nibbles",
     "pack_24",
+    "pack_mma24",
     "to_cslt_layout",
     "unpack_24",
+    "unpack_mma24",
 ]
 
 
@@ -182,10 +191,102 @@ def to_cslt_layout(compact: Compact24) -> torch.Tensor:
 
 def unpack_24(compact: Compact24) -> torch.Tensor:
     """The dense `(N, K)` weight a `Compact24` stands for (exact inverse of `pack_24`)."""
-    values = compact.values
+    return _scatter_groups(compact.values, nibbles(compact))[:, : compact.in_features]
+
+
+def _scatter_groups(values: torch.Tensor, nib: torch.Tensor) -> torch.Tensor:
+    """Dense `(N, 2 * Kh)` from kept `values` `(N, Kh)` and their nibbles `(N, Kh/2)`."""
     n, half = values.shape
-    nib = nibbles(compact)
     idx = torch.stack((nib & 3, nib >> 2), dim=-1)
     dense = torch.zeros(n, half // KEEP, GROUP, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, idx, values.reshape(n, half // KEEP, KEEP))
-    return dense.reshape(n, half * KEEP)[:, : compact.in_features]
+    return dense.reshape(n, half * KEEP)
+
+
+# -- the mma.sp fragment layout -----------------------------------------------------------
+
+MMA_TILE_ROWS = 16  # rows of one mma.sp m16n8k32 (the weight is the sparse operand A)
+MMA_STEP_COLS = 32  # input columns of one mma.sp (k32)
+MMA_PAIR_COLS = 2 * MMA_STEP_COLS  # columns per metadata word: one word serves two k-steps
+LANES = 32
+
+
+@dataclass(frozen=True)
+class Mma24:
+    """A 2:4 weight `(N, K)` in the mma.sp fragment layout (see `pack_mma24`).
+
+    Attributes:
+        values: 1-D, `Np * Kp / 2` kept values, the weight's dtype, in the order
+            `(tile, step, lane, 8)`: lane `l`'s A-fragment of k-step `step` of row tile `tile`.
+        meta: 1-D int32, `Np * Kp / 32` words in the order `(tile, pair, lane)`.
+        out_features: `N`; `Np` is `N` rounded up to 16 (zero rows).
+        in_features: `K`; `Kp` is `K` rounded up to 64 (zero columns).
+    """
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def tiles(self) -> int:
+        """Row tiles of 16 rows (`Np / 16`)."""
+        return -(-self.out_features // MMA_TILE_ROWS)
+
+    @property
+    def pairs(self) -> int:
+        """Metadata words per lane and row tile (`Kp / 64`), two k-steps each."""
+        return -(-self.in_features // MMA_PAIR_COLS)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by `values` and `meta` together."""
+        return tensor_bytes(self.values) + tensor_bytes(self.meta)
+
+
+def pack_mma24(weight: torch.Tensor) -> Mma24:
+    """Pack a 2:4 weight `(N, K)` into the fragments of `mma.sp.m16n8k32` (16-bit types).
+
+    Per PTX (sparse m16n8k32, .f16/.bf16): lane `l = 4g + t` of a warp holds, for the 16x32
+    tile of one k-step, 8 kept values: rows `g` and `g + 8`, compressed columns
+    `2t, 2t+1` (group `t`) and `2t+8, 2t+9` (group `t + 4`), in the order
+    (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1), then the same at `+8`: one 16-byte load.
+    Metadata (sparsity selector 0: lanes with t in {0, 1}; selector 1: t in {2, 3}) is one
+    32-bit word per lane: bits `4q` hold row `g`'s nibble of group `4 * (t % 2) + q`, bits
+    `16 + 4q` row `g + 8`'s. Lanes with `t < 2` carry k-step `2p`, lanes with `t >= 2`
+    k-step `2p + 1` of the pair `p`, so one word per lane serves two mma.sp.
+
+    Raises InvalidArgumentError if the weight is not 2:4 sparse (see `check_24`).
+    """
+    reason = check_24(weight)
+    if reason is not None:
+        raise InvalidArgumentError(reason)
+    n, k = weight.shape
+    np_, kp = -(-n // MMA_TILE_ROWS) * MMA_TILE_ROWS, -(-k // MMA_PAIR_COLS) * MMA_PAIR_COLS
+    w = torch.nn.functional.pad(weight.detach(), (0, kp - k, 0, np_ - n))
+    compact = pack_24(w)
+    tiles, steps, pairs = np_ // MMA_TILE_ROWS, kp // MMA_STEP_COLS, kp // MMA_PAIR_COLS
+    # values (Np, Kp/2): row = 8h + g, compressed column of a step = 8c + 2t + lo.
+    v = compact.values.reshape(tiles, 2, 8, steps, 2, 4, 2)  # (T, h, g, S, c, t, lo)
+    values = v.permute(0, 3, 2, 5, 4, 1, 6).reshape(-1).contiguous()  # (T, S, g, t, c, h, lo)
+    # nibbles (Np, Kp/4): group of a pair = 16 * p + 8 * sel + 4 * half + q.
+    nib = nibbles(compact).reshape(tiles, 2, 8, pairs, 2, 2, 4)  # (T, h, g, P, sel, half, q)
+    shifts = 16 * torch.arange(2)[:, None] + 4 * torch.arange(4)[None, :]  # (h, q)
+    shifts = shifts.to(nib.device).reshape(1, 2, 1, 1, 1, 1, 4)
+    words = (nib << shifts).sum(dim=(1, 6))  # (T, g, P, sel, half)
+    words = words.permute(0, 2, 1, 3, 4).reshape(-1)  # (T, P, lane = 4g + 2sel + half)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    return Mma24(values=values, meta=words, out_features=n, in_features=k)
+
+
+def unpack_mma24(packed: Mma24) -> torch.Tensor:
+    """The dense `(N, K)` weight an `Mma24` stands for (exact inverse of `pack_mma24`)."""
+    tiles, pairs = packed.tiles, packed.pairs
+    v = packed.values.reshape(tiles, 2 * pairs, 8, 4, 2, 2, 2)  # (T, S, g, t, c, h, lo)
+    values = v.permute(0, 5, 2, 1, 4, 3, 6).reshape(tiles * MMA_TILE_ROWS, -1)
+    words = packed.meta.to(torch.int64).reshape(tiles, pairs, 8, 2, 2) & 0xFFFFFFFF
+    shifts = (16 * torch.arange(2)[:, None] + 4 * torch.arange(4)[None, :]).to(words.device)
+    nib = (words[..., None, None] >> shifts) & 0xF  # (T, P, g, sel, half, h, q)
+    nib = nib.permute(0, 5, 2, 1, 3, 4, 6).reshape(tiles * MMA_TILE_ROWS, -1)
+    dense = _scatter_groups(values, nib)
+    return dense[: packed.out_features, : packed.in_features]

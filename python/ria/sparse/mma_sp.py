@@ -1,0 +1,329 @@
+"""Decode kernel on sparse tensor cores: `y = x[:, order] @ W.T (+ bias)` for 1..64 tokens.
+
+The weight is `mma.sp`'s sparse operand A (m16n8k32, fp16/bf16), packed once by
+`format.pack_mma24` into exactly the fragments the instruction takes; the tokens are the
+operand N, padded to 8 per tile (see `mma_sp.cu` for the kernel's plan). The CUDA source is
+compiled on first use with NVRTC (through torch), per (dtype, configuration, token tiles,
+order type), and the compiled module is cached on disk under `kernel_cache_dir()`, keyed by
+a hash of the source, the options, the GPU architecture and the torch/CUDA versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..demo import cache_dir
+from ..errors import InvalidArgumentError
+from .format import Mma24
+from .graphs import time_call
+
+__all__ = [
+    "CONFIGS",
+    "MAX_TOKENS",
+    "MmaConfig",
+    "candidates",
+    "compile_kernels",
+    "default_config",
+    "kernel_cache_dir",
+    "mma24_linear",
+    "mma_best_config",
+    "mma_status",
+]
+
+MAX_TOKENS = 64  # 8 token tiles of 8: beyond this the weight is re-read per 64 tokens
+TOKEN_TILE = 8  # mma.sp's N
+_ENTRY = "ria_mma_sp24"
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """Launch shape: `row_tiles` tiles of 16 rows per block, `warps` warps per block splitting
+    the input columns, `unroll` pairs of k-steps (64 columns) of weight loaded per warp
+    before they are multiplied."""
+
+    row_tiles: int = 1
+    warps: int = 16
+    unroll: int = 2
+
+    def __post_init__(self) -> None:
+        if min(self.row_tiles, self.warps, self.unroll) < 1 or self.warps > 32:
+            raise InvalidArgumentError(
+                f"MmaConfig needs positive fields and at most 32 warps, got {self!r}"
+            )
+
+    def __str__(self) -> str:
+        return f"r{self.row_tiles}w{self.warps}u{self.unroll}"
+
+
+# Launch shapes timed by `mma_best_config`, per token count: the ones that won a shape on
+# an H200 (benches/results/decode_kernels_h200*.json; the first of each is the default).
+_FEW = (  # M <= 8: one token tile; as many weight loads in flight as possible
+    MmaConfig(1, 16, 2),
+    MmaConfig(2, 8, 4),
+    MmaConfig(1, 8, 8),
+    MmaConfig(1, 16, 4),
+)
+_SOME = (MmaConfig(2, 16, 2), MmaConfig(4, 8, 2), MmaConfig(2, 8, 4))  # M <= 16
+_MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
+CONFIGS = tuple(dict.fromkeys(_FEW + _SOME + _MANY))
+
+
+def candidates(m: int) -> tuple[MmaConfig, ...]:
+    """The launch shapes worth timing for `m` tokens."""
+    return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
+
+
+def default_config(m: int) -> MmaConfig:
+    """The configuration used without tuning for `m` tokens (the fastest on an H200 for the
+    LLaMA-2-7B shapes in benches/results/decode_kernels_h200.json)."""
+    return candidates(m)[0]
+
+
+def mma_status(device: torch.device | None = None) -> str | None:
+    """None if the kernel can run on `device` (default: the current CUDA device), else why
+    not. The first call on a GPU compiles one kernel (or reads it from the disk cache), so
+    a missing or broken NVRTC shows here rather than in the middle of `sparsify`."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"mma.sp needs compute capability >= 8.0, device has {major}.x"
+    return _nvrtc_status(f"{major}{minor}")
+
+
+@functools.cache
+def _nvrtc_status(arch: str) -> str | None:
+    try:
+        _compile(_kernel_source(torch.bfloat16, default_config(1), 1, 0), arch)
+    except (ImportError, OSError, RuntimeError) as err:  # no NVRTC library, or it failed
+        return f"NVRTC cannot compile the mma.sp kernel for sm_{arch}: {err}"
+    return None
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept: `<ria cache>/kernels` (`$RIA_CACHE` or the user cache)."""
+    return cache_dir() / "kernels"
+
+
+def _source() -> str:
+    return resources.files("ria.sparse").joinpath("mma_sp.cu").read_text("utf-8")
+
+
+_ORDER_BITS = {None: 0, torch.int32: 32, torch.int64: 64}
+# (dtype, config, token tiles, order bits, device index) -> loaded kernel
+_KERNELS: dict[tuple[torch.dtype, MmaConfig, int, int, int], Any] = {}
+
+
+def _compile(source: str, arch: str) -> bytes:
+    """NVRTC output (PTX or cubin, whichever this torch returns) for `source`, from the disk
+    cache when it holds it."""
+    from torch.cuda import _utils
+
+    options = ["-std=c++17"]
+    key = "\0".join([source, arch, *options, torch.__version__, str(torch.version.cuda)])
+    path = kernel_cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
+    if path.is_file():
+        return path.read_bytes()
+    result = _utils._nvrtc_compile(source, _ENTRY, compute_capability=arch, nvcc_options=options)
+    binary: bytes = result[0] if isinstance(result, tuple) else result
+    try:  # written atomically: concurrent processes may compile the same kernel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(binary)
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache only costs the next process a compile
+        pass
+    return binary
+
+
+def _kernel_source(dtype: torch.dtype, config: MmaConfig, tiles: int, order_bits: int) -> str:
+    defines = {
+        "RIA_F16": int(dtype == torch.float16),
+        "RIA_R": config.row_tiles,
+        "RIA_W": config.warps,
+        "RIA_U": config.unroll,
+        "RIA_NT": tiles,
+        "RIA_ORDER": order_bits,
+    }
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
+
+
+def _arch() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}{minor}"
+
+
+def compile_kernels(
+    dtype: torch.dtype,
+    token_counts: Iterable[int] = (1, 16, 64),
+    order_dtype: torch.dtype | None = None,
+    threads: int = 8,
+) -> None:
+    """Compile (or find in the disk cache) the kernels `mma_best_config` times for these
+    token counts, in parallel threads (NVRTC runs outside the GIL), so first calls do not."""
+    bits = _ORDER_BITS[order_dtype]
+    jobs = {(c, -(-m // TOKEN_TILE)) for m in token_counts for c in candidates(m)}
+    sources = [_kernel_source(dtype, c, t, bits) for c, t in sorted(jobs, key=str)]
+    arch = _arch()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda src: _compile(src, arch), sources))
+
+
+def _kernel(dtype: torch.dtype, config: MmaConfig, tiles: int, order_bits: int) -> Any:
+    device = torch.cuda.current_device()
+    key = (dtype, config, tiles, order_bits, device)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        from torch.cuda import _utils
+
+        binary = _compile(_kernel_source(dtype, config, tiles, order_bits), _arch())
+        loaded = _utils._cuda_load_module(binary, [_ENTRY])
+        kernel = loaded[_ENTRY] if isinstance(loaded, dict) else getattr(loaded, _ENTRY)
+        smem = _smem_bytes(config, tiles)
+        if smem >= 48 * 1024:
+            kernel.set_shared_memory_config(smem)
+        _KERNELS[key] = kernel
+    return kernel
+
+
+def _smem_bytes(config: MmaConfig, tiles: int) -> int:
+    """Shared memory for the warps' partial sums: fp32 per warp, row tile, token tile, lane."""
+    return 4 * config.warps * config.row_tiles * tiles * 4 * 32
+
+
+def _check(
+    x: torch.Tensor,
+    packed: Mma24,
+    bias: torch.Tensor | None,
+    order: torch.Tensor | None,
+) -> None:
+    if x.dim() != 2 or x.shape[1] != packed.in_features:
+        raise InvalidArgumentError(f"x must be (M, {packed.in_features}), got {tuple(x.shape)}")
+    if not 1 <= x.shape[0] <= MAX_TOKENS:
+        raise InvalidArgumentError(f"x has {x.shape[0]} tokens; the kernel takes 1..{MAX_TOKENS}")
+    if x.dtype != packed.values.dtype or x.dtype not in (torch.float16, torch.bfloat16):
+        raise InvalidArgumentError(
+            f"x is {x.dtype}, the weight {packed.values.dtype}; both must be fp16 or bf16"
+        )
+    if x.device != packed.values.device or x.device.type != "cuda":
+        raise InvalidArgumentError(f"x is on {x.device}, the weight on {packed.values.device}")
+    if packed.in_features % 4:
+        raise InvalidArgumentError(f"in_features={packed.in_features} is not a multiple of 4")
+    if bias is not None and (bias.shape != (packed.out_features,) or bias.dtype != x.dtype):
+        raise InvalidArgumentError(
+            f"bias must be ({packed.out_features},) {x.dtype}, got {tuple(bias.shape)} {bias.dtype}"
+        )
+    if order is not None:
+        if order.dtype not in (torch.int32, torch.int64):
+            raise InvalidArgumentError(f"order must be int32 or int64, got {order.dtype}")
+        if order.shape != (packed.in_features,) or order.device != x.device:
+            raise InvalidArgumentError(
+                f"order must be ({packed.in_features},) on {x.device}, "
+                f"got {tuple(order.shape)} on {order.device}"
+            )
+
+
+def mma24_linear(
+    x: torch.Tensor,
+    packed: Mma24,
+    bias: torch.Tensor | None = None,
+    *,
+    order: torch.Tensor | None = None,
+    config: MmaConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x[:, order] @ W.T + bias` on sparse tensor cores, accumulated in fp32.
+
+    Args:
+        x: `(M, K)` CUDA activations, fp16/bf16, `1 <= M <= MAX_TOKENS`, unit column stride
+            (copied otherwise).
+        packed: the 2:4 weight `(N, K)` from `format.pack_mma24`, same dtype and device.
+        bias: `(N,)` or None.
+        order: optional int32/int64 `(K,)` input order: column `k` of the product reads
+            `x[:, order[k]]` (gathered while loading; not checked to be a permutation).
+        config: launch shape (default `default_config(M)`).
+        out: optional `(M, N)` output with unit column stride.
+
+    Returns:
+        `(M, N)` in `x`'s dtype.
+    """
+    _check(x, packed, bias, order)
+    m = x.shape[0]
+    n = packed.out_features
+    # 4-byte loads of x pairs need an even row stride and an aligned start.
+    if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
+        raise InvalidArgumentError(f"out must be ({m}, {n}) {x.dtype} with unit column stride")
+    config = config or default_config(m)
+    tiles = -(-m // TOKEN_TILE)
+    kernel = _kernel(x.dtype, config, tiles, _ORDER_BITS[None if order is None else order.dtype])
+    unused = packed.values  # stands in for absent pointers (the kernel never reads it)
+    args = [
+        x,
+        x.stride(0),
+        packed.values,
+        packed.meta,
+        unused if order is None else order,
+        unused if bias is None else bias,
+        int(bias is not None),
+        out,
+        out.stride(0),
+        m,
+        n,
+        packed.in_features,
+        packed.tiles,
+        packed.pairs,
+    ]
+    grid = -(-packed.tiles // config.row_tiles)
+    kernel(
+        grid=(grid, 1, 1),
+        block=(32 * config.warps, 1, 1),
+        args=args,
+        shared_mem=_smem_bytes(config, tiles),
+    )
+    return out
+
+
+def mma_best_config(
+    packed: list[Mma24],
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    order: torch.Tensor | None = None,
+    configs: tuple[MmaConfig, ...] | None = None,
+) -> tuple[MmaConfig, dict[str, float]]:
+    """The fastest configuration for `x` on weights of one shape, timed under CUDA-graph
+    replay over `packed` in rotation (default candidates: `candidates(M)`); also every
+    candidate's microseconds per call."""
+    configs = configs or candidates(x.shape[0])
+    times: dict[str, float] = {}
+    best, best_us = configs[0], float("inf")
+    for cfg in configs:
+
+        def call(cfg: MmaConfig = cfg) -> None:
+            for p in packed:
+                mma24_linear(x, p, bias, order=order, config=cfg)
+
+        try:
+            us = 1000.0 * time_call(call, iters=10, repeats=3) / len(packed)
+        except RuntimeError:  # a launch shape this GPU refuses (registers, shared memory)
+            continue
+        times[str(cfg)] = us
+        if us < best_us:
+            best, best_us = cfg, us
+    return best, times

@@ -1,0 +1,187 @@
+// Runs python/ria/sparse/mma_sp.cu on a CPU (tests/test_mma_sp.py compiles it with g++):
+// one std::thread per CUDA thread, a barrier per block for __syncthreads, and mma.sp
+// emulated per warp from the PTX ISA's fragment tables (sparse m16n8k32, .f16/.bf16), so
+// the kernel's indexing, batching and reduction are checked without a GPU.
+//
+// Usage: the including file defines the kernel's RIA_* settings, includes this header,
+// then the kernel source. The program reads x.bin, vals.bin, meta.bin, order.bin, bias.bin
+// from the directory argv[1] and writes y.bin there; argv[2..] are M N K tiles pairs
+// has_bias ldx grid.
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <thread>
+#include <vector>
+
+#define RIA_HOST_EMULATION 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(threads)
+
+struct uint4 {
+  unsigned x, y, z, w;
+};
+struct HostIndex {
+  int x;
+};
+thread_local HostIndex threadIdx, blockIdx;
+
+namespace host {
+struct Warp {  // operands deposited by the 32 lanes for one warp-wide mma.sp
+  uint4 a[32];
+  unsigned b[32][4];
+  unsigned e[32];
+  std::barrier<>* sync;
+};
+thread_local Warp* warp;
+thread_local std::barrier<>* block_sync;
+thread_local float* shared;
+
+inline float element(unsigned short v) {
+#if RIA_F16
+  const int sign = v >> 15, exponent = (v >> 10) & 31, mantissa = v & 1023;
+  const float r = exponent == 0 ? std::ldexp((float)mantissa, -24)
+                                : std::ldexp((float)(mantissa | 1024), exponent - 25);
+  return sign ? -r : r;
+#else
+  const unsigned bits = ((unsigned)v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+}  // namespace host
+
+inline void __syncthreads() { host::block_sync->arrive_and_wait(); }
+inline float* ria_host_shared() { return host::shared; }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+inline float to_f32(unsigned short v) { return host::element(v); }
+
+inline unsigned short from_f32(float f) {  // round to nearest even
+#if RIA_F16
+  const float magnitude = std::fabs(f);
+  const unsigned short sign = f < 0 ? 0x8000 : 0;
+  if (magnitude < std::ldexp(1.0f, -14))  // subnormal: multiples of 2^-24
+    return sign | (unsigned short)std::nearbyint(magnitude * std::ldexp(1.0f, 24));
+  int exponent;
+  const float m = std::frexp(magnitude, &exponent);  // magnitude = m * 2^exponent
+  unsigned mantissa = (unsigned)std::nearbyint((2 * m - 1) * 1024);
+  int biased = exponent - 1 + 15;
+  if (mantissa == 1024) mantissa = 0, ++biased;
+  return sign | (unsigned short)(biased << 10) | (unsigned short)mantissa;
+#else
+  unsigned bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return (unsigned short)(bits >> 16);
+#endif
+}
+
+// d += A B for the warp: A (16 x 32, 2:4) from every lane's 8 kept values and the metadata
+// of the lanes the selector names, B (32 x 8) from every lane's 4 registers.
+template <int SEL>
+void mma_sp(float* d, const uint4& a, const unsigned* b, unsigned e) {
+  const int lane = threadIdx.x & 31;
+  host::Warp& w = *host::warp;
+  w.a[lane] = a;
+  for (int i = 0; i < 4; ++i) w.b[lane][i] = b[i];
+  w.e[lane] = e;
+  w.sync->arrive_and_wait();
+  float A[16][32] = {}, B[32][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    const unsigned regs[4] = {w.a[l].x, w.a[l].y, w.a[l].z, w.a[l].w};
+    for (int i = 0; i < 8; ++i) {
+      const unsigned short v = (unsigned short)(regs[i / 2] >> (16 * (i % 2)));
+      // PTX: a_i at row g for i in {0, 1, 4, 5}, else g + 8; compressed column
+      // 2t + (i & 1) (+ 8 for i >= 4); two compressed columns per group of 4.
+      const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+      const int compressed = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+      const int group = compressed / 2, slot = compressed % 2;
+      // Metadata: lanes 2 * SEL and 2 * SEL + 1 of the quad hold groups 0-3 and 4-7;
+      // bits 0-15 row g, 16-31 row g + 8, 4 bits per group, 2 per kept value.
+      const unsigned word = w.e[4 * g + 2 * SEL + group / 4];
+      const int bit = (row >= 8 ? 16 : 0) + 4 * (group % 4) + 2 * slot;
+      A[row][4 * group + ((word >> bit) & 3)] = host::element(v);
+    }
+    for (int i = 0; i < 8; ++i)  // b_i at k = 2t + (i & 1) + 8 (i / 2), column g
+      B[2 * t + (i & 1) + 8 * (i / 2)][g] =
+          host::element((unsigned short)(w.b[l][i / 2] >> (16 * (i % 2))));
+  }
+  const int g = lane >> 2, t = lane & 3;
+  for (int c = 0; c < 4; ++c) {  // c0, c1 at row g, columns 2t, 2t + 1; c2, c3 at row g + 8
+    const int row = g + 8 * (c >> 1), col = 2 * t + (c & 1);
+    float s = 0.f;
+    for (int k = 0; k < 32; ++k) s += A[row][k] * B[k][col];
+    d[c] += s;
+  }
+  w.sync->arrive_and_wait();  // operands are overwritten by the next mma.sp
+}
+
+#if RIA_ORDER == 64
+#define RIA_HOST_INDEX long long
+#else
+#define RIA_HOST_INDEX int
+#endif
+extern "C" void ria_mma_sp24(const unsigned short* x, int ldx, const uint4* vals,
+                             const unsigned* meta, const RIA_HOST_INDEX* order,
+                             const unsigned short* bias, int has_bias, unsigned short* y,
+                             int ldy, int M, int N, int K, int tiles, int pairs);
+
+static std::vector<char> read_file(const char* dir, const char* name) {
+  char path[4096];
+  std::snprintf(path, sizeof path, "%s/%s", dir, name);
+  FILE* f = std::fopen(path, "rb");
+  if (!f) std::perror(path), std::exit(2);
+  std::fseek(f, 0, SEEK_END);
+  std::vector<char> data(std::ftell(f) + 16);
+  std::fseek(f, 0, SEEK_SET);
+  if (std::fread(data.data(), 1, data.size() - 16, f) != data.size() - 16) std::exit(2);
+  std::fclose(f);
+  return data;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 10) return 2;
+  const char* dir = argv[1];
+  const int M = std::atoi(argv[2]), N = std::atoi(argv[3]), K = std::atoi(argv[4]);
+  const int tiles = std::atoi(argv[5]), pairs = std::atoi(argv[6]);
+  const int has_bias = std::atoi(argv[7]), ldx = std::atoi(argv[8]), grid = std::atoi(argv[9]);
+  const auto x = read_file(dir, "x.bin"), vals = read_file(dir, "vals.bin"),
+             meta = read_file(dir, "meta.bin"), order = read_file(dir, "order.bin"),
+             bias = read_file(dir, "bias.bin");
+  std::vector<unsigned short> y((size_t)M * N, 0xFFFF);  // NaN where nothing is written
+  const int threads = RIA_W * 32;
+  for (int bx = 0; bx < grid; ++bx) {
+    std::vector<float> shared((size_t)RIA_W * RIA_R * RIA_NT * 4 * 32);
+    std::barrier<> block_sync(threads);
+    std::vector<host::Warp> warps(RIA_W);
+    std::deque<std::barrier<>> warp_syncs;
+    for (int w = 0; w < RIA_W; ++w) warps[w].sync = &warp_syncs.emplace_back(32);
+    std::vector<std::thread> pool;
+    for (int tid = 0; tid < threads; ++tid)
+      pool.emplace_back([&, tid] {
+        threadIdx.x = tid;
+        blockIdx.x = bx;
+        host::shared = shared.data();
+        host::block_sync = &block_sync;
+        host::warp = &warps[tid / 32];
+        ria_mma_sp24((const unsigned short*)x.data(), ldx, (const uint4*)vals.data(),
+                     (const unsigned*)meta.data(), (const RIA_HOST_INDEX*)order.data(),
+                     (const unsigned short*)bias.data(), has_bias, y.data(), N, M, N, K, tiles,
+                     pairs);
+      });
+    for (auto& t : pool) t.join();
+  }
+  char path[4096];
+  std::snprintf(path, sizeof path, "%s/y.bin", dir);
+  FILE* f = std::fopen(path, "wb");
+  std::fwrite(y.data(), 2, y.size(), f);
+  std::fclose(f);
+  return 0;
+}

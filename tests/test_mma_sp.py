@@ -1,0 +1,246 @@
+"""The sparse-tensor-core decode kernel (`ria.sparse.mma_sp`) and its packed layout.
+
+CPU: the mma fragment layout round-trips and matches the PTX fragment rules, written here
+lane by lane independently of `pack_mma24`'s tensor reshapes, and the CUDA kernel itself
+runs on the CPU through tests/mma_sp_host.h (g++; mma.sp emulated from the PTX tables).
+GPU: the kernel against the masked dense product at M in {1, 3, 8, 13, 64}, with and
+without an input order, bias, fp16 and bf16, odd shapes, every launch configuration, and
+the disk cache of compiled kernels.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import needs_cuda, random_24
+
+from ria.errors import InvalidArgumentError
+from ria.sparse.format import Mma24, pack_mma24, unpack_mma24
+
+# -- layout (CPU) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16, 64), (48, 128), (37, 100), (8, 12), (32, 4096)])
+def test_mma_layout_round_trip(dtype, shape):
+    n, k = shape
+    w = random_24(n, k, dtype=dtype, seed=n + k)
+    p = pack_mma24(w)
+    np_, kp = -(-n // 16) * 16, -(-k // 64) * 64
+    assert p.values.shape == (np_ * kp // 2,) and p.values.dtype == dtype
+    assert p.meta.shape == (np_ * kp // 32,) and p.meta.dtype == torch.int32
+    assert (p.tiles, p.pairs) == (np_ // 16, kp // 64)
+    assert torch.equal(unpack_mma24(p), w)
+    if (n, k) == (np_, kp):  # no padding: exactly 9/16 of the dense bytes
+        assert p.nbytes * 16 == w.numel() * 2 * 9
+
+
+def _dense_from_fragments(p: Mma24) -> torch.Tensor:
+    """What mma.sp m16n8k32 reads from each lane's registers, per the PTX ISA fragment
+    tables (A: groupID g = lane >> 2, t = lane % 4; metadata: selector 0 -> lanes t = 0, 1,
+    selector 1 -> t = 2, 3, bits 0..15 row g, 16..31 row g + 8), as a dense matrix."""
+    tiles, steps = p.tiles, 2 * p.pairs
+    vals = p.values.reshape(tiles, steps, 32, 8)
+    meta = p.meta.reshape(tiles, p.pairs, 32).tolist()
+    dense = torch.zeros(tiles * 16, steps * 32, dtype=p.values.dtype)
+    for tile in range(tiles):
+        for s in range(steps):
+            sel = s % 2
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for e in range(8):
+                    row = g + 8 * ((e // 2) % 2)
+                    ccol = 2 * t + (e % 2) + 8 * (e // 4)  # compressed column 0..15
+                    group, slot = ccol // 2, ccol % 2  # group of 4 dense columns, 0..7
+                    # The metadata lane of this row's group: in the selector's lane pair,
+                    # the first holds groups 0..3, the second groups 4..7.
+                    meta_lane = 4 * g + 2 * sel + group // 4
+                    word = meta[tile][s // 2][meta_lane] & 0xFFFFFFFF
+                    bit = 16 * (row >= 8) + 4 * (group % 4) + 2 * slot
+                    col = 4 * group + ((word >> bit) & 3)
+                    dense[16 * tile + row, 32 * s + col] = vals[tile, s, lane, e]
+    return dense[: p.out_features, : p.in_features]
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (32, 192), (20, 68)])
+def test_mma_layout_matches_ptx_fragments(shape):
+    w = random_24(*shape, seed=7)
+    assert torch.equal(_dense_from_fragments(pack_mma24(w)), w)
+
+
+def test_mma_pack_rejects_non_24():
+    w = random_24(16, 64)
+    w[0, :4] = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    with pytest.raises(InvalidArgumentError, match="not 2:4"):
+        pack_mma24(w)
+
+
+def test_mma_linear_checks_inputs_without_cuda_work():
+    from ria.sparse.mma_sp import mma24_linear
+
+    p = pack_mma24(random_24(16, 64))
+    with pytest.raises(InvalidArgumentError, match=r"x must be \(M, 64\)"):
+        mma24_linear(torch.zeros(2, 32, dtype=torch.bfloat16), p)
+    with pytest.raises(InvalidArgumentError, match=r"1\.\.64"):
+        mma24_linear(torch.zeros(65, 64, dtype=torch.bfloat16), p)
+    with pytest.raises(InvalidArgumentError, match="fp16 or bf16"):
+        mma24_linear(torch.zeros(2, 64, dtype=torch.float16), p)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the answer without CUDA")
+def test_mma_status_without_cuda():
+    from ria.sparse.mma_sp import mma_status
+
+    assert mma_status() == "CUDA is not available"
+
+
+# -- kernel on the CPU (host emulation of mma.sp) ----------------------------------------
+
+
+def _reference(x, w, bias, order):
+    xs = x if order is None else x[:, order.long()]
+    return xs.double() @ w.double().t() + (0 if bias is None else bias.double())
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+GXX = shutil.which("g++")
+
+
+def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias) -> None:
+    """Compile mma_sp.cu with tests/mma_sp_host.h for `cfg` = (R, W, U), run it on a random
+    2:4 weight and compare with the masked dense product."""
+    row_tiles, warps, unroll = cfg
+    w = random_24(n, k, dtype=dtype, seed=n + m)
+    p = pack_mma24(w)
+    g = torch.Generator().manual_seed(m)
+    ldx = k + 8  # a row stride larger than K
+    x_rows = torch.randn(m, ldx, generator=g).to(dtype)
+    order = torch.randperm(k, generator=g) if order_dtype is not None else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else torch.zeros(1, dtype=dtype)
+    x_rows.view(torch.int16).numpy().tofile(tmp_path / "x.bin")
+    p.values.view(torch.int16).numpy().tofile(tmp_path / "vals.bin")
+    p.meta.numpy().tofile(tmp_path / "meta.bin")
+    idx = torch.zeros(1) if order is None else order
+    idx.to(order_dtype or torch.int32).numpy().tofile(tmp_path / "order.bin")
+    b.view(torch.int16).numpy().tofile(tmp_path / "bias.bin")
+    defines = {
+        "RIA_F16": int(dtype == torch.float16),
+        "RIA_R": row_tiles,
+        "RIA_W": warps,
+        "RIA_U": unroll,
+        "RIA_NT": -(-m // 8),
+        "RIA_ORDER": {None: 0, torch.int32: 32, torch.int64: 64}[order_dtype],
+    }
+    kernel = resources.files("ria.sparse").joinpath("mma_sp.cu").read_text("utf-8")
+    header = Path(__file__).with_name("mma_sp_host.h")
+    src = "".join(f"#define {key} {v}\n" for key, v in defines.items())
+    (tmp_path / "kernel.cpp").write_text(f'{src}#include "{header}"\n{kernel}')
+    exe = tmp_path / "kernel"
+    subprocess.run(
+        [GXX, "-std=c++20", "-O1", "-pthread", "-w", str(tmp_path / "kernel.cpp"), "-o", str(exe)],
+        check=True,
+    )
+    grid = -(-p.tiles // row_tiles)
+    args = [m, n, k, p.tiles, p.pairs, int(bias), ldx, grid]
+    subprocess.run([str(exe), str(tmp_path), *map(str, args)], check=True)
+    raw = np.fromfile(tmp_path / "y.bin", dtype=np.int16)
+    y = torch.from_numpy(raw).view(dtype).reshape(m, n)
+    ref = _reference(x_rows[:, :k], w, b if bias else None, order)
+    assert _rel_err(y, ref) < 1e-2, (n, k, m, cfg)
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+@pytest.mark.parametrize(
+    "n, k, m, cfg, dtype, order_dtype, bias",
+    [
+        # one token tile: B loaded with the weight batch; fused int32 order; ragged K
+        (40, 100, 3, (2, 4, 2), torch.bfloat16, torch.int32, True),
+        # three token tiles: B per k-step; fp16; int64 order; partial last block of rows
+        (72, 384, 20, (2, 8, 2), torch.float16, torch.int64, False),
+        # one token tile with 8 pairs per batch (no B prefetch); more warps than pairs
+        (32, 640, 8, (1, 16, 8), torch.bfloat16, None, True),
+    ],
+)
+def test_mma_kernel_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias):
+    _run_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias)
+
+
+# -- kernel (GPU) ----------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order_dtype", [None, torch.int32, torch.int64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mma_kernel_matches_masked_dense(dtype, order_dtype, bias):
+    from ria.sparse.mma_sp import mma24_linear
+
+    for n, k in [(256, 1376), (40, 100)]:  # 1376 = 43 * 32; 40 x 100: padded rows and columns
+        w = random_24(n, k, dtype=dtype, device="cuda", seed=n)
+        p = pack_mma24(w)
+        b = torch.randn(n, dtype=dtype, device="cuda") if bias else None
+        order = None
+        if order_dtype is not None:
+            order = torch.randperm(k, device="cuda").to(order_dtype)
+        for m in (1, 3, 8, 13, 64):
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            y = mma24_linear(x, p, b, order=order)
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert _rel_err(y, _reference(x, w, b, order)) < 1e-2, (n, k, m)
+
+
+@needs_cuda
+def test_mma_kernel_every_config_and_strided_input():
+    from ria.sparse.mma_sp import CONFIGS, mma24_linear
+
+    n, k = 160, 704  # 10 row tiles: blocks of 4 tiles leave a partial last block
+    w = random_24(n, k, device="cuda", seed=5)
+    p = pack_mma24(w)
+    for m in (5, 24):
+        big = torch.randn(m, 2 * k, dtype=w.dtype, device="cuda")
+        x = big[:, :k]  # row stride 2k: read in place
+        ref = _reference(x, w, None, None)
+        for cfg in CONFIGS:
+            assert _rel_err(mma24_linear(x, p, config=cfg), ref) < 1e-2, (m, cfg)
+
+
+def test_mma_config_rejects_bad_shapes():
+    from ria.sparse.mma_sp import CONFIGS, MmaConfig, candidates, default_config
+
+    with pytest.raises(InvalidArgumentError, match="at most 32 warps"):
+        MmaConfig(1, 64, 2)
+    with pytest.raises(InvalidArgumentError, match="positive"):
+        MmaConfig(0, 8, 2)
+    for m in (1, 8, 9, 16, 17, 64):  # every candidate is one of the configurations tested
+        assert set(candidates(m)) <= set(CONFIGS) and default_config(m) == candidates(m)[0]
+
+
+@needs_cuda
+def test_mma_status_compiles_on_gpu():
+    from ria.sparse.mma_sp import mma_status
+
+    assert mma_status() is None
+
+
+@needs_cuda
+def test_mma_kernel_cache_on_disk(tmp_path, monkeypatch):
+    from ria.sparse import mma_sp
+
+    monkeypatch.setenv("RIA_CACHE", str(tmp_path))
+    monkeypatch.setattr(mma_sp, "_KERNELS", {})
+    w = random_24(32, 64, device="cuda")
+    x = torch.randn(2, 64, dtype=w.dtype, device="cuda")
+    y = mma_sp.mma24_linear(x, pack_mma24(w))
+    cached = list((tmp_path / "kernels").glob("*.bin"))
+    assert len(cached) == 1 and cached[0].stat().st_size > 0
+    monkeypatch.setattr(mma_sp, "_KERNELS", {})
+    assert torch.equal(mma_sp.mma24_linear(x, pack_mma24(w)), y)  # loaded from the file
