@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import prune_model_24, random_24, tiny_model
+from helpers import needs_cuda, prune_model_24, random_24, tiny_model
 
 import ria
 from ria.sparse import (
@@ -27,15 +27,16 @@ from ria.sparse import (
     sparsify,
     unpack_24,
 )
-from ria.sparse.format import Compact24, cslt_nibble_index, to_cslt_layout, unpack_indices
+from ria.sparse.format import (
+    Compact24,
+    cslt_nibble_index,
+    pack_mma24,
+    to_cslt_layout,
+    unpack_indices,
+)
 from ria.sparse.sparsify import SparseLayerReport
 
 CUDA = torch.cuda.is_available()
-
-
-def needs_cuda(test):
-    """Marks a test `gpu` (select with `-m gpu`) and skips it without CUDA."""
-    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")(test))
 
 
 # -- compact format (CPU) -------------------------------------------------------------
@@ -273,7 +274,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["dense", "cusparselt", "triton"])
+@pytest.mark.parametrize("backend", ["dense", "cusparselt", "triton", "mma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_sparse_linear_matches_masked_dense(backend, dtype, bias):
@@ -286,6 +287,7 @@ def test_sparse_linear_matches_masked_dense(backend, dtype, bias):
         "dense": {"weight": w},
         "cusparselt": {"packed": cslt_compress(w)},
         "triton": {"compact": pack_24(w)},
+        "mma": {"mma": pack_mma24(w)},
     }[backend]
     mod = Sparse24Linear(k, n, {1 << 20: Choice(backend)}, bias=b, **forms)
     for m in TOKEN_COUNTS:

@@ -20,6 +20,7 @@ from ria.errors import InvalidArgumentError
 from ria.sparse import (
     Choice,
     CsltConfig,
+    MmaConfig,
     PlanCache,
     Sparse24Linear,
     SparseLayerReport,
@@ -110,11 +111,11 @@ def key_for(buckets=(1, 16), **changes):
 
 TUNED = TunedPlan(
     graph={1: Choice("triton"), 16: Choice("cusparselt", CsltConfig(3, 2, 1))},
-    eager={1: Choice("triton"), 16: Choice("triton")},
+    eager={1: Choice("mma", mma=MmaConfig(1, 16, 2)), 16: Choice("triton")},
     times_us={1: {"dense": 13.4, "triton": 11.8}, 16: {"dense": 13.6, "cusparselt": 21.2}},
     eager_times_us={16: {"triton": 30.0, "cusparselt": 480.0}},
 )
-USABLE = {"dense", "cusparselt", "triton"}
+USABLE = {"dense", "cusparselt", "triton", "mma"}
 
 
 def test_plan_cache_round_trip_and_keys(tmp_path: Path):

@@ -1,5 +1,6 @@
 """`Sparse24Linear`: a 2:4-sparse `nn.Linear` that runs, per token count, the kernel that
-measured fastest for its shape: dense cuBLAS, cuSPARSELt, or the compact-format decode kernel.
+measured fastest for its shape: dense cuBLAS, cuSPARSELt, the compact-format Triton decode
+kernel, or the sparse-tensor-core decode kernel (`mma_sp`, over the mma fragment layout).
 
 It keeps only the weight forms its plans use: cuSPARSELt's compressed buffer, the compact
 format (values + 2-bit indices; the values are shared with cuSPARSELt's buffer when its
@@ -27,24 +28,37 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from .cslt import CsltConfig, cslt_linear
-from .format import Compact24
+from .format import Compact24, Mma24
 from .graphs import graph_mode
+from .mma_sp import MAX_TOKENS, MmaConfig, mma24_linear
 from .triton_gemv import sparse24_linear
 
 DENSE = "dense"
 CUSPARSELT = "cusparselt"
 TRITON = "triton"
-BACKENDS = (DENSE, CUSPARSELT, TRITON)
+MMA = "mma"
+BACKENDS = (DENSE, CUSPARSELT, TRITON, MMA)
 
-__all__ = ["BACKENDS", "CUSPARSELT", "DENSE", "TRITON", "Choice", "Sparse24Linear", "sparse_linear"]
+__all__ = [
+    "BACKENDS",
+    "CUSPARSELT",
+    "DENSE",
+    "MMA",
+    "TRITON",
+    "Choice",
+    "Sparse24Linear",
+    "sparse_linear",
+]
 
 
 @dataclass(frozen=True)
 class Choice:
-    """The kernel for one token-count bucket (and its cuSPARSELt algorithm, if any)."""
+    """The kernel for one token-count bucket (and its cuSPARSELt algorithm or mma.sp launch
+    shape, if any)."""
 
     backend: str
     cslt: CsltConfig | None = None
+    mma: MmaConfig | None = None
 
 
 class Sparse24Linear(nn.Module):
@@ -58,6 +72,7 @@ class Sparse24Linear(nn.Module):
         eager_plan: the same for eager calls (default: `plan`).
         packed: cuSPARSELt's compressed weight (needed if the plan uses cuSPARSELt).
         compact: the compact 2:4 weight (needed if the plan uses the decode kernel).
+        mma: the weight in the mma.sp fragment layout (needed if the plan uses mma).
         weight: the dense (masked) weight (needed if the plan uses dense).
         bias: `(out_features,)` or None.
         input_order: the channel order the weight is stored in (a free permutation, from
@@ -68,6 +83,8 @@ class Sparse24Linear(nn.Module):
     packed: torch.Tensor | None
     values: torch.Tensor | None
     meta: torch.Tensor | None
+    mma_values: torch.Tensor | None
+    mma_meta: torch.Tensor | None
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     input_order: torch.Tensor | None
@@ -81,6 +98,7 @@ class Sparse24Linear(nn.Module):
         eager_plan: Mapping[int, Choice] | None = None,
         packed: torch.Tensor | None = None,
         compact: Compact24 | None = None,
+        mma: Mma24 | None = None,
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         input_order: torch.Tensor | None = None,
@@ -96,7 +114,7 @@ class Sparse24Linear(nn.Module):
         self._eager_buckets = sorted(eager)
         self._eager_choices = [eager[b] for b in self._eager_buckets]
         used = {c.backend for c in (*self._choices, *self._eager_choices)}
-        need = {CUSPARSELT: packed, TRITON: compact, DENSE: weight}
+        need = {CUSPARSELT: packed, TRITON: compact, MMA: mma, DENSE: weight}
         missing = [b for b in used if need.get(b, 0) is None]
         if missing or not used <= set(BACKENDS):
             raise InvalidArgumentError(f"plan uses {sorted(used)} but no weight form for {missing}")
@@ -107,6 +125,9 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("values", None if kept is None else kept.values, persistent=False)
         self.register_buffer("meta", None if kept is None else kept.meta, persistent=False)
         self.meta_layout = "rows" if kept is None else kept.layout
+        frag = mma if MMA in used else None
+        self.register_buffer("mma_values", None if frag is None else frag.values, persistent=False)
+        self.register_buffer("mma_meta", None if frag is None else frag.meta, persistent=False)
         self.register_buffer("weight", weight if DENSE in used else None, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("input_order", input_order, persistent=False)
@@ -144,7 +165,9 @@ class Sparse24Linear(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of the weight forms held (shared storage counted once), bias excluded."""
-        return storage_bytes(self.packed, self.values, self.meta, self.weight)
+        return storage_bytes(
+            self.packed, self.values, self.meta, self.mma_values, self.mma_meta, self.weight
+        )
 
     def linear_2d(self, x: torch.Tensor) -> torch.Tensor:
         """`(M, K)` contiguous -> `(M, N)` with the kernel planned for `M` in the current
@@ -161,6 +184,14 @@ class Sparse24Linear(nn.Module):
                 in_features=self.in_features,
                 layout=self.meta_layout,
             )
+        if choice.backend == MMA:
+            assert self.mma_values is not None and self.mma_meta is not None
+            frag = Mma24(self.mma_values, self.mma_meta, self.out_features, self.in_features)
+            if x.shape[0] <= MAX_TOKENS:
+                return mma24_linear(x, frag, self.bias, config=choice.mma)
+            # Past its bucket (inputs larger than the plan's largest bucket): 64 rows at a time.
+            parts = [x[i : i + MAX_TOKENS] for i in range(0, x.shape[0], MAX_TOKENS)]
+            return torch.cat([mma24_linear(p, frag, self.bias, config=choice.mma) for p in parts])
         if choice.backend == CUSPARSELT:
             assert self.packed is not None  # __init__ checks the plan's forms are given
             return cslt_linear(x, self.packed, self.bias, choice.cslt or CsltConfig())

@@ -29,7 +29,8 @@ import torch
 from .._core import __version__ as ria_version
 from ..demo import cache_dir
 from .cslt import CsltConfig
-from .linear import BACKENDS, Choice
+from .linear import BACKENDS, MMA, Choice
+from .mma_sp import MmaConfig
 
 FORMAT = 1  # bump when the file layout changes: old files then read as stale
 
@@ -112,6 +113,8 @@ def _file_name(key: Mapping[str, Any]) -> str:
 
 
 def _encode_choice(c: Choice) -> list[Any]:
+    if c.mma is not None:
+        return [c.backend, c.mma.row_tiles, c.mma.warps, c.mma.unroll]
     if c.cslt is None:
         return [c.backend]
     return [c.backend, c.cslt.alg_id, c.cslt.split_k, c.cslt.split_k_mode]
@@ -140,6 +143,10 @@ def _decode_plan(
         backend = cell[0]
         if backend not in usable:
             raise ValueError(f"backend {backend!r} cannot run here")
+        if len(cell) > 1 and backend == MMA:
+            row_tiles, warps, unroll = (int(v) for v in cell[1:])
+            plan[int(b)] = Choice(backend, mma=MmaConfig(row_tiles, warps, unroll))
+            continue
         cfg = None
         if len(cell) > 1:
             alg, split_k, mode = (int(v) for v in cell[1:])

@@ -35,10 +35,11 @@ from .cslt import (
     cslt_status,
     share_cslt_buffer,
 )
-from .format import Compact24, check_24, pack_24, tensor_bytes
+from .format import Compact24, Mma24, check_24, pack_24, pack_mma24, tensor_bytes
 from .generate import clear_generators as clear_generators
 from .graphs import time_call
-from .linear import BACKENDS, CUSPARSELT, DENSE, TRITON, Choice, Sparse24Linear
+from .linear import BACKENDS, CUSPARSELT, DENSE, MMA, TRITON, Choice, Sparse24Linear
+from .mma_sp import MAX_TOKENS, MmaConfig, mma24_linear, mma_best_config, mma_status
 from .plan_cache import PlanCache, TunedPlan, library_versions, plan_key
 from .triton_gemv import MAX_M, sparse24_linear, triton_status
 
@@ -213,6 +214,7 @@ class WeightForms:
     bias: torch.Tensor | None
     packed: torch.Tensor | None = None
     compact: Compact24 | None = None
+    mma: Mma24 | None = None
 
     def cslt_packed(self) -> torch.Tensor:
         """`packed`, which `build_forms` makes whenever cuSPARSELt is a candidate."""
@@ -220,7 +222,16 @@ class WeightForms:
         return self.packed
 
 
-def _run(backend: str, f: WeightForms, x: torch.Tensor, cfg: CsltConfig | None) -> torch.Tensor:
+def _run(
+    backend: str,
+    f: WeightForms,
+    x: torch.Tensor,
+    cfg: CsltConfig | None,
+    mcfg: MmaConfig | None = None,
+) -> torch.Tensor:
+    if backend == MMA:
+        assert f.mma is not None  # build_forms makes it whenever mma is a candidate
+        return mma24_linear(x, f.mma, f.bias, config=mcfg)
     if backend == TRITON:
         return sparse24_linear(x, f.compact, f.bias)
     if backend == CUSPARSELT:
@@ -231,7 +242,8 @@ def _run(backend: str, f: WeightForms, x: torch.Tensor, cfg: CsltConfig | None) 
 def _candidates(backend: str, m: int, usable: set[str]) -> list[str]:
     if backend != "auto":
         return [backend]
-    return [b for b in BACKENDS if b in usable and not (b == TRITON and m > MAX_M)]
+    too_many = {TRITON: MAX_M, MMA: MAX_TOKENS}
+    return [b for b in BACKENDS if b in usable and m <= too_many.get(b, m)]
 
 
 def choose_backend(times_us: dict[str, float], *, allow_dense: bool, dense_margin: float) -> str:
@@ -251,15 +263,19 @@ def choose_backend(times_us: dict[str, float], *, allow_dense: bool, dense_margi
 
 
 def _time_us(
-    backend: str, forms: Sequence[WeightForms], x: torch.Tensor, cfg: CsltConfig | None, **kw: int
+    backend: str,
+    forms: Sequence[WeightForms],
+    x: torch.Tensor,
+    cfg: CsltConfig | None,
+    mcfg: MmaConfig | None = None,
 ) -> float:
     """Microseconds per call of `backend` on `forms` in rotation, under graph replay."""
 
     def call() -> None:
         for f in forms:
-            _run(backend, f, x, cfg)
+            _run(backend, f, x, cfg, mcfg)
 
-    return 1000.0 * time_call(call, **kw) / len(forms)
+    return 1000.0 * time_call(call) / len(forms)
 
 
 def _eager_time_us(
@@ -267,16 +283,17 @@ def _eager_time_us(
     forms: Sequence[WeightForms],
     x: torch.Tensor,
     cfg: CsltConfig | None,
+    mcfg: MmaConfig | None = None,
     rounds: int = 3,
 ) -> float:
     """Microseconds per eager call (host and GPU: whichever is slower) over `forms`."""
     for f in forms:  # warm: first calls compile or set up
-        _run(backend, f, x, cfg)
+        _run(backend, f, x, cfg, mcfg)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(rounds):
         for f in forms:
-            _run(backend, f, x, cfg)
+            _run(backend, f, x, cfg, mcfg)
     torch.cuda.synchronize()
     return 1e6 * (time.perf_counter() - t0) / (rounds * len(forms))
 
@@ -294,6 +311,7 @@ def _tune_group(
     under graph replay and eagerly (dense too, for the report, whether or not it may be
     chosen)."""
     tuned = TunedPlan({}, {})
+    configs: dict[int, tuple[CsltConfig | None, MmaConfig | None]] = {}
     k = forms[0].weight.shape[1]
     dtype, device = forms[0].weight.dtype, forms[0].weight.device
     for m in batch_sizes:
@@ -304,17 +322,38 @@ def _tune_group(
         if CUSPARSELT in cands:
             packed = [f.cslt_packed() for f in forms]
             cfg = cslt_best_config(packed, x, forms[0].bias, sweep=cslt_sweep and timed)
+        mcfg = None
+        if MMA in cands and timed:
+            mcfg, _ = mma_best_config([f.mma for f in forms if f.mma is not None], x, forms[0].bias)
+        configs[m] = (cfg, mcfg)
         if not timed:
-            tuned.graph[m] = tuned.eager[m] = Choice(cands[0], cfg)
+            tuned.graph[m] = tuned.eager[m] = Choice(cands[0], cfg, mcfg)
             continue
         for plan, times, timer in (
             (tuned.graph, tuned.times_us, _time_us),
             (tuned.eager, tuned.eager_times_us, _eager_time_us),
         ):
-            times[m] = {b: timer(b, forms, x, cfg) for b in cands}
-            best = choose_backend(times[m], allow_dense=allow_dense, dense_margin=dense_margin)
-            plan[m] = Choice(best, cfg if best == CUSPARSELT else None)
+            times[m] = {b: timer(b, forms, x, cfg, mcfg) for b in cands}
+            plan[m] = _choice(times[m], allow_dense, dense_margin, cfg, mcfg)
+    if MMA in tuned.backends() and TRITON in tuned.backends():
+        # One decode layout per layer: where mma runs, Triton's compact copy is not kept.
+        for plan, times in ((tuned.graph, tuned.times_us), (tuned.eager, tuned.eager_times_us)):
+            for m, c in plan.items():
+                if c.backend == TRITON:
+                    rest = {b: us for b, us in times[m].items() if b != TRITON}
+                    plan[m] = _choice(rest, allow_dense, dense_margin, *configs[m])
     return tuned
+
+
+def _choice(
+    times: dict[str, float],
+    allow_dense: bool,
+    dense_margin: float,
+    cfg: CsltConfig | None,
+    mcfg: MmaConfig | None,
+) -> Choice:
+    best = choose_backend(times, allow_dense=allow_dense, dense_margin=dense_margin)
+    return Choice(best, cfg if best == CUSPARSELT else None, mcfg if best == MMA else None)
 
 
 def build_forms(mod: nn.Linear, need: set[str]) -> WeightForms:
@@ -329,6 +368,8 @@ def build_forms(mod: nn.Linear, need: set[str]) -> WeightForms:
         f.compact = pack_24(f.weight)
         if f.packed is not None:  # tune on the layout the layer will run
             f.compact = share_cslt_buffer(f.compact, f.packed)
+    if MMA in need:
+        f.mma = pack_mma24(f.weight)
     return f
 
 
@@ -346,6 +387,7 @@ def sparse_layer(
         eager_plan=tuned.eager,
         packed=f.packed if CUSPARSELT in used else None,
         compact=f.compact if TRITON in used else None,
+        mma=f.mma if MMA in used else None,
         weight=f.weight if DENSE in used else None,
         bias=f.bias,
         input_order=input_order,
@@ -361,13 +403,13 @@ _Member = tuple[str, nn.Linear | None]
 def _usable_backends(backend: str) -> tuple[set[str], str | None]:
     """Backends that can run here (dense included with "auto", for timing), and the reason
     nothing can (or None)."""
-    if backend not in ("auto", CUSPARSELT, TRITON):
+    if backend not in ("auto", CUSPARSELT, TRITON, MMA):
         raise InvalidArgumentError(
-            f"backend must be 'auto', 'cusparselt' or 'triton', got {backend!r}"
+            f"backend must be 'auto', 'cusparselt', 'triton' or 'mma', got {backend!r}"
         )
     if not torch.cuda.is_available():
         return set(), "CUDA is not available (so no cuSPARSELt): model left unchanged"
-    why = {CUSPARSELT: cslt_status(), TRITON: triton_status()}
+    why = {CUSPARSELT: cslt_status(), TRITON: triton_status(), MMA: mma_status()}
     usable = {b for b, r in why.items() if r is None}
     if backend != "auto":
         if backend not in usable:
@@ -566,9 +608,10 @@ def sparsify(
 
     Args:
         model: a CUDA model in fp16/bf16 whose pruned layers are 2:4 along their inputs.
-        backend: "auto" (time dense, cuSPARSELt and the decode kernel per layer shape and
-            bucket, keep the fastest sparse kernel), "cusparselt" or "triton" (that kernel
-            everywhere).
+        backend: "auto" (time dense, cuSPARSELt and the decode kernels per layer shape and
+            bucket, keep the fastest sparse kernel), "cusparselt", "triton" or "mma" (that
+            kernel everywhere; "mma" takes at most 64 tokens per call and splits larger
+            inputs).
         batch_sizes: token counts (batch x new tokens) to tune for; each is the upper bound
             of a bucket. Default `DEFAULT_BATCH_SIZES`.
         strict: raise InvalidArgumentError for a CUDA fp16/bf16 linear layer that is not 2:4
