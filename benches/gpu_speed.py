@@ -231,6 +231,7 @@ def kernel_breakdown(fn) -> dict:
         torch.cuda.synchronize()
     cats = {
         "triton_2:4": r"_gemv_kernel|_mm_kernel",
+        "mma_2:4": r"ria_mma_sp24",
         "cusparselt": r"sparse|cusparselt|spmma|_sp_",
         "attention": r"flash|fmha|attention|efficient|softmax",
         "gemm_dense": r"gemm|gemv|cutlass|nvjet|xmma|cublas|sm90_",

@@ -1,0 +1,131 @@
+"""Decode-size GEMMs, LLaMA-2-7B shapes, bf16: dense cuBLAS vs cuSPARSELt vs the Triton
+compact-format kernel vs the mma.sp kernel (best launch shape, and with a fused input order).
+
+Microseconds per GEMM under CUDA-graph replay, weights rotated over copies > 256 MB so they
+stream from HBM; effective TB/s = bytes of the weight form read / time (dense: 2 B per
+weight; 2:4 forms: 9/16 of that). Writes JSON to benches/results/ and prints a table.
+Usage: python benches/decode_kernels.py [--out PATH] [--ms 1,4,8,16,32,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from gpu_speed import distinct_copies, prune_24
+
+from ria.sparse import pack_24, sparse24_linear
+from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, share_cslt_buffer
+from ria.sparse.format import pack_mma24
+from ria.sparse.graphs import time_call
+from ria.sparse.mma_sp import compile_kernels, mma24_linear, mma_best_config
+
+SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
+DTYPE = torch.bfloat16
+STREAM_BYTES = 256 * 2**20
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def bench_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
+    w0 = prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02)
+    copies = max(1, math.ceil(STREAM_BYTES / (n * k * 2)))
+    ws = distinct_copies(w0, copies, seed=n + k)
+    packed = [cslt_compress(w) for w in ws]
+    compact = [share_cslt_buffer(pack_24(w), p) for w, p in zip(ws, packed, strict=True)]
+    frags = [pack_mma24(w) for w in ws]
+    order = torch.randperm(k, device="cuda", dtype=torch.int32)
+    dense_bytes, sparse_bytes = n * k * 2, n * k * 2 * 9 / 16
+
+    def per_call(fn) -> float:
+        return 1e3 * time_call(fn) / copies
+
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+        ref = x.double() @ ws[0].double().t()
+        row: dict = {"shape": name, "n": n, "k": k, "m": m, "copies": copies}
+        row["dense_us"] = per_call(lambda x=x: [F.linear(x, w) for w in ws])
+        cfg = cslt_best_config(packed, x, sweep=False)
+        row["cslt_us"] = per_call(lambda x=x, c=cfg: [cslt_linear(x, p, None, c) for p in packed])
+        row["triton_us"] = per_call(lambda x=x: [sparse24_linear(x, c) for c in compact])
+        best, times = mma_best_config(frags, x)
+        row["mma_config"], row["mma_config_us"] = str(best), times
+        row["mma_us"] = times[str(best)]
+        row["mma_order_us"] = per_call(
+            lambda x=x, b=best: [mma24_linear(x, f, order=order, config=b) for f in frags]
+        )
+        y = mma24_linear(x, frags[0], config=best)
+        row["mma_rel_err"] = float((y.double() - ref).norm() / ref.norm())
+        yo = mma24_linear(x, frags[0], order=order, config=best)
+        ref_o = x[:, order.long()].double() @ ws[0].double().t()
+        row["mma_order_rel_err"] = float((yo.double() - ref_o).norm() / ref_o.norm())
+        for kind, nbytes in [("dense", dense_bytes), ("cslt", sparse_bytes)]:
+            row[f"{kind}_TBps"] = nbytes / row[f"{kind}_us"] / 1e6
+        for kind in ("triton", "mma", "mma_order"):
+            row[f"{kind}_TBps"] = sparse_bytes / row[f"{kind}_us"] / 1e6
+        rows.append(row)
+        log(
+            f"{name} M={m:>2}: dense {row['dense_us']:6.1f}  cslt {row['cslt_us']:6.1f}  "
+            f"triton {row['triton_us']:6.1f}  mma {row['mma_us']:6.1f} ({best}, "
+            f"{row['mma_TBps']:.2f} TB/s, err {row['mma_rel_err']:.1e})  "
+            f"mma+order {row['mma_order_us']:6.1f} us"
+        )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = [
+        "| shape | M | dense us | cuSPARSELt us | Triton us | mma us (TB/s) | mma+order us "
+        "| mma vs dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['dense_us']:.1f} | "
+            f"{r['cslt_us']:.1f} | {r['triton_us']:.1f} | {r['mma_us']:.1f} "
+            f"({r['mma_TBps']:.2f}) | {r['mma_order_us']:.1f} | "
+            f"{r['dense_us'] / r['mma_us']:.2f}x |"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benches/results/decode_kernels_h200.json")
+    ap.add_argument("--ms", default="1,4,8,16,32,64")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
+    t0 = time.perf_counter()
+    compile_kernels(DTYPE, ms)
+    compile_kernels(DTYPE, ms, order_dtype=torch.int32)
+    log(f"kernels compiled in {time.perf_counter() - t0:.1f}s")
+    rows = []
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        rows += bench_shape(name, n, k, ms)
+        torch.cuda.empty_cache()
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cusparselt": torch.backends.cusparselt.version(),
+        "python": platform.python_version(),
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
