@@ -33,6 +33,7 @@ from ria.sparse.sparsify import (
     build_forms,
     choose_backend,
     cusparselt_version_warning,
+    keep_one_layout,
     sparse_layer,
 )
 
@@ -107,6 +108,32 @@ def key_for(buckets=(1, 16), **changes):
     )  # fmt: skip
     kw.update(changes)
     return plan_key(**kw)
+
+
+def test_a_layer_keeps_one_sparse_layout():
+    """mma wins decode, cuSPARSELt prefill: one layout must serve every bucket."""
+    times = {
+        1: {"dense": 13.0, "cusparselt": 23.0, "triton": 12.0, "mma": 7.0},
+        16: {"dense": 13.5, "cusparselt": 21.0, "triton": 33.0, "mma": 10.0},
+        256: {"dense": 40.0, "cusparselt": 35.0, "triton": 90.0},
+    }
+    mcfg = MmaConfig(1, 16, 2)
+    configs = {m: (CsltConfig(), mcfg if m < 256 else None) for m in times}
+
+    def tuned_for(buckets):
+        t = {m: times[m] for m in buckets}
+        graph = {m: Choice(min(t[m], key=t[m].get)) for m in buckets}
+        return TunedPlan(graph, dict(graph), t, {m: dict(v) for m, v in t.items()})
+
+    mixed = tuned_for((1, 16, 256))
+    assert {c.backend for c in mixed.graph.values()} == {"mma", "cusparselt"}
+    keep_one_layout(mixed, configs, allow_dense=False, dense_margin=0.05)
+    assert [mixed.graph[m].backend for m in (1, 16, 256)] == ["triton", "cusparselt", "cusparselt"]
+    assert mixed.graph[16].cslt == CsltConfig() and mixed.eager == mixed.graph
+    decode = tuned_for((1, 16))  # all buckets within mma's reach: the faster layout wins
+    decode.graph[1] = decode.eager[1] = Choice("triton")
+    keep_one_layout(decode, configs, allow_dense=False, dense_margin=0.05)
+    assert all(c == Choice("mma", mma=mcfg) for c in decode.graph.values())
 
 
 TUNED = TunedPlan(

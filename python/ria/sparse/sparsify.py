@@ -335,14 +335,46 @@ def _tune_group(
         ):
             times[m] = {b: timer(b, forms, x, cfg, mcfg) for b in cands}
             plan[m] = _choice(times[m], allow_dense, dense_margin, cfg, mcfg)
-    if MMA in tuned.backends() and TRITON in tuned.backends():
-        # One decode layout per layer: where mma runs, Triton's compact copy is not kept.
-        for plan, times in ((tuned.graph, tuned.times_us), (tuned.eager, tuned.eager_times_us)):
-            for m, c in plan.items():
-                if c.backend == TRITON:
-                    rest = {b: us for b, us in times[m].items() if b != TRITON}
-                    plan[m] = _choice(rest, allow_dense, dense_margin, *configs[m])
+    keep_one_layout(tuned, configs, allow_dense=allow_dense, dense_margin=dense_margin)
     return tuned
+
+
+# Backends by the 2:4 layout they read: a layer holds one (cuSPARSELt's buffer also serves
+# the Triton kernel; the mma fragment layout serves only mma).
+LAYOUTS = ({CUSPARSELT, TRITON}, {MMA})
+
+
+def keep_one_layout(
+    tuned: TunedPlan,
+    configs: dict[int, tuple[CsltConfig | None, MmaConfig | None]],
+    *,
+    allow_dense: bool,
+    dense_margin: float,
+) -> None:
+    """Make `tuned`'s plans (in place) read one 2:4 layout, so a layer holds one sparse copy.
+
+    Where the plans mix backends of both `LAYOUTS`, every timed bucket is re-picked within
+    the layout that can serve all of them (mma serves at most `MAX_TOKENS` tokens) and whose
+    best graph-replay times add up to less. `configs`: per bucket, the cuSPARSELt and mma
+    configurations the times were measured with.
+    """
+    if not all(tuned.backends() & layout for layout in LAYOUTS):
+        return
+    extra = {DENSE} if allow_dense else set()
+
+    def total(layout: set[str]) -> float:
+        cost = 0.0
+        for times in tuned.times_us.values():
+            if not layout & set(times):
+                return float("inf")  # a bucket this layout's kernels do not serve
+            cost += min(us for b, us in times.items() if b in layout | extra)
+        return cost
+
+    layout = min(LAYOUTS, key=total)
+    for plan, timings in ((tuned.graph, tuned.times_us), (tuned.eager, tuned.eager_times_us)):
+        for m, times in timings.items():
+            kept = {b: us for b, us in times.items() if b in layout or b == DENSE}
+            plan[m] = _choice(kept, allow_dense, dense_margin, *configs[m])
 
 
 def _choice(
