@@ -643,7 +643,8 @@ def sparsify(
         backend: "auto" (time dense, cuSPARSELt and the decode kernels per layer shape and
             bucket, keep the fastest sparse kernel), "cusparselt", "triton" or "mma" (that
             kernel everywhere; "mma" takes at most 64 tokens per call and splits larger
-            inputs).
+            inputs). A layer keeps one 2:4 layout (`keep_one_layout`), so "auto" runs mma
+            only where it serves every bucket (all <= 64 tokens) faster.
         batch_sizes: token counts (batch x new tokens) to tune for; each is the upper bound
             of a bucket. Default `DEFAULT_BATCH_SIZES`.
         strict: raise InvalidArgumentError for a CUDA fp16/bf16 linear layer that is not 2:4
