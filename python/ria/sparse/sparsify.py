@@ -701,6 +701,10 @@ def sparsify(
                 )
             continue
         shape_usable = usable - ({CUSPARSELT} if cslt_shape_status(n, k) else set())
+        if max(buckets) > MAX_TOKENS and shape_usable & LAYOUTS[0]:
+            # mma's layout cannot serve every bucket, so keep_one_layout would drop it:
+            # neither pack nor time it.
+            shape_usable -= {MMA}
         _convert_group(model, shape, members, planner, shape_usable, tune_layers, report)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda lr: order.get(lr.name, len(order)))
