@@ -18,6 +18,8 @@ import re
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,23 +58,45 @@ def save_pruned(
     require_bool("overwrite", overwrite)
     check_savable(model)
     check_target(out, overwrite)
+    with staged(out) as staging:
+        state, orders = plain_state_dict(model)
+        model.save_pretrained(staging, state_dict=state)
+        save_orders(staging, orders)
+        save_extras(staging, tokenizer, report)
+    return out
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A fresh staging directory beside `out` to write a checkpoint into; renamed into
+    place as `out` when the body completes, removed on any error or Ctrl-C. What killed
+    writers of `out` left behind is removed first. The caller checks `out` before
+    (`check_target`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     staging = _sibling(out, "incomplete")
     try:
-        state, orders = plain_state_dict(model)
-        model.save_pretrained(staging, state_dict=state)
-        if orders:
-            save_file({k: v.contiguous() for k, v in orders.items()}, staging / PERMUTATION_FILE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if report is not None:
-            report.to_json(staging / REPORT_FILE)
+        staging.mkdir()
+        yield staging
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
+
+
+def save_orders(directory: Path, orders: dict[str, torch.Tensor]) -> None:
+    """Writes the channel orders `plain_state_dict` took out of the weights (nothing when
+    there are none)."""
+    if orders:
+        save_file({k: v.contiguous() for k, v in orders.items()}, directory / PERMUTATION_FILE)
+
+
+def save_extras(directory: Path, tokenizer: Any = None, report: PruneReport | None = None) -> None:
+    """Writes what a checkpoint carries beside the weights: the tokenizer and the report."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if report is not None:
+        report.to_json(directory / REPORT_FILE)
 
 
 def check_savable(model: nn.Module) -> None:

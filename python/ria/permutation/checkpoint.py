@@ -19,16 +19,21 @@ from .apply import ChannelGather, GatheredLinear, Swaps, gathered, reordered, sw
 __all__ = ["plain_state_dict", "restore_orders"]
 
 
-def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def plain_state_dict(
+    model: nn.Module, within: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The model's state dict as a plain checkpoint of the same architecture, and the
     gather orders that were taken out of it (`"<norm path>": order`).
 
     For each `ChannelGather`, the Linears that read the norm get their original column
     order back, so the checkpoint computes the same function without the gather.
+    `within` (a submodule's path, e.g. one decoder block) limits both to that submodule,
+    keyed as in the whole model's state dict (the streaming prune writes block by block).
     """
-    state = model.state_dict()
+    root = model.get_submodule(within)
+    state = root.state_dict(prefix=f"{within}." if within else "")
     orders: dict[str, torch.Tensor] = {}
-    for path, module in model.named_modules():
+    for path, module in root.named_modules(prefix=within):
         if isinstance(module, GatheredLinear):
             orders[path] = module.input_order.detach().cpu()
             key = f"{path}.weight"

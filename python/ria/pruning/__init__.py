@@ -16,7 +16,7 @@ from .config import ALPHA_GRID, DEFAULT_PERMUTATION, METHODS, Method, PruneConfi
 from .coverage import MIN_COVERAGE, Coverage, DenseWeight, decoder_coverage
 from .error import relative_output_error
 from .obs import obs_prune
-from .pipeline import INCOMPLETE, prune, prune_with, score_linear
+from .pipeline import INCOMPLETE, Placement, prune, prune_with, score_linear
 from .report import LayerReport, PruneReport
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "InputStats",
     "LayerReport",
     "Method",
+    "Placement",
     "PruneConfig",
     "PruneReport",
     "Sparsity",

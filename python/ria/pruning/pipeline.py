@@ -9,8 +9,8 @@ the pruned block so the next block is calibrated on what it will really see.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +55,7 @@ from .report import LayerReport, PruneReport
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["INCOMPLETE", "prune"]
+__all__ = ["INCOMPLETE", "Placement", "prune", "prune_with"]
 
 # `model.config.ria["status"]` while a prune is under way or after one was interrupted:
 # the model is part pruned and `ria.save_pruned` refuses it.
@@ -159,8 +159,17 @@ def prune(
     return prune_with(model, tokenizer, config)
 
 
-def prune_with(model: PreTrainedModel, tokenizer: Any, config: PruneConfig) -> PruneReport:
-    """`ria.prune` with its settings given as one `PruneConfig`."""
+def prune_with(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    config: PruneConfig,
+    placement: Placement | None = None,
+) -> PruneReport:
+    """`ria.prune` with its settings given as one `PruneConfig`.
+
+    `placement` decides where the blocks' weights are while each one is pruned (see
+    `Placement`); by default the model's own, each block visiting `config.device`.
+    """
     started = time.perf_counter()
     plan = _plan(model, config)
     report = PruneReport(config.to_dict(), coverage=plan.coverage)
@@ -172,7 +181,7 @@ def prune_with(model: PreTrainedModel, tokenizer: Any, config: PruneConfig) -> P
     model.eval()
     model.config.ria = {**config.to_dict(), "status": INCOMPLETE, "version": __version__}
     try:
-        with torch.no_grad(), _placement(model, plan.blocks, plan.device) as visit:
+        with torch.no_grad(), (placement or _placement)(model, plan.blocks, plan.device) as visit:
             inputs = None
             if config.needs_data:
                 with timer("calibration"):
@@ -519,8 +528,17 @@ def _reorder_stats(
     return out
 
 
+# `placement(model, blocks, device)` is entered once around the whole prune (the calibration
+# capture runs inside it) and yields `visit`; `with visit(block) as b:` holds one block
+# while it is pruned and propagated, its weights on `device`. `_placement` moves the model's
+# own weights; the streaming prune (ria.streaming) loads each block from the checkpoint's
+# shards and writes it out when the visit ends without an error.
+Visit = Callable[[nn.Module], AbstractContextManager[nn.Module]]
+Placement = Callable[[nn.Module, nn.ModuleList, torch.device], AbstractContextManager[Visit]]
+
+
 @contextmanager
-def _placement(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[Any]:
+def _placement(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[Visit]:
     """Puts everything but the blocks on `device` for the duration, and yields a context
     that brings one block to `device` and back. Models dispatched by accelerate stay
     where they are."""
