@@ -1,0 +1,173 @@
+"""`ria.prune_checkpoint`: prune a checkpoint bigger than host memory, one decoder block at
+a time, straight from its safetensors shards into a new checkpoint.
+
+The block loop is `ria.prune`'s own (`prune_with`); only where the weights live differs
+(`_StreamedBlocks`): the model is a meta-device skeleton, the weights outside the blocks
+are loaded for the calibration capture, written out and freed, and each block is loaded
+when the loop visits it and written (then freed) when the visit ends. Host memory holds
+the calibration activations and about one block (twice while its shard is written).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .._checks import require_bool, require_path
+from .._torch import default_device
+from ..arch import find_blocks
+from ..errors import InvalidArgumentError
+from ..permutation import plain_state_dict
+from ..pruning import PruneConfig, PruneReport, prune_with
+from ..save import check_target, save_extras, save_orders, staged
+from .skeleton import build_skeleton, free_outside, load_block, load_outside, outside_keys
+from .source import SINGLE_FILE, CheckpointSource, resolve_checkpoint
+from .writer import ShardWriter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = ["prune_checkpoint"]
+
+
+def prune_checkpoint(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    dtype: str | torch.dtype = "auto",
+    overwrite: bool = False,
+    **prune_kwargs: Any,
+) -> PruneReport:
+    """Prunes the checkpoint `src` block by block into `out_dir`, never holding the whole
+    model: the result is the checkpoint `ria.save_pruned` writes after `ria.prune` with the
+    same settings on the model loaded in memory (same tensors, channel orders and `ria`
+    config section), in shards of one decoder block each.
+
+    Args:
+        src: a checkpoint directory with safetensors weights (one file or shards with an
+            index), or a Hugging Face Hub id already in the local cache (nothing is
+            downloaded).
+        out_dir: the output directory, written atomically like `ria.save_pruned`: a hidden
+            staging directory beside it is renamed into place only when complete.
+        tokenizer: for calibration text, saved with the model; None loads `src`'s own
+            (when it has one).
+        dtype: "auto" (the checkpoint config's dtype, as `from_pretrained(dtype="auto")`),
+            "float32", "bfloat16", "float16" or a `torch.dtype`: the dtype blocks are
+            pruned and saved in.
+        overwrite: replace `out_dir` if it is an earlier ria checkpoint (or empty).
+        **prune_kwargs: `ria.prune`'s settings (sparsity, method, permute, calibration,
+            nsamples, seqlen, device, ...), checked before anything is read.
+
+    Host memory: the calibration activations (`nsamples x seqlen x hidden` in the model's
+    dtype, twice while a block's outputs are computed, when `device` is the CPU) plus the
+    weights outside the blocks (until the capture is done) or about two blocks.
+
+    Returns:
+        The `PruneReport`, as `ria.prune` returns it (also saved as `ria_report.json`).
+    """
+    config = _config(prune_kwargs)
+    out = require_path("out_dir", out_dir).resolve()
+    require_bool("overwrite", overwrite)
+    check_target(out, overwrite)
+    source = CheckpointSource(resolve_checkpoint(src))
+    model = build_skeleton(source, dtype)
+    if tokenizer is None:
+        tokenizer = _own_tokenizer(source.directory)
+    device = config.device or default_device()
+    path, _ = find_blocks(model)
+    with staged(out) as staging:
+        load_outside(model, source, path, device)
+        streamed = _StreamedBlocks(model, source, staging, device)
+        report = prune_with(model, tokenizer, config, streamed)
+        streamed.finish()
+        model.config.save_pretrained(staging)
+        save_extras(staging, tokenizer, report)
+    return report
+
+
+def _config(prune_kwargs: dict[str, Any]) -> PruneConfig:
+    """`ria.prune`'s settings as one validated `PruneConfig`."""
+    known = PruneConfig.defaults()
+    for name in prune_kwargs:
+        if name not in known:
+            raise InvalidArgumentError(
+                f"unknown setting {name!r}; ria.prune's settings are {', '.join(known)}"
+            )
+    settings = dict(prune_kwargs)
+    if settings.get("permutation_options") is None:
+        settings.pop("permutation_options", None)
+    return PruneConfig(**settings)
+
+
+def _own_tokenizer(directory: Path) -> Any:
+    """The checkpoint's tokenizer, or None when it has none."""
+    if not any(
+        (directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+class _StreamedBlocks:
+    """A `ria.pruning.Placement` for a skeleton model: visiting block i loads it from the
+    source onto the device; a visit that ends without an error writes the block's plain
+    tensors as the next shard (its channel orders are kept for the orders file) and
+    frees it. The first visit first writes and frees the weights outside the blocks:
+    by then the calibration capture, which needs the embeddings, is done."""
+
+    def __init__(
+        self, model: PreTrainedModel, source: CheckpointSource, staging: Path, device: torch.device
+    ) -> None:
+        self.model, self.source, self.staging, self.device = model, source, staging, device
+        self.path, blocks = find_blocks(model)
+        self.index = {id(block): i for i, block in enumerate(blocks)}
+        self.writer = ShardWriter(staging, len(blocks) + 1)
+        self.orders: dict[str, torch.Tensor] = {}
+        self.outside_written = False
+
+    @contextmanager
+    def __call__(
+        self, model: nn.Module, blocks: nn.ModuleList, device: torch.device
+    ) -> Iterator[Any]:
+        if device != self.device:
+            raise InvalidArgumentError(f"streamed blocks run on {self.device}, not {device}")
+        yield self.visit
+
+    @contextmanager
+    def visit(self, block: nn.Module) -> Iterator[nn.Module]:
+        if not self.outside_written:
+            self._write_outside()
+        where = f"{self.path}.{self.index[id(block)]}"
+        try:
+            load_block(block, where, self.source, self.device)
+            yield block
+            state, orders = plain_state_dict(self.model, where)
+            self.writer.write(state)
+            self.orders.update(orders)
+        finally:
+            block.to("meta")
+
+    def _write_outside(self) -> None:
+        """Writes the weights outside the blocks through `save_pretrained` (which drops
+        tied aliases and writes the config files) as the first shard, then frees them."""
+        keys = set(outside_keys(self.model, self.path))
+        state = {k: v for k, v in self.model.state_dict().items() if k in keys}
+        self.model.save_pretrained(self.staging, state_dict=state)
+        self.writer.adopt(self.staging / SINGLE_FILE)
+        free_outside(self.model, self.path)
+        self.outside_written = True
+
+    def finish(self) -> None:
+        """Writes the index and the channel orders once every block is written."""
+        if not self.outside_written:
+            self._write_outside()  # a model without blocks to visit
+        self.writer.finish(self.model.num_parameters())
+        save_orders(self.staging, self.orders)
