@@ -1,11 +1,13 @@
 """ria-rs: RIA post-training pruning for large language models, with a Rust core.
 
 Pipeline: `prune(model, tokenizer, sparsity="2:4", permute=True)`, then `save_pruned` /
-`load_pruned`; on NVIDIA GPUs `sparsify(model)` swaps 2:4 layers for sparse kernels and
-`generate` decodes under CUDA graphs; `ria.eval` measures perplexity and zero-shot
-accuracy. Core API (numpy arrays or torch tensors in, numpy arrays out): `ria_score`,
-`wanda_score`, `magnitude_score`, `nm_mask`, `unstructured_mask`, `retained_score`,
-`search_permutation`, `refine_mask`. Every error raised on purpose is a `ria.RiaError`.
+`load_pruned`; `prune_checkpoint(src, out_dir, ...)` does both for a checkpoint bigger
+than host memory, one decoder block at a time. On NVIDIA GPUs `sparsify(model)` swaps 2:4
+layers for sparse kernels and `generate` decodes under CUDA graphs; `ria.eval` measures
+perplexity and zero-shot accuracy. Core API (numpy arrays or torch tensors in, numpy
+arrays out): `ria_score`, `wanda_score`, `magnitude_score`, `nm_mask`, `unstructured_mask`,
+`retained_score`, `search_permutation`, `refine_mask`. Every error raised on purpose is a
+`ria.RiaError`.
 
 The GPU runtime (`ria.sparse`, which imports triton) and `ria.eval` load on first use,
 so `import ria` stays light on machines that only prune.
@@ -39,6 +41,7 @@ from .errors import (
 )
 from .pruning import LayerReport, PruneConfig, PruneReport, Sparsity, prune
 from .save import load_pruned, save_pruned
+from .streaming import prune_checkpoint
 
 if TYPE_CHECKING:
     from . import eval, sparse
@@ -93,6 +96,7 @@ __all__ = [
     "magnitude_score",
     "nm_mask",
     "prune",
+    "prune_checkpoint",
     "refine_mask",
     "retained_score",
     "ria_score",

@@ -1,0 +1,190 @@
+"""`ria.prune_checkpoint`: the streaming prune writes the checkpoint `save_pruned` writes
+after an in-memory `ria.prune`, atomically, with bounded host memory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAST_SEARCH, VOCAB, logits, tiny_config, tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import ria
+import ria.pruning.pipeline
+from ria.save import PERMUTATION_FILE
+
+CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False, device="cpu")
+CASES = {
+    "2:4 permuted": dict(sparsity="2:4", permute=True, permutation_options=FAST_SEARCH),
+    "50% unstructured": dict(sparsity=0.5),
+}
+# A block of tiny_model is ~100 KB: 40 KB shards split every block over several files.
+SHARD = "40KB"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama with tied embeddings, saved in many shards with its tokenizer."""
+    path = tmp_path_factory.mktemp("src") / "tiny"
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(path, max_shard_size=SHARD)
+    tokenizer.save_pretrained(path)
+    assert len(list(path.glob("model-*.safetensors"))) > 3
+    return path
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("model*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_streaming_writes_what_save_pruned_writes(tmp_path, checkpoint, tokenizer, case):
+    settings = {**CASES[case], **CALIB}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    report = ria.prune(model, tokenizer, **settings)
+    in_memory = ria.save_pruned(model, tmp_path / "in_memory", tokenizer, report)
+
+    streamed = tmp_path / "streamed"
+    stream_report = ria.prune_checkpoint(checkpoint, streamed, **settings)
+
+    # Bitwise: both paths run the same block code on the same CPU, in the same order, on
+    # the same calibration windows, so no float result may differ (masks, orders, the
+    # kept values and the logits of the reloaded models alike).
+    expected, got = tensors(in_memory), tensors(streamed)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert (in_memory / PERMUTATION_FILE).exists() == settings.get("permute", False)
+    if settings.get("permute"):
+        orders, stream_orders = ria.save.saved_orders(in_memory), ria.save.saved_orders(streamed)
+        assert sorted(stream_orders) == sorted(orders)
+        assert all(torch.equal(stream_orders[k], v) for k, v in orders.items())
+    config = json.loads((in_memory / "config.json").read_text())
+    assert json.loads((streamed / "config.json").read_text()) == config
+    assert config["ria"]["sparsity"] == str(CASES[case]["sparsity"])
+    assert [layer.sparsity for layer in stream_report.layers] == [
+        layer.sparsity for layer in report.layers
+    ]
+    ids = torch.randint(0, VOCAB, (1, 24))
+    assert torch.equal(
+        logits(ria.load_pruned(streamed), ids), logits(ria.load_pruned(in_memory), ids)
+    )
+    assert (streamed / "tokenizer.json").exists()  # the checkpoint's own tokenizer
+
+
+def test_a_failure_midway_leaves_no_output_and_no_staging(tmp_path, checkpoint, monkeypatch):
+    earlier = tmp_path / "out"
+    earlier.mkdir()
+    (earlier / "config.json").write_text('{"ria": {}}')  # an earlier ria checkpoint
+    calls = 0
+    score = ria.pruning.pipeline.score_linear
+    linears_per_block = 7  # q, k, v, o, gate, up, down
+
+    def failing_in_block_1(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls > linears_per_block:
+            raise RuntimeError("simulated failure in block 1")
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(ria.pruning.pipeline, "score_linear", failing_in_block_1)
+    with pytest.raises(RuntimeError, match="block 1"):
+        ria.prune_checkpoint(checkpoint, earlier, overwrite=True, sparsity="2:4", **CALIB)
+    assert calls == linears_per_block + 1  # block 0 was pruned (and written) first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+    assert [p.name for p in earlier.iterdir()] == ["config.json"]  # the old one, untouched
+
+
+def test_a_hub_id_is_read_from_the_local_cache_only(tmp_path, checkpoint, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    shutil.copytree(checkpoint, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    report = ria.prune_checkpoint("org/tiny", tmp_path / "out", sparsity="2:4", **CALIB)
+    assert report.sparsity == pytest.approx(0.5)
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    with pytest.raises(ria.InvalidArgumentError, match="org/absent"):
+        ria.prune_checkpoint("org/absent", tmp_path / "out2", sparsity="2:4", **CALIB)
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "match"),
+    [
+        (dict(sparsity="3:2"), ria.InvalidArgumentError, "N:M"),
+        (dict(sparsity="2:4", nsample=4), ria.InvalidArgumentError, "unknown setting 'nsample'"),
+        (dict(sparsity="2:4", dtype="int8"), ria.InvalidArgumentError, "dtype"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(
+    tmp_path, checkpoint, settings, error, match
+):
+    with pytest.raises(error, match=match):
+        ria.prune_checkpoint(checkpoint, tmp_path / "out", **settings)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_safetensors_checkpoints_stream(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ria.InvalidArgumentError, match="safetensors"):
+        ria.prune_checkpoint(tmp_path / "bin", tmp_path / "out")
+    with pytest.raises(FileExistsError):
+        ria.prune_checkpoint(tmp_path / "bin", tmp_path / "bin")
+
+
+# The child prunes a tiny checkpoint first (so imports and first-use allocations are done),
+# then the big one, and reports how much its peak RSS grew during the second prune.
+PEAK_RSS_CHILD = """
+import json, resource, sys
+sys.path.insert(0, {tests!r})
+import ria
+from helpers import build_tokenizer
+settings = dict(tokenizer=build_tokenizer(), sparsity=0.5, calibration="austen", nsamples=2,
+                seqlen=32, progress=False, device="cpu")
+ria.prune_checkpoint({warmup!r}, {warmup_out!r}, **settings)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ria.prune_checkpoint({src!r}, {out!r}, **settings)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"growth_bytes": (after - before) * 1024}}))
+"""
+
+
+def test_peak_host_memory_stays_near_one_block(tmp_path, checkpoint):
+    layers = 12
+    config = tiny_config(
+        "llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=layers, head_dim=128
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    size = sum(f.stat().st_size for f in (tmp_path / "src").glob("*.safetensors"))
+    block = size / layers
+    code = PEAK_RSS_CHILD.format(
+        tests=str(Path(__file__).parent),
+        warmup=str(checkpoint),
+        warmup_out=str(tmp_path / "warmup"),
+        src=str(tmp_path / "src"),
+        out=str(tmp_path / "out"),
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    growth = json.loads(child.stdout.strip().splitlines()[-1])["growth_bytes"]
+    # An in-memory prune holds all 12 blocks; streaming holds one block, its float32
+    # scores and masks, and its serialised copy while its shard is written.
+    assert growth < 5 * block, f"peak RSS grew by {growth / block:.1f} blocks"
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
