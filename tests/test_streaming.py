@@ -11,12 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST_SEARCH, VOCAB, logits, tiny_config, tiny_model
+from helpers import (
+    FAST_SEARCH,
+    VOCAB,
+    assert_nm,
+    logits,
+    pruned_linears,
+    tiny_config,
+    tiny_model,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import ria
 import ria.pruning.pipeline
+from ria.cli import main
 from ria.save import PERMUTATION_FILE
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False, device="cpu")
@@ -145,6 +154,24 @@ def test_only_safetensors_checkpoints_stream(tmp_path):
         ria.prune_checkpoint(tmp_path / "bin", tmp_path / "out")
     with pytest.raises(FileExistsError):
         ria.prune_checkpoint(tmp_path / "bin", tmp_path / "bin")
+
+
+def test_cli_low_memory(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    common = ["prune", str(checkpoint), "--low-memory", "--no-progress", "--device", "cpu"]
+    settings = ["--sparsity", "2:4", "--calibration", "austen", "--nsamples", "4", "--seqlen", "32"]
+    assert main([*common, *settings, "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    assert f"saved to {out}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["sparsity"] == pytest.approx(0.5)
+    for linear in pruned_linears(ria.load_pruned(out)).values():
+        assert_nm(linear.weight, 2, 4)
+
+    assert main([*common, *settings]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "o2"), "--eval", "austen"]) == 2
+    assert "ria eval OUT" in capsys.readouterr().err
+    assert main([*common, "--out", str(out)]) == 2  # exists, no --overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.json"]
 
 
 # The child prunes a tiny checkpoint first (so imports and first-use allocations are done),

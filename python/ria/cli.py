@@ -23,6 +23,7 @@ from .eval import check_limit, check_perplexity_args, check_task_dir
 from .permutation import PERMUTATION_MODES
 from .pruning import METHODS, PruneConfig, prune_with
 from .save import check_target, load_pruned, save_pruned
+from .streaming import DTYPES, prune_checkpoint_with
 
 DEMO = "demo"
 # Calibration for the demo: small enough for a few minutes on 2 CPU cores.
@@ -30,7 +31,6 @@ DEMO_DEFAULTS: dict[str, Any] = {"calibration": "austen", "nsamples": 32, "seqle
 # The CLI prunes for sparse tensor cores unless told otherwise; every other default is
 # `ria.prune`'s own.
 CLI_SPARSITY = "2:4"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 # A Hugging Face Hub id: "name" or "org/name" (letters, digits, "-", "_", ".").
 HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="stream one decoder block at a time from the safetensors shards to --out "
+        "(for models bigger than host memory)",
+    )
     p.add_argument("--eval", metavar="DATA", help="report dense vs pruned perplexity on DATA")
     p.add_argument("--eval-seqlen", type=int, help="perplexity window (default: --seqlen)")
     p.add_argument("--max-windows", type=int, help="limit perplexity windows")
@@ -225,6 +231,8 @@ def _prune(args: argparse.Namespace) -> int:
     if args.eval:
         seqlen = config.seqlen if args.eval_seqlen is None else args.eval_seqlen
         check_perplexity_args(seqlen, 1, args.max_windows)
+    if args.low_memory:
+        return _prune_low_memory(args, config)
     _check_outputs(args)
     check_model(args.model)
     model, tokenizer = _load(args.model, args.dtype)
@@ -255,6 +263,32 @@ def _prune(args: argparse.Namespace) -> int:
     if args.out:
         out = save_pruned(model, args.out, tokenizer, report, overwrite=args.overwrite)
         print(f"saved to {out}")
+    if args.json:
+        report.to_json(args.json)
+    return 0
+
+
+def _prune_low_memory(args: argparse.Namespace, config: PruneConfig) -> int:
+    """`ria prune --low-memory`: the streaming prune, straight into --out."""
+    if not args.out:
+        raise InvalidArgumentError("--low-memory writes the model as it prunes: give --out DIR")
+    if args.eval:
+        raise InvalidArgumentError(
+            "--eval needs the whole model in memory; with --low-memory, evaluate the output "
+            "afterwards: ria eval OUT --ppl DATA"
+        )
+    _check_outputs(args)
+    check_model(args.model)
+    src = args.model
+    if src == DEMO:
+        from .demo import smollm2_path
+
+        src = str(smollm2_path())
+    report = prune_checkpoint_with(
+        src, args.out, config, dtype=args.dtype, overwrite=args.overwrite
+    )
+    print(report)
+    print(f"saved to {Path(args.out).expanduser().resolve()}")
     if args.json:
         report.to_json(args.json)
     return 0

@@ -1,8 +1,14 @@
 """Pruning checkpoints bigger than host memory: `prune_checkpoint` streams decoder blocks
 from safetensors shards through `ria.prune`'s block loop into a new checkpoint."""
 
-from .prune import prune_checkpoint
+from .prune import prune_checkpoint, prune_checkpoint_with
 from .skeleton import DTYPES
 from .source import CheckpointSource, resolve_checkpoint
 
-__all__ = ["DTYPES", "CheckpointSource", "prune_checkpoint", "resolve_checkpoint"]
+__all__ = [
+    "DTYPES",
+    "CheckpointSource",
+    "prune_checkpoint",
+    "prune_checkpoint_with",
+    "resolve_checkpoint",
+]

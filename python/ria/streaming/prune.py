@@ -25,14 +25,21 @@ from ..errors import InvalidArgumentError
 from ..permutation import plain_state_dict
 from ..pruning import PruneConfig, PruneReport, prune_with
 from ..save import check_target, save_extras, save_orders, staged
-from .skeleton import build_skeleton, free_outside, load_block, load_outside, outside_keys
+from .skeleton import (
+    build_skeleton,
+    check_dtype,
+    free_outside,
+    load_block,
+    load_outside,
+    outside_keys,
+)
 from .source import SINGLE_FILE, CheckpointSource, resolve_checkpoint
 from .writer import ShardWriter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["prune_checkpoint"]
+__all__ = ["prune_checkpoint", "prune_checkpoint_with"]
 
 
 def prune_checkpoint(
@@ -71,7 +78,22 @@ def prune_checkpoint(
     Returns:
         The `PruneReport`, as `ria.prune` returns it (also saved as `ria_report.json`).
     """
-    config = _config(prune_kwargs)
+    return prune_checkpoint_with(
+        src, out_dir, _config(prune_kwargs), tokenizer=tokenizer, dtype=dtype, overwrite=overwrite
+    )
+
+
+def prune_checkpoint_with(
+    src: str | Path,
+    out_dir: str | Path,
+    config: PruneConfig,
+    *,
+    tokenizer: Any = None,
+    dtype: str | torch.dtype = "auto",
+    overwrite: bool = False,
+) -> PruneReport:
+    """`prune_checkpoint` with `ria.prune`'s settings given as one `PruneConfig`."""
+    check_dtype(dtype)
     out = require_path("out_dir", out_dir).resolve()
     require_bool("overwrite", overwrite)
     check_target(out, overwrite)

@@ -14,7 +14,15 @@ from .source import CheckpointSource
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["DTYPES", "build_skeleton", "free_outside", "load_block", "load_outside", "outside_keys"]
+__all__ = [
+    "DTYPES",
+    "build_skeleton",
+    "check_dtype",
+    "free_outside",
+    "load_block",
+    "load_outside",
+    "outside_keys",
+]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -36,11 +44,18 @@ def build_skeleton(source: CheckpointSource, dtype: str | torch.dtype = "auto") 
     return model
 
 
+def check_dtype(dtype: object) -> None:
+    """Refuses a dtype that is neither a floating `torch.dtype` nor one of `DTYPES`."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
 def _resolve(dtype: str | torch.dtype, config: Any, source: CheckpointSource) -> torch.dtype:
+    check_dtype(dtype)
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     named: Any = getattr(config, "dtype", None) if dtype == "auto" else dtype
     if isinstance(named, str):
         named = getattr(torch, named, None)
