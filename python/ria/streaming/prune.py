@@ -25,6 +25,7 @@ from ..errors import InvalidArgumentError
 from ..permutation import plain_state_dict
 from ..pruning import PruneConfig, PruneReport, prune_with
 from ..save import check_target, save_extras, save_orders, staged
+from .memory import release_freed_memory
 from .skeleton import (
     build_skeleton,
     check_dtype,
@@ -176,6 +177,7 @@ class _StreamedBlocks:
             self.orders.update(orders)
         finally:
             block.to("meta")
+            release_freed_memory()
 
     def _write_outside(self) -> None:
         """Writes the weights outside the blocks through `save_pretrained` (which drops
@@ -185,6 +187,7 @@ class _StreamedBlocks:
         self.model.save_pretrained(self.staging, state_dict=state)
         self.writer.adopt(self.staging / SINGLE_FILE)
         free_outside(self.model, self.path)
+        release_freed_memory()
         self.outside_written = True
 
     def finish(self) -> None:
