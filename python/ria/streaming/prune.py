@@ -5,7 +5,7 @@ The block loop is `ria.prune`'s own (`prune_with`); only where the weights live 
 (`_StreamedBlocks`): the model is a meta-device skeleton, the weights outside the blocks
 are loaded for the calibration capture, written out and freed, and each block is loaded
 when the loop visits it and written (then freed) when the visit ends. Host memory holds
-the calibration activations and about one block (twice while its shard is written).
+the calibration activations and one block with its scores (see `prune_checkpoint`).
 """
 
 from __future__ import annotations
@@ -72,9 +72,12 @@ def prune_checkpoint(
         **prune_kwargs: `ria.prune`'s settings (sparsity, method, permute, calibration,
             nsamples, seqlen, device, ...), checked before anything is read.
 
-    Host memory: the calibration activations (`nsamples x seqlen x hidden` in the model's
-    dtype, twice while a block's outputs are computed, when `device` is the CPU) plus the
-    weights outside the blocks (until the capture is done) or about two blocks.
+    Host memory, beyond the imported code: the calibration activations when `device` is
+    the CPU (`nsamples x seqlen x hidden` in the model's dtype, twice while a block's
+    outputs are computed; with CUDA they stay on the GPU), plus the larger of the weights
+    outside the blocks (held until the first block, twice while written) and one block
+    with its float32 scores and masks (~4.4 blocks of bf16 weights, measured). Activations
+    are not offloaded to disk.
 
     Returns:
         The `PruneReport`, as `ria.prune` returns it (also saved as `ria_report.json`).
