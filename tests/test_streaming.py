@@ -32,6 +32,7 @@ CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False, device
 CASES = {
     "2:4 permuted": dict(sparsity="2:4", permute=True, permutation_options=FAST_SEARCH),
     "50% unstructured": dict(sparsity=0.5),
+    "2:4 in bfloat16": dict(sparsity="2:4", dtype=torch.bfloat16),  # cast while loading
 }
 # A block of tiny_model is ~100 KB: 40 KB shards split every block over several files.
 SHARD = "40KB"
@@ -57,12 +58,13 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_streaming_writes_what_save_pruned_writes(tmp_path, checkpoint, tokenizer, case):
     settings = {**CASES[case], **CALIB}
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    dtype = settings.pop("dtype", torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     report = ria.prune(model, tokenizer, **settings)
     in_memory = ria.save_pruned(model, tmp_path / "in_memory", tokenizer, report)
 
     streamed = tmp_path / "streamed"
-    stream_report = ria.prune_checkpoint(checkpoint, streamed, **settings)
+    stream_report = ria.prune_checkpoint(checkpoint, streamed, dtype=dtype, **settings)
 
     # Bitwise: both paths run the same block code on the same CPU, in the same order, on
     # the same calibration windows, so no float result may differ (masks, orders, the
@@ -70,7 +72,7 @@ def test_streaming_writes_what_save_pruned_writes(tmp_path, checkpoint, tokenize
     expected, got = tensors(in_memory), tensors(streamed)
     assert sorted(got) == sorted(expected)
     for key, value in expected.items():
-        assert torch.equal(got[key], value), key
+        assert got[key].dtype == dtype and torch.equal(got[key], value), key
     assert (in_memory / PERMUTATION_FILE).exists() == settings.get("permute", False)
     if settings.get("permute"):
         orders, stream_orders = ria.save.saved_orders(in_memory), ria.save.saved_orders(streamed)
