@@ -58,7 +58,19 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_streaming_writes_what_save_pruned_writes(tmp_path, checkpoint, tokenizer, case):
-    settings = {**CASES[case], **CALIB}
+    assert_streaming_matches(tmp_path, checkpoint, tokenizer, {**CASES[case], **CALIB})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streaming_on_the_gpu_writes_what_save_pruned_writes(tmp_path, checkpoint, tokenizer):
+    settings = {**CASES["2:4 free orders"], **CALIB, "device": "cuda", "dtype": torch.bfloat16}
+    assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings)
+
+
+def assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings):
+    """The streamed checkpoint equals what `save_pruned` writes after `ria.prune`."""
+    settings = dict(settings)
     dtype = settings.pop("dtype", torch.float32)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     report = ria.prune(model, tokenizer, **settings)
@@ -67,9 +79,9 @@ def test_streaming_writes_what_save_pruned_writes(tmp_path, checkpoint, tokenize
     streamed = tmp_path / "streamed"
     stream_report = ria.prune_checkpoint(checkpoint, streamed, dtype=dtype, **settings)
 
-    # Bitwise: both paths run the same block code on the same CPU, in the same order, on
-    # the same calibration windows, so no float result may differ (masks, orders, the
-    # kept values and the logits of the reloaded models alike).
+    # Bitwise: both paths run the same block code with the same kernels on the same
+    # device, in the same order, on the same calibration windows and weights, so no float
+    # result may differ (masks, orders, kept values, the reloaded models' logits alike).
     expected, got = tensors(in_memory), tensors(streamed)
     assert sorted(got) == sorted(expected)
     for key, value in expected.items():
@@ -82,7 +94,7 @@ def test_streaming_writes_what_save_pruned_writes(tmp_path, checkpoint, tokenize
         assert all(torch.equal(stream_orders[k], v) for k, v in orders.items())
     config = json.loads((in_memory / "config.json").read_text())
     assert json.loads((streamed / "config.json").read_text()) == config
-    assert config["ria"]["sparsity"] == str(CASES[case]["sparsity"])
+    assert config["ria"]["sparsity"] == str(settings["sparsity"])
     assert [layer.sparsity for layer in stream_report.layers] == [
         layer.sparsity for layer in report.layers
     ]
