@@ -33,7 +33,7 @@ from ria.save import PERMUTATION_FILE
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
 IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
-ORDER_KEY = "model.layers.0.self_attn.q_proj"  # permute=True: free orders, one per Linear
+ORDER_KEY = "model.layers.0.input_layernorm"  # permute=True: folded, gathered norms
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,7 @@ def test_config_records_the_settings(tokenizer):
     )
     assert model.config.ria["method"] == "ria"
     assert model.config.ria["sparsity"] == "2:4"
-    assert model.config.ria["permute"] == DEFAULT_PERMUTATION == "free"
+    assert model.config.ria["permute"] == DEFAULT_PERMUTATION == "folded"
 
 
 def test_magnitude_needs_no_calibration_data():

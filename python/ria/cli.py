@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         const=True,
         default=False,
         choices=PERMUTATION_MODES,
-        help="N:M channel permutation; alone: the default mode (free)",
+        help="N:M channel permutation; alone: folded (no run-time cost)",
     )
     p.add_argument(
         "--calibration",

@@ -23,9 +23,11 @@ __all__ = ["ALPHA_GRID", "DEFAULT_PERMUTATION", "METHODS", "Method", "PruneConfi
 Method = Literal["ria", "wanda", "magnitude", "sparsegpt"]
 METHODS: tuple[str, ...] = get_args(Method)
 
-# What `permute=True` means (benches/quality.py, README "Quality"): free orders keep more
-# score than folded ones on every method and pattern measured.
-DEFAULT_PERMUTATION: PermutationMode = "free"
+# What `permute=True` means. Folded orders cost nothing at run time; free ones keep more
+# importance (README "Quality") but, gathered by a separate kernel, cost 11-23% of the
+# whole model's time on the H200 (benches/gather_cost.py), and a default must never make a
+# model slower.
+DEFAULT_PERMUTATION: PermutationMode = "folded"
 # The activation exponents `alpha="auto"` chooses from, per layer.
 ALPHA_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 

@@ -98,13 +98,13 @@ def prune(
             "magnitude" (no calibration data needed) or "sparsegpt" (OBS, baseline).
         permute: N:M only. Find and apply channel permutations that raise the importance
             an N:M mask keeps; the model computes the same function. "free": every Linear
-            its own input order, applied by gathering its input (fused into ria's decode
-            kernels; one gather per Linear elsewhere), down's order folded into gate/up
-            rows; works for any family. "folded": orders shared by q/k/v and by gate/up
+            its own input order, applied by gathering its input (one gather per
+            Linear and call), down's order folded into gate/up rows; works for any
+            family. "folded": orders shared by q/k/v and by gate/up
             (the norm's output gathered once per block), o_proj's restricted to heads and
             folded into v_proj: no run-time cost, less quality, Llama/Mistral/Qwen/OPT
-            only. True means "free" (it measured better on every method, README
-            "Quality").
+            only. True means "folded": it never makes the model slower ("free" gives
+            the better model, README "Quality", but costs a gather per Linear).
         calibration: "c4", "wikitext2", "austen" (shipped sample), a text file or
             directory, a list of strings, a `datasets.Dataset`, or token ids.
         nsamples, seqlen: calibration windows and their length in tokens.
