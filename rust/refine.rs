@@ -87,9 +87,9 @@ pub struct Stats {
 /// - `residual`: `R = D G`, `(rows, cols)`, with `D = weight * !keep`.
 /// - `sparsity`: with N:M, `keep` must hold exactly `n` per group.
 ///
-/// `stop` is polled before every sweep of every row; when it returns true the rows stop
-/// where they are (every swap made is still an improvement). Fails, before changing
-/// anything, on bad input, naming the argument.
+/// `stop` is polled before every sweep (of a row, or of a batch of N:M rows); when it
+/// returns true the rows stop where they are (every swap made is still an improvement).
+/// Fails, before changing anything, on bad input, naming the argument.
 pub fn refine<T: Element>(
     weight: MatRef<T>,
     gram: MatRef<f32>,
