@@ -199,7 +199,7 @@ def refine_mask(
             any mask when both are 0 (unstructured: swaps anywhere in a row).
         n, m: the N:M pattern `keep` has (ints), or 0, 0 for unstructured.
         max_sweeps: most passes over a row (an int >= 0); a row also stops when a pass
-            finds no improving swap. Each pass lowers the error less than the one before.
+            finds no improving swap. Most of the gain comes in the first few passes.
         residual: `(weight * ~keep) @ gram`, `(out, in)`, when the caller has it; by
             default it is computed in float32 with torch on the tensors' device (numpy
             for numpy inputs).
@@ -213,7 +213,7 @@ def refine_mask(
         match, a `keep` that is not N:M, non-finite numbers, or a `gram` that is not
         symmetric or has a negative diagonal; InvalidTypeError (a TypeError) for a
         non-bool `keep` or non-int `n`, `m`, `max_sweeps`; KeyboardInterrupt on Ctrl-C
-        (the call stops within a fraction of a second).
+        (the call stops at the rows' next pass).
     """
     w, fmt = weight_array(weight)
     g = float32_array(gram, "gram", 2)
