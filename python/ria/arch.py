@@ -163,3 +163,42 @@ def require_permutable(model: nn.Module) -> BlockSpec:
             "residual add (do_layer_norm_before=False, e.g. opt-350m)"
         )
     return spec
+
+
+# --- mixture-of-experts blocks ---------------------------------------------------------
+
+
+def fused_experts(block: nn.Module) -> dict[str, nn.Module]:
+    """The modules inside a block that hold experts as fused 3-D parameters (transformers
+    5: `experts.gate_up_proj` `(experts, 2 * intermediate, hidden)`, `experts.down_proj`),
+    by name relative to the block."""
+    return {
+        name: module
+        for name, module in block.named_modules()
+        if any(p.dim() == 3 for p in module.parameters(recurse=False))
+    }
+
+
+def expert_matrices(experts: nn.Module) -> dict[str, tuple[nn.Parameter, bool]]:
+    """An experts module's fused matrices: parameter name -> (parameter, transposed).
+
+    Each holds one `(out, in)` matrix per expert along dim 0, or `(in, out)` when
+    `transposed` (gpt-oss; transformers marks such modules `is_transposed`).
+    """
+    transposed = bool(getattr(experts, "is_transposed", False))
+    return {
+        name: (param, transposed)
+        for name, param in experts.named_parameters(recurse=False)
+        if param.dim() == 3
+    }
+
+
+def is_router(block: nn.Module, name: str) -> bool:
+    """Whether the module at `name` (relative to `block`) routes tokens to experts: a
+    module named like a router, or a direct child of a module that holds `experts` (a
+    Linear router, or the gate of a shared expert). Routers stay dense."""
+    parent_name, _, leaf = name.rpartition(".")
+    if "router" in type(block.get_submodule(name)).__name__.lower() or leaf == "router":
+        return True
+    parent = block.get_submodule(parent_name) if parent_name else block
+    return isinstance(block.get_submodule(name), nn.Linear) and hasattr(parent, "experts")

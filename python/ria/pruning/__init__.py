@@ -13,14 +13,16 @@ from .capture import (
 )
 from .config import METHODS, Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, DenseWeight, decoder_coverage
+from .matrices import PrunableMatrix, block_matrices
 from .obs import obs_prune
-from .pipeline import INCOMPLETE, prune, prune_with, score_linear
+from .pipeline import INCOMPLETE, MIN_ROUTED_TOKENS, prune, prune_with, score_matrix
 from .report import LayerReport, PruneReport
 
 __all__ = [
     "INCOMPLETE",
     "METHODS",
     "MIN_COVERAGE",
+    "MIN_ROUTED_TOKENS",
     "BlockInputs",
     "CalibrationInputs",
     "Coverage",
@@ -28,9 +30,11 @@ __all__ = [
     "InputStats",
     "LayerReport",
     "Method",
+    "PrunableMatrix",
     "PruneConfig",
     "PruneReport",
     "Sparsity",
+    "block_matrices",
     "calibration_windows",
     "capture_block_inputs",
     "collecting_stats",
@@ -39,5 +43,5 @@ __all__ = [
     "prune",
     "prune_with",
     "run_block",
-    "score_linear",
+    "score_matrix",
 ]

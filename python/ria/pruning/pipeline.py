@@ -1,9 +1,11 @@
 """`ria.prune`: the block loop (ARCHITECTURE.md, "One block's data flow").
 
 Per decoder block, in order: gather input statistics on the dense block, score every
-Linear (Rust), find and apply the deployable channel permutation (optional), select the
-masks, reconstruct the weights under them (optional OBS update) and apply them; then re-run
-the pruned block so the next block is calibrated on what it will really see.
+prunable matrix (Rust), find and apply the deployable channel permutation (optional),
+select the masks, reconstruct the weights under them (optional OBS update) and apply them;
+then re-run the pruned block so the next block is calibrated on what it will really see.
+A prunable matrix is a Linear's weight or one expert's slice of a fused experts parameter
+(pruning/matrices.py); every stage treats both alike.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from .._torch import default_device, module_device
 from ..arch import (
     BlockSpec,
     attention_heads,
-    block_linears,
     find_blocks,
+    fused_experts,
     input_groups,
     require_permutable,
 )
@@ -45,17 +47,22 @@ from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
 from .config import Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, decoder_coverage
+from .matrices import PrunableMatrix, block_matrices
 from .obs import obs_prune
 from .report import LayerReport, PruneReport
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["INCOMPLETE", "prune"]
+__all__ = ["INCOMPLETE", "MIN_ROUTED_TOKENS", "prune"]
 
 # `model.config.ria["status"]` while a prune is under way or after one was interrupted:
 # the model is part pruned and `ria.save_pruned` refuses it.
 INCOMPLETE = "incomplete"
+
+# An expert routed fewer calibration tokens than this is scored on its weights alone
+# (magnitude): so few tokens say more about the sampled windows than about the expert.
+MIN_ROUTED_TOKENS = 32
 
 
 def prune(
@@ -78,9 +85,12 @@ def prune(
     permutation_options: dict[str, Any] | SearchOptions | None = None,
     allow_partial: bool = False,
 ) -> PruneReport:
-    """Prunes every `nn.Linear` inside the decoder blocks of a causal LM, in place.
+    """Prunes every matrix inside the decoder blocks of a causal LM, in place: each
+    `nn.Linear`, and each expert of fused MoE experts (calibrated on the tokens the
+    model's router sends it; an expert routed fewer than `MIN_ROUTED_TOKENS` is pruned by
+    magnitude, and the report says which).
 
-    Embeddings and the LM head are never pruned. The model keeps its class, dtype and
+    Routers, embeddings and the LM head are never pruned. The model keeps its class, dtype and
     devices, and stays a normal Hugging Face model (`ria.save_pruned` writes it). Every
     argument is checked before the model is touched.
 
@@ -110,9 +120,8 @@ def prune(
         permutation_options: a `ria.SearchOptions`, or a dict of its settings, for every
             search (e.g. `{"max_steps": 8}` or `{"time_budget": 5.0}` to bound the search
             per matrix); its seed defaults to `seed`.
-        allow_partial: prune even when the `nn.Linear`s inside the decoder blocks hold
-            less than 90% of the blocks' matmul parameters (e.g. fused MoE experts, which
-            are not pruned yet); the report lists what stayed dense and why.
+        allow_partial: prune even when the prunable matrices hold less than 90% of the
+            decoder blocks' matmul parameters; the report lists what stayed dense and why.
 
     Returns:
         A `PruneReport`: per-layer sparsity, kept score, permutation efficacy and time,
@@ -193,8 +202,10 @@ class _Plan:
 
 def _plan(model: nn.Module, config: PruneConfig) -> _Plan:
     """Checks everything that can be checked before the first block is changed."""
-    spec = require_permutable(model) if config.permute else None
     path, blocks = find_blocks(model)
+    if config.permute:
+        _refuse_permuting_experts(path, blocks)
+    spec = require_permutable(model) if config.permute else None
     target = config.sparsity
     for i, block in enumerate(blocks):
         if spec is not None and is_permuted(block, spec):
@@ -204,10 +215,10 @@ def _plan(model: nn.Module, config: PruneConfig) -> _Plan:
             )
         if not target.structured:
             continue
-        for name, linear in block_linears(block).items():
-            if linear.in_features % target.m:
+        for name, matrix in block_matrices(block).items():
+            if matrix.shape[1] % target.m:
                 raise InvalidArgumentError(
-                    f"{path}.{i}.{name} has {linear.in_features} input features, "
+                    f"{path}.{i}.{name} has {matrix.shape[1]} input features, "
                     f"not divisible by M={target.m} of {target}"
                 )
     coverage = decoder_coverage(model, path, blocks)
@@ -222,6 +233,15 @@ def _plan(model: nn.Module, config: PruneConfig) -> _Plan:
     if device.type == "cuda" and not dispatched and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device={str(device)!r} but CUDA is not available here")
     return _Plan(path, blocks, spec, device, coverage)
+
+
+def _refuse_permuting_experts(path: str, blocks: nn.ModuleList) -> None:
+    for i, block in enumerate(blocks):
+        for name in fused_experts(block):
+            raise UnsupportedModelError(
+                f"channel permutation of fused MoE experts ({path}.{i}.{name}) is not "
+                "supported yet; prune without permute=True"
+            )
 
 
 NON_FINITE_ACTIVATIONS = (
@@ -245,7 +265,10 @@ class _BlockStep:
     ) -> None:
         self.model, self.block, self.prefix = model, block, prefix
         self.config, self.spec, self.timer = config, spec, timer
-        self.linears = block_linears(block)
+        self.matrices = block_matrices(block)
+        # Experts routed fewer than MIN_ROUTED_TOKENS calibration tokens -> how many they
+        # got; their scores are weight-only and no OBS update fits them to so few tokens.
+        self.weight_only: dict[str, int] = {}
 
     def run(self, inputs: BlockInputs | None) -> list[LayerReport]:
         stats = self.gather_statistics(inputs)
@@ -255,42 +278,54 @@ class _BlockStep:
             with naming(self.prefix):
                 scores, stats, searched = self.permute(self.spec, scores, stats)
         layers = []
-        for name, linear in self.linears.items():
+        for name, matrix in self.matrices.items():
             t0 = time.perf_counter()
             with naming(f"{self.prefix}.{name}"):
-                keep = self.select(scores[name])
-                if self.config.needs_hessian:
-                    keep = self.reconstruct(linear, stats[name], keep)
+                if self.config.needs_hessian and name not in self.weight_only:
+                    # SparseGPT chooses its mask inside the OBS loop; reconstruct keeps ours.
+                    own = self.config.method == "sparsegpt"
+                    chosen = None if own else self.select(scores[name])
+                    keep = self.reconstruct(matrix, stats[name], chosen)
                 else:
-                    assert keep is not None  # only SparseGPT leaves the mask to its OBS loop
-                    self.apply(linear, keep)
-            layers.append(self.layer_report(name, scores[name], keep, searched, t0))
+                    keep = self.select(scores[name])
+                    self.apply(matrix, keep)
+            layers.append(self.layer_report(name, scores[name], keep, stats, searched, t0))
         return layers
 
     def gather_statistics(self, inputs: BlockInputs | None) -> dict[str, InputStats]:
-        """Input statistics of every Linear on the dense block (empty without data)."""
+        """Input statistics of every matrix on the dense block (empty without data);
+        notes the experts routed too few tokens to use theirs."""
         if inputs is None:
             return {}
-        groups = input_groups(self.model, list(self.linears))
+        groups = input_groups(self.model, list(self.matrices))
         with (
             self.timer("statistics"),
-            collecting_stats(self.block, groups, self.config.needs_hessian) as stats,
+            collecting_stats(self.block, self.matrices, groups, self.config.needs_hessian) as stats,
         ):
             run_block(self.block, inputs)
+        self.weight_only = {
+            name: s.tokens
+            for name, s in stats.items()
+            if self.matrices[name].expert is not None and s.tokens < MIN_ROUTED_TOKENS
+        }
         return stats
 
     def score(self, stats: dict[str, InputStats]) -> dict[str, np.ndarray]:
-        """Importance of every weight, `(out, in)` float32 per Linear; all finite."""
+        """Importance of every weight, `(out, in)` float32 per matrix; all finite.
+        Experts routed too few tokens get their weights' magnitude."""
         scores = {}
         with self.timer("scores"):
-            for name, linear in self.linears.items():
+            for name, matrix in self.matrices.items():
                 with naming(f"{self.prefix}.{name}"):
                     # The core refuses non-finite weights and scores that would overflow,
                     # naming the entry; activations are checked here to say where they
                     # come from.
                     if name in stats and not stats[name].sumsq.isfinite().all():
                         raise InvalidArgumentError(NON_FINITE_ACTIVATIONS)
-                    scores[name] = score_linear(linear, stats.get(name), self.config)
+                    if name in self.weight_only:
+                        scores[name] = magnitude_score(matrix.weight)
+                    else:
+                        scores[name] = score_matrix(matrix, stats.get(name), self.config)
         return scores
 
     def permute(
@@ -311,10 +346,8 @@ class _BlockStep:
             }
         return scores, _reorder_stats(stats, orders), searched
 
-    def select(self, score: np.ndarray) -> np.ndarray | None:
-        """The keep-mask (None for SparseGPT, whose mask is chosen inside its OBS loop)."""
-        if self.config.method == "sparsegpt":
-            return None
+    def select(self, score: np.ndarray) -> np.ndarray:
+        """The keep-mask: N:M, or unstructured per row or per matrix."""
         target = self.config.sparsity
         with self.timer("masks"):
             if target.structured:
@@ -322,51 +355,59 @@ class _BlockStep:
             return unstructured_mask(score, target.fraction, per_row=bool(self.config.per_row))
 
     def reconstruct(
-        self, linear: nn.Linear, stats: InputStats, keep: np.ndarray | None
+        self, matrix: PrunableMatrix, stats: InputStats, keep: np.ndarray | None
     ) -> np.ndarray:
         """The OBS update under `keep` (or SparseGPT's own mask); returns the mask used."""
         target = self.config.sparsity
         assert stats.hessian is not None  # collected whenever config.needs_hessian
         with self.timer("reconstruction"):
             new_weight, keep_t = obs_prune(
-                linear.weight.data,
+                matrix.weight,
                 stats.hessian,
                 keep=None if keep is None else torch.from_numpy(keep),
                 sparsity=target.fraction,
                 n=target.n,
                 m=target.m,
             )
-            linear.weight.data.copy_(new_weight)
+            matrix.weight.copy_(new_weight)
         return keep_t.cpu().numpy()
 
-    def apply(self, linear: nn.Linear, keep: np.ndarray) -> None:
+    def apply(self, matrix: PrunableMatrix, keep: np.ndarray) -> None:
         """Zeroes the pruned weights."""
         with self.timer("masks"):
-            linear.weight.data.mul_(torch.from_numpy(keep).to(linear.weight.device))
+            weight = matrix.weight
+            weight.mul_(torch.from_numpy(keep).to(weight.device))
 
     def layer_report(
         self,
         name: str,
         score: np.ndarray,
         keep: np.ndarray,
+        stats: dict[str, InputStats],
         searched: dict[str, SearchStats],
         started: float,
     ) -> LayerReport:
-        weight = self.linears[name].weight
+        matrix = self.matrices[name]
+        weight = matrix.weight
         s = searched.get(name)
+        routed = stats.get(name) if matrix.expert is not None else None
         return LayerReport(
             name=f"{self.prefix}.{name}",
-            shape=(weight.shape[0], weight.shape[1]),
+            shape=matrix.shape,
             sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(),
             kept_score=float(score[keep].sum(dtype=np.float64)),
             seconds=time.perf_counter() - started,
             permutation=None if s is None else s.to_dict(),
+            routed_tokens=None if routed is None else routed.tokens,
+            weight_only=name in self.weight_only,
         )
 
 
-def score_linear(linear: nn.Linear, stats: InputStats | None, config: PruneConfig) -> np.ndarray:
-    """The importance of every weight of `linear` under `config.method`, `(out, in)` f32."""
-    weight = linear.weight.data
+def score_matrix(
+    matrix: PrunableMatrix, stats: InputStats | None, config: PruneConfig
+) -> np.ndarray:
+    """The importance of every weight of `matrix` under `config.method`, `(out, in)` f32."""
+    weight = matrix.weight
     if config.method == "magnitude":
         return magnitude_score(weight)
     if stats is None:
