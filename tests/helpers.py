@@ -13,6 +13,7 @@ from transformers import (
     DeepseekV3Config,
     Gemma3TextConfig,
     GptOssConfig,
+    Llama4TextConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -89,6 +90,10 @@ _MORE_FAMILIES = {
     "qwen3_moe": lambda **kw: Qwen3MoeConfig(**kw, **_EXPERTS, head_dim=16, num_experts=4),
     "qwen2_moe": lambda **kw: Qwen2MoeConfig(
         **kw, **_EXPERTS, num_experts=4, shared_expert_intermediate_size=32
+    ),
+    # Experts stored (experts, in, out) without transformers' layout flag: left dense.
+    "llama4": lambda **kw: Llama4TextConfig(
+        **kw, head_dim=16, num_local_experts=4, num_experts_per_tok=1
     ),
     "mixtral": lambda **kw: MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2),
     "gpt_oss": lambda **kw: GptOssConfig(

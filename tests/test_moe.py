@@ -108,6 +108,8 @@ def test_permutation_of_fused_experts_is_refused_before_anything_changes(tokeniz
 class _AllAtOnceExperts(nn.Module):
     """Experts whose forward multiplies every expert at once (no per-expert slice)."""
 
+    is_transposed = False  # the layout flag transformers' use_experts_implementation sets
+
     def __init__(self) -> None:
         super().__init__()
         self.down_proj = nn.Parameter(torch.randn(4, 8, 8))
@@ -126,6 +128,14 @@ def test_experts_whose_routed_tokens_cannot_be_seen_are_refused():
     ):
         block(torch.randn(5, 8))
     assert "forward" not in block[0].__dict__  # the module's own forward is back
+
+
+def test_3d_weights_of_an_undeclared_layout_stay_dense(tokenizer):
+    model = tiny_model("llama4")  # experts (experts, in, out), no is_transposed flag
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ria.UnsupportedModelError, match="whose layout transformers does not"):
+        ria.prune(model, tokenizer, sparsity="2:4", **CALIB)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_sparsify_says_experts_run_dense_masked(tokenizer):

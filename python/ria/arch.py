@@ -171,11 +171,17 @@ def require_permutable(model: nn.Module) -> BlockSpec:
 def fused_experts(block: nn.Module) -> dict[str, nn.Module]:
     """The modules inside a block that hold experts as fused 3-D parameters (transformers
     5: `experts.gate_up_proj` `(experts, 2 * intermediate, hidden)`, `experts.down_proj`),
-    by name relative to the block."""
+    by name relative to the block.
+
+    Only modules whose layout transformers declares (its `use_experts_implementation`
+    sets `is_transposed`) count: the input dimension of any other 3-D weight is a guess
+    (Llama 4 stores `(experts, in, out)` without saying so), and stays dense.
+    """
     return {
         name: module
         for name, module in block.named_modules()
-        if any(p.dim() == 3 for p in module.parameters(recurse=False))
+        if hasattr(module, "is_transposed")
+        and any(p.dim() == 3 for p in module.parameters(recurse=False))
     }
 
 
@@ -194,11 +200,13 @@ def expert_matrices(experts: nn.Module) -> dict[str, tuple[nn.Parameter, bool]]:
 
 
 def is_router(block: nn.Module, name: str) -> bool:
-    """Whether the module at `name` (relative to `block`) routes tokens to experts: a
-    module named like a router, or a direct child of a module that holds `experts` (a
-    Linear router, or the gate of a shared expert). Routers stay dense."""
-    parent_name, _, leaf = name.rpartition(".")
-    if "router" in type(block.get_submodule(name)).__name__.lower() or leaf == "router":
-        return True
-    parent = block.get_submodule(parent_name) if parent_name else block
-    return isinstance(block.get_submodule(name), nn.Linear) and hasattr(parent, "experts")
+    """Whether the module at `name` (relative to `block`) routes tokens to experts: it or
+    a module above it is named like a router, or it is an `nn.Linear` directly beside
+    `experts` (a Linear router, or the gate of a shared expert). Routers stay dense."""
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        module = block.get_submodule(".".join(parts[:depth]))
+        if parts[depth - 1] == "router" or "router" in type(module).__name__.lower():
+            return True
+    parent = block.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else block
+    return isinstance(module, nn.Linear) and hasattr(parent, "experts")

@@ -78,7 +78,7 @@ def decoder_coverage(model: nn.Module, blocks_path: str, blocks: nn.ModuleList) 
             if id(param) in prunable:
                 pruned += param.numel()
             else:
-                reason = _why_dense(block, name)
+                reason = _why_dense(block, name, param.dim())
                 dense.append(DenseWeight(f"{blocks_path}.{i}.{name}", param.numel(), reason))
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     for name, param in model.named_parameters():
@@ -87,11 +87,16 @@ def decoder_coverage(model: nn.Module, blocks_path: str, blocks: nn.ModuleList) 
     return Coverage(pruned, decoder, dense)
 
 
-def _why_dense(block: nn.Module, name: str) -> str:
+def _why_dense(block: nn.Module, name: str, dims: int) -> str:
     owner_name = name.rpartition(".")[0]
     kind = type(block.get_submodule(owner_name) if owner_name else block).__name__
     if owner_name and is_router(block, owner_name):
         return f"router ({kind}): stays dense"
+    if dims == 3:
+        return (
+            f"3-D weights of {kind}, whose layout transformers does not declare "
+            "(no use_experts_implementation): not pruned"
+        )
     return f"{kind} is neither an nn.Linear nor fused experts: not pruned"
 
 

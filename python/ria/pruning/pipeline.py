@@ -266,9 +266,9 @@ class _BlockStep:
         self.model, self.block, self.prefix = model, block, prefix
         self.config, self.spec, self.timer = config, spec, timer
         self.matrices = block_matrices(block)
-        # Experts routed fewer than MIN_ROUTED_TOKENS calibration tokens -> how many they
-        # got; their scores are weight-only and no OBS update fits them to so few tokens.
-        self.weight_only: dict[str, int] = {}
+        # Experts routed fewer than MIN_ROUTED_TOKENS calibration tokens: their scores are
+        # weight-only, and no OBS update fits them to so few tokens.
+        self.weight_only: set[str] = set()
 
     def run(self, inputs: BlockInputs | None) -> list[LayerReport]:
         stats = self.gather_statistics(inputs)
@@ -304,7 +304,7 @@ class _BlockStep:
         ):
             run_block(self.block, inputs)
         self.weight_only = {
-            name: s.tokens
+            name
             for name, s in stats.items()
             if self.matrices[name].expert is not None and s.tokens < MIN_ROUTED_TOKENS
         }
