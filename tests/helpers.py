@@ -10,12 +10,22 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    CohereConfig,
+    DeepseekV3Config,
+    Gemma3TextConfig,
+    GptOssConfig,
+    Llama4TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Olmo2Config,
     OPTConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 import ria
@@ -25,6 +35,10 @@ VOCAB = 512
 CUDA = torch.cuda.is_available()
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
+# Families with fused 3-D experts (transformers 5); qwen2_moe adds a Linear shared-expert gate.
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3")
+# Every family whose tiny config the coverage contract is tested on.
+ALL_FAMILIES = (*FAMILIES, "gemma3", "olmo2", "phi3", "cohere", *MOE_FAMILIES)
 
 
 def sample_text() -> str:
@@ -49,6 +63,11 @@ def tiny_config(family: str, **overrides):
         cfg = Qwen2Config(**common, **decoder)
     elif family == "qwen3":
         cfg = Qwen3Config(**common, **decoder, head_dim=16)
+    elif family in _MORE_FAMILIES:
+        # Their defaults name special tokens beyond the tiny vocabulary.
+        cfg = _MORE_FAMILIES[family](
+            **common, **decoder, pad_token_id=0, bos_token_id=1, eos_token_id=2
+        )
     elif family == "opt":
         cfg = OPTConfig(
             **common,
@@ -63,6 +82,42 @@ def tiny_config(family: str, **overrides):
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
+
+
+_EXPERTS = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+_MORE_FAMILIES = {
+    "gemma3": lambda **kw: Gemma3TextConfig(**kw, head_dim=16),
+    "olmo2": Olmo2Config,
+    "phi3": Phi3Config,
+    "cohere": CohereConfig,
+    "qwen3_moe": lambda **kw: Qwen3MoeConfig(**kw, **_EXPERTS, head_dim=16, num_experts=4),
+    "qwen2_moe": lambda **kw: Qwen2MoeConfig(
+        **kw, **_EXPERTS, num_experts=4, shared_expert_intermediate_size=32
+    ),
+    # Experts stored (experts, in, out) without transformers' layout flag: left dense.
+    "llama4": lambda **kw: Llama4TextConfig(
+        **kw, head_dim=16, num_local_experts=4, num_experts_per_tok=1
+    ),
+    "mixtral": lambda **kw: MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": lambda **kw: GptOssConfig(
+        **kw, head_dim=16, num_local_experts=4, num_experts_per_tok=2
+    ),
+    # Block 0 dense (first_k_dense_replace), block 1 MoE with a shared expert; MLA attention.
+    "deepseek_v3": lambda **kw: DeepseekV3Config(
+        **kw,
+        **_EXPERTS,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+    ),
+}
 
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -127,3 +182,18 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 def assert_nm(weight: torch.Tensor, n: int, m: int) -> None:
     nonzero = (weight != 0).reshape(weight.shape[0], -1, m).sum(dim=-1)
     assert (nonzero <= n).all(), "a group of m keeps more than n weights"
+
+
+def along_input(module: torch.nn.Module, param: torch.Tensor) -> torch.Tensor:
+    """A weight as `(rows, in)`: a Linear's `(out, in)`, or every expert's rows of a fused
+    3-D parameter, read through transformers' own layout flag (`is_transposed`: gpt-oss
+    stores `(experts, in, out)`)."""
+    if param.dim() == 3 and getattr(module, "is_transposed", False):
+        param = param.transpose(1, 2)
+    return param.reshape(-1, param.shape[-1])
+
+
+def rows_in_nm(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Per row of `(rows, in)`: whether every group of m inputs keeps at most n nonzeros."""
+    nonzero = (rows != 0).reshape(rows.shape[0], -1, m).sum(dim=-1)
+    return (nonzero <= n).all(dim=-1)

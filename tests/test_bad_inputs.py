@@ -332,7 +332,7 @@ def test_a_prune_that_fails_midway_is_marked_and_not_saved(
     from ria.pruning import pipeline
 
     model = tiny_model("llama")
-    real, calls = pipeline.score_linear, []
+    real, calls = pipeline.score_matrix, []
 
     def failing_in_block_1(linear, stats, config):
         calls.append(linear)
@@ -340,7 +340,7 @@ def test_a_prune_that_fails_midway_is_marked_and_not_saved(
             raise failure
         return real(linear, stats, config)
 
-    monkeypatch.setattr(pipeline, "score_linear", failing_in_block_1)
+    monkeypatch.setattr(pipeline, "score_matrix", failing_in_block_1)
     with pytest.raises(type(failure)):
         ria.prune(model, tokenizer, sparsity="2:4", **CALIB)
     assert model.config.ria["status"] == "incomplete"

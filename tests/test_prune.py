@@ -98,14 +98,14 @@ def test_permuted_prune_is_nm_in_storage_order_and_keeps_more(tokenizer, family,
 def test_sequential_calibration_sees_the_pruned_outputs(tokenizer, monkeypatch):
     """Block 1 must be scored on what pruned block 0 outputs, not on dense activations."""
     seen: list[torch.Tensor] = []
-    original = pipeline.score_linear
+    original = pipeline.score_matrix
 
     def spy(linear, stats, config):
         if stats is not None:
             seen.append(stats.act_norm.clone())
         return original(linear, stats, config)
 
-    monkeypatch.setattr(pipeline, "score_linear", spy)
+    monkeypatch.setattr(pipeline, "score_matrix", spy)
     model = tiny_model("llama")
     dense = tiny_model("llama")
     windows = ria.pruning.calibration_windows("austen", tokenizer, 4, 32, seed=0)

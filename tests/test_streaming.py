@@ -110,7 +110,7 @@ def test_a_failure_midway_leaves_no_output_and_no_staging(tmp_path, checkpoint, 
     earlier.mkdir()
     (earlier / "config.json").write_text('{"ria": {}}')  # an earlier ria checkpoint
     calls = 0
-    score = ria.pruning.pipeline.score_linear
+    score = ria.pruning.pipeline.score_matrix
     linears_per_block = 7  # q, k, v, o, gate, up, down
 
     def failing_in_block_1(*args, **kwargs):
@@ -120,7 +120,7 @@ def test_a_failure_midway_leaves_no_output_and_no_staging(tmp_path, checkpoint, 
             raise RuntimeError("simulated failure in block 1")
         return score(*args, **kwargs)
 
-    monkeypatch.setattr(ria.pruning.pipeline, "score_linear", failing_in_block_1)
+    monkeypatch.setattr(ria.pruning.pipeline, "score_matrix", failing_in_block_1)
     with pytest.raises(RuntimeError, match="block 1"):
         ria.prune_checkpoint(checkpoint, earlier, overwrite=True, sparsity="2:4", **CALIB)
     assert calls == linears_per_block + 1  # block 0 was pruned (and written) first

@@ -163,3 +163,50 @@ def require_permutable(model: nn.Module) -> BlockSpec:
             "residual add (do_layer_norm_before=False, e.g. opt-350m)"
         )
     return spec
+
+
+# --- mixture-of-experts blocks ---------------------------------------------------------
+
+
+def fused_experts(block: nn.Module) -> dict[str, nn.Module]:
+    """The modules inside a block that hold experts as fused 3-D parameters (transformers
+    5: `experts.gate_up_proj` `(experts, 2 * intermediate, hidden)`, `experts.down_proj`),
+    by name relative to the block.
+
+    Only modules whose layout transformers declares (its `use_experts_implementation`
+    sets `is_transposed`) count: the input dimension of any other 3-D weight is a guess
+    (Llama 4 stores `(experts, in, out)` without saying so), and stays dense.
+    """
+    return {
+        name: module
+        for name, module in block.named_modules()
+        if hasattr(module, "is_transposed")
+        and any(p.dim() == 3 for p in module.parameters(recurse=False))
+    }
+
+
+def expert_matrices(experts: nn.Module) -> dict[str, tuple[nn.Parameter, bool]]:
+    """An experts module's fused matrices: parameter name -> (parameter, transposed).
+
+    Each holds one `(out, in)` matrix per expert along dim 0, or `(in, out)` when
+    `transposed` (gpt-oss; transformers marks such modules `is_transposed`).
+    """
+    transposed = bool(getattr(experts, "is_transposed", False))
+    return {
+        name: (param, transposed)
+        for name, param in experts.named_parameters(recurse=False)
+        if param.dim() == 3
+    }
+
+
+def is_router(block: nn.Module, name: str) -> bool:
+    """Whether the module at `name` (relative to `block`) routes tokens to experts: it or
+    a module above it is named like a router, or it is an `nn.Linear` directly beside
+    `experts` (a Linear router, or the gate of a shared expert). Routers stay dense."""
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        module = block.get_submodule(".".join(parts[:depth]))
+        if parts[depth - 1] == "router" or "router" in type(module).__name__.lower():
+            return True
+    parent = block.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else block
+    return isinstance(module, nn.Linear) and hasattr(parent, "experts")

@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-partial",
         action="store_true",
-        help="prune even if under 90%% of the decoder's matmul weights are nn.Linear",
+        help="prune even if under 90%% of the decoder's matmul weights can be pruned",
     )
     p.add_argument("--seed", type=int, default=default["seed"])
     p.add_argument(

@@ -15,8 +15,9 @@ from .capture import (
 from .config import ALPHA_GRID, DEFAULT_PERMUTATION, METHODS, Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, DenseWeight, decoder_coverage
 from .error import relative_output_error
+from .matrices import PrunableMatrix, block_matrices
 from .obs import obs_prune
-from .pipeline import INCOMPLETE, Placement, prune, prune_with, score_linear
+from .pipeline import INCOMPLETE, MIN_ROUTED_TOKENS, Placement, prune, prune_with, score_matrix
 from .report import LayerReport, PruneReport
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "INCOMPLETE",
     "METHODS",
     "MIN_COVERAGE",
+    "MIN_ROUTED_TOKENS",
     "BlockInputs",
     "CalibrationInputs",
     "Coverage",
@@ -33,9 +35,11 @@ __all__ = [
     "LayerReport",
     "Method",
     "Placement",
+    "PrunableMatrix",
     "PruneConfig",
     "PruneReport",
     "Sparsity",
+    "block_matrices",
     "calibration_windows",
     "capture_block_inputs",
     "collecting_stats",
@@ -45,5 +49,5 @@ __all__ = [
     "prune_with",
     "relative_output_error",
     "run_block",
-    "score_linear",
+    "score_matrix",
 ]

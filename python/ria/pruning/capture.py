@@ -1,5 +1,6 @@
 """Running decoder blocks on calibration data: the inputs every block is called with,
-per-Linear input statistics, and each block's outputs (which feed the next block).
+input statistics of every prunable matrix (each expert's from the tokens routed to it,
+pruning/experts.py), and each block's outputs (which feed the next block).
 
 Works with any Hugging Face decoder: the blocks' inputs are caught with every keyword
 argument the model passes (attention masks, position ids, `position_embeddings`, cache
@@ -10,8 +11,8 @@ and rotary embeddings, computed by the model's own forward, never by ria.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +20,10 @@ import torch
 from torch import nn
 
 from .._torch import module_device, move
-from ..arch import linear_at
+from ..arch import fused_experts, linear_at
 from ..errors import UnsupportedModelError
+from .experts import observing_experts
+from .matrices import PrunableMatrix
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -152,14 +155,21 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 @dataclass
 class InputStats:
-    """Statistics of one Linear input over all calibration tokens (fp32).
+    """Statistics of one matrix's input over the calibration tokens it sees (fp32).
 
     `sumsq[j]` is the sum of squares of channel j; `hessian` is `X^T X` (`(C, C)`),
-    collected only for the OBS (SparseGPT) update (None otherwise).
+    collected only for the OBS (SparseGPT) update (None otherwise); `tokens` counts the
+    rows of X (for an expert, the tokens routed to it).
     """
 
     sumsq: torch.Tensor
     hessian: torch.Tensor | None = None
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, channels: int, device: torch.device, hessian: bool) -> InputStats:
+        h = torch.zeros(channels, channels, device=device) if hessian else None
+        return cls(torch.zeros(channels, device=device), h)
 
     @property
     def act_norm(self) -> torch.Tensor:
@@ -168,6 +178,7 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
         self.sumsq += (x * x).sum(dim=0)
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
@@ -179,32 +190,36 @@ class InputStats:
         return InputStats(
             self.sumsq.index_select(0, idx),
             None if h is None else h.index_select(0, idx).index_select(1, idx),
+            self.tokens,
         )
 
 
 @contextmanager
 def collecting_stats(
-    block: nn.Module, groups: list[tuple[str, ...]], hessian: bool
+    block: nn.Module,
+    matrices: Mapping[str, PrunableMatrix],
+    groups: list[tuple[str, ...]],
+    hessian: bool,
 ) -> Iterator[dict[str, InputStats]]:
     """Within the context, forward passes of `block` accumulate input statistics for every
-    Linear named in `groups`; Linears of one group read the same tensor and share one
-    `InputStats` (collected once)."""
+    matrix named in `groups`; Linears of one group read the same tensor and share one
+    `InputStats` (collected once); each expert's matrices get their own, from its tokens."""
     stats: dict[str, InputStats] = {}
-    handles = []
-    for group in groups:
-        first = linear_at(block, group[0])
-        c, device = first.in_features, module_device(first)
-        shared = InputStats(
-            torch.zeros(c, device=device), torch.zeros(c, c, device=device) if hessian else None
-        )
-        for name in group:
-            stats[name] = shared
-        handles.append(first.register_forward_hook(_adder(shared)))
-    try:
+    by_expert: dict[tuple[int, int], InputStats] = {}
+    with ExitStack() as stack:
+        for group in groups:
+            first = matrices[group[0]]
+            shared = InputStats.zeros(first.shape[1], first.param.device, hessian)
+            for name in group:
+                stats[name] = shared
+            if first.expert is None:
+                handle = linear_at(block, group[0]).register_forward_hook(_adder(shared))
+                stack.callback(handle.remove)
+            else:
+                by_expert[(id(first.param), first.expert)] = shared
+        for name, experts in fused_experts(block).items():
+            stack.enter_context(observing_experts(name, experts, by_expert))
         yield stats
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _adder(stats: InputStats) -> Callable[..., None]:

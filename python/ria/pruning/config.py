@@ -151,7 +151,7 @@ class PruneConfig:
     @property
     def needs_data(self) -> bool:
         """Whether calibration data is needed (everything but plain magnitude pruning)."""
-        return self.method != "magnitude" or self.reconstruct
+        return self.method != "magnitude" or self.needs_hessian
 
     @property
     def needs_hessian(self) -> bool:

@@ -1,6 +1,7 @@
 """What a prune covers: the share of the decoder's matrix-multiply parameters that ria
 prunes, and every weight that stays dense with the reason, so a report can never claim
-"50% sparse" for a model whose experts (fused 3-D parameters) were never touched.
+"50% sparse" for a model whose weights it did not reach (routers, or a kind of weight
+ria does not know).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from ..arch import block_linears
+from ..arch import is_router
+from .matrices import block_matrices, is_matmul_weight
 
 __all__ = ["MIN_COVERAGE", "Coverage", "DenseWeight", "decoder_coverage"]
 
@@ -31,8 +33,8 @@ class DenseWeight:
 @dataclass(frozen=True)
 class Coverage:
     """`pruned_params` of the decoder blocks' `decoder_params` matmul parameters (every
-    parameter of 2 or more dimensions inside a block) are pruned; `dense` lists the
-    weights that are not, inside the blocks and out (embeddings, the LM head)."""
+    parameter of 2 or more dimensions inside a block but biases) are pruned; `dense`
+    lists the weights that are not, inside the blocks and out (embeddings, the LM head)."""
 
     pruned_params: int
     decoder_params: int
@@ -63,17 +65,17 @@ class Coverage:
 
 
 def decoder_coverage(model: nn.Module, blocks_path: str, blocks: nn.ModuleList) -> Coverage:
-    """Which matmul weights `prune` reaches: the `nn.Linear` weights inside the decoder
-    blocks. Everything else of 2+ dimensions is listed with a reason."""
+    """Which matmul weights `prune` reaches: the prunable matrices of the decoder blocks
+    (Linears and fused experts). Everything else of 2+ dimensions is listed with a reason."""
     pruned = decoder = 0
     dense: list[DenseWeight] = []
     for i, block in enumerate(blocks):
-        linear_weights = {f"{name}.weight" for name in block_linears(block)}
+        prunable = {id(m.param) for m in block_matrices(block).values()}
         for name, param in block.named_parameters():
-            if param.dim() < 2:
+            if not is_matmul_weight(name, param):
                 continue  # norms, biases, scales: not matrix multiplies
             decoder += param.numel()
-            if name in linear_weights:
+            if id(param) in prunable:
                 pruned += param.numel()
             else:
                 reason = _why_dense(block, name, param.dim())
@@ -86,13 +88,16 @@ def decoder_coverage(model: nn.Module, blocks_path: str, blocks: nn.ModuleList) 
 
 
 def _why_dense(block: nn.Module, name: str, dims: int) -> str:
-    owner = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
-    kind = type(owner).__name__
-    if dims == 3:
-        return f"fused 3-D expert weights in {kind}, not nn.Linear: not pruned"
-    if "router" in kind.lower() or name.rpartition(".")[0].endswith("gate"):
+    owner_name = name.rpartition(".")[0]
+    kind = type(block.get_submodule(owner_name) if owner_name else block).__name__
+    if owner_name and is_router(block, owner_name):
         return f"router ({kind}): stays dense"
-    return f"{kind} is not an nn.Linear: not pruned"
+    if dims == 3:
+        return (
+            f"3-D weights of {kind}, whose layout transformers does not declare "
+            "(no use_experts_implementation): not pruned"
+        )
+    return f"{kind} is neither an nn.Linear nor fused experts: not pruned"
 
 
 def _outside_reason(model: nn.Module, param: nn.Parameter) -> str:

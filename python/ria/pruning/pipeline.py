@@ -24,9 +24,9 @@ from ..arch import (
     BlockSpec,
     Heads,
     attention_heads,
-    block_linears,
     block_spec,
     find_blocks,
+    fused_experts,
     input_groups,
     require_permutable,
 )
@@ -49,17 +49,22 @@ from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_s
 from .config import ALPHA_GRID, Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, decoder_coverage
 from .error import relative_output_error
+from .matrices import PrunableMatrix, block_matrices
 from .obs import obs_prune
 from .report import LayerReport, PruneReport
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["INCOMPLETE", "Placement", "prune", "prune_with"]
+__all__ = ["INCOMPLETE", "MIN_ROUTED_TOKENS", "Placement", "prune", "prune_with"]
 
 # `model.config.ria["status"]` while a prune is under way or after one was interrupted:
 # the model is part pruned and `ria.save_pruned` refuses it.
 INCOMPLETE = "incomplete"
+
+# An expert routed fewer calibration tokens than this is scored on its weights alone
+# (magnitude): so few tokens say more about the sampled windows than about the expert.
+MIN_ROUTED_TOKENS = 32
 
 
 def prune(
@@ -84,9 +89,12 @@ def prune(
     allow_partial: bool = False,
     measure_error: bool = False,
 ) -> PruneReport:
-    """Prunes every `nn.Linear` inside the decoder blocks of a causal LM, in place.
+    """Prunes every matrix inside the decoder blocks of a causal LM, in place: each
+    `nn.Linear`, and each expert of fused MoE experts (calibrated on the tokens the
+    model's router sends it; an expert routed fewer than `MIN_ROUTED_TOKENS` is pruned by
+    magnitude, and the report says which).
 
-    Embeddings and the LM head are never pruned. The model keeps its class, dtype and
+    Routers, embeddings and the LM head are never pruned. The model keeps its class, dtype and
     devices, and stays a normal Hugging Face model (`ria.save_pruned` writes it). Every
     argument is checked before the model is touched.
 
@@ -127,9 +135,8 @@ def prune(
         permutation_options: a `ria.SearchOptions`, or a dict of its settings, for every
             search (e.g. `{"max_steps": 8}` or `{"time_budget": 5.0}` to bound the search
             per matrix); its seed defaults to `seed`.
-        allow_partial: prune even when the `nn.Linear`s inside the decoder blocks hold
-            less than 90% of the blocks' matmul parameters (e.g. fused MoE experts, which
-            are not pruned yet); the report lists what stayed dense and why.
+        allow_partial: prune even when the prunable matrices hold less than 90% of the
+            decoder blocks' matmul parameters; the report lists what stayed dense and why.
         measure_error: report each layer's relative output error on the calibration data
             (`LayerReport.output_error`); collects `X^T X` per Linear input.
 
@@ -225,11 +232,13 @@ class _Plan:
 def _plan(model: PreTrainedModel, config: PruneConfig) -> _Plan:
     """Checks everything that can be checked before the first block is changed."""
     mode = config.permutation_mode
+    path, blocks = find_blocks(model)
+    if mode is not None:
+        _refuse_permuting_experts(path, blocks)
     # Free orders need no family rules; they use the family's spec, when there is one,
     # to fold down's order into gate/up rows.
     spec = require_permutable(model) if mode == "folded" else block_spec(model)
     heads = attention_heads(model) if mode is not None and spec is not None else None
-    path, blocks = find_blocks(model)
     target = config.sparsity
     for i, block in enumerate(blocks):
         if mode is not None and is_permuted(block):
@@ -239,10 +248,10 @@ def _plan(model: PreTrainedModel, config: PruneConfig) -> _Plan:
             )
         if not target.structured:
             continue
-        for name, linear in block_linears(block).items():
-            if linear.in_features % target.m:
+        for name, matrix in block_matrices(block).items():
+            if matrix.shape[1] % target.m:
                 raise InvalidArgumentError(
-                    f"{path}.{i}.{name} has {linear.in_features} input features, "
+                    f"{path}.{i}.{name} has {matrix.shape[1]} input features, "
                     f"not divisible by M={target.m} of {target}"
                 )
     coverage = decoder_coverage(model, path, blocks)
@@ -257,6 +266,15 @@ def _plan(model: PreTrainedModel, config: PruneConfig) -> _Plan:
     if device.type == "cuda" and not dispatched and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device={str(device)!r} but CUDA is not available here")
     return _Plan(path, blocks, spec if mode else None, heads, device, coverage)
+
+
+def _refuse_permuting_experts(path: str, blocks: nn.ModuleList) -> None:
+    for i, block in enumerate(blocks):
+        for name in fused_experts(block):
+            raise UnsupportedModelError(
+                f"channel permutation of fused MoE experts ({path}.{i}.{name}) is not "
+                "supported yet; prune without permute=True"
+            )
 
 
 NON_FINITE_ACTIVATIONS = (
@@ -280,8 +298,11 @@ class _BlockStep:
     ) -> None:
         self.model, self.block, self.prefix = model, block, prefix
         self.config, self.plan, self.timer = config, plan, timer
-        self.linears = block_linears(block)
+        self.matrices = block_matrices(block)
         self.alphas: dict[str, float] = {}
+        # Experts routed fewer than MIN_ROUTED_TOKENS calibration tokens: their scores are
+        # weight-only, and no mask refinement or OBS update fits them to so few tokens.
+        self.weight_only: set[str] = set()
 
     def run(self, inputs: BlockInputs | None) -> list[LayerReport]:
         stats = self.gather_statistics(inputs)
@@ -290,70 +311,79 @@ class _BlockStep:
         if self.config.permute:
             with naming(self.prefix):
                 scores, stats, searched = self.permute(scores, stats)
-            self.linears = block_linears(self.block)  # free orders replaced some modules
         layers = []
-        for name, linear in self.linears.items():
+        for name, matrix in self.matrices.items():
             t0 = time.perf_counter()
             with naming(f"{self.prefix}.{name}"):
-                hessian = stats[name].hessian if name in stats else None
-                original = linear.weight.data.clone() if hessian is not None else None
-                keep = self.select(scores[name])
+                calibrated = name in stats and name not in self.weight_only
+                hessian = stats[name].hessian if calibrated else None
+                original = matrix.weight.clone() if hessian is not None else None
+                # SparseGPT chooses its mask inside the OBS loop; other methods here.
+                own = self.config.method == "sparsegpt" and hessian is not None
+                keep = None if own else self.select(scores[name])
                 refined = None
-                if self.config.refine:
-                    assert hessian is not None  # collected whenever config.refine
-                    keep, refined = self.refine(linear, hessian, keep)
-                if self.config.needs_reconstruction:
-                    assert hessian is not None
-                    keep = self.reconstruct(linear, hessian, keep)
+                if self.config.refine and hessian is not None:
+                    keep, refined = self.refine(matrix, hessian, keep)
+                if self.config.needs_reconstruction and hessian is not None:
+                    keep = self.reconstruct(matrix, hessian, keep)
                 else:
                     assert keep is not None  # only SparseGPT leaves the mask to its OBS loop
-                    self.apply(linear, keep)
+                    self.apply(matrix, keep)
                 error = None
                 if original is not None and hessian is not None:
-                    error = relative_output_error(original, linear.weight.data, hessian)
-            layers.append(self.layer_report(name, scores[name], keep, searched, t0, error, refined))
+                    error = relative_output_error(original, matrix.weight, hessian)
+            layers.append(
+                self.layer_report(name, scores[name], keep, stats, searched, t0, error, refined)
+            )
         return layers
 
     def gather_statistics(self, inputs: BlockInputs | None) -> dict[str, InputStats]:
-        """Input statistics of every Linear on the dense block (empty without data)."""
+        """Input statistics of every matrix on the dense block (empty without data);
+        notes the experts routed too few tokens to use theirs."""
         if inputs is None:
             return {}
-        groups = input_groups(self.model, list(self.linears))
+        groups = input_groups(self.model, list(self.matrices))
         with (
             self.timer("statistics"),
-            collecting_stats(self.block, groups, self.config.needs_hessian) as stats,
+            collecting_stats(self.block, self.matrices, groups, self.config.needs_hessian) as stats,
         ):
             run_block(self.block, inputs)
+        self.weight_only = {
+            name
+            for name, s in stats.items()
+            if self.matrices[name].expert is not None and s.tokens < MIN_ROUTED_TOKENS
+        }
         return stats
 
     def score(self, stats: dict[str, InputStats]) -> dict[str, np.ndarray]:
-        """Importance of every weight, `(out, in)` float32 per Linear; all finite."""
+        """Importance of every weight, `(out, in)` float32 per matrix; all finite.
+        Experts routed too few tokens get their weights' magnitude."""
         scores = {}
         with self.timer("scores"):
-            for name, linear in self.linears.items():
+            for name, matrix in self.matrices.items():
                 with naming(f"{self.prefix}.{name}"):
                     # The core refuses non-finite weights and scores that would overflow,
                     # naming the entry; activations are checked here to say where they
                     # come from.
                     if name in stats and not stats[name].sumsq.isfinite().all():
                         raise InvalidArgumentError(NON_FINITE_ACTIVATIONS)
-                    if self.config.alpha == "auto":
-                        self.alphas[name], scores[name] = self.best_alpha(linear, stats[name])
+                    if name in self.weight_only:
+                        scores[name] = magnitude_score(matrix.weight)
+                    elif self.config.alpha == "auto":
+                        self.alphas[name], scores[name] = self.best_alpha(matrix, stats[name])
                     else:
-                        scores[name] = score_linear(linear, stats.get(name), self.config)
+                        scores[name] = score_matrix(matrix, stats.get(name), self.config)
         return scores
 
-    def best_alpha(self, linear: nn.Linear, stats: InputStats) -> tuple[float, np.ndarray]:
+    def best_alpha(self, matrix: PrunableMatrix, stats: InputStats) -> tuple[float, np.ndarray]:
         """The exponent of `ALPHA_GRID` whose RIA mask (in storage order, no update) has
         the lowest output error on the calibration data, and its scores."""
         assert stats.hessian is not None  # collected whenever alpha="auto"
-        weight = linear.weight.data
+        weight = matrix.weight
         best: tuple[float, float, np.ndarray] | None = None
         for alpha in ALPHA_GRID:
             score = ria_score(weight, stats.act_norm, alpha)
-            keep = self.select(score)
-            assert keep is not None  # alpha="auto" is RIA-only
-            pruned = weight * torch.from_numpy(keep).to(weight.device)
+            pruned = weight * torch.from_numpy(self.select(score)).to(weight.device)
             error = relative_output_error(weight, pruned, stats.hessian)
             if best is None or error < best[0]:
                 best = (error, alpha, score)
@@ -379,10 +409,8 @@ class _BlockStep:
             }
         return scores, _reorder_stats(stats, orders), searched
 
-    def select(self, score: np.ndarray) -> np.ndarray | None:
-        """The keep-mask (None for SparseGPT, whose mask is chosen inside its OBS loop)."""
-        if self.config.method == "sparsegpt":
-            return None
+    def select(self, score: np.ndarray) -> np.ndarray:
+        """The keep-mask: N:M, or unstructured per row or per matrix."""
         target = self.config.sparsity
         with self.timer("masks"):
             if target.structured:
@@ -390,16 +418,16 @@ class _BlockStep:
             return unstructured_mask(score, target.fraction, per_row=bool(self.config.per_row))
 
     def refine(
-        self, linear: nn.Linear, hessian: torch.Tensor, keep: np.ndarray | None
+        self, matrix: PrunableMatrix, hessian: torch.Tensor, keep: np.ndarray | None
     ) -> tuple[np.ndarray, dict[str, float]]:
         """The mask improved against the output error (SparseGPT's own mask first, when
         SparseGPT chooses it)."""
         if keep is None:
-            keep = self.obs(linear, hessian, None)[1]
+            keep = self.obs(matrix, hessian, None)[1]
         target = self.config.sparsity
         with self.timer("refinement"):
             keep, result = refine_mask(
-                linear.weight.data,
+                matrix.weight,
                 hessian,
                 keep,
                 target.n,
@@ -415,20 +443,20 @@ class _BlockStep:
         }
 
     def reconstruct(
-        self, linear: nn.Linear, hessian: torch.Tensor, keep: np.ndarray | None
+        self, matrix: PrunableMatrix, hessian: torch.Tensor, keep: np.ndarray | None
     ) -> np.ndarray:
         """The OBS update under `keep` (or SparseGPT's own mask); returns the mask used."""
-        new_weight, keep = self.obs(linear, hessian, keep)
-        linear.weight.data.copy_(new_weight)
+        new_weight, keep = self.obs(matrix, hessian, keep)
+        matrix.weight.copy_(new_weight)
         return keep
 
     def obs(
-        self, linear: nn.Linear, hessian: torch.Tensor, keep: np.ndarray | None
+        self, matrix: PrunableMatrix, hessian: torch.Tensor, keep: np.ndarray | None
     ) -> tuple[torch.Tensor, np.ndarray]:
         target = self.config.sparsity
         with self.timer("reconstruction"):
             new_weight, keep_t = obs_prune(
-                linear.weight.data,
+                matrix.weight,
                 hessian,
                 keep=None if keep is None else torch.from_numpy(keep),
                 sparsity=target.fraction,
@@ -437,46 +465,54 @@ class _BlockStep:
             )
         return new_weight, keep_t.cpu().numpy()
 
-    def apply(self, linear: nn.Linear, keep: np.ndarray) -> None:
+    def apply(self, matrix: PrunableMatrix, keep: np.ndarray) -> None:
         """Zeroes the pruned weights."""
         with self.timer("masks"):
-            linear.weight.data.mul_(torch.from_numpy(keep).to(linear.weight.device))
+            weight = matrix.weight
+            weight.mul_(torch.from_numpy(keep).to(weight.device))
 
     def layer_report(
         self,
         name: str,
         score: np.ndarray,
         keep: np.ndarray,
+        stats: dict[str, InputStats],
         searched: dict[str, SearchStats],
         started: float,
         output_error: float | None,
         refined: dict[str, float] | None,
     ) -> LayerReport:
-        weight = self.linears[name].weight
+        matrix = self.matrices[name]
+        weight = matrix.weight
         s = searched.get(name)
+        routed = stats.get(name) if matrix.expert is not None else None
         return LayerReport(
             name=f"{self.prefix}.{name}",
-            shape=(weight.shape[0], weight.shape[1]),
+            shape=matrix.shape,
             sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(),
             kept_score=float(score[keep].sum(dtype=np.float64)),
             seconds=time.perf_counter() - started,
             permutation=None if s is None else s.to_dict(),
+            routed_tokens=None if routed is None else routed.tokens,
+            weight_only=name in self.weight_only,
             output_error=output_error,
             alpha=self.alphas.get(name),
             refinement=refined,
         )
 
 
-def score_linear(linear: nn.Linear, stats: InputStats | None, config: PruneConfig) -> np.ndarray:
-    """The importance of every weight of `linear` under `config.method`, `(out, in)` f32."""
-    weight = linear.weight.data
+def score_matrix(
+    matrix: PrunableMatrix, stats: InputStats | None, config: PruneConfig
+) -> np.ndarray:
+    """The importance of every weight of `matrix` under `config.method`, `(out, in)` f32."""
+    weight = matrix.weight
     if config.method == "magnitude":
         return magnitude_score(weight)
     if stats is None:
         raise InvalidArgumentError(f"method {config.method!r} needs calibration statistics")
     act = stats.act_norm
     if config.method == "ria":
-        assert config.alpha != "auto"  # chosen per layer by `_BlockStep.best_alpha`
+        assert config.alpha != "auto"  # chosen per matrix by `_BlockStep.best_alpha`
         return ria_score(weight, act, config.alpha)
     # Wanda's score; for SparseGPT (whose mask is chosen inside the OBS loop) it is the
     # diagonal-Hessian saliency |W_ij| * sqrt(H_jj), used for reporting and permutation.

@@ -12,7 +12,7 @@ from .coverage import Coverage
 
 @dataclass
 class LayerReport:
-    """One pruned Linear.
+    """One pruned matrix: a Linear's weight, or one expert's (named `...down_proj[3]`).
 
     `kept_score` is the sum of the importance scores the mask keeps. For permuted N:M
     layers, `permutation` holds the search's `retained`, `identity` and `upper_bound`
@@ -20,6 +20,8 @@ class LayerReport:
     `output_error` is `||(W - W') X^T||^2 / ||W X^T||^2` on the calibration inputs, when
     `X^T X` was collected (refine, reconstruct, SparseGPT, alpha="auto", measure_error);
     `alpha` the exponent alpha="auto" chose; `refinement` what mask refinement did.
+    For an expert, `routed_tokens` counts the calibration tokens the router sent it;
+    `weight_only` says it got too few and was scored by magnitude instead.
     """
 
     name: str
@@ -31,6 +33,8 @@ class LayerReport:
     output_error: float | None = None
     alpha: float | None = None
     refinement: dict[str, float] | None = None
+    routed_tokens: int | None = None
+    weight_only: bool = False
 
 
 @dataclass
@@ -57,6 +61,27 @@ class PruneReport:
         """Mean over layers of the relative output error (None if not measured)."""
         values = [r.output_error for r in self.layers if r.output_error is not None]
         return sum(values) / len(values) if values else None
+
+    @property
+    def weight_only_experts(self) -> list[LayerReport]:
+        """The experts scored on their weights alone (routed too few calibration tokens)."""
+        return [r for r in self.layers if r.weight_only]
+
+    def experts_summary(self) -> str | None:
+        """One line on the experts' calibration, or None when there are none."""
+        routed = [r.routed_tokens for r in self.layers if r.routed_tokens is not None]
+        if not routed:
+            return None
+        line = (
+            f"{len(routed)} expert matrices calibrated on their routed tokens "
+            f"({min(routed)}-{max(routed)} each)"
+        )
+        fallback = self.weight_only_experts
+        if fallback:
+            shown = ", ".join(f"{r.name} ({r.routed_tokens})" for r in fallback[:4])
+            more = f" and {len(fallback) - 4} more" if len(fallback) > 4 else ""
+            line += f"; {len(fallback)} got too few and were pruned by magnitude: {shown}{more}"
+        return line
 
     @property
     def mean_efficacy(self) -> float | None:
@@ -97,6 +122,9 @@ class PruneReport:
         )
         if self.coverage is not None:
             lines.append(self.coverage.summary())
+        experts = self.experts_summary()
+        if experts is not None:
+            lines.append(experts)
         if self.mean_efficacy is not None:
             lines.append(f"mean permutation efficacy {100 * self.mean_efficacy:.1f}%")
         if self.mean_output_error is not None:

@@ -1,5 +1,7 @@
 """`sparsify(model)`: swap every 2:4 `nn.Linear` for a `Sparse24Linear`, choosing per layer
 shape and per token-count bucket the kernel that measured fastest under CUDA-graph replay.
+Fused MoE experts (3-D parameters) have no sparse kernel yet: they run dense with their
+pruned zeros (dense-masked), and the report lists them as such.
 
 Layers of one shape (out, in, dtype, bias) share a plan: they run the same kernels, so they
 are timed together (a rotation over up to `tune_layers` of them, so the weights stream from
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from .._torch import replace_module
+from ..arch import expert_matrices, fused_experts
 from ..errors import InvalidArgumentError
 from .cslt import (
     CsltConfig,
@@ -44,6 +47,10 @@ from .plan_cache import PlanCache, TunedPlan, library_versions, plan_key
 from .triton_gemv import MAX_M, sparse24_linear, triton_status
 
 DEFAULT_BATCH_SIZES = (1, 16, 64, 256, 1024, 4096)
+DENSE_MASKED_EXPERTS = (
+    "fused MoE experts: run dense-masked (dense kernels over the pruned zeros); "
+    "no 2:4 kernel for experts yet"
+)
 HALF_TYPES = (torch.float16, torch.bfloat16)
 
 __all__ = [
@@ -126,6 +133,11 @@ class SparsifyReport:
         return [lr for lr in self.layers if not lr.converted]
 
     @property
+    def dense_masked_experts(self) -> list[SparseLayerReport]:
+        """Fused expert weights, which run dense with their pruned zeros."""
+        return [lr for lr in self.layers if lr.reason == DENSE_MASKED_EXPERTS]
+
+    @property
     def dense_bytes(self) -> int:
         """Dense weight bytes of the converted layers (before)."""
         return sum(lr.dense_bytes for lr in self.converted)
@@ -167,14 +179,16 @@ class SparsifyReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
+        experts = self.dense_masked_experts
+        note = f"; {len(experts)} fused expert weights run dense-masked" if experts else ""
         if not self.applied:
-            return f"sparsify: nothing converted ({self.reason})"
+            return f"sparsify: nothing converted ({self.reason}){note}"
         ratio = self.sparse_bytes / max(self.dense_bytes, 1)
         text = (
             f"sparsify: {len(self.converted)} layers converted, {len(self.skipped)} skipped; "
             f"weights {self.dense_bytes / 2**30:.2f} -> {self.sparse_bytes / 2**30:.2f} GiB "
             f"({ratio:.3f}x) in {self.seconds:.1f}s; plans of {self.plans_from_cache} layers "
-            f"from the cache; cuSPARSELt {self.cusparselt or 'not loaded'}"
+            f"from the cache; cuSPARSELt {self.cusparselt or 'not loaded'}{note}"
         )
         return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
 
@@ -453,6 +467,18 @@ def _usable_backends(backend: str) -> tuple[set[str], str | None]:
     return usable | {DENSE}, None
 
 
+def _dense_masked_experts(model: nn.Module) -> list[SparseLayerReport]:
+    """One entry per fused experts parameter (shape of one expert's `(out, in)` matrix)."""
+    found = []
+    for path, experts in fused_experts(model).items():
+        for pname, (param, transposed) in expert_matrices(experts).items():
+            _, rows, cols = param.shape
+            out, in_ = (cols, rows) if transposed else (rows, cols)
+            name = f"{path}.{pname}" if path else pname
+            found.append(SparseLayerReport(name, out, in_, False, DENSE_MASKED_EXPERTS))
+    return found
+
+
 def _group_layers(
     model: nn.Module, backend: str, strict: bool, report: SparsifyReport
 ) -> dict[_ShapeKey, list[_Member]]:
@@ -671,6 +697,7 @@ def sparsify(
         raise InvalidArgumentError(f"dense_margin must be in [0, 1), got {dense_margin}")
     usable, reason = _usable_backends(backend)
     report = SparsifyReport(False, reason or "", backend, buckets)
+    report.layers.extend(_dense_masked_experts(model))
     if reason is not None:
         return report
     cache = None
