@@ -140,6 +140,13 @@ def test_generators_are_kept_per_model_and_shape_and_dropped_on_change():
         _ = alive.model
 
 
+# The compiled fast path needs a newer torch than our floor: torch 2.6's dynamo cannot trace
+# transformers' own output wrapper (it calls `func.__code__.co_varnames`). Seen to work on
+# torch 2.11 (the GPU machine) and 2.15.
+OLD_DYNAMO = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 11)
+
+
+@pytest.mark.skipif(OLD_DYNAMO, reason="torch < 2.11: dynamo cannot trace transformers' wrapper")
 def test_hf_static_cache_generate_traces_sparse_layers_in_one_graph():
     """transformers' fast path (static cache, compiled forward, `fullgraph=True`) over
     `Sparse24Linear`s: on the CPU dynamo alone (backend "eager"), dense-planned layers."""
