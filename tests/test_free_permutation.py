@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import FAMILIES, FAST_SEARCH, assert_nm, logits, pruned_linears, tiny_model
-from transformers import AutoModelForCausalLM, Gemma3TextConfig
+from transformers import AutoModelForCausalLM
 
 import ria
 from ria.arch import attention_heads, block_linears, block_spec, find_blocks
@@ -15,28 +15,6 @@ from ria.permutation import GatheredLinear, apply_block, search_block
 from ria.save import saved_orders
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
-
-
-def tiny_gemma3() -> torch.nn.Module:
-    """A family without a block spec: free orders must work from the Linears alone."""
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def model_of(family: str) -> torch.nn.Module:
-    return tiny_gemma3() if family == "gemma3" else tiny_model(family)
 
 
 def permute_with_random_scores(model: torch.nn.Module) -> None:
@@ -53,9 +31,10 @@ def permute_with_random_scores(model: torch.nn.Module) -> None:
         apply_block(block, spec, heads, perm)
 
 
+# Gemma 3 has no block spec: free orders must work from the Linears alone.
 @pytest.mark.parametrize("family", [*FAMILIES, "gemma3"])
 def test_free_orders_alone_leave_logits_unchanged(family):
-    model = model_of(family)
+    model = tiny_model(family)
     ids = torch.randint(0, 512, (2, 24))
     before = logits(model, ids)
     linears = len(pruned_linears(model))
@@ -70,7 +49,7 @@ def test_free_orders_alone_leave_logits_unchanged(family):
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_free_prune_is_nm_in_storage_order_and_round_trips(tmp_path, tokenizer, family):
-    model = model_of(family)
+    model = tiny_model(family)
     report = ria.prune(
         model, tokenizer, sparsity="2:4", permute="free", permutation_options=FAST_SEARCH, **CALIB
     )
