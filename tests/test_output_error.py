@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from helpers import assert_nm, pruned_linears, tiny_model
 
 import ria
-from ria.pruning import ALPHA_GRID, relative_output_error
+from ria.pruning import ALPHA_GRID, PruneReport, StageTimer, relative_output_error
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
 
@@ -95,3 +97,14 @@ def test_refine_composes_with_reconstruction_and_other_methods(tokenizer, method
     assert all(r.refinement is not None for r in report.layers)
     for linear in pruned_linears(model).values():
         assert_nm(linear.weight, 2, 4)
+
+
+def test_nested_stages_count_each_second_once():
+    """`alpha="auto"` selects masks while it scores: the masks' time must not count in
+    both stages, or the stages add up to more than the run took."""
+    report = PruneReport(settings={})
+    timer = StageTimer(report)
+    with timer("scores"), timer("masks"):
+        time.sleep(0.05)
+    assert report.stage_seconds["masks"] >= 0.05
+    assert report.stage_seconds["scores"] < report.stage_seconds["masks"]

@@ -18,7 +18,7 @@ from .error import relative_output_error
 from .matrices import PrunableMatrix, block_matrices
 from .obs import obs_prune
 from .pipeline import INCOMPLETE, MIN_ROUTED_TOKENS, Placement, prune, prune_with, score_matrix
-from .report import LayerReport, PruneReport
+from .report import LayerReport, PruneReport, StageTimer
 
 __all__ = [
     "ALPHA_GRID",
@@ -39,6 +39,7 @@ __all__ = [
     "PruneConfig",
     "PruneReport",
     "Sparsity",
+    "StageTimer",
     "block_matrices",
     "calibration_windows",
     "capture_block_inputs",

@@ -51,7 +51,7 @@ from .coverage import MIN_COVERAGE, Coverage, decoder_coverage
 from .error import relative_output_error
 from .matrices import PrunableMatrix, block_matrices
 from .obs import obs_prune
-from .report import LayerReport, PruneReport
+from .report import LayerReport, PruneReport, StageTimer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -180,7 +180,7 @@ def prune_with(
     started = time.perf_counter()
     plan = _plan(model, config)
     report = PruneReport(config.to_dict(), coverage=plan.coverage)
-    timer = _StageTimer(report)
+    timer = StageTimer(report)
 
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
@@ -294,7 +294,7 @@ class _BlockStep:
         prefix: str,
         config: PruneConfig,
         plan: _Plan,
-        timer: _StageTimer,
+        timer: StageTimer,
     ) -> None:
         self.model, self.block, self.prefix = model, block, prefix
         self.config, self.plan, self.timer = config, plan, timer
@@ -620,21 +620,3 @@ def _outside_blocks(module: nn.Module, block_ids: set[int]) -> list[nn.Module]:
         else:
             out.append(child)
     return out
-
-
-class _StageTimer:
-    """Adds wall time per stage to the report (synchronising the GPU at boundaries)."""
-
-    def __init__(self, report: PruneReport) -> None:
-        self.report = report
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()
-            seconds = self.report.stage_seconds
-            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .coverage import Coverage
 
@@ -134,3 +139,30 @@ class PruneReport:
         for label, value in self.perplexity.items():
             lines.append(f"perplexity {label}: {value:.3f}")
         return "\n".join(lines)
+
+
+class StageTimer:
+    """Adds wall time per stage to the report (synchronising the GPU at boundaries).
+
+    Stages may nest (`alpha="auto"` selects masks while scoring): a second counts only in
+    the innermost open stage, so the stages add up to no more than the total.
+    """
+
+    def __init__(self, report: PruneReport) -> None:
+        self.report = report
+        self._nested: list[float] = []  # per open stage, seconds spent in stages inside it
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        self._nested.append(0.0)
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            seconds = self.report.stage_seconds
+            seconds[stage] = seconds.get(stage, 0.0) + elapsed - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += elapsed
