@@ -31,6 +31,7 @@ from ..arch import (
     require_permutable,
 )
 from ..core import (
+    RefineStats,
     SearchOptions,
     __version__,
     magnitude_score,
@@ -55,6 +56,8 @@ from .report import LayerReport, PruneReport, StageTimer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from .refine_gpu import GpuRefineStats
 
 __all__ = ["INCOMPLETE", "MIN_ROUTED_TOKENS", "Placement", "prune", "prune_with"]
 
@@ -426,14 +429,32 @@ class _BlockStep:
             keep = self.obs(matrix, hessian, None)[1]
         target = self.config.sparsity
         with self.timer("refinement"):
-            keep, result = refine_mask(
-                matrix.weight,
-                hessian,
-                keep,
-                target.n,
-                target.m,
-                max_sweeps=self.config.refine_sweeps,
-            )
+            on_gpu = target.structured and matrix.weight.is_cuda
+            if on_gpu:
+                # The same swaps, all rows at once; imported here because it loads triton.
+                from .refine_gpu import gpu_refinable, refine_nm_on_gpu
+
+                on_gpu = gpu_refinable(matrix.weight, target.m)
+            result: RefineStats | GpuRefineStats
+            if on_gpu:
+                refined, result = refine_nm_on_gpu(
+                    matrix.weight,
+                    hessian,
+                    torch.from_numpy(keep).to(matrix.weight.device),
+                    target.n,
+                    target.m,
+                    max_sweeps=self.config.refine_sweeps,
+                )
+                keep = refined.cpu().numpy()
+            else:
+                keep, result = refine_mask(
+                    matrix.weight,
+                    hessian,
+                    keep,
+                    target.n,
+                    target.m,
+                    max_sweeps=self.config.refine_sweeps,
+                )
         return keep, {
             "error_before": result.error_before,
             "error_after": result.error_after,
