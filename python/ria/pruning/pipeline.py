@@ -128,7 +128,8 @@ def prune(
             unstructured and N:M).
         refine: improve every mask against the layer's output error on the calibration
             data by swapping kept and pruned weights within an N:M group (or a row), in
-            the Rust core (DSnoT / SparseSwaps); before `reconstruct` when both are on.
+            the Rust core (DSnoT / SparseSwaps), or on the GPU for N:M layers there
+            (pruning/refine_gpu.py, same rule); before `reconstruct` when both are on.
         seed: calibration windows and permutation searches depend on it alone.
         device: where blocks run ("cuda" if available). A model on the CPU stays there
             and each block visits the device in turn; a model dispatched by accelerate
