@@ -147,6 +147,16 @@ def _refine_block(
     tl.store(swaps_ptr + row, tl.load(swaps_ptr + row, mask=row_ok, other=0) + swaps, mask=row_ok)
 
 
+def _update_residual(r: torch.Tensor, dd: torch.Tensor, g_rows: torch.Tensor) -> None:
+    """`r += dd @ g_rows`, over the rows that swapped: after the first sweeps few do,
+    and the GEMM over all rows was most of the time."""
+    changed = dd.any(dim=1).nonzero().squeeze(1)
+    if len(changed) * 2 > len(r):
+        r.addmm_(dd, g_rows)
+    elif len(changed):
+        r[changed] += dd.index_select(0, changed) @ g_rows  # rows are unique: no atomics
+
+
 def _errors(
     w: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +211,7 @@ def refine_nm_on_gpu(
                 w, keep8, r, g, dd, err, swaps, rows, cols, col0, REL_TOL,
                 M=m, BLOCK=BLOCK, ROWS=ROWS,
             )  # fmt: skip
-            r.addmm_(dd[:, :width], g[col0 : col0 + width])
+            _update_residual(r, dd[:, :width], g[col0 : col0 + width])
         made = int(swaps.sum()) - total
         total += made
         if made == 0:
