@@ -1,0 +1,120 @@
+"""Folded channel orders (`permute=True`) for every family: the traced input groups and
+the family's folds keep the function, 2:4 masks chosen in permuted order are 2:4 in
+storage order, and checkpoints reload (plain: same logits; `load_pruned`: the same
+storage order)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import ALL_FAMILIES, FAST_SEARCH, along_input, logits, rows_in_nm, tiny_model
+from transformers import AutoModelForCausalLM
+
+import ria
+from ria.arch import find_blocks
+from ria.permutation import ChannelGather, apply_block, block_layout, input_gather, search_block
+from ria.pruning import block_matrices, capture_block_inputs, run_block
+from ria.save import saved_orders
+
+# Where each family's shared orders are applied, per block (readers -> gather), as the
+# trace must find them: the norm before the readers, else the module that receives the
+# raw residual stream (OLMo 2's post-norm blocks).
+EXPECTED_GROUPS = {
+    "llama": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "output",
+              ("mlp.gate_proj", "mlp.up_proj"): "output"},
+    "olmo2": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "input",
+              ("mlp.gate_proj", "mlp.up_proj"): "input"},
+    "phi3": {("self_attn.qkv_proj",): "output", ("mlp.gate_up_proj",): "output"},
+    "cohere": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                "mlp.up_proj"): "output"},
+    "gpt_oss": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "output",
+                ("mlp.router", "mlp.experts"): "output"},
+}  # fmt: skip
+
+
+def traced_layouts(model):
+    ids = torch.arange(16)[None] * 7 % 512
+    blocks = find_blocks(model)[1]
+    inputs = capture_block_inputs(model, blocks, ids, 1)
+    return [
+        block_layout(model, b, lambda b=b, i=i: run_block(b, inputs.at(i)))
+        for i, b in enumerate(blocks)
+    ]
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_folded_orders_alone_leave_logits_unchanged(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    before = logits(model, ids)
+    rng = np.random.default_rng(0)
+    for block, layout in zip(find_blocks(model)[1], traced_layouts(model), strict=True):
+        assert all(g.gather is not None for g in layout.groups), layout.groups
+        if family in EXPECTED_GROUPS:
+            assert {g.readers: g.gather for g in layout.groups} == EXPECTED_GROUPS[family]
+        scores = {
+            n: rng.random(m.shape).astype(np.float32) for n, m in block_matrices(block).items()
+        }
+        perm, _ = search_block(scores, layout, 2, 4, {"seed": 0, **FAST_SEARCH})
+        # Every group, every fold got an order that moves something.
+        assert len(perm.shared) == len(layout.groups)
+        assert len(perm.heads) == len(layout.heads) == 1
+        for order in [*perm.shared.values(), *perm.hidden.values()]:
+            assert not torch.equal(order, torch.arange(order.numel()))
+        assert len(perm.hidden) == len(layout.mlps) + sum(
+            getattr(block.get_submodule(f.experts), f.down).shape[0] for f in layout.experts
+        )
+        apply_block(block, layout, perm)
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
+
+
+def decoder_24(model) -> float:
+    """The share of the decoder's matmul parameters in 2:4 rows along their input, in
+    storage order, read from the weights."""
+    in_24 = total = 0
+    for block in find_blocks(model)[1]:
+        for module in block.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.dim() < 2 or name.endswith("bias"):
+                    continue
+                rows = along_input(module, param.detach())
+                total += param.numel()
+                in_24 += int(rows_in_nm(rows, 2, 4).sum()) * rows.shape[1]
+    return in_24 / total
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_folded_prune_is_24_in_storage_order_and_round_trips(family, tokenizer, tmp_path):
+    model = tiny_model(family)
+    windows = ria.pruning.calibration_windows("austen", tokenizer, 2, 32, seed=0)
+    report = ria.prune(
+        model,
+        sparsity="2:4",
+        permute=True,
+        calibration=windows,
+        nsamples=2,
+        seqlen=32,
+        progress=False,
+        permutation_options=FAST_SEARCH,
+    )
+    assert decoder_24(model) >= 0.95
+    groups = report.permutation_groups
+    assert groups and all(g["gather"] is not None for g in groups)
+    assert "shared orders gathered" in str(report)
+    permuted = [r for r in report.layers if r.permutation is not None]
+    assert len(permuted) == len(report.layers)  # every matrix had its order searched
+
+    out = ria.save_pruned(model, tmp_path / family, tokenizer, report)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    pruned = logits(model, ids)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any(isinstance(m, ChannelGather) or input_gather(m) for m in plain.modules())
+    torch.testing.assert_close(logits(plain, ids), pruned, rtol=1e-4, atol=1e-4)
+    assert set(saved_orders(out)) == {g["carrier"] for g in groups}
+
+    restored = ria.load_pruned(out).eval()
+    assert restored.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    torch.testing.assert_close(logits(restored, ids), pruned, rtol=1e-5, atol=1e-5)
