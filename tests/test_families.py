@@ -8,13 +8,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import ALL_FAMILIES, FAST_SEARCH, along_input, logits, rows_in_nm, tiny_model
+from helpers import (
+    ALL_FAMILIES,
+    FAST_SEARCH,
+    along_input,
+    logits,
+    rows_in_nm,
+    tiny_model,
+    traced_layouts,
+)
 from transformers import AutoModelForCausalLM
 
 import ria
 from ria.arch import find_blocks
-from ria.permutation import ChannelGather, apply_block, block_layout, input_gather, search_block
-from ria.pruning import block_matrices, capture_block_inputs, run_block
+from ria.permutation import ChannelGather, apply_block, input_gather, search_block
+from ria.pruning import block_matrices
 from ria.save import saved_orders
 
 # Where each family's shared orders are applied, per block (readers -> gather), as the
@@ -31,16 +39,6 @@ EXPECTED_GROUPS = {
     "gpt_oss": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "output",
                 ("mlp.router", "mlp.experts"): "output"},
 }  # fmt: skip
-
-
-def traced_layouts(model):
-    ids = torch.arange(16)[None] * 7 % 512
-    blocks = find_blocks(model)[1]
-    inputs = capture_block_inputs(model, blocks, ids, 1)
-    return [
-        block_layout(model, b, lambda b=b, i=i: run_block(b, inputs.at(i)))
-        for i, b in enumerate(blocks)
-    ]
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
