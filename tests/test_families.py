@@ -21,7 +21,13 @@ from transformers import AutoModelForCausalLM
 
 import ria
 from ria.arch import find_blocks
-from ria.permutation import ChannelGather, apply_block, input_gather, search_block
+from ria.permutation import (
+    ChannelGather,
+    apply_block,
+    block_layout,
+    input_gather,
+    search_block,
+)
 from ria.pruning import block_matrices
 from ria.save import saved_orders
 
@@ -116,3 +122,64 @@ def test_folded_prune_is_24_in_storage_order_and_round_trips(family, tokenizer, 
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
     torch.testing.assert_close(logits(restored, ids), pruned, rtol=1e-5, atol=1e-5)
+
+
+class _Shared(torch.nn.Module):
+    """A block whose norm output is read by two Linears and by the residual add too, and
+    whose third Linear reads the raw input alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.a, self.b, self.c = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return h + self.a(h) + self.b(h) + self.c(x * 2)
+
+
+def test_a_group_whose_tensor_is_read_elsewhere_keeps_its_order():
+    block = _Shared()
+    layout = block_layout(None, block, lambda: block(torch.randn(2, 3, 8)))
+    groups = {g.readers: g for g in layout.groups}
+    assert set(groups) == {("a", "b"), ("c",)}
+    assert groups[("a", "b")].gather is None
+    assert "read by other operations too" in (groups[("a", "b")].reason or "")
+    assert (groups[("c",)].gather, groups[("c",)].carrier) == ("linear", "c")
+
+
+def test_folded_orders_without_calibration_data_are_traced_on_probe_tokens():
+    model = tiny_model("olmo2")
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    report = ria.prune(
+        model,
+        sparsity="2:4",
+        method="magnitude",
+        calibration=None,
+        permute=True,
+        progress=False,
+        permutation_options=FAST_SEARCH,
+    )
+    assert [g["gather"] for g in report.permutation_groups] == ["input"] * 4
+    assert decoder_24(model) == 1.0
+    assert torch.isfinite(logits(model, ids)).all()
+
+
+def test_post_norm_opt_gathers_module_inputs():
+    """opt-350m normalises after the residual add: q/k/v read the block's input, so their
+    order is gathered at the attention's input, and fc1's (its norm's output also feeds
+    the residual) at fc1's own input: two gathers per block, as the pre-norm families."""
+    model = tiny_model("opt", do_layer_norm_before=False)
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    before = logits(model, ids)
+    rng = np.random.default_rng(0)
+    for block, layout in zip(find_blocks(model)[1], traced_layouts(model), strict=True):
+        assert {g.carrier: g.gather for g in layout.groups} == {
+            "self_attn": "input",
+            "fc1": "linear",
+        }
+        scores = {
+            n: rng.random(m.shape).astype(np.float32) for n, m in block_matrices(block).items()
+        }
+        apply_block(block, layout, search_block(scores, layout, 2, 4, FAST_SEARCH)[0])
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,7 @@ from ..arch import input_params, matrix_dim
 from ..errors import InvalidArgumentError
 from .wiring import BlockLayout
 
+
 class GatheredLinear(nn.Linear):
     """An `nn.Linear` that reads its input through a channel order:
     `F.linear(x[..., order], W, b)`, with `W` stored in that order (so an N:M mask chosen
@@ -156,7 +157,7 @@ def reorders(block: nn.Module, layout: BlockLayout, perm: BlockPermutation) -> l
         o_heads = perm.heads.get(head.o_proj)
         if o_heads is None:
             continue
-        rows = block.get_submodule(head.v_source).weight.shape[0]
+        rows = int(_linear(block, head.v_source).out_features)
         out.append(Reorder(head.o_proj, "weight", 1, head.o_order(o_heads)))
         out.append(Reorder(head.v_source, "weight", 0, head.v_rows(o_heads, rows)))
     for mlp in layout.mlps:
@@ -269,9 +270,7 @@ def relative_to_parent(carrier: str, readers: tuple[str, ...]) -> tuple[str, ...
     return tuple(r[len(parent) + 1 :] if parent else r for r in readers)
 
 
-def swap_in(
-    root: nn.Module, swaps: Swaps, gathers: dict[str, nn.Module | InputGather]
-) -> None:
+def swap_in(root: nn.Module, swaps: Swaps, gathers: dict[str, nn.Module | InputGather]) -> None:
     """Installs new parameter data and gathers (paths relative to `root`) as one step:
     Ctrl-C is deferred until all are in place, so the model never computes a
     half-permuted function. Everything passed in must be computed beforehand."""
@@ -299,19 +298,19 @@ def apply_block(block: nn.Module, layout: BlockLayout, perm: BlockPermutation) -
         )
     swaps = reordered_params(block, reorders(block, layout, perm))
     gathers: dict[str, nn.Module | InputGather] = {}
-    for name, order in perm.inputs.items():
-        gathers[name] = GatheredLinear(_linear(block, name), order)
+    for name, own in perm.inputs.items():
+        gathers[name] = GatheredLinear(_linear(block, name), own)
     for group in layout.groups:
-        order = perm.shared.get(group.carrier or "")
-        if order is None or group.carrier is None:
+        shared = perm.shared.get(group.carrier or "")
+        if shared is None or group.carrier is None:
             continue
         readers = relative_to_parent(group.carrier, group.readers)
         if group.gather == "output":
-            gathers[group.carrier] = gathered(block, group.carrier, order, readers)
+            gathers[group.carrier] = gathered(block, group.carrier, shared, readers)
         elif group.gather == "input":
-            gathers[group.carrier] = InputGather(order, readers)
+            gathers[group.carrier] = InputGather(shared, readers)
         else:
-            gathers[group.carrier] = GatheredLinear(_linear(block, group.carrier), order)
+            gathers[group.carrier] = GatheredLinear(_linear(block, group.carrier), shared)
     swap_in(block, swaps, gathers)
 
 

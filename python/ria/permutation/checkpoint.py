@@ -81,6 +81,7 @@ def plain_state_dict(
             orders[path], infos[path] = module.input_order.detach().cpu(), OrderInfo("linear")
             _unpermute(state, path, module, "weight", module.input_order)
             continue
+        info: Gather
         if isinstance(module, ChannelGather):
             order, readers, info = module.order, module.readers, "output"
             for key in [k for k in state if k.startswith(f"{path}.norm.")]:

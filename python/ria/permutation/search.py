@@ -106,8 +106,10 @@ def search_block(
             perm.hidden[name] = solve([name])
     for head in layout.heads:
         if head.o_proj in scores and head.heads.head_dim % m == 0:
-            o_heads, stats[head.o_proj] = _search_heads(scores[head.o_proj], head.heads, n, m, options)
-            perm.heads[head.o_proj] = o_heads
+            score = scores[head.o_proj]
+            perm.heads[head.o_proj], stats[head.o_proj] = _search_heads(
+                score, head.heads, n, m, options
+            )
     return perm, stats
 
 

@@ -113,9 +113,7 @@ def block_readers(block: nn.Module) -> dict[str, nn.Module]:
     return dict(sorted(readers.items(), key=lambda kv: order[kv[0]]))
 
 
-def block_layout(
-    model: nn.Module, block: nn.Module, run: Callable[[], Any] | None
-) -> BlockLayout:
+def block_layout(model: nn.Module, block: nn.Module, run: Callable[[], Any] | None) -> BlockLayout:
     """The block's layout: its folds, and, when `run` (one forward of `block` on real
     inputs) is given, its input groups traced from that forward."""
     folds = tuple(block_folds(model, block))  # type: ignore[arg-type]
@@ -206,14 +204,18 @@ def _tracing(block: nn.Module, readers: set[str]) -> Iterator[_Trace]:
         for name, module in block.named_modules():
             if name.startswith(inside_experts):
                 continue
-            is_reader = name in readers
+            is_reader = int(name in readers)
 
-            def pre(_m: nn.Module, args: Any, kwargs: Any, name: str = name, r: bool = is_reader):
+            def pre(
+                _m: nn.Module, args: Any, kwargs: Any, name: str = name, r: int = is_reader
+            ) -> None:
                 call = _Call(trace.key(_first_tensor(args, kwargs)), None, trace.tick())
                 trace.calls.setdefault(name, []).append(call)
                 trace.active_readers += r
 
-            def post(_m: nn.Module, _a: Any, _k: Any, out: Any, name: str = name, r: bool = is_reader):
+            def post(
+                _m: nn.Module, _a: Any, _k: Any, out: Any, name: str = name, r: int = is_reader
+            ) -> None:
                 trace.active_readers -= r
                 call = trace.calls[name][-1]
                 call.output, call.end = trace.key(_output_tensor(out)), trace.tick()
@@ -252,7 +254,11 @@ def _placed(
     """Where the shared order of readers `names` of tensor `key` can be applied."""
     reads = trace.reads.get(key, [])
     producers = [
-        (n, c) for n, cs in trace.calls.items() if n for c in cs if c.output == key and n not in readers
+        (n, c)
+        for n, cs in trace.calls.items()
+        if n and n not in readers
+        for c in cs
+        if c.output == key
     ]
     if producers:
         # The innermost module that returned it (its hook ran first); others returned it on.
@@ -283,9 +289,7 @@ def _returned_alone(trace: _Trace, key: _Key, producer: str) -> bool:
     )
 
 
-def _container(
-    names: tuple[str, ...], key: _Key, trace: _Trace, reads: list[int]
-) -> str | None:
+def _container(names: tuple[str, ...], key: _Key, trace: _Trace, reads: list[int]) -> str | None:
     """The smallest module holding all `names`, called once with the tensor as its input,
     inside which nothing but them reads it; None when there is none (the block itself
     does not count: its input is the residual stream, which it also adds to)."""

@@ -277,10 +277,12 @@ def _refuse_freely_permuting_experts(path: str, blocks: nn.ModuleList) -> None:
             )
 
 
-def _probe_tokens(model: nn.Module, tokens: int = 16) -> torch.Tensor:
+def _probe_tokens(model: PreTrainedModel, tokens: int = 16) -> torch.Tensor:
     """A few token ids, `(1, tokens)`, to trace the blocks' wiring when there is no
     calibration data (the wiring does not depend on the values)."""
-    vocab = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    vocab = int(weight.shape[0])
     return (torch.arange(tokens) * 7919 % vocab)[None]
 
 
