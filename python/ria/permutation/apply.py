@@ -231,22 +231,6 @@ def reordered_params(block: nn.Module, changes: list[Reorder]) -> Swaps:
     return list(new.values())
 
 
-def reordered(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> Swaps:
-    """The new weight (and bias) of `linear` with output rows and input columns in the
-    given orders (None: unchanged), as `(parameter, new data)` pairs; nothing is changed."""
-    weight = linear.weight.data
-    swaps: Swaps = []
-    if rows is not None:
-        rows = rows.to(weight.device)
-        weight = weight.index_select(0, rows)
-        if linear.bias is not None:
-            swaps.append((linear.bias, linear.bias.data.index_select(0, rows)))
-    if cols is not None:
-        weight = weight.index_select(1, cols.to(weight.device))
-    swaps.append((linear.weight, weight))
-    return swaps
-
-
 def is_permuted(block: nn.Module) -> bool:
     """Whether a block already carries gathers (it was permuted before)."""
     return any(
@@ -267,6 +251,8 @@ def gathered(
 def relative_to_parent(carrier: str, readers: tuple[str, ...]) -> tuple[str, ...]:
     """Reader names relative to the carrier's parent module (how gathers store them)."""
     parent = carrier.rpartition(".")[0]
+    if parent and not all(r.startswith(f"{parent}.") for r in readers):
+        raise InvalidArgumentError(f"{carrier}: its readers {readers} are not beside it")
     return tuple(r[len(parent) + 1 :] if parent else r for r in readers)
 
 

@@ -264,7 +264,8 @@ def _placed(
         # The innermost module that returned it (its hook ran first); others returned it on.
         name, call = min(producers, key=lambda p: p[1].end)
         once = len(trace.calls[name]) == 1
-        if once and not [t for t in reads if t > call.end] and _returned_alone(trace, key, name):
+        alone = _returned_alone(trace, key, name) and _beside(name, names)
+        if once and alone and not [t for t in reads if t > call.end]:
             return InputGroup(names, name, "output")
     container = _container(names, key, trace, reads)
     if container is not None:
@@ -276,6 +277,12 @@ def _placed(
         reason=f"{', '.join(names)}: the tensor they read is read by other operations too, "
         "and no module produces or receives it for them alone",
     )
+
+
+def _beside(carrier: str, names: tuple[str, ...]) -> bool:
+    """Whether every reader is inside the carrier's parent (how gathers name them)."""
+    parent = carrier.rpartition(".")[0]
+    return not parent or all(n.startswith(f"{parent}.") for n in names)
 
 
 def _returned_alone(trace: _Trace, key: _Key, producer: str) -> bool:
