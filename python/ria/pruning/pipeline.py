@@ -107,11 +107,13 @@ def prune(
         permute: N:M only. Find and apply channel permutations that raise the importance
             an N:M mask keeps; the model computes the same function. "free": every Linear
             its own input order, applied by gathering its input (one gather per
-            Linear and call), down's order folded into gate/up rows; works for any
-            family. "folded": orders shared by q/k/v and by gate/up
-            (the norm's output gathered once per block), o_proj's restricted to heads and
-            folded into v_proj: no run-time cost, less quality, Llama/Mistral/Qwen/OPT
-            only. True means "folded": it never makes the model slower ("free" gives
+            Linear and call), down's order folded into gate/up rows; any family without
+            fused experts. "folded": one order shared by the modules that read one tensor
+            (traced: q/k/v, gate/up, a MoE block's router and experts...), gathered once
+            per group at the norm before them (or the module receiving the tensor);
+            o_proj's restricted to heads and folded into v's rows, down's into gate/up's
+            rows (per expert for experts): no other run-time cost, less quality; any
+            family. True means "folded": it never makes the model slower ("free" gives
             the better model, README "Quality", but costs a gather per Linear).
         calibration: "c4", "wikitext2", "austen" (shipped sample), a text file or
             directory, a list of strings, a `datasets.Dataset`, or token ids.
