@@ -83,10 +83,13 @@ def _gather_input_hook(
     `hidden_states` keyword (how the trace found the tensor passed)."""
     order = getattr(module, INPUT_ORDER)
     if args and isinstance(args[0], torch.Tensor):
-        return (args[0].index_select(-1, order), *args[1:]), kwargs
+        # .to: a dispatched model (accelerate) moves inputs only after the pre-hooks.
+        x = args[0]
+        return (x.index_select(-1, order.to(x.device)), *args[1:]), kwargs
     states = kwargs["hidden_states"]
     assert isinstance(states, torch.Tensor)
-    return args, {**kwargs, "hidden_states": states.index_select(-1, order)}
+    gathered = states.index_select(-1, order.to(states.device))
+    return args, {**kwargs, "hidden_states": gathered}
 
 
 @dataclass(frozen=True)

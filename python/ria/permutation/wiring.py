@@ -19,8 +19,9 @@ norm gather of the Llama family):
 A group with none of these is left in its order and says why (`InputGroup.reason`).
 Tensors are told apart by address, element count and width, so a view
 (`x.view(-1, hidden)`, as MoE blocks do before routing) is the same tensor and a slice
-is not; every tensor the trace records is kept alive until it ends, so no address is
-reused while it runs.
+is not; the tensors groups and producers are found by (module inputs, outputs of modules
+other than readers) are kept alive until the trace ends, so no address is reused while
+it runs.
 """
 
 from __future__ import annotations
@@ -148,10 +149,15 @@ class _Trace:
         self.clock += 1
         return self.clock
 
-    def key(self, value: Any) -> _Key | None:
+    def key(self, value: Any, keep: bool = False) -> _Key | None:
+        """The tensor's key; `keep` holds it until the trace ends, so no later tensor
+        gets its address (module inputs and non-reader outputs: the keys groups and
+        producers are found by; a read of another tensor that had the address before is
+        told apart by its time)."""
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             return None
-        self.alive.append(value)
+        if keep:
+            self.alive.append(value)
         return (value.data_ptr(), value.numel(), value.shape[-1])
 
 
@@ -209,7 +215,7 @@ def _tracing(block: nn.Module, readers: set[str]) -> Iterator[_Trace]:
             def pre(
                 _m: nn.Module, args: Any, kwargs: Any, name: str = name, r: int = is_reader
             ) -> None:
-                call = _Call(trace.key(_first_tensor(args, kwargs)), None, trace.tick())
+                call = _Call(trace.key(_first_tensor(args, kwargs), True), None, trace.tick())
                 trace.calls.setdefault(name, []).append(call)
                 trace.active_readers += r
 
@@ -218,7 +224,8 @@ def _tracing(block: nn.Module, readers: set[str]) -> Iterator[_Trace]:
             ) -> None:
                 trace.active_readers -= r
                 call = trace.calls[name][-1]
-                call.output, call.end = trace.key(_output_tensor(out)), trace.tick()
+                call.output = trace.key(_output_tensor(out), keep=not r)
+                call.end = trace.tick()
 
             stack.callback(module.register_forward_pre_hook(pre, with_kwargs=True).remove)
             stack.callback(module.register_forward_hook(post, with_kwargs=True).remove)
