@@ -114,6 +114,20 @@ def tamper_orders(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[E
     return row
 
 
+def tamper_records(change: Callable[[dict[str, str]], dict[str, str]]) -> Callable[[Env], Any]:
+    """Changes the file's metadata: how each order is applied."""
+
+    def row(e: Env) -> Any:
+        path = e.permuted_copy()
+        orders = load_file(path / PERMUTATION_FILE)
+        with safe_open(path / PERMUTATION_FILE, "pt") as f:
+            metadata = f.metadata()
+        save_file(orders, path / PERMUTATION_FILE, metadata=change(metadata))
+        return ria.load_pruned(path)
+
+    return row
+
+
 def drop_orders(e: Env) -> Any:
     path = e.permuted_copy()
     (path / PERMUTATION_FILE).unlink()
@@ -183,6 +197,10 @@ TABLE = [
     Bad("orders-float", tamper_orders(lambda o: o.float()), InvalidArgumentError,
         rf"{PERMUTATION_FILE}: order '{ORDER_KEY}' must be a 1-D integer tensor"),
     Bad("orders-missing", drop_orders, InvalidArgumentError, f"{PERMUTATION_FILE} is missing"),
+    Bad("orders-no-record", tamper_records(lambda m: {}), InvalidArgumentError,
+        rf"{PERMUTATION_FILE}: order '{ORDER_KEY}': no record of the modules it reorders"),
+    Bad("orders-bad-record", tamper_records(lambda m: {**m, ORDER_KEY: "{}"}),
+        InvalidArgumentError, rf"{PERMUTATION_FILE}: order '{ORDER_KEY}': invalid record"),
     # non-finite numbers are refused, naming the layer / window and the cause
     Bad("prune-nan-weight", bad_weight(float("nan"), "magnitude"), InvalidArgumentError,
         r"model\.layers\.1\.mlp\.down_proj: weight contains NaN at \(3, 5\)"),

@@ -234,7 +234,7 @@ def saved_orders_with_infos(
     with safe_open(orders_file, "pt") as f:
         metadata = f.metadata() or {}
     orders = load_file(orders_file)
-    return orders, {k: OrderInfo.from_json(k, metadata.get(k)) for k in orders}
+    return orders, {k: OrderInfo.from_json(k, metadata[k]) for k in orders if k in metadata}
 
 
 def saved_orders(path: str | Path) -> dict[str, torch.Tensor]:

@@ -46,15 +46,12 @@ class OrderInfo:
         return json.dumps({"gather": self.gather, "readers": list(self.readers)})
 
     @classmethod
-    def from_json(cls, key: str, text: str | None) -> OrderInfo:
+    def from_json(cls, key: str, text: str) -> OrderInfo:
         try:
-            data = json.loads(text or "")
+            data = json.loads(text)
             gather, readers = data["gather"], tuple(data["readers"])
         except (ValueError, KeyError, TypeError):
-            raise InvalidArgumentError(
-                f"order {key!r}: no valid record of how it is applied in the file's "
-                "metadata (written by an older ria, or edited); re-save the model"
-            ) from None
+            raise InvalidArgumentError(f"order {key!r}: invalid record {text!r}") from None
         if gather not in ("output", "input", "linear") or not all(
             isinstance(r, str) for r in readers
         ):
@@ -115,20 +112,27 @@ def restore_orders(
 ) -> None:
     """Re-applies gather orders saved by `plain_state_dict` to a plainly loaded model.
 
-    Every order is checked and every new tensor computed first (each order must be a
-    permutation of the input channels of every matrix it reorders, on a module that is
-    not gathered yet); on any error or Ctrl-C nothing is changed.
+    `infos` says how each is applied (an order without one must be on a Linear: its
+    own input). Every order is checked and every new tensor computed first (each order
+    must be a permutation of the input channels of every matrix it reorders, on a module
+    that is not gathered yet); on any error or Ctrl-C nothing is changed.
     """
     swaps: Swaps = []
     gathers: dict[str, nn.Module | InputGather] = {}
     for path, order in orders.items():
-        info = infos.get(path)
-        if info is None:
-            raise InvalidArgumentError(f"order {path!r}: no record of how it is applied")
         try:
             target = model.get_submodule(path)
         except AttributeError:
             raise InvalidArgumentError(f"order {path!r}: the model has no module {path}") from None
+        info = infos.get(path)
+        if info is None:
+            # Files written before the records: a Linear's order can only be its own.
+            if not isinstance(target, nn.Linear):
+                raise InvalidArgumentError(
+                    f"order {path!r}: no record of the modules it reorders (written by an "
+                    "older ria); prune the model again"
+                )
+            info = OrderInfo("linear")
         if is_permuted(target):
             raise InvalidArgumentError(f"order {path!r}: {path} is already gathered")
         if info.gather == "linear":
