@@ -187,3 +187,27 @@ def test_post_norm_opt_gathers_module_inputs():
         }
         apply_block(block, layout, search_block(scores, layout, 2, 4, FAST_SEARCH)[0])
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
+
+
+class _NotAnMlp(torch.nn.Module):
+    """Named and shaped like an MLP, but down reads `[x, x]`, not gate * up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+        self.down_proj = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        product = self.gate_proj(x) * self.up_proj(x)
+        return product.sum(-1, keepdim=True) + self.down_proj(torch.cat([x, x], -1))
+
+
+def test_a_fold_the_traced_forward_contradicts_is_left_out():
+    block = _NotAnMlp()
+    assert len(block_layout(None, block, None).folds) == 1  # the names match the rule
+    layout = block_layout(None, block, lambda: block(torch.randn(3, 8)))
+    assert layout.folds == ()
+    assert {g.readers: g.gather for g in layout.groups} == {
+        ("gate_proj", "up_proj"): None,  # x is read by the concatenation too
+        ("down_proj",): "linear",
+    }

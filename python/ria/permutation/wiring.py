@@ -120,10 +120,37 @@ def block_layout(model: nn.Module, block: nn.Module, run: Callable[[], Any] | No
     folds = tuple(block_folds(model, block))  # type: ignore[arg-type]
     if run is None:
         return BlockLayout((), folds)
-    folded = {f.o_proj for f in folds if isinstance(f, HeadFold)}
-    folded |= {f.down for f in folds if isinstance(f, MlpFold)}
-    groups = [g for g in _trace(block, run) if not set(g.readers) <= folded]
-    return BlockLayout(tuple(groups), folds)
+    traced, made_from = _trace(block, run)
+    alone = {g.readers[0] for g in traced if len(g.readers) == 1}
+    # A fold whose names match a rule but whose forward does not (its target's input is
+    # not made from the fold's rows, or is shared with other readers) is left out: its
+    # target is then placed like any other reader.
+    kept = tuple(
+        f
+        for f in folds
+        if isinstance(f, ExpertFold) or (_fold_target(f) in alone and _fold_holds(f, made_from))
+    )
+    targets = {_fold_target(f) for f in kept}
+    groups = tuple(g for g in traced if not set(g.readers) <= targets)
+    return BlockLayout(groups, kept)
+
+
+def _fold_target(fold: Fold) -> str:
+    """The reader whose input order a fold carries."""
+    if isinstance(fold, HeadFold):
+        return fold.o_proj
+    return fold.down if isinstance(fold, MlpFold) else fold.experts
+
+
+def _fold_holds(fold: Fold, made_from: dict[str, frozenset[str]]) -> bool:
+    """Whether the traced forward agrees with a fold: down's input is made from exactly
+    its `ups`' outputs, o_proj's from (among others) v's. Experts folds are inside
+    transformers' own forward, which declares its layout (`is_concatenated`)."""
+    if isinstance(fold, MlpFold):
+        return made_from.get(fold.down) == frozenset(fold.ups)
+    if isinstance(fold, HeadFold):
+        return fold.v_source in made_from.get(fold.o_proj, frozenset())
+    return True
 
 
 @dataclass
@@ -141,6 +168,8 @@ class _Trace:
     calls: dict[str, list[_Call]] = field(default_factory=dict)
     # key -> clock of every read outside the readers' own forwards (views are no reads)
     reads: dict[_Key, list[int]] = field(default_factory=dict)
+    # key -> the readers whose outputs the tensor was computed from (outside readers)
+    sources: dict[_Key, frozenset[str]] = field(default_factory=dict)
     clock: int = 0
     active_readers: int = 0
     alive: list[torch.Tensor] = field(default_factory=list)
@@ -193,12 +222,21 @@ class _Reads(TorchFunctionMode):
             return out  # shape, size, dtype...: no values read
         # A view of the same tensor reads nothing; an in-place operation writes it.
         in_place = getattr(func, "__name__", "").endswith("_")
-        out_keys = set() if in_place else {self.trace.key(t) for t in outs}
+        out_keys = {self.trace.key(t) for t in outs}
+        in_keys = [self.trace.key(v) for v in tree_leaves((args, kwargs))]
         now = self.trace.tick()
-        for value in tree_leaves((args, kwargs)):
-            key = self.trace.key(value)
-            if key is not None and key not in out_keys:
+        sources: frozenset[str] = frozenset()
+        for key in in_keys:
+            if key is None:
+                continue
+            sources |= self.trace.sources.get(key, frozenset())
+            if in_place or key not in out_keys:
                 self.trace.reads.setdefault(key, []).append(now)
+        for key in out_keys - {None}:
+            assert key is not None
+            # A new tensor (perhaps at a freed one's address) is made from the inputs alone.
+            old = self.trace.sources.get(key, frozenset()) if key in in_keys else frozenset()
+            self.trace.sources[key] = old | sources
         return out
 
 
@@ -226,6 +264,8 @@ def _tracing(block: nn.Module, readers: set[str]) -> Iterator[_Trace]:
                 call = trace.calls[name][-1]
                 call.output = trace.key(_output_tensor(out), keep=not r)
                 call.end = trace.tick()
+                if r and call.output is not None:
+                    trace.sources[call.output] = frozenset([name])
 
             stack.callback(module.register_forward_pre_hook(pre, with_kwargs=True).remove)
             stack.callback(module.register_forward_hook(post, with_kwargs=True).remove)
@@ -233,7 +273,11 @@ def _tracing(block: nn.Module, readers: set[str]) -> Iterator[_Trace]:
         yield trace
 
 
-def _trace(block: nn.Module, run: Callable[[], Any]) -> list[InputGroup]:
+def _trace(
+    block: nn.Module, run: Callable[[], Any]
+) -> tuple[list[InputGroup], dict[str, frozenset[str]]]:
+    """The block's input groups, and for each reader the readers whose outputs its input
+    was computed from."""
     readers = block_readers(block)
     with _tracing(block, set(readers)) as trace:
         run()
@@ -252,7 +296,10 @@ def _trace(block: nn.Module, run: Callable[[], Any]) -> list[InputGroup]:
         by_input.setdefault(calls[0].input, []).append(name)
     for key, names in by_input.items():
         groups.append(_placed(tuple(names), key, trace, readers))
-    return groups
+    made_from = {
+        name: trace.sources.get(key, frozenset()) for key, ns in by_input.items() for name in ns
+    }
+    return groups, made_from
 
 
 def _placed(
