@@ -54,9 +54,9 @@ _Key = tuple[int, int, int]
 
 @dataclass(frozen=True)
 class InputGroup:
-    """Modules of a block (names relative to it) that read one tensor, in block order,
-    and where their shared order is applied: `gather` at module `carrier`; both None
-    when it cannot be (`reason` says why)."""
+    """Modules of a block (names relative to it) that read one tensor, in the order the
+    forward calls them, and where their shared order is applied: `gather` at module
+    `carrier`; both None when it cannot be (`reason` says why)."""
 
     readers: tuple[str, ...]
     carrier: str | None = None
@@ -295,6 +295,7 @@ def _trace(
             continue
         by_input.setdefault(calls[0].input, []).append(name)
     for key, names in by_input.items():
+        names.sort(key=lambda n: trace.calls[n][0].start)  # in the order the forward reads
         groups.append(_placed(tuple(names), key, trace, readers))
     made_from = {
         name: trace.sources.get(key, frozenset()) for key, ns in by_input.items() for name in ns
@@ -318,7 +319,7 @@ def _placed(
         # The innermost module that returned it (its hook ran first); others returned it on.
         name, call = min(producers, key=lambda p: p[1].end)
         once = len(trace.calls[name]) == 1
-        alone = _returned_alone(trace, key, name) and _beside(name, names)
+        alone = _returned_alone(trace, key, name, call.start) and _beside(name, names)
         if once and alone and not [t for t in reads if t > call.end]:
             return InputGroup(names, name, "output")
     container = _container(names, key, trace, reads)
@@ -339,14 +340,16 @@ def _beside(carrier: str, names: tuple[str, ...]) -> bool:
     return not parent or all(n.startswith(f"{parent}.") for n in names)
 
 
-def _returned_alone(trace: _Trace, key: _Key, producer: str) -> bool:
-    """Whether every other module returning the tensor holds the producer (returns it on)."""
+def _returned_alone(trace: _Trace, key: _Key, producer: str, since: int) -> bool:
+    """Whether every other module returning the tensor holds the producer (returns it on).
+    Calls that ended before the producer began returned an earlier tensor at the same
+    address (readers' outputs are not kept alive)."""
     return all(
         producer.startswith(f"{n}.")
         for n, cs in trace.calls.items()
         if n and n != producer
         for c in cs
-        if c.output == key
+        if c.output == key and c.end > since
     )
 
 
