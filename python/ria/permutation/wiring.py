@@ -200,6 +200,16 @@ def _output_tensor(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) and out else out
 
 
+_IN_PLACE_OPERATORS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"}
+
+
+def _writes(name: str) -> bool:
+    """Whether an operation of this name writes its first input (`add_`, `+=`, `x[i] = v`)."""
+    if name.startswith("__"):
+        return name == "__setitem__" or (name[3:-2] in _IN_PLACE_OPERATORS and name[2] == "i")
+    return name.endswith("_")
+
+
 class _Reads(TorchFunctionMode):
     """Notes every operation that reads a tensor outside the readers' forwards."""
 
@@ -221,7 +231,7 @@ class _Reads(TorchFunctionMode):
         if not outs:
             return out  # shape, size, dtype...: no values read
         # A view of the same tensor reads nothing; an in-place operation writes it.
-        in_place = getattr(func, "__name__", "").endswith("_")
+        in_place = _writes(getattr(func, "__name__", ""))
         out_keys = {self.trace.key(t) for t in outs}
         in_keys = [self.trace.key(v) for v in tree_leaves((args, kwargs))]
         now = self.trace.tick()
