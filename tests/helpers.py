@@ -30,6 +30,8 @@ from transformers import (
 
 import ria
 from ria.arch import block_linears, find_blocks
+from ria.permutation import BlockLayout, block_layout
+from ria.pruning import capture_block_inputs, run_block
 
 VOCAB = 512
 CUDA = torch.cuda.is_available()
@@ -197,3 +199,14 @@ def rows_in_nm(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Per row of `(rows, in)`: whether every group of m inputs keeps at most n nonzeros."""
     nonzero = (rows != 0).reshape(rows.shape[0], -1, m).sum(dim=-1)
     return (nonzero <= n).all(dim=-1)
+
+
+def traced_layouts(model: torch.nn.Module) -> list[BlockLayout]:
+    """Every block's permutation layout, traced on 16 fixed tokens."""
+    ids = torch.arange(16)[None] * 7 % 512
+    blocks = find_blocks(model)[1]
+    inputs = capture_block_inputs(model, blocks, ids, 1)
+    return [
+        block_layout(model, b, lambda b=b, i=i: run_block(b, inputs.at(i)))
+        for i, b in enumerate(blocks)
+    ]

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import FAST_SEARCH, logits, sample_text, tiny_model
+from helpers import FAST_SEARCH, logits, sample_text, tiny_model, traced_layouts
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ria
-from ria.arch import attention_heads, block_linears, block_spec, find_blocks
+from ria.arch import attention_heads, block_linears, find_blocks
 from ria.cli import main, run
 from ria.errors import InvalidArgumentError, InvalidTypeError
 from ria.permutation import BlockPermutation, ChannelGather, apply_block
@@ -104,8 +105,24 @@ def tamper_orders(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[E
     def row(e: Env) -> Any:
         path = e.permuted_copy()
         orders = load_file(path / PERMUTATION_FILE)
+        with safe_open(path / PERMUTATION_FILE, "pt") as f:
+            metadata = f.metadata()  # how each order is applied: kept as it was
         orders[ORDER_KEY] = change(orders[ORDER_KEY])
-        save_file(orders, path / PERMUTATION_FILE)
+        save_file(orders, path / PERMUTATION_FILE, metadata=metadata)
+        return ria.load_pruned(path)
+
+    return row
+
+
+def tamper_records(change: Callable[[dict[str, str]], dict[str, str]]) -> Callable[[Env], Any]:
+    """Changes the file's metadata: how each order is applied."""
+
+    def row(e: Env) -> Any:
+        path = e.permuted_copy()
+        orders = load_file(path / PERMUTATION_FILE)
+        with safe_open(path / PERMUTATION_FILE, "pt") as f:
+            metadata = f.metadata()
+        save_file(orders, path / PERMUTATION_FILE, metadata=change(metadata))
         return ria.load_pruned(path)
 
     return row
@@ -180,6 +197,10 @@ TABLE = [
     Bad("orders-float", tamper_orders(lambda o: o.float()), InvalidArgumentError,
         rf"{PERMUTATION_FILE}: order '{ORDER_KEY}' must be a 1-D integer tensor"),
     Bad("orders-missing", drop_orders, InvalidArgumentError, f"{PERMUTATION_FILE} is missing"),
+    Bad("orders-no-record", tamper_records(lambda m: {}), InvalidArgumentError,
+        rf"{PERMUTATION_FILE}: order '{ORDER_KEY}': no record of the modules it reorders"),
+    Bad("orders-bad-record", tamper_records(lambda m: {**m, ORDER_KEY: "{}"}),
+        InvalidArgumentError, rf"{PERMUTATION_FILE}: order '{ORDER_KEY}': invalid record"),
     # non-finite numbers are refused, naming the layer / window and the cause
     Bad("prune-nan-weight", bad_weight(float("nan"), "magnitude"), InvalidArgumentError,
         r"model\.layers\.1\.mlp\.down_proj: weight contains NaN at \(3, 5\)"),
@@ -356,12 +377,16 @@ def random_permutation(model) -> BlockPermutation:
     g = torch.Generator().manual_seed(1)
     heads = attention_heads(model)
     return BlockPermutation(
-        attn=torch.randperm(64, generator=g),
-        o_heads=torch.stack(
-            [torch.randperm(heads.head_dim, generator=g) for _ in range(heads.num_kv_heads)]
-        ),
-        mlp=torch.randperm(64, generator=g),
-        mlp_hidden=torch.randperm(128, generator=g),
+        shared={
+            "input_layernorm": torch.randperm(64, generator=g),
+            "post_attention_layernorm": torch.randperm(64, generator=g),
+        },
+        heads={
+            "self_attn.o_proj": torch.stack(
+                [torch.randperm(heads.head_dim, generator=g) for _ in range(heads.num_kv_heads)]
+            )
+        },
+        hidden={"mlp.down_proj": torch.randperm(128, generator=g)},
     )
 
 
@@ -394,7 +419,7 @@ def test_ctrl_c_anywhere_in_apply_block_leaves_the_block_whole():
     all (the permutation alone keeps the function: test_prune.py), never in between."""
     files = (str(Path(ria.__file__).parent),)  # every line of ria that apply_block runs
     model = tiny_model("llama")
-    spec, heads, perm = block_spec(model), attention_heads(model), random_permutation(model)
+    layout, perm = traced_layouts(model)[0], random_permutation(model)
     dense = find_blocks(model)[1][0]
 
     def weights(block: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -406,14 +431,14 @@ def test_ctrl_c_anywhere_in_apply_block_leaves_the_block_whole():
         return sum(isinstance(m, ChannelGather) for m in block.modules())
 
     done = copy.deepcopy(dense)
-    lines = interrupt_at_line(0, files, lambda: apply_block(done, spec, heads, perm))
+    lines = interrupt_at_line(0, files, lambda: apply_block(done, layout, perm))
     assert lines > 20 and gathers(done) == 2
     expected = {0: weights(dense), 2: weights(done)}
     for k in range(1, lines + 1):
         block = copy.deepcopy(dense)
         try:
             with pytest.raises(KeyboardInterrupt):
-                interrupt_at_line(k, files, lambda b=block: apply_block(b, spec, heads, perm))
+                interrupt_at_line(k, files, lambda b=block: apply_block(b, layout, perm))
         finally:
             sys.settrace(None)  # in case the interrupt came before interrupt_at_line's own
         n = gathers(block)

@@ -10,28 +10,26 @@ from helpers import FAMILIES, FAST_SEARCH, assert_nm, logits, pruned_linears, ti
 from transformers import AutoModelForCausalLM
 
 import ria
-from ria.arch import attention_heads, block_linears, block_spec, find_blocks
-from ria.permutation import GatheredLinear, apply_block, search_block
+from ria.arch import block_linears, find_blocks
+from ria.permutation import GatheredLinear, apply_block, block_layout, search_block
 from ria.save import saved_orders
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
 
 
 def permute_with_random_scores(model: torch.nn.Module) -> None:
-    spec = block_spec(model)
-    heads = attention_heads(model) if spec is not None else None
     rng = np.random.default_rng(0)
     for block in find_blocks(model)[1]:
+        layout = block_layout(model, block, None)  # free orders need only the folds
         scores = {
             name: rng.random(tuple(lin.weight.shape)).astype(np.float32)
             for name, lin in block_linears(block).items()
         }
-        perm, _ = search_block(scores, spec, heads, 2, 4, {"seed": 0, **FAST_SEARCH}, "free")
+        perm, _ = search_block(scores, layout, 2, 4, {"seed": 0, **FAST_SEARCH}, "free")
         assert all(not torch.equal(o, torch.arange(o.numel())) for o in perm.inputs.values())
-        apply_block(block, spec, heads, perm)
+        apply_block(block, layout, perm)
 
 
-# Gemma 3 has no block spec: free orders must work from the Linears alone.
 @pytest.mark.parametrize("family", [*FAMILIES, "gemma3"])
 def test_free_orders_alone_leave_logits_unchanged(family):
     model = tiny_model(family)
@@ -40,10 +38,8 @@ def test_free_orders_alone_leave_logits_unchanged(family):
     linears = len(pruned_linears(model))
     permute_with_random_scores(model)
     gathered = sum(isinstance(m, GatheredLinear) for m in model.modules())
-    # Where the family has a spec, down's order is folded into gate/up rows: one fewer
-    # gather per block.
-    folds = len(find_blocks(model)[1]) if block_spec(model) is not None else 0
-    assert gathered == linears - folds
+    # down's order is folded into gate/up rows: one fewer gather per block.
+    assert gathered == linears - len(find_blocks(model)[1])
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
 
 

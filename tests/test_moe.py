@@ -97,11 +97,11 @@ def test_a_linear_router_stays_dense(tokenizer):
     assert not [r for r in report.layers if "gate.weight" in r.name or "expert_gate" in r.name]
 
 
-def test_permutation_of_fused_experts_is_refused_before_anything_changes(tokenizer):
+def test_free_orders_for_fused_experts_are_refused_before_anything_changes(tokenizer):
     model = tiny_model("qwen3_moe")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ria.UnsupportedModelError, match="permutation of fused MoE experts"):
-        ria.prune(model, tokenizer, sparsity="2:4", permute=True, **CALIB)
+    with pytest.raises(ria.UnsupportedModelError, match="free channel orders for fused MoE"):
+        ria.prune(model, tokenizer, sparsity="2:4", permute="free", **CALIB)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

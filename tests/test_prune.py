@@ -8,8 +8,7 @@ import torch
 from helpers import FAMILIES, FAST_SEARCH, assert_nm, logits, pruned_linears, tiny_model
 
 import ria
-from ria.arch import attention_heads, block_linears, block_spec, find_blocks
-from ria.permutation import ChannelGather, apply_block, search_block
+from ria.arch import block_linears, find_blocks
 from ria.pruning import DEFAULT_PERMUTATION, pipeline
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
@@ -53,26 +52,6 @@ def test_embeddings_and_head_are_never_pruned(tokenizer):
     ria.prune(model, tokenizer, sparsity="2:4", **CALIB)
     assert (model.get_input_embeddings().weight != 0).all()
     assert (model.lm_head.weight != 0).all()
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_permutation_alone_leaves_logits_unchanged(family):
-    model = tiny_model(family)
-    ids = torch.randint(0, 512, (2, 24))
-    before = logits(model, ids)
-    spec, heads = block_spec(model), attention_heads(model)
-    rng = np.random.default_rng(0)
-    for block in find_blocks(model)[1]:
-        scores = {
-            name: rng.random(tuple(lin.weight.shape)).astype(np.float32)
-            for name, lin in block_linears(block).items()
-        }
-        perm, _ = search_block(scores, spec, heads, 2, 4, {"seed": 0, **FAST_SEARCH})
-        assert not torch.equal(perm.attn, torch.arange(perm.attn.numel()))
-        apply_block(block, spec, heads, perm)
-    assert sum(isinstance(m, ChannelGather) for m in model.modules()) == 4
-    after = logits(model, ids)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -215,13 +194,16 @@ def test_text_calibration_needs_a_tokenizer():
         ria.prune(tiny_model("llama"), None, **CALIB)
 
 
-def test_unsupported_architecture_for_permutation(tokenizer):
+def test_permutation_needs_no_table_of_families(tokenizer):
+    """The wiring is traced, so a family ria has never heard of is permuted too."""
     model = tiny_model("llama")
     model.config.model_type = "mystery"
-    with pytest.raises(
-        ValueError, match="channel permutation is not supported for model_type='mystery'"
-    ):
-        ria.prune(model, tokenizer, sparsity="2:4", permute=True, **CALIB)
+    report = ria.prune(
+        model, tokenizer, sparsity="2:4", permute=True, permutation_options=FAST_SEARCH, **CALIB
+    )
+    assert [g["gather"] for g in report.permutation_groups] == ["output"] * 4
+    for linear in pruned_linears(model).values():
+        assert_nm(linear.weight, 2, 4)
 
 
 def test_a_dispatched_model_is_pruned_where_it_is(tokenizer, monkeypatch):

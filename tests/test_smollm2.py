@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import FAST_SEARCH, assert_nm, pruned_linears
+from helpers import FAST_SEARCH, assert_nm, pruned_linears, traced_layouts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ria
-from ria.arch import attention_heads, block_linears, block_spec, find_blocks
+from ria.arch import attention_heads, block_linears, find_blocks
 from ria.demo import smollm2_path
 from ria.permutation import apply_block, search_block
 
@@ -33,13 +33,11 @@ def test_real_scores_permutation_keeps_logits(checkpoint):
     ids = torch.randint(0, model.config.vocab_size, (1, 48))
     with torch.no_grad():
         before = model(ids).logits
-    for block in find_blocks(model)[1]:
+    for block, layout in zip(find_blocks(model)[1], traced_layouts(model), strict=True):
         scores = {n: ria.magnitude_score(lin.weight) for n, lin in block_linears(block).items()}
-        perm, stats = search_block(
-            scores, block_spec(model), heads, 2, 4, {"seed": 0, **FAST_SEARCH}
-        )
+        perm, stats = search_block(scores, layout, 2, 4, {"seed": 0, **FAST_SEARCH})
         assert all(s.retained > s.identity for s in stats.values())
-        apply_block(block, block_spec(model), heads, perm)
+        apply_block(block, layout, perm)
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

@@ -92,6 +92,11 @@ def assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings):
         orders, stream_orders = ria.save.saved_orders(in_memory), ria.save.saved_orders(streamed)
         assert sorted(stream_orders) == sorted(orders)
         assert all(torch.equal(stream_orders[k], v) for k, v in orders.items())
+        # ...and how each is applied (the file's metadata).
+        infos = [
+            ria.save.saved_orders_with_infos(d / PERMUTATION_FILE)[1] for d in (in_memory, streamed)
+        ]
+        assert infos[0] == infos[1]
     config = json.loads((in_memory / "config.json").read_text())
     assert json.loads((streamed / "config.json").read_text()) == config
     assert config["ria"]["sparsity"] == str(settings["sparsity"])

@@ -1,8 +1,11 @@
-"""Architecture adapters: where the decoder blocks are, which Linears read the same
-input, and the names the deployable permutation needs (ARCHITECTURE.md).
+"""What ria knows about model families: where the decoder blocks are, which modules
+hold matrices (Linears, fused MoE experts, routers), and the few family rules a
+deployable permutation needs: the *folds* (ARCHITECTURE.md, "The permutation contract").
 
-Pruning itself is generic (every `nn.Linear` inside the decoder blocks); the channel
-permutation needs to know the block's wiring, so it is limited to the families below.
+Which modules read the same tensor is not a rule here: `ria.permutation.wiring` finds it
+by tracing one forward of a block. A fold is what tracing cannot see: which rows of one
+matrix make which input channels of the next, through an operation that keeps channels
+apart (attention within a head, the gated activation of an MLP).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
@@ -18,80 +22,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-@dataclass(frozen=True)
-class BlockSpec:
-    """Names, relative to one decoder block, of the modules a permutation touches.
-
-    attn_norm feeds attn_inputs (q, k, v); v's output rows carry o's input channels;
-    mlp_norm feeds mlp_inputs (gate and up, or fc1); their output rows carry mlp_output's
-    input channels.
-    """
-
-    blocks: str
-    attn_norm: str
-    attn_inputs: tuple[str, ...]
-    v_proj: str
-    o_proj: str
-    mlp_norm: str
-    mlp_inputs: tuple[str, ...]
-    mlp_output: str
-
-    def input_groups(self) -> list[tuple[str, ...]]:
-        """Linears that read the same tensor (they share statistics and a permutation)."""
-        return [self.attn_inputs, (self.o_proj,), self.mlp_inputs, (self.mlp_output,)]
-
-
-_LLAMA_LIKE = BlockSpec(
-    blocks="model.layers",
-    attn_norm="input_layernorm",
-    attn_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    v_proj="self_attn.v_proj",
-    o_proj="self_attn.o_proj",
-    mlp_norm="post_attention_layernorm",
-    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
-    mlp_output="mlp.down_proj",
-)
-
-SPECS: dict[str, BlockSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "opt": BlockSpec(
-        blocks="model.decoder.layers",
-        attn_norm="self_attn_layer_norm",
-        attn_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        v_proj="self_attn.v_proj",
-        o_proj="self_attn.out_proj",
-        mlp_norm="final_layer_norm",
-        mlp_inputs=("fc1",),
-        mlp_output="fc2",
-    ),
-}
-
-
 def model_type(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) or type(model).__name__
 
 
-def block_spec(model: nn.Module) -> BlockSpec | None:
-    """The adapter for this model's family, or None when it has none."""
-    return SPECS.get(model_type(model))
-
-
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the adapter's path, else the longest `nn.ModuleList` of
-    identical modules that contain `nn.Linear`s."""
-    spec = block_spec(model)
-    if spec is not None:
-        blocks = model.get_submodule(spec.blocks)
-        if not isinstance(blocks, nn.ModuleList):
-            raise UnsupportedModelError(
-                f"{spec.blocks} of {type(model).__name__} is a {type(blocks).__name__}, "
-                "not an nn.ModuleList of decoder blocks"
-            )
-        return spec.blocks, blocks
+    """The decoder blocks: the longest `nn.ModuleList` of identical modules that contain
+    `nn.Linear`s (`model.layers`, OPT's `model.decoder.layers`, ...)."""
     candidates = [
         (name, module)
         for name, module in model.named_modules()
@@ -103,7 +41,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if not candidates:
         raise UnsupportedModelError(
             f"cannot find decoder blocks with nn.Linear layers in {type(model).__name__} "
-            f"(model_type={model_type(model)!r}); supported families: {', '.join(SPECS)}"
+            f"(model_type={model_type(model)!r})"
         )
     return max(candidates, key=lambda c: len(c[1]))
 
@@ -119,16 +57,6 @@ def linear_at(block: nn.Module, name: str) -> nn.Linear:
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """Every `nn.Linear` inside a block, by name relative to the block."""
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def input_groups(model: nn.Module, names: list[str]) -> list[tuple[str, ...]]:
-    """Partition of a block's Linear names into groups that read the same input."""
-    spec = block_spec(model)
-    groups: list[tuple[str, ...]] = []
-    if spec is not None:
-        groups = [g for g in spec.input_groups() if all(n in names for n in g)]
-    grouped = {n for g in groups for n in g}
-    return groups + [(n,) for n in names if n not in grouped]
 
 
 @dataclass(frozen=True)
@@ -148,21 +76,176 @@ def attention_heads(model: PreTrainedModel) -> Heads:
     return Heads(heads, kv, head_dim)
 
 
-def require_permutable(model: nn.Module) -> BlockSpec:
-    """The adapter, or a clear error when channel permutation is not supported."""
-    spec = block_spec(model)
-    if spec is None:
-        raise UnsupportedModelError(
-            f"channel permutation is not supported for model_type={model_type(model)!r}; "
-            f"supported: {', '.join(SPECS)} (pruning without permute=True works for any "
-            "model with nn.Linear decoder blocks)"
-        )
-    if model_type(model) == "opt" and not getattr(model.config, "do_layer_norm_before", True):
-        raise UnsupportedModelError(
-            "channel permutation needs pre-norm blocks; this OPT model normalises after the "
-            "residual add (do_layer_norm_before=False, e.g. opt-350m)"
-        )
-    return spec
+# --- folds: the family rules of the permutation ----------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadFold:
+    """o_proj's input order, one within-head order per key/value head, folded into the
+    rows of the Linear that makes v: value head j is rows `v_offset + j * v_stride +
+    [0, head_dim)` of `v_source` (`v_proj`; Phi-3's fused `qkv_proj`; DeepSeek's
+    `kv_b_proj`, whose heads interleave k_nope and v). Names are relative to the block."""
+
+    o_proj: str
+    v_source: str
+    heads: Heads
+    v_offset: int = 0
+    v_stride: int = 0  # 0: head_dim
+
+    def o_order(self, o_heads: torch.Tensor) -> torch.Tensor:
+        """o_proj's full input order from `o_heads` `(num_kv_heads, head_dim)`."""
+        h, d = self.heads, self.heads.head_dim
+        group = h.num_heads // h.num_kv_heads
+        return torch.cat([q * d + o_heads[q // group] for q in range(h.num_heads)]).long()
+
+    def v_rows(self, o_heads: torch.Tensor, rows: int) -> torch.Tensor:
+        """`v_source`'s output-row order (of its `rows` rows) that feeds o_proj's order."""
+        order = torch.arange(rows)
+        d, stride = self.heads.head_dim, self.v_stride or self.heads.head_dim
+        for j in range(self.heads.num_kv_heads):
+            start = self.v_offset + j * stride
+            order[start : start + d] = start + o_heads[j].long()
+        return order
+
+
+@dataclass(frozen=True)
+class MlpFold:
+    """down's input order folded into the output rows of the matrices whose gated
+    product it reads: `ups` (gate and up; or one fused `gate_up_proj` whose `parts` = 2
+    halves, or interleaved rows, each get the order). Linears, names relative to the block."""
+
+    down: str
+    ups: tuple[str, ...]
+    parts: int = 1
+    interleaved: bool = False
+
+    def up_rows(self, order: torch.Tensor) -> torch.Tensor:
+        return expand_rows(order, self.parts, self.interleaved)
+
+
+@dataclass(frozen=True)
+class ExpertFold:
+    """Each expert's down order folded into that expert's own rows of the fused
+    `up` parameter (`gate_up_proj`: gate and up halves, or interleaved rows as gpt-oss
+    stores them, transformers' `is_concatenated=False`)."""
+
+    experts: str
+    up: str
+    down: str
+    parts: int
+    interleaved: bool
+
+    def up_rows(self, order: torch.Tensor) -> torch.Tensor:
+        return expand_rows(order, self.parts, self.interleaved)
+
+
+def expand_rows(order: torch.Tensor, parts: int, interleaved: bool) -> torch.Tensor:
+    """The row order of `parts` stacked (or interleaved) copies of a hidden order."""
+    order = order.long()
+    size = order.numel()
+    if interleaved:
+        return torch.stack([order * parts + k for k in range(parts)], dim=1).reshape(-1)
+    return torch.cat([order + k * size for k in range(parts)])
+
+
+Fold = HeadFold | MlpFold | ExpertFold
+
+
+def block_folds(model: PreTrainedModel, block: nn.Module) -> list[Fold]:
+    """The folds of one block, found by the names transformers gives these modules;
+    a candidate whose shapes do not match its rule is left out (its matrices keep their
+    order)."""
+    folds: list[Fold] = []
+    for name, module in block.named_modules():
+        prefix = f"{name}." if name else ""
+        kids = {k: m for k, m in module.named_children() if isinstance(m, nn.Linear)}
+        head = _head_fold(model, kids, prefix)
+        if head is not None:
+            folds.append(head)
+        mlp = _mlp_fold(kids, prefix)
+        if mlp is not None:
+            folds.append(mlp)
+    for name, experts in fused_experts(block).items():
+        fold = _expert_fold(name, experts)
+        if fold is not None:
+            folds.append(fold)
+    return folds
+
+
+def _head_fold(model: nn.Module, kids: dict[str, nn.Linear], prefix: str) -> HeadFold | None:
+    o_name = next((k for k in ("o_proj", "out_proj") if k in kids), None)
+    config = getattr(model, "config", None)
+    if o_name is None or config is None or not hasattr(config, "num_attention_heads"):
+        return None
+    heads = attention_heads(model)  # type: ignore[arg-type]
+    o, h, kv, d = kids[o_name], heads.num_heads, heads.num_kv_heads, heads.head_dim
+    fold = None
+    if "v_proj" in kids and kids["v_proj"].out_features == kv * d:
+        fold = HeadFold(prefix + o_name, prefix + "v_proj", heads)
+    elif "qkv_proj" in kids and kids["qkv_proj"].out_features == (h + 2 * kv) * d:
+        fold = HeadFold(prefix + o_name, prefix + "qkv_proj", heads, v_offset=(h + kv) * d)
+    elif "kv_b_proj" in kids:  # MLA: every head has its own v, after its k_nope part
+        nope, d = getattr(config, "qk_nope_head_dim", 0), getattr(config, "v_head_dim", 0)
+        if kids["kv_b_proj"].out_features == h * (nope + d):
+            heads = Heads(h, h, d)
+            fold = HeadFold(prefix + o_name, prefix + "kv_b_proj", heads, nope, nope + d)
+    if fold is None or o.in_features != fold.heads.num_heads * fold.heads.head_dim:
+        return None
+    return fold
+
+
+def _mlp_fold(kids: dict[str, nn.Linear], prefix: str) -> MlpFold | None:
+    for down, ups, parts in (
+        ("down_proj", ("gate_proj", "up_proj"), 1),
+        ("down_proj", ("gate_up_proj",), 2),  # Phi-3: gate and up halves
+        ("fc2", ("fc1",), 1),
+    ):
+        if down in kids and all(u in kids for u in ups):
+            hidden = kids[down].in_features
+            if all(kids[u].out_features == parts * hidden for u in ups):
+                return MlpFold(prefix + down, tuple(prefix + u for u in ups), parts)
+    return None
+
+
+def _expert_fold(name: str, experts: nn.Module) -> ExpertFold | None:
+    matrices = expert_matrices(experts)
+    gated = bool(getattr(experts, "has_gate", True))
+    up = "gate_up_proj" if gated else "up_proj"
+    if up not in matrices or "down_proj" not in matrices:
+        return None
+    parts = 2 if gated else 1
+    interleaved = not getattr(experts, "is_concatenated", True)
+    return ExpertFold(name, up, "down_proj", parts, interleaved)
+
+
+def input_params(module: nn.Module) -> list[str]:
+    """The parameters through which `module` reads its input's channels (the input
+    dimension of each matrix they hold): a Linear's weight; fused experts' `gate_up_proj`
+    (or `up_proj`); a router's `(experts, in)` weight. Raises UnsupportedModelError for
+    any other module."""
+    if isinstance(module, nn.Linear):
+        return ["weight"]
+    if hasattr(module, "is_transposed"):
+        up = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+        param = getattr(module, up, None)
+        if isinstance(param, torch.Tensor) and param.dim() == 3:
+            return [up]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return ["weight"]
+    raise UnsupportedModelError(
+        f"{type(module).__name__} reads the tensor, but ria does not know which of its "
+        "parameters index the tensor's channels"
+    )
+
+
+def matrix_dim(module: nn.Module, param: torch.Tensor, axis: int) -> int:
+    """The dimension of `param` (a 2-D weight, or fused experts' 3-D parameter, one
+    matrix per expert along dim 0) that holds axis `axis` of its `(out, in)` matrices."""
+    if param.dim() == 2:
+        return axis
+    transposed = bool(getattr(module, "is_transposed", False))
+    return 1 + (1 - axis if transposed else axis)
 
 
 # --- mixture-of-experts blocks ---------------------------------------------------------

@@ -5,8 +5,10 @@ beside the target, which is renamed into place only once complete, so a crash or
 never leaves a half-written model that looks complete; what a killed save leaves there
 (named with its process id) is removed by the next save of the same target.
 
-Channel orders that live in `ChannelGather` wrappers are taken out of the weights (see
-`ria.permutation`) and saved to `ria_permutation.safetensors`; `load_pruned` puts them back.
+Channel orders that live in gathers (`ChannelGather`, gathered module inputs,
+`GatheredLinear`) are taken out of the weights (see `ria.permutation`) and saved to
+`ria_permutation.safetensors`, with how each is applied as the file's metadata;
+`load_pruned` puts them back.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._checks import require_bool, require_path
 from .errors import InvalidArgumentError
-from .permutation import plain_state_dict, restore_orders
+from .permutation import OrderInfo, plain_state_dict, restore_orders
 from .pruning import INCOMPLETE, PruneReport
 
 if TYPE_CHECKING:
@@ -59,9 +62,9 @@ def save_pruned(
     check_savable(model)
     check_target(out, overwrite)
     with staged(out) as staging:
-        state, orders = plain_state_dict(model)
+        state, orders, infos = plain_state_dict(model)
         model.save_pretrained(staging, state_dict=state)
-        save_orders(staging, orders)
+        save_orders(staging, orders, infos)
         save_extras(staging, tokenizer, report)
     return out
 
@@ -84,11 +87,17 @@ def staged(out: Path) -> Iterator[Path]:
         raise
 
 
-def save_orders(directory: Path, orders: dict[str, torch.Tensor]) -> None:
-    """Writes the channel orders `plain_state_dict` took out of the weights (nothing when
-    there are none)."""
+def save_orders(
+    directory: Path, orders: dict[str, torch.Tensor], infos: dict[str, OrderInfo]
+) -> None:
+    """Writes the channel orders `plain_state_dict` took out of the weights, and how each
+    is applied as the file's metadata (nothing when there are none)."""
     if orders:
-        save_file({k: v.contiguous() for k, v in orders.items()}, directory / PERMUTATION_FILE)
+        save_file(
+            {k: v.contiguous() for k, v in orders.items()},
+            directory / PERMUTATION_FILE,
+            metadata={k: infos[k].to_json() for k in orders},
+        )
 
 
 def save_extras(directory: Path, tokenizer: Any = None, report: PruneReport | None = None) -> None:
@@ -211,10 +220,21 @@ def load_pruned(path: str | Path, **kwargs: Any) -> PreTrainedModel:
             )
         return model
     try:
-        restore_orders(model, load_file(orders_file))
+        orders, infos = saved_orders_with_infos(orders_file)
+        restore_orders(model, orders, infos)
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(f"{orders_file}: {exc}") from None
     return model
+
+
+def saved_orders_with_infos(
+    orders_file: Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, OrderInfo]]:
+    """The orders in a `PERMUTATION_FILE` and how each is applied (its metadata)."""
+    with safe_open(orders_file, "pt") as f:
+        metadata = f.metadata() or {}
+    orders = load_file(orders_file)
+    return orders, {k: OrderInfo.from_json(k, metadata[k]) for k in orders if k in metadata}
 
 
 def saved_orders(path: str | Path) -> dict[str, torch.Tensor]:

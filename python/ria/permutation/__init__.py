@@ -1,36 +1,45 @@
-"""Deployable channel permutation for N:M sparsity: finding one block's input orders
-(`search_block`, on the Rust solver), applying them so the model computes the same
+"""Deployable channel permutation for N:M sparsity: finding which modules of a block read
+the same tensor (`block_layout`, by tracing one forward), finding the block's input
+orders (`search_block`, on the Rust solver), applying them so the model computes the same
 function (`apply_block`, `ChannelGather`, `GatheredLinear`), and taking them out of / back
-into plain checkpoints (`plain_state_dict`, `restore_orders`). See ARCHITECTURE.md for the contract:
-which orders are shared, folded into weights, or gathered.
+into plain checkpoints (`plain_state_dict`, `restore_orders`). See ARCHITECTURE.md for the
+contract: which orders are shared, folded into weights, or gathered.
 """
 
 from .apply import (
     BlockPermutation,
     ChannelGather,
     GatheredLinear,
+    Orders,
     apply_block,
+    input_gather,
     is_permuted,
-    linear_orders,
-    permute_columns,
-    permute_rows,
+    matrix_orders,
+    reorders,
 )
-from .checkpoint import plain_state_dict, restore_orders
+from .checkpoint import OrderInfo, plain_state_dict, restore_orders
 from .search import PERMUTATION_MODES, PermutationMode, SearchStats, search_block
+from .wiring import BlockLayout, InputGroup, block_layout, block_readers
 
 __all__ = [
     "PERMUTATION_MODES",
+    "BlockLayout",
     "BlockPermutation",
     "ChannelGather",
     "GatheredLinear",
+    "InputGroup",
+    "OrderInfo",
+    "Orders",
     "PermutationMode",
     "SearchStats",
     "apply_block",
+    "block_layout",
+    "block_readers",
+    "input_gather",
     "is_permuted",
-    "linear_orders",
-    "permute_columns",
-    "permute_rows",
+    "matrix_orders",
     "plain_state_dict",
+    "reorders",
     "restore_orders",
     "search_block",
 ]

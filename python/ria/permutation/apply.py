@@ -5,20 +5,15 @@ Two kinds of order, which a block may mix:
 - gathered (`BlockPermutation.inputs`, the "free" mode): a Linear of its own input order,
   replaced by a `GatheredLinear` that reads its input through the order. Works for any
   Linear of any family; costs one gather of the input per call unless a kernel fuses it.
-- folded (the "folded" mode): orders shared by the Linears that read one tensor and
-  carried by the modules around them at no run-time cost. Per decoder block there are
-  four:
-- `attn`: q/k/v input columns. The input is the residual stream after the attention
-  norm, so the norm is wrapped in `ChannelGather`, which reorders its output once.
-- `o_heads`: o_proj input columns, restricted to one within-head order per key/value
-  head (shared by that head's query heads). It is folded into v_proj's output rows, so
-  it costs nothing at run time. Reordering whole heads would change no N:M group (groups
-  never straddle heads), so it is not needed.
-- `mlp`: gate/up (fc1) input columns, applied like `attn` with the MLP norm.
-- `mlp_hidden`: down (fc2) input columns, folded into gate/up (fc1) output rows: free.
+- folded (the "folded" mode): orders shared by the modules that read one tensor (an
+  `InputGroup` of `wiring.py`), applied once per group where the trace says
+  (`ChannelGather` on the norm that makes the tensor, `gather_input` on the module that
+  receives it, or a `GatheredLinear` for a group of one), and orders carried at no
+  run-time cost by the folds of `ria.arch` (o_proj's within-head order in v's rows;
+  down's in gate/up's rows, per expert for fused experts).
 
-Plain Hugging Face checkpoints cannot hold `ChannelGather`; `ria.permutation.checkpoint`
-takes the gathers out for saving and puts them back after loading.
+Plain Hugging Face checkpoints cannot hold these gathers; `ria.permutation.checkpoint`
+takes them out for saving and puts them back after loading.
 """
 
 from __future__ import annotations
@@ -30,8 +25,9 @@ from torch import nn
 
 from .._interrupts import interrupts_deferred
 from .._torch import replace_module
-from ..arch import BlockSpec, Heads, linear_at
+from ..arch import input_params, matrix_dim
 from ..errors import InvalidArgumentError
+from .wiring import BlockLayout
 
 
 class GatheredLinear(nn.Linear):
@@ -57,13 +53,15 @@ class GatheredLinear(nn.Linear):
 
 
 class ChannelGather(nn.Module):
-    """Runs `norm`, then reorders the channels of its output: `norm(x)[..., order]`."""
+    """Runs `norm`, then reorders the channels of its output: `norm(x)[..., order]`.
+    `readers` are the modules that read it, named relative to the norm's parent."""
 
     order: torch.Tensor  # a buffer, registered in __init__
 
-    def __init__(self, norm: nn.Module, order: torch.Tensor) -> None:
+    def __init__(self, norm: nn.Module, order: torch.Tensor, readers: tuple[str, ...]) -> None:
         super().__init__()
         self.norm = norm
+        self.readers = tuple(readers)
         # Not persistent: the order is saved separately so checkpoints stay plain.
         self.register_buffer("order", order.long(), persistent=False)
 
@@ -72,123 +70,210 @@ class ChannelGather(nn.Module):
         return normed.index_select(-1, self.order)
 
 
+# A module whose input is gathered (`gather_input`) carries its order in this buffer and
+# the modules reading it (relative to the module's parent) in `INPUT_READERS`.
+INPUT_ORDER = "ria_input_order"
+INPUT_READERS = "ria_input_readers"
+
+
+def _gather_input_hook(
+    module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+) -> tuple[tuple[object, ...], dict[str, object]]:
+    """Reorders the channels of the module's input: its first argument, else its
+    `hidden_states` keyword (how the trace found the tensor passed)."""
+    order = getattr(module, INPUT_ORDER)
+    if args and isinstance(args[0], torch.Tensor):
+        # .to: a dispatched model (accelerate) moves inputs only after the pre-hooks.
+        x = args[0]
+        return (x.index_select(-1, order.to(x.device)), *args[1:]), kwargs
+    states = kwargs["hidden_states"]
+    assert isinstance(states, torch.Tensor)
+    gathered = states.index_select(-1, order.to(states.device))
+    return args, {**kwargs, "hidden_states": gathered}
+
+
+@dataclass(frozen=True)
+class InputGather:
+    """A gather of a module's input, to be installed on it by `swap_in`."""
+
+    order: torch.Tensor
+    readers: tuple[str, ...]
+
+    def install(self, module: nn.Module) -> None:
+        device = next(module.parameters(), torch.empty(0)).device
+        module.register_buffer(INPUT_ORDER, self.order.to(device, torch.long), persistent=False)
+        setattr(module, INPUT_READERS, self.readers)
+        module.register_forward_pre_hook(_gather_input_hook, with_kwargs=True)
+
+
+def input_gather(module: nn.Module) -> tuple[torch.Tensor, tuple[str, ...]] | None:
+    """The order and readers of a module whose input is gathered, else None."""
+    order = getattr(module, INPUT_ORDER, None)
+    if not isinstance(order, torch.Tensor):
+        return None
+    return order, tuple(getattr(module, INPUT_READERS))
+
+
 @dataclass
 class BlockPermutation:
-    """The input orders of one block (None: left as is). Each is a LongTensor `new -> old`:
-    position p of the permuted input holds original channel `order[p]`.
+    """The input orders of one block (absent: left as is). Each is a LongTensor `new ->
+    old`: position p of the permuted input holds original channel `order[p]`.
 
-    `inputs` maps a Linear's name (relative to the block) to its own gathered input order;
-    the other fields are the folded orders (module doc)."""
+    `shared`: by the carrier of an `InputGroup`, the order its readers share. `heads`: by
+    o_proj name, one within-head order per key/value head, `(num_kv_heads, head_dim)`.
+    `hidden`: by the name of a down matrix of an MLP fold (`"mlp.down_proj"`, or one
+    expert's `"mlp.experts.down_proj[3]"`), its order. `inputs`: by Linear name, its own
+    gathered order (the "free" mode)."""
 
-    attn: torch.Tensor | None = None
-    o_heads: torch.Tensor | None = None  # (num_kv_heads, head_dim)
-    mlp: torch.Tensor | None = None
-    mlp_hidden: torch.Tensor | None = None
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def o_proj_order(o_heads: torch.Tensor, heads: Heads) -> torch.Tensor:
-    """o_proj's full input order from one within-head order per key/value head."""
-    group = heads.num_heads // heads.num_kv_heads
-    return torch.cat(
-        [h * heads.head_dim + o_heads[h // group] for h in range(heads.num_heads)]
-    ).long()
+@dataclass(frozen=True)
+class Reorder:
+    """One order applied to axis `axis` (0: output rows, 1: input columns) of the
+    `(out, in)` matrices in parameter `param` of module `module` (relative to the block):
+    every expert's when `expert` is None, else expert `expert`'s. Reordering rows
+    reorders the matching bias too."""
+
+    module: str
+    param: str
+    axis: int
+    order: torch.Tensor
+    expert: int | None = None
 
 
-def v_proj_order(o_heads: torch.Tensor, heads: Heads) -> torch.Tensor:
-    """v_proj's output-row order that produces o_proj's permuted input."""
-    return torch.cat([j * heads.head_dim + o_heads[j] for j in range(heads.num_kv_heads)]).long()
-
-
-@torch.no_grad()
-def permute_columns(linear: nn.Linear, order: torch.Tensor) -> None:
-    linear.weight.data = linear.weight.data.index_select(1, order.to(linear.weight.device))
-
-
-@torch.no_grad()
-def permute_rows(linear: nn.Linear, order: torch.Tensor) -> None:
-    order = order.to(linear.weight.device)
-    linear.weight.data = linear.weight.data.index_select(0, order)
-    if linear.bias is not None:
-        linear.bias.data = linear.bias.data.index_select(0, order)
+def reorders(block: nn.Module, layout: BlockLayout, perm: BlockPermutation) -> list[Reorder]:
+    """Every reorder `perm` makes in the block's parameters. The one place that says
+    which parameter carries which order."""
+    out: list[Reorder] = []
+    for group in layout.groups:
+        order = perm.shared.get(group.carrier or "")
+        if order is None:
+            continue
+        for reader in group.readers:
+            for param in input_params(block.get_submodule(reader)):
+                out.append(Reorder(reader, param, 1, order))
+    for head in layout.heads:
+        o_heads = perm.heads.get(head.o_proj)
+        if o_heads is None:
+            continue
+        rows = int(_linear(block, head.v_source).out_features)
+        out.append(Reorder(head.o_proj, "weight", 1, head.o_order(o_heads)))
+        out.append(Reorder(head.v_source, "weight", 0, head.v_rows(o_heads, rows)))
+    for mlp in layout.mlps:
+        hidden = perm.hidden.get(mlp.down)
+        if hidden is None:
+            continue
+        out.append(Reorder(mlp.down, "weight", 1, hidden))
+        out += [Reorder(up, "weight", 0, mlp.up_rows(hidden)) for up in mlp.ups]
+    for fold in layout.experts:
+        count = getattr(block.get_submodule(fold.experts), fold.down).shape[0]
+        for e in range(count):
+            hidden = perm.hidden.get(f"{fold.experts}.{fold.down}[{e}]")
+            if hidden is None:
+                continue
+            out.append(Reorder(fold.experts, fold.down, 1, hidden, e))
+            out.append(Reorder(fold.experts, fold.up, 0, fold.up_rows(hidden), e))
+    out += [Reorder(name, "weight", 1, order) for name, order in perm.inputs.items()]
+    return out
 
 
 Orders = tuple[torch.Tensor | None, torch.Tensor | None]
-Swaps = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def linear_orders(
-    spec: BlockSpec | None, heads: Heads | None, perm: BlockPermutation
-) -> dict[str, Orders]:
-    """For each Linear the permutation touches: its (output-row order, input-column order).
-    The one place that says which Linear carries which order. `spec` and `heads` may be
-    None only when `perm` holds gathered orders alone."""
+def matrix_orders(block: nn.Module, changes: list[Reorder]) -> dict[str, Orders]:
+    """For each matrix the reorders touch: its (output-row order, input-column order),
+    named as `ria.pruning.block_matrices` names them (`"mlp.experts.down_proj[3]"`)."""
     orders: dict[str, list[torch.Tensor | None]] = {}
-
-    def put(name: str, axis: int, order: torch.Tensor | None) -> None:
-        if order is not None:
-            orders.setdefault(name, [None, None])[axis] = order
-
-    for name, order in perm.inputs.items():
-        put(name, 1, order)
-    if spec is None or heads is None:
-        if any(o is not None for o in (perm.attn, perm.o_heads, perm.mlp, perm.mlp_hidden)):
-            raise InvalidArgumentError("folded orders need the family's block spec")
-        return {name: (rows, cols) for name, (rows, cols) in orders.items()}
-    for name in spec.attn_inputs:
-        put(name, 1, perm.attn)
-    if perm.o_heads is not None:
-        put(spec.v_proj, 0, v_proj_order(perm.o_heads, heads))
-        put(spec.o_proj, 1, o_proj_order(perm.o_heads, heads))
-    for name in spec.mlp_inputs:
-        put(name, 1, perm.mlp)
-        put(name, 0, perm.mlp_hidden)
-    put(spec.mlp_output, 1, perm.mlp_hidden)
+    for change in changes:
+        param = getattr(block.get_submodule(change.module), change.param)
+        if param.dim() == 2:
+            names = [change.module]
+        elif change.expert is not None:
+            names = [f"{change.module}.{change.param}[{change.expert}]"]
+        else:
+            names = [f"{change.module}.{change.param}[{e}]" for e in range(param.shape[0])]
+        for name in names:
+            slot = orders.setdefault(name, [None, None])
+            if slot[change.axis] is not None:
+                raise InvalidArgumentError(f"{name}: two orders for the same axis")
+            slot[change.axis] = change.order
     return {name: (rows, cols) for name, (rows, cols) in orders.items()}
 
 
+Swaps = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def reordered_params(block: nn.Module, changes: list[Reorder]) -> Swaps:
+    """The new data of every parameter (and bias) the reorders touch, as `(parameter,
+    new data)` pairs; nothing is changed."""
+    new: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(module: nn.Module, key: str, name: str, dim: int, change: Reorder) -> None:
+        param = getattr(module, name)
+        data = new[(key, name)][1] if (key, name) in new else None
+        order = change.order.to(param.device)
+        if change.expert is None:
+            data = (param.data if data is None else data).index_select(dim, order)
+        else:
+            data = param.data.clone() if data is None else data  # a copy of our own
+            data[change.expert] = data[change.expert].index_select(dim - 1, order)
+        new[(key, name)] = (param, data)
+
+    for change in changes:
+        module = block.get_submodule(change.module)
+        param = getattr(module, change.param)
+        update(module, change.module, change.param, matrix_dim(module, param, change.axis), change)
+        if change.axis == 0:
+            bias = "bias" if param.dim() == 2 else f"{change.param}_bias"
+            if isinstance(getattr(module, bias, None), torch.Tensor):
+                update(module, change.module, bias, param.dim() - 2, change)
+    return list(new.values())
+
+
 def is_permuted(block: nn.Module) -> bool:
-    """Whether a block already carries gathered norms or Linears (it was permuted before)."""
-    return any(isinstance(m, (ChannelGather, GatheredLinear)) for m in block.modules())
+    """Whether a block already carries gathers (it was permuted before)."""
+    return any(
+        isinstance(m, (ChannelGather, GatheredLinear)) or input_gather(m) is not None
+        for m in block.modules()
+    )
 
 
-def gathered(block: nn.Module, name: str, order: torch.Tensor) -> ChannelGather:
+def gathered(
+    block: nn.Module, name: str, order: torch.Tensor, readers: tuple[str, ...]
+) -> ChannelGather:
     """A `ChannelGather` of the norm at `name` (relative to `block`), not yet installed."""
     norm = block.get_submodule(name)
     device = next(norm.parameters(), torch.empty(0)).device
-    return ChannelGather(norm, order.to(device))
+    return ChannelGather(norm, order.to(device), readers)
 
 
-def reordered(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> Swaps:
-    """The new weight (and bias) of `linear` with output rows and input columns in the
-    given orders (None: unchanged), as `(parameter, new data)` pairs; nothing is changed."""
-    weight = linear.weight.data
-    swaps: Swaps = []
-    if rows is not None:
-        rows = rows.to(weight.device)
-        weight = weight.index_select(0, rows)
-        if linear.bias is not None:
-            swaps.append((linear.bias, linear.bias.data.index_select(0, rows)))
-    if cols is not None:
-        weight = weight.index_select(1, cols.to(weight.device))
-    swaps.append((linear.weight, weight))
-    return swaps
+def relative_to_parent(carrier: str, readers: tuple[str, ...]) -> tuple[str, ...]:
+    """Reader names relative to the carrier's parent module (how gathers store them)."""
+    parent = carrier.rpartition(".")[0]
+    if parent and not all(r.startswith(f"{parent}.") for r in readers):
+        raise InvalidArgumentError(f"{carrier}: its readers {readers} are not beside it")
+    return tuple(r[len(parent) + 1 :] if parent else r for r in readers)
 
 
-def swap_in(root: nn.Module, swaps: Swaps, gathers: dict[str, nn.Module]) -> None:
-    """Installs new parameter data and gathered modules (paths relative to `root`) as one
-    step: Ctrl-C is deferred until all are in place, so the model never computes a
+def swap_in(root: nn.Module, swaps: Swaps, gathers: dict[str, nn.Module | InputGather]) -> None:
+    """Installs new parameter data and gathers (paths relative to `root`) as one step:
+    Ctrl-C is deferred until all are in place, so the model never computes a
     half-permuted function. Everything passed in must be computed beforehand."""
     with interrupts_deferred():
         for param, data in swaps:
             param.data = data
         for path, gather in gathers.items():
-            replace_module(root, path, gather)
+            if isinstance(gather, InputGather):
+                gather.install(root.get_submodule(path))
+            else:
+                replace_module(root, path, gather)
 
 
-def apply_block(
-    block: nn.Module, spec: BlockSpec | None, heads: Heads | None, perm: BlockPermutation
-) -> None:
+def apply_block(block: nn.Module, layout: BlockLayout, perm: BlockPermutation) -> None:
     """Reorders one block's weights by `perm`; its outputs are unchanged (up to rounding).
 
     Atomic: every new tensor is computed first and swapped in by `swap_in`, so an error or
@@ -200,14 +285,26 @@ def apply_block(
             "the block already carries channel orders (the model was pruned with "
             "permutation before); nothing was changed"
         )
-    swaps: Swaps = []
-    for name, (rows, cols) in linear_orders(spec, heads, perm).items():
-        swaps += reordered(linear_at(block, name), rows, cols)
-    gathers: dict[str, nn.Module] = {
-        name: GatheredLinear(linear_at(block, name), order) for name, order in perm.inputs.items()
-    }
-    if spec is not None:
-        for norm, order in ((spec.attn_norm, perm.attn), (spec.mlp_norm, perm.mlp)):
-            if order is not None:
-                gathers[norm] = gathered(block, norm, order)
+    swaps = reordered_params(block, reorders(block, layout, perm))
+    gathers: dict[str, nn.Module | InputGather] = {}
+    for name, own in perm.inputs.items():
+        gathers[name] = GatheredLinear(_linear(block, name), own)
+    for group in layout.groups:
+        shared = perm.shared.get(group.carrier or "")
+        if shared is None or group.carrier is None:
+            continue
+        readers = relative_to_parent(group.carrier, group.readers)
+        if group.gather == "output":
+            gathers[group.carrier] = gathered(block, group.carrier, shared, readers)
+        elif group.gather == "input":
+            gathers[group.carrier] = InputGather(shared, readers)
+        else:
+            gathers[group.carrier] = GatheredLinear(_linear(block, group.carrier), shared)
     swap_in(block, swaps, gathers)
+
+
+def _linear(block: nn.Module, name: str) -> nn.Linear:
+    module = block.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise InvalidArgumentError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+    return module

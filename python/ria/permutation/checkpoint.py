@@ -1,105 +1,170 @@
-"""Permuted models as plain Hugging Face checkpoints: `plain_state_dict` takes the
-`ChannelGather`s and `GatheredLinear`s out (the Linears reading a gathered norm, and each
-gathered Linear, get their original column order back, so the checkpoint computes the same
+"""Permuted models as plain Hugging Face checkpoints: `plain_state_dict` takes the gathers
+out (`ChannelGather`s, gathered module inputs, `GatheredLinear`s: the modules reading a
+gathered tensor get their original column order back, so the checkpoint computes the same
 function without them) and returns the orders, which `ria.save_pruned` stores beside the
 weights; `restore_orders` puts them back after a plain load, so pruned weights are N:M in
 storage order again. An order's key is the path of the module that carries it: a norm
-(folded mode) or a Linear (free mode).
+whose output is gathered, a module whose input is gathered, or a gathered Linear; its
+`OrderInfo` says which, and which modules read it (stored as the file's metadata).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ..arch import block_spec, linear_at
-from ..errors import InvalidArgumentError, UnsupportedModelError
-from .apply import ChannelGather, GatheredLinear, Swaps, gathered, reordered, swap_in
+from ..arch import input_params, matrix_dim
+from ..errors import InvalidArgumentError
+from .apply import (
+    ChannelGather,
+    GatheredLinear,
+    InputGather,
+    Swaps,
+    gathered,
+    input_gather,
+    is_permuted,
+    swap_in,
+)
+from .wiring import Gather
 
-__all__ = ["plain_state_dict", "restore_orders"]
+__all__ = ["OrderInfo", "plain_state_dict", "restore_orders"]
+
+
+@dataclass(frozen=True)
+class OrderInfo:
+    """How a saved order is applied: `gather` ("output" of a norm, "input" of a module,
+    or a "linear"'s own input) and the modules that read the gathered tensor, named
+    relative to the carrier's parent (none for "linear")."""
+
+    gather: Gather
+    readers: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps({"gather": self.gather, "readers": list(self.readers)})
+
+    @classmethod
+    def from_json(cls, key: str, text: str) -> OrderInfo:
+        try:
+            data = json.loads(text)
+            gather, readers = data["gather"], tuple(data["readers"])
+        except (ValueError, KeyError, TypeError):
+            raise InvalidArgumentError(f"order {key!r}: invalid record {text!r}") from None
+        if gather not in ("output", "input", "linear") or not all(
+            isinstance(r, str) for r in readers
+        ):
+            raise InvalidArgumentError(f"order {key!r}: invalid record {text!r}")
+        return cls(gather, readers)
 
 
 def plain_state_dict(
     model: nn.Module, within: str = ""
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The model's state dict as a plain checkpoint of the same architecture, and the
-    gather orders that were taken out of it (`"<norm path>": order`).
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, OrderInfo]]:
+    """The model's state dict as a plain checkpoint of the same architecture, the gather
+    orders that were taken out of it (`"<carrier path>": order`) and how each is applied.
 
-    For each `ChannelGather`, the Linears that read the norm get their original column
-    order back, so the checkpoint computes the same function without the gather.
-    `within` (a submodule's path, e.g. one decoder block) limits both to that submodule,
-    keyed as in the whole model's state dict (the streaming prune writes block by block).
+    `within` (a submodule's path, e.g. one decoder block) limits all three to that
+    submodule, keyed as in the whole model's state dict (the streaming prune writes
+    block by block).
     """
     root = model.get_submodule(within)
     state = root.state_dict(prefix=f"{within}." if within else "")
     orders: dict[str, torch.Tensor] = {}
+    infos: dict[str, OrderInfo] = {}
     for path, module in root.named_modules(prefix=within):
         if isinstance(module, GatheredLinear):
-            orders[path] = module.input_order.detach().cpu()
-            key = f"{path}.weight"
-            inverse = torch.argsort(module.input_order)
-            state[key] = state[key].index_select(1, inverse.to(state[key].device))
+            orders[path], infos[path] = module.input_order.detach().cpu(), OrderInfo("linear")
+            _unpermute(state, path, module, "weight", module.input_order)
             continue
-        if not isinstance(module, ChannelGather):
+        info: Gather
+        if isinstance(module, ChannelGather):
+            order, readers, info = module.order, module.readers, "output"
+            for key in [k for k in state if k.startswith(f"{path}.norm.")]:
+                state[f"{path}." + key[len(f"{path}.norm.") :]] = state.pop(key)
+        elif (found := input_gather(module)) is not None:
+            (order, readers), info = found, "input"
+        else:
             continue
-        orders[path] = module.order.detach().cpu()
-        for key in [k for k in state if k.startswith(f"{path}.norm.")]:
-            state[f"{path}." + key[len(f"{path}.norm.") :]] = state.pop(key)
-        inverse = torch.argsort(module.order)
-        block_path, _, norm_name = path.rpartition(".")
-        for name in _readers(model, norm_name):
-            key = f"{block_path}.{name}.weight"
-            state[key] = state[key].index_select(1, inverse.to(state[key].device))
-    return state, orders
+        orders[path], infos[path] = order.detach().cpu(), OrderInfo(info, readers)
+        parent = path.rpartition(".")[0]
+        for reader in readers:
+            where = f"{parent}.{reader}" if parent else reader
+            target = model.get_submodule(where)
+            for param in input_params(target):
+                _unpermute(state, where, target, param, order)
+    return state, orders, infos
 
 
-def _readers(model: nn.Module, norm_name: str) -> tuple[str, ...]:
-    """The Linears (names within a block) fed by the block's norm `norm_name`."""
-    spec = block_spec(model)
-    if spec is None:
-        raise UnsupportedModelError("the model has gathered norms but no architecture adapter")
-    if norm_name == spec.attn_norm:
-        return spec.attn_inputs
-    if norm_name == spec.mlp_norm:
-        return spec.mlp_inputs
-    raise InvalidArgumentError(f"{norm_name} is not a norm that channel permutation gathers")
+def _unpermute(
+    state: dict[str, torch.Tensor], path: str, module: nn.Module, param: str, order: torch.Tensor
+) -> None:
+    """Puts the input columns of `path.param` in `state` back in their original order."""
+    key = f"{path}.{param}"
+    dim = matrix_dim(module, getattr(module, param), 1)
+    inverse = torch.argsort(order).to(state[key].device)
+    state[key] = state[key].index_select(dim, inverse)
 
 
-def restore_orders(model: nn.Module, orders: dict[str, torch.Tensor]) -> None:
+def restore_orders(
+    model: nn.Module, orders: dict[str, torch.Tensor], infos: dict[str, OrderInfo]
+) -> None:
     """Re-applies gather orders saved by `plain_state_dict` to a plainly loaded model.
 
-    Every order is checked and every new tensor computed first (each order must be a
-    permutation of the input features of each Linear it reorders, on a norm that is not
-    gathered yet); on any error or Ctrl-C nothing is changed.
+    `infos` says how each is applied (an order without one must be on a Linear: its
+    own input). Every order is checked and every new tensor computed first (each order
+    must be a permutation of the input channels of every matrix it reorders, on a module
+    that is not gathered yet); on any error or Ctrl-C nothing is changed.
     """
     swaps: Swaps = []
-    gathers: dict[str, nn.Module] = {}
+    gathers: dict[str, nn.Module | InputGather] = {}
     for path, order in orders.items():
         try:
             target = model.get_submodule(path)
         except AttributeError:
             raise InvalidArgumentError(f"order {path!r}: the model has no module {path}") from None
-        if isinstance(target, GatheredLinear):
+        info = infos.get(path)
+        if info is None:
+            # Files written before the records: a Linear's order can only be its own.
+            if not isinstance(target, nn.Linear):
+                raise InvalidArgumentError(
+                    f"order {path!r}: no record of the modules it reorders (written by an "
+                    "older ria); prune the model again"
+                )
+            info = OrderInfo("linear")
+        if is_permuted(target):
             raise InvalidArgumentError(f"order {path!r}: {path} is already gathered")
-        if isinstance(target, nn.Linear):
-            _check_order(order, target.in_features, path)
-            swaps += reordered(target, None, order)
+        if info.gather == "linear":
+            if not isinstance(target, nn.Linear):
+                raise InvalidArgumentError(f"order {path!r}: {path} is not an nn.Linear")
+            swaps += _permuted(path, target, "weight", order)
             gathers[path] = GatheredLinear(target, order)
             continue
-        block_path, _, norm_name = path.rpartition(".")
-        try:
-            block = model.get_submodule(block_path)
-            norm = block.get_submodule(norm_name)
-        except AttributeError:
-            raise InvalidArgumentError(f"order {path!r}: the model has no module {path}") from None
-        if isinstance(norm, ChannelGather):
-            raise InvalidArgumentError(f"order {path!r}: {path} is already gathered")
-        for name in _readers(model, norm_name):
-            linear = linear_at(block, name)
-            _check_order(order, linear.in_features, path)
-            swaps += reordered(linear, None, order)
-        gathers[path] = gathered(block, norm_name, order)
+        parent_path = path.rpartition(".")[0]
+        parent = model.get_submodule(parent_path)
+        for reader in info.readers:
+            try:
+                module = parent.get_submodule(reader)
+            except AttributeError:
+                raise InvalidArgumentError(
+                    f"order {path!r}: the model has no module {reader} beside it"
+                ) from None
+            for param in input_params(module):
+                swaps += _permuted(path, module, param, order)
+        if info.gather == "output":
+            gathers[path] = gathered(parent, path.rpartition(".")[2], order, info.readers)
+        else:
+            gathers[path] = InputGather(order, info.readers)
     swap_in(model, swaps, gathers)
+
+
+def _permuted(key: str, module: nn.Module, param: str, order: torch.Tensor) -> Swaps:
+    """`(parameter, data with input columns in order)` of `module.param`, `order` checked."""
+    tensor = getattr(module, param)
+    dim = matrix_dim(module, tensor, 1)
+    _check_order(order, tensor.shape[dim], key)
+    return [(tensor, tensor.data.index_select(dim, order.to(tensor.device)))]
 
 
 def _check_order(order: torch.Tensor, size: int, key: str) -> None:

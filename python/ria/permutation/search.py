@@ -1,11 +1,13 @@
 """Finding one block's deployable input orders from its score matrices, in one of two
 modes (`PERMUTATION_MODES`):
 
-- "folded": q/k/v share one order (their scores stacked), gate/up share one, down has its
-  own, and o_proj gets one within-head order per key/value head, shared by that head's
-  query heads. Every order is carried by the modules around it: no run-time cost.
+- "folded": the matrices of every traced input group share one order (their scores
+  stacked: q/k/v; gate/up; a MoE block's experts with its shared experts), applied once
+  per group; each fold's down (a Linear, or every expert's own) has its own order, and
+  o_proj one within-head order per key/value head, shared by that head's query heads,
+  both carried by the rows that make their input: no run-time cost.
 - "free": every Linear its own order, searched on its scores alone, applied by gathering
-  its input; where the family allows a free fold (down's order into gate/up rows) it is
+  its input; where the block has an MLP fold (down's order into gate/up rows) it is
   folded instead. Keeps more score; costs a gather per Linear unless a kernel fuses it.
 """
 
@@ -17,10 +19,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from ..arch import BlockSpec, Heads
+from ..arch import Heads
 from ..core import PermutationResult, SearchOptions, search_permutation
-from ..errors import InvalidArgumentError
 from .apply import BlockPermutation
+from .wiring import BlockLayout
 
 PermutationMode = Literal["folded", "free"]
 PERMUTATION_MODES: tuple[str, ...] = get_args(PermutationMode)
@@ -64,44 +66,60 @@ class SearchStats:
 
 def search_block(
     scores: dict[str, np.ndarray],
-    spec: BlockSpec | None,
-    heads: Heads | None,
+    layout: BlockLayout,
     n: int,
     m: int,
     options: SearchOptions | dict[str, Any],
     mode: PermutationMode = "folded",
 ) -> tuple[BlockPermutation, dict[str, SearchStats]]:
-    """Input orders for one block and, per Linear name, the stats of the search that
+    """Input orders for one block and, per matrix name, the stats of the search that
     decided its order, every search run with `options` (or a dict of their settings).
 
-    `scores` holds every Linear of the block to be permuted, `(out, in)` float32. The
-    "folded" mode needs the family's `spec` and `heads`; "free" uses them, when given,
-    only to fold down's order into gate/up rows."""
+    `scores` holds every matrix of the block to be permuted, `(out, in)` float32, named
+    as `ria.pruning.block_matrices` names them. The "folded" mode permutes the groups
+    and folds of `layout` (a group that cannot be applied keeps its order); "free" uses
+    only its MLP folds."""
     if isinstance(options, dict):
         options = SearchOptions(**options)
     perm = BlockPermutation()
     stats: dict[str, SearchStats] = {}
 
-    def solve(names: tuple[str, ...]) -> torch.Tensor:
+    def solve(names: list[str]) -> torch.Tensor:
         result = search_permutation([scores[x] for x in names], n, m, options)
         for x in names:
             stats[x] = SearchStats.of([result])
         return torch.from_numpy(result.perm)
 
+    for mlp in layout.mlps:
+        if mlp.down in scores:
+            perm.hidden[mlp.down] = solve([mlp.down])
     if mode == "free":
-        folded = spec.mlp_output if spec is not None else None
-        if folded is not None:
-            perm.mlp_hidden = solve((folded,))
-        perm.inputs = {name: solve((name,)) for name in scores if name != folded}
+        perm.inputs = {name: solve([name]) for name in scores if name not in perm.hidden}
         return perm, stats
-    if spec is None or heads is None:
-        raise InvalidArgumentError("the folded mode needs the family's block spec and heads")
-    perm.attn = solve(spec.attn_inputs)
-    perm.mlp = solve(spec.mlp_inputs)
-    perm.mlp_hidden = solve((spec.mlp_output,))
-    if heads.head_dim % m == 0:
-        perm.o_heads, stats[spec.o_proj] = _search_heads(scores[spec.o_proj], heads, n, m, options)
+    for group in layout.groups:
+        names = [x for r in group.readers for x in _group_matrices(r, scores, layout)]
+        if group.carrier is not None and names:
+            perm.shared[group.carrier] = solve(names)
+    for fold in layout.experts:
+        prefix = f"{fold.experts}.{fold.down}["
+        for name in [x for x in scores if x.startswith(prefix)]:
+            perm.hidden[name] = solve([name])
+    for head in layout.heads:
+        if head.o_proj in scores and head.heads.head_dim % m == 0:
+            score = scores[head.o_proj]
+            perm.heads[head.o_proj], stats[head.o_proj] = _search_heads(
+                score, head.heads, n, m, options
+            )
     return perm, stats
+
+
+def _group_matrices(reader: str, scores: dict[str, np.ndarray], layout: BlockLayout) -> list[str]:
+    """The scored matrices a group's reader holds: a Linear itself, or every expert's
+    slice of fused experts' input parameter (`reader.gate_up_proj[e]`); none for a router."""
+    if reader in scores:
+        return [reader]
+    ups = [f"{f.experts}.{f.up}[" for f in layout.experts if f.experts == reader]
+    return [x for x in scores if x.startswith(tuple(ups))] if ups else []
 
 
 def _search_heads(

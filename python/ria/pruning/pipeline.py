@@ -20,16 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._torch import default_device, module_device
-from ..arch import (
-    BlockSpec,
-    Heads,
-    attention_heads,
-    block_spec,
-    find_blocks,
-    fused_experts,
-    input_groups,
-    require_permutable,
-)
+from ..arch import find_blocks, fused_experts
 from ..core import (
     RefineStats,
     SearchOptions,
@@ -43,8 +34,17 @@ from ..core import (
 )
 from ..data import check_vocabulary
 from ..errors import InvalidArgumentError, RiaError, UnsupportedModelError
-from ..permutation import SearchStats, apply_block, is_permuted, linear_orders, search_block
-from ..permutation.apply import Orders
+from ..permutation import (
+    BlockLayout,
+    Orders,
+    SearchStats,
+    apply_block,
+    block_layout,
+    is_permuted,
+    matrix_orders,
+    reorders,
+    search_block,
+)
 from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
 from .config import ALPHA_GRID, Method, PruneConfig, Sparsity
@@ -110,11 +110,13 @@ def prune(
         permute: N:M only. Find and apply channel permutations that raise the importance
             an N:M mask keeps; the model computes the same function. "free": every Linear
             its own input order, applied by gathering its input (one gather per
-            Linear and call), down's order folded into gate/up rows; works for any
-            family. "folded": orders shared by q/k/v and by gate/up
-            (the norm's output gathered once per block), o_proj's restricted to heads and
-            folded into v_proj: no run-time cost, less quality, Llama/Mistral/Qwen/OPT
-            only. True means "folded": it never makes the model slower ("free" gives
+            Linear and call), down's order folded into gate/up rows; any family without
+            fused experts. "folded": one order shared by the modules that read one tensor
+            (traced: q/k/v, gate/up, a MoE block's router and experts...), gathered once
+            per group at the norm before them (or the module receiving the tensor);
+            o_proj's restricted to heads and folded into v's rows, down's into gate/up's
+            rows (per expert for experts): no other run-time cost, less quality; any
+            family. True means "folded": it never makes the model slower ("free" gives
             the better model, README "Quality", but costs a gather per Linear).
         calibration: "c4", "wikitext2", "austen" (shipped sample), a text file or
             directory, a list of strings, a `datasets.Dataset`, or token ids.
@@ -193,7 +195,7 @@ def prune_with(
     model.config.ria = {**config.to_dict(), "status": INCOMPLETE, "version": __version__}
     try:
         with torch.no_grad(), (placement or _placement)(model, plan.blocks, plan.device) as visit:
-            inputs = None
+            inputs = probe = None
             if config.needs_data:
                 with timer("calibration"):
                     windows = calibration_windows(
@@ -201,13 +203,18 @@ def prune_with(
                     )
                     check_vocabulary(model, windows, "calibration")
                     inputs = capture_block_inputs(model, plan.blocks, windows, config.batch_size)
+            elif config.permutation_mode == "folded":
+                # No calibration data, but the folded orders need a traced forward per block.
+                probe = capture_block_inputs(model, plan.blocks, _probe_tokens(model), 1)
             bar = tqdm(
                 range(len(plan.blocks)), desc="pruning", unit="block", disable=not config.progress
             )
             for i in bar:
                 with visit(plan.blocks[i]) as block:
                     step = _BlockStep(model, block, f"{plan.path}.{i}", config, plan, timer)
-                    report.layers.extend(step.run(inputs.at(i) if inputs else None))
+                    traced = inputs.at(i) if inputs else probe.at(i) if probe else None
+                    report.layers.extend(step.run(inputs.at(i) if inputs else None, traced))
+                    report.permutation_groups.extend(step.permutation_groups())
                     if inputs is not None and i + 1 < len(plan.blocks):
                         with timer("propagation"):
                             inputs = inputs.advanced(run_block(block, inputs.at(i)))
@@ -227,8 +234,6 @@ class _Plan:
 
     path: str
     blocks: nn.ModuleList
-    spec: BlockSpec | None
-    heads: Heads | None
     device: torch.device
     coverage: Coverage
 
@@ -237,12 +242,8 @@ def _plan(model: PreTrainedModel, config: PruneConfig) -> _Plan:
     """Checks everything that can be checked before the first block is changed."""
     mode = config.permutation_mode
     path, blocks = find_blocks(model)
-    if mode is not None:
-        _refuse_permuting_experts(path, blocks)
-    # Free orders need no family rules; they use the family's spec, when there is one,
-    # to fold down's order into gate/up rows.
-    spec = require_permutable(model) if mode == "folded" else block_spec(model)
-    heads = attention_heads(model) if mode is not None and spec is not None else None
+    if mode == "free":
+        _refuse_freely_permuting_experts(path, blocks)
     target = config.sparsity
     for i, block in enumerate(blocks):
         if mode is not None and is_permuted(block):
@@ -269,16 +270,26 @@ def _plan(model: PreTrainedModel, config: PruneConfig) -> _Plan:
     dispatched = bool(getattr(model, "hf_device_map", None))
     if device.type == "cuda" and not dispatched and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device={str(device)!r} but CUDA is not available here")
-    return _Plan(path, blocks, spec if mode else None, heads, device, coverage)
+    return _Plan(path, blocks, device, coverage)
 
 
-def _refuse_permuting_experts(path: str, blocks: nn.ModuleList) -> None:
+def _refuse_freely_permuting_experts(path: str, blocks: nn.ModuleList) -> None:
     for i, block in enumerate(blocks):
         for name in fused_experts(block):
             raise UnsupportedModelError(
-                f"channel permutation of fused MoE experts ({path}.{i}.{name}) is not "
-                "supported yet; prune without permute=True"
+                f"free channel orders for fused MoE experts ({path}.{i}.{name}) are not "
+                "supported (each expert would gather its tokens' input); use "
+                'permute="folded" (permute=True)'
             )
+
+
+def _probe_tokens(model: PreTrainedModel, tokens: int = 16) -> torch.Tensor:
+    """A few token ids, `(1, tokens)`, to trace the blocks' wiring when there is no
+    calibration data (the wiring does not depend on the values)."""
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    vocab = int(weight.shape[0])
+    return (torch.arange(tokens) * 7919 % vocab)[None]
 
 
 NON_FINITE_ACTIVATIONS = (
@@ -303,12 +314,16 @@ class _BlockStep:
         self.model, self.block, self.prefix = model, block, prefix
         self.config, self.plan, self.timer = config, plan, timer
         self.matrices = block_matrices(block)
+        self.layout = BlockLayout()
         self.alphas: dict[str, float] = {}
         # Experts routed fewer than MIN_ROUTED_TOKENS calibration tokens: their scores are
         # weight-only, and no mask refinement or OBS update fits them to so few tokens.
         self.weight_only: set[str] = set()
 
-    def run(self, inputs: BlockInputs | None) -> list[LayerReport]:
+    def run(self, inputs: BlockInputs | None, traced: BlockInputs | None) -> list[LayerReport]:
+        """Prunes the block on calibration `inputs` (None: without data); `traced`
+        (calibration or probe inputs) is what its wiring is traced on."""
+        self.layout = self.trace(traced)
         stats = self.gather_statistics(inputs)
         scores = self.score(stats)
         searched: dict[str, SearchStats] = {}
@@ -341,12 +356,35 @@ class _BlockStep:
             )
         return layers
 
+    def trace(self, traced: BlockInputs | None) -> BlockLayout:
+        """The block's folds and, given inputs, its traced input groups (one forward of
+        the dense block on the first batch)."""
+        if traced is None:
+            return block_layout(self.model, self.block, None)
+        first = BlockInputs(traced.hidden[:1], traced.kwargs)
+        with self.timer("statistics"), naming(self.prefix):
+            return block_layout(self.model, self.block, lambda: run_block(self.block, first))
+
+    def permutation_groups(self) -> list[dict[str, Any]]:
+        """How each traced group of the block was permuted (folded mode), for the report."""
+        if self.config.permutation_mode != "folded":
+            return []
+        return [
+            {
+                "readers": [f"{self.prefix}.{r}" for r in g.readers],
+                "gather": g.gather,
+                "carrier": None if g.carrier is None else f"{self.prefix}.{g.carrier}",
+                "reason": g.reason,
+            }
+            for g in self.layout.groups
+        ]
+
     def gather_statistics(self, inputs: BlockInputs | None) -> dict[str, InputStats]:
         """Input statistics of every matrix on the dense block (empty without data);
         notes the experts routed too few tokens to use theirs."""
         if inputs is None:
             return {}
-        groups = input_groups(self.model, list(self.matrices))
+        groups = self.layout.stat_groups(list(self.matrices))
         with (
             self.timer("statistics"),
             collecting_stats(self.block, self.matrices, groups, self.config.needs_hessian) as stats,
@@ -401,13 +439,12 @@ class _BlockStep:
         into storage order (scores are equivariant to it, so nothing is recomputed)."""
         target, mode = self.config.sparsity, self.config.permutation_mode
         assert mode is not None
-        spec, heads = self.plan.spec, self.plan.heads
         with self.timer("permutation"):
             perm, searched = search_block(
-                scores, spec, heads, target.n, target.m, self.config.permutation_options, mode
+                scores, self.layout, target.n, target.m, self.config.permutation_options, mode
             )
-            apply_block(self.block, spec, heads, perm)
-            orders = linear_orders(spec, heads, perm)
+            orders = matrix_orders(self.block, reorders(self.block, self.layout, perm))
+            apply_block(self.block, self.layout, perm)
             scores = {
                 name: _reorder(s, *orders.get(name, (None, None))) for name, s in scores.items()
             }

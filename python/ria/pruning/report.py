@@ -53,6 +53,26 @@ class PruneReport:
     perplexity: dict[str, float] = field(default_factory=dict)
     # Which of the decoder's matmul weights were pruned, and what stayed dense and why.
     coverage: Coverage | None = None
+    # permute="folded": per traced input group of each block, its readers and where their
+    # shared order is applied ("gather": "output" of the norm `carrier`, "input" of module
+    # `carrier`, "linear"), or why it was left in its order ("reason").
+    permutation_groups: list[dict[str, Any]] = field(default_factory=list)
+
+    def permutation_summary(self) -> str | None:
+        """One line on where the folded orders were applied, or None without them."""
+        if not self.permutation_groups:
+            return None
+        kinds = {"output": "norm outputs", "input": "module inputs", "linear": "Linear inputs"}
+        counts: dict[str, int] = {}
+        for g in self.permutation_groups:
+            counts[g["gather"] or "left"] = counts.get(g["gather"] or "left", 0) + 1
+        parts = [f"{counts[k]} at {label}" for k, label in kinds.items() if k in counts]
+        line = f"shared orders gathered: {', '.join(parts) or 'none'}"
+        left = [g for g in self.permutation_groups if g["gather"] is None]
+        if left:
+            line += f"; {len(left)} groups left in their order ({left[0]['reason']}"
+            line += ", ...)" if len(left) > 1 else ")"
+        return line
 
     @property
     def sparsity(self) -> float:
@@ -130,6 +150,9 @@ class PruneReport:
         experts = self.experts_summary()
         if experts is not None:
             lines.append(experts)
+        permutation = self.permutation_summary()
+        if permutation is not None:
+            lines.append(permutation)
         if self.mean_efficacy is not None:
             lines.append(f"mean permutation efficacy {100 * self.mean_efficacy:.1f}%")
         if self.mean_output_error is not None:

@@ -22,7 +22,7 @@ from .._checks import require_bool, require_path
 from .._torch import default_device
 from ..arch import find_blocks
 from ..errors import InvalidArgumentError
-from ..permutation import plain_state_dict
+from ..permutation import OrderInfo, plain_state_dict
 from ..pruning import PruneConfig, PruneReport, prune_with
 from ..save import check_target, save_extras, save_orders, staged
 from .memory import release_freed_memory
@@ -157,6 +157,7 @@ class _StreamedBlocks:
         self.index = {id(block): i for i, block in enumerate(blocks)}
         self.writer = ShardWriter(staging, len(blocks) + 1)
         self.orders: dict[str, torch.Tensor] = {}
+        self.order_infos: dict[str, OrderInfo] = {}
         self.outside_written = False
 
     @contextmanager
@@ -175,9 +176,10 @@ class _StreamedBlocks:
         try:
             load_block(block, where, self.source, self.device)
             yield block
-            state, orders = plain_state_dict(self.model, where)
+            state, orders, infos = plain_state_dict(self.model, where)
             self.writer.write(state)
             self.orders.update(orders)
+            self.order_infos.update(infos)
         finally:
             block.to("meta")
             release_freed_memory()
@@ -198,4 +200,4 @@ class _StreamedBlocks:
         if not self.outside_written:
             self._write_outside()  # a model without blocks to visit
         self.writer.finish(self.model.num_parameters())
-        save_orders(self.staging, self.orders)
+        save_orders(self.staging, self.orders, self.order_infos)

@@ -1,0 +1,218 @@
+"""Folded channel orders (`permute=True`) for every family: the traced input groups and
+the family's folds keep the function, 2:4 masks chosen in permuted order are 2:4 in
+storage order, and checkpoints reload (plain: same logits; `load_pruned`: the same
+storage order)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    ALL_FAMILIES,
+    FAST_SEARCH,
+    along_input,
+    logits,
+    rows_in_nm,
+    tiny_model,
+    traced_layouts,
+)
+from transformers import AutoModelForCausalLM
+
+import ria
+from ria.arch import find_blocks
+from ria.permutation import (
+    ChannelGather,
+    apply_block,
+    block_layout,
+    input_gather,
+    search_block,
+)
+from ria.pruning import block_matrices
+from ria.save import saved_orders
+
+# Where each family's shared orders are applied, per block (readers -> gather), as the
+# trace must find them: the norm before the readers, else the module that receives the
+# raw residual stream (OLMo 2's post-norm blocks).
+EXPECTED_GROUPS = {
+    "llama": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "output",
+              ("mlp.gate_proj", "mlp.up_proj"): "output"},
+    "opt": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "output",
+            ("fc1",): "output"},
+    "olmo2": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "input",
+              ("mlp.gate_proj", "mlp.up_proj"): "input"},
+    "phi3": {("self_attn.qkv_proj",): "output", ("mlp.gate_up_proj",): "output"},
+    "cohere": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                "mlp.up_proj"): "output"},
+    "gpt_oss": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "output",
+                ("mlp.router", "mlp.experts"): "output"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_folded_orders_alone_leave_logits_unchanged(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    before = logits(model, ids)
+    rng = np.random.default_rng(0)
+    for block, layout in zip(find_blocks(model)[1], traced_layouts(model), strict=True):
+        gathers = {g.gather for g in layout.groups}
+        assert gathers == {"input" if family == "olmo2" else "output"}, layout.groups
+        if family in EXPECTED_GROUPS:
+            assert {g.readers: g.gather for g in layout.groups} == EXPECTED_GROUPS[family]
+        scores = {
+            n: rng.random(m.shape).astype(np.float32) for n, m in block_matrices(block).items()
+        }
+        perm, _ = search_block(scores, layout, 2, 4, {"seed": 0, **FAST_SEARCH})
+        # Every group, every fold got an order that moves something.
+        assert len(perm.shared) == len(layout.groups)
+        assert len(perm.heads) == len(layout.heads) == 1
+        for order in [*perm.shared.values(), *perm.hidden.values()]:
+            assert not torch.equal(order, torch.arange(order.numel()))
+        assert len(perm.hidden) == len(layout.mlps) + sum(
+            getattr(block.get_submodule(f.experts), f.down).shape[0] for f in layout.experts
+        )
+        apply_block(block, layout, perm)
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
+
+
+def decoder_24(model) -> tuple[int, int]:
+    """(parameters in 2:4 rows along their input, in storage order, the decoder's matmul
+    parameters), read from the weights."""
+    in_24 = total = 0
+    for block in find_blocks(model)[1]:
+        for module in block.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.dim() < 2 or name.endswith("bias"):
+                    continue
+                rows = along_input(module, param.detach())
+                total += param.numel()
+                in_24 += int(rows_in_nm(rows, 2, 4).sum()) * rows.shape[1]
+    return in_24, total
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_folded_prune_is_24_in_storage_order_and_round_trips(family, tokenizer, tmp_path):
+    model = tiny_model(family)
+    windows = ria.pruning.calibration_windows("austen", tokenizer, 2, 32, seed=0)
+    report = ria.prune(
+        model,
+        sparsity="2:4",
+        permute=True,
+        calibration=windows,
+        nsamples=2,
+        seqlen=32,
+        progress=False,
+        permutation_options=FAST_SEARCH,
+    )
+    in_24, total = decoder_24(model)
+    assert in_24 >= 0.95 * total
+    assert report.coverage is not None  # and it counts what the weights say
+    assert (report.coverage.pruned_params, report.coverage.decoder_params) == (in_24, total)
+    groups = report.permutation_groups
+    # Every group gathered once, where README's table says: the norm before it, or
+    # (OLMo 2) the module receiving the residual stream.
+    assert groups and {g["gather"] for g in groups} == {"input" if family == "olmo2" else "output"}
+    assert "shared orders gathered" in str(report)
+    permuted = [r for r in report.layers if r.permutation is not None]
+    assert len(permuted) == len(report.layers)  # every matrix had its order searched
+
+    out = ria.save_pruned(model, tmp_path / family, tokenizer, report)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    pruned = logits(model, ids)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any(isinstance(m, ChannelGather) or input_gather(m) for m in plain.modules())
+    torch.testing.assert_close(logits(plain, ids), pruned, rtol=1e-4, atol=1e-4)
+    assert set(saved_orders(out)) == {g["carrier"] for g in groups}
+
+    restored = ria.load_pruned(out).eval()
+    assert restored.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    torch.testing.assert_close(logits(restored, ids), pruned, rtol=1e-5, atol=1e-5)
+
+
+class _Shared(torch.nn.Module):
+    """A block whose norm output is read by two Linears and by the residual add too, and
+    whose third Linear reads the raw input alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.a, self.b, self.c = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return h + self.a(h) + self.b(h) + self.c(x * 2)
+
+
+def test_a_group_whose_tensor_is_read_elsewhere_keeps_its_order():
+    block = _Shared()
+    layout = block_layout(None, block, lambda: block(torch.randn(2, 3, 8)))
+    groups = {g.readers: g for g in layout.groups}
+    assert set(groups) == {("a", "b"), ("c",)}
+    assert groups[("a", "b")].gather is None
+    assert "read by other operations too" in (groups[("a", "b")].reason or "")
+    assert (groups[("c",)].gather, groups[("c",)].carrier) == ("linear", "c")
+
+
+def test_folded_orders_without_calibration_data_are_traced_on_probe_tokens():
+    model = tiny_model("olmo2")
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    report = ria.prune(
+        model,
+        sparsity="2:4",
+        method="magnitude",
+        calibration=None,
+        permute=True,
+        progress=False,
+        permutation_options=FAST_SEARCH,
+    )
+    assert [g["gather"] for g in report.permutation_groups] == ["input"] * 4
+    in_24, total = decoder_24(model)
+    assert in_24 == total
+    assert torch.isfinite(logits(model, ids)).all()
+
+
+def test_post_norm_opt_gathers_module_inputs():
+    """opt-350m normalises after the residual add: q/k/v read the block's input, so their
+    order is gathered at the attention's input, and fc1's (its norm's output also feeds
+    the residual) at fc1's own input: two gathers per block, as the pre-norm families."""
+    model = tiny_model("opt", do_layer_norm_before=False)
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    before = logits(model, ids)
+    rng = np.random.default_rng(0)
+    for block, layout in zip(find_blocks(model)[1], traced_layouts(model), strict=True):
+        assert {g.carrier: g.gather for g in layout.groups} == {
+            "self_attn": "input",
+            "fc1": "linear",
+        }
+        scores = {
+            n: rng.random(m.shape).astype(np.float32) for n, m in block_matrices(block).items()
+        }
+        apply_block(block, layout, search_block(scores, layout, 2, 4, FAST_SEARCH)[0])
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
+
+
+class _NotAnMlp(torch.nn.Module):
+    """Named and shaped like an MLP, but down reads `[x, x]`, not gate * up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+        self.down_proj = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        product = self.gate_proj(x) * self.up_proj(x)
+        return product.sum(-1, keepdim=True) + self.down_proj(torch.cat([x, x], -1))
+
+
+def test_a_fold_the_traced_forward_contradicts_is_left_out():
+    block = _NotAnMlp()
+    assert len(block_layout(None, block, None).folds) == 1  # the names match the rule
+    layout = block_layout(None, block, lambda: block(torch.randn(3, 8)))
+    assert layout.folds == ()
+    assert {g.readers: g.gather for g in layout.groups} == {
+        ("gate_proj", "up_proj"): None,  # x is read by the concatenation too
+        ("down_proj",): "linear",
+    }
