@@ -393,13 +393,7 @@ def bench_e2e(layers: int, prune_all: bool, decode_steps: int) -> dict:
     return result
 
 
-# Layouts and fusion side by side: (label, sparsify buckets, fuse_siblings).
-FUSION_VARIANTS = [
-    ("default buckets, unfused", DEFAULT_BATCH_SIZES, False),
-    ("default buckets, fused", DEFAULT_BATCH_SIZES, True),
-    ("decode buckets (1, 16, 64), unfused", (1, 16, 64), False),
-    ("decode buckets (1, 16, 64), fused", (1, 16, 64), True),
-]
+DECODE_BUCKETS = (1, 16, 64)  # every bucket <= 64 tokens: the mma.sp layout
 DECODE_BATCHES = (1, 4, 16, 64)
 
 
@@ -417,9 +411,13 @@ def _agreement(dense_out: dict, sparse_out: dict) -> dict:
     return out
 
 
-def bench_fusion(layers: int, decode_steps: int, out: dict, path: Path) -> dict:
-    """Whole model, dense vs `sparsify` in each of `FUSION_VARIANTS` (a copy of the same
-    pruned model each), all under CUDA-graph replay: prefill 8x128 and 1x2048, decode at
+def bench_fusion(
+    layers: int, decode_steps: int, buckets: tuple[int, ...], out: dict, path: Path
+) -> dict:
+    """Whole model, dense vs `sparsify` with and without fused siblings, with `buckets`
+    (prefill sizes included: the cuSPARSELt layout) and with `DECODE_BUCKETS` (the mma.sp
+    layout), on a copy of the same pruned model each, all under CUDA-graph replay:
+    prefill 8x128 and 1x2048, decode at
     `DECODE_BATCHES` (KV 512), pruned-Linear bytes, agreement with dense, and the kernel
     time of one decode step at batch 1 by category."""
     import copy
@@ -432,11 +430,19 @@ def bench_fusion(layers: int, decode_steps: int, out: dict, path: Path) -> dict:
     dense, dense_out = time_e2e(model, decode_steps, DECODE_BATCHES)
     result: dict = {"layers": layers, "dense": dense, "variants": {}}
     out["fusion"] = result
-    for label, buckets, fuse in FUSION_VARIANTS:
+    variants = [
+        (f"buckets {list(b)}, {'fused' if fuse else 'unfused'}", b, fuse)
+        for b in (buckets, DECODE_BUCKETS)
+        for fuse in (False, True)
+    ]
+    for label, plan_buckets, fuse in variants:
+        twin = None
         try:
             twin = copy.deepcopy(model)
             t0 = time.perf_counter()
-            report = sparsify(twin, batch_sizes=buckets, fuse_siblings=fuse, plan_cache=plan_dir)
+            report = sparsify(
+                twin, batch_sizes=plan_buckets, fuse_siblings=fuse, plan_cache=plan_dir
+            )
             seconds = time.perf_counter() - t0
             log(f"fusion: {label}: {report}")
             timed, sparse_out = time_e2e(twin, decode_steps, DECODE_BATCHES)
@@ -444,7 +450,7 @@ def bench_fusion(layers: int, decode_steps: int, out: dict, path: Path) -> dict:
                 k: dense[k] / v for k, v in timed.items() if k.endswith(("_ms", "_ms_per_step"))
             }
             result["variants"][label] = {
-                "buckets": list(buckets),
+                "buckets": list(plan_buckets),
                 "fuse_siblings": fuse,
                 "sparsify_s": seconds,
                 "fused_groups": len(report.fused),
@@ -684,6 +690,11 @@ def main() -> None:
     ap.add_argument("--m", default=",".join(map(str, GEMM_MS)), help="GEMM token counts")
     ap.add_argument("--prune-all", action="store_true", help="prune every layer with ria")
     ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument(
+        "--fusion-buckets",
+        default=",".join(map(str, DEFAULT_BATCH_SIZES)),
+        help="sparsify buckets of the fusion section's prefill-capable plans",
+    )
     ap.add_argument("--out", default="benches/results/gpu_h200.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -724,7 +735,8 @@ def main() -> None:
         path.write_text(json.dumps(out, indent=1))
     if "fusion" in only:
         try:
-            bench_fusion(args.layers, args.decode_steps, out, path)
+            buckets = tuple(int(b) for b in args.fusion_buckets.split(","))
+            bench_fusion(args.layers, args.decode_steps, buckets, out, path)
             tables.append(
                 f"### Fused siblings and layouts, LLaMA-2-7B shapes, {args.layers} layers "
                 "(speedup over dense)\n\n" + fusion_table(out["fusion"])
