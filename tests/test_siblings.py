@@ -111,6 +111,16 @@ def test_layers_that_cannot_be_fused_are_named():
         FusedLinear(a, ["0"], [4])
 
 
+def test_a_fused_model_is_not_saved(tmp_path):
+    import ria
+
+    model = tiny_model("llama")
+    fuse_siblings(model, find_siblings(model, {"input_ids": IDS}))
+    with pytest.raises(InvalidArgumentError, match=r"save it before ria\.sparsify"):
+        ria.save_pruned(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _dense_planned(model: nn.Module) -> list[Sparse24Linear]:
     """Every non-lm_head Linear as a dense-planned `Sparse24Linear` (runs on the CPU)."""
     layers = []
