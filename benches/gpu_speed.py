@@ -432,7 +432,7 @@ def bench_fusion(
     out["fusion"] = result
     variants = [
         (f"buckets {list(b)}, {'fused' if fuse else 'unfused'}", b, fuse)
-        for b in (buckets, DECODE_BUCKETS)
+        for b in (DECODE_BUCKETS, buckets)  # the decode layout first: the decode targets
         for fuse in (False, True)
     ]
     for label, plan_buckets, fuse in variants:
