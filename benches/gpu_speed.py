@@ -7,6 +7,10 @@ Sections (`--only` picks some):
   e2e   whole model (random weights, 2:4 by magnitude): prefill 8x128 and 1x2048, decode
         tokens/s at batch 1 and 16 with a 512-token KV cache, pruned-Linear weight memory,
         and sparse-vs-masked-dense output agreement.
+  fusion  whole model, dense vs sparsify with and without fused siblings (q/k/v, gate/up as
+        one layer), with prefill-capable buckets (--fusion-buckets: the cuSPARSELt layout)
+        and with decode buckets (1, 16, 64: the mma.sp layout): prefill 8x128 and 1x2048,
+        decode at batch 1, 4, 16, 64, and the kernel time of one decode step by category.
   user  what a user gets with default arguments: GPU memory allocated dense vs after
         `sparsify(model)`, `sparsify` time cold and with its plan cache, Hugging Face
         `model.generate` (default mode) dense vs sparse, `ria.generate` (the fast path:
@@ -309,7 +313,7 @@ def time_e2e(
         del gen
     for b in decode_batches:
         ids = torch.randint(0, VOCAB, (b, 512), device="cuda", generator=g)
-        gen = StaticGenerator(model, b, 512 + decode_steps + 8)
+        gen = StaticGenerator(model, b, 512 + max(decode_steps, 32) + 8)  # timing replays too
         gen.prefill(ids)
         tokens = [gen.step().clone() for _ in range(decode_steps)]  # first step captures
         outs[f"decode_b{b}_tokens"] = torch.cat(tokens, dim=1)
@@ -319,6 +323,7 @@ def time_e2e(
         res[f"decode_b{b}_tok_s"] = b / ms * 1e3
         log(f"  decode b={b}: {ms:.3f} ms/step, {b / ms * 1e3:.1f} tok/s")
         if b == 1:  # where one graph-replayed decode step spends its GPU time
+            gen.prefill(ids)  # rewind again: the timing replays advanced the cache
             graph = gen.step_graph()
             res["decode_b1_profile"] = kernel_breakdown(graph.replay)
         del gen
@@ -699,6 +704,7 @@ def main() -> None:
     args = ap.parse_args()
     only = set(args.only.split(","))
     out: dict = {"env": environment(), "command": " ".join(__import__("sys").argv)}
+    out["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     out["copy_GBps"] = copy_bandwidth()
     log(f"{out['env']}; D2D copy {out['copy_GBps']:.0f} GB/s")
     tables = []
