@@ -27,6 +27,8 @@ from ria.sparse.graphs import time_call
 from ria.sparse.mma_sp import compile_kernels, mma24_linear, mma_best_config
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
+# Fused siblings (`ria.sparse.siblings`): q/k/v and gate/up as one GEMM each (--shapes).
+FUSED = {"qkv": (3 * 4096, 4096), "gateup": (2 * 11008, 4096)}
 DTYPE = torch.bfloat16
 STREAM_BYTES = 256 * 2**20
 
@@ -102,7 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benches/results/decode_kernels_h200.json")
     ap.add_argument("--ms", default="1,4,8,16,32,64")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {[*SHAPES, *FUSED]}")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     t0 = time.perf_counter()
@@ -111,7 +113,7 @@ def main() -> None:
     log(f"kernels compiled in {time.perf_counter() - t0:.1f}s")
     rows = []
     for name in args.shapes.split(","):
-        n, k = SHAPES[name]
+        n, k = {**SHAPES, **FUSED}[name]
         rows += bench_shape(name, n, k, ms)
         torch.cuda.empty_cache()
     result = {

@@ -7,6 +7,10 @@ Sections (`--only` picks some):
   e2e   whole model (random weights, 2:4 by magnitude): prefill 8x128 and 1x2048, decode
         tokens/s at batch 1 and 16 with a 512-token KV cache, pruned-Linear weight memory,
         and sparse-vs-masked-dense output agreement.
+  fusion  whole model, dense vs sparsify with and without fused siblings (q/k/v, gate/up as
+        one layer), with prefill-capable buckets (--fusion-buckets: the cuSPARSELt layout)
+        and with decode buckets (1, 16, 64: the mma.sp layout): prefill 8x128 and 1x2048,
+        decode at batch 1, 4, 16, 64, and the kernel time of one decode step by category.
   user  what a user gets with default arguments: GPU memory allocated dense vs after
         `sparsify(model)`, `sparsify` time cold and with its plan cache, Hugging Face
         `model.generate` (default mode) dense vs sparse, `ria.generate` (the fast path:
@@ -32,7 +36,14 @@ import torch
 import torch.nn.functional as F
 
 import ria
-from ria.sparse import StaticGenerator, pack_24, sparse24_linear, sparsify, triton_gemv
+from ria.sparse import (
+    DEFAULT_BATCH_SIZES,
+    StaticGenerator,
+    pack_24,
+    sparse24_linear,
+    sparsify,
+    triton_gemv,
+)
 from ria.sparse.cslt import (
     cslt_best_config,
     cslt_compress,
@@ -232,6 +243,7 @@ def kernel_breakdown(fn) -> dict:
     cats = {
         "triton_2:4": r"_gemv_kernel|_mm_kernel",
         "mma_2:4": r"ria_mma_sp24",
+        "silu": r"silu",
         "cusparselt": r"sparse|cusparselt|spmma|_sp_",
         "attention": r"flash|fmha|attention|efficient|softmax",
         "gemm_dense": r"gemm|gemv|cutlass|nvjet|xmma|cublas|sm90_",
@@ -280,11 +292,16 @@ def dump_cslt_layout(path: Path) -> None:
     torch.save(dump, path)
 
 
-def time_e2e(model: torch.nn.Module, decode_steps: int) -> tuple[dict, dict]:
+def time_e2e(
+    model: torch.nn.Module,
+    decode_steps: int,
+    decode_batches: tuple[int, ...] = (1, 16),
+    prefills: tuple[tuple[int, int], ...] = ((8, 128), (1, 2048)),
+) -> tuple[dict, dict]:
     """Graph-replay timings and the outputs used for the correctness check."""
     g = torch.Generator(device="cuda").manual_seed(7)
     res, outs = {}, {}
-    for b, q in [(8, 128), (1, 2048)]:
+    for b, q in prefills:
         ids = torch.randint(0, VOCAB, (b, q), device="cuda", generator=g)
         gen = StaticGenerator(model, b, q)
         gen.prefill(ids)
@@ -294,9 +311,9 @@ def time_e2e(model: torch.nn.Module, decode_steps: int) -> tuple[dict, dict]:
         outs[f"prefill_{b}x{q}_logits"] = gen.prefill(ids).float().clone()
         log(f"  prefill {b}x{q}: {ms:.2f} ms")
         del gen
-    for b in (1, 16):
+    for b in decode_batches:
         ids = torch.randint(0, VOCAB, (b, 512), device="cuda", generator=g)
-        gen = StaticGenerator(model, b, 512 + decode_steps + 8)
+        gen = StaticGenerator(model, b, 512 + max(decode_steps, 32) + 8)  # timing replays too
         gen.prefill(ids)
         tokens = [gen.step().clone() for _ in range(decode_steps)]  # first step captures
         outs[f"decode_b{b}_tokens"] = torch.cat(tokens, dim=1)
@@ -305,6 +322,10 @@ def time_e2e(model: torch.nn.Module, decode_steps: int) -> tuple[dict, dict]:
         res[f"decode_b{b}_ms_per_step"] = ms
         res[f"decode_b{b}_tok_s"] = b / ms * 1e3
         log(f"  decode b={b}: {ms:.3f} ms/step, {b / ms * 1e3:.1f} tok/s")
+        if b == 1:  # where one graph-replayed decode step spends its GPU time
+            gen.prefill(ids)  # rewind again: the timing replays advanced the cache
+            graph = gen.step_graph()
+            res["decode_b1_profile"] = kernel_breakdown(graph.replay)
         del gen
     return res, outs
 
@@ -377,6 +398,100 @@ def bench_e2e(layers: int, prune_all: bool, decode_steps: int) -> dict:
     return result
 
 
+DECODE_BUCKETS = (1, 16, 64)  # every bucket <= 64 tokens: the mma.sp layout
+DECODE_BATCHES = (1, 4, 16, 64)
+
+
+def _agreement(dense_out: dict, sparse_out: dict) -> dict:
+    out = {}
+    for key, ref in dense_out.items():
+        got = sparse_out[key]
+        if key.endswith("logits"):
+            out[key] = {
+                "rel_err_vs_dense_bf16": float((got - ref).norm() / ref.norm()),
+                "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+            }
+        else:
+            out[key] = {"token_agree": float((got == ref).float().mean())}
+    return out
+
+
+def bench_fusion(
+    layers: int, decode_steps: int, buckets: tuple[int, ...], out: dict, path: Path
+) -> dict:
+    """Whole model, dense vs `sparsify` with and without fused siblings, with `buckets`
+    (prefill sizes included: the cuSPARSELt layout) and with `DECODE_BUCKETS` (the mma.sp
+    layout), on a copy of the same pruned model each, all under CUDA-graph replay:
+    prefill 8x128 and 1x2048, decode at
+    `DECODE_BATCHES` (KV 512), pruned-Linear bytes, agreement with dense, and the kernel
+    time of one decode step at batch 1 by category."""
+    import copy
+    import tempfile
+
+    plan_dir = tempfile.mkdtemp(prefix="ria-plans-")
+    model = build_model(layers, prune_all=False)
+    dense_bytes = linear_bytes(model)
+    log("fusion: dense timings")
+    dense, dense_out = time_e2e(model, decode_steps, DECODE_BATCHES)
+    result: dict = {"layers": layers, "dense": dense, "variants": {}}
+    out["fusion"] = result
+    variants = [
+        (f"buckets {list(b)}, {'fused' if fuse else 'unfused'}", b, fuse)
+        for b in (DECODE_BUCKETS, buckets)  # the decode layout first: the decode targets
+        for fuse in (False, True)
+    ]
+    for label, plan_buckets, fuse in variants:
+        twin = None
+        try:
+            twin = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            report = sparsify(
+                twin, batch_sizes=plan_buckets, fuse_siblings=fuse, plan_cache=plan_dir
+            )
+            seconds = time.perf_counter() - t0
+            log(f"fusion: {label}: {report}")
+            timed, sparse_out = time_e2e(twin, decode_steps, DECODE_BATCHES)
+            speedup = {
+                k: dense[k] / v for k, v in timed.items() if k.endswith(("_ms", "_ms_per_step"))
+            }
+            result["variants"][label] = {
+                "buckets": list(plan_buckets),
+                "fuse_siblings": fuse,
+                "sparsify_s": seconds,
+                "fused_groups": len(report.fused),
+                "sparse": timed,
+                "speedup": speedup,
+                "linear_bytes_ratio": linear_bytes(twin) / dense_bytes,
+                "agreement": _agreement(dense_out, sparse_out),
+                "report": _report_per_shape(report.to_dict()),
+            }
+            log(f"fusion: {label}: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()))
+        except Exception:
+            result["variants"][label] = {"error": traceback.format_exc()}
+            log(result["variants"][label]["error"])
+        del twin
+        gc.collect()
+        torch.cuda.empty_cache()
+        path.write_text(json.dumps(out, indent=1, default=str))
+    return result
+
+
+def fusion_table(r: dict) -> str:
+    cols = [("prefill_8x128_ms", "prefill 8x128"), ("prefill_1x2048_ms", "prefill 1x2048")]
+    cols += [(f"decode_b{b}_ms_per_step", f"decode b{b}") for b in DECODE_BATCHES]
+    head = "| sparsify | " + " | ".join(c[1] for c in cols) + " | Linear bytes |"
+    lines = [head, "|---|" + "---:|" * (len(cols) + 1)]
+    d = r["dense"]
+    lines.append("| dense (ms) | " + " | ".join(f"{d[k]:.2f}" for k, _ in cols) + " | 1.000x |")
+    for label, v in r["variants"].items():
+        if "error" in v:
+            lines.append(f"| {label} | error |")
+            continue
+        cells = [f"{v['speedup'][k]:.2f}x" for k, _ in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {v['linear_bytes_ratio']:.3f}x |")
+    return "\n".join(lines)
+
+
 def _tok_s(fn, tokens: int) -> tuple[float, float]:
     """(seconds, tokens/s) of one call of `fn`."""
     torch.cuda.synchronize()
@@ -426,6 +541,8 @@ def _host_cost_us(model: torch.nn.Module) -> dict:
     block = model.model.layers[0]
     for name in ("self_attn.q_proj", "mlp.down_proj"):
         mod = block.get_submodule(name)
+        if hasattr(mod, "group"):  # a fused sibling: time its group's layer
+            mod = mod.group.linear
         x = torch.randn(1, 1, mod.in_features, dtype=DTYPE, device="cuda")
         calls = {"module": lambda mod=mod, x=x: mod(x)}
         if isinstance(mod, Sparse24Linear):
@@ -570,16 +687,24 @@ def environment() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="gemm,e2e,user", help="comma list of: gemm, probe, e2e, user")
+    ap.add_argument(
+        "--only", default="gemm,e2e,user", help="comma list of: gemm, probe, e2e, fusion, user"
+    )
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens per generate call (user)")
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--m", default=",".join(map(str, GEMM_MS)), help="GEMM token counts")
     ap.add_argument("--prune-all", action="store_true", help="prune every layer with ria")
     ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument(
+        "--fusion-buckets",
+        default=",".join(map(str, DEFAULT_BATCH_SIZES)),
+        help="sparsify buckets of the fusion section's prefill-capable plans",
+    )
     ap.add_argument("--out", default="benches/results/gpu_h200.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
     out: dict = {"env": environment(), "command": " ".join(__import__("sys").argv)}
+    out["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     out["copy_GBps"] = copy_bandwidth()
     log(f"{out['env']}; D2D copy {out['copy_GBps']:.0f} GB/s")
     tables = []
@@ -614,6 +739,18 @@ def main() -> None:
             out["e2e_error"] = traceback.format_exc()
             log(out["e2e_error"])
         path.write_text(json.dumps(out, indent=1))
+    if "fusion" in only:
+        try:
+            buckets = tuple(int(b) for b in args.fusion_buckets.split(","))
+            bench_fusion(args.layers, args.decode_steps, buckets, out, path)
+            tables.append(
+                f"### Fused siblings and layouts, LLaMA-2-7B shapes, {args.layers} layers "
+                "(speedup over dense)\n\n" + fusion_table(out["fusion"])
+            )
+        except Exception:
+            out["fusion_error"] = traceback.format_exc()
+            log(out["fusion_error"])
+        path.write_text(json.dumps(out, indent=1, default=str))
     if "user" in only:
         try:
             out["user"] = bench_user(args.layers, args.new_tokens)

@@ -116,9 +116,15 @@ def check_savable(model: nn.Module) -> None:
             "the model is only partly pruned (a ria.prune call was interrupted or failed); "
             "load the dense model and prune it again"
         )
-    # A model can hold Sparse24Linear only if the GPU runtime was imported.
+    # A model can hold Sparse24Linear or fused siblings only if the GPU runtime was imported.
     runtime = sys.modules.get("ria.sparse.linear")
-    if runtime is not None and any(isinstance(m, runtime.Sparse24Linear) for m in model.modules()):
+    siblings = sys.modules.get("ria.sparse.siblings")
+    kinds = tuple(
+        getattr(mod, cls)
+        for mod, cls in ((runtime, "Sparse24Linear"), (siblings, "FusedLinear"))
+        if mod is not None
+    )
+    if kinds and any(isinstance(m, kinds) for m in model.modules()):
         raise InvalidArgumentError(
             "the model has been sparsified (its weights are in GPU kernel formats); "
             "save it before ria.sparsify, and sparsify again after loading"

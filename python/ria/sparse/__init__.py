@@ -3,7 +3,8 @@
 tensor cores over a fragment-packed layout, or Triton over a compact 2:4 format; dense
 cuBLAS only where the user opts in), and `generate` decodes with a
 static KV cache under CUDA-graph replay (greedy or sampled, EOS, left padding), keeping
-its graphs across calls.
+its graphs across calls. Linears that read the same tensor (q/k/v, gate/up) run fused, as
+one `FusedLinear` served to `SiblingLinear`s.
 
 Importing this package needs neither CUDA nor triton; without CUDA `sparsify` is a no-op
 whose report says why.
@@ -25,6 +26,7 @@ from .linear import Choice, Sparse24Linear
 from .mma_sp import MmaConfig, mma24_linear
 from .plan_cache import PlanCache, TunedPlan
 from .sampling import Sampling
+from .siblings import FusedLinear, SiblingLinear
 from .sparsify import DEFAULT_BATCH_SIZES, SparseLayerReport, SparsifyReport, find_linears, sparsify
 from .triton_gemv import sparse24_linear
 
@@ -33,10 +35,12 @@ __all__ = [
     "Choice",
     "Compact24",
     "CsltConfig",
+    "FusedLinear",
     "Mma24",
     "MmaConfig",
     "PlanCache",
     "Sampling",
+    "SiblingLinear",
     "Sparse24Linear",
     "SparseLayerReport",
     "SparsifyReport",

@@ -44,6 +44,7 @@ from .graphs import time_call
 from .linear import BACKENDS, CUSPARSELT, DENSE, MMA, TRITON, Choice, Sparse24Linear
 from .mma_sp import MAX_TOKENS, MmaConfig, mma24_linear, mma_best_config, mma_status
 from .plan_cache import PlanCache, TunedPlan, library_versions, plan_key
+from .siblings import fuse_model_siblings
 from .triton_gemv import MAX_M, sparse24_linear, triton_status
 
 DEFAULT_BATCH_SIZES = (1, 16, 64, 256, 1024, 4096)
@@ -112,6 +113,7 @@ class SparsifyReport:
     cusparselt_version: int | None = None  # torch.backends.cusparselt.version(), e.g. 801
     plan_cache: str | None = None  # the plan cache directory, None when caching is off
     warnings: list[str] = field(default_factory=list)
+    fused: list[tuple[str, ...]] = field(default_factory=list)  # sibling groups run as one
 
     @property
     def cusparselt(self) -> str | None:
@@ -187,8 +189,9 @@ class SparsifyReport:
         text = (
             f"sparsify: {len(self.converted)} layers converted, {len(self.skipped)} skipped; "
             f"weights {self.dense_bytes / 2**30:.2f} -> {self.sparse_bytes / 2**30:.2f} GiB "
-            f"({ratio:.3f}x) in {self.seconds:.1f}s; plans of {self.plans_from_cache} layers "
-            f"from the cache; cuSPARSELt {self.cusparselt or 'not loaded'}{note}"
+            f"({ratio:.3f}x) in {self.seconds:.1f}s; {len(self.fused)} sibling groups fused; "
+            f"plans of {self.plans_from_cache} layers from the cache; "
+            f"cuSPARSELt {self.cusparselt or 'not loaded'}{note}"
         )
         return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
 
@@ -655,6 +658,7 @@ def sparsify(
     tune_layers: int = 8,
     cslt_sweep: bool = True,
     plan_cache: bool | str | os.PathLike[str] = True,
+    fuse_siblings: bool = True,
     verbose: bool = False,
 ) -> SparsifyReport:
     """Replace every 2:4-sparse `nn.Linear` of `model` (in place) by a `Sparse24Linear`.
@@ -683,6 +687,9 @@ def sparsify(
             trusting cuSPARSELt's eager search alone.
         plan_cache: True (the default directory, `$RIA_CACHE/sparsify-plans`), a directory,
             or False (always tune, write nothing).
+        fuse_siblings: run 2:4 Linears that read the same tensor (q/k/v, gate/up) as one
+            layer over their concatenated rows (`ria.sparse.siblings`; found by one forward
+            on the model's `dummy_inputs`); the report lists the groups in `fused`.
         verbose: print the report table.
 
     Returns:
@@ -711,6 +718,11 @@ def sparsify(
             report.warnings.append(note)
             warnings.warn(note, stacklevel=2)
     clear_generators(model)  # their graphs replay the layers about to be replaced
+    if fuse_siblings:
+        convertible = [name for name, _, why in find_linears(model) if why is None]
+        report.fused, note = fuse_model_siblings(model, convertible)
+        if note is not None:
+            report.warnings.append(note)
 
     options = {
         "allow_dense": allow_dense,
