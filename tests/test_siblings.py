@@ -168,12 +168,12 @@ def test_hf_static_cache_generate_traces_fused_siblings_in_one_graph():
 
 @needs_cuda
 @pytest.mark.parametrize("family", ["llama", "cohere"])
-def test_sparsify_fuses_siblings_by_default_and_matches_masked_dense(family):
+def test_sparsify_fuses_siblings_and_matches_masked_dense(family):
     model = prune_model_24(tiny_model(family).to("cuda", torch.bfloat16))
     ids = IDS.cuda()
     with torch.no_grad():
         ref = model(ids).logits.float()
-    report = sparsify(model, batch_sizes=[1, 16, 128], plan_cache=False)
+    report = sparsify(model, batch_sizes=[1, 16, 128], plan_cache=False, fuse_siblings=True)
     assert report.applied and len(report.fused) == 2 * (1 if family == "cohere" else 2)
     for group in report.fused:
         fused = model.get_submodule(group[0]).group
@@ -182,6 +182,6 @@ def test_sparsify_fuses_siblings_by_default_and_matches_masked_dense(family):
         out = model(ids).logits.float()
     assert float((out - ref).norm() / ref.norm()) < 2e-2
     plain = prune_model_24(tiny_model(family).to("cuda", torch.bfloat16))
-    unfused = sparsify(plain, batch_sizes=[1, 16, 128], plan_cache=False, fuse_siblings=False)
+    unfused = sparsify(plain, batch_sizes=[1, 16, 128], plan_cache=False)
     fewer = 2 * (4 if family == "cohere" else 3)  # 5 layers -> 1, or 3 -> 1 and 2 -> 1
     assert unfused.fused == [] and len(unfused.converted) == len(report.converted) + fewer

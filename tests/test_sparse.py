@@ -388,8 +388,7 @@ def test_sparsify_a_model_pruned_and_permuted_by_ria():
         ref = model(ids).logits.float()
     report = sparsify(model, batch_sizes=[1, 16, 128])
     assert report.applied, report.reason
-    # q/k/v and gate/up share their (gathered) input, so each group runs fused: 4 per block.
-    assert len(report.converted) == 2 * 4 and len(report.fused) == 2 * 2
+    assert len(report.converted) == 2 * 7
     with torch.no_grad():
         out = model(ids).logits.float()
     assert _rel_err(out, ref) < 2e-2
