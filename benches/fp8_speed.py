@@ -44,6 +44,7 @@ from gpu_speed import (
 
 from ria.sparse import Sparse24Linear, pack_mma24, sparsify
 from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear
+from ria.sparse.format import pack_mma24_e4m3
 from ria.sparse.fp8 import quantize_weight
 from ria.sparse.fp8_kernels import (
     fp8_cslt_best_config,
@@ -54,7 +55,7 @@ from ria.sparse.fp8_kernels import (
 )
 from ria.sparse.fp8_linear import Fp8Linear
 from ria.sparse.graphs import time_call
-from ria.sparse.mma_sp import MAX_TOKENS, mma24_linear, mma_best_config
+from ria.sparse.mma_sp import MAX_TOKENS, mma24_fp8_linear, mma24_linear, mma_best_config
 
 DTYPE = torch.bfloat16
 
@@ -71,6 +72,7 @@ def bench_shape(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
         "fp8": [quantize_weight(w) for w in ws],
     }
     forms["cslt8"] = [fp8_cslt_compress(q) for q in forms["fp8"]]
+    forms["mma8"] = [pack_mma24_e4m3(q.values) for q in forms["fp8"]]
     rows = [bench_m(name, torch.randn(m, k, dtype=DTYPE, device="cuda"), forms) for m in ms_list]
     gc.collect()
     torch.cuda.empty_cache()
@@ -118,6 +120,24 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
             for p in packed8
         ]
     )
+    if m <= MAX_TOKENS:
+        frags8, scales = forms["mma8"], [q.scale for q in q8]
+        mcfg8, _ = mma_best_config(frags8, qx, None, fp8_scales=(sx, scales))
+        row["fp8_mma_gemm_us"] = per_call(
+            lambda: [
+                mma24_fp8_linear(qx, sx, f, sc, None, config=mcfg8)
+                for f, sc in zip(frags8, scales, strict=True)
+            ]
+        )
+        row["fp8_mma_us"] = per_call(
+            lambda: [
+                mma24_fp8_linear(*quantize_tokens(x), f, sc, None, config=mcfg8)
+                for f, sc in zip(frags8, scales, strict=True)
+            ]
+        )
+        row["fp8_mma_config"] = str(mcfg8)
+        row["fp8_cslt_us"] = row["fp8_24_us"]
+        row["fp8_24_us"] = min(row["fp8_24_us"], row["fp8_mma_us"])
     row["quantize_us"] = 1e3 * time_call(lambda: quantize_tokens(x))
     row["fp8_cslt_alg"] = [cfg8.alg_id, cfg8.split_k, cfg8.split_k_mode]
     row["fp8_24_over_fp8_dense"] = row["fp8_dense_us"] / row["fp8_24_us"]
@@ -125,7 +145,8 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
     log(
         f"{name} M={m}: bf16 {row['bf16_dense_us']:.1f} bf16-2:4 {row['bf16_24_us']:.1f} "
         f"fp8 {row['fp8_dense_us']:.1f} (gemm {row['fp8_dense_gemm_us']:.1f}) "
-        f"fp8-2:4 {row['fp8_24_us']:.1f} (gemm {row['fp8_24_gemm_us']:.1f}) "
+        f"fp8-2:4 {row['fp8_24_us']:.1f} (cslt gemm {row['fp8_24_gemm_us']:.1f}, "
+        f"mma gemm {row.get('fp8_mma_gemm_us', math.nan):.1f}) "
         f"quant {row['quantize_us']:.1f} us"
     )
     return row
@@ -133,15 +154,22 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
 
 def gemm_table(rows: list[dict]) -> str:
     out = [
-        "| shape | M | bf16 dense | bf16 2:4 | fp8 dense (GEMM alone) | fp8 2:4 (GEMM alone) "
-        "| quantize | fp8 2:4 / fp8 dense | fp8 2:4 / bf16 dense |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | M | bf16 dense | bf16 2:4 | fp8 dense (GEMM alone) | fp8 2:4 cuSPARSELt "
+        "(GEMM alone) | fp8 2:4 mma.sp (GEMM alone) | quantize | fp8 2:4 / fp8 dense "
+        "| fp8 2:4 / bf16 dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
             f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['bf16_dense_us']:.1f} | "
             f"{r['bf16_24_us']:.1f} | {r['fp8_dense_us']:.1f} ({r['fp8_dense_gemm_us']:.1f}) | "
-            f"{r['fp8_24_us']:.1f} ({r['fp8_24_gemm_us']:.1f}) | {r['quantize_us']:.1f} | "
+            f"{r.get('fp8_cslt_us', r['fp8_24_us']):.1f} ({r['fp8_24_gemm_us']:.1f}) | "
+            + (
+                f"{r['fp8_mma_us']:.1f} ({r['fp8_mma_gemm_us']:.1f}) | "
+                if "fp8_mma_us" in r
+                else "- | "
+            )
+            + f"{r['quantize_us']:.1f} | "
             f"{r['fp8_24_over_fp8_dense']:.2f}x | {r['fp8_24_over_bf16_dense']:.2f}x |"
         )
     return "\n".join(out)
@@ -165,7 +193,8 @@ VARIANTS = {
 }
 
 
-def bench_e2e(layers: int, decode_steps: int) -> dict:
+def bench_e2e(layers: int, decode_steps: int, save) -> dict:
+    """The four variants in turn (each a copy of one model); `save(result)` after each."""
     base = build_model(layers, prune_all=False)
     result: dict = {"layers": layers, "variants": {}}
     outs = {}
@@ -182,6 +211,7 @@ def bench_e2e(layers: int, decode_steps: int) -> dict:
         row["linear_bytes"] = weight_bytes(model)
         row["timings"], outs[label] = time_e2e(model, decode_steps)
         result["variants"][label] = row
+        save(result)
         if model is not base:
             del model
         gc.collect()
@@ -243,7 +273,11 @@ def main() -> None:
         path.write_text(json.dumps(out, indent=1))
     if "e2e" in only:
         try:
-            out["e2e"] = bench_e2e(args.layers, args.decode_steps)
+
+            def save(partial: dict) -> None:
+                path.write_text(json.dumps({**out, "e2e": partial}, indent=1))
+
+            out["e2e"] = bench_e2e(args.layers, args.decode_steps, save)
             tables.append(
                 f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
                 + e2e_table(out["e2e"])

@@ -12,6 +12,7 @@ from helpers import needs_cuda, prune_model_24, random_24, tiny_model
 
 from ria.errors import InvalidArgumentError
 from ria.sparse import sparsify
+from ria.sparse.format import pack_mma24_e4m3
 from ria.sparse.fp8 import (
     E4M3,
     E4M3_MAX,
@@ -168,6 +169,14 @@ def test_fp8_kernels_match_reference(m, bias):
     ref = fp8_linear_reference(x.cpu(), cpu_w, None if b is None else b.cpu())
     _close_to_reference(fp8_dense_linear(x, w, b), ref)
     _close_to_reference(fp8_cslt_linear(x, fp8_cslt_compress(w), w.scale, b), ref)
+    if m <= 64:
+        from ria.sparse.fp8_kernels import quantize_tokens
+        from ria.sparse.mma_sp import CONFIGS, mma24_fp8_linear
+
+        q, q_scale = quantize_tokens(x)
+        frag = pack_mma24_e4m3(w.values)
+        for cfg in CONFIGS:
+            _close_to_reference(mma24_fp8_linear(q, q_scale, frag, w.scale, b, config=cfg), ref)
 
 
 @needs_cuda
