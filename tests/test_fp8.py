@@ -175,7 +175,7 @@ def test_fp8_kernels_match_reference(m, bias):
 
         q, q_scale = quantize_tokens(x)
         frag = pack_mma24_e4m3(w.values)
-        for cfg in CONFIGS:
+        for cfg in CONFIGS if m == 16 else (None,):  # every launch shape once (compiles)
             _close_to_reference(mma24_fp8_linear(q, q_scale, frag, w.scale, b, config=cfg), ref)
 
 
