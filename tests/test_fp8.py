@@ -134,11 +134,12 @@ def test_sparsify_fp8_without_cuda_is_a_no_op():
 # -- CUDA: kernels against the reference ---------------------------------------------------
 
 
-def _close_to_reference(got: torch.Tensor, ref: torch.Tensor) -> None:
-    """Equal up to fp32 summation order and one output rounding (bf16: 2**-8 relative)."""
+def _close_to_reference(got: torch.Tensor, ref: torch.Tensor, atol: float = 1e-4) -> None:
+    """Equal up to fp32 summation order and one output rounding (bf16: 2**-8 relative);
+    `atol` is relative to the largest output."""
     assert got.dtype == ref.dtype and got.shape == ref.shape
     torch.testing.assert_close(
-        got.float().cpu(), ref.float().cpu(), rtol=2**-7, atol=1e-4 * float(ref.abs().max())
+        got.float().cpu(), ref.float().cpu(), rtol=2**-7, atol=atol * float(ref.abs().max())
     )
 
 
@@ -168,7 +169,10 @@ def test_fp8_kernels_match_reference(m, bias):
     cpu_w = Fp8Weight(w.values.cpu(), w.scale.cpu())
     ref = fp8_linear_reference(x.cpu(), cpu_w, None if b is None else b.cpu())
     _close_to_reference(fp8_dense_linear(x, w, b), ref)
-    _close_to_reference(fp8_cslt_linear(x, fp8_cslt_compress(w), w.scale, b), ref)
+    # cuSPARSELt's fp8 kernel sums with less than fp32 precision (seen on an H200,
+    # 2026-12-02: 1 of 16384 outputs at M = 64 off by 1.8e-4 of the largest), as Hopper's fp8
+    # tensor cores do unless a kernel promotes its partial sums.
+    _close_to_reference(fp8_cslt_linear(x, fp8_cslt_compress(w), w.scale, b), ref, atol=5e-4)
     if m <= 64:
         from ria.sparse.fp8_kernels import quantize_tokens
         from ria.sparse.mma_sp import CONFIGS, mma24_fp8_linear

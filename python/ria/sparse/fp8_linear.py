@@ -305,6 +305,8 @@ def sparsify_fp8(
     if reason is not None:
         report.reason = f"{reason}: model left unchanged"
         return report
+    if sparse and torch.backends.cusparselt.is_available():
+        report.cusparselt_version = torch.backends.cusparselt.version()
     clear_generators(model)
     groups: dict[tuple[int, int, torch.dtype, bool, str], list[tuple[str, nn.Linear]]] = {}
     for name, mod, why in find_linears(model):
