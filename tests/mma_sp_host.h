@@ -1,6 +1,7 @@
 // Runs python/ria/sparse/mma_sp.cu on a CPU (tests/test_mma_sp.py compiles it with g++):
 // one std::thread per CUDA thread, a barrier per block for __syncthreads, and mma.sp
-// emulated per warp from the PTX ISA's fragment tables (sparse m16n8k32, .f16/.bf16), so
+// emulated per warp from the PTX ISA's fragment tables (sparse m16n8k32, .f16/.bf16; with
+// RIA_E4M3 the e4m3 operands are widened to fp16 as cvt.rn.f16x2.e4m3x2 does), so
 // the kernel's indexing, batching and reduction are checked without a GPU.
 //
 // Usage: the including file defines the kernel's RIA_* settings, includes this header,
@@ -25,6 +26,19 @@
 struct uint4 {
   unsigned x, y, z, w;
 };
+struct uint2 {
+  unsigned x, y;
+};
+#ifndef RIA_E4M3
+#define RIA_E4M3 0
+#endif
+#if RIA_E4M3  // the kernel's x_t and frag_t
+typedef unsigned char ria_host_x;
+typedef uint2 ria_host_frag;
+#else
+typedef unsigned short ria_host_x;
+typedef uint4 ria_host_frag;
+#endif
 struct HostIndex {
   int x;
 };
@@ -41,29 +55,29 @@ thread_local Warp* warp;
 thread_local std::barrier<>* block_sync;
 thread_local float* shared;
 
-inline float element(unsigned short v) {
-#if RIA_F16
+inline float half(unsigned short v) {
   const int sign = v >> 15, exponent = (v >> 10) & 31, mantissa = v & 1023;
   const float r = exponent == 0 ? std::ldexp((float)mantissa, -24)
                                 : std::ldexp((float)(mantissa | 1024), exponent - 25);
   return sign ? -r : r;
-#else
+}
+
+inline float bfloat(unsigned short v) {
   const unsigned bits = ((unsigned)v) << 16;
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+}
+
+inline float element(unsigned short v) {  // an mma.sp operand
+#if RIA_F16 || RIA_E4M3
+  return half(v);
+#else
+  return bfloat(v);
 #endif
 }
-}  // namespace host
 
-inline void __syncthreads() { host::block_sync->arrive_and_wait(); }
-inline float* ria_host_shared() { return host::shared; }
-inline int min(int a, int b) { return a < b ? a : b; }
-
-inline float to_f32(unsigned short v) { return host::element(v); }
-
-inline unsigned short from_f32(float f) {  // round to nearest even
-#if RIA_F16
+inline unsigned short half_bits(float f) {  // round to nearest even
   const float magnitude = std::fabs(f);
   const unsigned short sign = f < 0 ? 0x8000 : 0;
   if (magnitude < std::ldexp(1.0f, -14))  // subnormal: multiples of 2^-24
@@ -74,6 +88,34 @@ inline unsigned short from_f32(float f) {  // round to nearest even
   int biased = exponent - 1 + 15;
   if (mantissa == 1024) mantissa = 0, ++biased;
   return sign | (unsigned short)(biased << 10) | (unsigned short)mantissa;
+}
+
+inline float e4m3(unsigned char v) {  // e4m3fn: bias 7, subnormals 2^-9 steps (no NaN here)
+  const int exponent = (v >> 3) & 15, mantissa = v & 7;
+  const float r = exponent == 0 ? std::ldexp((float)mantissa, -9)
+                                : std::ldexp((float)(mantissa | 8), exponent - 10);
+  return (v & 0x80) ? -r : r;
+}
+}  // namespace host
+
+// cvt.rn.f16x2.e4m3x2: low byte to the low half.
+inline unsigned e4m3x2_to_f16x2(unsigned short v) {
+  return host::half_bits(host::e4m3(v & 0xFF)) | ((unsigned)host::half_bits(host::e4m3(v >> 8)) << 16);
+}
+
+inline void __syncthreads() { host::block_sync->arrive_and_wait(); }
+inline float* ria_host_shared() { return host::shared; }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+#if RIA_F16
+inline float to_f32(unsigned short v) { return host::half(v); }
+#else
+inline float to_f32(unsigned short v) { return host::bfloat(v); }
+#endif
+
+inline unsigned short from_f32(float f) {  // round to nearest even
+#if RIA_F16
+  return host::half_bits(f);
 #else
   unsigned bits;
   std::memcpy(&bits, &f, 4);
@@ -128,10 +170,11 @@ void mma_sp(float* d, const uint4& a, const unsigned* b, unsigned e) {
 #else
 #define RIA_HOST_INDEX int
 #endif
-extern "C" void ria_mma_sp24(const unsigned short* x, int ldx, const uint4* vals,
+extern "C" void ria_mma_sp24(const ria_host_x* x, int ldx, const ria_host_frag* vals,
                              const unsigned* meta, const RIA_HOST_INDEX* order,
                              const unsigned short* bias, int has_bias, unsigned short* y,
-                             int ldy, int M, int N, int K, int tiles, int pairs);
+                             int ldy, int M, int N, int K, int tiles, int pairs,
+                             const float* x_scale, const float* w_scale);
 
 static std::vector<char> read_file(const char* dir, const char* name) {
   char path[4096];
@@ -155,6 +198,12 @@ int main(int argc, char** argv) {
   const auto x = read_file(dir, "x.bin"), vals = read_file(dir, "vals.bin"),
              meta = read_file(dir, "meta.bin"), order = read_file(dir, "order.bin"),
              bias = read_file(dir, "bias.bin");
+#if RIA_E4M3  // the e4m3 kernel's scales: per token, per row
+  const auto x_scale = read_file(dir, "x_scale.bin"), w_scale = read_file(dir, "w_scale.bin");
+  const float *xs = (const float*)x_scale.data(), *ws = (const float*)w_scale.data();
+#else
+  const float *xs = nullptr, *ws = nullptr;
+#endif
   std::vector<unsigned short> y((size_t)M * N, 0xFFFF);  // NaN where nothing is written
   const int threads = RIA_W * 32;
   for (int bx = 0; bx < grid; ++bx) {
@@ -171,10 +220,10 @@ int main(int argc, char** argv) {
         host::shared = shared.data();
         host::block_sync = &block_sync;
         host::warp = &warps[tid / 32];
-        ria_mma_sp24((const unsigned short*)x.data(), ldx, (const uint4*)vals.data(),
+        ria_mma_sp24((const ria_host_x*)x.data(), ldx, (const ria_host_frag*)vals.data(),
                      (const unsigned*)meta.data(), (const RIA_HOST_INDEX*)order.data(),
                      (const unsigned short*)bias.data(), has_bias, y.data(), N, M, N, K, tiles,
-                     pairs);
+                     pairs, xs, ws);
       });
     for (auto& t : pool) t.join();
   }

@@ -21,7 +21,8 @@ import torch
 from helpers import needs_cuda, random_24
 
 from ria.errors import InvalidArgumentError
-from ria.sparse.format import Mma24, pack_mma24, unpack_mma24
+from ria.sparse.format import Mma24, pack_mma24, pack_mma24_e4m3, unpack_mma24
+from ria.sparse.fp8 import fp8_linear_reference, quantize_rows, quantize_weight
 
 # -- layout (CPU) ------------------------------------------------------------------------
 
@@ -115,19 +116,29 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 GXX = shutil.which("g++")
 
 
-def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias) -> None:
+def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False) -> None:
     """Compile mma_sp.cu with tests/mma_sp_host.h for `cfg` = (R, W, U), run it on a random
-    2:4 weight and compare with the masked dense product."""
+    2:4 weight and compare with the masked dense product (with `e4m3`: weight and tokens in
+    e4m3, against `fp8_linear_reference`)."""
     row_tiles, warps, unroll = cfg
     w = random_24(n, k, dtype=dtype, seed=n + m)
-    p = pack_mma24(w)
     g = torch.Generator().manual_seed(m)
     ldx = k + 8  # a row stride larger than K
     x_rows = torch.randn(m, ldx, generator=g).to(dtype)
     order = torch.randperm(k, generator=g) if order_dtype is not None else None
     b = torch.randn(n, generator=g).to(dtype) if bias else torch.zeros(1, dtype=dtype)
-    x_rows.view(torch.int16).numpy().tofile(tmp_path / "x.bin")
-    p.values.view(torch.int16).numpy().tofile(tmp_path / "vals.bin")
+    if e4m3:
+        qw = quantize_weight(w)
+        p = pack_mma24_e4m3(qw.values)
+        q, q_scale = quantize_rows(x_rows)  # the padding columns are never read
+        q.view(torch.uint8).numpy().tofile(tmp_path / "x.bin")
+        p.values.view(torch.uint8).numpy().tofile(tmp_path / "vals.bin")
+        q_scale.numpy().tofile(tmp_path / "x_scale.bin")
+        qw.scale.numpy().tofile(tmp_path / "w_scale.bin")
+    else:
+        p = pack_mma24(w)
+        x_rows.view(torch.int16).numpy().tofile(tmp_path / "x.bin")
+        p.values.view(torch.int16).numpy().tofile(tmp_path / "vals.bin")
     p.meta.numpy().tofile(tmp_path / "meta.bin")
     idx = torch.zeros(1) if order is None else order
     idx.to(order_dtype or torch.int32).numpy().tofile(tmp_path / "order.bin")
@@ -139,6 +150,7 @@ def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias) -> None
         "RIA_U": unroll,
         "RIA_NT": -(-m // 8),
         "RIA_ORDER": {None: 0, torch.int32: 32, torch.int64: 64}[order_dtype],
+        "RIA_E4M3": int(e4m3),
     }
     kernel = resources.files("ria.sparse").joinpath("mma_sp.cu").read_text("utf-8")
     header = Path(__file__).with_name("mma_sp_host.h")
@@ -154,6 +166,10 @@ def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias) -> None
     subprocess.run([str(exe), str(tmp_path), *map(str, args)], check=True)
     raw = np.fromfile(tmp_path / "y.bin", dtype=np.int16)
     y = torch.from_numpy(raw).view(dtype).reshape(m, n)
+    if e4m3:  # the definition, up to fp32 summation order and one rounding
+        ref = fp8_linear_reference(x_rows[:, :k], qw, b if bias else None)
+        torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=1e-3)
+        return
     ref = _reference(x_rows[:, :k], w, b if bias else None, order)
     assert _rel_err(y, ref) < 1e-2, (n, k, m, cfg)
 
@@ -172,6 +188,21 @@ def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias) -> None
 )
 def test_mma_kernel_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias):
     _run_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias)
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+@pytest.mark.parametrize(
+    "n, k, m, cfg, bias",
+    [
+        (40, 100, 3, (2, 4, 2), True),
+        (72, 384, 20, (2, 8, 2), False),
+        (32, 640, 8, (1, 16, 8), True),
+    ],
+)
+def test_mma_e4m3_kernel_on_host(tmp_path, n, k, m, cfg, bias):
+    """The e4m3 form (bytes widened to fp16, scales in the epilogue) equals the fp8
+    reference, over the same batching cases as the fp16/bf16 kernel."""
+    _run_on_host(tmp_path, n, k, m, cfg, torch.bfloat16, None, bias, e4m3=True)
 
 
 # -- kernel (GPU) ----------------------------------------------------------------------

@@ -48,6 +48,7 @@ __all__ = [
     "nibbles",
     "pack_24",
     "pack_mma24",
+    "pack_mma24_e4m3",
     "to_cslt_layout",
     "unpack_24",
     "unpack_mma24",
@@ -277,6 +278,16 @@ def pack_mma24(weight: torch.Tensor) -> Mma24:
     words = words.permute(0, 2, 1, 3, 4).reshape(-1)  # (T, P, lane = 4g + 2sel + half)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
     return Mma24(values=values, meta=words, out_features=n, in_features=k)
+
+
+def pack_mma24_e4m3(values: torch.Tensor) -> Mma24:
+    """`pack_mma24` for a 2:4 e4m3 weight `(N, K)` (`fp8.Fp8Weight.values`): the same
+    fragments with one byte per value, so a lane's 8 values of a k-step are one 8-byte load
+    (widened to fp16 in registers by the kernel). Negative zeros count as pruned."""
+    if values.dtype != torch.float8_e4m3fn:
+        raise InvalidArgumentError(f"expected float8_e4m3fn values, got {values.dtype}")
+    wide = pack_mma24(values.to(torch.bfloat16))  # exact: bf16 holds every e4m3 value
+    return Mma24(wide.values.to(values.dtype), wide.meta, wide.out_features, wide.in_features)
 
 
 def unpack_mma24(packed: Mma24) -> torch.Tensor:

@@ -13,13 +13,20 @@
 // dtype. Measured on an H200 (benches/decode_kernels.py): splitting rows over warps of a
 // block (x shared in L1) and double-buffering B were slower than this.
 //
-// Compile-time settings (prepended by mma_sp.py): RIA_F16 (1: fp16, 0: bf16), RIA_R,
-// RIA_W, RIA_U, RIA_NT (8-token tiles, ceil(M / 8)), RIA_ORDER (0: none, 32 / 64: index
-// bits). No headers: NVRTC needs no CUDA include path.
+// Compile-time settings (prepended by mma_sp.py): RIA_F16 (1: fp16, 0: bf16 output, bias
+// and, without RIA_E4M3, operands), RIA_R, RIA_W, RIA_U, RIA_NT (8-token tiles,
+// ceil(M / 8)), RIA_ORDER (0: none, 32 / 64: index bits), RIA_E4M3 (1: weight values and
+// tokens in e4m3, half the bytes per fragment, widened exactly to fp16 in registers for an
+// f16 mma.sp; the fp32 sums are then scaled by the token's and the row's scales). No
+// headers: NVRTC needs no CUDA include path.
 
 // With one token tile, the batch's B fragments are loaded together with A (their latency
 // then overlaps the weight's); with more, each k-step loads its own (measured faster: the
 // registers go to more warps in flight).
+#ifndef RIA_E4M3
+#define RIA_E4M3 0
+#endif
+
 #define RIA_PREFETCH_B (RIA_NT == 1 && RIA_U <= 4)
 
 typedef unsigned int u32;
@@ -31,10 +38,18 @@ typedef long long index_t;
 typedef int index_t;
 #endif
 
-#if RIA_F16
+#if RIA_F16 || RIA_E4M3
 #define RIA_AB "f16"
 #else
 #define RIA_AB "bf16"
+#endif
+
+#if RIA_E4M3
+typedef unsigned char x_t;  // one e4m3 token value
+typedef uint2 frag_t;       // a lane's 8 kept e4m3 values of one k-step
+#else
+typedef u16 x_t;
+typedef uint4 frag_t;  // a lane's 8 kept fp16/bf16 values of one k-step
 #endif
 
 // The device primitives: tests/mma_sp_host.h stands in for them (RIA_HOST_EMULATION) to run
@@ -70,11 +85,31 @@ __device__ __forceinline__ void mma_sp(float* d, const uint4& a, const u32* b, u
       : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
         "r"(e), "n"(SEL));
 }
+
+// Two e4m3 (low byte first) as an f16x2 (low half first): exact, fp16 holds every e4m3.
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u16 v) {
+  u32 r;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(v));
+  return r;
+}
+#endif
+
+#if RIA_E4M3
+__device__ __forceinline__ uint4 widen(const uint2& v) {
+  uint4 r;
+  r.x = e4m3x2_to_f16x2((u16)(v.x & 0xFFFF));
+  r.y = e4m3x2_to_f16x2((u16)(v.x >> 16));
+  r.z = e4m3x2_to_f16x2((u16)(v.y & 0xFFFF));
+  r.w = e4m3x2_to_f16x2((u16)(v.y >> 16));
+  return r;
+}
+#else
+__device__ __forceinline__ uint4 widen(const uint4& v) { return v; }
 #endif
 
 // B fragments of one k-step for the RIA_NT token tiles: lane (g, t) holds token 8j + g at
 // columns k0 + 8i + {0, 1}, i = 0..3, with k0 = 32s + 2t (through `order` if given).
-__device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const u16* __restrict__ x, int ldx,
+__device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const x_t* __restrict__ x, int ldx,
                                        const index_t* __restrict__ order, int g, int M, int K,
                                        int k0) {
 #pragma unroll
@@ -90,8 +125,10 @@ __device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const u16* __restric
       const int token = 8 * j + g;
       u32 v = 0;
       if (token < M && in_k) {
-        const u16* row = x + (long long)token * ldx;
-#if RIA_ORDER
+        const x_t* row = x + (long long)token * ldx;
+#if RIA_E4M3
+        v = e4m3x2_to_f16x2(*reinterpret_cast<const u16*>(row + k));  // no order: see mma_sp.py
+#elif RIA_ORDER
         v = (u32)row[c0] | ((u32)row[c1] << 16);
 #else
         v = *reinterpret_cast<const u32*>(row + k);
@@ -103,10 +140,11 @@ __device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const u16* __restric
 }
 
 extern "C" __global__ void __launch_bounds__(RIA_W * 32)
-    ria_mma_sp24(const u16* __restrict__ x, int ldx, const uint4* __restrict__ vals,
+    ria_mma_sp24(const x_t* __restrict__ x, int ldx, const frag_t* __restrict__ vals,
                  const u32* __restrict__ meta, const index_t* __restrict__ order,
                  const u16* __restrict__ bias, int has_bias, u16* __restrict__ y, int ldy,
-                 int M, int N, int K, int tiles, int pairs) {
+                 int M, int N, int K, int tiles, int pairs, const float* __restrict__ x_scale,
+                 const float* __restrict__ w_scale) {
 #ifdef RIA_HOST_EMULATION
   float* partial = ria_host_shared();
 #else
@@ -138,8 +176,8 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
 #pragma unroll
       for (int u = 0; u < RIA_U; ++u) {
         const int p = min(p0 + u, pe - 1);
-        a[r][2 * u] = vals[(tile * steps + 2 * p) * 32 + lane];
-        a[r][2 * u + 1] = vals[(tile * steps + 2 * p + 1) * 32 + lane];
+        a[r][2 * u] = widen(vals[(tile * steps + 2 * p) * 32 + lane]);
+        a[r][2 * u + 1] = widen(vals[(tile * steps + 2 * p + 1) * 32 + lane]);
         e[r][u] = meta[(tile * pairs + p) * 32 + lane];
       }
     }
@@ -194,6 +232,9 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
     const int row = (tile0 + r) * 16 + (ln >> 2) + 8 * (c >> 1);
     const int token = 8 * j + 2 * (ln & 3) + (c & 1);
     if (row < N && token < M) {
+#if RIA_E4M3
+      s = s * x_scale[token] * w_scale[row];  // powers of two: exact
+#endif
       if (has_bias) s += to_f32(bias[row]);
       y[(long long)token * ldy + row] = from_f32(s);
     }

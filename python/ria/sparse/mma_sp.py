@@ -36,6 +36,7 @@ __all__ = [
     "compile_kernels",
     "default_config",
     "kernel_cache_dir",
+    "mma24_fp8_linear",
     "mma24_linear",
     "mma_best_config",
     "mma_status",
@@ -117,8 +118,8 @@ def _source() -> str:
 
 
 _ORDER_BITS = {None: 0, torch.int32: 32, torch.int64: 64}
-# (dtype, config, token tiles, order bits, device index) -> loaded kernel
-_KERNELS: dict[tuple[torch.dtype, MmaConfig, int, int, int], Any] = {}
+# (dtype, config, token tiles, order bits, e4m3, device index) -> loaded kernel
+_KERNELS: dict[tuple[torch.dtype, MmaConfig, int, int, bool, int], Any] = {}
 
 
 def _compile(source: str, arch: str) -> bytes:
@@ -144,7 +145,10 @@ def _compile(source: str, arch: str) -> bytes:
     return binary
 
 
-def _kernel_source(dtype: torch.dtype, config: MmaConfig, tiles: int, order_bits: int) -> str:
+def _kernel_source(
+    dtype: torch.dtype, config: MmaConfig, tiles: int, order_bits: int, e4m3: bool = False
+) -> str:
+    """The kernel for output (and, unless `e4m3`, operand) `dtype` and the launch shape."""
     defines = {
         "RIA_F16": int(dtype == torch.float16),
         "RIA_R": config.row_tiles,
@@ -152,6 +156,7 @@ def _kernel_source(dtype: torch.dtype, config: MmaConfig, tiles: int, order_bits
         "RIA_U": config.unroll,
         "RIA_NT": tiles,
         "RIA_ORDER": order_bits,
+        "RIA_E4M3": int(e4m3),
     }
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
 
@@ -177,14 +182,16 @@ def compile_kernels(
         list(pool.map(lambda src: _compile(src, arch), sources))
 
 
-def _kernel(dtype: torch.dtype, config: MmaConfig, tiles: int, order_bits: int) -> Any:
+def _kernel(
+    dtype: torch.dtype, config: MmaConfig, tiles: int, order_bits: int, e4m3: bool = False
+) -> Any:
     device = torch.cuda.current_device()
-    key = (dtype, config, tiles, order_bits, device)
+    key = (dtype, config, tiles, order_bits, e4m3, device)
     kernel = _KERNELS.get(key)
     if kernel is None:
         from torch.cuda import _utils
 
-        binary = _compile(_kernel_source(dtype, config, tiles, order_bits), _arch())
+        binary = _compile(_kernel_source(dtype, config, tiles, order_bits, e4m3), _arch())
         loaded = _utils._cuda_load_module(binary, [_ENTRY])
         kernel = loaded[_ENTRY] if isinstance(loaded, dict) else getattr(loaded, _ENTRY)
         smem = _smem_bytes(config, tiles)
@@ -284,7 +291,14 @@ def mma24_linear(
         packed.in_features,
         packed.tiles,
         packed.pairs,
+        unused,  # the e4m3 kernel's scales
+        unused,
     ]
+    _launch(kernel, config, tiles, packed, args)
+    return out
+
+
+def _launch(kernel: Any, config: MmaConfig, tiles: int, packed: Mma24, args: list[Any]) -> None:
     grid = -(-packed.tiles // config.row_tiles)
     kernel(
         grid=(grid, 1, 1),
@@ -292,6 +306,51 @@ def mma24_linear(
         args=args,
         shared_mem=_smem_bytes(config, tiles),
     )
+
+
+def mma24_fp8_linear(
+    q: torch.Tensor,
+    q_scale: torch.Tensor,
+    packed: Mma24,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: MmaConfig | None = None,
+) -> torch.Tensor:
+    """`(q * q_scale[:, None]) @ (W * scale[:, None]).T + bias` for e4m3 tokens and an e4m3
+    2:4 weight, as `fp8.fp8_linear_reference` defines it: the e4m3 values are widened
+    exactly to fp16 for an f16 mma.sp, summed in fp32, scaled, biased, cast once.
+
+    Args:
+        q: `(M, K)` float8_e4m3fn tokens, contiguous, `1 <= M <= MAX_TOKENS`
+            (`fp8_kernels.quantize_tokens`); q_scale: `(M,)` fp32.
+        packed: the weight from `format.pack_mma24_e4m3` (e4m3 values); scale: `(N,)` fp32.
+        bias: `(N,)` in `out_dtype`, or None.
+        out_dtype: bf16 or fp16.
+    """
+    m, k = q.shape
+    n = packed.out_features
+    if q.dtype != torch.float8_e4m3fn or packed.values.dtype != torch.float8_e4m3fn:
+        raise InvalidArgumentError(f"q is {q.dtype}, the weight {packed.values.dtype}; need e4m3")
+    if k != packed.in_features or not 1 <= m <= MAX_TOKENS or not q.is_contiguous():
+        raise InvalidArgumentError(
+            f"q must be contiguous (M <= {MAX_TOKENS}, {packed.in_features}), got {tuple(q.shape)}"
+        )
+    if out_dtype not in (torch.float16, torch.bfloat16):
+        raise InvalidArgumentError(f"out_dtype must be fp16 or bf16, got {out_dtype}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != out_dtype):
+        raise InvalidArgumentError(f"bias must be ({n},) {out_dtype}")
+    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
+    config = config or default_config(m)
+    tiles = -(-m // TOKEN_TILE)
+    kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True)
+    unused = packed.values
+    args = [
+        q, k, packed.values, packed.meta, unused, unused if bias is None else bias,
+        int(bias is not None), out, n, m, n, k, packed.tiles, packed.pairs, q_scale, scale,
+    ]  # fmt: skip
+    _launch(kernel, config, tiles, packed, args)
     return out
 
 
@@ -302,18 +361,23 @@ def mma_best_config(
     *,
     order: torch.Tensor | None = None,
     configs: tuple[MmaConfig, ...] | None = None,
+    fp8_scales: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
 ) -> tuple[MmaConfig, dict[str, float]]:
     """The fastest configuration for `x` on weights of one shape, timed under CUDA-graph
     replay over `packed` in rotation (default candidates: `candidates(M)`); also every
-    candidate's microseconds per call."""
+    candidate's microseconds per call. With `fp8_scales` = (token scales, each weight's
+    row scales), `x` holds e4m3 tokens and `packed` e4m3 weights (`mma24_fp8_linear`)."""
     configs = configs or candidates(x.shape[0])
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
     for cfg in configs:
 
         def call(cfg: MmaConfig = cfg) -> None:
-            for p in packed:
-                mma24_linear(x, p, bias, order=order, config=cfg)
+            for i, p in enumerate(packed):
+                if fp8_scales is None:
+                    mma24_linear(x, p, bias, order=order, config=cfg)
+                else:
+                    mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
 
         try:
             us = 1000.0 * time_call(call, iters=10, repeats=3) / len(packed)

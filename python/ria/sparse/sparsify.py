@@ -39,6 +39,7 @@ from .cslt import (
     share_cslt_buffer,
 )
 from .format import Compact24, Mma24, check_24, pack_24, pack_mma24, tensor_bytes
+from .fp8_linear import sparsify_fp8
 from .generate import clear_generators as clear_generators
 from .graphs import time_call
 from .linear import BACKENDS, CUSPARSELT, DENSE, MMA, TRITON, Choice, Sparse24Linear
@@ -660,6 +661,8 @@ def sparsify(
     plan_cache: bool | str | os.PathLike[str] = True,
     fuse_siblings: bool = False,
     verbose: bool = False,
+    dtype: str | None = None,
+    sparse: bool = True,
 ) -> SparsifyReport:
     """Replace every 2:4-sparse `nn.Linear` of `model` (in place) by a `Sparse24Linear`.
 
@@ -692,11 +695,38 @@ def sparsify(
             on the model's `dummy_inputs`); the report lists the groups in `fused`. Off by
             default until its GPU tests have run (README "GPU").
         verbose: print the report table.
+        dtype: None (keep the weights' fp16/bf16) or "fp8": e4m3 weights with per-row
+            scales, tokens quantized per call, output in the model's dtype; the layers
+            become `ria.sparse.fp8_linear.Fp8Linear`, each bucket running cuSPARSELt's fp8
+            2:4 GEMM or fp8 dense (`torch._scaled_mm`), whichever measured faster.
+            `backend`, `allow_dense`, `dense_margin`, `cslt_sweep` and `plan_cache` are
+            for the fp16/bf16 kernels and must keep their defaults (no plan cache yet).
+        sparse: with `dtype="fp8"`, False converts every fp16/bf16 Linear (but lm_head)
+            to fp8 dense, 2:4 or not. Must be True without `dtype`.
 
     Returns:
         A `SparsifyReport`. Without CUDA (or without any usable sparse kernel) nothing is
         touched and `report.applied` is False with the reason.
     """
+    if dtype is not None or not sparse:
+        if dtype != "fp8":
+            raise InvalidArgumentError(
+                f"dtype must be None or 'fp8' (sparse=False needs dtype='fp8'), got {dtype!r}"
+            )
+        if (
+            backend != "auto"
+            or allow_dense
+            or not cslt_sweep
+            or plan_cache is not True
+            or fuse_siblings
+        ):
+            raise InvalidArgumentError(
+                "dtype='fp8' takes batch_sizes, strict, tune_layers, verbose and sparse only"
+            )
+        return sparsify_fp8(
+            model, sparse=sparse, batch_sizes=batch_sizes, strict=strict,
+            tune_layers=tune_layers, verbose=verbose,
+        )  # fmt: skip
     t0 = time.perf_counter()
     buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
     if not buckets or buckets[0] < 1:

@@ -1,0 +1,296 @@
+"""fp8 vs bf16, dense vs 2:4, on one GPU: LLaMA-2-7B shapes, everything under CUDA-graph replay.
+
+Sections (`--only` picks some):
+  gemm  per GEMM (q/k/v/o, gate/up, down at M tokens; weights rotate over copies > 256 MB
+        so they stream from HBM): bf16 dense (cuBLAS), bf16 2:4 (cuSPARSELt, searched; and
+        the mma.sp decode kernel at M <= 64), fp8 dense (`torch._scaled_mm`, row-wise
+        scales) and fp8 2:4 (cuSPARSELt e4m3 + scale epilogue), each whole (token
+        quantization included) and its GEMM alone (tokens quantized beforehand), and the
+        quantization kernel alone.
+  e2e   whole model (random weights, 2:4 by magnitude, as benches/gpu_speed.py): prefill
+        8x128 and 1x2048, decode batch 1 and 16 (KV 512) for bf16 dense, fp8 dense
+        (`sparsify(dtype="fp8", sparse=False)`), bf16 2:4 (`sparsify()`) and fp8 2:4
+        (`sparsify(dtype="fp8")`), with the Linear weight bytes and the prefill logits'
+        error against bf16 dense.
+
+Timing helpers, model and workloads are benches/gpu_speed.py's. Writes JSON (default
+benches/results/fp8_h200.json) and prints markdown tables.
+Usage: python benches/fp8_speed.py [--only gemm,e2e] [--layers 32] [--m 1,16,64,1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from gpu_speed import (
+    SHAPES,
+    STREAM_BYTES,
+    build_model,
+    distinct_copies,
+    environment,
+    log,
+    prune_24,
+    time_e2e,
+)
+
+from ria.sparse import Sparse24Linear, pack_mma24, sparsify
+from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear
+from ria.sparse.format import pack_mma24_e4m3
+from ria.sparse.fp8 import quantize_weight
+from ria.sparse.fp8_kernels import (
+    fp8_cslt_best_config,
+    fp8_cslt_compress,
+    fp8_cslt_linear,
+    fp8_dense_linear,
+    quantize_tokens,
+)
+from ria.sparse.fp8_linear import Fp8Linear
+from ria.sparse.graphs import time_call
+from ria.sparse.mma_sp import MAX_TOKENS, mma24_fp8_linear, mma24_linear, mma_best_config
+
+DTYPE = torch.bfloat16
+
+
+def bench_shape(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
+    """One weight shape at every token count; weights rotate over copies > STREAM_BYTES."""
+    w0 = prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02)
+    copies = max(1, math.ceil(STREAM_BYTES / (n * k * 2)))
+    ws = distinct_copies(w0, copies, seed=n + k)
+    forms = {
+        "bf16": ws,
+        "cslt": [cslt_compress(w) for w in ws],
+        "mma": [pack_mma24(w) for w in ws],
+        "fp8": [quantize_weight(w) for w in ws],
+    }
+    forms["cslt8"] = [fp8_cslt_compress(q) for q in forms["fp8"]]
+    forms["mma8"] = [pack_mma24_e4m3(q.values) for q in forms["fp8"]]
+    rows = [bench_m(name, torch.randn(m, k, dtype=DTYPE, device="cuda"), forms) for m in ms_list]
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
+    """Every kernel at `x`'s token count over the weight copies in `forms`."""
+    m, k = x.shape
+    ws, packed, frags, q8, packed8 = (forms[f] for f in ("bf16", "cslt", "mma", "fp8", "cslt8"))
+
+    def per_call(fn) -> float:
+        return 1e3 * time_call(fn) / len(ws)
+
+    cfg = cslt_best_config(packed, x, sweep=m >= 1024)  # as benches/gpu_speed.py
+    cfg8 = fp8_cslt_best_config(packed8, x)
+    qx, sx = quantize_tokens(x)
+    qxp, _ = quantize_tokens(x, -(-m // 16) * 16)
+    row: dict = {"shape": name, "n": ws[0].shape[0], "k": k, "m": m}
+    row["bf16_dense_us"] = per_call(lambda: [F.linear(x, w) for w in ws])
+    row["bf16_cslt_us"] = per_call(lambda: [cslt_linear(x, p, None, cfg) for p in packed])
+    if m <= MAX_TOKENS:
+        mcfg, _ = mma_best_config(frags, x, None)
+        row["bf16_mma_us"] = per_call(
+            lambda: [mma24_linear(x, f, None, config=mcfg) for f in frags]
+        )
+    row["bf16_24_us"] = min(row["bf16_cslt_us"], row.get("bf16_mma_us", math.inf))
+    row["fp8_dense_us"] = per_call(lambda: [fp8_dense_linear(x, q) for q in q8])
+    row["fp8_dense_gemm_us"] = per_call(
+        lambda: [
+            torch._scaled_mm(qx, q.values.t(), sx[:, None], q.scale[None, :], out_dtype=DTYPE)
+            for q in q8
+        ]
+    )
+    row["fp8_24_us"] = per_call(
+        lambda: [
+            fp8_cslt_linear(x, p, q.scale, None, cfg8) for p, q in zip(packed8, q8, strict=True)
+        ]
+    )
+    row["fp8_24_gemm_us"] = per_call(
+        lambda: [
+            torch._cslt_sparse_mm(
+                p, qxp.t(), out_dtype=DTYPE, transpose_result=True, alg_id=cfg8.alg_id
+            )
+            for p in packed8
+        ]
+    )
+    if m <= MAX_TOKENS:
+        frags8, scales = forms["mma8"], [q.scale for q in q8]
+        mcfg8, _ = mma_best_config(frags8, qx, None, fp8_scales=(sx, scales))
+        row["fp8_mma_gemm_us"] = per_call(
+            lambda: [
+                mma24_fp8_linear(qx, sx, f, sc, None, config=mcfg8)
+                for f, sc in zip(frags8, scales, strict=True)
+            ]
+        )
+        row["fp8_mma_us"] = per_call(
+            lambda: [
+                mma24_fp8_linear(*quantize_tokens(x), f, sc, None, config=mcfg8)
+                for f, sc in zip(frags8, scales, strict=True)
+            ]
+        )
+        row["fp8_mma_config"] = str(mcfg8)
+        row["fp8_cslt_us"] = row["fp8_24_us"]
+        row["fp8_24_us"] = min(row["fp8_24_us"], row["fp8_mma_us"])
+    row["quantize_us"] = 1e3 * time_call(lambda: quantize_tokens(x))
+    row["fp8_cslt_alg"] = [cfg8.alg_id, cfg8.split_k, cfg8.split_k_mode]
+    row["fp8_24_over_fp8_dense"] = row["fp8_dense_us"] / row["fp8_24_us"]
+    row["fp8_24_over_bf16_dense"] = row["bf16_dense_us"] / row["fp8_24_us"]
+    log(
+        f"{name} M={m}: bf16 {row['bf16_dense_us']:.1f} bf16-2:4 {row['bf16_24_us']:.1f} "
+        f"fp8 {row['fp8_dense_us']:.1f} (gemm {row['fp8_dense_gemm_us']:.1f}) "
+        f"fp8-2:4 {row['fp8_24_us']:.1f} (cslt gemm {row['fp8_24_gemm_us']:.1f}, "
+        f"mma gemm {row.get('fp8_mma_gemm_us', math.nan):.1f}) "
+        f"quant {row['quantize_us']:.1f} us"
+    )
+    return row
+
+
+def gemm_table(rows: list[dict]) -> str:
+    out = [
+        "| shape | M | bf16 dense | bf16 2:4 | fp8 dense (GEMM alone) | fp8 2:4 cuSPARSELt "
+        "(GEMM alone) | fp8 2:4 mma.sp (GEMM alone) | quantize | fp8 2:4 / fp8 dense "
+        "| fp8 2:4 / bf16 dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['bf16_dense_us']:.1f} | "
+            f"{r['bf16_24_us']:.1f} | {r['fp8_dense_us']:.1f} ({r['fp8_dense_gemm_us']:.1f}) | "
+            f"{r.get('fp8_cslt_us', r['fp8_24_us']):.1f} ({r['fp8_24_gemm_us']:.1f}) | "
+            + (
+                f"{r['fp8_mma_us']:.1f} ({r['fp8_mma_gemm_us']:.1f}) | "
+                if "fp8_mma_us" in r
+                else "- | "
+            )
+            + f"{r['quantize_us']:.1f} | "
+            f"{r['fp8_24_over_fp8_dense']:.2f}x | {r['fp8_24_over_bf16_dense']:.2f}x |"
+        )
+    return "\n".join(out)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    total = 0
+    for mod in model.model.layers.modules():
+        if isinstance(mod, torch.nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+        elif isinstance(mod, (Sparse24Linear, Fp8Linear)):
+            total += mod.weight_bytes()
+    return total
+
+
+# The comparison that matters first (each saved as soon as it is timed).
+VARIANTS = {
+    "fp8 2:4": dict(dtype="fp8"),
+    "fp8 dense": dict(dtype="fp8", sparse=False),
+    "bf16 dense": None,
+    "bf16 2:4": dict(plan_cache=False),
+}
+
+
+def bench_e2e(layers: int, decode_steps: int, save) -> dict:
+    """The four variants in turn (each a copy of one model); `save(result)` after each."""
+    base = build_model(layers, prune_all=False)
+    result: dict = {"layers": layers, "variants": {}}
+    outs = {}
+    for label, options in VARIANTS.items():
+        model = base if options is None else copy.deepcopy(base)  # base stays bf16 dense
+        row: dict = {}
+        if options is not None:
+            report = sparsify(model, batch_sizes=[1, 16, 1024, 2048], **options)
+            row["sparsify_s"] = report.seconds
+            row["plans"] = {
+                f"{lr.out_features}x{lr.in_features}": lr.plan for lr in report.converted
+            }
+            log(f"{label}: {report}")
+        row["linear_bytes"] = weight_bytes(model)
+        row["timings"], outs[label] = time_e2e(model, decode_steps)
+        result["variants"][label] = row
+        save(result)
+        if model is not base:
+            del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    ref = outs["bf16 dense"]
+    del base
+    for label, out in outs.items():
+        row = result["variants"][label]
+        row["vs_bf16_dense"] = {}
+        for key, got in out.items():
+            if key.endswith("logits"):
+                row["vs_bf16_dense"][key] = {
+                    "rel_err": float((got - ref[key]).norm() / ref[key].norm()),
+                    "top1_agree": float((got.argmax(-1) == ref[key].argmax(-1)).float().mean()),
+                }
+    return result
+
+
+def e2e_table(r: dict) -> str:
+    v = r["variants"]
+    labels = list(v)
+    out = ["| workload | " + " | ".join(labels) + " | fp8 2:4 / fp8 dense | fp8 2:4 / bf16 dense |"]
+    out.append("|---|" + "---:|" * (len(labels) + 2))
+    keys = [(f"prefill_{b}x{q}_ms", f"prefill {b}x{q} (ms)") for b, q in [(8, 128), (1, 2048)]]
+    keys += [(f"decode_b{b}_ms_per_step", f"decode batch {b} (ms/step)") for b in (1, 16)]
+    for key, name in keys:
+        t = [v[label]["timings"][key] for label in labels]
+        fp8d, fp824, bf16d = (v[x]["timings"][key] for x in ("fp8 dense", "fp8 2:4", "bf16 dense"))
+        out.append(
+            f"| {name} | " + " | ".join(f"{x:.2f}" for x in t)
+            + f" | {fp8d / fp824:.2f}x | {bf16d / fp824:.2f}x |"
+        )  # fmt: skip
+    gib = [v[label]["linear_bytes"] / 2**30 for label in labels]
+    out.append("| decoder Linear weights (GiB) | " + " | ".join(f"{x:.2f}" for x in gib) + " | | |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="gemm,e2e", help="comma list of: gemm, e2e")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--m", default="1,16,64,1024", help="GEMM token counts")
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--out", default="benches/results/fp8_h200.json")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    out: dict = {"env": environment(), "command": " ".join(__import__("sys").argv)}
+    out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tables = []
+    if "gemm" in only:
+        try:
+            ms = [int(m) for m in args.m.split(",")]
+            out["gemm"] = [r for nm, (n, k) in SHAPES.items() for r in bench_shape(nm, n, k, ms)]
+            tables.append("### Per GEMM (us, CUDA-graph replay)\n\n" + gemm_table(out["gemm"]))
+        except Exception:
+            out["gemm_error"] = traceback.format_exc()
+            log(out["gemm_error"])
+        path.write_text(json.dumps(out, indent=1))
+    if "e2e" in only:
+        try:
+
+            def save(partial: dict) -> None:
+                path.write_text(json.dumps({**out, "e2e": partial}, indent=1))
+
+            out["e2e"] = bench_e2e(args.layers, args.decode_steps, save)
+            tables.append(
+                f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
+                + e2e_table(out["e2e"])
+            )
+        except Exception:
+            out["e2e_error"] = traceback.format_exc()
+            log(out["e2e_error"])
+        path.write_text(json.dumps(out, indent=1))
+    log(f"wrote {path}")
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()

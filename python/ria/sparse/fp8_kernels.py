@@ -1,0 +1,184 @@
+"""fp8 GEMMs on CUDA for `Fp8Linear`, each equal to `fp8.fp8_linear_reference` up to the
+order of the fp32 sums:
+
+- `quantize_tokens`: one Triton kernel per call: each token's amax, its power-of-two scale
+  (the same bit arithmetic as `fp8.pow2_scale`) and the e4m3 cast; it can write zero rows
+  up to a padded row count, so cuSPARSELt's operand needs no second copy.
+- `fp8_dense_linear`: `torch._scaled_mm` with row-wise scales (a per-token `(M, 1)` and a
+  per-channel `(1, N)` fp32 vector, weight column-major), bf16 out, scales in its epilogue.
+- `fp8_cslt_linear`: cuSPARSELt's fp8 2:4 GEMM (`torch._cslt_sparse_mm`, tokens padded to
+  16, the transposes fused as in `cslt.py`), which refuses a per-row `alpha` for fp8, so
+  the scales and bias are applied by a second Triton kernel to its bf16 output. Both scales
+  are powers of two: multiplying them into the bf16 result is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .cslt import CsltConfig
+from .fp8 import E4M3, Fp8Weight
+from .graphs import time_call
+
+try:
+    import triton
+except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
+    triton = None
+
+__all__ = [
+    "CSLT_M_ALIGN",
+    "fp8_cslt_best_config",
+    "fp8_cslt_compress",
+    "fp8_cslt_linear",
+    "fp8_cslt_shape_status",
+    "fp8_dense_linear",
+    "fp8_dense_shape_status",
+    "fp8_status",
+    "quantize_tokens",
+]
+
+# cuSPARSELt with 8-bit operands: the dense operand's rows a multiple of 16 (torch's
+# dense_min_rows for e4m3; M = 1 is refused), the sparse weight's sides multiples of 32.
+CSLT_M_ALIGN = 16
+CSLT_W_ALIGN = 32
+# torch._scaled_mm: K and N multiples of 16.
+SCALED_MM_ALIGN = 16
+
+
+def fp8_status(device: torch.device | None = None) -> str | None:
+    """None if the fp8 kernels can run on `device` (default: current CUDA device), else why."""
+    if triton is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"fp8 tensor cores need compute capability >= 8.9, device has {major}.{minor}"
+    return None
+
+
+def fp8_dense_shape_status(out_features: int, in_features: int) -> str | None:
+    if out_features % SCALED_MM_ALIGN or in_features % SCALED_MM_ALIGN:
+        return f"fp8 GEMMs need both dimensions multiples of {SCALED_MM_ALIGN}"
+    return None
+
+
+def fp8_cslt_shape_status(out_features: int, in_features: int) -> str | None:
+    if out_features % CSLT_W_ALIGN or in_features % CSLT_W_ALIGN:
+        return f"cuSPARSELt fp8 needs both dimensions multiples of {CSLT_W_ALIGN}"
+    return None
+
+
+if triton is not None:
+    from ._fp8_triton import _quantize_kernel, _scale_kernel
+
+
+def quantize_tokens(x: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` `(M, K)` CUDA (row stride free, unit column stride) as e4m3 `(rows, K)` and fp32
+    scales `(rows,)`, bit-identical to `fp8.quantize_rows` for the first `M` rows; rows
+    `M..rows` (default `rows = M`) are zeros with scale 0."""
+    m, k = x.shape
+    rows = m if rows is None else rows
+    q = torch.empty(rows, k, dtype=E4M3, device=x.device)
+    s = torch.empty(rows, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)
+    # One program per token row (K <= 16384 in registers: 4096 values in a 7B model).
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    _quantize_kernel[(rows,)](x, q, s, m, k, x.stride(0), BLOCK_K=block, num_warps=warps)
+    return q, s
+
+
+def fp8_dense_linear(
+    x: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`x @ W.T + bias` for `x` `(M, K)` bf16/fp16 CUDA, with `torch._scaled_mm` (fp8 dense);
+    out in `x`'s dtype."""
+    q, s = quantize_tokens(x)
+    return torch._scaled_mm(
+        q,
+        weight.values.t(),  # (K, N) column-major: the layout _scaled_mm wants
+        scale_a=s[:, None],
+        scale_b=weight.scale[None, :],
+        bias=bias,
+        out_dtype=x.dtype,
+    )
+
+
+def fp8_cslt_compress(weight: Fp8Weight) -> torch.Tensor:
+    """cuSPARSELt's compressed form of a 2:4 e4m3 weight."""
+    return torch._cslt_compress(weight.values)
+
+
+def _cslt_raw(
+    packed: torch.Tensor, q: torch.Tensor, config: CsltConfig, dtype: torch.dtype
+) -> torch.Tensor:
+    """cuSPARSELt's unscaled `q @ W.T` `(rows, N)` for padded e4m3 `q`, in bf16 for a bf16
+    model (scaling it by powers of two later is exact) and in fp32 otherwise (the unscaled
+    sums, up to 448**2 * K, overflow fp16)."""
+    extra: dict[str, Any] = {}
+    if config.split_k > 1:
+        extra = {"split_k": config.split_k, "split_k_mode": config.split_k_mode}
+    return torch._cslt_sparse_mm(
+        packed,
+        q.t(),
+        out_dtype=dtype if dtype == torch.bfloat16 else torch.float32,
+        transpose_result=True,
+        alg_id=config.alg_id,
+        **extra,
+    )
+
+
+def fp8_cslt_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: CsltConfig | None = None,
+) -> torch.Tensor:
+    """`x @ W.T + bias` for `x` `(M, K)` bf16/fp16 CUDA with cuSPARSELt's fp8 2:4 GEMM over
+    `packed` (`fp8_cslt_compress`) and the weight's row scales `scale` `(N,)`."""
+    m = x.shape[0]
+    q, sx = quantize_tokens(x, -(-m // CSLT_M_ALIGN) * CSLT_M_ALIGN)
+    acc = _cslt_raw(packed, q, config or CsltConfig(), x.dtype)
+    n = acc.shape[1]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = 16 if m <= 16 else 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 128))
+    _scale_kernel[grid](
+        acc, sx, scale, bias if bias is not None else scale, out, m, n, acc.stride(0),
+        acc.stride(1), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=128,
+    )  # fmt: skip
+    return out
+
+
+def fp8_cslt_best_config(
+    packed: Sequence[torch.Tensor], x: torch.Tensor, *, max_algs: int = 16
+) -> CsltConfig:
+    """The fastest cuSPARSELt fp8 configuration for `x`'s token count on weights of one
+    shape: cuSPARSELt's own search, then every algorithm id timed under graph replay over
+    `packed` in rotation (the search times eagerly)."""
+    m = x.shape[0]
+    q, _ = quantize_tokens(x, -(-m // CSLT_M_ALIGN) * CSLT_M_ALIGN)
+    search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+    configs = {CsltConfig(a) for a in range(max_algs)}  # ids past the last one raise, skipped
+    if search is not None:
+        alg, split_k, mode, max_alg = search(packed[0], q.t(), None, None, torch.bfloat16, True)
+        configs = {CsltConfig(a) for a in range(min(int(max_alg), max_algs - 1) + 1)}
+        configs |= {CsltConfig(int(alg), int(split_k), int(mode)), CsltConfig(int(alg))}
+    best, best_ms = CsltConfig(), float("inf")
+    for cfg in sorted(configs, key=lambda c: (c.alg_id, c.split_k)):
+
+        def call(cfg: CsltConfig = cfg) -> None:
+            for p in packed:
+                _cslt_raw(p, q, cfg, x.dtype)
+
+        try:
+            ms = time_call(call, iters=3, repeats=1)
+        except RuntimeError:  # an algorithm id this shape does not support
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best

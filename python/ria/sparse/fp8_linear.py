@@ -1,0 +1,382 @@
+"""`Fp8Linear` and `sparsify_fp8`: linear layers in fp8 (e4m3 weights with per-row scales,
+tokens quantized per call), 2:4 sparse or dense, bf16/fp16 out.
+
+Per layer shape and token-count bucket the plan runs the kernel that measured fastest under
+CUDA-graph replay: for 2:4 layers the own `mma.sp` decode kernel over e4m3 fragments
+(`mma_sp.mma24_fp8_linear`, M <= 64) or cuSPARSELt's fp8 2:4 GEMM; fp8 dense
+(`torch._scaled_mm`) is the fallback wherever it is faster. A layer holds the forms its
+plan uses, with one 2:4 layout at most (like `sparsify.keep_one_layout`): a compressed e4m3
+weight (0.5625 bytes per weight), the dense e4m3 weight (1 byte), or both (never more than
+1.5625 bytes, under bf16's 2). Off CUDA the layer runs `fp8.fp8_linear_reference`, the
+definition the kernels match.
+
+The plan is timed for graph replay only: eager calls use it too, and eager cuSPARSELt pays
+its host set-up on every call, so fp8 2:4 layers are for `ria.generate` / CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._torch import replace_module
+from ..errors import InvalidArgumentError
+from .cslt import CsltConfig
+from .format import Mma24, pack_mma24_e4m3, tensor_bytes
+from .fp8 import Fp8Weight, fp8_linear_reference, quantize_weight
+from .fp8_kernels import (
+    fp8_cslt_best_config,
+    fp8_cslt_compress,
+    fp8_cslt_linear,
+    fp8_cslt_shape_status,
+    fp8_dense_linear,
+    fp8_dense_shape_status,
+    fp8_status,
+    quantize_tokens,
+)
+from .generate import clear_generators
+from .graphs import time_call
+from .linear import DENSE, Choice, storage_bytes
+from .mma_sp import MAX_TOKENS, MmaConfig, mma24_fp8_linear, mma_best_config, mma_status
+
+if TYPE_CHECKING:
+    from .sparsify import SparsifyReport
+
+FP8_DENSE = "fp8_dense"
+FP8_CUSPARSELT = "fp8_cusparselt"
+FP8_MMA = "fp8_mma"
+FP8_BACKENDS = (FP8_DENSE, FP8_CUSPARSELT, FP8_MMA)
+
+__all__ = [
+    "FP8_BACKENDS",
+    "FP8_CUSPARSELT",
+    "FP8_DENSE",
+    "FP8_MMA",
+    "Fp8Linear",
+    "fp8_layer",
+    "quantize_linears",
+    "sparsify_fp8",
+]
+
+
+class Fp8Linear(nn.Module):
+    """`y = x @ W.T + b` with `W` in e4m3 (per-output-row power-of-two scales) and `x`
+    quantized per token to e4m3 at each call; output in `x`'s dtype.
+
+    Args:
+        weight: the e4m3 weight and its scales (`values` is dropped on CUDA when the plan
+            does not use fp8 dense; kept for the CPU reference otherwise).
+        plan: token-count bucket upper bound -> `Choice` (one of `FP8_BACKENDS`); an input
+            of `M` tokens uses the smallest bucket `>= M`, else the largest.
+        packed: cuSPARSELt's compressed weight (needed if the plan uses `FP8_CUSPARSELT`).
+        mma: the e4m3 mma.sp fragments (`format.pack_mma24_e4m3`; if the plan uses `FP8_MMA`).
+        bias: `(out_features,)` or None.
+        input_order: the channel order the weight is stored in (a free permutation).
+    """
+
+    values: torch.Tensor | None
+    scale: torch.Tensor
+    packed: torch.Tensor | None
+    mma_values: torch.Tensor | None
+    mma_meta: torch.Tensor | None
+    bias: torch.Tensor | None
+    input_order: torch.Tensor | None
+
+    def __init__(
+        self,
+        weight: Fp8Weight,
+        plan: Mapping[int, Choice],
+        *,
+        packed: torch.Tensor | None = None,
+        mma: Mma24 | None = None,
+        bias: torch.Tensor | None = None,
+        input_order: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not plan:
+            raise InvalidArgumentError("plan must name at least one bucket")
+        used = {c.backend for c in plan.values()}
+        if not used <= set(FP8_BACKENDS):
+            raise InvalidArgumentError(f"plan uses {sorted(used)}; fp8 backends: {FP8_BACKENDS}")
+        if FP8_CUSPARSELT in used and packed is None:
+            raise InvalidArgumentError("plan uses fp8_cusparselt but no packed weight is given")
+        if FP8_MMA in used and mma is None:
+            raise InvalidArgumentError("plan uses fp8_mma but no mma fragments are given")
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self._buckets = sorted(plan)
+        self._choices = [plan[b] for b in self._buckets]
+        keep_values = FP8_DENSE in used or not weight.values.is_cuda
+        # Non-persistent: a checkpoint of the converted model is not mistaken for a bf16 one.
+        self.register_buffer("values", weight.values if keep_values else None, persistent=False)
+        self.register_buffer("scale", weight.scale, persistent=False)
+        self.register_buffer("packed", packed if FP8_CUSPARSELT in used else None, persistent=False)
+        frag = mma if FP8_MMA in used else None
+        self.register_buffer("mma_values", None if frag is None else frag.values, persistent=False)
+        self.register_buffer("mma_meta", None if frag is None else frag.meta, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("input_order", input_order, persistent=False)
+
+    @property
+    def plan(self) -> dict[int, Choice]:
+        """Bucket -> kernel."""
+        return dict(zip(self._buckets, self._choices, strict=True))
+
+    def choice_for(self, m: int) -> Choice:
+        """The kernel used for an input of `m` tokens."""
+        i = min(bisect.bisect_left(self._buckets, m), len(self._buckets) - 1)
+        return self._choices[i]
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weight forms held (values, compressed weight, scales), bias excluded."""
+        return storage_bytes(self.values, self.packed, self.mma_values, self.mma_meta, self.scale)
+
+    def linear_2d(self, x: torch.Tensor) -> torch.Tensor:
+        """`(M, K)` contiguous -> `(M, N)`."""
+        if not x.is_cuda:
+            if self.values is None:
+                raise InvalidArgumentError("Fp8Linear: no e4m3 values held for a CPU call")
+            return fp8_linear_reference(x, Fp8Weight(self.values, self.scale), self.bias)
+        choice = self.choice_for(x.shape[0])
+        if choice.backend == FP8_MMA:
+            assert self.mma_values is not None and self.mma_meta is not None
+            frag = Mma24(self.mma_values, self.mma_meta, self.out_features, self.in_features)
+            parts = [x[i : i + MAX_TOKENS] for i in range(0, x.shape[0], MAX_TOKENS)]
+            ys = [_mma(p, frag, self.scale, self.bias, choice.mma) for p in parts]
+            return ys[0] if len(ys) == 1 else torch.cat(ys)
+        if choice.backend == FP8_CUSPARSELT:
+            assert self.packed is not None  # __init__ checks the plan's forms are given
+            return fp8_cslt_linear(x, self.packed, self.scale, self.bias, choice.cslt)
+        assert self.values is not None
+        return fp8_dense_linear(x, Fp8Weight(self.values, self.scale), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_order is not None:
+            x2 = x2.index_select(1, self.input_order)
+        elif not x2.is_contiguous():
+            x2 = x2.contiguous()
+        return self.linear_2d(x2).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        plan = ", ".join(f"<={b}:{c.backend}" for b, c in self.plan.items())
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, gathered={self.input_order is not None}, "
+            f"plan=[{plan}]"
+        )
+
+
+def _mma(
+    x: torch.Tensor,
+    frag: Mma24,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: MmaConfig | None,
+) -> torch.Tensor:
+    q, q_scale = quantize_tokens(x)
+    return mma24_fp8_linear(q, q_scale, frag, scale, bias, out_dtype=x.dtype, config=config)
+
+
+def fp8_layer(linear: nn.Linear, plan: Mapping[int, Choice] | None = None) -> Fp8Linear:
+    """`linear` as an `Fp8Linear` on its own device (default plan: fp8 dense for every
+    token count; a plan with `FP8_CUSPARSELT` compresses the weight, CUDA only)."""
+    plan = plan or {1: Choice(FP8_DENSE)}
+    weight = quantize_weight(linear.weight)
+    used = {c.backend for c in plan.values()}
+    packed = fp8_cslt_compress(weight) if FP8_CUSPARSELT in used else None
+    return Fp8Linear(
+        weight,
+        plan,
+        packed=packed,
+        mma=pack_mma24_e4m3(weight.values) if FP8_MMA in used else None,
+        bias=None if linear.bias is None else linear.bias.detach(),
+        input_order=getattr(linear, "input_order", None),
+    )
+
+
+@dataclass
+class _Forms:
+    weight: Fp8Weight
+    bias: torch.Tensor | None
+    dense: torch.Tensor  # the original (bf16) weight, timed for the report
+    packed: torch.Tensor | None = None
+    mma: Mma24 | None = None
+
+
+def _run(
+    backend: str, f: _Forms, x: torch.Tensor, cfg: CsltConfig | None, mcfg: MmaConfig | None
+) -> torch.Tensor:
+    if backend == FP8_MMA:
+        assert f.mma is not None
+        return _mma(x, f.mma, f.weight.scale, f.bias, mcfg)
+    if backend == FP8_CUSPARSELT:
+        assert f.packed is not None
+        return fp8_cslt_linear(x, f.packed, f.weight.scale, f.bias, cfg)
+    if backend == FP8_DENSE:
+        return fp8_dense_linear(x, f.weight, f.bias)
+    return F.linear(x, f.dense, f.bias)
+
+
+def _time_us(
+    backend: str,
+    forms: Sequence[_Forms],
+    x: torch.Tensor,
+    cfg: CsltConfig | None,
+    mcfg: MmaConfig | None,
+) -> float:
+    """Microseconds per call of `backend` on `forms` in rotation, under graph replay."""
+
+    def call() -> None:
+        for f in forms:
+            _run(backend, f, x, cfg, mcfg)
+
+    return 1000.0 * time_call(call) / len(forms)
+
+
+def _tune(
+    forms: Sequence[_Forms], buckets: Sequence[int], sparse: bool
+) -> tuple[dict[int, Choice], dict[int, dict[str, float]]]:
+    """Per bucket, the fastest fp8 kernel under graph replay over `forms` in rotation, and
+    every candidate's microseconds per call (bf16 dense cuBLAS too, for the report)."""
+    times: dict[int, dict[str, float]] = {}
+    configs: dict[int, tuple[CsltConfig | None, MmaConfig | None]] = {}
+    k = forms[0].dense.shape[1]
+    for m in buckets:
+        x = torch.randn(m, k, dtype=forms[0].dense.dtype, device=forms[0].dense.device)
+        cands = [FP8_DENSE]
+        cfg, mcfg = None, None
+        if sparse:
+            cands.append(FP8_CUSPARSELT)
+            cfg = fp8_cslt_best_config([f.packed for f in forms if f.packed is not None], x)
+            if m <= MAX_TOKENS and forms[0].mma is not None:
+                cands.append(FP8_MMA)
+                q, q_scale = quantize_tokens(x)
+                frags = [f.mma for f in forms if f.mma is not None]
+                scales = [f.weight.scale for f in forms]
+                mcfg, _ = mma_best_config(frags, q, forms[0].bias, fp8_scales=(q_scale, scales))
+        configs[m] = (cfg, mcfg)
+        times[m] = {b: _time_us(b, forms, x, cfg, mcfg) for b in (*cands, DENSE)}
+    # One 2:4 layout per layer: the one whose best times (fp8 dense allowed) add up to less.
+    layouts = [{FP8_DENSE, FP8_CUSPARSELT}, {FP8_DENSE, FP8_MMA}] if sparse else [{FP8_DENSE}]
+
+    def total(layout: set[str]) -> float:
+        return sum(min(us for b, us in t.items() if b in layout) for t in times.values())
+
+    layout = min(layouts, key=total)
+    plan = {}
+    for m, t in times.items():
+        best = min((b for b in t if b in layout), key=lambda b: t[b])
+        cfg, mcfg = configs[m]
+        plan[m] = Choice(
+            best, cfg if best == FP8_CUSPARSELT else None, mcfg if best == FP8_MMA else None
+        )
+    return plan, times
+
+
+@torch.no_grad()
+def sparsify_fp8(
+    model: nn.Module,
+    *,
+    sparse: bool = True,
+    batch_sizes: Iterable[int] | None = None,
+    strict: bool = False,
+    tune_layers: int = 8,
+    verbose: bool = False,
+) -> SparsifyReport:
+    """Replace the Linears of `model` (in place) by `Fp8Linear`s; see `ria.sparsify(model,
+    dtype="fp8")`. With `sparse`, the 2:4 layers (others are skipped with their reason);
+    without, every fp16/bf16 CUDA Linear but the output embedding (fp8 dense)."""
+    from .sparsify import DEFAULT_BATCH_SIZES, SparseLayerReport, SparsifyReport, find_linears
+
+    t0 = time.perf_counter()
+    buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
+    if not buckets or buckets[0] < 1:
+        raise InvalidArgumentError(f"batch_sizes must be positive token counts, got {buckets}")
+    label = "fp8" if sparse else "fp8 dense"
+    report = SparsifyReport(False, "", label, buckets)
+    reason = fp8_status()
+    if reason is not None:
+        report.reason = f"{reason}: model left unchanged"
+        return report
+    if sparse and torch.backends.cusparselt.is_available():
+        report.cusparselt_version = torch.backends.cusparselt.version()
+    clear_generators(model)
+    groups: dict[tuple[int, int, torch.dtype, bool, str], list[tuple[str, nn.Linear]]] = {}
+    for name, mod, why in find_linears(model):
+        n, k = mod.weight.shape
+        if not sparse and why is not None and why.startswith(("not 2:4", "in_features=")):
+            why = None  # fp8 dense takes any pattern
+        why = why or fp8_dense_shape_status(n, k)
+        if why is None and sparse:
+            why = fp8_cslt_shape_status(n, k)
+        if why is not None:
+            if strict and why.startswith("not 2:4"):
+                raise InvalidArgumentError(f"{name}: {why}")
+            report.layers.append(SparseLayerReport(name, n, k, converted=False, reason=why))
+            continue
+        key = (n, k, mod.weight.dtype, mod.bias is not None, str(mod.weight.device))
+        groups.setdefault(key, []).append((name, mod))
+
+    use_mma = sparse and mma_status() is None
+
+    def forms(mod: nn.Linear) -> _Forms:
+        w = quantize_weight(mod.weight)
+        bias = None if mod.bias is None else mod.bias.detach()
+        f = _Forms(w, bias, mod.weight.detach())
+        if sparse:
+            f.packed = fp8_cslt_compress(w)
+        if use_mma:
+            f.mma = pack_mma24_e4m3(w.values)
+        return f
+
+    for (n, k, *_), members in groups.items():
+        plan, times = _tune([forms(mod) for _, mod in members[:tune_layers]], buckets, sparse)
+        for name, mod in members:
+            new = fp8_layer(mod, plan)
+            replace_module(model, name, new)
+            report.layers.append(
+                SparseLayerReport(
+                    name,
+                    n,
+                    k,
+                    converted=True,
+                    plan={b: c.backend for b, c in plan.items()},
+                    times_us=times,
+                    dense_bytes=tensor_bytes(mod.weight),
+                    sparse_bytes=new.weight_bytes(),
+                    plan_source="tuned",
+                )
+            )
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    report.layers.sort(key=lambda lr: order.get(lr.name, len(order)))
+    report.applied = bool(report.converted)
+    if not report.applied:
+        report.reason = f"no {'2:4-sparse ' if sparse else ''}fp16/bf16 CUDA linear layer found"
+    report.seconds = time.perf_counter() - t0
+    if verbose:
+        print(report)
+        print(report.markdown())
+    return report
+
+
+@torch.no_grad()
+def quantize_linears(model: nn.Module, *, sparse: bool = True) -> list[str]:
+    """Replace (in place) the fp16/bf16 Linears of `model` on any device by `Fp8Linear`s
+    with the default plan (fp8 dense; off CUDA the reference), untuned: for measuring what
+    fp8 does to a model's quality. With `sparse`, only the 2:4 ones. The output embedding
+    stays. Returns the names converted."""
+    from .sparsify import find_linears
+
+    done = []
+    for name, mod, why in find_linears(model, require_cuda=False):
+        if why is None or (not sparse and why.startswith("not 2:4")):
+            replace_module(model, name, fp8_layer(mod))
+            done.append(name)
+    return done
