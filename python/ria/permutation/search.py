@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..arch import BlockSpec, Heads
-from ..core import PermutationResult, SearchOptions, search_permutation
+from ..core import PermutationResult, SearchOptions, search_permutations
 from ..errors import InvalidArgumentError
 from .apply import BlockPermutation
 
@@ -79,43 +79,85 @@ def search_block(
     only to fold down's order into gate/up rows."""
     if isinstance(options, dict):
         options = SearchOptions(**options)
-    perm = BlockPermutation()
-    stats: dict[str, SearchStats] = {}
-
-    def solve(names: tuple[str, ...]) -> torch.Tensor:
-        result = search_permutation([scores[x] for x in names], n, m, options)
-        for x in names:
-            stats[x] = SearchStats.of([result])
-        return torch.from_numpy(result.perm)
-
+    jobs = _Jobs()
     if mode == "free":
         folded = spec.mlp_output if spec is not None else None
-        if folded is not None:
-            perm.mlp_hidden = solve((folded,))
-        perm.inputs = {name: solve((name,)) for name in scores if name != folded}
-        return perm, stats
+        hidden = jobs.linears((folded,), scores) if folded is not None else None
+        inputs = {name: jobs.linears((name,), scores) for name in scores if name != folded}
+        results = jobs.run(n, m, options)
+        perm = BlockPermutation()
+        if hidden is not None:
+            perm.mlp_hidden = hidden.order(results)
+        perm.inputs = {name: job.order(results) for name, job in inputs.items()}
+        return perm, jobs.stats(results)
     if spec is None or heads is None:
         raise InvalidArgumentError("the folded mode needs the family's block spec and heads")
-    perm.attn = solve(spec.attn_inputs)
-    perm.mlp = solve(spec.mlp_inputs)
-    perm.mlp_hidden = solve((spec.mlp_output,))
-    if heads.head_dim % m == 0:
-        perm.o_heads, stats[spec.o_proj] = _search_heads(scores[spec.o_proj], heads, n, m, options)
+    attn = jobs.linears(spec.attn_inputs, scores)
+    mlp = jobs.linears(spec.mlp_inputs, scores)
+    hidden = jobs.linears((spec.mlp_output,), scores)
+    o_heads = _head_jobs(jobs, scores[spec.o_proj], heads) if heads.head_dim % m == 0 else []
+    results = jobs.run(n, m, options)
+    perm = BlockPermutation(
+        attn=attn.order(results), mlp=mlp.order(results), mlp_hidden=hidden.order(results)
+    )
+    stats = jobs.stats(results)
+    if o_heads:
+        perm.o_heads = torch.stack([job.order(results) for job in o_heads])
+        stats[spec.o_proj] = SearchStats.of([results[job.index] for job in o_heads])
     return perm, stats
 
 
-def _search_heads(
-    score: np.ndarray, heads: Heads, n: int, m: int, options: SearchOptions
-) -> tuple[torch.Tensor, SearchStats]:
+@dataclass(frozen=True)
+class _Job:
+    """One search of a block: its score matrices, and the Linears whose stats it gives
+    (none for one head of o_proj, whose stats are those of all its heads)."""
+
+    index: int
+    names: tuple[str, ...]
+    matrices: list[np.ndarray]
+
+    def order(self, results: list[PermutationResult]) -> torch.Tensor:
+        return torch.from_numpy(results[self.index].perm)
+
+
+class _Jobs:
+    """A block's searches, collected and then run at once: they do not depend on each
+    other, and together they keep all cores busy where one search alone leaves most of
+    them idle in its sequential stretches (`search_permutations`)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[_Job] = []
+
+    def linears(self, names: tuple[str, ...], scores: dict[str, np.ndarray]) -> _Job:
+        """The search of the Linears `names`, sharing one order (their scores stacked)."""
+        return self._add(names, [scores[x] for x in names])
+
+    def matrices(self, matrices: list[np.ndarray]) -> _Job:
+        """A search on `matrices` that decides no Linear's stats by itself."""
+        return self._add((), matrices)
+
+    def _add(self, names: tuple[str, ...], matrices: list[np.ndarray]) -> _Job:
+        job = _Job(len(self.jobs), names, matrices)
+        self.jobs.append(job)
+        return job
+
+    def run(self, n: int, m: int, options: SearchOptions) -> list[PermutationResult]:
+        if not self.jobs:
+            return []
+        return search_permutations([job.matrices for job in self.jobs], n, m, options)
+
+    def stats(self, results: list[PermutationResult]) -> dict[str, SearchStats]:
+        """Per Linear name, the stats of the search that decided its order."""
+        return {x: SearchStats.of([results[j.index]]) for j in self.jobs for x in j.names}
+
+
+def _head_jobs(jobs: _Jobs, score: np.ndarray, heads: Heads) -> list[_Job]:
     """One within-head order per key/value head: the N:M groups of o_proj never straddle
     heads (m divides head_dim), so the objective splits into one problem per key/value
     head over the column blocks of its query heads."""
     group = heads.num_heads // heads.num_kv_heads
     d = heads.head_dim
-    orders, results = [], []
-    for kv in range(heads.num_kv_heads):
-        blocks = [score[:, h * d : (h + 1) * d] for h in range(kv * group, (kv + 1) * group)]
-        result = search_permutation(blocks, n, m, options)
-        orders.append(torch.from_numpy(result.perm))
-        results.append(result)
-    return torch.stack(orders), SearchStats.of(results)
+    return [
+        jobs.matrices([score[:, h * d : (h + 1) * d] for h in range(kv * group, (kv + 1) * group)])
+        for kv in range(heads.num_kv_heads)
+    ]
