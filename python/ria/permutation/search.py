@@ -28,7 +28,9 @@ PERMUTATION_MODES: tuple[str, ...] = get_args(PermutationMode)
 
 @dataclass(frozen=True)
 class SearchStats:
-    """What one permutation search achieved, in score units (see `PermutationResult`)."""
+    """What one permutation search achieved, in score units (see `PermutationResult`).
+    `seconds` is the search's own wall-clock time; a block's searches run at once, so
+    their seconds overlap and add up to more than the block's permutation stage."""
 
     retained: float
     identity: float
