@@ -7,7 +7,8 @@ the checkpoint's size plus the calibration activations.
     python benches/stream_memory.py --in-memory         # also ria.prune + save_pruned
 
 The checkpoint is written block by block (never held whole) into --workdir; each prune
-runs in a fresh child process, whose peak RSS (`ru_maxrss`) is what is reported, next to
+runs in a fresh child process, whose peak RSS (`VmHWM`: `ru_maxrss` would include the
+parent's RSS, which Linux carries into a child's across fork and exec) is reported, next to
 the RSS after its imports (torch, transformers and the LLaMA modeling code: what any
 prune of this model needs before it reads a weight). Calibration windows are random token
 ids. Writes benches/results/stream_memory.json.
@@ -83,6 +84,10 @@ from transformers import AutoModelForCausalLM
 def rss_bytes():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 
+def peak_rss_bytes():  # this process's own peak (ru_maxrss counts the parent's too)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
 src, out, mode, nsamples, seqlen, vocab = sys.argv[1:7]
 after_imports = rss_bytes()
 windows = torch.randint(0, int(vocab), (int(nsamples), int(seqlen)),
@@ -99,7 +104,7 @@ else:
 seconds = time.perf_counter() - t0
 print(json.dumps({
     "after_imports_bytes": after_imports,
-    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "peak_rss_bytes": peak_rss_bytes(),
     "seconds": seconds,
     "stage_seconds": report.stage_seconds,
     "sparsity": report.sparsity,

@@ -940,6 +940,41 @@ impl PermutationResult {
     }
 }
 
+/// The options argument of the searches: a `SearchOptions`, or None for the defaults.
+fn search_options(options: Option<&Bound<'_, PyAny>>) -> PyResult<SearchOptions> {
+    match options {
+        None => Ok(SearchOptions::default()),
+        Some(o) => Ok(o
+            .cast::<SearchOptions>()
+            .map_err(|_| {
+                let ty = type_name(o);
+                InvalidTypeError::new_err(format!(
+                    "options must be a SearchOptions or None, got {ty}"
+                ))
+            })?
+            .get()
+            .clone()),
+    }
+}
+
+impl PermutationResult {
+    fn new(py: Python<'_>, outcome: &permute::Outcome, seconds: f64) -> Self {
+        let perm: Vec<i64> = outcome.perm.iter().map(|&p| i64::from(p)).collect();
+        Self {
+            perm: PyArray1::from_vec(py, perm).unbind(),
+            retained: outcome.retained,
+            identity: outcome.identity,
+            upper_bound: outcome.upper_bound,
+            efficacy: outcome.efficacy(),
+            heuristic_retained: outcome.heuristic,
+            lsa_steps: outcome.lsa_steps,
+            tabu_steps: outcome.tabu_steps,
+            exact: outcome.exact,
+            seconds,
+        }
+    }
+}
+
 /// The best column order for an N:M mask on `scores` (see `ria.core.search_permutation`).
 #[pyfunction]
 #[pyo3(signature = (scores, n, m, options=None))]
@@ -952,38 +987,45 @@ fn search_permutation(
 ) -> PyResult<PermutationResult> {
     let started = Instant::now();
     let (n, m) = pattern(n, m)?;
-    let options = match options {
-        None => SearchOptions::default(),
-        Some(o) => o
-            .cast::<SearchOptions>()
-            .map_err(|_| {
-                let ty = type_name(o);
-                InvalidTypeError::new_err(format!(
-                    "options must be a SearchOptions or None, got {ty}"
-                ))
-            })?
-            .get()
-            .clone(),
-    };
+    let options = search_options(options)?;
     let pool = pool(py, options.threads)?;
     let mats = score_refs(&scores)?;
     let outcome = run_interruptible(py, &pool, |stop| {
         let problem = Problem::new(&mats, n, m)?;
         permute::search_with(&problem, &options.core, stop)
     })?;
-    let perm: Vec<i64> = outcome.perm.iter().map(|&p| i64::from(p)).collect();
-    Ok(PermutationResult {
-        perm: PyArray1::from_vec(py, perm).unbind(),
-        retained: outcome.retained,
-        identity: outcome.identity,
-        upper_bound: outcome.upper_bound,
-        efficacy: outcome.efficacy(),
-        heuristic_retained: outcome.heuristic,
-        lsa_steps: outcome.lsa_steps,
-        tabu_steps: outcome.tabu_steps,
-        exact: outcome.exact,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(PermutationResult::new(
+        py,
+        &outcome,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+/// Independent searches at once, one result per problem (see
+/// `ria.core.search_permutations`).
+#[pyfunction]
+#[pyo3(signature = (problems, n, m, options=None))]
+fn search_permutations(
+    py: Python<'_>,
+    problems: Vec<Vec<PyReadonlyArray2<'_, f32>>>,
+    n: &Bound<'_, PyAny>,
+    m: &Bound<'_, PyAny>,
+    options: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<PermutationResult>> {
+    let (n, m) = pattern(n, m)?;
+    let options = search_options(options)?;
+    let pool = pool(py, options.threads)?;
+    let mats = problems
+        .iter()
+        .map(|scores| score_refs(scores))
+        .collect::<PyResult<Vec<_>>>()?;
+    let found = run_interruptible(py, &pool, |stop| {
+        permute::search_all(&mats, n, m, &options.core, stop)
+    })?;
+    Ok(found
+        .iter()
+        .map(|(outcome, took)| PermutationResult::new(py, outcome, took.as_secs_f64()))
+        .collect())
 }
 
 // --- mask refinement --------------------------------------------------------------------
@@ -1148,6 +1190,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unstructured_mask, m)?)?;
     m.add_function(wrap_pyfunction!(retained_score, m)?)?;
     m.add_function(wrap_pyfunction!(search_permutation, m)?)?;
+    m.add_function(wrap_pyfunction!(search_permutations, m)?)?;
     m.add_function(wrap_pyfunction!(refine_mask, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add_class::<SearchOptions>()?;

@@ -254,6 +254,36 @@ def test_search_releases_the_gil(rng):
     assert ticks > 5  # the main thread kept running while Rust worked
 
 
+def test_searches_at_once_equal_each_search_alone(rng):
+    problems = [
+        [rng.random((24, 64), dtype=np.float32), rng.random((8, 64), dtype=np.float32)],
+        [rng.random((64, 256), dtype=np.float32)],
+        [rng.random((16, 32), dtype=np.float32)],
+    ]
+    options = SearchOptions(seed=3, tabu_steps=100, threads=2)
+    together = ria.search_permutations(problems, 2, 4, options)
+    assert len(together) == len(problems)
+    for scores, result in zip(problems, together, strict=True):
+        alone = ria.search_permutation(scores, 2, 4, options)
+        np.testing.assert_array_equal(result.perm, alone.perm)
+        assert (result.retained, result.identity, result.upper_bound) == (
+            alone.retained,
+            alone.identity,
+            alone.upper_bound,
+        )
+        assert result.seconds > 0
+
+
+def test_searches_at_once_name_the_bad_problem(rng):
+    good = [rng.random((4, 8), dtype=np.float32)]
+    with pytest.raises(InvalidArgumentError, match=r"problems\[1\]: scores must be >= 0"):
+        ria.search_permutations([good, [-np.ones((4, 8), np.float32)]], 2, 4)
+    with pytest.raises(InvalidArgumentError, match=r"problems\[1\] must be a non-empty list"):
+        ria.search_permutations([good, []], 2, 4)
+    with pytest.raises(InvalidArgumentError, match="non-empty list"):
+        ria.search_permutations([], 2, 4)
+
+
 @pytest.mark.parametrize(
     ("scores", "n", "m", "message"),
     [

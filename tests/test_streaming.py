@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 import ria
 import ria.pruning.pipeline
 from ria.cli import main
+from ria.pruning.spill import SpilledStates
 from ria.save import PERMUTATION_FILE
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False, device="cpu")
@@ -68,7 +69,26 @@ def test_streaming_on_the_gpu_writes_what_save_pruned_writes(tmp_path, checkpoin
     assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings)
 
 
-def assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings):
+def test_offloaded_activations_give_the_same_checkpoint(
+    tmp_path, checkpoint, tokenizer, monkeypatch
+):
+    written = []
+    append = SpilledStates.append
+
+    def counting(self, states):
+        written.append(states.shape)
+        append(self, states)
+
+    monkeypatch.setattr(SpilledStates, "append", counting)
+    settings = {**CASES["2:4 folded orders"], **CALIB}
+    assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings, offload=True)
+    blocks = tiny_config("llama").num_hidden_layers
+    # Block 0's inputs, then every block's outputs but the last's, one file per batch.
+    assert len(written) == CALIB["nsamples"] * blocks
+    assert not list(tmp_path.glob(".*activations*"))  # the files went with their directory
+
+
+def assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings, offload=False):
     """The streamed checkpoint equals what `save_pruned` writes after `ria.prune`."""
     settings = dict(settings)
     dtype = settings.pop("dtype", torch.float32)
@@ -77,7 +97,9 @@ def assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings):
     in_memory = ria.save_pruned(model, tmp_path / "in_memory", tokenizer, report)
 
     streamed = tmp_path / "streamed"
-    stream_report = ria.prune_checkpoint(checkpoint, streamed, dtype=dtype, **settings)
+    stream_report = ria.prune_checkpoint(
+        checkpoint, streamed, dtype=dtype, offload_activations=offload, **settings
+    )
 
     # Bitwise: both paths run the same block code with the same kernels on the same
     # device, in the same order, on the same calibration windows and weights, so no float
@@ -110,7 +132,10 @@ def assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings):
     assert (streamed / "tokenizer.json").exists()  # the checkpoint's own tokenizer
 
 
-def test_a_failure_midway_leaves_no_output_and_no_staging(tmp_path, checkpoint, monkeypatch):
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_failure_midway_leaves_no_output_and_no_staging(
+    tmp_path, checkpoint, monkeypatch, offload
+):
     earlier = tmp_path / "out"
     earlier.mkdir()
     (earlier / "config.json").write_text('{"ria": {}}')  # an earlier ria checkpoint
@@ -127,7 +152,14 @@ def test_a_failure_midway_leaves_no_output_and_no_staging(tmp_path, checkpoint, 
 
     monkeypatch.setattr(ria.pruning.pipeline, "score_matrix", failing_in_block_1)
     with pytest.raises(RuntimeError, match="block 1"):
-        ria.prune_checkpoint(checkpoint, earlier, overwrite=True, sparsity="2:4", **CALIB)
+        ria.prune_checkpoint(
+            checkpoint,
+            earlier,
+            overwrite=True,
+            offload_activations=offload,
+            sparsity="2:4",
+            **CALIB,
+        )
     assert calls == linears_per_block + 1  # block 0 was pruned (and written) first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
     assert [p.name for p in earlier.iterdir()] == ["config.json"]  # the old one, untouched
@@ -195,19 +227,30 @@ def test_cli_low_memory(tmp_path, checkpoint, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.json"]
 
 
+# The child's own peak RSS: `ru_maxrss` also counts the parent's (pytest's) RSS, which
+# Linux carries into a child across fork and exec, and can hide the child's growth.
+PEAK = """
+def peak():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+"""
+
 # The child prunes a tiny checkpoint first (so imports and first-use allocations are done),
 # then the big one, and reports how much its peak RSS grew during the second prune.
 # Magnitude pruning needs no calibration passes, which would only make the test slower.
-PEAK_RSS_CHILD = """
-import json, resource, sys
+PEAK_RSS_CHILD = (
+    PEAK
+    + """
+import json, sys
 import ria
 settings = dict(sparsity=0.5, method="magnitude", progress=False, device="cpu")
 ria.prune_checkpoint({warmup!r}, {warmup_out!r}, **settings)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak()
 ria.prune_checkpoint({src!r}, {out!r}, **settings)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"growth_bytes": (after - before) * 1024}}))
+after = peak()
+print(json.dumps({{"growth_bytes": after - before}}))
 """
+)
 
 
 def test_peak_host_memory_stays_near_one_block(tmp_path, checkpoint):
@@ -233,3 +276,49 @@ def test_peak_host_memory_stays_near_one_block(tmp_path, checkpoint):
     # scores and masks, and its serialised copy while its shard is written.
     assert growth < 5 * block, f"peak RSS grew by {growth / block:.1f} blocks"
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+OFFLOAD_RSS_CHILD = (
+    PEAK
+    + """
+import json, sys
+import torch
+import ria
+def settings(nsamples, seqlen):
+    windows = torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    return dict(sparsity=0.5, progress=False, device="cpu", calibration=windows,
+                nsamples=nsamples, seqlen=seqlen, batch_size=8)
+ria.prune_checkpoint({src!r}, {warmup_out!r}, offload_activations={offload}, **settings(8, 16))
+before = peak()
+ria.prune_checkpoint({src!r}, {out!r}, offload_activations={offload},
+                     **settings({nsamples}, {seqlen}))
+after = peak()
+print(json.dumps({{"growth_bytes": after - before}}))
+"""
+)
+
+
+def test_offloading_keeps_the_activations_out_of_memory(tmp_path):
+    # Activations of 256 x 64 tokens x 512 float32 channels are 32 MiB, 64 MiB while a
+    # block's outputs are computed; a block is ~7 MiB, and short windows keep attention's
+    # temporaries small. Offloaded, one batch (8 windows, 1 MiB) at a time is in memory.
+    nsamples, seqlen, layers = 256, 64, 2
+    config = tiny_config("llama", hidden_size=512, intermediate_size=512, num_hidden_layers=layers)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    activations = nsamples * seqlen * 512 * 4
+    growth = {}
+    for offload in (False, True):
+        code = OFFLOAD_RSS_CHILD.format(
+            nsamples=nsamples,
+            seqlen=seqlen,
+            warmup_out=str(tmp_path / f"warmup{offload}"),
+            src=str(tmp_path / "src"),
+            out=str(tmp_path / f"out{offload}"),
+            offload=offload,
+        )
+        child = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+        )
+        growth[offload] = json.loads(child.stdout.strip().splitlines()[-1])["growth_bytes"]
+    assert growth[True] < growth[False] - activations, growth

@@ -6,8 +6,8 @@ than host memory, one decoder block at a time. On NVIDIA GPUs `sparsify(model)` 
 layers for sparse kernels and `generate` decodes under CUDA graphs; `ria.eval` measures
 perplexity and zero-shot accuracy. Core API (numpy arrays or torch tensors in, numpy
 arrays out): `ria_score`, `wanda_score`, `magnitude_score`, `nm_mask`, `unstructured_mask`,
-`retained_score`, `search_permutation`, `refine_mask`. Every error raised on purpose is a
-`ria.RiaError`.
+`retained_score`, `search_permutation`, `search_permutations`, `refine_mask`. Every error
+raised on purpose is a `ria.RiaError`.
 
 The GPU runtime (`ria.sparse`, which imports triton) and `ria.eval` load on first use,
 so `import ria` stays light on machines that only prune.
@@ -29,6 +29,7 @@ from .core import (
     retained_score,
     ria_score,
     search_permutation,
+    search_permutations,
     unstructured_mask,
     wanda_score,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "ria_score",
     "save_pruned",
     "search_permutation",
+    "search_permutations",
     "sparse",
     "sparsify",
     "unstructured_mask",

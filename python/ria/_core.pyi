@@ -36,6 +36,16 @@ def search_permutation(
 ) -> PermutationResult:
     """The best column order for an N:M mask on `scores` (see `ria.core.search_permutation`)."""
 
+def search_permutations(
+    problems: list[list[npt.NDArray[np.float32]]],
+    n: int,
+    m: int,
+    options: SearchOptions | None = None,
+) -> list[PermutationResult]:
+    """Independent searches at once, one result per problem (see
+    `ria.core.search_permutations`).
+    """
+
 def refine_mask(
     weight: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
     weight_format: str,

@@ -59,6 +59,13 @@ TYPES: dict[str, dict[str, str]] = {
         "options": "SearchOptions | None",
         "return": "PermutationResult",
     },
+    "search_permutations": {
+        "problems": f"list[list[{_F32}]]",
+        "n": "int",
+        "m": "int",
+        "options": "SearchOptions | None",
+        "return": "list[PermutationResult]",
+    },
     "refine_mask": {
         "weight": _WEIGHT,
         "weight_format": "str",

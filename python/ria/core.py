@@ -36,6 +36,7 @@ __all__ = [
     "retained_score",
     "ria_score",
     "search_permutation",
+    "search_permutations",
     "unstructured_mask",
     "wanda_score",
 ]
@@ -165,6 +166,38 @@ def search_permutation(
             )
         options = SearchOptions(**kwargs)
     return _core.search_permutation(score_list(scores), n, m, options)
+
+
+def search_permutations(
+    problems: list[list[ArrayLike]],
+    n: int,
+    m: int,
+    options: SearchOptions | None = None,
+) -> list[PermutationResult]:
+    """`search_permutation` on several independent problems at once, one result each, in
+    order; every result equals what `search_permutation(problems[k], n, m, options)`
+    returns (except with `time_budget`, whose results depend on timing anyway).
+
+    The searches share one thread pool: while one is in a sequential stretch (an
+    assignment solve, a sort), the others use the idle cores, so a block's searches
+    (q/k/v, gate/up, down, o_proj's heads) finish sooner together than one after another.
+    Each result's `seconds` is that search's own wall-clock time. Every problem is checked
+    before any search starts; errors name the problem as `problems[k]`. Holds every
+    problem's transposed copy of its scores at once.
+
+    Args:
+        problems: a list of problems, each a list of `(rows, cols)` non-negative score
+            matrices sharing their `cols` (as `search_permutation`'s `scores`).
+        n, m, options: as for `search_permutation`, for every problem.
+    """
+    if not isinstance(problems, (list, tuple)) or not problems:
+        raise InvalidArgumentError("problems must be a non-empty list of lists of score matrices")
+    mats = []
+    for k, scores in enumerate(problems):
+        if not isinstance(scores, (list, tuple)) or not scores:
+            raise InvalidArgumentError(f"problems[{k}] must be a non-empty list of score matrices")
+        mats.append([float32_array(s, f"problems[{k}][{i}]", 2) for i, s in enumerate(scores)])
+    return _core.search_permutations(mats, n, m, options)
 
 
 def refine_mask(

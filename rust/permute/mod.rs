@@ -12,4 +12,6 @@ pub mod search;
 pub mod tabu;
 
 pub use problem::Problem;
-pub use search::{MAX_SCRATCH, Options, Outcome, Stop, efficacy, search, search_with};
+pub use search::{
+    MAX_SCRATCH, Options, Outcome, Stop, check, efficacy, search, search_all, search_with,
+};

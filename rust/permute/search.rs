@@ -15,7 +15,8 @@
 use super::problem::Problem;
 use super::tabu::Tabu;
 use super::{heuristic, lsa, polish};
-use crate::error::{Result, bail};
+use crate::error::{InputError, Result, bail};
+use crate::matrix::MatRef;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_pcg::Pcg64Mcg;
@@ -139,9 +140,60 @@ pub fn search(problem: &Problem, options: &Options) -> Result<Outcome> {
     search_with(problem, options, &|| false)
 }
 
+/// Fails when [`search_with`] would refuse `problem` with `options` (see there); does no
+/// search work.
+pub fn check(problem: &Problem, options: &Options) -> Result<()> {
+    check_magnitude(problem)?;
+    block_size(problem, options)?;
+    tabu_steps(problem, options)?;
+    Ok(())
+}
+
+/// Independent searches run at once on the current thread pool, each returning exactly
+/// what [`search_with`] returns for it alone (every search is deterministic whatever the
+/// threads), with its wall-clock time. One search leaves cores idle in its sequential
+/// stretches (an assignment, the heuristic's sort, the transposing copy); the others fill
+/// them. Every problem is built and checked (in parallel) before any search starts, so a
+/// bad input fails fast; the error names the problem's index. Largest problems start
+/// first, so the small ones fill the gaps at the end.
+pub fn search_all(
+    problems: &[Vec<MatRef<'_, f32>>],
+    n: usize,
+    m: usize,
+    options: &Options,
+    stop: Stop<'_>,
+) -> Result<Vec<(Outcome, Duration)>> {
+    let built: Vec<Result<Problem>> = problems
+        .par_iter()
+        .map(|mats| {
+            let problem = Problem::new(mats, n, m)?;
+            check(&problem, options)?;
+            Ok(problem)
+        })
+        .collect();
+    let built = built
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| r.map_err(|e| InputError(format!("problems[{k}]: {}", e.0))))
+        .collect::<Result<Vec<_>>>()?;
+    let mut order: Vec<usize> = (0..built.len()).collect();
+    order.sort_by_key(|&k| std::cmp::Reverse(built[k].rows() * built[k].cols()));
+    let mut found: Vec<(usize, Result<(Outcome, Duration)>)> = order
+        .into_par_iter()
+        .with_max_len(1)
+        .map(|k| {
+            let started = Instant::now();
+            let outcome = search_with(&built[k], options, stop);
+            (k, outcome.map(|o| (o, started.elapsed())))
+        })
+        .collect();
+    found.sort_by_key(|(k, _)| *k);
+    found.into_iter().map(|(_, r)| r).collect()
+}
+
 /// The search (module docs). Fails, before any work, when the scores are too large for
 /// its float32 sums or when the options would need more scratch memory than
-/// [`MAX_SCRATCH`]; `stop` is polled between steps (see [`Stop`]).
+/// [`MAX_SCRATCH`] (see [`check`]); `stop` is polled between steps (see [`Stop`]).
 pub fn search_with(problem: &Problem, options: &Options, stop: Stop<'_>) -> Result<Outcome> {
     let started = Instant::now();
     // No deadline when the budget reaches past what an `Instant` can hold.
@@ -655,6 +707,40 @@ mod tests {
         let out = search(&p, &Options::default()).unwrap();
         assert_eq!(out.retained, out.identity);
         assert_eq!(out.efficacy(), 1.0);
+    }
+
+    #[test]
+    fn searches_at_once_equal_each_search_alone() {
+        let a = random_scores(48, 128, 1);
+        let b = random_scores(16, 64, 2);
+        let c = random_scores(8, 64, 3);
+        fn mats(s: &[f32], rows: usize, cols: usize) -> MatRef<'_, f32> {
+            MatRef::new(s, rows, cols, "s").unwrap()
+        }
+        let problems = vec![
+            vec![mats(&a, 48, 128)],
+            vec![mats(&b, 16, 64), mats(&c, 8, 64)],
+        ];
+        let options = Options {
+            seed: 4,
+            tabu_steps: Some(200),
+            ..Options::default()
+        };
+        let together = search_all(&problems, 2, 4, &options, &|| false).unwrap();
+        for (mats, (outcome, _)) in problems.iter().zip(&together) {
+            let alone = search(&Problem::new(mats, 2, 4).unwrap(), &options).unwrap();
+            assert_eq!(outcome.perm, alone.perm);
+            assert_eq!(outcome.retained, alone.retained);
+        }
+        let bad = [1.0f32, -1.0, 0.0, 0.0];
+        let err = search_all(
+            &[vec![mats(&b, 16, 64)], vec![mats(&bad, 1, 4)]],
+            2,
+            4,
+            &options,
+            &|| false,
+        );
+        assert!(err.unwrap_err().0.starts_with("problems[1]: "));
     }
 
     #[test]

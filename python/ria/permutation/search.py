@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..arch import Heads
-from ..core import PermutationResult, SearchOptions, search_permutation
+from ..core import PermutationResult, SearchOptions, search_permutations
 from .apply import BlockPermutation
 from .wiring import BlockLayout
 
@@ -30,7 +30,9 @@ PERMUTATION_MODES: tuple[str, ...] = get_args(PermutationMode)
 
 @dataclass(frozen=True)
 class SearchStats:
-    """What one permutation search achieved, in score units (see `PermutationResult`)."""
+    """What one permutation search achieved, in score units (see `PermutationResult`).
+    `seconds` is the search's own wall-clock time; a block's searches run at once, so
+    their seconds overlap and add up to more than the block's permutation stage."""
 
     retained: float
     identity: float
@@ -81,35 +83,39 @@ def search_block(
     only its MLP folds."""
     if isinstance(options, dict):
         options = SearchOptions(**options)
-    perm = BlockPermutation()
-    stats: dict[str, SearchStats] = {}
-
-    def solve(names: list[str]) -> torch.Tensor:
-        result = search_permutation([scores[x] for x in names], n, m, options)
-        for x in names:
-            stats[x] = SearchStats.of([result])
-        return torch.from_numpy(result.perm)
-
-    for mlp in layout.mlps:
-        if mlp.down in scores:
-            perm.hidden[mlp.down] = solve([mlp.down])
+    jobs = _Jobs()
+    hidden = {
+        mlp.down: jobs.linears((mlp.down,), scores) for mlp in layout.mlps if mlp.down in scores
+    }
     if mode == "free":
-        perm.inputs = {name: solve([name]) for name in scores if name not in perm.hidden}
-        return perm, stats
+        inputs = {name: jobs.linears((name,), scores) for name in scores if name not in hidden}
+        results = jobs.run(n, m, options)
+        perm = BlockPermutation()
+        perm.hidden = {name: job.order(results) for name, job in hidden.items()}
+        perm.inputs = {name: job.order(results) for name, job in inputs.items()}
+        return perm, jobs.stats(results)
+    shared = {}
     for group in layout.groups:
-        names = [x for r in group.readers for x in _group_matrices(r, scores, layout)]
+        names = tuple(x for r in group.readers for x in _group_matrices(r, scores, layout))
         if group.carrier is not None and names:
-            perm.shared[group.carrier] = solve(names)
+            shared[group.carrier] = jobs.linears(names, scores)
     for fold in layout.experts:
         prefix = f"{fold.experts}.{fold.down}["
         for name in [x for x in scores if x.startswith(prefix)]:
-            perm.hidden[name] = solve([name])
-    for head in layout.heads:
-        if head.o_proj in scores and head.heads.head_dim % m == 0:
-            score = scores[head.o_proj]
-            perm.heads[head.o_proj], stats[head.o_proj] = _search_heads(
-                score, head.heads, n, m, options
-            )
+            hidden[name] = jobs.linears((name,), scores)
+    o_heads = {
+        head.o_proj: _head_jobs(jobs, scores[head.o_proj], head.heads)
+        for head in layout.heads
+        if head.o_proj in scores and head.heads.head_dim % m == 0
+    }
+    results = jobs.run(n, m, options)
+    perm = BlockPermutation()
+    perm.shared = {carrier: job.order(results) for carrier, job in shared.items()}
+    perm.hidden = {name: job.order(results) for name, job in hidden.items()}
+    stats = jobs.stats(results)
+    for o_proj, head_jobs in o_heads.items():
+        perm.heads[o_proj] = torch.stack([job.order(results) for job in head_jobs])
+        stats[o_proj] = SearchStats.of([results[job.index] for job in head_jobs])
     return perm, stats
 
 
@@ -122,18 +128,57 @@ def _group_matrices(reader: str, scores: dict[str, np.ndarray], layout: BlockLay
     return [x for x in scores if x.startswith(tuple(ups))] if ups else []
 
 
-def _search_heads(
-    score: np.ndarray, heads: Heads, n: int, m: int, options: SearchOptions
-) -> tuple[torch.Tensor, SearchStats]:
+@dataclass(frozen=True)
+class _Job:
+    """One search of a block: its score matrices, and the matrices whose stats it gives
+    (none for one head of o_proj, whose stats are those of all its heads)."""
+
+    index: int
+    names: tuple[str, ...]
+    matrices: list[np.ndarray]
+
+    def order(self, results: list[PermutationResult]) -> torch.Tensor:
+        return torch.from_numpy(results[self.index].perm)
+
+
+class _Jobs:
+    """A block's searches, collected and then run at once: they do not depend on each
+    other, and together they keep all cores busy where one search alone leaves most of
+    them idle in its sequential stretches (`search_permutations`)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[_Job] = []
+
+    def linears(self, names: tuple[str, ...], scores: dict[str, np.ndarray]) -> _Job:
+        """The search of the matrices `names`, sharing one order (their scores stacked)."""
+        return self._add(names, [scores[x] for x in names])
+
+    def matrices(self, matrices: list[np.ndarray]) -> _Job:
+        """A search on `matrices` that decides no matrix's stats by itself."""
+        return self._add((), matrices)
+
+    def _add(self, names: tuple[str, ...], matrices: list[np.ndarray]) -> _Job:
+        job = _Job(len(self.jobs), names, matrices)
+        self.jobs.append(job)
+        return job
+
+    def run(self, n: int, m: int, options: SearchOptions) -> list[PermutationResult]:
+        if not self.jobs:
+            return []
+        return search_permutations([job.matrices for job in self.jobs], n, m, options)
+
+    def stats(self, results: list[PermutationResult]) -> dict[str, SearchStats]:
+        """Per matrix name, the stats of the search that decided its order."""
+        return {x: SearchStats.of([results[j.index]]) for j in self.jobs for x in j.names}
+
+
+def _head_jobs(jobs: _Jobs, score: np.ndarray, heads: Heads) -> list[_Job]:
     """One within-head order per key/value head: the N:M groups of o_proj never straddle
     heads (m divides head_dim), so the objective splits into one problem per key/value
     head over the column blocks of its query heads."""
     group = heads.num_heads // heads.num_kv_heads
     d = heads.head_dim
-    orders, results = [], []
-    for kv in range(heads.num_kv_heads):
-        blocks = [score[:, h * d : (h + 1) * d] for h in range(kv * group, (kv + 1) * group)]
-        result = search_permutation(blocks, n, m, options)
-        orders.append(torch.from_numpy(result.perm))
-        results.append(result)
-    return torch.stack(orders), SearchStats.of(results)
+    return [
+        jobs.matrices([score[:, h * d : (h + 1) * d] for h in range(kv * group, (kv + 1) * group)])
+        for kv in range(heads.num_kv_heads)
+    ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +25,7 @@ from ..arch import fused_experts, linear_at
 from ..errors import UnsupportedModelError
 from .experts import observing_experts
 from .matrices import PrunableMatrix
+from .spill import SpilledStates
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -36,6 +38,9 @@ __all__ = [
     "collecting_stats",
     "run_block",
 ]
+
+# The hidden states of every calibration batch: in memory, or in files (`SpilledStates`).
+HiddenStates = list[torch.Tensor] | SpilledStates
 
 # Keyword arguments that would make a block read or write a KV cache: blocks run statelessly.
 _CACHE_KEYS = ("past_key_value", "past_key_values", "cache")
@@ -51,7 +56,7 @@ class BlockInputs:
     calibration batch, and the keyword arguments the model passes this block, by batch
     size (masks and position embeddings carry the batch dimension)."""
 
-    hidden: list[torch.Tensor]
+    hidden: HiddenStates
     kwargs: dict[int, dict[str, Any]]
 
     def kwargs_for(self, states: torch.Tensor) -> dict[str, Any]:
@@ -64,27 +69,39 @@ class CalibrationInputs:
     """The hidden states entering the current block, and every block's own keyword
     arguments (`kwargs[i]` for block i, by batch size)."""
 
-    hidden: list[torch.Tensor]
+    hidden: HiddenStates
     kwargs: list[dict[int, dict[str, Any]]]
 
     def at(self, i: int) -> BlockInputs:
         """Block i's inputs (the hidden states are those last set by `advanced`)."""
         return BlockInputs(self.hidden, self.kwargs[i])
 
-    def advanced(self, hidden: list[torch.Tensor]) -> CalibrationInputs:
-        """The same, with the hidden states a block produced (the next block's input)."""
+    def empty(self) -> HiddenStates:
+        """An empty store of the same kind as `hidden`, for a block's outputs."""
+        return self.hidden.fresh() if isinstance(self.hidden, SpilledStates) else []
+
+    def advanced(self, hidden: HiddenStates) -> CalibrationInputs:
+        """The same, with the hidden states a block produced (the next block's input);
+        spilled inputs are deleted."""
+        if isinstance(self.hidden, SpilledStates):
+            self.hidden.discard()
         return replace(self, hidden=hidden)
 
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: PreTrainedModel, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int
+    model: PreTrainedModel,
+    blocks: nn.ModuleList,
+    windows: torch.Tensor,
+    batch_size: int,
+    spill: Path | None = None,
 ) -> CalibrationInputs:
     """Runs the model on `windows` (`(n, seqlen)` token ids) with every block replaced by a
     recorder: block 0 records the hidden states of each batch, and, for the first batch
     of each size, every block records the keyword arguments the model gives it. No block
-    computes anything here; the forward stops at the last recorder it needs."""
-    hidden: list[torch.Tensor] = []
+    computes anything here; the forward stops at the last recorder it needs. With `spill`,
+    hidden states are kept in files in that directory (`SpilledStates`), not in memory."""
+    hidden: HiddenStates = [] if spill is None else SpilledStates(spill)
     per_block: list[dict[int, dict[str, Any]]] = [{} for _ in blocks]
     last = len(blocks) - 1
     # The batch size of the forward in flight, as block 0 saw it: later recorders get
@@ -142,15 +159,20 @@ def _forwards_replaced(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's outputs for every calibration batch (on the block's device)."""
+def run_block(
+    block: nn.Module, inputs: BlockInputs, into: HiddenStates | None = None
+) -> HiddenStates | None:
+    """Runs the block on every calibration batch; appends its outputs (on the block's
+    device) to `into` and returns it. Without `into` none are kept (a pass for its hooks'
+    sake), so at most one batch's outputs exist at a time."""
     device = module_device(block)
-    outputs = []
     for states in inputs.hidden:
         kwargs = move(inputs.kwargs_for(states), device)
         out = block(states.to(device), **kwargs)
-        outputs.append((out[0] if isinstance(out, tuple) else out).detach())
-    return outputs
+        if into is not None:
+            into.append((out[0] if isinstance(out, tuple) else out).detach())
+        del out
+    return into
 
 
 @dataclass

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -177,11 +178,14 @@ def prune_with(
     tokenizer: Any,
     config: PruneConfig,
     placement: Placement | None = None,
+    spill: Path | None = None,
 ) -> PruneReport:
     """`ria.prune` with its settings given as one `PruneConfig`.
 
     `placement` decides where the blocks' weights are while each one is pruned (see
-    `Placement`); by default the model's own, each block visiting `config.device`.
+    `Placement`); by default the model's own, each block visiting `config.device`. With
+    `spill`, the calibration hidden states between blocks are kept in files in that
+    directory instead of memory (`SpilledStates`; same result).
     """
     started = time.perf_counter()
     plan = _plan(model, config)
@@ -202,7 +206,9 @@ def prune_with(
                         config.calibration, tokenizer, config.nsamples, config.seqlen, config.seed
                     )
                     check_vocabulary(model, windows, "calibration")
-                    inputs = capture_block_inputs(model, plan.blocks, windows, config.batch_size)
+                    inputs = capture_block_inputs(
+                        model, plan.blocks, windows, config.batch_size, spill
+                    )
             elif config.permutation_mode == "folded":
                 # No calibration data, but the folded orders need a traced forward per block.
                 probe = capture_block_inputs(model, plan.blocks, _probe_tokens(model), 1)
@@ -217,7 +223,9 @@ def prune_with(
                     report.permutation_groups.extend(step.permutation_groups())
                     if inputs is not None and i + 1 < len(plan.blocks):
                         with timer("propagation"):
-                            inputs = inputs.advanced(run_block(block, inputs.at(i)))
+                            outputs = inputs.empty()
+                            run_block(block, inputs.at(i), outputs)
+                            inputs = inputs.advanced(outputs)
                 bar.set_postfix(sparsity=f"{100 * report.sparsity:.1f}%")
     finally:
         model.train(was_training)
@@ -325,21 +333,26 @@ class _BlockStep:
         (calibration or probe inputs) is what its wiring is traced on."""
         self.layout = self.trace(traced)
         stats = self.gather_statistics(inputs)
-        scores = self.score(stats)
+        # The search reads every score at once; otherwise each matrix is scored when its
+        # turn comes and its score freed after it, so the block's float32 scores (twice
+        # its bf16 weights) never all exist at once.
+        scores: dict[str, np.ndarray] = {}
         searched: dict[str, SearchStats] = {}
         if self.config.permute:
+            scores = self.score(stats)
             with naming(self.prefix):
                 scores, stats, searched = self.permute(scores, stats)
         layers = []
         for name, matrix in self.matrices.items():
             t0 = time.perf_counter()
+            score = scores.pop(name) if name in scores else self.score(stats, (name,))[name]
             with naming(f"{self.prefix}.{name}"):
                 calibrated = name in stats and name not in self.weight_only
                 hessian = stats[name].hessian if calibrated else None
                 original = matrix.weight.clone() if hessian is not None else None
                 # SparseGPT chooses its mask inside the OBS loop; other methods here.
                 own = self.config.method == "sparsegpt" and hessian is not None
-                keep = None if own else self.select(scores[name])
+                keep = None if own else self.select(score)
                 refined = None
                 if self.config.refine and hessian is not None:
                     keep, refined = self.refine(matrix, hessian, keep)
@@ -351,9 +364,8 @@ class _BlockStep:
                 error = None
                 if original is not None and hessian is not None:
                     error = relative_output_error(original, matrix.weight, hessian)
-            layers.append(
-                self.layer_report(name, scores[name], keep, stats, searched, t0, error, refined)
-            )
+            layers.append(self.layer_report(name, score, keep, stats, searched, t0, error, refined))
+            del score, keep
         return layers
 
     def trace(self, traced: BlockInputs | None) -> BlockLayout:
@@ -361,7 +373,7 @@ class _BlockStep:
         the dense block on the first batch)."""
         if traced is None:
             return block_layout(self.model, self.block, None)
-        first = BlockInputs(traced.hidden[:1], traced.kwargs)
+        first = BlockInputs([next(iter(traced.hidden))], traced.kwargs)  # list or spilled
         with self.timer("statistics"), naming(self.prefix):
             return block_layout(self.model, self.block, lambda: run_block(self.block, first))
 
@@ -397,12 +409,16 @@ class _BlockStep:
         }
         return stats
 
-    def score(self, stats: dict[str, InputStats]) -> dict[str, np.ndarray]:
-        """Importance of every weight, `(out, in)` float32 per matrix; all finite.
-        Experts routed too few tokens get their weights' magnitude."""
+    def score(
+        self, stats: dict[str, InputStats], names: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Importance of every weight of the matrices `names` (all by default), `(out,
+        in)` float32 per matrix; all finite. Experts routed too few tokens get their
+        weights' magnitude."""
         scores = {}
         with self.timer("scores"):
-            for name, matrix in self.matrices.items():
+            for name in self.matrices if names is None else names:
+                matrix = self.matrices[name]
                 with naming(f"{self.prefix}.{name}"):
                     # The core refuses non-finite weights and scores that would overflow,
                     # naming the entry; activations are checked here to say where they
@@ -528,7 +544,9 @@ class _BlockStep:
         """Zeroes the pruned weights."""
         with self.timer("masks"):
             weight = matrix.weight
-            weight.mul_(torch.from_numpy(keep).to(weight.device))
+            # In place, through a bool mask: `mul_` by the mask made a temporary copy of
+            # it in the weight's dtype.
+            weight.masked_fill_(torch.from_numpy(~keep).to(weight.device), 0)
 
     def layer_report(
         self,
@@ -549,7 +567,7 @@ class _BlockStep:
             name=f"{self.prefix}.{name}",
             shape=matrix.shape,
             sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(),
-            kept_score=float(score[keep].sum(dtype=np.float64)),
+            kept_score=float(score.sum(where=keep, dtype=np.float64)),  # no masked copy
             seconds=time.perf_counter() - started,
             permutation=None if s is None else s.to_dict(),
             routed_tokens=None if routed is None else routed.tokens,

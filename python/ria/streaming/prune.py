@@ -10,8 +10,10 @@ the calibration activations and one block with its scores (see `prune_checkpoint
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,7 @@ def prune_checkpoint(
     tokenizer: Any = None,
     dtype: str | torch.dtype = "auto",
     overwrite: bool = False,
+    offload_activations: bool | None = None,
     **prune_kwargs: Any,
 ) -> PruneReport:
     """Prunes the checkpoint `src` block by block into `out_dir`, never holding the whole
@@ -69,21 +72,32 @@ def prune_checkpoint(
             "float32", "bfloat16", "float16" or a `torch.dtype`: the dtype blocks are
             pruned and saved in.
         overwrite: replace `out_dir` if it is an earlier ria checkpoint (or empty).
+        offload_activations: keep the calibration hidden states between blocks in files
+            (in a temporary directory beside `out_dir`, deleted at the end) instead of
+            memory, one batch read at a time; the result is the same. None decides: on
+            when blocks run on the CPU and the activations, twice (a block's inputs and
+            outputs), would exceed a quarter of the host's physical memory.
         **prune_kwargs: `ria.prune`'s settings (sparsity, method, permute, calibration,
             nsamples, seqlen, device, ...), checked before anything is read.
 
     Host memory, beyond the imported code: the calibration activations when `device` is
-    the CPU (`nsamples x seqlen x hidden` in the model's dtype, twice while a block's
-    outputs are computed; with CUDA they stay on the GPU), plus the larger of the weights
-    outside the blocks (held until the first block, twice while written) and one block
-    with its float32 scores and masks (~4.4 blocks of bf16 weights, measured). Activations
-    are not offloaded to disk.
+    the CPU and they are not offloaded (`nsamples x seqlen x hidden` in the model's dtype,
+    twice while a block's outputs are computed; with CUDA they stay on the GPU), plus the
+    larger of the weights outside the blocks (held until the first block) and one block
+    with the float32 scores and mask of one matrix at a time (of all its matrices at once
+    with `permute`).
 
     Returns:
         The `PruneReport`, as `ria.prune` returns it (also saved as `ria_report.json`).
     """
     return prune_checkpoint_with(
-        src, out_dir, _config(prune_kwargs), tokenizer=tokenizer, dtype=dtype, overwrite=overwrite
+        src,
+        out_dir,
+        _config(prune_kwargs),
+        tokenizer=tokenizer,
+        dtype=dtype,
+        overwrite=overwrite,
+        offload_activations=offload_activations,
     )
 
 
@@ -95,11 +109,14 @@ def prune_checkpoint_with(
     tokenizer: Any = None,
     dtype: str | torch.dtype = "auto",
     overwrite: bool = False,
+    offload_activations: bool | None = None,
 ) -> PruneReport:
     """`prune_checkpoint` with `ria.prune`'s settings given as one `PruneConfig`."""
     check_dtype(dtype)
     out = require_path("out_dir", out_dir).resolve()
     require_bool("overwrite", overwrite)
+    if offload_activations is not None:
+        require_bool("offload_activations", offload_activations)
     check_target(out, overwrite)
     source = CheckpointSource(resolve_checkpoint(src))
     model = build_skeleton(source, dtype)
@@ -107,14 +124,38 @@ def prune_checkpoint_with(
         tokenizer = _own_tokenizer(source.directory)
     device = config.device or default_device()
     path, _ = find_blocks(model)
-    with staged(out) as staging:
+    if offload_activations is None:
+        offload_activations = (
+            device.type == "cpu" and 2 * _activation_bytes(model, config) > _physical_memory() / 4
+        )
+    with staged(out) as staging, ExitStack() as stack:
+        spill = None
+        if offload_activations and config.needs_data:
+            spill = Path(stack.enter_context(_spill_directory(out)))
         load_outside(model, source, path, device)
         streamed = _StreamedBlocks(model, source, staging, device)
-        report = prune_with(model, tokenizer, config, streamed)
+        report = prune_with(model, tokenizer, config, streamed, spill)
         streamed.finish()
         model.config.save_pretrained(staging)
         save_extras(staging, tokenizer, report)
     return report
+
+
+def _activation_bytes(model: PreTrainedModel, config: PruneConfig) -> int:
+    """Bytes of the calibration hidden states entering one block."""
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return config.nsamples * config.seqlen * int(weight.shape[1]) * int(weight.element_size())
+
+
+def _physical_memory() -> int:
+    """The host's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _spill_directory(out: Path) -> tempfile.TemporaryDirectory[str]:
+    """A temporary directory beside `out` (same disk as the output), deleted on exit."""
+    return tempfile.TemporaryDirectory(prefix=f".{out.name}.activations-", dir=out.parent)
 
 
 def _config(prune_kwargs: dict[str, Any]) -> PruneConfig:
