@@ -121,9 +121,9 @@ def _refine_block(
         g_ji = tl.load(g_ptr + (c0 + j_of) * cols + c0 + i_of)  # (M * M,)
         kept_f = kept.to(tl.float32)
         kept_j = tl.sum(kept_f[:, None, :] * sel_j[None, :, :], axis=2) > 0.5
-        kept_i = tl.sum(kept_f[:, None, :] * sel_i[None, :, :], axis=2) > 0.5
+        pruned_i = tl.sum(kept_f[:, None, :] * sel_i[None, :, :], axis=2) < 0.5
         delta = drop_p + grow_p - 2.0 * w_i * w_j * g_ji[None, :]
-        delta = tl.where(kept_j & ~kept_i, delta, NOT_A_SWAP)
+        delta = tl.where(kept_j & pruned_i, delta, NOT_A_SWAP)
         best = tl.min(delta, axis=1)
         p_best = tl.min(tl.where(delta == best[:, None], pair[None, :], M * M), axis=1)
         take = row_ok & (best < tl.minimum(-rel_tol * err, 0.0))
