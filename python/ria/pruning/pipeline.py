@@ -127,12 +127,18 @@ def prune(
             on the calibration data (collects `X^T X`, like `reconstruct`).
         per_row: unstructured selection per output row; None uses each method's own rule
             (per row for Wanda, per matrix for RIA, magnitude and SparseGPT).
-        reconstruct: apply SparseGPT's OBS weight update under the chosen mask (for
-            unstructured and N:M).
+        reconstruct: update the kept weights to make up for the pruned ones: SparseGPT's
+            OBS update under the chosen mask, then a least-squares refit of the kept
+            weights under that mask (a few conjugate-gradient steps; the OBS update alone
+            is an approximation of it). With method="sparsegpt", adds the refit to
+            SparseGPT's own update (which alone is the published method).
         refine: improve every mask against the layer's output error on the calibration
             data by swapping kept and pruned weights within an N:M group (or a row), in
             the Rust core (DSnoT / SparseSwaps), or on the GPU for N:M layers there
-            (pruning/refine_gpu.py, same rule); before `reconstruct` when both are on.
+            (pruning/refine_gpu.py, same rule). With `reconstruct`, inside the OBS update:
+            each block of 128 columns is refined on its already-updated weights against
+            the error left after the update (`ria.pruning.obs.block_gram`), just before
+            it is pruned.
         seed: calibration windows and permutation searches depend on it alone.
         device: where blocks run ("cuda" if available). A model on the CPU stays there
             and each block visits the device in turn; a model dispatched by accelerate
@@ -533,6 +539,8 @@ class _BlockStep:
                 n=target.n,
                 m=target.m,
                 refine=refine_block if self.config.refine else None,
+                # SparseGPT as published unless `reconstruct` asks for the full job.
+                refit_iters=self.config.refit_iters if self.config.reconstruct else 0,
             )
         matrix.weight.copy_(new_weight)
         return keep_t.cpu().numpy(), _refinement_dict(results) if results else None
