@@ -415,6 +415,26 @@ fn nm_mask<'py>(
     Ok(into_matrix(py, out, s.rows(), s.cols()))
 }
 
+/// Sum of `scores` where `keep` is True, in float64 (rows in parallel, deterministic).
+#[pyfunction]
+fn kept_score(
+    py: Python<'_>,
+    scores: PyReadonlyArray2<'_, f32>,
+    keep: PyReadonlyArray2<'_, bool>,
+) -> PyResult<f64> {
+    let s = scores_ref(&scores, "scores")?;
+    if keep.shape() != [s.rows(), s.cols()] {
+        return Err(InvalidArgumentError::new_err(format!(
+            "keep has shape {:?}, expected the scores' ({}, {})",
+            keep.shape(),
+            s.rows(),
+            s.cols()
+        )));
+    }
+    let keep = slice(&keep)?;
+    run(py, || mask::kept_sum(s, keep))
+}
+
 #[pyfunction]
 fn unstructured_mask<'py>(
     py: Python<'py>,
@@ -1188,6 +1208,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(magnitude_score, m)?)?;
     m.add_function(wrap_pyfunction!(nm_mask, m)?)?;
     m.add_function(wrap_pyfunction!(unstructured_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(kept_score, m)?)?;
     m.add_function(wrap_pyfunction!(retained_score, m)?)?;
     m.add_function(wrap_pyfunction!(search_permutation, m)?)?;
     m.add_function(wrap_pyfunction!(search_permutations, m)?)?;

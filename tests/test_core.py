@@ -162,6 +162,18 @@ def test_retained_score_matches_numpy_with_and_without_perm(rng):
     )
 
 
+def test_kept_score_sums_the_kept_entries(rng):
+    s = rng.random((9, 40)).astype(np.float32)
+    keep = ria.nm_mask(s, 2, 4)
+    assert ria.kept_score(s, keep) == pytest.approx(ria.retained_score(s, 2, 4), rel=1e-12)
+    other = rng.random((9, 40)) < 0.3
+    assert ria.kept_score(s, other) == pytest.approx(float(s[other].sum(dtype=np.float64)))
+    with pytest.raises(ria.InvalidArgumentError, match="keep has shape"):
+        ria.kept_score(s, other[:, :20])
+    with pytest.raises(ria.InvalidTypeError, match="keep must be a bool array"):
+        ria.kept_score(s, other.astype(np.float32))
+
+
 def test_a_list_of_matrices_counts_as_their_stack(rng):
     parts = [rng.random((r, 16)).astype(np.float32) for r in (3, 5, 2)]
     perm = rng.permutation(16)

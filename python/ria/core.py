@@ -30,6 +30,7 @@ __all__ = [
     "RefineStats",
     "SearchOptions",
     "__version__",
+    "kept_score",
     "magnitude_score",
     "nm_mask",
     "refine_mask",
@@ -115,6 +116,14 @@ def _perm_array(perm: ArrayLike) -> np.ndarray:
             f"perm must be a 1-D integer array, got {p.dtype} of shape {p.shape}"
         )
     return np.ascontiguousarray(p, dtype=np.int64)
+
+
+def kept_score(scores: ArrayLike, keep: ArrayLike) -> float:
+    """Sum of the `scores` (`(out, in)`) a keep-mask (`(out, in)` bool, True = kept)
+    keeps, in float64: rows summed in parallel in the core, then in row order, so the
+    result does not depend on the thread count."""
+    s = float32_array(scores, "scores", 2)
+    return _core.kept_score(s, bool_array(keep, "keep", s.shape))
 
 
 def retained_score(

@@ -26,6 +26,7 @@ from ..core import (
     RefineStats,
     SearchOptions,
     __version__,
+    kept_score,
     magnitude_score,
     nm_mask,
     refine_mask,
@@ -567,7 +568,7 @@ class _BlockStep:
             name=f"{self.prefix}.{name}",
             shape=matrix.shape,
             sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(),
-            kept_score=float(score.sum(where=keep, dtype=np.float64)),  # no masked copy
+            kept_score=kept_score(score, keep),
             seconds=time.perf_counter() - started,
             permutation=None if s is None else s.to_dict(),
             routed_tokens=None if routed is None else routed.tokens,
