@@ -175,6 +175,12 @@ def run_block(
     return into
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+# torch >= 2.8 multiplies half-precision matrices into a float32 result (`out_dtype`).
+_GRAM_FROM_HALF = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
 @dataclass
 class InputStats:
     """Statistics of one matrix's input over the calibration tokens it sees (fp32).
@@ -199,11 +205,19 @@ class InputStats:
         return self.sumsq.sqrt()
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
+        wide = x.float()
         self.tokens += x.shape[0]
-        self.sumsq += (x * x).sum(dim=0)
-        if self.hessian is not None:
-            self.hessian.addmm_(x.T, x)
+        self.sumsq += (wide * wide).sum(dim=0)
+        if self.hessian is None:
+            return
+        if x.is_cuda and x.dtype in _HALF_DTYPES and _GRAM_FROM_HALF:
+            # The product of two 16-bit floats is exact in float32, so a half-precision
+            # GEMM accumulating in float32 sums the same products as the float32 one, on
+            # tensor cores (a 7B block's X^T X: 1.5 s in float32).
+            torch.addmm(self.hessian, x.T, x, out_dtype=torch.float32, out=self.hessian)
+        else:
+            self.hessian.addmm_(wide.T, wide)
 
     def reordered(self, order: torch.Tensor) -> InputStats:
         """The same statistics with input channels in `order` (new -> old)."""
