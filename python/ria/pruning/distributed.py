@@ -24,8 +24,9 @@ one-process code unchanged.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,7 +41,16 @@ if TYPE_CHECKING:
     from .capture import InputStats
     from .matrices import PrunableMatrix
 
-__all__ = ["Ranks", "SharedSearch", "balanced", "batch_ranges", "current", "is_writer"]
+__all__ = [
+    "Ranks",
+    "SharedSearch",
+    "agreeing",
+    "balanced",
+    "batch_ranges",
+    "current",
+    "is_writer",
+    "launched",
+]
 
 T = TypeVar("T")
 
@@ -55,6 +65,33 @@ def current() -> Ranks | None:
     else:
         device = torch.device("cpu")
     return Ranks(dist.get_rank(), dist.get_world_size(), device)
+
+
+@contextmanager
+def launched(device: torch.device) -> Iterator[torch.device]:
+    """Under torchrun (`WORLD_SIZE` > 1, no process group yet): initialises the group from
+    torchrun's environment, NCCL with this rank on `cuda:LOCAL_RANK` when `device` is a
+    CUDA device, gloo otherwise; yields the device this rank prunes on and destroys the
+    group at the end. Otherwise yields `device` and does nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def agreeing(what: str) -> AbstractContextManager[None]:
+    """`Ranks.agreeing` of this process's group; nothing when it works alone."""
+    ranks = current()
+    return nullcontext() if ranks is None else ranks.agreeing(what)
 
 
 def is_writer() -> bool:
