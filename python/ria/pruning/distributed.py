@@ -72,10 +72,16 @@ def launched(device: torch.device) -> Iterator[torch.device]:
     """Under torchrun (`WORLD_SIZE` > 1, no process group yet): initialises the group from
     torchrun's environment, NCCL with this rank on `cuda:LOCAL_RANK` when `device` is a
     CUDA device, gloo otherwise; yields the device this rank prunes on and destroys the
-    group at the end. Otherwise yields `device` and does nothing."""
+    group at the end. The Rust core's worker threads are split between the node's ranks
+    (`RAYON_NUM_THREADS`, unless set). Otherwise yields `device` and does nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield device
         return
+    # The Rust core's searches run on the CPU: the ranks of one node share its cores
+    # instead of each starting a worker per core (read when the core's pool starts).
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (cores or 1) // local)))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
