@@ -35,6 +35,7 @@ from .core import (
     wanda_score,
 )
 from .errors import (
+    DistributedError,
     InvalidArgumentError,
     InvalidTypeError,
     MissingDependencyError,
@@ -76,6 +77,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DistributedError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "LayerReport",

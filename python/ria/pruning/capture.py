@@ -187,12 +187,15 @@ class InputStats:
 
     `sumsq[j]` is the sum of squares of channel j; `hessian` is `X^T X` (`(C, C)`),
     collected only for the OBS (SparseGPT) update (None otherwise); `tokens` counts the
-    rows of X (for an expert, the tokens routed to it).
+    rows of X (for an expert, the tokens routed to it). `partials`, when a list, also
+    keeps each `add`'s own sum of squares (a prune split over processes folds every
+    batch's in order, pruning/distributed.py).
     """
 
     sumsq: torch.Tensor
     hessian: torch.Tensor | None = None
     tokens: int = 0
+    partials: list[torch.Tensor] | None = None
 
     @classmethod
     def zeros(cls, channels: int, device: torch.device, hessian: bool) -> InputStats:
@@ -208,7 +211,10 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1])
         wide = x.float()
         self.tokens += x.shape[0]
-        self.sumsq += (wide * wide).sum(dim=0)
+        sumsq = (wide * wide).sum(dim=0)
+        self.sumsq += sumsq
+        if self.partials is not None:
+            self.partials.append(sumsq)
         if self.hessian is None:
             return
         if x.is_cuda and x.dtype in _HALF_DTYPES and _GRAM_FROM_HALF:
