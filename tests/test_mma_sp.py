@@ -21,7 +21,14 @@ import torch
 from helpers import needs_cuda, random_24
 
 from ria.errors import InvalidArgumentError
-from ria.sparse.format import Mma24, pack_mma24, pack_mma24_e4m3, unpack_mma24
+from ria.sparse.format import (
+    Mma24,
+    pack_24,
+    pack_mma24,
+    pack_mma24_e4m3,
+    to_cslt_layout,
+    unpack_mma24,
+)
 from ria.sparse.fp8 import fp8_linear_reference, quantize_rows, quantize_weight
 
 # -- layout (CPU) ------------------------------------------------------------------------
@@ -116,10 +123,13 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 GXX = shutil.which("g++")
 
 
-def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False) -> None:
+def _run_on_host(
+    tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False, cslt=False
+) -> None:
     """Compile mma_sp.cu with tests/mma_sp_host.h for `cfg` = (R, W, U), run it on a random
     2:4 weight and compare with the masked dense product (with `e4m3`: weight and tokens in
-    e4m3, against `fp8_linear_reference`)."""
+    e4m3, against `fp8_linear_reference`; with `cslt`: the weight as cuSPARSELt's buffer,
+    values row-major and metadata in its tiled order, `format.to_cslt_layout`)."""
     row_tiles, warps, unroll = cfg
     w = random_24(n, k, dtype=dtype, seed=n + m)
     g = torch.Generator().manual_seed(m)
@@ -135,11 +145,18 @@ def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=Fa
         p.values.view(torch.uint8).numpy().tofile(tmp_path / "vals.bin")
         q_scale.numpy().tofile(tmp_path / "x_scale.bin")
         qw.scale.numpy().tofile(tmp_path / "w_scale.bin")
+        p.meta.numpy().tofile(tmp_path / "meta.bin")
+    elif cslt:
+        compact = pack_24(w)
+        x_rows.view(torch.int16).numpy().tofile(tmp_path / "x.bin")
+        compact.values.view(torch.int16).numpy().tofile(tmp_path / "vals.bin")
+        to_cslt_layout(compact).numpy().tofile(tmp_path / "meta.bin")
     else:
         p = pack_mma24(w)
         x_rows.view(torch.int16).numpy().tofile(tmp_path / "x.bin")
         p.values.view(torch.int16).numpy().tofile(tmp_path / "vals.bin")
-    p.meta.numpy().tofile(tmp_path / "meta.bin")
+        p.meta.numpy().tofile(tmp_path / "meta.bin")
+    tiles, pairs = (n // 16, -(-k // 64)) if cslt else (p.tiles, p.pairs)
     idx = torch.zeros(1) if order is None else order
     idx.to(order_dtype or torch.int32).numpy().tofile(tmp_path / "order.bin")
     b.view(torch.int16).numpy().tofile(tmp_path / "bias.bin")
@@ -151,6 +168,7 @@ def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=Fa
         "RIA_NT": -(-m // 8),
         "RIA_ORDER": {None: 0, torch.int32: 32, torch.int64: 64}[order_dtype],
         "RIA_E4M3": int(e4m3),
+        "RIA_CSLT": int(cslt),
     }
     kernel = resources.files("ria.sparse").joinpath("mma_sp.cu").read_text("utf-8")
     header = Path(__file__).with_name("mma_sp_host.h")
@@ -161,8 +179,8 @@ def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=Fa
         [GXX, "-std=c++20", "-O1", "-pthread", "-w", str(tmp_path / "kernel.cpp"), "-o", str(exe)],
         check=True,
     )
-    grid = -(-p.tiles // row_tiles)
-    args = [m, n, k, p.tiles, p.pairs, int(bias), ldx, grid]
+    grid = -(-tiles // row_tiles)
+    args = [m, n, k, tiles, pairs, int(bias), ldx, grid]
     subprocess.run([str(exe), str(tmp_path), *map(str, args)], check=True)
     raw = np.fromfile(tmp_path / "y.bin", dtype=np.int16)
     y = torch.from_numpy(raw).view(dtype).reshape(m, n)
@@ -203,6 +221,26 @@ def test_mma_e4m3_kernel_on_host(tmp_path, n, k, m, cfg, bias):
     """The e4m3 form (bytes widened to fp16, scales in the epilogue) equals the fp8
     reference, over the same batching cases as the fp16/bf16 kernel."""
     _run_on_host(tmp_path, n, k, m, cfg, torch.bfloat16, None, bias, e4m3=True)
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+@pytest.mark.parametrize(
+    "n, k, m, cfg, dtype, order_dtype, bias",
+    [
+        # K % 64 == 32 (a half last pair); one token tile with B prefetch; int32 order
+        (64, 96, 3, (2, 4, 2), torch.bfloat16, torch.int32, True),
+        # two 64-row blocks (tiles 4..7 in the second); three token tiles; fp16
+        (128, 256, 20, (4, 8, 2), torch.float16, None, False),
+        # N < 64 with a partial last block of rows; 8 pairs per batch; more warps than pairs
+        (48, 640, 8, (2, 16, 8), torch.bfloat16, torch.int64, True),
+        # a full 8-tile batch over K = 32 * 43 (odd k-tiles)
+        (64, 1376, 64, (1, 8, 4), torch.float16, None, True),
+    ],
+)
+def test_mma_cslt_kernel_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias):
+    """The kernel reading cuSPARSELt's buffer layout (values row-major, tiled metadata
+    unshuffled in registers) equals the masked dense product."""
+    _run_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias, cslt=True)
 
 
 # -- kernel (GPU) ----------------------------------------------------------------------
