@@ -313,3 +313,53 @@ def test_mma_kernel_cache_on_disk(tmp_path, monkeypatch):
     assert len(cached) == 1 and cached[0].stat().st_size > 0
     monkeypatch.setattr(mma_sp, "_KERNELS", {})
     assert torch.equal(mma_sp.mma24_linear(x, pack_mma24(w)), y)  # loaded from the file
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mma_cslt_kernel_reads_cusparselt_buffer(dtype, bias):
+    """The kernel on cuSPARSELt's own compressed buffer (no copy, no repacking) against the
+    masked dense product, at M = 1..64 and shapes with K % 64 == 32 and N < 64."""
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
+    from ria.sparse.mma_sp import CONFIGS, mma24_linear
+
+    for n, k in [(256, 1376), (192, 4096), (48, 96), (128, 11008)]:
+        w = random_24(n, k, dtype=dtype, device="cuda", seed=n + k)
+        packed = cslt_compress(w)
+        c = share_cslt_buffer(pack_24(w), packed)
+        assert c.layout == "cslt", (n, k)  # the tiled metadata decoded to the same indices
+        storage = packed.untyped_storage().data_ptr()
+        assert c.values.untyped_storage().data_ptr() == storage
+        assert c.meta.untyped_storage().data_ptr() == storage
+        b = torch.randn(n, dtype=dtype, device="cuda") if bias else None
+        for m in (1, 3, 8, 13, 16, 33, 64):
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            ref = _reference(x, w, b, None)
+            y = mma24_linear(x, c, b)
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert _rel_err(y, ref) < 1e-2, (n, k, m)
+        x = torch.randn(24, k, dtype=dtype, device="cuda")
+        order = torch.randperm(k, device="cuda", dtype=torch.int32)
+        ref = _reference(x, w, b, order)
+        for cfg in CONFIGS:
+            assert _rel_err(mma24_linear(x, c, b, order=order, config=cfg), ref) < 1e-2, cfg
+
+
+def test_mma_cslt_checks_its_layout():
+    from ria.sparse.format import Compact24
+    from ria.sparse.mma_sp import mma24_linear
+
+    w = random_24(64, 128)
+    c = pack_24(w)
+    x = torch.zeros(2, 128, dtype=w.dtype)
+    with pytest.raises(InvalidArgumentError, match="cuSPARSELt's layout"):
+        mma24_linear(x, c)  # row-major metadata words
+    tiled = Compact24(c.values, to_cslt_layout(c)[:-1], 128, layout="cslt")
+    with pytest.raises(InvalidArgumentError, match="meta holds 255 words"):
+        mma24_linear(x, tiled)
+    odd = pack_24(random_24(64, 112))
+    with pytest.raises(InvalidArgumentError, match="K % 32 == 0"):
+        mma24_linear(torch.zeros(1, 112, dtype=w.dtype), Compact24(
+            odd.values[:, :56], odd.meta.reshape(-1), 112, layout="cslt"
+        ))  # fmt: skip

@@ -192,9 +192,7 @@ def compile_kernels(
     runs outside the GIL), so first calls do not."""
     bits = _ORDER_BITS[order_dtype]
     jobs = {(c, -(-m // TOKEN_TILE)) for m in token_counts for c in candidates(m)}
-    sources = [
-        _kernel_source(dtype, c, t, bits, cslt=cslt) for c, t in sorted(jobs, key=str)
-    ]
+    sources = [_kernel_source(dtype, c, t, bits, cslt=cslt) for c, t in sorted(jobs, key=str)]
     arch = _arch()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda src: _compile(src, arch), sources))
