@@ -346,6 +346,32 @@ def test_mma_cslt_kernel_reads_cusparselt_buffer(dtype, bias):
             assert _rel_err(mma24_linear(x, c, b, order=order, config=cfg), ref) < 1e-2, cfg
 
 
+def test_cusparselt_buffer_is_shared_when_it_decodes_to_the_weight():
+    """`share_cslt_buffer` keeps cuSPARSELt's tiled metadata whenever it stands for the same
+    weight with ordered index pairs, even where it picks other zero columns than `pack_24`
+    (groups with fewer than two nonzeros); never with an unordered pair (mma.sp's ordered
+    metadata). CPU: the buffer is built as cuSPARSELt lays it out."""
+    from ria.sparse.cslt import share_cslt_buffer
+    from ria.sparse.format import Compact24, unpack_24
+
+    w = random_24(64, 128)
+    w[0, :4] = torch.tensor([0.0, 0.0, 1.5, 0.0])  # one nonzero: pack_24 keeps columns 0, 2
+    w[1, 4:8] = 0.0  # none: pack_24 keeps columns 0, 1
+    c = pack_24(w)
+
+    def buffer_with(first_nibble: int, values: tuple[float, float]) -> torch.Tensor:
+        meta, vals = c.meta.clone(), c.values.clone()
+        meta[0, 0] = (meta[0, 0] & ~15) | first_nibble
+        vals[0, :2] = torch.tensor(values)
+        alt = Compact24(vals, meta, 128)
+        return torch.cat([vals.reshape(-1), to_cslt_layout(alt).view(w.dtype)])
+
+    shared = share_cslt_buffer(c, buffer_with(2 | 3 << 2, (1.5, 0.0)))  # columns 2, 3
+    assert shared.layout == "cslt" and torch.equal(unpack_24(shared), w)
+    unordered = share_cslt_buffer(c, buffer_with(2 | 2 << 2, (1.5, 0.0)))
+    assert unordered.layout == "rows" and unordered.values is c.values  # values differ too
+
+
 def test_mma_cslt_checks_its_layout():
     from ria.sparse.format import Compact24
     from ria.sparse.mma_sp import mma24_linear

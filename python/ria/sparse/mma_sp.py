@@ -186,12 +186,19 @@ def compile_kernels(
     threads: int = 8,
     *,
     cslt: bool = False,
+    configs: Iterable[MmaConfig] | None = None,
 ) -> None:
     """Compile (or find in the disk cache) the kernels `mma_best_config` times for these
-    token counts (for weights in cuSPARSELt's buffer if `cslt`), in parallel threads (NVRTC
-    runs outside the GIL), so first calls do not."""
+    token counts (for weights in cuSPARSELt's buffer if `cslt`; `configs` instead of each
+    count's `candidates`), in parallel threads (NVRTC runs outside the GIL), so first calls
+    do not."""
     bits = _ORDER_BITS[order_dtype]
-    jobs = {(c, -(-m // TOKEN_TILE)) for m in token_counts for c in candidates(m)}
+    shapes = None if configs is None else tuple(configs)
+    jobs = {
+        (c, -(-m // TOKEN_TILE))
+        for m in token_counts
+        for c in (candidates(m) if shapes is None else shapes)
+    }
     sources = [_kernel_source(dtype, c, t, bits, cslt=cslt) for c, t in sorted(jobs, key=str)]
     arch = _arch()
     with ThreadPoolExecutor(threads) as pool:
