@@ -34,11 +34,11 @@ FUSED = {"qkv": (3 * 4096, 4096), "gateup": (2 * 11008, 4096)}
 DTYPE = torch.bfloat16
 # Launch shapes timed for mma_cslt (`--cslt-sweep`): each token count's candidates plus
 # shapes with fewer rows or pairs in flight per warp (fewer registers).
-CSLT_EXTRA = (MmaConfig(1, 8, 2), MmaConfig(1, 8, 4), MmaConfig(1, 16, 1), MmaConfig(2, 8, 2))
+CSLT_EXTRA = (MmaConfig(1, 8, 2), MmaConfig(2, 8, 2), MmaConfig(4, 16, 1), *candidates(1))
 
 
 def cslt_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
-    return tuple(dict.fromkeys(candidates(m) + (CSLT_EXTRA if sweep else ())))
+    return tuple(dict.fromkeys(candidates(m, cslt=True) + (CSLT_EXTRA if sweep else ())))
 
 
 STREAM_BYTES = 256 * 2**20

@@ -235,6 +235,8 @@ def test_mma_e4m3_kernel_on_host(tmp_path, n, k, m, cfg, bias):
         (48, 640, 8, (2, 16, 8), torch.bfloat16, torch.int64, True),
         # a full 8-tile batch over K = 32 * 43 (odd k-tiles)
         (64, 1376, 64, (1, 8, 4), torch.float16, None, True),
+        # one pair per batch, four row tiles (cuSPARSELt's 64-row block) per block
+        (128, 448, 16, (4, 8, 1), torch.bfloat16, None, True),
     ],
 )
 def test_mma_cslt_kernel_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias):
@@ -290,7 +292,9 @@ def test_mma_config_rejects_bad_shapes():
     with pytest.raises(InvalidArgumentError, match="positive"):
         MmaConfig(0, 8, 2)
     for m in (1, 8, 9, 16, 17, 64):  # every candidate is one of the configurations tested
-        assert set(candidates(m)) <= set(CONFIGS) and default_config(m) == candidates(m)[0]
+        for cslt in (False, True):
+            assert set(candidates(m, cslt)) <= set(CONFIGS)
+            assert default_config(m, cslt) == candidates(m, cslt)[0]
 
 
 @needs_cuda

@@ -77,18 +77,27 @@ class MmaConfig:
 _FEW = (MmaConfig(1, 16, 2), MmaConfig(2, 8, 4))  # M <= 8: one token tile
 _SOME = (MmaConfig(2, 16, 2), MmaConfig(4, 8, 2))  # M <= 16
 _MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
-CONFIGS = tuple(dict.fromkeys(_FEW + _SOME + _MANY))
+# Reading cuSPARSELt's buffer takes more registers per pair in flight (two metadata words,
+# row addresses), so fewer pairs or rows per warp win (benches/results/
+# decode_kernels_h200_cslt.json); r4w8u1 and r2w16u1 keep 2 blocks per SM at M = 16.
+_CSLT_FEW = (MmaConfig(1, 16, 1), MmaConfig(1, 8, 4), MmaConfig(1, 16, 2))
+_CSLT_SOME = (MmaConfig(2, 16, 2), MmaConfig(4, 8, 2), MmaConfig(4, 8, 1), MmaConfig(2, 16, 1))
+_CSLT_MANY = (MmaConfig(2, 8, 2), MmaConfig(4, 8, 2), MmaConfig(2, 8, 4))
+CONFIGS = tuple(dict.fromkeys(_FEW + _SOME + _MANY + _CSLT_FEW + _CSLT_SOME + _CSLT_MANY))
 
 
-def candidates(m: int) -> tuple[MmaConfig, ...]:
-    """The launch shapes worth timing for `m` tokens."""
+def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
+    """The launch shapes worth timing for `m` tokens (weights in cuSPARSELt's buffer if
+    `cslt`)."""
+    if cslt:
+        return _CSLT_FEW if m <= 8 else _CSLT_SOME if m <= 16 else _CSLT_MANY
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
 
 
-def default_config(m: int) -> MmaConfig:
+def default_config(m: int, cslt: bool = False) -> MmaConfig:
     """The configuration used without tuning for `m` tokens (the fastest on an H200 for the
-    LLaMA-2-7B shapes in benches/results/decode_kernels_h200.json)."""
-    return candidates(m)[0]
+    LLaMA-2-7B shapes in benches/results/decode_kernels_h200*.json)."""
+    return candidates(m, cslt)[0]
 
 
 def mma_status(device: torch.device | None = None) -> str | None:
@@ -197,7 +206,7 @@ def compile_kernels(
     jobs = {
         (c, -(-m // TOKEN_TILE))
         for m in token_counts
-        for c in (candidates(m) if shapes is None else shapes)
+        for c in (candidates(m, cslt) if shapes is None else shapes)
     }
     sources = [_kernel_source(dtype, c, t, bits, cslt=cslt) for c, t in sorted(jobs, key=str)]
     arch = _arch()
@@ -328,7 +337,7 @@ def mma24_linear(
         bias: `(N,)` or None.
         order: optional int32/int64 `(K,)` input order: column `k` of the product reads
             `x[:, order[k]]` (gathered while loading; not checked to be a permutation).
-        config: launch shape (default `default_config(M)`).
+        config: launch shape (default `default_config(M)`, for the weight's form).
         out: optional `(M, N)` output with unit column stride.
 
     Returns:
@@ -344,9 +353,9 @@ def mma24_linear(
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
         raise InvalidArgumentError(f"out must be ({m}, {n}) {x.dtype} with unit column stride")
-    config = config or default_config(m)
-    tiles = -(-m // TOKEN_TILE)
     cslt = isinstance(packed, Compact24)
+    config = config or default_config(m, cslt)
+    tiles = -(-m // TOKEN_TILE)
     bits = _ORDER_BITS[None if order is None else order.dtype]
     kernel = _kernel(x.dtype, config, tiles, bits, cslt=cslt)
     row_tiles, pairs = _tiles_pairs(packed)
@@ -443,7 +452,7 @@ def mma_best_config(
     candidate's microseconds per call. With `fp8_scales` = (token scales, each weight's
     row scales), `x` holds e4m3 tokens and `packed` e4m3 weights (`mma24_fp8_linear`).
     `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments."""
-    configs = configs or candidates(x.shape[0])
+    configs = configs or candidates(x.shape[0], cslt=isinstance(packed[0], Compact24))
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
     for cfg in configs:
