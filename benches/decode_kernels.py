@@ -33,8 +33,17 @@ SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 1100
 FUSED = {"qkv": (3 * 4096, 4096), "gateup": (2 * 11008, 4096)}
 DTYPE = torch.bfloat16
 # Launch shapes timed for mma_cslt (`--cslt-sweep`): each token count's candidates plus
-# shapes with fewer rows or pairs in flight per warp (fewer registers).
-CSLT_EXTRA = (MmaConfig(1, 8, 2), MmaConfig(2, 8, 2), MmaConfig(4, 16, 1), *candidates(1))
+# shapes with fewer rows or pairs in flight per warp (fewer registers). Not yet timed on a
+# GPU: r4w8u1 and r2w16u1 (2 blocks per SM at M = 16 by their register counts, so gate/up's
+# 172 blocks of r4w8u2 would fit one wave).
+CSLT_EXTRA = (
+    MmaConfig(1, 8, 2),
+    MmaConfig(2, 8, 2),
+    MmaConfig(4, 8, 1),
+    MmaConfig(2, 16, 1),
+    MmaConfig(4, 16, 1),
+    *candidates(1),
+)
 
 
 def cslt_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
@@ -140,6 +149,8 @@ def main() -> None:
         rows += bench_shape(name, n, k, ms, args.cslt_sweep)
         torch.cuda.empty_cache()
     result = {
+        "command": " ".join(__import__("sys").argv),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

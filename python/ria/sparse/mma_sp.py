@@ -78,10 +78,10 @@ _FEW = (MmaConfig(1, 16, 2), MmaConfig(2, 8, 4))  # M <= 8: one token tile
 _SOME = (MmaConfig(2, 16, 2), MmaConfig(4, 8, 2))  # M <= 16
 _MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
 # Reading cuSPARSELt's buffer takes more registers per pair in flight (two metadata words,
-# row addresses), so fewer pairs or rows per warp win (benches/results/
-# decode_kernels_h200_cslt.json); r4w8u1 and r2w16u1 keep 2 blocks per SM at M = 16.
+# row addresses), so fewer pairs per warp win at M <= 8 and 64 (the winners of a wider sweep
+# on an H200, benches/results/decode_kernels_h200_cslt.json; first: the default).
 _CSLT_FEW = (MmaConfig(1, 16, 1), MmaConfig(1, 8, 4), MmaConfig(1, 16, 2))
-_CSLT_SOME = (MmaConfig(2, 16, 2), MmaConfig(4, 8, 2), MmaConfig(4, 8, 1), MmaConfig(2, 16, 1))
+_CSLT_SOME = _SOME
 _CSLT_MANY = (MmaConfig(2, 8, 2), MmaConfig(4, 8, 2), MmaConfig(2, 8, 4))
 CONFIGS = tuple(dict.fromkeys(_FEW + _SOME + _MANY + _CSLT_FEW + _CSLT_SOME + _CSLT_MANY))
 
