@@ -120,23 +120,16 @@ def test_calibration_inputs_equal_a_true_forward(family, batch_size, monkeypatch
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gram_of_half_activations_sums_the_float32_products(dtype):
-    """X^T X of 16-bit activations is taken by a half-precision GEMM accumulating in
-    float32 where torch has one: against the exact (float64) sum it must be as close as
-    the float32 GEMM it replaces (both sum float32 products in float32, in some order)."""
+    """X^T X of 16-bit activations, taken by a half-precision GEMM accumulating in float32
+    where torch has one, against the exact sum: float32 sums of K exact products in any
+    order, rounding by truncation or to nearest, stay within K * 2**-23 of the largest
+    entry (the diagonal's |x|^T |x|); a lost or doubled batch is off by 1/4 or more."""
     x = (torch.randn(3, 700, 96) * torch.linspace(0.1, 8, 96)).to(dtype)
     stats = InputStats.zeros(96, torch.device("cuda"), hessian=True)
     stats.add(x.cuda())
     stats.add(x[:1].cuda())
-    wide = torch.cat([x, x[:1]]).reshape(-1, 96)
-    exact = wide.double().T @ wide.double()
-    single = wide.float().cuda()
-    single = (single.T @ single).cpu().double()
+    wide = torch.cat([x, x[:1]]).reshape(-1, 96).double()
+    exact = wide.T @ wide
     assert stats.hessian is not None and stats.tokens == 4 * 700
-
-    def error(gram: torch.Tensor) -> float:
-        return float((gram.cpu().double() - exact).abs().max() / exact.abs().max())
-
-    assert error(stats.hessian) <= max(2 * error(single), 1e-6), (
-        error(stats.hessian),
-        error(single),
-    )
+    error = (stats.hessian.cpu().double() - exact).abs().max() / exact.abs().max()
+    assert error <= wide.shape[0] * 2.0**-23

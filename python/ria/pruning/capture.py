@@ -178,7 +178,7 @@ def run_block(
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 # torch >= 2.8 multiplies half-precision matrices into a float32 result (`out_dtype`).
-_GRAM_FROM_HALF = hasattr(torch.ops.aten.addmm, "dtype_out")
+_GRAM_FROM_HALF = hasattr(torch.ops.aten.mm, "dtype")
 
 
 @dataclass
@@ -220,8 +220,10 @@ class InputStats:
         if x.is_cuda and x.dtype in _HALF_DTYPES and _GRAM_FROM_HALF:
             # The product of two 16-bit floats is exact in float32, so a half-precision
             # GEMM accumulating in float32 sums the same products as the float32 one, on
-            # tensor cores (a 7B block's X^T X: 1.5 s in float32).
-            torch.addmm(self.hessian, x.T, x, out_dtype=torch.float32, out=self.hessian)
+            # tensor cores (a 7B block's X^T X: 1.5 s in float32). A separate product and
+            # add: addmm's out_dtype form refuses a float32 accumulator in some torch
+            # versions ("self and mat2 must have the same dtype").
+            self.hessian.add_(torch.mm(x.T, x, out_dtype=torch.float32))
         else:
             self.hessian.addmm_(wide.T, wide)
 
