@@ -28,7 +28,7 @@ import torch
 from ..demo import cache_dir
 from ..errors import InvalidArgumentError
 from .format import COLS_PER_WORD, MMA_PAIR_COLS, MMA_TILE_ROWS, Compact24, Mma24
-from .graphs import time_call
+from .graphs import rotation_time_us
 
 __all__ = [
     "CONFIGS",
@@ -457,16 +457,16 @@ def mma_best_config(
     best, best_us = configs[0], float("inf")
     for cfg in configs:
 
-        def call(cfg: MmaConfig = cfg) -> None:
-            for i, p in enumerate(packed):
-                if fp8_scales is None:
-                    mma24_linear(x, p, bias, order=order, config=cfg)
-                else:
-                    assert isinstance(p, Mma24)
-                    mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
+        def call(i: int, cfg: MmaConfig = cfg) -> None:
+            p = packed[i]
+            if fp8_scales is None:
+                mma24_linear(x, p, bias, order=order, config=cfg)
+            else:
+                assert isinstance(p, Mma24)
+                mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
 
         try:
-            us = 1000.0 * time_call(call, iters=10, repeats=3) / len(packed)
+            us = rotation_time_us(call, range(len(packed)), iters=10, repeats=3)
         except RuntimeError:  # a launch shape this GPU refuses (registers, shared memory)
             continue
         times[str(cfg)] = us

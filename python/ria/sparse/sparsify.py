@@ -41,7 +41,7 @@ from .cslt import (
 from .format import COLS_PER_WORD, Compact24, Mma24, check_24, pack_24, pack_mma24, tensor_bytes
 from .fp8_linear import sparsify_fp8
 from .generate import clear_generators as clear_generators
-from .graphs import time_call
+from .graphs import rotation_time_us
 from .linear import BACKENDS, CUSPARSELT, DENSE, MMA, MMA_CSLT, TRITON, Choice, Sparse24Linear
 from .mma_sp import MAX_TOKENS, MmaConfig, mma24_linear, mma_best_config, mma_status
 from .plan_cache import PlanCache, TunedPlan, library_versions, plan_key
@@ -289,12 +289,7 @@ def _time_us(
     cfg: CsltConfig | MmaConfig | None,
 ) -> float:
     """Microseconds per call of `backend` on `forms` in rotation, under graph replay."""
-
-    def call() -> None:
-        for f in forms:
-            _run(backend, f, x, cfg)
-
-    return 1000.0 * time_call(call) / len(forms)
+    return rotation_time_us(lambda f: _run(backend, f, x, cfg), forms)
 
 
 def _eager_time_us(
