@@ -1,5 +1,7 @@
 """Decode-size GEMMs, LLaMA-2-7B shapes, bf16: dense cuBLAS vs cuSPARSELt vs the Triton
-compact-format kernel vs the mma.sp kernel (best launch shape, and with a fused input order).
+compact-format kernel vs the mma.sp kernel over its packed fragments (best launch shape, and
+with a fused input order) vs the mma.sp kernel reading cuSPARSELt's buffer in place
+("mma_cslt", best launch shape: the form a layer keeps with default `sparsify` arguments).
 
 Microseconds per GEMM under CUDA-graph replay, weights rotated over copies > 256 MB so they
 stream from HBM; effective TB/s = bytes of the weight form read / time (dense: 2 B per
@@ -24,12 +26,30 @@ from ria.sparse import pack_24, sparse24_linear
 from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, share_cslt_buffer
 from ria.sparse.format import pack_mma24
 from ria.sparse.graphs import time_call
-from ria.sparse.mma_sp import compile_kernels, mma24_linear, mma_best_config
+from ria.sparse.mma_sp import MmaConfig, candidates, compile_kernels, mma24_linear, mma_best_config
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
 # Fused siblings (`ria.sparse.siblings`): q/k/v and gate/up as one GEMM each (--shapes).
 FUSED = {"qkv": (3 * 4096, 4096), "gateup": (2 * 11008, 4096)}
 DTYPE = torch.bfloat16
+# Launch shapes timed for mma_cslt (`--cslt-sweep`): each token count's candidates plus
+# shapes with fewer rows or pairs in flight per warp (fewer registers). Not yet timed on a
+# GPU: r4w8u1 and r2w16u1 (2 blocks per SM at M = 16 by their register counts, so gate/up's
+# 172 blocks of r4w8u2 would fit one wave).
+CSLT_EXTRA = (
+    MmaConfig(1, 8, 2),
+    MmaConfig(2, 8, 2),
+    MmaConfig(4, 8, 1),
+    MmaConfig(2, 16, 1),
+    MmaConfig(4, 16, 1),
+    *candidates(1),
+)
+
+
+def cslt_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
+    return tuple(dict.fromkeys(candidates(m, cslt=True) + (CSLT_EXTRA if sweep else ())))
+
+
 STREAM_BYTES = 256 * 2**20
 
 
@@ -37,12 +57,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def bench_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
+def bench_shape(name: str, n: int, k: int, ms: list[int], sweep: bool) -> list[dict]:
     w0 = prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02)
     copies = max(1, math.ceil(STREAM_BYTES / (n * k * 2)))
     ws = distinct_copies(w0, copies, seed=n + k)
     packed = [cslt_compress(w) for w in ws]
     compact = [share_cslt_buffer(pack_24(w), p) for w, p in zip(ws, packed, strict=True)]
+    if any(c.layout != "cslt" for c in compact):
+        raise RuntimeError(f"{name}: cuSPARSELt's metadata is not in the expected layout")
     frags = [pack_mma24(w) for w in ws]
     order = torch.randperm(k, device="cuda", dtype=torch.int32)
     dense_bytes, sparse_bytes = n * k * 2, n * k * 2 * 9 / 16
@@ -62,6 +84,11 @@ def bench_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
         best, times = mma_best_config(frags, x)
         row["mma_config"], row["mma_config_us"] = str(best), times
         row["mma_us"] = times[str(best)]
+        tiled, times = mma_best_config(compact, x, configs=cslt_configs(m, sweep))
+        row["mma_cslt_config"], row["mma_cslt_config_us"] = str(tiled), times
+        row["mma_cslt_us"] = times[str(tiled)]
+        yc = mma24_linear(x, compact[0], config=tiled)
+        row["mma_cslt_rel_err"] = float((yc.double() - ref).norm() / ref.norm())
         row["mma_order_us"] = per_call(
             lambda x=x, b=best: [mma24_linear(x, f, order=order, config=b) for f in frags]
         )
@@ -72,14 +99,15 @@ def bench_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
         row["mma_order_rel_err"] = float((yo.double() - ref_o).norm() / ref_o.norm())
         for kind, nbytes in [("dense", dense_bytes), ("cslt", sparse_bytes)]:
             row[f"{kind}_TBps"] = nbytes / row[f"{kind}_us"] / 1e6
-        for kind in ("triton", "mma", "mma_order"):
+        for kind in ("triton", "mma", "mma_order", "mma_cslt"):
             row[f"{kind}_TBps"] = sparse_bytes / row[f"{kind}_us"] / 1e6
         rows.append(row)
         log(
             f"{name} M={m:>2}: dense {row['dense_us']:6.1f}  cslt {row['cslt_us']:6.1f}  "
             f"triton {row['triton_us']:6.1f}  mma {row['mma_us']:6.1f} ({best}, "
             f"{row['mma_TBps']:.2f} TB/s, err {row['mma_rel_err']:.1e})  "
-            f"mma+order {row['mma_order_us']:6.1f} us"
+            f"mma+order {row['mma_order_us']:6.1f}  mma_cslt {row['mma_cslt_us']:6.1f} "
+            f"({tiled}, {row['mma_cslt_TBps']:.2f} TB/s, err {row['mma_cslt_rel_err']:.1e}) us"
         )
     return rows
 
@@ -87,15 +115,16 @@ def bench_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     out = [
         "| shape | M | dense us | cuSPARSELt us | Triton us | mma us (TB/s) | mma+order us "
-        "| mma vs dense |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mma_cslt us (TB/s) | mma vs dense | mma_cslt vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['dense_us']:.1f} | "
             f"{r['cslt_us']:.1f} | {r['triton_us']:.1f} | {r['mma_us']:.1f} "
-            f"({r['mma_TBps']:.2f}) | {r['mma_order_us']:.1f} | "
-            f"{r['dense_us'] / r['mma_us']:.2f}x |"
+            f"({r['mma_TBps']:.2f}) | {r['mma_order_us']:.1f} | {r['mma_cslt_us']:.1f} "
+            f"({r['mma_cslt_TBps']:.2f}) | {r['dense_us'] / r['mma_us']:.2f}x | "
+            f"{r['dense_us'] / r['mma_cslt_us']:.2f}x |"
         )
     return "\n".join(out)
 
@@ -105,18 +134,23 @@ def main() -> None:
     ap.add_argument("--out", default="benches/results/decode_kernels_h200.json")
     ap.add_argument("--ms", default="1,4,8,16,32,64")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {[*SHAPES, *FUSED]}")
+    ap.add_argument("--cslt-sweep", action="store_true", help="time more mma_cslt launch shapes")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     t0 = time.perf_counter()
     compile_kernels(DTYPE, ms)
     compile_kernels(DTYPE, ms, order_dtype=torch.int32)
+    for m in ms:
+        compile_kernels(DTYPE, [m], cslt=True, configs=cslt_configs(m, args.cslt_sweep), threads=16)
     log(f"kernels compiled in {time.perf_counter() - t0:.1f}s")
     rows = []
     for name in args.shapes.split(","):
         n, k = {**SHAPES, **FUSED}[name]
-        rows += bench_shape(name, n, k, ms)
+        rows += bench_shape(name, n, k, ms, args.cslt_sweep)
         torch.cuda.empty_cache()
     result = {
+        "command": " ".join(__import__("sys").argv),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -417,14 +417,20 @@ def _agreement(dense_out: dict, sparse_out: dict) -> dict:
 
 
 def bench_fusion(
-    layers: int, decode_steps: int, buckets: tuple[int, ...], out: dict, path: Path
+    layers: int,
+    decode_steps: int,
+    buckets: tuple[int, ...],
+    out: dict,
+    path: Path,
+    fuse_options: tuple[bool, ...] = (False, True),
 ) -> dict:
     """Whole model, dense vs `sparsify` with and without fused siblings, with `buckets`
     (prefill sizes included: the cuSPARSELt layout) and with `DECODE_BUCKETS` (the mma.sp
     layout), on a copy of the same pruned model each, all under CUDA-graph replay:
     prefill 8x128 and 1x2048, decode at
     `DECODE_BATCHES` (KV 512), pruned-Linear bytes, agreement with dense, and the kernel
-    time of one decode step at batch 1 by category."""
+    time of one decode step at batch 1 by category. `fuse_options`: the `fuse_siblings`
+    settings run (default both)."""
     import copy
     import tempfile
 
@@ -438,7 +444,7 @@ def bench_fusion(
     variants = [
         (f"buckets {list(b)}, {'fused' if fuse else 'unfused'}", b, fuse)
         for b in (DECODE_BUCKETS, buckets)  # the decode layout first: the decode targets
-        for fuse in (False, True)
+        for fuse in fuse_options
     ]
     for label, plan_buckets, fuse in variants:
         twin = None
@@ -700,6 +706,12 @@ def main() -> None:
         default=",".join(map(str, DEFAULT_BATCH_SIZES)),
         help="sparsify buckets of the fusion section's prefill-capable plans",
     )
+    ap.add_argument(
+        "--fusion-fuse",
+        choices=("both", "off", "on"),
+        default="both",
+        help="fusion section: fuse_siblings settings to run",
+    )
     ap.add_argument("--out", default="benches/results/gpu_h200.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -742,7 +754,8 @@ def main() -> None:
     if "fusion" in only:
         try:
             buckets = tuple(int(b) for b in args.fusion_buckets.split(","))
-            bench_fusion(args.layers, args.decode_steps, buckets, out, path)
+            fuse = {"both": (False, True), "off": (False,), "on": (True,)}[args.fusion_fuse]
+            bench_fusion(args.layers, args.decode_steps, buckets, out, path, fuse)
             tables.append(
                 f"### Fused siblings and layouts, LLaMA-2-7B shapes, {args.layers} layers "
                 "(speedup over dense)\n\n" + fusion_table(out["fusion"])

@@ -115,6 +115,47 @@ pub fn nm_retained(scores: MatRef<f32>, n: usize, m: usize) -> Result<f64> {
         .sum())
 }
 
+/// Sum of the scores a keep-mask (`rows x cols`, row-major, True = kept) keeps, in f64.
+/// Rows are summed in parallel and their sums added in row order, so the result does not
+/// depend on the thread count.
+pub fn kept_sum(scores: MatRef<f32>, keep: &[bool]) -> Result<f64> {
+    let cols = scores.cols();
+    if keep.len() != scores.rows() * cols {
+        bail!(
+            "keep has {} entries, expected the scores' {} x {cols}",
+            keep.len(),
+            scores.rows()
+        );
+    }
+    Ok((0..scores.rows())
+        .into_par_iter()
+        .map(|r| kept_row_sum(scores.row(r), &keep[r * cols..(r + 1) * cols]))
+        .collect::<Vec<f64>>()
+        .iter()
+        .sum())
+}
+
+/// One row's kept sum over eight interleaved f64 accumulators (a branch-free select the
+/// compiler vectorises; a single running sum could not be reordered).
+fn kept_row_sum(row: &[f32], keep: &[bool]) -> f64 {
+    const LANES: usize = 8;
+    let kept = |v: f32, k: bool| if k { f64::from(v) } else { 0.0 };
+    let mut acc = [0.0f64; LANES];
+    let values = row.chunks_exact(LANES);
+    let tail: f64 = values
+        .remainder()
+        .iter()
+        .zip(&keep[row.len() - values.remainder().len()..])
+        .map(|(&v, &k)| kept(v, k))
+        .sum();
+    for (v, k) in values.zip(keep.chunks_exact(LANES)) {
+        for lane in 0..LANES {
+            acc[lane] += kept(v[lane], k[lane]);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 /// Sum of the `n` largest values of a small group, in f64.
 #[inline]
 pub fn top_n_sum(group: &[f32], n: usize) -> f64 {
@@ -303,6 +344,23 @@ mod tests {
                 ((s >> 33) % levels) as f32 / levels as f32
             })
             .collect()
+    }
+
+    #[test]
+    fn kept_sum_adds_exactly_the_kept_scores() {
+        let (rows, cols) = (7, 13);
+        let values = lcg_values(rows * cols, 3, 1000);
+        let keep: Vec<bool> = (0..rows * cols).map(|i| i % 3 != 1).collect();
+        let scores = MatRef::new(&values, rows, cols, "scores").unwrap();
+        let expected: f64 = values
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(&v, _)| f64::from(v))
+            .sum();
+        let got = kept_sum(scores, &keep).unwrap();
+        assert!((got - expected).abs() <= 1e-12 * expected.abs());
+        assert!(kept_sum(scores, &keep[1..]).is_err());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Borrowed row-major matrices and the element types the core reads.
 
 use crate::error::{Result, bail};
-use crate::parallel::position_first;
+use crate::parallel::{PARALLEL_MIN, position_first};
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 /// An element that converts losslessly to `f32` (weights arrive as f32, f16 or bf16).
 pub trait Element: Copy + Send + Sync + 'static {
@@ -104,4 +105,94 @@ pub fn check_finite<T: Element>(data: &[T], cols: usize, name: &str) -> Result<(
         );
     }
     Ok(())
+}
+
+/// Reorders a row-major `rows x cols` matrix in place: afterwards row `r`, column `c` holds
+/// what row `row_order[r]`, column `col_order[c]` held (`None`: that axis unchanged). Both
+/// orders must be permutations (the caller checks). Rows move by following the
+/// permutation's cycles (one spare row); columns are gathered row by row in parallel. No
+/// matrix-sized allocation: the fresh pages of a new matrix cost more than the copy.
+pub fn permute_in_place<T: Copy + Default + Send + Sync>(
+    data: &mut [T],
+    cols: usize,
+    row_order: Option<&[u32]>,
+    col_order: Option<&[u32]>,
+) {
+    if let Some(order) = row_order {
+        permute_rows(data, cols, order);
+    }
+    if let Some(order) = col_order {
+        let gather = |spare: &mut Vec<T>, row: &mut [T]| {
+            spare.clear();
+            spare.extend(order.iter().map(|&c| row[c as usize]));
+            row.copy_from_slice(spare);
+        };
+        if data.len() < PARALLEL_MIN {
+            let mut spare = Vec::with_capacity(cols);
+            data.chunks_mut(cols)
+                .for_each(|row| gather(&mut spare, row));
+        } else {
+            data.par_chunks_mut(cols)
+                .for_each_init(|| Vec::with_capacity(cols), gather);
+        }
+    }
+}
+
+fn permute_rows<T: Copy + Default>(data: &mut [T], cols: usize, order: &[u32]) {
+    let mut done = vec![false; order.len()];
+    let mut spare = vec![T::default(); cols];
+    for start in 0..order.len() {
+        if done[start] || order[start] as usize == start {
+            continue;
+        }
+        spare.copy_from_slice(&data[start * cols..(start + 1) * cols]);
+        let mut at = start;
+        loop {
+            done[at] = true;
+            let from = order[at] as usize;
+            if from == start {
+                data[at * cols..(at + 1) * cols].copy_from_slice(&spare);
+                break;
+            }
+            data.copy_within(from * cols..(from + 1) * cols, at * cols);
+            at = from;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_in_place_equals_a_gather() {
+        for (rows, cols) in [(5, 7), (300, 130)] {
+            let data: Vec<u32> = (0..(rows * cols) as u32).collect();
+            // Two cycles and fixed points on both axes.
+            let row_order: Vec<u32> = (0..rows as u32)
+                .map(|r| (r * 7 + 1) % rows as u32)
+                .collect();
+            let col_order: Vec<u32> = (0..cols as u32).rev().collect();
+            for (ro, co) in [
+                (Some(&row_order), None),
+                (None, Some(&col_order)),
+                (Some(&row_order), Some(&col_order)),
+            ] {
+                let mut got = data.clone();
+                permute_in_place(
+                    &mut got,
+                    cols,
+                    ro.map(|v| v.as_slice()),
+                    co.map(|v| v.as_slice()),
+                );
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let from_r = ro.map_or(r, |o| o[r] as usize);
+                        let from_c = co.map_or(c, |o| o[c] as usize);
+                        assert_eq!(got[r * cols + c], data[from_r * cols + from_c]);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -32,7 +32,8 @@ use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use numpy::ndarray::Array2;
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2,
+    PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyOverflowError, PyRuntimeError};
 use pyo3::prelude::*;
@@ -329,8 +330,11 @@ impl WeightFn<Vec<f32>> for Magnitude {
 fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
 ) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|_| InvalidArgumentError::new_err("array must be C-contiguous"))
+    // `as_slice` also accepts a Fortran-ordered array, which would then be read as rows.
+    match a.as_slice() {
+        Ok(data) if a.is_c_contiguous() => Ok(data),
+        _ => Err(InvalidArgumentError::new_err("array must be C-contiguous")),
+    }
 }
 
 fn into_matrix<T: numpy::Element>(
@@ -413,6 +417,55 @@ fn nm_mask<'py>(
     let s = scores_ref(&scores, "scores")?;
     let out = run(py, || mask::nm_mask(s, n, m))?;
     Ok(into_matrix(py, out, s.rows(), s.cols()))
+}
+
+/// Sum of `scores` where `keep` is True, in float64 (rows in parallel, deterministic).
+#[pyfunction]
+fn kept_score(
+    py: Python<'_>,
+    scores: PyReadonlyArray2<'_, f32>,
+    keep: PyReadonlyArray2<'_, bool>,
+) -> PyResult<f64> {
+    let s = scores_ref(&scores, "scores")?;
+    if keep.shape() != [s.rows(), s.cols()] {
+        return Err(InvalidArgumentError::new_err(format!(
+            "keep has shape {:?}, expected the scores' ({}, {})",
+            keep.shape(),
+            s.rows(),
+            s.cols()
+        )));
+    }
+    let keep = slice(&keep)?;
+    run(py, || mask::kept_sum(s, keep))
+}
+
+/// Reorders a C-contiguous float32 matrix in place: `scores[:] = scores[rows][:, cols]`
+/// (`None`: that axis unchanged). No matrix-sized copy is allocated.
+#[pyfunction]
+#[pyo3(signature = (scores, rows=None, cols=None))]
+fn permute_in_place(
+    py: Python<'_>,
+    mut scores: PyReadwriteArray2<'_, f32>,
+    rows: Option<PyReadonlyArray1<'_, i64>>,
+    cols: Option<PyReadonlyArray1<'_, i64>>,
+) -> PyResult<()> {
+    let [n_rows, n_cols] = [scores.shape()[0], scores.shape()[1]];
+    let rows = rows.map(|p| permutation(slice(&p)?, n_rows)).transpose()?;
+    let cols = cols.map(|p| permutation(slice(&p)?, n_cols)).transpose()?;
+    // `as_slice_mut` also accepts a Fortran-ordered array, which would be read as rows.
+    let c_order = scores.is_c_contiguous();
+    let data = match scores.as_slice_mut() {
+        Ok(data) if c_order => data,
+        _ => {
+            return Err(InvalidArgumentError::new_err(
+                "scores must be a C-contiguous float32 array",
+            ));
+        }
+    };
+    run(py, || {
+        crate::matrix::permute_in_place(data, n_cols, rows.as_deref(), cols.as_deref());
+        Ok(())
+    })
 }
 
 #[pyfunction]
@@ -1188,6 +1241,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(magnitude_score, m)?)?;
     m.add_function(wrap_pyfunction!(nm_mask, m)?)?;
     m.add_function(wrap_pyfunction!(unstructured_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(kept_score, m)?)?;
+    m.add_function(wrap_pyfunction!(permute_in_place, m)?)?;
     m.add_function(wrap_pyfunction!(retained_score, m)?)?;
     m.add_function(wrap_pyfunction!(search_permutation, m)?)?;
     m.add_function(wrap_pyfunction!(search_permutations, m)?)?;

@@ -1,4 +1,6 @@
-// Runs python/ria/sparse/mma_sp.cu on a CPU (tests/test_mma_sp.py compiles it with g++):
+// Runs python/ria/sparse/mma_sp.cu on a CPU (tests/test_mma_sp.py compiles it with g++), in
+// every mode (packed fragments, RIA_E4M3, RIA_CSLT: vals.bin then holds the row-major
+// values and meta.bin the tiled metadata of cuSPARSELt's buffer):
 // one std::thread per CUDA thread, a barrier per block for __syncthreads, and mma.sp
 // emulated per warp from the PTX ISA's fragment tables (sparse m16n8k32, .f16/.bf16; with
 // RIA_E4M3 the e4m3 operands are widened to fp16 as cvt.rn.f16x2.e4m3x2 does), so

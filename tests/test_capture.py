@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import VOCAB
+from helpers import VOCAB, needs_cuda
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config
 
 import ria
 from ria.arch import find_blocks
-from ria.pruning import pipeline
+from ria.pruning import InputStats, pipeline
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 SEQLEN = 32
@@ -115,3 +115,21 @@ def test_calibration_inputs_equal_a_true_forward(family, batch_size, monkeypatch
         got = calibrated[i]
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5, msg=f"block {i} input")
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5, msg=f"block {i} output")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gram_of_half_activations_sums_the_float32_products(dtype):
+    """X^T X of 16-bit activations, taken by a half-precision GEMM accumulating in float32
+    where torch has one, against the exact sum: float32 sums of K exact products in any
+    order, rounding by truncation or to nearest, stay within K * 2**-23 of the largest
+    entry (the diagonal's |x|^T |x|); a lost or doubled batch is off by 1/4 or more."""
+    x = (torch.randn(3, 700, 96) * torch.linspace(0.1, 8, 96)).to(dtype)
+    stats = InputStats.zeros(96, torch.device("cuda"), hessian=True)
+    stats.add(x.cuda())
+    stats.add(x[:1].cuda())
+    wide = torch.cat([x, x[:1]]).reshape(-1, 96).double()
+    exact = wide.T @ wide
+    assert stats.hessian is not None and stats.tokens == 4 * 700
+    error = (stats.hessian.cpu().double() - exact).abs().max() / exact.abs().max()
+    assert error <= wide.shape[0] * 2.0**-23

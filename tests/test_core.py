@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ria
-from ria.core import PermutationResult, SearchOptions
+from ria.core import PermutationResult, SearchOptions, permute_in_place
 from ria.errors import InvalidArgumentError, InvalidTypeError, RiaError
 
 
@@ -160,6 +160,41 @@ def test_retained_score_matches_numpy_with_and_without_perm(rng):
     assert ria.retained_score(s, 2, 4, perm) == pytest.approx(
         naive_retained(s, 2, 4, perm), rel=1e-12
     )
+
+
+def test_kept_score_sums_the_kept_entries(rng):
+    s = rng.random((9, 40)).astype(np.float32)
+    keep = ria.nm_mask(s, 2, 4)
+    assert ria.kept_score(s, keep) == pytest.approx(ria.retained_score(s, 2, 4), rel=1e-12)
+    other = rng.random((9, 40)) < 0.3
+    assert ria.kept_score(s, other) == pytest.approx(float(s[other].sum(dtype=np.float64)))
+    with pytest.raises(ria.InvalidArgumentError, match="keep has shape"):
+        ria.kept_score(s, other[:, :20])
+    with pytest.raises(ria.InvalidTypeError, match="keep must be a bool array"):
+        ria.kept_score(s, other.astype(np.float32))
+
+
+def test_permute_in_place_equals_the_gather(rng):
+    s = rng.random((33, 40)).astype(np.float32)
+    rows, cols = rng.permutation(33), torch.from_numpy(rng.permutation(40))
+    want = s[rows][:, cols.numpy()]
+    permute_in_place(s, rows, cols)
+    assert np.array_equal(s, want)
+    permute_in_place(s, None, np.arange(40)[::-1].copy())
+    assert np.array_equal(s, want[:, ::-1])
+    with pytest.raises(ria.InvalidArgumentError, match="not a permutation"):
+        permute_in_place(s, np.zeros(33, dtype=np.int64))
+    with pytest.raises(ria.InvalidArgumentError, match="C-contiguous"):
+        permute_in_place(np.asfortranarray(s), None, cols)
+
+
+def test_the_extension_refuses_fortran_ordered_arrays(rng):
+    """The Python wrappers pass C-ordered copies; the raw extension must not read a
+    Fortran-ordered array's memory as rows."""
+    s = np.asfortranarray(rng.random((8, 12)).astype(np.float32))
+    with pytest.raises(ria.InvalidArgumentError, match="C-contiguous"):
+        ria._core.nm_mask(s, 2, 4)
+    assert np.array_equal(ria.nm_mask(s, 2, 4), ria.nm_mask(np.ascontiguousarray(s), 2, 4))
 
 
 def test_a_list_of_matrices_counts_as_their_stack(rng):

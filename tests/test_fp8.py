@@ -197,9 +197,27 @@ def test_sparsify_fp8_model_matches_reference(sparse):
         assert set(lr.plan.values()) <= set(FP8_BACKENDS)
         assert sparse or set(lr.plan.values()) == {FP8_DENSE}
         assert lr.sparse_bytes < lr.dense_bytes
+    # Every layer, on the inputs it saw inside the model, against the CPU reference. The
+    # logits are not compared closely with the CPU model's: a kernel's fp32 sums run in
+    # another order than the reference's, so a layer's bf16 output may differ by a rounding
+    # step, and the next layer's per-token e4m3 quantization turns some of those into whole
+    # e4m3 steps (1/8 relative). Measured on an H200: logits 2.75e-2 apart, while the same
+    # model in bf16 (no fp8) runs 1.3e-7 apart on CPU and GPU.
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [
+        layer.register_forward_hook(
+            lambda _mod, args, out, name=name: seen.__setitem__(name, (args[0], out))
+        )
+        for name, layer in model.named_modules()
+        if isinstance(layer, Fp8Linear)
+    ]
     ids = torch.randint(0, 100, (2, 9))
     with torch.no_grad():
         got = model(ids.cuda()).logits.float().cpu()
+        for hook in hooks:
+            hook.remove()
+        assert len(seen) == len(report.converted)
+        for name, (x, out) in seen.items():
+            _close_to_reference(out, reference.get_submodule(name)(x.cpu()))
         ref = reference(ids).logits.float()
-    assert float((got - ref).norm() / ref.norm()) < 2e-2
     assert bool((got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9)

@@ -21,7 +21,14 @@ import torch
 from helpers import needs_cuda, random_24
 
 from ria.errors import InvalidArgumentError
-from ria.sparse.format import Mma24, pack_mma24, pack_mma24_e4m3, unpack_mma24
+from ria.sparse.format import (
+    Mma24,
+    pack_24,
+    pack_mma24,
+    pack_mma24_e4m3,
+    to_cslt_layout,
+    unpack_mma24,
+)
 from ria.sparse.fp8 import fp8_linear_reference, quantize_rows, quantize_weight
 
 # -- layout (CPU) ------------------------------------------------------------------------
@@ -116,10 +123,13 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 GXX = shutil.which("g++")
 
 
-def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False) -> None:
+def _run_on_host(
+    tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False, cslt=False
+) -> None:
     """Compile mma_sp.cu with tests/mma_sp_host.h for `cfg` = (R, W, U), run it on a random
     2:4 weight and compare with the masked dense product (with `e4m3`: weight and tokens in
-    e4m3, against `fp8_linear_reference`)."""
+    e4m3, against `fp8_linear_reference`; with `cslt`: the weight as cuSPARSELt's buffer,
+    values row-major and metadata in its tiled order, `format.to_cslt_layout`)."""
     row_tiles, warps, unroll = cfg
     w = random_24(n, k, dtype=dtype, seed=n + m)
     g = torch.Generator().manual_seed(m)
@@ -135,11 +145,18 @@ def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=Fa
         p.values.view(torch.uint8).numpy().tofile(tmp_path / "vals.bin")
         q_scale.numpy().tofile(tmp_path / "x_scale.bin")
         qw.scale.numpy().tofile(tmp_path / "w_scale.bin")
+        p.meta.numpy().tofile(tmp_path / "meta.bin")
+    elif cslt:
+        compact = pack_24(w)
+        x_rows.view(torch.int16).numpy().tofile(tmp_path / "x.bin")
+        compact.values.view(torch.int16).numpy().tofile(tmp_path / "vals.bin")
+        to_cslt_layout(compact).numpy().tofile(tmp_path / "meta.bin")
     else:
         p = pack_mma24(w)
         x_rows.view(torch.int16).numpy().tofile(tmp_path / "x.bin")
         p.values.view(torch.int16).numpy().tofile(tmp_path / "vals.bin")
-    p.meta.numpy().tofile(tmp_path / "meta.bin")
+        p.meta.numpy().tofile(tmp_path / "meta.bin")
+    tiles, pairs = (n // 16, -(-k // 64)) if cslt else (p.tiles, p.pairs)
     idx = torch.zeros(1) if order is None else order
     idx.to(order_dtype or torch.int32).numpy().tofile(tmp_path / "order.bin")
     b.view(torch.int16).numpy().tofile(tmp_path / "bias.bin")
@@ -151,6 +168,7 @@ def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=Fa
         "RIA_NT": -(-m // 8),
         "RIA_ORDER": {None: 0, torch.int32: 32, torch.int64: 64}[order_dtype],
         "RIA_E4M3": int(e4m3),
+        "RIA_CSLT": int(cslt),
     }
     kernel = resources.files("ria.sparse").joinpath("mma_sp.cu").read_text("utf-8")
     header = Path(__file__).with_name("mma_sp_host.h")
@@ -161,8 +179,8 @@ def _run_on_host(tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=Fa
         [GXX, "-std=c++20", "-O1", "-pthread", "-w", str(tmp_path / "kernel.cpp"), "-o", str(exe)],
         check=True,
     )
-    grid = -(-p.tiles // row_tiles)
-    args = [m, n, k, p.tiles, p.pairs, int(bias), ldx, grid]
+    grid = -(-tiles // row_tiles)
+    args = [m, n, k, tiles, pairs, int(bias), ldx, grid]
     subprocess.run([str(exe), str(tmp_path), *map(str, args)], check=True)
     raw = np.fromfile(tmp_path / "y.bin", dtype=np.int16)
     y = torch.from_numpy(raw).view(dtype).reshape(m, n)
@@ -203,6 +221,28 @@ def test_mma_e4m3_kernel_on_host(tmp_path, n, k, m, cfg, bias):
     """The e4m3 form (bytes widened to fp16, scales in the epilogue) equals the fp8
     reference, over the same batching cases as the fp16/bf16 kernel."""
     _run_on_host(tmp_path, n, k, m, cfg, torch.bfloat16, None, bias, e4m3=True)
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+@pytest.mark.parametrize(
+    "n, k, m, cfg, dtype, order_dtype, bias",
+    [
+        # K % 64 == 32 (a half last pair); one token tile with B prefetch; int32 order
+        (64, 96, 3, (2, 4, 2), torch.bfloat16, torch.int32, True),
+        # two 64-row blocks (tiles 4..7 in the second); three token tiles; fp16
+        (128, 256, 20, (4, 8, 2), torch.float16, None, False),
+        # N < 64 with a partial last block of rows; 8 pairs per batch; more warps than pairs
+        (48, 640, 8, (2, 16, 8), torch.bfloat16, torch.int64, True),
+        # a full 8-tile batch over K = 32 * 43 (odd k-tiles)
+        (64, 1376, 64, (1, 8, 4), torch.float16, None, True),
+        # one pair per batch, four row tiles (cuSPARSELt's 64-row block) per block
+        (128, 448, 16, (4, 8, 1), torch.bfloat16, None, True),
+    ],
+)
+def test_mma_cslt_kernel_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias):
+    """The kernel reading cuSPARSELt's buffer layout (values row-major, tiled metadata
+    unshuffled in registers) equals the masked dense product."""
+    _run_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias, cslt=True)
 
 
 # -- kernel (GPU) ----------------------------------------------------------------------
@@ -252,7 +292,9 @@ def test_mma_config_rejects_bad_shapes():
     with pytest.raises(InvalidArgumentError, match="positive"):
         MmaConfig(0, 8, 2)
     for m in (1, 8, 9, 16, 17, 64):  # every candidate is one of the configurations tested
-        assert set(candidates(m)) <= set(CONFIGS) and default_config(m) == candidates(m)[0]
+        for cslt in (False, True):
+            assert set(candidates(m, cslt)) <= set(CONFIGS)
+            assert default_config(m, cslt) == candidates(m, cslt)[0]
 
 
 @needs_cuda
@@ -275,3 +317,79 @@ def test_mma_kernel_cache_on_disk(tmp_path, monkeypatch):
     assert len(cached) == 1 and cached[0].stat().st_size > 0
     monkeypatch.setattr(mma_sp, "_KERNELS", {})
     assert torch.equal(mma_sp.mma24_linear(x, pack_mma24(w)), y)  # loaded from the file
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mma_cslt_kernel_reads_cusparselt_buffer(dtype, bias):
+    """The kernel on cuSPARSELt's own compressed buffer (no copy, no repacking) against the
+    masked dense product, at M = 1..64 and shapes with K % 64 == 32 and N < 64."""
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
+    from ria.sparse.mma_sp import CONFIGS, mma24_linear
+
+    for n, k in [(256, 1376), (192, 4096), (48, 96), (128, 11008)]:
+        w = random_24(n, k, dtype=dtype, device="cuda", seed=n + k)
+        packed = cslt_compress(w)
+        c = share_cslt_buffer(pack_24(w), packed)
+        assert c.layout == "cslt", (n, k)  # the tiled metadata decoded to the same indices
+        storage = packed.untyped_storage().data_ptr()
+        assert c.values.untyped_storage().data_ptr() == storage
+        assert c.meta.untyped_storage().data_ptr() == storage
+        b = torch.randn(n, dtype=dtype, device="cuda") if bias else None
+        for m in (1, 3, 8, 13, 16, 33, 64):
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            ref = _reference(x, w, b, None)
+            y = mma24_linear(x, c, b)
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert _rel_err(y, ref) < 1e-2, (n, k, m)
+        x = torch.randn(24, k, dtype=dtype, device="cuda")
+        order = torch.randperm(k, device="cuda", dtype=torch.int32)
+        ref = _reference(x, w, b, order)
+        for cfg in CONFIGS:
+            assert _rel_err(mma24_linear(x, c, b, order=order, config=cfg), ref) < 1e-2, cfg
+
+
+def test_cusparselt_buffer_is_shared_when_it_decodes_to_the_weight():
+    """`share_cslt_buffer` keeps cuSPARSELt's tiled metadata whenever it stands for the same
+    weight with ordered index pairs, even where it picks other zero columns than `pack_24`
+    (groups with fewer than two nonzeros); never with an unordered pair (mma.sp's ordered
+    metadata). CPU: the buffer is built as cuSPARSELt lays it out."""
+    from ria.sparse.cslt import share_cslt_buffer
+    from ria.sparse.format import Compact24, unpack_24
+
+    w = random_24(64, 128)
+    w[0, :4] = torch.tensor([0.0, 0.0, 1.5, 0.0])  # one nonzero: pack_24 keeps columns 0, 2
+    w[1, 4:8] = 0.0  # none: pack_24 keeps columns 0, 1
+    c = pack_24(w)
+
+    def buffer_with(first_nibble: int, values: tuple[float, float]) -> torch.Tensor:
+        meta, vals = c.meta.clone(), c.values.clone()
+        meta[0, 0] = (meta[0, 0] & ~15) | first_nibble
+        vals[0, :2] = torch.tensor(values)
+        alt = Compact24(vals, meta, 128)
+        return torch.cat([vals.reshape(-1), to_cslt_layout(alt).view(w.dtype)])
+
+    shared = share_cslt_buffer(c, buffer_with(2 | 3 << 2, (1.5, 0.0)))  # columns 2, 3
+    assert shared.layout == "cslt" and torch.equal(unpack_24(shared), w)
+    unordered = share_cslt_buffer(c, buffer_with(2 | 2 << 2, (1.5, 0.0)))
+    assert unordered.layout == "rows" and unordered.values is c.values  # values differ too
+
+
+def test_mma_cslt_checks_its_layout():
+    from ria.sparse.format import Compact24
+    from ria.sparse.mma_sp import mma24_linear
+
+    w = random_24(64, 128)
+    c = pack_24(w)
+    x = torch.zeros(2, 128, dtype=w.dtype)
+    with pytest.raises(InvalidArgumentError, match="cuSPARSELt's layout"):
+        mma24_linear(x, c)  # row-major metadata words
+    tiled = Compact24(c.values, to_cslt_layout(c)[:-1], 128, layout="cslt")
+    with pytest.raises(InvalidArgumentError, match="meta holds 255 words"):
+        mma24_linear(x, tiled)
+    odd = pack_24(random_24(64, 112))
+    with pytest.raises(InvalidArgumentError, match="K % 32 == 0"):
+        mma24_linear(torch.zeros(1, 112, dtype=w.dtype), Compact24(
+            odd.values[:, :56], odd.meta.reshape(-1), 112, layout="cslt"
+        ))  # fmt: skip

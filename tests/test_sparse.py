@@ -274,11 +274,11 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["dense", "cusparselt", "triton", "mma"])
+@pytest.mark.parametrize("backend", ["dense", "cusparselt", "triton", "mma", "mma_cslt"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_sparse_linear_matches_masked_dense(backend, dtype, bias):
-    from ria.sparse.cslt import cslt_compress
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
 
     n, k = 384, 1376  # k = 43 * 32: not a power of two, like LLaMA's 11008
     w = random_24(n, k, dtype=dtype, device="cuda", seed=1)
@@ -288,6 +288,7 @@ def test_sparse_linear_matches_masked_dense(backend, dtype, bias):
         "cusparselt": {"packed": cslt_compress(w)},
         "triton": {"compact": pack_24(w)},
         "mma": {"mma": pack_mma24(w)},
+        "mma_cslt": {"compact": share_cslt_buffer(pack_24(w), cslt_compress(w))},
     }[backend]
     mod = Sparse24Linear(k, n, {1 << 20: Choice(backend)}, bias=b, **forms)
     for m in TOKEN_COUNTS:

@@ -19,6 +19,7 @@ from helpers import prune_model_24, random_24, tiny_model
 from ria.errors import InvalidArgumentError
 from ria.sparse import (
     Choice,
+    Compact24,
     CsltConfig,
     MmaConfig,
     PlanCache,
@@ -118,7 +119,7 @@ def test_a_layer_keeps_one_sparse_layout():
         256: {"dense": 40.0, "cusparselt": 35.0, "triton": 90.0},
     }
     mcfg = MmaConfig(1, 16, 2)
-    configs = {m: (CsltConfig(), mcfg if m < 256 else None) for m in times}
+    configs = {m: {"cusparselt": CsltConfig(), **({"mma": mcfg} if m < 256 else {})} for m in times}
 
     def tuned_for(buckets):
         t = {m: times[m] for m in buckets}
@@ -136,13 +137,66 @@ def test_a_layer_keeps_one_sparse_layout():
     assert all(c == Choice("mma", mma=mcfg) for c in decode.graph.values())
 
 
+def test_mma_over_the_cusparselt_buffer_serves_decode_in_the_default_layout():
+    """With buckets past 64 tokens (the defaults), mma.sp reading cuSPARSELt's buffer
+    ("mma_cslt") shares the layout of cuSPARSELt: decode buckets keep it where it wins,
+    with its own launch shape, and the fragment layout ("mma") is not needed."""
+    times = {
+        1: {"dense": 13.0, "cusparselt": 23.0, "triton": 12.0, "mma_cslt": 7.5, "mma": 7.0},
+        16: {"dense": 13.5, "cusparselt": 21.0, "triton": 33.0, "mma_cslt": 10.5, "mma": 10.0},
+        64: {"dense": 14.0, "cusparselt": 13.0, "triton": 60.0, "mma_cslt": 15.0, "mma": 14.5},
+        256: {"dense": 40.0, "cusparselt": 35.0, "triton": 90.0},
+    }
+    c1, c16 = MmaConfig(1, 16, 2), MmaConfig(2, 16, 2)
+    configs = {
+        1: {"cusparselt": CsltConfig(1), "mma_cslt": c1, "mma": c1},
+        16: {"cusparselt": CsltConfig(2), "mma_cslt": c16, "mma": c16},
+        64: {"cusparselt": CsltConfig(3), "mma_cslt": c16, "mma": c16},
+        256: {"cusparselt": CsltConfig(4)},
+    }
+    graph = {m: Choice(min(t, key=t.get)) for m, t in times.items()}
+    tuned = TunedPlan(graph, dict(graph), times, {m: dict(v) for m, v in times.items()})
+    keep_one_layout(tuned, configs, allow_dense=False, dense_margin=0.05)
+    assert tuned.graph == {
+        1: Choice("mma_cslt", mma=c1),
+        16: Choice("mma_cslt", mma=c16),
+        64: Choice("cusparselt", CsltConfig(3)),
+        256: Choice("cusparselt", CsltConfig(4)),
+    }
+    assert tuned.backends() == {"mma_cslt", "cusparselt"}
+
+
+def test_an_mma_cslt_layer_holds_cusparselt_buffer_only():
+    from ria.sparse.format import pack_24, to_cslt_layout
+    from ria.sparse.sparsify import mma_cslt_shape_status
+
+    w = random_24(128, 256)
+    c = pack_24(w)
+    # cuSPARSELt's buffer: values row-major, then the tiled metadata (one storage)
+    buffer = torch.cat([c.values.reshape(-1), to_cslt_layout(c).view(w.dtype)])
+    values, meta = buffer[: c.values.numel()].view(128, 128), buffer[c.values.numel() :]
+    tiled = Compact24(values, meta.view(torch.int32), 256, layout="cslt")
+    plan = {16: Choice("mma_cslt", mma=MmaConfig(2, 16, 2)), 4096: Choice("cusparselt")}
+    layer = Sparse24Linear(256, 128, plan, packed=buffer, compact=tiled)
+    assert layer.weight is None and layer.mma_values is None and layer.meta_layout == "cslt"
+    assert layer.weight_bytes() == buffer.numel() * 2 <= 0.6 * w.numel() * 2
+    with pytest.raises(InvalidArgumentError, match="not in cuSPARSELt's layout"):
+        Sparse24Linear(256, 128, plan, packed=buffer, compact=c)
+    assert mma_cslt_shape_status(4096, 11008) is None and mma_cslt_shape_status(48, 96) is None
+    assert "K % 32" in (mma_cslt_shape_status(128, 80) or "")
+    assert "N % 64" in (mma_cslt_shape_status(80, 64) or "")
+
+
 TUNED = TunedPlan(
     graph={1: Choice("triton"), 16: Choice("cusparselt", CsltConfig(3, 2, 1))},
-    eager={1: Choice("mma", mma=MmaConfig(1, 16, 2)), 16: Choice("triton")},
+    eager={
+        1: Choice("mma", mma=MmaConfig(1, 16, 2)),
+        16: Choice("mma_cslt", mma=MmaConfig(2, 8, 4)),
+    },
     times_us={1: {"dense": 13.4, "triton": 11.8}, 16: {"dense": 13.6, "cusparselt": 21.2}},
     eager_times_us={16: {"triton": 30.0, "cusparselt": 480.0}},
 )
-USABLE = {"dense", "cusparselt", "triton", "mma"}
+USABLE = {"dense", "cusparselt", "triton", "mma", "mma_cslt"}
 
 
 def test_plan_cache_round_trip_and_keys(tmp_path: Path):
@@ -266,3 +320,32 @@ def test_second_sparsify_reads_the_plan_cache(tmp_path: Path):
     with pytest.warns(UserWarning, match="ignoring"):
         again = sparsify_fn(third, batch_sizes=[1, 16], plan_cache=tmp_path)
     assert again.plans_from_cache == 0 and again.applied
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_defaults_decode_with_mma_over_the_cusparselt_buffer():
+    """Default buckets: mma.sp over cuSPARSELt's buffer is timed at every decode bucket,
+    chosen wherever it is the fastest kernel of the kept layout, and runs correctly without
+    any second copy of the weight."""
+    model = real_sized_llama()
+    ids = torch.randint(0, 512, (2, 8), device="cuda")  # 16 tokens per Linear call
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    report = sparsify_fn(model, plan_cache=False)
+    assert report.applied and len(report.converted) == 14
+    for lr in report.converted:
+        for m in (1, 16, 64):
+            times = lr.times_us[m]
+            assert "mma_cslt" in times and "mma" not in times, (lr.name, m, times)
+            in_layout = {b: us for b, us in times.items() if b != "dense"}
+            assert lr.plan[m] == min(in_layout, key=in_layout.get), (lr.name, m, times)
+        layer = model.get_submodule(lr.name)
+        assert layer.mma_values is None and layer.weight is None
+    # cuSPARSELt's buffer alone (its metadata rounds rows up to 64: 0.625x for 32-row k/v)
+    assert report.sparse_bytes <= 0.6 * report.dense_bytes
+    chosen = sum(lr.plan[m] == "mma_cslt" for lr in report.converted for m in (1, 16, 64))
+    print(f"mma_cslt chosen in {chosen} of {3 * len(report.converted)} decode buckets")
+    with torch.no_grad():
+        out = model(ids).logits.float()
+    assert float((out - ref).norm() / ref.norm()) < 2e-2

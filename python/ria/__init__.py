@@ -6,8 +6,8 @@ than host memory, one decoder block at a time. On NVIDIA GPUs `sparsify(model)` 
 layers for sparse kernels and `generate` decodes under CUDA graphs; `ria.eval` measures
 perplexity and zero-shot accuracy. Core API (numpy arrays or torch tensors in, numpy
 arrays out): `ria_score`, `wanda_score`, `magnitude_score`, `nm_mask`, `unstructured_mask`,
-`retained_score`, `search_permutation`, `search_permutations`, `refine_mask`. Every error
-raised on purpose is a `ria.RiaError`.
+`kept_score`, `retained_score`, `search_permutation`, `search_permutations`,
+`refine_mask`. Every error raised on purpose is a `ria.RiaError`.
 
 The GPU runtime (`ria.sparse`, which imports triton) and `ria.eval` load on first use,
 so `import ria` stays light on machines that only prune.
@@ -23,6 +23,7 @@ from .core import (
     PermutationResult,
     RefineStats,
     SearchOptions,
+    kept_score,
     magnitude_score,
     nm_mask,
     refine_mask,
@@ -34,6 +35,7 @@ from .core import (
     wanda_score,
 )
 from .errors import (
+    DistributedError,
     InvalidArgumentError,
     InvalidTypeError,
     MissingDependencyError,
@@ -75,6 +77,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DistributedError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "LayerReport",
@@ -93,6 +96,7 @@ __all__ = [
     "__version__",
     "eval",
     "generate",
+    "kept_score",
     "load_pruned",
     "magnitude_score",
     "nm_mask",

@@ -28,6 +28,18 @@ def nm_mask(scores: npt.NDArray[np.float32], n: int, m: int) -> npt.NDArray[np.b
 def unstructured_mask(
     scores: npt.NDArray[np.float32], prune: int, per_row: bool
 ) -> npt.NDArray[np.bool_]: ...
+def kept_score(scores: npt.NDArray[np.float32], keep: npt.NDArray[np.bool_]) -> float:
+    """Sum of `scores` where `keep` is True, in float64 (rows in parallel, deterministic)."""
+
+def permute_in_place(
+    scores: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64] | None = None,
+    cols: npt.NDArray[np.int64] | None = None,
+) -> None:
+    """Reorders a C-contiguous float32 matrix in place: `scores[:] = scores[rows][:, cols]`
+    (`None`: that axis unchanged). No matrix-sized copy is allocated.
+    """
+
 def retained_score(
     scores: list[npt.NDArray[np.float32]], n: int, m: int, perm: npt.NDArray[np.int64] | None = None
 ) -> float: ...

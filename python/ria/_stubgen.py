@@ -45,6 +45,13 @@ TYPES: dict[str, dict[str, str]] = {
     "magnitude_score": {"weight": _WEIGHT, "weight_format": "str", "return": _F32},
     "nm_mask": {"scores": _F32, "n": "int", "m": "int", "return": _MASK},
     "unstructured_mask": {"scores": _F32, "prune": "int", "per_row": "bool", "return": _MASK},
+    "kept_score": {"scores": _F32, "keep": _MASK, "return": "float"},
+    "permute_in_place": {
+        "scores": _F32,
+        "rows": "npt.NDArray[np.int64] | None",
+        "cols": "npt.NDArray[np.int64] | None",
+        "return": "None",
+    },
     "retained_score": {
         "scores": f"list[{_F32}]",
         "n": "int",

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from .errors import InvalidArgumentError, RiaError
 from .eval import check_limit, check_perplexity_args, check_task_dir
 from .permutation import PERMUTATION_MODES
 from .pruning import METHODS, PruneConfig, prune_with
+from .pruning.distributed import agreeing, is_writer, launched
 from .save import check_target, load_pruned, save_pruned
 from .streaming import DTYPES, prune_checkpoint_with
 
@@ -227,19 +229,28 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from .eval import perplexity
-
     config = _prune_config(args)
     if args.eval:
         seqlen = config.seqlen if args.eval_seqlen is None else args.eval_seqlen
         check_perplexity_args(seqlen, 1, args.max_windows)
-    if args.low_memory:
-        return _prune_low_memory(args, config)
+    assert config.device is not None  # _prune_config sets it
+    # Under torchrun, every rank prunes its share and rank 0 alone evaluates and writes.
+    with launched(config.device) as device:
+        config = replace(config, device=device)
+        if args.low_memory:
+            return _prune_low_memory(args, config)
+        return _prune_in_memory(args, config)
+
+
+def _prune_in_memory(args: argparse.Namespace, config: PruneConfig) -> int:
+    from .eval import perplexity
+
     _check_outputs(args)
     check_model(args.model)
     model, tokenizer = _load(args.model, args.dtype)
     progress = config.progress
     device = config.device
+    writer = is_writer()
     ppl = {}
 
     def measure(label: str) -> None:
@@ -254,19 +265,23 @@ def _prune(args: argparse.Namespace) -> int:
         )
         model.to("cpu")
 
-    if args.eval:
-        measure("dense")
+    with agreeing("measuring the dense model"):
+        if args.eval and writer:
+            measure("dense")
     report = prune_with(model, tokenizer, config)
-    if args.eval:
-        measure("pruned")
-        report.perplexity.update(ppl)
-    print(report)
-    # Save first: a finished prune is worth more than its JSON summary.
-    if args.out:
-        out = save_pruned(model, args.out, tokenizer, report, overwrite=args.overwrite)
-        print(f"saved to {out}")
-    if args.json:
-        report.to_json(args.json)
+    with agreeing("writing the results"):
+        if not writer:
+            return 0
+        if args.eval:
+            measure("pruned")
+            report.perplexity.update(ppl)
+        print(report)
+        # Save first: a finished prune is worth more than its JSON summary.
+        if args.out:
+            out = save_pruned(model, args.out, tokenizer, report, overwrite=args.overwrite)
+            print(f"saved to {out}")
+        if args.json:
+            report.to_json(args.json)
     return 0
 
 
@@ -289,10 +304,12 @@ def _prune_low_memory(args: argparse.Namespace, config: PruneConfig) -> int:
     report = prune_checkpoint_with(
         src, args.out, config, dtype=args.dtype, overwrite=args.overwrite
     )
-    print(report)
-    print(f"saved to {Path(args.out).expanduser().resolve()}")
-    if args.json:
-        report.to_json(args.json)
+    with agreeing("writing the JSON report"):
+        if is_writer():
+            print(report)
+            print(f"saved to {Path(args.out).expanduser().resolve()}")
+            if args.json:
+                report.to_json(args.json)
     return 0
 
 

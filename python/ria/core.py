@@ -30,8 +30,10 @@ __all__ = [
     "RefineStats",
     "SearchOptions",
     "__version__",
+    "kept_score",
     "magnitude_score",
     "nm_mask",
+    "permute_in_place",
     "refine_mask",
     "retained_score",
     "ria_score",
@@ -115,6 +117,29 @@ def _perm_array(perm: ArrayLike) -> np.ndarray:
             f"perm must be a 1-D integer array, got {p.dtype} of shape {p.shape}"
         )
     return np.ascontiguousarray(p, dtype=np.int64)
+
+
+def kept_score(scores: ArrayLike, keep: ArrayLike) -> float:
+    """Sum of the `scores` (`(out, in)`) a keep-mask (`(out, in)` bool, True = kept)
+    keeps, in float64: rows summed in parallel in the core, then in row order, so the
+    result does not depend on the thread count."""
+    s = float32_array(scores, "scores", 2)
+    return _core.kept_score(s, bool_array(keep, "keep", s.shape))
+
+
+def permute_in_place(
+    scores: np.ndarray, rows: ArrayLike | None = None, cols: ArrayLike | None = None
+) -> None:
+    """Reorders a C-contiguous float32 `(out, in)` matrix in place, `scores[:] =
+    scores[rows][:, cols]` (`None`: that axis unchanged), in the core: no matrix-sized
+    copy (a new one's fresh memory pages cost more than the gather), rows in parallel."""
+    if not isinstance(scores, np.ndarray):
+        raise InvalidTypeError(f"scores must be a numpy array, got {type(scores).__name__}")
+    _core.permute_in_place(
+        scores,
+        None if rows is None else _perm_array(rows),
+        None if cols is None else _perm_array(cols),
+    )
 
 
 def retained_score(

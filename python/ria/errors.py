@@ -9,6 +9,7 @@ its traceback through.
 from __future__ import annotations
 
 __all__ = [
+    "DistributedError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "MissingDependencyError",
@@ -37,3 +38,9 @@ class UnsupportedModelError(RiaError, ValueError):
 class MissingDependencyError(RiaError, ImportError):
     """An optional package (or the offline demo model) is needed and not installed; the
     message says what to install."""
+
+
+class DistributedError(RiaError, RuntimeError):
+    """A prune split over several processes (torch.distributed) stopped: one rank failed
+    (the message names it and what it was doing) or the ranks lost contact. Every rank
+    raises it, and no output was written."""

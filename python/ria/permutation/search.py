@@ -13,19 +13,40 @@ modes (`PERMUTATION_MODES`):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import torch
 
 from ..arch import Heads
-from ..core import PermutationResult, SearchOptions, search_permutations
+from ..core import SearchOptions, search_permutations
 from .apply import BlockPermutation
 from .wiring import BlockLayout
 
 PermutationMode = Literal["folded", "free"]
 PERMUTATION_MODES: tuple[str, ...] = get_args(PermutationMode)
+
+
+class SearchResult(Protocol):
+    """What a block's search reads of one result (`ria.PermutationResult` has it)."""
+
+    @property
+    def perm(self) -> np.ndarray: ...
+    @property
+    def retained(self) -> float: ...
+    @property
+    def identity(self) -> float: ...
+    @property
+    def upper_bound(self) -> float: ...
+    @property
+    def seconds(self) -> float: ...
+
+
+# Runs a block's searches: `search_permutations`, or a split over processes
+# (ria.pruning.distributed) that returns the same results.
+Searcher = Callable[[list[list[np.ndarray]], int, int, SearchOptions], Sequence[SearchResult]]
 
 
 @dataclass(frozen=True)
@@ -57,7 +78,7 @@ class SearchStats:
         }
 
     @classmethod
-    def of(cls, results: list[PermutationResult]) -> SearchStats:
+    def of(cls, results: Sequence[SearchResult]) -> SearchStats:
         return cls(
             sum(r.retained for r in results),
             sum(r.identity for r in results),
@@ -73,6 +94,7 @@ def search_block(
     m: int,
     options: SearchOptions | dict[str, Any],
     mode: PermutationMode = "folded",
+    searcher: Searcher = search_permutations,
 ) -> tuple[BlockPermutation, dict[str, SearchStats]]:
     """Input orders for one block and, per matrix name, the stats of the search that
     decided its order, every search run with `options` (or a dict of their settings).
@@ -80,7 +102,7 @@ def search_block(
     `scores` holds every matrix of the block to be permuted, `(out, in)` float32, named
     as `ria.pruning.block_matrices` names them. The "folded" mode permutes the groups
     and folds of `layout` (a group that cannot be applied keeps its order); "free" uses
-    only its MLP folds."""
+    only its MLP folds. `searcher` runs the searches (all at once)."""
     if isinstance(options, dict):
         options = SearchOptions(**options)
     jobs = _Jobs()
@@ -89,7 +111,7 @@ def search_block(
     }
     if mode == "free":
         inputs = {name: jobs.linears((name,), scores) for name in scores if name not in hidden}
-        results = jobs.run(n, m, options)
+        results = jobs.run(n, m, options, searcher)
         perm = BlockPermutation()
         perm.hidden = {name: job.order(results) for name, job in hidden.items()}
         perm.inputs = {name: job.order(results) for name, job in inputs.items()}
@@ -108,7 +130,7 @@ def search_block(
         for head in layout.heads
         if head.o_proj in scores and head.heads.head_dim % m == 0
     }
-    results = jobs.run(n, m, options)
+    results = jobs.run(n, m, options, searcher)
     perm = BlockPermutation()
     perm.shared = {carrier: job.order(results) for carrier, job in shared.items()}
     perm.hidden = {name: job.order(results) for name, job in hidden.items()}
@@ -137,7 +159,7 @@ class _Job:
     names: tuple[str, ...]
     matrices: list[np.ndarray]
 
-    def order(self, results: list[PermutationResult]) -> torch.Tensor:
+    def order(self, results: Sequence[SearchResult]) -> torch.Tensor:
         return torch.from_numpy(results[self.index].perm)
 
 
@@ -162,12 +184,14 @@ class _Jobs:
         self.jobs.append(job)
         return job
 
-    def run(self, n: int, m: int, options: SearchOptions) -> list[PermutationResult]:
+    def run(
+        self, n: int, m: int, options: SearchOptions, searcher: Searcher
+    ) -> Sequence[SearchResult]:
         if not self.jobs:
             return []
-        return search_permutations([job.matrices for job in self.jobs], n, m, options)
+        return searcher([job.matrices for job in self.jobs], n, m, options)
 
-    def stats(self, results: list[PermutationResult]) -> dict[str, SearchStats]:
+    def stats(self, results: Sequence[SearchResult]) -> dict[str, SearchStats]:
         """Per matrix name, the stats of the search that decided its order."""
         return {x: SearchStats.of([results[j.index]]) for j in self.jobs for x in j.names}
 

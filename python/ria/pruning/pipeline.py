@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +27,13 @@ from ..core import (
     RefineStats,
     SearchOptions,
     __version__,
+    kept_score,
     magnitude_score,
     nm_mask,
+    permute_in_place,
     refine_mask,
     ria_score,
+    search_permutations,
     unstructured_mask,
     wanda_score,
 )
@@ -50,6 +54,7 @@ from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
 from .config import ALPHA_GRID, Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, decoder_coverage
+from .distributed import Ranks, current
 from .error import relative_output_error
 from .matrices import PrunableMatrix, block_matrices
 from .obs import obs_prune
@@ -194,6 +199,7 @@ def prune_with(
     directory instead of memory (`SpilledStates`; same result).
     """
     started = time.perf_counter()
+    ranks = current()  # None: this process prunes alone
     plan = _plan(model, config)
     report = PruneReport(config.to_dict(), coverage=plan.coverage)
     timer = StageTimer(report)
@@ -204,7 +210,11 @@ def prune_with(
     model.eval()
     model.config.ria = {**config.to_dict(), "status": INCOMPLETE, "version": __version__}
     try:
-        with torch.no_grad(), (placement or _placement)(model, plan.blocks, plan.device) as visit:
+        with (
+            torch.no_grad(),
+            (placement or _placement)(model, plan.blocks, plan.device) as visit,
+            nullcontext() if ranks is None else ranks.agreeing("the end of the prune"),
+        ):
             inputs = probe = None
             if config.needs_data:
                 with timer("calibration"):
@@ -212,18 +222,21 @@ def prune_with(
                         config.calibration, tokenizer, config.nsamples, config.seqlen, config.seed
                     )
                     check_vocabulary(model, windows, "calibration")
+                    if ranks is not None:
+                        windows = ranks.windows(windows, config.batch_size)
                     inputs = capture_block_inputs(
                         model, plan.blocks, windows, config.batch_size, spill
                     )
             elif config.permutation_mode == "folded":
                 # No calibration data, but the folded orders need a traced forward per block.
                 probe = capture_block_inputs(model, plan.blocks, _probe_tokens(model), 1)
-            bar = tqdm(
-                range(len(plan.blocks)), desc="pruning", unit="block", disable=not config.progress
-            )
+            quiet = not config.progress or (ranks is not None and ranks.rank != 0)
+            bar = tqdm(range(len(plan.blocks)), desc="pruning", unit="block", disable=quiet)
             for i in bar:
+                if ranks is not None:
+                    ranks.doing = f"working on {plan.path}.{i}"
                 with visit(plan.blocks[i]) as block:
-                    step = _BlockStep(model, block, f"{plan.path}.{i}", config, plan, timer)
+                    step = _BlockStep(model, block, f"{plan.path}.{i}", config, plan, timer, ranks)
                     traced = inputs.at(i) if inputs else probe.at(i) if probe else None
                     report.layers.extend(step.run(inputs.at(i) if inputs else None, traced))
                     report.permutation_groups.extend(step.permutation_groups())
@@ -314,7 +327,8 @@ NON_FINITE_ACTIVATIONS = (
 
 
 class _BlockStep:
-    """One decoder block through the named stages of `run`."""
+    """One decoder block through the named stages of `run`; with `ranks`, its work split
+    over processes (pruning/distributed.py)."""
 
     def __init__(
         self,
@@ -324,9 +338,11 @@ class _BlockStep:
         config: PruneConfig,
         plan: _Plan,
         timer: StageTimer,
+        ranks: Ranks | None = None,
     ) -> None:
         self.model, self.block, self.prefix = model, block, prefix
         self.config, self.plan, self.timer = config, plan, timer
+        self.ranks = ranks  # the processes sharing the work, None alone
         self.matrices = block_matrices(block)
         self.layout = BlockLayout()
         self.alphas: dict[str, float] = {}
@@ -348,32 +364,49 @@ class _BlockStep:
             scores = self.score(stats)
             with naming(self.prefix):
                 scores, stats, searched = self.permute(scores, stats)
-        layers = []
-        for name, matrix in self.matrices.items():
-            t0 = time.perf_counter()
-            score = scores.pop(name) if name in scores else self.score(stats, (name,))[name]
-            with naming(f"{self.prefix}.{name}"):
-                calibrated = name in stats and name not in self.weight_only
-                hessian = stats[name].hessian if calibrated else None
-                original = matrix.weight.clone() if hessian is not None else None
-                # SparseGPT chooses its mask inside the OBS loop; other methods here.
-                own = self.config.method == "sparsegpt" and hessian is not None
-                keep = None if own else self.select(score)
-                refined = None
-                if self.config.needs_reconstruction and hessian is not None:
-                    # With refine, inside the OBS loop, against the error after the update.
-                    keep, refined = self.reconstruct(matrix, hessian, keep)
-                else:
-                    assert keep is not None  # only SparseGPT leaves the mask to its OBS loop
-                    if self.config.refine and hessian is not None:
-                        keep, refined = self.refine(matrix, hessian, keep)
-                    self.apply(matrix, keep)
-                error = None
-                if original is not None and hessian is not None:
-                    error = relative_output_error(original, matrix.weight, hessian)
-            layers.append(self.layer_report(name, score, keep, stats, searched, t0, error, refined))
-            del score, keep
-        return layers
+        names = list(self.matrices) if self.ranks is None else self.ranks.mine(self.matrices)
+        for name in set(scores) - set(names):
+            del scores[name]  # another process prunes it
+        layers = {name: self.prune_matrix(name, scores, stats, searched) for name in names}
+        if self.ranks is not None:
+            with self.timer("communication"):
+                layers = self.ranks.share_matrices(
+                    f"sending {self.prefix}'s pruned matrices", self.matrices, layers
+                )
+        return [layers[name] for name in self.matrices]
+
+    def prune_matrix(
+        self,
+        name: str,
+        scores: dict[str, np.ndarray],
+        stats: dict[str, InputStats],
+        searched: dict[str, SearchStats],
+    ) -> LayerReport:
+        """Selects, refines and reconstructs the mask of one matrix and applies it; its
+        score is taken out of `scores` (or computed, when not there)."""
+        matrix = self.matrices[name]
+        t0 = time.perf_counter()
+        score = scores.pop(name) if name in scores else self.score(stats, (name,))[name]
+        with naming(f"{self.prefix}.{name}"):
+            calibrated = name in stats and name not in self.weight_only
+            hessian = stats[name].hessian if calibrated else None
+            original = matrix.weight.clone() if hessian is not None else None
+            # SparseGPT chooses its mask inside the OBS loop; other methods here.
+            own = self.config.method == "sparsegpt" and hessian is not None
+            keep = None if own else self.select(score)
+            refined = None
+            if self.config.needs_reconstruction and hessian is not None:
+                # With refine, inside the OBS loop, against the error after the update.
+                keep, refined = self.reconstruct(matrix, hessian, keep)
+            else:
+                assert keep is not None  # only SparseGPT leaves the mask to its OBS loop
+                if self.config.refine and hessian is not None:
+                    keep, refined = self.refine(matrix, hessian, keep)
+                self.apply(matrix, keep)
+            error = None
+            if original is not None and hessian is not None:
+                error = relative_output_error(original, matrix.weight, hessian)
+        return self.layer_report(name, score, keep, stats, searched, t0, error, refined)
 
     def trace(self, traced: BlockInputs | None) -> BlockLayout:
         """The block's folds and, given inputs, its traced input groups (one forward of
@@ -382,7 +415,11 @@ class _BlockStep:
             return block_layout(self.model, self.block, None)
         first = BlockInputs([next(iter(traced.hidden))], traced.kwargs)  # list or spilled
         with self.timer("statistics"), naming(self.prefix):
-            return block_layout(self.model, self.block, lambda: run_block(self.block, first))
+            layout = block_layout(self.model, self.block, lambda: run_block(self.block, first))
+        if self.ranks is not None:  # each traced its own first batch: the wiring must agree
+            with self.timer("communication"):
+                self.ranks.check_same(f"tracing {self.prefix}", repr(layout))
+        return layout
 
     def permutation_groups(self) -> list[dict[str, Any]]:
         """How each traced group of the block was permuted (folded mode), for the report."""
@@ -408,7 +445,12 @@ class _BlockStep:
             self.timer("statistics"),
             collecting_stats(self.block, self.matrices, groups, self.config.needs_hessian) as stats,
         ):
+            if self.ranks is not None:
+                self.ranks.track(stats)
             run_block(self.block, inputs)
+        if self.ranks is not None:  # each ran its share of the batches: sum them
+            with self.timer("communication"):
+                self.ranks.reduce_stats(f"summing {self.prefix}'s statistics", stats)
         self.weight_only = {
             name
             for name, s in stats.items()
@@ -463,8 +505,19 @@ class _BlockStep:
         target, mode = self.config.sparsity, self.config.permutation_mode
         assert mode is not None
         with self.timer("permutation"):
+            searcher = (
+                search_permutations
+                if self.ranks is None
+                else partial(self.ranks.search, f"searching {self.prefix}'s permutations")
+            )
             perm, searched = search_block(
-                scores, self.layout, target.n, target.m, self.config.permutation_options, mode
+                scores,
+                self.layout,
+                target.n,
+                target.m,
+                self.config.permutation_options,
+                mode,
+                searcher,
             )
             orders = matrix_orders(self.block, reorders(self.block, self.layout, perm))
             apply_block(self.block, self.layout, perm)
@@ -572,7 +625,7 @@ class _BlockStep:
             name=f"{self.prefix}.{name}",
             shape=matrix.shape,
             sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(),
-            kept_score=float(score.sum(where=keep, dtype=np.float64)),  # no masked copy
+            kept_score=kept_score(score, keep),
             seconds=time.perf_counter() - started,
             permutation=None if s is None else s.to_dict(),
             routed_tokens=None if routed is None else routed.tokens,
@@ -625,18 +678,11 @@ def naming(where: str) -> Iterator[None]:
 
 
 def _reorder(score: np.ndarray, rows: torch.Tensor | None, cols: torch.Tensor | None) -> np.ndarray:
-    """A score matrix in a permuted storage order (scores are equivariant to it).
-
-    Gathered with torch's multi-threaded `index_select`, which returns C-contiguous rows:
-    numpy's `score[:, cols]` is single-threaded and returns a column-major array that the
-    core then had to copy again (that made the masks stage 4x slower on a 7B model).
-    """
-    out = torch.from_numpy(score)
-    if rows is not None:
-        out = out.index_select(0, rows.cpu())
-    if cols is not None:
-        out = out.index_select(1, cols.cpu())
-    return out.numpy()
+    """A score matrix in a permuted storage order (scores are equivariant to it), reordered
+    in place by the core: a gather into a new matrix (torch's `index_select`) spent most of
+    its 0.54 s per 7B block faulting in the new matrix's pages."""
+    permute_in_place(score, rows, cols)
+    return score
 
 
 def _reorder_stats(

@@ -148,13 +148,11 @@ def _refine_block(
 
 
 def _update_residual(r: torch.Tensor, dd: torch.Tensor, g_rows: torch.Tensor) -> None:
-    """`r += dd @ g_rows`, over the rows that swapped: after the first sweeps few do,
-    and the GEMM over all rows was most of the time."""
-    changed = dd.any(dim=1).nonzero().squeeze(1)
-    if len(changed) * 2 > len(r):
-        r.addmm_(dd, g_rows)
-    elif len(changed):
-        r[changed] += dd.index_select(0, changed) @ g_rows  # rows are unique: no atomics
+    """`r += dd @ g_rows` over all rows, rows that did not swap adding zeros. Restricting
+    it to the rows that swapped needs their count on the host, a sync per column block
+    that stalls the queue: a 4-block 7B prune's refinement took 6.7 s that way against
+    4.8 s with this GEMM (H200)."""
+    r.addmm_(dd, g_rows)
 
 
 def _errors(

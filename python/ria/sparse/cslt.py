@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .format import COLS_PER_WORD, Compact24, nibbles
+from .format import COLS_PER_WORD, Compact24, nibbles, unpack_24
 from .graphs import time_call
 
 # cuSPARSELt needs the dense operand's rows/cols/leading dimension to be multiples of 8
@@ -89,23 +89,35 @@ def share_cslt_buffer(compact: Compact24, packed: torch.Tensor) -> Compact24:
     cuSPARSELt's compressed buffer `packed` of the same weight, so a layer holds one copy.
 
     Everything this runtime knows about that buffer's layout is here. Each layout is
-    checked on this layer's data before it is used: values shared only when they match,
-    indices only when the tiled metadata decodes to the same nibbles; otherwise the
-    corresponding part of `compact` is kept.
+    checked on this layer's data before it is used: the whole buffer (values and tiled
+    metadata) when it decodes to the same weight with two increasing indices per group (as
+    mma.sp's ordered metadata needs; cuSPARSELt may pick other zero columns than `pack_24`
+    in groups with fewer than two nonzeros), else the values alone when they match;
+    otherwise `compact` is kept.
     """
     if compact.layout == "cslt" or compact.values.shape[1] * 2 != compact.in_features:
         return compact
     n, k = compact.out_features, compact.in_features
     values = _values_view(packed, n, k)
-    if not torch.equal(values, compact.values):
-        return compact
-    shared = Compact24(values=values, meta=compact.meta, in_features=k)
     tiled = replace(
         Compact24(values=values, meta=_meta_view(packed, n, k), in_features=k), layout="cslt"
     )
-    if k % COLS_PER_WORD == 0 and torch.equal(nibbles(tiled), nibbles(compact)):
+    if k % COLS_PER_WORD == 0 and _same_weight(tiled, compact):
         return tiled
-    return shared
+    if torch.equal(values, compact.values):
+        return Compact24(values=values, meta=compact.meta, in_features=k)
+    return compact
+
+
+def _same_weight(tiled: Compact24, compact: Compact24) -> bool:
+    """`tiled` (cuSPARSELt's buffer) stands for the same weight as `compact`, with valid
+    ordered index pairs (`i0 < i1`) in every group."""
+    nib = nibbles(tiled)
+    if not bool(((nib & 3) < (nib >> 2)).all()):
+        return False
+    if torch.equal(nib, nibbles(compact)) and torch.equal(tiled.values, compact.values):
+        return True
+    return torch.equal(unpack_24(tiled), unpack_24(compact))
 
 
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from .fp8_kernels import (
     quantize_tokens,
 )
 from .generate import clear_generators
-from .graphs import time_call
+from .graphs import rotation_time_us
 from .linear import DENSE, Choice, storage_bytes
 from .mma_sp import MAX_TOKENS, MmaConfig, mma24_fp8_linear, mma_best_config, mma_status
 
@@ -232,12 +232,7 @@ def _time_us(
     mcfg: MmaConfig | None,
 ) -> float:
     """Microseconds per call of `backend` on `forms` in rotation, under graph replay."""
-
-    def call() -> None:
-        for f in forms:
-            _run(backend, f, x, cfg, mcfg)
-
-    return 1000.0 * time_call(call) / len(forms)
+    return rotation_time_us(lambda f: _run(backend, f, x, cfg, mcfg), forms)
 
 
 def _tune(

@@ -8,7 +8,7 @@ sparse alike.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["capture", "graph_mode", "time_call", "time_graph"]
+__all__ = ["capture", "graph_mode", "rotation_time_us", "time_call", "time_graph"]
 
 _warming = threading.local()  # .active: `capture` is running its warm-up calls
 
@@ -90,3 +90,17 @@ def time_call(fn: Callable[[], object], *, iters: int = 20, repeats: int = 3) ->
         return time_graph(graph, iters=iters, repeats=repeats)
     finally:
         del graph
+
+
+def rotation_time_us(
+    call_one: Callable[[T], object], items: Sequence[T], *, iters: int = 20, repeats: int = 3
+) -> float:
+    """Microseconds per `call_one(item)`, called on every item of `items` in turn under
+    CUDA-graph replay: copies of a weight in rotation, so each call streams its weight
+    from memory as a model's layers do instead of finding it in L2."""
+
+    def call() -> None:
+        for item in items:
+            call_one(item)
+
+    return 1000.0 * time_call(call, iters=iters, repeats=repeats) / len(items)

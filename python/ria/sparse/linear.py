@@ -1,6 +1,7 @@
 """`Sparse24Linear`: a 2:4-sparse `nn.Linear` that runs, per token count, the kernel that
 measured fastest for its shape: dense cuBLAS, cuSPARSELt, the compact-format Triton decode
-kernel, or the sparse-tensor-core decode kernel (`mma_sp`, over the mma fragment layout).
+kernel, or the sparse-tensor-core decode kernel (`mma_sp`), over the mma fragment layout
+("mma") or over cuSPARSELt's compressed buffer in place ("mma_cslt").
 
 It keeps only the weight forms its plans use: cuSPARSELt's compressed buffer, the compact
 format (values + 2-bit indices; the values are shared with cuSPARSELt's buffer when its
@@ -37,13 +38,15 @@ DENSE = "dense"
 CUSPARSELT = "cusparselt"
 TRITON = "triton"
 MMA = "mma"
-BACKENDS = (DENSE, CUSPARSELT, TRITON, MMA)
+MMA_CSLT = "mma_cslt"  # the mma.sp kernel reading cuSPARSELt's buffer (the compact "cslt" form)
+BACKENDS = (DENSE, CUSPARSELT, TRITON, MMA, MMA_CSLT)
 
 __all__ = [
     "BACKENDS",
     "CUSPARSELT",
     "DENSE",
     "MMA",
+    "MMA_CSLT",
     "TRITON",
     "Choice",
     "Sparse24Linear",
@@ -71,7 +74,8 @@ class Sparse24Linear(nn.Module):
             `>= M`, else the largest.
         eager_plan: the same for eager calls (default: `plan`).
         packed: cuSPARSELt's compressed weight (needed if the plan uses cuSPARSELt).
-        compact: the compact 2:4 weight (needed if the plan uses the decode kernel).
+        compact: the compact 2:4 weight (needed if the plan uses the Triton kernel, or
+            mma_cslt: then in cuSPARSELt's layout, as `cslt.share_cslt_buffer` gives it).
         mma: the weight in the mma.sp fragment layout (needed if the plan uses mma).
         weight: the dense (masked) weight (needed if the plan uses dense).
         bias: `(out_features,)` or None.
@@ -114,14 +118,18 @@ class Sparse24Linear(nn.Module):
         self._eager_buckets = sorted(eager)
         self._eager_choices = [eager[b] for b in self._eager_buckets]
         used = {c.backend for c in (*self._choices, *self._eager_choices)}
-        need = {CUSPARSELT: packed, TRITON: compact, MMA: mma, DENSE: weight}
+        need = {CUSPARSELT: packed, TRITON: compact, MMA: mma, MMA_CSLT: compact, DENSE: weight}
         missing = [b for b in used if need.get(b, 0) is None]
         if missing or not used <= set(BACKENDS):
             raise InvalidArgumentError(f"plan uses {sorted(used)} but no weight form for {missing}")
+        if MMA_CSLT in used and compact is not None and compact.layout != "cslt":
+            raise InvalidArgumentError(
+                "plan uses mma_cslt but the compact weight is not in cuSPARSELt's layout"
+            )
         # Non-persistent buffers: they follow .to()/.cuda() but stay out of state_dict, so a
         # checkpoint of the sparsified model is not mistaken for a dense one.
         self.register_buffer("packed", packed if CUSPARSELT in used else None, persistent=False)
-        kept = compact if TRITON in used else None
+        kept = compact if used & {TRITON, MMA_CSLT} else None
         self.register_buffer("values", None if kept is None else kept.values, persistent=False)
         self.register_buffer("meta", None if kept is None else kept.meta, persistent=False)
         self.meta_layout = "rows" if kept is None else kept.layout
@@ -184,9 +192,14 @@ class Sparse24Linear(nn.Module):
                 in_features=self.in_features,
                 layout=self.meta_layout,
             )
-        if choice.backend == MMA:
-            assert self.mma_values is not None and self.mma_meta is not None
-            frag = Mma24(self.mma_values, self.mma_meta, self.out_features, self.in_features)
+        if choice.backend in (MMA, MMA_CSLT):
+            frag: Mma24 | Compact24
+            if choice.backend == MMA:
+                assert self.mma_values is not None and self.mma_meta is not None
+                frag = Mma24(self.mma_values, self.mma_meta, self.out_features, self.in_features)
+            else:
+                assert self.values is not None and self.meta is not None
+                frag = Compact24(self.values, self.meta, self.in_features, self.meta_layout)
             if x.shape[0] <= MAX_TOKENS:
                 return mma24_linear(x, frag, self.bias, config=choice.mma)
             # Past its bucket (inputs larger than the plan's largest bucket): 64 rows at a time.

@@ -17,14 +17,34 @@
 // and, without RIA_E4M3, operands), RIA_R, RIA_W, RIA_U, RIA_NT (8-token tiles,
 // ceil(M / 8)), RIA_ORDER (0: none, 32 / 64: index bits), RIA_E4M3 (1: weight values and
 // tokens in e4m3, half the bytes per fragment, widened exactly to fp16 in registers for an
-// f16 mma.sp; the fp32 sums are then scaled by the token's and the row's scales). No
+// f16 mma.sp; the fp32 sums are then scaled by the token's and the row's scales), RIA_CSLT
+// (1: W is read in place from cuSPARSELt's compressed buffer instead, see below). No
 // headers: NVRTC needs no CUDA include path.
+//
+// RIA_CSLT: `vals` is the buffer's values region, row-major (N, K/2), and `meta` its
+// metadata in cuSPARSELt's tiled order (format.cslt_nibble_index: per 64-row block and
+// 32-column k-tile, 64 words; 16-row tile q of the block owns words 16q..16q+15, word
+// 2 * (r % 8) + j holding rows r % 8 and r % 8 + 8 of groups 2j, 2j + 4, 2j + 1, 2j + 5,
+// one byte each, row r % 8 in the low nibble). mma.sp may visit the 2:4 groups of a pair of
+// k-steps (64 columns, 16 groups) in any order if B and the metadata follow it, so lane
+// (g, t) takes the contiguous groups 4t..4t+3 of rows g and g + 8: one 16-byte load per
+// row, k-step h using groups 4t + 2h (as the fragment's group t) and 4t + 2h + 1 (as
+// group t + 4). The metadata of fragment group 4 * (t % 2) + q of step t / 2 is then that of
+// group t + 4q of the pair: bytes 2 * (t % 2) and 2 * (t % 2) + 1 of word 2g + t / 2 in both
+// k-tiles, whose nibbles are unshuffled in registers into the fragment's word (row g low,
+// row g + 8 high). B reads the token columns of the same groups (b_col).
 
 // With one token tile, the batch's B fragments are loaded together with A (their latency
 // then overlaps the weight's); with more, each k-step loads its own (measured faster: the
 // registers go to more warps in flight).
 #ifndef RIA_E4M3
 #define RIA_E4M3 0
+#endif
+#ifndef RIA_CSLT
+#define RIA_CSLT 0
+#endif
+#if RIA_CSLT && RIA_E4M3
+#error "cuSPARSELt's buffer holds fp16/bf16 values: RIA_CSLT excludes RIA_E4M3"
 #endif
 
 #define RIA_PREFETCH_B (RIA_NT == 1 && RIA_U <= 4)
@@ -107,14 +127,25 @@ __device__ __forceinline__ uint4 widen(const uint2& v) {
 __device__ __forceinline__ uint4 widen(const uint4& v) { return v; }
 #endif
 
-// B fragments of one k-step for the RIA_NT token tiles: lane (g, t) holds token 8j + g at
-// columns k0 + 8i + {0, 1}, i = 0..3, with k0 = 32s + 2t (through `order` if given).
+// Input column of B register i (of 4) of lane quad position t in k-step h of pair p (the
+// register holds it and the next column): the fragment's rows 2t + 8i (+ 1) in the group
+// order the weight is read in.
+__device__ __forceinline__ int b_col(int p, int h, int t, int i) {
+#if RIA_CSLT  // fragment group t / 2 + 2i is pair group 4 * (t / 2 + 2 * (i % 2)) + 2h + i / 2
+  return 64 * p + 16 * (t >> 1) + 32 * (i & 1) + 4 * (i >> 1) + 8 * h + 2 * (t & 1);
+#else
+  return 64 * p + 32 * h + 2 * t + 8 * i;
+#endif
+}
+
+// B fragments of k-step h of pair p for the RIA_NT token tiles: lane (g, t) holds token
+// 8j + g at columns b_col(p, h, t, i) + {0, 1}, i = 0..3 (through `order` if given).
 __device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const x_t* __restrict__ x, int ldx,
-                                       const index_t* __restrict__ order, int g, int M, int K,
-                                       int k0) {
+                                       const index_t* __restrict__ order, int g, int t, int M,
+                                       int K, int p, int h) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int k = k0 + 8 * i;
+    const int k = b_col(p, h, t, i);
     const bool in_k = k < K;  // K % 4 == 0 and k even: k + 1 < K too
 #if RIA_ORDER
     const long long c0 = in_k ? (long long)order[k] : 0;
@@ -138,6 +169,20 @@ __device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const x_t* __restric
     }
   }
 }
+
+#if RIA_CSLT
+// The fragment's metadata word of lane quad position t from cuSPARSELt's words `lo` and `hi`
+// (same word index in the pair's two k-tiles): their bytes 2 * (t % 2), +1 hold groups t,
+// t + 4 (lo) and t + 8, t + 12 (hi) with row g in the low nibble and row g + 8 in the high;
+// mma.sp wants row g's four nibbles in bits 0..15 and row g + 8's in 16..31.
+__device__ __forceinline__ u32 cslt_meta(u32 lo, u32 hi, int t) {
+  u32 v = (t & 1) ? (lo >> 16) | (hi & 0xFFFF0000u) : (lo & 0xFFFFu) | (hi << 16);
+  u32 s = (v ^ (v >> 4)) & 0x00F000F0u;  // swap nibbles 1 <-> 2 and 5 <-> 6
+  v ^= s ^ (s << 4);
+  s = (v ^ (v >> 8)) & 0x0000FF00u;  // swap bytes 1 <-> 2
+  return v ^ s ^ (s << 8);
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(RIA_W * 32)
     ria_mma_sp24(const x_t* __restrict__ x, int ldx, const frag_t* __restrict__ vals,
@@ -176,9 +221,27 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
 #pragma unroll
       for (int u = 0; u < RIA_U; ++u) {
         const int p = min(p0 + u, pe - 1);
+#if RIA_CSLT
+        // K % 64 == 32: the last pair has one k-tile; its other half reads as zero weights
+        // with valid (0, 1) indices.
+        const bool whole = 64 * p + 32 < K;
+        const long long row_q = K >> 4;  // 16-byte chunks per row of values
+        const long long v0 = (tile * 16 + g) * row_q + 4 * p + t;
+        uint4 lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};
+        if (whole || t < 2) {
+          lo = vals[v0];
+          hi = vals[v0 + 8 * row_q];
+        }
+        a[r][2 * u] = uint4{lo.x, hi.x, lo.y, hi.y};
+        a[r][2 * u + 1] = uint4{lo.z, hi.z, lo.w, hi.w};
+        const long long w0 =
+            16 * ((tile >> 2) * 4 * (long long)(K >> 5) + (tile & 3)) + 128 * p + 2 * g + (t >> 1);
+        e[r][u] = cslt_meta(meta[w0], whole ? meta[w0 + 64] : 0x44444444u, t);
+#else
         a[r][2 * u] = widen(vals[(tile * steps + 2 * p) * 32 + lane]);
         a[r][2 * u + 1] = widen(vals[(tile * steps + 2 * p + 1) * 32 + lane]);
         e[r][u] = meta[(tile * pairs + p) * 32 + lane];
+#endif
       }
     }
     // B of k-step q of the batch (q = 2u + h): pair min(p0 + u, pe - 1), half h.
@@ -186,7 +249,7 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
     u32 b[2 * RIA_U][RIA_NT][4];  // the whole batch's B, loaded together with A
 #pragma unroll
     for (int q = 0; q < 2 * RIA_U; ++q)
-      load_b(b[q], x, ldx, order, g, M, K, 64 * min(p0 + q / 2, pe - 1) + 32 * (q % 2) + 2 * t);
+      load_b(b[q], x, ldx, order, g, t, M, K, min(p0 + q / 2, pe - 1), q % 2);
 #endif
 #pragma unroll
     for (int q = 0; q < 2 * RIA_U; ++q) {
@@ -197,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
       if (p0 + u < pe) {
 #if !RIA_PREFETCH_B
         u32 bq[RIA_NT][4];
-        load_b(bq, x, ldx, order, g, M, K, 64 * (p0 + u) + 32 * h + 2 * t);
+        load_b(bq, x, ldx, order, g, t, M, K, p0 + u, h);
 #endif
 #pragma unroll
         for (int r = 0; r < RIA_R; ++r)

@@ -1,7 +1,9 @@
 """Decode kernel on sparse tensor cores: `y = x[:, order] @ W.T (+ bias)` for 1..64 tokens.
 
-The weight is `mma.sp`'s sparse operand A (m16n8k32, fp16/bf16), packed once by
-`format.pack_mma24` into exactly the fragments the instruction takes; the tokens are the
+The weight is `mma.sp`'s sparse operand A (m16n8k32, fp16/bf16), either packed once by
+`format.pack_mma24` into exactly the fragments the instruction takes, or read in place from
+cuSPARSELt's compressed buffer (a `Compact24` in the "cslt" layout, as
+`cslt.share_cslt_buffer` makes it: the layer then needs no second copy); the tokens are the
 operand N, padded to 8 per tile (see `mma_sp.cu` for the kernel's plan). The CUDA source is
 compiled on first use with NVRTC (through torch), per (dtype, configuration, token tiles,
 order type), and the compiled module is cached on disk under `kernel_cache_dir()`, keyed by
@@ -14,7 +16,7 @@ import functools
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -25,15 +27,17 @@ import torch
 
 from ..demo import cache_dir
 from ..errors import InvalidArgumentError
-from .format import Mma24
-from .graphs import time_call
+from .format import COLS_PER_WORD, MMA_PAIR_COLS, MMA_TILE_ROWS, Compact24, Mma24
+from .graphs import rotation_time_us
 
 __all__ = [
     "CONFIGS",
     "MAX_TOKENS",
     "MmaConfig",
+    "MmaWeight",
     "candidates",
     "compile_kernels",
+    "cslt_meta_words",
     "default_config",
     "kernel_cache_dir",
     "mma24_fp8_linear",
@@ -73,18 +77,27 @@ class MmaConfig:
 _FEW = (MmaConfig(1, 16, 2), MmaConfig(2, 8, 4))  # M <= 8: one token tile
 _SOME = (MmaConfig(2, 16, 2), MmaConfig(4, 8, 2))  # M <= 16
 _MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
-CONFIGS = tuple(dict.fromkeys(_FEW + _SOME + _MANY))
+# Reading cuSPARSELt's buffer takes more registers per pair in flight (two metadata words,
+# row addresses), so fewer pairs per warp win at M <= 8 and 64 (the winners of a wider sweep
+# on an H200, benches/results/decode_kernels_h200_cslt.json; first: the default).
+_CSLT_FEW = (MmaConfig(1, 16, 1), MmaConfig(1, 8, 4), MmaConfig(1, 16, 2))
+_CSLT_SOME = _SOME
+_CSLT_MANY = (MmaConfig(2, 8, 2), MmaConfig(4, 8, 2), MmaConfig(2, 8, 4))
+CONFIGS = tuple(dict.fromkeys(_FEW + _SOME + _MANY + _CSLT_FEW + _CSLT_SOME + _CSLT_MANY))
 
 
-def candidates(m: int) -> tuple[MmaConfig, ...]:
-    """The launch shapes worth timing for `m` tokens."""
+def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
+    """The launch shapes worth timing for `m` tokens (weights in cuSPARSELt's buffer if
+    `cslt`)."""
+    if cslt:
+        return _CSLT_FEW if m <= 8 else _CSLT_SOME if m <= 16 else _CSLT_MANY
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
 
 
-def default_config(m: int) -> MmaConfig:
+def default_config(m: int, cslt: bool = False) -> MmaConfig:
     """The configuration used without tuning for `m` tokens (the fastest on an H200 for the
-    LLaMA-2-7B shapes in benches/results/decode_kernels_h200.json)."""
-    return candidates(m)[0]
+    LLaMA-2-7B shapes in benches/results/decode_kernels_h200*.json)."""
+    return candidates(m, cslt)[0]
 
 
 def mma_status(device: torch.device | None = None) -> str | None:
@@ -118,8 +131,10 @@ def _source() -> str:
 
 
 _ORDER_BITS = {None: 0, torch.int32: 32, torch.int64: 64}
-# (dtype, config, token tiles, order bits, e4m3, device index) -> loaded kernel
-_KERNELS: dict[tuple[torch.dtype, MmaConfig, int, int, bool, int], Any] = {}
+# (dtype, config, token tiles, order bits, e4m3, cslt, device index) -> loaded kernel
+_KERNELS: dict[tuple[torch.dtype, MmaConfig, int, int, bool, bool, int], Any] = {}
+# A weight the kernel reads: the mma fragments, or cuSPARSELt's buffer as a "cslt" Compact24.
+MmaWeight = Mma24 | Compact24
 
 
 def _compile(source: str, arch: str) -> bytes:
@@ -146,9 +161,15 @@ def _compile(source: str, arch: str) -> bytes:
 
 
 def _kernel_source(
-    dtype: torch.dtype, config: MmaConfig, tiles: int, order_bits: int, e4m3: bool = False
+    dtype: torch.dtype,
+    config: MmaConfig,
+    tiles: int,
+    order_bits: int,
+    e4m3: bool = False,
+    cslt: bool = False,
 ) -> str:
-    """The kernel for output (and, unless `e4m3`, operand) `dtype` and the launch shape."""
+    """The kernel for output (and, unless `e4m3`, operand) `dtype` and the launch shape,
+    reading the weight from cuSPARSELt's buffer if `cslt`."""
     defines = {
         "RIA_F16": int(dtype == torch.float16),
         "RIA_R": config.row_tiles,
@@ -157,6 +178,7 @@ def _kernel_source(
         "RIA_NT": tiles,
         "RIA_ORDER": order_bits,
         "RIA_E4M3": int(e4m3),
+        "RIA_CSLT": int(cslt),
     }
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
 
@@ -171,27 +193,43 @@ def compile_kernels(
     token_counts: Iterable[int] = (1, 16, 64),
     order_dtype: torch.dtype | None = None,
     threads: int = 8,
+    *,
+    cslt: bool = False,
+    configs: Iterable[MmaConfig] | None = None,
 ) -> None:
     """Compile (or find in the disk cache) the kernels `mma_best_config` times for these
-    token counts, in parallel threads (NVRTC runs outside the GIL), so first calls do not."""
+    token counts (for weights in cuSPARSELt's buffer if `cslt`; `configs` instead of each
+    count's `candidates`), in parallel threads (NVRTC runs outside the GIL), so first calls
+    do not."""
     bits = _ORDER_BITS[order_dtype]
-    jobs = {(c, -(-m // TOKEN_TILE)) for m in token_counts for c in candidates(m)}
-    sources = [_kernel_source(dtype, c, t, bits) for c, t in sorted(jobs, key=str)]
+    shapes = None if configs is None else tuple(configs)
+    jobs = {
+        (c, -(-m // TOKEN_TILE))
+        for m in token_counts
+        for c in (candidates(m, cslt) if shapes is None else shapes)
+    }
+    sources = [_kernel_source(dtype, c, t, bits, cslt=cslt) for c, t in sorted(jobs, key=str)]
     arch = _arch()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda src: _compile(src, arch), sources))
 
 
 def _kernel(
-    dtype: torch.dtype, config: MmaConfig, tiles: int, order_bits: int, e4m3: bool = False
+    dtype: torch.dtype,
+    config: MmaConfig,
+    tiles: int,
+    order_bits: int,
+    e4m3: bool = False,
+    cslt: bool = False,
 ) -> Any:
     device = torch.cuda.current_device()
-    key = (dtype, config, tiles, order_bits, e4m3, device)
+    key = (dtype, config, tiles, order_bits, e4m3, cslt, device)
     kernel = _KERNELS.get(key)
     if kernel is None:
         from torch.cuda import _utils
 
-        binary = _compile(_kernel_source(dtype, config, tiles, order_bits, e4m3), _arch())
+        source = _kernel_source(dtype, config, tiles, order_bits, e4m3, cslt)
+        binary = _compile(source, _arch())
         loaded = _utils._cuda_load_module(binary, [_ENTRY])
         kernel = loaded[_ENTRY] if isinstance(loaded, dict) else getattr(loaded, _ENTRY)
         smem = _smem_bytes(config, tiles)
@@ -208,10 +246,12 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
 
 def _check(
     x: torch.Tensor,
-    packed: Mma24,
+    packed: MmaWeight,
     bias: torch.Tensor | None,
     order: torch.Tensor | None,
 ) -> None:
+    if isinstance(packed, Compact24):
+        _check_cslt(packed)
     if x.dim() != 2 or x.shape[1] != packed.in_features:
         raise InvalidArgumentError(f"x must be (M, {packed.in_features}), got {tuple(x.shape)}")
     if not 1 <= x.shape[0] <= MAX_TOKENS:
@@ -238,9 +278,47 @@ def _check(
             )
 
 
+def cslt_meta_words(out_features: int, in_features: int) -> int:
+    """int32 words of cuSPARSELt's metadata for an `(N, K)` weight (`format.to_cslt_layout`):
+    64 per 64-row block (rounded up) and 32-column k-tile."""
+    return 64 * (in_features // COLS_PER_WORD) * -(-out_features // 64)
+
+
+def _check_cslt(w: Compact24) -> None:
+    """A `Compact24` the kernel can read as cuSPARSELt's buffer (see `mma_sp.cu`)."""
+    n, k = w.out_features, w.in_features
+    if w.layout != "cslt":
+        raise InvalidArgumentError(
+            f"a Compact24 weight must be in cuSPARSELt's layout ('cslt'), got {w.layout!r}"
+        )
+    if n % MMA_TILE_ROWS or k % COLS_PER_WORD:
+        raise InvalidArgumentError(
+            f"cuSPARSELt's layout needs N % {MMA_TILE_ROWS} == 0 and K % {COLS_PER_WORD} == 0, "
+            f"got ({n}, {k})"
+        )
+    if w.values.shape != (n, k // 2) or w.values.stride() != (k // 2, 1):
+        raise InvalidArgumentError(f"values must be a row-major ({n}, {k // 2}) tensor")
+    if w.meta.dtype != torch.int32 or w.meta.dim() != 1 or w.meta.stride() != (1,):
+        raise InvalidArgumentError("meta must be 1-D contiguous int32 (cuSPARSELt's order)")
+    if w.meta.numel() < cslt_meta_words(n, k):
+        raise InvalidArgumentError(
+            f"meta holds {w.meta.numel()} words, ({n}, {k}) needs {cslt_meta_words(n, k)}"
+        )
+    if w.values.data_ptr() % 16 or w.meta.data_ptr() % 4:
+        raise InvalidArgumentError("values must be 16-byte and meta 4-byte aligned")
+
+
+def _tiles_pairs(packed: MmaWeight) -> tuple[int, int]:
+    """Row tiles of 16 and pairs of k-steps (64 columns) the kernel walks."""
+    if isinstance(packed, Mma24):
+        return packed.tiles, packed.pairs
+    n, k = packed.out_features, packed.in_features
+    return -(-n // MMA_TILE_ROWS), -(-k // MMA_PAIR_COLS)
+
+
 def mma24_linear(
     x: torch.Tensor,
-    packed: Mma24,
+    packed: MmaWeight,
     bias: torch.Tensor | None = None,
     *,
     order: torch.Tensor | None = None,
@@ -252,11 +330,14 @@ def mma24_linear(
     Args:
         x: `(M, K)` CUDA activations, fp16/bf16, `1 <= M <= MAX_TOKENS`, unit column stride
             (copied otherwise).
-        packed: the 2:4 weight `(N, K)` from `format.pack_mma24`, same dtype and device.
+        packed: the 2:4 weight `(N, K)`, same dtype and device: an `Mma24` from
+            `format.pack_mma24`, or a `Compact24` in cuSPARSELt's layout (`layout="cslt"`,
+            values `(N, K/2)` row-major, `N % 16 == 0`, `K % 32 == 0`; e.g. from
+            `cslt.share_cslt_buffer`), read in place.
         bias: `(N,)` or None.
         order: optional int32/int64 `(K,)` input order: column `k` of the product reads
             `x[:, order[k]]` (gathered while loading; not checked to be a permutation).
-        config: launch shape (default `default_config(M)`).
+        config: launch shape (default `default_config(M)`, for the weight's form).
         out: optional `(M, N)` output with unit column stride.
 
     Returns:
@@ -272,9 +353,12 @@ def mma24_linear(
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
         raise InvalidArgumentError(f"out must be ({m}, {n}) {x.dtype} with unit column stride")
-    config = config or default_config(m)
+    cslt = isinstance(packed, Compact24)
+    config = config or default_config(m, cslt)
     tiles = -(-m // TOKEN_TILE)
-    kernel = _kernel(x.dtype, config, tiles, _ORDER_BITS[None if order is None else order.dtype])
+    bits = _ORDER_BITS[None if order is None else order.dtype]
+    kernel = _kernel(x.dtype, config, tiles, bits, cslt=cslt)
+    row_tiles, pairs = _tiles_pairs(packed)
     unused = packed.values  # stands in for absent pointers (the kernel never reads it)
     args = [
         x,
@@ -289,17 +373,17 @@ def mma24_linear(
         m,
         n,
         packed.in_features,
-        packed.tiles,
-        packed.pairs,
+        row_tiles,
+        pairs,
         unused,  # the e4m3 kernel's scales
         unused,
     ]
-    _launch(kernel, config, tiles, packed, args)
+    _launch(kernel, config, tiles, row_tiles, args)
     return out
 
 
-def _launch(kernel: Any, config: MmaConfig, tiles: int, packed: Mma24, args: list[Any]) -> None:
-    grid = -(-packed.tiles // config.row_tiles)
+def _launch(kernel: Any, config: MmaConfig, tiles: int, row_tiles: int, args: list[Any]) -> None:
+    grid = -(-row_tiles // config.row_tiles)
     kernel(
         grid=(grid, 1, 1),
         block=(32 * config.warps, 1, 1),
@@ -350,12 +434,12 @@ def mma24_fp8_linear(
         q, k, packed.values, packed.meta, unused, unused if bias is None else bias,
         int(bias is not None), out, n, m, n, k, packed.tiles, packed.pairs, q_scale, scale,
     ]  # fmt: skip
-    _launch(kernel, config, tiles, packed, args)
+    _launch(kernel, config, tiles, packed.tiles, args)
     return out
 
 
 def mma_best_config(
-    packed: list[Mma24],
+    packed: Sequence[MmaWeight],
     x: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -366,21 +450,23 @@ def mma_best_config(
     """The fastest configuration for `x` on weights of one shape, timed under CUDA-graph
     replay over `packed` in rotation (default candidates: `candidates(M)`); also every
     candidate's microseconds per call. With `fp8_scales` = (token scales, each weight's
-    row scales), `x` holds e4m3 tokens and `packed` e4m3 weights (`mma24_fp8_linear`)."""
-    configs = configs or candidates(x.shape[0])
+    row scales), `x` holds e4m3 tokens and `packed` e4m3 weights (`mma24_fp8_linear`).
+    `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments."""
+    configs = configs or candidates(x.shape[0], cslt=isinstance(packed[0], Compact24))
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
     for cfg in configs:
 
-        def call(cfg: MmaConfig = cfg) -> None:
-            for i, p in enumerate(packed):
-                if fp8_scales is None:
-                    mma24_linear(x, p, bias, order=order, config=cfg)
-                else:
-                    mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
+        def call(i: int, cfg: MmaConfig = cfg) -> None:
+            p = packed[i]
+            if fp8_scales is None:
+                mma24_linear(x, p, bias, order=order, config=cfg)
+            else:
+                assert isinstance(p, Mma24)
+                mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
 
         try:
-            us = 1000.0 * time_call(call, iters=10, repeats=3) / len(packed)
+            us = rotation_time_us(call, range(len(packed)), iters=10, repeats=3)
         except RuntimeError:  # a launch shape this GPU refuses (registers, shared memory)
             continue
         times[str(cfg)] = us

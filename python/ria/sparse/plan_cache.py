@@ -29,7 +29,7 @@ import torch
 from .._core import __version__ as ria_version
 from ..demo import cache_dir
 from .cslt import CsltConfig
-from .linear import BACKENDS, MMA, Choice
+from .linear import BACKENDS, MMA, MMA_CSLT, Choice
 from .mma_sp import MmaConfig
 
 FORMAT = 1  # bump when the file layout changes: old files then read as stale
@@ -143,7 +143,7 @@ def _decode_plan(
         backend = cell[0]
         if backend not in usable:
             raise ValueError(f"backend {backend!r} cannot run here")
-        if len(cell) > 1 and backend == MMA:
+        if len(cell) > 1 and backend in (MMA, MMA_CSLT):
             row_tiles, warps, unroll = (int(v) for v in cell[1:])
             plan[int(b)] = Choice(backend, mma=MmaConfig(row_tiles, warps, unroll))
             continue

@@ -38,11 +38,11 @@ from .cslt import (
     cslt_status,
     share_cslt_buffer,
 )
-from .format import Compact24, Mma24, check_24, pack_24, pack_mma24, tensor_bytes
+from .format import COLS_PER_WORD, Compact24, Mma24, check_24, pack_24, pack_mma24, tensor_bytes
 from .fp8_linear import sparsify_fp8
 from .generate import clear_generators as clear_generators
-from .graphs import time_call
-from .linear import BACKENDS, CUSPARSELT, DENSE, MMA, TRITON, Choice, Sparse24Linear
+from .graphs import rotation_time_us
+from .linear import BACKENDS, CUSPARSELT, DENSE, MMA, MMA_CSLT, TRITON, Choice, Sparse24Linear
 from .mma_sp import MAX_TOKENS, MmaConfig, mma24_linear, mma_best_config, mma_status
 from .plan_cache import PlanCache, TunedPlan, library_versions, plan_key
 from .siblings import fuse_model_siblings
@@ -64,6 +64,7 @@ __all__ = [
     "choose_backend",
     "cusparselt_version_warning",
     "find_linears",
+    "mma_cslt_shape_status",
     "sparse_layer",
     "sparsify",
 ]
@@ -241,26 +242,27 @@ class WeightForms:
 
 
 def _run(
-    backend: str,
-    f: WeightForms,
-    x: torch.Tensor,
-    cfg: CsltConfig | None,
-    mcfg: MmaConfig | None = None,
+    backend: str, f: WeightForms, x: torch.Tensor, cfg: CsltConfig | MmaConfig | None
 ) -> torch.Tensor:
+    mcfg = cfg if isinstance(cfg, MmaConfig) else None
     if backend == MMA:
         assert f.mma is not None  # build_forms makes it whenever mma is a candidate
         return mma24_linear(x, f.mma, f.bias, config=mcfg)
+    if backend == MMA_CSLT:
+        assert f.compact is not None  # in cuSPARSELt's layout: _tune_group checks it
+        return mma24_linear(x, f.compact, f.bias, config=mcfg)
     if backend == TRITON:
         return sparse24_linear(x, f.compact, f.bias)
     if backend == CUSPARSELT:
-        return cslt_linear(x, f.cslt_packed(), f.bias, cfg or CsltConfig())
+        ccfg = cfg if isinstance(cfg, CsltConfig) else CsltConfig()
+        return cslt_linear(x, f.cslt_packed(), f.bias, ccfg)
     return torch.nn.functional.linear(x, f.weight, f.bias)
 
 
 def _candidates(backend: str, m: int, usable: set[str]) -> list[str]:
     if backend != "auto":
         return [backend]
-    too_many = {TRITON: MAX_M, MMA: MAX_TOKENS}
+    too_many = {TRITON: MAX_M, MMA: MAX_TOKENS, MMA_CSLT: MAX_TOKENS}
     return [b for b in BACKENDS if b in usable and m <= too_many.get(b, m)]
 
 
@@ -284,34 +286,27 @@ def _time_us(
     backend: str,
     forms: Sequence[WeightForms],
     x: torch.Tensor,
-    cfg: CsltConfig | None,
-    mcfg: MmaConfig | None = None,
+    cfg: CsltConfig | MmaConfig | None,
 ) -> float:
     """Microseconds per call of `backend` on `forms` in rotation, under graph replay."""
-
-    def call() -> None:
-        for f in forms:
-            _run(backend, f, x, cfg, mcfg)
-
-    return 1000.0 * time_call(call) / len(forms)
+    return rotation_time_us(lambda f: _run(backend, f, x, cfg), forms)
 
 
 def _eager_time_us(
     backend: str,
     forms: Sequence[WeightForms],
     x: torch.Tensor,
-    cfg: CsltConfig | None,
-    mcfg: MmaConfig | None = None,
+    cfg: CsltConfig | MmaConfig | None,
     rounds: int = 3,
 ) -> float:
     """Microseconds per eager call (host and GPU: whichever is slower) over `forms`."""
     for f in forms:  # warm: first calls compile or set up
-        _run(backend, f, x, cfg, mcfg)
+        _run(backend, f, x, cfg)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(rounds):
         for f in forms:
-            _run(backend, f, x, cfg, mcfg)
+            _run(backend, f, x, cfg)
     torch.cuda.synchronize()
     return 1e6 * (time.perf_counter() - t0) / (rounds * len(forms))
 
@@ -329,42 +324,57 @@ def _tune_group(
     under graph replay and eagerly (dense too, for the report, whether or not it may be
     chosen)."""
     tuned = TunedPlan({}, {})
-    configs: dict[int, tuple[CsltConfig | None, MmaConfig | None]] = {}
+    configs: dict[int, BucketConfigs] = {}
     k = forms[0].weight.shape[1]
     dtype, device = forms[0].weight.dtype, forms[0].weight.device
+    if not all(_reads_cslt_in_place(f) for f in forms):
+        usable = usable - {MMA_CSLT}
     for m in batch_sizes:
         x = torch.randn(m, k, dtype=dtype, device=device)
         cands = _candidates(backend, m, usable)
         timed = len(cands) > 1
-        cfg = None
+        cfgs: BucketConfigs = {}
         if CUSPARSELT in cands:
             packed = [f.cslt_packed() for f in forms]
-            cfg = cslt_best_config(packed, x, forms[0].bias, sweep=cslt_sweep and timed)
-        mcfg = None
+            sweep = cslt_sweep and timed
+            cfgs[CUSPARSELT] = cslt_best_config(packed, x, forms[0].bias, sweep=sweep)
         if MMA in cands and timed:
-            mcfg, _ = mma_best_config([f.mma for f in forms if f.mma is not None], x, forms[0].bias)
-        configs[m] = (cfg, mcfg)
+            frags = [f.mma for f in forms if f.mma is not None]
+            cfgs[MMA], _ = mma_best_config(frags, x, forms[0].bias)
+        if MMA_CSLT in cands and timed:
+            tiled = [f.compact for f in forms if f.compact is not None]
+            cfgs[MMA_CSLT], _ = mma_best_config(tiled, x, forms[0].bias)
+        configs[m] = cfgs
         if not timed:
-            tuned.graph[m] = tuned.eager[m] = Choice(cands[0], cfg, mcfg)
+            tuned.graph[m] = tuned.eager[m] = _make_choice(cands[0], cfgs)
             continue
         for plan, times, timer in (
             (tuned.graph, tuned.times_us, _time_us),
             (tuned.eager, tuned.eager_times_us, _eager_time_us),
         ):
-            times[m] = {b: timer(b, forms, x, cfg, mcfg) for b in cands}
-            plan[m] = _choice(times[m], allow_dense, dense_margin, cfg, mcfg)
+            times[m] = {b: timer(b, forms, x, cfgs.get(b)) for b in cands}
+            plan[m] = _choice(times[m], allow_dense, dense_margin, cfgs)
     keep_one_layout(tuned, configs, allow_dense=allow_dense, dense_margin=dense_margin)
     return tuned
 
 
+def _reads_cslt_in_place(f: WeightForms) -> bool:
+    """Whether the mma.sp kernel can read `f`'s cuSPARSELt buffer in place: its compact
+    form is the buffer's "cslt" view (`share_cslt_buffer` checked the layout on its data)."""
+    return f.compact is not None and f.compact.layout == "cslt"
+
+
 # Backends by the 2:4 layout they read: a layer holds one (cuSPARSELt's buffer also serves
-# the Triton kernel; the mma fragment layout serves only mma).
-LAYOUTS = ({CUSPARSELT, TRITON}, {MMA})
+# the Triton kernel and mma.sp in place; the mma fragment layout serves only mma).
+LAYOUTS = ({CUSPARSELT, TRITON, MMA_CSLT}, {MMA})
+# Per bucket, the configuration each tuned backend was timed with (cuSPARSELt: CsltConfig;
+# mma, mma_cslt: MmaConfig).
+BucketConfigs = dict[str, CsltConfig | MmaConfig]
 
 
 def keep_one_layout(
     tuned: TunedPlan,
-    configs: dict[int, tuple[CsltConfig | None, MmaConfig | None]],
+    configs: dict[int, BucketConfigs],
     *,
     allow_dense: bool,
     dense_margin: float,
@@ -373,8 +383,8 @@ def keep_one_layout(
 
     Where the plans mix backends of both `LAYOUTS`, every timed bucket is re-picked within
     the layout that can serve all of them (mma serves at most `MAX_TOKENS` tokens) and whose
-    best graph-replay times add up to less. `configs`: per bucket, the cuSPARSELt and mma
-    configurations the times were measured with.
+    best graph-replay times add up to less. `configs`: per bucket, the configuration each
+    backend's time was measured with.
     """
     if not all(tuned.backends() & layout for layout in LAYOUTS):
         return
@@ -392,18 +402,23 @@ def keep_one_layout(
     for plan, timings in ((tuned.graph, tuned.times_us), (tuned.eager, tuned.eager_times_us)):
         for m, times in timings.items():
             kept = {b: us for b, us in times.items() if b in layout or b == DENSE}
-            plan[m] = _choice(kept, allow_dense, dense_margin, *configs[m])
+            plan[m] = _choice(kept, allow_dense, dense_margin, configs[m])
 
 
 def _choice(
-    times: dict[str, float],
-    allow_dense: bool,
-    dense_margin: float,
-    cfg: CsltConfig | None,
-    mcfg: MmaConfig | None,
+    times: dict[str, float], allow_dense: bool, dense_margin: float, configs: BucketConfigs
 ) -> Choice:
     best = choose_backend(times, allow_dense=allow_dense, dense_margin=dense_margin)
-    return Choice(best, cfg if best == CUSPARSELT else None, mcfg if best == MMA else None)
+    return _make_choice(best, configs)
+
+
+def _make_choice(backend: str, configs: BucketConfigs) -> Choice:
+    cfg = configs.get(backend)
+    return Choice(
+        backend,
+        cfg if isinstance(cfg, CsltConfig) else None,
+        cfg if isinstance(cfg, MmaConfig) else None,
+    )
 
 
 def build_forms(mod: nn.Linear, need: set[str]) -> WeightForms:
@@ -412,9 +427,9 @@ def build_forms(mod: nn.Linear, need: set[str]) -> WeightForms:
     f = WeightForms(
         weight=mod.weight.detach(), bias=None if mod.bias is None else mod.bias.detach()
     )
-    if CUSPARSELT in need:
+    if need & {CUSPARSELT, MMA_CSLT}:
         f.packed = cslt_compress(f.weight)
-    if TRITON in need:
+    if need & {TRITON, MMA_CSLT}:
         f.compact = pack_24(f.weight)
         if f.packed is not None:  # tune on the layout the layer will run
             f.compact = share_cslt_buffer(f.compact, f.packed)
@@ -436,7 +451,7 @@ def sparse_layer(
         tuned.graph,
         eager_plan=tuned.eager,
         packed=f.packed if CUSPARSELT in used else None,
-        compact=f.compact if TRITON in used else None,
+        compact=f.compact if used & {TRITON, MMA_CSLT} else None,
         mma=f.mma if MMA in used else None,
         weight=f.weight if DENSE in used else None,
         bias=f.bias,
@@ -453,13 +468,14 @@ _Member = tuple[str, nn.Linear | None]
 def _usable_backends(backend: str) -> tuple[set[str], str | None]:
     """Backends that can run here (dense included with "auto", for timing), and the reason
     nothing can (or None)."""
-    if backend not in ("auto", CUSPARSELT, TRITON, MMA):
+    if backend not in ("auto", CUSPARSELT, TRITON, MMA, MMA_CSLT):
         raise InvalidArgumentError(
-            f"backend must be 'auto', 'cusparselt', 'triton' or 'mma', got {backend!r}"
+            f"backend must be 'auto', 'cusparselt', 'triton', 'mma' or 'mma_cslt', got {backend!r}"
         )
     if not torch.cuda.is_available():
         return set(), "CUDA is not available (so no cuSPARSELt): model left unchanged"
     why = {CUSPARSELT: cslt_status(), TRITON: triton_status(), MMA: mma_status()}
+    why[MMA_CSLT] = why[CUSPARSELT] or why[MMA]  # mma.sp over cuSPARSELt's buffer
     usable = {b for b, r in why.items() if r is None}
     if backend != "auto":
         if backend not in usable:
@@ -492,6 +508,8 @@ def _group_layers(
         n, k = mod.weight.shape
         if why is None and backend == CUSPARSELT:
             why = cslt_shape_status(n, k)
+        if why is None and backend == MMA_CSLT:
+            why = mma_cslt_shape_status(n, k)
         if why is not None:
             if strict and why.startswith("not 2:4"):
                 raise InvalidArgumentError(f"{name}: {why}")
@@ -500,6 +518,34 @@ def _group_layers(
         key = (n, k, mod.weight.dtype, mod.bias is not None, str(mod.weight.device))
         groups.setdefault(key, []).append((name, mod))
     return groups
+
+
+def mma_cslt_shape_status(out_features: int, in_features: int) -> str | None:
+    """None if mma.sp can read an `(N, K)` layer's cuSPARSELt buffer in place (the tiled
+    metadata layout of `format.cslt_nibble_index`), else why not."""
+    why = cslt_shape_status(out_features, in_features)
+    if why is None and (in_features % COLS_PER_WORD or (out_features % 64 and out_features > 64)):
+        why = "mma.sp over cuSPARSELt's buffer needs K % 32 == 0 and N % 64 == 0 (or N < 64)"
+    return why
+
+
+def _for_this_layer(tuned: TunedPlan, f: WeightForms, usable: set[str], name: str) -> TunedPlan:
+    """`tuned`, unless it runs mma_cslt and this layer's cuSPARSELt buffer cannot be read in
+    place (`share_cslt_buffer` found its metadata in another layout than the tuned layers'):
+    then mma_cslt's buckets run the Triton kernel (or cuSPARSELt) for this layer, warned."""
+    if MMA_CSLT not in tuned.backends() or _reads_cslt_in_place(f):
+        return tuned
+    other = Choice(TRITON) if TRITON in usable else Choice(CUSPARSELT, CsltConfig())
+    warnings.warn(
+        f"sparsify: {name}: cuSPARSELt's metadata is not in the expected layout; "
+        f"its mma_cslt buckets run {other.backend}",
+        stacklevel=4,
+    )
+
+    def swap(plan: dict[int, Choice]) -> dict[int, Choice]:
+        return {m: other if c.backend == MMA_CSLT else c for m, c in plan.items()}
+
+    return TunedPlan(swap(tuned.graph), swap(tuned.eager), tuned.times_us, tuned.eager_times_us)
 
 
 def cusparselt_version_warning(version: int | None) -> str | None:
@@ -624,10 +670,11 @@ def _convert_group(
             sample[i] = None  # the new layer holds what it keeps; the rest is freed
         if f is None:
             f = build_forms(mod, used)
-        elif TRITON in used and f.compact is not None and f.packed is not None:
+        elif used & {TRITON, MMA_CSLT} and f.compact is not None and f.packed is not None:
             f.compact = share_cslt_buffer(f.compact, f.packed)
+        layer_plan = _for_this_layer(tuned, f, usable, name)
         # A free channel order (`ria.permutation.GatheredLinear`) travels along.
-        new = sparse_layer(f, tuned, getattr(mod, "input_order", None))
+        new = sparse_layer(f, layer_plan, getattr(mod, "input_order", None))
         replace_module(model, name, new)
         report.layers.append(
             SparseLayerReport(
@@ -635,16 +682,16 @@ def _convert_group(
                 n,
                 k,
                 converted=True,
-                plan={b: c.backend for b, c in tuned.graph.items()},
+                plan={b: c.backend for b, c in layer_plan.graph.items()},
                 times_us=tuned.times_us,
-                eager_plan={b: c.backend for b, c in tuned.eager.items()},
+                eager_plan={b: c.backend for b, c in layer_plan.eager.items()},
                 eager_times_us=tuned.eager_times_us,
                 dense_bytes=tensor_bytes(mod.weight),
                 sparse_bytes=new.weight_bytes(),
                 plan_source=source,
             )
         )
-        del mod, f, new
+        del mod, f, new, layer_plan
 
 
 @torch.no_grad()
@@ -674,10 +721,12 @@ def sparsify(
     Args:
         model: a CUDA model in fp16/bf16 whose pruned layers are 2:4 along their inputs.
         backend: "auto" (time dense, cuSPARSELt and the decode kernels per layer shape and
-            bucket, keep the fastest sparse kernel), "cusparselt", "triton" or "mma" (that
-            kernel everywhere; "mma" takes at most 64 tokens per call and splits larger
-            inputs). A layer keeps one 2:4 layout (`keep_one_layout`), so "auto" runs mma
-            only where it serves every bucket (all <= 64 tokens) faster.
+            bucket, keep the fastest sparse kernel), "cusparselt", "triton", "mma" or
+            "mma_cslt" (that kernel everywhere; the mma.sp kernels take at most 64 tokens per
+            call and split larger inputs). A layer keeps one 2:4 layout (`keep_one_layout`):
+            cuSPARSELt's buffer, which serves cuSPARSELt, Triton and mma.sp ("mma_cslt"), or
+            the mma fragments, which "auto" keeps only where they serve every bucket (all
+            <= 64 tokens) faster.
         batch_sizes: token counts (batch x new tokens) to tune for; each is the upper bound
             of a bucket. Default `DEFAULT_BATCH_SIZES`.
         strict: raise InvalidArgumentError for a CUDA fp16/bf16 linear layer that is not 2:4
@@ -764,13 +813,15 @@ def sparsify(
     planner = _Planner(cache, buckets, backend, options)
     for shape, members in _group_layers(model, backend, strict, report).items():
         n, k = shape[0], shape[1]
-        if cslt_shape_status(n, k) is not None and not (usable - {DENSE, CUSPARSELT}):
+        if cslt_shape_status(n, k) is not None and not (usable - {DENSE, CUSPARSELT, MMA_CSLT}):
             for name, _ in members:
                 report.layers.append(
                     SparseLayerReport(name, n, k, False, cslt_shape_status(n, k) or "")
                 )
             continue
         shape_usable = usable - ({CUSPARSELT} if cslt_shape_status(n, k) else set())
+        if mma_cslt_shape_status(n, k) is not None:
+            shape_usable -= {MMA_CSLT}
         if max(buckets) > MAX_TOKENS and shape_usable & LAYOUTS[0]:
             # mma's layout cannot serve every bucket, so keep_one_layout would drop it:
             # neither pack nor time it.

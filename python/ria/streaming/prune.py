@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from ..arch import find_blocks
 from ..errors import InvalidArgumentError
 from ..permutation import OrderInfo, plain_state_dict
 from ..pruning import PruneConfig, PruneReport, prune_with
+from ..pruning.distributed import current
 from ..save import check_target, save_extras, save_orders, staged
 from .memory import release_freed_memory
 from .skeleton import (
@@ -128,16 +129,26 @@ def prune_checkpoint_with(
         offload_activations = (
             device.type == "cpu" and 2 * _activation_bytes(model, config) > _physical_memory() / 4
         )
-    with staged(out) as staging, ExitStack() as stack:
+    # Split over processes (ria.pruning.distributed), every rank prunes and rank 0 alone
+    # writes; the others learn at the end whether its writing succeeded.
+    ranks = current()
+    writer = ranks is None or ranks.rank == 0
+    output: AbstractContextManager[Path | None] = staged(out) if writer else nullcontext()
+    with (
+        nullcontext() if ranks is None else ranks.agreeing(f"writing {out}"),
+        output as staging,
+        ExitStack() as stack,
+    ):
         spill = None
         if offload_activations and config.needs_data:
             spill = Path(stack.enter_context(_spill_directory(out)))
         load_outside(model, source, path, device)
         streamed = _StreamedBlocks(model, source, staging, device)
         report = prune_with(model, tokenizer, config, streamed, spill)
-        streamed.finish()
-        model.config.save_pretrained(staging)
-        save_extras(staging, tokenizer, report)
+        if staging is not None:
+            streamed.finish()
+            model.config.save_pretrained(staging)
+            save_extras(staging, tokenizer, report)
     return report
 
 
@@ -188,15 +199,20 @@ class _StreamedBlocks:
     source onto the device; a visit that ends without an error writes the block's plain
     tensors as the next shard (its channel orders are kept for the orders file) and
     frees it. The first visit first writes and frees the weights outside the blocks:
-    by then the calibration capture, which needs the embeddings, is done."""
+    by then the calibration capture, which needs the embeddings, is done. Without
+    `staging` (a rank other than 0 of a prune split over processes) nothing is written."""
 
     def __init__(
-        self, model: PreTrainedModel, source: CheckpointSource, staging: Path, device: torch.device
+        self,
+        model: PreTrainedModel,
+        source: CheckpointSource,
+        staging: Path | None,
+        device: torch.device,
     ) -> None:
         self.model, self.source, self.staging, self.device = model, source, staging, device
         self.path, blocks = find_blocks(model)
         self.index = {id(block): i for i, block in enumerate(blocks)}
-        self.writer = ShardWriter(staging, len(blocks) + 1)
+        self.writer = None if staging is None else ShardWriter(staging, len(blocks) + 1)
         self.orders: dict[str, torch.Tensor] = {}
         self.order_infos: dict[str, OrderInfo] = {}
         self.outside_written = False
@@ -217,6 +233,8 @@ class _StreamedBlocks:
         try:
             load_block(block, where, self.source, self.device)
             yield block
+            if self.writer is None:
+                return
             state, orders, infos = plain_state_dict(self.model, where)
             self.writer.write(state)
             self.orders.update(orders)
@@ -228,16 +246,18 @@ class _StreamedBlocks:
     def _write_outside(self) -> None:
         """Writes the weights outside the blocks through `save_pretrained` (which drops
         tied aliases and writes the config files) as the first shard, then frees them."""
-        keys = set(outside_keys(self.model, self.path))
-        state = {k: v for k, v in self.model.state_dict().items() if k in keys}
-        self.model.save_pretrained(self.staging, state_dict=state)
-        self.writer.adopt(self.staging / SINGLE_FILE)
+        if self.staging is not None and self.writer is not None:
+            keys = set(outside_keys(self.model, self.path))
+            state = {k: v for k, v in self.model.state_dict().items() if k in keys}
+            self.model.save_pretrained(self.staging, state_dict=state)
+            self.writer.adopt(self.staging / SINGLE_FILE)
         free_outside(self.model, self.path)
         release_freed_memory()
         self.outside_written = True
 
     def finish(self) -> None:
         """Writes the index and the channel orders once every block is written."""
+        assert self.staging is not None and self.writer is not None
         if not self.outside_written:
             self._write_outside()  # a model without blocks to visit
         self.writer.finish(self.model.num_parameters())

@@ -1,0 +1,349 @@
+"""Pruning split over the processes of an initialised torch.distributed process group
+(`torchrun --nproc-per-node N -m ria prune ...`, or `ria.prune` under a group the caller
+initialised): gloo on CPUs, NCCL on GPUs (each rank on its own device).
+
+The block loop stays sequential over blocks; within a block:
+- calibration: each rank runs a fixed contiguous share of the calibration batches through
+  the block (`Ranks.windows`); the activation sums of squares are folded from every
+  batch's partial sum in batch order, exactly as one process folds them (`reduce_stats`);
+  token counts are summed; the `X^T X` Gram matrices are summed in float64 and rounded once
+  (one process accumulates them in float32, so they agree to float32 rounding, not bits);
+- per-matrix work: permutation searches (`search`) and each matrix's mask selection,
+  refinement and OBS update are assigned to ranks balanced by size (`owners`), and the
+  results are sent to every rank (`share_matrices`), so every rank holds the same block
+  before the next one.
+
+Failures: every collective here starts with `sync`, where each rank says whether it failed;
+a rank that raises anywhere inside `agreeing` says so at its next `sync` instead of leaving
+the others waiting, and every rank then raises the same `DistributedError`.
+
+Without a process group (or with one rank) `current()` is None and the pipeline runs its
+one-process code unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..core import SearchOptions, search_permutations
+from ..errors import DistributedError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .capture import InputStats
+    from .matrices import PrunableMatrix
+
+__all__ = [
+    "Ranks",
+    "SharedSearch",
+    "agreeing",
+    "balanced",
+    "batch_ranges",
+    "current",
+    "is_writer",
+    "launched",
+]
+
+T = TypeVar("T")
+
+
+def current() -> Ranks | None:
+    """The process group this process prunes in, or None when it prunes alone (no group
+    initialised, or a group of one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return Ranks(dist.get_rank(), dist.get_world_size(), device)
+
+
+@contextmanager
+def launched(device: torch.device) -> Iterator[torch.device]:
+    """Under torchrun (`WORLD_SIZE` > 1, no process group yet): initialises the group from
+    torchrun's environment, NCCL with this rank on `cuda:LOCAL_RANK` when `device` is a
+    CUDA device, gloo otherwise; yields the device this rank prunes on and destroys the
+    group at the end. The Rust core's worker threads are split between the node's ranks
+    (`RAYON_NUM_THREADS`, unless set). Otherwise yields `device` and does nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield device
+        return
+    # The Rust core's searches run on the CPU: the ranks of one node share its cores
+    # instead of each starting a worker per core (read when the core's pool starts).
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (cores or 1) // local)))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def agreeing(what: str) -> AbstractContextManager[None]:
+    """`Ranks.agreeing` of this process's group; nothing when it works alone."""
+    ranks = current()
+    return nullcontext() if ranks is None else ranks.agreeing(what)
+
+
+def is_writer() -> bool:
+    """Whether this process writes outputs: rank 0, or the only process."""
+    ranks = current()
+    return ranks is None or ranks.rank == 0
+
+
+def batch_ranges(batches: int, world: int) -> list[range]:
+    """A contiguous split of `batches` batch indices over `world` ranks, the first
+    `batches % world` ranks one batch more; the same for every run."""
+    base, extra = divmod(batches, world)
+    out, start = [], 0
+    for r in range(world):
+        size = base + (r < extra)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def balanced(sizes: Sequence[int], world: int) -> list[int]:
+    """The rank of every job, balancing the sum of sizes per rank: largest job first to the
+    least loaded rank (ties: earlier job, lower rank). Deterministic."""
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for job in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[job] = rank
+        load[rank] += sizes[job]
+    return owner
+
+
+@dataclass(frozen=True)
+class SharedSearch:
+    """A permutation search's result as sent between ranks (the fields of
+    `ria.PermutationResult` that the pipeline reads)."""
+
+    perm: np.ndarray
+    retained: float
+    identity: float
+    upper_bound: float
+    seconds: float
+
+
+@dataclass
+class Ranks:
+    """This process's place in the group: `rank` of `world`; collectives' tensors live on
+    `device` (the CPU for gloo, this rank's GPU for NCCL). `doing` says what the rank is
+    working on, for the error if it fails."""
+
+    rank: int
+    world: int
+    device: torch.device
+    doing: str = "starting"
+
+    # ---- failures
+
+    def sync(self, what: str, failure: BaseException | None = None) -> None:
+        """A point every rank reaches: raises `DistributedError` on every rank if one of
+        them failed (its `failure`), naming the first failed rank and its error."""
+        said = None
+        if failure is not None:
+            said = f"while {self.doing}: {type(failure).__name__}: {failure}"
+        with self._talking(what):
+            heard: list[str | None] = [None] * self.world
+            dist.all_gather_object(heard, said)
+        failed = [(r, s) for r, s in enumerate(heard) if s is not None]
+        if failed:
+            rank, message = failed[0]
+            raise DistributedError(f"rank {rank} of {self.world} failed {message}") from failure
+
+    @contextmanager
+    def agreeing(self, what: str) -> Iterator[None]:
+        """Runs the body; an error in it is told to every rank at this rank's next `sync`
+        (here), so the others stop at theirs instead of waiting forever. Ends with a
+        `sync` named `what` when the body succeeds."""
+        try:
+            yield
+        except DistributedError:
+            raise  # every rank knows already (or contact is lost)
+        except Exception as exc:
+            self.sync(what, exc)
+            raise  # unreachable: sync raises when a rank failed
+        self.sync(what)
+
+    @contextmanager
+    def _talking(self, what: str) -> Iterator[None]:
+        """Turns a failed collective (a rank exited, the group timed out) into a
+        `DistributedError`."""
+        try:
+            yield
+        except RuntimeError as exc:  # torch's DistBackendError and DistNetworkError are
+            raise DistributedError(
+                f"rank {self.rank} of {self.world} lost contact with the other ranks during "
+                f"{what} (a rank exited or the process group timed out): {exc}"
+            ) from exc
+
+    def gather_objects(self, what: str, value: T) -> list[T]:
+        """Every rank's `value` (picklable), by rank."""
+        self.sync(what)
+        with self._talking(what):
+            out: list[T] = [value] * self.world
+            dist.all_gather_object(out, value)
+        return out
+
+    def check_same(self, what: str, value: Any) -> None:
+        """Raises `DistributedError` on every rank unless every rank has the same
+        `value` (what must not depend on a rank's share of the data)."""
+        values = self.gather_objects(what, value)
+        differ = [r for r, v in enumerate(values) if v != values[0]]
+        if differ:
+            raise DistributedError(
+                f"ranks {differ} of {self.world} disagree with rank 0 {what}; a prune split "
+                "over processes needs the same result on every rank"
+            )
+
+    # ---- calibration windows
+
+    def windows(self, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """This rank's contiguous share of the calibration windows `(n, seqlen)`: whole
+        batches of `batch_size`, so every batch is the one a single process runs."""
+        batches = math.ceil(windows.shape[0] / batch_size)
+        if batches < self.world:
+            raise InvalidArgumentError(
+                f"{batches} calibration batches (nsamples / batch_size) cannot be split over "
+                f"{self.world} processes; use more samples or a smaller batch_size"
+            )
+        mine = batch_ranges(batches, self.world)[self.rank]
+        return windows[mine.start * batch_size : mine.stop * batch_size]
+
+    # ---- statistics
+
+    def track(self, stats: Mapping[str, InputStats]) -> None:
+        """Makes every `InputStats` keep each batch's partial sum of squares (see
+        `reduce_stats`)."""
+        for s in _unique(stats):
+            s.partials = []
+
+    def reduce_stats(self, what: str, stats: Mapping[str, InputStats]) -> None:
+        """Every rank's statistics summed, in place, on every rank: sums of squares folded
+        from every batch's partial in global batch order (bit-identical to one process),
+        token counts summed exactly, Gram matrices summed in float64."""
+        unique = _unique(stats)
+        counts = torch.tensor(
+            [v for s in unique for v in (len(s.partials or ()), s.tokens)], dtype=torch.int64
+        )
+        local = [torch.stack(s.partials) for s in unique if s.partials]
+        flat = torch.cat([p.reshape(-1) for p in local]) if local else torch.zeros(0)
+        self.sync(what)
+        with self._talking(what):
+            all_counts = self._all_gather(counts.to(self.device))
+            sizes = [
+                sum(int(c[2 * i]) * unique[i].sumsq.numel() for i in range(len(unique)))
+                for c in all_counts
+            ]
+            padded = torch.zeros(max(sizes), dtype=torch.float32, device=self.device)
+            padded[: flat.numel()] = flat.to(self.device, torch.float32)
+            all_flat = self._all_gather(padded)
+            for s in unique:
+                if s.hessian is not None:
+                    total = s.hessian.to(self.device, torch.float64)
+                    dist.all_reduce(total)
+                    s.hessian.copy_(total)
+                    del total
+        offsets = [0] * self.world
+        for i, s in enumerate(unique):
+            channels = s.sumsq.numel()
+            acc = torch.zeros(channels, dtype=torch.float32, device=self.device)
+            tokens = 0
+            for r in range(self.world):
+                k = int(all_counts[r][2 * i])
+                tokens += int(all_counts[r][2 * i + 1])
+                rows = all_flat[r][offsets[r] : offsets[r] + k * channels].view(k, channels)
+                offsets[r] += k * channels
+                for row in rows:  # one process adds the batches' partials in this order
+                    acc += row
+            s.sumsq.copy_(acc)
+            s.tokens = tokens
+            s.partials = None
+
+    def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(out, tensor)
+        return out
+
+    # ---- per-matrix work
+
+    def search(
+        self, what: str, problems: list[list[np.ndarray]], n: int, m: int, options: SearchOptions
+    ) -> list[SharedSearch]:
+        """`ria.search_permutations` on `problems`, each rank solving a share balanced by
+        score-matrix size; every rank gets every result, in order (each search's result
+        does not depend on the others searched with it)."""
+        owner = balanced([sum(s.size for s in p) for p in problems], self.world)
+        mine = [k for k, r in enumerate(owner) if r == self.rank]
+        results = search_permutations([problems[k] for k in mine], n, m, options) if mine else []
+        found = {
+            k: SharedSearch(r.perm, r.retained, r.identity, r.upper_bound, r.seconds)
+            for k, r in zip(mine, results, strict=True)
+        }
+        merged: dict[int, SharedSearch] = {}
+        for part in self.gather_objects(what, found):
+            merged.update(part)
+        return [merged[k] for k in range(len(problems))]
+
+    def owners(self, matrices: Mapping[str, PrunableMatrix]) -> dict[str, int]:
+        """The rank that prunes each matrix, balanced by matrix size."""
+        names = list(matrices)
+        owner = balanced([math.prod(matrices[x].shape) for x in names], self.world)
+        return dict(zip(names, owner, strict=True))
+
+    def mine(self, matrices: Mapping[str, PrunableMatrix]) -> list[str]:
+        """The matrices this rank prunes, in their order."""
+        return [name for name, r in self.owners(matrices).items() if r == self.rank]
+
+    def share_matrices(
+        self,
+        what: str,
+        matrices: Mapping[str, PrunableMatrix],
+        results: dict[str, T],
+    ) -> dict[str, T]:
+        """Sends every matrix's pruned weight from its owner (`owners`) to every rank (in
+        place, bit for bit) and returns every matrix's `results` entry (made by its
+        owner)."""
+        owners = self.owners(matrices)
+        merged: dict[str, T] = {}
+        for part in self.gather_objects(what, results):
+            merged.update(part)
+        with self._talking(what):
+            for name, matrix in matrices.items():
+                weight = matrix.weight
+                if owners[name] == self.rank:
+                    data = weight.detach().to(self.device).contiguous()
+                else:
+                    data = torch.empty(weight.shape, dtype=weight.dtype, device=self.device)
+                # As bytes: exact for any dtype, and gloo reduces no bfloat16.
+                dist.broadcast(data.view(-1).view(torch.uint8), src=owners[name])
+                if owners[name] != self.rank:
+                    weight.copy_(data)
+        return merged
+
+
+def _unique(stats: Mapping[str, InputStats]) -> list[InputStats]:
+    """The distinct `InputStats` of `stats` (Linears reading one tensor share one), in a
+    fixed order (the dict's, the same on every rank)."""
+    seen: dict[int, InputStats] = {}
+    for s in stats.values():
+        seen.setdefault(id(s), s)
+    return list(seen.values())
