@@ -64,6 +64,8 @@ METHODS = {
         method="ria", alpha="auto", refine=True, reconstruct=True
     ),
     "sparsegpt+refine": dict(method="sparsegpt", refine=True),
+    # SparseGPT's own mask and update, plus the least-squares refit of `reconstruct`.
+    "sparsegpt+reconstruct": dict(method="sparsegpt", reconstruct=True),
 }
 # Diagnostics beside the table (same protocol, other settings), for the paper's claims
 # that this model does not reproduce at the default settings.

@@ -92,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
         help="RIA activation exponent, or 'auto' (per layer, by output error)",
     )
     p.add_argument("--per-row", action="store_true", default=None, help="unstructured per row")
-    p.add_argument("--reconstruct", action="store_true", help="SparseGPT weight update")
+    p.add_argument(
+        "--reconstruct", action="store_true", help="OBS weight update + least-squares refit"
+    )
     p.add_argument("--refine", action="store_true", help="refine masks by output error")
     p.add_argument(
         "--allow-partial",

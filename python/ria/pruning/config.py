@@ -94,6 +94,9 @@ class PruneConfig:
     reconstruct: bool = False
     refine: bool = False
     refine_sweeps: int = 8
+    # Conjugate-gradient steps of the least-squares refit that ends `reconstruct=True`
+    # (pruning/obs.py; 20 measured on SmolLM2, README "Quality"); 0 keeps SparseGPT's update.
+    refit_iters: int = 20
     measure_error: bool = False
     seed: int = 0
     device: torch.device | None = None
@@ -120,6 +123,7 @@ class PruneConfig:
         require_bool("per_row", self.per_row)
         for name in ("nsamples", "seqlen", "batch_size", "refine_sweeps"):
             set_(self, name, require_int(name, getattr(self, name), minimum=1))
+        set_(self, "refit_iters", require_int("refit_iters", self.refit_iters, minimum=0))
         set_(self, "seed", require_int("seed", self.seed, minimum=0))
         if self.alpha != "auto":
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):

@@ -132,12 +132,18 @@ def prune(
             on the calibration data (collects `X^T X`, like `reconstruct`).
         per_row: unstructured selection per output row; None uses each method's own rule
             (per row for Wanda, per matrix for RIA, magnitude and SparseGPT).
-        reconstruct: apply SparseGPT's OBS weight update under the chosen mask (for
-            unstructured and N:M).
+        reconstruct: update the kept weights to make up for the pruned ones: SparseGPT's
+            OBS update under the chosen mask, then a least-squares refit of the kept
+            weights under that mask (a few conjugate-gradient steps; the OBS update alone
+            is an approximation of it). With method="sparsegpt", adds the refit to
+            SparseGPT's own update (which alone is the published method).
         refine: improve every mask against the layer's output error on the calibration
             data by swapping kept and pruned weights within an N:M group (or a row), in
             the Rust core (DSnoT / SparseSwaps), or on the GPU for N:M layers there
-            (pruning/refine_gpu.py, same rule); before `reconstruct` when both are on.
+            (pruning/refine_gpu.py, same rule). With `reconstruct`, inside the OBS update:
+            each block of 128 columns is refined on its already-updated weights against
+            the error left after the update (`ria.pruning.obs.block_gram`), just before
+            it is pruned.
         seed: calibration windows and permutation searches depend on it alone.
         device: where blocks run ("cuda" if available). A model on the CPU stays there
             and each block visits the device in turn; a model dispatched by accelerate
@@ -389,12 +395,13 @@ class _BlockStep:
             own = self.config.method == "sparsegpt" and hessian is not None
             keep = None if own else self.select(score)
             refined = None
-            if self.config.refine and hessian is not None:
-                keep, refined = self.refine(matrix, hessian, keep)
             if self.config.needs_reconstruction and hessian is not None:
-                keep = self.reconstruct(matrix, hessian, keep)
+                # With refine, inside the OBS loop, against the error after the update.
+                keep, refined = self.reconstruct(matrix, hessian, keep)
             else:
                 assert keep is not None  # only SparseGPT leaves the mask to its OBS loop
+                if self.config.refine and hessian is not None:
+                    keep, refined = self.refine(matrix, hessian, keep)
                 self.apply(matrix, keep)
             error = None
             if original is not None and hessian is not None:
@@ -528,60 +535,54 @@ class _BlockStep:
             return unstructured_mask(score, target.fraction, per_row=bool(self.config.per_row))
 
     def refine(
-        self, matrix: PrunableMatrix, hessian: torch.Tensor, keep: np.ndarray | None
+        self, matrix: PrunableMatrix, hessian: torch.Tensor, keep: np.ndarray
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """The mask improved against the output error (SparseGPT's own mask first, when
-        SparseGPT chooses it)."""
-        if keep is None:
-            keep = self.obs(matrix, hessian, None)[1]
-        target = self.config.sparsity
+        """The mask improved against the output error without a weight update."""
         with self.timer("refinement"):
-            on_gpu = target.structured and matrix.weight.is_cuda
-            if on_gpu:
-                # The same swaps, all rows at once; imported here because it loads triton.
-                from .refine_gpu import gpu_refinable, refine_nm_on_gpu
+            keep, result = self.refine_rows(matrix.weight, hessian, keep)
+        return keep, _refinement_dict([result])
 
-                on_gpu = gpu_refinable(matrix.weight, target.m)
-            result: RefineStats | GpuRefineStats
-            if on_gpu:
-                refined, result = refine_nm_on_gpu(
-                    matrix.weight,
-                    hessian,
-                    torch.from_numpy(keep).to(matrix.weight.device),
-                    target.n,
-                    target.m,
-                    max_sweeps=self.config.refine_sweeps,
-                )
-                keep = refined.cpu().numpy()
-            else:
-                keep, result = refine_mask(
-                    matrix.weight,
-                    hessian,
-                    keep,
-                    target.n,
-                    target.m,
-                    max_sweeps=self.config.refine_sweeps,
-                )
-        return keep, {
-            "error_before": result.error_before,
-            "error_after": result.error_after,
-            "swaps": result.swaps,
-            "sweeps": result.sweeps,
-            "seconds": result.seconds,
-        }
+    def refine_rows(
+        self, weight: torch.Tensor, gram: torch.Tensor, keep: np.ndarray
+    ) -> tuple[np.ndarray, RefineStats | GpuRefineStats]:
+        """`keep` (`weight`'s shape) improved against `sum_rows d^T gram d` of the pruned
+        part `d`: on the GPU for N:M weights there, else in the Rust core."""
+        target = self.config.sparsity
+        on_gpu = target.structured and weight.is_cuda
+        if on_gpu:
+            # The same swaps, all rows at once; imported here because it loads triton.
+            from .refine_gpu import gpu_refinable, refine_nm_on_gpu
+
+            on_gpu = gpu_refinable(weight, target.m)
+        if on_gpu:
+            refined, gpu_result = refine_nm_on_gpu(
+                weight,
+                gram,
+                torch.from_numpy(keep).to(weight.device),
+                target.n,
+                target.m,
+                max_sweeps=self.config.refine_sweeps,
+            )
+            return refined.cpu().numpy(), gpu_result
+        return refine_mask(
+            weight, gram, keep, target.n, target.m, max_sweeps=self.config.refine_sweeps
+        )
 
     def reconstruct(
         self, matrix: PrunableMatrix, hessian: torch.Tensor, keep: np.ndarray | None
-    ) -> np.ndarray:
-        """The OBS update under `keep` (or SparseGPT's own mask); returns the mask used."""
-        new_weight, keep = self.obs(matrix, hessian, keep)
-        matrix.weight.copy_(new_weight)
-        return keep
-
-    def obs(
-        self, matrix: PrunableMatrix, hessian: torch.Tensor, keep: np.ndarray | None
-    ) -> tuple[torch.Tensor, np.ndarray]:
+    ) -> tuple[np.ndarray, dict[str, float] | None]:
+        """The OBS update under `keep` (or SparseGPT's own mask), each block's mask refined
+        on its updated weights first when `refine` is on; returns the mask used and what
+        refinement did (summed over the blocks; None without refinement)."""
         target = self.config.sparsity
+        results: list[RefineStats | GpuRefineStats] = []
+
+        def refine_block(w: torch.Tensor, gram: torch.Tensor, k: np.ndarray) -> np.ndarray:
+            with self.timer("refinement"):
+                k, result = self.refine_rows(w, gram, k)
+            results.append(result)
+            return k
+
         with self.timer("reconstruction"):
             new_weight, keep_t = obs_prune(
                 matrix.weight,
@@ -590,8 +591,12 @@ class _BlockStep:
                 sparsity=target.fraction,
                 n=target.n,
                 m=target.m,
+                refine=refine_block if self.config.refine else None,
+                # SparseGPT as published unless `reconstruct` asks for the full job.
+                refit_iters=self.config.refit_iters if self.config.reconstruct else 0,
             )
-        return new_weight, keep_t.cpu().numpy()
+        matrix.weight.copy_(new_weight)
+        return keep_t.cpu().numpy(), _refinement_dict(results) if results else None
 
     def apply(self, matrix: PrunableMatrix, keep: np.ndarray) -> None:
         """Zeroes the pruned weights."""
@@ -629,6 +634,18 @@ class _BlockStep:
             alpha=self.alphas.get(name),
             refinement=refined,
         )
+
+
+def _refinement_dict(results: list[RefineStats | GpuRefineStats]) -> dict[str, float]:
+    """What refinement did, summed over calls (one per matrix, or one per OBS block):
+    errors in the units of the Gram matrices they were measured on."""
+    return {
+        "error_before": sum(r.error_before for r in results),
+        "error_after": sum(r.error_after for r in results),
+        "swaps": sum(r.swaps for r in results),
+        "sweeps": max(r.sweeps for r in results),
+        "seconds": sum(r.seconds for r in results),
+    }
 
 
 def score_matrix(
