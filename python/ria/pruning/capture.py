@@ -199,7 +199,10 @@ class InputStats:
 
     @classmethod
     def zeros(cls, channels: int, device: torch.device, hessian: bool) -> InputStats:
-        h = torch.zeros(channels, channels, device=device) if hessian else None
+        # X^T X is summed in float64 and rounded once (`finish`): each batch's float32
+        # product adds exactly (almost always), so the sum does not depend on how batches
+        # are grouped, and a prune split over processes gets the same bits.
+        h = torch.zeros(channels, channels, device=device, dtype=torch.float64) if hessian else None
         return cls(torch.zeros(channels, device=device), h)
 
     @property
@@ -225,7 +228,12 @@ class InputStats:
             # versions ("self and mat2 must have the same dtype").
             self.hessian.add_(torch.mm(x.T, x, out_dtype=torch.float32))
         else:
-            self.hessian.addmm_(wide.T, wide)
+            self.hessian.add_(wide.T @ wide)
+
+    def finish(self) -> None:
+        """Rounds the float64 sum of `hessian` to float32, once all batches are in."""
+        if self.hessian is not None and self.hessian.dtype != torch.float32:
+            self.hessian = self.hessian.float()
 
     def reordered(self, order: torch.Tensor) -> InputStats:
         """The same statistics with input channels in `order` (new -> old)."""
@@ -247,7 +255,8 @@ def collecting_stats(
 ) -> Iterator[dict[str, InputStats]]:
     """Within the context, forward passes of `block` accumulate input statistics for every
     matrix named in `groups`; Linears of one group read the same tensor and share one
-    `InputStats` (collected once); each expert's matrices get their own, from its tokens."""
+    `InputStats` (collected once); each expert's matrices get their own, from its tokens.
+    With `hessian`, `X^T X` stays a float64 sum until `InputStats.finish()`."""
     stats: dict[str, InputStats] = {}
     by_expert: dict[tuple[int, int], InputStats] = {}
     with ExitStack() as stack:

@@ -6,8 +6,9 @@ The block loop stays sequential over blocks; within a block:
 - calibration: each rank runs a fixed contiguous share of the calibration batches through
   the block (`Ranks.windows`); the activation sums of squares are folded from every
   batch's partial sum in batch order, exactly as one process folds them (`reduce_stats`);
-  token counts are summed; the `X^T X` Gram matrices are summed in float64 and rounded once
-  (one process accumulates them in float32, so they agree to float32 rounding, not bits);
+  token counts are summed; the `X^T X` Gram matrices, float64 sums of float32 products in
+  one process too, are summed in float64 (almost always exactly) and rounded once, so they
+  agree with one process's to the bit;
 - per-matrix work: permutation searches (`search`) and each matrix's mask selection,
   refinement and OBS update are assigned to ranks balanced by size (`owners`), and the
   results are sent to every rank (`share_matrices`), so every rank holds the same block
@@ -258,7 +259,7 @@ class Ranks:
             all_flat = self._all_gather(padded)
             for s in unique:
                 if s.hessian is not None:
-                    total = s.hessian.to(self.device, torch.float64)
+                    total = s.hessian.to(self.device, torch.float64)  # float64 already
                     dist.all_reduce(total)
                     s.hessian.copy_(total)
                     del total

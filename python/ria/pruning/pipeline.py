@@ -90,6 +90,7 @@ def prune(
     per_row: bool | None = None,
     reconstruct: bool = False,
     refine: bool = False,
+    refit_iters: int = 20,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -144,6 +145,8 @@ def prune(
             each block of 128 columns is refined on its already-updated weights against
             the error left after the update (`ria.pruning.obs.block_gram`), just before
             it is pruned.
+        refit_iters: conjugate-gradient steps of `reconstruct`'s least-squares refit
+            (each one GEMM of the matrix by `X^T X`); 0 keeps the OBS update alone.
         seed: calibration windows and permutation searches depend on it alone.
         device: where blocks run ("cuda" if available). A model on the CPU stays there
             and each block visits the device in turn; a model dispatched by accelerate
@@ -173,6 +176,7 @@ def prune(
         per_row=per_row,
         reconstruct=reconstruct,
         refine=refine,
+        refit_iters=refit_iters,
         measure_error=measure_error,
         seed=seed,
         device=device,  # type: ignore[arg-type]  # __post_init__ turns a str into a device
@@ -451,6 +455,8 @@ class _BlockStep:
         if self.ranks is not None:  # each ran its share of the batches: sum them
             with self.timer("communication"):
                 self.ranks.reduce_stats(f"summing {self.prefix}'s statistics", stats)
+        for s in {id(s): s for s in stats.values()}.values():
+            s.finish()
         self.weight_only = {
             name
             for name, s in stats.items()
