@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,21 +22,33 @@ from safetensors.torch import load_file
 import ria
 from ria.cli import main
 from ria.pruning import pipeline
+from ria.pruning.config import ALPHA_GRID
 from ria.pruning.distributed import balanced, batch_ranges
+from ria.pruning.report import LayerReport
 
 WORLD = 2
 # 7 windows in batches of 2: rank 0 runs batches 0-1, rank 1 batches 2-3 (the last holds
 # one window, so the ranks also see different batch sizes).
 CALIB = dict(nsamples=7, seqlen=32, batch_size=2, progress=False, device="cpu")
+FOLDED = dict(sparsity="2:4", permute="folded", permutation_options=FAST_SEARCH)
+# Case: (model family, `ria.prune` settings).
 CASES = {
-    "ria 2:4 folded": dict(sparsity="2:4", permute="folded", permutation_options=FAST_SEARCH),
-    "ria 2:4 free": dict(sparsity="2:4", permute="free", permutation_options=FAST_SEARCH),
+    "ria 2:4 folded": ("llama", FOLDED),
+    "ria 2:4 free": ("llama", dict(FOLDED, permute="free")),
     # The Gram matrices X^T X are reduced too (and the least-squares refit, which would
     # turn any rounding difference of theirs into different weights, runs on them).
-    "ria 2:4 refine + reconstruct": dict(sparsity="2:4", refine=True, reconstruct=True),
-    "sparsegpt 50%": dict(sparsity=0.5, method="sparsegpt"),
+    "ria 2:4 refine + reconstruct": ("llama", dict(sparsity="2:4", refine=True, reconstruct=True)),
+    "sparsegpt 50%": ("llama", dict(sparsity=0.5, method="sparsegpt")),
+    # Scores chosen per matrix by output error, and each layer's error in the report.
+    "ria 2:4 alpha auto + errors": (
+        "llama",
+        dict(FOLDED, alpha="auto", measure_error=True),
+    ),
+    # Fused 3-D experts: routed token counts summed, one folded order over all experts.
+    "qwen3_moe ria 2:4 folded": ("qwen3_moe", dict(FOLDED, measure_error=True)),
+    "mixtral ria 2:4 reconstruct": ("mixtral", dict(sparsity="2:4", reconstruct=True)),
 }
-STREAMED = dict(sparsity="2:4", permute="folded", permutation_options=FAST_SEARCH)
+STREAMED = FOLDED
 IDS = torch.arange(24)[None] * 13 % VOCAB
 
 
@@ -45,22 +58,33 @@ def windows() -> torch.Tensor:
 
 def prune_case(case: str) -> dict:
     """One process's (or rank's) result of one case: its weights, logits and report."""
-    model = tiny_model("llama")
-    report = ria.prune(model, calibration=windows(), **CALIB, **CASES[case])
+    family, settings = CASES[case]
+    model = tiny_model(family)
+    report = ria.prune(model, calibration=windows(), **CALIB, **settings)
     with torch.no_grad():
         logits = model(IDS).logits
     return {
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "logits": logits,
-        "layers": [
-            (r.name, r.kept_score, r.permutation and r.permutation["retained"])
-            for r in report.layers
-        ],
+        "layers": [timeless(r) for r in report.layers],
     }
 
 
-def stream(src: Path, out: Path) -> None:
-    ria.prune_checkpoint(src, out, calibration=windows(), **CALIB, **STREAMED)
+def timeless(layer: LayerReport) -> dict:
+    """A layer's report without its times (which differ between any two runs)."""
+    out = asdict(layer)
+    del out["seconds"]
+    for key in ("permutation", "refinement"):
+        if out[key] is not None:
+            out[key] = {k: v for k, v in out[key].items() if k != "seconds"}
+    return out
+
+
+def stream(src: Path, out: Path, spill: bool = False) -> None:
+    """The streamed prune; `spill`: the activations between blocks kept in files."""
+    ria.prune_checkpoint(
+        src, out, calibration=windows(), offload_activations=spill, **CALIB, **STREAMED
+    )
 
 
 def _worker(rank: int, port: int, work: str) -> None:
@@ -71,6 +95,7 @@ def _worker(rank: int, port: int, work: str) -> None:
     work_dir = Path(work)
     results = {case: prune_case(case) for case in CASES}
     stream(work_dir / "src", work_dir / "streamed")
+    stream(work_dir / "src", work_dir / "spilled", spill=True)
 
     prune_matrix = pipeline._BlockStep.prune_matrix
 
@@ -148,7 +173,17 @@ def test_same_masks_orders_and_logits_as_one_process(ranks, alone, case):
         assert torch.equal(split["state"][name], tensor), name
     assert torch.equal(split["logits"], single["logits"])
     assert split["layers"] == single["layers"]
-    assert any(r[2] for r in split["layers"]) == ("permute" in CASES[case])
+    assert any(r["permutation"] for r in split["layers"]) == ("permute" in CASES[case][1])
+
+
+def test_the_cases_exercise_what_they_name(alone):
+    layers = {case: alone[case]["layers"] for case in CASES}
+    assert all(r["alpha"] in ALPHA_GRID for r in layers["ria 2:4 alpha auto + errors"])
+    assert len({r["alpha"] for r in layers["ria 2:4 alpha auto + errors"]}) > 1
+    assert all(r["output_error"] > 0 for r in layers["ria 2:4 alpha auto + errors"])
+    for case in ("qwen3_moe ria 2:4 folded", "mixtral ria 2:4 reconstruct"):
+        experts = [r for r in layers[case] if r["routed_tokens"] is not None]
+        assert experts and not all(r["weight_only"] for r in experts), case
 
 
 def test_rank_0_alone_writes_the_streamed_checkpoint(ranks, alone, source):
@@ -156,6 +191,10 @@ def test_rank_0_alone_writes_the_streamed_checkpoint(ranks, alone, source):
     assert written == {p.name for p in (source / "alone").iterdir()}
     assert not [p for p in source.iterdir() if p.name.startswith(".")]  # no staging left
     assert_same_tensors(source / "streamed", source / "alone")
+
+
+def test_spilled_activations_give_the_same_checkpoint(ranks, alone, source):
+    assert_same_tensors(source / "spilled", source / "alone")
 
 
 def assert_same_tensors(ours: Path, theirs: Path) -> None:
