@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import ria
 from ria.cli import main
 from ria.pruning import pipeline
 from ria.pruning.config import ALPHA_GRID
-from ria.pruning.distributed import balanced, batch_ranges
+from ria.pruning.distributed import balanced, batch_ranges, split_block
 from ria.pruning.report import LayerReport
 
 WORLD = 2
@@ -60,14 +62,34 @@ def prune_case(case: str) -> dict:
     """One process's (or rank's) result of one case: its weights, logits and report."""
     family, settings = CASES[case]
     model = tiny_model(family)
-    report = ria.prune(model, calibration=windows(), **CALIB, **settings)
+    with scoring() as scored:
+        report = ria.prune(model, calibration=windows(), **CALIB, **settings)
     with torch.no_grad():
         logits = model(IDS).logits
     return {
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "logits": logits,
         "layers": [timeless(r) for r in report.layers],
+        "scored": scored,
     }
+
+
+@contextmanager
+def scoring() -> Iterator[list[str]]:
+    """Yields the list of the matrices this process scores in the body, by full name."""
+    scored: list[str] = []
+    score = pipeline._BlockStep.score
+
+    def counting(self, stats, names=None):
+        out = score(self, stats, names)
+        scored.extend(f"{self.prefix}.{x}" for x in out)
+        return out
+
+    pipeline._BlockStep.score = counting
+    try:
+        yield scored
+    finally:
+        pipeline._BlockStep.score = score
 
 
 def timeless(layer: LayerReport) -> dict:
@@ -155,6 +177,40 @@ def test_the_split_is_fixed_and_balanced():
     assert balanced([4, 1, 1, 1, 1, 3], 2) == [0, 1, 0, 1, 0, 1]  # loads 6 and 5
 
 
+# A LLaMA-7B block (millions of weights) and its folded searches: q/k/v share one, gate/up
+# one, down its own, o_proj one per head (reading o_proj's columns).
+SEVEN_B = {"q": 16, "k": 16, "v": 16, "o": 16, "gate": 45, "up": 45, "down": 45}
+FOLDED_JOBS = [("q", "k", "v"), ("gate", "up"), ("down",), *[("o",)] * 32]
+
+
+def test_without_searches_matrices_are_balanced_one_by_one():
+    split = split_block(SEVEN_B, [], 2)
+    assert split.owners == dict(zip(SEVEN_B, [1, 1, 1, 0, 0, 1, 0], strict=True))  # 106 / 93
+    assert split.scored_by(0) == split.pruned_by(0) == ["o", "gate", "down"]
+
+
+def test_two_ranks_score_every_matrix_once():
+    split = split_block(SEVEN_B, FOLDED_JOBS, 2)
+    # Units: gate/up (90) to rank 0, q/k/v (48) and down (45) to 1, o (16) to 0.
+    assert split.pruned_by(0) == ["o", "gate", "up"]
+    assert split.pruned_by(1) == ["q", "k", "v", "down"]
+    assert split.searches == [1, 0, 1, *[0] * 32]
+    for rank in range(2):
+        assert split.scored_by(rank) == split.pruned_by(rank)
+
+
+def test_coarse_units_are_evened_out_by_scoring_a_moved_matrix_twice():
+    split = split_block(SEVEN_B, FOLDED_JOBS, 4)
+    # gate/up's unit (90) alone would load rank 0 with 90 against 48, 45 and 16.
+    assert split.searches[:3] == [1, 0, 2]
+    pruned = [sum(SEVEN_B[x] for x in split.pruned_by(r)) for r in range(4)]
+    assert max(pruned) == 61 and sorted(pruned) == [45, 45, 48, 61]
+    assert split.pruned_by(3) == ["o", "gate"]  # the earliest of the largest moved
+    assert split.scored_by(0) == ["gate", "up"]  # its search reads both
+    scored = sum(len(split.scored_by(r)) for r in range(4))
+    assert scored == len(SEVEN_B) + 1
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_rank_ends_with_the_same_model(ranks, case):
     first, second = (r[case] for r in ranks)
@@ -174,6 +230,17 @@ def test_same_masks_orders_and_logits_as_one_process(ranks, alone, case):
     assert torch.equal(split["logits"], single["logits"])
     assert split["layers"] == single["layers"]
     assert any(r["permutation"] for r in split["layers"]) == ("permute" in CASES[case][1])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "permute" in CASES[c][1]])
+def test_each_rank_scores_its_share_of_a_permuted_block(ranks, alone, case):
+    everything = alone[case]["scored"]
+    assert len(set(everything)) == len(everything)  # one process scores each matrix once
+    mine, theirs = (r[case]["scored"] for r in ranks)
+    assert set(mine) | set(theirs) == set(everything)
+    assert mine and theirs and len(mine) < len(everything) and len(theirs) < len(everything)
+    if case.startswith("ria"):  # LLaMA's units balance over 2 ranks without a move
+        assert len(mine) + len(theirs) == len(everything)
 
 
 def test_the_cases_exercise_what_they_name(alone):

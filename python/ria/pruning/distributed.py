@@ -9,10 +9,15 @@ The block loop stays sequential over blocks; within a block:
   token counts are summed; the `X^T X` Gram matrices, float64 sums of float32 products in
   one process too, are summed in float64 (almost always exactly) and rounded once, so they
   agree with one process's to the bit;
-- per-matrix work: permutation searches (`search`) and each matrix's mask selection,
-  refinement and OBS update are assigned to ranks balanced by size (`owners`), and the
-  results are sent to every rank (`share_matrices`), so every rank holds the same block
-  before the next one.
+- per-matrix work (`split_block`): the block's permutation searches and the matrices
+  they read go to ranks as units (searches reading one matrix, like o_proj's per-head
+  ones, stay together), balanced by size; a rank scores only the matrices of its
+  searches and of its own pruning, and prunes (selects the mask, refines, updates) the
+  matrices of its units, except those moved to a less loaded rank to even out the
+  pruning, which that rank scores again. The searches' orders (`search`) and the pruned
+  weights (`share_matrices`) are sent to every rank, so every rank holds the same block
+  before the next one. Scores never travel: each rank computes the ones it needs from
+  the same weights and statistics, so they are the bits one process computes.
 
 Failures: every collective here starts with `sync`, where each rank says whether it failed;
 a rank that raises anywhere inside `agreeing` says so at its next `sync` instead of leaving
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
     from .matrices import PrunableMatrix
 
 __all__ = [
+    "BlockSplit",
     "Ranks",
     "SharedSearch",
     "agreeing",
@@ -51,6 +57,7 @@ __all__ = [
     "current",
     "is_writer",
     "launched",
+    "split_block",
 ]
 
 T = TypeVar("T")
@@ -129,6 +136,73 @@ def balanced(sizes: Sequence[int], world: int) -> list[int]:
         owner[job] = rank
         load[rank] += sizes[job]
     return owner
+
+
+@dataclass(frozen=True)
+class BlockSplit:
+    """Who does what of one block: `searches[k]` is the rank that runs search job k,
+    `owners[name]` the rank that prunes matrix `name`; `reads[k]` names the matrices
+    search job k reads."""
+
+    searches: list[int]
+    owners: dict[str, int]
+    reads: list[tuple[str, ...]]
+
+    def pruned_by(self, rank: int) -> list[str]:
+        """The matrices `rank` prunes, in the block's order."""
+        return [name for name, r in self.owners.items() if r == rank]
+
+    def scored_by(self, rank: int) -> list[str]:
+        """The matrices `rank` scores (those its searches read, and those it prunes), in
+        the block's order."""
+        read = {x for k, r in enumerate(self.searches) if r == rank for x in self.reads[k]}
+        return [name for name, r in self.owners.items() if r == rank or name in read]
+
+
+def split_block(sizes: Mapping[str, int], jobs: Sequence[Sequence[str]], world: int) -> BlockSplit:
+    """Splits one block's work over `world` ranks: `sizes` maps every matrix (in the
+    block's order) to its entries; `jobs` names the matrices each permutation search
+    reads (none without permutation).
+
+    Matrices read by a common search form a unit with their searches; units go to the
+    least loaded rank, largest first (`balanced` on their matrices' sizes), and a unit's
+    rank searches and prunes it: nothing is scored twice. Where units are coarse (one
+    search over q/k/v, or over every expert of a MoE block), the pruning is then evened
+    out: while the most loaded rank holds a matrix that the least loaded one could
+    prune with both ending below the former's load, the largest such moves (the new
+    owner scores it again; the search stays). Deterministic."""
+    names = list(sizes)
+    unit = {name: i for i, name in enumerate(names)}  # union-find over matrix names
+
+    def root(name: str) -> str:
+        while names[unit[name]] != name:
+            name = names[unit[name]]
+        return name
+
+    for reads in jobs:
+        for x in reads[1:]:
+            a, b = sorted((unit[root(reads[0])], unit[root(x)]))
+            unit[names[b]] = a  # the earlier matrix roots the merged unit
+    roots = list(dict.fromkeys(root(x) for x in names))
+    members = {r: [x for x in names if root(x) == r] for r in roots}
+    owner_of_unit = balanced([sum(sizes[x] for x in members[r]) for r in roots], world)
+    unit_rank = dict(zip(roots, owner_of_unit, strict=True))
+    owners = {x: unit_rank[root(x)] for x in names}
+    load = [0] * world
+    for x, r in owners.items():
+        load[r] += sizes[x]
+    while True:
+        heavy = max(range(world), key=lambda r: (load[r], -r))
+        light = min(range(world), key=lambda r: (load[r], r))
+        movable = [x for x in names if owners[x] == heavy and load[light] + sizes[x] < load[heavy]]
+        if not movable:
+            break
+        x = max(movable, key=lambda y: sizes[y])  # the earliest of the largest
+        owners[x] = light
+        load[heavy] -= sizes[x]
+        load[light] += sizes[x]
+    searches = [unit_rank[root(reads[0])] if reads else 0 for reads in jobs]
+    return BlockSplit(searches, owners, [tuple(reads) for reads in jobs])
 
 
 @dataclass(frozen=True)
@@ -286,15 +360,27 @@ class Ranks:
 
     # ---- per-matrix work
 
+    def split(self, sizes: Mapping[str, int], jobs: Sequence[Sequence[str]]) -> BlockSplit:
+        """`split_block` over this group's ranks."""
+        return split_block(sizes, jobs, self.world)
+
     def search(
-        self, what: str, problems: list[list[np.ndarray]], n: int, m: int, options: SearchOptions
+        self,
+        what: str,
+        problems: Sequence[list[np.ndarray] | None],
+        owners: Sequence[int],
+        n: int,
+        m: int,
+        options: SearchOptions,
     ) -> list[SharedSearch]:
-        """`ria.search_permutations` on `problems`, each rank solving a share balanced by
-        score-matrix size; every rank gets every result, in order (each search's result
-        does not depend on the others searched with it)."""
-        owner = balanced([sum(s.size for s in p) for p in problems], self.world)
-        mine = [k for k, r in enumerate(owner) if r == self.rank]
-        results = search_permutations([problems[k] for k in mine], n, m, options) if mine else []
+        """`ria.search_permutations` on the `problems` this rank owns (`owners[k]`, the
+        rank of problem k; the others may be None); every rank gets every result, in
+        order (each search's result does not depend on the others searched with it)."""
+        mine = [k for k, r in enumerate(owners) if r == self.rank]
+        own = [problems[k] for k in mine]
+        if any(p is None for p in own):
+            raise AssertionError("a rank was given a search without its scores")
+        results = search_permutations(own, n, m, options) if own else []  # type: ignore[arg-type]
         found = {
             k: SharedSearch(r.perm, r.retained, r.identity, r.upper_bound, r.seconds)
             for k, r in zip(mine, results, strict=True)
@@ -304,26 +390,16 @@ class Ranks:
             merged.update(part)
         return [merged[k] for k in range(len(problems))]
 
-    def owners(self, matrices: Mapping[str, PrunableMatrix]) -> dict[str, int]:
-        """The rank that prunes each matrix, balanced by matrix size."""
-        names = list(matrices)
-        owner = balanced([math.prod(matrices[x].shape) for x in names], self.world)
-        return dict(zip(names, owner, strict=True))
-
-    def mine(self, matrices: Mapping[str, PrunableMatrix]) -> list[str]:
-        """The matrices this rank prunes, in their order."""
-        return [name for name, r in self.owners(matrices).items() if r == self.rank]
-
     def share_matrices(
         self,
         what: str,
         matrices: Mapping[str, PrunableMatrix],
+        owners: Mapping[str, int],
         results: dict[str, T],
     ) -> dict[str, T]:
-        """Sends every matrix's pruned weight from its owner (`owners`) to every rank (in
-        place, bit for bit) and returns every matrix's `results` entry (made by its
-        owner)."""
-        owners = self.owners(matrices)
+        """Sends every matrix's pruned weight from its owner (`owners[name]`, a rank) to
+        every rank (in place, bit for bit) and returns every matrix's `results` entry
+        (made by its owner)."""
         merged: dict[str, T] = {}
         for part in self.gather_objects(what, results):
             merged.update(part)

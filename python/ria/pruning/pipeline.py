@@ -8,11 +8,11 @@ the pruned block so the next block is calibrated on what it will really see.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .._torch import default_device, module_device
 from ..arch import find_blocks, fused_experts
 from ..core import (
+    PermutationResult,
     RefineStats,
     SearchOptions,
     __version__,
@@ -41,6 +42,7 @@ from ..data import check_vocabulary
 from ..errors import InvalidArgumentError, RiaError, UnsupportedModelError
 from ..permutation import (
     BlockLayout,
+    BlockSearch,
     Orders,
     SearchStats,
     apply_block,
@@ -48,13 +50,12 @@ from ..permutation import (
     is_permuted,
     matrix_orders,
     reorders,
-    search_block,
 )
 from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
 from .config import ALPHA_GRID, Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, decoder_coverage
-from .distributed import Ranks, current
+from .distributed import BlockSplit, Ranks, SharedSearch, current
 from .error import relative_output_error
 from .matrices import PrunableMatrix, block_matrices
 from .obs import obs_prune
@@ -359,23 +360,33 @@ class _BlockStep:
         (calibration or probe inputs) is what its wiring is traced on."""
         self.layout = self.trace(traced)
         stats = self.gather_statistics(inputs)
+        target, mode = self.config.sparsity, self.config.permutation_mode
+        plan = None if mode is None else BlockSearch(self.matrices, self.layout, target.m, mode)
+        split = None
+        names = list(self.matrices)  # the matrices this process prunes
+        needed = None  # the matrices it scores (None: all, or each when its turn comes)
+        if self.ranks is not None:  # who searches, scores and prunes what
+            split = self.ranks.split(
+                {x: math.prod(matrix.shape) for x, matrix in self.matrices.items()},
+                [job.matrices for job in plan.jobs] if plan else [],
+            )
+            names = split.pruned_by(self.ranks.rank)
+            needed = tuple(split.scored_by(self.ranks.rank))
         # The search reads every score at once; otherwise each matrix is scored when its
         # turn comes and its score freed after it, so the block's float32 scores (twice
         # its bf16 weights) never all exist at once.
         scores: dict[str, np.ndarray] = {}
         searched: dict[str, SearchStats] = {}
-        if self.config.permute:
-            scores = self.score(stats)
+        if plan is not None:
+            scores = self.score(stats, needed)
             with naming(self.prefix):
-                scores, stats, searched = self.permute(scores, stats)
-        names = list(self.matrices) if self.ranks is None else self.ranks.mine(self.matrices)
-        for name in set(scores) - set(names):
-            del scores[name]  # another process prunes it
+                scores, stats, searched = self.permute(scores, stats, plan, split, names)
         layers = {name: self.prune_matrix(name, scores, stats, searched) for name in names}
         if self.ranks is not None:
+            assert split is not None
             with self.timer("communication"):
                 layers = self.ranks.share_matrices(
-                    f"sending {self.prefix}'s pruned matrices", self.matrices, layers
+                    f"sending {self.prefix}'s pruned matrices", self.matrices, split.owners, layers
                 )
         return [layers[name] for name in self.matrices]
 
@@ -504,32 +515,46 @@ class _BlockStep:
         return best[1], best[2]
 
     def permute(
-        self, scores: dict[str, np.ndarray], stats: dict[str, InputStats]
+        self,
+        scores: dict[str, np.ndarray],
+        stats: dict[str, InputStats],
+        plan: BlockSearch,
+        split: BlockSplit | None,
+        keep: list[str],
     ) -> tuple[dict[str, np.ndarray], dict[str, InputStats], dict[str, SearchStats]]:
-        """Finds and applies the block's orders; scores and statistics follow the weights
-        into storage order (scores are equivariant to it, so nothing is recomputed)."""
-        target, mode = self.config.sparsity, self.config.permutation_mode
-        assert mode is not None
+        """Runs the block's searches (`plan`; split over the ranks by `split`) and applies
+        the orders; the scores and statistics of the matrices `keep` follow the weights
+        into storage order (scores are equivariant to it, so nothing is recomputed), the
+        others are dropped (another process prunes them)."""
+        target = self.config.sparsity
+        options = self.config.permutation_options
         with self.timer("permutation"):
-            searcher = (
-                search_permutations
-                if self.ranks is None
-                else partial(self.ranks.search, f"searching {self.prefix}'s permutations")
-            )
-            perm, searched = search_block(
-                scores,
-                self.layout,
-                target.n,
-                target.m,
-                self.config.permutation_options,
-                mode,
-                searcher,
-            )
+            if self.ranks is None or split is None:
+                problems = plan.problems(scores)
+                results: Sequence[PermutationResult | SharedSearch] = (
+                    search_permutations(problems, target.n, target.m, options) if problems else []
+                )
+            else:
+                results = self.ranks.search(
+                    f"searching {self.prefix}'s permutations",
+                    [  # another rank's searches may read scores this one has not computed
+                        job.problem(scores) if set(job.matrices) <= scores.keys() else None
+                        for job in plan.jobs
+                    ],
+                    split.searches,
+                    target.n,
+                    target.m,
+                    options,
+                )
+            perm, searched = plan.result(results)
             orders = matrix_orders(self.block, reorders(self.block, self.layout, perm))
             apply_block(self.block, self.layout, perm)
             scores = {
-                name: _reorder(s, *orders.get(name, (None, None))) for name, s in scores.items()
+                name: _reorder(s, *orders.get(name, (None, None)))
+                for name, s in scores.items()
+                if name in keep
             }
+            stats = {name: s for name, s in stats.items() if name in keep}
         return scores, _reorder_stats(stats, orders), searched
 
     def select(self, score: np.ndarray) -> np.ndarray:
