@@ -22,6 +22,7 @@ from helpers import FAST_SEARCH, VOCAB, tiny_model
 from safetensors.torch import load_file
 
 import ria
+from ria import cli
 from ria.cli import main
 from ria.pruning import pipeline
 from ria.pruning.config import ALPHA_GRID
@@ -52,6 +53,12 @@ CASES = {
 }
 STREAMED = FOLDED
 IDS = torch.arange(24)[None] * 13 % VOCAB
+# `ria prune` on the source (its path second). No --permute: the CLI's full search takes
+# 20 s on 2 cores (the API cases cover it).
+CLI_SETTINGS = [
+    "prune", "--sparsity", "2:4", "--calibration", "austen", "--nsamples", "4",
+    "--seqlen", "32", "--device", "cpu", "--no-progress",
+]  # fmt: skip
 
 
 def windows() -> torch.Tensor:
@@ -118,6 +125,7 @@ def _worker(rank: int, port: int, work: str) -> None:
     results = {case: prune_case(case) for case in CASES}
     stream(work_dir / "src", work_dir / "streamed")
     stream(work_dir / "src", work_dir / "spilled", spill=True)
+    results["loaded whole"] = cli_loads(work_dir)
 
     prune_matrix = pipeline._BlockStep.prune_matrix
 
@@ -135,6 +143,24 @@ def _worker(rank: int, port: int, work: str) -> None:
         pipeline._BlockStep.prune_matrix = prune_matrix
     torch.save(results, work_dir / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def cli_loads(work: Path) -> int:
+    """How many times `ria prune` (in memory, without permutation) loads the whole model
+    in this process."""
+    loads = []
+    load = cli._load
+
+    def counting(*args):
+        loads.append(args)
+        return load(*args)
+
+    cli._load = counting
+    try:
+        assert main([*CLI_SETTINGS[:1], str(work / "src"), *CLI_SETTINGS[1:]]) == 0
+    finally:
+        cli._load = load
+    return len(loads)
 
 
 def _free_port() -> int:
@@ -282,12 +308,13 @@ def test_a_rank_failing_midway_stops_every_rank_and_leaves_no_output(ranks, sour
     assert not [p for p in source.iterdir() if p.name.startswith(".failed")]
 
 
+def test_only_rank_0_loads_the_whole_model_in_the_cli(ranks):
+    # Rank 1 reads each block from the checkpoint's shards when it visits it.
+    assert [r["loaded whole"] for r in ranks] == [1, 0]
+
+
 def test_torchrun_runs_the_cli_and_rank_0_writes(source, tmp_path):
-    # No --permute: the CLI's full search takes 20 s on 2 cores (the API cases cover it).
-    settings = [
-        "prune", str(source / "src"), "--sparsity", "2:4", "--calibration", "austen",
-        "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--no-progress",
-    ]  # fmt: skip
+    settings = [*CLI_SETTINGS[:1], str(source / "src"), *CLI_SETTINGS[1:]]
     launch = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
         "--master-port", str(_free_port()), "-m", "ria",
