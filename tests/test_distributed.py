@@ -5,12 +5,13 @@ process start costs seconds here)."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import asdict
 from pathlib import Path
 
@@ -126,6 +127,7 @@ def _worker(rank: int, port: int, work: str) -> None:
     stream(work_dir / "src", work_dir / "streamed")
     stream(work_dir / "src", work_dir / "spilled", spill=True)
     results["loaded whole"] = cli_loads(work_dir)
+    results["cli failing to load"] = cli_failing_to_load(work_dir, rank)
 
     prune_matrix = pipeline._BlockStep.prune_matrix
 
@@ -161,6 +163,24 @@ def cli_loads(work: Path) -> int:
     finally:
         cli._load = load
     return len(loads)
+
+
+def cli_failing_to_load(work: Path, rank: int) -> tuple[int, str]:
+    """`ria prune`'s exit code and error output when rank 0 fails to load the model (rank
+    1 reads it block by block and waits for rank 0 where they meet)."""
+    load = cli._load
+
+    def failing(*args):
+        raise OSError("simulated unreadable model")
+
+    cli._load = failing
+    err = io.StringIO()
+    try:
+        with redirect_stderr(err):
+            code = main([*CLI_SETTINGS[:1], str(work / "src"), *CLI_SETTINGS[1:]])
+    finally:
+        cli._load = load
+    return code, err.getvalue()
 
 
 def _free_port() -> int:
@@ -311,6 +331,13 @@ def test_a_rank_failing_midway_stops_every_rank_and_leaves_no_output(ranks, sour
 def test_only_rank_0_loads_the_whole_model_in_the_cli(ranks):
     # Rank 1 reads each block from the checkpoint's shards when it visits it.
     assert [r["loaded whole"] for r in ranks] == [1, 0]
+
+
+def test_rank_0_failing_to_load_stops_every_rank_of_the_cli(ranks):
+    for r in ranks:
+        code, err = r["cli failing to load"]
+        assert code == 2
+        assert "rank 0 of 2 failed" in err and "simulated unreadable model" in err
 
 
 def test_torchrun_runs_the_cli_and_rank_0_writes(source, tmp_path):

@@ -283,12 +283,14 @@ def _prune_in_memory(args: argparse.Namespace, config: PruneConfig) -> int:
     writer = is_writer()
     model: Any
     placement = None
-    streamed = None if writer else _streamable(args.model)
-    if streamed is not None:  # a rank other than 0 reads one block at a time
-        model, placement = read_by_block(streamed, args.dtype, config.device)
-        tokenizer = _tokenizer(streamed)
-    else:
-        model, tokenizer = _load(args.model, args.dtype)
+    # Ranks load differently: one failing stops the others here, not in the prune.
+    with agreeing(f"loading {args.model}"):
+        streamed = None if writer else _streamable(args.model)
+        if streamed is not None:  # a rank other than 0 reads one block at a time
+            model, placement = read_by_block(streamed, args.dtype, config.device)
+            tokenizer = _tokenizer(streamed)
+        else:
+            model, tokenizer = _load(args.model, args.dtype)
     progress = config.progress
     device = config.device
     ppl = {}

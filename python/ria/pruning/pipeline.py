@@ -549,12 +549,13 @@ class _BlockStep:
             perm, searched = plan.result(results)
             orders = matrix_orders(self.block, reorders(self.block, self.layout, perm))
             apply_block(self.block, self.layout, perm)
+            kept = set(keep)
             scores = {
                 name: _reorder(s, *orders.get(name, (None, None)))
                 for name, s in scores.items()
-                if name in keep
+                if name in kept
             }
-            stats = {name: s for name, s in stats.items() if name in keep}
+            stats = {name: s for name, s in stats.items() if name in kept}
         return scores, _reorder_stats(stats, orders), searched
 
     def select(self, score: np.ndarray) -> np.ndarray:
