@@ -129,20 +129,22 @@ def _worker(rank: int, port: int, work: str) -> None:
     results["loaded whole"] = cli_loads(work_dir)
     results["cli failing to load"] = cli_failing_to_load(work_dir, rank)
 
-    prune_matrix = pipeline._BlockStep.prune_matrix
+    # Every rank searches and applies block 1's orders (whatever it prunes): rank 1 fails
+    # there, between the ranks' meetings.
+    permute = pipeline._BlockStep.permute
 
-    def failing(self, name, *args):
+    def failing(self, *args):
         if rank == 1 and self.prefix.endswith(".1"):
             raise RuntimeError("simulated failure on rank 1")
-        return prune_matrix(self, name, *args)
+        return permute(self, *args)
 
-    pipeline._BlockStep.prune_matrix = failing
+    pipeline._BlockStep.permute = failing
     try:
         stream(work_dir / "src", work_dir / "failed")
     except ria.DistributedError as exc:
         results["error"] = str(exc)
     finally:
-        pipeline._BlockStep.prune_matrix = prune_matrix
+        pipeline._BlockStep.permute = permute
     torch.save(results, work_dir / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -257,6 +259,16 @@ def test_coarse_units_are_evened_out_by_scoring_a_moved_matrix_twice():
     assert scored == len(SEVEN_B) + 1
 
 
+def test_measured_costs_split_the_next_block():
+    # A tiny Llama's searches: o_proj's heads cost most, although o_proj is the smallest.
+    seconds = dict.fromkeys(SEVEN_B, 0.1)
+    split = split_block(seconds, FOLDED_JOBS, 2, [2.9, 0.2, 0.2, *[0.25] * 32])
+    # o_proj's unit (8.1 s) against the others (3.9 s); its pruning then moves over.
+    assert split.searches == [1, 1, 1, *[0] * 32]
+    assert split.pruned_by(0) == [] and split.scored_by(0) == ["o"]
+    assert split.pruned_by(1) == list(SEVEN_B)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_rank_ends_with_the_same_model(ranks, case):
     first, second = (r[case] for r in ranks)
@@ -284,9 +296,13 @@ def test_each_rank_scores_its_share_of_a_permuted_block(ranks, alone, case):
     assert len(set(everything)) == len(everything)  # one process scores each matrix once
     mine, theirs = (r[case]["scored"] for r in ranks)
     assert set(mine) | set(theirs) == set(everything)
-    assert mine and theirs and len(mine) < len(everything) and len(theirs) < len(everything)
+    # The first block is split by size (later ones by what the block before cost, which
+    # on a tiny model is noise: matrices may move and be scored twice).
+    first = [[x for x in scored if ".layers.0." in x] for scored in (mine, theirs, everything)]
+    assert first[0] and first[1]
+    assert len(first[0]) < len(first[2]) and len(first[1]) < len(first[2])
     if case.startswith("ria"):  # LLaMA's units balance over 2 ranks without a move
-        assert len(mine) + len(theirs) == len(everything)
+        assert len(first[0]) + len(first[1]) == len(first[2])
 
 
 def test_the_cases_exercise_what_they_name(alone):

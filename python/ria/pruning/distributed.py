@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .matrices import PrunableMatrix
 
 __all__ = [
+    "BlockCosts",
     "BlockSplit",
     "Ranks",
     "SharedSearch",
@@ -126,10 +127,10 @@ def batch_ranges(batches: int, world: int) -> list[range]:
     return out
 
 
-def balanced(sizes: Sequence[int], world: int) -> list[int]:
+def balanced(sizes: Sequence[float], world: int) -> list[int]:
     """The rank of every job, balancing the sum of sizes per rank: largest job first to the
     least loaded rank (ties: earlier job, lower rank). Deterministic."""
-    load = [0] * world
+    load = [0.0] * world
     owner = [0] * len(sizes)
     for job in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
         rank = min(range(world), key=lambda r: (load[r], r))
@@ -159,19 +160,29 @@ class BlockSplit:
         return [name for name, r in self.owners.items() if r == rank or name in read]
 
 
-def split_block(sizes: Mapping[str, int], jobs: Sequence[Sequence[str]], world: int) -> BlockSplit:
-    """Splits one block's work over `world` ranks: `sizes` maps every matrix (in the
-    block's order) to its entries; `jobs` names the matrices each permutation search
-    reads (none without permutation).
+def split_block(
+    costs: Mapping[str, float],
+    jobs: Sequence[Sequence[str]],
+    world: int,
+    job_costs: Sequence[float] | None = None,
+    score_costs: Mapping[str, float] | None = None,
+) -> BlockSplit:
+    """Splits one block's work over `world` ranks: `costs` maps every matrix (in the
+    block's order) to the cost of pruning it (its entries, or the seconds it took in the
+    block before); `jobs` names the matrices each permutation search reads (none without
+    permutation); `job_costs` and `score_costs` are the searches' and the scores' costs
+    (none: nothing, beyond the matrices' `costs`).
 
     Matrices read by a common search form a unit with their searches; units go to the
-    least loaded rank, largest first (`balanced` on their matrices' sizes), and a unit's
-    rank searches and prunes it: nothing is scored twice. Where units are coarse (one
-    search over q/k/v, or over every expert of a MoE block), the pruning is then evened
-    out: while the most loaded rank holds a matrix that the least loaded one could
-    prune with both ending below the former's load, the largest such moves (the new
-    owner scores it again; the search stays). Deterministic."""
-    names = list(sizes)
+    least loaded rank, costliest first (`balanced`), and a unit's rank scores, searches
+    and prunes it: nothing is scored twice. Where units are coarse (one search over
+    q/k/v, or over every expert of a MoE block), the load is then evened out: while the
+    most loaded rank prunes a matrix that the least loaded one could take (pruning it,
+    and scoring it again unless its own searches read it) and still end below the
+    former's load, the costliest such moves. Deterministic."""
+    names = list(costs)
+    job_costs = [0.0] * len(jobs) if job_costs is None else job_costs
+    score = {x: 0.0 for x in names} if score_costs is None else score_costs
     unit = {name: i for i, name in enumerate(names)}  # union-find over matrix names
 
     def root(name: str) -> str:
@@ -184,25 +195,49 @@ def split_block(sizes: Mapping[str, int], jobs: Sequence[Sequence[str]], world: 
             a, b = sorted((unit[root(reads[0])], unit[root(x)]))
             unit[names[b]] = a  # the earlier matrix roots the merged unit
     roots = list(dict.fromkeys(root(x) for x in names))
-    members = {r: [x for x in names if root(x) == r] for r in roots}
-    owner_of_unit = balanced([sum(sizes[x] for x in members[r]) for r in roots], world)
-    unit_rank = dict(zip(roots, owner_of_unit, strict=True))
+    unit_cost = {r: 0.0 for r in roots}
+    for x in names:
+        unit_cost[root(x)] += costs[x] + score[x]
+    for reads, cost in zip(jobs, job_costs, strict=True):
+        unit_cost[root(reads[0])] += cost
+    unit_rank = dict(zip(roots, balanced([unit_cost[r] for r in roots], world), strict=True))
     owners = {x: unit_rank[root(x)] for x in names}
-    load = [0] * world
-    for x, r in owners.items():
-        load[r] += sizes[x]
+    searched = {x: unit_rank[root(x)] for reads in jobs for x in reads}  # scored there anyway
+    load = [0.0] * world
+    for r in roots:
+        load[unit_rank[r]] += unit_cost[r]
+
+    def cost_on(rank: int, x: str) -> float:
+        return costs[x] + (0.0 if searched.get(x) == rank else score[x])
+
     while True:
         heavy = max(range(world), key=lambda r: (load[r], -r))
         light = min(range(world), key=lambda r: (load[r], r))
-        movable = [x for x in names if owners[x] == heavy and load[light] + sizes[x] < load[heavy]]
+        movable = [
+            x
+            for x in names
+            if owners[x] == heavy and costs[x] > 0 and load[light] + cost_on(light, x) < load[heavy]
+        ]
         if not movable:
             break
-        x = max(movable, key=lambda y: sizes[y])  # the earliest of the largest
+        x = max(movable, key=lambda y: costs[y])  # the earliest of the costliest
         owners[x] = light
-        load[heavy] -= sizes[x]
-        load[light] += sizes[x]
-    searches = [unit_rank[root(reads[0])] if reads else 0 for reads in jobs]
+        load[heavy] -= cost_on(heavy, x)
+        load[light] += cost_on(light, x)
+    searches = [unit_rank[root(reads[0])] for reads in jobs]
     return BlockSplit(searches, owners, [tuple(reads) for reads in jobs])
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """What one block's work cost in seconds, as every rank knows it (from the results
+    shared between them): each search job's (`jobs[k]` the matrices it read) and each
+    matrix's pruning. The next block, built alike, is split by them (`Ranks.split`)."""
+
+    jobs: list[tuple[str, ...]]
+    job_seconds: list[float]
+    matrix_seconds: dict[str, float]
+    score_seconds: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -227,6 +262,11 @@ class Ranks:
     world: int
     device: torch.device
     doing: str = "starting"
+    # The previous block's costs: searches cost nothing like their size (a tiny Llama's
+    # o_proj heads took 40 times gate/up's search), so blocks after the first are split
+    # by what the one before measured; every rank has the same numbers, and the results
+    # do not depend on who computes them.
+    costs: BlockCosts | None = None
 
     # ---- failures
 
@@ -361,7 +401,17 @@ class Ranks:
     # ---- per-matrix work
 
     def split(self, sizes: Mapping[str, int], jobs: Sequence[Sequence[str]]) -> BlockSplit:
-        """`split_block` over this group's ranks."""
+        """`split_block` over this group's ranks, by the previous block's `costs` when it
+        had the same matrices and searches, else by `sizes` (each matrix's entries)."""
+        c = self.costs
+        if (
+            c is not None
+            and c.jobs == [tuple(j) for j in jobs]
+            and c.matrix_seconds.keys() == sizes.keys()
+        ):
+            seconds = {x: c.matrix_seconds[x] for x in sizes}
+            scores = {x: c.score_seconds.get(x, 0.0) for x in sizes}
+            return split_block(seconds, jobs, self.world, c.job_seconds, scores)
         return split_block(sizes, jobs, self.world)
 
     def search(

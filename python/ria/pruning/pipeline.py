@@ -39,7 +39,7 @@ from ..core import (
     wanda_score,
 )
 from ..data import check_vocabulary
-from ..errors import InvalidArgumentError, RiaError, UnsupportedModelError
+from ..errors import DistributedError, InvalidArgumentError, RiaError, UnsupportedModelError
 from ..permutation import (
     BlockLayout,
     BlockSearch,
@@ -55,7 +55,7 @@ from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
 from .config import ALPHA_GRID, Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, decoder_coverage
-from .distributed import BlockSplit, Ranks, SharedSearch, current
+from .distributed import BlockCosts, BlockSplit, Ranks, SharedSearch, current
 from .error import relative_output_error
 from .matrices import PrunableMatrix, block_matrices
 from .obs import obs_prune
@@ -351,6 +351,8 @@ class _BlockStep:
         self.matrices = block_matrices(block)
         self.layout = BlockLayout()
         self.alphas: dict[str, float] = {}
+        self.search_seconds: list[float] = []  # each search job's, in the plan's order
+        self.score_seconds: dict[str, float] = {}  # each matrix's scoring here
         # Experts routed fewer than MIN_ROUTED_TOKENS calibration tokens: their scores are
         # weight-only, and no mask refinement or OBS update fits them to so few tokens.
         self.weight_only: set[str] = set()
@@ -385,9 +387,20 @@ class _BlockStep:
         if self.ranks is not None:
             assert split is not None
             with self.timer("communication"):
-                layers = self.ranks.share_matrices(
-                    f"sending {self.prefix}'s pruned matrices", self.matrices, split.owners, layers
+                # With what scoring each matrix cost its owner, to split the next block.
+                shared = self.ranks.share_matrices(
+                    f"sending {self.prefix}'s pruned matrices",
+                    self.matrices,
+                    split.owners,
+                    {x: (layers[x], self.score_seconds.get(x, 0.0)) for x in names},
                 )
+            layers = {name: layer for name, (layer, _) in shared.items()}
+            self.ranks.costs = BlockCosts(
+                [tuple(j) for j in split.reads],
+                self.search_seconds,
+                {name: layers[name].seconds for name in self.matrices},
+                {name: shared[name][1] for name in self.matrices},
+            )
         return [layers[name] for name in self.matrices]
 
     def prune_matrix(
@@ -485,6 +498,7 @@ class _BlockStep:
         with self.timer("scores"):
             for name in self.matrices if names is None else names:
                 matrix = self.matrices[name]
+                started = time.perf_counter()
                 with naming(f"{self.prefix}.{name}"):
                     # The core refuses non-finite weights and scores that would overflow,
                     # naming the entry; activations are checked here to say where they
@@ -497,6 +511,7 @@ class _BlockStep:
                         self.alphas[name], scores[name] = self.best_alpha(matrix, stats[name])
                     else:
                         scores[name] = score_matrix(matrix, stats.get(name), self.config)
+                self.score_seconds[name] = time.perf_counter() - started
         return scores
 
     def best_alpha(self, matrix: PrunableMatrix, stats: InputStats) -> tuple[float, np.ndarray]:
@@ -546,6 +561,7 @@ class _BlockStep:
                     target.m,
                     options,
                 )
+            self.search_seconds = [r.seconds for r in results]
             perm, searched = plan.result(results)
             orders = matrix_orders(self.block, reorders(self.block, self.layout, perm))
             apply_block(self.block, self.layout, perm)
@@ -704,7 +720,8 @@ def naming(where: str) -> Iterator[None]:
     try:
         yield
     except RiaError as exc:
-        if str(exc).startswith(where):
+        # A DistributedError names the rank and block that failed (maybe not this one).
+        if str(exc).startswith(where) or isinstance(exc, DistributedError):
             raise
         raise type(exc)(f"{where}: {exc}") from exc
 
