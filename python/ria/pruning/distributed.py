@@ -176,10 +176,11 @@ def split_block(
     Matrices read by a common search form a unit with their searches; units go to the
     least loaded rank, costliest first (`balanced`), and a unit's rank scores, searches
     and prunes it: nothing is scored twice. Where units are coarse (one search over
-    q/k/v, or over every expert of a MoE block), the load is then evened out: while the
-    most loaded rank prunes a matrix that the least loaded one could take (pruning it,
-    and scoring it again unless its own searches read it) and still end below the
-    former's load, the costliest such moves. Deterministic."""
+    q/k/v, every expert of a MoE block under one folded order, o_proj's per-head
+    searches), the load is then evened out: while the most loaded rank holds a search
+    or a matrix to prune that the least loaded one could take (scoring what it reads or
+    prunes, unless it does already) and still end below the former's load, the move
+    that lowers the former's load most is made. Deterministic."""
     names = list(costs)
     job_costs = [0.0] * len(jobs) if job_costs is None else job_costs
     score = {x: 0.0 for x in names} if score_costs is None else score_costs
@@ -201,30 +202,70 @@ def split_block(
     for reads, cost in zip(jobs, job_costs, strict=True):
         unit_cost[root(reads[0])] += cost
     unit_rank = dict(zip(roots, balanced([unit_cost[r] for r in roots], world), strict=True))
-    owners = {x: unit_rank[root(x)] for x in names}
-    searched = {x: unit_rank[root(x)] for reads in jobs for x in reads}  # scored there anyway
-    load = [0.0] * world
-    for r in roots:
-        load[unit_rank[r]] += unit_cost[r]
+    return _evened(
+        names, costs, score, jobs, job_costs, world,
+        searches=[unit_rank[root(reads[0])] for reads in jobs],
+        owners={x: unit_rank[root(x)] for x in names},
+    )  # fmt: skip
 
-    def cost_on(rank: int, x: str) -> float:
-        return costs[x] + (0.0 if searched.get(x) == rank else score[x])
+
+def _evened(
+    names: list[str],
+    costs: Mapping[str, float],
+    score: Mapping[str, float],
+    jobs: Sequence[Sequence[str]],
+    job_costs: Sequence[float],
+    world: int,
+    searches: list[int],
+    owners: dict[str, int],
+) -> BlockSplit:
+    """`split_block`'s moves from the split by units (`searches`, `owners`). A rank's
+    load: its searches, its pruning, and scoring every matrix it needs once (`needs`
+    counts why: each search of its reading it, and pruning it)."""
+    needs = [dict.fromkeys(names, 0) for _ in range(world)]
+    load = [0.0] * world
+    for k, reads in enumerate(jobs):
+        load[searches[k]] += job_costs[k]
+        for x in reads:
+            needs[searches[k]][x] += 1
+    for x in names:
+        load[owners[x]] += costs[x]
+        needs[owners[x]][x] += 1
+    for r in range(world):
+        load[r] += sum(score[x] for x in names if needs[r][x])
+
+    def change(reads: Sequence[str], cost: float, src: int, dst: int) -> tuple[float, float]:
+        """How moving work of `cost` that needs the scores of `reads` changes the loads
+        of `src` and `dst`."""
+        lost = cost + sum(score[x] for x in reads if needs[src][x] == 1)
+        return -lost, cost + sum(score[x] for x in reads if not needs[dst][x])
 
     while True:
         heavy = max(range(world), key=lambda r: (load[r], -r))
         light = min(range(world), key=lambda r: (load[r], r))
-        movable = [
-            x
-            for x in names
-            if owners[x] == heavy and costs[x] > 0 and load[light] + cost_on(light, x) < load[heavy]
+        moves = [  # (heavy's change, kind, index)
+            (change(reads, job_costs[k], heavy, light), "search", k)
+            for k, reads in enumerate(jobs)
+            if searches[k] == heavy and job_costs[k] > 0
+        ] + [
+            (change((x,), costs[x], heavy, light), "prune", i)
+            for i, x in enumerate(names)
+            if owners[x] == heavy and costs[x] > 0
         ]
-        if not movable:
+        useful = [(d, kind, i) for d, kind, i in moves if load[light] + d[1] < load[heavy]]
+        if not useful:
             break
-        x = max(movable, key=lambda y: costs[y])  # the earliest of the costliest
-        owners[x] = light
-        load[heavy] -= cost_on(heavy, x)
-        load[light] += cost_on(light, x)
-    searches = [unit_rank[root(reads[0])] for reads in jobs]
+        (lost, gained), kind, i = min(useful, key=lambda m: (m[0][0], m[1], m[2]))
+        reads = jobs[i] if kind == "search" else (names[i],)
+        for x in reads:
+            needs[heavy][x] -= 1
+            needs[light][x] += 1
+        if kind == "search":
+            searches[i] = light
+        else:
+            owners[names[i]] = light
+        load[heavy] += lost
+        load[light] += gained
     return BlockSplit(searches, owners, [tuple(reads) for reads in jobs])
 
 
