@@ -10,14 +10,15 @@ The block loop stays sequential over blocks; within a block:
   one process too, are summed in float64 (almost always exactly) and rounded once, so they
   agree with one process's to the bit;
 - per-matrix work (`split_block`): the block's permutation searches and the matrices
-  they read go to ranks as units (searches reading one matrix, like o_proj's per-head
-  ones, stay together), balanced by size; a rank scores only the matrices of its
-  searches and of its own pruning, and prunes (selects the mask, refines, updates) the
-  matrices of its units, except those moved to a less loaded rank to even out the
-  pruning, which that rank scores again. The searches' orders (`search`) and the pruned
-  weights (`share_matrices`) are sent to every rank, so every rank holds the same block
-  before the next one. Scores never travel: each rank computes the ones it needs from
-  the same weights and statistics, so they are the bits one process computes.
+  they read go to ranks as units; a unit's rank scores its matrices, searches their
+  orders and prunes them (selects the mask, refines, updates); searches and matrices of
+  coarse units then move to less loaded ranks, which score what they need again. The
+  first block is split by size, later ones by what the block before cost (`BlockCosts`,
+  `Ranks.split`). The searches' orders (`search`) and the pruned weights
+  (`share_matrices`) are sent to every rank, so every rank holds the same block before
+  the next one. Scores never travel: each rank computes the ones it needs from the same
+  weights and statistics, so they are the bits one process computes, whoever computes
+  them.
 
 Failures: every collective here starts with `sync`, where each rank says whether it failed;
 a rank that raises anywhere inside `agreeing` says so at its next `sync` instead of leaving
