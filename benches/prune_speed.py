@@ -5,6 +5,7 @@ result (the permuted model must convert and compute the same logits).
     python benches/prune_speed.py                      # 32 layers, 128 x 2048 tokens
     python benches/prune_speed.py --layers 2 --nsamples 8   # a quick check
     python benches/prune_speed.py --layers 8 --refine   # what mask refinement adds
+    python benches/prune_speed.py --layers 4 --refine --reconstruct   # + OBS update and refit
     python benches/prune_speed.py --nproc 4 --no-sparsify   # split over 4 GPUs (torchrun)
     python benches/prune_speed.py --shape 70b --layers 4 --nproc 8 --no-sparsify
 
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--method", default="ria")
     parser.add_argument("--permute", default="folded", choices=["folded", "free"])
     parser.add_argument("--refine", action="store_true", help="ria.prune(refine=True)")
+    parser.add_argument(
+        "--reconstruct", action="store_true", help="ria.prune(reconstruct=True): OBS + refit"
+    )
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument(
         "--no-sparsify", action="store_true", help="skip the sparsify check (times pruning only)"
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
     t0 = time.perf_counter()
     report = ria.prune(
         model, None, sparsity="2:4", method=args.method, permute=args.permute,
-        refine=args.refine, calibration=windows, nsamples=args.nsamples, seqlen=args.seqlen,
+        refine=args.refine, reconstruct=args.reconstruct, calibration=windows,
+        nsamples=args.nsamples, seqlen=args.seqlen,
         device=device, progress=rank == 0,
     )  # fmt: skip
     wall = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
@@ -139,6 +144,7 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
         "method": args.method,
         "permute": args.permute,
         "refine": args.refine,
+        "reconstruct": args.reconstruct,
         "model_build_seconds": build,
         "prune_seconds": report.total_seconds,
         "wall_seconds": float(wall.item()),
