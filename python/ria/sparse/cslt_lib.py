@@ -299,13 +299,15 @@ class CsltMatmul:
         return plan
 
     def fits(self, x: torch.Tensor) -> bool:
-        """Whether `x` is a contiguous `(M, K)` tensor of the weight's dtype and device."""
+        """Whether `x` is a contiguous, 16-byte aligned `(M, K)` tensor of the weight's
+        dtype and device (the alignment the descriptors declare)."""
         return (
             x.dim() == 2
             and x.shape[1] == self.k
             and x.dtype == self.dtype
             and x.is_contiguous()
             and x.device == self.device
+            and x.data_ptr() % 16 == 0
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

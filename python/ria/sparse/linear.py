@@ -44,6 +44,8 @@ TRITON = "triton"
 MMA = "mma"
 MMA_CSLT = "mma_cslt"  # the mma.sp kernel reading cuSPARSELt's buffer (the compact "cslt" form)
 BACKENDS = (DENSE, CUSPARSELT, TRITON, MMA, MMA_CSLT)
+# Prepared calls kept per layer (distinct token counts and modes) before they are rebuilt.
+MAX_RUNNERS = 128
 # The eager call path's version (prepared launches, kept cuSPARSELt plans): part of the
 # plan cache's key, so eager plans timed on an older path are tuned again.
 EAGER_CALLS = 2
@@ -150,11 +152,13 @@ class Sparse24Linear(nn.Module):
         self._by_m: dict[tuple[int, bool], Choice] = {}
         # (tokens, eager) -> the prepared call (holds raw addresses of the buffers above)
         self._runners: dict[tuple[int, bool], Runner] = {}
+        self._matmuls: dict[Choice, CsltMatmul] = {}  # eager cuSPARSELt: plans by token count
         self._handle = _register(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
         state["_runners"] = {}  # ctypes argument blocks: rebuilt on the copy's first call
+        state["_matmuls"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -163,6 +167,7 @@ class Sparse24Linear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Sparse24Linear:
         self._runners = {}  # .to()/.cuda()/.half() move the buffers the runners point at
+        self._matmuls = {}
         moved: Sparse24Linear = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         return moved
 
@@ -203,6 +208,8 @@ class Sparse24Linear(nn.Module):
         key = (x.shape[0], not (x.is_cuda and graph_mode()))
         run = self._runners.get(key)
         if run is None:
+            if len(self._runners) >= MAX_RUNNERS:  # many distinct token counts: start over
+                self._runners.clear()
             run = self._runners[key] = self.runner(*key)
         return run(x)
 
@@ -236,7 +243,11 @@ class Sparse24Linear(nn.Module):
             assert packed is not None  # __init__ checks the plan's forms are given
             config = choice.cslt or CsltConfig()
             if eager and cslt_lib_status() is None:
-                return _cslt_runner(packed, self.out_features, self.in_features, bias, config)
+                matmul = self._matmuls.get(choice)
+                if matmul is None:  # one per choice: its plans (per token count) are bounded
+                    n, k = self.out_features, self.in_features
+                    matmul = self._matmuls[choice] = CsltMatmul(packed, n, k, bias, config)
+                return _cslt_runner(matmul)
 
             def cslt(x: torch.Tensor) -> torch.Tensor:
                 return cslt_linear(x, packed, bias, config)
@@ -304,16 +315,13 @@ def _mma_runner(
     return mma
 
 
-def _cslt_runner(
-    packed: torch.Tensor, n: int, k: int, bias: torch.Tensor | None, config: CsltConfig
-) -> Runner:
-    """cuSPARSELt with its matmul plan kept (eager calls)."""
-    matmul = CsltMatmul(packed, n, k, bias, config)
+def _cslt_runner(matmul: CsltMatmul) -> Runner:
+    """cuSPARSELt with its matmul plans kept (eager calls)."""
 
     def cslt(x: torch.Tensor) -> torch.Tensor:
         if matmul.fits(x):
             return matmul(x)
-        return cslt_linear(x, packed, bias, config)
+        return cslt_linear(x, matmul.packed, matmul.bias, matmul.config)
 
     return cslt
 
