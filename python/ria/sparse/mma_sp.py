@@ -34,6 +34,7 @@ __all__ = [
     "CONFIGS",
     "MAX_TOKENS",
     "MmaConfig",
+    "MmaLaunch",
     "MmaWeight",
     "candidates",
     "compile_kernels",
@@ -353,6 +354,22 @@ def mma24_linear(
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
         raise InvalidArgumentError(f"out must be ({m}, {n}) {x.dtype} with unit column stride")
+    kernel, config, tiles, row_tiles, args = _prepare(x, packed, bias, order, config, out)
+    _launch(kernel, config, tiles, row_tiles, args)
+    return out
+
+
+def _prepare(
+    x: torch.Tensor,
+    packed: MmaWeight,
+    bias: torch.Tensor | None,
+    order: torch.Tensor | None,
+    config: MmaConfig | None,
+    out: torch.Tensor,
+) -> tuple[Any, MmaConfig, int, int, list[Any]]:
+    """The kernel, launch shape, token tiles, row tiles and argument list for checked
+    inputs (`x` at index 0 and `out` at index 7 of the arguments)."""
+    m = x.shape[0]
     cslt = isinstance(packed, Compact24)
     config = config or default_config(m, cslt)
     tiles = -(-m // TOKEN_TILE)
@@ -371,25 +388,77 @@ def mma24_linear(
         out,
         out.stride(0),
         m,
-        n,
+        packed.out_features,
         packed.in_features,
         row_tiles,
         pairs,
         unused,  # the e4m3 kernel's scales
         unused,
     ]
-    _launch(kernel, config, tiles, row_tiles, args)
-    return out
+    return kernel, config, tiles, row_tiles, args
+
+
+def _launch_shape(config: MmaConfig, tiles: int, row_tiles: int) -> tuple[int, int, int]:
+    """(blocks, threads per block, dynamic shared memory bytes) of one launch."""
+    return -(-row_tiles // config.row_tiles), 32 * config.warps, _smem_bytes(config, tiles)
 
 
 def _launch(kernel: Any, config: MmaConfig, tiles: int, row_tiles: int, args: list[Any]) -> None:
-    grid = -(-row_tiles // config.row_tiles)
-    kernel(
-        grid=(grid, 1, 1),
-        block=(32 * config.warps, 1, 1),
-        args=args,
-        shared_mem=_smem_bytes(config, tiles),
-    )
+    grid, block, smem = _launch_shape(config, tiles, row_tiles)
+    kernel(grid=(grid, 1, 1), block=(block, 1, 1), args=args, shared_mem=smem)
+
+
+class MmaLaunch:
+    """`mma24_linear(x, packed, bias, order=order, config=config)` for `m`-token inputs,
+    with its checks done and its argument block built once (`launch.PreparedLaunch`): a
+    call allocates the output and launches, for eager calls whose host time counts.
+
+    The weight, bias and order tensors must stay in place while the launch is used.
+    """
+
+    def __init__(
+        self,
+        packed: MmaWeight,
+        bias: torch.Tensor | None,
+        m: int,
+        *,
+        order: torch.Tensor | None = None,
+        config: MmaConfig | None = None,
+    ) -> None:
+        from .launch import PreparedLaunch
+
+        dtype, device = packed.values.dtype, packed.values.device
+        x = torch.empty(m, packed.in_features, dtype=dtype, device=device)
+        _check(x, packed, bias, order)
+        out = torch.empty(m, packed.out_features, dtype=dtype, device=device)
+        with torch.cuda.device(device):  # the kernel is loaded per device
+            kernel, self.config, tiles, row_tiles, args = _prepare(
+                x, packed, bias, order, config, out
+            )
+        grid, block, smem = _launch_shape(self.config, tiles, row_tiles)
+        self.m, self.n, self.k = m, packed.out_features, packed.in_features
+        self.dtype, self.device = dtype, device
+        self._device_index = device.index if device.index is not None else 0
+        self._launch = PreparedLaunch(kernel.func, grid, block, smem, args, patched=(0, 7))
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether `x` can take the prepared launch: `(m, K)`, contiguous, aligned, the
+        weight's dtype and device (else use `mma24_linear`, which checks and copies)."""
+        return (
+            x.shape == (self.m, self.k)
+            and x.dtype == self.dtype
+            and x.is_contiguous()
+            and x.device == self.device
+            and x.data_ptr() % 4 == 0
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`(m, K)` `x` for which `fits(x)` holds -> `(m, N)`."""
+        from .launch import raw_stream
+
+        out = torch.empty(self.m, self.n, dtype=self.dtype, device=self.device)
+        self._launch(x.data_ptr(), out.data_ptr(), stream=raw_stream(self._device_index))
+        return out
 
 
 def mma24_fp8_linear(
