@@ -130,7 +130,7 @@ def _run_on_host(
     2:4 weight and compare with the masked dense product (with `e4m3`: weight and tokens in
     e4m3, against `fp8_linear_reference`; with `cslt`: the weight as cuSPARSELt's buffer,
     values row-major and metadata in its tiled order, `format.to_cslt_layout`)."""
-    row_tiles, warps, unroll = cfg
+    row_tiles, warps, unroll, stages, split = (*cfg, 0, 1)[:5] if len(cfg) == 3 else cfg
     w = random_24(n, k, dtype=dtype, seed=n + m)
     g = torch.Generator().manual_seed(m)
     ldx = k + 8  # a row stride larger than K
@@ -170,6 +170,8 @@ def _run_on_host(
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
     }
+    if stages:
+        defines |= {"RIA_TILED": 1, "RIA_S": stages, "RIA_SK": split}
     kernel = resources.files("ria.sparse").joinpath("mma_sp.cu").read_text("utf-8")
     header = Path(__file__).with_name("mma_sp_host.h")
     src = "".join(f"#define {key} {v}\n" for key, v in defines.items())
@@ -179,7 +181,7 @@ def _run_on_host(
         [GXX, "-std=c++20", "-O1", "-pthread", "-w", str(tmp_path / "kernel.cpp"), "-o", str(exe)],
         check=True,
     )
-    grid = -(-tiles // row_tiles)
+    grid = -(-tiles // (row_tiles * (warps if stages else 1)))
     args = [m, n, k, tiles, pairs, int(bias), ldx, grid]
     subprocess.run([str(exe), str(tmp_path), *map(str, args)], check=True)
     raw = np.fromfile(tmp_path / "y.bin", dtype=np.int16)
@@ -243,6 +245,30 @@ def test_mma_cslt_kernel_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bia
     """The kernel reading cuSPARSELt's buffer layout (values row-major, tiled metadata
     unshuffled in registers) equals the masked dense product."""
     _run_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias, cslt=True)
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+@pytest.mark.parametrize(
+    "n, k, m, cfg, dtype, bias",
+    [
+        # 64 token rows, three stages over K = 32 * 43 (a last stage of 3 k-steps), a cluster
+        # of 3 blocks splitting 11 k-chunks unevenly; N not a multiple of the block's 128 rows
+        (176, 1376, 64, (2, 4, 2, 3, 3), torch.bfloat16, True),
+        # odd M (2 token tiles, the second partial), fp16, one block column (no cluster),
+        # 4 stages over fewer chunks than stages
+        (64, 96, 13, (1, 4, 1, 4, 1), torch.float16, False),
+        # four row tiles per warp, a cluster of 2 where one block has no chunk at all
+        (128, 64, 33, (4, 2, 1, 2, 2), torch.bfloat16, True),
+        # N < 64 rows (a partial 64-row block of metadata), two 256-row warps' worth
+        (48, 256, 20, (2, 2, 2, 2, 1), torch.bfloat16, False),
+    ],
+)
+def test_mma_tiled_kernel_on_host(tmp_path, n, k, m, cfg, dtype, bias):
+    """The tiled kernel (cuSPARSELt's buffer staged in shared memory by cp.async, ldmatrix
+    fragments, metadata rebuilt for the natural group order, split-K over a cluster added
+    in shared memory) equals the masked dense product; the emulated cp.async lands only at
+    cp.async.wait_group, so a stage read too early reads stale or NaN data."""
+    _run_on_host(tmp_path, n, k, m, cfg, dtype, None, bias, cslt=True)
 
 
 # -- kernel (GPU) ----------------------------------------------------------------------

@@ -53,21 +53,47 @@ _ENTRY = "ria_mma_sp24"
 
 @dataclass(frozen=True)
 class MmaConfig:
-    """Launch shape: `row_tiles` tiles of 16 rows per block, `warps` warps per block splitting
-    the input columns, `unroll` pairs of k-steps (64 columns) of weight loaded per warp
-    before they are multiplied."""
+    """Launch shape. With `stages == 0` (the plain kernel): `row_tiles` tiles of 16 rows per
+    block, `warps` warps per block splitting the input columns, `unroll` pairs of k-steps
+    (64 columns) of weight loaded per warp before they are multiplied.
+
+    With `stages >= 2` (the tiled kernel, weights in cuSPARSELt's buffer only, no input
+    order; `mma_sp.cu`, RIA_TILED): each of `warps` warps owns `row_tiles` tiles of 16 rows
+    (a block: 16 * row_tiles * warps rows, a multiple of 64), `unroll` pairs of k-steps per
+    shared-memory stage, `stages` stages in flight, and a cluster of `split` blocks
+    splitting the input columns (1..8; > 1 needs compute capability 9.0)."""
 
     row_tiles: int = 1
     warps: int = 16
     unroll: int = 2
+    stages: int = 0
+    split: int = 1
 
     def __post_init__(self) -> None:
-        if min(self.row_tiles, self.warps, self.unroll) < 1 or self.warps > 32:
+        if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
             raise InvalidArgumentError(
                 f"MmaConfig needs positive fields and at most 32 warps, got {self!r}"
             )
+        if self.stages == 0 and self.split != 1:
+            raise InvalidArgumentError(f"split > 1 needs the tiled kernel (stages >= 2): {self!r}")
+        if self.stages and (
+            self.stages < 2 or self.split > 8 or (self.row_tiles * self.warps) % 4
+        ):
+            raise InvalidArgumentError(
+                "the tiled kernel needs stages >= 2, split <= 8 and row_tiles * warps a "
+                f"multiple of 4 (whole 64-row blocks), got {self!r}"
+            )
+
+    @property
+    def tiled(self) -> bool:
+        """Whether this is the tiled kernel's shape (x and weights staged in shared memory)."""
+        return self.stages > 0
 
     def __str__(self) -> str:
+        if self.tiled:
+            return (
+                f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
+            )
         return f"r{self.row_tiles}w{self.warps}u{self.unroll}"
 
 
@@ -180,6 +206,8 @@ def _kernel_source(
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
     }
+    if config.tiled:  # (only then: the plain kernels' sources and disk cache keys stay)
+        defines |= {"RIA_TILED": 1, "RIA_S": config.stages, "RIA_SK": config.split}
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
 
 
@@ -240,8 +268,25 @@ def _kernel(
 
 
 def _smem_bytes(config: MmaConfig, tiles: int) -> int:
-    """Shared memory for the warps' partial sums: fp32 per warp, row tile, token tile, lane."""
-    return 4 * config.warps * config.row_tiles * tiles * 4 * 32
+    """Dynamic shared memory per block. Plain kernel: the warps' partial sums, fp32 per
+    warp, row tile, token tile, lane. Tiled kernel (as RIA_STAGE_BYTES in mma_sp.cu):
+    `stages` stages of values (rows x (64 * unroll + 16) bytes), tokens (8 * tiles x
+    (128 * unroll + 16) bytes) and metadata (256 bytes per 64 rows and 32 columns), and with
+    `split > 1` at least the block's fp32 sums (rows x tokens) for the cluster's reduction."""
+    if not config.tiled:
+        return 4 * config.warps * config.row_tiles * tiles * 4 * 32
+    rows, u = 16 * config.row_tiles * config.warps, config.unroll
+    stage = rows * (64 * u + 16) + 8 * tiles * (128 * u + 16) + rows // 64 * 2 * u * 256
+    sums = 4 * rows * 8 * tiles if config.split > 1 else 0
+    return max(config.stages * stage, sums)
+
+
+def _grid(config: MmaConfig, row_tiles: int) -> tuple[int, int, int]:
+    """Blocks: one per `config.row_tiles` row tiles (plain kernel), or per block of
+    16 * row_tiles * warps rows times `split` (tiled kernel)."""
+    if not config.tiled:
+        return (-(-row_tiles // config.row_tiles), 1, 1)
+    return (-(-row_tiles // (config.row_tiles * config.warps)), config.split, 1)
 
 
 def _check(
@@ -346,9 +391,15 @@ def mma24_linear(
     _check(x, packed, bias, order)
     m = x.shape[0]
     n = packed.out_features
-    # 4-byte loads of x pairs need an even row stride and an aligned start.
-    if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:
-        x = x.contiguous()
+    if config is not None and config.tiled and (order is not None or isinstance(packed, Mma24)):
+        raise InvalidArgumentError(
+            f"the tiled kernel ({config}) reads cuSPARSELt's buffer without an input order"
+        )
+    # 4-byte loads of x pairs need an even row stride and an aligned start; the tiled
+    # kernel's 16-byte copies a row stride of 8 elements and a 16-byte aligned start.
+    align = 8 if config is not None and config.tiled else 2
+    if x.stride(1) != 1 or x.stride(0) % align or x.data_ptr() % (2 * align):
+        x = x.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
@@ -383,9 +434,8 @@ def mma24_linear(
 
 
 def _launch(kernel: Any, config: MmaConfig, tiles: int, row_tiles: int, args: list[Any]) -> None:
-    grid = -(-row_tiles // config.row_tiles)
     kernel(
-        grid=(grid, 1, 1),
+        grid=_grid(config, row_tiles),
         block=(32 * config.warps, 1, 1),
         args=args,
         shared_mem=_smem_bytes(config, tiles),
@@ -427,6 +477,8 @@ def mma24_fp8_linear(
         raise InvalidArgumentError(f"bias must be ({n},) {out_dtype}")
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     config = config or default_config(m)
+    if config.tiled:
+        raise InvalidArgumentError(f"the tiled kernel ({config}) has no e4m3 form")
     tiles = -(-m // TOKEN_TILE)
     kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True)
     unused = packed.values
@@ -452,7 +504,10 @@ def mma_best_config(
     candidate's microseconds per call. With `fp8_scales` = (token scales, each weight's
     row scales), `x` holds e4m3 tokens and `packed` e4m3 weights (`mma24_fp8_linear`).
     `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments."""
-    configs = configs or candidates(x.shape[0], cslt=isinstance(packed[0], Compact24))
+    cslt = isinstance(packed[0], Compact24)
+    configs = configs or candidates(x.shape[0], cslt=cslt)
+    if order is not None or not cslt or fp8_scales is not None:  # shapes the tiled kernel lacks
+        configs = tuple(c for c in configs if not c.tiled)
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
     for cfg in configs:
