@@ -307,7 +307,8 @@ def test_mma_kernel_every_config_and_strided_input():
         x = big[:, :k]  # row stride 2k: read in place
         ref = _reference(x, w, None, None)
         for cfg in CONFIGS:
-            assert _rel_err(mma24_linear(x, p, config=cfg), ref) < 1e-2, (m, cfg)
+            if not cfg.tiled:  # the tiled kernel reads cuSPARSELt's buffer only
+                assert _rel_err(mma24_linear(x, p, config=cfg), ref) < 1e-2, (m, cfg)
 
 
 def test_mma_config_rejects_bad_shapes():
@@ -317,6 +318,13 @@ def test_mma_config_rejects_bad_shapes():
         MmaConfig(1, 64, 2)
     with pytest.raises(InvalidArgumentError, match="positive"):
         MmaConfig(0, 8, 2)
+    with pytest.raises(InvalidArgumentError, match="needs the tiled kernel"):
+        MmaConfig(2, 8, 2, split=2)
+    with pytest.raises(InvalidArgumentError, match="whole 64-row blocks"):
+        MmaConfig(1, 2, 2, 4)  # 32 rows per block
+    with pytest.raises(InvalidArgumentError, match="stages >= 2"):
+        MmaConfig(2, 4, 2, 1)
+    assert str(MmaConfig(2, 4, 2, 4, 3)) == "t2w4u2s4k3" and MmaConfig(2, 4, 2, 4).tiled
     for m in (1, 8, 9, 16, 17, 64):  # every candidate is one of the configurations tested
         for cslt in (False, True):
             assert set(candidates(m, cslt)) <= set(CONFIGS)
@@ -373,7 +381,37 @@ def test_mma_cslt_kernel_reads_cusparselt_buffer(dtype, bias):
         order = torch.randperm(k, device="cuda", dtype=torch.int32)
         ref = _reference(x, w, b, order)
         for cfg in CONFIGS:
-            assert _rel_err(mma24_linear(x, c, b, order=order, config=cfg), ref) < 1e-2, cfg
+            if not cfg.tiled:  # (no input order in the tiled kernel)
+                assert _rel_err(mma24_linear(x, c, b, order=order, config=cfg), ref) < 1e-2, cfg
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_tiled_kernel_reads_cusparselt_buffer(dtype):
+    """The tiled kernel on cuSPARSELt's buffer against the masked dense product, for every
+    tiled shape tuning may pick and a few more (clusters of 1..8 blocks), M = 9..64 (odd
+    too), with and without bias, the LLaMA-2-7B shapes and small odd ones; a strided x and
+    repeated calls give the same bits (the split-K sums are added in a fixed order)."""
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
+    from ria.sparse.mma_sp import CONFIGS, MmaConfig, compile_kernels, mma24_linear
+
+    shapes = [c for c in CONFIGS if c.tiled]
+    shapes += [MmaConfig(1, 4, 1, 2, 1), MmaConfig(2, 2, 2, 3, 8), MmaConfig(4, 2, 1, 4, 2)]
+    compile_kernels(dtype, (9, 21, 32, 64), cslt=True, configs=shapes, threads=16)
+    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (48, 96), (208, 1376)]:
+        w = random_24(n, k, dtype=dtype, device="cuda", seed=n + k)
+        c = share_cslt_buffer(pack_24(w), cslt_compress(w))
+        assert c.layout == "cslt", (n, k)
+        b = torch.randn(n, dtype=dtype, device="cuda")
+        for m in (9, 16, 21, 32, 64):
+            x = torch.randn(m, k + 8, dtype=dtype, device="cuda")[:, :k]  # row stride k + 8
+            for bias in (None, b):
+                ref = _reference(x, w, bias, None)
+                for cfg in shapes:
+                    y = mma24_linear(x, c, bias, config=cfg)
+                    assert y.shape == (m, n) and y.dtype == dtype
+                    assert _rel_err(y, ref) < 1e-2, (n, k, m, cfg)
+                    assert torch.equal(mma24_linear(x, c, bias, config=cfg), y), cfg
 
 
 def test_cusparselt_buffer_is_shared_when_it_decodes_to_the_weight():
@@ -400,6 +438,16 @@ def test_cusparselt_buffer_is_shared_when_it_decodes_to_the_weight():
     assert shared.layout == "cslt" and torch.equal(unpack_24(shared), w)
     unordered = share_cslt_buffer(c, buffer_with(2 | 2 << 2, (1.5, 0.0)))
     assert unordered.layout == "rows" and unordered.values is c.values  # values differ too
+
+
+def test_mma_tiled_kernel_refuses_what_it_cannot_read():
+    from ria.sparse.mma_sp import MmaConfig, mma24_linear
+
+    w = random_24(64, 128)
+    cfg = MmaConfig(2, 2, 1, 2)
+    x = torch.zeros(16, 128, dtype=w.dtype)
+    with pytest.raises(InvalidArgumentError, match="cuSPARSELt's buffer without an input order"):
+        mma24_linear(x, pack_mma24(w), config=cfg)  # the mma fragments
 
 
 def test_mma_cslt_checks_its_layout():

@@ -107,8 +107,12 @@ _MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
 # row addresses), so fewer pairs per warp win at M <= 8 and 64 (the winners of a wider sweep
 # on an H200, benches/results/decode_kernels_h200_cslt.json; first: the default).
 _CSLT_FEW = (MmaConfig(1, 16, 1), MmaConfig(1, 8, 4), MmaConfig(1, 16, 2))
-_CSLT_SOME = _SOME
-_CSLT_MANY = (MmaConfig(2, 8, 2), MmaConfig(4, 8, 2), MmaConfig(2, 8, 4))
+# The tiled kernel (MmaConfig(R, W, U, stages, split), cuSPARSELt's buffer only) for M > 8:
+# x staged once per block of rows instead of re-read per 16 rows.
+_TILED_SOME = (MmaConfig(2, 4, 2, 4, 4), MmaConfig(2, 4, 2, 4, 2))
+_TILED_MANY = (MmaConfig(2, 4, 2, 4, 4), MmaConfig(4, 4, 1, 4, 3))
+_CSLT_SOME = _SOME + _TILED_SOME
+_CSLT_MANY = (MmaConfig(2, 8, 2), MmaConfig(4, 8, 2), MmaConfig(2, 8, 4), *_TILED_MANY)
 CONFIGS = tuple(dict.fromkeys(_FEW + _SOME + _MANY + _CSLT_FEW + _CSLT_SOME + _CSLT_MANY))
 
 
@@ -388,13 +392,13 @@ def mma24_linear(
     Returns:
         `(M, N)` in `x`'s dtype.
     """
-    _check(x, packed, bias, order)
-    m = x.shape[0]
-    n = packed.out_features
     if config is not None and config.tiled and (order is not None or isinstance(packed, Mma24)):
         raise InvalidArgumentError(
             f"the tiled kernel ({config}) reads cuSPARSELt's buffer without an input order"
         )
+    _check(x, packed, bias, order)
+    m = x.shape[0]
+    n = packed.out_features
     # 4-byte loads of x pairs need an even row stride and an aligned start; the tiled
     # kernel's 16-byte copies a row stride of 8 elements and a 16-byte aligned start.
     align = 8 if config is not None and config.tiled else 2
