@@ -76,9 +76,7 @@ class MmaConfig:
             )
         if self.stages == 0 and self.split != 1:
             raise InvalidArgumentError(f"split > 1 needs the tiled kernel (stages >= 2): {self!r}")
-        if self.stages and (
-            self.stages < 2 or self.split > 8 or (self.row_tiles * self.warps) % 4
-        ):
+        if self.stages and (self.stages < 2 or self.split > 8 or (self.row_tiles * self.warps) % 4):
             raise InvalidArgumentError(
                 "the tiled kernel needs stages >= 2, split <= 8 and row_tiles * warps a "
                 f"multiple of 4 (whole 64-row blocks), got {self!r}"
@@ -91,9 +89,7 @@ class MmaConfig:
 
     def __str__(self) -> str:
         if self.tiled:
-            return (
-                f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
-            )
+            return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         return f"r{self.row_tiles}w{self.warps}u{self.unroll}"
 
 
