@@ -389,8 +389,8 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
 #if RIA_ROWS % 64
 #error "RIA_TILED needs whole 64-row blocks: 16 * RIA_R * RIA_W % 64 == 0"
 #endif
-#if RIA_S < 2
-#error "RIA_TILED needs RIA_S >= 2 stages"
+#if RIA_S < 2 || (32 * RIA_W) % (8 * RIA_U)
+#error "RIA_TILED needs RIA_S >= 2 stages and 8 * RIA_U to divide the block's threads"
 #endif
 #if RIA_SK > 1 && !defined(RIA_HOST_EMULATION)
 #define RIA_CLUSTER __cluster_dims__(1, RIA_SK, 1)
@@ -413,35 +413,55 @@ __device__ __forceinline__ u32 tiled_meta(u32 w0, u32 w1, int t) {
   return lo | (hi << 16);
 }
 
-// Issue the copies of k-chunk `chunk` (columns RIA_KC * chunk ..) into `stage`: 16 bytes per
-// thread and copy, zero-filled past N, K and M.
+// Issue the copies of k-chunk `chunk` (columns RIA_KC * chunk ..) into `stage`, 16 bytes
+// each, zero-filled past N, K and M. Each thread copies the same 16-byte column of rows
+// (tokens, metadata words) a fixed step apart in every stage: no divisions per copy.
 __device__ __forceinline__ void load_stage(char* stage, const char* x, int ldx, const char* vals,
                                            const u32* meta, int M, int N, int K, int row0,
                                            int chunk) {
-  constexpr int A_CHUNKS = RIA_ROWS * (RIA_KC / 16);  // 16 bytes: 8 values, 16 columns
-  constexpr int X_CHUNKS = 8 * RIA_NT * (RIA_KC / 8);  // 16 bytes: 8 token columns
-  constexpr int E_CHUNKS = RIA_ROWS / 64 * 2 * RIA_U * 16;  // 16 bytes: 4 words
+  constexpr int T = RIA_W * 32;
   const int k0 = RIA_KC * chunk;
-  for (int c = threadIdx.x; c < A_CHUNKS + X_CHUNKS + E_CHUNKS; c += RIA_W * 32) {
-    if (c < A_CHUNKS) {
-      const int r = c / (RIA_KC / 16), q = c % (RIA_KC / 16);
-      const bool ok = row0 + r < N && k0 + 16 * (q + 1) <= K;
-      const char* src = ok ? vals + (long long)(row0 + r) * K + k0 + 16 * q : vals;
-      cp_async16(stage + r * RIA_APITCH + 16 * q, src, ok ? 16 : 0);
-    } else if (c < A_CHUNKS + X_CHUNKS) {
-      const int i = c - A_CHUNKS, j = i / (RIA_KC / 8), q = i % (RIA_KC / 8);
-      const bool ok = j < M && k0 + 8 * (q + 1) <= K;
-      const char* src = ok ? x + 2 * ((long long)j * ldx + k0 + 8 * q) : x;
-      cp_async16(stage + RIA_A_BYTES + j * RIA_XPITCH + 16 * q, src, ok ? 16 : 0);
-    } else {  // metadata: per 64-row block, the stage's 2 * RIA_U k-tiles are contiguous
-      const int i = c - A_CHUNKS - X_CHUNKS, b = i / (32 * RIA_U), q = i % (32 * RIA_U);
-      const int kt = 2 * RIA_U * chunk + q / 16;  // 16 chunks per k-tile
-      const bool ok = row0 + 64 * b < N && kt < K / 32;
-      const u32* src =
-          ok ? meta + 64 * ((long long)(row0 / 64 + b) * (K / 32) + 2 * RIA_U * chunk) + 4 * q
-             : meta;
-      cp_async16(stage + RIA_A_BYTES + RIA_X_BYTES + 256 * (2 * RIA_U * b) + 16 * q, src,
-                 ok ? 16 : 0);
+  {  // values: rows x (RIA_KC / 16) copies of 8 values (16 columns)
+    constexpr int Q = RIA_KC / 16, STEP = T / Q;
+    const int q = threadIdx.x % Q, r0 = threadIdx.x / Q;
+    const bool k_ok = k0 + 16 * (q + 1) <= K;
+    const char* src = vals + (long long)(row0 + r0) * K + k0 + 16 * q;
+#pragma unroll
+    for (int i = 0; i < RIA_ROWS / STEP; ++i) {
+      const bool ok = k_ok && row0 + r0 + i * STEP < N;
+      cp_async16(stage + (r0 + i * STEP) * RIA_APITCH + 16 * q,
+                 ok ? src + (long long)i * STEP * K : vals, ok ? 16 : 0);
+    }
+  }
+  {  // tokens: 8 * RIA_NT rows x (RIA_KC / 8) copies of 8 columns
+    constexpr int Q = RIA_KC / 8, STEP = T / Q, ITER = (8 * RIA_NT + STEP - 1) / STEP;
+    const int q = threadIdx.x % Q, j0 = threadIdx.x / Q;
+    const bool k_ok = k0 + 8 * (q + 1) <= K;
+    const char* src = x + 2 * ((long long)j0 * ldx + k0 + 8 * q);
+#pragma unroll
+    for (int i = 0; i < ITER; ++i) {
+      const int j = j0 + i * STEP;
+      if (j < 8 * RIA_NT) {
+        const bool ok = k_ok && j < M;
+        cp_async16(stage + RIA_A_BYTES + j * RIA_XPITCH + 16 * q,
+                   ok ? src + 2LL * i * STEP * ldx : x, ok ? 16 : 0);
+      }
+    }
+  }
+  {  // metadata: per 64-row block, the stage's 2 * RIA_U k-tiles (256 bytes each) in a row
+    constexpr int PER_BLOCK = 32 * RIA_U, TOTAL = RIA_ROWS / 64 * PER_BLOCK;
+#pragma unroll
+    for (int i = 0; i < (TOTAL + T - 1) / T; ++i) {
+      const int c = threadIdx.x + i * T;
+      if (c < TOTAL) {
+        const int b = c / PER_BLOCK, q = c % PER_BLOCK;
+        const int kt = 2 * RIA_U * chunk + q / 16;  // 16 copies per k-tile
+        const bool ok = row0 + 64 * b < N && kt < K / 32;
+        const u32* src =
+            meta + 64 * ((long long)(row0 / 64 + b) * (K / 32) + 2 * RIA_U * chunk) + 4 * q;
+        cp_async16(stage + RIA_A_BYTES + RIA_X_BYTES + 256 * (2 * RIA_U * b) + 16 * q,
+                   ok ? src : meta, ok ? 16 : 0);
+      }
     }
   }
 }
@@ -476,18 +496,26 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_W * 32)
       for (int c = 0; c < 4; ++c) acc[r][j][c] = 0.f;
 
 #pragma unroll
+  // Iteration i takes chunk cb + (i + rot) % n: row blocks start at different columns, so
+  // the GPU's loads at any moment spread over the weight instead of one column stripe.
+  const int n = ce - cb;
+  const int rot = n > 0 ? (int)((7LL * blockIdx.x) % n) : 0;
+#pragma unroll
   for (int s = 0; s < RIA_S - 1; ++s) {
-    if (cb + s < ce) load_stage(smem + s * RIA_STAGE_BYTES, xb, ldx, vb, meta, M, N, K, row0, cb + s);
+    if (s < n)
+      load_stage(smem + s * RIA_STAGE_BYTES, xb, ldx, vb, meta, M, N, K, row0,
+                 cb + (s + rot) % n);
     cp_async_commit();  // empty groups too: the wait below counts groups
   }
-  for (int c = cb; c < ce; ++c) {
-    cp_async_wait<RIA_S - 2>();  // chunk c has landed (this thread's copies) ...
-    __syncthreads();             // ... everyone's, and stage (c - 1) % S is free again
-    if (c + RIA_S - 1 < ce)
-      load_stage(smem + (c - cb + RIA_S - 1) % RIA_S * RIA_STAGE_BYTES, xb, ldx, vb, meta, M, N,
-                 K, row0, c + RIA_S - 1);
+  for (int i = 0; i < n; ++i) {
+    cp_async_wait<RIA_S - 2>();  // chunk i has landed (this thread's copies) ...
+    __syncthreads();             // ... everyone's, and stage (i - 1) % S is free again
+    if (i + RIA_S - 1 < n)
+      load_stage(smem + (i + RIA_S - 1) % RIA_S * RIA_STAGE_BYTES, xb, ldx, vb, meta, M, N, K,
+                 row0, cb + (i + RIA_S - 1 + rot) % n);
     cp_async_commit();
-    const char* st = smem + (c - cb) % RIA_S * RIA_STAGE_BYTES;
+    const char* st = smem + i % RIA_S * RIA_STAGE_BYTES;
+    const int c = cb + (i + rot) % n;
     const int steps = min(2 * RIA_U, K / 32 - 2 * RIA_U * c);
 #pragma unroll
     for (int s = 0; s < 2 * RIA_U; ++s) {
