@@ -104,19 +104,35 @@ _MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
 # on an H200, benches/results/decode_kernels_h200_cslt.json; first: the default).
 _CSLT_FEW = (MmaConfig(1, 16, 1), MmaConfig(1, 8, 4), MmaConfig(1, 16, 2))
 # The tiled kernel (MmaConfig(R, W, U, stages, split), cuSPARSELt's buffer only) for M > 8:
-# x staged once per block of rows instead of re-read per 16 rows.
-_TILED_SOME = (MmaConfig(2, 4, 2, 4, 4), MmaConfig(2, 4, 2, 4, 2))
-_TILED_MANY = (MmaConfig(2, 4, 2, 4, 4), MmaConfig(4, 4, 1, 4, 3))
-_CSLT_SOME = _SOME + _TILED_SOME
-_CSLT_MANY = (MmaConfig(2, 8, 2), MmaConfig(4, 8, 2), MmaConfig(2, 8, 4), *_TILED_MANY)
-CONFIGS = tuple(dict.fromkeys(_FEW + _SOME + _MANY + _CSLT_FEW + _CSLT_SOME + _CSLT_MANY))
+# x staged once per block of rows instead of re-read per 16 rows. The shapes that won a
+# shape and token count in a sweep on an H200 (benches/results/decode_kernels_h200_tiled.json):
+# against the plain kernel it wins gate/up at M = 16 and 32 and every shape at M = 64
+# (1.4-1.7x there), and loses q/k/v/o and down at M = 16 and 32 (by up to 23%), so both are
+# timed; at M > 32 the tiled t2w4u2s3k4 (faster than the plain kernel on all three LLaMA
+# shapes at M = 64) is the default.
+_T1 = MmaConfig(2, 4, 2, 3, 4)  # 128 rows, 3 stages of 128 columns, a cluster of 4
+_CSLT_SOME = (*_SOME, _T1, MmaConfig(1, 4, 2, 4, 4))
+_CSLT_HALF = (  # M <= 32
+    MmaConfig(2, 8, 2),
+    MmaConfig(4, 8, 2),
+    MmaConfig(2, 8, 4),
+    MmaConfig(1, 4, 2, 4, 4),
+    MmaConfig(1, 8, 1, 4, 4),
+    _T1,
+)
+_CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8, 2))
+CONFIGS = tuple(
+    dict.fromkeys(_FEW + _SOME + _MANY + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY)
+)
 
 
 def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     """The launch shapes worth timing for `m` tokens (weights in cuSPARSELt's buffer if
     `cslt`)."""
     if cslt:
-        return _CSLT_FEW if m <= 8 else _CSLT_SOME if m <= 16 else _CSLT_MANY
+        if m > 16:
+            return _CSLT_HALF if m <= 32 else _CSLT_MANY
+        return _CSLT_FEW if m <= 8 else _CSLT_SOME
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
 
 
