@@ -441,6 +441,22 @@ def test_cusparselt_buffer_is_shared_when_it_decodes_to_the_weight():
     assert unordered.layout == "rows" and unordered.values is c.values  # values differ too
 
 
+def test_mma_candidates_without_clusters(monkeypatch):
+    """Before compute capability 9.0 no shape needs a cluster, and every token count keeps
+    a default; a cluster shape asked for explicitly is refused."""
+    from ria.sparse import mma_sp
+
+    monkeypatch.setattr(mma_sp, "_has_clusters", lambda: False)
+    for m in (1, 9, 16, 17, 32, 33, 64):
+        shapes = mma_sp.candidates(m, cslt=True)
+        assert shapes and all(c.split == 1 for c in shapes), m
+    c = pack_24(random_24(64, 128))
+    tiled = mma_sp.Compact24(c.values, to_cslt_layout(c), 128, layout="cslt")
+    with pytest.raises(InvalidArgumentError, match="clusters"):
+        mma_sp.mma24_linear(torch.zeros(16, 128, dtype=c.values.dtype), tiled,
+                            config=mma_sp.MmaConfig(2, 2, 1, 2, 2))  # fmt: skip
+
+
 def test_mma_tiled_kernel_refuses_what_it_cannot_read():
     from ria.sparse.mma_sp import MmaConfig, mma24_linear
 

@@ -128,12 +128,28 @@ CONFIGS = tuple(
 
 def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     """The launch shapes worth timing for `m` tokens (weights in cuSPARSELt's buffer if
-    `cslt`)."""
+    `cslt`), less those the current GPU cannot launch (clusters before compute capability
+    9.0)."""
     if cslt:
         if m > 16:
-            return _CSLT_HALF if m <= 32 else _CSLT_MANY
-        return _CSLT_FEW if m <= 8 else _CSLT_SOME
+            shapes = _CSLT_HALF if m <= 32 else _CSLT_MANY
+        else:
+            shapes = _CSLT_FEW if m <= 8 else _CSLT_SOME
+        return shapes if _has_clusters() else tuple(c for c in shapes if c.split == 1)
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
+
+
+def _has_clusters() -> bool:
+    """Whether the current GPU launches thread-block clusters (sm_90+); True without CUDA,
+    where nothing is launched and the shapes are only listed."""
+    if not torch.cuda.is_available():
+        return True
+    return _capability_at_least_9(torch.cuda.current_device())
+
+
+@functools.cache
+def _capability_at_least_9(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def default_config(m: int, cslt: bool = False) -> MmaConfig:
@@ -408,6 +424,8 @@ def mma24_linear(
         raise InvalidArgumentError(
             f"the tiled kernel ({config}) reads cuSPARSELt's buffer without an input order"
         )
+    if config is not None and config.split > 1 and not _has_clusters():
+        raise InvalidArgumentError(f"{config} needs thread-block clusters (compute capability 9.0)")
     _check(x, packed, bias, order)
     m = x.shape[0]
     n = packed.out_features
