@@ -131,6 +131,7 @@ def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     `cslt`), less those the current GPU cannot launch (clusters before compute capability
     9.0)."""
     if cslt:
+        shapes: tuple[MmaConfig, ...]
         if m > 16:
             shapes = _CSLT_HALF if m <= 32 else _CSLT_MANY
         else:
