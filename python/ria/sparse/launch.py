@@ -65,7 +65,8 @@ class PreparedLaunch:
 
     Args:
         func: the kernel's `CUfunction` (an int or `ctypes.c_void_p`).
-        grid, block: x-dimensions (y = z = 1).
+        grid: blocks `(x, y, z)`, or an int for `(grid, 1, 1)`.
+        block: threads per block (x; y = z = 1).
         shared_mem: dynamic shared memory in bytes.
         args: the kernel's arguments (see `kernel_args`); the tensors among them must stay
             alive and in place while the launch is used.
@@ -75,7 +76,7 @@ class PreparedLaunch:
     def __init__(
         self,
         func: int | ctypes.c_void_p,
-        grid: int,
+        grid: int | tuple[int, int, int],
         block: int,
         shared_mem: int,
         args: Sequence[object],
@@ -94,7 +95,8 @@ class PreparedLaunch:
         if not value:
             raise InvalidArgumentError("PreparedLaunch needs a loaded kernel (CUfunction)")
         self._func = int(value)
-        self.grid, self.block, self.shared_mem = grid, block, shared_mem
+        self.grid = (grid, 1, 1) if isinstance(grid, int) else tuple(grid)
+        self.block, self.shared_mem = block, shared_mem
 
     def buffer(self) -> bytes:
         """The parameter values as the kernel receives them, concatenated (for checks)."""
@@ -107,7 +109,7 @@ class PreparedLaunch:
             slot.value = ptr
         err = _cu_launch()(
             self._func,
-            self.grid, 1, 1,
+            *self.grid,
             self.block, 1, 1,
             self.shared_mem, stream, self._array_addr, None,
         )  # fmt: skip
