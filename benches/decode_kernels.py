@@ -1,12 +1,16 @@
 """Decode-size GEMMs, LLaMA-2-7B shapes, bf16: dense cuBLAS vs cuSPARSELt vs the Triton
 compact-format kernel vs the mma.sp kernel over its packed fragments (best launch shape, and
 with a fused input order) vs the mma.sp kernel reading cuSPARSELt's buffer in place
-("mma_cslt", best launch shape: the form a layer keeps with default `sparsify` arguments).
+("mma_cslt", best launch shape: the form a layer keeps with default `sparsify` arguments),
+for M > 8 split into the plain kernel ("mma_cslt", old) and the tiled kernel ("mma_tiled":
+x and weights staged in shared memory, split-K over a cluster; new), and the better of
+the two ("mma_cslt_tuned": what `mma_best_config` picks over `candidates`).
 
 Microseconds per GEMM under CUDA-graph replay, weights rotated over copies > 256 MB so they
 stream from HBM; effective TB/s = bytes of the weight form read / time (dense: 2 B per
 weight; 2:4 forms: 9/16 of that). Writes JSON to benches/results/ and prints a table.
-Usage: python benches/decode_kernels.py [--out PATH] [--ms 1,4,8,16,32,64]
+Usage: python benches/decode_kernels.py [--out PATH] [--ms 1,4,8,16,32,64] [--cslt-sweep]
+[--tiled-sweep]
 """
 
 from __future__ import annotations
@@ -46,8 +50,44 @@ CSLT_EXTRA = (
 )
 
 
+# The tiled kernel's shapes (MmaConfig(R, W, U, stages, split): 16 * R * W rows per block,
+# 64 * U columns per stage, a cluster of `split` blocks over K), timed for M > 8 with
+# `--tiled-sweep` besides those in `candidates`.
+TILED_SWEEP = tuple(
+    MmaConfig(*c)
+    for c in [
+        (2, 4, 2, 4, 4),
+        (2, 4, 2, 3, 4),
+        (2, 4, 1, 4, 4),
+        (1, 4, 2, 4, 4),
+        (4, 4, 1, 4, 8),
+        *((2, 8, 1, 4, k) for k in (2, 4, 8)),
+        (2, 8, 1, 6, 4),
+        (2, 8, 2, 3, 4),
+        (1, 8, 2, 4, 4),
+        (1, 8, 1, 4, 4),
+        (1, 16, 1, 4, 4),
+        (1, 16, 1, 4, 8),
+    ]
+)
+
+
 def cslt_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
-    return tuple(dict.fromkeys(candidates(m, cslt=True) + (CSLT_EXTRA if sweep else ())))
+    """The plain kernel's shapes timed on cuSPARSELt's buffer ("old")."""
+    plain = tuple(c for c in candidates(m, cslt=True) if not c.tiled)
+    return tuple(dict.fromkeys(plain + (CSLT_EXTRA if sweep else ())))
+
+
+MAX_SPLIT = 8  # --tiled-max-split: clusters up to this size (1: no cluster launch at all)
+
+
+def tiled_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
+    """The tiled kernel's shapes timed for `m` tokens ("new"; none at m <= 8)."""
+    if m <= 8:
+        return ()
+    tiled = tuple(c for c in candidates(m, cslt=True) if c.tiled)
+    shapes = tuple(dict.fromkeys(tiled + (TILED_SWEEP if sweep else ())))
+    return tuple(c for c in shapes if c.split <= MAX_SPLIT)
 
 
 STREAM_BYTES = 256 * 2**20
@@ -57,7 +97,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def bench_shape(name: str, n: int, k: int, ms: list[int], sweep: bool) -> list[dict]:
+def bench_shape(
+    name: str, n: int, k: int, ms: list[int], sweep: bool, tiled_sweep: bool
+) -> list[dict]:
     w0 = prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02)
     copies = max(1, math.ceil(STREAM_BYTES / (n * k * 2)))
     ws = distinct_copies(w0, copies, seed=n + k)
@@ -89,6 +131,19 @@ def bench_shape(name: str, n: int, k: int, ms: list[int], sweep: bool) -> list[d
         row["mma_cslt_us"] = times[str(tiled)]
         yc = mma24_linear(x, compact[0], config=tiled)
         row["mma_cslt_rel_err"] = float((yc.double() - ref).norm() / ref.norm())
+        new = tiled_configs(m, tiled_sweep)
+        if new:
+            best_new, times = mma_best_config(compact, x, configs=new)
+            row["mma_tiled_config"], row["mma_tiled_config_us"] = str(best_new), times
+            row["mma_tiled_us"] = times[str(best_new)]
+            yt = mma24_linear(x, compact[0], config=best_new)
+            row["mma_tiled_rel_err"] = float((yt.double() - ref).norm() / ref.norm())
+            # the split-K sums are added in a fixed order: every call gives the same bits
+            row["mma_tiled_repeatable"] = all(
+                torch.equal(mma24_linear(x, compact[0], config=best_new), yt) for _ in range(3)
+            )
+        # What tuning picks on the buffer (`candidates`: plain and tiled shapes).
+        row["mma_cslt_tuned_us"] = min(row["mma_cslt_us"], row.get("mma_tiled_us", math.inf))
         row["mma_order_us"] = per_call(
             lambda x=x, b=best: [mma24_linear(x, f, order=order, config=b) for f in frags]
         )
@@ -99,15 +154,24 @@ def bench_shape(name: str, n: int, k: int, ms: list[int], sweep: bool) -> list[d
         row["mma_order_rel_err"] = float((yo.double() - ref_o).norm() / ref_o.norm())
         for kind, nbytes in [("dense", dense_bytes), ("cslt", sparse_bytes)]:
             row[f"{kind}_TBps"] = nbytes / row[f"{kind}_us"] / 1e6
-        for kind in ("triton", "mma", "mma_order", "mma_cslt"):
-            row[f"{kind}_TBps"] = sparse_bytes / row[f"{kind}_us"] / 1e6
+        for kind in ("triton", "mma", "mma_order", "mma_cslt", "mma_tiled", "mma_cslt_tuned"):
+            if f"{kind}_us" in row:
+                row[f"{kind}_TBps"] = sparse_bytes / row[f"{kind}_us"] / 1e6
         rows.append(row)
+        new_msg = ""
+        if "mma_tiled_us" in row:
+            new_msg = (
+                f"  tiled {row['mma_tiled_us']:6.1f} ({row['mma_tiled_config']}, "
+                f"{row['mma_tiled_TBps']:.2f} TB/s, err {row['mma_tiled_rel_err']:.1e}, "
+                f"repeatable {row['mma_tiled_repeatable']})"
+            )
         log(
             f"{name} M={m:>2}: dense {row['dense_us']:6.1f}  cslt {row['cslt_us']:6.1f}  "
             f"triton {row['triton_us']:6.1f}  mma {row['mma_us']:6.1f} ({best}, "
             f"{row['mma_TBps']:.2f} TB/s, err {row['mma_rel_err']:.1e})  "
             f"mma+order {row['mma_order_us']:6.1f}  mma_cslt {row['mma_cslt_us']:6.1f} "
-            f"({tiled}, {row['mma_cslt_TBps']:.2f} TB/s, err {row['mma_cslt_rel_err']:.1e}) us"
+            f"({tiled}, {row['mma_cslt_TBps']:.2f} TB/s, err {row['mma_cslt_rel_err']:.1e})"
+            f"{new_msg} us"
         )
     return rows
 
@@ -115,16 +179,21 @@ def bench_shape(name: str, n: int, k: int, ms: list[int], sweep: bool) -> list[d
 def table(rows: list[dict]) -> str:
     out = [
         "| shape | M | dense us | cuSPARSELt us | Triton us | mma us (TB/s) | mma+order us "
-        "| mma_cslt us (TB/s) | mma vs dense | mma_cslt vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mma_cslt us (TB/s) | tiled us (TB/s) | mma vs dense | mma_cslt vs dense "
+        "| tuned mma_cslt vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        tiled = "-"
+        if "mma_tiled_us" in r:
+            tiled = f"{r['mma_tiled_us']:.1f} ({r['mma_tiled_TBps']:.2f}) {r['mma_tiled_config']}"
         out.append(
             f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['dense_us']:.1f} | "
             f"{r['cslt_us']:.1f} | {r['triton_us']:.1f} | {r['mma_us']:.1f} "
             f"({r['mma_TBps']:.2f}) | {r['mma_order_us']:.1f} | {r['mma_cslt_us']:.1f} "
-            f"({r['mma_cslt_TBps']:.2f}) | {r['dense_us'] / r['mma_us']:.2f}x | "
-            f"{r['dense_us'] / r['mma_cslt_us']:.2f}x |"
+            f"({r['mma_cslt_TBps']:.2f}) | {tiled} | {r['dense_us'] / r['mma_us']:.2f}x | "
+            f"{r['dense_us'] / r['mma_cslt_us']:.2f}x | "
+            f"{r['dense_us'] / r['mma_cslt_tuned_us']:.2f}x |"
         )
     return "\n".join(out)
 
@@ -135,18 +204,23 @@ def main() -> None:
     ap.add_argument("--ms", default="1,4,8,16,32,64")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {[*SHAPES, *FUSED]}")
     ap.add_argument("--cslt-sweep", action="store_true", help="time more mma_cslt launch shapes")
+    ap.add_argument("--tiled-sweep", action="store_true", help="time more tiled launch shapes")
+    ap.add_argument("--tiled-max-split", type=int, default=8, help="largest cluster timed")
     args = ap.parse_args()
+    global MAX_SPLIT
+    MAX_SPLIT = args.tiled_max_split
     ms = [int(v) for v in args.ms.split(",")]
     t0 = time.perf_counter()
     compile_kernels(DTYPE, ms)
     compile_kernels(DTYPE, ms, order_dtype=torch.int32)
     for m in ms:
-        compile_kernels(DTYPE, [m], cslt=True, configs=cslt_configs(m, args.cslt_sweep), threads=16)
+        shapes = cslt_configs(m, args.cslt_sweep) + tiled_configs(m, args.tiled_sweep)
+        compile_kernels(DTYPE, [m], cslt=True, configs=shapes, threads=16)
     log(f"kernels compiled in {time.perf_counter() - t0:.1f}s")
     rows = []
     for name in args.shapes.split(","):
         n, k = {**SHAPES, **FUSED}[name]
-        rows += bench_shape(name, n, k, ms, args.cslt_sweep)
+        rows += bench_shape(name, n, k, ms, args.cslt_sweep, args.tiled_sweep)
         torch.cuda.empty_cache()
     result = {
         "command": " ".join(__import__("sys").argv),

@@ -12,10 +12,13 @@ Sections (`--only` picks some):
         and with decode buckets (1, 16, 64: the mma.sp layout): prefill 8x128 and 1x2048,
         decode at batch 1, 4, 16, 64, and the kernel time of one decode step by category.
   user  what a user gets with default arguments: GPU memory allocated dense vs after
-        `sparsify(model)`, `sparsify` time cold and with its plan cache, Hugging Face
-        `model.generate` (default mode) dense vs sparse, `ria.generate` (the fast path:
-        static cache + CUDA graphs kept across calls) first and second call, and the host
-        cost of one eager layer call per backend.
+        `sparsify(model)`, `sparsify` time cold and with its plan cache, dense vs sparse
+        generation in the same mode (--user-modes): Hugging Face `model.generate` in its
+        default mode (eager) and with a static cache + its own compile (inductor, CUDA
+        graphs), `ria.generate` (static cache + CUDA graphs kept across calls) first and
+        next call, with and without `compile=True`; and the host cost of one eager layer
+        call per backend at M = 1, 64, 128, before (torch's launch / torch's cuSPARSELt op)
+        and after (prepared launch / kept cuSPARSELt plan).
 
 Writes JSON to benches/results/ and prints markdown tables.
 Usage: python benches/gpu_speed.py [--only gemm,e2e,user] [--layers 32] [--out PATH]
@@ -498,14 +501,16 @@ def fusion_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _tok_s(fn, tokens: int) -> tuple[float, float]:
-    """(seconds, tokens/s) of one call of `fn`."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return dt, tokens / dt
+def _tok_s(fn, tokens: int, repeats: int = 1) -> tuple[float, float]:
+    """(seconds, tokens/s) of the fastest of `repeats` calls of `fn`."""
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, tokens / best
 
 
 def _allocated() -> int:
@@ -514,34 +519,74 @@ def _allocated() -> int:
     return torch.cuda.memory_allocated()
 
 
-def _generation_speeds(model: torch.nn.Module, new_tokens: int) -> dict:
-    """HF `model.generate` (default mode: dynamic cache, eager) and `ria.generate` on a
-    1x128 prompt, greedy, EOS off so every run makes `new_tokens` tokens."""
+USER_MODES = ("hf", "ria", "hf_compile", "ria_compile")
+
+
+def _generation_speeds(model: torch.nn.Module, new_tokens: int, modes: set[str]) -> dict:
+    """Generation speed on a 1x128 prompt, greedy, EOS off so every run makes `new_tokens`
+    tokens, in each of `modes`: "hf" (transformers `model.generate` in its default mode:
+    dynamic cache, eager; warmed with a whole run, best of 2), "ria" (`ria.generate`: static
+    cache, CUDA graphs kept across calls; first and next call), "hf_compile"
+    (`model.generate(cache_implementation="static", compile_config=CompileConfig(
+    fullgraph=True))`: transformers compiles the decode step with inductor and CUDA graphs;
+    first call, which compiles, and best of the next 2), "ria_compile" (`ria.generate(...,
+    compile=True)`: the decode step compiled by inductor, then captured; first and next)."""
+    from transformers import CompileConfig
+
     ids = torch.randint(3, VOCAB, (1, 128), device="cuda", generator=torch.Generator("cuda"))
     hf = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     hf["eos_token_id"] = None
+    out: dict = {}
     with torch.no_grad():
-        model.generate(ids, **{**hf, "max_new_tokens": 4, "min_new_tokens": 4})  # warm
-        out = {}
-        out["hf_generate_s"], out["hf_generate_tok_s"] = _tok_s(
-            lambda: model.generate(ids, **hf), new_tokens
-        )
-        first, out["ria_generate_first_tok_s"] = _tok_s(
-            lambda: ria.generate(model, ids, new_tokens, eos_token_id=()), new_tokens
-        )
-        out["ria_generate_first_s"] = first
-        out["ria_generate_s"], out["ria_generate_tok_s"] = _tok_s(
-            lambda: ria.generate(model, ids, new_tokens, eos_token_id=()), new_tokens
-        )
+        if "hf" in modes:
+            model.generate(ids, **hf)  # warm: first calls set up kernels and the allocator
+            out["hf_generate_s"], out["hf_generate_tok_s"] = _tok_s(
+                lambda: model.generate(ids, **hf), new_tokens, repeats=2
+            )
+        for mode, compile_ in (("ria", False), ("ria_compile", True)):
+            if mode not in modes:
+                continue
+
+            def run(compile_: bool = compile_) -> None:
+                ria.generate(model, ids, new_tokens, eos_token_id=(), compile=compile_)
+
+            key = "ria_generate" if mode == "ria" else "ria_generate_compiled"
+            out[f"{key}_first_s"], out[f"{key}_first_tok_s"] = _tok_s(run, new_tokens)
+            out[f"{key}_s"], out[f"{key}_tok_s"] = _tok_s(run, new_tokens, repeats=2)
+            ria.sparse.clear_generators(model)  # frees the KV cache and graphs
+        if "hf_compile" in modes:
+            static = dict(hf, cache_implementation="static")
+            static["compile_config"] = CompileConfig(fullgraph=True)
+            out["hf_compiled_first_s"], _ = _tok_s(lambda: model.generate(ids, **static), 1)
+            out["hf_compiled_s"], out["hf_compiled_tok_s"] = _tok_s(
+                lambda: model.generate(ids, **static), new_tokens, repeats=2
+            )
+            torch._dynamo.reset()  # drop the compiled code (and its graphs) of this model
     return out
 
 
+def _timed_us(fn, iters: int) -> float:
+    """Eager microseconds per call (host or GPU, whichever is slower)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - t0) / iters
+
+
 def _host_cost_us(model: torch.nn.Module) -> dict:
-    """Eager microseconds per call at M = 1 (x of 1x1x4096, as in HF decode) of layer 0's
-    q_proj and down_proj: the module, and each backend's function alone. GPU time per call
-    is 12-28 us, so where these exceed that, the host is the bottleneck."""
-    from ria.sparse import Sparse24Linear
-    from ria.sparse.linear import CUSPARSELT, TRITON
+    """Eager microseconds per call of layer 0's q_proj and down_proj at M = 1, 64 and 128
+    tokens (decode at batch 1, a decode batch, HF prefill of the 1x128 prompt): the module
+    (`mod(x)`), and each backend alone, before (torch's `_CudaKernel` launch for mma.sp,
+    `torch._cslt_sparse_mm`, which re-plans every call) and after (`MmaLaunch`: argument
+    block built once; `CsltMatmul`: plan kept). Dense: `F.linear`. Where these exceed the
+    GEMM's GPU time (7-30 us at M <= 128), the host is the bottleneck."""
+    from ria.sparse import Compact24, Sparse24Linear
+    from ria.sparse.cslt_lib import CsltMatmul
+    from ria.sparse.mma_sp import MAX_TOKENS, MmaLaunch, mma24_linear
 
     out: dict = {}
     block = model.model.layers[0]
@@ -549,32 +594,42 @@ def _host_cost_us(model: torch.nn.Module) -> dict:
         mod = block.get_submodule(name)
         if hasattr(mod, "group"):  # a fused sibling: time its group's layer
             mod = mod.group.linear
-        x = torch.randn(1, 1, mod.in_features, dtype=DTYPE, device="cuda")
-        calls = {"module": lambda mod=mod, x=x: mod(x)}
-        if isinstance(mod, Sparse24Linear):
-            x2 = x.view(1, -1)
-            calls["linear_2d"] = lambda mod=mod, x2=x2: mod.linear_2d(x2)
-            if mod.values is not None:
-                calls[TRITON] = lambda mod=mod, x2=x2: sparse24_linear(
-                    x2, None, mod.bias, values=mod.values, meta=mod.meta,
-                    in_features=mod.in_features, layout=mod.meta_layout,
-                )  # fmt: skip
-            if mod.packed is not None:
-                calls[CUSPARSELT] = lambda mod=mod, x2=x2: cslt_linear(x2, mod.packed)
-        else:
-            calls["F.linear"] = lambda mod=mod, x=x: F.linear(x, mod.weight)
-        row = {}
-        with torch.no_grad():
-            for label, fn in calls.items():
-                for _ in range(5):
-                    fn()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(200):
-                    fn()
-                torch.cuda.synchronize()
-                row[label] = 1e6 * (time.perf_counter() - t0) / 200
-        out[name] = row
+        rows: dict = {}
+        for m in (1, 64, 128):
+            x = torch.randn(1, m, mod.in_features, dtype=DTYPE, device="cuda")
+            x2 = x.view(m, -1)
+            calls = {"module": lambda mod=mod, x=x: mod(x)}
+            if isinstance(mod, Sparse24Linear):
+                calls["eager_plan"] = mod.choice_for(m, eager=True).backend
+                if mod.values is not None:
+                    calls["triton"] = lambda mod=mod, x2=x2: sparse24_linear(
+                        x2, None, mod.bias, values=mod.values, meta=mod.meta,
+                        in_features=mod.in_features, layout=mod.meta_layout,
+                    )  # fmt: skip
+                    if mod.meta_layout == "cslt" and m <= MAX_TOKENS:
+                        frag = Compact24(mod.values, mod.meta, mod.in_features, "cslt")
+                        calls["mma_cslt_before"] = lambda f=frag, x2=x2, mod=mod: mma24_linear(
+                            x2, f, mod.bias
+                        )
+                        launch = MmaLaunch(frag, mod.bias, m)
+                        calls["mma_cslt_after"] = lambda ln=launch, x2=x2: ln(x2)
+                if mod.packed is not None:
+                    calls["cusparselt_before"] = lambda mod=mod, x2=x2: cslt_linear(
+                        x2, mod.packed, mod.bias
+                    )
+                    matmul = CsltMatmul(mod.packed, mod.out_features, mod.in_features, mod.bias)
+                    calls["cusparselt_after"] = lambda mm=matmul, x2=x2: mm(x2)
+            else:
+                calls["F.linear"] = lambda mod=mod, x=x: F.linear(x, mod.weight)
+            row = {}
+            with torch.no_grad():
+                for label, fn in calls.items():
+                    if isinstance(fn, str):
+                        row[label] = fn
+                    else:
+                        row[label] = _timed_us(fn, 50 if "before" in label else 200)
+            rows[f"M={m}"] = row
+        out[name] = rows
     return out
 
 
@@ -588,45 +643,69 @@ def _report_per_shape(report: dict) -> dict:
     return {**{k: v for k, v in report.items() if k != "layers"}, "layers_per_shape": shapes}
 
 
-def bench_user(layers: int, new_tokens: int) -> dict:
-    """The user's path with default arguments (see the module docstring)."""
+def bench_user(
+    layers: int, new_tokens: int, modes: set[str], out: dict | None = None, path: Path | None = None
+) -> dict:
+    """The user's path with default arguments (see the module docstring); `modes` picks
+    the generation modes (`USER_MODES`) and "cached" the second, cached `sparsify`. With
+    `out` and `path`, the partial result is written after each stage."""
     import tempfile
 
-    result: dict = {"layers": layers, "new_tokens": new_tokens}
+    result: dict = {"layers": layers, "new_tokens": new_tokens, "modes": sorted(modes)}
+
+    def save() -> None:
+        if out is not None and path is not None:
+            out["user"] = result
+            path.write_text(json.dumps(out, indent=1, default=str))
+
     plan_dir = tempfile.mkdtemp(prefix="ria-plans-")
     model = build_model(layers, prune_all=False)
     mem = {"dense": _allocated()}
+    result["memory"] = mem
     log(f"user: dense model {mem['dense'] / 2**30:.2f} GiB allocated")
-    result["dense"] = _generation_speeds(model, new_tokens)
-    result["dense"]["host_us"] = _host_cost_us(model)
+    result["dense"] = {"host_us": _host_cost_us(model)}
+    save()
+    result["dense"].update(_generation_speeds(model, new_tokens, modes))
     log(f"user: dense {result['dense']}")
+    save()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     report = sparsify(model, plan_cache=plan_dir)
     result["sparsify_cold_s"] = time.perf_counter() - t0
     mem["sparsify_peak"] = torch.cuda.max_memory_allocated()
     mem["sparse"] = _allocated()
+    result["memory_ratio"] = mem["sparse"] / mem["dense"]
     log(f"user: {report}")
     result["report"] = _report_per_shape(report.to_dict())
     result["report_markdown"] = report.markdown(max_rows=7)
-    result["sparse"] = _generation_speeds(model, new_tokens)
-    result["sparse"]["host_us"] = _host_cost_us(model)
-    log(f"user: sparse {result['sparse']}")
     result["linear_bytes"] = {"dense": report.dense_bytes, "sparse": report.sparse_bytes}
-    del model, report
-    gc.collect()
-    torch.cuda.empty_cache()
-    model = build_model(layers, prune_all=False)
-    t0 = time.perf_counter()
-    again = sparsify(model, plan_cache=plan_dir)
-    result["sparsify_cached_s"] = time.perf_counter() - t0
-    result["plans_from_cache"] = [again.plans_from_cache, len(again.converted)]
-    log(f"user: cached {again}")
-    result["memory"] = mem
-    result["memory_ratio"] = mem["sparse"] / mem["dense"]
+    result["sparse"] = {"host_us": _host_cost_us(model)}
+    save()
+    result["sparse"].update(_generation_speeds(model, new_tokens, modes))
+    log(f"user: sparse {result['sparse']}")
     d, sp = result["dense"], result["sparse"]
-    result["speedup"] = {k: sp[k] / d[k] for k in ("hf_generate_tok_s", "ria_generate_tok_s")}
+    result["speedup"] = {k: sp[k] / d[k] for k in sp if k.endswith("tok_s") and k in d}
+    save()
+    del model, report
+    if "cached" in modes:
+        gc.collect()
+        torch.cuda.empty_cache()
+        model = build_model(layers, prune_all=False)
+        t0 = time.perf_counter()
+        again = sparsify(model, plan_cache=plan_dir)
+        result["sparsify_cached_s"] = time.perf_counter() - t0
+        result["plans_from_cache"] = [again.plans_from_cache, len(again.converted)]
+        log(f"user: cached {again}")
     return result
+
+
+USER_ROWS = [
+    ("hf_generate_tok_s", "HF model.generate, default mode (dynamic cache, eager) (tok/s)"),
+    ("hf_compiled_tok_s", "HF model.generate, static cache + its compile (tok/s)"),
+    ("ria_generate_first_tok_s", "ria.generate, first call (tok/s)"),
+    ("ria_generate_tok_s", "ria.generate, next calls (tok/s)"),
+    ("ria_generate_compiled_tok_s", "ria.generate(compile=True), next calls (tok/s)"),
+]
 
 
 def user_table(r: dict) -> str:
@@ -640,15 +719,13 @@ def user_table(r: dict) -> str:
         f"{r['linear_bytes']['sparse'] / 2**30:.2f} | "
         f"{r['linear_bytes']['sparse'] / r['linear_bytes']['dense']:.3f}x |",
     ]
-    for key, label in [
-        ("hf_generate_tok_s", "HF model.generate, default mode (tok/s)"),
-        ("ria_generate_first_tok_s", "ria.generate, first call (tok/s)"),
-        ("ria_generate_tok_s", "ria.generate, next calls (tok/s)"),
-    ]:
-        rows.append(f"| {label} | {d[key]:.1f} | {s[key]:.1f} | {s[key] / d[key]:.2f}x |")
+    for key, label in USER_ROWS:
+        if key in d and key in s:
+            rows.append(f"| {label} | {d[key]:.1f} | {s[key]:.1f} | {s[key] / d[key]:.2f}x |")
+    cached = r.get("sparsify_cached_s")
+    cached_text = "" if cached is None else f" / {cached:.1f}"
     rows.append(
-        f"| sparsify cold / with its plan cache (s) | | {r['sparsify_cold_s']:.1f} / "
-        f"{r['sparsify_cached_s']:.1f} | |"
+        f"| sparsify cold / with its plan cache (s) | | {r['sparsify_cold_s']:.1f}{cached_text} | |"
     )
     return "\n".join(rows)
 
@@ -697,6 +774,12 @@ def main() -> None:
         "--only", default="gemm,e2e,user", help="comma list of: gemm, probe, e2e, fusion, user"
     )
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens per generate call (user)")
+    ap.add_argument(
+        "--user-modes",
+        default=",".join((*USER_MODES, "cached")),
+        help="user section: comma list of generation modes (hf, ria, hf_compile, ria_compile) "
+        "and 'cached' (the second sparsify, from its plan cache)",
+    )
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--m", default=",".join(map(str, GEMM_MS)), help="GEMM token counts")
     ap.add_argument("--prune-all", action="store_true", help="prune every layer with ria")
@@ -766,7 +849,8 @@ def main() -> None:
         path.write_text(json.dumps(out, indent=1, default=str))
     if "user" in only:
         try:
-            out["user"] = bench_user(args.layers, args.new_tokens)
+            modes = set(args.user_modes.split(","))
+            out["user"] = bench_user(args.layers, args.new_tokens, modes, out, path)
             tables.append(
                 f"### With default arguments, LLaMA-2-7B shapes, {args.layers} layers\n\n"
                 + user_table(out["user"])

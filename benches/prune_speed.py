@@ -5,6 +5,7 @@ result (the permuted model must convert and compute the same logits).
     python benches/prune_speed.py                      # 32 layers, 128 x 2048 tokens
     python benches/prune_speed.py --layers 2 --nsamples 8   # a quick check
     python benches/prune_speed.py --layers 8 --refine   # what mask refinement adds
+    python benches/prune_speed.py --layers 4 --refine --reconstruct   # + OBS update and refit
     python benches/prune_speed.py --nproc 4 --no-sparsify   # split over 4 GPUs (torchrun)
     python benches/prune_speed.py --shape 70b --layers 4 --nproc 8 --no-sparsify
     python benches/prune_speed.py --nproc 1,2 --device cpu --shape tiny   # side by side
@@ -76,6 +77,9 @@ def main() -> None:
     parser.add_argument("--method", default="ria")
     parser.add_argument("--permute", default="folded", choices=["folded", "free", "none"])
     parser.add_argument("--refine", action="store_true", help="ria.prune(refine=True)")
+    parser.add_argument(
+        "--reconstruct", action="store_true", help="ria.prune(reconstruct=True): OBS + refit"
+    )
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument(
         "--no-sparsify", action="store_true", help="skip the sparsify check (times pruning only)"
@@ -211,6 +215,7 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
         "method": args.method,
         "permute": args.permute,
         "refine": args.refine,
+        "reconstruct": args.reconstruct,
         "model_build_seconds": build,
         "prune_seconds": report.total_seconds,
         "wall_seconds": wall,
@@ -255,6 +260,7 @@ def prune(
     config = PruneConfig(
         sparsity=ria.Sparsity.parse("2:4"), method=args.method,
         permute=False if args.permute == "none" else args.permute, refine=args.refine,
+        reconstruct=args.reconstruct,
         calibration=windows, nsamples=args.nsamples, seqlen=args.seqlen, device=device,
         progress=rank == 0,
     )  # fmt: skip

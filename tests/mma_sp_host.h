@@ -42,20 +42,32 @@ typedef unsigned short ria_host_x;
 typedef uint4 ria_host_frag;
 #endif
 struct HostIndex {
-  int x;
+  int x, y;
 };
 thread_local HostIndex threadIdx, blockIdx;
 
 namespace host {
-struct Warp {  // operands deposited by the 32 lanes for one warp-wide mma.sp
+struct Warp {  // operands deposited by the 32 lanes for one warp-wide mma.sp or ldmatrix
   uint4 a[32];
   unsigned b[32][4];
   unsigned e[32];
+  const char* row[32];
   std::barrier<>* sync;
 };
 thread_local Warp* warp;
 thread_local std::barrier<>* block_sync;
 thread_local float* shared;
+// RIA_TILED: a thread-block cluster's barrier and every block's shared memory.
+thread_local std::barrier<>* cluster_barrier;
+thread_local float* const* cluster_shared;
+
+struct Copy {  // one cp.async: lands when a wait_group lets it (as late as the PTX allows)
+  char* dst;
+  const char* src;
+  int bytes;
+};
+thread_local std::vector<Copy> open_group;
+thread_local std::deque<std::vector<Copy>> committed;
 
 inline float half(unsigned short v) {
   const int sign = v >> 15, exponent = (v >> 10) & 31, mantissa = v & 1023;
@@ -106,6 +118,43 @@ inline unsigned e4m3x2_to_f16x2(unsigned short v) {
 }
 
 inline void __syncthreads() { host::block_sync->arrive_and_wait(); }
+
+// cp.async (16 bytes, the first `bytes` read, the rest zero-filled), deferred until a
+// cp_async_wait leaves its group no longer pending: reading a stage too early reads stale
+// data here too.
+inline void cp_async16(void* dst, const void* src, int bytes) {
+  host::open_group.push_back({(char*)dst, (const char*)src, bytes});
+}
+inline void cp_async_commit() {
+  host::committed.push_back(std::move(host::open_group));
+  host::open_group.clear();
+}
+template <int N>
+void cp_async_wait() {
+  while ((int)host::committed.size() > N) {
+    for (const host::Copy& c : host::committed.front()) {
+      std::memcpy(c.dst, c.src, c.bytes);
+      std::memset(c.dst + c.bytes, 0, 16 - c.bytes);
+    }
+    host::committed.pop_front();
+  }
+}
+
+// ldmatrix .x4 .b16: lane 8i + r names row r of matrix i; lane (g, t) gets 4 bytes at
+// 4t of row g of matrix i in register i.
+inline void ldmatrix_x4(unsigned (&r)[4], const void* row) {
+  const int lane = threadIdx.x & 31;
+  host::Warp& w = *host::warp;
+  w.row[lane] = (const char*)row;
+  w.sync->arrive_and_wait();
+  for (int i = 0; i < 4; ++i) std::memcpy(&r[i], w.row[8 * i + (lane >> 2)] + 4 * (lane & 3), 4);
+  w.sync->arrive_and_wait();
+}
+
+inline void cluster_sync() { host::cluster_barrier->arrive_and_wait(); }
+inline float cluster_load(const float* local, int rank) {
+  return host::cluster_shared[rank][local - host::shared];
+}
 inline float* ria_host_shared() { return host::shared; }
 inline int min(int a, int b) { return a < b ? a : b; }
 
@@ -208,20 +257,35 @@ int main(int argc, char** argv) {
 #endif
   std::vector<unsigned short> y((size_t)M * N, 0xFFFF);  // NaN where nothing is written
   const int threads = RIA_W * 32;
+#if RIA_TILED  // the RIA_SK blocks of a cluster run together
+  const int cluster = RIA_SK;
+  const size_t shared_floats = 232448 / 4;  // an H200's most per block
+#else
+  const int cluster = 1;
+  const size_t shared_floats = (size_t)RIA_W * RIA_R * RIA_NT * 4 * 32;
+#endif
   for (int bx = 0; bx < grid; ++bx) {
-    std::vector<float> shared((size_t)RIA_W * RIA_R * RIA_NT * 4 * 32);
-    std::barrier<> block_sync(threads);
-    std::vector<host::Warp> warps(RIA_W);
+    std::vector<std::vector<float>> shared(cluster, std::vector<float>(shared_floats, NAN));
+    std::vector<float*> shared_ptrs;
+    for (auto& s : shared) shared_ptrs.push_back(s.data());
+    std::barrier<> cluster_barrier(cluster * threads);
+    std::deque<std::barrier<>> block_syncs;
+    for (int q = 0; q < cluster; ++q) block_syncs.emplace_back(threads);
+    std::vector<host::Warp> warps(cluster * RIA_W);
     std::deque<std::barrier<>> warp_syncs;
-    for (int w = 0; w < RIA_W; ++w) warps[w].sync = &warp_syncs.emplace_back(32);
+    for (auto& w : warps) w.sync = &warp_syncs.emplace_back(32);
     std::vector<std::thread> pool;
-    for (int tid = 0; tid < threads; ++tid)
-      pool.emplace_back([&, tid] {
+    for (int ct = 0; ct < cluster * threads; ++ct)
+      pool.emplace_back([&, ct] {
+        const int tid = ct % threads, q = ct / threads;
         threadIdx.x = tid;
         blockIdx.x = bx;
-        host::shared = shared.data();
-        host::block_sync = &block_sync;
-        host::warp = &warps[tid / 32];
+        blockIdx.y = q;
+        host::shared = shared_ptrs[q];
+        host::cluster_shared = shared_ptrs.data();
+        host::cluster_barrier = &cluster_barrier;
+        host::block_sync = &block_syncs[q];
+        host::warp = &warps[ct / 32];
         ria_mma_sp24((const ria_host_x*)x.data(), ldx, (const ria_host_frag*)vals.data(),
                      (const unsigned*)meta.data(), (const RIA_HOST_INDEX*)order.data(),
                      (const unsigned short*)bias.data(), has_bias, y.data(), N, M, N, K, tiles,

@@ -179,8 +179,12 @@ def test_fp8_kernels_match_reference(m, bias):
 
         q, q_scale = quantize_tokens(x)
         frag = pack_mma24_e4m3(w.values)
-        for cfg in CONFIGS if m == 16 else (None,):  # every launch shape once (compiles)
+        plain = tuple(c for c in CONFIGS if not c.tiled)  # the tiled kernel has no e4m3 form
+        for cfg in plain if m == 16 else (None,):  # every launch shape once (compiles)
             _close_to_reference(mma24_fp8_linear(q, q_scale, frag, w.scale, b, config=cfg), ref)
+        tiled = next(c for c in CONFIGS if c.tiled)
+        with pytest.raises(InvalidArgumentError, match="no e4m3 form"):
+            mma24_fp8_linear(q, q_scale, frag, w.scale, b, config=tiled)
 
 
 @needs_cuda

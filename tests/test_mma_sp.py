@@ -130,7 +130,7 @@ def _run_on_host(
     2:4 weight and compare with the masked dense product (with `e4m3`: weight and tokens in
     e4m3, against `fp8_linear_reference`; with `cslt`: the weight as cuSPARSELt's buffer,
     values row-major and metadata in its tiled order, `format.to_cslt_layout`)."""
-    row_tiles, warps, unroll = cfg
+    row_tiles, warps, unroll, stages, split = (*cfg, 0, 1)[:5] if len(cfg) == 3 else cfg
     w = random_24(n, k, dtype=dtype, seed=n + m)
     g = torch.Generator().manual_seed(m)
     ldx = k + 8  # a row stride larger than K
@@ -170,6 +170,8 @@ def _run_on_host(
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
     }
+    if stages:
+        defines |= {"RIA_TILED": 1, "RIA_S": stages, "RIA_SK": split}
     kernel = resources.files("ria.sparse").joinpath("mma_sp.cu").read_text("utf-8")
     header = Path(__file__).with_name("mma_sp_host.h")
     src = "".join(f"#define {key} {v}\n" for key, v in defines.items())
@@ -179,7 +181,7 @@ def _run_on_host(
         [GXX, "-std=c++20", "-O1", "-pthread", "-w", str(tmp_path / "kernel.cpp"), "-o", str(exe)],
         check=True,
     )
-    grid = -(-tiles // row_tiles)
+    grid = -(-tiles // (row_tiles * (warps if stages else 1)))
     args = [m, n, k, tiles, pairs, int(bias), ldx, grid]
     subprocess.run([str(exe), str(tmp_path), *map(str, args)], check=True)
     raw = np.fromfile(tmp_path / "y.bin", dtype=np.int16)
@@ -245,6 +247,30 @@ def test_mma_cslt_kernel_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bia
     _run_on_host(tmp_path, n, k, m, cfg, dtype, order_dtype, bias, cslt=True)
 
 
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+@pytest.mark.parametrize(
+    "n, k, m, cfg, dtype, bias",
+    [
+        # 64 token rows, three stages over K = 32 * 43 (a last stage of 3 k-steps), a cluster
+        # of 3 blocks splitting 11 k-chunks unevenly; N not a multiple of the block's 128 rows
+        (176, 1376, 64, (2, 4, 2, 3, 3), torch.bfloat16, True),
+        # odd M (2 token tiles, the second partial), fp16, one block column (no cluster),
+        # 4 stages over fewer chunks than stages
+        (64, 96, 13, (1, 4, 1, 4, 1), torch.float16, False),
+        # four row tiles per warp, a cluster of 2 where one block has no chunk at all
+        (128, 64, 33, (4, 2, 1, 2, 2), torch.bfloat16, True),
+        # N < 64 rows (a partial 64-row block of metadata), two 256-row warps' worth
+        (48, 256, 20, (2, 2, 2, 2, 1), torch.bfloat16, False),
+    ],
+)
+def test_mma_tiled_kernel_on_host(tmp_path, n, k, m, cfg, dtype, bias):
+    """The tiled kernel (cuSPARSELt's buffer staged in shared memory by cp.async, ldmatrix
+    fragments, metadata rebuilt for the natural group order, split-K over a cluster added
+    in shared memory) equals the masked dense product; the emulated cp.async lands only at
+    cp.async.wait_group, so a stage read too early reads stale or NaN data."""
+    _run_on_host(tmp_path, n, k, m, cfg, dtype, None, bias, cslt=True)
+
+
 # -- kernel (GPU) ----------------------------------------------------------------------
 
 
@@ -281,7 +307,8 @@ def test_mma_kernel_every_config_and_strided_input():
         x = big[:, :k]  # row stride 2k: read in place
         ref = _reference(x, w, None, None)
         for cfg in CONFIGS:
-            assert _rel_err(mma24_linear(x, p, config=cfg), ref) < 1e-2, (m, cfg)
+            if not cfg.tiled:  # the tiled kernel reads cuSPARSELt's buffer only
+                assert _rel_err(mma24_linear(x, p, config=cfg), ref) < 1e-2, (m, cfg)
 
 
 def test_mma_config_rejects_bad_shapes():
@@ -291,10 +318,20 @@ def test_mma_config_rejects_bad_shapes():
         MmaConfig(1, 64, 2)
     with pytest.raises(InvalidArgumentError, match="positive"):
         MmaConfig(0, 8, 2)
+    with pytest.raises(InvalidArgumentError, match="needs the tiled kernel"):
+        MmaConfig(2, 8, 2, split=2)
+    with pytest.raises(InvalidArgumentError, match="whole 64-row blocks"):
+        MmaConfig(1, 2, 2, 4)  # 32 rows per block
+    with pytest.raises(InvalidArgumentError, match="stages >= 2"):
+        MmaConfig(2, 4, 2, 1)
+    assert str(MmaConfig(2, 4, 2, 4, 3)) == "t2w4u2s4k3" and MmaConfig(2, 4, 2, 4).tiled
     for m in (1, 8, 9, 16, 17, 64):  # every candidate is one of the configurations tested
         for cslt in (False, True):
             assert set(candidates(m, cslt)) <= set(CONFIGS)
             assert default_config(m, cslt) == candidates(m, cslt)[0]
+            # The tiled kernel reads no input order: an ordered call defaults to a plain one.
+            assert not default_config(m, cslt, ordered=True).tiled
+    assert default_config(64, cslt=True).tiled  # while an unordered one at M > 32 is tiled
 
 
 @needs_cuda
@@ -347,7 +384,38 @@ def test_mma_cslt_kernel_reads_cusparselt_buffer(dtype, bias):
         order = torch.randperm(k, device="cuda", dtype=torch.int32)
         ref = _reference(x, w, b, order)
         for cfg in CONFIGS:
-            assert _rel_err(mma24_linear(x, c, b, order=order, config=cfg), ref) < 1e-2, cfg
+            if not cfg.tiled:  # (no input order in the tiled kernel)
+                assert _rel_err(mma24_linear(x, c, b, order=order, config=cfg), ref) < 1e-2, cfg
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_tiled_kernel_reads_cusparselt_buffer(dtype):
+    """The tiled kernel on cuSPARSELt's buffer against the masked dense product, for every
+    tiled shape tuning may pick and a few more (clusters of 1..8 blocks), M = 9..64 (odd
+    too), with and without bias, the LLaMA-2-7B shapes and small odd ones; a strided x and
+    repeated calls give the same bits (the split-K sums are added in a fixed order)."""
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
+    from ria.sparse.mma_sp import CONFIGS, MmaConfig, compile_kernels, mma24_linear
+
+    shapes = [c for c in CONFIGS if c.tiled]
+    shapes += [MmaConfig(1, 4, 1, 2, 1), MmaConfig(2, 2, 2, 3, 8), MmaConfig(4, 2, 1, 4, 2)]
+    compile_kernels(dtype, (9, 21, 32, 64), cslt=True, configs=shapes, threads=16)
+    for n, k in [(48, 96), (208, 1376), (4096, 4096), (11008, 4096), (4096, 11008)]:
+        w = random_24(n, k, dtype=dtype, device="cuda", seed=n + k)
+        c = share_cslt_buffer(pack_24(w), cslt_compress(w))
+        assert c.layout == "cslt", (n, k)
+        b = torch.randn(n, dtype=dtype, device="cuda")
+        small = n * k < 2**20  # every case on the small shapes, a few on the large
+        for m in (9, 16, 21, 32, 64) if small else (16, 64):
+            x = torch.randn(m, k + 8, dtype=dtype, device="cuda")[:, :k]  # row stride k + 8
+            for bias in (None, b) if small else (b,):
+                ref = _reference(x, w, bias, None)
+                for cfg in shapes:
+                    y = mma24_linear(x, c, bias, config=cfg)
+                    assert y.shape == (m, n) and y.dtype == dtype
+                    assert _rel_err(y, ref) < 1e-2, (n, k, m, cfg)
+                    assert torch.equal(mma24_linear(x, c, bias, config=cfg), y), cfg
 
 
 def test_cusparselt_buffer_is_shared_when_it_decodes_to_the_weight():
@@ -374,6 +442,32 @@ def test_cusparselt_buffer_is_shared_when_it_decodes_to_the_weight():
     assert shared.layout == "cslt" and torch.equal(unpack_24(shared), w)
     unordered = share_cslt_buffer(c, buffer_with(2 | 2 << 2, (1.5, 0.0)))
     assert unordered.layout == "rows" and unordered.values is c.values  # values differ too
+
+
+def test_mma_candidates_without_clusters(monkeypatch):
+    """Before compute capability 9.0 no shape needs a cluster, and every token count keeps
+    a default; a cluster shape asked for explicitly is refused."""
+    from ria.sparse import mma_sp
+
+    monkeypatch.setattr(mma_sp, "_has_clusters", lambda: False)
+    for m in (1, 9, 16, 17, 32, 33, 64):
+        shapes = mma_sp.candidates(m, cslt=True)
+        assert shapes and all(c.split == 1 for c in shapes), m
+    c = pack_24(random_24(64, 128))
+    tiled = mma_sp.Compact24(c.values, to_cslt_layout(c), 128, layout="cslt")
+    with pytest.raises(InvalidArgumentError, match="clusters"):
+        mma_sp.mma24_linear(torch.zeros(16, 128, dtype=c.values.dtype), tiled,
+                            config=mma_sp.MmaConfig(2, 2, 1, 2, 2))  # fmt: skip
+
+
+def test_mma_tiled_kernel_refuses_what_it_cannot_read():
+    from ria.sparse.mma_sp import MmaConfig, mma24_linear
+
+    w = random_24(64, 128)
+    cfg = MmaConfig(2, 2, 1, 2)
+    x = torch.zeros(16, 128, dtype=w.dtype)
+    with pytest.raises(InvalidArgumentError, match="cuSPARSELt's buffer without an input order"):
+        mma24_linear(x, pack_mma24(w), config=cfg)  # the mma fragments
 
 
 def test_mma_cslt_checks_its_layout():

@@ -9,8 +9,11 @@ layout allows, and so are its 2-bit indices: a layer using both kernels then hol
 second copy), and the dense weight only where dense won a token-count bucket (opt-in).
 
 Two plans: one for calls captured in a CUDA graph (GPU time decides), one for eager calls,
-where a kernel's host cost counts too (eager cuSPARSELt builds its matmul plan on every
-call). Under `torch.compile` the layer is one opaque custom op (`torch.ops.ria.sparse_linear`),
+where a kernel's host cost counts too. Each (token count, mode) gets a runner made once:
+the mma.sp kernels launch from an argument block built once (`mma_sp.MmaLaunch`), and eager
+cuSPARSELt calls keep their matmul plan (`cslt_lib.CsltMatmul`; torch's op builds it on
+every call, 0.5-1.5 ms), so the per-call Python is a dictionary look-up and a launch.
+Under `torch.compile` the layer is one opaque custom op (`torch.ops.ria.sparse_linear`),
 so models compile with `fullgraph=True` and `mode="reduce-overhead"` captures it in graphs.
 """
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +32,10 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from .cslt import CsltConfig, cslt_linear
+from .cslt_lib import CsltMatmul, cslt_lib_status
 from .format import Compact24, Mma24
 from .graphs import graph_mode
-from .mma_sp import MAX_TOKENS, MmaConfig, mma24_linear
+from .mma_sp import MAX_TOKENS, MmaConfig, MmaLaunch, mma24_linear
 from .triton_gemv import sparse24_linear
 
 DENSE = "dense"
@@ -40,11 +44,17 @@ TRITON = "triton"
 MMA = "mma"
 MMA_CSLT = "mma_cslt"  # the mma.sp kernel reading cuSPARSELt's buffer (the compact "cslt" form)
 BACKENDS = (DENSE, CUSPARSELT, TRITON, MMA, MMA_CSLT)
+# Prepared calls kept per layer (distinct token counts and modes) before they are rebuilt.
+MAX_RUNNERS = 128
+# The eager call path's version (prepared launches, kept cuSPARSELt plans): part of the
+# plan cache's key, so eager plans timed on an older path are tuned again.
+EAGER_CALLS = 2
 
 __all__ = [
     "BACKENDS",
     "CUSPARSELT",
     "DENSE",
+    "EAGER_CALLS",
     "MMA",
     "MMA_CSLT",
     "TRITON",
@@ -140,11 +150,26 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("input_order", input_order, persistent=False)
         self._by_m: dict[tuple[int, bool], Choice] = {}
+        # (tokens, eager) -> the prepared call (holds raw addresses of the buffers above)
+        self._runners: dict[tuple[int, bool], Runner] = {}
+        self._matmuls: dict[Choice, CsltMatmul] = {}  # eager cuSPARSELt: plans by token count
         self._handle = _register(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
+        state["_runners"] = {}  # ctypes argument blocks: rebuilt on the copy's first call
+        state["_matmuls"] = {}
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         self._handle = _register(self)  # a copy (deepcopy, pickle) is another layer
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Sparse24Linear:
+        self._runners = {}  # .to()/.cuda()/.half() move the buffers the runners point at
+        self._matmuls = {}
+        moved: Sparse24Linear = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        return moved
 
     @property
     def buckets(self) -> list[int]:
@@ -180,18 +205,30 @@ class Sparse24Linear(nn.Module):
     def linear_2d(self, x: torch.Tensor) -> torch.Tensor:
         """`(M, K)` contiguous -> `(M, N)` with the kernel planned for `M` in the current
         mode (graph capture or eager)."""
-        eager = not (x.is_cuda and graph_mode())
-        choice = self.choice_for(x.shape[0], eager=eager)
+        key = (x.shape[0], not (x.is_cuda and graph_mode()))
+        run = self._runners.get(key)
+        if run is None:
+            if len(self._runners) >= MAX_RUNNERS:  # many distinct token counts: start over
+                self._runners.clear()
+            run = self._runners[key] = self.runner(*key)
+        return run(x)
+
+    def runner(self, m: int, eager: bool) -> Runner:
+        """The call that computes this layer for `m` tokens in a mode (eager, or under graph
+        capture): the planned kernel with its launch prepared. It holds the buffers' raw
+        addresses, so it is remade after `.to()`; it falls back to the checked path for an
+        input its prepared launch does not fit (dtype, device, strides)."""
+        choice = self.choice_for(m, eager=eager)
+        bias = self.bias
         if choice.backend == TRITON:
-            return sparse24_linear(
-                x,
-                None,
-                self.bias,
-                values=self.values,
-                meta=self.meta,
-                in_features=self.in_features,
-                layout=self.meta_layout,
-            )
+            values, meta, k, layout = self.values, self.meta, self.in_features, self.meta_layout
+
+            def triton(x: torch.Tensor) -> torch.Tensor:
+                return sparse24_linear(
+                    x, None, bias, values=values, meta=meta, in_features=k, layout=layout
+                )
+
+            return triton
         if choice.backend in (MMA, MMA_CSLT):
             frag: Mma24 | Compact24
             if choice.backend == MMA:
@@ -200,16 +237,29 @@ class Sparse24Linear(nn.Module):
             else:
                 assert self.values is not None and self.meta is not None
                 frag = Compact24(self.values, self.meta, self.in_features, self.meta_layout)
-            if x.shape[0] <= MAX_TOKENS:
-                return mma24_linear(x, frag, self.bias, config=choice.mma)
-            # Past its bucket (inputs larger than the plan's largest bucket): 64 rows at a time.
-            parts = [x[i : i + MAX_TOKENS] for i in range(0, x.shape[0], MAX_TOKENS)]
-            return torch.cat([mma24_linear(p, frag, self.bias, config=choice.mma) for p in parts])
+            return _mma_runner(frag, bias, m, choice.mma)
         if choice.backend == CUSPARSELT:
-            assert self.packed is not None  # __init__ checks the plan's forms are given
-            return cslt_linear(x, self.packed, self.bias, choice.cslt or CsltConfig())
-        assert self.weight is not None
-        return F.linear(x, self.weight, self.bias)
+            packed = self.packed
+            assert packed is not None  # __init__ checks the plan's forms are given
+            config = choice.cslt or CsltConfig()
+            if eager and cslt_lib_status() is None:
+                matmul = self._matmuls.get(choice)
+                if matmul is None:  # one per choice: its plans (per token count) are bounded
+                    n, k = self.out_features, self.in_features
+                    matmul = self._matmuls[choice] = CsltMatmul(packed, n, k, bias, config)
+                return _cslt_runner(matmul)
+
+            def cslt(x: torch.Tensor) -> torch.Tensor:
+                return cslt_linear(x, packed, bias, config)
+
+            return cslt
+        weight = self.weight
+        assert weight is not None
+
+        def dense(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, weight, bias)
+
+        return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -237,6 +287,43 @@ class Sparse24Linear(nn.Module):
                 + "]"
             )
         return text
+
+
+# One layer's computation for one token count and mode: (M, K) -> (M, N).
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _mma_runner(
+    frag: Mma24 | Compact24, bias: torch.Tensor | None, m: int, config: MmaConfig | None
+) -> Runner:
+    """mma.sp for `m` tokens: the prepared launch, or 64 rows at a time past its bucket
+    (inputs larger than the plan's largest bucket)."""
+    if m > MAX_TOKENS:
+
+        def chunked(x: torch.Tensor) -> torch.Tensor:
+            parts = [x[i : i + MAX_TOKENS] for i in range(0, x.shape[0], MAX_TOKENS)]
+            return torch.cat([mma24_linear(p, frag, bias, config=config) for p in parts])
+
+        return chunked
+    launch = MmaLaunch(frag, bias, m, config=config)
+
+    def mma(x: torch.Tensor) -> torch.Tensor:
+        if launch.fits(x):
+            return launch(x)
+        return mma24_linear(x, frag, bias, config=launch.config)
+
+    return mma
+
+
+def _cslt_runner(matmul: CsltMatmul) -> Runner:
+    """cuSPARSELt with its matmul plans kept (eager calls)."""
+
+    def cslt(x: torch.Tensor) -> torch.Tensor:
+        if matmul.fits(x):
+            return matmul(x)
+        return cslt_linear(x, matmul.packed, matmul.bias, matmul.config)
+
+    return cslt
 
 
 # The layers `torch.ops.ria.sparse_linear` can name (by handle), without keeping them alive.

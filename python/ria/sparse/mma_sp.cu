@@ -46,6 +46,15 @@
 #if RIA_CSLT && RIA_E4M3
 #error "cuSPARSELt's buffer holds fp16/bf16 values: RIA_CSLT excludes RIA_E4M3"
 #endif
+#ifndef RIA_TILED
+#define RIA_TILED 0
+#endif
+#ifndef RIA_SK
+#define RIA_SK 1
+#endif
+#if RIA_TILED && (!RIA_CSLT || RIA_ORDER)
+#error "RIA_TILED reads cuSPARSELt's fp16/bf16 buffer, without an input order"
+#endif
 
 #define RIA_PREFETCH_B (RIA_NT == 1 && RIA_U <= 4)
 
@@ -105,6 +114,56 @@ __device__ __forceinline__ void mma_sp(float* d, const uint4& a, const u32* b, u
       : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
         "r"(e), "n"(SEL));
 }
+
+// Shared-memory primitives of the RIA_TILED kernel (shared addresses from generic pointers).
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+// 16 bytes global -> shared, asynchronously; only the first `bytes` (0 or 16) are read, the
+// rest is zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 b16 matrices: lane 8i + r gives the address of row r of matrix i; lane (g, t)
+// receives in register i the elements 2t, 2t + 1 of row g of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row))
+               : "memory");
+}
+
+#if RIA_SK > 1
+// All threads of the cluster (the RIA_SK blocks splitting one row block's input columns).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;\n" ::
+                   : "memory");
+}
+
+// The float at `local`'s offset in the shared memory of the cluster's block `rank`.
+__device__ __forceinline__ float cluster_load(const float* local, int rank) {
+  u32 a;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(a) : "r"(smem_addr(local)), "r"(rank));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(a) : "memory");
+  return v;
+}
+#endif
 
 // Two e4m3 (low byte first) as an f16x2 (low half first): exact, fp16 holds every e4m3.
 __device__ __forceinline__ u32 e4m3x2_to_f16x2(u16 v) {
@@ -184,6 +243,7 @@ __device__ __forceinline__ u32 cslt_meta(u32 lo, u32 hi, int t) {
 }
 #endif
 
+#if !RIA_TILED
 extern "C" __global__ void __launch_bounds__(RIA_W * 32)
     ria_mma_sp24(const x_t* __restrict__ x, int ldx, const frag_t* __restrict__ vals,
                  const u32* __restrict__ meta, const index_t* __restrict__ order,
@@ -303,3 +363,241 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
     }
   }
 }
+#endif  // !RIA_TILED
+
+#if RIA_TILED
+// RIA_TILED: the kernel for M = 9..64 tokens on cuSPARSELt's buffer, where the plain kernel
+// re-reads all of x per 16 rows. A block owns RIA_ROWS = 16 * RIA_R * RIA_W rows (whole
+// 64-row blocks of the buffer's metadata) and, with RIA_SK > 1, 1/RIA_SK of the input
+// columns: the RIA_SK blocks of a thread-block cluster split them, and add their partial sums
+// through distributed shared memory in a fixed order (deterministic, no atomics). Stages
+// of RIA_KC = 64 * RIA_U input columns (the rows' values, the tokens' columns and the
+// metadata words) are copied into shared memory by cp.async, RIA_S of them in flight, so a
+// weight stage is read from HBM once and the tokens once per block. Warp w multiplies row
+// tiles w * RIA_R .. + RIA_R - 1 of the block with every token tile: one B fragment
+// (ldmatrix) feeds RIA_R mma.sp. Here the 2:4 groups are taken in their natural order (A
+// and B by ldmatrix from row-major copies), so each lane rebuilds its metadata word from
+// two of cuSPARSELt's words (tiled_meta), and sparsity selector 0 serves every k-step.
+// Measured on an H200 (benches/results/decode_kernels_h200_tiled.json): 1.4-1.7x faster than
+// the plain kernel at M = 64 and on gate/up at M = 16-32, slower on q/k/v/o and down at
+// M = 16-32, and still 0.5-0.6x of dense cuBLAS at M = 64. Without its mma.sp, or without
+// its per-stage copies, it takes nearly as long (32-33 of 38 us, 4096x4096, M = 64, 4 warps
+// per SM): the time goes to each warp's issue stream (ldmatrix, metadata, addressing, the
+// barrier per stage, the cluster's 4-byte remote loads), not to HBM or the tensor cores.
+#define RIA_ROWS (16 * RIA_R * RIA_W)
+#define RIA_KC (64 * RIA_U)
+#define RIA_APITCH (RIA_KC + 16)      // bytes per row of values in a stage (+16: no bank conflicts)
+#define RIA_XPITCH (2 * RIA_KC + 16)  // bytes per token in a stage
+#define RIA_A_BYTES (RIA_ROWS * RIA_APITCH)
+#define RIA_X_BYTES (8 * RIA_NT * RIA_XPITCH)
+#define RIA_E_BYTES (RIA_ROWS / 64 * 2 * RIA_U * 256)  // 64 words per 64 rows and 32 columns
+#define RIA_STAGE_BYTES (RIA_A_BYTES + RIA_X_BYTES + RIA_E_BYTES)
+#if RIA_ROWS % 64
+#error "RIA_TILED needs whole 64-row blocks: 16 * RIA_R * RIA_W % 64 == 0"
+#endif
+#if RIA_S < 2 || (32 * RIA_W) % (8 * RIA_U)
+#error "RIA_TILED needs RIA_S >= 2 stages and 8 * RIA_U to divide the block's threads"
+#endif
+#if RIA_SK > 1 && !defined(RIA_HOST_EMULATION)
+#define RIA_CLUSTER __cluster_dims__(1, RIA_SK, 1)
+#else
+#define RIA_CLUSTER
+#endif
+
+// mma.sp's metadata word (groups 0..3 of rows g | g + 8 for t % 2 == 0, groups 4..7 for
+// t % 2 == 1) from cuSPARSELt's words w0 = 2g (bytes: groups 0, 4, 1, 5) and w1 = 2g + 1
+// (groups 2, 6, 3, 7) of one 32-column k-tile; each byte holds row g in its low nibble.
+__device__ __forceinline__ u32 tiled_meta(u32 w0, u32 w1, int t) {
+  const int sh = 8 * (t & 1);
+  const u32 v = ((w0 >> sh) & 0xFFu) | (((w0 >> (sh + 16)) & 0xFFu) << 8) |
+                (((w1 >> sh) & 0xFFu) << 16) | (((w1 >> (sh + 16)) & 0xFFu) << 24);
+  u32 lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
+  lo = (lo | (lo >> 4)) & 0x00FF00FFu;
+  hi = (hi | (hi >> 4)) & 0x00FF00FFu;
+  lo = (lo | (lo >> 8)) & 0xFFFFu;
+  hi = (hi | (hi >> 8)) & 0xFFFFu;
+  return lo | (hi << 16);
+}
+
+// Issue the copies of k-chunk `chunk` (columns RIA_KC * chunk ..) into `stage`, 16 bytes
+// each, zero-filled past N, K and M. Each thread copies the same 16-byte column of rows
+// (tokens, metadata words) a fixed step apart in every stage: no divisions per copy.
+__device__ __forceinline__ void load_stage(char* stage, const char* x, int ldx, const char* vals,
+                                           const u32* meta, int M, int N, int K, int row0,
+                                           int chunk) {
+  constexpr int T = RIA_W * 32;
+  const int k0 = RIA_KC * chunk;
+  {  // values: rows x (RIA_KC / 16) copies of 8 values (16 columns)
+    constexpr int Q = RIA_KC / 16, STEP = T / Q;
+    const int q = threadIdx.x % Q, r0 = threadIdx.x / Q;
+    const bool k_ok = k0 + 16 * (q + 1) <= K;
+    const char* src = vals + (long long)(row0 + r0) * K + k0 + 16 * q;
+#pragma unroll
+    for (int i = 0; i < RIA_ROWS / STEP; ++i) {
+      const bool ok = k_ok && row0 + r0 + i * STEP < N;
+      cp_async16(stage + (r0 + i * STEP) * RIA_APITCH + 16 * q,
+                 ok ? src + (long long)i * STEP * K : vals, ok ? 16 : 0);
+    }
+  }
+  {  // tokens: 8 * RIA_NT rows x (RIA_KC / 8) copies of 8 columns
+    constexpr int Q = RIA_KC / 8, STEP = T / Q, ITER = (8 * RIA_NT + STEP - 1) / STEP;
+    const int q = threadIdx.x % Q, j0 = threadIdx.x / Q;
+    const bool k_ok = k0 + 8 * (q + 1) <= K;
+    const char* src = x + 2 * ((long long)j0 * ldx + k0 + 8 * q);
+#pragma unroll
+    for (int i = 0; i < ITER; ++i) {
+      const int j = j0 + i * STEP;
+      if (j < 8 * RIA_NT) {
+        const bool ok = k_ok && j < M;
+        cp_async16(stage + RIA_A_BYTES + j * RIA_XPITCH + 16 * q,
+                   ok ? src + 2LL * i * STEP * ldx : x, ok ? 16 : 0);
+      }
+    }
+  }
+  {  // metadata: per 64-row block, the stage's 2 * RIA_U k-tiles (256 bytes each) in a row
+    constexpr int PER_BLOCK = 32 * RIA_U, TOTAL = RIA_ROWS / 64 * PER_BLOCK;
+#pragma unroll
+    for (int i = 0; i < (TOTAL + T - 1) / T; ++i) {
+      const int c = threadIdx.x + i * T;
+      if (c < TOTAL) {
+        const int b = c / PER_BLOCK, q = c % PER_BLOCK;
+        const int kt = 2 * RIA_U * chunk + q / 16;  // 16 copies per k-tile
+        const bool ok = row0 + 64 * b < N && kt < K / 32;
+        const u32* src =
+            meta + 64 * ((long long)(row0 / 64 + b) * (K / 32) + 2 * RIA_U * chunk) + 4 * q;
+        cp_async16(stage + RIA_A_BYTES + RIA_X_BYTES + 256 * (2 * RIA_U * b) + 16 * q,
+                   ok ? src : meta, ok ? 16 : 0);
+      }
+    }
+  }
+}
+
+extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_W * 32)
+    ria_mma_sp24(const x_t* __restrict__ x, int ldx, const frag_t* __restrict__ vals,
+                 const u32* __restrict__ meta, const index_t* __restrict__ order,
+                 const u16* __restrict__ bias, int has_bias, u16* __restrict__ y, int ldy,
+                 int M, int N, int K, int tiles, int pairs, const float* __restrict__ x_scale,
+                 const float* __restrict__ w_scale) {
+#ifdef RIA_HOST_EMULATION
+  char* smem = (char*)ria_host_shared();
+#else
+  extern __shared__ uint4 smem_words[];  // 16-byte aligned
+  char* smem = (char*)smem_words;
+#endif
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * RIA_ROWS;
+  const int chunks = (K + RIA_KC - 1) / RIA_KC;
+  const int cb = (int)((long long)chunks * blockIdx.y / RIA_SK);
+  const int ce = (int)((long long)chunks * (blockIdx.y + 1) / RIA_SK);
+  const char* xb = (const char*)x;
+  const char* vb = (const char*)vals;
+
+  float acc[RIA_R][RIA_NT][4];
+#pragma unroll
+  for (int r = 0; r < RIA_R; ++r)
+#pragma unroll
+    for (int j = 0; j < RIA_NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][j][c] = 0.f;
+
+#pragma unroll
+  // Iteration i takes chunk cb + (i + rot) % n: row blocks start at different columns, so
+  // the GPU's loads at any moment spread over the weight instead of one column stripe.
+  const int n = ce - cb;
+  const int rot = n > 0 ? (int)((7LL * blockIdx.x) % n) : 0;
+#pragma unroll
+  for (int s = 0; s < RIA_S - 1; ++s) {
+    if (s < n)
+      load_stage(smem + s * RIA_STAGE_BYTES, xb, ldx, vb, meta, M, N, K, row0,
+                 cb + (s + rot) % n);
+    cp_async_commit();  // empty groups too: the wait below counts groups
+  }
+  for (int i = 0; i < n; ++i) {
+    cp_async_wait<RIA_S - 2>();  // chunk i has landed (this thread's copies) ...
+    __syncthreads();             // ... everyone's, and stage (i - 1) % S is free again
+    if (i + RIA_S - 1 < n)
+      load_stage(smem + (i + RIA_S - 1) % RIA_S * RIA_STAGE_BYTES, xb, ldx, vb, meta, M, N, K,
+                 row0, cb + (i + RIA_S - 1 + rot) % n);
+    cp_async_commit();
+    const char* st = smem + i % RIA_S * RIA_STAGE_BYTES;
+    const int c = cb + (i + rot) % n;
+    const int steps = min(2 * RIA_U, K / 32 - 2 * RIA_U * c);
+#pragma unroll
+    for (int s = 0; s < 2 * RIA_U; ++s) {
+      if (s < steps) {
+        uint4 a[RIA_R];
+        u32 e[RIA_R];
+#pragma unroll
+        for (int r = 0; r < RIA_R; ++r) {
+          const int rt = warp * RIA_R + r;  // row tile in the block
+          // Matrices: rows 0-7 | 8-15 of values 0-7, then of values 8-15 of the k-step.
+          const int row = 16 * rt + (lane & 7) + 8 * ((lane >> 3) & 1);
+          u32 f[4];
+          ldmatrix_x4(f, st + row * RIA_APITCH + 32 * s + 16 * (lane >> 4));
+          a[r] = uint4{f[0], f[1], f[2], f[3]};
+          const u32* ew = (const u32*)(st + RIA_A_BYTES + RIA_X_BYTES) +
+                          64 * (2 * RIA_U * (rt >> 2) + s) + 16 * (rt & 3) + 2 * g;
+          e[r] = tiled_meta(ew[0], ew[1], t);
+        }
+#pragma unroll
+        for (int j = 0; j < RIA_NT; ++j) {
+          u32 b[4];  // matrix i: tokens 8j..8j+7, columns 8i..8i+7 of the k-step
+          ldmatrix_x4(b, st + RIA_A_BYTES + (8 * j + (lane & 7)) * RIA_XPITCH + 64 * s +
+                             16 * (lane >> 3));
+#pragma unroll
+          for (int r = 0; r < RIA_R; ++r) mma_sp<0>(acc[r][j], a[r], b, e[r]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Accumulator fragment: c0, c1 at row g, tokens 2t, 2t+1; c2, c3 at row g + 8.
+#if RIA_SK > 1
+  // Each block's sums into its shared memory (entry (rt, j, c), lane); then block q of
+  // the cluster adds entries q, q + RIA_SK, ... over blocks 0..RIA_SK-1 in that order.
+  constexpr int ENTRIES = RIA_R * RIA_W * RIA_NT * 4;
+  float* part = (float*)smem;
+  __syncthreads();  // every warp is done reading the stages
+#pragma unroll
+  for (int r = 0; r < RIA_R; ++r)
+#pragma unroll
+    for (int j = 0; j < RIA_NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        part[(((warp * RIA_R + r) * RIA_NT + j) * 4 + c) * 32 + lane] = acc[r][j][c];
+  cluster_sync();
+  for (int idx = threadIdx.x + RIA_W * 32 * blockIdx.y; idx < ENTRIES * 32;
+       idx += RIA_W * 32 * RIA_SK) {
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < RIA_SK; ++q) s += cluster_load(part + idx, q);
+    const int ln = idx & 31, entry = idx >> 5;
+    const int c = entry & 3, j = (entry >> 2) % RIA_NT, rt = (entry >> 2) / RIA_NT;
+    const int row = row0 + 16 * rt + (ln >> 2) + 8 * (c >> 1);
+    const int token = 8 * j + 2 * (ln & 3) + (c & 1);
+    if (row < N && token < M) {
+      if (has_bias) s += to_f32(bias[row]);
+      y[(long long)token * ldy + row] = from_f32(s);
+    }
+  }
+  cluster_sync();  // no block leaves while another still reads its shared memory
+#else
+#pragma unroll
+  for (int r = 0; r < RIA_R; ++r)
+#pragma unroll
+    for (int j = 0; j < RIA_NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int row = row0 + 16 * (warp * RIA_R + r) + g + 8 * (c >> 1);
+        const int token = 8 * j + 2 * t + (c & 1);
+        if (row < N && token < M) {
+          float s = acc[r][j][c];
+          if (has_bias) s += to_f32(bias[row]);
+          y[(long long)token * ldy + row] = from_f32(s);
+        }
+      }
+#endif
+}
+#endif  // RIA_TILED

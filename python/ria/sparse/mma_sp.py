@@ -34,6 +34,7 @@ __all__ = [
     "CONFIGS",
     "MAX_TOKENS",
     "MmaConfig",
+    "MmaLaunch",
     "MmaWeight",
     "candidates",
     "compile_kernels",
@@ -53,21 +54,43 @@ _ENTRY = "ria_mma_sp24"
 
 @dataclass(frozen=True)
 class MmaConfig:
-    """Launch shape: `row_tiles` tiles of 16 rows per block, `warps` warps per block splitting
-    the input columns, `unroll` pairs of k-steps (64 columns) of weight loaded per warp
-    before they are multiplied."""
+    """Launch shape. With `stages == 0` (the plain kernel): `row_tiles` tiles of 16 rows per
+    block, `warps` warps per block splitting the input columns, `unroll` pairs of k-steps
+    (64 columns) of weight loaded per warp before they are multiplied.
+
+    With `stages >= 2` (the tiled kernel, weights in cuSPARSELt's buffer only, no input
+    order; `mma_sp.cu`, RIA_TILED): each of `warps` warps owns `row_tiles` tiles of 16 rows
+    (a block: 16 * row_tiles * warps rows, a multiple of 64), `unroll` pairs of k-steps per
+    shared-memory stage, `stages` stages in flight, and a cluster of `split` blocks
+    splitting the input columns (1..8; > 1 needs compute capability 9.0)."""
 
     row_tiles: int = 1
     warps: int = 16
     unroll: int = 2
+    stages: int = 0
+    split: int = 1
 
     def __post_init__(self) -> None:
-        if min(self.row_tiles, self.warps, self.unroll) < 1 or self.warps > 32:
+        if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
             raise InvalidArgumentError(
                 f"MmaConfig needs positive fields and at most 32 warps, got {self!r}"
             )
+        if self.stages == 0 and self.split != 1:
+            raise InvalidArgumentError(f"split > 1 needs the tiled kernel (stages >= 2): {self!r}")
+        if self.stages and (self.stages < 2 or self.split > 8 or (self.row_tiles * self.warps) % 4):
+            raise InvalidArgumentError(
+                "the tiled kernel needs stages >= 2, split <= 8 and row_tiles * warps a "
+                f"multiple of 4 (whole 64-row blocks), got {self!r}"
+            )
+
+    @property
+    def tiled(self) -> bool:
+        """Whether this is the tiled kernel's shape (x and weights staged in shared memory)."""
+        return self.stages > 0
 
     def __str__(self) -> str:
+        if self.tiled:
+            return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         return f"r{self.row_tiles}w{self.warps}u{self.unroll}"
 
 
@@ -81,23 +104,62 @@ _MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
 # row addresses), so fewer pairs per warp win at M <= 8 and 64 (the winners of a wider sweep
 # on an H200, benches/results/decode_kernels_h200_cslt.json; first: the default).
 _CSLT_FEW = (MmaConfig(1, 16, 1), MmaConfig(1, 8, 4), MmaConfig(1, 16, 2))
-_CSLT_SOME = _SOME
-_CSLT_MANY = (MmaConfig(2, 8, 2), MmaConfig(4, 8, 2), MmaConfig(2, 8, 4))
-CONFIGS = tuple(dict.fromkeys(_FEW + _SOME + _MANY + _CSLT_FEW + _CSLT_SOME + _CSLT_MANY))
+# The tiled kernel (MmaConfig(R, W, U, stages, split), cuSPARSELt's buffer only) for M > 8:
+# x staged once per block of rows instead of re-read per 16 rows. The shapes that won a
+# shape and token count in a sweep on an H200 (benches/results/decode_kernels_h200_tiled.json):
+# against the plain kernel it wins gate/up at M = 16 and 32 and every shape at M = 64
+# (1.4-1.7x there), and loses q/k/v/o and down at M = 16 and 32 (by up to 23%), so both are
+# timed; at M > 32 the tiled t2w4u2s3k4 (faster than the plain kernel on all three LLaMA
+# shapes at M = 64) is the default.
+_T1 = MmaConfig(2, 4, 2, 3, 4)  # 128 rows, 3 stages of 128 columns, a cluster of 4
+_CSLT_SOME = (*_SOME, _T1, MmaConfig(1, 4, 2, 4, 4))
+_CSLT_HALF = (  # M <= 32
+    MmaConfig(2, 8, 2),
+    MmaConfig(4, 8, 2),
+    MmaConfig(2, 8, 4),
+    MmaConfig(1, 4, 2, 4, 4),
+    MmaConfig(1, 8, 1, 4, 4),
+    _T1,
+)
+_CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8, 2))
+CONFIGS = tuple(
+    dict.fromkeys(_FEW + _SOME + _MANY + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY)
+)
 
 
 def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     """The launch shapes worth timing for `m` tokens (weights in cuSPARSELt's buffer if
-    `cslt`)."""
+    `cslt`), less those the current GPU cannot launch (clusters before compute capability
+    9.0)."""
     if cslt:
-        return _CSLT_FEW if m <= 8 else _CSLT_SOME if m <= 16 else _CSLT_MANY
+        shapes: tuple[MmaConfig, ...]
+        if m > 16:
+            shapes = _CSLT_HALF if m <= 32 else _CSLT_MANY
+        else:
+            shapes = _CSLT_FEW if m <= 8 else _CSLT_SOME
+        return shapes if _has_clusters() else tuple(c for c in shapes if c.split == 1)
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
 
 
-def default_config(m: int, cslt: bool = False) -> MmaConfig:
+def _has_clusters() -> bool:
+    """Whether the current GPU launches thread-block clusters (sm_90+); True without CUDA,
+    where nothing is launched and the shapes are only listed."""
+    if not torch.cuda.is_available():
+        return True
+    return _capability_at_least_9(torch.cuda.current_device())
+
+
+@functools.cache
+def _capability_at_least_9(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def default_config(m: int, cslt: bool = False, ordered: bool = False) -> MmaConfig:
     """The configuration used without tuning for `m` tokens (the fastest on an H200 for the
-    LLaMA-2-7B shapes in benches/results/decode_kernels_h200*.json)."""
-    return candidates(m, cslt)[0]
+    LLaMA-2-7B shapes in benches/results/decode_kernels_h200*.json); with an input order
+    (`ordered`), the fastest plain one (the tiled kernel reads no order)."""
+    shapes = candidates(m, cslt)
+    return next((c for c in shapes if not c.tiled), shapes[0]) if ordered else shapes[0]
 
 
 def mma_status(device: torch.device | None = None) -> str | None:
@@ -180,6 +242,8 @@ def _kernel_source(
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
     }
+    if config.tiled:  # (only then: the plain kernels' sources and disk cache keys stay)
+        defines |= {"RIA_TILED": 1, "RIA_S": config.stages, "RIA_SK": config.split}
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
 
 
@@ -240,8 +304,25 @@ def _kernel(
 
 
 def _smem_bytes(config: MmaConfig, tiles: int) -> int:
-    """Shared memory for the warps' partial sums: fp32 per warp, row tile, token tile, lane."""
-    return 4 * config.warps * config.row_tiles * tiles * 4 * 32
+    """Dynamic shared memory per block. Plain kernel: the warps' partial sums, fp32 per
+    warp, row tile, token tile, lane. Tiled kernel (as RIA_STAGE_BYTES in mma_sp.cu):
+    `stages` stages of values (rows x (64 * unroll + 16) bytes), tokens (8 * tiles x
+    (128 * unroll + 16) bytes) and metadata (256 bytes per 64 rows and 32 columns), and with
+    `split > 1` at least the block's fp32 sums (rows x tokens) for the cluster's reduction."""
+    if not config.tiled:
+        return 4 * config.warps * config.row_tiles * tiles * 4 * 32
+    rows, u = 16 * config.row_tiles * config.warps, config.unroll
+    stage = rows * (64 * u + 16) + 8 * tiles * (128 * u + 16) + rows // 64 * 2 * u * 256
+    sums = 4 * rows * 8 * tiles if config.split > 1 else 0
+    return max(config.stages * stage, sums)
+
+
+def _grid(config: MmaConfig, row_tiles: int) -> tuple[int, int, int]:
+    """Blocks: one per `config.row_tiles` row tiles (plain kernel), or per block of
+    16 * row_tiles * warps rows times `split` (tiled kernel)."""
+    if not config.tiled:
+        return (-(-row_tiles // config.row_tiles), 1, 1)
+    return (-(-row_tiles // (config.row_tiles * config.warps)), config.split, 1)
 
 
 def _check(
@@ -343,18 +424,41 @@ def mma24_linear(
     Returns:
         `(M, N)` in `x`'s dtype.
     """
+    if config is not None and config.tiled and (order is not None or isinstance(packed, Mma24)):
+        raise InvalidArgumentError(
+            f"the tiled kernel ({config}) reads cuSPARSELt's buffer without an input order"
+        )
+    if config is not None and config.split > 1 and not _has_clusters():
+        raise InvalidArgumentError(f"{config} needs thread-block clusters (compute capability 9.0)")
     _check(x, packed, bias, order)
     m = x.shape[0]
     n = packed.out_features
-    # 4-byte loads of x pairs need an even row stride and an aligned start.
-    if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:
-        x = x.contiguous()
+    config = config or default_config(m, isinstance(packed, Compact24), order is not None)
+    align = _x_alignment(config)
+    if x.stride(1) != 1 or x.stride(0) * x.element_size() % align or x.data_ptr() % align:
+        x = x.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
         raise InvalidArgumentError(f"out must be ({m}, {n}) {x.dtype} with unit column stride")
+    kernel, config, tiles, row_tiles, args = _prepare(x, packed, bias, order, config, out)
+    _launch(kernel, config, tiles, row_tiles, args)
+    return out
+
+
+def _prepare(
+    x: torch.Tensor,
+    packed: MmaWeight,
+    bias: torch.Tensor | None,
+    order: torch.Tensor | None,
+    config: MmaConfig | None,
+    out: torch.Tensor,
+) -> tuple[Any, MmaConfig, int, int, list[Any]]:
+    """The kernel, launch shape, token tiles, row tiles and argument list for checked
+    inputs (`x` at index 0 and `out` at index 7 of the arguments)."""
+    m = x.shape[0]
     cslt = isinstance(packed, Compact24)
-    config = config or default_config(m, cslt)
+    config = config or default_config(m, cslt, order is not None)
     tiles = -(-m // TOKEN_TILE)
     bits = _ORDER_BITS[None if order is None else order.dtype]
     kernel = _kernel(x.dtype, config, tiles, bits, cslt=cslt)
@@ -371,25 +475,86 @@ def mma24_linear(
         out,
         out.stride(0),
         m,
-        n,
+        packed.out_features,
         packed.in_features,
         row_tiles,
         pairs,
         unused,  # the e4m3 kernel's scales
         unused,
     ]
-    _launch(kernel, config, tiles, row_tiles, args)
-    return out
+    return kernel, config, tiles, row_tiles, args
+
+
+def _x_alignment(config: MmaConfig) -> int:
+    """Bytes the start and row stride of `x` must be multiples of: the plain kernel loads
+    pairs of values (4 bytes), the tiled kernel copies 16 bytes at a time."""
+    return 16 if config.tiled else 4
+
+
+def _launch_shape(
+    config: MmaConfig, tiles: int, row_tiles: int
+) -> tuple[tuple[int, int, int], int, int]:
+    """(grid, threads per block, dynamic shared memory bytes) of one launch."""
+    return _grid(config, row_tiles), 32 * config.warps, _smem_bytes(config, tiles)
 
 
 def _launch(kernel: Any, config: MmaConfig, tiles: int, row_tiles: int, args: list[Any]) -> None:
-    grid = -(-row_tiles // config.row_tiles)
-    kernel(
-        grid=(grid, 1, 1),
-        block=(32 * config.warps, 1, 1),
-        args=args,
-        shared_mem=_smem_bytes(config, tiles),
-    )
+    grid, block, smem = _launch_shape(config, tiles, row_tiles)
+    kernel(grid=grid, block=(block, 1, 1), args=args, shared_mem=smem)
+
+
+class MmaLaunch:
+    """`mma24_linear(x, packed, bias, order=order, config=config)` for `m`-token inputs,
+    with its checks done and its argument block built once (`launch.PreparedLaunch`): a
+    call allocates the output and launches, for eager calls whose host time counts.
+
+    The weight, bias and order tensors must stay in place while the launch is used.
+    """
+
+    def __init__(
+        self,
+        packed: MmaWeight,
+        bias: torch.Tensor | None,
+        m: int,
+        *,
+        order: torch.Tensor | None = None,
+        config: MmaConfig | None = None,
+    ) -> None:
+        from .launch import PreparedLaunch
+
+        dtype, device = packed.values.dtype, packed.values.device
+        x = torch.empty(m, packed.in_features, dtype=dtype, device=device)
+        _check(x, packed, bias, order)
+        out = torch.empty(m, packed.out_features, dtype=dtype, device=device)
+        with torch.cuda.device(device):  # the kernel is loaded per device
+            kernel, self.config, tiles, row_tiles, args = _prepare(
+                x, packed, bias, order, config, out
+            )
+        grid, block, smem = _launch_shape(self.config, tiles, row_tiles)
+        self.m, self.n, self.k = m, packed.out_features, packed.in_features
+        self.dtype, self.device = dtype, device
+        self._device_index = device.index if device.index is not None else 0
+        self._align = _x_alignment(self.config)
+        self._launch = PreparedLaunch(kernel.func, grid, block, smem, args, patched=(0, 7))
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether `x` can take the prepared launch: `(m, K)`, contiguous, aligned, the
+        weight's dtype and device (else use `mma24_linear`, which checks and copies)."""
+        return (
+            x.shape == (self.m, self.k)
+            and x.dtype == self.dtype
+            and x.is_contiguous()
+            and x.device == self.device
+            and x.data_ptr() % self._align == 0
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`(m, K)` `x` for which `fits(x)` holds -> `(m, N)`."""
+        from .launch import raw_stream
+
+        out = torch.empty(self.m, self.n, dtype=self.dtype, device=self.device)
+        self._launch(x.data_ptr(), out.data_ptr(), stream=raw_stream(self._device_index))
+        return out
 
 
 def mma24_fp8_linear(
@@ -427,6 +592,8 @@ def mma24_fp8_linear(
         raise InvalidArgumentError(f"bias must be ({n},) {out_dtype}")
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     config = config or default_config(m)
+    if config.tiled:
+        raise InvalidArgumentError(f"the tiled kernel ({config}) has no e4m3 form")
     tiles = -(-m // TOKEN_TILE)
     kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True)
     unused = packed.values
@@ -452,7 +619,10 @@ def mma_best_config(
     candidate's microseconds per call. With `fp8_scales` = (token scales, each weight's
     row scales), `x` holds e4m3 tokens and `packed` e4m3 weights (`mma24_fp8_linear`).
     `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments."""
-    configs = configs or candidates(x.shape[0], cslt=isinstance(packed[0], Compact24))
+    cslt = isinstance(packed[0], Compact24)
+    configs = configs or candidates(x.shape[0], cslt=cslt)
+    if order is not None or not cslt or fp8_scales is not None:  # shapes the tiled kernel lacks
+        configs = tuple(c for c in configs if not c.tiled)
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
     for cfg in configs:

@@ -114,7 +114,14 @@ def _file_name(key: Mapping[str, Any]) -> str:
 
 def _encode_choice(c: Choice) -> list[Any]:
     if c.mma is not None:
-        return [c.backend, c.mma.row_tiles, c.mma.warps, c.mma.unroll]
+        m = c.mma  # the tiled kernel's shapes add their stages and cluster size
+        return [
+            c.backend,
+            m.row_tiles,
+            m.warps,
+            m.unroll,
+            *((m.stages, m.split) if m.tiled else ()),
+        ]
     if c.cslt is None:
         return [c.backend]
     return [c.backend, c.cslt.alg_id, c.cslt.split_k, c.cslt.split_k_mode]
@@ -144,8 +151,10 @@ def _decode_plan(
         if backend not in usable:
             raise ValueError(f"backend {backend!r} cannot run here")
         if len(cell) > 1 and backend in (MMA, MMA_CSLT):
-            row_tiles, warps, unroll = (int(v) for v in cell[1:])
-            plan[int(b)] = Choice(backend, mma=MmaConfig(row_tiles, warps, unroll))
+            shape = [int(v) for v in cell[1:]]
+            if len(shape) not in (3, 5):
+                raise ValueError(f"an mma.sp launch shape has 3 or 5 fields, got {cell[1:]}")
+            plan[int(b)] = Choice(backend, mma=MmaConfig(*shape))
             continue
         cfg = None
         if len(cell) > 1:

@@ -42,7 +42,17 @@ from .format import COLS_PER_WORD, Compact24, Mma24, check_24, pack_24, pack_mma
 from .fp8_linear import sparsify_fp8
 from .generate import clear_generators as clear_generators
 from .graphs import rotation_time_us
-from .linear import BACKENDS, CUSPARSELT, DENSE, MMA, MMA_CSLT, TRITON, Choice, Sparse24Linear
+from .linear import (
+    BACKENDS,
+    CUSPARSELT,
+    DENSE,
+    EAGER_CALLS,
+    MMA,
+    MMA_CSLT,
+    TRITON,
+    Choice,
+    Sparse24Linear,
+)
 from .mma_sp import MAX_TOKENS, MmaConfig, mma24_linear, mma_best_config, mma_status
 from .plan_cache import PlanCache, TunedPlan, library_versions, plan_key
 from .siblings import fuse_model_siblings
@@ -297,18 +307,23 @@ def _eager_time_us(
     forms: Sequence[WeightForms],
     x: torch.Tensor,
     cfg: CsltConfig | MmaConfig | None,
-    rounds: int = 3,
+    rounds: int = 5,
 ) -> float:
-    """Microseconds per eager call (host and GPU: whichever is slower) over `forms`."""
-    for f in forms:  # warm: first calls compile or set up
-        _run(backend, f, x, cfg)
+    """Microseconds per eager call (host and GPU: whichever is slower) over `forms`, each
+    run as the `Sparse24Linear` it would become runs an eager call (`linear_2d`: its
+    prepared launch, cuSPARSELt with its plan kept)."""
+    choice = _make_choice(backend, {} if cfg is None else {backend: cfg})
+    plan = {x.shape[0]: choice}
+    layers = [sparse_layer(f, TunedPlan(plan, plan)) for f in forms]
+    for layer in layers:  # warm: first calls compile, prepare launches and plans
+        layer.linear_2d(x)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(rounds):
-        for f in forms:
-            _run(backend, f, x, cfg)
+        for layer in layers:
+            layer.linear_2d(x)
     torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - t0) / (rounds * len(forms))
+    return 1e6 * (time.perf_counter() - t0) / (rounds * len(layers))
 
 
 def _tune_group(
@@ -809,6 +824,7 @@ def sparsify(
         "dense_margin": dense_margin,
         "tune_layers": tune_layers,
         "cslt_sweep": cslt_sweep,
+        "eager_calls": EAGER_CALLS,  # eager plans timed on another call path are stale
     }
     planner = _Planner(cache, buckets, backend, options)
     for shape, members in _group_layers(model, backend, strict, report).items():
