@@ -5,10 +5,14 @@ process start costs seconds here)."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,24 +23,43 @@ from helpers import FAST_SEARCH, VOCAB, tiny_model
 from safetensors.torch import load_file
 
 import ria
+from ria import cli
 from ria.cli import main
 from ria.pruning import pipeline
-from ria.pruning.distributed import balanced, batch_ranges
+from ria.pruning.config import ALPHA_GRID
+from ria.pruning.distributed import balanced, batch_ranges, split_block
+from ria.pruning.report import LayerReport
 
 WORLD = 2
 # 7 windows in batches of 2: rank 0 runs batches 0-1, rank 1 batches 2-3 (the last holds
 # one window, so the ranks also see different batch sizes).
 CALIB = dict(nsamples=7, seqlen=32, batch_size=2, progress=False, device="cpu")
+FOLDED = dict(sparsity="2:4", permute="folded", permutation_options=FAST_SEARCH)
+# Case: (model family, `ria.prune` settings).
 CASES = {
-    "ria 2:4 folded": dict(sparsity="2:4", permute="folded", permutation_options=FAST_SEARCH),
-    "ria 2:4 free": dict(sparsity="2:4", permute="free", permutation_options=FAST_SEARCH),
+    "ria 2:4 folded": ("llama", FOLDED),
+    "ria 2:4 free": ("llama", dict(FOLDED, permute="free")),
     # The Gram matrices X^T X are reduced too (and the least-squares refit, which would
     # turn any rounding difference of theirs into different weights, runs on them).
-    "ria 2:4 refine + reconstruct": dict(sparsity="2:4", refine=True, reconstruct=True),
-    "sparsegpt 50%": dict(sparsity=0.5, method="sparsegpt"),
+    "ria 2:4 refine + reconstruct": ("llama", dict(sparsity="2:4", refine=True, reconstruct=True)),
+    "sparsegpt 50%": ("llama", dict(sparsity=0.5, method="sparsegpt")),
+    # Scores chosen per matrix by output error, and each layer's error in the report.
+    "ria 2:4 alpha auto + errors": (
+        "llama",
+        dict(FOLDED, alpha="auto", measure_error=True),
+    ),
+    # Fused 3-D experts: routed token counts summed, one folded order over all experts.
+    "qwen3_moe ria 2:4 folded": ("qwen3_moe", dict(FOLDED, measure_error=True)),
+    "mixtral ria 2:4 reconstruct": ("mixtral", dict(sparsity="2:4", reconstruct=True)),
 }
-STREAMED = dict(sparsity="2:4", permute="folded", permutation_options=FAST_SEARCH)
+STREAMED = FOLDED
 IDS = torch.arange(24)[None] * 13 % VOCAB
+# `ria prune` on the source (its path second). No --permute: the CLI's full search takes
+# 20 s on 2 cores (the API cases cover it).
+CLI_SETTINGS = [
+    "prune", "--sparsity", "2:4", "--calibration", "austen", "--nsamples", "4",
+    "--seqlen", "32", "--device", "cpu", "--no-progress",
+]  # fmt: skip
 
 
 def windows() -> torch.Tensor:
@@ -45,22 +68,53 @@ def windows() -> torch.Tensor:
 
 def prune_case(case: str) -> dict:
     """One process's (or rank's) result of one case: its weights, logits and report."""
-    model = tiny_model("llama")
-    report = ria.prune(model, calibration=windows(), **CALIB, **CASES[case])
+    family, settings = CASES[case]
+    model = tiny_model(family)
+    with scoring() as scored:
+        report = ria.prune(model, calibration=windows(), **CALIB, **settings)
     with torch.no_grad():
         logits = model(IDS).logits
     return {
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "logits": logits,
-        "layers": [
-            (r.name, r.kept_score, r.permutation and r.permutation["retained"])
-            for r in report.layers
-        ],
+        "layers": [timeless(r) for r in report.layers],
+        "scored": scored,
     }
 
 
-def stream(src: Path, out: Path) -> None:
-    ria.prune_checkpoint(src, out, calibration=windows(), **CALIB, **STREAMED)
+@contextmanager
+def scoring() -> Iterator[list[str]]:
+    """Yields the list of the matrices this process scores in the body, by full name."""
+    scored: list[str] = []
+    score = pipeline._BlockStep.score
+
+    def counting(self, stats, names=None):
+        out = score(self, stats, names)
+        scored.extend(f"{self.prefix}.{x}" for x in out)
+        return out
+
+    pipeline._BlockStep.score = counting
+    try:
+        yield scored
+    finally:
+        pipeline._BlockStep.score = score
+
+
+def timeless(layer: LayerReport) -> dict:
+    """A layer's report without its times (which differ between any two runs)."""
+    out = asdict(layer)
+    del out["seconds"]
+    for key in ("permutation", "refinement"):
+        if out[key] is not None:
+            out[key] = {k: v for k, v in out[key].items() if k != "seconds"}
+    return out
+
+
+def stream(src: Path, out: Path, spill: bool = False) -> None:
+    """The streamed prune; `spill`: the activations between blocks kept in files."""
+    ria.prune_checkpoint(
+        src, out, calibration=windows(), offload_activations=spill, **CALIB, **STREAMED
+    )
 
 
 def _worker(rank: int, port: int, work: str) -> None:
@@ -71,23 +125,64 @@ def _worker(rank: int, port: int, work: str) -> None:
     work_dir = Path(work)
     results = {case: prune_case(case) for case in CASES}
     stream(work_dir / "src", work_dir / "streamed")
+    stream(work_dir / "src", work_dir / "spilled", spill=True)
+    results["loaded whole"] = cli_loads(work_dir)
+    results["cli failing to load"] = cli_failing_to_load(work_dir, rank)
 
-    prune_matrix = pipeline._BlockStep.prune_matrix
+    # Every rank searches and applies block 1's orders (whatever it prunes): rank 1 fails
+    # there, between the ranks' meetings.
+    permute = pipeline._BlockStep.permute
 
-    def failing(self, name, *args):
+    def failing(self, *args):
         if rank == 1 and self.prefix.endswith(".1"):
             raise RuntimeError("simulated failure on rank 1")
-        return prune_matrix(self, name, *args)
+        return permute(self, *args)
 
-    pipeline._BlockStep.prune_matrix = failing
+    pipeline._BlockStep.permute = failing
     try:
         stream(work_dir / "src", work_dir / "failed")
     except ria.DistributedError as exc:
         results["error"] = str(exc)
     finally:
-        pipeline._BlockStep.prune_matrix = prune_matrix
+        pipeline._BlockStep.permute = permute
     torch.save(results, work_dir / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def cli_loads(work: Path) -> int:
+    """How many times `ria prune` (in memory, without permutation) loads the whole model
+    in this process."""
+    loads = []
+    load = cli._load
+
+    def counting(*args):
+        loads.append(args)
+        return load(*args)
+
+    cli._load = counting
+    try:
+        assert main([*CLI_SETTINGS[:1], str(work / "src"), *CLI_SETTINGS[1:]]) == 0
+    finally:
+        cli._load = load
+    return len(loads)
+
+
+def cli_failing_to_load(work: Path, rank: int) -> tuple[int, str]:
+    """`ria prune`'s exit code and error output when rank 0 fails to load the model (rank
+    1 reads it block by block and waits for rank 0 where they meet)."""
+    load = cli._load
+
+    def failing(*args):
+        raise OSError("simulated unreadable model")
+
+    cli._load = failing
+    err = io.StringIO()
+    try:
+        with redirect_stderr(err):
+            code = main([*CLI_SETTINGS[:1], str(work / "src"), *CLI_SETTINGS[1:]])
+    finally:
+        cli._load = load
+    return code, err.getvalue()
 
 
 def _free_port() -> int:
@@ -130,6 +225,55 @@ def test_the_split_is_fixed_and_balanced():
     assert balanced([4, 1, 1, 1, 1, 3], 2) == [0, 1, 0, 1, 0, 1]  # loads 6 and 5
 
 
+# A LLaMA-7B block (millions of weights) and its folded searches: q/k/v share one, gate/up
+# one, down its own, o_proj one per head (reading o_proj's columns).
+SEVEN_B = {"q": 16, "k": 16, "v": 16, "o": 16, "gate": 45, "up": 45, "down": 45}
+FOLDED_JOBS = [("q", "k", "v"), ("gate", "up"), ("down",), *[("o",)] * 32]
+
+
+def test_without_searches_matrices_are_balanced_one_by_one():
+    split = split_block(SEVEN_B, [], 2)
+    assert split.owners == dict(zip(SEVEN_B, [1, 1, 1, 0, 0, 1, 0], strict=True))  # 106 / 93
+    assert split.scored_by(0) == split.pruned_by(0) == ["o", "gate", "down"]
+
+
+def test_two_ranks_score_every_matrix_once():
+    split = split_block(SEVEN_B, FOLDED_JOBS, 2)
+    # Units: gate/up (90) to rank 0, q/k/v (48) and down (45) to 1, o (16) to 0.
+    assert split.pruned_by(0) == ["o", "gate", "up"]
+    assert split.pruned_by(1) == ["q", "k", "v", "down"]
+    assert split.searches == [1, 0, 1, *[0] * 32]
+    for rank in range(2):
+        assert split.scored_by(rank) == split.pruned_by(rank)
+
+
+def test_coarse_units_are_evened_out_by_scoring_a_moved_matrix_twice():
+    split = split_block(SEVEN_B, FOLDED_JOBS, 4)
+    # gate/up's unit (90) alone would load rank 0 with 90 against 48, 45 and 16.
+    assert split.searches[:3] == [1, 0, 2]
+    pruned = [sum(SEVEN_B[x] for x in split.pruned_by(r)) for r in range(4)]
+    assert max(pruned) == 61 and sorted(pruned) == [45, 45, 48, 61]
+    assert split.pruned_by(3) == ["o", "gate"]  # the earliest of the largest moved
+    assert split.scored_by(0) == ["gate", "up"]  # its search reads both
+    scored = sum(len(split.scored_by(r)) for r in range(4))
+    assert scored == len(SEVEN_B) + 1
+
+
+def test_measured_costs_split_the_next_block():
+    # Seconds measured on a tiny Llama (1 thread): o_proj's 4 per-head searches cost most,
+    # although o_proj is the smallest matrix.
+    jobs = [("q", "k", "v"), ("gate", "up"), ("down",), *[("o",)] * 4]
+    split = split_block(
+        dict.fromkeys(SEVEN_B, 0.01), jobs, 2, [2.9, 0.18, 0.23, 2, 2, 2, 2],
+        dict.fromkeys(SEVEN_B, 0.005),
+    )  # fmt: skip
+    # By units: o_proj's (8 s) on rank 0, the rest (3.4 s) on rank 1; then one head's
+    # search moves (rank 1 scores o_proj too), and o_proj's pruning follows it.
+    assert split.searches == [1, 1, 1, 1, 0, 0, 0]
+    assert split.pruned_by(0) == [] and split.scored_by(0) == ["o"]
+    assert split.scored_by(1) == split.pruned_by(1) == list(SEVEN_B)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_rank_ends_with_the_same_model(ranks, case):
     first, second = (r[case] for r in ranks)
@@ -148,7 +292,32 @@ def test_same_masks_orders_and_logits_as_one_process(ranks, alone, case):
         assert torch.equal(split["state"][name], tensor), name
     assert torch.equal(split["logits"], single["logits"])
     assert split["layers"] == single["layers"]
-    assert any(r[2] for r in split["layers"]) == ("permute" in CASES[case])
+    assert any(r["permutation"] for r in split["layers"]) == ("permute" in CASES[case][1])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "permute" in CASES[c][1]])
+def test_each_rank_scores_its_share_of_a_permuted_block(ranks, alone, case):
+    everything = alone[case]["scored"]
+    assert len(set(everything)) == len(everything)  # one process scores each matrix once
+    mine, theirs = (r[case]["scored"] for r in ranks)
+    assert set(mine) | set(theirs) == set(everything)
+    # The first block is split by size (later ones by what the block before cost, which
+    # on a tiny model is noise: matrices may move and be scored twice).
+    first = [[x for x in scored if ".layers.0." in x] for scored in (mine, theirs, everything)]
+    assert first[0] and first[1]
+    assert len(first[0]) < len(first[2]) and len(first[1]) < len(first[2])
+    if case.startswith("ria"):  # LLaMA's units balance over 2 ranks without a move
+        assert len(first[0]) + len(first[1]) == len(first[2])
+
+
+def test_the_cases_exercise_what_they_name(alone):
+    layers = {case: alone[case]["layers"] for case in CASES}
+    assert all(r["alpha"] in ALPHA_GRID for r in layers["ria 2:4 alpha auto + errors"])
+    assert len({r["alpha"] for r in layers["ria 2:4 alpha auto + errors"]}) > 1
+    assert all(r["output_error"] > 0 for r in layers["ria 2:4 alpha auto + errors"])
+    for case in ("qwen3_moe ria 2:4 folded", "mixtral ria 2:4 reconstruct"):
+        experts = [r for r in layers[case] if r["routed_tokens"] is not None]
+        assert experts and not all(r["weight_only"] for r in experts), case
 
 
 def test_rank_0_alone_writes_the_streamed_checkpoint(ranks, alone, source):
@@ -156,6 +325,10 @@ def test_rank_0_alone_writes_the_streamed_checkpoint(ranks, alone, source):
     assert written == {p.name for p in (source / "alone").iterdir()}
     assert not [p for p in source.iterdir() if p.name.startswith(".")]  # no staging left
     assert_same_tensors(source / "streamed", source / "alone")
+
+
+def test_spilled_activations_give_the_same_checkpoint(ranks, alone, source):
+    assert_same_tensors(source / "spilled", source / "alone")
 
 
 def assert_same_tensors(ours: Path, theirs: Path) -> None:
@@ -176,12 +349,20 @@ def test_a_rank_failing_midway_stops_every_rank_and_leaves_no_output(ranks, sour
     assert not [p for p in source.iterdir() if p.name.startswith(".failed")]
 
 
+def test_only_rank_0_loads_the_whole_model_in_the_cli(ranks):
+    # Rank 1 reads each block from the checkpoint's shards when it visits it.
+    assert [r["loaded whole"] for r in ranks] == [1, 0]
+
+
+def test_rank_0_failing_to_load_stops_every_rank_of_the_cli(ranks):
+    for r in ranks:
+        code, err = r["cli failing to load"]
+        assert code == 2
+        assert "rank 0 of 2 failed" in err and "simulated unreadable model" in err
+
+
 def test_torchrun_runs_the_cli_and_rank_0_writes(source, tmp_path):
-    # No --permute: the CLI's full search takes 20 s on 2 cores (the API cases cover it).
-    settings = [
-        "prune", str(source / "src"), "--sparsity", "2:4", "--calibration", "austen",
-        "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--no-progress",
-    ]  # fmt: skip
+    settings = [*CLI_SETTINGS[:1], str(source / "src"), *CLI_SETTINGS[1:]]
     launch = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
         "--master-port", str(_free_port()), "-m", "ria",

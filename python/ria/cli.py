@@ -24,8 +24,14 @@ from .eval import check_limit, check_perplexity_args, check_task_dir
 from .permutation import PERMUTATION_MODES
 from .pruning import METHODS, PruneConfig, prune_with
 from .pruning.distributed import agreeing, is_writer, launched
-from .save import check_target, load_pruned, save_pruned
-from .streaming import DTYPES, prune_checkpoint_with
+from .save import PERMUTATION_FILE, check_target, load_pruned, save_pruned
+from .streaming import (
+    DTYPES,
+    CheckpointSource,
+    prune_checkpoint_with,
+    read_by_block,
+    resolve_checkpoint,
+)
 
 DEMO = "demo"
 # Calibration for the demo: small enough for a few minutes on 2 CPU cores.
@@ -171,7 +177,7 @@ def check_model(name: str) -> None:
 
 def _load(name: str, dtype: str) -> tuple[Any, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = name
     if name == DEMO:
@@ -184,7 +190,33 @@ def _load(name: str, dtype: str) -> tuple[Any, Any]:
         if Path(path).is_dir()
         else AutoModelForCausalLM.from_pretrained(path, **kwargs)
     )
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return model.eval(), _tokenizer(path)
+
+
+def _tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _streamable(name: str) -> Path | None:
+    """The local safetensors checkpoint of MODEL when a rank other than 0 of a prune split
+    over processes can read it block by block (`read_by_block`) instead of loading it
+    whole: only rank 0 needs the whole model (it evaluates and saves), so host memory
+    holds one copy, not one per rank. None (load it whole, as rank 0 does) for a Hub id
+    not in the local cache (rank 0 downloads it; give its directory, or download it
+    first), a checkpoint without safetensors, and one saved with channel orders (rank 0
+    restores them on load, `load_pruned`; its blocks are not the stored ones)."""
+    if name == DEMO:
+        from .demo import smollm2_path
+
+        name = str(smollm2_path())
+    try:
+        path = resolve_checkpoint(name)
+        CheckpointSource(path)  # has safetensors weights
+    except InvalidArgumentError:
+        return None
+    return None if (path / PERMUTATION_FILE).exists() else path
 
 
 def _prune_config(args: argparse.Namespace) -> PruneConfig:
@@ -247,10 +279,20 @@ def _prune_in_memory(args: argparse.Namespace, config: PruneConfig) -> int:
 
     _check_outputs(args)
     check_model(args.model)
-    model, tokenizer = _load(args.model, args.dtype)
+    assert config.device is not None  # _prune_config sets it
+    writer = is_writer()
+    model: Any
+    placement = None
+    # Ranks load differently: one failing stops the others here, not in the prune.
+    with agreeing(f"loading {args.model}"):
+        streamed = None if writer else _streamable(args.model)
+        if streamed is not None:  # a rank other than 0 reads one block at a time
+            model, placement = read_by_block(streamed, args.dtype, config.device)
+            tokenizer = _tokenizer(streamed)
+        else:
+            model, tokenizer = _load(args.model, args.dtype)
     progress = config.progress
     device = config.device
-    writer = is_writer()
     ppl = {}
 
     def measure(label: str) -> None:
@@ -268,7 +310,7 @@ def _prune_in_memory(args: argparse.Namespace, config: PruneConfig) -> int:
     with agreeing("measuring the dense model"):
         if args.eval and writer:
             measure("dense")
-    report = prune_with(model, tokenizer, config)
+    report = prune_with(model, tokenizer, config, placement)
     with agreeing("writing the results"):
         if not writer:
             return 0

@@ -18,19 +18,28 @@ from .apply import (
     reorders,
 )
 from .checkpoint import OrderInfo, plain_state_dict, restore_orders
-from .search import PERMUTATION_MODES, PermutationMode, SearchStats, search_block
+from .search import (
+    PERMUTATION_MODES,
+    BlockSearch,
+    PermutationMode,
+    SearchJob,
+    SearchStats,
+    search_block,
+)
 from .wiring import BlockLayout, InputGroup, block_layout, block_readers
 
 __all__ = [
     "PERMUTATION_MODES",
     "BlockLayout",
     "BlockPermutation",
+    "BlockSearch",
     "ChannelGather",
     "GatheredLinear",
     "InputGroup",
     "OrderInfo",
     "Orders",
     "PermutationMode",
+    "SearchJob",
     "SearchStats",
     "apply_block",
     "block_layout",

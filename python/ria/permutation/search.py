@@ -13,7 +13,7 @@ modes (`PERMUTATION_MODES`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
 
@@ -105,104 +105,129 @@ def search_block(
     only its MLP folds. `searcher` runs the searches (all at once)."""
     if isinstance(options, dict):
         options = SearchOptions(**options)
-    jobs = _Jobs()
-    hidden = {
-        mlp.down: jobs.linears((mlp.down,), scores) for mlp in layout.mlps if mlp.down in scores
-    }
-    if mode == "free":
-        inputs = {name: jobs.linears((name,), scores) for name in scores if name not in hidden}
-        results = jobs.run(n, m, options, searcher)
-        perm = BlockPermutation()
-        perm.hidden = {name: job.order(results) for name, job in hidden.items()}
-        perm.inputs = {name: job.order(results) for name, job in inputs.items()}
-        return perm, jobs.stats(results)
-    shared = {}
-    for group in layout.groups:
-        names = tuple(x for r in group.readers for x in _group_matrices(r, scores, layout))
-        if group.carrier is not None and names:
-            shared[group.carrier] = jobs.linears(names, scores)
-    for fold in layout.experts:
-        prefix = f"{fold.experts}.{fold.down}["
-        for name in [x for x in scores if x.startswith(prefix)]:
-            hidden[name] = jobs.linears((name,), scores)
-    o_heads = {
-        head.o_proj: _head_jobs(jobs, scores[head.o_proj], head.heads)
-        for head in layout.heads
-        if head.o_proj in scores and head.heads.head_dim % m == 0
-    }
-    results = jobs.run(n, m, options, searcher)
-    perm = BlockPermutation()
-    perm.shared = {carrier: job.order(results) for carrier, job in shared.items()}
-    perm.hidden = {name: job.order(results) for name, job in hidden.items()}
-    stats = jobs.stats(results)
-    for o_proj, head_jobs in o_heads.items():
-        perm.heads[o_proj] = torch.stack([job.order(results) for job in head_jobs])
-        stats[o_proj] = SearchStats.of([results[job.index] for job in head_jobs])
-    return perm, stats
-
-
-def _group_matrices(reader: str, scores: dict[str, np.ndarray], layout: BlockLayout) -> list[str]:
-    """The scored matrices a group's reader holds: a Linear itself, or every expert's
-    slice of fused experts' input parameter (`reader.gate_up_proj[e]`); none for a router."""
-    if reader in scores:
-        return [reader]
-    ups = [f"{f.experts}.{f.up}[" for f in layout.experts if f.experts == reader]
-    return [x for x in scores if x.startswith(tuple(ups))] if ups else []
+    plan = BlockSearch(scores, layout, m, mode)
+    problems = plan.problems(scores)
+    results = searcher(problems, n, m, options) if problems else []
+    return plan.result(results)
 
 
 @dataclass(frozen=True)
-class _Job:
-    """One search of a block: its score matrices, and the matrices whose stats it gives
-    (none for one head of o_proj, whose stats are those of all its heads)."""
+class SearchJob:
+    """One search of a block: the score matrices it reads, `(name, columns)` (columns
+    None: the whole matrix; a range: one head's columns of o_proj), stacked into one
+    problem, and the matrices whose stats it decides (none for one head of o_proj, whose
+    stats are those of all its heads)."""
 
     index: int
     names: tuple[str, ...]
-    matrices: list[np.ndarray]
+    reads: tuple[tuple[str, range | None], ...]
+
+    def problem(self, scores: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The score matrices searched, from the block's `scores`."""
+        return [
+            scores[x] if cols is None else scores[x][:, cols.start : cols.stop]
+            for x, cols in self.reads
+        ]
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """The names of the score matrices it reads (each once)."""
+        return tuple(dict.fromkeys(x for x, _ in self.reads))
 
     def order(self, results: Sequence[SearchResult]) -> torch.Tensor:
         return torch.from_numpy(results[self.index].perm)
 
 
-class _Jobs:
-    """A block's searches, collected and then run at once: they do not depend on each
-    other, and together they keep all cores busy where one search alone leaves most of
-    them idle in its sequential stretches (`search_permutations`)."""
+class BlockSearch:
+    """A block's searches, planned from the names of its matrices to be permuted (as
+    `search_block` takes their scores) before any score exists, so a prune split over
+    processes can score only what each one searches (`ria.pruning.distributed`); then
+    run at once (`problems`: they do not depend on each other, and together they keep all
+    cores busy where one search alone leaves most of them idle in its sequential
+    stretches), and their results made into the block's orders (`result`)."""
 
-    def __init__(self) -> None:
-        self.jobs: list[_Job] = []
+    def __init__(
+        self, names: Iterable[str], layout: BlockLayout, m: int, mode: PermutationMode = "folded"
+    ) -> None:
+        self.jobs: list[SearchJob] = []
+        self.mode = mode
+        names = list(names)
+        self._hidden = {
+            mlp.down: self._add((mlp.down,)) for mlp in layout.mlps if mlp.down in names
+        }
+        self._inputs: dict[str, SearchJob] = {}
+        self._shared: dict[str, SearchJob] = {}
+        self._heads: dict[str, list[SearchJob]] = {}
+        if mode == "free":
+            self._inputs = {x: self._add((x,)) for x in names if x not in self._hidden}
+            return
+        for group in layout.groups:
+            readers = tuple(x for r in group.readers for x in _group_matrices(r, names, layout))
+            if group.carrier is not None and readers:
+                self._shared[group.carrier] = self._add(readers)
+        for fold in layout.experts:
+            prefix = f"{fold.experts}.{fold.down}["
+            for x in [x for x in names if x.startswith(prefix)]:
+                self._hidden[x] = self._add((x,))
+        self._heads = {
+            head.o_proj: self._head_jobs(head.o_proj, head.heads)
+            for head in layout.heads
+            if head.o_proj in names and head.heads.head_dim % m == 0
+        }
 
-    def linears(self, names: tuple[str, ...], scores: dict[str, np.ndarray]) -> _Job:
-        """The search of the matrices `names`, sharing one order (their scores stacked)."""
-        return self._add(names, [scores[x] for x in names])
-
-    def matrices(self, matrices: list[np.ndarray]) -> _Job:
-        """A search on `matrices` that decides no matrix's stats by itself."""
-        return self._add((), matrices)
-
-    def _add(self, names: tuple[str, ...], matrices: list[np.ndarray]) -> _Job:
-        job = _Job(len(self.jobs), names, matrices)
+    def _add(
+        self, names: tuple[str, ...], reads: tuple[tuple[str, range | None], ...] | None = None
+    ) -> SearchJob:
+        """A job deciding the orders of `names`; it reads their whole scores (stacked)
+        unless `reads` says otherwise."""
+        if reads is None:
+            reads = tuple((x, None) for x in names)
+        job = SearchJob(len(self.jobs), names, reads)
         self.jobs.append(job)
         return job
 
-    def run(
-        self, n: int, m: int, options: SearchOptions, searcher: Searcher
-    ) -> Sequence[SearchResult]:
-        if not self.jobs:
-            return []
-        return searcher([job.matrices for job in self.jobs], n, m, options)
+    def _head_jobs(self, o_proj: str, heads: Heads) -> list[SearchJob]:
+        """One within-head order per key/value head: the N:M groups of o_proj never
+        straddle heads (m divides head_dim), so the objective splits into one problem per
+        key/value head over the column blocks of its query heads."""
+        group = heads.num_heads // heads.num_kv_heads
+        d = heads.head_dim
+        return [
+            self._add(
+                (),
+                tuple(
+                    (o_proj, range(h * d, (h + 1) * d)) for h in range(kv * group, (kv + 1) * group)
+                ),
+            )
+            for kv in range(heads.num_kv_heads)
+        ]
 
-    def stats(self, results: Sequence[SearchResult]) -> dict[str, SearchStats]:
-        """Per matrix name, the stats of the search that decided its order."""
-        return {x: SearchStats.of([results[j.index]]) for j in self.jobs for x in j.names}
+    def problems(self, scores: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
+        """Every job's problem, in job order (a searcher's input)."""
+        return [job.problem(scores) for job in self.jobs]
+
+    def result(
+        self, results: Sequence[SearchResult]
+    ) -> tuple[BlockPermutation, dict[str, SearchStats]]:
+        """The block's orders from every job's result (in job order), and per matrix
+        name the stats of the search that decided its order."""
+        perm = BlockPermutation()
+        perm.hidden = {x: job.order(results) for x, job in self._hidden.items()}
+        stats = {x: SearchStats.of([results[j.index]]) for j in self.jobs for x in j.names}
+        if self.mode == "free":
+            perm.inputs = {x: job.order(results) for x, job in self._inputs.items()}
+            return perm, stats
+        perm.shared = {carrier: job.order(results) for carrier, job in self._shared.items()}
+        for o_proj, head_jobs in self._heads.items():
+            perm.heads[o_proj] = torch.stack([job.order(results) for job in head_jobs])
+            stats[o_proj] = SearchStats.of([results[job.index] for job in head_jobs])
+        return perm, stats
 
 
-def _head_jobs(jobs: _Jobs, score: np.ndarray, heads: Heads) -> list[_Job]:
-    """One within-head order per key/value head: the N:M groups of o_proj never straddle
-    heads (m divides head_dim), so the objective splits into one problem per key/value
-    head over the column blocks of its query heads."""
-    group = heads.num_heads // heads.num_kv_heads
-    d = heads.head_dim
-    return [
-        jobs.matrices([score[:, h * d : (h + 1) * d] for h in range(kv * group, (kv + 1) * group)])
-        for kv in range(heads.num_kv_heads)
-    ]
+def _group_matrices(reader: str, names: list[str], layout: BlockLayout) -> list[str]:
+    """The scored matrices a group's reader holds: a Linear itself, or every expert's
+    slice of fused experts' input parameter (`reader.gate_up_proj[e]`); none for a router."""
+    if reader in names:
+        return [reader]
+    ups = [f"{f.experts}.{f.up}[" for f in layout.experts if f.experts == reader]
+    return [x for x in names if x.startswith(tuple(ups))] if ups else []

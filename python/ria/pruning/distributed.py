@@ -9,10 +9,16 @@ The block loop stays sequential over blocks; within a block:
   token counts are summed; the `X^T X` Gram matrices, float64 sums of float32 products in
   one process too, are summed in float64 (almost always exactly) and rounded once, so they
   agree with one process's to the bit;
-- per-matrix work: permutation searches (`search`) and each matrix's mask selection,
-  refinement and OBS update are assigned to ranks balanced by size (`owners`), and the
-  results are sent to every rank (`share_matrices`), so every rank holds the same block
-  before the next one.
+- per-matrix work (`split_block`): the block's permutation searches and the matrices
+  they read go to ranks as units; a unit's rank scores its matrices, searches their
+  orders and prunes them (selects the mask, refines, updates); searches and matrices of
+  coarse units then move to less loaded ranks, which score what they need again. The
+  first block is split by size, later ones by what the block before cost (`BlockCosts`,
+  `Ranks.split`). The searches' orders (`search`) and the pruned weights
+  (`share_matrices`) are sent to every rank, so every rank holds the same block before
+  the next one. Scores never travel: each rank computes the ones it needs from the same
+  weights and statistics, so they are the bits one process computes, whoever computes
+  them.
 
 Failures: every collective here starts with `sync`, where each rank says whether it failed;
 a rank that raises anywhere inside `agreeing` says so at its next `sync` instead of leaving
@@ -43,6 +49,8 @@ if TYPE_CHECKING:
     from .matrices import PrunableMatrix
 
 __all__ = [
+    "BlockCosts",
+    "BlockSplit",
     "Ranks",
     "SharedSearch",
     "agreeing",
@@ -51,6 +59,7 @@ __all__ = [
     "current",
     "is_writer",
     "launched",
+    "split_block",
 ]
 
 T = TypeVar("T")
@@ -119,16 +128,158 @@ def batch_ranges(batches: int, world: int) -> list[range]:
     return out
 
 
-def balanced(sizes: Sequence[int], world: int) -> list[int]:
+def balanced(sizes: Sequence[float], world: int) -> list[int]:
     """The rank of every job, balancing the sum of sizes per rank: largest job first to the
     least loaded rank (ties: earlier job, lower rank). Deterministic."""
-    load = [0] * world
+    load = [0.0] * world
     owner = [0] * len(sizes)
     for job in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
         rank = min(range(world), key=lambda r: (load[r], r))
         owner[job] = rank
         load[rank] += sizes[job]
     return owner
+
+
+@dataclass(frozen=True)
+class BlockSplit:
+    """Who does what of one block: `searches[k]` is the rank that runs search job k,
+    `owners[name]` the rank that prunes matrix `name`; `reads[k]` names the matrices
+    search job k reads."""
+
+    searches: list[int]
+    owners: dict[str, int]
+    reads: list[tuple[str, ...]]
+
+    def pruned_by(self, rank: int) -> list[str]:
+        """The matrices `rank` prunes, in the block's order."""
+        return [name for name, r in self.owners.items() if r == rank]
+
+    def scored_by(self, rank: int) -> list[str]:
+        """The matrices `rank` scores (those its searches read, and those it prunes), in
+        the block's order."""
+        read = {x for k, r in enumerate(self.searches) if r == rank for x in self.reads[k]}
+        return [name for name, r in self.owners.items() if r == rank or name in read]
+
+
+def split_block(
+    costs: Mapping[str, float],
+    jobs: Sequence[Sequence[str]],
+    world: int,
+    job_costs: Sequence[float] | None = None,
+    score_costs: Mapping[str, float] | None = None,
+) -> BlockSplit:
+    """Splits one block's work over `world` ranks: `costs` maps every matrix (in the
+    block's order) to the cost of pruning it (its entries, or the seconds it took in the
+    block before); `jobs` names the matrices each permutation search reads (none without
+    permutation); `job_costs` and `score_costs` are the searches' and the scores' costs
+    (none: nothing, beyond the matrices' `costs`).
+
+    Matrices read by a common search form a unit with their searches; units go to the
+    least loaded rank, costliest first (`balanced`), and a unit's rank scores, searches
+    and prunes it: nothing is scored twice. Where units are coarse (one search over
+    q/k/v, every expert of a MoE block under one folded order, o_proj's per-head
+    searches), the load is then evened out: while the most loaded rank holds a search
+    or a matrix to prune that the least loaded one could take (scoring what it reads or
+    prunes, unless it does already) and still end below the former's load, the move
+    that lowers the former's load most is made. Deterministic."""
+    names = list(costs)
+    job_costs = [0.0] * len(jobs) if job_costs is None else job_costs
+    score = {x: 0.0 for x in names} if score_costs is None else score_costs
+    unit = {name: i for i, name in enumerate(names)}  # union-find over matrix names
+
+    def root(name: str) -> str:
+        while names[unit[name]] != name:
+            name = names[unit[name]]
+        return name
+
+    for reads in jobs:
+        for x in reads[1:]:
+            a, b = sorted((unit[root(reads[0])], unit[root(x)]))
+            unit[names[b]] = a  # the earlier matrix roots the merged unit
+    roots = list(dict.fromkeys(root(x) for x in names))
+    unit_cost = {r: 0.0 for r in roots}
+    for x in names:
+        unit_cost[root(x)] += costs[x] + score[x]
+    for reads, cost in zip(jobs, job_costs, strict=True):
+        unit_cost[root(reads[0])] += cost
+    unit_rank = dict(zip(roots, balanced([unit_cost[r] for r in roots], world), strict=True))
+    return _evened(
+        names, costs, score, jobs, job_costs, world,
+        searches=[unit_rank[root(reads[0])] for reads in jobs],
+        owners={x: unit_rank[root(x)] for x in names},
+    )  # fmt: skip
+
+
+def _evened(
+    names: list[str],
+    costs: Mapping[str, float],
+    score: Mapping[str, float],
+    jobs: Sequence[Sequence[str]],
+    job_costs: Sequence[float],
+    world: int,
+    searches: list[int],
+    owners: dict[str, int],
+) -> BlockSplit:
+    """`split_block`'s moves from the split by units (`searches`, `owners`). A rank's
+    load: its searches, its pruning, and scoring every matrix it needs once (`needs`
+    counts why: each search of its reading it, and pruning it)."""
+    needs = [dict.fromkeys(names, 0) for _ in range(world)]
+    load = [0.0] * world
+    for k, reads in enumerate(jobs):
+        load[searches[k]] += job_costs[k]
+        for x in reads:
+            needs[searches[k]][x] += 1
+    for x in names:
+        load[owners[x]] += costs[x]
+        needs[owners[x]][x] += 1
+    for r in range(world):
+        load[r] += sum(score[x] for x in names if needs[r][x])
+
+    def change(reads: Sequence[str], cost: float, src: int, dst: int) -> tuple[float, float]:
+        """How moving work of `cost` that needs the scores of `reads` changes the loads
+        of `src` and `dst`."""
+        lost = cost + sum(score[x] for x in reads if needs[src][x] == 1)
+        return -lost, cost + sum(score[x] for x in reads if not needs[dst][x])
+
+    while True:
+        heavy = max(range(world), key=lambda r: (load[r], -r))
+        light = min(range(world), key=lambda r: (load[r], r))
+        moves = [  # (heavy's change, kind, index)
+            (change(reads, job_costs[k], heavy, light), "search", k)
+            for k, reads in enumerate(jobs)
+            if searches[k] == heavy and job_costs[k] > 0
+        ] + [
+            (change((x,), costs[x], heavy, light), "prune", i)
+            for i, x in enumerate(names)
+            if owners[x] == heavy and costs[x] > 0
+        ]
+        useful = [(d, kind, i) for d, kind, i in moves if load[light] + d[1] < load[heavy]]
+        if not useful:
+            break
+        (lost, gained), kind, i = min(useful, key=lambda m: (m[0][0], m[1], m[2]))
+        reads = jobs[i] if kind == "search" else (names[i],)
+        for x in reads:
+            needs[heavy][x] -= 1
+            needs[light][x] += 1
+        if kind == "search":
+            searches[i] = light
+        else:
+            owners[names[i]] = light
+        load[heavy] += lost
+        load[light] += gained
+    return BlockSplit(searches, owners, [tuple(reads) for reads in jobs])
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """What one block's work cost in seconds, as every rank knows it (from the results
+    shared between them): each search job's (`jobs[k]` the matrices it read) and each
+    matrix's pruning. The next block, built alike, is split by them (`Ranks.split`)."""
+
+    jobs: list[tuple[str, ...]]
+    job_seconds: list[float]
+    matrix_seconds: dict[str, float]
+    score_seconds: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -153,6 +304,11 @@ class Ranks:
     world: int
     device: torch.device
     doing: str = "starting"
+    # The previous block's costs: searches cost nothing like their size (a tiny Llama's
+    # o_proj heads took 40 times gate/up's search), so blocks after the first are split
+    # by what the one before measured; every rank has the same numbers, and the results
+    # do not depend on who computes them.
+    costs: BlockCosts | None = None
 
     # ---- failures
 
@@ -286,15 +442,37 @@ class Ranks:
 
     # ---- per-matrix work
 
+    def split(self, sizes: Mapping[str, int], jobs: Sequence[Sequence[str]]) -> BlockSplit:
+        """`split_block` over this group's ranks, by the previous block's `costs` when it
+        had the same matrices and searches, else by `sizes` (each matrix's entries)."""
+        c = self.costs
+        if (
+            c is not None
+            and c.jobs == [tuple(j) for j in jobs]
+            and c.matrix_seconds.keys() == sizes.keys()
+        ):
+            seconds = {x: c.matrix_seconds[x] for x in sizes}
+            scores = {x: c.score_seconds.get(x, 0.0) for x in sizes}
+            return split_block(seconds, jobs, self.world, c.job_seconds, scores)
+        return split_block(sizes, jobs, self.world)
+
     def search(
-        self, what: str, problems: list[list[np.ndarray]], n: int, m: int, options: SearchOptions
+        self,
+        what: str,
+        problems: Sequence[list[np.ndarray] | None],
+        owners: Sequence[int],
+        n: int,
+        m: int,
+        options: SearchOptions,
     ) -> list[SharedSearch]:
-        """`ria.search_permutations` on `problems`, each rank solving a share balanced by
-        score-matrix size; every rank gets every result, in order (each search's result
-        does not depend on the others searched with it)."""
-        owner = balanced([sum(s.size for s in p) for p in problems], self.world)
-        mine = [k for k, r in enumerate(owner) if r == self.rank]
-        results = search_permutations([problems[k] for k in mine], n, m, options) if mine else []
+        """`ria.search_permutations` on the `problems` this rank owns (`owners[k]`, the
+        rank of problem k; the others may be None); every rank gets every result, in
+        order (each search's result does not depend on the others searched with it)."""
+        mine = [k for k, r in enumerate(owners) if r == self.rank]
+        own = [problems[k] for k in mine]
+        if any(p is None for p in own):
+            raise AssertionError("a rank was given a search without its scores")
+        results = search_permutations(own, n, m, options) if own else []  # type: ignore[arg-type]
         found = {
             k: SharedSearch(r.perm, r.retained, r.identity, r.upper_bound, r.seconds)
             for k, r in zip(mine, results, strict=True)
@@ -304,26 +482,16 @@ class Ranks:
             merged.update(part)
         return [merged[k] for k in range(len(problems))]
 
-    def owners(self, matrices: Mapping[str, PrunableMatrix]) -> dict[str, int]:
-        """The rank that prunes each matrix, balanced by matrix size."""
-        names = list(matrices)
-        owner = balanced([math.prod(matrices[x].shape) for x in names], self.world)
-        return dict(zip(names, owner, strict=True))
-
-    def mine(self, matrices: Mapping[str, PrunableMatrix]) -> list[str]:
-        """The matrices this rank prunes, in their order."""
-        return [name for name, r in self.owners(matrices).items() if r == self.rank]
-
     def share_matrices(
         self,
         what: str,
         matrices: Mapping[str, PrunableMatrix],
+        owners: Mapping[str, int],
         results: dict[str, T],
     ) -> dict[str, T]:
-        """Sends every matrix's pruned weight from its owner (`owners`) to every rank (in
-        place, bit for bit) and returns every matrix's `results` entry (made by its
-        owner)."""
-        owners = self.owners(matrices)
+        """Sends every matrix's pruned weight from its owner (`owners[name]`, a rank) to
+        every rank (in place, bit for bit) and returns every matrix's `results` entry
+        (made by its owner)."""
         merged: dict[str, T] = {}
         for part in self.gather_objects(what, results):
             merged.update(part)

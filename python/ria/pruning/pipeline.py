@@ -8,11 +8,11 @@ the pruned block so the next block is calibrated on what it will really see.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .._torch import default_device, module_device
 from ..arch import find_blocks, fused_experts
 from ..core import (
+    PermutationResult,
     RefineStats,
     SearchOptions,
     __version__,
@@ -38,9 +39,10 @@ from ..core import (
     wanda_score,
 )
 from ..data import check_vocabulary
-from ..errors import InvalidArgumentError, RiaError, UnsupportedModelError
+from ..errors import DistributedError, InvalidArgumentError, RiaError, UnsupportedModelError
 from ..permutation import (
     BlockLayout,
+    BlockSearch,
     Orders,
     SearchStats,
     apply_block,
@@ -48,13 +50,12 @@ from ..permutation import (
     is_permuted,
     matrix_orders,
     reorders,
-    search_block,
 )
 from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
 from .config import ALPHA_GRID, Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, decoder_coverage
-from .distributed import Ranks, current
+from .distributed import BlockCosts, BlockSplit, Ranks, SharedSearch, current
 from .error import relative_output_error
 from .matrices import PrunableMatrix, block_matrices
 from .obs import obs_prune
@@ -350,6 +351,8 @@ class _BlockStep:
         self.matrices = block_matrices(block)
         self.layout = BlockLayout()
         self.alphas: dict[str, float] = {}
+        self.search_seconds: list[float] = []  # each search job's, in the plan's order
+        self.score_seconds: dict[str, float] = {}  # each matrix's scoring here
         # Experts routed fewer than MIN_ROUTED_TOKENS calibration tokens: their scores are
         # weight-only, and no mask refinement or OBS update fits them to so few tokens.
         self.weight_only: set[str] = set()
@@ -359,24 +362,45 @@ class _BlockStep:
         (calibration or probe inputs) is what its wiring is traced on."""
         self.layout = self.trace(traced)
         stats = self.gather_statistics(inputs)
+        target, mode = self.config.sparsity, self.config.permutation_mode
+        plan = None if mode is None else BlockSearch(self.matrices, self.layout, target.m, mode)
+        split = None
+        names = list(self.matrices)  # the matrices this process prunes
+        needed = None  # the matrices it scores (None: all, or each when its turn comes)
+        if self.ranks is not None:  # who searches, scores and prunes what
+            split = self.ranks.split(
+                {x: math.prod(matrix.shape) for x, matrix in self.matrices.items()},
+                [job.matrices for job in plan.jobs] if plan else [],
+            )
+            names = split.pruned_by(self.ranks.rank)
+            needed = tuple(split.scored_by(self.ranks.rank))
         # The search reads every score at once; otherwise each matrix is scored when its
         # turn comes and its score freed after it, so the block's float32 scores (twice
         # its bf16 weights) never all exist at once.
         scores: dict[str, np.ndarray] = {}
         searched: dict[str, SearchStats] = {}
-        if self.config.permute:
-            scores = self.score(stats)
+        if plan is not None:
+            scores = self.score(stats, needed)
             with naming(self.prefix):
-                scores, stats, searched = self.permute(scores, stats)
-        names = list(self.matrices) if self.ranks is None else self.ranks.mine(self.matrices)
-        for name in set(scores) - set(names):
-            del scores[name]  # another process prunes it
+                scores, stats, searched = self.permute(scores, stats, plan, split, names)
         layers = {name: self.prune_matrix(name, scores, stats, searched) for name in names}
         if self.ranks is not None:
+            assert split is not None
             with self.timer("communication"):
-                layers = self.ranks.share_matrices(
-                    f"sending {self.prefix}'s pruned matrices", self.matrices, layers
+                # With what scoring each matrix cost its owner, to split the next block.
+                shared = self.ranks.share_matrices(
+                    f"sending {self.prefix}'s pruned matrices",
+                    self.matrices,
+                    split.owners,
+                    {x: (layers[x], self.score_seconds.get(x, 0.0)) for x in names},
                 )
+            layers = {name: layer for name, (layer, _) in shared.items()}
+            self.ranks.costs = BlockCosts(
+                [tuple(j) for j in split.reads],
+                self.search_seconds,
+                {name: layers[name].seconds for name in self.matrices},
+                {name: shared[name][1] for name in self.matrices},
+            )
         return [layers[name] for name in self.matrices]
 
     def prune_matrix(
@@ -474,6 +498,7 @@ class _BlockStep:
         with self.timer("scores"):
             for name in self.matrices if names is None else names:
                 matrix = self.matrices[name]
+                started = time.perf_counter()
                 with naming(f"{self.prefix}.{name}"):
                     # The core refuses non-finite weights and scores that would overflow,
                     # naming the entry; activations are checked here to say where they
@@ -486,6 +511,7 @@ class _BlockStep:
                         self.alphas[name], scores[name] = self.best_alpha(matrix, stats[name])
                     else:
                         scores[name] = score_matrix(matrix, stats.get(name), self.config)
+                self.score_seconds[name] = time.perf_counter() - started
         return scores
 
     def best_alpha(self, matrix: PrunableMatrix, stats: InputStats) -> tuple[float, np.ndarray]:
@@ -504,32 +530,48 @@ class _BlockStep:
         return best[1], best[2]
 
     def permute(
-        self, scores: dict[str, np.ndarray], stats: dict[str, InputStats]
+        self,
+        scores: dict[str, np.ndarray],
+        stats: dict[str, InputStats],
+        plan: BlockSearch,
+        split: BlockSplit | None,
+        keep: list[str],
     ) -> tuple[dict[str, np.ndarray], dict[str, InputStats], dict[str, SearchStats]]:
-        """Finds and applies the block's orders; scores and statistics follow the weights
-        into storage order (scores are equivariant to it, so nothing is recomputed)."""
-        target, mode = self.config.sparsity, self.config.permutation_mode
-        assert mode is not None
+        """Runs the block's searches (`plan`; split over the ranks by `split`) and applies
+        the orders; the scores and statistics of the matrices `keep` follow the weights
+        into storage order (scores are equivariant to it, so nothing is recomputed), the
+        others are dropped (another process prunes them)."""
+        target = self.config.sparsity
+        options = self.config.permutation_options
         with self.timer("permutation"):
-            searcher = (
-                search_permutations
-                if self.ranks is None
-                else partial(self.ranks.search, f"searching {self.prefix}'s permutations")
-            )
-            perm, searched = search_block(
-                scores,
-                self.layout,
-                target.n,
-                target.m,
-                self.config.permutation_options,
-                mode,
-                searcher,
-            )
+            if self.ranks is None or split is None:
+                problems = plan.problems(scores)
+                results: Sequence[PermutationResult | SharedSearch] = (
+                    search_permutations(problems, target.n, target.m, options) if problems else []
+                )
+            else:
+                results = self.ranks.search(
+                    f"searching {self.prefix}'s permutations",
+                    [  # another rank's searches may read scores this one has not computed
+                        job.problem(scores) if set(job.matrices) <= scores.keys() else None
+                        for job in plan.jobs
+                    ],
+                    split.searches,
+                    target.n,
+                    target.m,
+                    options,
+                )
+            self.search_seconds = [r.seconds for r in results]
+            perm, searched = plan.result(results)
             orders = matrix_orders(self.block, reorders(self.block, self.layout, perm))
             apply_block(self.block, self.layout, perm)
+            kept = set(keep)
             scores = {
-                name: _reorder(s, *orders.get(name, (None, None))) for name, s in scores.items()
+                name: _reorder(s, *orders.get(name, (None, None)))
+                for name, s in scores.items()
+                if name in kept
             }
+            stats = {name: s for name, s in stats.items() if name in kept}
         return scores, _reorder_stats(stats, orders), searched
 
     def select(self, score: np.ndarray) -> np.ndarray:
@@ -678,7 +720,8 @@ def naming(where: str) -> Iterator[None]:
     try:
         yield
     except RiaError as exc:
-        if str(exc).startswith(where):
+        # A DistributedError names the rank and block that failed (maybe not this one).
+        if str(exc).startswith(where) or isinstance(exc, DistributedError):
             raise
         raise type(exc)(f"{where}: {exc}") from exc
 

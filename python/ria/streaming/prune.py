@@ -25,7 +25,7 @@ from .._torch import default_device
 from ..arch import find_blocks
 from ..errors import InvalidArgumentError
 from ..permutation import OrderInfo, plain_state_dict
-from ..pruning import PruneConfig, PruneReport, prune_with
+from ..pruning import Placement, PruneConfig, PruneReport, prune_with
 from ..pruning.distributed import current
 from ..save import check_target, save_extras, save_orders, staged
 from .memory import release_freed_memory
@@ -43,7 +43,7 @@ from .writer import ShardWriter
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["prune_checkpoint", "prune_checkpoint_with"]
+__all__ = ["prune_checkpoint", "prune_checkpoint_with", "read_by_block"]
 
 
 def prune_checkpoint(
@@ -150,6 +150,24 @@ def prune_checkpoint_with(
             model.config.save_pretrained(staging)
             save_extras(staging, tokenizer, report)
     return report
+
+
+def read_by_block(
+    src: str | Path, dtype: str | torch.dtype, device: torch.device
+) -> tuple[PreTrainedModel, Placement]:
+    """The model of checkpoint `src` (as `prune_checkpoint` reads it) for a rank other
+    than 0 of a prune split over processes: a skeleton whose weights outside the blocks
+    are loaded on `device`, and the `Placement` that loads each block from the shards when
+    the block loop visits it and frees it afterwards, writing nothing. Every rank visits
+    block i while it is still dense, so loading it from the dense checkpoint gives the
+    block rank 0 holds; the pruned blocks come to every rank from their owners. Host
+    memory: one block and the weights outside the blocks, not the model."""
+    check_dtype(dtype)
+    source = CheckpointSource(resolve_checkpoint(src))
+    model = build_skeleton(source, dtype)
+    path, _ = find_blocks(model)
+    load_outside(model, source, path, device)
+    return model, _StreamedBlocks(model, source, None, device)
 
 
 def _activation_bytes(model: PreTrainedModel, config: PruneConfig) -> int:
