@@ -412,11 +412,15 @@ def interrupt_at_line(k: int, files: tuple[str, ...], body: Callable[[], None]) 
     # would differ from call to call: collect first, and not during the call.
     gc.collect()
     gc.disable()
+    # A process started with SIGINT ignored (a background job of a non-interactive shell)
+    # would drop the simulated Ctrl-C: use Python's own handler for the call.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.settrace(tracer)
     try:
         body()
     finally:
         sys.settrace(None)
+        signal.signal(signal.SIGINT, handler)
         gc.enable()
     return seen
 
