@@ -300,8 +300,11 @@ def time_e2e(
     decode_steps: int,
     decode_batches: tuple[int, ...] = (1, 16),
     prefills: tuple[tuple[int, int], ...] = ((8, 128), (1, 2048)),
+    compiled_batches: tuple[int, ...] = (),
 ) -> tuple[dict, dict]:
-    """Graph-replay timings and the outputs used for the correctness check."""
+    """Graph-replay timings and the outputs used for the correctness check.
+    `compiled_batches`: decode batches also timed with the step compiled by inductor before
+    capture (`ria.generate(compile=True)`'s mode), keys `decode_b{B}_compiled_*`."""
     g = torch.Generator(device="cuda").manual_seed(7)
     res, outs = {}, {}
     for b, q in prefills:
@@ -330,6 +333,24 @@ def time_e2e(
             graph = gen.step_graph()
             res["decode_b1_profile"] = kernel_breakdown(graph.replay)
         del gen
+    for b in compiled_batches:
+        ids = torch.randint(0, VOCAB, (b, 512), device="cuda", generator=g)
+        gen = StaticGenerator(model, b, 512 + max(decode_steps, 32) + 8, compile=True)
+        gen.prefill(ids)
+        t0 = time.perf_counter()
+        tokens = [gen.step().clone() for _ in range(decode_steps)]  # compiles, then captures
+        res[f"decode_b{b}_compiled_first_steps_s"] = time.perf_counter() - t0
+        outs[f"decode_b{b}_compiled_tokens"] = torch.cat(tokens, dim=1)
+        gen.prefill(ids)
+        ms = time_graph(gen.step_graph(), iters=5, repeats=3)
+        res[f"decode_b{b}_compiled_ms_per_step"] = ms
+        res[f"decode_b{b}_compiled_tok_s"] = b / ms * 1e3
+        log(f"  decode b={b}, compiled: {ms:.3f} ms/step")
+        if b == 1:
+            gen.prefill(ids)
+            res["decode_b1_compiled_profile"] = kernel_breakdown(gen.step_graph().replay)
+        del gen
+        torch._dynamo.reset()  # drop the compiled code (and its graphs) of this model
     return res, outs
 
 
@@ -426,6 +447,8 @@ def bench_fusion(
     out: dict,
     path: Path,
     fuse_options: tuple[bool, ...] = (False, True),
+    compiled_batches: tuple[int, ...] = (),
+    decode_layout: bool = True,
 ) -> dict:
     """Whole model, dense vs `sparsify` with and without fused siblings, with `buckets`
     (prefill sizes included: the cuSPARSELt layout) and with `DECODE_BUCKETS` (the mma.sp
@@ -433,7 +456,8 @@ def bench_fusion(
     prefill 8x128 and 1x2048, decode at
     `DECODE_BATCHES` (KV 512), pruned-Linear bytes, agreement with dense, and the kernel
     time of one decode step at batch 1 by category. `fuse_options`: the `fuse_siblings`
-    settings run (default both)."""
+    settings run (default both); `compiled_batches`: decode batches also timed compiled
+    (see `time_e2e`); `decode_layout`: also run the `DECODE_BUCKETS` plans."""
     import copy
     import tempfile
 
@@ -441,12 +465,14 @@ def bench_fusion(
     model = build_model(layers, prune_all=False)
     dense_bytes = linear_bytes(model)
     log("fusion: dense timings")
-    dense, dense_out = time_e2e(model, decode_steps, DECODE_BATCHES)
+    dense, dense_out = time_e2e(
+        model, decode_steps, DECODE_BATCHES, compiled_batches=compiled_batches
+    )
     result: dict = {"layers": layers, "dense": dense, "variants": {}}
     out["fusion"] = result
     variants = [
         (f"buckets {list(b)}, {'fused' if fuse else 'unfused'}", b, fuse)
-        for b in (DECODE_BUCKETS, buckets)  # the decode layout first: the decode targets
+        for b in ((DECODE_BUCKETS,) if decode_layout else ()) + (buckets,)  # decode layout first
         for fuse in fuse_options
     ]
     for label, plan_buckets, fuse in variants:
@@ -459,7 +485,9 @@ def bench_fusion(
             )
             seconds = time.perf_counter() - t0
             log(f"fusion: {label}: {report}")
-            timed, sparse_out = time_e2e(twin, decode_steps, DECODE_BATCHES)
+            timed, sparse_out = time_e2e(
+                twin, decode_steps, DECODE_BATCHES, compiled_batches=compiled_batches
+            )
             speedup = {
                 k: dense[k] / v for k, v in timed.items() if k.endswith(("_ms", "_ms_per_step"))
             }
@@ -488,6 +516,11 @@ def bench_fusion(
 def fusion_table(r: dict) -> str:
     cols = [("prefill_8x128_ms", "prefill 8x128"), ("prefill_1x2048_ms", "prefill 1x2048")]
     cols += [(f"decode_b{b}_ms_per_step", f"decode b{b}") for b in DECODE_BATCHES]
+    cols += [
+        (k, f"decode b{k.split('_')[1][1:]} compiled")
+        for k in r["dense"]
+        if k.endswith("_compiled_ms_per_step")
+    ]
     head = "| sparsify | " + " | ".join(c[1] for c in cols) + " | Linear bytes |"
     lines = [head, "|---|" + "---:|" * (len(cols) + 1)]
     d = r["dense"]
@@ -795,6 +828,16 @@ def main() -> None:
         default="both",
         help="fusion section: fuse_siblings settings to run",
     )
+    ap.add_argument(
+        "--fusion-compiled",
+        default="",
+        help="fusion section: decode batches also timed with the step compiled (e.g. 1,16)",
+    )
+    ap.add_argument(
+        "--fusion-no-decode-layout",
+        action="store_true",
+        help="fusion section: skip the decode-only buckets' plans",
+    )
     ap.add_argument("--out", default="benches/results/gpu_h200.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -838,7 +881,17 @@ def main() -> None:
         try:
             buckets = tuple(int(b) for b in args.fusion_buckets.split(","))
             fuse = {"both": (False, True), "off": (False,), "on": (True,)}[args.fusion_fuse]
-            bench_fusion(args.layers, args.decode_steps, buckets, out, path, fuse)
+            compiled = tuple(int(b) for b in args.fusion_compiled.split(",") if b)
+            bench_fusion(
+                args.layers,
+                args.decode_steps,
+                buckets,
+                out,
+                path,
+                fuse,
+                compiled_batches=compiled,
+                decode_layout=not args.fusion_no_decode_layout,
+            )
             tables.append(
                 f"### Fused siblings and layouts, LLaMA-2-7B shapes, {args.layers} layers "
                 "(speedup over dense)\n\n" + fusion_table(out["fusion"])
