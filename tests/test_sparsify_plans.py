@@ -35,6 +35,7 @@ from ria.sparse.sparsify import (
     choose_backend,
     cusparselt_version_warning,
     keep_one_layout,
+    slower_than_dense_warning,
     sparse_layer,
 )
 
@@ -262,6 +263,21 @@ def test_report_names_the_cusparselt_version_and_plan_sources():
     assert "cusparselt (eager: triton)" in rep.markdown() and rep.plans_from_cache == 1
     rep.warnings.append("cuSPARSELt 0.8.0 is loaded")
     assert "cuSPARSELt 0.8.1" in str(rep) and "warning: cuSPARSELt 0.8.0" in str(rep)
+
+
+def test_report_warns_where_the_chosen_kernel_is_slower_than_dense():
+    def layer(name: str, chosen_us: float, converted: bool = True) -> SparseLayerReport:
+        times = {1: {"dense": 10.0, "mma_cslt": 6.0}, 64: {"dense": 10.0, "cusparselt": chosen_us}}
+        plan = {1: "mma_cslt", 64: "cusparselt"}
+        return SparseLayerReport(name, 64, 64, converted, plan=plan, times_us=times)
+
+    # 10 / 17.5 = 0.57x and 10 / 13.7 = 0.73x at 64 tokens; 1.67x at 1 token
+    layers = [layer("q", 17.5), layer("o", 13.7), layer("lm_head", 50.0, converted=False)]
+    note = slower_than_dense_warning(layers, margin=0.05) or ""
+    assert "M<=64: 2 of 2 layers at 0.57-0.73x" in note and "M<=1" not in note
+    assert "allow_dense=True" in note
+    assert slower_than_dense_warning([layer("q", 10.4)], margin=0.05) is None  # 0.96x: noise
+    assert slower_than_dense_warning([layer("q", 10.4)], margin=0.0) is not None
 
 
 # -- CUDA --------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ __all__ = [
     "cusparselt_version_warning",
     "find_linears",
     "mma_cslt_shape_status",
+    "slower_than_dense_warning",
     "sparse_layer",
     "sparsify",
 ]
@@ -574,6 +575,31 @@ def cusparselt_version_warning(version: int | None) -> str | None:
     return None
 
 
+def slower_than_dense_warning(layers: Iterable[SparseLayerReport], margin: float) -> str | None:
+    """Which token buckets the converted `layers` run slower than dense (the chosen kernel's
+    graph-replay time over cuBLAS's by more than `margin`, a fraction), or None: without a
+    dense copy the model is slower there, and the report says so."""
+    converted = [lr for lr in layers if lr.converted]
+    slow: dict[int, list[float]] = {}
+    for lr in converted:
+        for bucket in lr.plan:
+            s = lr.speedup(bucket)
+            if s is not None and s < 1 - margin:
+                slow.setdefault(bucket, []).append(s)
+    if not slow:
+        return None
+    parts = [
+        f"M<={b}: {len(v)} of {len(converted)} layers at {min(v):.2f}-{max(v):.2f}x"
+        for b, v in sorted(slow.items())
+    ]
+    return (
+        "2:4 is slower than dense under graph replay in these token buckets ("
+        + "; ".join(parts)
+        + "): calls of those sizes run slower than the dense model; allow_dense=True keeps "
+        "dense weights for them (more memory)"
+    )
+
+
 def _cached_plan_works(entry: TunedPlan, f: WeightForms) -> bool:
     """Run each cached cuSPARSELt choice once on `f`: an algorithm id this library version
     refuses makes the entry stale."""
@@ -848,6 +874,10 @@ def sparsify(
     report.applied = bool(report.converted)
     if not report.applied:
         report.reason = "no 2:4-sparse fp16/bf16 CUDA linear layer found"
+    note = slower_than_dense_warning(report.layers, dense_margin)
+    if note is not None:
+        report.warnings.append(note)
+        warnings.warn(note, stacklevel=2)
     report.seconds = time.perf_counter() - t0
     if verbose:
         print(report)
