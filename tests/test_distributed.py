@@ -70,7 +70,7 @@ def prune_case(case: str) -> dict:
     """One process's (or rank's) result of one case: its weights, logits and report."""
     family, settings = CASES[case]
     model = tiny_model(family)
-    with scoring() as scored:
+    with scoring() as scored, keeping_grams() as grams:
         report = ria.prune(model, calibration=windows(), **CALIB, **settings)
     with torch.no_grad():
         logits = model(IDS).logits
@@ -79,6 +79,7 @@ def prune_case(case: str) -> dict:
         "logits": logits,
         "layers": [timeless(r) for r in report.layers],
         "scored": scored,
+        "grams": grams,
     }
 
 
@@ -98,6 +99,25 @@ def scoring() -> Iterator[list[str]]:
         yield scored
     finally:
         pipeline._BlockStep.score = score
+
+
+@contextmanager
+def keeping_grams() -> Iterator[list[str]]:
+    """Yields the list of the matrices whose Gram matrix X^T X this process holds after
+    each block's statistics, by full name."""
+    kept: list[str] = []
+    gather = pipeline._BlockStep.gather_statistics
+
+    def recording(self, *args):
+        stats = gather(self, *args)
+        kept.extend(f"{self.prefix}.{x}" for x, s in stats.items() if s.hessian is not None)
+        return stats
+
+    pipeline._BlockStep.gather_statistics = recording
+    try:
+        yield kept
+    finally:
+        pipeline._BlockStep.gather_statistics = gather
 
 
 def timeless(layer: LayerReport) -> dict:
@@ -308,6 +328,17 @@ def test_each_rank_scores_its_share_of_a_permuted_block(ranks, alone, case):
     assert len(first[0]) < len(first[2]) and len(first[1]) < len(first[2])
     if case.startswith("ria"):  # LLaMA's units balance over 2 ranks without a move
         assert len(first[0]) + len(first[1]) == len(first[2])
+
+
+@pytest.mark.parametrize(
+    "case", ["ria 2:4 refine + reconstruct", "ria 2:4 alpha auto + errors", "sparsegpt 50%"]
+)
+def test_a_rank_keeps_only_the_gram_matrices_it_uses(ranks, alone, case):
+    everything = alone[case]["grams"]
+    assert everything  # one process keeps every calibrated matrix's
+    mine, theirs = (r[case]["grams"] for r in ranks)
+    assert set(mine) | set(theirs) == set(everything)
+    assert len(mine) < len(everything) and len(theirs) < len(everything)
 
 
 def test_the_cases_exercise_what_they_name(alone):

@@ -154,6 +154,15 @@ class BlockSplit:
         """The matrices `rank` prunes, in the block's order."""
         return [name for name, r in self.owners.items() if r == rank]
 
+    def gram_ranks(self, name: str, scoring: bool) -> set[int]:
+        """The ranks that use matrix `name`'s Gram matrix: its owner (OBS update,
+        refinement, output error), and with `scoring` (alpha="auto" scores by output
+        error) every rank that scores it."""
+        if not scoring:
+            return {self.owners[name]}
+        read = {r for k, r in enumerate(self.searches) if name in self.reads[k]}
+        return {self.owners[name]} | read
+
     def scored_by(self, rank: int) -> list[str]:
         """The matrices `rank` scores (those its searches read, and those it prunes), in
         the block's order."""
@@ -393,11 +402,22 @@ class Ranks:
         for s in _unique(stats):
             s.partials = []
 
-    def reduce_stats(self, what: str, stats: Mapping[str, InputStats]) -> None:
+    def reduce_stats(
+        self,
+        what: str,
+        stats: Mapping[str, InputStats],
+        gram_ranks: Mapping[str, set[int]] | None = None,
+    ) -> None:
         """Every rank's statistics summed, in place, on every rank: sums of squares folded
         from every batch's partial in global batch order (bit-identical to one process),
-        token counts summed exactly, Gram matrices summed in float64."""
+        token counts summed exactly, Gram matrices summed in float64. `gram_ranks[name]`:
+        the ranks that use `stats[name]`'s Gram matrix (default: all); a Gram shared by
+        several matrices goes to the union of theirs, and the other ranks drop it (a 70B
+        down_proj's is 6.6 GB in float64)."""
         unique = _unique(stats)
+        users: dict[int, set[int]] = {id(s): set() for s in unique}
+        for name, s in stats.items():
+            users[id(s)] |= set(range(self.world)) if gram_ranks is None else gram_ranks[name]
         counts = torch.tensor(
             [v for s in unique for v in (len(s.partials or ()), s.tokens)], dtype=torch.int64
         )
@@ -414,11 +434,22 @@ class Ranks:
             padded[: flat.numel()] = flat.to(self.device, torch.float32)
             all_flat = self._all_gather(padded)
             for s in unique:
-                if s.hessian is not None:
-                    total = s.hessian.to(self.device, torch.float64)  # float64 already
+                if s.hessian is None:
+                    continue
+                ranks = users[id(s)]  # the same sets on every rank: split is deterministic
+                if not ranks:
+                    s.hessian = None
+                    continue
+                total = s.hessian.to(self.device, torch.float64)  # float64 already
+                if len(ranks) == 1:
+                    dist.reduce(total, dst=min(ranks))
+                else:
                     dist.all_reduce(total)
+                if self.rank in ranks:
                     s.hessian.copy_(total)
-                    del total
+                else:
+                    s.hessian = None
+                del total
         offsets = [0] * self.world
         for i, s in enumerate(unique):
             channels = s.sumsq.numel()

@@ -361,7 +361,6 @@ class _BlockStep:
         """Prunes the block on calibration `inputs` (None: without data); `traced`
         (calibration or probe inputs) is what its wiring is traced on."""
         self.layout = self.trace(traced)
-        stats = self.gather_statistics(inputs)
         target, mode = self.config.sparsity, self.config.permutation_mode
         plan = None if mode is None else BlockSearch(self.matrices, self.layout, target.m, mode)
         split = None
@@ -374,6 +373,7 @@ class _BlockStep:
             )
             names = split.pruned_by(self.ranks.rank)
             needed = tuple(split.scored_by(self.ranks.rank))
+        stats = self.gather_statistics(inputs, split)
         # The search reads every score at once; otherwise each matrix is scored when its
         # turn comes and its score freed after it, so the block's float32 scores (twice
         # its bf16 weights) never all exist at once.
@@ -463,9 +463,12 @@ class _BlockStep:
             for g in self.layout.groups
         ]
 
-    def gather_statistics(self, inputs: BlockInputs | None) -> dict[str, InputStats]:
+    def gather_statistics(
+        self, inputs: BlockInputs | None, split: BlockSplit | None = None
+    ) -> dict[str, InputStats]:
         """Input statistics of every matrix on the dense block (empty without data);
-        notes the experts routed too few tokens to use theirs."""
+        notes the experts routed too few tokens to use theirs. Split over ranks, a rank
+        keeps only the Gram matrices of what `split` has it score (alpha="auto") or prune."""
         if inputs is None:
             return {}
         groups = self.layout.stat_groups(list(self.matrices))
@@ -478,7 +481,11 @@ class _BlockStep:
             run_block(self.block, inputs)
         if self.ranks is not None:  # each ran its share of the batches: sum them
             with self.timer("communication"):
-                self.ranks.reduce_stats(f"summing {self.prefix}'s statistics", stats)
+                assert split is not None
+                gram_ranks = {
+                    x: split.gram_ranks(x, scoring=self.config.alpha == "auto") for x in stats
+                }
+                self.ranks.reduce_stats(f"summing {self.prefix}'s statistics", stats, gram_ranks)
         for s in {id(s): s for s in stats.values()}.values():
             s.finish()
         self.weight_only = {
