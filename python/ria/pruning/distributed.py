@@ -8,7 +8,8 @@ The block loop stays sequential over blocks; within a block:
   batch's partial sum in batch order, exactly as one process folds them (`reduce_stats`);
   token counts are summed; the `X^T X` Gram matrices, float64 sums of float32 products in
   one process too, are summed in float64 (almost always exactly) and rounded once, so they
-  agree with one process's to the bit;
+  agree with one process's to the bit; each goes only to the ranks that use it (the block's
+  split is made first: `BlockSplit.gram_ranks`), the others drop theirs;
 - per-matrix work (`split_block`): the block's permutation searches and the matrices
   they read go to ranks as units; a unit's rank scores its matrices, searches their
   orders and prunes them (selects the mask, refines, updates); searches and matrices of
