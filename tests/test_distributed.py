@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -137,11 +136,12 @@ def stream(src: Path, out: Path, spill: bool = False) -> None:
     )
 
 
-def _worker(rank: int, port: int, work: str) -> None:
+def _worker(rank: int, work: str) -> None:
     """One rank: every case, a streamed prune, then a prune where rank 1 fails."""
     torch.set_num_threads(1)  # as the reference: the same kernels, the same rounding
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file rendezvous: no port to pick (a port picked free may be taken before use).
+    store = Path(work) / "rendezvous"
+    dist.init_process_group("gloo", f"file://{store}", rank=rank, world_size=WORLD)
     work_dir = Path(work)
     results = {case: prune_case(case) for case in CASES}
     stream(work_dir / "src", work_dir / "streamed")
@@ -205,12 +205,6 @@ def cli_failing_to_load(work: Path, rank: int) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, tokenizer) -> Path:
     work = tmp_path_factory.mktemp("dist")
@@ -222,7 +216,7 @@ def source(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def ranks(source) -> list[dict]:
     """What each of the 2 ranks returned."""
-    mp.spawn(_worker, args=(_free_port(), str(source)), nprocs=WORLD)
+    mp.spawn(_worker, args=(str(source),), nprocs=WORLD)
     return [torch.load(source / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -396,7 +390,7 @@ def test_torchrun_runs_the_cli_and_rank_0_writes(source, tmp_path):
     settings = [*CLI_SETTINGS[:1], str(source / "src"), *CLI_SETTINGS[1:]]
     launch = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-        "--master-port", str(_free_port()), "-m", "ria",
+        "--standalone", "-m", "ria",  # torchrun picks its own free port
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [*launch, *settings, "--out", str(tmp_path / "split")]
