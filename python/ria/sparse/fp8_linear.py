@@ -288,7 +288,7 @@ def sparsify_fp8(
     """Replace the Linears of `model` (in place) by `Fp8Linear`s; see `ria.sparsify(model,
     dtype="fp8")`. With `sparse`, the 2:4 layers (others are skipped with their reason);
     without, every fp16/bf16 CUDA Linear but the output embedding (fp8 dense)."""
-    from .sparsify import DEFAULT_BATCH_SIZES, SparseLayerReport, SparsifyReport, find_linears
+    from .sparsify import DEFAULT_BATCH_SIZES, SparseLayerReport, SparsifyReport, group_layers
 
     t0 = time.perf_counter()
     buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
@@ -303,22 +303,16 @@ def sparsify_fp8(
     if sparse and torch.backends.cusparselt.is_available():
         report.cusparselt_version = torch.backends.cusparselt.version()
     clear_generators(model)
-    groups: dict[tuple[int, int, torch.dtype, bool, str], list[tuple[str, nn.Linear]]] = {}
-    for name, mod, why in find_linears(model):
-        n, k = mod.weight.shape
+
+    def why_not(why: str | None, n: int, k: int) -> str | None:
         if not sparse and why is not None and why.startswith(("not 2:4", "in_features=")):
             why = None  # fp8 dense takes any pattern
         why = why or fp8_dense_shape_status(n, k)
         if why is None and sparse:
             why = fp8_cslt_shape_status(n, k)
-        if why is not None:
-            if strict and why.startswith("not 2:4"):
-                raise InvalidArgumentError(f"{name}: {why}")
-            report.layers.append(SparseLayerReport(name, n, k, converted=False, reason=why))
-            continue
-        key = (n, k, mod.weight.dtype, mod.bias is not None, str(mod.weight.device))
-        groups.setdefault(key, []).append((name, mod))
+        return why
 
+    groups = group_layers(model, why_not, strict, report)
     use_mma = sparse and mma_status() is None
 
     def forms(mod: nn.Linear) -> _Forms:

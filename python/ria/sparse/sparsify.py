@@ -19,7 +19,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,6 +74,7 @@ __all__ = [
     "choose_backend",
     "cusparselt_version_warning",
     "find_linears",
+    "group_layers",
     "mma_cslt_shape_status",
     "slower_than_dense_warning",
     "sparse_layer",
@@ -515,17 +516,19 @@ def _dense_masked_experts(model: nn.Module) -> list[SparseLayerReport]:
     return found
 
 
-def _group_layers(
-    model: nn.Module, backend: str, strict: bool, report: SparsifyReport
-) -> dict[_ShapeKey, list[_Member]]:
-    """Convertible layers grouped by (out, in, dtype, bias, device); the rest go to `report`."""
-    groups: dict[_ShapeKey, list[_Member]] = {}
+def group_layers(
+    model: nn.Module,
+    why_not: Callable[[str | None, int, int], str | None],
+    strict: bool,
+    report: SparsifyReport,
+) -> dict[_ShapeKey, list[tuple[str, nn.Linear]]]:
+    """Convertible layers grouped by (out, in, dtype, bias, device); the rest go to
+    `report`. `why_not(why, out, in)`: the reason a layer is not converted, given
+    `find_linears`'s (None: it is); with `strict` a layer that is not 2:4 raises."""
+    groups: dict[_ShapeKey, list[tuple[str, nn.Linear]]] = {}
     for name, mod, why in find_linears(model):
         n, k = mod.weight.shape
-        if why is None and backend == CUSPARSELT:
-            why = cslt_shape_status(n, k)
-        if why is None and backend == MMA_CSLT:
-            why = mma_cslt_shape_status(n, k)
+        why = why_not(why, n, k)
         if why is not None:
             if strict and why.startswith("not 2:4"):
                 raise InvalidArgumentError(f"{name}: {why}")
@@ -534,6 +537,19 @@ def _group_layers(
         key = (n, k, mod.weight.dtype, mod.bias is not None, str(mod.weight.device))
         groups.setdefault(key, []).append((name, mod))
     return groups
+
+
+def _why_not_for(backend: str) -> Callable[[str | None, int, int], str | None]:
+    """`group_layers`'s reasons for `backend`: a backend named alone must fit the shape."""
+
+    def why_not(why: str | None, n: int, k: int) -> str | None:
+        if why is None and backend == CUSPARSELT:
+            why = cslt_shape_status(n, k)
+        if why is None and backend == MMA_CSLT:
+            why = mma_cslt_shape_status(n, k)
+        return why
+
+    return why_not
 
 
 def mma_cslt_shape_status(out_features: int, in_features: int) -> str | None:
@@ -853,7 +869,7 @@ def sparsify(
         "eager_calls": EAGER_CALLS,  # eager plans timed on another call path are stale
     }
     planner = _Planner(cache, buckets, backend, options)
-    for shape, members in _group_layers(model, backend, strict, report).items():
+    for shape, members in group_layers(model, _why_not_for(backend), strict, report).items():
         n, k = shape[0], shape[1]
         if cslt_shape_status(n, k) is not None and not (usable - {DENSE, CUSPARSELT, MMA_CSLT}):
             for name, _ in members:
@@ -868,7 +884,7 @@ def sparsify(
             # mma's layout cannot serve every bucket, so keep_one_layout would drop it:
             # neither pack nor time it.
             shape_usable -= {MMA}
-        _convert_group(model, shape, members, planner, shape_usable, tune_layers, report)
+        _convert_group(model, shape, [*members], planner, shape_usable, tune_layers, report)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda lr: order.get(lr.name, len(order)))
     report.applied = bool(report.converted)
