@@ -194,8 +194,9 @@ VARIANTS = {
 }
 
 
-def bench_e2e(layers: int, decode_steps: int, save) -> dict:
-    """The four variants in turn (each a copy of one model); `save(result)` after each."""
+def bench_e2e(layers: int, decode_steps: int, save, compiled: tuple[int, ...] = ()) -> dict:
+    """The four variants in turn (each a copy of one model); `save(result)` after each.
+    `compiled`: decode batches also timed with the step compiled (`gpu_speed.time_e2e`)."""
     base = build_model(layers, prune_all=False)
     result: dict = {"layers": layers, "variants": {}}
     outs = {}
@@ -210,7 +211,12 @@ def bench_e2e(layers: int, decode_steps: int, save) -> dict:
             }
             log(f"{label}: {report}")
         row["linear_bytes"] = weight_bytes(model)
-        row["timings"], outs[label] = time_e2e(model, decode_steps)
+        try:
+            row["timings"], outs[label] = time_e2e(model, decode_steps, compiled_batches=compiled)
+        except Exception:  # e.g. a compile failure: the graph-replay timings still count
+            row["compiled_error"] = traceback.format_exc()
+            log(row["compiled_error"])
+            row["timings"], outs[label] = time_e2e(model, decode_steps)
         result["variants"][label] = row
         save(result)
         if model is not base:
@@ -238,6 +244,11 @@ def e2e_table(r: dict) -> str:
     out.append("|---|" + "---:|" * (len(labels) + 2))
     keys = [(f"prefill_{b}x{q}_ms", f"prefill {b}x{q} (ms)") for b, q in [(8, 128), (1, 2048)]]
     keys += [(f"decode_b{b}_ms_per_step", f"decode batch {b} (ms/step)") for b in (1, 16)]
+    keys += [
+        (f"decode_b{b}_compiled_ms_per_step", f"decode batch {b}, compiled (ms/step)")
+        for b in (1, 16)
+        if all(f"decode_b{b}_compiled_ms_per_step" in v[x]["timings"] for x in labels)
+    ]
     for key, name in keys:
         t = [v[label]["timings"][key] for label in labels]
         fp8d, fp824, bf16d = (v[x]["timings"][key] for x in ("fp8 dense", "fp8 2:4", "bf16 dense"))
@@ -256,6 +267,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--m", default="1,16,64,1024", help="GEMM token counts")
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument(
+        "--compiled", default="", help="decode batches also timed with the step compiled (1,16)"
+    )
     ap.add_argument("--out", default="benches/results/fp8_h200.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -279,7 +293,8 @@ def main() -> None:
             def save(partial: dict) -> None:
                 path.write_text(json.dumps({**out, "e2e": partial}, indent=1))
 
-            out["e2e"] = bench_e2e(args.layers, args.decode_steps, save)
+            compiled = tuple(int(b) for b in args.compiled.split(",") if b)
+            out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, compiled)
             tables.append(
                 f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
                 + e2e_table(out["e2e"])
