@@ -39,6 +39,7 @@ from gpu_speed import (
     environment,
     log,
     prune_24,
+    run_section,
     time_e2e,
 )
 
@@ -278,31 +279,25 @@ def main() -> None:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tables = []
-    if "gemm" in only:
-        try:
-            ms = [int(m) for m in args.m.split(",")]
-            out["gemm"] = [r for nm, (n, k) in SHAPES.items() for r in bench_shape(nm, n, k, ms)]
-            tables.append("### Per GEMM (us, CUDA-graph replay)\n\n" + gemm_table(out["gemm"]))
-        except Exception:
-            out["gemm_error"] = traceback.format_exc()
-            log(out["gemm_error"])
-        path.write_text(json.dumps(out, indent=1))
-    if "e2e" in only:
-        try:
 
-            def save(partial: dict) -> None:
-                path.write_text(json.dumps({**out, "e2e": partial}, indent=1))
+    def gemm() -> str:
+        ms = [int(m) for m in args.m.split(",")]
+        out["gemm"] = [r for nm, (n, k) in SHAPES.items() for r in bench_shape(nm, n, k, ms)]
+        return "### Per GEMM (us, CUDA-graph replay)\n\n" + gemm_table(out["gemm"])
 
-            compiled = tuple(int(b) for b in args.compiled.split(",") if b)
-            out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, compiled)
-            tables.append(
-                f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
-                + e2e_table(out["e2e"])
-            )
-        except Exception:
-            out["e2e_error"] = traceback.format_exc()
-            log(out["e2e_error"])
-        path.write_text(json.dumps(out, indent=1))
+    def e2e() -> str:
+        def save(partial: dict) -> None:
+            path.write_text(json.dumps({**out, "e2e": partial}, indent=1))
+
+        compiled = tuple(int(b) for b in args.compiled.split(",") if b)
+        out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, compiled)
+        return f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n" + e2e_table(
+            out["e2e"]
+        )
+
+    for name, body in {"gemm": gemm, "e2e": e2e}.items():
+        if name in only:
+            run_section(name, body, out, path, tables)
     log(f"wrote {path}")
     print("\n\n".join(tables))
 

@@ -33,6 +33,7 @@ import math
 import platform
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -801,6 +802,22 @@ def environment() -> dict:
     }
 
 
+def run_section(
+    name: str, body: Callable[[], str | None], out: dict, path: Path, tables: list[str]
+) -> None:
+    """Runs one bench section: `body` fills `out` and returns its markdown table (or None);
+    a failure is logged and kept as `out[name + "_error"]`, so the other sections still run.
+    Writes `out` to `path` (JSON) afterwards either way."""
+    try:
+        table = body()
+        if table is not None:
+            tables.append(table)
+    except Exception:
+        out[f"{name}_error"] = traceback.format_exc()
+        log(out[f"{name}_error"])
+    path.write_text(json.dumps(out, indent=1, default=str))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -848,70 +865,56 @@ def main() -> None:
     tables = []
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if "gemm" in only:
-        try:
-            out["gemm"] = bench_gemm([int(m) for m in args.m.split(",")])
-            tables.append("### Per GEMM (bf16, CUDA-graph replay)\n\n" + gemm_table(out["gemm"]))
-        except Exception:
-            out["gemm_error"] = traceback.format_exc()
-            log(out["gemm_error"])
-        path.write_text(json.dumps(out, indent=1))
-    if "probe" in only:
-        try:
-            dump_cslt_layout(path.parent / "cslt_layout.pt")
-        except Exception:
-            out["probe_error"] = traceback.format_exc()
-            log(out["probe_error"])
-    if "e2e" in only:
-        try:
-            out["e2e"] = bench_e2e(args.layers, args.prune_all, args.decode_steps)
-            tables.append(
-                f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
-                + e2e_table(out["e2e"])
-                + "\n\ncorrectness: "
-                + json.dumps(out["e2e"]["correctness"])
-                + "\n\n"
-                + out["e2e"]["report_markdown"]
-            )
-        except Exception:
-            out["e2e_error"] = traceback.format_exc()
-            log(out["e2e_error"])
-        path.write_text(json.dumps(out, indent=1))
-    if "fusion" in only:
-        try:
-            buckets = tuple(int(b) for b in args.fusion_buckets.split(","))
-            fuse = {"both": (False, True), "off": (False,), "on": (True,)}[args.fusion_fuse]
-            compiled = tuple(int(b) for b in args.fusion_compiled.split(",") if b)
-            bench_fusion(
-                args.layers,
-                args.decode_steps,
-                buckets,
-                out,
-                path,
-                fuse,
-                compiled_batches=compiled,
-                decode_layout=not args.fusion_no_decode_layout,
-            )
-            tables.append(
-                f"### Fused siblings and layouts, LLaMA-2-7B shapes, {args.layers} layers "
-                "(speedup over dense)\n\n" + fusion_table(out["fusion"])
-            )
-        except Exception:
-            out["fusion_error"] = traceback.format_exc()
-            log(out["fusion_error"])
-        path.write_text(json.dumps(out, indent=1, default=str))
-    if "user" in only:
-        try:
-            modes = set(args.user_modes.split(","))
-            out["user"] = bench_user(args.layers, args.new_tokens, modes, out, path)
-            tables.append(
-                f"### With default arguments, LLaMA-2-7B shapes, {args.layers} layers\n\n"
-                + user_table(out["user"])
-            )
-        except Exception:
-            out["user_error"] = traceback.format_exc()
-            log(out["user_error"])
-        path.write_text(json.dumps(out, indent=1))
+
+    def gemm() -> str:
+        out["gemm"] = bench_gemm([int(m) for m in args.m.split(",")])
+        return "### Per GEMM (bf16, CUDA-graph replay)\n\n" + gemm_table(out["gemm"])
+
+    def probe() -> None:
+        dump_cslt_layout(path.parent / "cslt_layout.pt")
+
+    def e2e() -> str:
+        out["e2e"] = bench_e2e(args.layers, args.prune_all, args.decode_steps)
+        return (
+            f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
+            + e2e_table(out["e2e"])
+            + "\n\ncorrectness: "
+            + json.dumps(out["e2e"]["correctness"])
+            + "\n\n"
+            + out["e2e"]["report_markdown"]
+        )
+
+    def fusion() -> str:
+        buckets = tuple(int(b) for b in args.fusion_buckets.split(","))
+        fuse = {"both": (False, True), "off": (False,), "on": (True,)}[args.fusion_fuse]
+        compiled = tuple(int(b) for b in args.fusion_compiled.split(",") if b)
+        bench_fusion(
+            args.layers,
+            args.decode_steps,
+            buckets,
+            out,
+            path,
+            fuse,
+            compiled_batches=compiled,
+            decode_layout=not args.fusion_no_decode_layout,
+        )
+        return (
+            f"### Fused siblings and layouts, LLaMA-2-7B shapes, {args.layers} layers "
+            "(speedup over dense)\n\n" + fusion_table(out["fusion"])
+        )
+
+    def user() -> str:
+        modes = set(args.user_modes.split(","))
+        out["user"] = bench_user(args.layers, args.new_tokens, modes, out, path)
+        return (
+            f"### With default arguments, LLaMA-2-7B shapes, {args.layers} layers\n\n"
+            + user_table(out["user"])
+        )
+
+    sections = {"gemm": gemm, "probe": probe, "e2e": e2e, "fusion": fusion, "user": user}
+    for name, body in sections.items():
+        if name in only:
+            run_section(name, body, out, path, tables)
     log(f"wrote {path}")
     print("\n\n".join(tables))
 
