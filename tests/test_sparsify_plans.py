@@ -269,15 +269,23 @@ def test_report_warns_where_the_chosen_kernel_is_slower_than_dense():
     def layer(name: str, chosen_us: float, converted: bool = True) -> SparseLayerReport:
         times = {1: {"dense": 10.0, "mma_cslt": 6.0}, 64: {"dense": 10.0, "cusparselt": chosen_us}}
         plan = {1: "mma_cslt", 64: "cusparselt"}
-        return SparseLayerReport(name, 64, 64, converted, plan=plan, times_us=times)
+        eager = {1: {"dense": 30.0, "mma_cslt": 40.0}, 64: {"dense": 30.0, "cusparselt": 20.0}}
+        return SparseLayerReport(
+            name, 64, 64, converted, plan=plan, times_us=times,
+            eager_plan=plan, eager_times_us=eager,
+        )  # fmt: skip
 
-    # 10 / 17.5 = 0.57x and 10 / 13.7 = 0.73x at 64 tokens; 1.67x at 1 token
+    # graph replay: 10 / 17.5 = 0.57x and 10 / 13.7 = 0.73x at 64 tokens, 1.67x at 1 token;
+    # eager: 0.75x at 1 token, 1.5x at 64
     layers = [layer("q", 17.5), layer("o", 13.7), layer("lm_head", 50.0, converted=False)]
     note = slower_than_dense_warning(layers, margin=0.05) or ""
-    assert "M<=64: 2 of 2 layers at 0.57-0.73x" in note and "M<=1" not in note
-    assert "allow_dense=True" in note
-    assert slower_than_dense_warning([layer("q", 10.4)], margin=0.05) is None  # 0.96x: noise
-    assert slower_than_dense_warning([layer("q", 10.4)], margin=0.0) is not None
+    assert "graph replay: M<=64: 2 of 2 layers at 0.57-0.73x" in note
+    assert "eager calls: M<=1: 2 of 2 layers at 0.75-0.75x" in note
+    assert "allow_dense=True" in note and note.count("M<=") == 2
+    fast = layer("q", 10.4)  # 0.96x: within the margin
+    fast.eager_times_us = {}
+    assert slower_than_dense_warning([fast], margin=0.05) is None
+    assert slower_than_dense_warning([fast], margin=0.0) is not None
 
 
 # -- CUDA --------------------------------------------------------------------------------

@@ -105,10 +105,11 @@ class SparseLayerReport:
     sparse_bytes: int = 0
     plan_source: str = ""  # "cache" (read from the plan cache) or "tuned" (timed now)
 
-    def speedup(self, bucket: int) -> float | None:
-        """Dense time over the chosen kernel's time at `bucket`, if both were measured."""
-        times = self.times_us.get(bucket, {})
-        chosen = self.plan.get(bucket)
+    def speedup(self, bucket: int, eager: bool = False) -> float | None:
+        """Dense time over the chosen kernel's time at `bucket` under graph replay (or in
+        eager calls), if both were measured."""
+        times = (self.eager_times_us if eager else self.times_us).get(bucket, {})
+        chosen = (self.eager_plan if eager else self.plan).get(bucket)
         if DENSE not in times or chosen not in times:
             return None
         return times[DENSE] / times[chosen]
@@ -593,23 +594,27 @@ def cusparselt_version_warning(version: int | None) -> str | None:
 
 def slower_than_dense_warning(layers: Iterable[SparseLayerReport], margin: float) -> str | None:
     """Which token buckets the converted `layers` run slower than dense (the chosen kernel's
-    graph-replay time over cuBLAS's by more than `margin`, a fraction), or None: without a
-    dense copy the model is slower there, and the report says so."""
+    time over cuBLAS's by more than `margin`, a fraction), under graph replay and in eager
+    calls, or None: without a dense copy the model is slower there, and the report says so."""
     converted = [lr for lr in layers if lr.converted]
-    slow: dict[int, list[float]] = {}
-    for lr in converted:
-        for bucket in lr.plan:
-            s = lr.speedup(bucket)
-            if s is not None and s < 1 - margin:
-                slow.setdefault(bucket, []).append(s)
-    if not slow:
+    parts = []
+    for eager, mode in ((False, "graph replay"), (True, "eager calls")):
+        slow: dict[int, list[float]] = {}
+        for lr in converted:
+            for bucket in lr.eager_plan if eager else lr.plan:
+                s = lr.speedup(bucket, eager)
+                if s is not None and s < 1 - margin:
+                    slow.setdefault(bucket, []).append(s)
+        if slow:
+            where = "; ".join(
+                f"M<={b}: {len(v)} of {len(converted)} layers at {min(v):.2f}-{max(v):.2f}x"
+                for b, v in sorted(slow.items())
+            )
+            parts.append(f"{mode}: {where}")
+    if not parts:
         return None
-    parts = [
-        f"M<={b}: {len(v)} of {len(converted)} layers at {min(v):.2f}-{max(v):.2f}x"
-        for b, v in sorted(slow.items())
-    ]
     return (
-        "2:4 is slower than dense under graph replay in these token buckets ("
+        "2:4 is slower than dense in these token buckets ("
         + "; ".join(parts)
         + "): calls of those sizes run slower than the dense model; allow_dense=True keeps "
         "dense weights for them (more memory)"
