@@ -23,7 +23,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 
 struct uint4 {
   unsigned x, y, z, w;
@@ -157,6 +157,10 @@ inline float cluster_load(const float* local, int rank) {
 }
 inline float* ria_host_shared() { return host::shared; }
 inline int min(int a, int b) { return a < b ? a : b; }
+template <typename T>
+T ld_stream(const T* p) {  // the weight stream's loads (cache hints only on a GPU)
+  return *p;
+}
 
 #if RIA_F16
 inline float to_f32(unsigned short v) { return host::half(v); }

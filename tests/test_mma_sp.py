@@ -124,7 +124,7 @@ GXX = shutil.which("g++")
 
 
 def _run_on_host(
-    tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False, cslt=False
+    tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False, cslt=False, prefetch=0
 ) -> None:
     """Compile mma_sp.cu with tests/mma_sp_host.h for `cfg` = (R, W, U), run it on a random
     2:4 weight and compare with the masked dense product (with `e4m3`: weight and tokens in
@@ -169,6 +169,7 @@ def _run_on_host(
         "RIA_ORDER": {None: 0, torch.int32: 32, torch.int64: 64}[order_dtype],
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
+        "RIA_PF": prefetch,
     }
     if stages:
         defines |= {"RIA_TILED": 1, "RIA_S": stages, "RIA_SK": split}
@@ -487,3 +488,24 @@ def test_mma_cslt_checks_its_layout():
         mma24_linear(torch.zeros(1, 112, dtype=w.dtype), Compact24(
             odd.values[:, :56], odd.meta.reshape(-1), 112, layout="cslt"
         ))  # fmt: skip
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+@pytest.mark.parametrize(
+    "n, k, m, cfg, dtype, cslt, bias",
+    [
+        # cuSPARSELt's buffer, K % 64 == 32 (the last batch holds a half pair), one token
+        # tile (B prefetched with the batch); pairs not a multiple of the warps' batches
+        (64, 1376, 1, (1, 4, 1), torch.bfloat16, True, True),
+        # two pairs per batch, three token tiles (B per k-step), fp16, two row tiles
+        (128, 448, 20, (2, 2, 2), torch.float16, True, False),
+        # more warps than pairs (warps with no batch at all), M = 8
+        (48, 320, 8, (1, 8, 1), torch.bfloat16, True, True),
+        # the packed fragments, two pairs per batch
+        (40, 640, 3, (1, 2, 2), torch.bfloat16, False, True),
+    ],
+)
+def test_mma_prefetch_kernel_on_host(tmp_path, n, k, m, cfg, dtype, cslt, bias):
+    """With the next batch's loads issued before the current batch's products (RIA_PF),
+    the plain kernel still equals the masked dense product."""
+    _run_on_host(tmp_path, n, k, m, cfg, dtype, None, bias, cslt=cslt, prefetch=1)
