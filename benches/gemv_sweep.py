@@ -57,6 +57,71 @@ def source(cfg: mma_sp.MmaConfig, tiles: int, extra: dict, cslt: bool) -> str:
     return head + mma_sp._kernel_source(DTYPE, cfg, tiles, 0, cslt=cslt)
 
 
+FP8_VARIANTS = [
+    ("old r1w16u2", 1, 16, 2, {}),
+    ("old r2w8u4", 2, 8, 4, {}),
+    ("r1w16u1 p1h2", 1, 16, 1, {"RIA_PF": 1, "RIA_LDH": 2}),
+    ("r1w16u2 p1h2", 1, 16, 2, {"RIA_PF": 1, "RIA_LDH": 2}),
+    ("r1w8u2 p1h2", 1, 8, 2, {"RIA_PF": 1, "RIA_LDH": 2}),
+    ("r1w16u2 h2", 1, 16, 2, {"RIA_LDH": 2}),
+    ("r1w16u4 h2", 1, 16, 4, {"RIA_LDH": 2}),
+    ("r1w8u4 h2", 1, 8, 4, {"RIA_LDH": 2}),
+]
+
+
+def fp8_source(v) -> str:
+    _, r, w, u, extra = v
+    head = "".join(f"#define {k} {val}\n" for k, val in extra.items())
+    return head + mma_sp._kernel_source(DTYPE, mma_sp.MmaConfig(r, w, u), 1, 0, e4m3=True)
+
+
+def fp8_m1(name: str, ws: list, kernels8: dict) -> dict:
+    """e4m3 2:4 (packed fragments, the fp8 path's layout) at M = 1 vs torch._scaled_mm."""
+    from ria.sparse.format import pack_mma24_e4m3
+    from ria.sparse.fp8 import quantize_weight
+    from ria.sparse.fp8_kernels import quantize_tokens
+
+    n, k = ws[0].shape
+    q8 = [quantize_weight(w) for w in ws]
+    frags8 = [pack_mma24_e4m3(q.values) for q in q8]
+    x = torch.randn(1, k, dtype=DTYPE, device="cuda")
+    qx, sx = quantize_tokens(x)
+    cnt = len(ws)
+    dense = 1e3 * time_call(
+        lambda: [
+            torch._scaled_mm(qx, q.values.t(), sx[:, None], q.scale[None, :], out_dtype=DTYPE)
+            for q in q8
+        ]
+    ) / cnt
+    ref = torch._scaled_mm(qx, q8[0].values.t(), sx[:, None], q8[0].scale[None, :], out_dtype=DTYPE)
+    res = {}
+    for vname, r, w, u, _ in FP8_VARIANTS:
+        cfg = mma_sp.MmaConfig(r, w, u)
+        kern = kernels8[vname]
+        outs = [torch.empty(1, n, dtype=DTYPE, device="cuda") for _ in frags8]
+        launches = []
+        for f, q, o in zip(frags8, q8, outs, strict=True):
+            a = [qx, k, f.values, f.meta, f.values, f.values, 0, o, n, 1, n, k, f.tiles, f.pairs, sx, q.scale]
+            grid, block, smem = mma_sp._launch_shape(cfg, 1, f.tiles)
+            launches.append((grid, block, smem, a))
+
+        def call(i, launches=launches, kern=kern):
+            grid, block, smem, a = launches[i]
+            kern(grid=grid, block=(block, 1, 1), args=a, shared_mem=smem)
+
+        us = rotation_time_us(call, range(cnt), iters=10, repeats=3)
+        call(0)
+        err = float((outs[0].double() - ref.double()).norm() / ref.double().norm())
+        res[vname] = {"us": us, "TBps": n * k * 5 / 8 / us / 1e6, "err_vs_scaled_mm": err}
+    best = sorted(res.items(), key=lambda kv: kv[1]["us"])
+    print(
+        f"fp8 {name} M=1: _scaled_mm {dense:.2f} ({n * k / dense / 1e6:.2f} TB/s) | "
+        + "; ".join(f"{k_} {v['us']:.2f}/{v['TBps']:.2f} e{v['err_vs_scaled_mm']:.0e}" for k_, v in best),
+        flush=True,
+    )
+    return {"shape": name, "fp8": True, "m": 1, "scaled_mm_us": dense, "variants": res}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,4,8")
@@ -71,6 +136,10 @@ def main() -> None:
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda s: mma_sp._compile(s, mma_sp._arch()), srcs))
     kernels = {(v[0], c): load(s) for (v, c), s in zip(jobs, srcs, strict=True)}
+    srcs8 = [fp8_source(v) for v in FP8_VARIANTS]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda s: mma_sp._compile(s, mma_sp._arch()), srcs8))
+    kernels8 = {v[0]: load(s) for v, s in zip(FP8_VARIANTS, srcs8, strict=True)}
     print(f"compiled {len(srcs)} in {time.perf_counter() - t0:.1f}s", flush=True)
     rows = []
     for name, (n, k) in SHAPES.items():
@@ -128,6 +197,10 @@ def main() -> None:
             )
             print("   " + "; ".join(f"{k_} {v['us']:.2f}/{v['TBps']:.2f}" for k_, v in best[:14]), flush=True)
             rows.append({"shape": name, "n": n, "k": k, "m": m, "dense_us": dense, "variants": {k_: v for k_, v in res.items()}})
+        try:
+            rows.append(fp8_m1(name, ws, kernels8))
+        except Exception as e:  # noqa: BLE001 (a sweep: report and go on)
+            print(f"fp8 {name}: {type(e).__name__}: {e}", flush=True)
         del ws, compact, frags
         torch.cuda.empty_cache()
     json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, open(args.out, "w"), indent=1)

@@ -62,8 +62,10 @@
 #ifndef RIA_LDH
 #define RIA_LDH 0
 #endif
-#ifndef RIA_MINB
-#define RIA_MINB 1
+#ifdef RIA_MINB  // blocks per multiprocessor to fit (caps registers per thread)
+#define RIA_BOUNDS __launch_bounds__(RIA_W * 32, RIA_MINB)
+#else
+#define RIA_BOUNDS __launch_bounds__(RIA_W * 32)
 #endif
 
 #define RIA_PREFETCH_B (RIA_NT == 1 && RIA_U <= 4)
@@ -288,10 +290,10 @@ __device__ __forceinline__ u32 cslt_meta(u32 lo, u32 hi, int t) {
 }
 #endif
 
-#if !RIA_TILED
-// A warp's batch of loads: RIA_U pairs of k-steps of its RIA_R row tiles (and, with
+#if !RIA_TILED && RIA_PF
+// RIA_PF: a warp's batch of loads: RIA_U pairs of k-steps of its RIA_R row tiles (and, with
 // RIA_PREFETCH_B, the tokens' B fragments). With RIA_CSLT the two metadata words per pair
-// are kept raw and unshuffled when used, so issuing a batch never waits for its data.
+// are kept raw and unshuffled when used, so issuing the next batch never waits for its data.
 struct Batch {
   uint4 a[RIA_R][2 * RIA_U];
 #if RIA_CSLT
@@ -391,7 +393,10 @@ __device__ __forceinline__ void mma_batch(float (&acc)[RIA_R][RIA_NT][4], const 
   }
 }
 
-extern "C" __global__ void __launch_bounds__(RIA_W * 32, RIA_MINB)
+#endif  // RIA_PF
+
+#if !RIA_TILED
+extern "C" __global__ void RIA_BOUNDS
     ria_mma_sp24(const x_t* __restrict__ x, int ldx, const frag_t* __restrict__ vals,
                  const u32* __restrict__ meta, const index_t* __restrict__ order,
                  const u16* __restrict__ bias, int has_bias, u16* __restrict__ y, int ldy,
@@ -428,12 +433,74 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32, RIA_MINB)
     mma_batch(acc, cur, x, ldx, order, lane, M, K, p0, pe);
     if (more) cur = next;
   }
-#else
+#else  // one batch in flight: all its loads first, then its products
+  const int g = lane >> 2, t = lane & 3;
+  const int steps = 2 * pairs;
   for (int p0 = pb; p0 < pe; p0 += RIA_U) {
-    Batch cur;  // all loads of the batch first, then its products
-    load_batch(cur, x, ldx, vals, meta, order, lane, M, K, tile0, tiles, pairs, p0, pe);
-    mma_batch(acc, cur, x, ldx, order, lane, M, K, p0, pe);
+    uint4 a[RIA_R][2 * RIA_U];
+    u32 e[RIA_R][RIA_U];
+    // All loads first, unconditionally (clamped indices re-read valid data; their products
+    // are skipped or land in rows that are never written).
+#pragma unroll
+    for (int r = 0; r < RIA_R; ++r) {
+      const long long tile = min(tile0 + r, tiles - 1);
+#pragma unroll
+      for (int u = 0; u < RIA_U; ++u) {
+        const int p = min(p0 + u, pe - 1);
+#if RIA_CSLT
+        // K % 64 == 32: the last pair has one k-tile; its other half reads as zero weights
+        // with valid (0, 1) indices.
+        const bool whole = 64 * p + 32 < K;
+        const long long row_q = K >> 4;  // 16-byte chunks per row of values
+        const long long v0 = (tile * 16 + g) * row_q + 4 * p + t;
+        uint4 lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};
+        if (whole || t < 2) {
+          lo = ld_stream(vals + v0);
+          hi = ld_stream(vals + v0 + 8 * row_q);
+        }
+        a[r][2 * u] = uint4{lo.x, hi.x, lo.y, hi.y};
+        a[r][2 * u + 1] = uint4{lo.z, hi.z, lo.w, hi.w};
+        const long long w0 =
+            16 * ((tile >> 2) * 4 * (long long)(K >> 5) + (tile & 3)) + 128 * p + 2 * g + (t >> 1);
+        e[r][u] = cslt_meta(ld_stream(meta + w0), whole ? ld_stream(meta + w0 + 64) : 0x44444444u, t);
+#else
+        a[r][2 * u] = widen(ld_stream(vals + (tile * steps + 2 * p) * 32 + lane));
+        a[r][2 * u + 1] = widen(ld_stream(vals + (tile * steps + 2 * p + 1) * 32 + lane));
+        e[r][u] = ld_stream(meta + (tile * pairs + p) * 32 + lane);
+#endif
+      }
+    }
+    // B of k-step q of the batch (q = 2u + h): pair min(p0 + u, pe - 1), half h.
+#if RIA_PREFETCH_B
+    u32 b[2 * RIA_U][RIA_NT][4];  // the whole batch's B, loaded together with A
+#pragma unroll
+    for (int q = 0; q < 2 * RIA_U; ++q)
+      load_b(b[q], x, ldx, order, g, t, M, K, min(p0 + q / 2, pe - 1), q % 2);
+#endif
+#pragma unroll
+    for (int q = 0; q < 2 * RIA_U; ++q) {
+      const int u = q / 2, h = q % 2;
+#if RIA_PREFETCH_B
+      const u32(&bq)[RIA_NT][4] = b[q];
+#endif
+      if (p0 + u < pe) {
+#if !RIA_PREFETCH_B
+        u32 bq[RIA_NT][4];
+        load_b(bq, x, ldx, order, g, t, M, K, p0 + u, h);
+#endif
+#pragma unroll
+        for (int r = 0; r < RIA_R; ++r)
+#pragma unroll
+          for (int j = 0; j < RIA_NT; ++j) {
+            if (h == 0)
+              mma_sp<0>(acc[r][j], a[r][2 * u], bq[j], e[r][u]);
+            else
+              mma_sp<1>(acc[r][j], a[r][2 * u + 1], bq[j], e[r][u]);
+          }
+      }
+    }
   }
+
 #endif
 
   // Add the warps' partial sums: partial[warp][entry][lane], entry = (r, j, c).

@@ -62,19 +62,26 @@ class MmaConfig:
     order; `mma_sp.cu`, RIA_TILED): each of `warps` warps owns `row_tiles` tiles of 16 rows
     (a block: 16 * row_tiles * warps rows, a multiple of 64), `unroll` pairs of k-steps per
     shared-memory stage, `stages` stages in flight, and a cluster of `split` blocks
-    splitting the input columns (1..8; > 1 needs compute capability 9.0)."""
+    splitting the input columns (1..8; > 1 needs compute capability 9.0).
+
+    `prefetch` (plain kernel only, 0 or 1): each warp issues the loads of its next batch
+    of `unroll` pairs before the products of the current one, so two batches are in flight
+    (`mma_sp.cu`, RIA_PF)."""
 
     row_tiles: int = 1
     warps: int = 16
     unroll: int = 2
     stages: int = 0
     split: int = 1
+    prefetch: int = 0
 
     def __post_init__(self) -> None:
         if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
             raise InvalidArgumentError(
                 f"MmaConfig needs positive fields and at most 32 warps, got {self!r}"
             )
+        if self.prefetch not in (0, 1) or (self.prefetch and self.stages):
+            raise InvalidArgumentError(f"prefetch is 0 or 1, for the plain kernel only: {self!r}")
         if self.stages == 0 and self.split != 1:
             raise InvalidArgumentError(f"split > 1 needs the tiled kernel (stages >= 2): {self!r}")
         if self.stages and (self.stages < 2 or self.split > 8 or (self.row_tiles * self.warps) % 4):
@@ -91,7 +98,7 @@ class MmaConfig:
     def __str__(self) -> str:
         if self.tiled:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
-        return f"r{self.row_tiles}w{self.warps}u{self.unroll}"
+        return f"r{self.row_tiles}w{self.warps}u{self.unroll}" + ("p" if self.prefetch else "")
 
 
 # Launch shapes timed by `mma_best_config`, per token count: the ones that won a shape on
@@ -242,6 +249,8 @@ def _kernel_source(
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
     }
+    if config.prefetch:
+        defines["RIA_PF"] = 1
     if config.tiled:  # (only then: the plain kernels' sources and disk cache keys stay)
         defines |= {"RIA_TILED": 1, "RIA_S": config.stages, "RIA_SK": config.split}
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
