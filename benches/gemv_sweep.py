@@ -24,7 +24,10 @@ from ria.sparse.graphs import rotation_time_us, time_call
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
 DTYPE = torch.bfloat16
 # (name, R, W, U, extra defines)
-VARIANTS = [("old " + s, *c, {}) for s, c in [("r1w16u1", (1, 16, 1)), ("r1w16u2", (1, 16, 2)), ("r1w8u4", (1, 8, 4))]]
+VARIANTS = [
+    ("old " + s, *c, {})
+    for s, c in [("r1w16u1", (1, 16, 1)), ("r1w16u2", (1, 16, 2)), ("r1w8u4", (1, 8, 4))]
+]
 for ldh in (1, 2, 3):
     VARIANTS.append((f"r1w16u1 h{ldh}", 1, 16, 1, {"RIA_LDH": ldh}))
 for r, w, u in [(1, 16, 1), (1, 8, 1), (1, 32, 1), (1, 16, 2), (2, 8, 1), (1, 8, 2), (1, 4, 2)]:
@@ -87,12 +90,16 @@ def fp8_m1(name: str, ws: list, kernels8: dict) -> dict:
     x = torch.randn(1, k, dtype=DTYPE, device="cuda")
     qx, sx = quantize_tokens(x)
     cnt = len(ws)
-    dense = 1e3 * time_call(
-        lambda: [
-            torch._scaled_mm(qx, q.values.t(), sx[:, None], q.scale[None, :], out_dtype=DTYPE)
-            for q in q8
-        ]
-    ) / cnt
+    dense = (
+        1e3
+        * time_call(
+            lambda: [
+                torch._scaled_mm(qx, q.values.t(), sx[:, None], q.scale[None, :], out_dtype=DTYPE)
+                for q in q8
+            ]
+        )
+        / cnt
+    )
     ref = torch._scaled_mm(qx, q8[0].values.t(), sx[:, None], q8[0].scale[None, :], out_dtype=DTYPE)
     res = {}
     for vname, r, w, u, _ in FP8_VARIANTS:
@@ -101,7 +108,24 @@ def fp8_m1(name: str, ws: list, kernels8: dict) -> dict:
         outs = [torch.empty(1, n, dtype=DTYPE, device="cuda") for _ in frags8]
         launches = []
         for f, q, o in zip(frags8, q8, outs, strict=True):
-            a = [qx, k, f.values, f.meta, f.values, f.values, 0, o, n, 1, n, k, f.tiles, f.pairs, sx, q.scale]
+            a = [
+                qx,
+                k,
+                f.values,
+                f.meta,
+                f.values,
+                f.values,
+                0,
+                o,
+                n,
+                1,
+                n,
+                k,
+                f.tiles,
+                f.pairs,
+                sx,
+                q.scale,
+            ]
             grid, block, smem = mma_sp._launch_shape(cfg, 1, f.tiles)
             launches.append((grid, block, smem, a))
 
@@ -116,7 +140,9 @@ def fp8_m1(name: str, ws: list, kernels8: dict) -> dict:
     best = sorted(res.items(), key=lambda kv: kv[1]["us"])
     print(
         f"fp8 {name} M=1: _scaled_mm {dense:.2f} ({n * k / dense / 1e6:.2f} TB/s) | "
-        + "; ".join(f"{k_} {v['us']:.2f}/{v['TBps']:.2f} e{v['err_vs_scaled_mm']:.0e}" for k_, v in best),
+        + "; ".join(
+            f"{k_} {v['us']:.2f}/{v['TBps']:.2f} e{v['err_vs_scaled_mm']:.0e}" for k_, v in best
+        ),
         flush=True,
     )
     return {"shape": name, "fp8": True, "m": 1, "scaled_mm_us": dense, "variants": res}
@@ -146,7 +172,10 @@ def main() -> None:
         w0 = random_24(n, k, n + k)
         copies = max(1, math.ceil(256 * 2**20 / (n * k * 2)))
         g = torch.Generator(device="cuda").manual_seed(1)
-        ws = [w0] + [w0[torch.randperm(n, device="cuda", generator=g)].contiguous() for _ in range(copies - 1)]
+        ws = [w0] + [
+            w0[torch.randperm(n, device="cuda", generator=g)].contiguous()
+            for _ in range(copies - 1)
+        ]
         compact = [share_cslt_buffer(pack_24(w), cslt_compress(w)) for w in ws]
         assert all(c.layout == "cslt" for c in compact)
         frags = [pack_mma24(w) for w in ws]
@@ -165,7 +194,24 @@ def main() -> None:
                 for p, o in zip(packs, outs, strict=True):
                     row_tiles, pairs = mma_sp._tiles_pairs(p)
                     v = p.values
-                    a = [x, x.stride(0), v, p.meta, v, v, 0, o, o.stride(0), m, n, k, row_tiles, pairs, v, v]
+                    a = [
+                        x,
+                        x.stride(0),
+                        v,
+                        p.meta,
+                        v,
+                        v,
+                        0,
+                        o,
+                        o.stride(0),
+                        m,
+                        n,
+                        k,
+                        row_tiles,
+                        pairs,
+                        v,
+                        v,
+                    ]
                     grid, block, smem = mma_sp._launch_shape(cfg, 1, row_tiles)
                     launches.append((grid, block, smem, a))
 
@@ -183,7 +229,9 @@ def main() -> None:
                 again = outs[0].clone()
                 call(0)
                 res[("cslt " if cslt else "pack ") + vname] = {
-                    "us": us, "TBps": sparse_bytes / us / 1e6, "err": err,
+                    "us": us,
+                    "TBps": sparse_bytes / us / 1e6,
+                    "err": err,
                     "repeatable": bool(torch.equal(again, outs[0])),
                 }
             bad = {k_: v for k_, v in res.items() if not v["err"] < 1e-2 or not v["repeatable"]}
@@ -195,8 +243,20 @@ def main() -> None:
                 f" | pack old {oldp[0]:.2f} ({sparse_bytes / oldp[0] / 1e6:.2f}) | BAD {list(bad)}",
                 flush=True,
             )
-            print("   " + "; ".join(f"{k_} {v['us']:.2f}/{v['TBps']:.2f}" for k_, v in best[:14]), flush=True)
-            rows.append({"shape": name, "n": n, "k": k, "m": m, "dense_us": dense, "variants": {k_: v for k_, v in res.items()}})
+            print(
+                "   " + "; ".join(f"{k_} {v['us']:.2f}/{v['TBps']:.2f}" for k_, v in best[:14]),
+                flush=True,
+            )
+            rows.append(
+                {
+                    "shape": name,
+                    "n": n,
+                    "k": k,
+                    "m": m,
+                    "dense_us": dense,
+                    "variants": {k_: v for k_, v in res.items()},
+                }
+            )
         try:
             rows.append(fp8_m1(name, ws, kernels8))
         except Exception as e:  # noqa: BLE001 (a sweep: report and go on)

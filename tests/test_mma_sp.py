@@ -509,3 +509,36 @@ def test_mma_prefetch_kernel_on_host(tmp_path, n, k, m, cfg, dtype, cslt, bias):
     """With the next batch's loads issued before the current batch's products (RIA_PF),
     the plain kernel still equals the masked dense product."""
     _run_on_host(tmp_path, n, k, m, cfg, dtype, None, bias, cslt=cslt, prefetch=1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_prefetch_kernel_reads_cusparselt_buffer(dtype):
+    """The plain kernel with the next batch prefetched (`MmaConfig.prefetch`), on
+    cuSPARSELt's buffer and on the packed fragments, against the masked dense product at
+    M = 1, 3, 8, with and without bias, on the LLaMA-2-7B shapes and small odd ones; every
+    prefetching shape tuning may pick and a few more; repeated calls give the same bits."""
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
+    from ria.sparse.mma_sp import CONFIGS, MmaConfig, compile_kernels, mma24_linear
+
+    shapes = [c for c in CONFIGS if c.prefetch]
+    shapes += [MmaConfig(1, 16, 1, prefetch=1), MmaConfig(2, 4, 2, prefetch=1)]
+    shapes = list(dict.fromkeys(shapes))
+    compile_kernels(dtype, (1,), cslt=True, configs=shapes, threads=16)
+    for n, k in [(48, 96), (208, 1376), (4096, 4096), (11008, 4096), (4096, 11008)]:
+        w = random_24(n, k, dtype=dtype, device="cuda", seed=n + k)
+        c = share_cslt_buffer(pack_24(w), cslt_compress(w))
+        assert c.layout == "cslt", (n, k)
+        frags = pack_mma24(w)
+        b = torch.randn(n, dtype=dtype, device="cuda")
+        for m in (1, 3, 8):
+            x = torch.randn(m, k + 8, dtype=dtype, device="cuda")[:, :k]  # row stride k + 8
+            for bias in (None, b):
+                ref = _reference(x, w, bias, None)
+                for cfg in shapes:
+                    y = mma24_linear(x, c, bias, config=cfg)
+                    assert y.shape == (m, n) and y.dtype == dtype
+                    assert _rel_err(y, ref) < 1e-2, (n, k, m, cfg)
+                    assert torch.equal(mma24_linear(x, c, bias, config=cfg), y), cfg
+                    if n * k < 2**20 and cfg == shapes[0]:  # packed fragments, small shapes
+                        assert _rel_err(mma24_linear(x, frags, bias, config=cfg), ref) < 1e-2
