@@ -5,9 +5,9 @@ with a fused input order) vs the mma.sp kernel reading cuSPARSELt's buffer in pl
 for M > 8 split into the plain kernel ("mma_cslt", old) and the tiled kernel ("mma_tiled":
 x and weights staged in shared memory, split-K over a cluster; new), for M <= 8 into the
 plain kernel with one batch of loads in flight per warp ("mma_cslt", old) and with the next
-batch's loads issued before the current batch's products ("mma_gemv", `MmaConfig.prefetch`;
-new), and the best of them ("mma_cslt_tuned": what `mma_best_config` picks over
-`candidates`).
+batch's loads issued before the current batch's products, cache hints, B per k-step
+("mma_gemv", `MmaConfig.prefetch`, `hint`, `late_b`; new), and the best of them
+("mma_cslt_tuned": what `mma_best_config` picks over `candidates`).
 
 Microseconds per GEMM under CUDA-graph replay, weights rotated over copies > 256 MB so they
 stream from HBM; effective TB/s = bytes of the weight form read / time (dense: 2 B per
@@ -78,14 +78,19 @@ TILED_SWEEP = tuple(
 def cslt_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
     """The plain kernel's shapes timed on cuSPARSELt's buffer, one batch in flight per warp
     ("old")."""
-    plain = tuple(c for c in candidates(m, cslt=True) if not c.tiled and not c.prefetch)
+    plain = tuple(c for c in candidates(m, cslt=True) if not c.tiled and not c.streaming)
     return tuple(dict.fromkeys(plain + (CSLT_EXTRA if sweep else ())))
 
 
-# The plain kernel with the next batch's loads in flight (`MmaConfig.prefetch`), timed for
-# M <= 8 with --cslt-sweep besides those in `candidates`.
-GEMV_SWEEP = tuple(
-    MmaConfig(r, w, u, prefetch=1) for r, w, u in [(1, 16, 1), (1, 8, 1), (1, 32, 1), (1, 8, 2)]
+# The plain kernel's streaming options for M <= 8 (`MmaConfig.prefetch`, `hint`, `late_b`),
+# timed with --cslt-sweep besides those in `candidates`.
+GEMV_SWEEP = (
+    MmaConfig(1, 32, 1, prefetch=1, hint=2),
+    MmaConfig(1, 8, 2, prefetch=1, hint=2),
+    MmaConfig(1, 16, 2, prefetch=1, hint=2, late_b=1),
+    MmaConfig(1, 16, 1, hint=1),
+    MmaConfig(1, 16, 1, hint=3),
+    MmaConfig(1, 16, 2, hint=2),
 )
 
 
@@ -93,7 +98,7 @@ def gemv_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
     """The prefetching plain kernel's shapes timed for `m` tokens ("new"; none at m > 8)."""
     if m > 8:
         return ()
-    new = tuple(c for c in candidates(m, cslt=True) if c.prefetch)
+    new = tuple(c for c in candidates(m, cslt=True) if c.streaming)
     return tuple(dict.fromkeys(new + (GEMV_SWEEP if sweep else ())))
 
 

@@ -35,6 +35,15 @@ for r, w, u in [(1, 16, 1), (1, 8, 1), (1, 32, 1), (1, 16, 2), (2, 8, 1), (1, 8,
         VARIANTS.append((f"r{r}w{w}u{u} p1h{ldh}", r, w, u, {"RIA_PF": 1, "RIA_LDH": ldh}))
 for r, w, u in [(1, 16, 2), (1, 8, 4), (1, 32, 1), (1, 32, 2), (1, 16, 4)]:
     VARIANTS.append((f"r{r}w{w}u{u} h2", r, w, u, {"RIA_LDH": 2}))
+NB = {"RIA_PREFETCH_B": 0}  # B loaded per k-step (fewer registers)
+for r, w, u, pf in [(1, 16, 4, 0), (1, 16, 2, 0), (1, 16, 1, 1), (1, 8, 4, 0), (1, 8, 2, 1)]:
+    for ldh in (0, 2):
+        VARIANTS.append(
+            (f"r{r}w{w}u{u} nb p{pf}h{ldh}", r, w, u, {**NB, "RIA_PF": pf, "RIA_LDH": ldh})
+        )
+VARIANTS.append(
+    ("r1w16u2 nb p1h2 minb2", 1, 16, 2, {**NB, "RIA_PF": 1, "RIA_LDH": 2, "RIA_MINB": 2})
+)
 VARIANTS.append(("r1w16u2 h2 minb2", 1, 16, 2, {"RIA_LDH": 2, "RIA_MINB": 2}))
 
 
@@ -69,6 +78,8 @@ FP8_VARIANTS = [
     ("r1w16u2 h2", 1, 16, 2, {"RIA_LDH": 2}),
     ("r1w16u4 h2", 1, 16, 4, {"RIA_LDH": 2}),
     ("r1w8u4 h2", 1, 8, 4, {"RIA_LDH": 2}),
+    ("r1w16u4 nb h2", 1, 16, 4, {"RIA_LDH": 2, "RIA_PREFETCH_B": 0}),
+    ("r1w16u2 nb p1h2", 1, 16, 2, {"RIA_LDH": 2, "RIA_PREFETCH_B": 0, "RIA_PF": 1}),
 ]
 
 
@@ -152,12 +163,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,4,8")
     ap.add_argument("--out", default="gemv_sweep.json")
+    ap.add_argument("--fp8-only", action="store_true", help="only the e4m3 M = 1 section")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     t0 = time.perf_counter()
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [(v, cslt) for v in VARIANTS for cslt in (True, False)]
+    jobs = [] if args.fp8_only else [(v, cslt) for v in VARIANTS for cslt in (True, False)]
+    if args.fp8_only:
+        ms = []
     srcs = [source(mma_sp.MmaConfig(r, w, u), 1, ex, c) for (_, r, w, u, ex), c in jobs]
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda s: mma_sp._compile(s, mma_sp._arch()), srcs))
@@ -176,16 +190,16 @@ def main() -> None:
             w0[torch.randperm(n, device="cuda", generator=g)].contiguous()
             for _ in range(copies - 1)
         ]
-        compact = [share_cslt_buffer(pack_24(w), cslt_compress(w)) for w in ws]
+        compact = [share_cslt_buffer(pack_24(w), cslt_compress(w)) for w in ws] if ms else []
         assert all(c.layout == "cslt" for c in compact)
-        frags = [pack_mma24(w) for w in ws]
+        frags = [pack_mma24(w) for w in ws] if ms else []
         sparse_bytes = n * k * 2 * 9 / 16
         for m in ms:
             x = torch.randn(m, k, dtype=DTYPE, device="cuda")
             ref = x.double() @ ws[0].double().t()
             dense = 1e3 * time_call(lambda x=x, ws=ws: [F.linear(x, w) for w in ws]) / copies
             res = {}
-            for (vname, r, wa, u, ex), cslt in jobs:
+            for (vname, r, wa, u, _), cslt in jobs:
                 cfg = mma_sp.MmaConfig(r, wa, u)
                 kern = kernels[(vname, cslt)]
                 packs = compact if cslt else frags
@@ -239,7 +253,8 @@ def main() -> None:
             old = min((v["us"], k_) for k_, v in res.items() if k_.startswith("cslt old"))
             oldp = min((v["us"], k_) for k_, v in res.items() if k_.startswith("pack old"))
             print(
-                f"{name} M={m}: dense {dense:.1f} | cslt old {old[0]:.2f} ({sparse_bytes / old[0] / 1e6:.2f}) {old[1][9:]}"
+                f"{name} M={m}: dense {dense:.1f} | cslt old {old[0]:.2f} "
+                f"({sparse_bytes / old[0] / 1e6:.2f}) {old[1][9:]}"
                 f" | pack old {oldp[0]:.2f} ({sparse_bytes / oldp[0] / 1e6:.2f}) | BAD {list(bad)}",
                 flush=True,
             )
@@ -259,11 +274,12 @@ def main() -> None:
             )
         try:
             rows.append(fp8_m1(name, ws, kernels8))
-        except Exception as e:  # noqa: BLE001 (a sweep: report and go on)
+        except Exception as e:  # a sweep: report and go on
             print(f"fp8 {name}: {type(e).__name__}: {e}", flush=True)
         del ws, compact, frags
         torch.cuda.empty_cache()
-    json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, open(args.out, "w"), indent=1)
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@
 #define RIA_BOUNDS __launch_bounds__(RIA_W * 32)
 #endif
 
+#ifndef RIA_PREFETCH_B
 #define RIA_PREFETCH_B (RIA_NT == 1 && RIA_U <= 4)
+#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;

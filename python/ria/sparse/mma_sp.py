@@ -64,9 +64,12 @@ class MmaConfig:
     shared-memory stage, `stages` stages in flight, and a cluster of `split` blocks
     splitting the input columns (1..8; > 1 needs compute capability 9.0).
 
-    `prefetch` (plain kernel only, 0 or 1): each warp issues the loads of its next batch
-    of `unroll` pairs before the products of the current one, so two batches are in flight
-    (`mma_sp.cu`, RIA_PF)."""
+    Plain kernel only (`mma_sp.cu`): with `prefetch` = 1 each warp issues the loads of its
+    next batch of `unroll` pairs before the products of the current one, so two batches
+    are in flight (RIA_PF); `hint` is the weight loads' cache hint (RIA_LDH: 0 none, 1 no
+    L1 allocation, 2 that and a 256-byte L2 fetch around each load, 3 the L2 fetch alone);
+    `late_b` = 1 loads the tokens' B fragments per k-step instead of with the batch
+    (fewer registers, so more pairs in flight per warp)."""
 
     row_tiles: int = 1
     warps: int = 16
@@ -74,14 +77,19 @@ class MmaConfig:
     stages: int = 0
     split: int = 1
     prefetch: int = 0
+    hint: int = 0
+    late_b: int = 0
 
     def __post_init__(self) -> None:
         if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
             raise InvalidArgumentError(
                 f"MmaConfig needs positive fields and at most 32 warps, got {self!r}"
             )
-        if self.prefetch not in (0, 1) or (self.prefetch and self.stages):
-            raise InvalidArgumentError(f"prefetch is 0 or 1, for the plain kernel only: {self!r}")
+        plain_only = (self.prefetch, self.late_b, self.hint)
+        if self.prefetch not in (0, 1) or self.late_b not in (0, 1) or self.hint not in range(4):
+            raise InvalidArgumentError(f"prefetch and late_b are 0 or 1, hint 0..3: {self!r}")
+        if self.stages and any(plain_only):
+            raise InvalidArgumentError(f"prefetch, hint, late_b are the plain kernel's: {self!r}")
         if self.stages == 0 and self.split != 1:
             raise InvalidArgumentError(f"split > 1 needs the tiled kernel (stages >= 2): {self!r}")
         if self.stages and (self.stages < 2 or self.split > 8 or (self.row_tiles * self.warps) % 4):
@@ -98,7 +106,14 @@ class MmaConfig:
     def __str__(self) -> str:
         if self.tiled:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
-        return f"r{self.row_tiles}w{self.warps}u{self.unroll}" + ("p" if self.prefetch else "")
+        extra = ("p" if self.prefetch else "") + (f"h{self.hint}" if self.hint else "")
+        return f"r{self.row_tiles}w{self.warps}u{self.unroll}{extra}" + ("b" if self.late_b else "")
+
+    @property
+    def streaming(self) -> bool:
+        """Whether this plain shape uses any of the M <= 8 streaming options (prefetch, a
+        cache hint, late B loads)."""
+        return bool(self.prefetch or self.hint or self.late_b)
 
 
 # Launch shapes timed by `mma_best_config`, per token count: the ones that won a shape on
@@ -111,6 +126,19 @@ _MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
 # row addresses), so fewer pairs per warp win at M <= 8 and 64 (the winners of a wider sweep
 # on an H200, benches/results/decode_kernels_h200_cslt.json; first: the default).
 _CSLT_FEW = (MmaConfig(1, 16, 1), MmaConfig(1, 8, 4), MmaConfig(1, 16, 2))
+# M <= 8 on the buffer, streaming options (`MmaConfig.prefetch`, `hint`, `late_b`): more of
+# the weight in flight per warp at the registers that keep 2 blocks of 16 warps per SM.
+_GEMV = (
+    MmaConfig(1, 16, 1, prefetch=1, hint=2),
+    MmaConfig(1, 16, 1, hint=2),
+    MmaConfig(1, 16, 4, hint=2, late_b=1),
+    MmaConfig(1, 16, 2, hint=2, late_b=1),
+    MmaConfig(1, 16, 1, prefetch=1, hint=2, late_b=1),
+    MmaConfig(1, 8, 4, hint=2, late_b=1),
+    MmaConfig(1, 8, 1, prefetch=1, hint=2),
+    MmaConfig(1, 16, 1, prefetch=1),
+    MmaConfig(1, 16, 4, late_b=1),
+)
 # The tiled kernel (MmaConfig(R, W, U, stages, split), cuSPARSELt's buffer only) for M > 8:
 # x staged once per block of rows instead of re-read per 16 rows. The shapes that won a
 # shape and token count in a sweep on an H200 (benches/results/decode_kernels_h200_tiled.json):
@@ -130,7 +158,9 @@ _CSLT_HALF = (  # M <= 32
 )
 _CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8, 2))
 CONFIGS = tuple(
-    dict.fromkeys(_FEW + _SOME + _MANY + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY)
+    dict.fromkeys(
+        _FEW + _SOME + _MANY + _GEMV + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY
+    )
 )
 
 
@@ -143,7 +173,7 @@ def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
         if m > 16:
             shapes = _CSLT_HALF if m <= 32 else _CSLT_MANY
         else:
-            shapes = _CSLT_FEW if m <= 8 else _CSLT_SOME
+            shapes = _GEMV + _CSLT_FEW if m <= 8 else _CSLT_SOME
         return shapes if _has_clusters() else tuple(c for c in shapes if c.split == 1)
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
 
@@ -249,8 +279,12 @@ def _kernel_source(
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
     }
-    if config.prefetch:
-        defines["RIA_PF"] = 1
+    # (only when set: the other kernels' sources and disk cache keys stay)
+    for key, value in (("RIA_PF", config.prefetch), ("RIA_LDH", config.hint)):
+        if value:
+            defines[key] = value
+    if config.late_b:
+        defines["RIA_PREFETCH_B"] = 0
     if config.tiled:  # (only then: the plain kernels' sources and disk cache keys stay)
         defines |= {"RIA_TILED": 1, "RIA_S": config.stages, "RIA_SK": config.split}
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
