@@ -82,8 +82,8 @@ def cslt_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
     return tuple(dict.fromkeys(plain + (CSLT_EXTRA if sweep else ())))
 
 
-# The plain kernel's streaming options for M <= 8 (`MmaConfig.prefetch`, `hint`, `late_b`),
-# timed with --cslt-sweep besides those in `candidates`.
+# The plain kernel's streaming options for M <= 8 (`MmaConfig.prefetch`, `hint`, `late_b`,
+# `split`), timed with --cslt-sweep besides those in `candidates`.
 GEMV_SWEEP = (
     MmaConfig(1, 32, 1, prefetch=1, hint=2),
     MmaConfig(1, 8, 2, prefetch=1, hint=2),
@@ -91,6 +91,11 @@ GEMV_SWEEP = (
     MmaConfig(1, 16, 1, hint=1),
     MmaConfig(1, 16, 1, hint=3),
     MmaConfig(1, 16, 2, hint=2),
+    # a cluster of blocks splitting K: half-tile blocks, finer waves (gate/up's 688 tiles)
+    MmaConfig(1, 8, 1, split=2, prefetch=1, hint=2),
+    MmaConfig(1, 8, 4, split=2, hint=2, late_b=1),
+    MmaConfig(1, 16, 1, split=2, prefetch=1, hint=2),
+    MmaConfig(1, 4, 4, split=4, hint=2, late_b=1),
 )
 
 

@@ -319,8 +319,9 @@ def test_mma_config_rejects_bad_shapes():
         MmaConfig(1, 64, 2)
     with pytest.raises(InvalidArgumentError, match="positive"):
         MmaConfig(0, 8, 2)
-    with pytest.raises(InvalidArgumentError, match="needs the tiled kernel"):
-        MmaConfig(2, 8, 2, split=2)
+    with pytest.raises(InvalidArgumentError, match="at most 8"):
+        MmaConfig(2, 8, 2, split=9)
+    assert str(MmaConfig(2, 8, 2, split=2, hint=2)) == "r2w8u2k2h2"
     with pytest.raises(InvalidArgumentError, match="whole 64-row blocks"):
         MmaConfig(1, 2, 2, 4)  # 32 rows per block
     with pytest.raises(InvalidArgumentError, match="stages >= 2"):
@@ -520,6 +521,8 @@ def test_mma_streaming_kernel_on_host(tmp_path, n, k, m, cfg, dtype, cslt, bias,
     and / or the tokens' B loaded per k-step (`late_b`), the plain kernel still equals the
     masked dense product."""
     extra = {"RIA_PF": prefetch, "RIA_LDH": 2} | ({"RIA_PREFETCH_B": 0} if late_b else {})
+    if len(cfg) == 5:  # (R, W, U, 0, split): the plain kernel split over a cluster
+        extra["RIA_SK"] = cfg[4]
     _run_on_host(tmp_path, n, k, m, cfg, dtype, None, bias, cslt=cslt, extra=extra)
 
 
@@ -536,6 +539,8 @@ def test_mma_streaming_kernel_reads_cusparselt_buffer(dtype):
 
     shapes = [c for c in CONFIGS if c.streaming]
     shapes += [MmaConfig(2, 4, 2, prefetch=1), MmaConfig(2, 8, 2, hint=1, late_b=1)]
+    shapes += [MmaConfig(1, 8, 1, split=2, prefetch=1, hint=2)]
+    shapes += [MmaConfig(1, 4, 4, split=4, late_b=1)]  # clusters splitting K
     shapes = list(dict.fromkeys(shapes))
     compile_kernels(dtype, (1,), cslt=True, configs=shapes, threads=16)
     for n, k in [(48, 96), (208, 1376), (4096, 4096), (11008, 4096), (4096, 11008)]:

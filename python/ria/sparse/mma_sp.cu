@@ -62,6 +62,11 @@
 #ifndef RIA_LDH
 #define RIA_LDH 0
 #endif
+#if RIA_SK > 1 && !defined(RIA_HOST_EMULATION)
+#define RIA_CLUSTER __cluster_dims__(1, RIA_SK, 1)
+#else
+#define RIA_CLUSTER
+#endif
 #ifdef RIA_MINB  // blocks per multiprocessor to fit (caps registers per thread)
 #define RIA_BOUNDS __launch_bounds__(RIA_W * 32, RIA_MINB)
 #else
@@ -398,7 +403,7 @@ __device__ __forceinline__ void mma_batch(float (&acc)[RIA_R][RIA_NT][4], const 
 #endif  // RIA_PF
 
 #if !RIA_TILED
-extern "C" __global__ void RIA_BOUNDS
+extern "C" __global__ void RIA_CLUSTER RIA_BOUNDS
     ria_mma_sp24(const x_t* __restrict__ x, int ldx, const frag_t* __restrict__ vals,
                  const u32* __restrict__ meta, const index_t* __restrict__ order,
                  const u16* __restrict__ bias, int has_bias, u16* __restrict__ y, int ldy,
@@ -411,8 +416,11 @@ extern "C" __global__ void RIA_BOUNDS
 #endif
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tile0 = blockIdx.x * RIA_R;
-  const int pb = (int)(((long long)pairs * warp) / RIA_W);
-  const int pe = (int)(((long long)pairs * (warp + 1)) / RIA_W);
+  // With RIA_SK > 1 the cluster's blocks split the pairs, then their warps.
+  const int qb = (int)((long long)pairs * blockIdx.y / RIA_SK);
+  const int qn = (int)((long long)pairs * (blockIdx.y + 1) / RIA_SK) - qb;
+  const int pb = qb + (int)(((long long)qn * warp) / RIA_W);
+  const int pe = qb + (int)(((long long)qn * (warp + 1)) / RIA_W);
 
   float acc[RIA_R][RIA_NT][4];
 #pragma unroll
@@ -515,10 +523,28 @@ extern "C" __global__ void RIA_BOUNDS
       for (int c = 0; c < 4; ++c)
         partial[(warp * ENTRIES + (r * RIA_NT + j) * 4 + c) * 32 + lane] = acc[r][j][c];
   __syncthreads();
+#if RIA_SK > 1
+  // The block's sums after its warps' (region RIA_W of `partial`); then block q of the
+  // cluster adds entries q, q + RIA_SK, ... over blocks 0..RIA_SK-1 in that order.
+  float* block_sum = partial + RIA_W * ENTRIES * 32;
   for (int idx = threadIdx.x; idx < ENTRIES * 32; idx += RIA_W * 32) {
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < RIA_W; ++w) s += partial[w * ENTRIES * 32 + idx];
+    block_sum[idx] = s;
+  }
+  cluster_sync();
+  for (int idx = threadIdx.x + RIA_W * 32 * blockIdx.y; idx < ENTRIES * 32;
+       idx += RIA_W * 32 * RIA_SK) {
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < RIA_SK; ++q) s += cluster_load(block_sum + idx, q);
+#else
+  for (int idx = threadIdx.x; idx < ENTRIES * 32; idx += RIA_W * 32) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < RIA_W; ++w) s += partial[w * ENTRIES * 32 + idx];
+#endif
     const int entry = idx >> 5, ln = idx & 31;
     const int c = entry & 3, j = (entry >> 2) % RIA_NT, r = (entry >> 2) / RIA_NT;
     // Accumulator fragment: c0, c1 at row g, tokens 2t, 2t+1; c2, c3 at row g + 8.
@@ -532,6 +558,9 @@ extern "C" __global__ void RIA_BOUNDS
       y[(long long)token * ldy + row] = from_f32(s);
     }
   }
+#if RIA_SK > 1
+  cluster_sync();  // no block leaves while another still reads its shared memory
+#endif
 }
 #endif  // !RIA_TILED
 
@@ -567,11 +596,6 @@ extern "C" __global__ void RIA_BOUNDS
 #endif
 #if RIA_S < 2 || (32 * RIA_W) % (8 * RIA_U)
 #error "RIA_TILED needs RIA_S >= 2 stages and 8 * RIA_U to divide the block's threads"
-#endif
-#if RIA_SK > 1 && !defined(RIA_HOST_EMULATION)
-#define RIA_CLUSTER __cluster_dims__(1, RIA_SK, 1)
-#else
-#define RIA_CLUSTER
 #endif
 
 // mma.sp's metadata word (groups 0..3 of rows g | g + 8 for t % 2 == 0, groups 4..7 for

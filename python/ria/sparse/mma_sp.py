@@ -62,7 +62,8 @@ class MmaConfig:
     order; `mma_sp.cu`, RIA_TILED): each of `warps` warps owns `row_tiles` tiles of 16 rows
     (a block: 16 * row_tiles * warps rows, a multiple of 64), `unroll` pairs of k-steps per
     shared-memory stage, `stages` stages in flight, and a cluster of `split` blocks
-    splitting the input columns (1..8; > 1 needs compute capability 9.0).
+    splitting the input columns (1..8; > 1 needs compute capability 9.0; the plain kernel
+    splits them the same way, adding the blocks' sums in a fixed order).
 
     Plain kernel only (`mma_sp.cu`): with `prefetch` = 1 each warp issues the loads of its
     next batch of `unroll` pairs before the products of the current one, so two batches
@@ -90,8 +91,8 @@ class MmaConfig:
             raise InvalidArgumentError(f"prefetch and late_b are 0 or 1, hint 0..3: {self!r}")
         if self.stages and any(plain_only):
             raise InvalidArgumentError(f"prefetch, hint, late_b are the plain kernel's: {self!r}")
-        if self.stages == 0 and self.split != 1:
-            raise InvalidArgumentError(f"split > 1 needs the tiled kernel (stages >= 2): {self!r}")
+        if self.stages == 0 and self.split > 8:
+            raise InvalidArgumentError(f"split is at most 8 (a portable cluster): {self!r}")
         if self.stages and (self.stages < 2 or self.split > 8 or (self.row_tiles * self.warps) % 4):
             raise InvalidArgumentError(
                 "the tiled kernel needs stages >= 2, split <= 8 and row_tiles * warps a "
@@ -106,14 +107,16 @@ class MmaConfig:
     def __str__(self) -> str:
         if self.tiled:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
-        extra = ("p" if self.prefetch else "") + (f"h{self.hint}" if self.hint else "")
-        return f"r{self.row_tiles}w{self.warps}u{self.unroll}{extra}" + ("b" if self.late_b else "")
+        extra = (f"k{self.split}" if self.split > 1 else "") + ("p" if self.prefetch else "")
+        extra += (f"h{self.hint}" if self.hint else "") + ("b" if self.late_b else "")
+        return f"r{self.row_tiles}w{self.warps}u{self.unroll}{extra}"
 
     @property
     def streaming(self) -> bool:
         """Whether this plain shape uses any of the M <= 8 streaming options (prefetch, a
-        cache hint, late B loads)."""
-        return bool(self.prefetch or self.hint or self.late_b)
+        cache hint, late B loads, a cluster splitting K)."""
+        plain_split = self.split > 1 and not self.tiled
+        return bool(self.prefetch or self.hint or self.late_b) or plain_split
 
 
 # Launch shapes timed by `mma_best_config`, per token count: the ones that won a shape on
@@ -158,9 +161,7 @@ _CSLT_HALF = (  # M <= 32
 )
 _CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8, 2))
 CONFIGS = tuple(
-    dict.fromkeys(
-        _FEW + _SOME + _MANY + _GEMV + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY
-    )
+    dict.fromkeys(_FEW + _SOME + _MANY + _GEMV + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY)
 )
 
 
@@ -285,6 +286,8 @@ def _kernel_source(
             defines[key] = value
     if config.late_b:
         defines["RIA_PREFETCH_B"] = 0
+    if config.split > 1 and not config.tiled:
+        defines["RIA_SK"] = config.split
     if config.tiled:  # (only then: the plain kernels' sources and disk cache keys stay)
         defines |= {"RIA_TILED": 1, "RIA_S": config.stages, "RIA_SK": config.split}
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
@@ -352,8 +355,8 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
     `stages` stages of values (rows x (64 * unroll + 16) bytes), tokens (8 * tiles x
     (128 * unroll + 16) bytes) and metadata (256 bytes per 64 rows and 32 columns), and with
     `split > 1` at least the block's fp32 sums (rows x tokens) for the cluster's reduction."""
-    if not config.tiled:
-        return 4 * config.warps * config.row_tiles * tiles * 4 * 32
+    if not config.tiled:  # (+ the block's sums for the cluster's reduction)
+        return 4 * (config.warps + (config.split > 1)) * config.row_tiles * tiles * 4 * 32
     rows, u = 16 * config.row_tiles * config.warps, config.unroll
     stage = rows * (64 * u + 16) + 8 * tiles * (128 * u + 16) + rows // 64 * 2 * u * 256
     sums = 4 * rows * 8 * tiles if config.split > 1 else 0
@@ -364,7 +367,7 @@ def _grid(config: MmaConfig, row_tiles: int) -> tuple[int, int, int]:
     """Blocks: one per `config.row_tiles` row tiles (plain kernel), or per block of
     16 * row_tiles * warps rows times `split` (tiled kernel)."""
     if not config.tiled:
-        return (-(-row_tiles // config.row_tiles), 1, 1)
+        return (-(-row_tiles // config.row_tiles), config.split, 1)
     return (-(-row_tiles // (config.row_tiles * config.warps)), config.split, 1)
 
 
