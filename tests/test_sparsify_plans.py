@@ -235,7 +235,7 @@ def test_plan_cache_ignores_bad_files_with_a_warning(tmp_path: Path):
     unknown = json.loads(good)
     unknown["graph"]["1"] = ["cutlass"]
     load_warns(json.dumps(unknown), "cutlass")
-    load_warns(good, "'dense'|'cusparselt'|'mma_cslt'", usable={"triton"})  # a backend not usable now
+    load_warns(good, "'dense'|'cusparselt'|'mma_cslt'", usable={"triton"})  # not usable now
     with pytest.warns(UserWarning, match="differ"):
         path.write_text(good)
         assert cache.load(key, (1, 16, 64), USABLE) is None
