@@ -560,3 +560,11 @@ def test_mma_streaming_kernel_reads_cusparselt_buffer(dtype):
                     assert torch.equal(mma24_linear(x, c, bias, config=cfg), y), cfg
                     if n * k < 2**20 and cfg == shapes[0]:  # packed fragments, small shapes
                         assert _rel_err(mma24_linear(x, frags, bias, config=cfg), ref) < 1e-2
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+def test_mma_e4m3_streaming_kernel_on_host(tmp_path):
+    """The e4m3 form with the next batch prefetched (bytes widened when used) equals the
+    fp8 reference."""
+    extra = {"RIA_PF": 1, "RIA_LDH": 2}
+    _run_on_host(tmp_path, 40, 640, 3, (1, 2, 2), torch.bfloat16, None, True, True, extra=extra)

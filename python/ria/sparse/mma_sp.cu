@@ -302,7 +302,7 @@ __device__ __forceinline__ u32 cslt_meta(u32 lo, u32 hi, int t) {
 // RIA_PREFETCH_B, the tokens' B fragments). With RIA_CSLT the two metadata words per pair
 // are kept raw and unshuffled when used, so issuing the next batch never waits for its data.
 struct Batch {
-  uint4 a[RIA_R][2 * RIA_U];
+  frag_t a[RIA_R][2 * RIA_U];  // (e4m3 widened when used, not while in flight)
 #if RIA_CSLT
   u32 lo[RIA_R][RIA_U], hi[RIA_R][RIA_U];
 #else
@@ -347,8 +347,8 @@ __device__ __forceinline__ void load_batch(Batch& s, const x_t* __restrict__ x, 
       s.hi[r][u] = whole ? ld_stream(meta + w0 + 64) : 0x44444444u;
 #else
       const long long steps = 2LL * pairs;
-      s.a[r][2 * u] = widen(ld_stream(vals + (tile * steps + 2 * p) * 32 + lane));
-      s.a[r][2 * u + 1] = widen(ld_stream(vals + (tile * steps + 2 * p + 1) * 32 + lane));
+      s.a[r][2 * u] = ld_stream(vals + (tile * steps + 2 * p) * 32 + lane);
+      s.a[r][2 * u + 1] = ld_stream(vals + (tile * steps + 2 * p + 1) * 32 + lane);
       s.e[r][u] = ld_stream(meta + (tile * pairs + p) * 32 + lane);
 #endif
     }
@@ -392,9 +392,9 @@ __device__ __forceinline__ void mma_batch(float (&acc)[RIA_R][RIA_NT][4], const 
 #pragma unroll
         for (int j = 0; j < RIA_NT; ++j) {
           if (h == 0)
-            mma_sp<0>(acc[r][j], s.a[r][2 * u], bq[j], e[r][u]);
+            mma_sp<0>(acc[r][j], widen(s.a[r][2 * u]), bq[j], e[r][u]);
           else
-            mma_sp<1>(acc[r][j], s.a[r][2 * u + 1], bq[j], e[r][u]);
+            mma_sp<1>(acc[r][j], widen(s.a[r][2 * u + 1]), bq[j], e[r][u]);
         }
     }
   }
