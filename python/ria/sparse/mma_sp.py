@@ -122,25 +122,35 @@ class MmaConfig:
 # Launch shapes timed by `mma_best_config`, per token count: the ones that won a shape on
 # an H200 (benches/results/decode_kernels_h200*.json; the first of each is the default).
 # (1, 8, 8), (1, 16, 4) and, at M = 16, (2, 8, 4) were timed too and never won.
-_FEW = (MmaConfig(1, 16, 2), MmaConfig(2, 8, 4))  # M <= 8: one token tile
+# M <= 8: one token tile; the hinted shapes won e4m3 (fp8) M = 1 on q/k/v/o and down.
+_FEW = (
+    MmaConfig(1, 16, 2),
+    MmaConfig(2, 8, 4),
+    MmaConfig(1, 16, 4, hint=2),
+    MmaConfig(1, 16, 2, hint=2),
+)
 _SOME = (MmaConfig(2, 16, 2), MmaConfig(4, 8, 2))  # M <= 16
 _MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
-# Reading cuSPARSELt's buffer takes more registers per pair in flight (two metadata words,
-# row addresses), so fewer pairs per warp win at M <= 8 and 64 (the winners of a wider sweep
-# on an H200, benches/results/decode_kernels_h200_cslt.json; first: the default).
-_CSLT_FEW = (MmaConfig(1, 16, 1), MmaConfig(1, 8, 4), MmaConfig(1, 16, 2))
-# M <= 8 on the buffer, streaming options (`MmaConfig.prefetch`, `hint`, `late_b`): more of
-# the weight in flight per warp at the registers that keep 2 blocks of 16 warps per SM.
-_GEMV = (
-    MmaConfig(1, 16, 1, prefetch=1, hint=2),
-    MmaConfig(1, 16, 1, hint=2),
-    MmaConfig(1, 16, 4, hint=2, late_b=1),
+# M <= 8 on cuSPARSELt's buffer: the streaming options (`MmaConfig.hint`, `late_b`) won
+# every shape in a sweep on an H200 (benches/results/decode_kernels_h200_gemv.json; before:
+# r1w16u1, r1w8u4, r1w16u2): no L1 allocation for the weight (h1) at M = 2..8, the 256-byte
+# L2 fetch (h2) on down (K = 11008) and, at M = 1, two pairs per batch with B per k-step
+# (u2h2b); r2w8u4 kept for gate/up at M = 8. The first of each is the default (M = 1 has its
+# own order).
+_CSLT_FEW = (
+    MmaConfig(1, 16, 1, hint=1),
     MmaConfig(1, 16, 2, hint=2, late_b=1),
-    MmaConfig(1, 16, 1, prefetch=1, hint=2, late_b=1),
-    MmaConfig(1, 8, 4, hint=2, late_b=1),
-    MmaConfig(1, 8, 1, prefetch=1, hint=2),
-    MmaConfig(1, 16, 1, prefetch=1),
-    MmaConfig(1, 16, 4, late_b=1),
+    MmaConfig(1, 16, 1, hint=2),
+    MmaConfig(1, 16, 2, hint=1, late_b=1),
+    MmaConfig(2, 8, 4, hint=1),
+    MmaConfig(2, 8, 4),
+)
+_CSLT_ONE = (
+    _CSLT_FEW[1],
+    _CSLT_FEW[0],
+    _CSLT_FEW[2],
+    _CSLT_FEW[3],
+    MmaConfig(1, 16, 2, hint=3, late_b=1),
 )
 # The tiled kernel (MmaConfig(R, W, U, stages, split), cuSPARSELt's buffer only) for M > 8:
 # x staged once per block of rows instead of re-read per 16 rows. The shapes that won a
@@ -161,7 +171,9 @@ _CSLT_HALF = (  # M <= 32
 )
 _CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8, 2))
 CONFIGS = tuple(
-    dict.fromkeys(_FEW + _SOME + _MANY + _GEMV + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY)
+    dict.fromkeys(
+        _FEW + _SOME + _MANY + _CSLT_ONE + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY
+    )
 )
 
 
@@ -174,7 +186,7 @@ def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
         if m > 16:
             shapes = _CSLT_HALF if m <= 32 else _CSLT_MANY
         else:
-            shapes = _GEMV + _CSLT_FEW if m <= 8 else _CSLT_SOME
+            shapes = (_CSLT_ONE if m == 1 else _CSLT_FEW) if m <= 8 else _CSLT_SOME
         return shapes if _has_clusters() else tuple(c for c in shapes if c.split == 1)
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
 
