@@ -135,23 +135,16 @@ _MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
 # every shape in a sweep on an H200 (benches/results/decode_kernels_h200_gemv.json; before:
 # r1w16u1, r1w8u4, r1w16u2): no L1 allocation for the weight (h1) at M = 2..8, the 256-byte
 # L2 fetch (h2) on down (K = 11008) and, at M = 1, two pairs per batch with B per k-step
-# (u2h2b); r2w8u4 kept for gate/up at M = 8. The first of each is the default (M = 1 has its
-# own order).
+# (u2h2b); r2w8u4 (no hint) won gate/up at M = 8. The first of each is the default (M = 1
+# has its own order). Prefetching the next batch into registers (`prefetch`) and a cluster
+# splitting K (`split`) were slower on every shape.
 _CSLT_FEW = (
     MmaConfig(1, 16, 1, hint=1),
     MmaConfig(1, 16, 2, hint=2, late_b=1),
     MmaConfig(1, 16, 1, hint=2),
-    MmaConfig(1, 16, 2, hint=1, late_b=1),
-    MmaConfig(2, 8, 4, hint=1),
     MmaConfig(2, 8, 4),
 )
-_CSLT_ONE = (
-    _CSLT_FEW[1],
-    _CSLT_FEW[0],
-    _CSLT_FEW[2],
-    _CSLT_FEW[3],
-    MmaConfig(1, 16, 2, hint=3, late_b=1),
-)
+_CSLT_ONE = (_CSLT_FEW[1], _CSLT_FEW[0], _CSLT_FEW[2])
 # The tiled kernel (MmaConfig(R, W, U, stages, split), cuSPARSELt's buffer only) for M > 8:
 # x staged once per block of rows instead of re-read per 16 rows. The shapes that won a
 # shape and token count in a sweep on an H200 (benches/results/decode_kernels_h200_tiled.json):
