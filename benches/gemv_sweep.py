@@ -2,8 +2,12 @@
 launch shape (R, W, U) x register prefetch of the next batch (RIA_PF) x weight-load cache
 hint (RIA_LDH), against dense cuBLAS and the packed-fragment layout. Microseconds per GEMM
 under CUDA-graph replay over weight copies > 256 MB (as benches/decode_kernels.py), effective
-TB/s on the 2:4 bytes (9/16 of dense). Prints compact lines; JSON to --out.
-Usage: python benches/gemv_sweep.py [--ms 1,4,8] [--out PATH]
+TB/s on the 2:4 bytes (9/16 of dense). Kernels are built from `mma_sp.cu` with extra
+#defines (RIA_PF, RIA_LDH, RIA_PREFETCH_B, RIA_MINB), so shapes outside `MmaConfig` can be
+timed too. Also e4m3 (fp8) 2:4 on the packed fragments at M = 1 against `torch._scaled_mm`
+(tokens quantized beforehand; TB/s on 5/8 of the e4m3 bytes). Prints compact lines; JSON
+to --out (benches/results/gemv_fp8_h200.json: `--fp8-only`).
+Usage: python benches/gemv_sweep.py [--ms 1,4,8] [--out PATH] [--fp8-only]
 """
 
 from __future__ import annotations
