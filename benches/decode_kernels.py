@@ -3,8 +3,11 @@ compact-format kernel vs the mma.sp kernel over its packed fragments (best launc
 with a fused input order) vs the mma.sp kernel reading cuSPARSELt's buffer in place
 ("mma_cslt", best launch shape: the form a layer keeps with default `sparsify` arguments),
 for M > 8 split into the plain kernel ("mma_cslt", old) and the tiled kernel ("mma_tiled":
-x and weights staged in shared memory, split-K over a cluster; new), and the better of
-the two ("mma_cslt_tuned": what `mma_best_config` picks over `candidates`).
+x and weights staged in shared memory, split-K over a cluster; new), for M <= 8 into the
+plain kernel with one batch of loads in flight per warp ("mma_cslt", old) and with the next
+batch's loads issued before the current batch's products, cache hints, B per k-step
+("mma_gemv", `MmaConfig.prefetch`, `hint`, `late_b`; new), and the best of them
+("mma_cslt_tuned": what `mma_best_config` picks over `candidates`).
 
 Microseconds per GEMM under CUDA-graph replay, weights rotated over copies > 256 MB so they
 stream from HBM; effective TB/s = bytes of the weight form read / time (dense: 2 B per
@@ -73,9 +76,39 @@ TILED_SWEEP = tuple(
 
 
 def cslt_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
-    """The plain kernel's shapes timed on cuSPARSELt's buffer ("old")."""
+    """The plain kernel's shapes timed on cuSPARSELt's buffer, one batch in flight per warp
+    ("old")."""
     plain = tuple(c for c in candidates(m, cslt=True) if not c.tiled)
-    return tuple(dict.fromkeys(plain + (CSLT_EXTRA if sweep else ())))
+    shapes = OLD_CSLT_FEW + plain + (CSLT_EXTRA if sweep else ())
+    return tuple(c for c in dict.fromkeys(shapes) if not c.streaming)
+
+
+# The M <= 8 candidates on the buffer before the streaming options (issue 11).
+OLD_CSLT_FEW = (MmaConfig(1, 16, 1), MmaConfig(1, 8, 4), MmaConfig(1, 16, 2))
+
+
+# The plain kernel's streaming options for M <= 8 (`MmaConfig.prefetch`, `hint`, `late_b`,
+# `split`), timed with --cslt-sweep besides those in `candidates`.
+GEMV_SWEEP = (
+    MmaConfig(1, 16, 1, prefetch=1, hint=2),
+    MmaConfig(1, 16, 4, hint=2, late_b=1),
+    MmaConfig(1, 16, 4, hint=1, late_b=1),
+    MmaConfig(1, 16, 1, hint=1, late_b=1),
+    MmaConfig(1, 16, 2, hint=1),
+    MmaConfig(2, 8, 4, hint=2),
+    MmaConfig(1, 8, 4, hint=1),
+    MmaConfig(1, 16, 1, hint=3),
+    # a cluster splitting K (measured slower on every shape at M <= 8: one kept as a check)
+    MmaConfig(1, 8, 4, split=2, hint=2, late_b=1),
+)
+
+
+def gemv_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
+    """The prefetching plain kernel's shapes timed for `m` tokens ("new"; none at m > 8)."""
+    if m > 8:
+        return ()
+    new = tuple(c for c in candidates(m, cslt=True) if c.streaming)
+    return tuple(dict.fromkeys(new + (GEMV_SWEEP if sweep else ())))
 
 
 MAX_SPLIT = 8  # --tiled-max-split: clusters up to this size (1: no cluster launch at all)
@@ -131,6 +164,13 @@ def bench_shape(
         row["mma_cslt_us"] = times[str(tiled)]
         yc = mma24_linear(x, compact[0], config=tiled)
         row["mma_cslt_rel_err"] = float((yc.double() - ref).norm() / ref.norm())
+        gemv = gemv_configs(m, sweep)
+        if gemv:
+            best_gemv, times = mma_best_config(compact, x, configs=gemv)
+            row["mma_gemv_config"], row["mma_gemv_config_us"] = str(best_gemv), times
+            row["mma_gemv_us"] = times[str(best_gemv)]
+            yg = mma24_linear(x, compact[0], config=best_gemv)
+            row["mma_gemv_rel_err"] = float((yg.double() - ref).norm() / ref.norm())
         new = tiled_configs(m, tiled_sweep)
         if new:
             best_new, times = mma_best_config(compact, x, configs=new)
@@ -143,7 +183,9 @@ def bench_shape(
                 torch.equal(mma24_linear(x, compact[0], config=best_new), yt) for _ in range(3)
             )
         # What tuning picks on the buffer (`candidates`: plain and tiled shapes).
-        row["mma_cslt_tuned_us"] = min(row["mma_cslt_us"], row.get("mma_tiled_us", math.inf))
+        row["mma_cslt_tuned_us"] = min(
+            row["mma_cslt_us"], row.get("mma_tiled_us", math.inf), row.get("mma_gemv_us", math.inf)
+        )
         row["mma_order_us"] = per_call(
             lambda x=x, b=best: [mma24_linear(x, f, order=order, config=b) for f in frags]
         )
@@ -154,11 +196,17 @@ def bench_shape(
         row["mma_order_rel_err"] = float((yo.double() - ref_o).norm() / ref_o.norm())
         for kind, nbytes in [("dense", dense_bytes), ("cslt", sparse_bytes)]:
             row[f"{kind}_TBps"] = nbytes / row[f"{kind}_us"] / 1e6
-        for kind in ("triton", "mma", "mma_order", "mma_cslt", "mma_tiled", "mma_cslt_tuned"):
+        for kind in ("triton", "mma", "mma_order", "mma_cslt", "mma_gemv", "mma_tiled"):
             if f"{kind}_us" in row:
                 row[f"{kind}_TBps"] = sparse_bytes / row[f"{kind}_us"] / 1e6
+        row["mma_cslt_tuned_TBps"] = sparse_bytes / row["mma_cslt_tuned_us"] / 1e6
         rows.append(row)
         new_msg = ""
+        if "mma_gemv_us" in row:
+            new_msg = (
+                f"  gemv {row['mma_gemv_us']:6.2f} ({row['mma_gemv_config']}, "
+                f"{row['mma_gemv_TBps']:.2f} TB/s, err {row['mma_gemv_rel_err']:.1e})"
+            )
         if "mma_tiled_us" in row:
             new_msg = (
                 f"  tiled {row['mma_tiled_us']:6.1f} ({row['mma_tiled_config']}, "
@@ -179,12 +227,15 @@ def bench_shape(
 def table(rows: list[dict]) -> str:
     out = [
         "| shape | M | dense us | cuSPARSELt us | Triton us | mma us (TB/s) | mma+order us "
-        "| mma_cslt us (TB/s) | tiled us (TB/s) | mma vs dense | mma_cslt vs dense "
+        "| mma_cslt us (TB/s) | new: gemv (M <= 8) / tiled us (TB/s) | mma vs dense "
+        "| mma_cslt vs dense "
         "| tuned mma_cslt vs dense |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tiled = "-"
+        if "mma_gemv_us" in r:
+            tiled = f"{r['mma_gemv_us']:.1f} ({r['mma_gemv_TBps']:.2f}) {r['mma_gemv_config']}"
         if "mma_tiled_us" in r:
             tiled = f"{r['mma_tiled_us']:.1f} ({r['mma_tiled_TBps']:.2f}) {r['mma_tiled_config']}"
         out.append(
@@ -214,7 +265,8 @@ def main() -> None:
     compile_kernels(DTYPE, ms)
     compile_kernels(DTYPE, ms, order_dtype=torch.int32)
     for m in ms:
-        shapes = cslt_configs(m, args.cslt_sweep) + tiled_configs(m, args.tiled_sweep)
+        shapes = cslt_configs(m, args.cslt_sweep) + gemv_configs(m, args.cslt_sweep)
+        shapes += tiled_configs(m, args.tiled_sweep)
         compile_kernels(DTYPE, [m], cslt=True, configs=shapes, threads=16)
     log(f"kernels compiled in {time.perf_counter() - t0:.1f}s")
     rows = []

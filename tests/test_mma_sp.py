@@ -124,7 +124,7 @@ GXX = shutil.which("g++")
 
 
 def _run_on_host(
-    tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False, cslt=False
+    tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False, cslt=False, extra=None
 ) -> None:
     """Compile mma_sp.cu with tests/mma_sp_host.h for `cfg` = (R, W, U), run it on a random
     2:4 weight and compare with the masked dense product (with `e4m3`: weight and tokens in
@@ -169,6 +169,7 @@ def _run_on_host(
         "RIA_ORDER": {None: 0, torch.int32: 32, torch.int64: 64}[order_dtype],
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
+        **(extra or {}),
     }
     if stages:
         defines |= {"RIA_TILED": 1, "RIA_S": stages, "RIA_SK": split}
@@ -318,13 +319,22 @@ def test_mma_config_rejects_bad_shapes():
         MmaConfig(1, 64, 2)
     with pytest.raises(InvalidArgumentError, match="positive"):
         MmaConfig(0, 8, 2)
-    with pytest.raises(InvalidArgumentError, match="needs the tiled kernel"):
-        MmaConfig(2, 8, 2, split=2)
+    with pytest.raises(InvalidArgumentError, match="at most 8"):
+        MmaConfig(2, 8, 2, split=9)
+    assert str(MmaConfig(2, 8, 2, split=2, hint=2)) == "r2w8u2k2h2"
     with pytest.raises(InvalidArgumentError, match="whole 64-row blocks"):
         MmaConfig(1, 2, 2, 4)  # 32 rows per block
     with pytest.raises(InvalidArgumentError, match="stages >= 2"):
         MmaConfig(2, 4, 2, 1)
     assert str(MmaConfig(2, 4, 2, 4, 3)) == "t2w4u2s4k3" and MmaConfig(2, 4, 2, 4).tiled
+    with pytest.raises(InvalidArgumentError, match="hint 0"):
+        MmaConfig(1, 16, 1, prefetch=2)
+    with pytest.raises(InvalidArgumentError, match="hint 0"):
+        MmaConfig(1, 16, 1, hint=4)
+    with pytest.raises(InvalidArgumentError, match="plain kernel's"):
+        MmaConfig(2, 4, 2, 3, 4, late_b=1)
+    assert str(MmaConfig(1, 16, 4, prefetch=1, hint=2, late_b=1)) == "r1w16u4ph2b"
+    assert MmaConfig(1, 16, 1, hint=2).streaming and not MmaConfig(1, 16, 1).streaming
     for m in (1, 8, 9, 16, 17, 64):  # every candidate is one of the configurations tested
         for cslt in (False, True):
             assert set(candidates(m, cslt)) <= set(CONFIGS)
@@ -487,3 +497,74 @@ def test_mma_cslt_checks_its_layout():
         mma24_linear(torch.zeros(1, 112, dtype=w.dtype), Compact24(
             odd.values[:, :56], odd.meta.reshape(-1), 112, layout="cslt"
         ))  # fmt: skip
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+@pytest.mark.parametrize(
+    "n, k, m, cfg, dtype, cslt, bias, prefetch, late_b",
+    [
+        # cuSPARSELt's buffer, K % 64 == 32 (the last batch holds a half pair), one token
+        # tile (B prefetched with the batch); pairs not a multiple of the warps' batches
+        (64, 1376, 1, (1, 4, 1), torch.bfloat16, True, True, 1, 0),
+        # two pairs per batch, three token tiles (B per k-step), fp16, two row tiles
+        (128, 448, 20, (2, 2, 2), torch.float16, True, False, 1, 0),
+        # more warps than pairs (warps with no batch at all), M = 8, B per k-step
+        (48, 320, 8, (1, 8, 1), torch.bfloat16, True, True, 1, 1),
+        # one batch of 4 pairs in flight, B per k-step, a partial last batch
+        (64, 1376, 3, (1, 2, 4), torch.bfloat16, True, True, 0, 1),
+        # the packed fragments, two pairs per batch
+        (40, 640, 3, (1, 2, 2), torch.bfloat16, False, True, 1, 0),
+    ],
+)
+def test_mma_streaming_kernel_on_host(tmp_path, n, k, m, cfg, dtype, cslt, bias, prefetch, late_b):
+    """With the next batch's loads issued before the current batch's products (RIA_PF)
+    and / or the tokens' B loaded per k-step (`late_b`), the plain kernel still equals the
+    masked dense product."""
+    extra = {"RIA_PF": prefetch, "RIA_LDH": 2} | ({"RIA_PREFETCH_B": 0} if late_b else {})
+    if len(cfg) == 5:  # (R, W, U, 0, split): the plain kernel split over a cluster
+        extra["RIA_SK"] = cfg[4]
+    _run_on_host(tmp_path, n, k, m, cfg, dtype, None, bias, cslt=cslt, extra=extra)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_streaming_kernel_reads_cusparselt_buffer(dtype):
+    """The plain kernel with the M <= 8 streaming options (`MmaConfig.prefetch`, `hint`,
+    `late_b`), on cuSPARSELt's buffer and on the packed fragments, against the masked
+    dense product at M = 1, 3, 8, with and without bias, on the LLaMA-2-7B shapes and small
+    odd ones; every such shape tuning may pick and a few more; repeated calls give the same
+    bits."""
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
+    from ria.sparse.mma_sp import CONFIGS, MmaConfig, compile_kernels, mma24_linear
+
+    shapes = [c for c in CONFIGS if c.streaming]
+    shapes += [MmaConfig(2, 4, 2, prefetch=1), MmaConfig(2, 8, 2, hint=1, late_b=1)]
+    shapes += [MmaConfig(1, 8, 1, split=2, prefetch=1, hint=2)]
+    shapes += [MmaConfig(1, 4, 4, split=4, late_b=1)]  # clusters splitting K
+    shapes = list(dict.fromkeys(shapes))
+    compile_kernels(dtype, (1,), cslt=True, configs=shapes, threads=16)
+    for n, k in [(48, 96), (208, 1376), (4096, 4096), (11008, 4096), (4096, 11008)]:
+        w = random_24(n, k, dtype=dtype, device="cuda", seed=n + k)
+        c = share_cslt_buffer(pack_24(w), cslt_compress(w))
+        assert c.layout == "cslt", (n, k)
+        frags = pack_mma24(w)
+        b = torch.randn(n, dtype=dtype, device="cuda")
+        for m in (1, 3, 8):
+            x = torch.randn(m, k + 8, dtype=dtype, device="cuda")[:, :k]  # row stride k + 8
+            for bias in (None, b):
+                ref = _reference(x, w, bias, None)
+                for cfg in shapes:
+                    y = mma24_linear(x, c, bias, config=cfg)
+                    assert y.shape == (m, n) and y.dtype == dtype
+                    assert _rel_err(y, ref) < 1e-2, (n, k, m, cfg)
+                    assert torch.equal(mma24_linear(x, c, bias, config=cfg), y), cfg
+                    if n * k < 2**20 and cfg == shapes[0]:  # packed fragments, small shapes
+                        assert _rel_err(mma24_linear(x, frags, bias, config=cfg), ref) < 1e-2
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+def test_mma_e4m3_streaming_kernel_on_host(tmp_path):
+    """The e4m3 form with the next batch prefetched (bytes widened when used) equals the
+    fp8 reference."""
+    extra = {"RIA_PF": 1, "RIA_LDH": 2}
+    _run_on_host(tmp_path, 40, 640, 3, (1, 2, 2), torch.bfloat16, None, True, True, extra=extra)

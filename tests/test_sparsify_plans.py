@@ -189,7 +189,10 @@ def test_an_mma_cslt_layer_holds_cusparselt_buffer_only():
 
 
 TUNED = TunedPlan(
-    graph={1: Choice("triton"), 16: Choice("cusparselt", CsltConfig(3, 2, 1))},
+    graph={  # M = 1: a plain shape with the streaming options (all 8 fields kept)
+        1: Choice("mma_cslt", mma=MmaConfig(1, 8, 1, split=2, prefetch=1, hint=2, late_b=1)),
+        16: Choice("cusparselt", CsltConfig(3, 2, 1)),
+    },
     eager={
         1: Choice("mma", mma=MmaConfig(1, 16, 2)),
         16: Choice("mma_cslt", mma=MmaConfig(2, 4, 2, 3, 4)),  # the tiled kernel's shape
@@ -233,7 +236,7 @@ def test_plan_cache_ignores_bad_files_with_a_warning(tmp_path: Path):
     unknown = json.loads(good)
     unknown["graph"]["1"] = ["cutlass"]
     load_warns(json.dumps(unknown), "cutlass")
-    load_warns(good, "'dense'|'cusparselt'", usable={"triton"})  # a backend not usable now
+    load_warns(good, "'dense'|'cusparselt'|'mma_cslt'", usable={"triton"})  # not usable now
     with pytest.warns(UserWarning, match="differ"):
         path.write_text(good)
         assert cache.load(key, (1, 16, 64), USABLE) is None

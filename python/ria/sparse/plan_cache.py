@@ -114,14 +114,14 @@ def _file_name(key: Mapping[str, Any]) -> str:
 
 def _encode_choice(c: Choice) -> list[Any]:
     if c.mma is not None:
-        m = c.mma  # the tiled kernel's shapes add their stages and cluster size
-        return [
-            c.backend,
-            m.row_tiles,
-            m.warps,
-            m.unroll,
-            *((m.stages, m.split) if m.tiled else ()),
-        ]
+        m = c.mma  # the tiled kernel's shapes add their stages and cluster size, the
+        # plain kernel's streaming ones (M <= 8) those and prefetch, hint, late_b
+        fields = [m.row_tiles, m.warps, m.unroll]
+        if m.tiled or m.streaming:
+            fields += [m.stages, m.split]
+        if m.streaming:
+            fields += [m.prefetch, m.hint, m.late_b]
+        return [c.backend, *fields]
     if c.cslt is None:
         return [c.backend]
     return [c.backend, c.cslt.alg_id, c.cslt.split_k, c.cslt.split_k_mode]
@@ -152,8 +152,8 @@ def _decode_plan(
             raise ValueError(f"backend {backend!r} cannot run here")
         if len(cell) > 1 and backend in (MMA, MMA_CSLT):
             shape = [int(v) for v in cell[1:]]
-            if len(shape) not in (3, 5):
-                raise ValueError(f"an mma.sp launch shape has 3 or 5 fields, got {cell[1:]}")
+            if len(shape) not in (3, 5, 8):
+                raise ValueError(f"an mma.sp launch shape has 3, 5 or 8 fields, got {cell[1:]}")
             plan[int(b)] = Choice(backend, mma=MmaConfig(*shape))
             continue
         cfg = None
