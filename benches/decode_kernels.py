@@ -4,9 +4,8 @@ with a fused input order) vs the mma.sp kernel reading cuSPARSELt's buffer in pl
 ("mma_cslt", best launch shape: the form a layer keeps with default `sparsify` arguments),
 for M > 8 split into the plain kernel ("mma_cslt", old) and the tiled kernel ("mma_tiled":
 x and weights staged in shared memory, split-K over a cluster; new), for M <= 8 into the
-plain kernel with one batch of loads in flight per warp ("mma_cslt", old) and with the next
-batch's loads issued before the current batch's products, cache hints, B per k-step
-("mma_gemv", `MmaConfig.prefetch`, `hint`, `late_b`; new), and the best of them
+plain kernel as it was ("mma_cslt", old) and with weight-load cache hints and B per k-step
+("mma_gemv", `MmaConfig.hint`, `late_b`; new), and the best of them
 ("mma_cslt_tuned": what `mma_best_config` picks over `candidates`).
 
 Microseconds per GEMM under CUDA-graph replay, weights rotated over copies > 256 MB so they
@@ -76,7 +75,7 @@ TILED_SWEEP = tuple(
 
 
 def cslt_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
-    """The plain kernel's shapes timed on cuSPARSELt's buffer, one batch in flight per warp
+    """The plain kernel's shapes timed on cuSPARSELt's buffer without the streaming options
     ("old")."""
     plain = tuple(c for c in candidates(m, cslt=True) if not c.tiled)
     shapes = OLD_CSLT_FEW + plain + (CSLT_EXTRA if sweep else ())
@@ -87,10 +86,9 @@ def cslt_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
 OLD_CSLT_FEW = (MmaConfig(1, 16, 1), MmaConfig(1, 8, 4), MmaConfig(1, 16, 2))
 
 
-# The plain kernel's streaming options for M <= 8 (`MmaConfig.prefetch`, `hint`, `late_b`,
-# `split`), timed with --cslt-sweep besides those in `candidates`.
+# The plain kernel's streaming options for M <= 8 (`MmaConfig.hint`, `late_b`), timed with
+# --cslt-sweep besides those in `candidates`.
 GEMV_SWEEP = (
-    MmaConfig(1, 16, 1, prefetch=1, hint=2),
     MmaConfig(1, 16, 4, hint=2, late_b=1),
     MmaConfig(1, 16, 4, hint=1, late_b=1),
     MmaConfig(1, 16, 1, hint=1, late_b=1),
@@ -98,13 +96,11 @@ GEMV_SWEEP = (
     MmaConfig(2, 8, 4, hint=2),
     MmaConfig(1, 8, 4, hint=1),
     MmaConfig(1, 16, 1, hint=3),
-    # a cluster splitting K (measured slower on every shape at M <= 8: one kept as a check)
-    MmaConfig(1, 8, 4, split=2, hint=2, late_b=1),
 )
 
 
 def gemv_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
-    """The prefetching plain kernel's shapes timed for `m` tokens ("new"; none at m > 8)."""
+    """The streaming plain kernel's shapes timed for `m` tokens ("new"; none at m > 8)."""
     if m > 8:
         return ()
     new = tuple(c for c in candidates(m, cslt=True) if c.streaming)

@@ -23,7 +23,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
+#define __launch_bounds__(threads)
 
 struct uint4 {
   unsigned x, y, z, w;
@@ -33,9 +33,6 @@ struct uint2 {
 };
 #ifndef RIA_E4M3
 #define RIA_E4M3 0
-#endif
-#ifndef RIA_SK
-#define RIA_SK 1
 #endif
 #if RIA_E4M3  // the kernel's x_t and frag_t
 typedef unsigned char ria_host_x;
@@ -264,11 +261,12 @@ int main(int argc, char** argv) {
 #endif
   std::vector<unsigned short> y((size_t)M * N, 0xFFFF);  // NaN where nothing is written
   const int threads = RIA_W * 32;
-  const int cluster = RIA_SK;  // the RIA_SK blocks of a cluster run together
-#if RIA_TILED
+#if RIA_TILED  // the RIA_SK blocks of a cluster run together
+  const int cluster = RIA_SK;
   const size_t shared_floats = 232448 / 4;  // an H200's most per block
-#else  // the warps' sums, and with a cluster the block's
-  const size_t shared_floats = (size_t)(RIA_W + (RIA_SK > 1)) * RIA_R * RIA_NT * 4 * 32;
+#else
+  const int cluster = 1;
+  const size_t shared_floats = (size_t)RIA_W * RIA_R * RIA_NT * 4 * 32;
 #endif
   for (int bx = 0; bx < grid; ++bx) {
     std::vector<std::vector<float>> shared(cluster, std::vector<float>(shared_floats, NAN));

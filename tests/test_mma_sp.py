@@ -319,21 +319,22 @@ def test_mma_config_rejects_bad_shapes():
         MmaConfig(1, 64, 2)
     with pytest.raises(InvalidArgumentError, match="positive"):
         MmaConfig(0, 8, 2)
-    with pytest.raises(InvalidArgumentError, match="at most 8"):
-        MmaConfig(2, 8, 2, split=9)
-    assert str(MmaConfig(2, 8, 2, split=2, hint=2)) == "r2w8u2k2h2"
+    with pytest.raises(InvalidArgumentError, match="needs the tiled kernel"):
+        MmaConfig(2, 8, 2, split=2)
+    with pytest.raises(InvalidArgumentError, match="split <= 8"):
+        MmaConfig(2, 4, 2, 3, 9)
     with pytest.raises(InvalidArgumentError, match="whole 64-row blocks"):
         MmaConfig(1, 2, 2, 4)  # 32 rows per block
     with pytest.raises(InvalidArgumentError, match="stages >= 2"):
         MmaConfig(2, 4, 2, 1)
     assert str(MmaConfig(2, 4, 2, 4, 3)) == "t2w4u2s4k3" and MmaConfig(2, 4, 2, 4).tiled
-    with pytest.raises(InvalidArgumentError, match="hint 0"):
-        MmaConfig(1, 16, 1, prefetch=2)
+    with pytest.raises(InvalidArgumentError, match="late_b is 0 or 1"):
+        MmaConfig(1, 16, 1, late_b=2)
     with pytest.raises(InvalidArgumentError, match="hint 0"):
         MmaConfig(1, 16, 1, hint=4)
     with pytest.raises(InvalidArgumentError, match="plain kernel's"):
         MmaConfig(2, 4, 2, 3, 4, late_b=1)
-    assert str(MmaConfig(1, 16, 4, prefetch=1, hint=2, late_b=1)) == "r1w16u4ph2b"
+    assert str(MmaConfig(1, 16, 4, hint=2, late_b=1)) == "r1w16u4h2b"
     assert MmaConfig(1, 16, 1, hint=2).streaming and not MmaConfig(1, 16, 1).streaming
     for m in (1, 8, 9, 16, 17, 64):  # every candidate is one of the configurations tested
         for cslt in (False, True):
@@ -501,36 +502,33 @@ def test_mma_cslt_checks_its_layout():
 
 @pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
 @pytest.mark.parametrize(
-    "n, k, m, cfg, dtype, cslt, bias, prefetch, late_b",
+    "n, k, m, cfg, dtype, cslt, bias, late_b",
     [
         # cuSPARSELt's buffer, K % 64 == 32 (the last batch holds a half pair), one token
-        # tile (B prefetched with the batch); pairs not a multiple of the warps' batches
-        (64, 1376, 1, (1, 4, 1), torch.bfloat16, True, True, 1, 0),
-        # two pairs per batch, three token tiles (B per k-step), fp16, two row tiles
-        (128, 448, 20, (2, 2, 2), torch.float16, True, False, 1, 0),
+        # tile (B loaded with the batch); pairs not a multiple of the warps' batches
+        (64, 1376, 1, (1, 4, 1), torch.bfloat16, True, True, 0),
+        # two pairs per batch, three token tiles, fp16, two row tiles
+        (128, 448, 20, (2, 2, 2), torch.float16, True, False, 0),
         # more warps than pairs (warps with no batch at all), M = 8, B per k-step
-        (48, 320, 8, (1, 8, 1), torch.bfloat16, True, True, 1, 1),
-        # one batch of 4 pairs in flight, B per k-step, a partial last batch
-        (64, 1376, 3, (1, 2, 4), torch.bfloat16, True, True, 0, 1),
-        # the packed fragments, two pairs per batch
-        (40, 640, 3, (1, 2, 2), torch.bfloat16, False, True, 1, 0),
+        (48, 320, 8, (1, 8, 1), torch.bfloat16, True, True, 1),
+        # 4 pairs per batch, B per k-step, a partial last batch
+        (64, 1376, 3, (1, 2, 4), torch.bfloat16, True, True, 1),
+        # the packed fragments, two pairs per batch, B per k-step
+        (40, 640, 3, (1, 2, 2), torch.bfloat16, False, True, 1),
     ],
 )
-def test_mma_streaming_kernel_on_host(tmp_path, n, k, m, cfg, dtype, cslt, bias, prefetch, late_b):
-    """With the next batch's loads issued before the current batch's products (RIA_PF)
-    and / or the tokens' B loaded per k-step (`late_b`), the plain kernel still equals the
-    masked dense product."""
-    extra = {"RIA_PF": prefetch, "RIA_LDH": 2} | ({"RIA_PREFETCH_B": 0} if late_b else {})
-    if len(cfg) == 5:  # (R, W, U, 0, split): the plain kernel split over a cluster
-        extra["RIA_SK"] = cfg[4]
+def test_mma_streaming_kernel_on_host(tmp_path, n, k, m, cfg, dtype, cslt, bias, late_b):
+    """With the weight-load cache hint and / or the tokens' B loaded per k-step
+    (`late_b`), the plain kernel still equals the masked dense product."""
+    extra = {"RIA_LDH": 2} | ({"RIA_PREFETCH_B": 0} if late_b else {})
     _run_on_host(tmp_path, n, k, m, cfg, dtype, None, bias, cslt=cslt, extra=extra)
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mma_streaming_kernel_reads_cusparselt_buffer(dtype):
-    """The plain kernel with the M <= 8 streaming options (`MmaConfig.prefetch`, `hint`,
-    `late_b`), on cuSPARSELt's buffer and on the packed fragments, against the masked
+    """The plain kernel with the M <= 8 streaming options (`MmaConfig.hint`, `late_b`), on
+    cuSPARSELt's buffer and on the packed fragments, against the masked
     dense product at M = 1, 3, 8, with and without bias, on the LLaMA-2-7B shapes and small
     odd ones; every such shape tuning may pick and a few more; repeated calls give the same
     bits."""
@@ -538,9 +536,7 @@ def test_mma_streaming_kernel_reads_cusparselt_buffer(dtype):
     from ria.sparse.mma_sp import CONFIGS, MmaConfig, compile_kernels, mma24_linear
 
     shapes = [c for c in CONFIGS if c.streaming]
-    shapes += [MmaConfig(2, 4, 2, prefetch=1), MmaConfig(2, 8, 2, hint=1, late_b=1)]
-    shapes += [MmaConfig(1, 8, 1, split=2, prefetch=1, hint=2)]
-    shapes += [MmaConfig(1, 4, 4, split=4, late_b=1)]  # clusters splitting K
+    shapes += [MmaConfig(2, 4, 2, hint=3), MmaConfig(2, 8, 2, hint=1, late_b=1)]
     shapes = list(dict.fromkeys(shapes))
     compile_kernels(dtype, (1,), cslt=True, configs=shapes, threads=16)
     for n, k in [(48, 96), (208, 1376), (4096, 4096), (11008, 4096), (4096, 11008)]:
@@ -564,7 +560,7 @@ def test_mma_streaming_kernel_reads_cusparselt_buffer(dtype):
 
 @pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
 def test_mma_e4m3_streaming_kernel_on_host(tmp_path):
-    """The e4m3 form with the next batch prefetched (bytes widened when used) equals the
-    fp8 reference."""
-    extra = {"RIA_PF": 1, "RIA_LDH": 2}
+    """The e4m3 form with the weight-load cache hint and B per k-step equals the fp8
+    reference."""
+    extra = {"RIA_LDH": 2, "RIA_PREFETCH_B": 0}
     _run_on_host(tmp_path, 40, 640, 3, (1, 2, 2), torch.bfloat16, None, True, True, extra=extra)

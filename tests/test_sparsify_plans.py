@@ -189,8 +189,8 @@ def test_an_mma_cslt_layer_holds_cusparselt_buffer_only():
 
 
 TUNED = TunedPlan(
-    graph={  # M = 1: a plain shape with the streaming options (all 8 fields kept)
-        1: Choice("mma_cslt", mma=MmaConfig(1, 8, 1, split=2, prefetch=1, hint=2, late_b=1)),
+    graph={  # M = 1: a plain shape with the streaming options (all 7 fields kept)
+        1: Choice("mma_cslt", mma=MmaConfig(1, 8, 1, hint=2, late_b=1)),
         16: Choice("cusparselt", CsltConfig(3, 2, 1)),
     },
     eager={

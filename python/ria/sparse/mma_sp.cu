@@ -56,21 +56,8 @@
 #error "RIA_TILED reads cuSPARSELt's fp16/bf16 buffer, without an input order"
 #endif
 
-#ifndef RIA_PF
-#define RIA_PF 0
-#endif
 #ifndef RIA_LDH
 #define RIA_LDH 0
-#endif
-#if RIA_SK > 1 && !defined(RIA_HOST_EMULATION)
-#define RIA_CLUSTER __cluster_dims__(1, RIA_SK, 1)
-#else
-#define RIA_CLUSTER
-#endif
-#ifdef RIA_MINB  // blocks per multiprocessor to fit (caps registers per thread)
-#define RIA_BOUNDS __launch_bounds__(RIA_W * 32, RIA_MINB)
-#else
-#define RIA_BOUNDS __launch_bounds__(RIA_W * 32)
 #endif
 
 #ifndef RIA_PREFETCH_B
@@ -297,113 +284,8 @@ __device__ __forceinline__ u32 cslt_meta(u32 lo, u32 hi, int t) {
 }
 #endif
 
-#if !RIA_TILED && RIA_PF
-// RIA_PF: a warp's batch of loads: RIA_U pairs of k-steps of its RIA_R row tiles (and, with
-// RIA_PREFETCH_B, the tokens' B fragments). With RIA_CSLT the two metadata words per pair
-// are kept raw and unshuffled when used, so issuing the next batch never waits for its data.
-struct Batch {
-  frag_t a[RIA_R][2 * RIA_U];  // (e4m3 widened when used, not while in flight)
-#if RIA_CSLT
-  u32 lo[RIA_R][RIA_U], hi[RIA_R][RIA_U];
-#else
-  u32 e[RIA_R][RIA_U];
-#endif
-#if RIA_PREFETCH_B
-  u32 b[2 * RIA_U][RIA_NT][4];
-#endif
-};
-
-// Issue the loads of the batch starting at pair p0 (indices clamped: a clamped load re-reads
-// valid data whose products are skipped or land in rows that are never written).
-__device__ __forceinline__ void load_batch(Batch& s, const x_t* __restrict__ x, int ldx,
-                                           const frag_t* __restrict__ vals,
-                                           const u32* __restrict__ meta,
-                                           const index_t* __restrict__ order, int lane, int M,
-                                           int K, int tile0, int tiles, int pairs, int p0,
-                                           int pe) {
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int r = 0; r < RIA_R; ++r) {
-    const long long tile = min(tile0 + r, tiles - 1);
-#pragma unroll
-    for (int u = 0; u < RIA_U; ++u) {
-      const int p = min(p0 + u, pe - 1);
-#if RIA_CSLT
-      // K % 64 == 32: the last pair has one k-tile; its other half reads as zero weights
-      // with valid (0, 1) indices.
-      const bool whole = 64 * p + 32 < K;
-      const long long row_q = K >> 4;  // 16-byte chunks per row of values
-      const long long v0 = (tile * 16 + g) * row_q + 4 * p + t;
-      uint4 lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};
-      if (whole || t < 2) {
-        lo = ld_stream(vals + v0);
-        hi = ld_stream(vals + v0 + 8 * row_q);
-      }
-      s.a[r][2 * u] = uint4{lo.x, hi.x, lo.y, hi.y};
-      s.a[r][2 * u + 1] = uint4{lo.z, hi.z, lo.w, hi.w};
-      const long long w0 =
-          16 * ((tile >> 2) * 4 * (long long)(K >> 5) + (tile & 3)) + 128 * p + 2 * g + (t >> 1);
-      s.lo[r][u] = ld_stream(meta + w0);
-      s.hi[r][u] = whole ? ld_stream(meta + w0 + 64) : 0x44444444u;
-#else
-      const long long steps = 2LL * pairs;
-      s.a[r][2 * u] = ld_stream(vals + (tile * steps + 2 * p) * 32 + lane);
-      s.a[r][2 * u + 1] = ld_stream(vals + (tile * steps + 2 * p + 1) * 32 + lane);
-      s.e[r][u] = ld_stream(meta + (tile * pairs + p) * 32 + lane);
-#endif
-    }
-  }
-#if RIA_PREFETCH_B  // B of k-step q of the batch (q = 2u + h): pair min(p0 + u, pe - 1), half h
-#pragma unroll
-  for (int q = 0; q < 2 * RIA_U; ++q)
-    load_b(s.b[q], x, ldx, order, g, t, M, K, min(p0 + q / 2, pe - 1), q % 2);
-#endif
-}
-
-// acc += the batch's products (pairs p0 .. pe - 1 of it).
-__device__ __forceinline__ void mma_batch(float (&acc)[RIA_R][RIA_NT][4], const Batch& s,
-                                          const x_t* __restrict__ x, int ldx,
-                                          const index_t* __restrict__ order, int lane, int M,
-                                          int K, int p0, int pe) {
-  const int g = lane >> 2, t = lane & 3;
-  u32 e[RIA_R][RIA_U];
-#pragma unroll
-  for (int r = 0; r < RIA_R; ++r)
-#pragma unroll
-    for (int u = 0; u < RIA_U; ++u)
-#if RIA_CSLT
-      e[r][u] = cslt_meta(s.lo[r][u], s.hi[r][u], t);
-#else
-      e[r][u] = s.e[r][u];
-#endif
-#pragma unroll
-  for (int q = 0; q < 2 * RIA_U; ++q) {
-    const int u = q / 2, h = q % 2;
-#if RIA_PREFETCH_B
-    const u32(&bq)[RIA_NT][4] = s.b[q];
-#endif
-    if (p0 + u < pe) {
-#if !RIA_PREFETCH_B
-      u32 bq[RIA_NT][4];
-      load_b(bq, x, ldx, order, g, t, M, K, p0 + u, h);
-#endif
-#pragma unroll
-      for (int r = 0; r < RIA_R; ++r)
-#pragma unroll
-        for (int j = 0; j < RIA_NT; ++j) {
-          if (h == 0)
-            mma_sp<0>(acc[r][j], widen(s.a[r][2 * u]), bq[j], e[r][u]);
-          else
-            mma_sp<1>(acc[r][j], widen(s.a[r][2 * u + 1]), bq[j], e[r][u]);
-        }
-    }
-  }
-}
-
-#endif  // RIA_PF
-
 #if !RIA_TILED
-extern "C" __global__ void RIA_CLUSTER RIA_BOUNDS
+extern "C" __global__ void __launch_bounds__(RIA_W * 32)
     ria_mma_sp24(const x_t* __restrict__ x, int ldx, const frag_t* __restrict__ vals,
                  const u32* __restrict__ meta, const index_t* __restrict__ order,
                  const u16* __restrict__ bias, int has_bias, u16* __restrict__ y, int ldy,
@@ -415,12 +297,11 @@ extern "C" __global__ void RIA_CLUSTER RIA_BOUNDS
   extern __shared__ float partial[];
 #endif
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
   const int tile0 = blockIdx.x * RIA_R;
-  // With RIA_SK > 1 the cluster's blocks split the pairs, then their warps.
-  const int qb = (int)((long long)pairs * blockIdx.y / RIA_SK);
-  const int qn = (int)((long long)pairs * (blockIdx.y + 1) / RIA_SK) - qb;
-  const int pb = qb + (int)(((long long)qn * warp) / RIA_W);
-  const int pe = qb + (int)(((long long)qn * (warp + 1)) / RIA_W);
+  const int steps = 2 * pairs;
+  const int pb = (int)(((long long)pairs * warp) / RIA_W);
+  const int pe = (int)(((long long)pairs * (warp + 1)) / RIA_W);
 
   float acc[RIA_R][RIA_NT][4];
 #pragma unroll
@@ -430,22 +311,6 @@ extern "C" __global__ void RIA_CLUSTER RIA_BOUNDS
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[r][j][c] = 0.f;
 
-#if RIA_PF
-  // The next batch's loads are issued before this one's products: two batches in flight.
-  Batch cur;
-  if (pb < pe) load_batch(cur, x, ldx, vals, meta, order, lane, M, K, tile0, tiles, pairs, pb, pe);
-  for (int p0 = pb; p0 < pe; p0 += RIA_U) {
-    Batch next;
-    const bool more = p0 + RIA_U < pe;
-    if (more)
-      load_batch(next, x, ldx, vals, meta, order, lane, M, K, tile0, tiles, pairs, p0 + RIA_U,
-                 pe);
-    mma_batch(acc, cur, x, ldx, order, lane, M, K, p0, pe);
-    if (more) cur = next;
-  }
-#else  // one batch in flight: all its loads first, then its products
-  const int g = lane >> 2, t = lane & 3;
-  const int steps = 2 * pairs;
   for (int p0 = pb; p0 < pe; p0 += RIA_U) {
     uint4 a[RIA_R][2 * RIA_U];
     u32 e[RIA_R][RIA_U];
@@ -511,8 +376,6 @@ extern "C" __global__ void RIA_CLUSTER RIA_BOUNDS
     }
   }
 
-#endif
-
   // Add the warps' partial sums: partial[warp][entry][lane], entry = (r, j, c).
   constexpr int ENTRIES = RIA_R * RIA_NT * 4;
 #pragma unroll
@@ -523,28 +386,10 @@ extern "C" __global__ void RIA_CLUSTER RIA_BOUNDS
       for (int c = 0; c < 4; ++c)
         partial[(warp * ENTRIES + (r * RIA_NT + j) * 4 + c) * 32 + lane] = acc[r][j][c];
   __syncthreads();
-#if RIA_SK > 1
-  // The block's sums after its warps' (region RIA_W of `partial`); then block q of the
-  // cluster adds entries q, q + RIA_SK, ... over blocks 0..RIA_SK-1 in that order.
-  float* block_sum = partial + RIA_W * ENTRIES * 32;
   for (int idx = threadIdx.x; idx < ENTRIES * 32; idx += RIA_W * 32) {
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < RIA_W; ++w) s += partial[w * ENTRIES * 32 + idx];
-    block_sum[idx] = s;
-  }
-  cluster_sync();
-  for (int idx = threadIdx.x + RIA_W * 32 * blockIdx.y; idx < ENTRIES * 32;
-       idx += RIA_W * 32 * RIA_SK) {
-    float s = 0.f;
-#pragma unroll
-    for (int q = 0; q < RIA_SK; ++q) s += cluster_load(block_sum + idx, q);
-#else
-  for (int idx = threadIdx.x; idx < ENTRIES * 32; idx += RIA_W * 32) {
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < RIA_W; ++w) s += partial[w * ENTRIES * 32 + idx];
-#endif
     const int entry = idx >> 5, ln = idx & 31;
     const int c = entry & 3, j = (entry >> 2) % RIA_NT, r = (entry >> 2) / RIA_NT;
     // Accumulator fragment: c0, c1 at row g, tokens 2t, 2t+1; c2, c3 at row g + 8.
@@ -558,9 +403,6 @@ extern "C" __global__ void RIA_CLUSTER RIA_BOUNDS
       y[(long long)token * ldy + row] = from_f32(s);
     }
   }
-#if RIA_SK > 1
-  cluster_sync();  // no block leaves while another still reads its shared memory
-#endif
 }
 #endif  // !RIA_TILED
 
@@ -596,6 +438,11 @@ extern "C" __global__ void RIA_CLUSTER RIA_BOUNDS
 #endif
 #if RIA_S < 2 || (32 * RIA_W) % (8 * RIA_U)
 #error "RIA_TILED needs RIA_S >= 2 stages and 8 * RIA_U to divide the block's threads"
+#endif
+#if RIA_SK > 1 && !defined(RIA_HOST_EMULATION)
+#define RIA_CLUSTER __cluster_dims__(1, RIA_SK, 1)
+#else
+#define RIA_CLUSTER
 #endif
 
 // mma.sp's metadata word (groups 0..3 of rows g | g + 8 for t % 2 == 0, groups 4..7 for

@@ -62,22 +62,18 @@ class MmaConfig:
     order; `mma_sp.cu`, RIA_TILED): each of `warps` warps owns `row_tiles` tiles of 16 rows
     (a block: 16 * row_tiles * warps rows, a multiple of 64), `unroll` pairs of k-steps per
     shared-memory stage, `stages` stages in flight, and a cluster of `split` blocks
-    splitting the input columns (1..8; > 1 needs compute capability 9.0; the plain kernel
-    splits them the same way, adding the blocks' sums in a fixed order).
+    splitting the input columns (1..8; > 1 needs compute capability 9.0).
 
-    Plain kernel only (`mma_sp.cu`): with `prefetch` = 1 each warp issues the loads of its
-    next batch of `unroll` pairs before the products of the current one, so two batches
-    are in flight (RIA_PF); `hint` is the weight loads' cache hint (RIA_LDH: 0 none, 1 no
-    L1 allocation, 2 that and a 256-byte L2 fetch around each load, 3 the L2 fetch alone);
-    `late_b` = 1 loads the tokens' B fragments per k-step instead of with the batch
-    (fewer registers, so more pairs in flight per warp)."""
+    Plain kernel only (`mma_sp.cu`): `hint` is the weight loads' cache hint (RIA_LDH: 0
+    none, 1 no L1 allocation, 2 that and a 256-byte L2 fetch around each load, 3 the L2
+    fetch alone); `late_b` = 1 loads the tokens' B fragments per k-step instead of with
+    the batch (fewer registers, so more pairs in flight per warp)."""
 
     row_tiles: int = 1
     warps: int = 16
     unroll: int = 2
     stages: int = 0
     split: int = 1
-    prefetch: int = 0
     hint: int = 0
     late_b: int = 0
 
@@ -86,13 +82,12 @@ class MmaConfig:
             raise InvalidArgumentError(
                 f"MmaConfig needs positive fields and at most 32 warps, got {self!r}"
             )
-        plain_only = (self.prefetch, self.late_b, self.hint)
-        if self.prefetch not in (0, 1) or self.late_b not in (0, 1) or self.hint not in range(4):
-            raise InvalidArgumentError(f"prefetch and late_b are 0 or 1, hint 0..3: {self!r}")
-        if self.stages and any(plain_only):
-            raise InvalidArgumentError(f"prefetch, hint, late_b are the plain kernel's: {self!r}")
-        if self.stages == 0 and self.split > 8:
-            raise InvalidArgumentError(f"split is at most 8 (a portable cluster): {self!r}")
+        if self.late_b not in (0, 1) or self.hint not in range(4):
+            raise InvalidArgumentError(f"late_b is 0 or 1, hint 0..3: {self!r}")
+        if self.stages and (self.late_b or self.hint):
+            raise InvalidArgumentError(f"hint and late_b are the plain kernel's: {self!r}")
+        if self.stages == 0 and self.split != 1:
+            raise InvalidArgumentError(f"split > 1 needs the tiled kernel (stages >= 2): {self!r}")
         if self.stages and (self.stages < 2 or self.split > 8 or (self.row_tiles * self.warps) % 4):
             raise InvalidArgumentError(
                 "the tiled kernel needs stages >= 2, split <= 8 and row_tiles * warps a "
@@ -107,16 +102,14 @@ class MmaConfig:
     def __str__(self) -> str:
         if self.tiled:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
-        extra = (f"k{self.split}" if self.split > 1 else "") + ("p" if self.prefetch else "")
-        extra += (f"h{self.hint}" if self.hint else "") + ("b" if self.late_b else "")
+        extra = (f"h{self.hint}" if self.hint else "") + ("b" if self.late_b else "")
         return f"r{self.row_tiles}w{self.warps}u{self.unroll}{extra}"
 
     @property
     def streaming(self) -> bool:
-        """Whether this plain shape uses any of the M <= 8 streaming options (prefetch, a
-        cache hint, late B loads, a cluster splitting K)."""
-        plain_split = self.split > 1 and not self.tiled
-        return bool(self.prefetch or self.hint or self.late_b) or plain_split
+        """Whether this plain shape uses either of the M <= 8 streaming options (a cache
+        hint, late B loads)."""
+        return bool(self.hint or self.late_b)
 
 
 # Launch shapes timed by `mma_best_config`, per token count: the ones that won a shape on
@@ -136,8 +129,8 @@ _MANY = (MmaConfig(2, 8, 4), MmaConfig(4, 8, 2), MmaConfig(2, 16, 2))  # M <= 64
 # r1w16u1, r1w8u4, r1w16u2): no L1 allocation for the weight (h1) at M = 2..8, the 256-byte
 # L2 fetch (h2) on down (K = 11008) and, at M = 1, two pairs per batch with B per k-step
 # (u2h2b); r2w8u4 (no hint) won gate/up at M = 8. The first of each is the default (M = 1
-# has its own order). Prefetching the next batch into registers (`prefetch`) and a cluster
-# splitting K (`split`) were slower on every shape.
+# has its own order). Prefetching the next batch into registers and a cluster splitting K
+# were slower on every shape (that JSON; the variants were removed since).
 _CSLT_FEW = (
     MmaConfig(1, 16, 1, hint=1),
     MmaConfig(1, 16, 2, hint=2, late_b=1),
@@ -286,13 +279,10 @@ def _kernel_source(
         "RIA_CSLT": int(cslt),
     }
     # (only when set: the other kernels' sources and disk cache keys stay)
-    for key, value in (("RIA_PF", config.prefetch), ("RIA_LDH", config.hint)):
-        if value:
-            defines[key] = value
+    if config.hint:
+        defines["RIA_LDH"] = config.hint
     if config.late_b:
         defines["RIA_PREFETCH_B"] = 0
-    if config.split > 1 and not config.tiled:
-        defines["RIA_SK"] = config.split
     if config.tiled:  # (only then: the plain kernels' sources and disk cache keys stay)
         defines |= {"RIA_TILED": 1, "RIA_S": config.stages, "RIA_SK": config.split}
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
@@ -360,8 +350,8 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
     `stages` stages of values (rows x (64 * unroll + 16) bytes), tokens (8 * tiles x
     (128 * unroll + 16) bytes) and metadata (256 bytes per 64 rows and 32 columns), and with
     `split > 1` at least the block's fp32 sums (rows x tokens) for the cluster's reduction."""
-    if not config.tiled:  # (+ the block's sums for the cluster's reduction)
-        return 4 * (config.warps + (config.split > 1)) * config.row_tiles * tiles * 4 * 32
+    if not config.tiled:
+        return 4 * config.warps * config.row_tiles * tiles * 4 * 32
     rows, u = 16 * config.row_tiles * config.warps, config.unroll
     stage = rows * (64 * u + 16) + 8 * tiles * (128 * u + 16) + rows // 64 * 2 * u * 256
     sums = 4 * rows * 8 * tiles if config.split > 1 else 0
@@ -372,7 +362,7 @@ def _grid(config: MmaConfig, row_tiles: int) -> tuple[int, int, int]:
     """Blocks: one per `config.row_tiles` row tiles (plain kernel), or per block of
     16 * row_tiles * warps rows times `split` (tiled kernel)."""
     if not config.tiled:
-        return (-(-row_tiles // config.row_tiles), config.split, 1)
+        return (-(-row_tiles // config.row_tiles), 1, 1)
     return (-(-row_tiles // (config.row_tiles * config.warps)), config.split, 1)
 
 

@@ -115,12 +115,12 @@ def _file_name(key: Mapping[str, Any]) -> str:
 def _encode_choice(c: Choice) -> list[Any]:
     if c.mma is not None:
         m = c.mma  # the tiled kernel's shapes add their stages and cluster size, the
-        # plain kernel's streaming ones (M <= 8) those and prefetch, hint, late_b
+        # plain kernel's streaming ones (M <= 8) those and hint, late_b (MmaConfig's order)
         fields = [m.row_tiles, m.warps, m.unroll]
         if m.tiled or m.streaming:
             fields += [m.stages, m.split]
         if m.streaming:
-            fields += [m.prefetch, m.hint, m.late_b]
+            fields += [m.hint, m.late_b]
         return [c.backend, *fields]
     if c.cslt is None:
         return [c.backend]
@@ -152,8 +152,8 @@ def _decode_plan(
             raise ValueError(f"backend {backend!r} cannot run here")
         if len(cell) > 1 and backend in (MMA, MMA_CSLT):
             shape = [int(v) for v in cell[1:]]
-            if len(shape) not in (3, 5, 8):
-                raise ValueError(f"an mma.sp launch shape has 3, 5 or 8 fields, got {cell[1:]}")
+            if len(shape) not in (3, 5, 7):
+                raise ValueError(f"an mma.sp launch shape has 3, 5 or 7 fields, got {cell[1:]}")
             plan[int(b)] = Choice(backend, mma=MmaConfig(*shape))
             continue
         cfg = None
