@@ -114,13 +114,14 @@ def _file_name(key: Mapping[str, Any]) -> str:
 
 def _encode_choice(c: Choice) -> list[Any]:
     if c.mma is not None:
-        m = c.mma  # the tiled kernel's shapes add their stages and cluster size
+        m = c.mma  # the tiled kernel's shapes add their stages and cluster size, wgmma's a 1
         return [
             c.backend,
             m.row_tiles,
             m.warps,
             m.unroll,
             *((m.stages, m.split) if m.tiled else ()),
+            *((1,) if m.wgmma else ()),
         ]
     if c.cslt is None:
         return [c.backend]
@@ -152,9 +153,9 @@ def _decode_plan(
             raise ValueError(f"backend {backend!r} cannot run here")
         if len(cell) > 1 and backend in (MMA, MMA_CSLT):
             shape = [int(v) for v in cell[1:]]
-            if len(shape) not in (3, 5):
-                raise ValueError(f"an mma.sp launch shape has 3 or 5 fields, got {cell[1:]}")
-            plan[int(b)] = Choice(backend, mma=MmaConfig(*shape))
+            if len(shape) not in (3, 5, 6) or shape[5:] not in ([], [1]):
+                raise ValueError(f"an mma.sp launch shape has 3, 5 or 6 fields, got {cell[1:]}")
+            plan[int(b)] = Choice(backend, mma=MmaConfig(*shape[:5], wgmma=len(shape) == 6))
             continue
         cfg = None
         if len(cell) > 1:
