@@ -103,6 +103,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Orders this thread's completed cp.async writes (generic proxy) before the tensor cores'
+// reads of shared memory (async proxy) that follow the next barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -192,8 +198,10 @@ __device__ __forceinline__ Raw load_raw(const uint4* __restrict__ vals, const u3
     r.lo = uint4{0, 0, 0, 0};
     r.hi = uint4{0, 0, 0, 0};
   }
-  r.m0 = meta[w0];
-  r.m1 = whole ? meta[w0 + 64] : 0x44444444u;  // (0, 1) indices: zero weights there
+  // (0, 1) indices where there is no weight (the values there are zeros or never written):
+  // past K in a one-k-tile pair, and rows past N (N % 16 == 0: rows g, g + 8 alike).
+  r.m0 = row < N ? meta[w0] : 0x44444444u;
+  r.m1 = whole && row < N ? meta[w0 + 64] : 0x44444444u;
   return r;
 }
 
@@ -260,7 +268,8 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
 
   for (int i = 0; i < n; ++i) {
     cp_async_wait<RIA_S - 2>();  // chunk i has landed (this thread's copies) ...
-    __syncthreads();             // ... everyone's, and stage (i - 1) % S is free again
+    fence_proxy_async();
+    __syncthreads();  // ... everyone's, and stage (i - 1) % S is free again
     if (i + RIA_S - 1 < n)
       load_x(smem + (i + RIA_S - 1) % RIA_S * RIA_STAGE_BYTES, x, ldx, M, K, cb + i + RIA_S - 1);
     cp_async_commit();
