@@ -21,17 +21,19 @@ only dense, cuSPARSELt, the best mma.sp kernel on cuSPARSELt's buffer before the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from gpu_speed import distinct_copies, prune_24
 
-from ria.sparse import pack_24, sparse24_linear
+from ria.sparse import mma_sp, pack_24, sparse24_linear
 from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, share_cslt_buffer
 from ria.sparse.format import pack_mma24
 from ria.sparse.graphs import time_call
@@ -208,6 +210,31 @@ def wgmma_configs(m: int) -> tuple[MmaConfig, ...]:
     return tuple(dict.fromkeys([c for c in candidates(m, cslt=True) if c.wgmma] + [*WGMMA_SWEEP]))
 
 
+PREFETCH = ()  # --wgmma-prefetch: L2 prefetch distances (chunks) re-timed on the best shape
+
+
+@contextlib.contextmanager
+def wgmma_prefetch(chunks: int) -> Iterator[None]:
+    """The wgmma kernel compiled with RIA_PF = `chunks` (weight rows prefetched into L2 that
+    many chunks ahead; 0: none) instead of its default, for an ablation."""
+    source = mma_sp._source
+    default = "#define RIA_PF 2"
+
+    def patched(name: str = "mma_sp.cu") -> str:
+        text = source(name)
+        return text.replace(default, f"#define RIA_PF {chunks}") if name == "wgmma_sp.cu" else text
+
+    saved = dict(mma_sp._KERNELS)
+    mma_sp._KERNELS.clear()
+    mma_sp._source = patched
+    try:
+        yield
+    finally:
+        mma_sp._source = source
+        mma_sp._KERNELS.clear()
+        mma_sp._KERNELS.update(saved)
+
+
 def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
     """Dense, cuSPARSELt, the best mma.sp kernel on the buffer before wgmma ("old") and the
     wgmma kernel ("new"), per token count."""
@@ -243,6 +270,11 @@ def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
             row[f"{kind}_repeatable"] = all(
                 torch.equal(mma24_linear(x, compact[0], config=best), y) for _ in range(3)
             )
+        best = next(c for c in wgmma_configs(m) if str(c) == row["new_config"])
+        for pf in PREFETCH:
+            with wgmma_prefetch(pf):
+                _, t = mma_best_config(compact, x, configs=(best,))
+            row[f"new_pf{pf}_us"] = t[str(best)]
         row["dense_TBps"] = dense_bytes / row["dense_us"] / 1e6
         for kind in ("cslt", "old", "new"):
             row[f"{kind}_TBps"] = sparse_bytes / row[f"{kind}_us"] / 1e6
@@ -255,6 +287,8 @@ def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
             f"{row['dense_us'] / row['new_us']:.2f}x"
         )
         log("   new: " + " ".join(f"{c} {us:.1f}" for c, us in row["new_config_us"].items()))
+        if PREFETCH:
+            log("   L2 prefetch: " + " ".join(f"{p} {row[f'new_pf{p}_us']:.1f}" for p in PREFETCH))
     return rows
 
 
@@ -308,9 +342,11 @@ def main() -> None:
     ap.add_argument("--tiled-sweep", action="store_true", help="time more tiled launch shapes")
     ap.add_argument("--tiled-max-split", type=int, default=8, help="largest cluster timed")
     ap.add_argument("--wgmma-sweep", action="store_true", help="old vs the wgmma kernel only")
+    ap.add_argument("--wgmma-prefetch", default="", help="e.g. 0,4: L2 prefetch ablation")
     args = ap.parse_args()
-    global MAX_SPLIT
+    global MAX_SPLIT, PREFETCH
     MAX_SPLIT = args.tiled_max_split
+    PREFETCH = tuple(int(v) for v in args.wgmma_prefetch.split(",") if v)
     wg = args.wgmma_sweep
     ms = [int(v) for v in (args.ms or ("16,32,64" if wg else "1,4,8,16,32,64")).split(",")]
     out = args.out or f"benches/results/decode_kernels_h200{'_wgmma' if wg else ''}.json"
