@@ -97,6 +97,10 @@ WGMMA_SWEEP = tuple(
         (2, 8, 2, 3, 4),
         (1, 16, 1, 3, 8),
         (2, 4, 2, 3, 8),
+        (1, 8, 1, 4, 8),
+        (1, 4, 2, 3, 8),
+        (2, 4, 2, 3, 4),
+        (1, 8, 4, 2, 8),
     ]
 )
 
@@ -361,7 +365,7 @@ def main() -> None:
             n, k = {**SHAPES, **FUSED}[name]
             rows += bench_wgmma_shape(name, n, k, ms)
             torch.cuda.empty_cache()
-        write(out, rows)
+            write(out, rows)  # after each shape: a run cut short keeps what it measured
         print(wgmma_table(rows))
         return
     compile_kernels(DTYPE, ms)
