@@ -229,6 +229,80 @@ __device__ __forceinline__ uint4 swap_groups(const uint4& v, int t) {
   return s ? uint4{ra, rb, v.y, v.w} : uint4{v.x, v.z, ra, rb};
 }
 
+__device__ __forceinline__ void load_chunk(Raw (&buf)[RIA_R][RIA_U], const uint4* __restrict__ vals,
+                                           const u32* __restrict__ meta, int N, int K, int pairs,
+                                           int tile0, int q, int g, int t, int chunk) {
+#pragma unroll
+  for (int r = 0; r < RIA_R; ++r)
+#pragma unroll
+    for (int u = 0; u < RIA_U; ++u)
+      buf[r][u] = load_raw(vals, meta, N, K, tile0 + r, q, g, t, min(RIA_U * chunk + u, pairs - 1));
+}
+
+// Chunk cb + i: wait for its tokens, start the copies of chunk i + S - 1 and the loads of
+// chunk i + 1's weight into `nxt`, then multiply the weight in `cur`.
+__device__ __forceinline__ void chunk_step(float (&acc)[RIA_R][RIA_NACC], Raw (&cur)[RIA_R][RIA_U],
+                                           Raw (&nxt)[RIA_R][RIA_U], char* smem, u32 smem0,
+                                           const u16* __restrict__ x, int ldx,
+                                           const uint4* __restrict__ vals,
+                                           const u32* __restrict__ meta, int M, int N, int K,
+                                           int pairs, int tile0, int q, int g, int t, int cb,
+                                           int ce, int i) {
+  const int n = ce - cb;
+  cp_async_wait<RIA_S - 2>();  // chunk i has landed (this thread's copies) ...
+  fence_proxy_async();
+  __syncthreads();  // ... everyone's, and stage (i - 1) % S is free again
+  if (i + RIA_S - 1 < n)
+    load_x(smem + (i + RIA_S - 1) % RIA_S * RIA_STAGE_BYTES, x, ldx, M, K, cb + i + RIA_S - 1);
+  cp_async_commit();
+  load_chunk(nxt, vals, meta, N, K, pairs, tile0, q, g, t, min(cb + i + 1, ce - 1));
+#if RIA_PF
+  // More bytes in flight than the registers hold: lane t asks L2 for the t-th quarter of
+  // rows g and g + 8 of chunk i + RIA_PF (one 128-byte line serves several lanes).
+  if (i + RIA_PF < n) {
+    const long long off = (long long)RIA_KC * (cb + i + RIA_PF) + 16 * RIA_U * t;
+#pragma unroll
+    for (int r = 0; r < RIA_R; ++r) {
+      const int row = (tile0 + r) * 64 + 16 * q + g;
+      const char* base = (const char*)vals + off;
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(base + (long long)min(row, N - 1) * K));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(base + (long long)min(row + 8, N - 1) * K));
+    }
+  }
+#endif
+  u32 a[RIA_R][RIA_U][2][4], e[RIA_R][RIA_U];
+#pragma unroll
+  for (int r = 0; r < RIA_R; ++r)
+#pragma unroll
+    for (int u = 0; u < RIA_U; ++u) {
+      const uint4 lo = swap_groups(cur[r][u].lo, t), hi = swap_groups(cur[r][u].hi, t);
+      a[r][u][0][0] = lo.x, a[r][u][0][1] = hi.x, a[r][u][0][2] = lo.y, a[r][u][0][3] = hi.y;
+      a[r][u][1][0] = lo.z, a[r][u][1][1] = hi.z, a[r][u][1][2] = lo.w, a[r][u][1][3] = hi.w;
+      e[r][u] = wgmma_meta(cur[r][u].m0, cur[r][u].m1, t);
+    }
+  const u32 stage = smem0 + (u32)(i % RIA_S * RIA_STAGE_BYTES);
+  const int c = cb + i;
+#pragma unroll
+  for (int r = 0; r < RIA_R; ++r) fence_acc(acc[r]);
+  wgmma_fence();
+#pragma unroll
+  for (int u = 0; u < RIA_U; ++u) {
+    if (RIA_U * c + u < pairs) {
+      const u64 d0 = b_desc(stage + (8 * u) * RIA_LBO);
+      const u64 d1 = b_desc(stage + (8 * u + 4) * RIA_LBO);
+#pragma unroll
+      for (int r = 0; r < RIA_R; ++r) {
+        wgmma_sp<0>(acc[r], a[r][u][0], d0, e[r][u]);
+        wgmma_sp<1>(acc[r], a[r][u][1], d1, e[r][u]);
+      }
+    }
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+#pragma unroll
+  for (int r = 0; r < RIA_R; ++r) fence_acc(acc[r]);
+}
+
 extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
     ria_mma_sp24(const u16* __restrict__ x, int ldx, const uint4* __restrict__ vals,
                  const u32* __restrict__ meta, const void* order, const u16* __restrict__ bias,
@@ -258,81 +332,20 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
     if (s < n) load_x(smem + s * RIA_STAGE_BYTES, x, ldx, M, K, cb + s);
     cp_async_commit();  // empty groups too: the wait below counts groups
   }
-  Raw cur[RIA_R][RIA_U];
-#pragma unroll
-  for (int r = 0; r < RIA_R; ++r)
-#pragma unroll
-    for (int u = 0; u < RIA_U; ++u)
-      cur[r][u] = load_raw(vals, meta, N, K, tile0 + r, q, g, t,
-                           min(RIA_U * cb + u, pairs - 1));
-
-  for (int i = 0; i < n; ++i) {
-    cp_async_wait<RIA_S - 2>();  // chunk i has landed (this thread's copies) ...
-    fence_proxy_async();
-    __syncthreads();  // ... everyone's, and stage (i - 1) % S is free again
-    if (i + RIA_S - 1 < n)
-      load_x(smem + (i + RIA_S - 1) % RIA_S * RIA_STAGE_BYTES, x, ldx, M, K, cb + i + RIA_S - 1);
-    cp_async_commit();
-    // The next chunk's weight, in flight while this one is multiplied.
-    const int next = min(cb + i + 1, ce - 1);
-#if RIA_PF
-    // More bytes in flight than the registers hold: lane t asks L2 for the t-th quarter of
-    // rows g and g + 8 of chunk i + RIA_PF (one 128-byte line serves several lanes).
-    if (i + RIA_PF < n) {
-      const long long off = (long long)RIA_KC * (cb + i + RIA_PF) + 16 * RIA_U * t;
-#pragma unroll
-      for (int r = 0; r < RIA_R; ++r) {
-        const int row = (tile0 + r) * 64 + 16 * q + g;
-        const char* base = (const char*)vals + off;
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(base + (long long)min(row, N - 1) * K));
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(base + (long long)min(row + 8, N - 1) * K));
-      }
-    }
-#endif
-    Raw nxt[RIA_R][RIA_U];
-#pragma unroll
-    for (int r = 0; r < RIA_R; ++r)
-#pragma unroll
-      for (int u = 0; u < RIA_U; ++u)
-        nxt[r][u] = load_raw(vals, meta, N, K, tile0 + r, q, g, t,
-                             min(RIA_U * next + u, pairs - 1));
-
-    u32 a[RIA_R][RIA_U][2][4], e[RIA_R][RIA_U];
-#pragma unroll
-    for (int r = 0; r < RIA_R; ++r)
-#pragma unroll
-      for (int u = 0; u < RIA_U; ++u) {
-        const uint4 lo = swap_groups(cur[r][u].lo, t), hi = swap_groups(cur[r][u].hi, t);
-        a[r][u][0][0] = lo.x, a[r][u][0][1] = hi.x, a[r][u][0][2] = lo.y, a[r][u][0][3] = hi.y;
-        a[r][u][1][0] = lo.z, a[r][u][1][1] = hi.z, a[r][u][1][2] = lo.w, a[r][u][1][3] = hi.w;
-        e[r][u] = wgmma_meta(cur[r][u].m0, cur[r][u].m1, t);
-      }
-    const u32 stage = smem0 + (u32)(i % RIA_S * RIA_STAGE_BYTES);
-    const int c = cb + i;
-#pragma unroll
-    for (int r = 0; r < RIA_R; ++r) fence_acc(acc[r]);
-    wgmma_fence();
-#pragma unroll
-    for (int u = 0; u < RIA_U; ++u) {
-      if (RIA_U * c + u < pairs) {
-        const u64 d0 = b_desc(stage + (8 * u) * RIA_LBO);
-        const u64 d1 = b_desc(stage + (8 * u + 4) * RIA_LBO);
-#pragma unroll
-        for (int r = 0; r < RIA_R; ++r) {
-          wgmma_sp<0>(acc[r], a[r][u][0], d0, e[r][u]);
-          wgmma_sp<1>(acc[r], a[r][u][1], d1, e[r][u]);
-        }
-      }
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-#pragma unroll
-    for (int r = 0; r < RIA_R; ++r) fence_acc(acc[r]);
-#pragma unroll
-    for (int r = 0; r < RIA_R; ++r)
-#pragma unroll
-      for (int u = 0; u < RIA_U; ++u) cur[r][u] = nxt[r][u];
+  // Two register buffers take turns (chunk i in one, i + 1 loading into the other): a copy
+  // from the loading buffer at the end of each chunk would wait for its loads to land.
+  Raw buf0[RIA_R][RIA_U], buf1[RIA_R][RIA_U];
+  load_chunk(buf0, vals, meta, N, K, pairs, tile0, q, g, t, cb);
+  int i = 0;
+  for (; i + 1 < n; i += 2) {
+    chunk_step(acc, buf0, buf1, smem, smem0, x, ldx, vals, meta, M, N, K, pairs, tile0, q, g, t,
+               cb, ce, i);
+    chunk_step(acc, buf1, buf0, smem, smem0, x, ldx, vals, meta, M, N, K, pairs, tile0, q, g, t,
+               cb, ce, i + 1);
   }
+  if (i < n)
+    chunk_step(acc, buf0, buf1, smem, smem0, x, ldx, vals, meta, M, N, K, pairs, tile0, q, g, t,
+               cb, ce, i);
   cp_async_wait<0>();
   __syncthreads();  // every stage is read: the partial sums reuse the memory
 
