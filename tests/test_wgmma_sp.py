@@ -21,7 +21,7 @@ from ria.sparse.linear import Choice
 from ria.sparse.mma_sp import MmaConfig
 from ria.sparse.plan_cache import _decode_plan, _encode_choice
 
-WG = MmaConfig(1, 8, 2, 3, 4, wgmma=True)
+WG = MmaConfig(1, 8, 2, 3, 4, wgmma=True)  # (a shape of the sweep)
 
 
 def test_wgmma_config_fields_and_checks():
@@ -52,6 +52,8 @@ def test_wgmma_wrapper_operands(tiles, dtype):
 def test_wgmma_candidates_only_where_it_runs(monkeypatch):
     monkeypatch.setattr(mma_sp, "_has_wgmma", lambda: True)
     assert any(c.wgmma for c in mma_sp.candidates(16, cslt=True))
+    for m in (16, 32, 64):  # timed, but never the untuned default
+        assert not mma_sp.default_config(m, cslt=True).wgmma
     assert not any(c.wgmma for c in mma_sp.candidates(8, cslt=True))  # M <= 8: gemv kernels
     assert not any(c.wgmma for c in mma_sp.candidates(64))  # fragments: no wgmma form
     monkeypatch.setattr(mma_sp, "_has_wgmma", lambda: False)

@@ -137,11 +137,13 @@ _CSLT_HALF = (  # M <= 32
 _CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8, 2))
 # The warpgroup kernel (MmaConfig(R, W, U, stages, split, wgmma=True), sm_90 only) for
 # M > 8: 64 * R * W / 4 rows per block, the weight straight from HBM into wgmma.sp's
-# registers. Timed beside the others wherever it can run.
+# registers. Timed after the others wherever it can run (never the untuned default: in
+# the first sweep on an H200, benches/results/decode_kernels_h200_wgmma.json, it was not
+# faster than the kernels above); these shapes won a shape and token count there.
 _WG = (
-    MmaConfig(1, 8, 2, 3, 4, wgmma=True),
-    MmaConfig(1, 4, 4, 3, 4, wgmma=True),
-    MmaConfig(2, 8, 1, 3, 8, wgmma=True),
+    MmaConfig(2, 4, 2, 3, 8, wgmma=True),
+    MmaConfig(2, 8, 2, 3, 4, wgmma=True),
+    MmaConfig(2, 4, 2, 3, 4, wgmma=True),
 )
 CONFIGS = tuple(
     dict.fromkeys(_FEW + _SOME + _MANY + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY + _WG)
@@ -158,8 +160,8 @@ def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
             shapes = _CSLT_HALF if m <= 32 else _CSLT_MANY
         else:
             shapes = _CSLT_FEW if m <= 8 else _CSLT_SOME
-        if m > 8:
-            shapes = (*_WG, *shapes) if _has_wgmma() else shapes
+        if m > 8 and _has_wgmma():
+            shapes = (*shapes, *_WG)
         return shapes if _has_clusters() else tuple(c for c in shapes if c.split == 1)
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
 
