@@ -137,9 +137,9 @@ _CSLT_HALF = (  # M <= 32
 _CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8, 2))
 # The warpgroup kernel (MmaConfig(R, W, U, stages, split, wgmma=True), sm_90 only) for
 # M > 8: 64 * R * W / 4 rows per block, the weight straight from HBM into wgmma.sp's
-# registers. Timed after the others wherever it can run (never the untuned default: in
-# the first sweep on an H200, benches/results/decode_kernels_h200_wgmma.json, it was not
-# faster than the kernels above); these shapes won a shape and token count there.
+# registers. Timed after the others wherever it can run, never the untuned default: on an
+# H200 (benches/results/decode_kernels_h200_wgmma.json) it beat them at M = 64 on the three
+# LLaMA shapes by 1-14% and lost at M = 16 and 32; these shapes won a shape and count there.
 _WG = (
     MmaConfig(2, 4, 2, 3, 8, wgmma=True),
     MmaConfig(2, 8, 2, 3, 4, wgmma=True),

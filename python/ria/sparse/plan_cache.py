@@ -155,7 +155,9 @@ def _decode_plan(
             shape = [int(v) for v in cell[1:]]
             if len(shape) not in (3, 5, 6) or shape[5:] not in ([], [1]):
                 raise ValueError(f"an mma.sp launch shape has 3, 5 or 6 fields, got {cell[1:]}")
-            plan[int(b)] = Choice(backend, mma=MmaConfig(*shape[:5], wgmma=len(shape) == 6))
+            r, w, u, stages, split = [*shape, 0, 1][:5]  # (3 fields: the plain kernel)
+            mma = MmaConfig(r, w, u, stages, split, wgmma=len(shape) == 6)
+            plan[int(b)] = Choice(backend, mma=mma)
             continue
         cfg = None
         if len(cell) > 1:
