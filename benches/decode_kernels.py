@@ -13,22 +13,29 @@ stream from HBM; effective TB/s = bytes of the weight form read / time (dense: 2
 weight; 2:4 forms: 9/16 of that). Writes JSON to benches/results/ and prints a table.
 Usage: python benches/decode_kernels.py [--out PATH] [--ms 1,4,8,16,32,64] [--cslt-sweep]
 [--tiled-sweep]
+
+With `--wgmma-sweep` (M > 8; default --ms 16,32,64, --out .../decode_kernels_h200_wgmma.json):
+only dense, cuSPARSELt, the best mma.sp kernel on cuSPARSELt's buffer before the wgmma kernel
+("old": plain and tiled shapes of `candidates`) and the wgmma kernel ("new": its shapes in
+`candidates` and WGMMA_SWEEP, each timed), side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from gpu_speed import distinct_copies, prune_24
 
-from ria.sparse import pack_24, sparse24_linear
+from ria.sparse import mma_sp, pack_24, sparse24_linear
 from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, share_cslt_buffer
 from ria.sparse.format import pack_mma24
 from ria.sparse.graphs import time_call
@@ -74,6 +81,32 @@ TILED_SWEEP = tuple(
 )
 
 
+# The wgmma kernel's shapes (MmaConfig(R, W, U, stages, split, wgmma=True): W / 4 warpgroups
+# of R x 64 rows per block, 64 * U columns per stage, a cluster of `split` blocks over K)
+# timed with `--wgmma-sweep` besides those in `candidates`.
+WGMMA_SWEEP = tuple(
+    MmaConfig(*c, wgmma=True)
+    for c in [
+        (1, 4, 2, 3, 4),
+        (1, 4, 4, 3, 4),
+        (1, 4, 4, 3, 8),
+        (1, 8, 2, 3, 2),
+        (1, 8, 2, 3, 3),
+        (1, 8, 2, 3, 4),
+        (1, 8, 2, 3, 8),
+        (1, 8, 4, 2, 4),
+        (2, 8, 1, 3, 8),
+        (2, 8, 2, 3, 4),
+        (1, 16, 1, 3, 8),
+        (2, 4, 2, 3, 8),
+        (1, 8, 1, 4, 8),
+        (1, 4, 2, 3, 8),
+        (2, 4, 2, 3, 4),
+        (1, 8, 4, 2, 8),
+    ]
+)
+
+
 def cslt_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
     """The plain kernel's shapes timed on cuSPARSELt's buffer without the streaming options
     ("old")."""
@@ -114,7 +147,7 @@ def tiled_configs(m: int, sweep: bool) -> tuple[MmaConfig, ...]:
     """The tiled kernel's shapes timed for `m` tokens ("new"; none at m <= 8)."""
     if m <= 8:
         return ()
-    tiled = tuple(c for c in candidates(m, cslt=True) if c.tiled)
+    tiled = tuple(c for c in candidates(m, cslt=True) if c.tiled and not c.wgmma)
     shapes = tuple(dict.fromkeys(tiled + (TILED_SWEEP if sweep else ())))
     return tuple(c for c in shapes if c.split <= MAX_SPLIT)
 
@@ -220,6 +253,110 @@ def bench_shape(
     return rows
 
 
+def wgmma_configs(m: int) -> tuple[MmaConfig, ...]:
+    """The wgmma kernel's shapes timed for `m` tokens ("new")."""
+    return tuple(dict.fromkeys([c for c in candidates(m, cslt=True) if c.wgmma] + [*WGMMA_SWEEP]))
+
+
+PREFETCH = ()  # --wgmma-prefetch: L2 prefetch distances (chunks) re-timed on the best shape
+
+
+@contextlib.contextmanager
+def wgmma_prefetch(chunks: int) -> Iterator[None]:
+    """The wgmma kernel compiled with RIA_PF = `chunks` (weight rows prefetched into L2 that
+    many chunks ahead; 0: none) instead of its default, for an ablation."""
+    source = mma_sp._source
+    default = "#define RIA_PF 2"
+
+    def patched(name: str = "mma_sp.cu") -> str:
+        text = source(name)
+        return text.replace(default, f"#define RIA_PF {chunks}") if name == "wgmma_sp.cu" else text
+
+    saved = dict(mma_sp._KERNELS)
+    mma_sp._KERNELS.clear()
+    mma_sp._source = patched
+    try:
+        yield
+    finally:
+        mma_sp._source = source
+        mma_sp._KERNELS.clear()
+        mma_sp._KERNELS.update(saved)
+
+
+def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
+    """Dense, cuSPARSELt, the best mma.sp kernel on the buffer before wgmma ("old") and the
+    wgmma kernel ("new"), per token count."""
+    w0 = prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02)
+    copies = max(1, math.ceil(STREAM_BYTES / (n * k * 2)))
+    ws = distinct_copies(w0, copies, seed=n + k)
+    packed = [cslt_compress(w) for w in ws]
+    compact = [share_cslt_buffer(pack_24(w), p) for w, p in zip(ws, packed, strict=True)]
+    if any(c.layout != "cslt" for c in compact):
+        raise RuntimeError(f"{name}: cuSPARSELt's metadata is not in the expected layout")
+    dense_bytes, sparse_bytes = n * k * 2, n * k * 2 * 9 / 16
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+        ref = x.double() @ ws[0].double().t()
+        row: dict = {"shape": name, "n": n, "k": k, "m": m, "copies": copies}
+        row["dense_us"] = 1e3 * time_call(lambda x=x: [F.linear(x, w) for w in ws]) / copies
+        cfg = cslt_best_config(packed, x, sweep=False)
+        row["cslt_us"] = (
+            1e3
+            * time_call(lambda x=x, c=cfg: [cslt_linear(x, p, None, c) for p in packed])
+            / copies
+        )
+        for kind, shapes in [
+            ("old", cslt_configs(m, False) + tiled_configs(m, False)),
+            ("new", wgmma_configs(m)),
+        ]:
+            best, times = mma_best_config(compact, x, configs=shapes)
+            row[f"{kind}_config"], row[f"{kind}_config_us"] = str(best), times
+            row[f"{kind}_us"] = times[str(best)]
+            y = mma24_linear(x, compact[0], config=best)
+            row[f"{kind}_rel_err"] = float((y.double() - ref).norm() / ref.norm())
+            row[f"{kind}_repeatable"] = all(
+                torch.equal(mma24_linear(x, compact[0], config=best), y) for _ in range(3)
+            )
+        best = next(c for c in wgmma_configs(m) if str(c) == row["new_config"])
+        for pf in PREFETCH:
+            with wgmma_prefetch(pf):
+                _, t = mma_best_config(compact, x, configs=(best,))
+            row[f"new_pf{pf}_us"] = t[str(best)]
+        row["dense_TBps"] = dense_bytes / row["dense_us"] / 1e6
+        for kind in ("cslt", "old", "new"):
+            row[f"{kind}_TBps"] = sparse_bytes / row[f"{kind}_us"] / 1e6
+        rows.append(row)
+        log(
+            f"{name} M={m:>2}: dense {row['dense_us']:5.1f}  cslt {row['cslt_us']:5.1f}  "
+            f"old {row['old_us']:5.1f} ({row['old_config']})  new {row['new_us']:5.1f} "
+            f"({row['new_config']}, {row['new_TBps']:.2f} TB/s, err {row['new_rel_err']:.1e}, "
+            f"repeatable {row['new_repeatable']})  new vs dense "
+            f"{row['dense_us'] / row['new_us']:.2f}x"
+        )
+        log("   new: " + " ".join(f"{c} {us:.1f}" for c, us in row["new_config_us"].items()))
+        if PREFETCH:
+            log("   L2 prefetch: " + " ".join(f"{p} {row[f'new_pf{p}_us']:.1f}" for p in PREFETCH))
+    return rows
+
+
+def wgmma_table(rows: list[dict]) -> str:
+    out = [
+        "| shape | M | dense us (TB/s) | cuSPARSELt us | old us (TB/s) | wgmma us (TB/s) "
+        "| old vs dense | wgmma vs dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['dense_us']:.1f} "
+            f"({r['dense_TBps']:.2f}) | {r['cslt_us']:.1f} | {r['old_us']:.1f} "
+            f"({r['old_TBps']:.2f}) {r['old_config']} | {r['new_us']:.1f} ({r['new_TBps']:.2f}) "
+            f"{r['new_config']} | {r['dense_us'] / r['old_us']:.2f}x | "
+            f"{r['dense_us'] / r['new_us']:.2f}x |"
+        )
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     out = [
         "| shape | M | dense us | cuSPARSELt us | Triton us | mma us (TB/s) | mma+order us "
@@ -247,17 +384,37 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benches/results/decode_kernels_h200.json")
-    ap.add_argument("--ms", default="1,4,8,16,32,64")
+    ap.add_argument(
+        "--out", default=None, help="default: benches/results/decode_kernels_h200*.json"
+    )
+    ap.add_argument("--ms", default=None, help="default: 1,4,8,16,32,64 (--wgmma-sweep: 16,32,64)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {[*SHAPES, *FUSED]}")
     ap.add_argument("--cslt-sweep", action="store_true", help="time more mma_cslt launch shapes")
     ap.add_argument("--tiled-sweep", action="store_true", help="time more tiled launch shapes")
     ap.add_argument("--tiled-max-split", type=int, default=8, help="largest cluster timed")
+    ap.add_argument("--wgmma-sweep", action="store_true", help="old vs the wgmma kernel only")
+    ap.add_argument("--wgmma-prefetch", default="", help="e.g. 0,4: L2 prefetch ablation")
     args = ap.parse_args()
-    global MAX_SPLIT
+    global MAX_SPLIT, PREFETCH
     MAX_SPLIT = args.tiled_max_split
-    ms = [int(v) for v in args.ms.split(",")]
+    PREFETCH = tuple(int(v) for v in args.wgmma_prefetch.split(",") if v)
+    wg = args.wgmma_sweep
+    ms = [int(v) for v in (args.ms or ("16,32,64" if wg else "1,4,8,16,32,64")).split(",")]
+    out = args.out or f"benches/results/decode_kernels_h200{'_wgmma' if wg else ''}.json"
     t0 = time.perf_counter()
+    if wg:
+        for m in ms:
+            shapes = cslt_configs(m, False) + tiled_configs(m, False) + wgmma_configs(m)
+            compile_kernels(DTYPE, [m], cslt=True, configs=shapes, threads=16)
+        log(f"kernels compiled in {time.perf_counter() - t0:.1f}s")
+        rows = []
+        for name in args.shapes.split(","):
+            n, k = {**SHAPES, **FUSED}[name]
+            rows += bench_wgmma_shape(name, n, k, ms)
+            torch.cuda.empty_cache()
+            write(out, rows)  # after each shape: a run cut short keeps what it measured
+        print(wgmma_table(rows))
+        return
     compile_kernels(DTYPE, ms)
     compile_kernels(DTYPE, ms, order_dtype=torch.int32)
     for m in ms:
@@ -270,6 +427,11 @@ def main() -> None:
         n, k = {**SHAPES, **FUSED}[name]
         rows += bench_shape(name, n, k, ms, args.cslt_sweep, args.tiled_sweep)
         torch.cuda.empty_cache()
+    write(out, rows)
+    print(table(rows))
+
+
+def write(out: str, rows: list[dict]) -> None:
     result = {
         "command": " ".join(__import__("sys").argv),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
@@ -280,9 +442,8 @@ def main() -> None:
         "python": platform.python_version(),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(table(rows))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,12 @@ class MmaConfig:
     Plain kernel only (`mma_sp.cu`): `hint` is the weight loads' cache hint (RIA_LDH: 0
     none, 1 no L1 allocation, 2 that and a 256-byte L2 fetch around each load, 3 the L2
     fetch alone); `late_b` = 1 loads the tokens' B fragments per k-step instead of with
-    the batch (fewer registers, so more pairs in flight per warp)."""
+    the batch (fewer registers, so more pairs in flight per warp).
+
+    With `wgmma` (the warpgroup kernel, `wgmma_sp.cu`, compute capability 9.0 only, the
+    tiled kernel's inputs): `warps // 4` warpgroups per block, each owning `row_tiles`
+    tiles of 64 rows, `unroll` pairs of k-steps per stage of the tokens, `stages` stages,
+    `split` blocks of a cluster splitting the input columns."""
 
     row_tiles: int = 1
     warps: int = 16
@@ -76,6 +81,7 @@ class MmaConfig:
     split: int = 1
     hint: int = 0
     late_b: int = 0
+    wgmma: bool = False
 
     def __post_init__(self) -> None:
         if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
@@ -93,6 +99,11 @@ class MmaConfig:
                 "the tiled kernel needs stages >= 2, split <= 8 and row_tiles * warps a "
                 f"multiple of 4 (whole 64-row blocks), got {self!r}"
             )
+        if self.wgmma and (self.stages < 2 or self.warps % 4):
+            raise InvalidArgumentError(
+                "the wgmma kernel needs stages >= 2 and whole warpgroups (warps % 4 == 0), "
+                f"got {self!r}"
+            )
 
     @property
     def tiled(self) -> bool:
@@ -100,6 +111,8 @@ class MmaConfig:
         return self.stages > 0
 
     def __str__(self) -> str:
+        if self.wgmma:
+            return f"g{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         if self.tiled:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         extra = (f"h{self.hint}" if self.hint else "") + ("b" if self.late_b else "")
@@ -156,9 +169,19 @@ _CSLT_HALF = (  # M <= 32
     _T1,
 )
 _CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8, 2))
+# The warpgroup kernel (MmaConfig(R, W, U, stages, split, wgmma=True), sm_90 only) for
+# M > 8: 64 * R * W / 4 rows per block, the weight straight from HBM into wgmma.sp's
+# registers. Timed after the others wherever it can run, never the untuned default: on an
+# H200 (benches/results/decode_kernels_h200_wgmma.json) it beat them at M = 64 on the three
+# LLaMA shapes by 1-14% and lost at M = 16 and 32; these shapes won a shape and count there.
+_WG = (
+    MmaConfig(2, 4, 2, 3, 8, wgmma=True),
+    MmaConfig(2, 8, 2, 3, 4, wgmma=True),
+    MmaConfig(2, 4, 2, 3, 4, wgmma=True),
+)
 CONFIGS = tuple(
     dict.fromkeys(
-        _FEW + _SOME + _MANY + _CSLT_ONE + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY
+        _FEW + _SOME + _MANY + _CSLT_ONE + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY + _WG
     )
 )
 
@@ -166,13 +189,15 @@ CONFIGS = tuple(
 def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     """The launch shapes worth timing for `m` tokens (weights in cuSPARSELt's buffer if
     `cslt`), less those the current GPU cannot launch (clusters before compute capability
-    9.0)."""
+    9.0, the wgmma kernel on anything but 9.0)."""
     if cslt:
         shapes: tuple[MmaConfig, ...]
         if m > 16:
             shapes = _CSLT_HALF if m <= 32 else _CSLT_MANY
         else:
             shapes = (_CSLT_ONE if m == 1 else _CSLT_FEW) if m <= 8 else _CSLT_SOME
+        if m > 8 and _has_wgmma():
+            shapes = (*shapes, *_WG)
         return shapes if _has_clusters() else tuple(c for c in shapes if c.split == 1)
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
 
@@ -188,6 +213,19 @@ def _has_clusters() -> bool:
 @functools.cache
 def _capability_at_least_9(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _has_wgmma() -> bool:
+    """Whether the current GPU runs wgmma (compute capability 9.0, the sm_90a target);
+    True without CUDA, where the shapes are only listed."""
+    if not torch.cuda.is_available():
+        return True
+    return _capability_is_90(torch.cuda.current_device())
+
+
+@functools.cache
+def _capability_is_90(device: int) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def default_config(m: int, cslt: bool = False, ordered: bool = False) -> MmaConfig:
@@ -224,8 +262,8 @@ def kernel_cache_dir() -> Path:
     return cache_dir() / "kernels"
 
 
-def _source() -> str:
-    return resources.files("ria.sparse").joinpath("mma_sp.cu").read_text("utf-8")
+def _source(name: str = "mma_sp.cu") -> str:
+    return resources.files("ria.sparse").joinpath(name).read_text("utf-8")
 
 
 _ORDER_BITS = {None: 0, torch.int32: 32, torch.int64: 64}
@@ -278,6 +316,8 @@ def _kernel_source(
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
     }
+    if config.wgmma:
+        return _wgmma_source(dtype, config, tiles)
     # (only when set: the other kernels' sources and disk cache keys stay)
     if config.hint:
         defines["RIA_LDH"] = config.hint
@@ -288,9 +328,53 @@ def _kernel_source(
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
 
 
-def _arch() -> str:
+def _wgmma_source(dtype: torch.dtype, config: MmaConfig, tiles: int) -> str:
+    """`wgmma_sp.cu` for `tiles` token tiles, with its settings and the inline-assembly
+    wrapper of `wgmma.mma_async.sp` m64nNk32, N = 8 * tiles (its operand list depends on N)."""
+    defines = {
+        "RIA_F16": int(dtype == torch.float16),
+        "RIA_R": config.row_tiles,
+        "RIA_WG": config.warps // 4,
+        "RIA_U": config.unroll,
+        "RIA_S": config.stages,
+        "RIA_SK": config.split,
+        "RIA_NT": tiles,
+        "RIA_NACC": 4 * tiles,
+    }
+    head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
+    return head + wgmma_wrapper(tiles, dtype) + _source("wgmma_sp.cu")
+
+
+def wgmma_wrapper(tiles: int, dtype: torch.dtype) -> str:
+    """CUDA source of `wgmma_sp<SEL>(acc, a, desc, e)`: one m64nNk32 sparse wgmma with A (4
+    registers) and the metadata word `e` (sparsity selector SEL) from registers, B through
+    the shared-memory descriptor `desc` (K-major), fp32 accumulators `acc` (N / 2 per
+    thread, added to: scale-d 1)."""
+    n_acc = 4 * tiles
+    ab = "f16" if dtype == torch.float16 else "bf16"
+    acc = ", ".join(f"%{i}" for i in range(n_acc))
+    a = ", ".join(f"%{n_acc + i}" for i in range(4))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n_acc))
+    return (
+        "template <int SEL>\n"
+        "__device__ __forceinline__ void wgmma_sp(float (&d)[RIA_NACC], "
+        "const unsigned int (&a)[4], unsigned long long desc, unsigned int e) {\n"
+        '  asm volatile("{\\n.reg .pred p;\\n'
+        f"setp.ne.b32 p, %{n_acc + 6}, 0;\\n"
+        f"wgmma.mma_async.sp.sync.aligned.m64n{8 * tiles}k32.f32.{ab}.{ab} "
+        f'{{{acc}}}, {{{a}}}, %{n_acc + 4}, %{n_acc + 5}, %{n_acc + 7}, p, 1, 1, 0;\\n}}\\n"\n'
+        f"      : {outs}\n"
+        '      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e), "r"(1), '
+        '"n"(SEL));\n'
+        "}\n"
+    )
+
+
+def _arch(config: MmaConfig | None = None) -> str:
+    """NVRTC's target for the current GPU: sm_90a (Hopper's own instructions) for the wgmma
+    kernel."""
     major, minor = torch.cuda.get_device_capability()
-    return f"{major}{minor}"
+    return f"{major}{minor}" + ("a" if config is not None and config.wgmma else "")
 
 
 def compile_kernels(
@@ -313,10 +397,11 @@ def compile_kernels(
         for m in token_counts
         for c in (candidates(m, cslt) if shapes is None else shapes)
     }
-    sources = [_kernel_source(dtype, c, t, bits, cslt=cslt) for c, t in sorted(jobs, key=str)]
-    arch = _arch()
+    sources = [
+        (_kernel_source(dtype, c, t, bits, cslt=cslt), _arch(c)) for c, t in sorted(jobs, key=str)
+    ]
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda src: _compile(src, arch), sources))
+        list(pool.map(lambda job: _compile(*job), sources))
 
 
 def _kernel(
@@ -333,8 +418,10 @@ def _kernel(
     if kernel is None:
         from torch.cuda import _utils
 
+        if config.wgmma and not _has_wgmma():
+            raise InvalidArgumentError(f"{config} needs wgmma (compute capability 9.0)")
         source = _kernel_source(dtype, config, tiles, order_bits, e4m3, cslt)
-        binary = _compile(source, _arch())
+        binary = _compile(source, _arch(config))
         loaded = _utils._cuda_load_module(binary, [_ENTRY])
         kernel = loaded[_ENTRY] if isinstance(loaded, dict) else getattr(loaded, _ENTRY)
         smem = _smem_bytes(config, tiles)
@@ -349,7 +436,12 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
     warp, row tile, token tile, lane. Tiled kernel (as RIA_STAGE_BYTES in mma_sp.cu):
     `stages` stages of values (rows x (64 * unroll + 16) bytes), tokens (8 * tiles x
     (128 * unroll + 16) bytes) and metadata (256 bytes per 64 rows and 32 columns), and with
-    `split > 1` at least the block's fp32 sums (rows x tokens) for the cluster's reduction."""
+    `split > 1` at least the block's fp32 sums (rows x tokens) for the cluster's reduction.
+    Wgmma kernel (as in wgmma_sp.cu): `stages` stages of tokens (8 * tiles x 128 * unroll
+    bytes), and the block's fp32 sums (tokens x (rows + 4))."""
+    if config.wgmma:
+        rows = 64 * config.row_tiles * (config.warps // 4)
+        return max(config.stages * 1024 * config.unroll * tiles, 4 * 8 * tiles * (rows + 4))
     if not config.tiled:
         return 4 * config.warps * config.row_tiles * tiles * 4 * 32
     rows, u = 16 * config.row_tiles * config.warps, config.unroll
@@ -360,7 +452,8 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
 
 def _grid(config: MmaConfig, row_tiles: int) -> tuple[int, int, int]:
     """Blocks: one per `config.row_tiles` row tiles (plain kernel), or per block of
-    16 * row_tiles * warps rows times `split` (tiled kernel)."""
+    16 * row_tiles * warps rows (tiled kernel; wgmma kernel: 64 * row_tiles * warps / 4)
+    times `split`."""
     if not config.tiled:
         return (-(-row_tiles // config.row_tiles), 1, 1)
     return (-(-row_tiles // (config.row_tiles * config.warps)), config.split, 1)

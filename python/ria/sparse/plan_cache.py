@@ -14,6 +14,7 @@ The directory is `$RIA_CACHE/sparsify-plans` (default: the platform cache, see
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from .cslt import CsltConfig
 from .linear import BACKENDS, MMA, MMA_CSLT, Choice
 from .mma_sp import MmaConfig
 
-FORMAT = 1  # bump when the file layout changes: old files then read as stale
+FORMAT = 2  # bump when the file layout changes: old files then read as stale
 
 __all__ = ["FORMAT", "PlanCache", "TunedPlan", "default_plan_dir", "library_versions", "plan_key"]
 
@@ -114,14 +115,13 @@ def _file_name(key: Mapping[str, Any]) -> str:
 
 def _encode_choice(c: Choice) -> list[Any]:
     if c.mma is not None:
-        m = c.mma  # the tiled kernel's shapes add their stages and cluster size, the
-        # plain kernel's streaming ones (M <= 8) those and hint, late_b (MmaConfig's order)
-        fields = [m.row_tiles, m.warps, m.unroll]
-        if m.tiled or m.streaming:
-            fields += [m.stages, m.split]
-        if m.streaming:
-            fields += [m.hint, m.late_b]
-        return [c.backend, *fields]
+        # A launch shape by its fields that differ from MmaConfig's defaults.
+        fields = {
+            f.name: getattr(c.mma, f.name)
+            for f in dataclasses.fields(c.mma)
+            if getattr(c.mma, f.name) != f.default
+        }
+        return [c.backend, fields]
     if c.cslt is None:
         return [c.backend]
     return [c.backend, c.cslt.alg_id, c.cslt.split_k, c.cslt.split_k_mode]
@@ -151,10 +151,12 @@ def _decode_plan(
         if backend not in usable:
             raise ValueError(f"backend {backend!r} cannot run here")
         if len(cell) > 1 and backend in (MMA, MMA_CSLT):
-            shape = [int(v) for v in cell[1:]]
-            if len(shape) not in (3, 5, 7):
-                raise ValueError(f"an mma.sp launch shape has 3, 5 or 7 fields, got {cell[1:]}")
-            plan[int(b)] = Choice(backend, mma=MmaConfig(*shape))
+            if len(cell) != 2 or not isinstance(cell[1], dict):
+                raise ValueError(f"an mma.sp launch shape is one object of fields, got {cell[1:]}")
+            known = {f.name for f in dataclasses.fields(MmaConfig)}
+            if not cell[1].keys() <= known:
+                raise ValueError(f"unknown launch-shape fields {sorted(cell[1].keys() - known)}")
+            plan[int(b)] = Choice(backend, mma=MmaConfig(**cell[1]))  # validates the values
             continue
         cfg = None
         if len(cell) > 1:
