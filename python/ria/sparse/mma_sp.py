@@ -205,27 +205,26 @@ def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
 def _has_clusters() -> bool:
     """Whether the current GPU launches thread-block clusters (sm_90+); True without CUDA,
     where nothing is launched and the shapes are only listed."""
-    if not torch.cuda.is_available():
-        return True
-    return _capability_at_least_9(torch.cuda.current_device())
-
-
-@functools.cache
-def _capability_at_least_9(device: int) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    capability = _capability()
+    return capability is None or capability >= (9, 0)
 
 
 def _has_wgmma() -> bool:
     """Whether the current GPU runs wgmma (compute capability 9.0, the sm_90a target);
     True without CUDA, where the shapes are only listed."""
+    return _capability() in (None, (9, 0))
+
+
+def _capability() -> tuple[int, int] | None:
+    """The current CUDA device's compute capability (None without CUDA)."""
     if not torch.cuda.is_available():
-        return True
-    return _capability_is_90(torch.cuda.current_device())
+        return None
+    return _device_capability(torch.cuda.current_device())
 
 
 @functools.cache
-def _capability_is_90(device: int) -> bool:
-    return torch.cuda.get_device_capability(device) == (9, 0)
+def _device_capability(device: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def default_config(m: int, cslt: bool = False, ordered: bool = False) -> MmaConfig:
