@@ -141,6 +141,20 @@ def random_24(n: int, k: int, dtype=torch.bfloat16, device="cpu", seed: int = 0)
     return (w * keep).to(device)
 
 
+def assert_mma_config_matches(x, weight, bias, ref, config) -> torch.Tensor:
+    """`ria.sparse.mma_sp.mma24_linear(x, weight, bias, config=config)` is `(M, N)` in x's
+    dtype, within 1% (relative) of `ref` (the exact product, float64), and a second call
+    gives the same bits; returns it."""
+    from ria.sparse.mma_sp import mma24_linear
+
+    y = mma24_linear(x, weight, bias, config=config)
+    assert y.shape == (x.shape[0], ref.shape[1]) and y.dtype == x.dtype
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert err < 1e-2, (tuple(ref.shape), x.shape[0], config, err)
+    assert torch.equal(mma24_linear(x, weight, bias, config=config), y), config
+    return y
+
+
 def prune_model_24(model: torch.nn.Module) -> torch.nn.Module:
     """Prune every decoder Linear to 2:4 by magnitude (no data needed), in place."""
     ria.prune(model, sparsity="2:4", method="magnitude", calibration=None, progress=False)

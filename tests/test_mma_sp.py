@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import needs_cuda, random_24
+from helpers import assert_mma_config_matches, needs_cuda, random_24
 
 from ria.errors import InvalidArgumentError
 from ria.sparse.format import (
@@ -407,7 +407,7 @@ def test_mma_tiled_kernel_reads_cusparselt_buffer(dtype):
     too), with and without bias, the LLaMA-2-7B shapes and small odd ones; a strided x and
     repeated calls give the same bits (the split-K sums are added in a fixed order)."""
     from ria.sparse.cslt import cslt_compress, share_cslt_buffer
-    from ria.sparse.mma_sp import CONFIGS, MmaConfig, compile_kernels, mma24_linear
+    from ria.sparse.mma_sp import CONFIGS, MmaConfig, compile_kernels
 
     shapes = [c for c in CONFIGS if c.tiled and not c.wgmma]
     shapes += [MmaConfig(1, 4, 1, 2, 1), MmaConfig(2, 2, 2, 3, 8), MmaConfig(4, 2, 1, 4, 2)]
@@ -423,10 +423,7 @@ def test_mma_tiled_kernel_reads_cusparselt_buffer(dtype):
             for bias in (None, b) if small else (b,):
                 ref = _reference(x, w, bias, None)
                 for cfg in shapes:
-                    y = mma24_linear(x, c, bias, config=cfg)
-                    assert y.shape == (m, n) and y.dtype == dtype
-                    assert _rel_err(y, ref) < 1e-2, (n, k, m, cfg)
-                    assert torch.equal(mma24_linear(x, c, bias, config=cfg), y), cfg
+                    assert_mma_config_matches(x, c, bias, ref, cfg)
 
 
 def test_cusparselt_buffer_is_shared_when_it_decodes_to_the_weight():
@@ -550,10 +547,7 @@ def test_mma_streaming_kernel_reads_cusparselt_buffer(dtype):
             for bias in (None, b):
                 ref = _reference(x, w, bias, None)
                 for cfg in shapes:
-                    y = mma24_linear(x, c, bias, config=cfg)
-                    assert y.shape == (m, n) and y.dtype == dtype
-                    assert _rel_err(y, ref) < 1e-2, (n, k, m, cfg)
-                    assert torch.equal(mma24_linear(x, c, bias, config=cfg), y), cfg
+                    assert_mma_config_matches(x, c, bias, ref, cfg)
                     if n * k < 2**20 and cfg == shapes[0]:  # packed fragments, small shapes
                         assert _rel_err(mma24_linear(x, frags, bias, config=cfg), ref) < 1e-2
 
