@@ -23,19 +23,17 @@ only dense, cuSPARSELt, the best mma.sp kernel on cuSPARSELt's buffer before the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import platform
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from gpu_speed import distinct_copies, prune_24
 
-from ria.sparse import mma_sp, pack_24, sparse24_linear
+from ria.sparse import pack_24, sparse24_linear
 from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, share_cslt_buffer
 from ria.sparse.format import pack_mma24
 from ria.sparse.graphs import time_call
@@ -159,9 +157,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def bench_shape(
-    name: str, n: int, k: int, ms: list[int], sweep: bool, tiled_sweep: bool
-) -> list[dict]:
+def buffer_weights(name: str, n: int, k: int) -> tuple[list, list, list, int]:
+    """Distinct 2:4 copies of one `(n, k)` weight (> STREAM_BYTES together, so they stream
+    from HBM), their cuSPARSELt buffers and the compact forms sharing them; copies."""
     w0 = prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02)
     copies = max(1, math.ceil(STREAM_BYTES / (n * k * 2)))
     ws = distinct_copies(w0, copies, seed=n + k)
@@ -169,6 +167,31 @@ def bench_shape(
     compact = [share_cslt_buffer(pack_24(w), p) for w, p in zip(ws, packed, strict=True)]
     if any(c.layout != "cslt" for c in compact):
         raise RuntimeError(f"{name}: cuSPARSELt's metadata is not in the expected layout")
+    return ws, packed, compact, copies
+
+
+def time_best(
+    row: dict, key: str, forms: list, x: torch.Tensor, ref: torch.Tensor, configs=None
+) -> MmaConfig:
+    """The fastest of `configs` (default: `candidates`) on `forms` for `x`, into `row` as
+    `{key}_config`, `{key}_config_us` (every shape's time), `{key}_us`, `{key}_rel_err`
+    (against `ref`, the first form's exact product) and `{key}_repeatable` (three more
+    calls give the same bits)."""
+    best, times = mma_best_config(forms, x, configs=configs)
+    row[f"{key}_config"], row[f"{key}_config_us"] = str(best), times
+    row[f"{key}_us"] = times[str(best)]
+    y = mma24_linear(x, forms[0], config=best)
+    row[f"{key}_rel_err"] = float((y.double() - ref).norm() / ref.norm())
+    row[f"{key}_repeatable"] = all(
+        torch.equal(mma24_linear(x, forms[0], config=best), y) for _ in range(3)
+    )
+    return best
+
+
+def bench_shape(
+    name: str, n: int, k: int, ms: list[int], sweep: bool, tiled_sweep: bool
+) -> list[dict]:
+    ws, packed, compact, copies = buffer_weights(name, n, k)
     frags = [pack_mma24(w) for w in ws]
     order = torch.randperm(k, device="cuda", dtype=torch.int32)
     dense_bytes, sparse_bytes = n * k * 2, n * k * 2 * 9 / 16
@@ -185,32 +208,12 @@ def bench_shape(
         cfg = cslt_best_config(packed, x, sweep=False)
         row["cslt_us"] = per_call(lambda x=x, c=cfg: [cslt_linear(x, p, None, c) for p in packed])
         row["triton_us"] = per_call(lambda x=x: [sparse24_linear(x, c) for c in compact])
-        best, times = mma_best_config(frags, x)
-        row["mma_config"], row["mma_config_us"] = str(best), times
-        row["mma_us"] = times[str(best)]
-        tiled, times = mma_best_config(compact, x, configs=cslt_configs(m, sweep))
-        row["mma_cslt_config"], row["mma_cslt_config_us"] = str(tiled), times
-        row["mma_cslt_us"] = times[str(tiled)]
-        yc = mma24_linear(x, compact[0], config=tiled)
-        row["mma_cslt_rel_err"] = float((yc.double() - ref).norm() / ref.norm())
-        gemv = gemv_configs(m, sweep)
-        if gemv:
-            best_gemv, times = mma_best_config(compact, x, configs=gemv)
-            row["mma_gemv_config"], row["mma_gemv_config_us"] = str(best_gemv), times
-            row["mma_gemv_us"] = times[str(best_gemv)]
-            yg = mma24_linear(x, compact[0], config=best_gemv)
-            row["mma_gemv_rel_err"] = float((yg.double() - ref).norm() / ref.norm())
-        new = tiled_configs(m, tiled_sweep)
-        if new:
-            best_new, times = mma_best_config(compact, x, configs=new)
-            row["mma_tiled_config"], row["mma_tiled_config_us"] = str(best_new), times
-            row["mma_tiled_us"] = times[str(best_new)]
-            yt = mma24_linear(x, compact[0], config=best_new)
-            row["mma_tiled_rel_err"] = float((yt.double() - ref).norm() / ref.norm())
-            # the split-K sums are added in a fixed order: every call gives the same bits
-            row["mma_tiled_repeatable"] = all(
-                torch.equal(mma24_linear(x, compact[0], config=best_new), yt) for _ in range(3)
-            )
+        best = time_best(row, "mma", frags, x, ref)
+        plain = time_best(row, "mma_cslt", compact, x, ref, cslt_configs(m, sweep))
+        if gemv_configs(m, sweep):
+            time_best(row, "mma_gemv", compact, x, ref, gemv_configs(m, sweep))
+        if tiled_configs(m, tiled_sweep):  # (split-K sums in a fixed order: repeatable)
+            time_best(row, "mma_tiled", compact, x, ref, tiled_configs(m, tiled_sweep))
         # What tuning picks on the buffer (`candidates`: plain and tiled shapes).
         row["mma_cslt_tuned_us"] = min(
             row["mma_cslt_us"], row.get("mma_tiled_us", math.inf), row.get("mma_gemv_us", math.inf)
@@ -218,8 +221,6 @@ def bench_shape(
         row["mma_order_us"] = per_call(
             lambda x=x, b=best: [mma24_linear(x, f, order=order, config=b) for f in frags]
         )
-        y = mma24_linear(x, frags[0], config=best)
-        row["mma_rel_err"] = float((y.double() - ref).norm() / ref.norm())
         yo = mma24_linear(x, frags[0], order=order, config=best)
         ref_o = x[:, order.long()].double() @ ws[0].double().t()
         row["mma_order_rel_err"] = float((yo.double() - ref_o).norm() / ref_o.norm())
@@ -247,7 +248,7 @@ def bench_shape(
             f"triton {row['triton_us']:6.1f}  mma {row['mma_us']:6.1f} ({best}, "
             f"{row['mma_TBps']:.2f} TB/s, err {row['mma_rel_err']:.1e})  "
             f"mma+order {row['mma_order_us']:6.1f}  mma_cslt {row['mma_cslt_us']:6.1f} "
-            f"({tiled}, {row['mma_cslt_TBps']:.2f} TB/s, err {row['mma_cslt_rel_err']:.1e})"
+            f"({plain}, {row['mma_cslt_TBps']:.2f} TB/s, err {row['mma_cslt_rel_err']:.1e})"
             f"{new_msg} us"
         )
     return rows
@@ -258,41 +259,10 @@ def wgmma_configs(m: int) -> tuple[MmaConfig, ...]:
     return tuple(dict.fromkeys([c for c in candidates(m, cslt=True) if c.wgmma] + [*WGMMA_SWEEP]))
 
 
-PREFETCH = ()  # --wgmma-prefetch: L2 prefetch distances (chunks) re-timed on the best shape
-
-
-@contextlib.contextmanager
-def wgmma_prefetch(chunks: int) -> Iterator[None]:
-    """The wgmma kernel compiled with RIA_PF = `chunks` (weight rows prefetched into L2 that
-    many chunks ahead; 0: none) instead of its default, for an ablation."""
-    source = mma_sp._source
-    default = "#define RIA_PF 2"
-
-    def patched(name: str = "mma_sp.cu") -> str:
-        text = source(name)
-        return text.replace(default, f"#define RIA_PF {chunks}") if name == "wgmma_sp.cu" else text
-
-    saved = dict(mma_sp._KERNELS)
-    mma_sp._KERNELS.clear()
-    mma_sp._source = patched
-    try:
-        yield
-    finally:
-        mma_sp._source = source
-        mma_sp._KERNELS.clear()
-        mma_sp._KERNELS.update(saved)
-
-
 def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
     """Dense, cuSPARSELt, the best mma.sp kernel on the buffer before wgmma ("old") and the
     wgmma kernel ("new"), per token count."""
-    w0 = prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02)
-    copies = max(1, math.ceil(STREAM_BYTES / (n * k * 2)))
-    ws = distinct_copies(w0, copies, seed=n + k)
-    packed = [cslt_compress(w) for w in ws]
-    compact = [share_cslt_buffer(pack_24(w), p) for w, p in zip(ws, packed, strict=True)]
-    if any(c.layout != "cslt" for c in compact):
-        raise RuntimeError(f"{name}: cuSPARSELt's metadata is not in the expected layout")
+    ws, packed, compact, copies = buffer_weights(name, n, k)
     dense_bytes, sparse_bytes = n * k * 2, n * k * 2 * 9 / 16
     rows = []
     for m in ms:
@@ -310,19 +280,7 @@ def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
             ("old", cslt_configs(m, False) + tiled_configs(m, False)),
             ("new", wgmma_configs(m)),
         ]:
-            best, times = mma_best_config(compact, x, configs=shapes)
-            row[f"{kind}_config"], row[f"{kind}_config_us"] = str(best), times
-            row[f"{kind}_us"] = times[str(best)]
-            y = mma24_linear(x, compact[0], config=best)
-            row[f"{kind}_rel_err"] = float((y.double() - ref).norm() / ref.norm())
-            row[f"{kind}_repeatable"] = all(
-                torch.equal(mma24_linear(x, compact[0], config=best), y) for _ in range(3)
-            )
-        best = next(c for c in wgmma_configs(m) if str(c) == row["new_config"])
-        for pf in PREFETCH:
-            with wgmma_prefetch(pf):
-                _, t = mma_best_config(compact, x, configs=(best,))
-            row[f"new_pf{pf}_us"] = t[str(best)]
+            time_best(row, kind, compact, x, ref, shapes)
         row["dense_TBps"] = dense_bytes / row["dense_us"] / 1e6
         for kind in ("cslt", "old", "new"):
             row[f"{kind}_TBps"] = sparse_bytes / row[f"{kind}_us"] / 1e6
@@ -335,8 +293,6 @@ def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
             f"{row['dense_us'] / row['new_us']:.2f}x"
         )
         log("   new: " + " ".join(f"{c} {us:.1f}" for c, us in row["new_config_us"].items()))
-        if PREFETCH:
-            log("   L2 prefetch: " + " ".join(f"{p} {row[f'new_pf{p}_us']:.1f}" for p in PREFETCH))
     return rows
 
 
@@ -393,11 +349,9 @@ def main() -> None:
     ap.add_argument("--tiled-sweep", action="store_true", help="time more tiled launch shapes")
     ap.add_argument("--tiled-max-split", type=int, default=8, help="largest cluster timed")
     ap.add_argument("--wgmma-sweep", action="store_true", help="old vs the wgmma kernel only")
-    ap.add_argument("--wgmma-prefetch", default="", help="e.g. 0,4: L2 prefetch ablation")
     args = ap.parse_args()
-    global MAX_SPLIT, PREFETCH
+    global MAX_SPLIT
     MAX_SPLIT = args.tiled_max_split
-    PREFETCH = tuple(int(v) for v in args.wgmma_prefetch.split(",") if v)
     wg = args.wgmma_sweep
     ms = [int(v) for v in (args.ms or ("16,32,64" if wg else "1,4,8,16,32,64")).split(",")]
     out = args.out or f"benches/results/decode_kernels_h200{'_wgmma' if wg else ''}.json"
