@@ -302,10 +302,12 @@ def time_e2e(
     decode_batches: tuple[int, ...] = (1, 16),
     prefills: tuple[tuple[int, int], ...] = ((8, 128), (1, 2048)),
     compiled_batches: tuple[int, ...] = (),
+    compiled_prefill: bool = False,
 ) -> tuple[dict, dict]:
     """Graph-replay timings and the outputs used for the correctness check.
     `compiled_batches`: decode batches also timed with the step compiled by inductor before
-    capture (`ria.generate(compile=True)`'s mode), keys `decode_b{B}_compiled_*`."""
+    capture (`ria.generate(compile=True)`'s mode), keys `decode_b{B}_compiled_*`;
+    `compiled_prefill`: the prefills too, keys `prefill_{B}x{Q}_compiled_*`."""
     g = torch.Generator(device="cuda").manual_seed(7)
     res, outs = {}, {}
     for b, q in prefills:
@@ -334,6 +336,19 @@ def time_e2e(
             graph = gen.step_graph()
             res["decode_b1_profile"] = kernel_breakdown(graph.replay)
         del gen
+    for b, q in prefills if compiled_prefill else ():
+        ids = torch.randint(0, VOCAB, (b, q), device="cuda", generator=g)
+        gen = StaticGenerator(model, b, q, compile=True)
+        gen.prefill(ids)  # creates the cache eagerly
+        t0 = time.perf_counter()
+        gen.prefill(ids)  # compiles, then captures
+        res[f"prefill_{b}x{q}_compiled_first_s"] = time.perf_counter() - t0
+        ms = time_graph(gen.prefill_graph(q), iters=10, repeats=3)
+        res[f"prefill_{b}x{q}_compiled_ms"] = ms
+        outs[f"prefill_{b}x{q}_compiled_logits"] = gen.prefill(ids).float().clone()
+        log(f"  prefill {b}x{q}, compiled: {ms:.2f} ms")
+        del gen
+        torch._dynamo.reset()  # one static-shape compile per prompt size
     for b in compiled_batches:
         ids = torch.randint(0, VOCAB, (b, 512), device="cuda", generator=g)
         gen = StaticGenerator(model, b, 512 + max(decode_steps, 32) + 8, compile=True)
@@ -450,6 +465,7 @@ def bench_fusion(
     fuse_options: tuple[bool, ...] = (False, True),
     compiled_batches: tuple[int, ...] = (),
     decode_layout: bool = True,
+    compiled_prefill: bool = False,
 ) -> dict:
     """Whole model, dense vs `sparsify` with and without fused siblings, with `buckets`
     (prefill sizes included: the cuSPARSELt layout) and with `DECODE_BUCKETS` (the mma.sp
@@ -458,7 +474,8 @@ def bench_fusion(
     `DECODE_BATCHES` (KV 512), pruned-Linear bytes, agreement with dense, and the kernel
     time of one decode step at batch 1 by category. `fuse_options`: the `fuse_siblings`
     settings run (default both); `compiled_batches`: decode batches also timed compiled
-    (see `time_e2e`); `decode_layout`: also run the `DECODE_BUCKETS` plans."""
+    and `compiled_prefill` (see `time_e2e`); `decode_layout`: also run the `DECODE_BUCKETS`
+    plans."""
     import copy
     import tempfile
 
@@ -466,9 +483,8 @@ def bench_fusion(
     model = build_model(layers, prune_all=False)
     dense_bytes = linear_bytes(model)
     log("fusion: dense timings")
-    dense, dense_out = time_e2e(
-        model, decode_steps, DECODE_BATCHES, compiled_batches=compiled_batches
-    )
+    timings = dict(compiled_batches=compiled_batches, compiled_prefill=compiled_prefill)
+    dense, dense_out = time_e2e(model, decode_steps, DECODE_BATCHES, **timings)
     result: dict = {"layers": layers, "dense": dense, "variants": {}}
     out["fusion"] = result
     variants = [
@@ -486,9 +502,7 @@ def bench_fusion(
             )
             seconds = time.perf_counter() - t0
             log(f"fusion: {label}: {report}")
-            timed, sparse_out = time_e2e(
-                twin, decode_steps, DECODE_BATCHES, compiled_batches=compiled_batches
-            )
+            timed, sparse_out = time_e2e(twin, decode_steps, DECODE_BATCHES, **timings)
             speedup = {
                 k: dense[k] / v for k, v in timed.items() if k.endswith(("_ms", "_ms_per_step"))
             }
@@ -516,6 +530,9 @@ def bench_fusion(
 
 def fusion_table(r: dict) -> str:
     cols = [("prefill_8x128_ms", "prefill 8x128"), ("prefill_1x2048_ms", "prefill 1x2048")]
+    cols += [
+        (k, f"prefill {k.split('_')[1]} compiled") for k in r["dense"] if k.endswith("_compiled_ms")
+    ]
     cols += [(f"decode_b{b}_ms_per_step", f"decode b{b}") for b in DECODE_BATCHES]
     cols += [
         (k, f"decode b{k.split('_')[1][1:]} compiled")
@@ -851,6 +868,11 @@ def main() -> None:
         help="fusion section: decode batches also timed with the step compiled (e.g. 1,16)",
     )
     ap.add_argument(
+        "--fusion-compiled-prefill",
+        action="store_true",
+        help="fusion section: prefills also timed with the model call compiled",
+    )
+    ap.add_argument(
         "--fusion-no-decode-layout",
         action="store_true",
         help="fusion section: skip the decode-only buckets' plans",
@@ -897,6 +919,7 @@ def main() -> None:
             fuse,
             compiled_batches=compiled,
             decode_layout=not args.fusion_no_decode_layout,
+            compiled_prefill=args.fusion_compiled_prefill,
         )
         return (
             f"### Fused siblings and layouts, LLaMA-2-7B shapes, {args.layers} layers "

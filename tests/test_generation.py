@@ -146,12 +146,8 @@ def test_generators_are_kept_per_model_and_shape_and_dropped_on_change():
 OLD_DYNAMO = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 11)
 
 
-@pytest.mark.skipif(OLD_DYNAMO, reason="torch < 2.11: dynamo cannot trace transformers' wrapper")
-def test_hf_static_cache_generate_traces_sparse_layers_in_one_graph():
-    """transformers' fast path (static cache, compiled forward, `fullgraph=True`) over
-    `Sparse24Linear`s: on the CPU dynamo alone (backend "eager"), dense-planned layers."""
-    from transformers import CompileConfig
-
+def _dense_planned_sparse_model() -> torch.nn.Module:
+    """A pruned tiny Llama whose Linears are `Sparse24Linear`s planned dense (CPU-runnable)."""
     from ria.sparse import Choice, Sparse24Linear, find_linears
 
     model = prune_model_24(tiny_model("llama"))
@@ -160,12 +156,46 @@ def test_hf_static_cache_generate_traces_sparse_layers_in_one_graph():
             n, k = mod.weight.shape
             sparse = Sparse24Linear(k, n, {1: Choice("dense")}, weight=mod.weight.detach())
             model.set_submodule(name, sparse)
+    return model
+
+
+@pytest.mark.skipif(OLD_DYNAMO, reason="torch < 2.11: dynamo cannot trace transformers' wrapper")
+def test_hf_static_cache_generate_traces_sparse_layers_in_one_graph():
+    """transformers' fast path (static cache, compiled forward, `fullgraph=True`) over
+    `Sparse24Linear`s: on the CPU dynamo alone (backend "eager"), dense-planned layers."""
+    from transformers import CompileConfig
+
+    model = _dense_planned_sparse_model()
     ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(4))
     config = CompileConfig(backend="eager", fullgraph=True)
     config._compile_all_devices = True  # transformers compiles on accelerators only
     kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     compiled = model.generate(ids, cache_implementation="static", compile_config=config, **kw)
     assert torch.equal(compiled, model.generate(ids, **kw))
+
+
+@pytest.mark.skipif(OLD_DYNAMO, reason="torch < 2.11: dynamo cannot trace transformers' wrapper")
+def test_compiled_generate_runs_prefill_and_steps_compiled(monkeypatch):
+    """`ria.generate(compile=True)` on the CPU with dynamo alone (backend "eager"): decode steps
+    run compiled from the first call, the left-padded prefill from the second (the first
+    creates the KV cache eagerly), each in one graph, with the uncompiled tokens."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
+    model = _dense_planned_sparse_model()
+    ids, mask = padded_prompts()
+    kw = dict(attention_mask=mask, eos_token_id=(), cuda_graph=False)
+    plain = generate(model, ids, 4, **kw)  # type: ignore[arg-type]
+    torch._dynamo.reset()
+    counters.clear()
+    assert torch.equal(generate(model, ids, 4, compile=True, **kw), plain)  # type: ignore[arg-type]
+    step_graphs = counters["stats"]["unique_graphs"]
+    assert step_graphs >= 1
+    assert torch.equal(generate(model, ids, 4, compile=True, **kw), plain)  # type: ignore[arg-type]
+    assert counters["stats"]["unique_graphs"] > step_graphs  # the prefill, compiled
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
 
 
 # -- CUDA graphs ------------------------------------------------------------------------

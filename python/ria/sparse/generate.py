@@ -13,10 +13,13 @@ CUDA graphs, so dense and sparse models run with no per-kernel host overhead.
 - `generate` keeps its `StaticGenerator`s (and so their graphs) per model, batch size and
   cache length, and drops them when the model changes (`model_fingerprint`) or on
   `clear_generators`, which `sparsify` calls.
-- `compile=True` runs the decode step's model call through `torch.compile` (inductor,
-  `fullgraph=True`, static shapes) before capturing it: norms, rotary embedding, residual
-  adds and SiLU-and-multiply fuse into few kernels, which a graph-replayed decode step
-  spends as much time in as in its GEMMs. The 2:4 layers stay one custom op each.
+- `compile=True` runs the model calls of prefill and decode steps through `torch.compile`
+  (inductor, `fullgraph=True`) before capturing them: norms, rotary embedding, residual
+  adds and SiLU-and-multiply fuse into few kernels, which a graph-replayed step spends as
+  much time in as in its GEMMs. The 2:4 layers stay one custom op each. The first prefill
+  of a generator runs eagerly (it creates the KV cache's tensors, which a compiled graph
+  cannot); a new prompt length compiles again (dynamo's automatic dynamic shapes then
+  make the prompt length symbolic).
 """
 
 from __future__ import annotations
@@ -82,8 +85,9 @@ class StaticGenerator:
         max_cache_len: KV-cache length (prompt + new tokens must fit).
         cuda_graph: replay prefill and decode steps as CUDA graphs (needs CUDA; False: eager,
             same numerics, runs on any device; None: on CUDA only).
-        compile: run the decode step's model call compiled (`torch.compile`, inductor,
-            `fullgraph=True`); compiled on the first step.
+        compile: run the model calls compiled (`torch.compile`, inductor,
+            `fullgraph=True`) once the KV cache exists: prefill from the second call of a
+            generator (the first creates the cache eagerly), every decode step.
     """
 
     def __init__(
@@ -136,7 +140,7 @@ class StaticGenerator:
         self.pos = 0  # tokens in the cache (host mirror of self._slot)
         self.compile = compile
         # The model is an argument, not a bound `self`: the generator holds it weakly.
-        self._step_model = torch.compile(_call_model, fullgraph=True) if compile else _call_model
+        self._compiled_model = torch.compile(_call_model, fullgraph=True) if compile else None
 
     @property
     def model(self) -> nn.Module:
@@ -151,14 +155,15 @@ class StaticGenerator:
         ids: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None,
-        step: bool = False,
     ) -> torch.Tensor:
         if mask is not None and self._additive_mask:
             mask = torch.zeros(mask.shape, dtype=self._dtype, device=self.device).masked_fill(
                 ~mask, torch.finfo(self._dtype).min
             )
         kwargs = {self._cache_kw: self.cache, **self._extra}
-        call = self._step_model if step else _call_model
+        call = _call_model
+        if self._compiled_model is not None and self._cache_ready:
+            call = self._compiled_model
         logits: torch.Tensor = call(
             self.model,
             input_ids=ids,
@@ -204,7 +209,7 @@ class StaticGenerator:
 
     def _step_call(self, sampling: Sampling | None) -> torch.Tensor:
         mask = (self._kv_arange <= self._slot) & self._valid
-        logits = self._forward(self._ids, self._pos, mask[:, None, None, :], step=True)
+        logits = self._forward(self._ids, self._pos, mask[:, None, None, :])
         self._select(logits, sampling)
         self._pos.add_(1)
         self._slot.add_(1)
@@ -259,6 +264,7 @@ class StaticGenerator:
         try:
             if not self.cuda_graph:
                 logits = self._prefill_call(ids, padding)
+                self._cache_ready = True
             else:
                 key = (q, padding is not None)
                 if not self._cache_ready:  # the first call initialises the cache eagerly
@@ -497,9 +503,10 @@ def generate(
             `CACHE_LEN_STEP`.
         cuda_graph: replay captured graphs (False: run eagerly, on any device; None: replay
             on CUDA, eager elsewhere).
-        compile: compile the decode step's model call with `torch.compile` (inductor,
-            `fullgraph=True`) before capturing it (fuses the non-GEMM work; the first call
-            then takes the compile time too).
+        compile: compile the model calls with `torch.compile` (inductor, `fullgraph=True`)
+            before capturing them (fuses the non-GEMM work): decode steps from the first
+            call, prefill from the second call with the same batch size and cache length;
+            each new prompt length compiles (and captures) once.
 
     Returns:
         `(B, q + n)`: the prompts followed by `n <= max_new_tokens` tokens (fewer when
