@@ -3,8 +3,8 @@
 Sections (`--only` picks some):
   gemm  per GEMM (q/k/v/o, gate/up, down at M tokens; weights rotate over copies > 256 MB
         so they stream from HBM): bf16 dense (cuBLAS), bf16 2:4 (cuSPARSELt, searched; and
-        the mma.sp decode kernel at M <= 64), fp8 dense (`torch._scaled_mm`, row-wise
-        scales) and fp8 2:4 (cuSPARSELt e4m3 + scale epilogue), each whole (token
+        the mma.sp decode kernel at M <= 64), fp8 dense (`torch._scaled_mm` with row-wise
+        scales, and unscaled with a scaling kernel: the baseline is the faster) and fp8 2:4 (cuSPARSELt e4m3 + scale epilogue), each whole (token
         quantization included) and its GEMM alone (tokens quantized beforehand), and the
         quantization kernel alone.
   e2e   whole model (random weights, 2:4 by magnitude, as benches/gpu_speed.py): prefill
@@ -52,6 +52,7 @@ from ria.sparse.fp8_kernels import (
     fp8_cslt_compress,
     fp8_cslt_linear,
     fp8_dense_linear,
+    fp8_dense_unscaled_linear,
     quantize_tokens,
 )
 from ria.sparse.fp8_linear import Fp8Linear
@@ -101,12 +102,25 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
             lambda: [mma24_linear(x, f, None, config=mcfg) for f in frags]
         )
     row["bf16_24_us"] = min(row["bf16_cslt_us"], row.get("bf16_mma_us", math.inf))
-    row["fp8_dense_us"] = per_call(lambda: [fp8_dense_linear(x, q) for q in q8])
-    row["fp8_dense_gemm_us"] = per_call(
+    # fp8 dense, both forms: row-wise scales in _scaled_mm's epilogue, and unit tensor-wise
+    # scales with a second scaling kernel; the baseline is the faster (what sparsify picks).
+    unit = torch.ones(1, device=x.device)
+    row["fp8_dense_rowwise_us"] = per_call(lambda: [fp8_dense_linear(x, q) for q in q8])
+    row["fp8_dense_unscaled_us"] = per_call(
+        lambda: [fp8_dense_unscaled_linear(x, q, unit) for q in q8]
+    )
+    row["fp8_dense_us"] = min(row["fp8_dense_rowwise_us"], row["fp8_dense_unscaled_us"])
+    row["fp8_dense_rowwise_gemm_us"] = per_call(
         lambda: [
             torch._scaled_mm(qx, q.values.t(), sx[:, None], q.scale[None, :], out_dtype=DTYPE)
             for q in q8
         ]
+    )
+    row["fp8_dense_tensorwise_gemm_us"] = per_call(
+        lambda: [torch._scaled_mm(qx, q.values.t(), unit, unit, out_dtype=DTYPE) for q in q8]
+    )
+    row["fp8_dense_gemm_us"] = min(
+        row["fp8_dense_rowwise_gemm_us"], row["fp8_dense_tensorwise_gemm_us"]
     )
     row["fp8_24_us"] = per_call(
         lambda: [
@@ -145,7 +159,8 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
     row["fp8_24_over_bf16_dense"] = row["bf16_dense_us"] / row["fp8_24_us"]
     log(
         f"{name} M={m}: bf16 {row['bf16_dense_us']:.1f} bf16-2:4 {row['bf16_24_us']:.1f} "
-        f"fp8 {row['fp8_dense_us']:.1f} (gemm {row['fp8_dense_gemm_us']:.1f}) "
+        f"fp8 row-wise {row['fp8_dense_rowwise_us']:.1f} unscaled "
+        f"{row['fp8_dense_unscaled_us']:.1f} (gemm {row['fp8_dense_gemm_us']:.1f}) "
         f"fp8-2:4 {row['fp8_24_us']:.1f} (cslt gemm {row['fp8_24_gemm_us']:.1f}, "
         f"mma gemm {row.get('fp8_mma_gemm_us', math.nan):.1f}) "
         f"quant {row['quantize_us']:.1f} us"
@@ -155,7 +170,8 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
 
 def gemm_table(rows: list[dict]) -> str:
     out = [
-        "| shape | M | bf16 dense | bf16 2:4 | fp8 dense (GEMM alone) | fp8 2:4 cuSPARSELt "
+        "| shape | M | bf16 dense | bf16 2:4 | fp8 dense, faster of row-wise and unscaled "
+        "(GEMM alone) | fp8 2:4 cuSPARSELt "
         "(GEMM alone) | fp8 2:4 mma.sp (GEMM alone) | quantize | fp8 2:4 / fp8 dense "
         "| fp8 2:4 / bf16 dense |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -22,7 +22,14 @@ from ria.sparse.fp8 import (
     quantize_rows,
     quantize_weight,
 )
-from ria.sparse.fp8_linear import FP8_BACKENDS, FP8_DENSE, Fp8Linear, fp8_layer, quantize_linears
+from ria.sparse.fp8_linear import (
+    FP8_BACKENDS,
+    FP8_DENSE_KERNELS,
+    FP8_DENSE_UNSCALED,
+    Fp8Linear,
+    fp8_layer,
+    quantize_linears,
+)
 from ria.sparse.linear import Choice
 
 # -- format (CPU) --------------------------------------------------------------------------
@@ -87,6 +94,16 @@ def test_fp8_linear_cpu_runs_the_reference_with_order_and_bias():
     ref = fp8_linear_reference(x[..., order], quantize_weight(lin.weight), lin.bias.detach())
     assert torch.equal(layer(x), ref)
     assert layer.weight_bytes() == 64 * 32 + 4 * 32
+
+
+def test_unscaled_fp8_dense_plan_keeps_the_values_and_a_unit_scale():
+    w = quantize_weight(random_24(32, 64))
+    layer = Fp8Linear(w, {16: Choice(FP8_DENSE_UNSCALED)})
+    assert layer.values is not None and layer.unit is not None and float(layer.unit) == 1.0
+    assert layer.choice_for(64).backend == FP8_DENSE_UNSCALED
+    assert Fp8Linear(w, {16: Choice("fp8_dense")}).unit is None
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), fp8_linear_reference(x, w))  # off CUDA: the reference
 
 
 def test_fp8_linear_rejects_bad_plans():
@@ -161,7 +178,12 @@ def test_quantize_tokens_is_bit_identical(m):
 @pytest.mark.parametrize("m", [1, 7, 16, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp8_kernels_match_reference(m, bias):
-    from ria.sparse.fp8_kernels import fp8_cslt_compress, fp8_cslt_linear, fp8_dense_linear
+    from ria.sparse.fp8_kernels import (
+        fp8_cslt_compress,
+        fp8_cslt_linear,
+        fp8_dense_linear,
+        fp8_dense_unscaled_linear,
+    )
 
     w = quantize_weight(random_24(256, 512, device="cuda"))
     b = torch.randn(256, dtype=torch.bfloat16, device="cuda") if bias else None
@@ -169,6 +191,8 @@ def test_fp8_kernels_match_reference(m, bias):
     cpu_w = Fp8Weight(w.values.cpu(), w.scale.cpu())
     ref = fp8_linear_reference(x.cpu(), cpu_w, None if b is None else b.cpu())
     _close_to_reference(fp8_dense_linear(x, w, b), ref)
+    unit = torch.ones(1, device="cuda")
+    _close_to_reference(fp8_dense_unscaled_linear(x, w, unit, b), ref)
     # cuSPARSELt's fp8 kernel sums with less than fp32 precision (seen on an H200,
     # 2026-12-02: 1 of 16384 outputs at M = 64 off by 1.8e-4 of the largest), as Hopper's fp8
     # tensor cores do unless a kernel promotes its partial sums.
@@ -199,7 +223,7 @@ def test_sparsify_fp8_model_matches_reference(sparse):
     assert report.applied and len(report.converted) == 7 * len(model.model.layers)
     for lr in report.converted:
         assert set(lr.plan.values()) <= set(FP8_BACKENDS)
-        assert sparse or set(lr.plan.values()) == {FP8_DENSE}
+        assert sparse or set(lr.plan.values()) <= FP8_DENSE_KERNELS
         assert lr.sparse_bytes < lr.dense_bytes
     # Every layer, on the inputs it saw inside the model, against the CPU reference. The
     # logits are not compared closely with the CPU model's: a kernel's fp32 sums run in

@@ -6,6 +6,9 @@ order of the fp32 sums:
   up to a padded row count, so cuSPARSELt's operand needs no second copy.
 - `fp8_dense_linear`: `torch._scaled_mm` with row-wise scales (a per-token `(M, 1)` and a
   per-channel `(1, N)` fp32 vector, weight column-major), bf16 out, scales in its epilogue.
+- `fp8_dense_unscaled_linear`: `torch._scaled_mm` with unit tensor-wise scales (cuBLAS's
+  fast fp8 path: row-wise scales measured about twice as slow at decode sizes on an H200),
+  the scales and bias applied by a second Triton kernel, as for cuSPARSELt below.
 - `fp8_cslt_linear`: cuSPARSELt's fp8 2:4 GEMM (`torch._cslt_sparse_mm`, tokens padded to
   16, the transposes fused as in `cslt.py`), which refuses a per-row `alpha` for fp8, so
   the scales and bias are applied by a second Triton kernel to its bf16 output. Both scales
@@ -36,6 +39,7 @@ __all__ = [
     "fp8_cslt_shape_status",
     "fp8_dense_linear",
     "fp8_dense_shape_status",
+    "fp8_dense_unscaled_linear",
     "fp8_status",
     "quantize_tokens",
 ]
@@ -107,6 +111,46 @@ def fp8_dense_linear(
     )
 
 
+def _raw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an unscaled e4m3 product for a model of `dtype`: bf16 for bf16 (scaling
+    it by powers of two later is exact), else fp32 (the unscaled sums, up to 448**2 * K,
+    overflow fp16)."""
+    return dtype if dtype == torch.bfloat16 else torch.float32
+
+
+def _apply_scales(
+    acc: torch.Tensor,
+    sx: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    m: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`acc[:m] * sx[:m, None] * scale[None, :] + bias` in `dtype`, one Triton kernel, for an
+    unscaled product `acc` `(>= m, N)` (any strides)."""
+    n = acc.shape[1]
+    out = torch.empty(m, n, dtype=dtype, device=acc.device)
+    block_m = 16 if m <= 16 else 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 128))
+    _scale_kernel[grid](
+        acc, sx, scale, bias if bias is not None else scale, out, m, n, acc.stride(0),
+        acc.stride(1), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=128,
+    )  # fmt: skip
+    return out
+
+
+def fp8_dense_unscaled_linear(
+    x: torch.Tensor, weight: Fp8Weight, unit: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`fp8_dense_linear`'s result with `torch._scaled_mm`'s tensor-wise path: `unit` is a
+    one-element fp32 tensor holding 1.0 on `x`'s device (made once, outside graph capture)."""
+    q, s = quantize_tokens(x)
+    acc = torch._scaled_mm(
+        q, weight.values.t(), scale_a=unit, scale_b=unit, out_dtype=_raw_dtype(x.dtype)
+    )
+    return _apply_scales(acc, s, weight.scale, bias, x.shape[0], x.dtype)
+
+
 def fp8_cslt_compress(weight: Fp8Weight) -> torch.Tensor:
     """cuSPARSELt's compressed form of a 2:4 e4m3 weight."""
     return torch._cslt_compress(weight.values)
@@ -115,16 +159,14 @@ def fp8_cslt_compress(weight: Fp8Weight) -> torch.Tensor:
 def _cslt_raw(
     packed: torch.Tensor, q: torch.Tensor, config: CsltConfig, dtype: torch.dtype
 ) -> torch.Tensor:
-    """cuSPARSELt's unscaled `q @ W.T` `(rows, N)` for padded e4m3 `q`, in bf16 for a bf16
-    model (scaling it by powers of two later is exact) and in fp32 otherwise (the unscaled
-    sums, up to 448**2 * K, overflow fp16)."""
+    """cuSPARSELt's unscaled `q @ W.T` `(rows, N)` for padded e4m3 `q` in `_raw_dtype`."""
     extra: dict[str, Any] = {}
     if config.split_k > 1:
         extra = {"split_k": config.split_k, "split_k_mode": config.split_k_mode}
     return torch._cslt_sparse_mm(
         packed,
         q.t(),
-        out_dtype=dtype if dtype == torch.bfloat16 else torch.float32,
+        out_dtype=_raw_dtype(dtype),
         transpose_result=True,
         alg_id=config.alg_id,
         **extra,
@@ -143,15 +185,7 @@ def fp8_cslt_linear(
     m = x.shape[0]
     q, sx = quantize_tokens(x, -(-m // CSLT_M_ALIGN) * CSLT_M_ALIGN)
     acc = _cslt_raw(packed, q, config or CsltConfig(), x.dtype)
-    n = acc.shape[1]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = 16 if m <= 16 else 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 128))
-    _scale_kernel[grid](
-        acc, sx, scale, bias if bias is not None else scale, out, m, n, acc.stride(0),
-        acc.stride(1), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=128,
-    )  # fmt: skip
-    return out
+    return _apply_scales(acc, sx, scale, bias, m, x.dtype)
 
 
 def fp8_cslt_best_config(

@@ -4,7 +4,8 @@ tokens quantized per call), 2:4 sparse or dense, bf16/fp16 out.
 Per layer shape and token-count bucket the plan runs the kernel that measured fastest under
 CUDA-graph replay: for 2:4 layers the own `mma.sp` decode kernel over e4m3 fragments
 (`mma_sp.mma24_fp8_linear`, M <= 64) or cuSPARSELt's fp8 2:4 GEMM; fp8 dense
-(`torch._scaled_mm`) is the fallback wherever it is faster. A layer holds the forms its
+(`torch._scaled_mm`, with the scales in its epilogue or, often faster, unscaled and scaled
+by a second kernel) is the fallback wherever it is faster. A layer holds the forms its
 plan uses, with one 2:4 layout at most (like `sparsify.keep_one_layout`): a compressed e4m3
 weight (0.5625 bytes per weight), the dense e4m3 weight (1 byte), or both (never more than
 1.5625 bytes, under bf16's 2). Off CUDA the layer runs `fp8.fp8_linear_reference`, the
@@ -38,6 +39,7 @@ from .fp8_kernels import (
     fp8_cslt_shape_status,
     fp8_dense_linear,
     fp8_dense_shape_status,
+    fp8_dense_unscaled_linear,
     fp8_status,
     quantize_tokens,
 )
@@ -50,14 +52,19 @@ if TYPE_CHECKING:
     from .sparsify import SparsifyReport
 
 FP8_DENSE = "fp8_dense"
+FP8_DENSE_UNSCALED = "fp8_dense_unscaled"
 FP8_CUSPARSELT = "fp8_cusparselt"
 FP8_MMA = "fp8_mma"
-FP8_BACKENDS = (FP8_DENSE, FP8_CUSPARSELT, FP8_MMA)
+FP8_BACKENDS = (FP8_DENSE, FP8_DENSE_UNSCALED, FP8_CUSPARSELT, FP8_MMA)
+# The kernels that read the dense e4m3 weight.
+FP8_DENSE_KERNELS = frozenset({FP8_DENSE, FP8_DENSE_UNSCALED})
 
 __all__ = [
     "FP8_BACKENDS",
     "FP8_CUSPARSELT",
     "FP8_DENSE",
+    "FP8_DENSE_KERNELS",
+    "FP8_DENSE_UNSCALED",
     "FP8_MMA",
     "Fp8Linear",
     "fp8_layer",
@@ -86,6 +93,7 @@ class Fp8Linear(nn.Module):
     packed: torch.Tensor | None
     mma_values: torch.Tensor | None
     mma_meta: torch.Tensor | None
+    unit: torch.Tensor | None
     bias: torch.Tensor | None
     input_order: torch.Tensor | None
 
@@ -112,7 +120,7 @@ class Fp8Linear(nn.Module):
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self._buckets = sorted(plan)
         self._choices = [plan[b] for b in self._buckets]
-        keep_values = FP8_DENSE in used or not weight.values.is_cuda
+        keep_values = bool(used & FP8_DENSE_KERNELS) or not weight.values.is_cuda
         # Non-persistent: a checkpoint of the converted model is not mistaken for a bf16 one.
         self.register_buffer("values", weight.values if keep_values else None, persistent=False)
         self.register_buffer("scale", weight.scale, persistent=False)
@@ -122,6 +130,9 @@ class Fp8Linear(nn.Module):
         self.register_buffer("mma_meta", None if frag is None else frag.meta, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("input_order", input_order, persistent=False)
+        # The unit scale of the unscaled fp8 dense kernel (made here: not inside a capture).
+        unit = torch.ones(1, device=weight.scale.device) if FP8_DENSE_UNSCALED in used else None
+        self.register_buffer("unit", unit, persistent=False)
 
     @property
     def plan(self) -> dict[int, Choice]:
@@ -154,7 +165,11 @@ class Fp8Linear(nn.Module):
             assert self.packed is not None  # __init__ checks the plan's forms are given
             return fp8_cslt_linear(x, self.packed, self.scale, self.bias, choice.cslt)
         assert self.values is not None
-        return fp8_dense_linear(x, Fp8Weight(self.values, self.scale), self.bias)
+        weight = Fp8Weight(self.values, self.scale)
+        if choice.backend == FP8_DENSE_UNSCALED:
+            assert self.unit is not None
+            return fp8_dense_unscaled_linear(x, weight, self.unit, self.bias)
+        return fp8_dense_linear(x, weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -206,6 +221,7 @@ class _Forms:
     weight: Fp8Weight
     bias: torch.Tensor | None
     dense: torch.Tensor  # the original (bf16) weight, timed for the report
+    unit: torch.Tensor  # 1.0, fp32, for FP8_DENSE_UNSCALED
     packed: torch.Tensor | None = None
     mma: Mma24 | None = None
 
@@ -221,6 +237,8 @@ def _run(
         return fp8_cslt_linear(x, f.packed, f.weight.scale, f.bias, cfg)
     if backend == FP8_DENSE:
         return fp8_dense_linear(x, f.weight, f.bias)
+    if backend == FP8_DENSE_UNSCALED:
+        return fp8_dense_unscaled_linear(x, f.weight, f.unit, f.bias)
     return F.linear(x, f.dense, f.bias)
 
 
@@ -245,7 +263,7 @@ def _tune(
     k = forms[0].dense.shape[1]
     for m in buckets:
         x = torch.randn(m, k, dtype=forms[0].dense.dtype, device=forms[0].dense.device)
-        cands = [FP8_DENSE]
+        cands = [FP8_DENSE, FP8_DENSE_UNSCALED]
         cfg, mcfg = None, None
         if sparse:
             cands.append(FP8_CUSPARSELT)
@@ -259,7 +277,8 @@ def _tune(
         configs[m] = (cfg, mcfg)
         times[m] = {b: _time_us(b, forms, x, cfg, mcfg) for b in (*cands, DENSE)}
     # One 2:4 layout per layer: the one whose best times (fp8 dense allowed) add up to less.
-    layouts = [{FP8_DENSE, FP8_CUSPARSELT}, {FP8_DENSE, FP8_MMA}] if sparse else [{FP8_DENSE}]
+    dense = set(FP8_DENSE_KERNELS)
+    layouts = [dense | {FP8_CUSPARSELT}, dense | {FP8_MMA}] if sparse else [dense]
 
     def total(layout: set[str]) -> float:
         return sum(min(us for b, us in t.items() if b in layout) for t in times.values())
@@ -318,7 +337,7 @@ def sparsify_fp8(
     def forms(mod: nn.Linear) -> _Forms:
         w = quantize_weight(mod.weight)
         bias = None if mod.bias is None else mod.bias.detach()
-        f = _Forms(w, bias, mod.weight.detach())
+        f = _Forms(w, bias, mod.weight.detach(), torch.ones(1, device=w.scale.device))
         if sparse:
             f.packed = fp8_cslt_compress(w)
         if use_mma:
