@@ -219,7 +219,7 @@ def test_sparsify_fp8_model_matches_reference(sparse):
     reference = copy.deepcopy(model)
     quantize_linears(reference, sparse=sparse)  # CPU: the reference on every layer
     model = model.cuda()
-    report = sparsify(model, dtype="fp8", sparse=sparse, batch_sizes=[1, 16, 64])
+    report = sparsify(model, dtype="fp8", sparse=sparse, batch_sizes=[1, 16, 64], plan_cache=False)
     assert report.applied and len(report.converted) == 7 * len(model.model.layers)
     for lr in report.converted:
         assert set(lr.plan.values()) <= set(FP8_BACKENDS)
@@ -249,3 +249,21 @@ def test_sparsify_fp8_model_matches_reference(sparse):
             _close_to_reference(out, reference.get_submodule(name)(x.cpu()))
         ref = reference(ids).logits.float()
     assert bool((got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9)
+
+
+@needs_cuda
+def test_second_fp8_sparsify_reads_the_plan_cache(tmp_path):
+    def model() -> torch.nn.Module:
+        net = prune_model_24(tiny_model("llama", hidden_size=256, intermediate_size=512))
+        return net.to("cuda", torch.bfloat16)
+
+    first, second = model(), model()
+    kw = dict(dtype="fp8", batch_sizes=[1, 16, 64], plan_cache=tmp_path)
+    cold = sparsify(first, **kw)
+    assert cold.plans_from_cache == 0 and list(tmp_path.glob("plan-*.json"))
+    warm = sparsify(second, **kw)
+    assert warm.plans_from_cache == len(warm.converted) == len(cold.converted)
+    assert [lr.plan for lr in warm.converted] == [lr.plan for lr in cold.converted]
+    ids = torch.randint(0, 100, (2, 9), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(first(ids).logits, second(ids).logits)

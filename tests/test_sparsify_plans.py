@@ -216,6 +216,26 @@ def test_plan_cache_round_trip_and_keys(tmp_path: Path):
     assert len({cache.path(k) for k in [key, *other]}) == 1 + len(other)
 
 
+def test_plan_cache_keeps_fp8_plans_apart(tmp_path: Path):
+    """fp8 plans (mma.sp over e4m3, cuSPARSELt fp8, fp8 dense forms) round-trip, and their
+    key (the fp8 backends) never names a fp16/bf16 plan's file."""
+    from ria.sparse.fp8_linear import FP8_BACKENDS
+
+    cache = PlanCache(tmp_path)
+    plan = {
+        1: Choice("fp8_mma", mma=MmaConfig(1, 8, 1, hint=2)),
+        16: Choice("fp8_cusparselt", CsltConfig(2, 1, 0)),
+        64: Choice("fp8_dense_unscaled"),
+    }
+    fp8 = TunedPlan(graph=plan, eager=plan, times_us={1: {"fp8_dense": 9.5, "fp8_mma": 6.0}})
+    key = key_for(buckets=(1, 16, 64), backends=FP8_BACKENDS)
+    assert cache.path(key) != cache.path(key_for(buckets=(1, 16, 64)))
+    cache.store(key, fp8)
+    assert cache.load(key, (1, 16, 64), set(FP8_BACKENDS)) == fp8
+    with pytest.warns(UserWarning, match="fp8_mma"):  # e.g. no mma.sp on this GPU
+        assert cache.load(key, (1, 16, 64), set(FP8_BACKENDS) - {"fp8_mma"}) is None
+
+
 def test_plan_cache_ignores_bad_files_with_a_warning(tmp_path: Path):
     cache = PlanCache(tmp_path)
     key = key_for()

@@ -13,12 +13,16 @@ definition the kernels match.
 
 The plan is timed for graph replay only: eager calls use it too, and eager cuSPARSELt pays
 its host set-up on every call, so fp8 2:4 layers are for `ria.generate` / CUDA graphs.
+Plans are cached on disk like the fp16/bf16 ones (`plan_cache.py`; their keys name the fp8
+backends, so the two never mix).
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -47,6 +51,7 @@ from .generate import clear_generators
 from .graphs import rotation_time_us
 from .linear import DENSE, Choice, storage_bytes
 from .mma_sp import MAX_TOKENS, MmaConfig, mma24_fp8_linear, mma_best_config, mma_status
+from .plan_cache import PlanCache, TunedPlan, library_versions
 
 if TYPE_CHECKING:
     from .sparsify import SparsifyReport
@@ -294,6 +299,19 @@ def _tune(
     return plan, times
 
 
+def _plan_runs(layer: Fp8Linear, dtype: torch.dtype) -> bool:
+    """Run each cuSPARSELt bucket of `layer`'s (cached) plan once on `dtype` inputs: an
+    algorithm id this library version refuses makes the plan stale."""
+    for m, choice in layer.plan.items():
+        if choice.backend == FP8_CUSPARSELT:
+            x = torch.zeros(m, layer.in_features, dtype=dtype, device=layer.scale.device)
+            try:
+                layer.linear_2d(x)
+            except RuntimeError:
+                return False
+    return True
+
+
 @torch.no_grad()
 def sparsify_fp8(
     model: nn.Module,
@@ -302,12 +320,19 @@ def sparsify_fp8(
     batch_sizes: Iterable[int] | None = None,
     strict: bool = False,
     tune_layers: int = 8,
+    plan_cache: bool | str | os.PathLike[str] = True,
     verbose: bool = False,
 ) -> SparsifyReport:
     """Replace the Linears of `model` (in place) by `Fp8Linear`s; see `ria.sparsify(model,
     dtype="fp8")`. With `sparse`, the 2:4 layers (others are skipped with their reason);
     without, every fp16/bf16 CUDA Linear but the output embedding (fp8 dense)."""
-    from .sparsify import DEFAULT_BATCH_SIZES, SparseLayerReport, SparsifyReport, group_layers
+    from .sparsify import (
+        DEFAULT_BATCH_SIZES,
+        SparseLayerReport,
+        SparsifyReport,
+        group_layers,
+        shape_plan_key,
+    )
 
     t0 = time.perf_counter()
     buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
@@ -321,6 +346,8 @@ def sparsify_fp8(
         return report
     if sparse and torch.backends.cusparselt.is_available():
         report.cusparselt_version = torch.backends.cusparselt.version()
+    cache = None if plan_cache is False else PlanCache(None if plan_cache is True else plan_cache)
+    report.plan_cache = None if cache is None else str(cache.directory)
     clear_generators(model)
 
     def why_not(why: str | None, n: int, k: int) -> str | None:
@@ -333,6 +360,11 @@ def sparsify_fp8(
 
     groups = group_layers(model, why_not, strict, report)
     use_mma = sparse and mma_status() is None
+    usable = set(FP8_DENSE_KERNELS)
+    if sparse:
+        usable |= {FP8_CUSPARSELT, FP8_MMA} if use_mma else {FP8_CUSPARSELT}
+    options = {"fp8": True, "sparse": sparse, "tune_layers": tune_layers}
+    versions = library_versions() if cache is not None else {}
 
     def forms(mod: nn.Linear) -> _Forms:
         w = quantize_weight(mod.weight)
@@ -344,10 +376,27 @@ def sparsify_fp8(
             f.mma = pack_mma24_e4m3(w.values)
         return f
 
-    for (n, k, *_), members in groups.items():
-        plan, times = _tune([forms(mod) for _, mod in members[:tune_layers]], buckets, sparse)
-        for name, mod in members:
-            new = fp8_layer(mod, plan)
+    for shape, members in groups.items():
+        n, k = shape[0], shape[1]
+        key = shape_plan_key(shape, buckets, options, versions, FP8_BACKENDS)
+        entry = None if cache is None else cache.load(key, buckets, usable)
+        first = None if entry is None else fp8_layer(members[0][1], entry.graph)
+        if cache is not None and first is not None and not _plan_runs(first, shape[2]):
+            warnings.warn(
+                f"sparsify plan cache: {cache.path(key)} names a cuSPARSELt algorithm this "
+                "library refuses; tuning again",
+                stacklevel=2,
+            )
+            entry, first = None, None
+        source = "cache"
+        if entry is None:
+            plan, times = _tune([forms(mod) for _, mod in members[:tune_layers]], buckets, sparse)
+            entry = TunedPlan(graph=plan, eager=plan, times_us=times)
+            if cache is not None:
+                cache.store(key, entry)
+            source = "tuned"
+        for i, (name, mod) in enumerate(members):
+            new = first if i == 0 and first is not None else fp8_layer(mod, entry.graph)
             replace_module(model, name, new)
             report.layers.append(
                 SparseLayerReport(
@@ -355,11 +404,11 @@ def sparsify_fp8(
                     n,
                     k,
                     converted=True,
-                    plan={b: c.backend for b, c in plan.items()},
-                    times_us=times,
+                    plan={b: c.backend for b, c in entry.graph.items()},
+                    times_us=entry.times_us,
                     dense_bytes=tensor_bytes(mod.weight),
                     sparse_bytes=new.weight_bytes(),
-                    plan_source="tuned",
+                    plan_source=source,
                 )
             )
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}

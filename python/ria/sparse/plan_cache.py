@@ -92,8 +92,10 @@ def plan_key(
     buckets: Sequence[int],
     options: Mapping[str, Any],
     versions: Mapping[str, Any],
+    backends: Sequence[str] = BACKENDS,
 ) -> dict[str, Any]:
-    """The JSON-able key of one layer shape's plan (see the module docstring)."""
+    """The JSON-able key of one layer shape's plan (see the module docstring);
+    `backends`: every backend the plan could name (the fp16/bf16 ones by default)."""
     return {
         "format": FORMAT,
         "device": device,
@@ -103,7 +105,7 @@ def plan_key(
         "bias": bias,
         "buckets": list(buckets),
         "options": dict(sorted(options.items())),
-        "backends": list(BACKENDS),
+        "backends": list(backends),
         "versions": dict(sorted(versions.items())),
     }
 
@@ -147,22 +149,21 @@ def _decode_plan(
         raise ValueError(f"buckets {sorted(int(b) for b in raw)} differ from {list(buckets)}")
     plan: dict[int, Choice] = {}
     for b, cell in raw.items():
-        backend = cell[0]
+        backend, *config = cell
         if backend not in usable:
             raise ValueError(f"backend {backend!r} cannot run here")
-        if len(cell) > 1 and backend in (MMA, MMA_CSLT):
-            if len(cell) != 2 or not isinstance(cell[1], dict):
-                raise ValueError(f"an mma.sp launch shape is one object of fields, got {cell[1:]}")
+        if backend in (MMA, MMA_CSLT) and config and not isinstance(config[0], dict):
+            raise ValueError(f"an mma.sp launch shape is one object of fields, got {config}")
+        if len(config) == 1 and isinstance(config[0], dict):  # an mma.sp launch shape
             known = {f.name for f in dataclasses.fields(MmaConfig)}
-            if not cell[1].keys() <= known:
-                raise ValueError(f"unknown launch-shape fields {sorted(cell[1].keys() - known)}")
-            plan[int(b)] = Choice(backend, mma=MmaConfig(**cell[1]))  # validates the values
-            continue
-        cfg = None
-        if len(cell) > 1:
-            alg, split_k, mode = (int(v) for v in cell[1:])
-            cfg = CsltConfig(alg, split_k, mode)
-        plan[int(b)] = Choice(backend, cfg)
+            if not config[0].keys() <= known:
+                raise ValueError(f"unknown launch-shape fields {sorted(config[0].keys() - known)}")
+            plan[int(b)] = Choice(backend, mma=MmaConfig(**config[0]))  # validates the values
+        elif config:  # a cuSPARSELt algorithm: id, split-k, split-k mode
+            alg, split_k, mode = (int(v) for v in config)
+            plan[int(b)] = Choice(backend, CsltConfig(alg, split_k, mode))
+        else:
+            plan[int(b)] = Choice(backend)
     return plan
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,6 +76,7 @@ __all__ = [
     "find_linears",
     "group_layers",
     "mma_cslt_shape_status",
+    "shape_plan_key",
     "slower_than_dense_warning",
     "sparse_layer",
     "sparsify",
@@ -636,6 +637,30 @@ def _cached_plan_works(entry: TunedPlan, f: WeightForms) -> bool:
     return True
 
 
+def shape_plan_key(
+    shape: _ShapeKey,
+    buckets: Sequence[int],
+    options: Mapping[str, Any],
+    versions: Mapping[str, Any],
+    backends: Sequence[str] = BACKENDS,
+) -> dict[str, Any]:
+    """The plan-cache key of a `group_layers` shape (out, in, dtype, bias, device) on its
+    GPU (see `plan_cache.plan_key`)."""
+    n, k, dtype, bias, device = shape
+    return plan_key(
+        device=torch.cuda.get_device_name(torch.device(device)),
+        capability=torch.cuda.get_device_capability(torch.device(device)),
+        out_features=n,
+        in_features=k,
+        dtype=dtype,
+        bias=bias,
+        buckets=buckets,
+        options=options,
+        versions=versions,
+        backends=backends,
+    )
+
+
 class _Planner:
     """Finds (cache) or tunes (and caches) the plan of each layer shape."""
 
@@ -650,18 +675,8 @@ class _Planner:
         self.versions = library_versions() if cache is not None else {}
 
     def key(self, shape: _ShapeKey) -> dict[str, Any]:
-        n, k, dtype, bias, device = shape
-        return plan_key(
-            device=torch.cuda.get_device_name(torch.device(device)),
-            capability=torch.cuda.get_device_capability(torch.device(device)),
-            out_features=n,
-            in_features=k,
-            dtype=dtype,
-            bias=bias,
-            buckets=self.buckets,
-            options={"backend": self.backend, **self.options},
-            versions=self.versions,
-        )
+        options = {"backend": self.backend, **self.options}
+        return shape_plan_key(shape, self.buckets, options, self.versions)
 
     def cached(
         self, shape: _ShapeKey, first: nn.Linear, usable: set[str]
@@ -808,10 +823,11 @@ def sparsify(
         verbose: print the report table.
         dtype: None (keep the weights' fp16/bf16) or "fp8": e4m3 weights with per-row
             scales, tokens quantized per call, output in the model's dtype; the layers
-            become `ria.sparse.fp8_linear.Fp8Linear`, each bucket running cuSPARSELt's fp8
-            2:4 GEMM or fp8 dense (`torch._scaled_mm`), whichever measured faster.
-            `backend`, `allow_dense`, `dense_margin`, `cslt_sweep` and `plan_cache` are
-            for the fp16/bf16 kernels and must keep their defaults (no plan cache yet).
+            become `ria.sparse.fp8_linear.Fp8Linear`, each bucket running whichever
+            measured fastest of our mma.sp kernel over e4m3 fragments (<= 64 tokens),
+            cuSPARSELt's fp8 2:4 GEMM and fp8 dense (`torch._scaled_mm`); plans are cached
+            as for fp16/bf16. `backend`, `allow_dense`, `dense_margin`, `cslt_sweep` and
+            `fuse_siblings` are for the fp16/bf16 kernels and must keep their defaults.
         sparse: with `dtype="fp8"`, False converts every fp16/bf16 Linear (but lm_head)
             to fp8 dense, 2:4 or not. Must be True without `dtype`.
 
@@ -824,19 +840,14 @@ def sparsify(
             raise InvalidArgumentError(
                 f"dtype must be None or 'fp8' (sparse=False needs dtype='fp8'), got {dtype!r}"
             )
-        if (
-            backend != "auto"
-            or allow_dense
-            or not cslt_sweep
-            or plan_cache is not True
-            or fuse_siblings
-        ):
+        if backend != "auto" or allow_dense or not cslt_sweep or fuse_siblings:
             raise InvalidArgumentError(
-                "dtype='fp8' takes batch_sizes, strict, tune_layers, verbose and sparse only"
+                "dtype='fp8' takes batch_sizes, strict, tune_layers, plan_cache, verbose and "
+                "sparse only"
             )
         return sparsify_fp8(
             model, sparse=sparse, batch_sizes=batch_sizes, strict=strict,
-            tune_layers=tune_layers, verbose=verbose,
+            tune_layers=tune_layers, plan_cache=plan_cache, verbose=verbose,
         )  # fmt: skip
     t0 = time.perf_counter()
     buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
