@@ -1,14 +1,18 @@
-"""The warpgroup decode kernel (`wgmma_sp.cu`: wgmma.mma_async.sp over cuSPARSELt's buffer).
+"""The warpgroup decode kernels over cuSPARSELt's buffer: `wgmma_sp.cu` (A from registers)
+and the streaming `wgmma_tma.cu` (TMA-fed stages, both operands from shared memory).
 
-CPU: its launch shapes, the generated inline assembly, where tuning offers it, and the plan
-cache's encoding of its shapes. GPU (compute capability 9.0 only): against the masked dense
-product at M = 9..64, bf16 and fp16, with and without bias, the LLaMA-2-7B shapes and small
-odd ones (K % 64 == 32, N < 64), repeatable bits under split-K.
+CPU: their launch shapes, the generated inline assembly, where tuning offers them, the plan
+cache's encoding of their shapes, the streaming kernel's metadata image (against cuSPARSELt's
+layout), shared-memory budget and tensor-map checks. GPU (compute capability 9.0 only):
+against the masked dense product at M = 9..64, bf16 and fp16, with and without bias, the
+LLaMA-2-7B shapes and small odd ones (K % 64 == 32, N < 64, N % 64 != 0), repeatable bits
+under split-K, and the prepared launch re-pointing its tokens' tensor map.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -17,12 +21,13 @@ from helpers import assert_mma_config_matches, needs_cuda, random_24
 
 from ria.errors import InvalidArgumentError
 from ria.sparse import mma_sp
-from ria.sparse.format import pack_24
+from ria.sparse.format import cslt_nibble_index, pack_24
 from ria.sparse.linear import Choice
 from ria.sparse.mma_sp import MmaConfig
 from ria.sparse.plan_cache import PlanCache, TunedPlan, plan_key
 
 WG = MmaConfig(1, 8, 2, 3, 4, wgmma=True)  # (a shape of the sweep)
+TMA = MmaConfig(2, 4, 2, 4, 4, wgmma=True, tma=True)
 
 
 def test_wgmma_config_fields_and_checks():
@@ -31,6 +36,100 @@ def test_wgmma_config_fields_and_checks():
         MmaConfig(2, 6, 2, 3, 4, wgmma=True)
     with pytest.raises(InvalidArgumentError):
         MmaConfig(1, 8, 2, 0, 1, wgmma=True)
+
+
+def test_tma_config_fields_and_checks():
+    assert str(TMA) == "a2w4u2s4k4" and TMA.tiled and TMA.wgmma
+    assert MmaConfig(2, 4, 2, 4, 4, wgmma=True) != TMA
+    base = dict(row_tiles=2, warps=4, unroll=2, stages=4, split=4, wgmma=True, tma=True)
+    for bad in [
+        dict(wgmma=False),  # the streaming kernel is a wgmma kernel
+        dict(unroll=3),  # stages of whole 128-column values boxes
+        dict(row_tiles=8),  # 512 rows: more than one copy box holds
+    ]:
+        with pytest.raises(InvalidArgumentError, match="tma"):
+            MmaConfig(**{**base, **bad})
+
+
+@pytest.mark.parametrize("tiles", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_ss_wrapper_operands(tiles, dtype):
+    """The assembly names N / 2 accumulators, the A and B descriptors, the metadata and the
+    selector, then scale-d, scales 1, 1 and no transposes, for N = 8 * tiles."""
+    src = mma_sp.wgmma_ss_wrapper(tiles, dtype)
+    ab = "f16" if dtype == torch.float16 else "bf16"
+    assert f"m64n{8 * tiles}k32.f32.{ab}.{ab} " in src
+    acc = 4 * tiles
+    assert re.findall(r"\{(%[0-9, %]+)\}", src)[0] == ", ".join(f"%{i}" for i in range(acc))
+    assert f"}}, %{acc}, %{acc + 1}, %{acc + 2}, %{acc + 4}, p, 1, 1, 0, 0;" in src
+    assert f"setp.ne.b32 p, %{acc + 3}, 0;" in src
+    assert src.count('"+f"') == acc and '"n"(SEL)' in src
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX `prmt.b32` (default mode): byte i of the result is byte (sel >> 4i) & 7 of b:a."""
+    pool = a | b << 32
+    return sum(((pool >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+
+
+def _meta_image(w0: int, w1: int, t: int) -> int:
+    """wgmma_tma.cu's `meta_image`, step by step."""
+    v = _prmt(w0, w1, 0x6420 + 0x1111 * (t & 1))
+    lo, hi = v & 0x0F0F0F0F, (v >> 4) & 0x0F0F0F0F
+    lo, hi = (lo | lo >> 4) & 0x00FF00FF, (hi | hi >> 4) & 0x00FF00FF
+    lo, hi = (lo | lo >> 8) & 0xFFFF, (hi | hi >> 8) & 0xFFFF
+    return lo | hi << 16
+
+
+def test_meta_image_holds_wgmma_groups_from_cusparselt_words():
+    """For every lane (g, t) of every warp q and every k-tile: the register made from
+    cuSPARSELt's words 2g and 2g + 1 of the lane's 16-row tile holds, at bit 4i, row
+    16q + g's nibble of group 4 * (t % 2) + i of the k-tile and, at bit 16 + 4i, row
+    16q + g + 8's (the layout wgmma.sp takes for 16-bit types, selector t / 2)."""
+    n, k = 128, 128
+    word, shift = cslt_nibble_index(n, k)
+    g_ = torch.Generator().manual_seed(0)
+    meta = torch.randint(0, 2**32, (int(word.max()) + 1,), generator=g_, dtype=torch.int64)
+    nib = (meta[word] >> shift) & 0xF  # (n, k / 4): the nibble of (row, group)
+    for blk in range(n // 64):
+        for kt in range(k // 32):
+            base = 64 * (blk * (k // 32) + kt)  # the 64-word block of (64 rows, k-tile)
+            for q in range(4):
+                for g in range(8):
+                    w0, w1 = (int(meta[base + 16 * q + 2 * g + b]) for b in (0, 1))
+                    row = 64 * blk + 16 * q + g
+                    for t in range(4):
+                        e = _meta_image(w0, w1, t)
+                        for i in range(4):
+                            grp = 8 * kt + 4 * (t % 2) + i
+                            assert (e >> 4 * i) & 0xF == nib[row, grp]
+                            assert (e >> 16 + 4 * i) & 0xF == nib[row + 8, grp]
+
+
+def test_tma_stage_bytes_and_budget():
+    # 128 rows x 64 * 2 bytes of values, 64 tokens x 256 bytes, 2 tiles x 4 k-tiles x 256
+    assert mma_sp.tma_stage_bytes(TMA, 8) == 128 * 128 + 64 * 256 + 2 * 4 * 256
+    assert mma_sp.tma_smem_bytes(TMA, 8) == 4 * 34816 + 16 * 4 + 1024
+    assert mma_sp._grid(TMA, 4096 // 16) == (32, 4, 1)
+    assert mma_sp._launch_shape(TMA, 8, 4096 // 16)[1] == 4 * 32 + 32  # + the producer warp
+    # Every streaming shape tuning times fits an H200's 227 KB of shared memory at M <= 64.
+    for c in (c for m in (16, 32, 64) for c in mma_sp.candidates(m, cslt=True) if c.tma):
+        assert mma_sp.tma_smem_bytes(c, 8) <= 227 * 1024, c
+
+
+def test_tensor_map_checks():
+    from ria.sparse.tma import check_2d
+
+    check_2d(0x1000, 2048, 4096, 4096, (64, 128), 3)
+    for args in [
+        (0x1008, 2048, 4096, 4096, (64, 128), 3),  # misaligned address
+        (0x1000, 2048, 4096, 4104, (64, 128), 3),  # row stride not a multiple of 16
+        (0x1000, 2048, 4096, 4096, (128, 128), 3),  # 256-byte box rows under a 128-byte swizzle
+        (0x1000, 2048, 4096, 4096, (64, 512), 3),  # box side > 256
+        (0x1000, 2048, 4096, 2048, (64, 128), 3),  # rows overlap
+    ]:
+        with pytest.raises(InvalidArgumentError):
+            check_2d(*args)
 
 
 @pytest.mark.parametrize("tiles", [1, 3, 8])
@@ -61,12 +160,13 @@ def test_wgmma_candidates_only_where_it_runs(monkeypatch):
     assert not any(c.wgmma for m in (16, 32, 64) for c in mma_sp.candidates(m, cslt=True))
 
 
-def test_plan_cache_keeps_the_wgmma_shape(tmp_path):
+@pytest.mark.parametrize("shape", [WG, TMA])
+def test_plan_cache_keeps_the_wgmma_shape(tmp_path, shape):
     key = plan_key(
         device="NVIDIA H200", capability=(9, 0), out_features=4096, in_features=4096,
         dtype=torch.bfloat16, bias=False, buckets=(16,), options={}, versions={"ria": "0"},
     )  # fmt: skip
-    tuned = TunedPlan({16: Choice("mma_cslt", mma=WG)}, {16: Choice("mma_cslt", mma=WG)})
+    tuned = TunedPlan({16: Choice("mma_cslt", mma=shape)}, {16: Choice("mma_cslt", mma=shape)})
     cache = PlanCache(tmp_path)
     path = cache.store(key, tuned)
     assert path is not None and cache.load(key, (16,), {"mma_cslt"}) == tuned
@@ -88,11 +188,14 @@ def _is_hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-SHAPES = [(48, 96), (192, 1376), (4096, 4096), (11008, 4096), (4096, 11008)]
+SHAPES = [(48, 96), (192, 1376), (208, 1376), (4096, 4096), (11008, 4096), (4096, 11008)]
 EXTRA = (
     MmaConfig(1, 4, 1, 2, 1, wgmma=True),
     MmaConfig(2, 4, 1, 2, 3, wgmma=True),
     MmaConfig(1, 16, 1, 4, 8, wgmma=True),
+    MmaConfig(1, 4, 2, 2, 1, wgmma=True, tma=True),  # stages reused many times, no cluster
+    MmaConfig(4, 4, 2, 3, 3, wgmma=True, tma=True),  # 256 rows, a cluster of 3
+    MmaConfig(1, 8, 4, 2, 8, wgmma=True, tma=True),  # two consumer warpgroups, 2 boxes/stage
 )
 
 
@@ -107,6 +210,8 @@ def test_wgmma_kernel_reads_cusparselt_buffer(dtype):
 
     shapes = [c for c in mma_sp.CONFIGS if c.wgmma] + list(EXTRA)
     mma_sp.compile_kernels(dtype, (9, 16, 24, 33, 64), cslt=True, configs=shapes, threads=16)
+    if n_tma := os.environ.get("RIA_TEST_TMA_ONLY"):  # (device runs: the new kernel's shapes)
+        shapes = [c for c in shapes if c.tma][: int(n_tma)]
     for n, k in SHAPES:
         w = random_24(n, k, dtype=dtype, device="cuda", seed=n + k)
         c = share_cslt_buffer(pack_24(w), cslt_compress(w))
@@ -119,3 +224,23 @@ def test_wgmma_kernel_reads_cusparselt_buffer(dtype):
                 ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
                 for cfg in shapes:
                     assert_mma_config_matches(x, c, bias, ref, cfg)
+
+
+@needs_cuda
+@pytest.mark.skipif(not _is_hopper(), reason="wgmma needs compute capability 9.0")
+def test_tma_prepared_launch_follows_the_tokens():
+    """`MmaLaunch` with a streaming shape rewrites its tokens' tensor map when x moves: two
+    inputs in turn, each matching its own product, the same bits on a repeat."""
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
+
+    n, k, m = 256, 1024, 24
+    w = random_24(n, k, device="cuda", seed=3)
+    c = share_cslt_buffer(pack_24(w), cslt_compress(w))
+    b = torch.randn(n, dtype=w.dtype, device="cuda")
+    launch = mma_sp.MmaLaunch(c, b, m, config=TMA)
+    xs = [torch.randn(m, k, dtype=w.dtype, device="cuda") for _ in range(2)]
+    ys = [launch(x) for x in xs] + [launch(xs[0])]
+    for x, y in zip(xs + xs[:1], ys, strict=True):
+        ref = x.double() @ w.double().t() + b.double()
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+    assert torch.equal(ys[0], ys[2])

@@ -72,7 +72,13 @@ class MmaConfig:
     With `wgmma` (the warpgroup kernel, `wgmma_sp.cu`, compute capability 9.0 only, the
     tiled kernel's inputs): `warps // 4` warpgroups per block, each owning `row_tiles`
     tiles of 64 rows, `unroll` pairs of k-steps per stage of the tokens, `stages` stages,
-    `split` blocks of a cluster splitting the input columns."""
+    `split` blocks of a cluster splitting the input columns.
+
+    With `wgmma` and `tma` (the streaming warpgroup kernel, `wgmma_tma.cu`): a producer warp
+    fills `stages` shared-memory stages of `unroll` (even) pairs of k-steps with the copy
+    engine, `warps // 4` consumer warpgroups of `row_tiles` 64-row tiles (at most 256 rows
+    per block) read both operands from shared memory, `split` blocks of a cluster split the
+    input columns."""
 
     row_tiles: int = 1
     warps: int = 16
@@ -82,6 +88,7 @@ class MmaConfig:
     hint: int = 0
     late_b: int = 0
     wgmma: bool = False
+    tma: bool = False
 
     def __post_init__(self) -> None:
         if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
@@ -104,6 +111,11 @@ class MmaConfig:
                 "the wgmma kernel needs stages >= 2 and whole warpgroups (warps % 4 == 0), "
                 f"got {self!r}"
             )
+        if self.tma and (not self.wgmma or self.unroll % 2 or self.row_tiles * self.warps > 16):
+            raise InvalidArgumentError(
+                "the streaming wgmma kernel (tma) needs wgmma, an even unroll and at most 256 "
+                f"rows per block (row_tiles * warps <= 16), got {self!r}"
+            )
 
     @property
     def tiled(self) -> bool:
@@ -111,6 +123,8 @@ class MmaConfig:
         return self.stages > 0
 
     def __str__(self) -> str:
+        if self.tma:
+            return f"a{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         if self.wgmma:
             return f"g{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         if self.tiled:
@@ -315,6 +329,8 @@ def _kernel_source(
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
     }
+    if config.tma:
+        return _tma_source(dtype, config, tiles)
     if config.wgmma:
         return _wgmma_source(dtype, config, tiles)
     # (only when set: the other kernels' sources and disk cache keys stay)
@@ -342,6 +358,45 @@ def _wgmma_source(dtype: torch.dtype, config: MmaConfig, tiles: int) -> str:
     }
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
     return head + wgmma_wrapper(tiles, dtype) + _source("wgmma_sp.cu")
+
+
+def _tma_source(dtype: torch.dtype, config: MmaConfig, tiles: int) -> str:
+    """`wgmma_tma.cu` for `tiles` token tiles, with its settings and `wgmma_ss_wrapper`."""
+    defines = {
+        "RIA_F16": int(dtype == torch.float16),
+        "RIA_R": config.row_tiles,
+        "RIA_WG": config.warps // 4,
+        "RIA_U": config.unroll,
+        "RIA_S": config.stages,
+        "RIA_SK": config.split,
+        "RIA_NT": tiles,
+        "RIA_NACC": 4 * tiles,
+    }
+    head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
+    return head + wgmma_ss_wrapper(tiles, dtype) + _source("wgmma_tma.cu")
+
+
+def wgmma_ss_wrapper(tiles: int, dtype: torch.dtype) -> str:
+    """CUDA source of `wgmma_ss<SEL>(acc, da, db, e)`: one m64nNk32 sparse wgmma with A and
+    B through the shared-memory descriptors `da`, `db` (both K-major), the metadata word `e`
+    (sparsity selector SEL) from a register, fp32 accumulators `acc` (N / 2 per thread,
+    added to: scale-d 1)."""
+    n_acc = 4 * tiles
+    ab = "f16" if dtype == torch.float16 else "bf16"
+    acc = ", ".join(f"%{i}" for i in range(n_acc))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n_acc))
+    return (
+        "template <int SEL>\n"
+        "__device__ __forceinline__ void wgmma_ss(float (&d)[RIA_NACC], "
+        "unsigned long long da, unsigned long long db, unsigned int e) {\n"
+        '  asm volatile("{\\n.reg .pred p;\\n'
+        f"setp.ne.b32 p, %{n_acc + 3}, 0;\\n"
+        f"wgmma.mma_async.sp.sync.aligned.m64n{8 * tiles}k32.f32.{ab}.{ab} "
+        f'{{{acc}}}, %{n_acc}, %{n_acc + 1}, %{n_acc + 2}, %{n_acc + 4}, p, 1, 1, 0, 0;\\n}}\\n"\n'
+        f"      : {outs}\n"
+        '      : "l"(da), "l"(db), "r"(e), "r"(1), "n"(SEL));\n'
+        "}\n"
+    )
 
 
 def wgmma_wrapper(tiles: int, dtype: torch.dtype) -> str:
@@ -373,7 +428,7 @@ def _arch(config: MmaConfig | None = None) -> str:
     """NVRTC's target for the current GPU: sm_90a (Hopper's own instructions) for the wgmma
     kernel."""
     major, minor = torch.cuda.get_device_capability()
-    return f"{major}{minor}" + ("a" if config is not None and config.wgmma else "")
+    return f"{major}{minor}" + ("a" if config is not None and config.wgmma else "")  # tma too
 
 
 def compile_kernels(
@@ -438,6 +493,8 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
     `split > 1` at least the block's fp32 sums (rows x tokens) for the cluster's reduction.
     Wgmma kernel (as in wgmma_sp.cu): `stages` stages of tokens (8 * tiles x 128 * unroll
     bytes), and the block's fp32 sums (tokens x (rows + 4))."""
+    if config.tma:
+        return tma_smem_bytes(config, tiles)
     if config.wgmma:
         rows = 64 * config.row_tiles * (config.warps // 4)
         return max(config.stages * 1024 * config.unroll * tiles, 4 * 8 * tiles * (rows + 4))
@@ -447,6 +504,23 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
     stage = rows * (64 * u + 16) + 8 * tiles * (128 * u + 16) + rows // 64 * 2 * u * 256
     sums = 4 * rows * 8 * tiles if config.split > 1 else 0
     return max(config.stages * stage, sums)
+
+
+def tma_stage_bytes(config: MmaConfig, tiles: int) -> int:
+    """Bytes of one stage of the streaming kernel (RIA_STAGE_BYTES in wgmma_tma.cu): values
+    (rows x 64 * unroll bytes: half the stage's columns, 2 bytes each), tokens (8 * tiles x
+    128 * unroll bytes) and metadata (256 bytes per 64 rows and k-tile of 32 columns)."""
+    rows, u = 16 * config.row_tiles * config.warps, config.unroll
+    return rows * 64 * u + 8 * tiles * 128 * u + rows // 64 * 2 * u * 256
+
+
+def tma_smem_bytes(config: MmaConfig, tiles: int) -> int:
+    """Dynamic shared memory of the streaming kernel: its stages and two 8-byte barriers per
+    stage, plus 1024 bytes to align the swizzled boxes; the stages also hold the block's fp32
+    sums (tokens x (rows + 4)) at the end."""
+    rows = 16 * config.row_tiles * config.warps
+    stages = config.stages * tma_stage_bytes(config, tiles)
+    return max(stages, 4 * 8 * tiles * (rows + 4)) + 16 * config.stages + 1024
 
 
 def _grid(config: MmaConfig, row_tiles: int) -> tuple[int, int, int]:
@@ -575,7 +649,15 @@ def mma24_linear(
     elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
         raise InvalidArgumentError(f"out must be ({m}, {n}) {x.dtype} with unit column stride")
     kernel, config, tiles, row_tiles, args = _prepare(x, packed, bias, order, config, out)
-    _launch(kernel, config, tiles, row_tiles, args)
+    if config.tma:  # tensor maps are by-value parameters: torch's kernel call takes none
+        from .launch import PreparedLaunch, raw_stream
+
+        grid, block, smem = _launch_shape(config, tiles, row_tiles)
+        PreparedLaunch(kernel.func, grid, block, smem, args, patched=())(
+            stream=raw_stream(x.device.index if x.device.index is not None else 0)
+        )
+    else:
+        _launch(kernel, config, tiles, row_tiles, args)
     return out
 
 
@@ -588,7 +670,8 @@ def _prepare(
     out: torch.Tensor,
 ) -> tuple[Any, MmaConfig, int, int, list[Any]]:
     """The kernel, launch shape, token tiles, row tiles and argument list for checked
-    inputs (`x` at index 0 and `out` at index 7 of the arguments)."""
+    inputs (`x` at index 0 and `out` at index 7 of the arguments; the streaming wgmma
+    kernel's: `_tma_args`)."""
     m = x.shape[0]
     cslt = isinstance(packed, Compact24)
     config = config or default_config(m, cslt, order is not None)
@@ -596,6 +679,9 @@ def _prepare(
     bits = _ORDER_BITS[None if order is None else order.dtype]
     kernel = _kernel(x.dtype, config, tiles, bits, cslt=cslt)
     row_tiles, pairs = _tiles_pairs(packed)
+    if config.tma:
+        assert isinstance(packed, Compact24)
+        return kernel, config, tiles, row_tiles, _tma_args(x, packed, bias, out, config)
     unused = packed.values  # stands in for absent pointers (the kernel never reads it)
     args = [
         x,
@@ -618,6 +704,46 @@ def _prepare(
     return kernel, config, tiles, row_tiles, args
 
 
+def _x_map(x_ptr: int, m: int, k: int, ldx: int, out: Any = None) -> Any:
+    """The streaming kernel's tensor map of the tokens: `(m, k)` at `x_ptr`, `ldx` elements
+    between rows, boxes of 64 columns x 8 * ceil(m / 8) tokens (zeros past m and k)."""
+    from .tma import encode_2d
+
+    box = (64, TOKEN_TILE * -(-m // TOKEN_TILE))
+    return encode_2d(x_ptr, k, m, 2 * ldx, box, l2_promotion=128, out=out)
+
+
+def _tma_args(
+    x: torch.Tensor,
+    packed: Compact24,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    config: MmaConfig,
+) -> list[Any]:
+    """Arguments of the streaming wgmma kernel (`wgmma_tma.cu`): the tokens' and the values'
+    tensor maps (the values `(N, K/2)`, boxes of 64 compressed columns x the block's rows,
+    streamed with 256-byte L2 fetches), the metadata, bias, output; `out` at index 5."""
+    from .tma import encode_2d
+
+    n, k = packed.out_features, packed.in_features
+    if packed.meta.data_ptr() % 16:
+        raise InvalidArgumentError(f"{config} copies the metadata in bulk: align it to 16 bytes")
+    rows = 16 * config.row_tiles * config.warps
+    wmap = encode_2d(packed.values.data_ptr(), k // 2, n, k, (64, rows), l2_promotion=256)
+    return [
+        _x_map(x.data_ptr(), x.shape[0], k, x.stride(0)),
+        wmap,
+        packed.meta,
+        packed.values if bias is None else bias,  # (never read without bias)
+        int(bias is not None),
+        out,
+        out.stride(0),
+        x.shape[0],
+        n,
+        k,
+    ]
+
+
 def _x_alignment(config: MmaConfig) -> int:
     """Bytes the start and row stride of `x` must be multiples of: the plain kernel loads
     pairs of values (4 bytes), the tiled kernel copies 16 bytes at a time."""
@@ -628,7 +754,8 @@ def _launch_shape(
     config: MmaConfig, tiles: int, row_tiles: int
 ) -> tuple[tuple[int, int, int], int, int]:
     """(grid, threads per block, dynamic shared memory bytes) of one launch."""
-    return _grid(config, row_tiles), 32 * config.warps, _smem_bytes(config, tiles)
+    threads = 32 * config.warps + (32 if config.tma else 0)  # + the streaming kernel's producer
+    return _grid(config, row_tiles), threads, _smem_bytes(config, tiles)
 
 
 def _launch(kernel: Any, config: MmaConfig, tiles: int, row_tiles: int, args: list[Any]) -> None:
@@ -668,7 +795,10 @@ class MmaLaunch:
         self.dtype, self.device = dtype, device
         self._device_index = device.index if device.index is not None else 0
         self._align = _x_alignment(self.config)
-        self._launch = PreparedLaunch(kernel.func, grid, block, smem, args, patched=(0, 7))
+        # The streaming wgmma kernel reads x through a tensor map, rewritten when x moves.
+        self._xmap, self._x_ptr = (args[0], x.data_ptr()) if self.config.tma else (None, 0)
+        patched = (5,) if self.config.tma else (0, 7)
+        self._launch = PreparedLaunch(kernel.func, grid, block, smem, args, patched=patched)
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether `x` can take the prepared launch: `(m, K)`, contiguous, aligned, the
@@ -686,7 +816,14 @@ class MmaLaunch:
         from .launch import raw_stream
 
         out = torch.empty(self.m, self.n, dtype=self.dtype, device=self.device)
-        self._launch(x.data_ptr(), out.data_ptr(), stream=raw_stream(self._device_index))
+        stream = raw_stream(self._device_index)
+        if self._xmap is None:
+            self._launch(x.data_ptr(), out.data_ptr(), stream=stream)
+            return out
+        if x.data_ptr() != self._x_ptr:
+            _x_map(x.data_ptr(), self.m, self.k, self.k, out=self._xmap)
+            self._x_ptr = x.data_ptr()
+        self._launch(out.data_ptr(), stream=stream)
         return out
 
 
