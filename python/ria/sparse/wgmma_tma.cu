@@ -186,6 +186,31 @@ __device__ __forceinline__ u32 meta_image(u32 w0, u32 w1, int t) {
   return lo | (hi << 16);
 }
 
+// The wgmma of one stage for this warpgroup's tiles: all 2U k-tiles (KTS = RIA_KT), or the
+// first `kts` of a stage cut short by K (KTS = 0).
+template <int KTS>
+__device__ __forceinline__ void issue_stage(float (&acc)[RIA_R][RIA_NACC], const u32 (&e)[RIA_R][RIA_U],
+                                            u32 stage, int wg, int kts = RIA_KT) {
+#pragma unroll
+  for (int p = 0; p < RIA_U; ++p) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int kt = 2 * p + h;
+      if (KTS == RIA_KT || kt < kts) {
+        const u64 db = sw128_desc(stage + RIA_A_BYTES + (kt >> 1) * RIA_X_BOX + (kt & 1) * 64);
+#pragma unroll
+        for (int r = 0; r < RIA_R; ++r) {
+          const u32 aa = stage + (kt >> 2) * RIA_A_BOX + (wg * RIA_R + r) * 8192 + (kt & 3) * 32;
+          if (h == 0)
+            wgmma_ss<0>(acc[r], sw128_desc(aa), db, e[r][p]);
+          else
+            wgmma_ss<1>(acc[r], sw128_desc(aa), db, e[r][p]);
+        }
+      }
+    }
+  }
+}
+
 extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
     ria_mma_sp24(const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap,
                  const u32* __restrict__ meta, const u16* __restrict__ bias, int has_bias,
@@ -268,25 +293,10 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
 #pragma unroll
       for (int r = 0; r < RIA_R; ++r) fence_acc(acc[r]);
       wgmma_fence();
-#pragma unroll
-      for (int p = 0; p < RIA_U; ++p) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int kt = 2 * p + h;
-          if (kt < kts) {
-            const u32 xa = stage + RIA_A_BYTES + (kt >> 1) * RIA_X_BOX + (kt & 1) * 64;
-            const u64 db = sw128_desc(xa);
-#pragma unroll
-            for (int r = 0; r < RIA_R; ++r) {
-              const u32 aa = stage + (kt >> 2) * RIA_A_BOX + (wg * RIA_R + r) * 8192 + (kt & 3) * 32;
-              if (h == 0)
-                wgmma_ss<0>(acc[r], sw128_desc(aa), db, e[r][p]);
-              else
-                wgmma_ss<1>(acc[r], sw128_desc(aa), db, e[r][p]);
-            }
-          }
-        }
-      }
+      if (kts == RIA_KT)  // (a whole stage: one batch without branches between the wgmma)
+        issue_stage<RIA_KT>(acc, e, stage, wg);
+      else
+        issue_stage<0>(acc, e, stage, wg, kts);
       wgmma_commit();
       wgmma_wait_all();
 #pragma unroll
