@@ -178,6 +178,21 @@ def test_plan_cache_keeps_the_wgmma_shape(tmp_path, shape):
         assert cache.load(key, (16,), {"mma_cslt"}) is None
 
 
+def test_plans_are_retuned_when_the_tuned_shapes_change(monkeypatch):
+    """The plan cache's versions carry a fingerprint of the kernel sources and of the launch
+    shapes tuning times: a plan timed before the streaming kernel existed is not reused."""
+    from ria.sparse.plan_cache import library_versions
+
+    now = mma_sp.kernel_fingerprint()
+    assert library_versions()["kernels"] == now and len(now) == 16
+    monkeypatch.setattr(mma_sp, "CONFIGS", tuple(c for c in mma_sp.CONFIGS if not c.tma))
+    mma_sp.kernel_fingerprint.cache_clear()
+    try:
+        assert mma_sp.kernel_fingerprint() != now
+    finally:
+        mma_sp.kernel_fingerprint.cache_clear()
+
+
 def test_wgmma_smem_holds_stages_and_sums():
     # 3 stages of 8 pieces x 8 tokens x 128 bytes per pair vs 64 tokens x (128 + 4) floats
     assert mma_sp._smem_bytes(WG, 8) == max(3 * 2 * 1024 * 8, 4 * 64 * 132)

@@ -41,6 +41,7 @@ __all__ = [
     "cslt_meta_words",
     "default_config",
     "kernel_cache_dir",
+    "kernel_fingerprint",
     "mma24_fp8_linear",
     "mma24_linear",
     "mma_best_config",
@@ -193,9 +194,26 @@ _WG = (
     MmaConfig(2, 8, 2, 3, 4, wgmma=True),
     MmaConfig(2, 4, 2, 3, 4, wgmma=True),
 )
+# The streaming warpgroup kernel (MmaConfig(R, W, U, stages, split, wgmma=True, tma=True),
+# sm_90 only) for M > 8: a producer warp streams the weight with TMA into `stages`
+# shared-memory stages, 64 * R * W / 4 rows per block. PROVISIONAL (not yet timed on a GPU).
+_TMA = (
+    MmaConfig(2, 4, 2, 4, 4, wgmma=True, tma=True),
+    MmaConfig(4, 4, 2, 4, 3, wgmma=True, tma=True),
+    MmaConfig(2, 4, 2, 6, 4, wgmma=True, tma=True),
+)
 CONFIGS = tuple(
     dict.fromkeys(
-        _FEW + _SOME + _MANY + _CSLT_ONE + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY + _WG
+        _FEW
+        + _SOME
+        + _MANY
+        + _CSLT_ONE
+        + _CSLT_FEW
+        + _CSLT_SOME
+        + _CSLT_HALF
+        + _CSLT_MANY
+        + _WG
+        + _TMA
     )
 )
 
@@ -211,7 +229,7 @@ def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
         else:
             shapes = (_CSLT_ONE if m == 1 else _CSLT_FEW) if m <= 8 else _CSLT_SOME
         if m > 8 and _has_wgmma():
-            shapes = (*shapes, *_WG)
+            shapes = (*shapes, *_WG, *_TMA)
         return shapes if _has_clusters() else tuple(c for c in shapes if c.split == 1)
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
 
@@ -273,6 +291,17 @@ def _nvrtc_status(arch: str) -> str | None:
 def kernel_cache_dir() -> Path:
     """Where compiled kernels are kept: `<ria cache>/kernels` (`$RIA_CACHE` or the user cache)."""
     return cache_dir() / "kernels"
+
+
+@functools.cache
+def kernel_fingerprint() -> str:
+    """A short hash of the kernel sources and of every launch shape tuning may time
+    (`CONFIGS`): it changes whenever either does."""
+    text = "\0".join([*(_source(f) for f in _SOURCES), repr(CONFIGS)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_SOURCES = ("mma_sp.cu", "wgmma_sp.cu", "wgmma_tma.cu")
 
 
 def _source(name: str = "mma_sp.cu") -> str:
