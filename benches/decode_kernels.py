@@ -16,11 +16,10 @@ Usage: python benches/decode_kernels.py [--out PATH] [--ms 1,4,8,16,32,64] [--cs
 
 With `--wgmma-sweep` (default --ms 1,8,16,32,64, --out .../decode_kernels_h200_wgmma.json):
 only dense, cuSPARSELt, the best mma.sp kernel on cuSPARSELt's buffer before the wgmma kernels
-("old": plain and tiled shapes of `candidates`), the register-fed wgmma kernel ("wgmma",
-`wgmma_sp.cu`: its shapes in `candidates`) and the streaming one ("tma", `wgmma_tma.cu`: its
-shapes in `candidates` and TMA_SWEEP, each timed), side by side, and what tuning picks
-("tuned": the fastest of all). At M <= 8 (no wgmma kernel) only dense and "tuned", to show
-those kernels unchanged.
+("old": plain and tiled shapes of `candidates`) and the streaming wgmma kernel ("wgmma",
+`wgmma_sp.cu`: its shapes in `candidates` and WGMMA_SWEEP, each timed), side by side, and what
+tuning picks ("tuned": the fastest of both). At M <= 8 (no wgmma kernel) only dense and
+"tuned", to show those kernels unchanged.
 """
 
 from __future__ import annotations
@@ -82,26 +81,30 @@ TILED_SWEEP = tuple(
 )
 
 
-# The streaming wgmma kernel's shapes (MmaConfig(R, W, U, stages, split, wgmma=True,
-# tma=True): W / 4 consumer warpgroups of R x 64 rows per block, 64 * U columns per stage,
-# a cluster of `split` blocks over K) timed with `--wgmma-sweep` besides those in `candidates`.
-TMA_SWEEP = tuple(
-    MmaConfig(*c, wgmma=True, tma=True)
+# The wgmma kernel's shapes (MmaConfig(R, W, U, stages, split, wgmma=True): W / 4 consumer
+# warpgroups of R x 64 rows per block, 64 * U columns per stage, a cluster of `split` blocks
+# over K) timed with `--wgmma-sweep` besides those in `candidates`. A first sweep (11:11 UTC
+# 2026-12-03) also timed g4w4u2s4k3, g1w8u2s6k4, g4w4u2s4k8, g2w8u2s4k8 and g1w16u2s4k8: never
+# within 10% of the best.
+WGMMA_SWEEP = tuple(
+    MmaConfig(*c, wgmma=True)
     for c in [
         (2, 4, 2, 4, 4),
         (2, 4, 2, 6, 4),
         (1, 8, 2, 4, 4),
-        (1, 8, 2, 6, 4),
         (2, 4, 4, 3, 4),
         (2, 4, 2, 3, 8),
         (1, 4, 2, 8, 2),
         (1, 4, 2, 4, 4),
-        (4, 4, 2, 4, 8),
-        (4, 4, 2, 4, 3),
         (2, 8, 2, 4, 3),
-        (2, 8, 2, 4, 8),
-        (1, 16, 2, 4, 8),
         (3, 4, 2, 5, 2),
+        (1, 4, 2, 6, 2),
+        (1, 4, 4, 4, 2),
+        (1, 4, 2, 5, 4),
+        (1, 4, 4, 3, 4),
+        (2, 4, 2, 6, 2),
+        (3, 4, 2, 4, 2),
+        (1, 8, 2, 6, 2),
     ]
 )
 
@@ -255,13 +258,12 @@ def bench_shape(
     return rows
 
 
-def wgmma_configs(m: int, tma: bool) -> tuple[MmaConfig, ...]:
-    """The register-fed (`tma` False) or streaming wgmma kernel's shapes timed for `m`."""
-    shapes = [c for c in candidates(m, cslt=True) if c.wgmma and c.tma == tma]
-    return tuple(dict.fromkeys([*shapes, *(TMA_SWEEP if tma else ())]))
+def wgmma_configs(m: int) -> tuple[MmaConfig, ...]:
+    """The wgmma kernel's shapes timed for `m` tokens ("wgmma")."""
+    return tuple(dict.fromkeys([c for c in candidates(m, cslt=True) if c.wgmma] + [*WGMMA_SWEEP]))
 
 
-WGMMA_KINDS = ("old", "wgmma", "tma")
+WGMMA_KINDS = ("old", "wgmma")
 
 
 def sweep_configs(m: int) -> dict[str, tuple[MmaConfig, ...]]:
@@ -271,15 +273,13 @@ def sweep_configs(m: int) -> dict[str, tuple[MmaConfig, ...]]:
         return {"tuned": candidates(m, cslt=True)}
     return {
         "old": cslt_configs(m, False) + tiled_configs(m, False),
-        "wgmma": wgmma_configs(m, tma=False),
-        "tma": wgmma_configs(m, tma=True),
+        "wgmma": wgmma_configs(m),
     }
 
 
 def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
     """Dense, cuSPARSELt, the best mma.sp kernel on the buffer before wgmma ("old"), the
-    register-fed and the streaming wgmma kernels, and the fastest of all ("tuned"), per token
-    count."""
+    wgmma kernel, and the fastest of both ("tuned"), per token count."""
     ws, packed, compact, copies = buffer_weights(name, n, k)
     dense_bytes, sparse_bytes = n * k * 2, n * k * 2 * 9 / 16
     rows = []
@@ -314,16 +314,17 @@ def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
             f"tuned vs dense {row['dense_us'] / row['tuned_us']:.2f}x "
             f"({row['tuned_TBps']:.2f} TB/s)"
         )
-        if "tma" in kinds:
-            log("   tma: " + " ".join(f"{c} {us:.1f}" for c, us in row["tma_config_us"].items()))
+        if "wgmma" in kinds:
+            times = row["wgmma_config_us"].items()
+            log("   wgmma: " + " ".join(f"{c} {us:.1f}" for c, us in times))
     return rows
 
 
 def wgmma_table(rows: list[dict]) -> str:
     out = [
         "| shape | M | dense us (TB/s) | cuSPARSELt us | old us (TB/s) | wgmma us (TB/s) "
-        "| tma us (TB/s) | tuned vs dense |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tuned vs dense |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [

@@ -1,9 +1,9 @@
-"""The warpgroup decode kernels over cuSPARSELt's buffer: `wgmma_sp.cu` (A from registers)
-and the streaming `wgmma_tma.cu` (TMA-fed stages, both operands from shared memory).
+"""The warpgroup decode kernel over cuSPARSELt's buffer (`wgmma_sp.cu`: a producer warp
+streams TMA-fed stages, consumer warpgroups run wgmma.sp with both operands in shared memory).
 
-CPU: their launch shapes, the generated inline assembly, where tuning offers them, the plan
-cache's encoding of their shapes, the streaming kernel's metadata image (against cuSPARSELt's
-layout), shared-memory budget and tensor-map checks. GPU (compute capability 9.0 only):
+CPU: its launch shapes, the generated inline assembly, where tuning offers it, the plan
+cache's encoding of its shapes, its metadata image (against cuSPARSELt's layout),
+shared-memory budget and tensor-map checks. GPU (compute capability 9.0 only):
 against the masked dense product at M = 9..64, bf16 and fp16, with and without bias, the
 LLaMA-2-7B shapes and small odd ones (K % 64 == 32, N < 64, N % 64 != 0), repeatable bits
 under split-K, and the prepared launch re-pointing its tokens' tensor map.
@@ -12,7 +12,6 @@ under split-K, and the prepared launch re-pointing its tokens' tensor map.
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -26,37 +25,28 @@ from ria.sparse.linear import Choice
 from ria.sparse.mma_sp import MmaConfig
 from ria.sparse.plan_cache import PlanCache, TunedPlan, plan_key
 
-WG = MmaConfig(1, 8, 2, 3, 4, wgmma=True)  # (a shape of the sweep)
-TMA = MmaConfig(2, 4, 2, 4, 4, wgmma=True, tma=True)
+WG = MmaConfig(2, 4, 2, 4, 4, wgmma=True)  # (a shape of the sweep)
 
 
 def test_wgmma_config_fields_and_checks():
-    assert str(WG) == "g1w8u2s3k4" and WG.tiled and MmaConfig(1, 8, 2, 3, 4) != WG
-    with pytest.raises(InvalidArgumentError, match="warpgroups"):
-        MmaConfig(2, 6, 2, 3, 4, wgmma=True)
-    with pytest.raises(InvalidArgumentError):
-        MmaConfig(1, 8, 2, 0, 1, wgmma=True)
-
-
-def test_tma_config_fields_and_checks():
-    assert str(TMA) == "a2w4u2s4k4" and TMA.tiled and TMA.wgmma
-    assert MmaConfig(2, 4, 2, 4, 4, wgmma=True) != TMA
-    base = dict(row_tiles=2, warps=4, unroll=2, stages=4, split=4, wgmma=True, tma=True)
+    assert str(WG) == "g2w4u2s4k4" and WG.tiled and MmaConfig(2, 4, 2, 4, 4) != WG
+    base = dict(row_tiles=2, warps=4, unroll=2, stages=4, split=4, wgmma=True)
     for bad in [
-        dict(wgmma=False),  # the streaming kernel is a wgmma kernel
+        dict(warps=6),  # whole warpgroups
+        dict(stages=1),
         dict(unroll=3),  # stages of whole 128-column values boxes
         dict(row_tiles=8),  # 512 rows: more than one copy box holds
     ]:
-        with pytest.raises(InvalidArgumentError, match="tma"):
+        with pytest.raises(InvalidArgumentError, match="wgmma"):
             MmaConfig(**{**base, **bad})
 
 
 @pytest.mark.parametrize("tiles", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_wgmma_ss_wrapper_operands(tiles, dtype):
+def test_wgmma_wrapper_operands(tiles, dtype):
     """The assembly names N / 2 accumulators, the A and B descriptors, the metadata and the
     selector, then scale-d, scales 1, 1 and no transposes, for N = 8 * tiles."""
-    src = mma_sp.wgmma_ss_wrapper(tiles, dtype)
+    src = mma_sp.wgmma_wrapper(tiles, dtype)
     ab = "f16" if dtype == torch.float16 else "bf16"
     assert f"m64n{8 * tiles}k32.f32.{ab}.{ab} " in src
     acc = 4 * tiles
@@ -73,7 +63,7 @@ def _prmt(a: int, b: int, sel: int) -> int:
 
 
 def _meta_image(w0: int, w1: int, t: int) -> int:
-    """wgmma_tma.cu's `meta_image`, step by step."""
+    """wgmma_sp.cu's `meta_image`, step by step."""
     v = _prmt(w0, w1, 0x6420 + 0x1111 * (t & 1))
     lo, hi = v & 0x0F0F0F0F, (v >> 4) & 0x0F0F0F0F
     lo, hi = (lo | lo >> 4) & 0x00FF00FF, (hi | hi >> 4) & 0x00FF00FF
@@ -106,15 +96,19 @@ def test_meta_image_holds_wgmma_groups_from_cusparselt_words():
                             assert (e >> 16 + 4 * i) & 0xF == nib[row + 8, grp]
 
 
-def test_tma_stage_bytes_and_budget():
+def test_wgmma_stage_bytes_and_budget(monkeypatch):
     # 128 rows x 64 * 2 bytes of values, 64 tokens x 256 bytes, 2 tiles x 4 k-tiles x 256
-    assert mma_sp.tma_stage_bytes(TMA, 8) == 128 * 128 + 64 * 256 + 2 * 4 * 256
-    assert mma_sp.tma_smem_bytes(TMA, 8) == 4 * 34816 + 16 * 4 + 1024
-    assert mma_sp._grid(TMA, 4096 // 16) == (32, 4, 1)
-    assert mma_sp._launch_shape(TMA, 8, 4096 // 16)[1] == 4 * 32 + 32  # + the producer warp
-    # Every streaming shape tuning times fits an H200's 227 KB of shared memory at M <= 64.
-    for c in (c for m in (16, 32, 64) for c in mma_sp.candidates(m, cslt=True) if c.tma):
-        assert mma_sp.tma_smem_bytes(c, 8) <= 227 * 1024, c
+    assert mma_sp.wgmma_stage_bytes(WG, 8) == 128 * 128 + 64 * 256 + 2 * 4 * 256
+    assert mma_sp.wgmma_smem_bytes(WG, 8) == 4 * 34816 + 16 * 4 + 1024
+    assert mma_sp._smem_bytes(WG, 8) == mma_sp.wgmma_smem_bytes(WG, 8)
+    assert mma_sp._grid(WG, 4096 // 16) == (32, 4, 1)
+    assert mma_sp._launch_shape(WG, 8, 4096 // 16)[1] == 4 * 32 + 32  # + the producer warp
+    # Every wgmma shape tuning times fits an H200's 227 KB of shared memory, at the token
+    # counts of its bucket (M <= 32: 4 tiles, M <= 64: 8).
+    monkeypatch.setattr(mma_sp, "_has_wgmma", lambda: True)
+    for m in (16, 32, 64):
+        for c in (c for c in mma_sp.candidates(m, cslt=True) if c.wgmma):
+            assert mma_sp.wgmma_smem_bytes(c, -(-m // 8)) <= 227 * 1024, (m, c)
 
 
 def test_tensor_map_checks():
@@ -132,35 +126,19 @@ def test_tensor_map_checks():
             check_2d(*args)
 
 
-@pytest.mark.parametrize("tiles", [1, 3, 8])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_wgmma_wrapper_operands(tiles, dtype):
-    """The assembly names N / 2 accumulators, 4 A registers, descriptor, metadata, scale
-    and selector, in that order, for N = 8 * tiles."""
-    src = mma_sp.wgmma_wrapper(tiles, dtype)
-    ab = "f16" if dtype == torch.float16 else "bf16"
-    assert f"m64n{8 * tiles}k32.f32.{ab}.{ab} " in src
-    acc = 4 * tiles
-    braces = re.findall(r"\{(%[0-9, %]+)\}", src)
-    assert braces[0] == ", ".join(f"%{i}" for i in range(acc))
-    assert braces[1] == ", ".join(f"%{acc + i}" for i in range(4))
-    assert f"%{acc + 4}, %{acc + 5}, %{acc + 7}, p, 1, 1, 0;" in src
-    assert f"setp.ne.b32 p, %{acc + 6}, 0;" in src
-    assert src.count('"+f"') == acc and '"n"(SEL)' in src
-
-
 def test_wgmma_candidates_only_where_it_runs(monkeypatch):
     monkeypatch.setattr(mma_sp, "_has_wgmma", lambda: True)
-    assert any(c.wgmma for c in mma_sp.candidates(16, cslt=True))
-    for m in (16, 32, 64):  # timed, but never the untuned default
-        assert not mma_sp.default_config(m, cslt=True).wgmma
+    for m in (9, 16, 32, 33, 64):  # timed first, and the untuned default on the buffer
+        assert mma_sp.default_config(m, cslt=True).wgmma
+        assert not mma_sp.default_config(m, cslt=True, ordered=True).tiled  # (no order read)
+        assert any(not c.wgmma for c in mma_sp.candidates(m, cslt=True))  # the others timed too
     assert not any(c.wgmma for c in mma_sp.candidates(8, cslt=True))  # M <= 8: gemv kernels
     assert not any(c.wgmma for c in mma_sp.candidates(64))  # fragments: no wgmma form
     monkeypatch.setattr(mma_sp, "_has_wgmma", lambda: False)
     assert not any(c.wgmma for m in (16, 32, 64) for c in mma_sp.candidates(m, cslt=True))
 
 
-@pytest.mark.parametrize("shape", [WG, TMA])
+@pytest.mark.parametrize("shape", [WG, MmaConfig(1, 4, 2, 8, 2, wgmma=True)])
 def test_plan_cache_keeps_the_wgmma_shape(tmp_path, shape):
     key = plan_key(
         device="NVIDIA H200", capability=(9, 0), out_features=4096, in_features=4096,
@@ -185,18 +163,12 @@ def test_plans_are_retuned_when_the_tuned_shapes_change(monkeypatch):
 
     now = mma_sp.kernel_fingerprint()
     assert library_versions()["kernels"] == now and len(now) == 16
-    monkeypatch.setattr(mma_sp, "CONFIGS", tuple(c for c in mma_sp.CONFIGS if not c.tma))
+    monkeypatch.setattr(mma_sp, "CONFIGS", tuple(c for c in mma_sp.CONFIGS if not c.wgmma))
     mma_sp.kernel_fingerprint.cache_clear()
     try:
         assert mma_sp.kernel_fingerprint() != now
     finally:
         mma_sp.kernel_fingerprint.cache_clear()
-
-
-def test_wgmma_smem_holds_stages_and_sums():
-    # 3 stages of 8 pieces x 8 tokens x 128 bytes per pair vs 64 tokens x (128 + 4) floats
-    assert mma_sp._smem_bytes(WG, 8) == max(3 * 2 * 1024 * 8, 4 * 64 * 132)
-    assert mma_sp._grid(WG, 4096 // 16) == (32, 4, 1)
 
 
 def _is_hopper() -> bool:
@@ -205,12 +177,10 @@ def _is_hopper() -> bool:
 
 SHAPES = [(48, 96), (192, 1376), (208, 1376), (4096, 4096), (11008, 4096), (4096, 11008)]
 EXTRA = (
-    MmaConfig(1, 4, 1, 2, 1, wgmma=True),
-    MmaConfig(2, 4, 1, 2, 3, wgmma=True),
-    MmaConfig(1, 16, 1, 4, 8, wgmma=True),
-    MmaConfig(1, 4, 2, 2, 1, wgmma=True, tma=True),  # stages reused many times, no cluster
-    MmaConfig(4, 4, 2, 3, 3, wgmma=True, tma=True),  # 256 rows, a cluster of 3
-    MmaConfig(1, 8, 4, 2, 8, wgmma=True, tma=True),  # two consumer warpgroups, 2 boxes/stage
+    MmaConfig(1, 4, 2, 2, 1, wgmma=True),  # stages reused many times, no cluster
+    MmaConfig(4, 4, 2, 3, 3, wgmma=True),  # 256 rows, a cluster of 3
+    MmaConfig(1, 8, 4, 2, 8, wgmma=True),  # two consumer warpgroups, 2 values boxes a stage
+    MmaConfig(1, 16, 2, 2, 2, wgmma=True),  # four consumer warpgroups
 )
 
 
@@ -225,8 +195,6 @@ def test_wgmma_kernel_reads_cusparselt_buffer(dtype):
 
     shapes = [c for c in mma_sp.CONFIGS if c.wgmma] + list(EXTRA)
     mma_sp.compile_kernels(dtype, (9, 16, 24, 33, 64), cslt=True, configs=shapes, threads=16)
-    if n_tma := os.environ.get("RIA_TEST_TMA_ONLY"):  # (device runs: the new kernel's shapes)
-        shapes = [c for c in shapes if c.tma][: int(n_tma)]
     for n, k in SHAPES:
         w = random_24(n, k, dtype=dtype, device="cuda", seed=n + k)
         c = share_cslt_buffer(pack_24(w), cslt_compress(w))
@@ -243,8 +211,8 @@ def test_wgmma_kernel_reads_cusparselt_buffer(dtype):
 
 @needs_cuda
 @pytest.mark.skipif(not _is_hopper(), reason="wgmma needs compute capability 9.0")
-def test_tma_prepared_launch_follows_the_tokens():
-    """`MmaLaunch` with a streaming shape rewrites its tokens' tensor map when x moves: two
+def test_wgmma_prepared_launch_follows_the_tokens():
+    """`MmaLaunch` with a wgmma shape rewrites its tokens' tensor map when x moves: two
     inputs in turn, each matching its own product, the same bits on a repeat."""
     from ria.sparse.cslt import cslt_compress, share_cslt_buffer
 
@@ -252,7 +220,7 @@ def test_tma_prepared_launch_follows_the_tokens():
     w = random_24(n, k, device="cuda", seed=3)
     c = share_cslt_buffer(pack_24(w), cslt_compress(w))
     b = torch.randn(n, dtype=w.dtype, device="cuda")
-    launch = mma_sp.MmaLaunch(c, b, m, config=TMA)
+    launch = mma_sp.MmaLaunch(c, b, m, config=WG)
     xs = [torch.randn(m, k, dtype=w.dtype, device="cuda") for _ in range(2)]
     ys = [launch(x) for x in xs] + [launch(xs[0])]
     for x, y in zip(xs + xs[:1], ys, strict=True):
