@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -23,7 +23,7 @@ __all__ = ["PreparedLaunch", "kernel_args", "raw_stream"]
 
 # One kernel parameter: a device address (a tensor's data pointer), a 32-bit int, or bytes
 # passed by value (a TMA tensor map).
-_Param = ctypes.c_void_p | ctypes.c_int | ctypes.Array
+_Param: TypeAlias = "ctypes.c_void_p | ctypes.c_int | ctypes.Array[ctypes.c_ubyte]"
 
 
 def kernel_args(args: Sequence[object]) -> list[_Param]:

@@ -766,7 +766,8 @@ class MmaLaunch:
         self._device_index = device.index if device.index is not None else 0
         self._align = _x_alignment(self.config)
         # The wgmma kernel reads x through a tensor map, rewritten when x moves.
-        self._xmap, self._x_ptr = (args[0], x.data_ptr()) if self.config.wgmma else (None, 0)
+        self._xmap: Any = args[0] if self.config.wgmma else None
+        self._x_ptr = x.data_ptr()
         patched = (5,) if self.config.wgmma else (0, 7)
         self._launch = PreparedLaunch(kernel.func, grid, block, smem, args, patched=patched)
 
