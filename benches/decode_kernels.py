@@ -83,11 +83,12 @@ TILED_SWEEP = tuple(
 
 # The wgmma kernel's shapes (MmaConfig(R, W, U, stages, split, wgmma=True): W / 4 consumer
 # warpgroups of R x 64 rows per block, 64 * U columns per stage, a cluster of `split` blocks
-# over K) timed with `--wgmma-sweep` besides those in `candidates`. A first sweep (11:11 UTC
+# over K; with a 6th field 2, pairs of row blocks share the tokens' copies) timed with
+# `--wgmma-sweep` besides those in `candidates`. A first sweep (11:11 UTC
 # 2026-12-03) also timed g4w4u2s4k3, g1w8u2s6k4, g4w4u2s4k8, g2w8u2s4k8 and g1w16u2s4k8: never
 # within 10% of the best.
 WGMMA_SWEEP = tuple(
-    MmaConfig(*c, wgmma=True)
+    MmaConfig(*c[:5], wgmma=True, multicast=c[5] if len(c) > 5 else 1)
     for c in [
         (2, 4, 2, 4, 4),
         (2, 4, 2, 6, 4),
@@ -105,6 +106,13 @@ WGMMA_SWEEP = tuple(
         (2, 4, 2, 6, 2),
         (3, 4, 2, 4, 2),
         (1, 8, 2, 6, 2),
+        (1, 4, 2, 8, 2, 2),
+        (1, 4, 2, 6, 2, 2),
+        (1, 4, 2, 4, 4, 2),
+        (1, 4, 2, 4, 2, 2),
+        (3, 4, 2, 5, 2, 2),
+        (2, 4, 2, 6, 2, 2),
+        (1, 4, 2, 8, 1, 2),
     ]
 )
 

@@ -36,9 +36,19 @@ def test_wgmma_config_fields_and_checks():
         dict(stages=1),
         dict(unroll=3),  # stages of whole 128-column values boxes
         dict(row_tiles=8),  # 512 rows: more than one copy box holds
+        dict(multicast=3),
+        dict(multicast=2, split=8),  # a cluster of 16
+        dict(multicast=2, wgmma=False),
     ]:
         with pytest.raises(InvalidArgumentError, match="wgmma"):
             MmaConfig(**{**base, **bad})
+    mc = MmaConfig(**{**base, "multicast": 2})
+    assert str(mc) == "g2w4u2s4k4m2" and mc != WG
+    assert mma_sp._grid(mc, 4096 // 16) == (32, 4, 1)
+    assert mma_sp._grid(mc, 208 // 16) == (2, 4, 1)  # 2 row blocks of 128: one pair
+    assert mma_sp._grid(mc, 48 // 16) == (2, 4, 1)  # a block past N completes the pair
+    assert "#define RIA_MC 2" in mma_sp._kernel_source(torch.bfloat16, mc, 2, 0, cslt=True)
+    assert "#define RIA_MC 2" not in mma_sp._kernel_source(torch.bfloat16, WG, 2, 0, cslt=True)
 
 
 @pytest.mark.parametrize("tiles", [1, 3, 8])
@@ -138,7 +148,7 @@ def test_wgmma_candidates_only_where_it_runs(monkeypatch):
     assert not any(c.wgmma for m in (16, 32, 64) for c in mma_sp.candidates(m, cslt=True))
 
 
-@pytest.mark.parametrize("shape", [WG, MmaConfig(1, 4, 2, 8, 2, wgmma=True)])
+@pytest.mark.parametrize("shape", [WG, MmaConfig(1, 4, 2, 8, 2, wgmma=True, multicast=2)])
 def test_plan_cache_keeps_the_wgmma_shape(tmp_path, shape):
     key = plan_key(
         device="NVIDIA H200", capability=(9, 0), out_features=4096, in_features=4096,
@@ -181,6 +191,8 @@ EXTRA = (
     MmaConfig(4, 4, 2, 3, 3, wgmma=True),  # 256 rows, a cluster of 3
     MmaConfig(1, 8, 4, 2, 8, wgmma=True),  # two consumer warpgroups, 2 values boxes a stage
     MmaConfig(1, 16, 2, 2, 2, wgmma=True),  # four consumer warpgroups
+    MmaConfig(1, 4, 2, 3, 1, wgmma=True, multicast=2),  # token multicast, no K split
+    MmaConfig(3, 4, 2, 3, 2, wgmma=True, multicast=2),  # multicast in a cluster of 4
 )
 
 

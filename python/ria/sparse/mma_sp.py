@@ -75,7 +75,8 @@ class MmaConfig:
     `unroll` (even) pairs of k-steps with the copy engine (TMA), `warps // 4` consumer
     warpgroups of `row_tiles` 64-row tiles each (at most 256 rows per block) run wgmma.sp
     with both operands in shared memory, `split` blocks of a cluster split the input
-    columns."""
+    columns; with `multicast` = 2, pairs of row blocks share each stage's token copies (a
+    cluster of 2 x `split` blocks)."""
 
     row_tiles: int = 1
     warps: int = 16
@@ -85,6 +86,7 @@ class MmaConfig:
     hint: int = 0
     late_b: int = 0
     wgmma: bool = False
+    multicast: int = 1
 
     def __post_init__(self) -> None:
         if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
@@ -109,6 +111,12 @@ class MmaConfig:
                 "the wgmma kernel needs stages >= 2, whole warpgroups (warps % 4 == 0), an even "
                 f"unroll and at most 256 rows per block (row_tiles * warps <= 16), got {self!r}"
             )
+        if self.multicast not in (1, 2) or (
+            self.multicast > 1 and (not self.wgmma or self.multicast * self.split > 8)
+        ):
+            raise InvalidArgumentError(
+                f"multicast is 1 or 2, the wgmma kernel's, in clusters of <= 8 blocks: {self!r}"
+            )
 
     @property
     def tiled(self) -> bool:
@@ -117,7 +125,8 @@ class MmaConfig:
 
     def __str__(self) -> str:
         if self.wgmma:
-            return f"g{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
+            mc = f"m{self.multicast}" if self.multicast > 1 else ""
+            return f"g{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}{mc}"
         if self.tiled:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         extra = (f"h{self.hint}" if self.hint else "") + ("b" if self.late_b else "")
@@ -371,6 +380,8 @@ def _wgmma_source(dtype: torch.dtype, config: MmaConfig, tiles: int) -> str:
         "RIA_NT": tiles,
         "RIA_NACC": 4 * tiles,
     }
+    if config.multicast > 1:  # (only then: the other shapes' sources and cache keys stay)
+        defines["RIA_MC"] = config.multicast
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
     return head + wgmma_wrapper(tiles, dtype) + _source("wgmma_sp.cu")
 
@@ -495,11 +506,12 @@ def wgmma_smem_bytes(config: MmaConfig, tiles: int) -> int:
 
 def _grid(config: MmaConfig, row_tiles: int) -> tuple[int, int, int]:
     """Blocks: one per `config.row_tiles` row tiles (plain kernel), or per block of
-    16 * row_tiles * warps rows (tiled kernel; wgmma kernel: 64 * row_tiles * warps / 4)
-    times `split`."""
+    16 * row_tiles * warps rows (tiled kernel; wgmma kernel: 64 * row_tiles * warps / 4,
+    rounded up to whole multicast pairs) times `split`."""
     if not config.tiled:
         return (-(-row_tiles // config.row_tiles), 1, 1)
-    return (-(-row_tiles // (config.row_tiles * config.warps)), config.split, 1)
+    blocks = -(-row_tiles // (config.row_tiles * config.warps))
+    return (-(-blocks // config.multicast) * config.multicast, config.split, 1)
 
 
 def _check(

@@ -35,9 +35,16 @@
 // (j = 0) or bytes (1, 3) (j = 1) of k-tile 2p + s; one register then serves both k-tiles of
 // pair p (selectors 0 and 1).
 //
+// Token multicast (RIA_MC = 2): the two blocks of a pair of row blocks with the same input
+// columns form a cluster with their K-split partners (RIA_MC x RIA_SK blocks); each copies half
+// of every stage's tokens boxes and the copy engine writes them into both blocks' shared memory
+// (same offsets, each block's own `full` barrier), halving the tokens' traffic from L2 (at M = 64
+// and 64-row blocks it exceeds the weight's). A stage is then refilled only when the consumers
+// of both blocks released it: each consumer warp arrives on the `empty` barrier of both.
+//
 // Compile-time settings (prepended by mma_sp.py with the wrapper `wgmma_ss` from
-// mma_sp.wgmma_wrapper): RIA_F16, RIA_R, RIA_WG, RIA_U (even), RIA_S, RIA_SK, RIA_NT and
-// RIA_NACC = 4 * RIA_NT.
+// mma_sp.wgmma_wrapper): RIA_F16, RIA_R, RIA_WG, RIA_U (even), RIA_S, RIA_SK, RIA_MC, RIA_NT
+// and RIA_NACC = 4 * RIA_NT.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -58,11 +65,15 @@ struct __align__(64) TmaMap {
 #define RIA_X_BYTES (RIA_U * RIA_X_BOX)
 #define RIA_STAGE_BYTES (RIA_A_BYTES + RIA_X_BYTES + RIA_ROWS / 64 * RIA_META_TILE)
 #define RIA_PITCH (RIA_ROWS + 4)  // floats per token of the partial sums (+4: no bank conflicts)
-#if RIA_U % 2 || RIA_S < 2 || RIA_SK < 1 || RIA_SK > 8 || RIA_ROWS > 256
-#error "wgmma_tma needs an even RIA_U, RIA_S >= 2, 1 <= RIA_SK <= 8 and at most 256 rows"
+#ifndef RIA_MC
+#define RIA_MC 1
 #endif
-#if RIA_SK > 1
-#define RIA_CLUSTER __cluster_dims__(1, RIA_SK, 1)
+#if RIA_U % 2 || RIA_S < 2 || RIA_SK < 1 || RIA_MC < 1 || RIA_SK * RIA_MC > 8 || RIA_ROWS > 256
+#error "wgmma_sp needs an even RIA_U, RIA_S >= 2, clusters of at most 8 and at most 256 rows"
+#endif
+#define RIA_CLUSTERED (RIA_SK * RIA_MC > 1)
+#if RIA_CLUSTERED
+#define RIA_CLUSTER __cluster_dims__(RIA_MC, RIA_SK, 1)
 #else
 #define RIA_CLUSTER
 #endif
@@ -114,12 +125,41 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
       : "memory");
 }
 
+// As mbar_wait, ordered after the arrivals of other blocks of the cluster (the consumers of
+// both blocks of a multicast pair release a stage).
+__device__ __forceinline__ void mbar_wait_cluster(u32 bar, u32 parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT_%=:\n"
+      " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// Arrives on the barrier at this block's offset `bar` in the cluster's block `rank`.
+__device__ __forceinline__ void mbar_arrive_remote(u32 bar, int rank) {
+  u32 a;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(a) : "memory");
+}
+
 // Box (c0, c1) of the 2-D tensor map `map` into shared memory at `dst`, completing on `bar`.
 __device__ __forceinline__ void tma_2d(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
       "l"(map), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+// As tma_2d, written at the same offset into the shared memory of every block of the
+// cluster in `mask` (bit = rank), each completing on its own barrier at offset `bar`.
+__device__ __forceinline__ void tma_2d_multicast(u32 dst, const TmaMap* map, int c0, int c1,
+                                                 u32 bar, u16 mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
       : "memory");
 }
 
@@ -150,7 +190,7 @@ __device__ __forceinline__ void fence_acc(float (&d)[RIA_NACC]) {
   for (int i = 0; i < RIA_NACC; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-#if RIA_SK > 1
+#if RIA_CLUSTERED
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;\n" ::
                    : "memory");
@@ -232,16 +272,22 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
   const int n = ce - cb;
   const int row0 = blockIdx.x * RIA_ROWS;
   const int blocks64 = (N + 63) >> 6;  // 64-row blocks of the metadata
+  const int mx = blockIdx.x % RIA_MC;  // this block's place in its multicast pair
+  static_assert(RIA_NTOK * RIA_PITCH * 4 <= RIA_S * RIA_STAGE_BYTES, "the sums reuse the stages");
 
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < RIA_S; ++s) {
       mbar_init(bars + 8 * s, 1);
-      mbar_init(bars + 8 * (RIA_S + s), 4 * RIA_WG);
+      mbar_init(bars + 8 * (RIA_S + s), 4 * RIA_WG * RIA_MC);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+#if RIA_MC > 1
+  cluster_sync();  // the partner's barriers exist before its first copy or arrival
+#else
   __syncthreads();
+#endif
 
   float acc[RIA_R][RIA_NACC];
 #pragma unroll
@@ -254,18 +300,26 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
       for (int i = 0; i < n; ++i) {
         const int s = i % RIA_S;
         const u32 full = bars + 8 * s, stage = smem0 + s * RIA_STAGE_BYTES;
-        if (i >= RIA_S) mbar_wait(bars + 8 * (RIA_S + s), ((i / RIA_S) - 1) & 1);
+        if (i >= RIA_S) mbar_wait_cluster(bars + 8 * (RIA_S + s), ((i / RIA_S) - 1) & 1);
         const int kt0 = (cb + i) * RIA_KT;
         const int kts = min(RIA_KT, kt_total - kt0);  // k-tiles of this stage
-        const int xboxes = (kts + 1) >> 1, aboxes = (kts + 3) >> 2;
+        // (a block past N, there to complete a multicast pair, copies only its partner's tokens)
+        const int xboxes = (kts + 1) >> 1, aboxes = row0 < N ? (kts + 3) >> 2 : 0;
         int tiles = 0;
 #pragma unroll
         for (int r = 0; r < RIA_ROWS / 64; ++r) tiles += (row0 >> 6) + r < blocks64;
         mbar_expect_tx(full, aboxes * RIA_A_BOX + xboxes * RIA_X_BOX + tiles * kts * 256);
         for (int a = 0; a < aboxes; ++a)
           tma_2d(stage + a * RIA_A_BOX, &wmap, 16 * kt0 + 64 * a, row0, full);
+#if RIA_MC > 1
+        const u16 pair = (u16)(((1u << RIA_MC) - 1) << (RIA_MC * blockIdx.y));  // cluster ranks
+        for (int b = mx; b < xboxes; b += RIA_MC)
+          tma_2d_multicast(stage + RIA_A_BYTES + b * RIA_X_BOX, &xmap, 32 * kt0 + 64 * b, 0, full,
+                           pair);
+#else
         for (int b = 0; b < xboxes; ++b)
           tma_2d(stage + RIA_A_BYTES + b * RIA_X_BOX, &xmap, 32 * kt0 + 64 * b, 0, full);
+#endif
         for (int r = 0; r < tiles; ++r)
           bulk_copy(stage + RIA_A_BYTES + RIA_X_BYTES + r * RIA_META_TILE,
                     meta + 64 * ((long long)((row0 >> 6) + r) * kt_total + kt0), kts * 256, full);
@@ -305,7 +359,12 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
 #pragma unroll
       for (int r = 0; r < RIA_R; ++r) fence_acc(acc[r]);
       __syncwarp();
+#if RIA_MC > 1
+      if (lane < RIA_MC)  // the stage is free again, here and in the partner
+        mbar_arrive_remote(bars + 8 * (RIA_S + s), lane + RIA_MC * blockIdx.y);
+#else
       if (lane == 0) mbar_arrive(bars + 8 * (RIA_S + s));  // the stage is free again
+#endif
     }
   }
   __syncthreads();  // every stage is read and every copy landed: the sums reuse the memory
@@ -325,7 +384,7 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
           part[(8 * j + 2 * t + (c & 1)) * RIA_PITCH + row] = acc[r][4 * j + c];
         }
   }
-#if RIA_SK > 1
+#if RIA_CLUSTERED
   cluster_sync();
 #else
   __syncthreads();
@@ -338,10 +397,10 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
     const int token = idx / Q4, r4 = idx % Q4;
     const float* src = part + token * RIA_PITCH + 4 * r4;
 #if RIA_SK > 1
-    float4 sum = cluster_load4(src, 0);
+    float4 sum = cluster_load4(src, mx);
 #pragma unroll
-    for (int b = 1; b < RIA_SK; ++b) {
-      const float4 v = cluster_load4(src, b);
+    for (int b = 1; b < RIA_SK; ++b) {  // (the K-split partners: cluster ranks mx + MC * b)
+      const float4 v = cluster_load4(src, mx + RIA_MC * b);
       sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
     }
 #else
@@ -359,7 +418,7 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
         }
     }
   }
-#if RIA_SK > 1
-  cluster_sync();  // no block leaves while another still reads its shared memory
+#if RIA_CLUSTERED
+  cluster_sync();  // no block leaves while another still reads or signals its shared memory
 #endif
 }
