@@ -187,18 +187,20 @@ _CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8,
 # only) for M > 8: a producer warp streams the weight and tokens with TMA into `stages`
 # shared-memory stages, 64 * R * W / 4 rows per block. On an H200
 # (benches/results/decode_kernels_h200_wgmma.json) it beat every other kernel on the three
-# LLaMA shapes at M = 16, 32 and 64, so it leads the candidates (the untuned default there);
-# these shapes won a shape and count: 64-row blocks (many blocks in flight) on 4096 rows,
-# 192-row blocks on 11008 (58 x 2 blocks: one wave), deeper stages and fewer splits at 64.
+# LLaMA shapes at M = 16, 32 and 64 (1.23-1.57x dense), so it leads the candidates (the
+# untuned default there); these shapes won a shape and count or came within 5%: 64-row
+# blocks with 256-byte row pieces per stage and a cluster of 2 over K on 4096 rows, token
+# multicast between row-block pairs (`multicast=2`) on 11008.
 _WG_HALF = (  # M <= 32
+    MmaConfig(1, 4, 4, 4, 2, wgmma=True),
+    MmaConfig(1, 4, 2, 4, 2, wgmma=True, multicast=2),
     MmaConfig(1, 4, 2, 4, 4, wgmma=True),
     MmaConfig(3, 4, 2, 5, 2, wgmma=True),
-    MmaConfig(2, 4, 2, 4, 4, wgmma=True),
 )
 _WG_MANY = (  # M <= 64
-    MmaConfig(1, 4, 2, 8, 2, wgmma=True),
+    MmaConfig(1, 4, 4, 4, 2, wgmma=True),
+    MmaConfig(3, 4, 2, 5, 2, wgmma=True, multicast=2),
     MmaConfig(3, 4, 2, 5, 2, wgmma=True),
-    MmaConfig(2, 4, 4, 3, 4, wgmma=True),
 )
 CONFIGS = tuple(
     dict.fromkeys(
