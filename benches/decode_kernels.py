@@ -14,10 +14,12 @@ weight; 2:4 forms: 9/16 of that). Writes JSON to benches/results/ and prints a t
 Usage: python benches/decode_kernels.py [--out PATH] [--ms 1,4,8,16,32,64] [--cslt-sweep]
 [--tiled-sweep]
 
-With `--wgmma-sweep` (M > 8; default --ms 16,32,64, --out .../decode_kernels_h200_wgmma.json):
-only dense, cuSPARSELt, the best mma.sp kernel on cuSPARSELt's buffer before the wgmma kernel
-("old": plain and tiled shapes of `candidates`) and the wgmma kernel ("new": its shapes in
-`candidates` and WGMMA_SWEEP, each timed), side by side.
+With `--wgmma-sweep` (default --ms 1,8,16,32,64, --out .../decode_kernels_h200_wgmma.json):
+only dense, cuSPARSELt, the best mma.sp kernel on cuSPARSELt's buffer before the wgmma kernels
+("old": plain and tiled shapes of `candidates`) and the streaming wgmma kernel ("wgmma",
+`wgmma_sp.cu`: its shapes in `candidates` and WGMMA_SWEEP, each timed), side by side, and what
+tuning picks ("tuned": the fastest of both). At M <= 8 (no wgmma kernel) only dense and
+"tuned", to show those kernels unchanged.
 """
 
 from __future__ import annotations
@@ -79,28 +81,38 @@ TILED_SWEEP = tuple(
 )
 
 
-# The wgmma kernel's shapes (MmaConfig(R, W, U, stages, split, wgmma=True): W / 4 warpgroups
-# of R x 64 rows per block, 64 * U columns per stage, a cluster of `split` blocks over K)
-# timed with `--wgmma-sweep` besides those in `candidates`.
+# The wgmma kernel's shapes (MmaConfig(R, W, U, stages, split, wgmma=True): W / 4 consumer
+# warpgroups of R x 64 rows per block, 64 * U columns per stage, a cluster of `split` blocks
+# over K; with a 6th field 2, pairs of row blocks share the tokens' copies) timed with
+# `--wgmma-sweep` besides those in `candidates`. A first sweep (11:11 UTC
+# 2026-12-03) also timed g4w4u2s4k3, g1w8u2s6k4, g4w4u2s4k8, g2w8u2s4k8 and g1w16u2s4k8: never
+# within 10% of the best.
 WGMMA_SWEEP = tuple(
-    MmaConfig(*c, wgmma=True)
+    MmaConfig(*c[:5], wgmma=True, multicast=c[5] if len(c) > 5 else 1)
     for c in [
-        (1, 4, 2, 3, 4),
-        (1, 4, 4, 3, 4),
-        (1, 4, 4, 3, 8),
-        (1, 8, 2, 3, 2),
-        (1, 8, 2, 3, 3),
-        (1, 8, 2, 3, 4),
-        (1, 8, 2, 3, 8),
-        (1, 8, 4, 2, 4),
-        (2, 8, 1, 3, 8),
-        (2, 8, 2, 3, 4),
-        (1, 16, 1, 3, 8),
+        (2, 4, 2, 4, 4),
+        (2, 4, 2, 6, 4),
+        (1, 8, 2, 4, 4),
+        (2, 4, 4, 3, 4),
         (2, 4, 2, 3, 8),
-        (1, 8, 1, 4, 8),
-        (1, 4, 2, 3, 8),
-        (2, 4, 2, 3, 4),
-        (1, 8, 4, 2, 8),
+        (1, 4, 2, 8, 2),
+        (1, 4, 2, 4, 4),
+        (2, 8, 2, 4, 3),
+        (3, 4, 2, 5, 2),
+        (1, 4, 2, 6, 2),
+        (1, 4, 4, 4, 2),
+        (1, 4, 2, 5, 4),
+        (1, 4, 4, 3, 4),
+        (2, 4, 2, 6, 2),
+        (3, 4, 2, 4, 2),
+        (1, 8, 2, 6, 2),
+        (1, 4, 2, 8, 2, 2),
+        (1, 4, 2, 6, 2, 2),
+        (1, 4, 2, 4, 4, 2),
+        (1, 4, 2, 4, 2, 2),
+        (3, 4, 2, 5, 2, 2),
+        (2, 4, 2, 6, 2, 2),
+        (1, 4, 2, 8, 1, 2),
     ]
 )
 
@@ -255,13 +267,27 @@ def bench_shape(
 
 
 def wgmma_configs(m: int) -> tuple[MmaConfig, ...]:
-    """The wgmma kernel's shapes timed for `m` tokens ("new")."""
+    """The wgmma kernel's shapes timed for `m` tokens ("wgmma")."""
     return tuple(dict.fromkeys([c for c in candidates(m, cslt=True) if c.wgmma] + [*WGMMA_SWEEP]))
 
 
+WGMMA_KINDS = ("old", "wgmma")
+
+
+def sweep_configs(m: int) -> dict[str, tuple[MmaConfig, ...]]:
+    """Per kind of kernel, the shapes `--wgmma-sweep` times for `m` tokens (M <= 8: only
+    what tuning picks from, "tuned")."""
+    if m <= 8:
+        return {"tuned": candidates(m, cslt=True)}
+    return {
+        "old": cslt_configs(m, False) + tiled_configs(m, False),
+        "wgmma": wgmma_configs(m),
+    }
+
+
 def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
-    """Dense, cuSPARSELt, the best mma.sp kernel on the buffer before wgmma ("old") and the
-    wgmma kernel ("new"), per token count."""
+    """Dense, cuSPARSELt, the best mma.sp kernel on the buffer before wgmma ("old"), the
+    wgmma kernel, and the fastest of both ("tuned"), per token count."""
     ws, packed, compact, copies = buffer_weights(name, n, k)
     dense_bytes, sparse_bytes = n * k * 2, n * k * 2 * 9 / 16
     rows = []
@@ -276,39 +302,49 @@ def bench_wgmma_shape(name: str, n: int, k: int, ms: list[int]) -> list[dict]:
             * time_call(lambda x=x, c=cfg: [cslt_linear(x, p, None, c) for p in packed])
             / copies
         )
-        for kind, shapes in [
-            ("old", cslt_configs(m, False) + tiled_configs(m, False)),
-            ("new", wgmma_configs(m)),
-        ]:
+        kinds = sweep_configs(m)
+        for kind, shapes in kinds.items():
             time_best(row, kind, compact, x, ref, shapes)
+        if "tuned" not in kinds:
+            best = min(kinds, key=lambda kind: row[f"{kind}_us"])
+            row["tuned_us"], row["tuned_config"] = row[f"{best}_us"], row[f"{best}_config"]
         row["dense_TBps"] = dense_bytes / row["dense_us"] / 1e6
-        for kind in ("cslt", "old", "new"):
+        for kind in ("cslt", *kinds, "tuned"):
             row[f"{kind}_TBps"] = sparse_bytes / row[f"{kind}_us"] / 1e6
         rows.append(row)
-        log(
-            f"{name} M={m:>2}: dense {row['dense_us']:5.1f}  cslt {row['cslt_us']:5.1f}  "
-            f"old {row['old_us']:5.1f} ({row['old_config']})  new {row['new_us']:5.1f} "
-            f"({row['new_config']}, {row['new_TBps']:.2f} TB/s, err {row['new_rel_err']:.1e}, "
-            f"repeatable {row['new_repeatable']})  new vs dense "
-            f"{row['dense_us'] / row['new_us']:.2f}x"
+        msg = "  ".join(
+            f"{kind} {row[f'{kind}_us']:5.1f} ({row[f'{kind}_config']}, "
+            f"err {row[f'{kind}_rel_err']:.1e}, repeatable {row[f'{kind}_repeatable']})"
+            for kind in kinds
         )
-        log("   new: " + " ".join(f"{c} {us:.1f}" for c, us in row["new_config_us"].items()))
+        log(
+            f"{name} M={m:>2}: dense {row['dense_us']:5.1f}  cslt {row['cslt_us']:5.1f}  {msg}  "
+            f"tuned vs dense {row['dense_us'] / row['tuned_us']:.2f}x "
+            f"({row['tuned_TBps']:.2f} TB/s)"
+        )
+        if "wgmma" in kinds:
+            times = row["wgmma_config_us"].items()
+            log("   wgmma: " + " ".join(f"{c} {us:.1f}" for c, us in times))
     return rows
 
 
 def wgmma_table(rows: list[dict]) -> str:
     out = [
         "| shape | M | dense us (TB/s) | cuSPARSELt us | old us (TB/s) | wgmma us (TB/s) "
-        "| old vs dense | wgmma vs dense |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tuned vs dense |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cells = [
+            f"{r[f'{kind}_us']:.1f} ({r[f'{kind}_TBps']:.2f}) {r[f'{kind}_config']}"
+            if f"{kind}_us" in r
+            else "-"
+            for kind in WGMMA_KINDS
+        ]
         out.append(
             f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['dense_us']:.1f} "
-            f"({r['dense_TBps']:.2f}) | {r['cslt_us']:.1f} | {r['old_us']:.1f} "
-            f"({r['old_TBps']:.2f}) {r['old_config']} | {r['new_us']:.1f} ({r['new_TBps']:.2f}) "
-            f"{r['new_config']} | {r['dense_us'] / r['old_us']:.2f}x | "
-            f"{r['dense_us'] / r['new_us']:.2f}x |"
+            f"({r['dense_TBps']:.2f}) | {r['cslt_us']:.1f} | {' | '.join(cells)} | "
+            f"{r['dense_us'] / r['tuned_us']:.2f}x ({r['tuned_config']}) |"
         )
     return "\n".join(out)
 
@@ -343,7 +379,9 @@ def main() -> None:
     ap.add_argument(
         "--out", default=None, help="default: benches/results/decode_kernels_h200*.json"
     )
-    ap.add_argument("--ms", default=None, help="default: 1,4,8,16,32,64 (--wgmma-sweep: 16,32,64)")
+    ap.add_argument(
+        "--ms", default=None, help="default: 1,4,8,16,32,64 (--wgmma-sweep: 1,8,16,32,64)"
+    )
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {[*SHAPES, *FUSED]}")
     ap.add_argument("--cslt-sweep", action="store_true", help="time more mma_cslt launch shapes")
     ap.add_argument("--tiled-sweep", action="store_true", help="time more tiled launch shapes")
@@ -353,12 +391,12 @@ def main() -> None:
     global MAX_SPLIT
     MAX_SPLIT = args.tiled_max_split
     wg = args.wgmma_sweep
-    ms = [int(v) for v in (args.ms or ("16,32,64" if wg else "1,4,8,16,32,64")).split(",")]
+    ms = [int(v) for v in (args.ms or ("1,8,16,32,64" if wg else "1,4,8,16,32,64")).split(",")]
     out = args.out or f"benches/results/decode_kernels_h200{'_wgmma' if wg else ''}.json"
     t0 = time.perf_counter()
     if wg:
         for m in ms:
-            shapes = cslt_configs(m, False) + tiled_configs(m, False) + wgmma_configs(m)
+            shapes = tuple(c for cs in sweep_configs(m).values() for c in cs)
             compile_kernels(DTYPE, [m], cslt=True, configs=shapes, threads=16)
         log(f"kernels compiled in {time.perf_counter() - t0:.1f}s")
         rows = []

@@ -1,9 +1,12 @@
-"""The warpgroup decode kernel (`wgmma_sp.cu`: wgmma.mma_async.sp over cuSPARSELt's buffer).
+"""The warpgroup decode kernel over cuSPARSELt's buffer (`wgmma_sp.cu`: a producer warp
+streams TMA-fed stages, consumer warpgroups run wgmma.sp with both operands in shared memory).
 
-CPU: its launch shapes, the generated inline assembly, where tuning offers it, and the plan
-cache's encoding of its shapes. GPU (compute capability 9.0 only): against the masked dense
-product at M = 9..64, bf16 and fp16, with and without bias, the LLaMA-2-7B shapes and small
-odd ones (K % 64 == 32, N < 64), repeatable bits under split-K.
+CPU: its launch shapes, the generated inline assembly, where tuning offers it, the plan
+cache's encoding of its shapes, its metadata image (against cuSPARSELt's layout),
+shared-memory budget and tensor-map checks. GPU (compute capability 9.0 only):
+against the masked dense product at M = 9..64, bf16 and fp16, with and without bias, the
+LLaMA-2-7B shapes and small odd ones (K % 64 == 32, N < 64, N % 64 != 0), repeatable bits
+under split-K, and the prepared launch re-pointing its tokens' tensor map.
 """
 
 from __future__ import annotations
@@ -17,56 +20,141 @@ from helpers import assert_mma_config_matches, needs_cuda, random_24
 
 from ria.errors import InvalidArgumentError
 from ria.sparse import mma_sp
-from ria.sparse.format import pack_24
+from ria.sparse.format import cslt_nibble_index, pack_24
 from ria.sparse.linear import Choice
 from ria.sparse.mma_sp import MmaConfig
 from ria.sparse.plan_cache import PlanCache, TunedPlan, plan_key
 
-WG = MmaConfig(1, 8, 2, 3, 4, wgmma=True)  # (a shape of the sweep)
+WG = MmaConfig(2, 4, 2, 4, 4, wgmma=True)  # (a shape of the sweep)
 
 
 def test_wgmma_config_fields_and_checks():
-    assert str(WG) == "g1w8u2s3k4" and WG.tiled and MmaConfig(1, 8, 2, 3, 4) != WG
-    with pytest.raises(InvalidArgumentError, match="warpgroups"):
-        MmaConfig(2, 6, 2, 3, 4, wgmma=True)
-    with pytest.raises(InvalidArgumentError):
-        MmaConfig(1, 8, 2, 0, 1, wgmma=True)
+    assert str(WG) == "g2w4u2s4k4" and WG.tiled and MmaConfig(2, 4, 2, 4, 4) != WG
+    base = dict(row_tiles=2, warps=4, unroll=2, stages=4, split=4, wgmma=True)
+    for bad in [
+        dict(warps=6),  # whole warpgroups
+        dict(stages=1),
+        dict(unroll=3),  # stages of whole 128-column values boxes
+        dict(row_tiles=8),  # 512 rows: more than one copy box holds
+        dict(multicast=3),
+        dict(multicast=2, split=8),  # a cluster of 16
+        dict(multicast=2, wgmma=False),
+    ]:
+        with pytest.raises(InvalidArgumentError, match="wgmma"):
+            MmaConfig(**{**base, **bad})
+    mc = MmaConfig(**{**base, "multicast": 2})
+    assert str(mc) == "g2w4u2s4k4m2" and mc != WG
+    assert mma_sp._grid(mc, 4096 // 16) == (32, 4, 1)
+    assert mma_sp._grid(mc, 208 // 16) == (2, 4, 1)  # 2 row blocks of 128: one pair
+    assert mma_sp._grid(mc, 48 // 16) == (2, 4, 1)  # a block past N completes the pair
+    assert "#define RIA_MC 2" in mma_sp._kernel_source(torch.bfloat16, mc, 2, 0, cslt=True)
+    assert "#define RIA_MC 2" not in mma_sp._kernel_source(torch.bfloat16, WG, 2, 0, cslt=True)
 
 
 @pytest.mark.parametrize("tiles", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_wgmma_wrapper_operands(tiles, dtype):
-    """The assembly names N / 2 accumulators, 4 A registers, descriptor, metadata, scale
-    and selector, in that order, for N = 8 * tiles."""
+    """The assembly names N / 2 accumulators, the A and B descriptors, the metadata and the
+    selector, then scale-d, scales 1, 1 and no transposes, for N = 8 * tiles."""
     src = mma_sp.wgmma_wrapper(tiles, dtype)
     ab = "f16" if dtype == torch.float16 else "bf16"
     assert f"m64n{8 * tiles}k32.f32.{ab}.{ab} " in src
     acc = 4 * tiles
-    braces = re.findall(r"\{(%[0-9, %]+)\}", src)
-    assert braces[0] == ", ".join(f"%{i}" for i in range(acc))
-    assert braces[1] == ", ".join(f"%{acc + i}" for i in range(4))
-    assert f"%{acc + 4}, %{acc + 5}, %{acc + 7}, p, 1, 1, 0;" in src
-    assert f"setp.ne.b32 p, %{acc + 6}, 0;" in src
+    assert re.findall(r"\{(%[0-9, %]+)\}", src)[0] == ", ".join(f"%{i}" for i in range(acc))
+    assert f"}}, %{acc}, %{acc + 1}, %{acc + 2}, %{acc + 4}, p, 1, 1, 0, 0;" in src
+    assert f"setp.ne.b32 p, %{acc + 3}, 0;" in src
     assert src.count('"+f"') == acc and '"n"(SEL)' in src
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX `prmt.b32` (default mode): byte i of the result is byte (sel >> 4i) & 7 of b:a."""
+    pool = a | b << 32
+    return sum(((pool >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+
+
+def _meta_image(w0: int, w1: int, t: int) -> int:
+    """wgmma_sp.cu's `meta_image`, step by step."""
+    v = _prmt(w0, w1, 0x6420 + 0x1111 * (t & 1))
+    lo, hi = v & 0x0F0F0F0F, (v >> 4) & 0x0F0F0F0F
+    lo, hi = (lo | lo >> 4) & 0x00FF00FF, (hi | hi >> 4) & 0x00FF00FF
+    lo, hi = (lo | lo >> 8) & 0xFFFF, (hi | hi >> 8) & 0xFFFF
+    return lo | hi << 16
+
+
+def test_meta_image_holds_wgmma_groups_from_cusparselt_words():
+    """For every lane (g, t) of every warp q and every k-tile: the register made from
+    cuSPARSELt's words 2g and 2g + 1 of the lane's 16-row tile holds, at bit 4i, row
+    16q + g's nibble of group 4 * (t % 2) + i of the k-tile and, at bit 16 + 4i, row
+    16q + g + 8's (the layout wgmma.sp takes for 16-bit types, selector t / 2)."""
+    n, k = 128, 128
+    word, shift = cslt_nibble_index(n, k)
+    g_ = torch.Generator().manual_seed(0)
+    meta = torch.randint(0, 2**32, (int(word.max()) + 1,), generator=g_, dtype=torch.int64)
+    nib = (meta[word] >> shift) & 0xF  # (n, k / 4): the nibble of (row, group)
+    for blk in range(n // 64):
+        for kt in range(k // 32):
+            base = 64 * (blk * (k // 32) + kt)  # the 64-word block of (64 rows, k-tile)
+            for q in range(4):
+                for g in range(8):
+                    w0, w1 = (int(meta[base + 16 * q + 2 * g + b]) for b in (0, 1))
+                    row = 64 * blk + 16 * q + g
+                    for t in range(4):
+                        e = _meta_image(w0, w1, t)
+                        for i in range(4):
+                            grp = 8 * kt + 4 * (t % 2) + i
+                            assert (e >> 4 * i) & 0xF == nib[row, grp]
+                            assert (e >> 16 + 4 * i) & 0xF == nib[row + 8, grp]
+
+
+def test_wgmma_stage_bytes_and_budget(monkeypatch):
+    # 128 rows x 64 * 2 bytes of values, 64 tokens x 256 bytes, 2 tiles x 4 k-tiles x 256
+    assert mma_sp.wgmma_stage_bytes(WG, 8) == 128 * 128 + 64 * 256 + 2 * 4 * 256
+    assert mma_sp.wgmma_smem_bytes(WG, 8) == 4 * 34816 + 16 * 4 + 1024
+    assert mma_sp._smem_bytes(WG, 8) == mma_sp.wgmma_smem_bytes(WG, 8)
+    assert mma_sp._grid(WG, 4096 // 16) == (32, 4, 1)
+    assert mma_sp._launch_shape(WG, 8, 4096 // 16)[1] == 4 * 32 + 32  # + the producer warp
+    # Every wgmma shape tuning times fits an H200's 227 KB of shared memory, at the token
+    # counts of its bucket (M <= 32: 4 tiles, M <= 64: 8).
+    monkeypatch.setattr(mma_sp, "_has_wgmma", lambda: True)
+    for m in (16, 32, 64):
+        for c in (c for c in mma_sp.candidates(m, cslt=True) if c.wgmma):
+            assert mma_sp.wgmma_smem_bytes(c, -(-m // 8)) <= 227 * 1024, (m, c)
+
+
+def test_tensor_map_checks():
+    from ria.sparse.tma import check_2d
+
+    check_2d(0x1000, 2048, 4096, 4096, (64, 128), 3)
+    for args in [
+        (0x1008, 2048, 4096, 4096, (64, 128), 3),  # misaligned address
+        (0x1000, 2048, 4096, 4104, (64, 128), 3),  # row stride not a multiple of 16
+        (0x1000, 2048, 4096, 4096, (128, 128), 3),  # 256-byte box rows under a 128-byte swizzle
+        (0x1000, 2048, 4096, 4096, (64, 512), 3),  # box side > 256
+        (0x1000, 2048, 4096, 2048, (64, 128), 3),  # rows overlap
+    ]:
+        with pytest.raises(InvalidArgumentError):
+            check_2d(*args)
 
 
 def test_wgmma_candidates_only_where_it_runs(monkeypatch):
     monkeypatch.setattr(mma_sp, "_has_wgmma", lambda: True)
-    assert any(c.wgmma for c in mma_sp.candidates(16, cslt=True))
-    for m in (16, 32, 64):  # timed, but never the untuned default
-        assert not mma_sp.default_config(m, cslt=True).wgmma
+    for m in (9, 16, 32, 33, 64):  # timed first, and the untuned default on the buffer
+        assert mma_sp.default_config(m, cslt=True).wgmma
+        assert not mma_sp.default_config(m, cslt=True, ordered=True).tiled  # (no order read)
+        assert any(not c.wgmma for c in mma_sp.candidates(m, cslt=True))  # the others timed too
     assert not any(c.wgmma for c in mma_sp.candidates(8, cslt=True))  # M <= 8: gemv kernels
     assert not any(c.wgmma for c in mma_sp.candidates(64))  # fragments: no wgmma form
     monkeypatch.setattr(mma_sp, "_has_wgmma", lambda: False)
     assert not any(c.wgmma for m in (16, 32, 64) for c in mma_sp.candidates(m, cslt=True))
 
 
-def test_plan_cache_keeps_the_wgmma_shape(tmp_path):
+@pytest.mark.parametrize("shape", [WG, MmaConfig(1, 4, 2, 8, 2, wgmma=True, multicast=2)])
+def test_plan_cache_keeps_the_wgmma_shape(tmp_path, shape):
     key = plan_key(
         device="NVIDIA H200", capability=(9, 0), out_features=4096, in_features=4096,
         dtype=torch.bfloat16, bias=False, buckets=(16,), options={}, versions={"ria": "0"},
     )  # fmt: skip
-    tuned = TunedPlan({16: Choice("mma_cslt", mma=WG)}, {16: Choice("mma_cslt", mma=WG)})
+    tuned = TunedPlan({16: Choice("mma_cslt", mma=shape)}, {16: Choice("mma_cslt", mma=shape)})
     cache = PlanCache(tmp_path)
     path = cache.store(key, tuned)
     assert path is not None and cache.load(key, (16,), {"mma_cslt"}) == tuned
@@ -78,21 +166,33 @@ def test_plan_cache_keeps_the_wgmma_shape(tmp_path):
         assert cache.load(key, (16,), {"mma_cslt"}) is None
 
 
-def test_wgmma_smem_holds_stages_and_sums():
-    # 3 stages of 8 pieces x 8 tokens x 128 bytes per pair vs 64 tokens x (128 + 4) floats
-    assert mma_sp._smem_bytes(WG, 8) == max(3 * 2 * 1024 * 8, 4 * 64 * 132)
-    assert mma_sp._grid(WG, 4096 // 16) == (32, 4, 1)
+def test_plans_are_retuned_when_the_tuned_shapes_change(monkeypatch):
+    """The plan cache's versions carry a fingerprint of the kernel sources and of the launch
+    shapes tuning times: a plan timed before the streaming kernel existed is not reused."""
+    from ria.sparse.plan_cache import library_versions
+
+    now = mma_sp.kernel_fingerprint()
+    assert library_versions()["kernels"] == now and len(now) == 16
+    monkeypatch.setattr(mma_sp, "CONFIGS", tuple(c for c in mma_sp.CONFIGS if not c.wgmma))
+    mma_sp.kernel_fingerprint.cache_clear()
+    try:
+        assert mma_sp.kernel_fingerprint() != now
+    finally:
+        mma_sp.kernel_fingerprint.cache_clear()
 
 
 def _is_hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-SHAPES = [(48, 96), (192, 1376), (4096, 4096), (11008, 4096), (4096, 11008)]
+SHAPES = [(48, 96), (192, 1376), (208, 1376), (4096, 4096), (11008, 4096), (4096, 11008)]
 EXTRA = (
-    MmaConfig(1, 4, 1, 2, 1, wgmma=True),
-    MmaConfig(2, 4, 1, 2, 3, wgmma=True),
-    MmaConfig(1, 16, 1, 4, 8, wgmma=True),
+    MmaConfig(1, 4, 2, 2, 1, wgmma=True),  # stages reused many times, no cluster
+    MmaConfig(4, 4, 2, 3, 3, wgmma=True),  # 256 rows, a cluster of 3
+    MmaConfig(1, 8, 4, 2, 8, wgmma=True),  # two consumer warpgroups, 2 values boxes a stage
+    MmaConfig(1, 16, 2, 2, 2, wgmma=True),  # four consumer warpgroups
+    MmaConfig(1, 4, 2, 3, 1, wgmma=True, multicast=2),  # token multicast, no K split
+    MmaConfig(3, 4, 2, 3, 2, wgmma=True, multicast=2),  # multicast in a cluster of 4
 )
 
 
@@ -119,3 +219,23 @@ def test_wgmma_kernel_reads_cusparselt_buffer(dtype):
                 ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
                 for cfg in shapes:
                     assert_mma_config_matches(x, c, bias, ref, cfg)
+
+
+@needs_cuda
+@pytest.mark.skipif(not _is_hopper(), reason="wgmma needs compute capability 9.0")
+def test_wgmma_prepared_launch_follows_the_tokens():
+    """`MmaLaunch` with a wgmma shape rewrites its tokens' tensor map when x moves: two
+    inputs in turn, each matching its own product, the same bits on a repeat."""
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
+
+    n, k, m = 256, 1024, 24
+    w = random_24(n, k, device="cuda", seed=3)
+    c = share_cslt_buffer(pack_24(w), cslt_compress(w))
+    b = torch.randn(n, dtype=w.dtype, device="cuda")
+    launch = mma_sp.MmaLaunch(c, b, m, config=WG)
+    xs = [torch.randn(m, k, dtype=w.dtype, device="cuda") for _ in range(2)]
+    ys = [launch(x) for x in xs] + [launch(xs[0])]
+    for x, y in zip(xs + xs[:1], ys, strict=True):
+        ref = x.double() @ w.double().t() + b.double()
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+    assert torch.equal(ys[0], ys[2])

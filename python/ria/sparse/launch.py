@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -21,13 +21,15 @@ from ..errors import InvalidArgumentError
 
 __all__ = ["PreparedLaunch", "kernel_args", "raw_stream"]
 
-# One kernel parameter: a device address (a tensor's data pointer) or a 32-bit int.
-_Param = ctypes.c_void_p | ctypes.c_int
+# One kernel parameter: a device address (a tensor's data pointer), a 32-bit int, or bytes
+# passed by value (a TMA tensor map).
+_Param: TypeAlias = "ctypes.c_void_p | ctypes.c_int | ctypes.Array[ctypes.c_ubyte]"
 
 
 def kernel_args(args: Sequence[object]) -> list[_Param]:
     """ctypes values for kernel arguments: tensors become their data pointers (`void*`),
-    Python ints C `int`s (as torch's `_CudaKernel` passes them)."""
+    Python ints C `int`s (as torch's `_CudaKernel` passes them); ctypes byte arrays (a
+    by-value struct such as a tensor map) are passed as they are."""
     out: list[_Param] = []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -36,6 +38,8 @@ def kernel_args(args: Sequence[object]) -> list[_Param]:
             if not -(2**31) <= a < 2**31:
                 raise InvalidArgumentError(f"kernel int argument {a} does not fit 32 bits")
             out.append(ctypes.c_int(a))
+        elif isinstance(a, ctypes.Array):
+            out.append(a)
         else:
             raise InvalidArgumentError(f"kernel arguments are tensors or ints, got {type(a)}")
     return out

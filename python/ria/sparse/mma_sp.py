@@ -41,6 +41,7 @@ __all__ = [
     "cslt_meta_words",
     "default_config",
     "kernel_cache_dir",
+    "kernel_fingerprint",
     "mma24_fp8_linear",
     "mma24_linear",
     "mma_best_config",
@@ -69,10 +70,13 @@ class MmaConfig:
     fetch alone); `late_b` = 1 loads the tokens' B fragments per k-step instead of with
     the batch (fewer registers, so more pairs in flight per warp).
 
-    With `wgmma` (the warpgroup kernel, `wgmma_sp.cu`, compute capability 9.0 only, the
-    tiled kernel's inputs): `warps // 4` warpgroups per block, each owning `row_tiles`
-    tiles of 64 rows, `unroll` pairs of k-steps per stage of the tokens, `stages` stages,
-    `split` blocks of a cluster splitting the input columns."""
+    With `wgmma` (the streaming warpgroup kernel, `wgmma_sp.cu`, compute capability 9.0
+    only, the tiled kernel's inputs): a producer warp fills `stages` shared-memory stages of
+    `unroll` (even) pairs of k-steps with the copy engine (TMA), `warps // 4` consumer
+    warpgroups of `row_tiles` 64-row tiles each (at most 256 rows per block) run wgmma.sp
+    with both operands in shared memory, `split` blocks of a cluster split the input
+    columns; with `multicast` = 2, pairs of row blocks share each stage's token copies (a
+    cluster of 2 x `split` blocks)."""
 
     row_tiles: int = 1
     warps: int = 16
@@ -82,6 +86,7 @@ class MmaConfig:
     hint: int = 0
     late_b: int = 0
     wgmma: bool = False
+    multicast: int = 1
 
     def __post_init__(self) -> None:
         if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
@@ -99,10 +104,18 @@ class MmaConfig:
                 "the tiled kernel needs stages >= 2, split <= 8 and row_tiles * warps a "
                 f"multiple of 4 (whole 64-row blocks), got {self!r}"
             )
-        if self.wgmma and (self.stages < 2 or self.warps % 4):
+        if self.wgmma and (
+            self.stages < 2 or self.warps % 4 or self.unroll % 2 or self.row_tiles * self.warps > 16
+        ):
             raise InvalidArgumentError(
-                "the wgmma kernel needs stages >= 2 and whole warpgroups (warps % 4 == 0), "
-                f"got {self!r}"
+                "the wgmma kernel needs stages >= 2, whole warpgroups (warps % 4 == 0), an even "
+                f"unroll and at most 256 rows per block (row_tiles * warps <= 16), got {self!r}"
+            )
+        if self.multicast not in (1, 2) or (
+            self.multicast > 1 and (not self.wgmma or self.multicast * self.split > 8)
+        ):
+            raise InvalidArgumentError(
+                f"multicast is 1 or 2, the wgmma kernel's, in clusters of <= 8 blocks: {self!r}"
             )
 
     @property
@@ -112,7 +125,8 @@ class MmaConfig:
 
     def __str__(self) -> str:
         if self.wgmma:
-            return f"g{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
+            mc = f"m{self.multicast}" if self.multicast > 1 else ""
+            return f"g{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}{mc}"
         if self.tiled:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         extra = (f"h{self.hint}" if self.hint else "") + ("b" if self.late_b else "")
@@ -169,19 +183,37 @@ _CSLT_HALF = (  # M <= 32
     _T1,
 )
 _CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8, 2))
-# The warpgroup kernel (MmaConfig(R, W, U, stages, split, wgmma=True), sm_90 only) for
-# M > 8: 64 * R * W / 4 rows per block, the weight straight from HBM into wgmma.sp's
-# registers. Timed after the others wherever it can run, never the untuned default: on an
-# H200 (benches/results/decode_kernels_h200_wgmma.json) it beat them at M = 64 on the three
-# LLaMA shapes by 1-14% and lost at M = 16 and 32; these shapes won a shape and count there.
-_WG = (
-    MmaConfig(2, 4, 2, 3, 8, wgmma=True),
-    MmaConfig(2, 8, 2, 3, 4, wgmma=True),
-    MmaConfig(2, 4, 2, 3, 4, wgmma=True),
+# The streaming warpgroup kernel (MmaConfig(R, W, U, stages, split, wgmma=True), sm_90
+# only) for M > 8: a producer warp streams the weight and tokens with TMA into `stages`
+# shared-memory stages, 64 * R * W / 4 rows per block. On an H200
+# (benches/results/decode_kernels_h200_wgmma.json) it beat every other kernel on the three
+# LLaMA shapes at M = 16, 32 and 64 (1.23-1.57x dense), so it leads the candidates (the
+# untuned default there); these shapes won a shape and count or came within 5%: 64-row
+# blocks with 256-byte row pieces per stage and a cluster of 2 over K on 4096 rows, token
+# multicast between row-block pairs (`multicast=2`) on 11008.
+_WG_HALF = (  # M <= 32
+    MmaConfig(1, 4, 4, 4, 2, wgmma=True),
+    MmaConfig(1, 4, 2, 4, 2, wgmma=True, multicast=2),
+    MmaConfig(1, 4, 2, 4, 4, wgmma=True),
+    MmaConfig(3, 4, 2, 5, 2, wgmma=True),
+)
+_WG_MANY = (  # M <= 64
+    MmaConfig(1, 4, 4, 4, 2, wgmma=True),
+    MmaConfig(3, 4, 2, 5, 2, wgmma=True, multicast=2),
+    MmaConfig(3, 4, 2, 5, 2, wgmma=True),
 )
 CONFIGS = tuple(
     dict.fromkeys(
-        _FEW + _SOME + _MANY + _CSLT_ONE + _CSLT_FEW + _CSLT_SOME + _CSLT_HALF + _CSLT_MANY + _WG
+        _FEW
+        + _SOME
+        + _MANY
+        + _CSLT_ONE
+        + _CSLT_FEW
+        + _CSLT_SOME
+        + _CSLT_HALF
+        + _CSLT_MANY
+        + _WG_HALF
+        + _WG_MANY
     )
 )
 
@@ -196,8 +228,8 @@ def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
             shapes = _CSLT_HALF if m <= 32 else _CSLT_MANY
         else:
             shapes = (_CSLT_ONE if m == 1 else _CSLT_FEW) if m <= 8 else _CSLT_SOME
-        if m > 8 and _has_wgmma():
-            shapes = (*shapes, *_WG)
+        if m > 8 and _has_wgmma():  # the streaming kernel first: the default where it runs
+            shapes = (*(_WG_HALF if m <= 32 else _WG_MANY), *shapes)
         return shapes if _has_clusters() else tuple(c for c in shapes if c.split == 1)
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
 
@@ -259,6 +291,17 @@ def _nvrtc_status(arch: str) -> str | None:
 def kernel_cache_dir() -> Path:
     """Where compiled kernels are kept: `<ria cache>/kernels` (`$RIA_CACHE` or the user cache)."""
     return cache_dir() / "kernels"
+
+
+@functools.cache
+def kernel_fingerprint() -> str:
+    """A short hash of the kernel sources and of every launch shape tuning may time
+    (`CONFIGS`): it changes whenever either does."""
+    text = "\0".join([*(_source(f) for f in _SOURCES), repr(CONFIGS)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_SOURCES = ("mma_sp.cu", "wgmma_sp.cu")
 
 
 def _source(name: str = "mma_sp.cu") -> str:
@@ -328,8 +371,7 @@ def _kernel_source(
 
 
 def _wgmma_source(dtype: torch.dtype, config: MmaConfig, tiles: int) -> str:
-    """`wgmma_sp.cu` for `tiles` token tiles, with its settings and the inline-assembly
-    wrapper of `wgmma.mma_async.sp` m64nNk32, N = 8 * tiles (its operand list depends on N)."""
+    """`wgmma_sp.cu` for `tiles` token tiles, with its settings and `wgmma_wrapper`."""
     defines = {
         "RIA_F16": int(dtype == torch.float16),
         "RIA_R": config.row_tiles,
@@ -340,31 +382,31 @@ def _wgmma_source(dtype: torch.dtype, config: MmaConfig, tiles: int) -> str:
         "RIA_NT": tiles,
         "RIA_NACC": 4 * tiles,
     }
+    if config.multicast > 1:  # (only then: the other shapes' sources and cache keys stay)
+        defines["RIA_MC"] = config.multicast
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
     return head + wgmma_wrapper(tiles, dtype) + _source("wgmma_sp.cu")
 
 
 def wgmma_wrapper(tiles: int, dtype: torch.dtype) -> str:
-    """CUDA source of `wgmma_sp<SEL>(acc, a, desc, e)`: one m64nNk32 sparse wgmma with A (4
-    registers) and the metadata word `e` (sparsity selector SEL) from registers, B through
-    the shared-memory descriptor `desc` (K-major), fp32 accumulators `acc` (N / 2 per
-    thread, added to: scale-d 1)."""
+    """CUDA source of `wgmma_ss<SEL>(acc, da, db, e)`: one m64nNk32 sparse wgmma with A and
+    B through the shared-memory descriptors `da`, `db` (both K-major), the metadata word `e`
+    (sparsity selector SEL) from a register, fp32 accumulators `acc` (N / 2 per thread,
+    added to: scale-d 1)."""
     n_acc = 4 * tiles
     ab = "f16" if dtype == torch.float16 else "bf16"
     acc = ", ".join(f"%{i}" for i in range(n_acc))
-    a = ", ".join(f"%{n_acc + i}" for i in range(4))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(n_acc))
     return (
         "template <int SEL>\n"
-        "__device__ __forceinline__ void wgmma_sp(float (&d)[RIA_NACC], "
-        "const unsigned int (&a)[4], unsigned long long desc, unsigned int e) {\n"
+        "__device__ __forceinline__ void wgmma_ss(float (&d)[RIA_NACC], "
+        "unsigned long long da, unsigned long long db, unsigned int e) {\n"
         '  asm volatile("{\\n.reg .pred p;\\n'
-        f"setp.ne.b32 p, %{n_acc + 6}, 0;\\n"
+        f"setp.ne.b32 p, %{n_acc + 3}, 0;\\n"
         f"wgmma.mma_async.sp.sync.aligned.m64n{8 * tiles}k32.f32.{ab}.{ab} "
-        f'{{{acc}}}, {{{a}}}, %{n_acc + 4}, %{n_acc + 5}, %{n_acc + 7}, p, 1, 1, 0;\\n}}\\n"\n'
+        f'{{{acc}}}, %{n_acc}, %{n_acc + 1}, %{n_acc + 2}, %{n_acc + 4}, p, 1, 1, 0, 0;\\n}}\\n"\n'
         f"      : {outs}\n"
-        '      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e), "r"(1), '
-        '"n"(SEL));\n'
+        '      : "l"(da), "l"(db), "r"(e), "r"(1), "n"(SEL));\n'
         "}\n"
     )
 
@@ -436,11 +478,9 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
     `stages` stages of values (rows x (64 * unroll + 16) bytes), tokens (8 * tiles x
     (128 * unroll + 16) bytes) and metadata (256 bytes per 64 rows and 32 columns), and with
     `split > 1` at least the block's fp32 sums (rows x tokens) for the cluster's reduction.
-    Wgmma kernel (as in wgmma_sp.cu): `stages` stages of tokens (8 * tiles x 128 * unroll
-    bytes), and the block's fp32 sums (tokens x (rows + 4))."""
+    Wgmma kernel: `wgmma_smem_bytes`."""
     if config.wgmma:
-        rows = 64 * config.row_tiles * (config.warps // 4)
-        return max(config.stages * 1024 * config.unroll * tiles, 4 * 8 * tiles * (rows + 4))
+        return wgmma_smem_bytes(config, tiles)
     if not config.tiled:
         return 4 * config.warps * config.row_tiles * tiles * 4 * 32
     rows, u = 16 * config.row_tiles * config.warps, config.unroll
@@ -449,13 +489,31 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
     return max(config.stages * stage, sums)
 
 
+def wgmma_stage_bytes(config: MmaConfig, tiles: int) -> int:
+    """Bytes of one stage of the streaming kernel (RIA_STAGE_BYTES in wgmma_sp.cu): values
+    (rows x 64 * unroll bytes: half the stage's columns, 2 bytes each), tokens (8 * tiles x
+    128 * unroll bytes) and metadata (256 bytes per 64 rows and k-tile of 32 columns)."""
+    rows, u = 16 * config.row_tiles * config.warps, config.unroll
+    return rows * 64 * u + 8 * tiles * 128 * u + rows // 64 * 2 * u * 256
+
+
+def wgmma_smem_bytes(config: MmaConfig, tiles: int) -> int:
+    """Dynamic shared memory of the streaming kernel: its stages and two 8-byte barriers per
+    stage, plus 1024 bytes to align the swizzled boxes; the stages also hold the block's fp32
+    sums (tokens x (rows + 4)) at the end."""
+    rows = 16 * config.row_tiles * config.warps
+    stages = config.stages * wgmma_stage_bytes(config, tiles)
+    return max(stages, 4 * 8 * tiles * (rows + 4)) + 16 * config.stages + 1024
+
+
 def _grid(config: MmaConfig, row_tiles: int) -> tuple[int, int, int]:
     """Blocks: one per `config.row_tiles` row tiles (plain kernel), or per block of
-    16 * row_tiles * warps rows (tiled kernel; wgmma kernel: 64 * row_tiles * warps / 4)
-    times `split`."""
+    16 * row_tiles * warps rows (tiled kernel; wgmma kernel: 64 * row_tiles * warps / 4,
+    rounded up to whole multicast pairs) times `split`."""
     if not config.tiled:
         return (-(-row_tiles // config.row_tiles), 1, 1)
-    return (-(-row_tiles // (config.row_tiles * config.warps)), config.split, 1)
+    blocks = -(-row_tiles // (config.row_tiles * config.warps))
+    return (-(-blocks // config.multicast) * config.multicast, config.split, 1)
 
 
 def _check(
@@ -575,7 +633,15 @@ def mma24_linear(
     elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
         raise InvalidArgumentError(f"out must be ({m}, {n}) {x.dtype} with unit column stride")
     kernel, config, tiles, row_tiles, args = _prepare(x, packed, bias, order, config, out)
-    _launch(kernel, config, tiles, row_tiles, args)
+    if config.wgmma:  # tensor maps are by-value parameters: torch's kernel call takes none
+        from .launch import PreparedLaunch, raw_stream
+
+        grid, block, smem = _launch_shape(config, tiles, row_tiles)
+        PreparedLaunch(kernel.func, grid, block, smem, args, patched=())(
+            stream=raw_stream(x.device.index if x.device.index is not None else 0)
+        )
+    else:
+        _launch(kernel, config, tiles, row_tiles, args)
     return out
 
 
@@ -588,7 +654,8 @@ def _prepare(
     out: torch.Tensor,
 ) -> tuple[Any, MmaConfig, int, int, list[Any]]:
     """The kernel, launch shape, token tiles, row tiles and argument list for checked
-    inputs (`x` at index 0 and `out` at index 7 of the arguments)."""
+    inputs (`x` at index 0 and `out` at index 7 of the arguments; the wgmma kernel's:
+    `_wgmma_args`)."""
     m = x.shape[0]
     cslt = isinstance(packed, Compact24)
     config = config or default_config(m, cslt, order is not None)
@@ -596,6 +663,9 @@ def _prepare(
     bits = _ORDER_BITS[None if order is None else order.dtype]
     kernel = _kernel(x.dtype, config, tiles, bits, cslt=cslt)
     row_tiles, pairs = _tiles_pairs(packed)
+    if config.wgmma:
+        assert isinstance(packed, Compact24)
+        return kernel, config, tiles, row_tiles, _wgmma_args(x, packed, bias, out, config)
     unused = packed.values  # stands in for absent pointers (the kernel never reads it)
     args = [
         x,
@@ -618,6 +688,46 @@ def _prepare(
     return kernel, config, tiles, row_tiles, args
 
 
+def _x_map(x_ptr: int, m: int, k: int, ldx: int, out: Any = None) -> Any:
+    """The wgmma kernel's tensor map of the tokens: `(m, k)` at `x_ptr`, `ldx` elements
+    between rows, boxes of 64 columns x 8 * ceil(m / 8) tokens (zeros past m and k)."""
+    from .tma import encode_2d
+
+    box = (64, TOKEN_TILE * -(-m // TOKEN_TILE))
+    return encode_2d(x_ptr, k, m, 2 * ldx, box, l2_promotion=128, out=out)
+
+
+def _wgmma_args(
+    x: torch.Tensor,
+    packed: Compact24,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    config: MmaConfig,
+) -> list[Any]:
+    """Arguments of the wgmma kernel (`wgmma_sp.cu`): the tokens' and the values'
+    tensor maps (the values `(N, K/2)`, boxes of 64 compressed columns x the block's rows,
+    streamed with 256-byte L2 fetches), the metadata, bias, output; `out` at index 5."""
+    from .tma import encode_2d
+
+    n, k = packed.out_features, packed.in_features
+    if packed.meta.data_ptr() % 16:
+        raise InvalidArgumentError(f"{config} copies the metadata in bulk: align it to 16 bytes")
+    rows = 16 * config.row_tiles * config.warps
+    wmap = encode_2d(packed.values.data_ptr(), k // 2, n, k, (64, rows), l2_promotion=256)
+    return [
+        _x_map(x.data_ptr(), x.shape[0], k, x.stride(0)),
+        wmap,
+        packed.meta,
+        packed.values if bias is None else bias,  # (never read without bias)
+        int(bias is not None),
+        out,
+        out.stride(0),
+        x.shape[0],
+        n,
+        k,
+    ]
+
+
 def _x_alignment(config: MmaConfig) -> int:
     """Bytes the start and row stride of `x` must be multiples of: the plain kernel loads
     pairs of values (4 bytes), the tiled kernel copies 16 bytes at a time."""
@@ -628,7 +738,8 @@ def _launch_shape(
     config: MmaConfig, tiles: int, row_tiles: int
 ) -> tuple[tuple[int, int, int], int, int]:
     """(grid, threads per block, dynamic shared memory bytes) of one launch."""
-    return _grid(config, row_tiles), 32 * config.warps, _smem_bytes(config, tiles)
+    threads = 32 * config.warps + (32 if config.wgmma else 0)  # + the wgmma kernel's producer
+    return _grid(config, row_tiles), threads, _smem_bytes(config, tiles)
 
 
 def _launch(kernel: Any, config: MmaConfig, tiles: int, row_tiles: int, args: list[Any]) -> None:
@@ -668,7 +779,11 @@ class MmaLaunch:
         self.dtype, self.device = dtype, device
         self._device_index = device.index if device.index is not None else 0
         self._align = _x_alignment(self.config)
-        self._launch = PreparedLaunch(kernel.func, grid, block, smem, args, patched=(0, 7))
+        # The wgmma kernel reads x through a tensor map, rewritten when x moves.
+        self._xmap: Any = args[0] if self.config.wgmma else None
+        self._x_ptr = x.data_ptr()
+        patched = (5,) if self.config.wgmma else (0, 7)
+        self._launch = PreparedLaunch(kernel.func, grid, block, smem, args, patched=patched)
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether `x` can take the prepared launch: `(m, K)`, contiguous, aligned, the
@@ -686,7 +801,14 @@ class MmaLaunch:
         from .launch import raw_stream
 
         out = torch.empty(self.m, self.n, dtype=self.dtype, device=self.device)
-        self._launch(x.data_ptr(), out.data_ptr(), stream=raw_stream(self._device_index))
+        stream = raw_stream(self._device_index)
+        if self._xmap is None:
+            self._launch(x.data_ptr(), out.data_ptr(), stream=stream)
+            return out
+        if x.data_ptr() != self._x_ptr:
+            _x_map(x.data_ptr(), self.m, self.k, self.k, out=self._xmap)
+            self._x_ptr = x.data_ptr()
+        self._launch(out.data_ptr(), stream=stream)
         return out
 
 

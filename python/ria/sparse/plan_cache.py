@@ -31,7 +31,7 @@ from .._core import __version__ as ria_version
 from ..demo import cache_dir
 from .cslt import CsltConfig
 from .linear import BACKENDS, MMA, MMA_CSLT, Choice
-from .mma_sp import MmaConfig
+from .mma_sp import MmaConfig, kernel_fingerprint
 
 FORMAT = 2  # bump when the file layout changes: old files then read as stale
 
@@ -78,6 +78,9 @@ def library_versions() -> dict[str, Any]:
         "cusparselt": cslt,
         "triton": triton_version,
         "ria": ria_version,
+        # our kernels' sources and the launch shapes tuning times: a plan timed before a
+        # kernel or shape was added or changed is re-tuned, not reused
+        "kernels": kernel_fingerprint(),
     }
 
 
