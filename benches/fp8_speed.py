@@ -4,9 +4,9 @@ Sections (`--only` picks some):
   gemm  per GEMM (q/k/v/o, gate/up, down at M tokens; weights rotate over copies > 256 MB
         so they stream from HBM): bf16 dense (cuBLAS), bf16 2:4 (cuSPARSELt, searched; and
         the mma.sp decode kernel at M <= 64), fp8 dense (`torch._scaled_mm` with row-wise
-        scales, and unscaled with a scaling kernel: the baseline is the faster) and fp8 2:4 (cuSPARSELt e4m3 + scale epilogue), each whole (token
-        quantization included) and its GEMM alone (tokens quantized beforehand), and the
-        quantization kernel alone.
+        scales, and unscaled with a scaling kernel: the baseline is the faster) and fp8 2:4
+        (cuSPARSELt e4m3 + scale epilogue), each whole (token quantization included) and
+        its GEMM alone (tokens quantized beforehand), and the quantization kernel alone.
   e2e   whole model (random weights, 2:4 by magnitude, as benches/gpu_speed.py): prefill
         8x128 and 1x2048, decode batch 1 and 16 (KV 512) for bf16 dense, fp8 dense
         (`sparsify(dtype="fp8", sparse=False)`), bf16 2:4 (`sparsify()`) and fp8 2:4
