@@ -27,10 +27,12 @@ W_ALIGN = 16
 
 __all__ = [
     "CsltConfig",
+    "alignment_status",
     "cslt_best_config",
     "cslt_compress",
     "cslt_linear",
     "cslt_search",
+    "cslt_shape_status",
     "cslt_status",
     "share_cslt_buffer",
 ]
@@ -57,10 +59,16 @@ def cslt_status(device: torch.device | None = None) -> str | None:
     return None
 
 
-def cslt_shape_status(out_features: int, in_features: int) -> str | None:
-    if out_features % W_ALIGN or in_features % W_ALIGN:
-        return f"cuSPARSELt needs both dimensions multiples of {W_ALIGN}"
+def alignment_status(out_features: int, in_features: int, align: int, kernel: str) -> str | None:
+    """None if both sides of an `(out, in)` weight are multiples of `align`, else why
+    `kernel` cannot take it."""
+    if out_features % align or in_features % align:
+        return f"{kernel} needs both dimensions multiples of {align}"
     return None
+
+
+def cslt_shape_status(out_features: int, in_features: int) -> str | None:
+    return alignment_status(out_features, in_features, W_ALIGN, "cuSPARSELt")
 
 
 def cslt_compress(weight: torch.Tensor) -> torch.Tensor:

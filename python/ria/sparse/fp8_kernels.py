@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .cslt import CsltConfig
+from .cslt import CsltConfig, alignment_status
 from .fp8 import E4M3, Fp8Weight
 from .graphs import time_call
 
@@ -65,15 +65,11 @@ def fp8_status(device: torch.device | None = None) -> str | None:
 
 
 def fp8_dense_shape_status(out_features: int, in_features: int) -> str | None:
-    if out_features % SCALED_MM_ALIGN or in_features % SCALED_MM_ALIGN:
-        return f"fp8 GEMMs need both dimensions multiples of {SCALED_MM_ALIGN}"
-    return None
+    return alignment_status(out_features, in_features, SCALED_MM_ALIGN, "torch._scaled_mm")
 
 
 def fp8_cslt_shape_status(out_features: int, in_features: int) -> str | None:
-    if out_features % CSLT_W_ALIGN or in_features % CSLT_W_ALIGN:
-        return f"cuSPARSELt fp8 needs both dimensions multiples of {CSLT_W_ALIGN}"
-    return None
+    return alignment_status(out_features, in_features, CSLT_W_ALIGN, "cuSPARSELt fp8")
 
 
 if triton is not None:
