@@ -3,7 +3,7 @@
 A tensor map (`CUtensorMap`, 128 opaque bytes) describes a 2-D global tensor and the box one
 `cp.async.bulk.tensor.2d` copies into shared memory; kernels take it by value
 (`__grid_constant__`). `encode_2d` checks the rules the driver states for the maps the
-warpgroup kernel uses (`wgmma_tma.cu`) before it asks `cuTensorMapEncodeTiled` (from the
+warpgroup kernel uses (`wgmma_sp.cu`) before it asks `cuTensorMapEncodeTiled` (from the
 driver library torch loads), so bad input fails with our error rather than the driver's code.
 """
 
