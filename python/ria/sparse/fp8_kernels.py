@@ -11,8 +11,9 @@ order of the fp32 sums:
   the scales and bias applied by a second Triton kernel, as for cuSPARSELt below.
 - `fp8_cslt_linear`: cuSPARSELt's fp8 2:4 GEMM (`torch._cslt_sparse_mm`, tokens padded to
   16, the transposes fused as in `cslt.py`), which refuses a per-row `alpha` for fp8, so
-  the scales and bias are applied by a second Triton kernel to its bf16 output. Both scales
-  are powers of two: multiplying them into the bf16 result is exact.
+  the scales and bias are applied by a second Triton kernel to its unscaled output: bf16
+  without bias (both scales are powers of two: multiplying them in is exact), fp32 with a
+  bias (so the output is rounded once, after the bias).
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ def fp8_dense_linear(
     )
 
 
-def _raw_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of an unscaled e4m3 product for a model of `dtype`: bf16 for bf16 (scaling
-    it by powers of two later is exact), else fp32 (the unscaled sums, up to 448**2 * K,
-    overflow fp16)."""
-    return dtype if dtype == torch.bfloat16 else torch.float32
+def _raw_dtype(dtype: torch.dtype, has_bias: bool) -> torch.dtype:
+    """The dtype of an unscaled e4m3 product for a model of `dtype`: bf16 for bf16 without
+    bias (scaling it by powers of two later is exact, so the output is rounded once), else
+    fp32 (adding a bias to a rounded product would round twice: up to 2 bf16 ulps off; the
+    unscaled sums, up to 448**2 * K, overflow fp16)."""
+    return dtype if dtype == torch.bfloat16 and not has_bias else torch.float32
 
 
 def _apply_scales(
@@ -142,7 +144,11 @@ def fp8_dense_unscaled_linear(
     one-element fp32 tensor holding 1.0 on `x`'s device (made once, outside graph capture)."""
     q, s = quantize_tokens(x)
     acc = torch._scaled_mm(
-        q, weight.values.t(), scale_a=unit, scale_b=unit, out_dtype=_raw_dtype(x.dtype)
+        q,
+        weight.values.t(),
+        scale_a=unit,
+        scale_b=unit,
+        out_dtype=_raw_dtype(x.dtype, bias is not None),
     )
     return _apply_scales(acc, s, weight.scale, bias, x.shape[0], x.dtype)
 
@@ -153,7 +159,7 @@ def fp8_cslt_compress(weight: Fp8Weight) -> torch.Tensor:
 
 
 def _cslt_raw(
-    packed: torch.Tensor, q: torch.Tensor, config: CsltConfig, dtype: torch.dtype
+    packed: torch.Tensor, q: torch.Tensor, config: CsltConfig, raw_dtype: torch.dtype
 ) -> torch.Tensor:
     """cuSPARSELt's unscaled `q @ W.T` `(rows, N)` for padded e4m3 `q` in `_raw_dtype`."""
     extra: dict[str, Any] = {}
@@ -162,7 +168,7 @@ def _cslt_raw(
     return torch._cslt_sparse_mm(
         packed,
         q.t(),
-        out_dtype=_raw_dtype(dtype),
+        out_dtype=raw_dtype,
         transpose_result=True,
         alg_id=config.alg_id,
         **extra,
@@ -180,7 +186,7 @@ def fp8_cslt_linear(
     `packed` (`fp8_cslt_compress`) and the weight's row scales `scale` `(N,)`."""
     m = x.shape[0]
     q, sx = quantize_tokens(x, -(-m // CSLT_M_ALIGN) * CSLT_M_ALIGN)
-    acc = _cslt_raw(packed, q, config or CsltConfig(), x.dtype)
+    acc = _cslt_raw(packed, q, config or CsltConfig(), _raw_dtype(x.dtype, bias is not None))
     return _apply_scales(acc, sx, scale, bias, m, x.dtype)
 
 
@@ -203,7 +209,7 @@ def fp8_cslt_best_config(
 
         def call(cfg: CsltConfig = cfg) -> None:
             for p in packed:
-                _cslt_raw(p, q, cfg, x.dtype)
+                _cslt_raw(p, q, cfg, _raw_dtype(x.dtype, False))  # bias: fp32, same GEMM
 
         try:
             ms = time_call(call, iters=3, repeats=1)
