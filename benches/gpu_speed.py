@@ -281,8 +281,9 @@ def profile_e2e(model: torch.nn.Module) -> dict:
 
 def dump_cslt_layout(path: Path) -> None:
     """cuSPARSELt compressed buffers next to the compact format of the same 2:4 weights, for
-    working out its metadata layout offline."""
-    dump = {}
+    working out its metadata layout offline; for e4m3 also probes that name every byte's
+    source (`_e4m3_layout_probes`)."""
+    dump: dict = {}
     for dtype in (torch.bfloat16, torch.float16):
         for n, k in [(32, 64), (64, 128), (128, 256), (256, 512)]:
             w = prune_24(torch.randn(n, k, dtype=dtype, device="cuda"))
@@ -293,7 +294,37 @@ def dump_cslt_layout(path: Path) -> None:
                 "values": c.values.cpu(),
                 "meta": c.meta.cpu(),
             }
+    for n, k in [(64, 128), (128, 256), (256, 512)]:
+        dump[f"e4m3_{n}x{k}"] = _e4m3_layout_probes(n, k)
     torch.save(dump, path)
+
+
+def _e4m3_layout_probes(n: int, k: int) -> dict:
+    """cuSPARSELt's compressed bytes (uint8) of e4m3 2:4 `(n, k)` weights built so the bytes
+    name their source: in "position" probe d, every kept value is the e4m3 integer
+    1 + ((p >> 4d) & 15) for p = row * k/2 + its index among the row's kept values (one fixed
+    random 2:4 pattern); in "group" probe b, group g = row * k/4 + column // 4 keeps columns
+    (2, 3) if bit b of g is set, else (0, 1), values 1.0."""
+    g = torch.Generator().manual_seed(0)
+    pattern = prune_24(torch.randn(n, k, generator=g)) != 0  # (n, k) bool, 2 per group of 4
+    pos = torch.zeros(n, k, dtype=torch.int64)
+    pos[pattern] = torch.arange(n * k // 2)  # row-major: row * k/2 + kept index
+    out: dict = {"pattern": pattern, "position": [], "group": []}
+
+    def compress(w: torch.Tensor) -> torch.Tensor:
+        e4m3 = w.to(torch.float8_e4m3fn).cuda()
+        return torch._cslt_compress(e4m3).cpu().view(torch.uint8)
+
+    for d in range((max(n * k // 2 - 1, 1).bit_length() + 3) // 4):
+        w = torch.where(pattern, 1.0 + ((pos >> (4 * d)) & 15).float(), 0.0)
+        out["position"].append(compress(w))
+    groups = torch.arange(n * k // 4).reshape(n, k // 4)
+    for b in range(max(n * k // 4 - 1, 1).bit_length()):
+        high = ((groups >> b) & 1).bool().repeat_interleave(4, dim=1)
+        col = torch.arange(k) % 4
+        keep = torch.where(high, col >= 2, col < 2)
+        out["group"].append(compress(keep.float()))
+    return out
 
 
 def time_e2e(

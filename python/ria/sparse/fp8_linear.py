@@ -2,13 +2,14 @@
 tokens quantized per call), 2:4 sparse or dense, bf16/fp16 out.
 
 Per layer shape and token-count bucket the plan runs the kernel that measured fastest under
-CUDA-graph replay: for 2:4 layers the own `mma.sp` decode kernel over e4m3 fragments
-(`mma_sp.mma24_fp8_linear`, M <= 64) or cuSPARSELt's fp8 2:4 GEMM; fp8 dense
+CUDA-graph replay (`choose_fp8_plan`): for 2:4 layers the own `mma.sp` decode kernel over
+e4m3 fragments (`mma_sp.mma24_fp8_linear`, M <= 64) or cuSPARSELt's fp8 2:4 GEMM; fp8 dense
 (`torch._scaled_mm`, with the scales in its epilogue or, often faster, unscaled and scaled
-by a second kernel) is the fallback wherever it is faster. A layer holds the forms its
-plan uses, with one 2:4 layout at most (like `sparsify.keep_one_layout`): a compressed e4m3
-weight (0.5625 bytes per weight), the dense e4m3 weight (1 byte), or both (never more than
-1.5625 bytes, under bf16's 2). Off CUDA the layer runs `fp8.fp8_linear_reference`, the
+by a second kernel) is the per-layer fallback where it is faster over all buckets. By
+default a layer holds one form: a compressed e4m3 weight in one 2:4 layout (0.5625 bytes
+per weight, like `sparsify.keep_one_layout`) or the dense e4m3 weight (1 byte); with
+`allow_dense` a 2:4 layer may hold both (never more than 1.5625 bytes, under bf16's 2).
+Off CUDA the layer runs `fp8.fp8_linear_reference`, the
 definition the kernels match.
 
 The plan is timed for graph replay only: eager calls use it too, and eager cuSPARSELt pays
@@ -72,6 +73,7 @@ __all__ = [
     "FP8_DENSE_UNSCALED",
     "FP8_MMA",
     "Fp8Linear",
+    "choose_fp8_plan",
     "fp8_layer",
     "quantize_linears",
     "sparsify_fp8",
@@ -259,10 +261,15 @@ def _time_us(
 
 
 def _tune(
-    forms: Sequence[_Forms], buckets: Sequence[int], sparse: bool
+    forms: Sequence[_Forms],
+    buckets: Sequence[int],
+    sparse: bool,
+    allow_dense: bool,
+    dense_margin: float,
 ) -> tuple[dict[int, Choice], dict[int, dict[str, float]]]:
-    """Per bucket, the fastest fp8 kernel under graph replay over `forms` in rotation, and
-    every candidate's microseconds per call (bf16 dense cuBLAS too, for the report)."""
+    """Per bucket, the fp8 kernel `choose_fp8_plan` picks from graph-replay times over `forms`
+    in rotation, and every candidate's microseconds per call (bf16 dense cuBLAS too, for the
+    report)."""
     times: dict[int, dict[str, float]] = {}
     configs: dict[int, tuple[CsltConfig | None, MmaConfig | None]] = {}
     k = forms[0].dense.shape[1]
@@ -281,22 +288,60 @@ def _tune(
                 mcfg, _ = mma_best_config(frags, q, forms[0].bias, fp8_scales=(q_scale, scales))
         configs[m] = (cfg, mcfg)
         times[m] = {b: _time_us(b, forms, x, cfg, mcfg) for b in (*cands, DENSE)}
-    # One 2:4 layout per layer: the one whose best times (fp8 dense allowed) add up to less.
-    dense = set(FP8_DENSE_KERNELS)
-    layouts = [dense | {FP8_CUSPARSELT}, dense | {FP8_MMA}] if sparse else [dense]
-
-    def total(layout: set[str]) -> float:
-        return sum(min(us for b, us in t.items() if b in layout) for t in times.values())
-
-    layout = min(layouts, key=total)
+    chosen = choose_fp8_plan(times, sparse=sparse, allow_dense=allow_dense, margin=dense_margin)
     plan = {}
-    for m, t in times.items():
-        best = min((b for b in t if b in layout), key=lambda b: t[b])
+    for m, best in chosen.items():
         cfg, mcfg = configs[m]
         plan[m] = Choice(
             best, cfg if best == FP8_CUSPARSELT else None, mcfg if best == FP8_MMA else None
         )
     return plan, times
+
+
+def choose_fp8_plan(
+    times_us: Mapping[int, Mapping[str, float]],
+    *,
+    sparse: bool,
+    allow_dense: bool = False,
+    margin: float = 0.05,
+) -> dict[int, str]:
+    """Per bucket, the fp8 backend a layer runs, from every candidate's graph-replay
+    microseconds per bucket (`times_us[m][backend]`; other keys, e.g. bf16 `DENSE`, ignored).
+
+    A layer holds one weight form: one 2:4 layout (cuSPARSELt's buffer, or the mma
+    fragments where they serve every bucket) or, where its buckets add up to more than
+    `margin` (a fraction) faster, the dense e4m3 weight alone. With `allow_dense` a 2:4 layer
+    may also keep the dense e4m3 weight beside its 2:4 layout for the buckets fp8 dense wins
+    by more than `margin` (up to 1.5625 bytes per weight). Without `sparse`: fp8 dense only.
+    """
+    dense = set(FP8_DENSE_KERNELS)
+
+    def pick(layout: set[str], t: Mapping[str, float]) -> str | None:
+        def best(kinds: set[str]) -> str | None:
+            found = [b for b in t if b in kinds]
+            return min(found, key=lambda b: t[b]) if found else None
+
+        sparse_best, dense_best = best(layout - dense), best(layout & dense)
+        if sparse_best is None or dense_best is None:
+            return sparse_best or dense_best
+        return dense_best if t[dense_best] < t[sparse_best] * (1 - margin) else sparse_best
+
+    def plan_and_total(layout: set[str]) -> tuple[dict[int, str], float]:
+        plan = {m: pick(layout, t) for m, t in times_us.items()}
+        if any(b is None for b in plan.values()):
+            return {}, float("inf")  # a bucket this layout's kernels do not serve
+        chosen = {m: b for m, b in plan.items() if b is not None}
+        return chosen, sum(times_us[m][b] for m, b in chosen.items())
+
+    dense_plan, dense_total = plan_and_total(dense)
+    if not sparse:
+        return dense_plan
+    sparse_layouts = [{FP8_CUSPARSELT}, {FP8_MMA}]
+    layouts = sparse_layouts + ([lay | dense for lay in sparse_layouts] if allow_dense else [])
+    plan, total = min((plan_and_total(lay) for lay in layouts), key=lambda pt: pt[1])
+    if dense_total < total * (1 - margin) or not plan:
+        return dense_plan
+    return plan
 
 
 def _plan_runs(layer: Fp8Linear, dtype: torch.dtype) -> bool:
@@ -319,6 +364,8 @@ def sparsify_fp8(
     sparse: bool = True,
     batch_sizes: Iterable[int] | None = None,
     strict: bool = False,
+    allow_dense: bool = False,
+    dense_margin: float = 0.05,
     tune_layers: int = 8,
     plan_cache: bool | str | os.PathLike[str] = True,
     verbose: bool = False,
@@ -363,7 +410,13 @@ def sparsify_fp8(
     usable = set(FP8_DENSE_KERNELS)
     if sparse:
         usable |= {FP8_CUSPARSELT, FP8_MMA} if use_mma else {FP8_CUSPARSELT}
-    options = {"fp8": True, "sparse": sparse, "tune_layers": tune_layers}
+    options = {
+        "fp8": True,
+        "sparse": sparse,
+        "tune_layers": tune_layers,
+        "allow_dense": allow_dense,
+        "dense_margin": dense_margin,
+    }
     versions = library_versions() if cache is not None else {}
 
     def forms(mod: nn.Linear) -> _Forms:
@@ -390,7 +443,8 @@ def sparsify_fp8(
             entry, first = None, None
         source = "cache"
         if entry is None:
-            plan, times = _tune([forms(mod) for _, mod in members[:tune_layers]], buckets, sparse)
+            tuned = [forms(mod) for _, mod in members[:tune_layers]]
+            plan, times = _tune(tuned, buckets, sparse, allow_dense, dense_margin)
             entry = TunedPlan(graph=plan, eager=plan, times_us=times)
             if cache is not None:
                 cache.store(key, entry)

@@ -825,9 +825,11 @@ def sparsify(
             scales, tokens quantized per call, output in the model's dtype; the layers
             become `ria.sparse.fp8_linear.Fp8Linear`, each bucket running whichever
             measured fastest of our mma.sp kernel over e4m3 fragments (<= 64 tokens),
-            cuSPARSELt's fp8 2:4 GEMM and fp8 dense (`torch._scaled_mm`); plans are cached
-            as for fp16/bf16. `backend`, `allow_dense`, `dense_margin`, `cslt_sweep` and
-            `fuse_siblings` are for the fp16/bf16 kernels and must keep their defaults.
+            cuSPARSELt's fp8 2:4 GEMM and fp8 dense (`torch._scaled_mm`; a whole layer
+            falls back to it where it is faster by more than `dense_margin`, and with
+            `allow_dense` per bucket beside the 2:4 form); plans are cached as for
+            fp16/bf16. `backend`, `cslt_sweep` and `fuse_siblings` are for the fp16/bf16
+            kernels and must keep their defaults.
         sparse: with `dtype="fp8"`, False converts every fp16/bf16 Linear (but lm_head)
             to fp8 dense, 2:4 or not. Must be True without `dtype`.
 
@@ -835,26 +837,27 @@ def sparsify(
         A `SparsifyReport`. Without CUDA (or without any usable sparse kernel) nothing is
         touched and `report.applied` is False with the reason.
     """
+    if not 0 <= dense_margin < 1:
+        raise InvalidArgumentError(f"dense_margin must be in [0, 1), got {dense_margin}")
     if dtype is not None or not sparse:
         if dtype != "fp8":
             raise InvalidArgumentError(
                 f"dtype must be None or 'fp8' (sparse=False needs dtype='fp8'), got {dtype!r}"
             )
-        if backend != "auto" or allow_dense or not cslt_sweep or fuse_siblings:
+        if backend != "auto" or not cslt_sweep or fuse_siblings:
             raise InvalidArgumentError(
-                "dtype='fp8' takes batch_sizes, strict, tune_layers, plan_cache, verbose and "
-                "sparse only"
+                "dtype='fp8' takes batch_sizes, strict, allow_dense, dense_margin, "
+                "tune_layers, plan_cache, verbose and sparse only"
             )
         return sparsify_fp8(
             model, sparse=sparse, batch_sizes=batch_sizes, strict=strict,
-            tune_layers=tune_layers, plan_cache=plan_cache, verbose=verbose,
+            allow_dense=allow_dense, dense_margin=dense_margin, tune_layers=tune_layers,
+            plan_cache=plan_cache, verbose=verbose,
         )  # fmt: skip
     t0 = time.perf_counter()
     buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
     if not buckets or buckets[0] < 1:
         raise InvalidArgumentError(f"batch_sizes must be positive token counts, got {buckets}")
-    if not 0 <= dense_margin < 1:
-        raise InvalidArgumentError(f"dense_margin must be in [0, 1), got {dense_margin}")
     usable, reason = _usable_backends(backend)
     report = SparsifyReport(False, reason or "", backend, buckets)
     report.layers.extend(_dense_masked_experts(model))
