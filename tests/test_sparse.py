@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from ria.sparse import (
 from ria.sparse.format import (
     Compact24,
     cslt_nibble_index,
+    nibbles,
     pack_mma24,
     to_cslt_layout,
     unpack_indices,
@@ -104,6 +106,51 @@ def test_cslt_layout_round_trip(shape):
     c = pack_24(w)
     tiled = Compact24(c.values, to_cslt_layout(c), shape[1], layout="cslt")
     assert torch.equal(unpack_24(tiled), w)
+
+
+def _cslt_e4m3_probes() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(dense e4m3 weight, cuSPARSELt's compressed bytes) for the probes of
+    `tests/data/cslt_e4m3_128x256.npz`: `torch._cslt_compress` of e4m3 2:4 weights (128, 256),
+    cuSPARSELt 0.8.0 on an H200, 2026-12-03, made by `benches/gpu_speed.py`'s
+    `_e4m3_layout_probes`, whose docstring defines each probe's weight (rebuilt here)."""
+    import numpy as np
+
+    data = np.load(Path(__file__).parent / "data" / "cslt_e4m3_128x256.npz")
+    n, k = 128, 256
+    pattern = torch.from_numpy(np.unpackbits(data["pattern"])[: n * k].reshape(n, k)).bool()
+    pos = torch.zeros(n, k, dtype=torch.int64)
+    pos[pattern] = torch.arange(n * k // 2)
+    probes = []
+    for d, packed in enumerate(data["position"]):
+        w = torch.where(pattern, 1.0 + ((pos >> (4 * d)) & 15).float(), 0.0)
+        probes.append((w, packed))
+    groups = torch.arange(n * k // 4).reshape(n, k // 4)
+    col = torch.arange(k) % 4
+    for b, packed in enumerate(data["group"]):
+        high = ((groups >> b) & 1).bool().repeat_interleave(4, dim=1)
+        probes.append((torch.where(high, col >= 2, col < 2).float(), packed))
+    return [(w.to(torch.float8_e4m3fn), torch.from_numpy(p)) for w, p in probes]
+
+
+def test_cslt_e4m3_layout_matches_cusparselt_bytes():
+    """Our e4m3 compact form in cuSPARSELt's order, byte for byte against its buffers: values
+    row-major, then the nibbles in `cslt_nibble_index(..., e4m3=True)`'s order."""
+    probes = _cslt_e4m3_probes()
+    assert len(probes) == 4 + 13  # 14-bit value positions, 13-bit group numbers
+    for w, packed in probes:
+        c = pack_24(w)
+        assert c.values.dtype == torch.float8_e4m3fn
+        ours = torch.cat(
+            [c.values.reshape(-1).view(torch.uint8), to_cslt_layout(c).view(torch.uint8)]
+        )
+        assert torch.equal(ours, packed.reshape(-1))
+    # The 16-bit order is another one (so e4m3 weights need their own).
+    w16, s16 = cslt_nibble_index(128, 256)
+    w8, s8 = cslt_nibble_index(128, 256, e4m3=True)
+    assert not torch.equal(w16 * 8 + s16 // 4, w8 * 8 + s8 // 4)
+    c = pack_24(w)
+    tiled = Compact24(c.values, to_cslt_layout(c), 256, layout="cslt")
+    assert torch.equal(nibbles(tiled), nibbles(c))
 
 
 def test_rejects_non_24():

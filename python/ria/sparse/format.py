@@ -20,7 +20,8 @@ so the `mma_sp` kernel loads each lane's operands with one 16-byte and one 4-byt
 cuSPARSELt's compressed buffer (measured with cuSPARSELt 0.8 on sm90, checked per layer at
 conversion) holds the same values row-major, then the same nibbles in a tiled order
 (layout "cslt", see `cslt_nibble_index`), so the decode kernel can read a layer's
-cuSPARSELt buffer directly and the layer needs no second copy of its weight.
+cuSPARSELt buffer directly and the layer needs no second copy of its weight. Its e4m3
+buffer is built the same way, one byte per value, with another tiled nibble order.
 """
 
 from __future__ import annotations
@@ -111,10 +112,14 @@ def _padded_cols(k: int) -> int:
 
 
 def pack_24(weight: torch.Tensor) -> Compact24:
-    """Compress a 2:4 weight `(N, K)` into the compact format, on the weight's device.
+    """Compress a 2:4 weight `(N, K)` into the compact format, on the weight's device (e4m3
+    too: negative zeros count as pruned).
 
     Raises ValueError if the weight is not 2:4 sparse (see `check_24`).
     """
+    if weight.dtype == torch.float8_e4m3fn:  # exact through bf16, which has the ops e4m3 lacks
+        wide = pack_24(weight.detach().to(torch.bfloat16))
+        return Compact24(wide.values.to(weight.dtype), wide.meta, wide.in_features)
     reason = check_24(weight)
     if reason is not None:
         raise InvalidArgumentError(reason)
@@ -137,19 +142,29 @@ def pack_24(weight: torch.Tensor) -> Compact24:
 
 
 def cslt_nibble_index(
-    n: int, k: int, device: torch.device | None = None
+    n: int, k: int, device: torch.device | None = None, *, e4m3: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where cuSPARSELt keeps the nibble of (row r, group g): int32 word index and bit shift,
-    both `(N, K/4)`, for `N % 64 == 0` (or < 64) and `K % 32 == 0`.
+    both `(N, K/4)`, for `N % 64 == 0` (or < 64) and `K % 32 == 0` (e4m3: `K % 64 == 0`).
 
-    Tiles of 16 rows x 8 groups take 128 nibbles (rows r and r + 8 share each 16-bit word:
-    nibble j = (r % 16) // 8 + 2 * ((g % 8) // 4) of word 4 * (r % 8) + g % 4); tiles run
-    down 64-row blocks, then along K, then to the next 64-row block.
+    16-bit values: tiles of 16 rows x 8 groups take 128 nibbles (rows r and r + 8 share each
+    16-bit word: nibble j = (r % 16) // 8 + 2 * ((g % 8) // 4) of word 4 * (r % 8) + g % 4);
+    tiles run down 64-row blocks, then along K, then to the next 64-row block.
+
+    e4m3 (`e4m3`): tiles of 16 rows x 16 groups take 256 nibbles: rows r and r + 8 share each
+    16-bit half, groups 2i and 2i + 1 one byte (nibble j = g % 2 + 2 * ((r % 16) // 8) +
+    4 * ((g % 16) // 8) of word 4 * (r % 8) + (g % 8) // 2); the same tile order. Probed
+    with cuSPARSELt 0.8.0 on an H200 (`tests/data/cslt_e4m3_128x256.npz`).
     """
     r = torch.arange(n, device=device)[:, None]
     g = torch.arange(k // GROUP, device=device)[None, :]
     col_tiles = k // COLS_PER_WORD
-    word = 16 * ((r // 64) * 4 * col_tiles + (r % 64) // 16) + 2 * (r % 8)
+    block = 16 * 4 * col_tiles * (r // 64)  # words per 64-row block: the same for both
+    if e4m3:
+        word = block + 32 * ((r % 64) // 16) + 4 * (r % 8) + 128 * (g // 16) + (g % 8) // 2
+        shift = 4 * (g % 2) + 8 * ((r % 16) // 8) + 16 * ((g % 16) // 8)
+        return word, shift
+    word = block + 16 * ((r % 64) // 16) + 2 * (r % 8)
     word = word + 64 * (g // 8) + (g % 4) // 2
     shift = 16 * (g % 2) + 4 * ((r % 16) // 8) + 8 * ((g % 8) // 4)
     return word, shift
@@ -159,7 +174,7 @@ def nibbles(compact: Compact24) -> torch.Tensor:
     """`(N, Kp/4)` int64 nibbles `i0 | i1 << 2` of a compact weight (either layout)."""
     n, half = compact.values.shape
     if compact.layout == "cslt":
-        word, shift = cslt_nibble_index(n, half * 2, compact.meta.device)
+        word, shift = cslt_nibble_index(n, half * 2, compact.meta.device, e4m3=_is_e4m3(compact))
         return ((compact.meta.to(torch.int64) & 0xFFFFFFFF)[word] >> shift) & 0xF
     if compact.layout != "rows":
         raise InvalidArgumentError(f"unknown metadata layout {compact.layout!r}")
@@ -179,15 +194,20 @@ def unpack_indices(meta: torch.Tensor) -> torch.Tensor:
 
 
 def to_cslt_layout(compact: Compact24) -> torch.Tensor:
-    """The 1-D int32 metadata of `compact` rearranged into cuSPARSELt's order."""
+    """The 1-D int32 metadata of `compact` rearranged into cuSPARSELt's order (its e4m3
+    order for e4m3 values)."""
     n, half = compact.values.shape
     k = half * 2
-    word, shift = cslt_nibble_index(n, k, compact.meta.device)
+    word, shift = cslt_nibble_index(n, k, compact.meta.device, e4m3=_is_e4m3(compact))
     size = 16 * 4 * (k // COLS_PER_WORD) * (-(-n // 64))
     out = torch.zeros(size, dtype=torch.int64, device=compact.meta.device)
     out.index_add_(0, word.reshape(-1), (nibbles(compact) << shift).reshape(-1))
     out = torch.where(out >= 2**31, out - 2**32, out)
     return out.to(torch.int32)
+
+
+def _is_e4m3(compact: Compact24) -> bool:
+    return compact.values.dtype == torch.float8_e4m3fn
 
 
 def unpack_24(compact: Compact24) -> torch.Tensor:
