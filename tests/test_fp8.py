@@ -12,7 +12,7 @@ from helpers import needs_cuda, prune_model_24, random_24, tiny_model
 
 from ria.errors import InvalidArgumentError
 from ria.sparse import sparsify
-from ria.sparse.format import pack_mma24_e4m3
+from ria.sparse.format import pack_24, pack_mma24_e4m3
 from ria.sparse.fp8 import (
     E4M3,
     E4M3_MAX,
@@ -29,6 +29,7 @@ from ria.sparse.fp8_linear import (
     FP8_DENSE_KERNELS,
     FP8_DENSE_UNSCALED,
     FP8_MMA,
+    FP8_MMA_CSLT,
     Fp8Linear,
     choose_fp8_plan,
     fp8_layer,
@@ -114,6 +115,8 @@ def test_fp8_linear_rejects_bad_plans():
     w = quantize_weight(random_24(32, 64))
     with pytest.raises(InvalidArgumentError, match="packed"):
         Fp8Linear(w, {1: Choice("fp8_cusparselt")})
+    with pytest.raises(InvalidArgumentError, match="packed"):
+        Fp8Linear(w, {1: Choice(FP8_MMA_CSLT)})
     with pytest.raises(InvalidArgumentError, match="fp8 backends"):
         Fp8Linear(w, {1: Choice("mma")})
     with pytest.raises(InvalidArgumentError, match="at least one"):
@@ -168,6 +171,17 @@ def test_fp8_plan_keeps_one_form_by_default():
     }
     decode = {m: t for m, t in _TIMES.items() if m <= 16}
     assert choose_fp8_plan(decode, sparse=True) == {1: FP8_MMA, 16: FP8_MMA}
+
+
+def test_fp8_plan_reads_the_cusparselt_buffer_with_both_kernels():
+    # mma.sp on cuSPARSELt's buffer at decode sizes, cuSPARSELt at prefill: one buffer.
+    times = {m: {**t, FP8_MMA_CSLT: t[FP8_MMA] + 0.3} for m, t in _TIMES.items() if m <= 16}
+    times[1024] = _TIMES[1024]
+    assert choose_fp8_plan(times, sparse=True) == {
+        1: FP8_MMA_CSLT,
+        16: FP8_CUSPARSELT,
+        1024: FP8_CUSPARSELT,
+    }
 
 
 def test_fp8_plan_falls_back_to_fp8_dense_per_layer():
@@ -247,14 +261,20 @@ def test_fp8_kernels_match_reference(m, bias):
     # tensor cores do unless a kernel promotes its partial sums.
     _close_to_reference(fp8_cslt_linear(x, fp8_cslt_compress(w), w.scale, b), ref, atol=5e-4)
     if m <= 64:
+        from ria.sparse.cslt import share_cslt_buffer
         from ria.sparse.fp8_kernels import quantize_tokens
         from ria.sparse.mma_sp import CONFIGS, mma24_fp8_linear
 
         q, q_scale = quantize_tokens(x)
         frag = pack_mma24_e4m3(w.values)
-        plain = tuple(c for c in CONFIGS if not c.tiled)  # the tiled kernel has no e4m3 form
-        for cfg in plain if m == 16 else (None,):  # every launch shape once (compiles)
-            _close_to_reference(mma24_fp8_linear(q, q_scale, frag, w.scale, b, config=cfg), ref)
+        # cuSPARSELt's own e4m3 buffer, read in place (its layout checked on this weight)
+        view = share_cslt_buffer(pack_24(w.values), fp8_cslt_compress(w))
+        assert view.layout == "cslt"
+        plain = tuple(c for c in CONFIGS if not c.tiled)  # the tiled kernels have no e4m3 form
+        for weight in (frag, view):
+            for cfg in plain if m == 16 else (None,):  # every launch shape once (compiles)
+                y = mma24_fp8_linear(q, q_scale, weight, w.scale, b, config=cfg)
+                _close_to_reference(y, ref)
         tiled = next(c for c in CONFIGS if c.tiled)
         with pytest.raises(InvalidArgumentError, match="no e4m3 form"):
             mma24_fp8_linear(q, q_scale, frag, w.scale, b, config=tiled)

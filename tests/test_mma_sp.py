@@ -139,13 +139,18 @@ def _run_on_host(
     b = torch.randn(n, generator=g).to(dtype) if bias else torch.zeros(1, dtype=dtype)
     if e4m3:
         qw = quantize_weight(w)
-        p = pack_mma24_e4m3(qw.values)
         q, q_scale = quantize_rows(x_rows)  # the padding columns are never read
         q.view(torch.uint8).numpy().tofile(tmp_path / "x.bin")
-        p.values.view(torch.uint8).numpy().tofile(tmp_path / "vals.bin")
         q_scale.numpy().tofile(tmp_path / "x_scale.bin")
         qw.scale.numpy().tofile(tmp_path / "w_scale.bin")
-        p.meta.numpy().tofile(tmp_path / "meta.bin")
+        if cslt:  # cuSPARSELt's e4m3 buffer: values row-major, its e4m3 metadata order
+            compact = pack_24(qw.values)
+            compact.values.view(torch.uint8).numpy().tofile(tmp_path / "vals.bin")
+            to_cslt_layout(compact).numpy().tofile(tmp_path / "meta.bin")
+        else:
+            p = pack_mma24_e4m3(qw.values)
+            p.values.view(torch.uint8).numpy().tofile(tmp_path / "vals.bin")
+            p.meta.numpy().tofile(tmp_path / "meta.bin")
     elif cslt:
         compact = pack_24(w)
         x_rows.view(torch.int16).numpy().tofile(tmp_path / "x.bin")
@@ -224,6 +229,25 @@ def test_mma_e4m3_kernel_on_host(tmp_path, n, k, m, cfg, bias):
     """The e4m3 form (bytes widened to fp16, scales in the epilogue) equals the fp8
     reference, over the same batching cases as the fp16/bf16 kernel."""
     _run_on_host(tmp_path, n, k, m, cfg, torch.bfloat16, None, bias, e4m3=True)
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+@pytest.mark.parametrize(
+    "n, k, m, cfg, bias",
+    [
+        # one token tile with B prefetch; two 64-row blocks over two k-chunks
+        (128, 128, 3, (2, 4, 2), True),
+        # three token tiles; three 64-row blocks; 10 k-chunks split unevenly over 8 warps
+        (192, 640, 20, (4, 8, 2), False),
+        # a full 8-tile batch; one pair per batch, one row tile per block
+        (64, 1024, 64, (1, 8, 1), True),
+    ],
+)
+def test_mma_e4m3_cslt_kernel_on_host(tmp_path, n, k, m, cfg, bias):
+    """The e4m3 kernel reading cuSPARSELt's e4m3 buffer (values row-major, metadata in
+    `cslt_nibble_index(e4m3=True)`'s order, checked against cuSPARSELt's own bytes in
+    test_sparse) equals the fp8 reference."""
+    _run_on_host(tmp_path, n, k, m, cfg, torch.bfloat16, None, bias, e4m3=True, cslt=True)
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")

@@ -153,6 +153,22 @@ def test_cslt_e4m3_layout_matches_cusparselt_bytes():
     assert torch.equal(nibbles(tiled), nibbles(c))
 
 
+def test_cslt_e4m3_buffer_is_shared():
+    """`share_cslt_buffer` reads cuSPARSELt's real e4m3 buffers in place (values and tiled
+    metadata), and keeps our own form for a buffer of another weight."""
+    from ria.sparse.cslt import share_cslt_buffer
+
+    probes = _cslt_e4m3_probes()
+    for w, packed in probes[:2] + probes[-2:]:
+        c = pack_24(w)
+        shared = share_cslt_buffer(c, packed.view(torch.float8_e4m3fn))
+        assert shared.layout == "cslt" and shared.values.data_ptr() == packed.data_ptr()
+        assert torch.equal(unpack_24(shared).view(torch.uint8), w.view(torch.uint8))
+    w, _ = probes[0]
+    other = probes[1][1].view(torch.float8_e4m3fn)
+    assert share_cslt_buffer(pack_24(w), other).layout == "rows"
+
+
 def test_rejects_non_24():
     w = random_24(4, 16, dtype=torch.float32)
     assert check_24(w) is None and count_24_violations(w) == 0

@@ -11,12 +11,12 @@ but without its padding copies, except where cuSPARSELt needs them (M not a mult
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .format import COLS_PER_WORD, Compact24, nibbles, unpack_24
+from .format import COLS_PER_WORD, MMA_PAIR_COLS, Compact24, nibbles, unpack_24
 from .graphs import time_call
 
 # cuSPARSELt needs the dense operand's rows/cols/leading dimension to be multiples of 8
@@ -34,6 +34,7 @@ __all__ = [
     "cslt_search",
     "cslt_shape_status",
     "cslt_status",
+    "cslt_view",
     "share_cslt_buffer",
 ]
 
@@ -92,9 +93,18 @@ def _meta_view(packed: torch.Tensor, out_features: int, in_features: int) -> tor
     return packed.reshape(-1)[count:].view(torch.int32)
 
 
+def cslt_view(packed: torch.Tensor, out_features: int, in_features: int) -> Compact24:
+    """cuSPARSELt's compressed buffer of an `(N, K)` weight as a "cslt" `Compact24` of views
+    (no copy, no check: `share_cslt_buffer` checks a layer's buffer once)."""
+    values = _values_view(packed, out_features, in_features)
+    meta = _meta_view(packed, out_features, in_features)
+    return Compact24(values=values, meta=meta, in_features=in_features, layout="cslt")
+
+
 def share_cslt_buffer(compact: Compact24, packed: torch.Tensor) -> Compact24:
     """`compact` reading its values, and its indices where possible, straight from
-    cuSPARSELt's compressed buffer `packed` of the same weight, so a layer holds one copy.
+    cuSPARSELt's compressed buffer `packed` of the same weight (fp16/bf16, or e4m3 with
+    K % 64 == 0 for the tiled metadata), so a layer holds one copy.
 
     Everything this runtime knows about that buffer's layout is here. Each layout is
     checked on this layer's data before it is used: the whole buffer (values and tiled
@@ -106,13 +116,12 @@ def share_cslt_buffer(compact: Compact24, packed: torch.Tensor) -> Compact24:
     if compact.layout == "cslt" or compact.values.shape[1] * 2 != compact.in_features:
         return compact
     n, k = compact.out_features, compact.in_features
-    values = _values_view(packed, n, k)
-    tiled = replace(
-        Compact24(values=values, meta=_meta_view(packed, n, k), in_features=k), layout="cslt"
-    )
-    if k % COLS_PER_WORD == 0 and _same_weight(tiled, compact):
+    tiled = cslt_view(packed, n, k)
+    values = tiled.values
+    e4m3 = values.dtype == torch.float8_e4m3fn
+    if k % (MMA_PAIR_COLS if e4m3 else COLS_PER_WORD) == 0 and _same_weight(tiled, compact):
         return tiled
-    if torch.equal(values, compact.values):
+    if _same_bits(values, compact.values):
         return Compact24(values=values, meta=compact.meta, in_features=k)
     return compact
 
@@ -123,9 +132,16 @@ def _same_weight(tiled: Compact24, compact: Compact24) -> bool:
     nib = nibbles(tiled)
     if not bool(((nib & 3) < (nib >> 2)).all()):
         return False
-    if torch.equal(nib, nibbles(compact)) and torch.equal(tiled.values, compact.values):
+    if torch.equal(nib, nibbles(compact)) and _same_bits(tiled.values, compact.values):
         return True
-    return torch.equal(unpack_24(tiled), unpack_24(compact))
+    return _same_bits(unpack_24(tiled), unpack_24(compact))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors, bit for bit (torch.equal has no e4m3 kernel)."""
+    if a.dtype == torch.float8_e4m3fn and b.dtype == a.dtype:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return torch.equal(a, b)
 
 
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:

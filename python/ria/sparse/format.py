@@ -212,7 +212,11 @@ def _is_e4m3(compact: Compact24) -> bool:
 
 def unpack_24(compact: Compact24) -> torch.Tensor:
     """The dense `(N, K)` weight a `Compact24` stands for (exact inverse of `pack_24`)."""
-    return _scatter_groups(compact.values, nibbles(compact))[:, : compact.in_features]
+    values = compact.values
+    if _is_e4m3(compact):  # scatter has no e4m3 kernel; bf16 holds every e4m3 value
+        values = values.to(torch.bfloat16)
+    dense = _scatter_groups(values, nibbles(compact))[:, : compact.in_features]
+    return dense.to(compact.values.dtype)
 
 
 def _scatter_groups(values: torch.Tensor, nib: torch.Tensor) -> torch.Tensor:

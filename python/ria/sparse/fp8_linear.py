@@ -2,15 +2,17 @@
 tokens quantized per call), 2:4 sparse or dense, bf16/fp16 out.
 
 Per layer shape and token-count bucket the plan runs the kernel that measured fastest under
-CUDA-graph replay (`choose_fp8_plan`): for 2:4 layers the own `mma.sp` decode kernel over
-e4m3 fragments (`mma_sp.mma24_fp8_linear`, M <= 64) or cuSPARSELt's fp8 2:4 GEMM; fp8 dense
-(`torch._scaled_mm`, with the scales in its epilogue or, often faster, unscaled and scaled
-by a second kernel) is the per-layer fallback where it is faster over all buckets. By
-default a layer holds one form: a compressed e4m3 weight in one 2:4 layout (0.5625 bytes
-per weight, like `sparsify.keep_one_layout`) or the dense e4m3 weight (1 byte); with
-`allow_dense` a 2:4 layer may hold both (never more than 1.5625 bytes, under bf16's 2).
-Off CUDA the layer runs `fp8.fp8_linear_reference`, the
-definition the kernels match.
+CUDA-graph replay (`choose_fp8_plan`): for 2:4 layers cuSPARSELt's fp8 2:4 GEMM or the own
+`mma.sp` decode kernel (`mma_sp.mma24_fp8_linear`, M <= 64), which reads either its e4m3
+fragments (`FP8_MMA`) or cuSPARSELt's e4m3 buffer in place (`FP8_MMA_CSLT`: one copy serves
+decode and prefill; the buffer's layout is checked per layer); fp8 dense (`torch._scaled_mm`,
+with the scales in its epilogue or, often faster, unscaled and scaled by a second kernel) is
+the per-layer fallback where it is faster over all buckets. Each candidate's output is
+checked against fp8 dense once before it is timed. By default a layer holds one form: a
+compressed e4m3 weight in one 2:4 layout (0.5625 bytes per weight, like
+`sparsify.keep_one_layout`) or the dense e4m3 weight (1 byte); with `allow_dense` a 2:4 layer
+may hold both (never more than 1.5625 bytes, under bf16's 2). Off CUDA the layer runs
+`fp8.fp8_linear_reference`, the definition the kernels match.
 
 The plan is timed for graph replay only: eager calls use it too, and eager cuSPARSELt pays
 its host set-up on every call, so fp8 2:4 layers are for `ria.generate` / CUDA graphs.
@@ -34,8 +36,8 @@ from torch import nn
 
 from .._torch import replace_module
 from ..errors import InvalidArgumentError
-from .cslt import CsltConfig
-from .format import Mma24, pack_mma24_e4m3, tensor_bytes
+from .cslt import CsltConfig, cslt_view, share_cslt_buffer
+from .format import MMA_PAIR_COLS, Compact24, Mma24, pack_24, pack_mma24_e4m3, tensor_bytes
 from .fp8 import Fp8Weight, fp8_linear_reference, quantize_weight
 from .fp8_kernels import (
     fp8_cslt_best_config,
@@ -51,7 +53,14 @@ from .fp8_kernels import (
 from .generate import clear_generators
 from .graphs import rotation_time_us
 from .linear import DENSE, Choice, storage_bytes
-from .mma_sp import MAX_TOKENS, MmaConfig, mma24_fp8_linear, mma_best_config, mma_status
+from .mma_sp import (
+    MAX_TOKENS,
+    MmaConfig,
+    MmaWeight,
+    mma24_fp8_linear,
+    mma_best_config,
+    mma_status,
+)
 from .plan_cache import PlanCache, TunedPlan, library_versions
 
 if TYPE_CHECKING:
@@ -61,17 +70,22 @@ FP8_DENSE = "fp8_dense"
 FP8_DENSE_UNSCALED = "fp8_dense_unscaled"
 FP8_CUSPARSELT = "fp8_cusparselt"
 FP8_MMA = "fp8_mma"
-FP8_BACKENDS = (FP8_DENSE, FP8_DENSE_UNSCALED, FP8_CUSPARSELT, FP8_MMA)
+FP8_MMA_CSLT = "fp8_mma_cslt"  # the mma.sp kernel reading cuSPARSELt's e4m3 buffer in place
+FP8_BACKENDS = (FP8_DENSE, FP8_DENSE_UNSCALED, FP8_CUSPARSELT, FP8_MMA, FP8_MMA_CSLT)
+# The kernels that read cuSPARSELt's compressed e4m3 buffer.
+FP8_CSLT_KERNELS = frozenset({FP8_CUSPARSELT, FP8_MMA_CSLT})
 # The kernels that read the dense e4m3 weight.
 FP8_DENSE_KERNELS = frozenset({FP8_DENSE, FP8_DENSE_UNSCALED})
 
 __all__ = [
     "FP8_BACKENDS",
+    "FP8_CSLT_KERNELS",
     "FP8_CUSPARSELT",
     "FP8_DENSE",
     "FP8_DENSE_KERNELS",
     "FP8_DENSE_UNSCALED",
     "FP8_MMA",
+    "FP8_MMA_CSLT",
     "Fp8Linear",
     "choose_fp8_plan",
     "fp8_layer",
@@ -89,7 +103,9 @@ class Fp8Linear(nn.Module):
             does not use fp8 dense; kept for the CPU reference otherwise).
         plan: token-count bucket upper bound -> `Choice` (one of `FP8_BACKENDS`); an input
             of `M` tokens uses the smallest bucket `>= M`, else the largest.
-        packed: cuSPARSELt's compressed weight (needed if the plan uses `FP8_CUSPARSELT`).
+        packed: cuSPARSELt's compressed weight (needed if the plan uses `FP8_CUSPARSELT` or
+            `FP8_MMA_CSLT`; for the latter its layout must be checked first, as `fp8_layer`
+            does with `cslt.share_cslt_buffer`).
         mma: the e4m3 mma.sp fragments (`format.pack_mma24_e4m3`; if the plan uses `FP8_MMA`).
         bias: `(out_features,)` or None.
         input_order: the channel order the weight is stored in (a free permutation).
@@ -120,8 +136,10 @@ class Fp8Linear(nn.Module):
         used = {c.backend for c in plan.values()}
         if not used <= set(FP8_BACKENDS):
             raise InvalidArgumentError(f"plan uses {sorted(used)}; fp8 backends: {FP8_BACKENDS}")
-        if FP8_CUSPARSELT in used and packed is None:
-            raise InvalidArgumentError("plan uses fp8_cusparselt but no packed weight is given")
+        if used & FP8_CSLT_KERNELS and packed is None:
+            raise InvalidArgumentError(
+                f"plan uses {sorted(used & FP8_CSLT_KERNELS)} but no packed weight is given"
+            )
         if FP8_MMA in used and mma is None:
             raise InvalidArgumentError("plan uses fp8_mma but no mma fragments are given")
         self.in_features, self.out_features = weight.in_features, weight.out_features
@@ -131,7 +149,9 @@ class Fp8Linear(nn.Module):
         # Non-persistent: a checkpoint of the converted model is not mistaken for a bf16 one.
         self.register_buffer("values", weight.values if keep_values else None, persistent=False)
         self.register_buffer("scale", weight.scale, persistent=False)
-        self.register_buffer("packed", packed if FP8_CUSPARSELT in used else None, persistent=False)
+        self.register_buffer(
+            "packed", packed if used & FP8_CSLT_KERNELS else None, persistent=False
+        )
         frag = mma if FP8_MMA in used else None
         self.register_buffer("mma_values", None if frag is None else frag.values, persistent=False)
         self.register_buffer("mma_meta", None if frag is None else frag.meta, persistent=False)
@@ -162,21 +182,26 @@ class Fp8Linear(nn.Module):
                 raise InvalidArgumentError("Fp8Linear: no e4m3 values held for a CPU call")
             return fp8_linear_reference(x, Fp8Weight(self.values, self.scale), self.bias)
         choice = self.choice_for(x.shape[0])
-        if choice.backend == FP8_MMA:
-            assert self.mma_values is not None and self.mma_meta is not None
-            frag = Mma24(self.mma_values, self.mma_meta, self.out_features, self.in_features)
+        if choice.backend in (FP8_MMA, FP8_MMA_CSLT):
+            weight: MmaWeight
+            if choice.backend == FP8_MMA:
+                assert self.mma_values is not None and self.mma_meta is not None
+                weight = Mma24(self.mma_values, self.mma_meta, self.out_features, self.in_features)
+            else:
+                assert self.packed is not None
+                weight = cslt_view(self.packed, self.out_features, self.in_features)
             parts = [x[i : i + MAX_TOKENS] for i in range(0, x.shape[0], MAX_TOKENS)]
-            ys = [_mma(p, frag, self.scale, self.bias, choice.mma) for p in parts]
+            ys = [_mma(p, weight, self.scale, self.bias, choice.mma) for p in parts]
             return ys[0] if len(ys) == 1 else torch.cat(ys)
         if choice.backend == FP8_CUSPARSELT:
             assert self.packed is not None  # __init__ checks the plan's forms are given
             return fp8_cslt_linear(x, self.packed, self.scale, self.bias, choice.cslt)
         assert self.values is not None
-        weight = Fp8Weight(self.values, self.scale)
+        dense = Fp8Weight(self.values, self.scale)
         if choice.backend == FP8_DENSE_UNSCALED:
             assert self.unit is not None
-            return fp8_dense_unscaled_linear(x, weight, self.unit, self.bias)
-        return fp8_dense_linear(x, weight, self.bias)
+            return fp8_dense_unscaled_linear(x, dense, self.unit, self.bias)
+        return fp8_dense_linear(x, dense, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -197,22 +222,29 @@ class Fp8Linear(nn.Module):
 
 def _mma(
     x: torch.Tensor,
-    frag: Mma24,
+    weight: MmaWeight,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     config: MmaConfig | None,
 ) -> torch.Tensor:
     q, q_scale = quantize_tokens(x)
-    return mma24_fp8_linear(q, q_scale, frag, scale, bias, out_dtype=x.dtype, config=config)
+    return mma24_fp8_linear(q, q_scale, weight, scale, bias, out_dtype=x.dtype, config=config)
 
 
 def fp8_layer(linear: nn.Linear, plan: Mapping[int, Choice] | None = None) -> Fp8Linear:
     """`linear` as an `Fp8Linear` on its own device (default plan: fp8 dense for every
-    token count; a plan with `FP8_CUSPARSELT` compresses the weight, CUDA only)."""
+    token count; a plan with `FP8_CUSPARSELT` or `FP8_MMA_CSLT` compresses the weight, CUDA
+    only). Where the plan reads cuSPARSELt's buffer with our kernel but this layer's buffer
+    is not in the layout it reads (`cslt.share_cslt_buffer`), its buckets run cuSPARSELt."""
     plan = plan or {1: Choice(FP8_DENSE)}
     weight = quantize_weight(linear.weight)
     used = {c.backend for c in plan.values()}
-    packed = fp8_cslt_compress(weight) if FP8_CUSPARSELT in used else None
+    packed = fp8_cslt_compress(weight) if used & FP8_CSLT_KERNELS else None
+    if packed is not None and FP8_MMA_CSLT in used and _cslt_layout(weight, packed) is None:
+        plan = {
+            m: Choice(FP8_CUSPARSELT) if c.backend == FP8_MMA_CSLT else c for m, c in plan.items()
+        }
+        used = {c.backend for c in plan.values()}
     return Fp8Linear(
         weight,
         plan,
@@ -223,6 +255,13 @@ def fp8_layer(linear: nn.Linear, plan: Mapping[int, Choice] | None = None) -> Fp
     )
 
 
+def _cslt_layout(weight: Fp8Weight, packed: torch.Tensor) -> Compact24 | None:
+    """cuSPARSELt's e4m3 buffer `packed` of `weight` as the "cslt" `Compact24` our kernel
+    reads, if it decodes to this weight in that layout (checked on its data), else None."""
+    shared = share_cslt_buffer(pack_24(weight.values), packed)
+    return shared if shared.layout == "cslt" else None
+
+
 @dataclass
 class _Forms:
     weight: Fp8Weight
@@ -231,17 +270,22 @@ class _Forms:
     unit: torch.Tensor  # 1.0, fp32, for FP8_DENSE_UNSCALED
     packed: torch.Tensor | None = None
     mma: Mma24 | None = None
+    cslt: Compact24 | None = None  # `packed` as the mma.sp kernel reads it, where it can
 
 
-def _run(
-    backend: str, f: _Forms, x: torch.Tensor, cfg: CsltConfig | None, mcfg: MmaConfig | None
-) -> torch.Tensor:
-    if backend == FP8_MMA:
-        assert f.mma is not None
-        return _mma(x, f.mma, f.weight.scale, f.bias, mcfg)
+# A bucket's launch settings: cuSPARSELt's per FP8_CUSPARSELT, mma.sp's per mma backend.
+_Configs = Mapping[str, CsltConfig | MmaConfig]
+
+
+def _run(backend: str, f: _Forms, x: torch.Tensor, configs: _Configs) -> torch.Tensor:
+    config = configs.get(backend)
+    if backend in (FP8_MMA, FP8_MMA_CSLT):
+        weight = f.mma if backend == FP8_MMA else f.cslt
+        assert weight is not None and (config is None or isinstance(config, MmaConfig))
+        return _mma(x, weight, f.weight.scale, f.bias, config)
     if backend == FP8_CUSPARSELT:
-        assert f.packed is not None
-        return fp8_cslt_linear(x, f.packed, f.weight.scale, f.bias, cfg)
+        assert f.packed is not None and (config is None or isinstance(config, CsltConfig))
+        return fp8_cslt_linear(x, f.packed, f.weight.scale, f.bias, config)
     if backend == FP8_DENSE:
         return fp8_dense_linear(x, f.weight, f.bias)
     if backend == FP8_DENSE_UNSCALED:
@@ -249,15 +293,17 @@ def _run(
     return F.linear(x, f.dense, f.bias)
 
 
-def _time_us(
-    backend: str,
-    forms: Sequence[_Forms],
-    x: torch.Tensor,
-    cfg: CsltConfig | None,
-    mcfg: MmaConfig | None,
-) -> float:
+def _time_us(backend: str, forms: Sequence[_Forms], x: torch.Tensor, configs: _Configs) -> float:
     """Microseconds per call of `backend` on `forms` in rotation, under graph replay."""
-    return rotation_time_us(lambda f: _run(backend, f, x, cfg, mcfg), forms)
+    return rotation_time_us(lambda f: _run(backend, f, x, configs), forms)
+
+
+def _agrees(backend: str, f: _Forms, x: torch.Tensor, configs: _Configs) -> bool:
+    """`backend`'s output on `x` equals row-wise `_scaled_mm`'s (the reference's equal) up to
+    summation order: a kernel reading a layout wrongly is off by whole values."""
+    got = _run(backend, f, x, configs).float()
+    ref = fp8_dense_linear(x, f.weight, f.bias).float()
+    return bool(torch.allclose(got, ref, rtol=2**-6, atol=1e-3 * float(ref.abs().max())))
 
 
 def _tune(
@@ -271,29 +317,48 @@ def _tune(
     in rotation, and every candidate's microseconds per call (bf16 dense cuBLAS too, for the
     report)."""
     times: dict[int, dict[str, float]] = {}
-    configs: dict[int, tuple[CsltConfig | None, MmaConfig | None]] = {}
+    configs: dict[int, dict[str, CsltConfig | MmaConfig]] = {}
     k = forms[0].dense.shape[1]
     for m in buckets:
         x = torch.randn(m, k, dtype=forms[0].dense.dtype, device=forms[0].dense.device)
         cands = [FP8_DENSE, FP8_DENSE_UNSCALED]
-        cfg, mcfg = None, None
+        cfgs: dict[str, CsltConfig | MmaConfig] = {}
         if sparse:
             cands.append(FP8_CUSPARSELT)
-            cfg = fp8_cslt_best_config([f.packed for f in forms if f.packed is not None], x)
-            if m <= MAX_TOKENS and forms[0].mma is not None:
-                cands.append(FP8_MMA)
-                q, q_scale = quantize_tokens(x)
-                frags = [f.mma for f in forms if f.mma is not None]
-                scales = [f.weight.scale for f in forms]
-                mcfg, _ = mma_best_config(frags, q, forms[0].bias, fp8_scales=(q_scale, scales))
-        configs[m] = (cfg, mcfg)
-        times[m] = {b: _time_us(b, forms, x, cfg, mcfg) for b in (*cands, DENSE)}
+            cfgs[FP8_CUSPARSELT] = fp8_cslt_best_config(
+                [f.packed for f in forms if f.packed is not None], x
+            )
+            q, q_scale = quantize_tokens(x)
+            scales = [f.weight.scale for f in forms]
+            for backend, weights in (
+                (FP8_MMA, [f.mma for f in forms]),
+                (FP8_MMA_CSLT, [f.cslt for f in forms]),
+            ):
+                if m > MAX_TOKENS or any(w is None for w in weights):
+                    continue
+                mweights = [w for w in weights if w is not None]
+                cfgs[backend], _ = mma_best_config(
+                    mweights, q, forms[0].bias, fp8_scales=(q_scale, scales)
+                )
+                cands.append(backend)
+        for b in [c for c in cands if c != FP8_DENSE]:
+            if not _agrees(b, forms[0], x, cfgs):
+                warnings.warn(
+                    f"sparsify(dtype='fp8'): {b} disagrees with fp8 dense on a "
+                    f"{forms[0].weight.out_features}x{k} layer at {m} tokens; not used",
+                    stacklevel=3,
+                )
+                cands.remove(b)
+        configs[m] = cfgs
+        times[m] = {b: _time_us(b, forms, x, cfgs) for b in (*cands, DENSE)}
     chosen = choose_fp8_plan(times, sparse=sparse, allow_dense=allow_dense, margin=dense_margin)
     plan = {}
     for m, best in chosen.items():
-        cfg, mcfg = configs[m]
+        config = configs[m].get(best)
         plan[m] = Choice(
-            best, cfg if best == FP8_CUSPARSELT else None, mcfg if best == FP8_MMA else None
+            best,
+            config if isinstance(config, CsltConfig) else None,
+            config if isinstance(config, MmaConfig) else None,
         )
     return plan, times
 
@@ -308,9 +373,10 @@ def choose_fp8_plan(
     """Per bucket, the fp8 backend a layer runs, from every candidate's graph-replay
     microseconds per bucket (`times_us[m][backend]`; other keys, e.g. bf16 `DENSE`, ignored).
 
-    A layer holds one weight form: one 2:4 layout (cuSPARSELt's buffer, or the mma
-    fragments where they serve every bucket) or, where its buckets add up to more than
-    `margin` (a fraction) faster, the dense e4m3 weight alone. With `allow_dense` a 2:4 layer
+    A layer holds one weight form: one 2:4 layout (cuSPARSELt's buffer, read by cuSPARSELt
+    and by our mma.sp kernel, or the mma fragments where they serve every bucket) or, where
+    its buckets add up to more than `margin` (a fraction) faster, the dense e4m3 weight
+    alone. With `allow_dense` a 2:4 layer
     may also keep the dense e4m3 weight beside its 2:4 layout for the buckets fp8 dense wins
     by more than `margin` (up to 1.5625 bytes per weight). Without `sparse`: fp8 dense only.
     """
@@ -336,7 +402,7 @@ def choose_fp8_plan(
     dense_plan, dense_total = plan_and_total(dense)
     if not sparse:
         return dense_plan
-    sparse_layouts = [{FP8_CUSPARSELT}, {FP8_MMA}]
+    sparse_layouts = [set(FP8_CSLT_KERNELS), {FP8_MMA}]
     layouts = sparse_layouts + ([lay | dense for lay in sparse_layouts] if allow_dense else [])
     plan, total = min((plan_and_total(lay) for lay in layouts), key=lambda pt: pt[1])
     if dense_total < total * (1 - margin) or not plan:
@@ -409,7 +475,7 @@ def sparsify_fp8(
     use_mma = sparse and mma_status() is None
     usable = set(FP8_DENSE_KERNELS)
     if sparse:
-        usable |= {FP8_CUSPARSELT, FP8_MMA} if use_mma else {FP8_CUSPARSELT}
+        usable |= {FP8_CUSPARSELT, FP8_MMA, FP8_MMA_CSLT} if use_mma else {FP8_CUSPARSELT}
     options = {
         "fp8": True,
         "sparse": sparse,
@@ -427,6 +493,8 @@ def sparsify_fp8(
             f.packed = fp8_cslt_compress(w)
         if use_mma:
             f.mma = pack_mma24_e4m3(w.values)
+            if f.packed is not None and w.in_features % MMA_PAIR_COLS == 0:
+                f.cslt = _cslt_layout(w, f.packed)
         return f
 
     for shape, members in groups.items():
@@ -458,7 +526,7 @@ def sparsify_fp8(
                     n,
                     k,
                     converted=True,
-                    plan={b: c.backend for b, c in entry.graph.items()},
+                    plan={b: c.backend for b, c in new.plan.items()},
                     times_us=entry.times_us,
                     dense_bytes=tensor_bytes(mod.weight),
                     sparse_bytes=new.weight_bytes(),

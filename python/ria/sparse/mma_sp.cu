@@ -33,6 +33,15 @@
 // group t + 4q of the pair: bytes 2 * (t % 2) and 2 * (t % 2) + 1 of word 2g + t / 2 in both
 // k-tiles, whose nibbles are unshuffled in registers into the fragment's word (row g low,
 // row g + 8 high). B reads the token columns of the same groups (b_col).
+//
+// RIA_CSLT with RIA_E4M3: cuSPARSELt's e4m3 buffer, the same values row-major (one byte
+// each: a lane's four groups are one 8-byte load per row, widened as above) and another
+// metadata order (format.cslt_nibble_index(e4m3=True): 128 words per 64-row block and
+// 64-column k-chunk; 16-row tile q owns words 32q..32q+31, word 4 * (r % 8) + j holding
+// groups 2j, 2j + 1 (rows r % 8, r % 8 + 8) in bytes 0, 1 and 2j + 8, 2j + 9 in bytes 2,
+// 3, the even group in the low nibble), so lane t's groups t + 4q are in words
+// 4g + t / 2 (q = 0, 2) and 4g + t / 2 + 2 (q = 1, 3) at nibble t % 2 of each byte
+// (cslt_meta_e4m3). Needs K % 64 == 0.
 
 // With one token tile, the batch's B fragments are loaded together with A (their latency
 // then overlaps the weight's); with more, each k-step loads its own (measured faster: the
@@ -43,8 +52,8 @@
 #ifndef RIA_CSLT
 #define RIA_CSLT 0
 #endif
-#if RIA_CSLT && RIA_E4M3
-#error "cuSPARSELt's buffer holds fp16/bf16 values: RIA_CSLT excludes RIA_E4M3"
+#if RIA_TILED && RIA_E4M3
+#error "RIA_TILED has no e4m3 form"
 #endif
 #ifndef RIA_TILED
 #define RIA_TILED 0
@@ -282,6 +291,16 @@ __device__ __forceinline__ u32 cslt_meta(u32 lo, u32 hi, int t) {
   s = (v ^ (v >> 8)) & 0x0000FF00u;  // swap bytes 1 <-> 2
   return v ^ s ^ (s << 8);
 }
+
+// The same for cuSPARSELt's e4m3 order: words `a` (groups t, t + 8 of the pair in its bytes
+// 0..3 as rows g, g + 8, g, g + 8) and `b` (groups t + 4, t + 12), lane t's nibble at
+// 4 * (t % 2) of each byte.
+__device__ __forceinline__ u32 cslt_meta_e4m3(u32 a, u32 b, int t) {
+  const int s = 4 * (t & 1);
+  u32 v = ((a >> s) & 0x0F0F0F0Fu) | (((b >> s) & 0x0F0F0F0Fu) << 4);  // bytes: g, g + 8, g, g + 8
+  const u32 x = (v ^ (v >> 8)) & 0x0000FF00u;  // swap bytes 1 <-> 2: row g low, g + 8 high
+  return v ^ x ^ (x << 8);
+}
 #endif
 
 #if !RIA_TILED
@@ -326,18 +345,25 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
         // K % 64 == 32: the last pair has one k-tile; its other half reads as zero weights
         // with valid (0, 1) indices.
         const bool whole = 64 * p + 32 < K;
-        const long long row_q = K >> 4;  // 16-byte chunks per row of values
+        const long long row_q = K >> 4;  // fragments (4 groups' values) per row
         const long long v0 = (tile * 16 + g) * row_q + 4 * p + t;
-        uint4 lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};
+        frag_t lo = {}, hi = {};
         if (whole || t < 2) {
           lo = ld_stream(vals + v0);
           hi = ld_stream(vals + v0 + 8 * row_q);
         }
-        a[r][2 * u] = uint4{lo.x, hi.x, lo.y, hi.y};
-        a[r][2 * u + 1] = uint4{lo.z, hi.z, lo.w, hi.w};
+        const uint4 wl = widen(lo), wh = widen(hi);
+        a[r][2 * u] = uint4{wl.x, wh.x, wl.y, wh.y};
+        a[r][2 * u + 1] = uint4{wl.z, wh.z, wl.w, wh.w};
+#if RIA_E4M3
+        const long long w0 = 128 * ((tile >> 2) * (long long)(K >> 6) + p) + 32 * (tile & 3) +
+                             4 * g + (t >> 1);
+        e[r][u] = cslt_meta_e4m3(ld_stream(meta + w0), ld_stream(meta + w0 + 2), t);
+#else
         const long long w0 =
             16 * ((tile >> 2) * 4 * (long long)(K >> 5) + (tile & 3)) + 128 * p + 2 * g + (t >> 1);
         e[r][u] = cslt_meta(ld_stream(meta + w0), whole ? ld_stream(meta + w0 + 64) : 0x44444444u, t);
+#endif
 #else
         a[r][2 * u] = widen(ld_stream(vals + (tile * steps + 2 * p) * 32 + lane));
         a[r][2 * u + 1] = widen(ld_stream(vals + (tile * steps + 2 * p + 1) * 32 + lane));

@@ -563,10 +563,11 @@ def _check_cslt(w: Compact24) -> None:
         raise InvalidArgumentError(
             f"a Compact24 weight must be in cuSPARSELt's layout ('cslt'), got {w.layout!r}"
         )
-    if n % MMA_TILE_ROWS or k % COLS_PER_WORD:
+    k_align = MMA_PAIR_COLS if w.values.dtype == torch.float8_e4m3fn else COLS_PER_WORD
+    if n % MMA_TILE_ROWS or k % k_align:
         raise InvalidArgumentError(
-            f"cuSPARSELt's layout needs N % {MMA_TILE_ROWS} == 0 and K % {COLS_PER_WORD} == 0, "
-            f"got ({n}, {k})"
+            f"cuSPARSELt's {w.values.dtype} layout needs N % {MMA_TILE_ROWS} == 0 and "
+            f"K % {k_align} == 0, got ({n}, {k})"
         )
     if w.values.shape != (n, k // 2) or w.values.stride() != (k // 2, 1):
         raise InvalidArgumentError(f"values must be a row-major ({n}, {k // 2}) tensor")
@@ -815,7 +816,7 @@ class MmaLaunch:
 def mma24_fp8_linear(
     q: torch.Tensor,
     q_scale: torch.Tensor,
-    packed: Mma24,
+    packed: MmaWeight,
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -829,12 +830,17 @@ def mma24_fp8_linear(
     Args:
         q: `(M, K)` float8_e4m3fn tokens, contiguous, `1 <= M <= MAX_TOKENS`
             (`fp8_kernels.quantize_tokens`); q_scale: `(M,)` fp32.
-        packed: the weight from `format.pack_mma24_e4m3` (e4m3 values); scale: `(N,)` fp32.
+        packed: the weight from `format.pack_mma24_e4m3` (e4m3 values), or cuSPARSELt's
+            e4m3 buffer as a "cslt" `Compact24` (`cslt.share_cslt_buffer`; K % 64 == 0),
+            read in place; scale: `(N,)` fp32.
         bias: `(N,)` in `out_dtype`, or None.
         out_dtype: bf16 or fp16.
     """
     m, k = q.shape
     n = packed.out_features
+    cslt = isinstance(packed, Compact24)
+    if isinstance(packed, Compact24):
+        _check_cslt(packed)
     if q.dtype != torch.float8_e4m3fn or packed.values.dtype != torch.float8_e4m3fn:
         raise InvalidArgumentError(f"q is {q.dtype}, the weight {packed.values.dtype}; need e4m3")
     if k != packed.in_features or not 1 <= m <= MAX_TOKENS or not q.is_contiguous():
@@ -846,18 +852,24 @@ def mma24_fp8_linear(
     if bias is not None and (bias.shape != (n,) or bias.dtype != out_dtype):
         raise InvalidArgumentError(f"bias must be ({n},) {out_dtype}")
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
-    config = config or default_config(m)
-    if config.tiled:
-        raise InvalidArgumentError(f"the tiled kernel ({config}) has no e4m3 form")
+    config = config or next(c for c in candidates(m, cslt) if _has_e4m3_form(c))
+    if not _has_e4m3_form(config):
+        raise InvalidArgumentError(f"the {config} kernel has no e4m3 form")
     tiles = -(-m // TOKEN_TILE)
-    kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True)
+    kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True, cslt=cslt)
+    row_tiles, pairs = _tiles_pairs(packed)
     unused = packed.values
     args = [
         q, k, packed.values, packed.meta, unused, unused if bias is None else bias,
-        int(bias is not None), out, n, m, n, k, packed.tiles, packed.pairs, q_scale, scale,
+        int(bias is not None), out, n, m, n, k, row_tiles, pairs, q_scale, scale,
     ]  # fmt: skip
-    _launch(kernel, config, tiles, packed.tiles, args)
+    _launch(kernel, config, tiles, row_tiles, args)
     return out
+
+
+def _has_e4m3_form(config: MmaConfig) -> bool:
+    """The plain mma.sp kernel has an e4m3 form; the tiled and wgmma kernels do not."""
+    return not (config.tiled or config.wgmma)
 
 
 def mma_best_config(
@@ -876,7 +888,9 @@ def mma_best_config(
     `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments."""
     cslt = isinstance(packed[0], Compact24)
     configs = configs or candidates(x.shape[0], cslt=cslt)
-    if order is not None or not cslt or fp8_scales is not None:  # shapes the tiled kernel lacks
+    if fp8_scales is not None:
+        configs = tuple(c for c in configs if _has_e4m3_form(c))
+    elif order is not None or not cslt:  # shapes the tiled kernel lacks
         configs = tuple(c for c in configs if not c.tiled)
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
@@ -887,7 +901,6 @@ def mma_best_config(
             if fp8_scales is None:
                 mma24_linear(x, p, bias, order=order, config=cfg)
             else:
-                assert isinstance(p, Mma24)
                 mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
 
         try:
