@@ -281,6 +281,26 @@ def test_fp8_kernels_match_reference(m, bias):
 
 
 @needs_cuda
+def test_sparsify_fp8_drops_a_kernel_that_disagrees(monkeypatch):
+    """A kernel whose output is wrong (here: cuSPARSELt's, negated) is never planned."""
+    import ria.sparse.fp8_linear as fp8_linear
+
+    real = fp8_linear._run
+
+    def negated_cslt(backend, forms, x, configs):
+        y = real(backend, forms, x, configs)
+        return -y if backend == FP8_CUSPARSELT else y
+
+    monkeypatch.setattr(fp8_linear, "_run", negated_cslt)
+    model = prune_model_24(tiny_model("llama", hidden_size=256, intermediate_size=512))
+    model = model.to(torch.bfloat16).cuda()
+    with pytest.warns(UserWarning, match="fp8_cusparselt disagrees with fp8 dense"):
+        report = sparsify(model, dtype="fp8", batch_sizes=[1, 16, 64], plan_cache=False)
+    assert report.applied
+    assert all(FP8_CUSPARSELT not in lr.plan.values() for lr in report.converted)
+
+
+@needs_cuda
 @pytest.mark.parametrize("sparse", [True, False])
 def test_sparsify_fp8_model_matches_reference(sparse):
     model = prune_model_24(tiny_model("llama", hidden_size=256, intermediate_size=512))
