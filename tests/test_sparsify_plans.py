@@ -29,7 +29,7 @@ from ria.sparse import (
     TunedPlan,
 )
 from ria.sparse import sparsify as sparsify_fn
-from ria.sparse.plan_cache import plan_key
+from ria.sparse.plan_cache import cached_choices_run, plan_key
 from ria.sparse.sparsify import (
     build_forms,
     choose_backend,
@@ -396,3 +396,16 @@ def test_defaults_decode_with_mma_over_the_cusparselt_buffer():
     with torch.no_grad():
         out = model(ids).logits.float()
     assert float((out - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_cached_choices_run_names_a_refused_choice_stale():
+    plan = [(1, Choice("mma")), (16, Choice("cusparselt")), (64, Choice("cusparselt"))]
+    ran: list[int] = []
+
+    def run(m, choice):
+        ran.append(m)
+        if m == 64:
+            raise RuntimeError("CUSPARSE_STATUS_INVALID_VALUE")
+
+    assert not cached_choices_run(plan, "cusparselt", run) and ran == [16, 64]
+    assert cached_choices_run(plan[:2], "cusparselt", run) and ran == [16, 64, 16]

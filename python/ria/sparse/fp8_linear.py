@@ -61,7 +61,7 @@ from .mma_sp import (
     mma_best_config,
     mma_status,
 )
-from .plan_cache import PlanCache, TunedPlan, library_versions
+from .plan_cache import PlanCache, TunedPlan, cached_choices_run, library_versions
 
 if TYPE_CHECKING:
     from .sparsify import SparsifyReport
@@ -411,16 +411,14 @@ def choose_fp8_plan(
 
 
 def _plan_runs(layer: Fp8Linear, dtype: torch.dtype) -> bool:
-    """Run each cuSPARSELt bucket of `layer`'s (cached) plan once on `dtype` inputs: an
-    algorithm id this library version refuses makes the plan stale."""
-    for m, choice in layer.plan.items():
-        if choice.backend == FP8_CUSPARSELT:
-            x = torch.zeros(m, layer.in_features, dtype=dtype, device=layer.scale.device)
-            try:
-                layer.linear_2d(x)
-            except RuntimeError:
-                return False
-    return True
+    """Each cuSPARSELt bucket of `layer`'s (cached) plan runs once on `dtype` inputs
+    (`cached_choices_run`)."""
+
+    def run(m: int, _choice: Choice) -> None:
+        x = torch.zeros(m, layer.in_features, dtype=dtype, device=layer.scale.device)
+        layer.linear_2d(x)
+
+    return cached_choices_run(layer.plan.items(), FP8_CUSPARSELT, run)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,31 @@ from .mma_sp import MmaConfig, kernel_fingerprint
 
 FORMAT = 2  # bump when the file layout changes: old files then read as stale
 
-__all__ = ["FORMAT", "PlanCache", "TunedPlan", "default_plan_dir", "library_versions", "plan_key"]
+__all__ = [
+    "FORMAT",
+    "PlanCache",
+    "TunedPlan",
+    "cached_choices_run",
+    "default_plan_dir",
+    "library_versions",
+    "plan_key",
+]
+
+
+def cached_choices_run(
+    choices: Iterable[tuple[int, Choice]], backend: str, run: Callable[[int, Choice], object]
+) -> bool:
+    """Run each cached `(bucket, choice)` of `backend` once through `run`: False when the
+    library refuses one (a RuntimeError: e.g. a cuSPARSELt algorithm id another version
+    does not have), which makes the cached plan stale."""
+    for m, choice in choices:
+        if choice.backend != backend:
+            continue
+        try:
+            run(m, choice)
+        except RuntimeError:
+            return False
+    return True
 
 
 @dataclass

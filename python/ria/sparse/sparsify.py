@@ -54,7 +54,7 @@ from .linear import (
     Sparse24Linear,
 )
 from .mma_sp import MAX_TOKENS, MmaConfig, mma24_linear, mma_best_config, mma_status
-from .plan_cache import PlanCache, TunedPlan, library_versions, plan_key
+from .plan_cache import PlanCache, TunedPlan, cached_choices_run, library_versions, plan_key
 from .siblings import fuse_model_siblings
 from .triton_gemv import MAX_M, sparse24_linear, triton_status
 
@@ -623,18 +623,14 @@ def slower_than_dense_warning(layers: Iterable[SparseLayerReport], margin: float
 
 
 def _cached_plan_works(entry: TunedPlan, f: WeightForms) -> bool:
-    """Run each cached cuSPARSELt choice once on `f`: an algorithm id this library version
-    refuses makes the entry stale."""
+    """Each cached cuSPARSELt choice runs once on `f` (`cached_choices_run`)."""
     k = f.weight.shape[1]
-    for m, choice in (*entry.graph.items(), *entry.eager.items()):
-        if choice.backend != CUSPARSELT:
-            continue
+
+    def run(m: int, choice: Choice) -> None:
         x = torch.zeros(m, k, dtype=f.weight.dtype, device=f.weight.device)
-        try:
-            cslt_linear(x, f.cslt_packed(), f.bias, choice.cslt or CsltConfig())
-        except RuntimeError:
-            return False
-    return True
+        cslt_linear(x, f.cslt_packed(), f.bias, choice.cslt or CsltConfig())
+
+    return cached_choices_run((*entry.graph.items(), *entry.eager.items()), CUSPARSELT, run)
 
 
 def shape_plan_key(
