@@ -3,10 +3,13 @@
 Sections (`--only` picks some):
   gemm  per GEMM (q/k/v/o, gate/up, down at M tokens; weights rotate over copies > 256 MB
         so they stream from HBM): bf16 dense (cuBLAS), bf16 2:4 (cuSPARSELt, searched; and
-        the mma.sp decode kernel at M <= 64), fp8 dense (`torch._scaled_mm` with row-wise
-        scales, and unscaled with a scaling kernel: the baseline is the faster) and fp8 2:4
-        (cuSPARSELt e4m3 + scale epilogue), each whole (token quantization included) and
-        its GEMM alone (tokens quantized beforehand), and the quantization kernel alone.
+        at M <= 64 the mma.sp / wgmma kernels, over their own fragments and over
+        cuSPARSELt's buffer: the faster counts), fp8 dense (`torch._scaled_mm` with
+        row-wise scales, and unscaled with a scaling kernel: the baseline is the faster)
+        and fp8 2:4 (cuSPARSELt e4m3 + scale epilogue; at M <= 64 the e4m3 mma.sp kernel
+        over its fragments and over cuSPARSELt's e4m3 buffer), each whole (token
+        quantization included) and its GEMM alone (tokens quantized beforehand), and the
+        quantization kernel alone.
   e2e   whole model (random weights, 2:4 by magnitude, as benches/gpu_speed.py): prefill
         8x128 and 1x2048, decode batch 1 and 16 (KV 512) for bf16 dense, fp8 dense
         (`sparsify(dtype="fp8", sparse=False)`), bf16 2:4 (`sparsify()`) and fp8 2:4
@@ -44,8 +47,8 @@ from gpu_speed import (
 )
 
 from ria.sparse import Sparse24Linear, pack_mma24, sparsify
-from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear
-from ria.sparse.format import pack_mma24_e4m3
+from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, share_cslt_buffer
+from ria.sparse.format import pack_24, pack_mma24_e4m3
 from ria.sparse.fp8 import quantize_weight
 from ria.sparse.fp8_kernels import (
     fp8_cslt_best_config,
@@ -75,10 +78,19 @@ def bench_shape(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
     }
     forms["cslt8"] = [fp8_cslt_compress(q) for q in forms["fp8"]]
     forms["mma8"] = [pack_mma24_e4m3(q.values) for q in forms["fp8"]]
+    # cuSPARSELt's buffers as our kernels read them in place (checked per weight)
+    forms["cslt_view"] = _views([pack_24(w) for w in ws], forms["cslt"])
+    forms["cslt8_view"] = _views([pack_24(q.values) for q in forms["fp8"]], forms["cslt8"])
     rows = [bench_m(name, torch.randn(m, k, dtype=DTYPE, device="cuda"), forms) for m in ms_list]
     gc.collect()
     torch.cuda.empty_cache()
     return rows
+
+
+def _views(compacts: list, buffers: list) -> list | None:
+    """`share_cslt_buffer` of each weight, or None unless every buffer is read in place."""
+    views = [share_cslt_buffer(c, p) for c, p in zip(compacts, buffers, strict=True)]
+    return views if all(v.layout == "cslt" for v in views) else None
 
 
 def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
@@ -101,7 +113,16 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
         row["bf16_mma_us"] = per_call(
             lambda: [mma24_linear(x, f, None, config=mcfg) for f in frags]
         )
-    row["bf16_24_us"] = min(row["bf16_cslt_us"], row.get("bf16_mma_us", math.inf))
+        views = forms["cslt_view"]
+        if views is not None:  # what sparsify() runs: mma.sp / wgmma on cuSPARSELt's buffer
+            ccfg, _ = mma_best_config(views, x, None)
+            row["bf16_mma_cslt_us"] = per_call(
+                lambda: [mma24_linear(x, v, None, config=ccfg) for v in views]
+            )
+            row["bf16_mma_cslt_config"] = str(ccfg)
+    row["bf16_24_us"] = min(
+        row["bf16_cslt_us"], row.get("bf16_mma_us", math.inf), row.get("bf16_mma_cslt_us", math.inf)
+    )
     # fp8 dense, both forms: row-wise scales in _scaled_mm's epilogue, and unit tensor-wise
     # scales with a second scaling kernel; the baseline is the faster (what sparsify picks).
     unit = torch.ones(1, device=x.device)
@@ -153,6 +174,23 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
         row["fp8_mma_config"] = str(mcfg8)
         row["fp8_cslt_us"] = row["fp8_24_us"]
         row["fp8_24_us"] = min(row["fp8_24_us"], row["fp8_mma_us"])
+        views8 = forms["cslt8_view"]
+        if views8 is not None:  # fp8_mma_cslt: the e4m3 kernel on cuSPARSELt's e4m3 buffer
+            ccfg8, _ = mma_best_config(views8, qx, None, fp8_scales=(sx, scales))
+            row["fp8_mma_cslt_gemm_us"] = per_call(
+                lambda: [
+                    mma24_fp8_linear(qx, sx, v, sc, None, config=ccfg8)
+                    for v, sc in zip(views8, scales, strict=True)
+                ]
+            )
+            row["fp8_mma_cslt_us"] = per_call(
+                lambda: [
+                    mma24_fp8_linear(*quantize_tokens(x), v, sc, None, config=ccfg8)
+                    for v, sc in zip(views8, scales, strict=True)
+                ]
+            )
+            row["fp8_mma_cslt_config"] = str(ccfg8)
+            row["fp8_24_us"] = min(row["fp8_24_us"], row["fp8_mma_cslt_us"])
     row["quantize_us"] = 1e3 * time_call(lambda: quantize_tokens(x))
     row["fp8_cslt_alg"] = [cfg8.alg_id, cfg8.split_k, cfg8.split_k_mode]
     row["fp8_24_over_fp8_dense"] = row["fp8_dense_us"] / row["fp8_24_us"]
@@ -172,9 +210,9 @@ def gemm_table(rows: list[dict]) -> str:
     out = [
         "| shape | M | bf16 dense | bf16 2:4 | fp8 dense, faster of row-wise and unscaled "
         "(GEMM alone) | fp8 2:4 cuSPARSELt "
-        "(GEMM alone) | fp8 2:4 mma.sp (GEMM alone) | quantize | fp8 2:4 / fp8 dense "
-        "| fp8 2:4 / bf16 dense |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(GEMM alone) | fp8 2:4 mma.sp (GEMM alone) | fp8 2:4 mma.sp on cuSPARSELt's buffer "
+        "(GEMM alone) | quantize | fp8 2:4 / fp8 dense | fp8 2:4 / bf16 dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
@@ -184,6 +222,11 @@ def gemm_table(rows: list[dict]) -> str:
             + (
                 f"{r['fp8_mma_us']:.1f} ({r['fp8_mma_gemm_us']:.1f}) | "
                 if "fp8_mma_us" in r
+                else "- | "
+            )
+            + (
+                f"{r['fp8_mma_cslt_us']:.1f} ({r['fp8_mma_cslt_gemm_us']:.1f}) | "
+                if "fp8_mma_cslt_us" in r
                 else "- | "
             )
             + f"{r['quantize_us']:.1f} | "
