@@ -7,7 +7,8 @@ Sections (`--only` picks some):
         cuSPARSELt's buffer: the faster counts), fp8 dense (`torch._scaled_mm` with
         row-wise scales, and unscaled with a scaling kernel: the baseline is the faster)
         and fp8 2:4 (cuSPARSELt e4m3 + scale epilogue; at M <= 64 the e4m3 mma.sp kernel
-        over its fragments and over cuSPARSELt's e4m3 buffer), each whole (token
+        over its fragments and over cuSPARSELt's e4m3 buffer, the latter also quantizing
+        the tokens itself at M <= 16, the faster counts), each whole (token
         quantization included) and its GEMM alone (tokens quantized beforehand), and the
         quantization kernel alone.
   e2e   whole model (random weights, 2:4 by magnitude, as benches/gpu_speed.py): prefill
@@ -60,7 +61,13 @@ from ria.sparse.fp8_kernels import (
 )
 from ria.sparse.fp8_linear import Fp8Linear
 from ria.sparse.graphs import time_call
-from ria.sparse.mma_sp import MAX_TOKENS, mma24_fp8_linear, mma24_linear, mma_best_config
+from ria.sparse.mma_sp import (
+    MAX_TOKENS,
+    QUANTIZE_MAX_TOKENS,
+    mma24_fp8_linear,
+    mma24_linear,
+    mma_best_config,
+)
 
 DTYPE = torch.bfloat16
 
@@ -190,6 +197,17 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
                 ]
             )
             row["fp8_mma_cslt_config"] = str(ccfg8)
+            if m <= QUANTIZE_MAX_TOKENS:  # the kernel quantizing the bf16 tokens itself
+                fcfg8, _ = mma_best_config(views8, x, None, fp8_scales=(None, scales))
+                row["fp8_mma_cslt_fused_us"] = per_call(
+                    lambda: [
+                        mma24_fp8_linear(x, None, v, sc, None, config=fcfg8)
+                        for v, sc in zip(views8, scales, strict=True)
+                    ]
+                )
+                row["fp8_mma_cslt_fused_config"] = str(fcfg8)
+                row["fp8_mma_cslt_unfused_us"] = row["fp8_mma_cslt_us"]
+                row["fp8_mma_cslt_us"] = min(row["fp8_mma_cslt_us"], row["fp8_mma_cslt_fused_us"])
             row["fp8_24_us"] = min(row["fp8_24_us"], row["fp8_mma_cslt_us"])
     row["quantize_us"] = 1e3 * time_call(lambda: quantize_tokens(x))
     row["fp8_cslt_alg"] = [cfg8.alg_id, cfg8.split_k, cfg8.split_k_mode]
