@@ -878,6 +878,8 @@ def mma24_fp8_linear(
         raise InvalidArgumentError(
             f"q must be contiguous (M <= {MAX_TOKENS}, {packed.in_features}), got {tuple(q.shape)}"
         )
+    if q.data_ptr() % 4 or k % 2:  # the kernel reads two token values per load
+        raise InvalidArgumentError("q must be 4-byte aligned with an even number of columns")
     if bias is not None and (bias.shape != (n,) or bias.dtype != out_dtype):
         raise InvalidArgumentError(f"bias must be ({n},) {out_dtype}")
     if config is None:
