@@ -7,8 +7,8 @@ Sections (`--only` picks some):
         cuSPARSELt's buffer: the faster counts), fp8 dense (`torch._scaled_mm` with
         row-wise scales, and unscaled with a scaling kernel: the baseline is the faster)
         and fp8 2:4 (cuSPARSELt e4m3 + scale epilogue; at M <= 64 the e4m3 mma.sp kernel
-        over its fragments and over cuSPARSELt's e4m3 buffer, the latter also quantizing
-        the tokens itself at M <= 16, the faster counts), each whole (token
+        over its fragments and over cuSPARSELt's e4m3 buffer, at M <= 16 also quantizing
+        the tokens itself, the faster counts), each whole (token
         quantization included) and its GEMM alone (tokens quantized beforehand), and the
         quantization kernel alone.
   e2e   whole model (random weights, 2:4 by magnitude, as benches/gpu_speed.py): prefill
@@ -31,6 +31,7 @@ import json
 import math
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -164,51 +165,13 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
         ]
     )
     if m <= MAX_TOKENS:
-        frags8, scales = forms["mma8"], [q.scale for q in q8]
-        mcfg8, _ = mma_best_config(frags8, qx, None, fp8_scales=(sx, scales))
-        row["fp8_mma_gemm_us"] = per_call(
-            lambda: [
-                mma24_fp8_linear(qx, sx, f, sc, None, config=mcfg8)
-                for f, sc in zip(frags8, scales, strict=True)
-            ]
-        )
-        row["fp8_mma_us"] = per_call(
-            lambda: [
-                mma24_fp8_linear(*quantize_tokens(x), f, sc, None, config=mcfg8)
-                for f, sc in zip(frags8, scales, strict=True)
-            ]
-        )
-        row["fp8_mma_config"] = str(mcfg8)
+        scales = [q.scale for q in q8]
         row["fp8_cslt_us"] = row["fp8_24_us"]
-        row["fp8_24_us"] = min(row["fp8_24_us"], row["fp8_mma_us"])
-        views8 = forms["cslt8_view"]
-        if views8 is not None:  # fp8_mma_cslt: the e4m3 kernel on cuSPARSELt's e4m3 buffer
-            ccfg8, _ = mma_best_config(views8, qx, None, fp8_scales=(sx, scales))
-            row["fp8_mma_cslt_gemm_us"] = per_call(
-                lambda: [
-                    mma24_fp8_linear(qx, sx, v, sc, None, config=ccfg8)
-                    for v, sc in zip(views8, scales, strict=True)
-                ]
-            )
-            row["fp8_mma_cslt_us"] = per_call(
-                lambda: [
-                    mma24_fp8_linear(*quantize_tokens(x), v, sc, None, config=ccfg8)
-                    for v, sc in zip(views8, scales, strict=True)
-                ]
-            )
-            row["fp8_mma_cslt_config"] = str(ccfg8)
-            if m <= QUANTIZE_MAX_TOKENS:  # the kernel quantizing the bf16 tokens itself
-                fcfg8, _ = mma_best_config(views8, x, None, fp8_scales=(None, scales))
-                row["fp8_mma_cslt_fused_us"] = per_call(
-                    lambda: [
-                        mma24_fp8_linear(x, None, v, sc, None, config=fcfg8)
-                        for v, sc in zip(views8, scales, strict=True)
-                    ]
-                )
-                row["fp8_mma_cslt_fused_config"] = str(fcfg8)
-                row["fp8_mma_cslt_unfused_us"] = row["fp8_mma_cslt_us"]
-                row["fp8_mma_cslt_us"] = min(row["fp8_mma_cslt_us"], row["fp8_mma_cslt_fused_us"])
-            row["fp8_24_us"] = min(row["fp8_24_us"], row["fp8_mma_cslt_us"])
+        # fp8_mma: over the e4m3 fragments; fp8_mma_cslt: over cuSPARSELt's e4m3 buffer
+        for key, weights in (("fp8_mma", forms["mma8"]), ("fp8_mma_cslt", forms["cslt8_view"])):
+            if weights is not None:
+                row |= time_fp8_mma(key, weights, scales, x, per_call)
+                row["fp8_24_us"] = min(row["fp8_24_us"], row[f"{key}_us"])
     row["quantize_us"] = 1e3 * time_call(lambda: quantize_tokens(x))
     row["fp8_cslt_alg"] = [cfg8.alg_id, cfg8.split_k, cfg8.split_k_mode]
     row["fp8_24_over_fp8_dense"] = row["fp8_dense_us"] / row["fp8_24_us"]
@@ -222,6 +185,34 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
         f"quant {row['quantize_us']:.1f} us"
     )
     return row
+
+
+def time_fp8_mma(
+    key: str, weights: list, scales: list, x: torch.Tensor, per_call: Callable
+) -> dict:
+    """The e4m3 mma.sp kernel over `weights` (fragments or cuSPARSELt buffers) at `x`'s token
+    count, each launch shape tuned: the GEMM alone on quantized tokens (`{key}_gemm_us`), the
+    quantization kernel + GEMM (`{key}_unfused_us`), up to QUANTIZE_MAX_TOKENS the kernel
+    quantizing the tokens itself (`{key}_fused_us`), and the faster whole call (`{key}_us`)."""
+    qx, sx = quantize_tokens(x)
+    pairs = list(zip(weights, scales, strict=True))
+    cfg, _ = mma_best_config(weights, qx, None, fp8_scales=(sx, scales))
+    out: dict = {f"{key}_config": str(cfg)}
+    out[f"{key}_gemm_us"] = per_call(
+        lambda: [mma24_fp8_linear(qx, sx, w, sc, None, config=cfg) for w, sc in pairs]
+    )
+    out[f"{key}_unfused_us"] = per_call(
+        lambda: [mma24_fp8_linear(*quantize_tokens(x), w, sc, None, config=cfg) for w, sc in pairs]
+    )
+    out[f"{key}_us"] = out[f"{key}_unfused_us"]
+    if x.shape[0] <= QUANTIZE_MAX_TOKENS:
+        fused, _ = mma_best_config(weights, x, None, fp8_scales=(None, scales))
+        out[f"{key}_fused_config"] = str(fused)
+        out[f"{key}_fused_us"] = per_call(
+            lambda: [mma24_fp8_linear(x, None, w, sc, None, config=fused) for w, sc in pairs]
+        )
+        out[f"{key}_us"] = min(out[f"{key}_us"], out[f"{key}_fused_us"])
+    return out
 
 
 def gemm_table(rows: list[dict]) -> str:
