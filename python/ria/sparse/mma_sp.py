@@ -906,8 +906,8 @@ def mma24_fp8_linear(
 
 
 def _has_e4m3_form(config: MmaConfig) -> bool:
-    """The plain mma.sp kernel has an e4m3 form; the tiled and wgmma kernels do not."""
-    return not (config.tiled or config.wgmma)
+    """The plain mma.sp kernel has an e4m3 form; the staged ones (tiled, wgmma) do not."""
+    return not config.tiled
 
 
 def mma_best_config(

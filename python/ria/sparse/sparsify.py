@@ -820,10 +820,11 @@ def sparsify(
         dtype: None (keep the weights' fp16/bf16) or "fp8": e4m3 weights with per-row
             scales, tokens quantized per call, output in the model's dtype; the layers
             become `ria.sparse.fp8_linear.Fp8Linear`, each bucket running whichever
-            measured fastest of our mma.sp kernel over e4m3 fragments (<= 64 tokens),
-            cuSPARSELt's fp8 2:4 GEMM and fp8 dense (`torch._scaled_mm`; a whole layer
-            falls back to it where it is faster by more than `dense_margin`, and with
-            `allow_dense` per bucket beside the 2:4 form); plans are cached as for
+            measured fastest of our mma.sp kernel (<= 64 tokens; over e4m3 fragments or
+            cuSPARSELt's e4m3 buffer), cuSPARSELt's fp8 2:4 GEMM and fp8 dense
+            (`torch._scaled_mm`; a whole layer falls back to it where it is faster by
+            more than `dense_margin`, and with `allow_dense` per bucket beside the 2:4
+            form); plans are cached as for
             fp16/bf16. `backend`, `cslt_sweep` and `fuse_siblings` are for the fp16/bf16
             kernels and must keep their defaults.
         sparse: with `dtype="fp8"`, False converts every fp16/bf16 Linear (but lm_head)
