@@ -37,6 +37,7 @@ from gpu_speed import distinct_copies, prune_24
 
 from ria.sparse import pack_24, sparse24_linear
 from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, share_cslt_buffer
+from ria.sparse.cslt_lib import cusparselt_version
 from ria.sparse.format import pack_mma24
 from ria.sparse.graphs import time_call
 from ria.sparse.mma_sp import MmaConfig, candidates, compile_kernels, mma24_linear, mma_best_config
@@ -430,7 +431,7 @@ def write(out: str, rows: list[dict]) -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "cusparselt": torch.backends.cusparselt.version(),
+        "cusparselt": cusparselt_version(),
         "python": platform.python_version(),
         "rows": rows,
     }

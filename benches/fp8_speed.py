@@ -16,10 +16,15 @@ Sections (`--only` picks some):
         (`sparsify(dtype="fp8", sparse=False)`), bf16 2:4 (`sparsify()`) and fp8 2:4
         (`sparsify(dtype="fp8")`), with the Linear weight bytes and the prefill logits'
         error against bf16 dense.
+  accuracy  per GEMM and fp8 kernel, the output's error against the exact sum of the same
+        e4m3 operands (float64): largest error over the largest output, and the mean signed
+        error over the mean magnitude (negative: sums pulled toward zero, as an accumulator
+        that truncates does), for each kernel sparsify may pick; cuSPARSELt with the
+        configuration it searched and with its default, in bf16 and (a zero bias) fp32.
 
 Timing helpers, model and workloads are benches/gpu_speed.py's. Writes JSON (default
 benches/results/fp8_h200.json) and prints markdown tables.
-Usage: python benches/fp8_speed.py [--only gemm,e2e] [--layers 32] [--m 1,16,64,1024]
+Usage: python benches/fp8_speed.py [--only gemm,e2e,accuracy] [--layers 32] [--m 1,16,64,1024]
 """
 
 from __future__ import annotations
@@ -49,7 +54,13 @@ from gpu_speed import (
 )
 
 from ria.sparse import Sparse24Linear, pack_mma24, sparsify
-from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, share_cslt_buffer
+from ria.sparse.cslt import (
+    CsltConfig,
+    cslt_best_config,
+    cslt_compress,
+    cslt_linear,
+    share_cslt_buffer,
+)
 from ria.sparse.format import pack_24, pack_mma24_e4m3
 from ria.sparse.fp8 import quantize_weight
 from ria.sparse.fp8_kernels import (
@@ -215,6 +226,64 @@ def time_fp8_mma(
     return out
 
 
+def bench_accuracy(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
+    """Each fp8 kernel's output on one random 2:4 weight against the exact float64 sum."""
+    torch.manual_seed(n + k)
+    w = quantize_weight(prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02))
+    packed = fp8_cslt_compress(w)
+    views = _views([pack_24(w.values)], [packed])
+    frags = pack_mma24_e4m3(w.values)
+    zero = torch.zeros(n, dtype=DTYPE, device="cuda")
+    unit = torch.ones(1, device="cuda")
+    rows = []
+    for m in ms_list:
+        x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+        qx, sx = quantize_tokens(x)
+        exact = (qx.double() @ w.values.double().t()) * sx.double()[:, None] * w.scale.double()
+        searched = fp8_cslt_best_config([packed], x)
+        outs = {
+            "fp8 dense row-wise": fp8_dense_linear(x, w),
+            "fp8 dense unscaled": fp8_dense_unscaled_linear(x, w, unit),
+            "_scaled_mm use_fast_accum": torch._scaled_mm(
+                qx, w.values.t(), sx[:, None], w.scale[None, :], out_dtype=DTYPE,
+                use_fast_accum=True,
+            ),
+            f"cuSPARSELt {searched}": fp8_cslt_linear(x, packed, w.scale, None, searched),
+            f"cuSPARSELt {searched} fp32": fp8_cslt_linear(x, packed, w.scale, zero, searched),
+            "cuSPARSELt default": fp8_cslt_linear(x, packed, w.scale, None, CsltConfig()),
+        }  # fmt: skip
+        if m <= MAX_TOKENS:
+            outs["mma.sp fragments"] = mma24_fp8_linear(qx, sx, frags, w.scale, None)
+            if views is not None:
+                outs["mma.sp cuSPARSELt buffer"] = mma24_fp8_linear(qx, sx, views[0], w.scale, None)
+        for kernel, got in outs.items():
+            err = got.double() - exact
+            row = {
+                "shape": name, "n": n, "k": k, "m": m, "kernel": kernel,
+                "max_err_over_max": float(err.abs().max() / exact.abs().max()),
+                "mean_signed_err_over_mean": float(
+                    (err * exact.sign()).mean() / exact.abs().mean()
+                ),
+            }  # fmt: skip
+            log(f"{name} M={m} {kernel}: {row['max_err_over_max']:.2e} "
+                f"{row['mean_signed_err_over_mean']:+.2e}")  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    out = [
+        "| shape | M | kernel | max error / max output | mean signed error / mean output |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['kernel']} | "
+            f"{r['max_err_over_max']:.1e} | {r['mean_signed_err_over_mean']:+.1e} |"
+        )
+    return "\n".join(out)
+
+
 def gemm_table(rows: list[dict]) -> str:
     out = [
         "| shape | M | bf16 dense | bf16 2:4 | fp8 dense, faster of row-wise and unscaled "
@@ -332,7 +401,7 @@ def e2e_table(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="gemm,e2e", help="comma list of: gemm, e2e")
+    ap.add_argument("--only", default="gemm,e2e", help="comma list of: gemm, e2e, accuracy")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--m", default="1,16,64,1024", help="GEMM token counts")
     ap.add_argument("--decode-steps", type=int, default=16)
@@ -363,7 +432,12 @@ def main() -> None:
             out["e2e"]
         )
 
-    for name, body in {"gemm": gemm, "e2e": e2e}.items():
+    def accuracy() -> str:
+        ms = [int(m) for m in args.m.split(",")]
+        out["accuracy"] = [r for nm, (n, k) in SHAPES.items() for r in bench_accuracy(nm, n, k, ms)]
+        return "### fp8 kernels against the exact sum\n\n" + accuracy_table(out["accuracy"])
+
+    for name, body in {"gemm": gemm, "e2e": e2e, "accuracy": accuracy}.items():
         if name in only:
             run_section(name, body, out, path, tables)
     log(f"wrote {path}")

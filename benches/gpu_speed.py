@@ -55,6 +55,7 @@ from ria.sparse.cslt import (
     cslt_search,
     share_cslt_buffer,
 )
+from ria.sparse.cslt_lib import cusparselt_version
 from ria.sparse.graphs import time_call, time_graph
 from ria.sparse.triton_gemv import MAX_M
 
@@ -843,7 +844,7 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "cusparselt": torch.backends.cusparselt.version(),
+        "cusparselt": cusparselt_version(),
         "triton": triton_version,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -29,6 +29,7 @@ from ria.sparse import (
     TunedPlan,
 )
 from ria.sparse import sparsify as sparsify_fn
+from ria.sparse.cslt_lib import cusparselt_version
 from ria.sparse.plan_cache import cached_choices_run, plan_key
 from ria.sparse.sparsify import (
     build_forms,
@@ -272,6 +273,24 @@ def test_plan_cache_write_failure_warns(tmp_path: Path):
         assert PlanCache(blocker / "plans").store(key_for(), TUNED) is None
 
 
+@pytest.mark.skipif(
+    not torch.backends.cusparselt.is_available(), reason="torch built without cuSPARSELt"
+)
+def test_cusparselt_version_is_the_loaded_librarys():
+    """The version asked from the library torch loaded matches the wheel that installed it
+    (torch's own `version()` is the one it was compiled against)."""
+    import importlib.metadata
+
+    wheels = [
+        d for d in importlib.metadata.distributions()
+        if (d.metadata["Name"] or "").lower().startswith("nvidia-cusparselt")
+    ]  # fmt: skip
+    if not wheels:
+        pytest.skip("cuSPARSELt does not come from an nvidia-cusparselt wheel here")
+    major, minor, patch = (int(p) for p in wheels[0].version.split(".")[:3])
+    assert cusparselt_version() == 1000 * major + 100 * minor + patch
+
+
 def test_report_names_the_cusparselt_version_and_plan_sources():
     assert "0.8.1" in (cusparselt_version_warning(800) or "")
     assert cusparselt_version_warning(801) is None and cusparselt_version_warning(None) is None
@@ -343,7 +362,7 @@ def test_defaults_never_raise_gpu_memory():
     assert all(model.get_submodule(lr.name).weight is None for lr in report.converted)
     assert report.sparse_bytes <= 0.6 * report.dense_bytes
     assert after <= before - 0.4 * report.dense_bytes, (before, after, report.dense_bytes)
-    assert report.cusparselt_version == torch.backends.cusparselt.version()
+    assert report.cusparselt_version == cusparselt_version()
     with torch.no_grad():
         out = model(ids).logits.float()
     assert float((out - ref).norm() / ref.norm()) < 2e-2

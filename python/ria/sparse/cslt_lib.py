@@ -30,7 +30,7 @@ import torch
 from ..errors import InvalidArgumentError
 from .cslt import M_ALIGN, CsltConfig
 
-__all__ = ["MAX_PLANS", "CsltMatmul", "cslt_lib_status"]
+__all__ = ["MAX_PLANS", "CsltMatmul", "cslt_lib_status", "cusparselt_version"]
 
 # Plans kept per layer (token counts, least recently used dropped first).
 MAX_PLANS = 16
@@ -45,6 +45,7 @@ _ALG_DEFAULT = 0
 _ALG_CONFIG_ID, _SPLIT_K, _SPLIT_K_MODE = 0, 3, 4  # cusparseLtMatmulAlgAttribute_t
 _TYPES = {torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}
 _MIN_VERSION = 502  # the compute-type enum changed in 0.5.2
+_MAJOR_VERSION, _MINOR_VERSION, _PATCH_LEVEL = 0, 1, 2  # libraryPropertyType
 
 _i, _p, _i64, _u32, _sz = (
     ctypes.c_int,
@@ -109,18 +110,57 @@ def _loaded_path() -> str | None:
 
 
 @functools.cache
+def _cdll() -> ctypes.CDLL | str:
+    """torch's cuSPARSELt library, opened again by its path, or why it cannot be."""
+    if not torch.backends.cusparselt.is_available():
+        return "cuSPARSELt is not available"
+    try:
+        return ctypes.CDLL(_loaded_path() or "libcusparseLt.so.0")
+    except OSError as err:
+        return f"cannot open torch's cuSPARSELt library: {err}"
+
+
+@functools.cache
+def cusparselt_version() -> int | None:
+    """The version of the cuSPARSELt library this process runs, encoded as
+    `CUSPARSELT_VERSION` (major * 1000 + minor * 100 + patch: 801 is 0.8.1), asked from the
+    library itself; None without cuSPARSELt.
+
+    `torch.backends.cusparselt.version()` is the version torch was compiled against: a
+    newer library installed beside torch, or preloaded, does not change it."""
+    cdll = _cdll()
+    if isinstance(cdll, str):
+        return None
+    try:
+        get = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int))(
+            ("cusparseLtGetProperty", cdll)
+        )
+    except AttributeError:  # pragma: no cover - every cuSPARSELt since 0.1 has it
+        return torch.backends.cusparselt.version()
+    parts = []
+    for prop in (_MAJOR_VERSION, _MINOR_VERSION, _PATCH_LEVEL):
+        value = ctypes.c_int()
+        if get(prop, ctypes.byref(value)):
+            return torch.backends.cusparselt.version()
+        parts.append(value.value)
+    return 1000 * parts[0] + 100 * parts[1] + parts[2]
+
+
+@functools.cache
 def _library() -> _Lib | str:
     """The typed library, or why it cannot be used."""
-    if not torch.cuda.is_available() or not torch.backends.cusparselt.is_available():
+    if not torch.cuda.is_available():
         return "cuSPARSELt is not available"
-    version = torch.backends.cusparselt.version()  # also makes torch load the library
+    cdll = _cdll()
+    if isinstance(cdll, str):
+        return cdll
+    version = cusparselt_version()
     if version is None or version < _MIN_VERSION:
         return f"cuSPARSELt {version} is older than 0.5.2 (other enum values)"
     try:
-        lib = _Lib(ctypes.CDLL(_loaded_path() or "libcusparseLt.so.0"))
-    except (OSError, AttributeError) as err:
-        return f"cannot open torch's cuSPARSELt library: {err}"
-    return lib
+        return _Lib(cdll)
+    except AttributeError as err:
+        return f"cannot use torch's cuSPARSELt library: {err}"
 
 
 def cslt_lib_status() -> str | None:

@@ -37,6 +37,7 @@ from torch import nn
 from .._torch import replace_module
 from ..errors import InvalidArgumentError
 from .cslt import CsltConfig, cslt_view, share_cslt_buffer
+from .cslt_lib import cusparselt_version
 from .format import MMA_PAIR_COLS, Compact24, Mma24, pack_24, pack_mma24_e4m3, tensor_bytes
 from .fp8 import Fp8Weight, fp8_linear_reference, quantize_weight
 from .fp8_kernels import (
@@ -467,7 +468,7 @@ def sparsify_fp8(
         report.reason = f"{reason}: model left unchanged"
         return report
     if sparse and torch.backends.cusparselt.is_available():
-        report.cusparselt_version = torch.backends.cusparselt.version()
+        report.cusparselt_version = cusparselt_version()
     cache = None if plan_cache is False else PlanCache(None if plan_cache is True else plan_cache)
     report.plan_cache = None if cache is None else str(cache.directory)
     clear_generators(model)

@@ -30,6 +30,7 @@ import torch
 from .._core import __version__ as ria_version
 from ..demo import cache_dir
 from .cslt import CsltConfig
+from .cslt_lib import cusparselt_version
 from .linear import BACKENDS, MMA, MMA_CSLT, Choice
 from .mma_sp import MmaConfig, kernel_fingerprint
 
@@ -95,7 +96,7 @@ def library_versions() -> dict[str, Any]:
         triton_version: str | None = triton.__version__
     except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
         triton_version = None
-    cslt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
+    cslt = cusparselt_version()
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

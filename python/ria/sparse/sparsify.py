@@ -38,6 +38,7 @@ from .cslt import (
     cslt_status,
     share_cslt_buffer,
 )
+from .cslt_lib import cusparselt_version
 from .format import COLS_PER_WORD, Compact24, Mma24, check_24, pack_24, pack_mma24, tensor_bytes
 from .fp8_linear import sparsify_fp8
 from .generate import clear_generators as clear_generators
@@ -126,7 +127,7 @@ class SparsifyReport:
     batch_sizes: tuple[int, ...]
     layers: list[SparseLayerReport] = field(default_factory=list)
     seconds: float = 0.0
-    cusparselt_version: int | None = None  # torch.backends.cusparselt.version(), e.g. 801
+    cusparselt_version: int | None = None  # the loaded library's (cslt_lib), e.g. 801
     plan_cache: str | None = None  # the plan cache directory, None when caching is off
     warnings: list[str] = field(default_factory=list)
     fused: list[tuple[str, ...]] = field(default_factory=list)  # sibling groups run as one
@@ -583,7 +584,7 @@ def _for_this_layer(tuned: TunedPlan, f: WeightForms, usable: set[str], name: st
 
 
 def cusparselt_version_warning(version: int | None) -> str | None:
-    """Why the loaded cuSPARSELt (`torch.backends.cusparselt.version()`) is a bad choice,
+    """Why the loaded cuSPARSELt (`cslt_lib.cusparselt_version()`) is a bad choice,
     or None."""
     if version == 800:
         return (
@@ -865,7 +866,7 @@ def sparsify(
         cache = PlanCache(None if plan_cache is True else plan_cache)
         report.plan_cache = str(cache.directory)
     if CUSPARSELT in usable:
-        report.cusparselt_version = torch.backends.cusparselt.version()
+        report.cusparselt_version = cusparselt_version()
         note = cusparselt_version_warning(report.cusparselt_version)
         if note is not None:
             report.warnings.append(note)
