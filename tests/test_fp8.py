@@ -214,6 +214,12 @@ def test_sparsify_fp8_without_cuda_is_a_no_op():
 # -- CUDA: kernels against the reference ---------------------------------------------------
 
 
+# cuSPARSELt's fp8 GEMM sums with fewer bits than fp32 (fp8_kernels' docstring): at these
+# small K, up to about 1e-4 of the largest output measured on an H200 (2026-12-03), against
+# rounding-level agreement for the other kernels.
+CSLT_ATOL = 5e-4
+
+
 def _close_to_reference(got: torch.Tensor, ref: torch.Tensor, atol: float = 1e-4) -> None:
     """Equal up to fp32 summation order and one output rounding (bf16: 2**-8 relative);
     `atol` is relative to the largest output."""
@@ -259,7 +265,7 @@ def test_fp8_kernels_match_reference(m, bias):
     # cuSPARSELt's fp8 kernel sums with less than fp32 precision (seen on an H200,
     # 2026-12-02: 1 of 16384 outputs at M = 64 off by 1.8e-4 of the largest), as Hopper's fp8
     # tensor cores do unless a kernel promotes its partial sums.
-    _close_to_reference(fp8_cslt_linear(x, fp8_cslt_compress(w), w.scale, b), ref, atol=5e-4)
+    _close_to_reference(fp8_cslt_linear(x, fp8_cslt_compress(w), w.scale, b), ref, CSLT_ATOL)
     if m <= 64:
         from dataclasses import replace
 
@@ -299,7 +305,7 @@ def test_sparsify_fp8_drops_a_kernel_that_disagrees(monkeypatch):
     monkeypatch.setattr(fp8_linear, "_run", negated_cslt)
     model = prune_model_24(tiny_model("llama", hidden_size=256, intermediate_size=512))
     model = model.to(torch.bfloat16).cuda()
-    with pytest.warns(UserWarning, match="fp8_cusparselt disagrees with fp8 dense"):
+    with pytest.warns(UserWarning, match="fp8_cusparselt is more than .* from the fp8 reference"):
         report = sparsify(model, dtype="fp8", batch_sizes=[1, 16, 64], plan_cache=False)
     assert report.applied
     assert all(FP8_CUSPARSELT not in lr.plan.values() for lr in report.converted)
@@ -341,7 +347,9 @@ def test_sparsify_fp8_model_matches_reference(sparse):
             hook.remove()
         assert len(seen) == len(report.converted)
         for name, (x, out) in seen.items():
-            _close_to_reference(out, reference.get_submodule(name)(x.cpu()))
+            cslt = FP8_CUSPARSELT in {c.backend for c in model.get_submodule(name).plan.values()}
+            atol = CSLT_ATOL if cslt else 1e-4
+            _close_to_reference(out, reference.get_submodule(name)(x.cpu()), atol)
         ref = reference(ids).logits.float()
     assert bool((got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9)
 
