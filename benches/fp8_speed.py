@@ -7,8 +7,8 @@ Sections (`--only` picks some):
         cuSPARSELt's buffer: the faster counts), fp8 dense (`torch._scaled_mm` with
         row-wise scales, and unscaled with a scaling kernel: the baseline is the faster)
         and fp8 2:4 (cuSPARSELt e4m3 + scale epilogue; at M <= 64 the e4m3 mma.sp kernel
-        over its fragments and over cuSPARSELt's e4m3 buffer, at M <= 16 also quantizing
-        the tokens itself, the faster counts), each whole (token
+        over its fragments and over cuSPARSELt's e4m3 buffer, the faster counts), each
+        whole (token
         quantization included) and its GEMM alone (tokens quantized beforehand), and the
         quantization kernel alone.
   e2e   whole model (random weights, 2:4 by magnitude, as benches/gpu_speed.py): prefill
@@ -75,7 +75,6 @@ from ria.sparse.fp8_linear import Fp8Linear
 from ria.sparse.graphs import time_call
 from ria.sparse.mma_sp import (
     MAX_TOKENS,
-    QUANTIZE_MAX_TOKENS,
     mma24_fp8_linear,
     mma24_linear,
     mma_best_config,
@@ -202,9 +201,8 @@ def time_fp8_mma(
     key: str, weights: list, scales: list, x: torch.Tensor, per_call: Callable
 ) -> dict:
     """The e4m3 mma.sp kernel over `weights` (fragments or cuSPARSELt buffers) at `x`'s token
-    count, each launch shape tuned: the GEMM alone on quantized tokens (`{key}_gemm_us`), the
-    quantization kernel + GEMM (`{key}_unfused_us`), up to QUANTIZE_MAX_TOKENS the kernel
-    quantizing the tokens itself (`{key}_fused_us`), and the faster whole call (`{key}_us`)."""
+    count, its launch shape tuned: the GEMM alone on quantized tokens (`{key}_gemm_us`) and
+    with the quantization kernel (`{key}_us`)."""
     qx, sx = quantize_tokens(x)
     pairs = list(zip(weights, scales, strict=True))
     cfg, _ = mma_best_config(weights, qx, None, fp8_scales=(sx, scales))
@@ -212,17 +210,9 @@ def time_fp8_mma(
     out[f"{key}_gemm_us"] = per_call(
         lambda: [mma24_fp8_linear(qx, sx, w, sc, None, config=cfg) for w, sc in pairs]
     )
-    out[f"{key}_unfused_us"] = per_call(
+    out[f"{key}_us"] = per_call(
         lambda: [mma24_fp8_linear(*quantize_tokens(x), w, sc, None, config=cfg) for w, sc in pairs]
     )
-    out[f"{key}_us"] = out[f"{key}_unfused_us"]
-    if x.shape[0] <= QUANTIZE_MAX_TOKENS:
-        fused, _ = mma_best_config(weights, x, None, fp8_scales=(None, scales))
-        out[f"{key}_fused_config"] = str(fused)
-        out[f"{key}_fused_us"] = per_call(
-            lambda: [mma24_fp8_linear(x, None, w, sc, None, config=fused) for w, sc in pairs]
-        )
-        out[f"{key}_us"] = min(out[f"{key}_us"], out[f"{key}_fused_us"])
     return out
 
 

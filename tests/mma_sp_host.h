@@ -1,7 +1,6 @@
 // Runs python/ria/sparse/mma_sp.cu on a CPU (tests/test_mma_sp.py compiles it with g++), in
 // every mode (packed fragments, RIA_E4M3, RIA_CSLT: vals.bin then holds the row-major
-// values and meta.bin the tiled metadata of cuSPARSELt's buffer, RIA_QX: x.bin then holds
-// fp16/bf16 tokens the kernel casts to e4m3, warp shuffles exchanged through the warp):
+// values and meta.bin the tiled metadata of cuSPARSELt's buffer):
 // one std::thread per CUDA thread, a barrier per block for __syncthreads, and mma.sp
 // emulated per warp from the PTX ISA's fragment tables (sparse m16n8k32, .f16/.bf16; with
 // RIA_E4M3 the e4m3 operands are widened to fp16 as cvt.rn.f16x2.e4m3x2 does), so
@@ -35,18 +34,12 @@ struct uint2 {
 #ifndef RIA_E4M3
 #define RIA_E4M3 0
 #endif
-#ifndef RIA_QX
-#define RIA_QX 0
-#endif
 #if RIA_E4M3  // the kernel's x_t and frag_t
+typedef unsigned char ria_host_x;
 typedef uint2 ria_host_frag;
 #else
-typedef uint4 ria_host_frag;
-#endif
-#if RIA_E4M3 && !RIA_QX
-typedef unsigned char ria_host_x;
-#else
 typedef unsigned short ria_host_x;
+typedef uint4 ria_host_frag;
 #endif
 struct HostIndex {
   int x, y;
@@ -59,7 +52,6 @@ struct Warp {  // operands deposited by the 32 lanes for one warp-wide mma.sp or
   unsigned b[32][4];
   unsigned e[32];
   const char* row[32];
-  float f[32];  // __shfl_xor_sync
   std::barrier<>* sync;
 };
 thread_local Warp* warp;
@@ -123,48 +115,6 @@ inline float e4m3(unsigned char v) {  // e4m3fn: bias 7, subnormals 2^-9 steps (
 // cvt.rn.f16x2.e4m3x2: low byte to the low half.
 inline unsigned e4m3x2_to_f16x2(unsigned short v) {
   return host::half_bits(host::e4m3(v & 0xFF)) | ((unsigned)host::half_bits(host::e4m3(v >> 8)) << 16);
-}
-
-namespace host {
-// The e4m3fn code nearest `f` (ties to the even code, i.e. the even mantissa), saturating
-// at 448 (0x7E): searched over every finite code.
-inline unsigned char e4m3_bits(float f) {
-  const float a = std::fabs(f);
-  unsigned char best = 0;
-  for (unsigned char c = 1; c <= 0x7E; ++c) {
-    const float d = std::fabs(e4m3(c) - a), d_best = std::fabs(e4m3(best) - a);
-    if (d < d_best || (d == d_best && (c & 1) == 0)) best = c;
-  }
-  return (std::signbit(f) ? 0x80 : 0) | best;
-}
-}  // namespace host
-
-// cvt.rn.satfinite.e4m3x2.f32 with `lo` in the low byte.
-inline unsigned short f32x2_to_e4m3x2(float lo, float hi) {
-  return host::e4m3_bits(lo) | (host::e4m3_bits(hi) << 8);
-}
-
-inline unsigned float_bits(float f) {
-  unsigned r;
-  std::memcpy(&r, &f, 4);
-  return r;
-}
-
-inline float bits_float(unsigned v) {
-  float r;
-  std::memcpy(&r, &v, 4);
-  return r;
-}
-
-// The warp's 32 lanes exchange `v` (every lane calls it, as on a GPU with a full mask).
-inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
-  const int lane = threadIdx.x & 31;
-  host::Warp& w = *host::warp;
-  w.f[lane] = v;
-  w.sync->arrive_and_wait();
-  const float r = w.f[lane ^ lane_mask];
-  w.sync->arrive_and_wait();
-  return r;
 }
 
 inline void __syncthreads() { host::block_sync->arrive_and_wait(); }
@@ -316,9 +266,7 @@ int main(int argc, char** argv) {
   const size_t shared_floats = 232448 / 4;  // an H200's most per block
 #else
   const int cluster = 1;
-  // the warps' partial sums; RIA_QX: per warp and token a maximum, per token 1/scale, scale
-  const size_t shared_floats =
-      (size_t)RIA_W * RIA_R * RIA_NT * 4 * 32 + (RIA_QX ? (RIA_W + 2) * 8 * RIA_NT : 0);
+  const size_t shared_floats = (size_t)RIA_W * RIA_R * RIA_NT * 4 * 32;
 #endif
   for (int bx = 0; bx < grid; ++bx) {
     std::vector<std::vector<float>> shared(cluster, std::vector<float>(shared_floats, NAN));

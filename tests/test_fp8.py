@@ -267,8 +267,6 @@ def test_fp8_kernels_match_reference(m, bias):
     # tensor cores do unless a kernel promotes its partial sums.
     _close_to_reference(fp8_cslt_linear(x, fp8_cslt_compress(w), w.scale, b), ref, CSLT_ATOL)
     if m <= 64:
-        from dataclasses import replace
-
         from ria.sparse.cslt import share_cslt_buffer
         from ria.sparse.fp8_kernels import quantize_tokens
         from ria.sparse.mma_sp import CONFIGS, mma24_fp8_linear
@@ -283,9 +281,6 @@ def test_fp8_kernels_match_reference(m, bias):
             for cfg in plain if m == 16 else (None,):  # every launch shape once (compiles)
                 y = mma24_fp8_linear(q, q_scale, weight, w.scale, b, config=cfg)
                 _close_to_reference(y, ref)
-                # the kernel quantizing the bf16 tokens itself: the same bits
-                fused = None if cfg is None else replace(cfg, quantize=1)
-                assert torch.equal(mma24_fp8_linear(x, None, weight, w.scale, b, config=fused), y)
         tiled = next(c for c in CONFIGS if c.tiled)
         with pytest.raises(InvalidArgumentError, match="no e4m3 form"):
             mma24_fp8_linear(q, q_scale, frag, w.scale, b, config=tiled)

@@ -124,25 +124,12 @@ GXX = shutil.which("g++")
 
 
 def _run_on_host(
-    tmp_path: Path,
-    n,
-    k,
-    m,
-    cfg,
-    dtype,
-    order_dtype,
-    bias,
-    e4m3=False,
-    cslt=False,
-    extra=None,
-    qx=False,
-) -> torch.Tensor:
+    tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False, cslt=False, extra=None
+) -> None:
     """Compile mma_sp.cu with tests/mma_sp_host.h for `cfg` = (R, W, U), run it on a random
     2:4 weight and compare with the masked dense product (with `e4m3`: weight and tokens in
     e4m3, against `fp8_linear_reference`; with `cslt`: the weight as cuSPARSELt's buffer,
-    values row-major and metadata in its tiled order, `format.to_cslt_layout`; with `qx`:
-    fp16/bf16 tokens the kernel quantizes). Returns the kernel's output `(m, n)`."""
-    tmp_path.mkdir(exist_ok=True)
+    values row-major and metadata in its tiled order, `format.to_cslt_layout`)."""
     row_tiles, warps, unroll, stages, split = (*cfg, 0, 1)[:5] if len(cfg) == 3 else cfg
     w = random_24(n, k, dtype=dtype, seed=n + m)
     g = torch.Generator().manual_seed(m)
@@ -152,9 +139,8 @@ def _run_on_host(
     b = torch.randn(n, generator=g).to(dtype) if bias else torch.zeros(1, dtype=dtype)
     if e4m3:
         qw = quantize_weight(w)
-        q, q_scale = quantize_rows(x_rows[:, :k])  # the padding columns are never read
-        q = torch.nn.functional.pad(q.view(torch.uint8), (0, ldx - k))
-        (x_rows.view(torch.int16) if qx else q).numpy().tofile(tmp_path / "x.bin")
+        q, q_scale = quantize_rows(x_rows)  # the padding columns are never read
+        q.view(torch.uint8).numpy().tofile(tmp_path / "x.bin")
         q_scale.numpy().tofile(tmp_path / "x_scale.bin")
         qw.scale.numpy().tofile(tmp_path / "w_scale.bin")
         if cslt:  # cuSPARSELt's e4m3 buffer: values row-major, its e4m3 metadata order
@@ -188,7 +174,6 @@ def _run_on_host(
         "RIA_ORDER": {None: 0, torch.int32: 32, torch.int64: 64}[order_dtype],
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
-        "RIA_QX": int(qx),
         **(extra or {}),
     }
     if stages:
@@ -210,10 +195,9 @@ def _run_on_host(
     if e4m3:  # the definition, up to fp32 summation order and one rounding
         ref = fp8_linear_reference(x_rows[:, :k], qw, b if bias else None)
         torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=1e-3)
-        return y
+        return
     ref = _reference(x_rows[:, :k], w, b if bias else None, order)
     assert _rel_err(y, ref) < 1e-2, (n, k, m, cfg)
-    return y
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
@@ -245,28 +229,6 @@ def test_mma_e4m3_kernel_on_host(tmp_path, n, k, m, cfg, bias):
     """The e4m3 form (bytes widened to fp16, scales in the epilogue) equals the fp8
     reference, over the same batching cases as the fp16/bf16 kernel."""
     _run_on_host(tmp_path, n, k, m, cfg, torch.bfloat16, None, bias, e4m3=True)
-
-
-@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
-@pytest.mark.parametrize(
-    "n, k, m, cfg, dtype, bias, cslt",
-    [
-        # one token, B with the weight batch; bf16; fragments
-        (40, 100, 1, (2, 4, 2), torch.bfloat16, True, False),
-        # 8 tokens, more warps than pairs (idle warps in the maximum too); fp16; the
-        # cuSPARSELt buffer
-        (64, 128, 8, (1, 16, 2), torch.float16, False, True),
-        # 20 tokens over 3 tiles, B per k-step; 1 warp: a block scales 24 token slots
-        (72, 384, 20, (2, 1, 2), torch.bfloat16, True, False),
-    ],
-)
-def test_mma_e4m3_kernel_quantizes_tokens_on_host(tmp_path, n, k, m, cfg, dtype, bias, cslt):
-    """RIA_QX: the e4m3 kernel fed fp16/bf16 tokens quantizes them itself exactly as
-    `quantize_rows` does: its output equals, bit for bit, the kernel fed those e4m3 tokens."""
-    args = (n, k, m, cfg, dtype, None, bias)
-    fused = _run_on_host(tmp_path / "qx", *args, e4m3=True, cslt=cslt, qx=True)
-    plain = _run_on_host(tmp_path / "q", *args, e4m3=True, cslt=cslt)
-    assert torch.equal(fused.view(torch.int16), plain.view(torch.int16))
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
@@ -390,7 +352,7 @@ def test_mma_config_rejects_bad_shapes():
     with pytest.raises(InvalidArgumentError, match="stages >= 2"):
         MmaConfig(2, 4, 2, 1)
     assert str(MmaConfig(2, 4, 2, 4, 3)) == "t2w4u2s4k3" and MmaConfig(2, 4, 2, 4).tiled
-    with pytest.raises(InvalidArgumentError, match="late_b and quantize are 0 or 1"):
+    with pytest.raises(InvalidArgumentError, match="late_b is 0 or 1"):
         MmaConfig(1, 16, 1, late_b=2)
     with pytest.raises(InvalidArgumentError, match="hint 0"):
         MmaConfig(1, 16, 1, hint=4)
@@ -620,13 +582,3 @@ def test_mma_e4m3_streaming_kernel_on_host(tmp_path):
     reference."""
     extra = {"RIA_LDH": 2, "RIA_PREFETCH_B": 0}
     _run_on_host(tmp_path, 40, 640, 3, (1, 2, 2), torch.bfloat16, None, True, True, extra=extra)
-
-
-def test_quantize_launch_shapes_are_plain_and_named():
-    from ria.sparse.mma_sp import MmaConfig
-
-    assert str(MmaConfig(1, 16, 2, hint=2, quantize=1)) == "r1w16u2h2q"
-    with pytest.raises(InvalidArgumentError, match="quantize"):
-        MmaConfig(1, 4, 2, 4, 2, quantize=1)  # the tiled kernel
-    with pytest.raises(InvalidArgumentError, match="quantize"):
-        MmaConfig(1, 16, 2, quantize=2)

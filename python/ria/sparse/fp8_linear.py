@@ -57,7 +57,6 @@ from .graphs import rotation_time_us
 from .linear import DENSE, Choice, storage_bytes
 from .mma_sp import (
     MAX_TOKENS,
-    QUANTIZE_MAX_TOKENS,
     MmaConfig,
     MmaWeight,
     mma24_fp8_linear,
@@ -230,8 +229,6 @@ def _mma(
     bias: torch.Tensor | None,
     config: MmaConfig | None,
 ) -> torch.Tensor:
-    if config is not None and config.quantize:  # the kernel quantizes the tokens itself
-        return mma24_fp8_linear(x, None, weight, scale, bias, out_dtype=x.dtype, config=config)
     q, q_scale = quantize_tokens(x)
     return mma24_fp8_linear(q, q_scale, weight, scale, bias, out_dtype=x.dtype, config=config)
 
@@ -350,17 +347,9 @@ def _tune(
                 if m > MAX_TOKENS or any(w is None for w in weights):
                     continue
                 mweights = [w for w in weights if w is not None]
-                launch, _ = mma_best_config(
+                cfgs[backend], _ = mma_best_config(
                     mweights, q, forms[0].bias, fp8_scales=(q_scale, scales)
                 )
-                if m <= QUANTIZE_MAX_TOKENS:  # or the kernel quantizing the tokens itself
-                    fused, _ = mma_best_config(
-                        mweights, x, forms[0].bias, fp8_scales=(None, scales)
-                    )
-                    launch = min(
-                        (launch, fused), key=lambda c: _time_us(backend, forms, x, {backend: c})
-                    )
-                cfgs[backend] = launch
                 cands.append(backend)
         for b in [c for c in cands if c != FP8_DENSE]:
             if not _agrees(b, forms[0], x, cfgs):

@@ -18,16 +18,8 @@
 // ceil(M / 8)), RIA_ORDER (0: none, 32 / 64: index bits), RIA_E4M3 (1: weight values and
 // tokens in e4m3, half the bytes per fragment, widened exactly to fp16 in registers for an
 // f16 mma.sp; the fp32 sums are then scaled by the token's and the row's scales), RIA_CSLT
-// (1: W is read in place from cuSPARSELt's compressed buffer instead, see below), RIA_QX
-// (with RIA_E4M3: x holds fp16/bf16 tokens, which the kernel quantizes itself, see below).
-// No headers: NVRTC needs no CUDA include path.
-//
-// RIA_QX: each block first finds every token's largest magnitude over all of K (its
-// threads stride over x, a warp shuffle and shared memory reduce), takes the power-of-two
-// scale of fp8.pow2_scale from its bits, and casts B to e4m3 while loading it (x / scale,
-// round to nearest even), then widens it as above: the same e4m3 tokens as
-// fp8_kernels.quantize_tokens, without its launch and its pass over memory. Each block
-// reads all of x once more for the maximum (M * K * 2 bytes, from L2).
+// (1: W is read in place from cuSPARSELt's compressed buffer instead, see below). No
+// headers: NVRTC needs no CUDA include path.
 //
 // RIA_CSLT: `vals` is the buffer's values region, row-major (N, K/2), and `meta` its
 // metadata in cuSPARSELt's tiled order (format.cslt_nibble_index: per 64-row block and
@@ -63,12 +55,6 @@
 #if RIA_TILED && RIA_E4M3
 #error "RIA_TILED has no e4m3 form"
 #endif
-#ifndef RIA_QX
-#define RIA_QX 0
-#endif
-#if RIA_QX && (!RIA_E4M3 || RIA_ORDER || RIA_TILED)
-#error "RIA_QX quantizes fp16/bf16 tokens for the plain e4m3 kernel, without an input order"
-#endif
 #ifndef RIA_TILED
 #define RIA_TILED 0
 #endif
@@ -103,14 +89,11 @@ typedef int index_t;
 #endif
 
 #if RIA_E4M3
-typedef uint2 frag_t;  // a lane's 8 kept e4m3 values of one k-step
-#else
-typedef uint4 frag_t;  // a lane's 8 kept fp16/bf16 values of one k-step
-#endif
-#if RIA_E4M3 && !RIA_QX
 typedef unsigned char x_t;  // one e4m3 token value
+typedef uint2 frag_t;       // a lane's 8 kept e4m3 values of one k-step
 #else
-typedef u16 x_t;  // one fp16/bf16 token value (RIA_QX: cast to e4m3 while loading)
+typedef u16 x_t;
+typedef uint4 frag_t;  // a lane's 8 kept fp16/bf16 values of one k-step
 #endif
 
 // The device primitives: tests/mma_sp_host.h stands in for them (RIA_HOST_EMULATION) to run
@@ -238,44 +221,6 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u16 v) {
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(v));
   return r;
 }
-
-#if RIA_QX
-// Two floats as e4m3 (round to nearest even; `lo` in the low byte). |lo|, |hi| <= 448 here.
-__device__ __forceinline__ u16 f32x2_to_e4m3x2(float lo, float hi) {
-  u16 r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-__device__ __forceinline__ u32 float_bits(float f) {
-  u32 r;
-  asm("mov.b32 %0, %1;" : "=r"(r) : "f"(f));
-  return r;
-}
-
-__device__ __forceinline__ float bits_float(u32 v) {
-  float r;
-  asm("mov.b32 %0, %1;" : "=f"(r) : "r"(v));
-  return r;
-}
-#endif
-#endif
-
-#if RIA_QX
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
-  return v;
-}
-
-// fp8.pow2_scale on the float's bits: scale = 2**e for the smallest e with
-// amax <= 448 * 2**e (amax at least fp8.MIN_AMAX = 2**-60), and 1 / scale.
-__device__ __forceinline__ void pow2_scale(float amax, float& inv, float& scale) {
-  const u32 bits = float_bits(fmaxf(amax, bits_float(67u << 23)));  // 2**-60
-  const int e = (int)((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > 0x600000 ? 1 : 0);
-  scale = bits_float((u32)(e + 127) << 23);
-  inv = bits_float((u32)(127 - e) << 23);
-}
 #endif
 
 #if RIA_E4M3
@@ -306,7 +251,7 @@ __device__ __forceinline__ int b_col(int p, int h, int t, int i) {
 // 8j + g at columns b_col(p, h, t, i) + {0, 1}, i = 0..3 (through `order` if given).
 __device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const x_t* __restrict__ x, int ldx,
                                        const index_t* __restrict__ order, int g, int t, int M,
-                                       int K, int p, int h, const float* __restrict__ x_inv) {
+                                       int K, int p, int h) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int k = b_col(p, h, t, i);
@@ -321,11 +266,7 @@ __device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const x_t* __restric
       u32 v = 0;
       if (token < M && in_k) {
         const x_t* row = x + (long long)token * ldx;
-#if RIA_QX
-        const u32 raw = *reinterpret_cast<const u32*>(row + k);
-        const float inv = x_inv[token];
-        v = e4m3x2_to_f16x2(f32x2_to_e4m3x2(to_f32((u16)raw) * inv, to_f32((u16)(raw >> 16)) * inv));
-#elif RIA_E4M3
+#if RIA_E4M3
         v = e4m3x2_to_f16x2(*reinterpret_cast<const u16*>(row + k));  // no order: see mma_sp.py
 #elif RIA_ORDER
         v = (u32)row[c0] | ((u32)row[c1] << 16);
@@ -389,34 +330,6 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[r][j][c] = 0.f;
 
-#if RIA_QX
-  // The tokens' scales, after the warps' partial sums in shared memory: per warp and token
-  // a partial maximum, then per token 1 / scale and scale.
-  constexpr int TOKENS = 8 * RIA_NT;
-  float* const token_max = partial + RIA_W * RIA_R * RIA_NT * 4 * 32;
-  float* const x_inv = token_max + RIA_W * TOKENS;
-  float* const x_sc = x_inv + TOKENS;
-  for (int j = 0; j < TOKENS; ++j) {  // every thread takes part (warp_max shuffles)
-    float v = 0.f;
-    if (j < M)
-      for (int k = 2 * threadIdx.x; k < K; k += 2 * RIA_W * 32) {
-        const u32 raw = *reinterpret_cast<const u32*>(x + (long long)j * ldx + k);
-        v = fmaxf(v, fmaxf(fabsf(to_f32((u16)raw)), fabsf(to_f32((u16)(raw >> 16)))));
-      }
-    v = warp_max(v);
-    if (lane == 0) token_max[warp * TOKENS + j] = v;
-  }
-  __syncthreads();
-  for (int j = threadIdx.x; j < TOKENS; j += RIA_W * 32) {
-    float v = 0.f;
-    for (int w = 0; w < RIA_W; ++w) v = fmaxf(v, token_max[w * TOKENS + j]);
-    pow2_scale(v, x_inv[j], x_sc[j]);
-  }
-  __syncthreads();
-#else
-  const float* const x_inv = nullptr;
-#endif
-
   for (int p0 = pb; p0 < pe; p0 += RIA_U) {
     uint4 a[RIA_R][2 * RIA_U];
     u32 e[RIA_R][RIA_U];
@@ -463,7 +376,7 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
     u32 b[2 * RIA_U][RIA_NT][4];  // the whole batch's B, loaded together with A
 #pragma unroll
     for (int q = 0; q < 2 * RIA_U; ++q)
-      load_b(b[q], x, ldx, order, g, t, M, K, min(p0 + q / 2, pe - 1), q % 2, x_inv);
+      load_b(b[q], x, ldx, order, g, t, M, K, min(p0 + q / 2, pe - 1), q % 2);
 #endif
 #pragma unroll
     for (int q = 0; q < 2 * RIA_U; ++q) {
@@ -474,7 +387,7 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
       if (p0 + u < pe) {
 #if !RIA_PREFETCH_B
         u32 bq[RIA_NT][4];
-        load_b(bq, x, ldx, order, g, t, M, K, p0 + u, h, x_inv);
+        load_b(bq, x, ldx, order, g, t, M, K, p0 + u, h);
 #endif
 #pragma unroll
         for (int r = 0; r < RIA_R; ++r)
@@ -509,9 +422,7 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
     const int row = (tile0 + r) * 16 + (ln >> 2) + 8 * (c >> 1);
     const int token = 8 * j + 2 * (ln & 3) + (c & 1);
     if (row < N && token < M) {
-#if RIA_QX
-      s = s * x_sc[token] * w_scale[row];  // powers of two: exact
-#elif RIA_E4M3
+#if RIA_E4M3
       s = s * x_scale[token] * w_scale[row];  // powers of two: exact
 #endif
       if (has_bias) s += to_f32(bias[row]);

@@ -18,7 +18,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ from .graphs import rotation_time_us
 __all__ = [
     "CONFIGS",
     "MAX_TOKENS",
-    "QUANTIZE_MAX_TOKENS",
     "MmaConfig",
     "MmaLaunch",
     "MmaWeight",
@@ -69,9 +68,7 @@ class MmaConfig:
     Plain kernel only (`mma_sp.cu`): `hint` is the weight loads' cache hint (RIA_LDH: 0
     none, 1 no L1 allocation, 2 that and a 256-byte L2 fetch around each load, 3 the L2
     fetch alone); `late_b` = 1 loads the tokens' B fragments per k-step instead of with
-    the batch (fewer registers, so more pairs in flight per warp); `quantize` = 1, for the
-    e4m3 form only (`mma24_fp8_linear` given fp16/bf16 tokens): the kernel quantizes the
-    tokens itself (RIA_QX) instead of reading `fp8_kernels.quantize_tokens`' output.
+    the batch (fewer registers, so more pairs in flight per warp).
 
     With `wgmma` (the streaming warpgroup kernel, `wgmma_sp.cu`, compute capability 9.0
     only, the tiled kernel's inputs): a producer warp fills `stages` shared-memory stages of
@@ -90,19 +87,16 @@ class MmaConfig:
     late_b: int = 0
     wgmma: bool = False
     multicast: int = 1
-    quantize: int = 0
 
     def __post_init__(self) -> None:
         if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
             raise InvalidArgumentError(
                 f"MmaConfig needs positive fields and at most 32 warps, got {self!r}"
             )
-        if self.late_b not in (0, 1) or self.quantize not in (0, 1) or self.hint not in range(4):
-            raise InvalidArgumentError(f"late_b and quantize are 0 or 1, hint 0..3: {self!r}")
-        if self.stages and (self.late_b or self.hint or self.quantize):
-            raise InvalidArgumentError(
-                f"hint, late_b and quantize are the plain kernel's: {self!r}"
-            )
+        if self.late_b not in (0, 1) or self.hint not in range(4):
+            raise InvalidArgumentError(f"late_b is 0 or 1, hint 0..3: {self!r}")
+        if self.stages and (self.late_b or self.hint):
+            raise InvalidArgumentError(f"hint and late_b are the plain kernel's: {self!r}")
         if self.stages == 0 and self.split != 1:
             raise InvalidArgumentError(f"split > 1 needs the tiled kernel (stages >= 2): {self!r}")
         if self.stages and (self.stages < 2 or self.split > 8 or (self.row_tiles * self.warps) % 4):
@@ -136,7 +130,6 @@ class MmaConfig:
         if self.tiled:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         extra = (f"h{self.hint}" if self.hint else "") + ("b" if self.late_b else "")
-        extra += "q" if self.quantize else ""
         return f"r{self.row_tiles}w{self.warps}u{self.unroll}{extra}"
 
     @property
@@ -145,11 +138,6 @@ class MmaConfig:
         hint, late B loads)."""
         return bool(self.hint or self.late_b)
 
-
-# Up to this many tokens, fp8 tuning also times the e4m3 kernel quantizing the tokens
-# itself (`MmaConfig.quantize`): each block then reads all of x once more for the tokens'
-# maxima (M * K * 2 bytes from L2), small next to its weight slice only for few tokens.
-QUANTIZE_MAX_TOKENS = 16
 
 # Launch shapes timed by `mma_best_config`, per token count: the ones that won a shape on
 # an H200 (benches/results/decode_kernels_h200*.json; the first of each is the default).
@@ -359,8 +347,7 @@ def _kernel_source(
     cslt: bool = False,
 ) -> str:
     """The kernel for output (and, unless `e4m3`, operand) `dtype` and the launch shape,
-    reading the weight from cuSPARSELt's buffer if `cslt`; an e4m3 kernel of a `quantize`
-    shape takes fp16/bf16 tokens and quantizes them itself (RIA_QX)."""
+    reading the weight from cuSPARSELt's buffer if `cslt`."""
     defines = {
         "RIA_F16": int(dtype == torch.float16),
         "RIA_R": config.row_tiles,
@@ -376,8 +363,6 @@ def _kernel_source(
     # (only when set: the other kernels' sources and disk cache keys stay)
     if config.hint:
         defines["RIA_LDH"] = config.hint
-    if config.quantize:
-        defines["RIA_QX"] = 1
     if config.late_b:
         defines["RIA_PREFETCH_B"] = 0
     if config.tiled:  # (only then: the plain kernels' sources and disk cache keys stay)
@@ -493,13 +478,11 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
     `stages` stages of values (rows x (64 * unroll + 16) bytes), tokens (8 * tiles x
     (128 * unroll + 16) bytes) and metadata (256 bytes per 64 rows and 32 columns), and with
     `split > 1` at least the block's fp32 sums (rows x tokens) for the cluster's reduction.
-    Wgmma kernel: `wgmma_smem_bytes`. A `quantize` kernel adds, per token slot, each
-    warp's maximum, the scale and its reciprocal (fp32)."""
+    Wgmma kernel: `wgmma_smem_bytes`."""
     if config.wgmma:
         return wgmma_smem_bytes(config, tiles)
     if not config.tiled:
-        scales = 4 * (config.warps + 2) * 8 * tiles if config.quantize else 0
-        return 4 * config.warps * config.row_tiles * tiles * 4 * 32 + scales
+        return 4 * config.warps * config.row_tiles * tiles * 4 * 32
     rows, u = 16 * config.row_tiles * config.warps, config.unroll
     stage = rows * (64 * u + 16) + 8 * tiles * (128 * u + 16) + rows // 64 * 2 * u * 256
     sums = 4 * rows * 8 * tiles if config.split > 1 else 0
@@ -674,10 +657,6 @@ def _prepare(
     """The kernel, launch shape, token tiles, row tiles and argument list for checked
     inputs (`x` at index 0 and `out` at index 7 of the arguments; the wgmma kernel's:
     `_wgmma_args`)."""
-    if config is not None and config.quantize:
-        raise InvalidArgumentError(
-            f"{config} quantizes tokens: e4m3 weights only (mma24_fp8_linear)"
-        )
     m = x.shape[0]
     cslt = isinstance(packed, Compact24)
     config = config or default_config(m, cslt, order is not None)
@@ -836,7 +815,7 @@ class MmaLaunch:
 
 def mma24_fp8_linear(
     q: torch.Tensor,
-    q_scale: torch.Tensor | None,
+    q_scale: torch.Tensor,
     packed: MmaWeight,
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -849,57 +828,40 @@ def mma24_fp8_linear(
     exactly to fp16 for an f16 mma.sp, summed in fp32, scaled, biased, cast once.
 
     Args:
-        q: `(M, K)` contiguous, `1 <= M <= MAX_TOKENS`: e4m3 tokens
-            (`fp8_kernels.quantize_tokens`) with their scales `q_scale` `(M,)` fp32; or,
-            with `q_scale` None, the fp16/bf16 tokens themselves (`out_dtype`), which the
-            kernel quantizes as `quantize_tokens` does (a `quantize` launch shape; K even).
+        q: `(M, K)` float8_e4m3fn tokens, contiguous, `1 <= M <= MAX_TOKENS`
+            (`fp8_kernels.quantize_tokens`); q_scale: `(M,)` fp32.
         packed: the weight from `format.pack_mma24_e4m3` (e4m3 values), or cuSPARSELt's
             e4m3 buffer as a "cslt" `Compact24` (`cslt.share_cslt_buffer`; K % 64 == 0),
             read in place; scale: `(N,)` fp32.
         bias: `(N,)` in `out_dtype`, or None.
         out_dtype: bf16 or fp16.
-        config: a plain launch shape (default: the first of `candidates(M)`), whose
-            `quantize` must say whether `q` is e4m3 (0) or fp16/bf16 (1).
     """
     m, k = q.shape
     n = packed.out_features
     cslt = isinstance(packed, Compact24)
     if isinstance(packed, Compact24):
         _check_cslt(packed)
-    fused = q_scale is None
-    if packed.values.dtype != torch.float8_e4m3fn:
-        raise InvalidArgumentError(f"the weight is {packed.values.dtype}; need e4m3")
-    if out_dtype not in (torch.float16, torch.bfloat16):
-        raise InvalidArgumentError(f"out_dtype must be fp16 or bf16, got {out_dtype}")
-    if q.dtype != (out_dtype if fused else torch.float8_e4m3fn):
-        want = f"{out_dtype} tokens (q_scale None)" if fused else "e4m3 tokens with q_scale"
-        raise InvalidArgumentError(f"q is {q.dtype}; need {want}")
+    if q.dtype != torch.float8_e4m3fn or packed.values.dtype != torch.float8_e4m3fn:
+        raise InvalidArgumentError(f"q is {q.dtype}, the weight {packed.values.dtype}; need e4m3")
     if k != packed.in_features or not 1 <= m <= MAX_TOKENS or not q.is_contiguous():
         raise InvalidArgumentError(
             f"q must be contiguous (M <= {MAX_TOKENS}, {packed.in_features}), got {tuple(q.shape)}"
         )
-    if q.data_ptr() % 4 or k % 2:  # the kernel reads two token values per load
-        raise InvalidArgumentError("q must be 4-byte aligned with an even number of columns")
+    if out_dtype not in (torch.float16, torch.bfloat16):
+        raise InvalidArgumentError(f"out_dtype must be fp16 or bf16, got {out_dtype}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != out_dtype):
         raise InvalidArgumentError(f"bias must be ({n},) {out_dtype}")
-    if config is None:
-        default = next(c for c in candidates(m, cslt) if _has_e4m3_form(c))
-        config = replace(default, quantize=int(fused))
+    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
+    config = config or next(c for c in candidates(m, cslt) if _has_e4m3_form(c))
     if not _has_e4m3_form(config):
         raise InvalidArgumentError(f"the {config} kernel has no e4m3 form")
-    if bool(config.quantize) != fused:
-        raise InvalidArgumentError(
-            f"launch shape {config} (quantize={config.quantize}) does not match q ({q.dtype})"
-        )
-    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     tiles = -(-m // TOKEN_TILE)
     kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True, cslt=cslt)
     row_tiles, pairs = _tiles_pairs(packed)
     unused = packed.values
     args = [
         q, k, packed.values, packed.meta, unused, unused if bias is None else bias,
-        int(bias is not None), out, n, m, n, k, row_tiles, pairs,
-        scale if q_scale is None else q_scale, scale,
+        int(bias is not None), out, n, m, n, k, row_tiles, pairs, q_scale, scale,
     ]  # fmt: skip
     _launch(kernel, config, tiles, row_tiles, args)
     return out
@@ -917,22 +879,17 @@ def mma_best_config(
     *,
     order: torch.Tensor | None = None,
     configs: tuple[MmaConfig, ...] | None = None,
-    fp8_scales: tuple[torch.Tensor | None, list[torch.Tensor]] | None = None,
+    fp8_scales: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
 ) -> tuple[MmaConfig, dict[str, float]]:
     """The fastest configuration for `x` on weights of one shape, timed under CUDA-graph
     replay over `packed` in rotation (default candidates: `candidates(M)`); also every
     candidate's microseconds per call. With `fp8_scales` = (token scales, each weight's
-    row scales), `x` holds e4m3 tokens and `packed` e4m3 weights (`mma24_fp8_linear`);
-    with token scales None, `x` holds fp16/bf16 tokens and the candidates quantize them
-    (`MmaConfig.quantize`). `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s)
-    instead of fragments."""
+    row scales), `x` holds e4m3 tokens and `packed` e4m3 weights (`mma24_fp8_linear`).
+    `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments."""
     cslt = isinstance(packed[0], Compact24)
     configs = configs or candidates(x.shape[0], cslt=cslt)
     if fp8_scales is not None:
-        fused = int(fp8_scales[0] is None)
-        configs = tuple(
-            dict.fromkeys(replace(c, quantize=fused) for c in configs if _has_e4m3_form(c))
-        )
+        configs = tuple(c for c in configs if _has_e4m3_form(c))
     elif order is not None or not cslt:  # shapes the tiled kernel lacks
         configs = tuple(c for c in configs if not c.tiled)
     times: dict[str, float] = {}
