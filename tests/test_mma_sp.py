@@ -237,10 +237,13 @@ def test_mma_e4m3_kernel_on_host(tmp_path, n, k, m, cfg, bias):
     [
         # one token tile with B prefetch; two 64-row blocks over two k-chunks
         (128, 128, 3, (2, 4, 2), True),
-        # three token tiles; three 64-row blocks; 10 k-chunks split unevenly over 8 warps
+        # three token tiles; three 64-row blocks; 5 units split unevenly over 8 warps
         (192, 640, 20, (4, 8, 2), False),
-        # a full 8-tile batch; one pair per batch, one row tile per block
+        # a full 8-tile batch; one unit (four k-steps) per batch, one row tile per block
         (64, 1024, 64, (1, 8, 1), True),
+        # K % 128 == 64 (the last unit has one k-chunk): M = 1, and two units per batch
+        (128, 192, 1, (2, 4, 1), False),
+        (64, 320, 9, (1, 2, 2), True),
     ],
 )
 def test_mma_e4m3_cslt_kernel_on_host(tmp_path, n, k, m, cfg, bias):

@@ -35,13 +35,18 @@
 // row g + 8 high). B reads the token columns of the same groups (b_col).
 //
 // RIA_CSLT with RIA_E4M3: cuSPARSELt's e4m3 buffer, the same values row-major (one byte
-// each: a lane's four groups are one 8-byte load per row, widened as above) and another
-// metadata order (format.cslt_nibble_index(e4m3=True): 128 words per 64-row block and
-// 64-column k-chunk; 16-row tile q owns words 32q..32q+31, word 4 * (r % 8) + j holding
-// groups 2j, 2j + 1 (rows r % 8, r % 8 + 8) in bytes 0, 1 and 2j + 8, 2j + 9 in bytes 2,
-// 3, the even group in the low nibble), so lane t's groups t + 4q are in words
-// 4g + t / 2 (q = 0, 2) and 4g + t / 2 + 2 (q = 1, 3) at nibble t % 2 of each byte
-// (cslt_meta_e4m3). Needs K % 64 == 0.
+// each) and another metadata order (format.cslt_nibble_index(e4m3=True): 128 words per
+// 64-row block and 64-column k-chunk; 16-row tile q owns words 32q..32q+31, word
+// 4 * (r % 8) + j holding groups 2j, 2j + 1 (rows r % 8, r % 8 + 8) in bytes 0, 1 and
+// 2j + 8, 2j + 9 in bytes 2, 3, the even group in the low nibble). The unit of work is four
+// k-steps (128 columns, 32 groups, RIA_KSTEPS), so that a lane's share of a row is again
+// one 16-byte load: lane t takes groups 8t..8t+7, k-step h using 8t + 2h (as fragment
+// group t) and 8t + 2h + 1 (as group t + 4). The metadata of fragment group
+// 4 * (t % 2) + q of step 2v + t / 2 is then that of unit group t + 4v + 8q: word
+// 4g + t / 2 + 2v of both k-chunks (q = 0, 1: the first; 2, 3: the second), bytes 0, 1
+// (q even) or 2, 3 (q odd), nibble t % 2 (cslt_meta_e4m3). Measured on an H200 with 8-byte
+// loads per pair instead: 1.2-1.8x slower than the same kernel on its own fragments.
+// Needs K % 64 == 0.
 
 // With one token tile, the batch's B fragments are loaded together with A (their latency
 // then overlaps the weight's); with more, each k-step loads its own (measured faster: the
@@ -55,6 +60,8 @@
 #if RIA_TILED && RIA_E4M3
 #error "RIA_TILED has no e4m3 form"
 #endif
+// k-steps per unit of a warp's work: a pair, or four on cuSPARSELt's e4m3 buffer (above)
+#define RIA_KSTEPS (RIA_CSLT && RIA_E4M3 ? 4 : 2)
 #ifndef RIA_TILED
 #define RIA_TILED 0
 #endif
@@ -236,18 +243,20 @@ __device__ __forceinline__ uint4 widen(const uint2& v) {
 __device__ __forceinline__ uint4 widen(const uint4& v) { return v; }
 #endif
 
-// Input column of B register i (of 4) of lane quad position t in k-step h of pair p (the
+// Input column of B register i (of 4) of lane quad position t in k-step h of unit p (the
 // register holds it and the next column): the fragment's rows 2t + 8i (+ 1) in the group
 // order the weight is read in.
 __device__ __forceinline__ int b_col(int p, int h, int t, int i) {
-#if RIA_CSLT  // fragment group t / 2 + 2i is pair group 4 * (t / 2 + 2 * (i % 2)) + 2h + i / 2
+#if RIA_CSLT && RIA_E4M3  // fragment group t / 2 + 2i is unit group 8 * (t / 2 + 2 * (i % 2)) + 2h + i / 2
+  return 128 * p + 32 * (t >> 1) + 64 * (i & 1) + 4 * (i >> 1) + 8 * h + 2 * (t & 1);
+#elif RIA_CSLT  // fragment group t / 2 + 2i is pair group 4 * (t / 2 + 2 * (i % 2)) + 2h + i / 2
   return 64 * p + 16 * (t >> 1) + 32 * (i & 1) + 4 * (i >> 1) + 8 * h + 2 * (t & 1);
 #else
   return 64 * p + 32 * h + 2 * t + 8 * i;
 #endif
 }
 
-// B fragments of k-step h of pair p for the RIA_NT token tiles: lane (g, t) holds token
+// B fragments of k-step h of unit p for the RIA_NT token tiles: lane (g, t) holds token
 // 8j + g at columns b_col(p, h, t, i) + {0, 1}, i = 0..3 (through `order` if given).
 __device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const x_t* __restrict__ x, int ldx,
                                        const index_t* __restrict__ order, int g, int t, int M,
@@ -292,14 +301,16 @@ __device__ __forceinline__ u32 cslt_meta(u32 lo, u32 hi, int t) {
   return v ^ s ^ (s << 8);
 }
 
-// The same for cuSPARSELt's e4m3 order: words `a` (groups t, t + 8 of the pair in its bytes
-// 0..3 as rows g, g + 8, g, g + 8) and `b` (groups t + 4, t + 12), lane t's nibble at
-// 4 * (t % 2) of each byte.
+// The same for cuSPARSELt's e4m3 order: the same word of a unit's two k-chunks, `a` (its
+// bytes 0..3: rows g, g + 8 of fragment group q = 0, then of q = 1) and `b` (q = 2, 3),
+// lane t's nibble at 4 * (t % 2) of each byte.
 __device__ __forceinline__ u32 cslt_meta_e4m3(u32 a, u32 b, int t) {
   const int s = 4 * (t & 1);
-  u32 v = ((a >> s) & 0x0F0F0F0Fu) | (((b >> s) & 0x0F0F0F0Fu) << 4);  // bytes: g, g + 8, g, g + 8
-  const u32 x = (v ^ (v >> 8)) & 0x0000FF00u;  // swap bytes 1 <-> 2: row g low, g + 8 high
-  return v ^ x ^ (x << 8);
+  a = (a >> s) & 0x0F0F0F0Fu;
+  b = (b >> s) & 0x0F0F0F0Fu;
+  a |= a >> 12;  // bytes 0, 1: rows g, g + 8 with q = 0 low, q = 1 high
+  b |= b >> 12;  // q = 2, 3
+  return (a & 0xFFu) | ((b & 0xFFu) << 8) | ((a & 0xFF00u) << 8) | ((b & 0xFF00u) << 16);
 }
 #endif
 
@@ -319,8 +330,9 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
   const int g = lane >> 2, t = lane & 3;
   const int tile0 = blockIdx.x * RIA_R;
   const int steps = 2 * pairs;
-  const int pb = (int)(((long long)pairs * warp) / RIA_W);
-  const int pe = (int)(((long long)pairs * (warp + 1)) / RIA_W);
+  const int units = (pairs + RIA_KSTEPS / 2 - 1) / (RIA_KSTEPS / 2);
+  const int pb = (int)(((long long)units * warp) / RIA_W);
+  const int pe = (int)(((long long)units * (warp + 1)) / RIA_W);
 
   float acc[RIA_R][RIA_NT][4];
 #pragma unroll
@@ -331,8 +343,8 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
       for (int c = 0; c < 4; ++c) acc[r][j][c] = 0.f;
 
   for (int p0 = pb; p0 < pe; p0 += RIA_U) {
-    uint4 a[RIA_R][2 * RIA_U];
-    u32 e[RIA_R][RIA_U];
+    uint4 a[RIA_R][RIA_KSTEPS * RIA_U];
+    u32 e[RIA_R][RIA_KSTEPS / 2 * RIA_U];
     // All loads first, unconditionally (clamped indices re-read valid data; their products
     // are skipped or land in rows that are never written).
 #pragma unroll
@@ -341,7 +353,32 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
 #pragma unroll
       for (int u = 0; u < RIA_U; ++u) {
         const int p = min(p0 + u, pe - 1);
-#if RIA_CSLT
+#if RIA_CSLT && RIA_E4M3
+        // K % 128 == 64: the last unit has one k-chunk; its other half reads as zero weights
+        // with valid (0, 1) indices.
+        const bool whole = 128 * p + 64 < K;
+        const long long row_q = K >> 5;  // 16-byte pieces (8 groups' values) per row
+        const long long v0 = (tile * 16 + g) * row_q + 4 * p + t;
+        const uint4* const vals16 = reinterpret_cast<const uint4*>(vals);
+        uint4 lo = {}, hi = {};
+        if (whole || t < 2) {
+          lo = ld_stream(vals16 + v0);
+          hi = ld_stream(vals16 + v0 + 8 * row_q);
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {  // k-steps 2 * half, 2 * half + 1
+          const uint4 wl = widen(half ? uint2{lo.z, lo.w} : uint2{lo.x, lo.y});
+          const uint4 wh = widen(half ? uint2{hi.z, hi.w} : uint2{hi.x, hi.y});
+          a[r][4 * u + 2 * half] = uint4{wl.x, wh.x, wl.y, wh.y};
+          a[r][4 * u + 2 * half + 1] = uint4{wl.z, wh.z, wl.w, wh.w};
+        }
+        const long long w0 = 128 * ((tile >> 2) * (long long)(K >> 6) + 2 * p) +
+                             32 * (tile & 3) + 4 * g + (t >> 1);
+#pragma unroll
+        for (int v = 0; v < 2; ++v)  // k-steps 2v, 2v + 1
+          e[r][2 * u + v] = cslt_meta_e4m3(ld_stream(meta + w0 + 2 * v),
+                                           whole ? ld_stream(meta + w0 + 128 + 2 * v) : 0x44444444u, t);
+#elif RIA_CSLT
         // K % 64 == 32: the last pair has one k-tile; its other half reads as zero weights
         // with valid (0, 1) indices.
         const bool whole = 64 * p + 32 < K;
@@ -355,15 +392,9 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
         const uint4 wl = widen(lo), wh = widen(hi);
         a[r][2 * u] = uint4{wl.x, wh.x, wl.y, wh.y};
         a[r][2 * u + 1] = uint4{wl.z, wh.z, wl.w, wh.w};
-#if RIA_E4M3
-        const long long w0 = 128 * ((tile >> 2) * (long long)(K >> 6) + p) + 32 * (tile & 3) +
-                             4 * g + (t >> 1);
-        e[r][u] = cslt_meta_e4m3(ld_stream(meta + w0), ld_stream(meta + w0 + 2), t);
-#else
         const long long w0 =
             16 * ((tile >> 2) * 4 * (long long)(K >> 5) + (tile & 3)) + 128 * p + 2 * g + (t >> 1);
         e[r][u] = cslt_meta(ld_stream(meta + w0), whole ? ld_stream(meta + w0 + 64) : 0x44444444u, t);
-#endif
 #else
         a[r][2 * u] = widen(ld_stream(vals + (tile * steps + 2 * p) * 32 + lane));
         a[r][2 * u + 1] = widen(ld_stream(vals + (tile * steps + 2 * p + 1) * 32 + lane));
@@ -371,16 +402,16 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
 #endif
       }
     }
-    // B of k-step q of the batch (q = 2u + h): pair min(p0 + u, pe - 1), half h.
+    // B of k-step q of the batch (q = RIA_KSTEPS * u + h): unit min(p0 + u, pe - 1), step h.
 #if RIA_PREFETCH_B
-    u32 b[2 * RIA_U][RIA_NT][4];  // the whole batch's B, loaded together with A
+    u32 b[RIA_KSTEPS * RIA_U][RIA_NT][4];  // the whole batch's B, loaded together with A
 #pragma unroll
-    for (int q = 0; q < 2 * RIA_U; ++q)
-      load_b(b[q], x, ldx, order, g, t, M, K, min(p0 + q / 2, pe - 1), q % 2);
+    for (int q = 0; q < RIA_KSTEPS * RIA_U; ++q)
+      load_b(b[q], x, ldx, order, g, t, M, K, min(p0 + q / RIA_KSTEPS, pe - 1), q % RIA_KSTEPS);
 #endif
 #pragma unroll
-    for (int q = 0; q < 2 * RIA_U; ++q) {
-      const int u = q / 2, h = q % 2;
+    for (int q = 0; q < RIA_KSTEPS * RIA_U; ++q) {
+      const int u = q / RIA_KSTEPS, h = q % RIA_KSTEPS;
 #if RIA_PREFETCH_B
       const u32(&bq)[RIA_NT][4] = b[q];
 #endif
@@ -393,10 +424,11 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
         for (int r = 0; r < RIA_R; ++r)
 #pragma unroll
           for (int j = 0; j < RIA_NT; ++j) {
-            if (h == 0)
-              mma_sp<0>(acc[r][j], a[r][2 * u], bq[j], e[r][u]);
+            const u32 eq = e[r][q / 2];  // one metadata word per two k-steps
+            if (h % 2 == 0)
+              mma_sp<0>(acc[r][j], a[r][q], bq[j], eq);
             else
-              mma_sp<1>(acc[r][j], a[r][2 * u + 1], bq[j], e[r][u]);
+              mma_sp<1>(acc[r][j], a[r][q], bq[j], eq);
           }
       }
     }
