@@ -123,6 +123,25 @@ def test_fp8_linear_rejects_bad_plans():
         Fp8Linear(w, {})
 
 
+def test_compiled_fp8_model_runs_each_layer_as_one_op():
+    """torch.compile traces an Fp8Linear as one `ria::sparse_linear` call (its kernel choice
+    and launches are not traceable: a bisect over buckets broke compiled decode on a GPU)."""
+    model = prune_model_24(tiny_model("llama")).to(torch.bfloat16)
+    names = quantize_linears(model, sparse=True)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    ops: list[object] = []
+
+    def backend(gm: torch.fx.GraphModule, _inputs: list) -> object:
+        ops.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+    assert ops.count(torch.ops.ria.sparse_linear) == len(names)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_quantize_linears_picks_24_layers_or_all():
     model = prune_model_24(tiny_model("llama")).to(torch.bfloat16)
     model.model.layers[0].mlp.up_proj.weight.data.normal_()  # no longer 2:4

@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ from .fp8_kernels import (
 )
 from .generate import clear_generators
 from .graphs import rotation_time_us
-from .linear import DENSE, Choice, storage_bytes
+from .linear import DENSE, Choice, register_compiled_layer, storage_bytes
 from .mma_sp import (
     MAX_TOKENS,
     MmaConfig,
@@ -162,6 +162,11 @@ class Fp8Linear(nn.Module):
         # The unit scale of the unscaled fp8 dense kernel (made here: not inside a capture).
         unit = torch.ones(1, device=weight.scale.device) if FP8_DENSE_UNSCALED in used else None
         self.register_buffer("unit", unit, persistent=False)
+        self._handle = register_compiled_layer(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._handle = register_compiled_layer(self)  # a copy (deepcopy, pickle) is another
 
     @property
     def plan(self) -> dict[int, Choice]:
@@ -211,7 +216,11 @@ class Fp8Linear(nn.Module):
             x2 = x2.index_select(1, self.input_order)
         elif not x2.is_contiguous():
             x2 = x2.contiguous()
-        return self.linear_2d(x2).view(*x.shape[:-1], self.out_features)
+        if torch.compiler.is_compiling():  # the kernel choice and launches as one op
+            y: torch.Tensor = torch.ops.ria.sparse_linear(x2, self._handle)
+        else:
+            y = self.linear_2d(x2)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         plan = ", ".join(f"<={b}:{c.backend}" for b, c in self.plan.items())

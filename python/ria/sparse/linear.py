@@ -24,7 +24,7 @@ import itertools
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,9 @@ __all__ = [
     "MMA_CSLT",
     "TRITON",
     "Choice",
+    "ConvertedLinear",
     "Sparse24Linear",
+    "register_compiled_layer",
     "sparse_linear",
 ]
 
@@ -153,7 +155,7 @@ class Sparse24Linear(nn.Module):
         # (tokens, eager) -> the prepared call (holds raw addresses of the buffers above)
         self._runners: dict[tuple[int, bool], Runner] = {}
         self._matmuls: dict[Choice, CsltMatmul] = {}  # eager cuSPARSELt: plans by token count
-        self._handle = _register(self)
+        self._handle = register_compiled_layer(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
@@ -163,7 +165,7 @@ class Sparse24Linear(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
-        self._handle = _register(self)  # a copy (deepcopy, pickle) is another layer
+        self._handle = register_compiled_layer(self)  # a copy (deepcopy, pickle) is another
 
     def _apply(self, fn: Any, recurse: bool = True) -> Sparse24Linear:
         self._runners = {}  # .to()/.cuda()/.half() move the buffers the runners point at
@@ -327,11 +329,23 @@ def _cslt_runner(matmul: CsltMatmul) -> Runner:
 
 
 # The layers `torch.ops.ria.sparse_linear` can name (by handle), without keeping them alive.
-_LAYERS: weakref.WeakValueDictionary[int, Sparse24Linear] = weakref.WeakValueDictionary()
+class ConvertedLinear(Protocol):
+    """What `torch.ops.ria.sparse_linear` calls on a registered layer."""
+
+    @property
+    def out_features(self) -> int: ...
+
+    def linear_2d(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+_LAYERS: weakref.WeakValueDictionary[int, ConvertedLinear] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
 
 
-def _register(layer: Sparse24Linear) -> int:
+def register_compiled_layer(layer: ConvertedLinear) -> int:
+    """A handle under which `torch.ops.ria.sparse_linear` runs `layer`, a converted linear
+    layer (`Sparse24Linear`, `fp8_linear.Fp8Linear`) with `linear_2d(x)` and `out_features`;
+    the registry holds it weakly. A copy of the layer needs its own handle."""
     handle = next(_HANDLES)
     _LAYERS[handle] = layer
     return handle
@@ -339,8 +353,9 @@ def _register(layer: Sparse24Linear) -> int:
 
 @torch.library.custom_op("ria::sparse_linear", mutates_args=())
 def sparse_linear(x: torch.Tensor, layer: int) -> torch.Tensor:
-    """`Sparse24Linear` number `layer` on `(M, K)` contiguous `x` (the op `torch.compile`
-    sees in place of the layer's Python)."""
+    """Converted layer number `layer` (`register_compiled_layer`) on `(M, K)` contiguous
+    `x`: the op `torch.compile` sees in place of the layer's Python (its kernel choice and
+    launches, which dynamo cannot trace)."""
     return _LAYERS[layer].linear_2d(x)
 
 
