@@ -340,7 +340,7 @@ def test_mma_kernel_every_config_and_strided_input():
 
 
 def test_mma_config_rejects_bad_shapes():
-    from ria.sparse.mma_sp import CONFIGS, MmaConfig, candidates, default_config
+    from ria.sparse.mma_sp import CONFIGS, MmaConfig, candidates, default_config, e4m3_candidates
 
     with pytest.raises(InvalidArgumentError, match="at most 32 warps"):
         MmaConfig(1, 64, 2)
@@ -366,6 +366,8 @@ def test_mma_config_rejects_bad_shapes():
     for m in (1, 8, 9, 16, 17, 64):  # every candidate is one of the configurations tested
         for cslt in (False, True):
             assert set(candidates(m, cslt)) <= set(CONFIGS)
+            assert set(e4m3_candidates(m, cslt)) <= set(CONFIGS)
+            assert not any(c.tiled for c in e4m3_candidates(m, cslt))
             assert default_config(m, cslt) == candidates(m, cslt)[0]
             # The tiled kernel reads no input order: an ordered call defaults to a plain one.
             assert not default_config(m, cslt, ordered=True).tiled

@@ -18,7 +18,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "compile_kernels",
     "cslt_meta_words",
     "default_config",
+    "e4m3_candidates",
     "kernel_cache_dir",
     "kernel_fingerprint",
     "mma24_fp8_linear",
@@ -56,8 +57,9 @@ _ENTRY = "ria_mma_sp24"
 @dataclass(frozen=True)
 class MmaConfig:
     """Launch shape. With `stages == 0` (the plain kernel): `row_tiles` tiles of 16 rows per
-    block, `warps` warps per block splitting the input columns, `unroll` pairs of k-steps
-    (64 columns) of weight loaded per warp before they are multiplied.
+    block, `warps` warps per block splitting the input columns, `unroll` units of weight
+    loaded per warp before they are multiplied (a unit: a pair of k-steps, 64 columns; on
+    cuSPARSELt's e4m3 buffer four k-steps, 128 columns, so that a lane loads 16 bytes).
 
     With `stages >= 2` (the tiled kernel, weights in cuSPARSELt's buffer only, no input
     order; `mma_sp.cu`, RIA_TILED): each of `warps` warps owns `row_tiles` tiles of 16 rows
@@ -202,11 +204,20 @@ _WG_MANY = (  # M <= 64
     MmaConfig(3, 4, 2, 5, 2, wgmma=True, multicast=2),
     MmaConfig(3, 4, 2, 5, 2, wgmma=True),
 )
+
+
+def _per_e4m3_unit(shapes: tuple[MmaConfig, ...]) -> tuple[MmaConfig, ...]:
+    """`shapes` with half the unroll (at least 1): the same k-steps per batch where a unit
+    is four k-steps (cuSPARSELt's e4m3 buffer) instead of two."""
+    return tuple(replace(c, unroll=max(1, c.unroll // 2)) for c in shapes)
+
+
 CONFIGS = tuple(
     dict.fromkeys(
         _FEW
         + _SOME
         + _MANY
+        + _per_e4m3_unit(_FEW + _SOME + _MANY)
         + _CSLT_ONE
         + _CSLT_FEW
         + _CSLT_SOME
@@ -852,7 +863,7 @@ def mma24_fp8_linear(
     if bias is not None and (bias.shape != (n,) or bias.dtype != out_dtype):
         raise InvalidArgumentError(f"bias must be ({n},) {out_dtype}")
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
-    config = config or next(c for c in candidates(m, cslt) if _has_e4m3_form(c))
+    config = config or e4m3_candidates(m, cslt)[0]
     if not _has_e4m3_form(config):
         raise InvalidArgumentError(f"the {config} kernel has no e4m3 form")
     tiles = -(-m // TOKEN_TILE)
@@ -865,6 +876,19 @@ def mma24_fp8_linear(
     ]  # fmt: skip
     _launch(kernel, config, tiles, row_tiles, args)
     return out
+
+
+def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
+    """The launch shapes worth timing for the e4m3 kernel at `m` tokens: the plain ones of
+    `candidates(m)`; on cuSPARSELt's buffer (`cslt`) also the fragments' with half the
+    unroll (a unit there is four k-steps: the same k-steps and registers per batch), as the
+    buffer's own shapes were picked for bf16, whose fewer, larger row blocks left gate/up's
+    11008 rows running 1.3 waves of blocks (measured 15.7 against 12.6 us at M = 1)."""
+    plain = tuple(c for c in candidates(m) if _has_e4m3_form(c))
+    if not cslt:
+        return plain
+    own = (c for c in candidates(m, cslt=True) if _has_e4m3_form(c))
+    return tuple(dict.fromkeys((*_per_e4m3_unit(plain), *own)))
 
 
 def _has_e4m3_form(config: MmaConfig) -> bool:
@@ -882,16 +906,19 @@ def mma_best_config(
     fp8_scales: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
 ) -> tuple[MmaConfig, dict[str, float]]:
     """The fastest configuration for `x` on weights of one shape, timed under CUDA-graph
-    replay over `packed` in rotation (default candidates: `candidates(M)`); also every
-    candidate's microseconds per call. With `fp8_scales` = (token scales, each weight's
-    row scales), `x` holds e4m3 tokens and `packed` e4m3 weights (`mma24_fp8_linear`).
-    `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments."""
+    replay over `packed` in rotation (default candidates: `candidates(M)`, for e4m3
+    `e4m3_candidates(M)`); also every candidate's microseconds per call. With `fp8_scales`
+    = (token scales, each weight's row scales), `x` holds e4m3 tokens and `packed` e4m3
+    weights (`mma24_fp8_linear`). `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s)
+    instead of fragments."""
     cslt = isinstance(packed[0], Compact24)
-    configs = configs or candidates(x.shape[0], cslt=cslt)
+    m = x.shape[0]
     if fp8_scales is not None:
-        configs = tuple(c for c in configs if _has_e4m3_form(c))
-    elif order is not None or not cslt:  # shapes the tiled kernel lacks
-        configs = tuple(c for c in configs if not c.tiled)
+        configs = tuple(c for c in configs or e4m3_candidates(m, cslt) if _has_e4m3_form(c))
+    else:
+        configs = configs or candidates(m, cslt=cslt)
+        if order is not None or not cslt:  # shapes the tiled kernel lacks
+            configs = tuple(c for c in configs if not c.tiled)
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
     for cfg in configs:
