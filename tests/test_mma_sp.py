@@ -587,3 +587,23 @@ def test_mma_e4m3_streaming_kernel_on_host(tmp_path):
     reference."""
     extra = {"RIA_LDH": 2, "RIA_PREFETCH_B": 0}
     _run_on_host(tmp_path, 40, 640, 3, (1, 2, 2), torch.bfloat16, None, True, True, extra=extra)
+
+
+def test_a_cslt_view_the_kernel_cannot_read_is_refused_by_name():
+    """`_check_cslt`'s refusals, before anything is launched (CPU tensors suffice)."""
+    from ria.sparse.format import Compact24
+    from ria.sparse.mma_sp import mma24_fp8_linear
+
+    n, k = 64, 128
+    e4m3 = torch.float8_e4m3fn
+    q, q_scale, scale = torch.zeros(1, k, dtype=e4m3), torch.ones(1), torch.ones(n)
+    meta = torch.zeros(n * k // 16, dtype=torch.int32)
+    storage = torch.zeros(n * k // 2 + 1, dtype=e4m3)
+    cases = [
+        (Compact24(storage[:-1].view(n, k // 2), meta, k, "rows"), "cuSPARSELt's layout"),
+        (Compact24(storage[1:].view(n, k // 2), meta, k, "cslt"), "16-byte aligned"),
+        (Compact24(storage[:-1].view(n, k // 2), meta[::2], k, "cslt"), "1-D contiguous"),
+    ]
+    for weight, message in cases:
+        with pytest.raises(InvalidArgumentError, match=message):
+            mma24_fp8_linear(q, q_scale, weight, scale)

@@ -582,6 +582,8 @@ def _check_cslt(w: Compact24) -> None:
         )
     if w.values.shape != (n, k // 2) or w.values.stride() != (k // 2, 1):
         raise InvalidArgumentError(f"values must be a row-major ({n}, {k // 2}) tensor")
+    if w.values.data_ptr() % 16:  # the kernel reads 16 bytes of a row at a time
+        raise InvalidArgumentError("values must start at a 16-byte aligned address")
     if w.meta.dtype != torch.int32 or w.meta.dim() != 1 or w.meta.stride() != (1,):
         raise InvalidArgumentError("meta must be 1-D contiguous int32 (cuSPARSELt's order)")
     if w.meta.numel() < cslt_meta_words(n, k):
