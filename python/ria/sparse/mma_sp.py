@@ -864,10 +864,10 @@ def mma24_fp8_linear(
         raise InvalidArgumentError(f"out_dtype must be fp16 or bf16, got {out_dtype}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != out_dtype):
         raise InvalidArgumentError(f"bias must be ({n},) {out_dtype}")
-    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     config = config or e4m3_candidates(m, cslt)[0]
     if not _has_e4m3_form(config):
         raise InvalidArgumentError(f"the {config} kernel has no e4m3 form")
+    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     tiles = -(-m // TOKEN_TILE)
     kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True, cslt=cslt)
     row_tiles, pairs = _tiles_pairs(packed)
@@ -884,8 +884,9 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     """The launch shapes worth timing for the e4m3 kernel at `m` tokens: the plain ones of
     `candidates(m)`; on cuSPARSELt's buffer (`cslt`) also the fragments' with half the
     unroll (a unit there is four k-steps: the same k-steps and registers per batch), as the
-    buffer's own shapes were picked for bf16, whose fewer, larger row blocks left gate/up's
-    11008 rows running 1.3 waves of blocks (measured 15.7 against 12.6 us at M = 1)."""
+    buffer's own shapes were picked for bf16. On an H200 (benches/results/fp8_gemm_h200.json)
+    the halved shapes won at 16-64 tokens (gate/up 22.4 against 28.7 us at M = 16), the
+    buffer's own at 1-8."""
     plain = tuple(c for c in candidates(m) if _has_e4m3_form(c))
     if not cslt:
         return plain
