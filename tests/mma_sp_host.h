@@ -156,6 +156,7 @@ inline float cluster_load(const float* local, int rank) {
   return host::cluster_shared[rank][local - host::shared];
 }
 inline float* ria_host_shared() { return host::shared; }
+inline void wait_for_prior_grid() {}  // one kernel at a time on the host
 inline int min(int a, int b) { return a < b ? a : b; }
 template <typename T>
 T ld_stream(const T* p) {  // the weight stream's loads (cache hints only on a GPU)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import struct
 
 import pytest
 import torch
@@ -60,6 +61,43 @@ def test_prepared_launch_patches_only_the_named_pointers(monkeypatch):
         PreparedLaunch(0xF00, 1, 32, 0, [a, 5], patched=(1,))
     with pytest.raises(InvalidArgumentError, match="CUfunction"):
         PreparedLaunch(0, 1, 32, 0, [a], patched=(0,))
+
+
+def test_programmatic_launch_hands_the_driver_a_cuda_h_launch_config(monkeypatch):
+    """cuLaunchKernelEx receives `CUlaunchConfig` as cuda.h lays it out (7 uints, padding,
+    the stream, the attribute pointer, their count) with one attribute: programmatic stream
+    serialization (id 6) set to 1, followed by the 64-byte value union."""
+    a = torch.zeros(2)
+    seen = []
+
+    def fake_launch_ex(config, func, params, extra):
+        raw = ctypes.string_at(ctypes.addressof(config.contents), 56)
+        *dims, smem, stream, attrs, count = struct.unpack("<6II4xQQI4x", raw)
+        attr_id, value = struct.unpack("<i4x64s", ctypes.string_at(attrs, 72))
+        first = ctypes.cast(ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))[0],
+                            ctypes.POINTER(ctypes.c_void_p))[0]  # fmt: skip
+        seen.append((func, dims, smem, stream, count, attr_id, value, first, extra))
+        return 0
+
+    monkeypatch.setattr(launch_mod, "_cu_launch_ex", lambda: fake_launch_ex)
+    monkeypatch.setattr(launch_mod, "_cu_launch", lambda: pytest.fail("plain launch"))
+    launch = PreparedLaunch(0xF00, (5, 2, 1), 96, 1024, [a], patched=(0,), programmatic=True)
+    launch(1234, stream=99)
+    value = (1).to_bytes(4, "little") + bytes(60)
+    assert seen == [(0xF00, [5, 2, 1, 96, 1, 1], 1024, 99, 1, 6, value, 1234, None)]
+
+
+def test_plain_launches_turn_programmatic_launches_off_inside(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert launch_mod.programmatic_launches()
+    with launch_mod.plain_launches():
+        assert not launch_mod.programmatic_launches()
+        with launch_mod.plain_launches():
+            assert not launch_mod.programmatic_launches()
+        assert not launch_mod.programmatic_launches()
+    assert launch_mod.programmatic_launches()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert not launch_mod.programmatic_launches()
 
 
 def test_runners_are_remade_after_to_and_dropped_by_copies():

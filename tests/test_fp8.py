@@ -310,6 +310,37 @@ def test_fp8_kernels_match_reference(m, bias):
 
 
 @needs_cuda
+@pytest.mark.parametrize("m", [1, 8])
+def test_programmatic_e4m3_launch_reads_each_replays_tokens(m):
+    """Under graph replay the mma.sp kernel, launched programmatically right after the
+    quantization it reads (which lets it start early), sees this replay's tokens, not the
+    last replay's: its output equals a plain launch's bit for bit, on both weight forms."""
+    from ria.sparse.cslt import share_cslt_buffer
+    from ria.sparse.fp8_kernels import fp8_cslt_compress, quantize_tokens
+    from ria.sparse.mma_sp import mma24_fp8_linear
+
+    w = quantize_weight(random_24(4096, 4096, device="cuda"))
+    view = share_cslt_buffer(pack_24(w.values), fp8_cslt_compress(w))
+    x = torch.empty(m, 4096, dtype=torch.bfloat16, device="cuda")
+
+    def step(weight, programmatic):
+        q, s = quantize_tokens(x * 2)  # the kernel before the quantization writes its input
+        return mma24_fp8_linear(q, s, weight, w.scale, programmatic=programmatic)
+
+    for weight in (pack_mma24_e4m3(w.values), view):
+        x.normal_()
+        step(weight, True)  # compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = step(weight, True)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            x.normal_()
+            graph.replay()
+            assert torch.equal(y, step(weight, False))
+
+
+@needs_cuda
 def test_sparsify_fp8_drops_a_kernel_that_disagrees(monkeypatch):
     """A kernel whose output is wrong (here: cuSPARSELt's, negated) is never planned."""
     import ria.sparse.fp8_linear as fp8_linear

@@ -17,8 +17,17 @@ _MIN_AMAX = tl.constexpr(MIN_AMAX)
 _MANTISSA_175 = tl.constexpr(MANTISSA_175)
 
 
+# Grid dependency control (Triton >= 3.3; older ones run without it).
+_GDC = getattr(getattr(tl.extra, "cuda", None), "gdc_launch_dependents", None)
+HAS_LAUNCH_DEPENDENTS = _GDC is not None
+
+
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, BLOCK_K: tl.constexpr):
+def _quantize_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, stride_x, BLOCK_K: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr
+):
+    if LAUNCH_DEPENDENTS:  # a programmatic launch after this one may start now (sm_90+)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     inside = offs < K

@@ -3,7 +3,9 @@ order of the fp32 sums, except cuSPARSELt's (below):
 
 - `quantize_tokens`: one Triton kernel per call: each token's amax, its power-of-two scale
   (the same bit arithmetic as `fp8.pow2_scale`) and the e4m3 cast; it can write zero rows
-  up to a padded row count, so cuSPARSELt's operand needs no second copy.
+  up to a padded row count, so cuSPARSELt's operand needs no second copy. On sm_90+ it
+  signals its dependents as it starts, so the mma.sp kernel after it (a programmatic
+  launch) is launched meanwhile.
 - `fp8_dense_linear`: `torch._scaled_mm` with row-wise scales (a per-token `(M, 1)` and a
   per-channel `(1, N)` fp32 vector, weight column-major), bf16 out, scales in its epilogue.
 - `fp8_dense_unscaled_linear`: `torch._scaled_mm` with unit tensor-wise scales (cuBLAS's
@@ -29,6 +31,7 @@ import torch
 from .cslt import CsltConfig, alignment_status
 from .fp8 import E4M3, Fp8Weight
 from .graphs import time_call
+from .launch import programmatic_launches
 
 try:
     import triton
@@ -77,13 +80,14 @@ def fp8_cslt_shape_status(out_features: int, in_features: int) -> str | None:
 
 
 if triton is not None:
-    from ._fp8_triton import _quantize_kernel, _scale_kernel
+    from ._fp8_triton import HAS_LAUNCH_DEPENDENTS, _quantize_kernel, _scale_kernel
 
 
 def quantize_tokens(x: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`x` `(M, K)` CUDA (row stride free, unit column stride) as e4m3 `(rows, K)` and fp32
     scales `(rows,)`, bit-identical to `fp8.quantize_rows` for the first `M` rows; rows
-    `M..rows` (default `rows = M`) are zeros with scale 0."""
+    `M..rows` (default `rows = M`) are zeros with scale 0. On sm_90+ the kernel lets a
+    programmatic launch after it start at once (`mma_sp.mma24_fp8_linear`'s)."""
     m, k = x.shape
     rows = m if rows is None else rows
     q = torch.empty(rows, k, dtype=E4M3, device=x.device)
@@ -91,7 +95,10 @@ def quantize_tokens(x: torch.Tensor, rows: int | None = None) -> tuple[torch.Ten
     block = triton.next_power_of_2(k)
     # One program per token row (K <= 16384 in registers: 4096 values in a 7B model).
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    _quantize_kernel[(rows,)](x, q, s, m, k, x.stride(0), BLOCK_K=block, num_warps=warps)
+    dependents = HAS_LAUNCH_DEPENDENTS and programmatic_launches(x.device)
+    _quantize_kernel[(rows,)](
+        x, q, s, m, k, x.stride(0), BLOCK_K=block, LAUNCH_DEPENDENTS=dependents, num_warps=warps
+    )
     return q, s
 
 
