@@ -21,15 +21,20 @@ Sections (`--only` picks some):
         error over the mean magnitude (negative: sums pulled toward zero, as an accumulator
         that truncates does), for each kernel sparsify may pick; cuSPARSELt with the
         configuration it searched and with its default, in bf16 and (a zero bias) fp32.
+  launch  fp8 2:4 and fp8 dense whole models with their kernels launched programmatically
+        (the default on sm_90) and plainly (`ria.sparse.launch.plain_launches`), in
+        alternating rounds, side by side.
 
 Timing helpers, model and workloads are benches/gpu_speed.py's. Writes JSON (default
 benches/results/fp8_h200.json) and prints markdown tables.
-Usage: python benches/fp8_speed.py [--only gemm,e2e,accuracy] [--layers 32] [--m 1,16,64,1024]
+Usage: python benches/fp8_speed.py [--only gemm,e2e,accuracy,launch] [--layers 32]
+    [--m 1,16,64,1024]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -73,6 +78,7 @@ from ria.sparse.fp8_kernels import (
 )
 from ria.sparse.fp8_linear import Fp8Linear
 from ria.sparse.graphs import time_call
+from ria.sparse.launch import plain_launches
 from ria.sparse.mma_sp import (
     MAX_TOKENS,
     mma24_fp8_linear,
@@ -191,7 +197,9 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
         f"fp8 row-wise {row['fp8_dense_rowwise_us']:.1f} unscaled "
         f"{row['fp8_dense_unscaled_us']:.1f} (gemm {row['fp8_dense_gemm_us']:.1f}) "
         f"fp8-2:4 {row['fp8_24_us']:.1f} (cslt gemm {row['fp8_24_gemm_us']:.1f}, "
-        f"mma gemm {row.get('fp8_mma_gemm_us', math.nan):.1f}) "
+        f"mma gemm {row.get('fp8_mma_gemm_us', math.nan):.1f}, "
+        f"buffer {row.get('fp8_mma_cslt_us', math.nan):.1f} / plain launch "
+        f"{row.get('fp8_mma_cslt_plain_us', math.nan):.1f}) "
         f"quant {row['quantize_us']:.1f} us"
     )
     return row
@@ -202,7 +210,8 @@ def time_fp8_mma(
 ) -> dict:
     """The e4m3 mma.sp kernel over `weights` (fragments or cuSPARSELt buffers) at `x`'s token
     count, its launch shape tuned: the GEMM alone on quantized tokens (`{key}_gemm_us`) and
-    with the quantization kernel (`{key}_us`)."""
+    with the quantization kernel (`{key}_us`; the kernel launched programmatically, as
+    `Fp8Linear` does on sm_90, and `{key}_plain_us` with a plain launch)."""
     qx, sx = quantize_tokens(x)
     pairs = list(zip(weights, scales, strict=True))
     cfg, _ = mma_best_config(weights, qx, None, fp8_scales=(sx, scales))
@@ -212,6 +221,12 @@ def time_fp8_mma(
     )
     out[f"{key}_us"] = per_call(
         lambda: [mma24_fp8_linear(*quantize_tokens(x), w, sc, None, config=cfg) for w, sc in pairs]
+    )
+    out[f"{key}_plain_us"] = per_call(
+        lambda: [
+            mma24_fp8_linear(*quantize_tokens(x), w, sc, None, config=cfg, programmatic=False)
+            for w, sc in pairs
+        ]
     )
     return out
 
@@ -389,9 +404,52 @@ def e2e_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def bench_launch(layers: int, decode_steps: int, rounds: int = 4) -> dict:
+    """fp8 2:4 and fp8 dense (default `sparsify`, buckets 1, 16, 1024, 2048) with their
+    kernels launched programmatically and plainly (`launch.plain_launches`), alternating
+    over `rounds` rounds so drift shows; graph replay, timings per round."""
+    base = build_model(layers, prune_all=False)
+    models = {}
+    for label in ("fp8 2:4", "fp8 dense"):
+        models[label] = copy.deepcopy(base)
+        sparsify(
+            models[label], dtype="fp8", sparse=label == "fp8 2:4", batch_sizes=[1, 16, 1024, 2048]
+        )
+    del base
+    result: dict = {"layers": layers, "rounds": []}
+    for i in range(rounds):
+        programmatic = i % 2 == 0
+        for label, model in models.items():
+            with contextlib.nullcontext() if programmatic else plain_launches():
+                timings, _ = time_e2e(model, decode_steps)
+            keep = {k: v for k, v in timings.items() if k.endswith(("_ms", "_ms_per_step"))}
+            result["rounds"].append({"variant": label, "programmatic": programmatic, **keep})
+            log(f"{label} programmatic={programmatic}: {keep}")
+    return result
+
+
+def launch_table(r: dict) -> str:
+    keys = (
+        "prefill_8x128_ms",
+        "prefill_1x2048_ms",
+        "decode_b1_ms_per_step",
+        "decode_b16_ms_per_step",
+    )
+    out = [
+        "| variant | launches | " + " | ".join(keys) + " |",
+        "|---|---|" + "---:|" * len(keys),
+    ]
+    for row in r["rounds"]:
+        kind = "programmatic" if row["programmatic"] else "plain"
+        out.append(
+            f"| {row['variant']} | {kind} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="gemm,e2e", help="comma list of: gemm, e2e, accuracy")
+    ap.add_argument("--only", default="gemm,e2e", help="comma list of: gemm, e2e, accuracy, launch")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--m", default="1,16,64,1024", help="GEMM token counts")
     ap.add_argument("--decode-steps", type=int, default=16)
@@ -427,7 +485,15 @@ def main() -> None:
         out["accuracy"] = [r for nm, (n, k) in SHAPES.items() for r in bench_accuracy(nm, n, k, ms)]
         return "### fp8 kernels against the exact sum\n\n" + accuracy_table(out["accuracy"])
 
-    for name, body in {"gemm": gemm, "e2e": e2e, "accuracy": accuracy}.items():
+    def launch() -> str:
+        out["launch"] = bench_launch(args.layers, args.decode_steps)
+        return (
+            f"### Programmatic against plain launches, {args.layers} layers (ms, graph replay)\n\n"
+            + launch_table(out["launch"])
+        )
+
+    sections = {"gemm": gemm, "e2e": e2e, "accuracy": accuracy, "launch": launch}
+    for name, body in sections.items():
         if name in only:
             run_section(name, body, out, path, tables)
     log(f"wrote {path}")
