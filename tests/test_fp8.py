@@ -234,6 +234,16 @@ def test_sparsify_fp8_without_cuda_is_a_no_op():
     assert isinstance(model[0], torch.nn.Linear)
 
 
+def test_triton_kernels_hash_on_the_installed_triton():
+    """Triton hashes the names a kernel references at its first launch, so one an older
+    Triton lacks (grid dependency control before 3.3) must not appear in a kernel: that
+    failed only on a GPU, at the first quantization."""
+    pytest.importorskip("triton")
+    from ria.sparse._fp8_triton import quantize_kernel, scale_kernel
+
+    assert quantize_kernel.cache_key and scale_kernel.cache_key
+
+
 # -- CUDA: kernels against the reference ---------------------------------------------------
 
 

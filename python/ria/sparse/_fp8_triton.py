@@ -17,17 +17,25 @@ _MIN_AMAX = tl.constexpr(MIN_AMAX)
 _MANTISSA_175 = tl.constexpr(MANTISSA_175)
 
 
-# Grid dependency control (Triton >= 3.3; older ones run without it).
-_GDC = getattr(getattr(tl.extra, "cuda", None), "gdc_launch_dependents", None)
+@triton.jit
+def _no_dependents():
+    pass
+
+
+# Grid dependency control (Triton >= 3.3). Referenced through this name, never as
+# tl.extra.cuda.<name> in a kernel: older Triton resolves such attribute chains when it
+# hashes a kernel, and would fail on the missing name.
+_GDC = getattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_launch_dependents", None)
 HAS_LAUNCH_DEPENDENTS = _GDC is not None
+_launch_dependents = _GDC if _GDC is not None else _no_dependents
 
 
 @triton.jit
-def _quantize_kernel(
+def quantize_kernel(
     x_ptr, q_ptr, s_ptr, M, K, stride_x, BLOCK_K: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr
 ):
     if LAUNCH_DEPENDENTS:  # a programmatic launch after this one may start now (sm_90+)
-        tl.extra.cuda.gdc_launch_dependents()
+        _launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     inside = offs < K
@@ -47,7 +55,7 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _scale_kernel(
+def scale_kernel(
     acc_ptr, sx_ptr, sw_ptr, b_ptr, out_ptr, M, N, stride_am, stride_an,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip

@@ -80,7 +80,7 @@ def fp8_cslt_shape_status(out_features: int, in_features: int) -> str | None:
 
 
 if triton is not None:
-    from ._fp8_triton import HAS_LAUNCH_DEPENDENTS, _quantize_kernel, _scale_kernel
+    from ._fp8_triton import HAS_LAUNCH_DEPENDENTS, quantize_kernel, scale_kernel
 
 
 def quantize_tokens(x: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +96,7 @@ def quantize_tokens(x: torch.Tensor, rows: int | None = None) -> tuple[torch.Ten
     # One program per token row (K <= 16384 in registers: 4096 values in a 7B model).
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     dependents = HAS_LAUNCH_DEPENDENTS and programmatic_launches(x.device)
-    _quantize_kernel[(rows,)](
+    quantize_kernel[(rows,)](
         x, q, s, m, k, x.stride(0), BLOCK_K=block, LAUNCH_DEPENDENTS=dependents, num_warps=warps
     )
     return q, s
@@ -140,7 +140,7 @@ def _apply_scales(
     out = torch.empty(m, n, dtype=dtype, device=acc.device)
     block_m = 16 if m <= 16 else 64
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, 128))
-    _scale_kernel[grid](
+    scale_kernel[grid](
         acc, sx, scale, bias if bias is not None else scale, out, m, n, acc.stride(0),
         acc.stride(1), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=128,
     )  # fmt: skip
