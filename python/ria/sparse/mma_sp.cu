@@ -345,8 +345,9 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
 
 #if RIA_E4M3
   // e4m3 launches are programmatic (mma_sp.py): the block is resident while the token
-  // quantization ahead of it finishes. (Starting the weight loads, or an L2 prefetch of the
-  // block's rows, before this wait measured no faster on an H200.)
+  // quantization ahead of it finishes. (Issuing the first weight loads before this wait
+  // raised registers and was slower on one shape; an L2 prefetch of the block's rows was no
+  // faster: H200, 2026-12-04.)
   wait_for_prior_grid();
 #endif
 

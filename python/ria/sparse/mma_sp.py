@@ -844,7 +844,7 @@ def mma24_fp8_linear(
     By default the launch is programmatic where the GPU allows (`launch.py`): the kernel's
     blocks are launched while the kernel before it (the quantization of `q`, which signals
     its dependents as it starts) still runs, and wait for it before they read `q` (H200:
-    0.6-0.8 us less per quantize + GEMM at 1-8 tokens, `benches/fp8_speed.py`).
+    0.4-1.0 us less per quantize + GEMM at 1-64 tokens, `benches/fp8_speed.py`).
 
     Args:
         q: `(M, K)` float8_e4m3fn tokens, contiguous, `1 <= M <= MAX_TOKENS`
