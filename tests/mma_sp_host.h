@@ -34,11 +34,17 @@ struct uint2 {
 #ifndef RIA_E4M3
 #define RIA_E4M3 0
 #endif
-#if RIA_E4M3  // the kernel's x_t and frag_t
+#ifndef RIA_STATIC
+#define RIA_STATIC 0
+#endif
+#if RIA_E4M3 && !RIA_STATIC  // the kernel's x_t
 typedef unsigned char ria_host_x;
-typedef uint2 ria_host_frag;
 #else
 typedef unsigned short ria_host_x;
+#endif
+#if RIA_E4M3  // the kernel's frag_t
+typedef uint2 ria_host_frag;
+#else
 typedef uint4 ria_host_frag;
 #endif
 struct HostIndex {
@@ -115,6 +121,22 @@ inline float e4m3(unsigned char v) {  // e4m3fn: bias 7, subnormals 2^-9 steps (
 // cvt.rn.f16x2.e4m3x2: low byte to the low half.
 inline unsigned e4m3x2_to_f16x2(unsigned short v) {
   return host::half_bits(host::e4m3(v & 0xFF)) | ((unsigned)host::half_bits(host::e4m3(v >> 8)) << 16);
+}
+
+// cvt.rn.satfinite.e4m3x2.f32: `lo` to the low byte; the nearest e4m3 (ties to the even
+// code, whose mantissa is even), +-448 beyond the range.
+inline unsigned char host_e4m3_bits(float f) {
+  const unsigned char sign = std::signbit(f) ? 0x80 : 0;
+  const float a = std::fabs(f);
+  unsigned char best = 0;
+  for (unsigned char c = 1; c <= 0x7E; ++c) {  // 0x7E = 448, the largest finite
+    const float d = std::fabs(host::e4m3(c) - a), db = std::fabs(host::e4m3(best) - a);
+    if (d < db || (d == db && !(c & 1))) best = c;
+  }
+  return sign | best;
+}
+inline unsigned short f32x2_to_e4m3x2(float lo, float hi) {
+  return host_e4m3_bits(lo) | (unsigned short)(host_e4m3_bits(hi) << 8);
 }
 
 inline void __syncthreads() { host::block_sync->arrive_and_wait(); }
