@@ -23,7 +23,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 
 struct uint4 {
   unsigned x, y, z, w;
@@ -180,6 +180,16 @@ inline float cluster_load(const float* local, int rank) {
 inline float* ria_host_shared() { return host::shared; }
 inline void wait_for_prior_grid() {}  // one kernel at a time on the host
 inline int min(int a, int b) { return a < b ? a : b; }
+inline float __int_as_float(int v) {
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+inline int __float_as_int(float f) {
+  int v;
+  std::memcpy(&v, &f, 4);
+  return v;
+}
 template <typename T>
 T ld_stream(const T* p) {  // the weight stream's loads (cache hints only on a GPU)
   return *p;

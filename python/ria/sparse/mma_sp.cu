@@ -346,7 +346,12 @@ __device__ __forceinline__ u32 cslt_meta_e4m3(u32 a, u32 b, int t) {
 #endif
 
 #if !RIA_TILED
-extern "C" __global__ void __launch_bounds__(RIA_W * 32)
+#ifdef RIA_MINB  // registers capped so that RIA_MINB blocks fit an SM
+#define RIA_BOUNDS __launch_bounds__(RIA_W * 32, RIA_MINB)
+#else
+#define RIA_BOUNDS __launch_bounds__(RIA_W * 32)
+#endif
+extern "C" __global__ void RIA_BOUNDS
     ria_mma_sp24(const x_t* __restrict__ x, int ldx, const frag_t* __restrict__ vals,
                  const u32* __restrict__ meta, const index_t* __restrict__ order,
                  const u16* __restrict__ bias, int has_bias, u16* __restrict__ y, int ldy,
@@ -373,7 +378,8 @@ extern "C" __global__ void __launch_bounds__(RIA_W * 32)
   wait_for_prior_grid();
 #endif
 #if RIA_STATIC
-  const float inv = 1.f / x_scale[0];  // exact: a power of two
+  // 1 / x_scale[0], exact for a power of two 2**e (|e| <= 100): 2**-e from the exponent bits
+  const float inv = __int_as_float((254 << 23) - __float_as_int(x_scale[0]));
 #else
   const float inv = 1.f;
 #endif

@@ -70,7 +70,9 @@ class MmaConfig:
     Plain kernel only (`mma_sp.cu`): `hint` is the weight loads' cache hint (RIA_LDH: 0
     none, 1 no L1 allocation, 2 that and a 256-byte L2 fetch around each load, 3 the L2
     fetch alone); `late_b` = 1 loads the tokens' B fragments per k-step instead of with
-    the batch (fewer registers, so more pairs in flight per warp).
+    the batch (fewer registers, so more pairs in flight per warp); `min_blocks` > 0 asks
+    the compiler for registers that let that many blocks share an SM (RIA_MINB: at most
+    65536 / (min_blocks * 32 * warps) per thread, spilling if it must).
 
     With `wgmma` (the streaming warpgroup kernel, `wgmma_sp.cu`, compute capability 9.0
     only, the tiled kernel's inputs): a producer warp fills `stages` shared-memory stages of
@@ -89,6 +91,7 @@ class MmaConfig:
     late_b: int = 0
     wgmma: bool = False
     multicast: int = 1
+    min_blocks: int = 0
 
     def __post_init__(self) -> None:
         if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
@@ -97,8 +100,14 @@ class MmaConfig:
             )
         if self.late_b not in (0, 1) or self.hint not in range(4):
             raise InvalidArgumentError(f"late_b is 0 or 1, hint 0..3: {self!r}")
-        if self.stages and (self.late_b or self.hint):
-            raise InvalidArgumentError(f"hint and late_b are the plain kernel's: {self!r}")
+        if self.stages and (self.late_b or self.hint or self.min_blocks):
+            raise InvalidArgumentError(
+                f"hint, late_b and min_blocks are the plain kernel's: {self!r}"
+            )
+        if self.min_blocks < 0 or self.min_blocks * self.warps > 64:
+            raise InvalidArgumentError(
+                f"min_blocks * warps must be at most 64 warps per SM, got {self!r}"
+            )
         if self.stages == 0 and self.split != 1:
             raise InvalidArgumentError(f"split > 1 needs the tiled kernel (stages >= 2): {self!r}")
         if self.stages and (self.stages < 2 or self.split > 8 or (self.row_tiles * self.warps) % 4):
@@ -132,6 +141,7 @@ class MmaConfig:
         if self.tiled:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         extra = (f"h{self.hint}" if self.hint else "") + ("b" if self.late_b else "")
+        extra += f"n{self.min_blocks}" if self.min_blocks else ""
         return f"r{self.row_tiles}w{self.warps}u{self.unroll}{extra}"
 
     @property
@@ -378,6 +388,8 @@ def _kernel_source(
         defines["RIA_LDH"] = config.hint
     if config.late_b:
         defines["RIA_PREFETCH_B"] = 0
+    if config.min_blocks:
+        defines["RIA_MINB"] = config.min_blocks
     if config.tiled:  # (only then: the plain kernels' sources and disk cache keys stay)
         defines |= {"RIA_TILED": 1, "RIA_S": config.stages, "RIA_SK": config.split}
     if static:
