@@ -24,14 +24,10 @@ Sections (`--only` picks some):
   launch  fp8 2:4 and fp8 dense whole models with their kernels launched programmatically
         (the default on sm_90) and plainly (`ria.sparse.launch.plain_launches`), in
         alternating rounds, side by side.
-  static  fp8 2:4 and fp8 dense whole models with per-token token scales (the default) and
-        with static ones (`calibrate_input_scales` on 8 random windows of 128 tokens, then
-        `sparsify(..., input_scales=...)`: the mma.sp kernel quantizes its tokens itself),
-        in alternating rounds, side by side.
 
 Timing helpers, model and workloads are benches/gpu_speed.py's. Writes JSON (default
 benches/results/fp8_h200.json) and prints markdown tables.
-Usage: python benches/fp8_speed.py [--only gemm,e2e,accuracy,launch,static] [--layers 32]
+Usage: python benches/fp8_speed.py [--only gemm,e2e,accuracy,launch] [--layers 32]
     [--m 1,16,64,1024]
 """
 
@@ -71,7 +67,7 @@ from ria.sparse.cslt import (
     share_cslt_buffer,
 )
 from ria.sparse.format import pack_24, pack_mma24_e4m3
-from ria.sparse.fp8 import pow2_scale, quantize_weight
+from ria.sparse.fp8 import quantize_weight
 from ria.sparse.fp8_kernels import (
     fp8_cslt_best_config,
     fp8_cslt_compress,
@@ -203,9 +199,7 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
         f"fp8-2:4 {row['fp8_24_us']:.1f} (cslt gemm {row['fp8_24_gemm_us']:.1f}, "
         f"mma gemm {row.get('fp8_mma_gemm_us', math.nan):.1f}, "
         f"buffer {row.get('fp8_mma_cslt_us', math.nan):.1f} / plain launch "
-        f"{row.get('fp8_mma_cslt_plain_us', math.nan):.1f}; static: fragments "
-        f"{row.get('fp8_mma_static_us', math.nan):.1f}, buffer "
-        f"{row.get('fp8_mma_cslt_static_us', math.nan):.1f}) "
+        f"{row.get('fp8_mma_cslt_plain_us', math.nan):.1f}) "
         f"quant {row['quantize_us']:.1f} us"
     )
     return row
@@ -217,9 +211,7 @@ def time_fp8_mma(
     """The e4m3 mma.sp kernel over `weights` (fragments or cuSPARSELt buffers) at `x`'s token
     count, its launch shape tuned: the GEMM alone on quantized tokens (`{key}_gemm_us`) and
     with the quantization kernel (`{key}_us`; the kernel launched programmatically, as
-    `Fp8Linear` does on sm_90, and `{key}_plain_us` with a plain launch); and its static form
-    on the bf16 tokens, with one scale from their largest magnitude (`{key}_static_us`,
-    launch shape tuned for it)."""
+    `Fp8Linear` does on sm_90, and `{key}_plain_us` with a plain launch)."""
     qx, sx = quantize_tokens(x)
     pairs = list(zip(weights, scales, strict=True))
     cfg, _ = mma_best_config(weights, qx, None, fp8_scales=(sx, scales))
@@ -235,12 +227,6 @@ def time_fp8_mma(
             mma24_fp8_linear(*quantize_tokens(x), w, sc, None, config=cfg, programmatic=False)
             for w, sc in pairs
         ]
-    )
-    static, _ = pow2_scale(x.float().abs().amax().reshape(1))
-    scfg, _ = mma_best_config(weights, x, None, fp8_scales=(static, scales))
-    out[f"{key}_static_config"] = str(scfg)
-    out[f"{key}_static_us"] = per_call(
-        lambda: [mma24_fp8_linear(x, static, w, sc, None, config=scfg) for w, sc in pairs]
     )
     return out
 
@@ -442,52 +428,6 @@ def bench_launch(layers: int, decode_steps: int, rounds: int = 4) -> dict:
     return result
 
 
-def bench_static(layers: int, decode_steps: int, rounds: int = 2) -> dict:
-    """fp8 2:4 and fp8 dense (default `sparsify`, buckets 1, 16, 1024, 2048) with per-token
-    and with static token scales, each model timed once per round (graph replay), rounds
-    repeated so drift shows; also how many Linears each plan runs on mma.sp."""
-    from ria.sparse import calibrate_input_scales
-
-    base = build_model(layers, prune_all=False)
-    windows = torch.randint(0, base.config.vocab_size, (8, 128), generator=torch.Generator())
-    scales = calibrate_input_scales(base, windows, progress=False)
-    models, plans = {}, {}
-    for sparse in (True, False):
-        for static in (False, True):
-            label = f"fp8 {'2:4' if sparse else 'dense'}, {'static' if static else 'per-token'}"
-            models[label] = copy.deepcopy(base)
-            report = sparsify(
-                models[label], dtype="fp8", sparse=sparse, batch_sizes=[1, 16, 1024, 2048],
-                input_scales=scales if static else None,
-            )  # fmt: skip
-            plans[label] = {
-                f"{lr.out_features}x{lr.in_features}": lr.plan for lr in report.converted
-            }
-            log(f"{label}: {report}")
-    del base
-    result: dict = {"layers": layers, "plans": plans, "rounds": []}
-    for _ in range(rounds):
-        for label, model in models.items():
-            timings, _ = time_e2e(model, decode_steps)
-            keep = {k: v for k, v in timings.items() if k.endswith(("_ms", "_ms_per_step"))}
-            result["rounds"].append({"variant": label, **keep})
-            log(f"{label}: {keep}")
-    return result
-
-
-def static_table(r: dict) -> str:
-    keys = (
-        "prefill_8x128_ms",
-        "prefill_1x2048_ms",
-        "decode_b1_ms_per_step",
-        "decode_b16_ms_per_step",
-    )
-    out = ["| variant | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    for row in r["rounds"]:
-        out.append(f"| {row['variant']} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
-    return "\n".join(out)
-
-
 def launch_table(r: dict) -> str:
     keys = (
         "prefill_8x128_ms",
@@ -509,9 +449,7 @@ def launch_table(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--only", default="gemm,e2e", help="comma list of: gemm, e2e, accuracy, launch, static"
-    )
+    ap.add_argument("--only", default="gemm,e2e", help="comma list of: gemm, e2e, accuracy, launch")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--m", default="1,16,64,1024", help="GEMM token counts")
     ap.add_argument("--decode-steps", type=int, default=16)
@@ -554,20 +492,7 @@ def main() -> None:
             + launch_table(out["launch"])
         )
 
-    def static() -> str:
-        out["static"] = bench_static(args.layers, args.decode_steps)
-        return (
-            f"### Per-token against static token scales, {args.layers} layers (ms, graph replay)"
-            "\n\n" + static_table(out["static"])
-        )
-
-    sections = {
-        "gemm": gemm,
-        "e2e": e2e,
-        "accuracy": accuracy,
-        "launch": launch,
-        "static": static,
-    }
+    sections = {"gemm": gemm, "e2e": e2e, "accuracy": accuracy, "launch": launch}
     for name, body in sections.items():
         if name in only:
             run_section(name, body, out, path, tables)

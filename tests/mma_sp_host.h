@@ -34,17 +34,11 @@ struct uint2 {
 #ifndef RIA_E4M3
 #define RIA_E4M3 0
 #endif
-#ifndef RIA_STATIC
-#define RIA_STATIC 0
-#endif
-#if RIA_E4M3 && !RIA_STATIC  // the kernel's x_t
+#if RIA_E4M3  // the kernel's x_t and frag_t
 typedef unsigned char ria_host_x;
-#else
-typedef unsigned short ria_host_x;
-#endif
-#if RIA_E4M3  // the kernel's frag_t
 typedef uint2 ria_host_frag;
 #else
+typedef unsigned short ria_host_x;
 typedef uint4 ria_host_frag;
 #endif
 struct HostIndex {
@@ -123,22 +117,6 @@ inline unsigned e4m3x2_to_f16x2(unsigned short v) {
   return host::half_bits(host::e4m3(v & 0xFF)) | ((unsigned)host::half_bits(host::e4m3(v >> 8)) << 16);
 }
 
-// cvt.rn.satfinite.e4m3x2.f32: `lo` to the low byte; the nearest e4m3 (ties to the even
-// code, whose mantissa is even), +-448 beyond the range.
-inline unsigned char host_e4m3_bits(float f) {
-  const unsigned char sign = std::signbit(f) ? 0x80 : 0;
-  const float a = std::fabs(f);
-  unsigned char best = 0;
-  for (unsigned char c = 1; c <= 0x7E; ++c) {  // 0x7E = 448, the largest finite
-    const float d = std::fabs(host::e4m3(c) - a), db = std::fabs(host::e4m3(best) - a);
-    if (d < db || (d == db && !(c & 1))) best = c;
-  }
-  return sign | best;
-}
-inline unsigned short f32x2_to_e4m3x2(float lo, float hi) {
-  return host_e4m3_bits(lo) | (unsigned short)(host_e4m3_bits(hi) << 8);
-}
-
 inline void __syncthreads() { host::block_sync->arrive_and_wait(); }
 
 // cp.async (16 bytes, the first `bytes` read, the rest zero-filled), deferred until a
@@ -180,16 +158,6 @@ inline float cluster_load(const float* local, int rank) {
 inline float* ria_host_shared() { return host::shared; }
 inline void wait_for_prior_grid() {}  // one kernel at a time on the host
 inline int min(int a, int b) { return a < b ? a : b; }
-inline float __int_as_float(int v) {
-  float f;
-  std::memcpy(&f, &v, 4);
-  return f;
-}
-inline int __float_as_int(float f) {
-  int v;
-  std::memcpy(&v, &f, 4);
-  return v;
-}
 template <typename T>
 T ld_stream(const T* p) {  // the weight stream's loads (cache hints only on a GPU)
   return *p;

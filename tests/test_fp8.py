@@ -20,11 +20,8 @@ from ria.sparse.fp8 import (
     fp8_linear_reference,
     pow2_scale,
     quantize_rows,
-    quantize_static,
     quantize_weight,
-    static_input_scale,
 )
-from ria.sparse.fp8_calibration import calibrate_input_scales
 from ria.sparse.fp8_linear import (
     FP8_BACKENDS,
     FP8_CUSPARSELT,
@@ -161,90 +158,6 @@ def test_quantize_linears_picks_24_layers_or_all():
     assert isinstance(model.model.layers[1].mlp.up_proj, Fp8Linear)
     ids = torch.randint(0, 100, (1, 8))
     assert torch.isfinite(model(ids).logits).all()
-
-
-def test_static_input_scale_and_saturating_quantization():
-    assert float(static_input_scale(448.0)) == 1.0 and float(static_input_scale(449.0)) == 2.0
-    assert float(static_input_scale(300.0, margin=2.0)) == 2.0  # 600 fits 448 * 2
-    for amax, margin in ((float("inf"), 1.0), (-1.0, 1.0), (1.0, 0.5)):
-        with pytest.raises(InvalidArgumentError):
-            static_input_scale(amax, margin)
-    scale = torch.tensor([0.5])
-    x = torch.tensor([[0.0, 1.0, -100.0, 224.0, 225.0, -1e6, 2.0**-12]])
-    q = quantize_static(x, scale).float()
-    # 1 / 2**-1 = 2 exact; -200 is a tie between 192 and 208: to the even mantissa; 224 / 0.5
-    # = 448; beyond +-448 saturates (torch's cast alone gives NaN); 2**-12 / 0.5 = 2**-11 is
-    # below half of e4m3's smallest subnormal 2**-9: zero
-    assert q.tolist() == [[0.0, 2.0, -192.0, 448.0, 448.0, -448.0, 0.0]]
-    with pytest.raises(InvalidArgumentError, match=r"\(1,\) fp32"):
-        quantize_static(x, torch.tensor(0.5))
-
-
-def test_reference_with_a_static_scale():
-    """One token whose own per-token scale equals the static one quantizes identically;
-    with a smaller static scale its large values saturate."""
-    g = torch.Generator().manual_seed(1)
-    w = quantize_weight(random_24(32, 64, seed=1))
-    x = torch.randn(1, 64, generator=g)
-    own, _ = pow2_scale(x.abs().amax().reshape(1))
-    dynamic = fp8_linear_reference(x, w)
-    assert torch.equal(fp8_linear_reference(x, w, input_scale=own), dynamic)
-    small = own / 4
-    got = fp8_linear_reference(x, w, input_scale=small)
-    q = (x / small).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float()
-    want = (q @ w.values.float().t()) * small * w.scale
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert not torch.equal(got, dynamic)
-
-
-def test_calibrate_input_scales_covers_every_linear_but_lm_head():
-    model = tiny_model("llama").to(torch.bfloat16).eval()
-    windows = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(0))
-    scales = calibrate_input_scales(model, windows, batch_size=2, progress=False)
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert sorted(scales) == sorted(n for n in linears if n != "lm_head")
-    amax = dict.fromkeys(scales, 0.0)
-    hooks = [
-        model.get_submodule(n).register_forward_pre_hook(
-            lambda _m, args, n=n: amax.__setitem__(n, max(amax[n], float(args[0].abs().max())))
-        )
-        for n in scales
-    ]
-    with torch.no_grad():
-        for row in windows:
-            model(row[None])
-    for h in hooks:
-        h.remove()
-    for name, scale in scales.items():  # the smallest power of two that fits amax
-        assert scale == float(static_input_scale(amax[name]))
-        assert amax[name] <= E4M3_MAX * scale < 2 * amax[name]
-    with pytest.raises(InvalidArgumentError, match="int64"):
-        calibrate_input_scales(model, windows.float())
-
-
-def test_quantize_linears_with_static_scales():
-    model = prune_model_24(tiny_model("llama")).to(torch.bfloat16)
-    windows = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    scales = calibrate_input_scales(model, windows, progress=False)
-    x = torch.randn(3, model.config.hidden_size, dtype=torch.bfloat16)
-    q_proj = model.model.layers[0].self_attn.q_proj
-    weight = quantize_weight(q_proj.weight)
-    static = copy.deepcopy(model)
-    names = quantize_linears(static, sparse=False, input_scales=scales)
-    assert sorted(names) == sorted(scales)
-    layer = static.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, Fp8Linear) and "static_scale=" in repr(layer)
-    scale = torch.tensor([scales["model.layers.0.self_attn.q_proj"]])
-    torch.testing.assert_close(
-        layer(x), fp8_linear_reference(x, weight, input_scale=scale), rtol=0, atol=0
-    )
-    partial = {n: s for n, s in scales.items() if "layers.1." not in n}
-    with pytest.raises(InvalidArgumentError, match="no scale for 7 converted layer"):
-        quantize_linears(copy.deepcopy(model), sparse=False, input_scales=partial)
-    with pytest.raises(InvalidArgumentError, match="not a power of two"):
-        quantize_linears(copy.deepcopy(model), sparse=False, input_scales={**scales, names[0]: 3.0})
-    with pytest.raises(InvalidArgumentError, match="dtype='fp8'"):
-        sparsify(copy.deepcopy(model), input_scales=scales)
 
 
 def test_sparsify_fp8_arguments():
@@ -407,48 +320,6 @@ def test_fp8_kernels_match_reference(m, bias):
 
 
 @needs_cuda
-@pytest.mark.parametrize("m", [1, 5, 300])
-def test_static_quantize_tokens_is_bit_identical(m):
-    from ria.sparse.fp8_kernels import quantize_tokens
-
-    x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda") * 3
-    scale = torch.tensor([2.0**-7], device="cuda")  # 448 * 2**-7 = 3.5: some saturate
-    q, s = quantize_tokens(x, m + 3, scale)
-    rq = quantize_static(x.cpu(), scale.cpu())
-    assert bool((rq.float().abs() == E4M3_MAX).any())
-    assert torch.equal(q[:m].cpu().view(torch.uint8), rq.view(torch.uint8))
-    assert bool((s[:m] == scale).all()) and bool((s[m:] == 0).all())
-
-
-@needs_cuda
-@pytest.mark.parametrize("m", [1, 8, 64])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_static_mma_kernel_matches_reference(m, dtype):
-    """The e4m3 kernel quantizing fp16/bf16 tokens itself (one static scale, saturating)
-    equals the reference with that scale, on the fragments and on cuSPARSELt's buffer;
-    the other fp8 kernels take the same static scale."""
-    from ria.sparse.cslt import share_cslt_buffer
-    from ria.sparse.fp8_kernels import fp8_cslt_compress, fp8_cslt_linear, fp8_dense_linear
-    from ria.sparse.mma_sp import mma24_fp8_linear
-
-    w = quantize_weight(random_24(256, 512, device="cuda"))
-    b = torch.randn(256, dtype=dtype, device="cuda")
-    x = torch.randn(m, 512, dtype=dtype, device="cuda")
-    scale = torch.tensor([2.0**-7], device="cuda")  # values beyond 3.5 saturate
-    ref = fp8_linear_reference(
-        x.cpu(), Fp8Weight(w.values.cpu(), w.scale.cpu()), b.cpu(), input_scale=scale.cpu()
-    )
-    view = share_cslt_buffer(pack_24(w.values), fp8_cslt_compress(w))
-    for weight in (pack_mma24_e4m3(w.values), view):
-        _close_to_reference(mma24_fp8_linear(x, scale, weight, w.scale, b, out_dtype=dtype), ref)
-    _close_to_reference(fp8_dense_linear(x, w, b, scale), ref)
-    got = fp8_cslt_linear(x, fp8_cslt_compress(w), w.scale, b, input_scale=scale)
-    _close_to_reference(got, ref, CSLT_ATOL)
-    with pytest.raises(InvalidArgumentError, match=r"q_scale must be \(1,\)"):
-        mma24_fp8_linear(x, scale.expand(2), view, w.scale, b, out_dtype=dtype)
-
-
-@needs_cuda
 @pytest.mark.parametrize("m", [1, 8])
 def test_programmatic_e4m3_launch_reads_each_replays_tokens(m):
     """Under graph replay the mma.sp kernel, launched programmatically right after the
@@ -500,24 +371,15 @@ def test_sparsify_fp8_drops_a_kernel_that_disagrees(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("sparse, static", [(True, False), (False, False), (True, True)])
-def test_sparsify_fp8_model_matches_reference(sparse, static):
-    """With `static`, the token scales are calibrated on the bf16 model first."""
+@pytest.mark.parametrize("sparse", [True, False])
+def test_sparsify_fp8_model_matches_reference(sparse):
     model = prune_model_24(tiny_model("llama", hidden_size=256, intermediate_size=512))
     model = model.to(torch.bfloat16)
-    scales = None
-    if static:
-        windows = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
-        scales = calibrate_input_scales(model, windows, progress=False)
     reference = copy.deepcopy(model)
-    quantize_linears(reference, sparse=sparse, input_scales=scales)  # CPU: the reference
+    quantize_linears(reference, sparse=sparse)  # CPU: the reference on every layer
     model = model.cuda()
-    report = sparsify(
-        model, dtype="fp8", sparse=sparse, batch_sizes=[1, 16, 64], plan_cache=False,
-        input_scales=scales,
-    )  # fmt: skip
+    report = sparsify(model, dtype="fp8", sparse=sparse, batch_sizes=[1, 16, 64], plan_cache=False)
     assert report.applied and len(report.converted) == 7 * len(model.model.layers)
-    assert static == ("static" in report.backend)
     for lr in report.converted:
         assert set(lr.plan.values()) <= set(FP8_BACKENDS)
         assert sparse or set(lr.plan.values()) <= FP8_DENSE_KERNELS

@@ -29,7 +29,7 @@ from ria.sparse.format import (
     to_cslt_layout,
     unpack_mma24,
 )
-from ria.sparse.fp8 import fp8_linear_reference, pow2_scale, quantize_rows, quantize_weight
+from ria.sparse.fp8 import fp8_linear_reference, quantize_rows, quantize_weight
 
 # -- layout (CPU) ------------------------------------------------------------------------
 
@@ -124,25 +124,12 @@ GXX = shutil.which("g++")
 
 
 def _run_on_host(
-    tmp_path: Path,
-    n,
-    k,
-    m,
-    cfg,
-    dtype,
-    order_dtype,
-    bias,
-    e4m3=False,
-    cslt=False,
-    extra=None,
-    static=False,
+    tmp_path: Path, n, k, m, cfg, dtype, order_dtype, bias, e4m3=False, cslt=False, extra=None
 ) -> None:
     """Compile mma_sp.cu with tests/mma_sp_host.h for `cfg` = (R, W, U), run it on a random
     2:4 weight and compare with the masked dense product (with `e4m3`: weight and tokens in
-    e4m3, against `fp8_linear_reference`; with `static` too, the tokens in `dtype` quantized
-    in the kernel with one static scale an eighth of their largest magnitude, so that many
-    saturate; with `cslt`: the weight as cuSPARSELt's buffer, values row-major and metadata
-    in its tiled order, `format.to_cslt_layout`)."""
+    e4m3, against `fp8_linear_reference`; with `cslt`: the weight as cuSPARSELt's buffer,
+    values row-major and metadata in its tiled order, `format.to_cslt_layout`)."""
     row_tiles, warps, unroll, stages, split = (*cfg, 0, 1)[:5] if len(cfg) == 3 else cfg
     w = random_24(n, k, dtype=dtype, seed=n + m)
     g = torch.Generator().manual_seed(m)
@@ -150,17 +137,11 @@ def _run_on_host(
     x_rows = torch.randn(m, ldx, generator=g).to(dtype)
     order = torch.randperm(k, generator=g) if order_dtype is not None else None
     b = torch.randn(n, generator=g).to(dtype) if bias else torch.zeros(1, dtype=dtype)
-    input_scale = None
     if e4m3:
         qw = quantize_weight(w)
-        if static:
-            input_scale, _ = pow2_scale(x_rows.float().abs().amax().reshape(1) / 8)
-            x_rows.view(torch.int16).numpy().tofile(tmp_path / "x.bin")
-            input_scale.numpy().tofile(tmp_path / "x_scale.bin")
-        else:
-            q, q_scale = quantize_rows(x_rows)  # the padding columns are never read
-            q.view(torch.uint8).numpy().tofile(tmp_path / "x.bin")
-            q_scale.numpy().tofile(tmp_path / "x_scale.bin")
+        q, q_scale = quantize_rows(x_rows)  # the padding columns are never read
+        q.view(torch.uint8).numpy().tofile(tmp_path / "x.bin")
+        q_scale.numpy().tofile(tmp_path / "x_scale.bin")
         qw.scale.numpy().tofile(tmp_path / "w_scale.bin")
         if cslt:  # cuSPARSELt's e4m3 buffer: values row-major, its e4m3 metadata order
             compact = pack_24(qw.values)
@@ -193,7 +174,6 @@ def _run_on_host(
         "RIA_ORDER": {None: 0, torch.int32: 32, torch.int64: 64}[order_dtype],
         "RIA_E4M3": int(e4m3),
         "RIA_CSLT": int(cslt),
-        **({"RIA_STATIC": 1} if static else {}),
         **(extra or {}),
     }
     if stages:
@@ -213,7 +193,7 @@ def _run_on_host(
     raw = np.fromfile(tmp_path / "y.bin", dtype=np.int16)
     y = torch.from_numpy(raw).view(dtype).reshape(m, n)
     if e4m3:  # the definition, up to fp32 summation order and one rounding
-        ref = fp8_linear_reference(x_rows[:, :k], qw, b if bias else None, input_scale=input_scale)
+        ref = fp8_linear_reference(x_rows[:, :k], qw, b if bias else None)
         torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=1e-3)
         return
     ref = _reference(x_rows[:, :k], w, b if bias else None, order)
@@ -271,24 +251,6 @@ def test_mma_e4m3_cslt_kernel_on_host(tmp_path, n, k, m, cfg, bias):
     `cslt_nibble_index(e4m3=True)`'s order, checked against cuSPARSELt's own bytes in
     test_sparse) equals the fp8 reference."""
     _run_on_host(tmp_path, n, k, m, cfg, torch.bfloat16, None, bias, e4m3=True, cslt=True)
-
-
-@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
-@pytest.mark.parametrize(
-    "n, k, m, cfg, dtype, bias, cslt",
-    [
-        # fragments: one token tile with B prefetch; three tiles, fp16 tokens and output
-        (40, 100, 3, (2, 4, 2), torch.bfloat16, True, False),
-        (72, 384, 20, (2, 8, 2), torch.float16, False, False),
-        # cuSPARSELt's e4m3 buffer: K % 128 == 64, M = 1; two units per batch
-        (128, 192, 1, (2, 4, 1), torch.bfloat16, False, True),
-        (64, 320, 9, (1, 2, 2), torch.float16, True, True),
-    ],
-)
-def test_mma_e4m3_static_kernel_on_host(tmp_path, n, k, m, cfg, dtype, bias, cslt):
-    """The static form (fp16/bf16 tokens quantized to e4m3 as B is loaded, with one
-    power-of-two scale, saturating) equals `fp8_linear_reference` with that scale."""
-    _run_on_host(tmp_path, n, k, m, cfg, dtype, None, bias, e4m3=True, cslt=cslt, static=True)
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")

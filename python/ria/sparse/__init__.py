@@ -21,7 +21,6 @@ from .format import (
     unpack_24,
     unpack_mma24,
 )
-from .fp8_calibration import calibrate_input_scales
 from .generate import StaticGenerator, cached_generator, clear_generators, generate
 from .linear import Choice, Sparse24Linear
 from .mma_sp import MmaConfig, mma24_linear
@@ -48,7 +47,6 @@ __all__ = [
     "StaticGenerator",
     "TunedPlan",
     "cached_generator",
-    "calibrate_input_scales",
     "check_24",
     "clear_generators",
     "count_24_violations",

@@ -10,12 +10,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fp8 import E4M3_MAX, MANTISSA_175, MIN_AMAX
+from .fp8 import MANTISSA_175, MIN_AMAX
 
 # Triton reads only constexpr globals inside a kernel.
 _MIN_AMAX = tl.constexpr(MIN_AMAX)
 _MANTISSA_175 = tl.constexpr(MANTISSA_175)
-_E4M3_MAX = tl.constexpr(E4M3_MAX)
 
 
 @triton.jit
@@ -33,9 +32,8 @@ _launch_dependents = _GDC if _GDC is not None else _no_dependents
 
 @triton.jit
 def quantize_kernel(
-    x_ptr, q_ptr, s_ptr, static_ptr, M, K, stride_x, BLOCK_K: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr, STATIC: tl.constexpr,
-):  # fmt: skip
+    x_ptr, q_ptr, s_ptr, M, K, stride_x, BLOCK_K: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr
+):
     if LAUNCH_DEPENDENTS:  # a programmatic launch after this one may start now (sm_90+)
         _launch_dependents()
     row = tl.program_id(0)
@@ -43,18 +41,12 @@ def quantize_kernel(
     inside = offs < K
     if row < M:
         x = tl.load(x_ptr + row * stride_x + offs, mask=inside, other=0.0).to(tl.float32)
-        if STATIC:  # one power-of-two scale for every row: its reciprocal from its bits
-            scale = tl.load(static_ptr)
-            inv = ((254 << 23) - scale.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-            y = tl.minimum(tl.maximum(x * inv, -_E4M3_MAX), _E4M3_MAX)  # saturate
-        else:
-            amax = tl.maximum(tl.max(tl.abs(x), axis=0), _MIN_AMAX)
-            bits = amax.to(tl.int32, bitcast=True)
-            e = ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > _MANTISSA_175).to(tl.int32)
-            scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
-            inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
-            y = x * inv
-        tl.store(q_ptr + row * K + offs, y.to(tl.float8e4nv), mask=inside)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=0), _MIN_AMAX)
+        bits = amax.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > _MANTISSA_175).to(tl.int32)
+        scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
+        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+        tl.store(q_ptr + row * K + offs, (x * inv).to(tl.float8e4nv), mask=inside)
         tl.store(s_ptr + row, scale)
     else:  # padding rows: zeros, scale 0
         zero = tl.zeros([BLOCK_K], tl.float32).to(tl.float8e4nv)

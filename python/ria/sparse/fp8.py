@@ -1,10 +1,8 @@
 """The fp8 (e4m3) format and its exact CPU reference.
 
 A weight `(N, K)` is stored as e4m3 values with one scale per output row; activations
-`(M, K)` are quantized per token when the layer runs (dynamic, no calibration), or with one
-static scale per layer input taken from calibration (`static_input_scale`; values beyond
-its range saturate at +-448). A 2:4 weight keeps its zeros, so its e4m3 form is 2:4 again
-and compresses like a bf16 one.
+`(M, K)` are quantized per token when the layer runs (dynamic, no calibration). A 2:4
+weight keeps its zeros, so its e4m3 form is 2:4 again and compresses like a bf16 one.
 
 Every scale is a power of two, `2**e` with the smallest `e` such that the row's largest
 magnitude fits e4m3's range (448). So dividing by a scale and multiplying it back are exact
@@ -21,7 +19,6 @@ CPU and runs kernels that must match it on CUDA.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +41,7 @@ __all__ = [
     "fp8_linear_reference",
     "pow2_scale",
     "quantize_rows",
-    "quantize_static",
     "quantize_weight",
-    "static_input_scale",
 ]
 
 
@@ -75,35 +70,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     scale, inv = pow2_scale(xf.abs().amax(dim=1))
     return (xf * inv[:, None]).to(E4M3), scale
-
-
-def static_input_scale(amax: float, margin: float = 1.0) -> torch.Tensor:
-    """The static activation scale for a layer input whose largest magnitude over the
-    calibration data is `amax`: `pow2_scale(margin * amax)`, a one-element fp32 tensor
-    (a power of two), so inputs up to `margin * amax` quantize without saturating."""
-    if not math.isfinite(amax) or amax < 0:
-        raise InvalidArgumentError(f"amax must be finite and >= 0, got {amax}")
-    if not margin >= 1.0 or not math.isfinite(margin):
-        raise InvalidArgumentError(f"margin must be finite and >= 1, got {margin}")
-    scale, _ = pow2_scale(torch.tensor([margin * amax], dtype=torch.float32))
-    return scale
-
-
-def _check_static_scale(scale: torch.Tensor) -> None:
-    if scale.shape != (1,) or scale.dtype != torch.float32:
-        raise InvalidArgumentError(
-            f"a static input scale is a (1,) fp32 tensor, got {tuple(scale.shape)} {scale.dtype}"
-        )
-
-
-def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`x` `(R, K)` as e4m3 with one power-of-two `scale` `(1,)` fp32 (`static_input_scale`):
-    `x / scale` rounded to nearest even, saturating at +-448 (`cvt.rn.satfinite` on the GPU;
-    torch's cast alone would turn out-of-range values into NaN). Exact but for that rounding:
-    dividing by a power of two is."""
-    _check_static_scale(scale)
-    inv = 1.0 / scale.float()  # exact: a power of two
-    return (x.float() * inv).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 @dataclass(frozen=True)
@@ -150,23 +116,17 @@ def fp8_linear_reference(
     weight: Fp8Weight,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ W.T + bias` as the fp8 kernels compute it, `x` `(..., K)` -> `(..., N)`.
 
-    `x` is quantized per token (`quantize_rows`) or, given `input_scale` `(1,)` fp32, with
-    that static scale (`quantize_static`); the e4m3 products are summed in fp32 (exact
-    products: 4-bit significands), the scales multiplied in (exact: powers of two), the
-    bias added in fp32, and the result cast once to `out_dtype` (default: `x`'s dtype).
+    `x` is quantized per token (`quantize_rows`), the e4m3 products are summed in fp32
+    (exact products: 4-bit significands), the scales multiplied in (exact: powers of two),
+    the bias added in fp32, and the result cast once to `out_dtype` (default: `x`'s dtype).
     """
     k = weight.in_features
     if x.shape[-1] != k:
         raise InvalidArgumentError(f"x has {x.shape[-1]} features, the weight expects {k}")
-    x2 = x.reshape(-1, k)
-    if input_scale is None:
-        qx, sx = quantize_rows(x2)
-    else:
-        qx, sx = quantize_static(x2, input_scale), input_scale.float().expand(x2.shape[0])
+    qx, sx = quantize_rows(x.reshape(-1, k))
     acc = qx.float() @ weight.values.float().t()
     y = acc * sx[:, None] * weight.scale[None, :]
     if bias is not None:

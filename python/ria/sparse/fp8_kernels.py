@@ -83,12 +83,9 @@ if triton is not None:
     from ._fp8_triton import HAS_LAUNCH_DEPENDENTS, quantize_kernel, scale_kernel
 
 
-def quantize_tokens(
-    x: torch.Tensor, rows: int | None = None, static_scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_tokens(x: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`x` `(M, K)` CUDA (row stride free, unit column stride) as e4m3 `(rows, K)` and fp32
-    scales `(rows,)`, bit-identical to `fp8.quantize_rows` for the first `M` rows, or with
-    `static_scale` `(1,)` fp32 to `fp8.quantize_static` (every row's scale is it); rows
+    scales `(rows,)`, bit-identical to `fp8.quantize_rows` for the first `M` rows; rows
     `M..rows` (default `rows = M`) are zeros with scale 0. On sm_90+ the kernel lets a
     programmatic launch after it start at once (`mma_sp.mma24_fp8_linear`'s)."""
     m, k = x.shape
@@ -100,21 +97,17 @@ def quantize_tokens(
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     dependents = HAS_LAUNCH_DEPENDENTS and programmatic_launches(x.device)
     quantize_kernel[(rows,)](
-        x, q, s, s if static_scale is None else static_scale, m, k, x.stride(0), BLOCK_K=block,
-        LAUNCH_DEPENDENTS=dependents, STATIC=static_scale is not None, num_warps=warps,
-    )  # fmt: skip
+        x, q, s, m, k, x.stride(0), BLOCK_K=block, LAUNCH_DEPENDENTS=dependents, num_warps=warps
+    )
     return q, s
 
 
 def fp8_dense_linear(
-    x: torch.Tensor,
-    weight: Fp8Weight,
-    bias: torch.Tensor | None = None,
-    input_scale: torch.Tensor | None = None,
+    x: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`x @ W.T + bias` for `x` `(M, K)` bf16/fp16 CUDA, with `torch._scaled_mm` (fp8 dense);
-    out in `x`'s dtype. Tokens quantized per token, or with the static `input_scale`."""
-    q, s = quantize_tokens(x, static_scale=input_scale)
+    out in `x`'s dtype."""
+    q, s = quantize_tokens(x)
     return torch._scaled_mm(
         q,
         weight.values.t(),  # (K, N) column-major: the layout _scaled_mm wants
@@ -155,15 +148,11 @@ def _apply_scales(
 
 
 def fp8_dense_unscaled_linear(
-    x: torch.Tensor,
-    weight: Fp8Weight,
-    unit: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    input_scale: torch.Tensor | None = None,
+    x: torch.Tensor, weight: Fp8Weight, unit: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`fp8_dense_linear`'s result with `torch._scaled_mm`'s tensor-wise path: `unit` is a
     one-element fp32 tensor holding 1.0 on `x`'s device (made once, outside graph capture)."""
-    q, s = quantize_tokens(x, static_scale=input_scale)
+    q, s = quantize_tokens(x)
     acc = torch._scaled_mm(
         q,
         weight.values.t(),
@@ -202,13 +191,11 @@ def fp8_cslt_linear(
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: CsltConfig | None = None,
-    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ W.T + bias` for `x` `(M, K)` bf16/fp16 CUDA with cuSPARSELt's fp8 2:4 GEMM over
-    `packed` (`fp8_cslt_compress`) and the weight's row scales `scale` `(N,)`; tokens
-    quantized per token, or with the static `input_scale`."""
+    `packed` (`fp8_cslt_compress`) and the weight's row scales `scale` `(N,)`."""
     m = x.shape[0]
-    q, sx = quantize_tokens(x, -(-m // CSLT_M_ALIGN) * CSLT_M_ALIGN, input_scale)
+    q, sx = quantize_tokens(x, -(-m // CSLT_M_ALIGN) * CSLT_M_ALIGN)
     acc = _cslt_raw(packed, q, config or CsltConfig(), _raw_dtype(x.dtype, bias is not None))
     return _apply_scales(acc, sx, scale, bias, m, x.dtype)
 

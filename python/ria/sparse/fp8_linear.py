@@ -1,6 +1,5 @@
 """`Fp8Linear` and `sparsify_fp8`: linear layers in fp8 (e4m3 weights with per-row scales,
-tokens quantized per call, or with one static scale per layer from calibration:
-`fp8_calibration.py`), 2:4 sparse or dense, bf16/fp16 out.
+tokens quantized per call), 2:4 sparse or dense, bf16/fp16 out.
 
 Per layer shape and token-count bucket the plan runs the kernel that measured fastest under
 CUDA-graph replay (`choose_fp8_plan`): for 2:4 layers cuSPARSELt's fp8 2:4 GEMM or the own
@@ -42,7 +41,6 @@ from .cslt import CsltConfig, cslt_view, share_cslt_buffer
 from .cslt_lib import cusparselt_version
 from .format import MMA_PAIR_COLS, Compact24, Mma24, pack_24, pack_mma24_e4m3, tensor_bytes
 from .fp8 import Fp8Weight, fp8_linear_reference, quantize_weight
-from .fp8_calibration import check_input_scales
 from .fp8_kernels import (
     fp8_cslt_best_config,
     fp8_cslt_compress,
@@ -100,7 +98,7 @@ __all__ = [
 
 class Fp8Linear(nn.Module):
     """`y = x @ W.T + b` with `W` in e4m3 (per-output-row power-of-two scales) and `x`
-    quantized to e4m3 at each call, per token or with a static scale; output in `x`'s dtype.
+    quantized per token to e4m3 at each call; output in `x`'s dtype.
 
     Args:
         weight: the e4m3 weight and its scales (`values` is dropped on CUDA when the plan
@@ -113,8 +111,6 @@ class Fp8Linear(nn.Module):
         mma: the e4m3 mma.sp fragments (`format.pack_mma24_e4m3`; if the plan uses `FP8_MMA`).
         bias: `(out_features,)` or None.
         input_order: the channel order the weight is stored in (a free permutation).
-        input_scale: `(1,)` fp32, a static power-of-two scale for the tokens
-            (`fp8.static_input_scale`; saturating), or None: a scale per token per call.
     """
 
     values: torch.Tensor | None
@@ -125,7 +121,6 @@ class Fp8Linear(nn.Module):
     unit: torch.Tensor | None
     bias: torch.Tensor | None
     input_order: torch.Tensor | None
-    input_scale: torch.Tensor | None
 
     def __init__(
         self,
@@ -136,12 +131,8 @@ class Fp8Linear(nn.Module):
         mma: Mma24 | None = None,
         bias: torch.Tensor | None = None,
         input_order: torch.Tensor | None = None,
-        input_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if input_scale is not None:
-            check_input_scales({"input_scale": float(input_scale)}, ["input_scale"])
-            input_scale = input_scale.to(torch.float32).reshape(1)
         if not plan:
             raise InvalidArgumentError("plan must name at least one bucket")
         used = {c.backend for c in plan.values()}
@@ -168,7 +159,6 @@ class Fp8Linear(nn.Module):
         self.register_buffer("mma_meta", None if frag is None else frag.meta, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("input_order", input_order, persistent=False)
-        self.register_buffer("input_scale", input_scale, persistent=False)
         # The unit scale of the unscaled fp8 dense kernel (made here: not inside a capture).
         unit = torch.ones(1, device=weight.scale.device) if FP8_DENSE_UNSCALED in used else None
         self.register_buffer("unit", unit, persistent=False)
@@ -197,8 +187,7 @@ class Fp8Linear(nn.Module):
         if not x.is_cuda:
             if self.values is None:
                 raise InvalidArgumentError("Fp8Linear: no e4m3 values held for a CPU call")
-            dense = Fp8Weight(self.values, self.scale)
-            return fp8_linear_reference(x, dense, self.bias, input_scale=self.input_scale)
+            return fp8_linear_reference(x, Fp8Weight(self.values, self.scale), self.bias)
         choice = self.choice_for(x.shape[0])
         if choice.backend in (FP8_MMA, FP8_MMA_CSLT):
             weight: MmaWeight
@@ -209,21 +198,17 @@ class Fp8Linear(nn.Module):
                 assert self.packed is not None
                 weight = cslt_view(self.packed, self.out_features, self.in_features)
             parts = [x[i : i + MAX_TOKENS] for i in range(0, x.shape[0], MAX_TOKENS)]
-            ys = [
-                _mma(p, weight, self.scale, self.bias, choice.mma, self.input_scale) for p in parts
-            ]
+            ys = [_mma(p, weight, self.scale, self.bias, choice.mma) for p in parts]
             return ys[0] if len(ys) == 1 else torch.cat(ys)
         if choice.backend == FP8_CUSPARSELT:
             assert self.packed is not None  # __init__ checks the plan's forms are given
-            return fp8_cslt_linear(
-                x, self.packed, self.scale, self.bias, choice.cslt, self.input_scale
-            )
+            return fp8_cslt_linear(x, self.packed, self.scale, self.bias, choice.cslt)
         assert self.values is not None
         dense = Fp8Weight(self.values, self.scale)
         if choice.backend == FP8_DENSE_UNSCALED:
             assert self.unit is not None
-            return fp8_dense_unscaled_linear(x, dense, self.unit, self.bias, self.input_scale)
-        return fp8_dense_linear(x, dense, self.bias, self.input_scale)
+            return fp8_dense_unscaled_linear(x, dense, self.unit, self.bias)
+        return fp8_dense_linear(x, dense, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -242,7 +227,6 @@ class Fp8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, gathered={self.input_order is not None}, "
-            f"static_scale={None if self.input_scale is None else float(self.input_scale)}, "
             f"plan=[{plan}]"
         )
 
@@ -253,26 +237,16 @@ def _mma(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     config: MmaConfig | None,
-    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """mma.sp on `x` `(M, K)` contiguous: with a static `input_scale` the kernel quantizes
-    the tokens itself; otherwise the quantization kernel runs first."""
-    if input_scale is not None:
-        return mma24_fp8_linear(
-            x, input_scale, weight, scale, bias, out_dtype=x.dtype, config=config
-        )
     q, q_scale = quantize_tokens(x)
     return mma24_fp8_linear(q, q_scale, weight, scale, bias, out_dtype=x.dtype, config=config)
 
 
-def fp8_layer(
-    linear: nn.Linear, plan: Mapping[int, Choice] | None = None, input_scale: float | None = None
-) -> Fp8Linear:
+def fp8_layer(linear: nn.Linear, plan: Mapping[int, Choice] | None = None) -> Fp8Linear:
     """`linear` as an `Fp8Linear` on its own device (default plan: fp8 dense for every
     token count; a plan with `FP8_CUSPARSELT` or `FP8_MMA_CSLT` compresses the weight, CUDA
-    only), with the static token scale `input_scale` (a power of two) or per-token scales.
-    Where the plan reads cuSPARSELt's buffer with our kernel but this layer's buffer is not
-    in the layout it reads (`cslt.share_cslt_buffer`), its buckets run cuSPARSELt."""
+    only). Where the plan reads cuSPARSELt's buffer with our kernel but this layer's buffer
+    is not in the layout it reads (`cslt.share_cslt_buffer`), its buckets run cuSPARSELt."""
     plan = plan or {1: Choice(FP8_DENSE)}
     weight = quantize_weight(linear.weight)
     used = {c.backend for c in plan.values()}
@@ -289,12 +263,7 @@ def fp8_layer(
         mma=pack_mma24_e4m3(weight.values) if FP8_MMA in used else None,
         bias=None if linear.bias is None else linear.bias.detach(),
         input_order=getattr(linear, "input_order", None),
-        input_scale=_scale_tensor(input_scale, weight.scale.device),
     )
-
-
-def _scale_tensor(scale: float | None, device: torch.device) -> torch.Tensor | None:
-    return None if scale is None else torch.tensor([scale], dtype=torch.float32, device=device)
 
 
 def _cslt_layout(weight: Fp8Weight, packed: torch.Tensor) -> Compact24 | None:
@@ -313,7 +282,6 @@ class _Forms:
     packed: torch.Tensor | None = None
     mma: Mma24 | None = None
     cslt: Compact24 | None = None  # `packed` as the mma.sp kernel reads it, where it can
-    input_scale: torch.Tensor | None = None  # the static token scale, or per-token scales
 
 
 # A bucket's launch settings: cuSPARSELt's per FP8_CUSPARSELT, mma.sp's per mma backend.
@@ -325,14 +293,14 @@ def _run(backend: str, f: _Forms, x: torch.Tensor, configs: _Configs) -> torch.T
     if backend in (FP8_MMA, FP8_MMA_CSLT):
         weight = f.mma if backend == FP8_MMA else f.cslt
         assert weight is not None and (config is None or isinstance(config, MmaConfig))
-        return _mma(x, weight, f.weight.scale, f.bias, config, f.input_scale)
+        return _mma(x, weight, f.weight.scale, f.bias, config)
     if backend == FP8_CUSPARSELT:
         assert f.packed is not None and (config is None or isinstance(config, CsltConfig))
-        return fp8_cslt_linear(x, f.packed, f.weight.scale, f.bias, config, f.input_scale)
+        return fp8_cslt_linear(x, f.packed, f.weight.scale, f.bias, config)
     if backend == FP8_DENSE:
-        return fp8_dense_linear(x, f.weight, f.bias, f.input_scale)
+        return fp8_dense_linear(x, f.weight, f.bias)
     if backend == FP8_DENSE_UNSCALED:
-        return fp8_dense_unscaled_linear(x, f.weight, f.unit, f.bias, f.input_scale)
+        return fp8_dense_unscaled_linear(x, f.weight, f.unit, f.bias)
     return F.linear(x, f.dense, f.bias)
 
 
@@ -353,7 +321,7 @@ AGREE_TOLERANCE = 2**-6
 def _agrees(backend: str, f: _Forms, x: torch.Tensor, configs: _Configs) -> bool:
     """`backend`'s output on `x` is within AGREE_TOLERANCE of `fp8_linear_reference`'s."""
     got = _run(backend, f, x, configs).float()
-    ref = fp8_linear_reference(x, f.weight, f.bias, input_scale=f.input_scale).float()
+    ref = fp8_linear_reference(x, f.weight, f.bias).float()
     return bool((got - ref).abs().max() <= AGREE_TOLERANCE * ref.abs().max())
 
 
@@ -370,11 +338,8 @@ def _tune(
     times: dict[int, dict[str, float]] = {}
     configs: dict[int, dict[str, CsltConfig | MmaConfig]] = {}
     k = forms[0].dense.shape[1]
-    static = forms[0].input_scale
     for m in buckets:
         x = torch.randn(m, k, dtype=forms[0].dense.dtype, device=forms[0].dense.device)
-        if static is not None:  # inside the static range (up to about 256 * scale)
-            x = x * (64 * static).to(x.dtype)
         cands = [FP8_DENSE, FP8_DENSE_UNSCALED]
         cfgs: dict[str, CsltConfig | MmaConfig] = {}
         if sparse:
@@ -382,7 +347,7 @@ def _tune(
             cfgs[FP8_CUSPARSELT] = fp8_cslt_best_config(
                 [f.packed for f in forms if f.packed is not None], x
             )
-            q, q_scale = (x, static) if static is not None else quantize_tokens(x)
+            q, q_scale = quantize_tokens(x)
             scales = [f.weight.scale for f in forms]
             for backend, weights in (
                 (FP8_MMA, [f.mma for f in forms]),
@@ -488,13 +453,10 @@ def sparsify_fp8(
     tune_layers: int = 8,
     plan_cache: bool | str | os.PathLike[str] = True,
     verbose: bool = False,
-    input_scales: Mapping[str, float] | None = None,
 ) -> SparsifyReport:
     """Replace the Linears of `model` (in place) by `Fp8Linear`s; see `ria.sparsify(model,
     dtype="fp8")`. With `sparse`, the 2:4 layers (others are skipped with their reason);
-    without, every fp16/bf16 CUDA Linear but the output embedding (fp8 dense). With
-    `input_scales` (layer name -> static power-of-two token scale,
-    `fp8_calibration.calibrate_input_scales`), every converted layer must have one."""
+    without, every fp16/bf16 CUDA Linear but the output embedding (fp8 dense)."""
     from .sparsify import (
         DEFAULT_BATCH_SIZES,
         SparseLayerReport,
@@ -508,8 +470,6 @@ def sparsify_fp8(
     if not buckets or buckets[0] < 1:
         raise InvalidArgumentError(f"batch_sizes must be positive token counts, got {buckets}")
     label = "fp8" if sparse else "fp8 dense"
-    if input_scales is not None:
-        label += ", static scales"
     report = SparsifyReport(False, "", label, buckets)
     reason = fp8_status()
     if reason is not None:
@@ -530,11 +490,6 @@ def sparsify_fp8(
         return why
 
     groups = group_layers(model, why_not, strict, report)
-    if input_scales is not None:
-        check_input_scales(input_scales, [name for ms in groups.values() for name, _ in ms])
-        options_static = {"static_inputs": True}  # another plan: the kernels differ
-    else:
-        options_static = {}
     use_mma = sparse and mma_status() is None
     usable = set(FP8_DENSE_KERNELS)
     if sparse:
@@ -545,18 +500,13 @@ def sparsify_fp8(
         "tune_layers": tune_layers,
         "allow_dense": allow_dense,
         "dense_margin": dense_margin,
-        **options_static,
     }
     versions = library_versions() if cache is not None else {}
 
-    def scale_of(name: str) -> float | None:
-        return None if input_scales is None else input_scales[name]
-
-    def forms(name: str, mod: nn.Linear) -> _Forms:
+    def forms(mod: nn.Linear) -> _Forms:
         w = quantize_weight(mod.weight)
         bias = None if mod.bias is None else mod.bias.detach()
         f = _Forms(w, bias, mod.weight.detach(), torch.ones(1, device=w.scale.device))
-        f.input_scale = _scale_tensor(scale_of(name), w.scale.device)
         if sparse:
             f.packed = fp8_cslt_compress(w)
         if use_mma:
@@ -569,9 +519,7 @@ def sparsify_fp8(
         n, k = shape[0], shape[1]
         key = shape_plan_key(shape, buckets, options, versions, FP8_BACKENDS)
         entry = None if cache is None else cache.load(key, buckets, usable)
-        first = None
-        if entry is not None:
-            first = fp8_layer(members[0][1], entry.graph, scale_of(members[0][0]))
+        first = None if entry is None else fp8_layer(members[0][1], entry.graph)
         if cache is not None and first is not None and not _plan_runs(first, shape[2]):
             warnings.warn(
                 f"sparsify plan cache: {cache.path(key)} names a cuSPARSELt algorithm this "
@@ -581,17 +529,14 @@ def sparsify_fp8(
             entry, first = None, None
         source = "cache"
         if entry is None:
-            tuned = [forms(name, mod) for name, mod in members[:tune_layers]]
+            tuned = [forms(mod) for _, mod in members[:tune_layers]]
             plan, times = _tune(tuned, buckets, sparse, allow_dense, dense_margin)
             entry = TunedPlan(graph=plan, eager=plan, times_us=times)
             if cache is not None:
                 cache.store(key, entry)
             source = "tuned"
         for i, (name, mod) in enumerate(members):
-            if i == 0 and first is not None:
-                new = first
-            else:
-                new = fp8_layer(mod, entry.graph, scale_of(name))
+            new = first if i == 0 and first is not None else fp8_layer(mod, entry.graph)
             replace_module(model, name, new)
             report.layers.append(
                 SparseLayerReport(
@@ -619,24 +564,16 @@ def sparsify_fp8(
 
 
 @torch.no_grad()
-def quantize_linears(
-    model: nn.Module, *, sparse: bool = True, input_scales: Mapping[str, float] | None = None
-) -> list[str]:
+def quantize_linears(model: nn.Module, *, sparse: bool = True) -> list[str]:
     """Replace (in place) the fp16/bf16 Linears of `model` on any device by `Fp8Linear`s
     with the default plan (fp8 dense; off CUDA the reference), untuned: for measuring what
     fp8 does to a model's quality. With `sparse`, only the 2:4 ones. The output embedding
-    stays. With `input_scales` (as for `sparsify_fp8`) the tokens take static scales.
-    Returns the names converted."""
+    stays. Returns the names converted."""
     from .sparsify import find_linears
 
-    chosen = [
-        (name, mod)
-        for name, mod, why in find_linears(model, require_cuda=False)
-        if why is None or (not sparse and why.startswith("not 2:4"))
-    ]
-    if input_scales is not None:
-        check_input_scales(input_scales, [name for name, _ in chosen])
-    for name, mod in chosen:
-        scale = None if input_scales is None else input_scales[name]
-        replace_module(model, name, fp8_layer(mod, input_scale=scale))
-    return [name for name, _ in chosen]
+    done = []
+    for name, mod, why in find_linears(model, require_cuda=False):
+        if why is None or (not sparse and why.startswith("not 2:4")):
+            replace_module(model, name, fp8_layer(mod))
+            done.append(name)
+    return done

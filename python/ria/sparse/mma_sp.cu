@@ -17,11 +17,9 @@
 // and, without RIA_E4M3, operands), RIA_R, RIA_W, RIA_U, RIA_NT (8-token tiles,
 // ceil(M / 8)), RIA_ORDER (0: none, 32 / 64: index bits), RIA_E4M3 (1: weight values and
 // tokens in e4m3, half the bytes per fragment, widened exactly to fp16 in registers for an
-// f16 mma.sp; the fp32 sums are then scaled by the token's and the row's scales), RIA_STATIC
-// (with RIA_E4M3, 1: the tokens are fp16/bf16 and quantized to e4m3 as B is loaded, with one
-// static power-of-two scale x_scale[0], saturating: no quantization kernel before this one),
-// RIA_CSLT (1: W is read in place from cuSPARSELt's compressed buffer instead, see below).
-// No headers: NVRTC needs no CUDA include path.
+// f16 mma.sp; the fp32 sums are then scaled by the token's and the row's scales), RIA_CSLT
+// (1: W is read in place from cuSPARSELt's compressed buffer instead, see below). No
+// headers: NVRTC needs no CUDA include path.
 //
 // RIA_CSLT: `vals` is the buffer's values region, row-major (N, K/2), and `meta` its
 // metadata in cuSPARSELt's tiled order (format.cslt_nibble_index: per 64-row block and
@@ -58,12 +56,6 @@
 #endif
 #ifndef RIA_CSLT
 #define RIA_CSLT 0
-#endif
-#ifndef RIA_STATIC
-#define RIA_STATIC 0
-#endif
-#if RIA_STATIC && !RIA_E4M3
-#error "RIA_STATIC is a form of the e4m3 kernel"
 #endif
 #if RIA_TILED && RIA_E4M3
 #error "RIA_TILED has no e4m3 form"
@@ -103,14 +95,11 @@ typedef int index_t;
 #define RIA_AB "bf16"
 #endif
 
-#if RIA_E4M3 && !RIA_STATIC
-typedef unsigned char x_t;  // one e4m3 token value
-#else
-typedef u16 x_t;  // one fp16/bf16 token value
-#endif
 #if RIA_E4M3
-typedef uint2 frag_t;  // a lane's 8 kept e4m3 values of one k-step
+typedef unsigned char x_t;  // one e4m3 token value
+typedef uint2 frag_t;       // a lane's 8 kept e4m3 values of one k-step
 #else
+typedef u16 x_t;
 typedef uint4 frag_t;  // a lane's 8 kept fp16/bf16 values of one k-step
 #endif
 
@@ -248,13 +237,6 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u16 v) {
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(v));
   return r;
 }
-
-// Two floats as e4m3 (`lo` in the low byte), rounded to nearest even, saturating at +-448.
-__device__ __forceinline__ u16 f32x2_to_e4m3x2(float lo, float hi) {
-  u16 r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-  return r;
-}
 #endif
 
 #if RIA_E4M3
@@ -285,10 +267,9 @@ __device__ __forceinline__ int b_col(int p, int h, int t, int i) {
 
 // B fragments of k-step h of unit p for the RIA_NT token tiles: lane (g, t) holds token
 // 8j + g at columns b_col(p, h, t, i) + {0, 1}, i = 0..3 (through `order` if given).
-// RIA_STATIC: the two fp16/bf16 values times `inv` (1 / the static scale, exact), as e4m3.
 __device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const x_t* __restrict__ x, int ldx,
                                        const index_t* __restrict__ order, int g, int t, int M,
-                                       int K, int p, int h, float inv) {
+                                       int K, int p, int h) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int k = b_col(p, h, t, i);
@@ -303,10 +284,7 @@ __device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const x_t* __restric
       u32 v = 0;
       if (token < M && in_k) {
         const x_t* row = x + (long long)token * ldx;
-#if RIA_STATIC
-        const u32 pair = *reinterpret_cast<const u32*>(row + k);  // no order: see mma_sp.py
-        v = e4m3x2_to_f16x2(f32x2_to_e4m3x2(to_f32((u16)pair) * inv, to_f32((u16)(pair >> 16)) * inv));
-#elif RIA_E4M3
+#if RIA_E4M3
         v = e4m3x2_to_f16x2(*reinterpret_cast<const u16*>(row + k));  // no order: see mma_sp.py
 #elif RIA_ORDER
         v = (u32)row[c0] | ((u32)row[c1] << 16);
@@ -376,12 +354,6 @@ extern "C" __global__ void RIA_BOUNDS
   // raised registers and was slower on one shape; an L2 prefetch of the block's rows was no
   // faster: H200, 2026-12-04.)
   wait_for_prior_grid();
-#endif
-#if RIA_STATIC
-  // 1 / x_scale[0], exact for a power of two 2**e (|e| <= 100): 2**-e from the exponent bits
-  const float inv = __int_as_float((254 << 23) - __float_as_int(x_scale[0]));
-#else
-  const float inv = 1.f;
 #endif
 
   float acc[RIA_R][RIA_NT][4];
@@ -457,7 +429,7 @@ extern "C" __global__ void RIA_BOUNDS
     u32 b[RIA_KSTEPS * RIA_U][RIA_NT][4];  // the whole batch's B, loaded together with A
 #pragma unroll
     for (int q = 0; q < RIA_KSTEPS * RIA_U; ++q)
-      load_b(b[q], x, ldx, order, g, t, M, K, min(p0 + q / RIA_KSTEPS, pe - 1), q % RIA_KSTEPS, inv);
+      load_b(b[q], x, ldx, order, g, t, M, K, min(p0 + q / RIA_KSTEPS, pe - 1), q % RIA_KSTEPS);
 #endif
 #pragma unroll
     for (int q = 0; q < RIA_KSTEPS * RIA_U; ++q) {
@@ -468,7 +440,7 @@ extern "C" __global__ void RIA_BOUNDS
       if (p0 + u < pe) {
 #if !RIA_PREFETCH_B
         u32 bq[RIA_NT][4];
-        load_b(bq, x, ldx, order, g, t, M, K, p0 + u, h, inv);
+        load_b(bq, x, ldx, order, g, t, M, K, p0 + u, h);
 #endif
 #pragma unroll
         for (int r = 0; r < RIA_R; ++r)
@@ -505,7 +477,7 @@ extern "C" __global__ void RIA_BOUNDS
     const int token = 8 * j + 2 * (ln & 3) + (c & 1);
     if (row < N && token < M) {
 #if RIA_E4M3
-      s = s * x_scale[RIA_STATIC ? 0 : token] * w_scale[row];  // powers of two: exact
+      s = s * x_scale[token] * w_scale[row];  // powers of two: exact
 #endif
       if (has_bias) s += to_f32(bias[row]);
       y[(long long)token * ldy + row] = from_f32(s);

@@ -330,8 +330,8 @@ def _source(name: str = "mma_sp.cu") -> str:
 
 
 _ORDER_BITS = {None: 0, torch.int32: 32, torch.int64: 64}
-# (dtype, config, token tiles, order bits, e4m3, cslt, static, device index) -> loaded kernel
-_KERNELS: dict[tuple[torch.dtype, MmaConfig, int, int, bool, bool, bool, int], Any] = {}
+# (dtype, config, token tiles, order bits, e4m3, cslt, device index) -> loaded kernel
+_KERNELS: dict[tuple[torch.dtype, MmaConfig, int, int, bool, bool, int], Any] = {}
 # A weight the kernel reads: the mma fragments, or cuSPARSELt's buffer as a "cslt" Compact24.
 MmaWeight = Mma24 | Compact24
 
@@ -366,11 +366,9 @@ def _kernel_source(
     order_bits: int,
     e4m3: bool = False,
     cslt: bool = False,
-    static: bool = False,
 ) -> str:
     """The kernel for output (and, unless `e4m3`, operand) `dtype` and the launch shape,
-    reading the weight from cuSPARSELt's buffer if `cslt`; with `static` (e4m3 only) the
-    tokens are `dtype` and quantized in the kernel with one static scale."""
+    reading the weight from cuSPARSELt's buffer if `cslt`."""
     defines = {
         "RIA_F16": int(dtype == torch.float16),
         "RIA_R": config.row_tiles,
@@ -392,8 +390,6 @@ def _kernel_source(
         defines["RIA_MINB"] = config.min_blocks
     if config.tiled:  # (only then: the plain kernels' sources and disk cache keys stay)
         defines |= {"RIA_TILED": 1, "RIA_S": config.stages, "RIA_SK": config.split}
-    if static:
-        defines["RIA_STATIC"] = 1
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
 
 
@@ -479,17 +475,16 @@ def _kernel(
     order_bits: int,
     e4m3: bool = False,
     cslt: bool = False,
-    static: bool = False,
 ) -> Any:
     device = torch.cuda.current_device()
-    key = (dtype, config, tiles, order_bits, e4m3, cslt, static, device)
+    key = (dtype, config, tiles, order_bits, e4m3, cslt, device)
     kernel = _KERNELS.get(key)
     if kernel is None:
         from torch.cuda import _utils
 
         if config.wgmma and not _has_wgmma():
             raise InvalidArgumentError(f"{config} needs wgmma (compute capability 9.0)")
-        source = _kernel_source(dtype, config, tiles, order_bits, e4m3, cslt, static)
+        source = _kernel_source(dtype, config, tiles, order_bits, e4m3, cslt)
         binary = _compile(source, _arch(config))
         loaded = _utils._cuda_load_module(binary, [_ENTRY])
         kernel = loaded[_ENTRY] if isinstance(loaded, dict) else getattr(loaded, _ENTRY)
@@ -858,20 +853,14 @@ def mma24_fp8_linear(
     2:4 weight, as `fp8.fp8_linear_reference` defines it: the e4m3 values are widened
     exactly to fp16 for an f16 mma.sp, summed in fp32, scaled, biased, cast once.
 
-    Static form: `q` in `out_dtype` (unquantized tokens) and `q_scale` `(1,)`, one static
-    power-of-two scale (`fp8.static_input_scale`): the kernel quantizes each token value as
-    it loads it (`fp8.quantize_static`: saturating), so no quantization kernel runs first;
-    the result is `fp8_linear_reference(q, W, bias, input_scale=q_scale)`'s.
-
     By default the launch is programmatic where the GPU allows (`launch.py`): the kernel's
     blocks are launched while the kernel before it (the quantization of `q`, which signals
     its dependents as it starts) still runs, and wait for it before they read `q` (H200:
     0.4-1.0 us less per quantize + GEMM at 1-64 tokens, `benches/fp8_speed.py`).
 
     Args:
-        q: `(M, K)` tokens, contiguous, `1 <= M <= MAX_TOKENS`: float8_e4m3fn
-            (`fp8_kernels.quantize_tokens`) with `q_scale` `(M,)` fp32, or `out_dtype`
-            with `q_scale` `(1,)` fp32 (static form).
+        q: `(M, K)` float8_e4m3fn tokens, contiguous, `1 <= M <= MAX_TOKENS`
+            (`fp8_kernels.quantize_tokens`); q_scale: `(M,)` fp32.
         packed: the weight from `format.pack_mma24_e4m3` (e4m3 values), or cuSPARSELt's
             e4m3 buffer as a "cslt" `Compact24` (`cslt.share_cslt_buffer`; K % 64 == 0),
             read in place; scale: `(N,)` fp32.
@@ -887,22 +876,14 @@ def mma24_fp8_linear(
     cslt = isinstance(packed, Compact24)
     if isinstance(packed, Compact24):
         _check_cslt(packed)
-    if out_dtype not in (torch.float16, torch.bfloat16):
-        raise InvalidArgumentError(f"out_dtype must be fp16 or bf16, got {out_dtype}")
-    static = q.dtype == out_dtype
-    e4m3 = torch.float8_e4m3fn
-    if (not static and q.dtype != e4m3) or packed.values.dtype != e4m3:
-        raise InvalidArgumentError(
-            f"q is {q.dtype}, the weight {packed.values.dtype}; need an e4m3 weight and e4m3 "
-            f"or {out_dtype} (static scale) tokens"
-        )
-    if q_scale.shape != ((1,) if static else (m,)) or q_scale.dtype != torch.float32:
-        want = "(1,) (one static scale)" if static else f"({m},) (one per token)"
-        raise InvalidArgumentError(f"q_scale must be {want} fp32, got {tuple(q_scale.shape)}")
+    if q.dtype != torch.float8_e4m3fn or packed.values.dtype != torch.float8_e4m3fn:
+        raise InvalidArgumentError(f"q is {q.dtype}, the weight {packed.values.dtype}; need e4m3")
     if k != packed.in_features or not 1 <= m <= MAX_TOKENS or not q.is_contiguous():
         raise InvalidArgumentError(
             f"q must be contiguous (M <= {MAX_TOKENS}, {packed.in_features}), got {tuple(q.shape)}"
         )
+    if out_dtype not in (torch.float16, torch.bfloat16):
+        raise InvalidArgumentError(f"out_dtype must be fp16 or bf16, got {out_dtype}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != out_dtype):
         raise InvalidArgumentError(f"bias must be ({n},) {out_dtype}")
     config = config or e4m3_candidates(m, cslt)[0]
@@ -910,7 +891,7 @@ def mma24_fp8_linear(
         raise InvalidArgumentError(f"the {config} kernel has no e4m3 form")
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     tiles = -(-m // TOKEN_TILE)
-    kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True, cslt=cslt, static=static)
+    kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True, cslt=cslt)
     row_tiles, pairs = _tiles_pairs(packed)
     unused = packed.values
     args = [
@@ -957,9 +938,9 @@ def mma_best_config(
     """The fastest configuration for `x` on weights of one shape, timed under CUDA-graph
     replay over `packed` in rotation (default candidates: `candidates(M)`, for e4m3
     `e4m3_candidates(M)`); also every candidate's microseconds per call. With `fp8_scales`
-    = (token scales, each weight's row scales), `x` holds e4m3 tokens (or, with one static
-    scale, unquantized ones) and `packed` e4m3 weights (`mma24_fp8_linear`). `packed` may
-    hold cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments."""
+    = (token scales, each weight's row scales), `x` holds e4m3 tokens and `packed` e4m3
+    weights (`mma24_fp8_linear`). `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s)
+    instead of fragments."""
     cslt = isinstance(packed[0], Compact24)
     m = x.shape[0]
     if fp8_scales is not None:

@@ -784,7 +784,6 @@ def sparsify(
     verbose: bool = False,
     dtype: str | None = None,
     sparse: bool = True,
-    input_scales: Mapping[str, float] | None = None,
 ) -> SparsifyReport:
     """Replace every 2:4-sparse `nn.Linear` of `model` (in place) by a `Sparse24Linear`.
 
@@ -831,11 +830,6 @@ def sparsify(
             kernels and must keep their defaults.
         sparse: with `dtype="fp8"`, False converts every fp16/bf16 Linear (but lm_head)
             to fp8 dense, 2:4 or not. Must be True without `dtype`.
-        input_scales: with `dtype="fp8"`, static token scales (layer name -> power of two,
-            from `ria.sparse.fp8_calibration.calibrate_input_scales`) instead of a scale per
-            token per call: the mma.sp kernel then quantizes the tokens as it loads them,
-            with no quantization kernel before it; inputs beyond the calibrated range
-            saturate. Every converted layer needs one. None (default): per-token scales.
 
     Returns:
         A `SparsifyReport`. Without CUDA (or without any usable sparse kernel) nothing is
@@ -843,8 +837,6 @@ def sparsify(
     """
     if not 0 <= dense_margin < 1:
         raise InvalidArgumentError(f"dense_margin must be in [0, 1), got {dense_margin}")
-    if input_scales is not None and dtype != "fp8":
-        raise InvalidArgumentError("input_scales are static fp8 token scales: need dtype='fp8'")
     if dtype is not None or not sparse:
         if dtype != "fp8":
             raise InvalidArgumentError(
@@ -853,12 +845,12 @@ def sparsify(
         if backend != "auto" or not cslt_sweep or fuse_siblings:
             raise InvalidArgumentError(
                 "dtype='fp8' takes batch_sizes, strict, allow_dense, dense_margin, "
-                "tune_layers, plan_cache, verbose, sparse and input_scales only"
+                "tune_layers, plan_cache, verbose and sparse only"
             )
         return sparsify_fp8(
             model, sparse=sparse, batch_sizes=batch_sizes, strict=strict,
             allow_dense=allow_dense, dense_margin=dense_margin, tune_layers=tune_layers,
-            plan_cache=plan_cache, verbose=verbose, input_scales=input_scales,
+            plan_cache=plan_cache, verbose=verbose,
         )  # fmt: skip
     t0 = time.perf_counter()
     buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
