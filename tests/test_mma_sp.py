@@ -362,6 +362,11 @@ def test_mma_config_rejects_bad_shapes():
     with pytest.raises(InvalidArgumentError, match="plain kernel's"):
         MmaConfig(2, 4, 2, 3, 4, late_b=1)
     assert str(MmaConfig(1, 16, 4, hint=2, late_b=1)) == "r1w16u4h2b"
+    assert str(MmaConfig(2, 8, 2, min_blocks=4)) == "r2w8u2n4"
+    with pytest.raises(InvalidArgumentError, match="at most 64 warps per SM"):
+        MmaConfig(1, 16, 2, min_blocks=5)
+    with pytest.raises(InvalidArgumentError, match="plain kernel's"):
+        MmaConfig(2, 4, 2, 3, 4, min_blocks=2)
     assert MmaConfig(1, 16, 1, hint=2).streaming and not MmaConfig(1, 16, 1).streaming
     for m in (1, 8, 9, 16, 17, 64):  # every candidate is one of the configurations tested
         for cslt in (False, True):

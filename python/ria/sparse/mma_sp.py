@@ -216,6 +216,24 @@ _WG_MANY = (  # M <= 64
 )
 
 
+# e4m3 at M <= 8 with a register cap (`min_blocks`): the capped shapes that beat every
+# uncapped one on a shape in a sweep on an H200 (2026-12-04, us per GEMM alone, weights
+# streaming): on the fragments r1w16u4h2n2 (q/k/v/o M = 1: 5.0 against 5.3) and
+# r1w16u2h2n3 (q/k/v/o M = 8: 6.8 against 7.0); on cuSPARSELt's buffer r1w16u2h2n2
+# (q/k/v/o M = 1: 5.7 against 6.0; down M = 1: 13.3 against 13.9), r2w8u2n4 (gate/up M = 8:
+# 17.9 against 20.8) and r1w16u1h1n2 (down M = 8: 18.2 against 18.5). Capping did not
+# help gate/up at M = 1 in either form (the buffer's 2.6-wave tail there stays).
+_E4M3_CAPPED = (
+    MmaConfig(1, 16, 4, hint=2, min_blocks=2),
+    MmaConfig(1, 16, 2, hint=2, min_blocks=3),
+)
+_E4M3_CSLT_CAPPED = (
+    MmaConfig(1, 16, 2, hint=2, min_blocks=2),
+    MmaConfig(2, 8, 2, min_blocks=4),
+    MmaConfig(1, 16, 1, hint=1, min_blocks=2),
+)
+
+
 def _per_e4m3_unit(shapes: tuple[MmaConfig, ...]) -> tuple[MmaConfig, ...]:
     """`shapes` with half the unroll (at least 1): the same k-steps per batch where a unit
     is four k-steps (cuSPARSELt's e4m3 buffer) instead of two."""
@@ -235,6 +253,8 @@ CONFIGS = tuple(
         + _CSLT_MANY
         + _WG_HALF
         + _WG_MANY
+        + _E4M3_CAPPED
+        + _E4M3_CSLT_CAPPED
     )
 )
 
@@ -913,12 +933,14 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     unroll (a unit there is four k-steps: the same k-steps and registers per batch), as the
     buffer's own shapes were picked for bf16. On an H200 (benches/results/fp8_gemm_h200.json)
     the halved shapes won at 16-64 tokens (gate/up 22.4 against 28.7 us at M = 16), the
-    buffer's own at 1-8."""
+    buffer's own at 1-8. At M <= 8 also the register-capped shapes that won a shape there
+    (`_E4M3_CAPPED`, `_E4M3_CSLT_CAPPED`)."""
     plain = tuple(c for c in candidates(m) if _has_e4m3_form(c))
     if not cslt:
-        return plain
+        return (*plain, *_E4M3_CAPPED) if m <= 8 else plain
     own = (c for c in candidates(m, cslt=True) if _has_e4m3_form(c))
-    return tuple(dict.fromkeys((*_per_e4m3_unit(plain), *own)))
+    capped = _E4M3_CSLT_CAPPED if m <= 8 else ()
+    return tuple(dict.fromkeys((*_per_e4m3_unit(plain), *own, *capped)))
 
 
 def _has_e4m3_form(config: MmaConfig) -> bool:
