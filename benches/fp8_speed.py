@@ -15,7 +15,8 @@ Sections (`--only` picks some):
         8x128 and 1x2048, decode batch 1 and 16 (KV 512) for bf16 dense, fp8 dense
         (`sparsify(dtype="fp8", sparse=False)`), bf16 2:4 (`sparsify()`) and fp8 2:4
         (`sparsify(dtype="fp8")`), with the Linear weight bytes and the prefill logits'
-        error against bf16 dense.
+        error against bf16 dense. With --fuse, also the three sparsified variants with
+        `fuse_siblings=True` (q/k/v and gate/up as one layer each).
   accuracy  per GEMM and fp8 kernel, the output's error against the exact sum of the same
         e4m3 operands (float64): largest error over the largest output, and the mean signed
         error over the mean magnitude (negative: sums pulled toward zero, as an accumulator
@@ -337,13 +338,21 @@ VARIANTS = {
 }
 
 
-def bench_e2e(layers: int, decode_steps: int, save, compiled: tuple[int, ...] = ()) -> dict:
+def bench_e2e(
+    layers: int, decode_steps: int, save, compiled: tuple[int, ...] = (), fuse: bool = False
+) -> dict:
     """The four variants in turn (each a copy of one model); `save(result)` after each.
-    `compiled`: decode batches also timed with the step compiled (`gpu_speed.time_e2e`)."""
+    `compiled`: decode batches also timed with the step compiled (`gpu_speed.time_e2e`).
+    `fuse`: also the three sparsified variants with `fuse_siblings=True`."""
     base = build_model(layers, prune_all=False)
     result: dict = {"layers": layers, "variants": {}}
     outs = {}
-    for label, options in VARIANTS.items():
+    variants = dict(VARIANTS)
+    if fuse:
+        for label, options in VARIANTS.items():
+            if options is not None:
+                variants[f"{label}, fused"] = {**options, "fuse_siblings": True}
+    for label, options in variants.items():
         model = base if options is None else copy.deepcopy(base)  # base stays bf16 dense
         row: dict = {}
         if options is not None:
@@ -392,15 +401,26 @@ def e2e_table(r: dict) -> str:
         for b in (1, 16)
         if all(f"decode_b{b}_compiled_ms_per_step" in v[x]["timings"] for x in labels)
     ]
+    fused = "fp8 2:4, fused" in v and "fp8 dense, fused" in v
+    if fused:
+        out[0] += " fused: fp8 2:4 / fp8 dense |"
+        out[1] += "---:|"
     for key, name in keys:
         t = [v[label]["timings"][key] for label in labels]
         fp8d, fp824, bf16d = (v[x]["timings"][key] for x in ("fp8 dense", "fp8 2:4", "bf16 dense"))
-        out.append(
+        row = (
             f"| {name} | " + " | ".join(f"{x:.2f}" for x in t)
             + f" | {fp8d / fp824:.2f}x | {bf16d / fp824:.2f}x |"
         )  # fmt: skip
+        if fused:
+            fd, f24 = (v[x]["timings"][key] for x in ("fp8 dense, fused", "fp8 2:4, fused"))
+            row += f" {fd / f24:.2f}x |"
+        out.append(row)
     gib = [v[label]["linear_bytes"] / 2**30 for label in labels]
-    out.append("| decoder Linear weights (GiB) | " + " | ".join(f"{x:.2f}" for x in gib) + " | | |")
+    out.append(
+        "| decoder Linear weights (GiB) | " + " | ".join(f"{x:.2f}" for x in gib)
+        + " | | |" + (" |" if fused else "")
+    )  # fmt: skip
     return "\n".join(out)
 
 
@@ -456,6 +476,9 @@ def main() -> None:
     ap.add_argument(
         "--compiled", default="", help="decode batches also timed with the step compiled (1,16)"
     )
+    ap.add_argument(
+        "--fuse", action="store_true", help="e2e: also each sparsified variant with fused siblings"
+    )
     ap.add_argument("--out", default="benches/results/fp8_h200.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -475,7 +498,7 @@ def main() -> None:
             path.write_text(json.dumps({**out, "e2e": partial}, indent=1))
 
         compiled = tuple(int(b) for b in args.compiled.split(",") if b)
-        out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, compiled)
+        out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, compiled, args.fuse)
         return f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n" + e2e_table(
             out["e2e"]
         )

@@ -11,7 +11,7 @@ import torch
 from helpers import needs_cuda, prune_model_24, random_24, tiny_model
 
 from ria.errors import InvalidArgumentError
-from ria.sparse import sparsify
+from ria.sparse import find_linears, sparsify
 from ria.sparse.format import pack_24, pack_mma24_e4m3
 from ria.sparse.fp8 import (
     E4M3,
@@ -36,6 +36,7 @@ from ria.sparse.fp8_linear import (
     quantize_linears,
 )
 from ria.sparse.linear import DENSE, Choice
+from ria.sparse.siblings import fuse_model_siblings
 
 # -- format (CPU) --------------------------------------------------------------------------
 
@@ -371,15 +372,27 @@ def test_sparsify_fp8_drops_a_kernel_that_disagrees(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("sparse", [True, False])
-def test_sparsify_fp8_model_matches_reference(sparse):
+@pytest.mark.parametrize("sparse, fuse", [(True, False), (False, False), (True, True)])
+def test_sparsify_fp8_model_matches_reference(sparse, fuse):
+    """With `fuse`, q/k/v and gate/up run as one fp8 layer each (one quantization, one
+    GEMM), compared with the CPU reference of the same fused layers."""
     model = prune_model_24(tiny_model("llama", hidden_size=256, intermediate_size=512))
     model = model.to(torch.bfloat16)
     reference = copy.deepcopy(model)
+    if fuse:
+        fuse_model_siblings(
+            reference,
+            [n for n, _, why in find_linears(reference, require_cuda=False) if why is None],
+        )
     quantize_linears(reference, sparse=sparse)  # CPU: the reference on every layer
     model = model.cuda()
-    report = sparsify(model, dtype="fp8", sparse=sparse, batch_sizes=[1, 16, 64], plan_cache=False)
-    assert report.applied and len(report.converted) == 7 * len(model.model.layers)
+    report = sparsify(
+        model, dtype="fp8", sparse=sparse, batch_sizes=[1, 16, 64], plan_cache=False,
+        fuse_siblings=fuse,
+    )  # fmt: skip
+    per_block = 4 if fuse else 7  # qkv, o, gate_up, down
+    assert report.applied and len(report.converted) == per_block * len(model.model.layers)
+    assert len(report.fused) == (2 * len(model.model.layers) if fuse else 0)
     for lr in report.converted:
         assert set(lr.plan.values()) <= set(FP8_BACKENDS)
         assert sparse or set(lr.plan.values()) <= FP8_DENSE_KERNELS

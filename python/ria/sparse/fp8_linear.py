@@ -452,15 +452,20 @@ def sparsify_fp8(
     dense_margin: float = 0.05,
     tune_layers: int = 8,
     plan_cache: bool | str | os.PathLike[str] = True,
+    fuse_siblings: bool = False,
     verbose: bool = False,
 ) -> SparsifyReport:
     """Replace the Linears of `model` (in place) by `Fp8Linear`s; see `ria.sparsify(model,
     dtype="fp8")`. With `sparse`, the 2:4 layers (others are skipped with their reason);
-    without, every fp16/bf16 CUDA Linear but the output embedding (fp8 dense)."""
+    without, every fp16/bf16 CUDA Linear but the output embedding (fp8 dense). With
+    `fuse_siblings`, convertible Linears that read the same tensor are fused first
+    (`siblings.fuse_model_siblings`): one quantization of their input and one GEMM."""
+    from .siblings import fuse_model_siblings
     from .sparsify import (
         DEFAULT_BATCH_SIZES,
         SparseLayerReport,
         SparsifyReport,
+        find_linears,
         group_layers,
         shape_plan_key,
     )
@@ -489,6 +494,15 @@ def sparsify_fp8(
             why = fp8_cslt_shape_status(n, k)
         return why
 
+    if fuse_siblings:
+        convertible = [
+            name
+            for name, mod, why in find_linears(model)
+            if why_not(why, *mod.weight.shape) is None
+        ]
+        report.fused, note = fuse_model_siblings(model, convertible)
+        if note is not None:
+            report.warnings.append(note)
     groups = group_layers(model, why_not, strict, report)
     use_mma = sparse and mma_status() is None
     usable = set(FP8_DENSE_KERNELS)

@@ -825,9 +825,9 @@ def sparsify(
             cuSPARSELt's e4m3 buffer), cuSPARSELt's fp8 2:4 GEMM and fp8 dense
             (`torch._scaled_mm`; a whole layer falls back to it where it is faster by
             more than `dense_margin`, and with `allow_dense` per bucket beside the 2:4
-            form); plans are cached as for
-            fp16/bf16. `backend`, `cslt_sweep` and `fuse_siblings` are for the fp16/bf16
-            kernels and must keep their defaults.
+            form); plans are cached as for fp16/bf16, and `fuse_siblings` fuses as for
+            them (one token quantization per group too). `backend` and `cslt_sweep` are for
+            the fp16/bf16 kernels and must keep their defaults.
         sparse: with `dtype="fp8"`, False converts every fp16/bf16 Linear (but lm_head)
             to fp8 dense, 2:4 or not. Must be True without `dtype`.
 
@@ -842,15 +842,15 @@ def sparsify(
             raise InvalidArgumentError(
                 f"dtype must be None or 'fp8' (sparse=False needs dtype='fp8'), got {dtype!r}"
             )
-        if backend != "auto" or not cslt_sweep or fuse_siblings:
+        if backend != "auto" or not cslt_sweep:
             raise InvalidArgumentError(
                 "dtype='fp8' takes batch_sizes, strict, allow_dense, dense_margin, "
-                "tune_layers, plan_cache, verbose and sparse only"
+                "tune_layers, plan_cache, fuse_siblings, verbose and sparse only"
             )
         return sparsify_fp8(
             model, sparse=sparse, batch_sizes=batch_sizes, strict=strict,
             allow_dense=allow_dense, dense_margin=dense_margin, tune_layers=tune_layers,
-            plan_cache=plan_cache, verbose=verbose,
+            plan_cache=plan_cache, fuse_siblings=fuse_siblings, verbose=verbose,
         )  # fmt: skip
     t0 = time.perf_counter()
     buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
