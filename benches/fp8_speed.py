@@ -341,7 +341,7 @@ VARIANTS = {
 def bench_e2e(
     layers: int, decode_steps: int, save, compiled: tuple[int, ...] = (), fuse: bool = False
 ) -> dict:
-    """The four variants in turn (each a copy of one model); `save(result)` after each.
+    """The variants in turn (each a copy of one model); `save(result)` after each.
     `compiled`: decode batches also timed with the step compiled (`gpu_speed.time_e2e`).
     `fuse`: also the three sparsified variants with `fuse_siblings=True`."""
     base = build_model(layers, prune_all=False)

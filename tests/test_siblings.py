@@ -36,6 +36,29 @@ def _tails(groups: list[tuple[str, ...]]) -> set[tuple[str, ...]]:
     return {tuple(n.rpartition(".")[2] for n in g) for g in groups}
 
 
+def test_sparsify_fuses_only_the_layers_it_would_convert():
+    """`sparsify`'s fusion step (bf16 and fp8) applies the test `group_layers` converts by:
+    here (on the CPU, so the device reason is set aside) gate/up are refused by shape and
+    stay unfused, while q/k/v fuse."""
+    from ria.sparse.sparsify import SparsifyReport, fuse_convertible_siblings
+
+    model = tiny_model("llama")
+    ref = _logits(model)
+    inter = model.config.intermediate_size
+    report = SparsifyReport(False, "", "auto", (1,))
+
+    def why_not(why: str | None, n: int, k: int) -> str | None:
+        if why is not None and why.startswith("output embedding"):
+            return why
+        return "refused" if n == inter else None
+
+    fuse_convertible_siblings(model, why_not, report)
+    assert _tails(report.fused) == {("q_proj", "k_proj", "v_proj")}
+    assert len(report.fused) == model.config.num_hidden_layers and not report.warnings
+    assert isinstance(model.model.layers[0].mlp.gate_proj, nn.Linear)
+    torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("family", "expected"),
     [

@@ -459,13 +459,12 @@ def sparsify_fp8(
     dtype="fp8")`. With `sparse`, the 2:4 layers (others are skipped with their reason);
     without, every fp16/bf16 CUDA Linear but the output embedding (fp8 dense). With
     `fuse_siblings`, convertible Linears that read the same tensor are fused first
-    (`siblings.fuse_model_siblings`): one quantization of their input and one GEMM."""
-    from .siblings import fuse_model_siblings
+    (`sparsify.fuse_convertible_siblings`): one quantization of their input and one GEMM."""
     from .sparsify import (
         DEFAULT_BATCH_SIZES,
         SparseLayerReport,
         SparsifyReport,
-        find_linears,
+        fuse_convertible_siblings,
         group_layers,
         shape_plan_key,
     )
@@ -495,14 +494,7 @@ def sparsify_fp8(
         return why
 
     if fuse_siblings:
-        convertible = [
-            name
-            for name, mod, why in find_linears(model)
-            if why_not(why, *mod.weight.shape) is None
-        ]
-        report.fused, note = fuse_model_siblings(model, convertible)
-        if note is not None:
-            report.warnings.append(note)
+        fuse_convertible_siblings(model, why_not, report)
     groups = group_layers(model, why_not, strict, report)
     use_mma = sparse and mma_status() is None
     usable = set(FP8_DENSE_KERNELS)

@@ -75,6 +75,7 @@ __all__ = [
     "choose_backend",
     "cusparselt_version_warning",
     "find_linears",
+    "fuse_convertible_siblings",
     "group_layers",
     "mma_cslt_shape_status",
     "shape_plan_key",
@@ -542,6 +543,20 @@ def group_layers(
     return groups
 
 
+def fuse_convertible_siblings(
+    model: nn.Module, why_not: Callable[[str | None, int, int], str | None], report: SparsifyReport
+) -> None:
+    """Fuse the sibling groups (`siblings.fuse_model_siblings`) among the Linears that
+    `group_layers` with `why_not` would convert; the groups go to `report.fused`, and why
+    none could be looked for, if so, to its warnings."""
+    convertible = [
+        name for name, mod, why in find_linears(model) if why_not(why, *mod.weight.shape) is None
+    ]
+    report.fused, note = fuse_model_siblings(model, convertible)
+    if note is not None:
+        report.warnings.append(note)
+
+
 def _why_not_for(backend: str) -> Callable[[str | None, int, int], str | None]:
     """`group_layers`'s reasons for `backend`: a backend named alone must fit the shape."""
 
@@ -873,10 +888,7 @@ def sparsify(
             warnings.warn(note, stacklevel=2)
     clear_generators(model)  # their graphs replay the layers about to be replaced
     if fuse_siblings:
-        convertible = [name for name, _, why in find_linears(model) if why is None]
-        report.fused, note = fuse_model_siblings(model, convertible)
-        if note is not None:
-            report.warnings.append(note)
+        fuse_convertible_siblings(model, _why_not_for(backend), report)
 
     options = {
         "allow_dense": allow_dense,
