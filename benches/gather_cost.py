@@ -1,14 +1,17 @@
-"""What free channel orders cost at run time: the same sparsified 7B-shaped model timed
-without and with an input order on q/k/v/o/gate/up (what `ria.prune(permute="free")`
-gives; down's order is folded into gate/up rows, so it has none), under CUDA-graph replay,
-beside the dense model. Two layouts: `sparsify`'s default buckets (1 .. 1024 tokens: the
-cuSPARSELt layout), and decode-only buckets (1, 16, 64: the mma.sp decode kernel's layout).
+"""What channel orders cost at run time: the same sparsified 7B-shaped model timed without
+orders, with folded orders and with free orders, under CUDA-graph replay (and the decode
+step compiled, as `ria.generate(compile=True)` runs it), beside the dense model.
 
-A layer with an order gathers its input (`x[..., order]`) before its kernel, unless the
-kernel chosen for that token count reads its input through the order itself.
+- folded (`ria.prune(permute=True)`): per block, one order shared by q/k/v and one by
+  gate/up, each applied by a `ChannelGather` on the norm before them (o_proj's and
+  down_proj's orders fold into weight rows and cost nothing);
+- free (`permute="free"`): an input order on each of q/k/v/o/gate/up, gathered before its
+  kernel unless the kernel chosen for that token count reads its input through the order.
 
-Timing only: the orders here are random, so the function differs from the unordered
-model's; correctness of gathered layers is tested in tests/test_sparse.py.
+Two layouts: `sparsify`'s default buckets (cuSPARSELt's buffer, prefill and decode), and
+decode-only buckets (1, 16, 64: the mma.sp layout). Timing only: the orders are random, so
+the function differs from the unordered model's; correctness of gathered layers is tested
+in tests/test_sparse.py and tests/test_prune.py.
 
 Usage: python benches/gather_cost.py [--layers 32] [--out benches/results/gather_cost_h200.json]
 """
@@ -21,69 +24,89 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_speed import VOCAB, build_model, environment, log
+from gpu_speed import build_model, environment, log, time_e2e
 
-from ria.sparse import Sparse24Linear, StaticGenerator, sparsify
-from ria.sparse.graphs import time_graph
+from ria.permutation import ChannelGather
+from ria.sparse import DEFAULT_BATCH_SIZES, Sparse24Linear, sparsify
 
-GATHERED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
-
-
-def time_workloads(model: torch.nn.Module, prefill: bool = True) -> dict[str, float]:
-    """Prefill 8x128 (ms) and decode batch 1 with a 512-token cache (ms per token)."""
-    g = torch.Generator(device="cuda").manual_seed(7)
-    out = {}
-    if prefill:
-        ids = torch.randint(0, VOCAB, (8, 128), device="cuda", generator=g)
-        gen = StaticGenerator(model, 8, 128)
-        gen.prefill(ids)
-        out["prefill_8x128_ms"] = time_graph(gen.prefill_graph(128), iters=10, repeats=3)
-        del gen
-    ids = torch.randint(0, VOCAB, (1, 512), device="cuda", generator=g)
-    # Room for the capturing step and 1 + 5 * 3 timed replays, each one token further.
-    gen = StaticGenerator(model, 1, 512 + 64)
-    gen.prefill(ids)
-    gen.step()  # captures the step
-    gen.prefill(ids)  # rewinds the cache position
-    out["decode_b1_ms_per_token"] = time_graph(gen.step_graph(), iters=5, repeats=3)
-    return out
+FREE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+# The norms whose output a folded order reorders, and the modules reading it (LLaMA).
+FOLDED = {
+    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 
-def set_orders(model: torch.nn.Module, on: bool) -> int:
+def timings(model: torch.nn.Module, prefill: bool) -> dict[str, float]:
+    """Prefill 8x128 (ms) if `prefill`, decode batch 1 and 16 with a 512-token cache (ms per
+    step), batch 1 also compiled: `gpu_speed.time_e2e`'s timings."""
+    res, _ = time_e2e(
+        model,
+        decode_steps=8,
+        decode_batches=(1, 16),
+        prefills=((8, 128),) if prefill else (),
+        compiled_batches=(1,),
+    )
+    return {k: v for k, v in res.items() if k.endswith(("_ms", "_ms_per_step"))}
+
+
+def set_free_orders(model: torch.nn.Module, on: bool) -> int:
     """Gives every q/k/v/o/gate/up `Sparse24Linear` a random input order (or removes it)."""
-    g = torch.Generator(device="cuda").manual_seed(3)
+    g = torch.Generator().manual_seed(3)
     count = 0
     for name, mod in model.named_modules():
-        if isinstance(mod, Sparse24Linear) and name.rsplit(".", 1)[-1] in GATHERED:
-            order = torch.randperm(mod.in_features, generator=g, device="cuda") if on else None
-            mod.input_order = order
+        if isinstance(mod, Sparse24Linear) and name.rsplit(".", 1)[-1] in FREE:
+            order = torch.randperm(mod.in_features, generator=g) if on else None
+            mod.input_order = None if order is None else order.cuda()
             count += 1
     return count
 
 
-def layout_run(layers: int, buckets: list[int], prefill: bool) -> dict:
-    """Dense, then sparsified with `buckets`, plain and with orders, then plain again."""
+def set_folded_orders(model: torch.nn.Module, on: bool) -> int:
+    """Wraps each block's two norms in a `ChannelGather` with a random order (or unwraps)."""
+    g = torch.Generator().manual_seed(5)
+    count = 0
+    for layer in model.model.layers:
+        for norm_name, readers in FOLDED.items():
+            norm = getattr(layer, norm_name)
+            if on:
+                order = torch.randperm(norm.weight.numel(), generator=g)
+                setattr(layer, norm_name, ChannelGather(norm, order.cuda(), readers))
+            elif isinstance(norm, ChannelGather):
+                setattr(layer, norm_name, norm.norm)
+            count += 1
+    return count
+
+
+def layout_run(layers: int, buckets: tuple[int, ...], prefill: bool) -> dict:
+    """Dense, then sparsified with `buckets`: no orders, folded, free, no orders again."""
     t0 = time.perf_counter()
     model = build_model(layers, prune_all=False)
-    dense = time_workloads(model, prefill)
-    report = sparsify(model, batch_sizes=buckets)
+    dense = timings(model, prefill)
+    report = sparsify(model, batch_sizes=list(buckets))
     log(f"built, timed dense, sparsified in {time.perf_counter() - t0:.1f}s")
-    plain = time_workloads(model, prefill)
-    gathered_layers = set_orders(model, True)
-    gathered = time_workloads(model, prefill)
-    set_orders(model, False)
-    again = time_workloads(model, prefill)  # how much timings drift
+    plain = timings(model, prefill)
+    set_folded_orders(model, True)
+    folded = timings(model, prefill)
+    set_folded_orders(model, False)
+    free_layers = set_free_orders(model, True)
+    free = timings(model, prefill)
+    set_free_orders(model, False)
+    again = timings(model, prefill)  # how much timings drift
     del model
     torch.cuda.empty_cache()
     return {
-        "buckets": buckets,
-        "gathered_layers": gathered_layers,
+        "buckets": list(buckets),
+        "free_gathered_layers": free_layers,
+        "folded_gathers": 2 * layers,
         "plans": {r.name.rsplit(".", 1)[-1]: r.plan for r in report.layers[:7]},
         "dense": dense,
         "plain": plain,
-        "gathered": gathered,
+        "folded": folded,
+        "free": free,
         "plain_again": again,
-        "cost_of_orders": {k: gathered[k] / plain[k] - 1 for k in plain},
+        "cost_of_folded": {k: folded[k] / plain[k] - 1 for k in plain},
+        "cost_of_free": {k: free[k] / plain[k] - 1 for k in plain},
         "sparse_speedup": {k: dense[k] / plain[k] for k in plain},
     }
 
@@ -93,19 +116,22 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default="benches/results/gather_cost_h200.json")
     args = ap.parse_args()
-    result = {"env": environment(), "layers": args.layers}
-    result["default_layout"] = layout_run(args.layers, [1, 16, 1024], prefill=True)
-    result["decode_layout"] = layout_run(args.layers, [1, 16, 64], prefill=False)
+    result = {"env": environment(), "command": " ".join(__import__("sys").argv)}
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result["layers"] = args.layers
+    result["default_layout"] = layout_run(args.layers, DEFAULT_BATCH_SIZES, prefill=True)
+    result["decode_layout"] = layout_run(args.layers, (1, 16, 64), prefill=False)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print("| layout, workload | dense | 2:4 | 2:4 + free orders | cost of orders |")
-    print("|---|---:|---:|---:|---:|")
+    print("| layout, workload | dense | 2:4 | 2:4 + folded | 2:4 + free | folded | free |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for layout in ("default_layout", "decode_layout"):
         r = result[layout]
         for k in r["plain"]:
             print(
                 f"| {layout}, {k} | {r['dense'][k]:.3f} | {r['plain'][k]:.3f} | "
-                f"{r['gathered'][k]:.3f} | {100 * r['cost_of_orders'][k]:+.1f}% |"
+                f"{r['folded'][k]:.3f} | {r['free'][k]:.3f} | "
+                f"{100 * r['cost_of_folded'][k]:+.1f}% | {100 * r['cost_of_free'][k]:+.1f}% |"
             )
 
 

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         const=True,
         default=False,
         choices=PERMUTATION_MODES,
-        help="N:M channel permutation; alone: folded (no run-time cost)",
+        help="N:M channel permutation; alone: folded (one gather per norm, none per Linear)",
     )
     p.add_argument(
         "--calibration",

@@ -23,10 +23,10 @@ __all__ = ["ALPHA_GRID", "DEFAULT_PERMUTATION", "METHODS", "Method", "PruneConfi
 Method = Literal["ria", "wanda", "magnitude", "sparsegpt"]
 METHODS: tuple[str, ...] = get_args(Method)
 
-# What `permute=True` means. Folded orders cost nothing at run time; free ones keep more
-# importance (README "Quality") but, gathered by a separate kernel, cost 11-23% of the
-# whole model's time on the H200 (benches/gather_cost.py), and a default must never make a
-# model slower.
+# What `permute=True` means. Folded orders cost one gather per group of Linears reading
+# one tensor (2 per Llama block, at the norms); free ones keep more importance (README
+# "Quality") but, gathered by a separate kernel per Linear, cost 11-23% of the whole
+# model's time on the H200 (benches/gather_cost.py).
 DEFAULT_PERMUTATION: PermutationMode = "folded"
 # The activation exponents `alpha="auto"` chooses from, per layer.
 ALPHA_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)

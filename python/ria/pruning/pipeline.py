@@ -124,8 +124,8 @@ def prune(
             per group at the norm before them (or the module receiving the tensor);
             o_proj's restricted to heads and folded into v's rows, down's into gate/up's
             rows (per expert for experts): no other run-time cost, less quality; any
-            family. True means "folded": it never makes the model slower ("free" gives
-            the better model, README "Quality", but costs a gather per Linear).
+            family. True means "folded", the cheaper at run time ("free" gives the better
+            model, README "Quality", but costs a gather per Linear).
         calibration: "c4", "wikitext2", "austen" (shipped sample), a text file or
             directory, a list of strings, a `datasets.Dataset`, or token ids.
         nsamples, seqlen: calibration windows and their length in tokens.
