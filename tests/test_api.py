@@ -46,6 +46,12 @@ def test_errors_share_one_base_and_the_builtins():
     for cls in (ria.InvalidArgumentError, ria.UnsupportedModelError):
         assert issubclass(cls, ria.RiaError) and issubclass(cls, ValueError)
     assert issubclass(ria.InvalidTypeError, TypeError)
+    for cls, builtin in [
+        (ria.InputNotFoundError, FileNotFoundError),
+        (ria.OutputExistsError, FileExistsError),
+        (ria.CacheFullError, RuntimeError),
+    ]:
+        assert issubclass(cls, ria.RiaError) and issubclass(cls, builtin)
     with pytest.raises(ria.InvalidArgumentError, match="not divisible by m=4"):
         ria.nm_mask([[1.0, 2.0, 3.0]], 2, 4)  # raised by the Rust core
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 import ria
 from ria.arch import attention_heads, block_linears, find_blocks
 from ria.cli import main, run
-from ria.errors import InvalidArgumentError, InvalidTypeError
+from ria.errors import InputNotFoundError, InvalidArgumentError, InvalidTypeError
 from ria.permutation import BlockPermutation, ChannelGather, apply_block
 from ria.save import PERMUTATION_FILE
 
@@ -232,6 +232,9 @@ TABLE = [
         InvalidTypeError, "overwrite must be True or False"),
     Bad("load-missing-dir", lambda e: ria.load_pruned(e.tmp / "nope"), InvalidArgumentError,
         "nope is not a directory; load_pruned reads a directory"),
+    Bad("calibration-missing-file",
+        lambda e: ria.prune(e.model, e.tokenizer, calibration=e.tmp / "nope.txt", progress=False),
+        InputNotFoundError, "no such text file: .*nope.txt"),
     Bad("zero-shot-limit-bool", zero_shot(limit=True), InvalidTypeError, "limit must be"),
     Bad("zero-shot-batch-zero", zero_shot(batch_size=0), InvalidArgumentError,
         "batch_size must be >= 1"),

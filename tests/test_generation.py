@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import prune_model_24, tiny_model
 
-from ria.errors import InvalidArgumentError
+from ria.errors import CacheFullError, InvalidArgumentError, UnsupportedModelError
 from ria.sparse import (
     Sampling,
     StaticGenerator,
@@ -76,6 +76,18 @@ def test_bad_prompts_are_refused(model):
     assert StaticGenerator(model, 1, 8).cuda_graph is False  # default: graphs on CUDA only
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
         generate(model, ids, 0, cuda_graph=False)
+
+
+def test_a_full_cache_and_an_unsupported_attention_are_ria_errors(model):
+    gen = StaticGenerator(model, 1, 4)
+    gen.prefill(torch.tensor([[5, 6, 7]]))
+    gen.step()  # the fourth position
+    with pytest.raises(CacheFullError, match="4 tokens"):
+        gen.step()
+    other = tiny_model("llama")
+    other.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(UnsupportedModelError, match="flash_attention_2"):
+        StaticGenerator(other, 1, 8)
 
 
 def test_filter_logits_top_k_top_p_temperature():

@@ -85,7 +85,7 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path, tokenizer, permuted):
     model, report = permuted
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(ria.OutputExistsError, match="overwrite"):  # a FileExistsError too
         ria.save_pruned(model, tmp_path / "out", tokenizer, report)
     assert (tmp_path / "out" / "keep.txt").exists()
     # overwrite replaces an earlier checkpoint of ours, never a directory of other files.

@@ -35,10 +35,13 @@ from .core import (
     wanda_score,
 )
 from .errors import (
+    CacheFullError,
     DistributedError,
+    InputNotFoundError,
     InvalidArgumentError,
     InvalidTypeError,
     MissingDependencyError,
+    OutputExistsError,
     RiaError,
     UnsupportedModelError,
 )
@@ -77,11 +80,14 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CacheFullError",
     "DistributedError",
+    "InputNotFoundError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "LayerReport",
     "MissingDependencyError",
+    "OutputExistsError",
     "PermutationResult",
     "PruneConfig",
     "PruneReport",

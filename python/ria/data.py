@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, InvalidTypeError
+from .errors import InputNotFoundError, InvalidArgumentError, InvalidTypeError
 
 Split = Literal["train", "test"]
 TextSource = Any  # str | os.PathLike | Sequence[str] | datasets.Dataset | torch.Tensor
@@ -99,7 +99,7 @@ def _read_path(path: Path) -> list[str]:
             raise InvalidArgumentError(f"directory {path} contains no .txt files")
         return [f.read_text("utf-8") for f in files]
     if not path.exists():
-        raise FileNotFoundError(f"no such text file: {path}")
+        raise InputNotFoundError(f"no such text file: {path}")
     return [path.read_text("utf-8")]
 
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MissingDependencyError
+from .errors import InputNotFoundError, MissingDependencyError
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ def gguf_path() -> Path:
         raise MissingDependencyError(f"the demo model is not installed; run: {INSTALL_HINT}")
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
+        raise InputNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
     return path
 
 

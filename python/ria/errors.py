@@ -9,10 +9,13 @@ its traceback through.
 from __future__ import annotations
 
 __all__ = [
+    "CacheFullError",
     "DistributedError",
+    "InputNotFoundError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "MissingDependencyError",
+    "OutputExistsError",
     "RiaError",
     "UnsupportedModelError",
 ]
@@ -32,7 +35,22 @@ class InvalidTypeError(RiaError, TypeError):
 
 
 class UnsupportedModelError(RiaError, ValueError):
-    """The model's structure is not one ria-rs knows how to prune or permute."""
+    """The model's structure (or configuration, such as its attention implementation) is
+    not one ria-rs knows how to prune, permute or run."""
+
+
+class InputNotFoundError(RiaError, FileNotFoundError):
+    """A file or directory named as input (calibration text, the demo model's file) does
+    not exist."""
+
+
+class OutputExistsError(RiaError, FileExistsError):
+    """The output path exists and replacing it was not asked for; nothing was written."""
+
+
+class CacheFullError(RiaError, RuntimeError):
+    """A generator's KV cache has no room for another token: create it with a larger
+    `max_cache_len`."""
 
 
 class MissingDependencyError(RiaError, ImportError):

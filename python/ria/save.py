@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._checks import require_bool, require_path
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, OutputExistsError
 from .permutation import OrderInfo, plain_state_dict, restore_orders
 from .pruning import INCOMPLETE, PruneReport
 
@@ -137,7 +137,9 @@ def check_target(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise OutputExistsError(
+            f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it"
+        )
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
         raise InvalidArgumentError(f"refusing to replace {out}: it holds the current directory")

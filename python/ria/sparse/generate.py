@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import CacheFullError, InvalidArgumentError, UnsupportedModelError
 from .graphs import capture
 from .sampling import Sampling, next_tokens
 
@@ -119,7 +119,7 @@ class StaticGenerator:
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         impl = getattr(model.config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
-            raise NotImplementedError(f"attention implementation {impl!r}: use sdpa or eager")
+            raise UnsupportedModelError(f"attention implementation {impl!r}: use sdpa or eager")
         self._additive_mask = impl == "eager"
         self._dtype = next(model.parameters()).dtype
         b, length = batch_size, max_cache_len
@@ -315,7 +315,7 @@ class StaticGenerator:
         """Decode one token for every sequence: returns the new tokens `(B, 1)` (a view of the
         buffer the next step reads, so clone it to keep it)."""
         if self.pos >= self.max_cache_len:
-            raise RuntimeError(f"KV cache full ({self.max_cache_len} tokens)")
+            raise CacheFullError(f"KV cache full ({self.max_cache_len} tokens)")
         self._draw_noise(sampling, generator)
         if not self.cuda_graph:
             self._step_call(sampling)
