@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import needs_cuda, prune_model_24, random_24, tiny_model
 
+import ria
 from ria.errors import InvalidArgumentError
 from ria.sparse import find_linears, sparsify
 from ria.sparse.format import pack_24, pack_mma24_e4m3
@@ -159,6 +160,15 @@ def test_quantize_linears_picks_24_layers_or_all():
     assert isinstance(model.model.layers[1].mlp.up_proj, Fp8Linear)
     ids = torch.randint(0, 100, (1, 8))
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_a_model_with_fp8_layers_is_not_saved(tmp_path):
+    """Fp8Linear's buffers are not in the state dict: a checkpoint would lack the weights."""
+    model = prune_model_24(tiny_model("llama").bfloat16())
+    assert quantize_linears(model)
+    with pytest.raises(InvalidArgumentError, match=r"save it before ria\.sparsify"):
+        ria.save_pruned(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_sparsify_fp8_arguments():

@@ -116,13 +116,16 @@ def check_savable(model: nn.Module) -> None:
             "the model is only partly pruned (a ria.prune call was interrupted or failed); "
             "load the dense model and prune it again"
         )
-    # A model can hold Sparse24Linear or fused siblings only if the GPU runtime was imported.
-    runtime = sys.modules.get("ria.sparse.linear")
-    siblings = sys.modules.get("ria.sparse.siblings")
+    # A model can hold converted layers (their buffers are not saved) or fused siblings only
+    # if the GPU runtime was imported.
     kinds = tuple(
-        getattr(mod, cls)
-        for mod, cls in ((runtime, "Sparse24Linear"), (siblings, "FusedLinear"))
-        if mod is not None
+        getattr(sys.modules[module], cls)
+        for module, cls in (
+            ("ria.sparse.linear", "Sparse24Linear"),
+            ("ria.sparse.fp8_linear", "Fp8Linear"),
+            ("ria.sparse.siblings", "FusedLinear"),
+        )
+        if module in sys.modules
     )
     if kinds and any(isinstance(m, kinds) for m in model.modules()):
         raise InvalidArgumentError(
