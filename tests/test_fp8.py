@@ -103,6 +103,22 @@ def test_fp8_linear_cpu_runs_the_reference_with_order_and_bias():
     assert layer.weight_bytes() == 64 * 32 + 4 * 32
 
 
+def test_a_cast_moves_the_fp8_forms_and_casts_only_the_bias():
+    """The output follows the input's dtype; e4m3 values and float32 scales are kept."""
+    lin = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    layer = fp8_layer(lin)
+    values, scale = layer.values.clone(), layer.scale.clone()
+    layer.half()
+    assert layer.values.dtype == torch.float8_e4m3fn and torch.equal(
+        layer.values.view(torch.uint8), values.view(torch.uint8)
+    )
+    assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, scale)
+    assert layer.bias.dtype == torch.float16
+    x = torch.randn(3, 64, dtype=torch.float16)
+    ref = fp8_linear_reference(x, quantize_weight(lin.weight), lin.bias.detach().half())
+    assert torch.equal(layer(x), ref)
+
+
 def test_unscaled_fp8_dense_plan_keeps_the_values_and_a_unit_scale():
     w = quantize_weight(random_24(32, 64))
     layer = Fp8Linear(w, {16: Choice(FP8_DENSE_UNSCALED)})

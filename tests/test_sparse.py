@@ -233,6 +233,19 @@ def test_sparse_linear_buckets_dense_on_cpu():
         Sparse24Linear(64, 24, {1: Choice("triton")}, weight=w)
 
 
+def test_sparse_linear_refuses_a_cast_of_its_weight_forms():
+    """A cast would read cuSPARSELt's buffer (metadata bits after the values) as numbers."""
+    w = random_24(24, 64, dtype=torch.bfloat16)
+    packed = torch.cat([pack_24(w).values.reshape(-1), torch.arange(96).to(torch.bfloat16)])
+    mod = Sparse24Linear(64, 24, {1: Choice("cusparselt")}, packed=packed, bias=torch.ones(24))
+    before = mod.packed.clone()
+    with pytest.raises(ria.InvalidArgumentError, match=r"cannot be cast to torch\.float16"):
+        mod.half()
+    assert mod.packed.dtype == torch.bfloat16 and torch.equal(mod.packed, before)
+    assert mod.to(torch.bfloat16).packed is mod.packed  # no cast: nothing to do
+    mod.to("cpu")  # a move is fine
+
+
 def test_sparse_linear_reads_its_input_through_its_order_on_cpu():
     """A free channel order (from a `GatheredLinear`): `x[..., order] @ W.T + b`."""
     w = random_24(24, 64, dtype=torch.float32)

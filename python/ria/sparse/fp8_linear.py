@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +167,18 @@ class Fp8Linear(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         self._handle = register_compiled_layer(self)  # a copy (deepcopy, pickle) is another
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Fp8Linear:
+        # The output follows the input's dtype, so .half()/.to(dtype) may cast the bias; the
+        # weight's forms (e4m3 values, cuSPARSELt's buffer, float32 scales) only move.
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t is self.bias:
+                return cast(torch.Tensor, fn(t))
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            return cast(torch.Tensor, fn(t)) if target.dtype == t.dtype else t.to(target.device)
+
+        moved: Fp8Linear = super()._apply(move, recurse)  # type: ignore[no-untyped-call]
+        return moved
 
     @property
     def plan(self) -> dict[int, Choice]:

@@ -168,7 +168,19 @@ class Sparse24Linear(nn.Module):
         self._handle = register_compiled_layer(self)  # a copy (deepcopy, pickle) is another
 
     def _apply(self, fn: Any, recurse: bool = True) -> Sparse24Linear:
-        self._runners = {}  # .to()/.cuda()/.half() move the buffers the runners point at
+        # .to()/.cuda() move the buffers; a cast would read cuSPARSELt's buffer (metadata
+        # bits after the values) as numbers, so the weight forms keep their dtype.
+        form = next(
+            t for t in (self.packed, self.values, self.mma_values, self.weight) if t is not None
+        )
+        target = fn(torch.empty(0, dtype=form.dtype, device=form.device)).dtype
+        if target != form.dtype:
+            raise InvalidArgumentError(
+                f"a Sparse24Linear's weight is in {form.dtype} kernel formats and cannot be "
+                f"cast to {target}: cast the model before ria.sparsify (a model cast halfway "
+                f"by this call can be cast back to {form.dtype})"
+            )
+        self._runners = {}  # they hold the buffers' addresses
         self._matmuls = {}
         moved: Sparse24Linear = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         return moved
