@@ -154,7 +154,45 @@ def test_deterministic_for_a_seed(tokenizer):
         assert torch.equal(la.weight, lb.weight)
 
 
+def test_the_search_seed_is_the_prune_seed_unless_the_options_name_one():
+    """The CLI and prune_checkpoint build a PruneConfig without search options."""
+    assert ria.PruneConfig(seed=5).permutation_options.seed == 5
+    assert ria.PruneConfig(seed=5, permutation_options={"seed": 2}).permutation_options.seed == 2
+    own = ria.SearchOptions(seed=7)
+    assert ria.PruneConfig(seed=5, permutation_options=own).permutation_options.seed == 7
+
+
+def test_settings_that_change_the_weights_are_recorded(tokenizer):
+    model = tiny_model("llama")
+    report = ria.prune(model, tokenizer, sparsity="2:4", reconstruct=True, refit_iters=3, **CALIB)
+    settings = model.config.ria
+    assert settings["refit_iters"] == 3 and report.settings["refit_iters"] == 3
+    assert settings["refine_sweeps"] is None and settings["measure_error"] is False
+    wanda = ria.prune(tiny_model("llama"), tokenizer, method="wanda", **CALIB)
+    assert wanda.settings["alpha"] is None and wanda.settings["refit_iters"] is None
+
+
 # --- errors -------------------------------------------------------------------------
+
+
+def test_settings_a_method_would_ignore_are_refused():
+    with pytest.raises(ria.InvalidArgumentError, match="method 'wanda' does not use it"):
+        ria.PruneConfig(method="wanda", alpha=1.0)
+    with pytest.raises(ria.InvalidArgumentError, match="per_row=True is not available"):
+        ria.PruneConfig(method="sparsegpt", per_row=True)
+    ria.PruneConfig(method="sparsegpt", sparsity="2:4", per_row=True)  # N:M is per row anyway
+
+
+def test_a_prune_refused_before_any_block_leaves_the_record_as_it_was(tokenizer):
+    model = tiny_model("llama")
+    with pytest.raises(ria.InvalidArgumentError, match="tokenizer"):
+        ria.prune(model, None, sparsity="2:4", **CALIB)
+    assert not hasattr(model.config, "ria")
+    ria.prune(model, tokenizer, sparsity="2:4", **CALIB)
+    record = dict(model.config.ria)
+    with pytest.raises(ria.InvalidArgumentError, match="tokenizer"):
+        ria.prune(model, None, sparsity=0.7, **CALIB)
+    assert model.config.ria == record
 
 
 def test_unknown_method(tokenizer):

@@ -28,6 +28,9 @@ METHODS: tuple[str, ...] = get_args(Method)
 # "Quality") but, gathered by a separate kernel per Linear, cost 11-23% of the whole
 # model's time on the H200 (benches/gather_cost.py).
 DEFAULT_PERMUTATION: PermutationMode = "folded"
+
+# RIA's activation exponent `a` (the paper's default).
+DEFAULT_ALPHA = 0.5
 # The activation exponents `alpha="auto"` chooses from, per layer.
 ALPHA_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 
@@ -89,7 +92,7 @@ class PruneConfig:
     calibration: Any = "c4"
     nsamples: int = 128
     seqlen: int = 2048
-    alpha: float | Literal["auto"] = 0.5
+    alpha: float | Literal["auto"] = DEFAULT_ALPHA
     per_row: bool | None = None
     reconstruct: bool = False
     refine: bool = False
@@ -103,9 +106,10 @@ class PruneConfig:
     progress: bool = True
     batch_size: int = 1
     allow_partial: bool = False
-    # A dict of `SearchOptions` settings is accepted and converted; the search's seed is
-    # `seed` unless the options name their own.
-    permutation_options: SearchOptions = field(default_factory=SearchOptions)
+    # A dict of `SearchOptions` settings is accepted and converted (None: no settings); the
+    # search's seed is then `seed` unless the dict names its own. A `SearchOptions` object
+    # is used as it is, seed included.
+    permutation_options: SearchOptions = None  # type: ignore[assignment]  # set in __post_init__
 
     def __post_init__(self) -> None:
         # Normalise what has one obvious meaning, refuse the rest before any work starts.
@@ -121,6 +125,11 @@ class PruneConfig:
         if self.per_row is None:
             set_(self, "per_row", self.method == "wanda")
         require_bool("per_row", self.per_row)
+        if self.per_row and self.method == "sparsegpt" and not self.sparsity.structured:
+            raise InvalidArgumentError(
+                "per_row=True is not available with method='sparsegpt': its OBS update "
+                "selects each 128-column block's weights across all rows"
+            )
         for name in ("nsamples", "seqlen", "batch_size", "refine_sweeps"):
             set_(self, name, require_int(name, getattr(self, name), minimum=1))
         set_(self, "refit_iters", require_int("refit_iters", self.refit_iters, minimum=0))
@@ -135,6 +144,10 @@ class PruneConfig:
             raise InvalidArgumentError(
                 f"alpha='auto' chooses RIA's activation exponent; method is {self.method!r}"
             )
+        if self.method != "ria" and self.alpha != DEFAULT_ALPHA:
+            raise InvalidArgumentError(
+                f"alpha is RIA's activation exponent; method {self.method!r} does not use it"
+            )
         if self.permute and not self.sparsity.structured:
             raise InvalidArgumentError("permute=True needs an N:M sparsity such as '2:4'")
         if self.device is not None:
@@ -143,6 +156,8 @@ class PruneConfig:
             except (RuntimeError, TypeError) as exc:
                 raise InvalidArgumentError(f"bad device {self.device!r}: {exc}") from None
         options: Any = self.permutation_options
+        if options is None:
+            options = {}
         if isinstance(options, dict):
             options = SearchOptions(**{"seed": self.seed, **options})
         if not isinstance(options, SearchOptions):
@@ -187,12 +202,15 @@ class PruneConfig:
             "permute": self.permute,
             "reconstruct": self.reconstruct,
             "refine": self.refine,
-            "alpha": self.alpha,
+            "alpha": self.alpha if self.method == "ria" else None,
             "per_row": self.per_row,
             "calibration": describe_source(self.calibration),
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
             "seed": self.seed,
+            "refine_sweeps": self.refine_sweeps if self.refine else None,
+            "refit_iters": self.refit_iters if self.reconstruct else None,
+            "measure_error": self.measure_error,
             **({"permutation_options": self.permutation_options.to_dict()} if self.permute else {}),
         }
 

@@ -189,6 +189,14 @@ def prune(
     return prune_with(model, tokenizer, config)
 
 
+def _restore_record(model: PreTrainedModel, previous: dict[str, Any] | None) -> None:
+    """Puts back the `config.ria` record a model had before a prune that changed nothing."""
+    if previous is not None:
+        model.config.ria = previous
+    elif hasattr(model.config, "ria"):
+        del model.config.ria
+
+
 def prune_with(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -213,7 +221,11 @@ def prune_with(
     model.config.use_cache = False
     was_training = model.training
     model.eval()
+    # Marked incomplete until the last block is done; a failure before the first block is
+    # touched (calibration text, vocabulary) puts the previous record back.
+    previous = getattr(model.config, "ria", None)
     model.config.ria = {**config.to_dict(), "status": INCOMPLETE, "version": __version__}
+    touched = False
     try:
         with (
             torch.no_grad(),
@@ -241,6 +253,7 @@ def prune_with(
                 if ranks is not None:
                     ranks.doing = f"working on {plan.path}.{i}"
                 with visit(plan.blocks[i]) as block:
+                    touched = True
                     step = _BlockStep(model, block, f"{plan.path}.{i}", config, plan, timer, ranks)
                     traced = inputs.at(i) if inputs else probe.at(i) if probe else None
                     report.layers.extend(step.run(inputs.at(i) if inputs else None, traced))
@@ -251,6 +264,10 @@ def prune_with(
                             run_block(block, inputs.at(i), outputs)
                             inputs = inputs.advanced(outputs)
                 bar.set_postfix(sparsity=f"{100 * report.sparsity:.1f}%")
+    except BaseException:
+        if not touched:
+            _restore_record(model, previous)
+        raise
     finally:
         model.train(was_training)
         if use_cache is not None:
