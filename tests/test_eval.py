@@ -15,6 +15,7 @@ import torch
 from helpers import VOCAB, sample_text, tiny_model
 
 import ria.eval
+from ria.data import load_documents
 from ria.eval import perplexity, zero_shot
 
 SEQLEN = 128
@@ -159,6 +160,16 @@ def test_wikitext2_protocol(llama, tokenizer, text, monkeypatch):
     assert calls == [("wikitext2", "test")]
     ids = tokenizer("\n\n".join(lines), return_tensors="pt")["input_ids"]
     assert got == perplexity(llama, None, ids, seqlen=SEQLEN, progress=False)
+
+
+def test_a_dataset_keeps_its_empty_rows_as_the_named_datasets_do():
+    """WikiText-2's rows include empty lines and the protocol joins them all (the named
+    dataset keeps them): the same rows given as a `datasets.Dataset` or a list read the same."""
+    import datasets
+
+    rows = ["", " = Title = ", "", "Some text.", ""]
+    assert load_documents(datasets.Dataset.from_dict({"text": rows}), "test") == rows
+    assert load_documents(rows, "test") == rows
 
 
 def test_c4_protocol(llama, tokenizer, monkeypatch):

@@ -36,7 +36,9 @@ def load_documents(source: TextSource, split: Split) -> list[str]:
 
     `source` is a dataset name ("c4", "wikitext2", "austen"), a path to a text file or to a
     directory of `*.txt` files, text itself (a string with whitespace), a list of
-    strings, or a `datasets.Dataset` with a "text" column.
+    strings, or a `datasets.Dataset` with a "text" column. Empty documents are kept, as
+    the named datasets keep them: the protocol joins every line of WikiText-2, so the same
+    rows given as a `Dataset` must give the same text.
     """
     if isinstance(source, torch.Tensor):
         raise InvalidTypeError("token ids are not text; pass them where token ids are accepted")
@@ -49,14 +51,14 @@ def load_documents(source: TextSource, split: Split) -> list[str]:
             raise InvalidArgumentError(
                 f"the dataset has no 'text' column (columns: {source.column_names})"
             )
-        return [t for t in source["text"] if t]
+        return list(source["text"])
     if isinstance(source, Sequence):
         docs = list(source)
         if not all(isinstance(d, str) for d in docs):
             raise InvalidTypeError(
                 "a list of calibration/evaluation texts must contain only strings"
             )
-        return [d for d in docs if d]
+        return docs
     raise InvalidTypeError(f"unsupported text source of type {type(source).__name__}")
 
 
@@ -77,6 +79,8 @@ def _from_string(source: str, split: Split) -> list[str]:
         return [resources.files("ria.samples").joinpath("austen_sample.txt").read_text("utf-8")]
     if _is_existing_path(source):
         return _read_path(Path(source).expanduser())
+    if _looks_like_path(source):  # a mistyped path must not be read as the text itself
+        raise InputNotFoundError(f"no such text file or directory: {source}")
     if any(c.isspace() for c in source):
         return [source]
     raise InvalidArgumentError(
@@ -90,6 +94,14 @@ def _is_existing_path(source: str) -> bool:
         return Path(source).expanduser().exists()
     except OSError:  # e.g. a long text is not a valid file name
         return False
+
+
+def _looks_like_path(source: str) -> bool:
+    """One line that names a .txt file or starts like a path (/, ./, ../, ~)."""
+    line = source.strip()
+    return "\n" not in line and (
+        line.endswith(".txt") or line.startswith(("/", "./", "../", "~", ".\\"))
+    )
 
 
 def _read_path(path: Path) -> list[str]:
