@@ -276,6 +276,8 @@ TABLE = [
         "--out is empty"),
     Bad("cli-out-under-file", ["prune", "{missing}", "--out", "{file}/pruned"],
         InvalidArgumentError, "file is not a directory"),
+    Bad("cli-eval-flags-alone", ["prune", "{missing}", "--max-windows", "5"],
+        InvalidArgumentError, "--max-windows sets the --eval perplexity; add --eval DATA"),
     Bad("cli-json-no-dir", ["prune", "{missing}", "--json", "{tmp}/no-dir/r.json"],
         InvalidArgumentError, "cannot write the JSON report"),
     Bad("cli-eval-json-dir", ["eval", "{missing}", "--ppl", "austen", "--json", "{tmp}"],
@@ -516,3 +518,14 @@ def test_cli_writes_both_the_checkpoint_and_the_json(env, capsys):
     assert main(argv) == 0
     assert (out / "config.json").exists() and report.exists()
     assert f"saved to {out}" in capsys.readouterr().out
+
+
+def test_cli_writes_the_json_where_it_checked_it(env, monkeypatch):
+    """`--json=~/r.json` reaches ria unexpanded (the shell leaves `~` after `=`)."""
+    monkeypatch.setenv("HOME", str(env.tmp / "home"))
+    (env.tmp / "home").mkdir()
+    monkeypatch.chdir(env.tmp)
+    argv = ["prune", str(env.checkpoint), "--sparsity", "2:4", "--method", "magnitude",
+            "--no-progress", "--json=~/r.json"]  # fmt: skip
+    assert main(argv) == 0
+    assert (env.tmp / "home" / "r.json").exists() and not (env.tmp / "~").exists()

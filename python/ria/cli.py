@@ -258,6 +258,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
         json_path = Path(args.json).expanduser().resolve()
         if json_path.is_dir() or not os.access(json_path.parent, os.W_OK):
             raise InvalidArgumentError(f"cannot write the JSON report to {json_path}")
+        args.json = str(json_path)  # written there, not to a literal "~/..." (--json=~/r.json)
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -265,6 +266,13 @@ def _prune(args: argparse.Namespace) -> int:
     if args.eval:
         seqlen = config.seqlen if args.eval_seqlen is None else args.eval_seqlen
         check_perplexity_args(seqlen, 1, args.max_windows)
+    else:
+        for flag, value in (
+            ("--eval-seqlen", args.eval_seqlen),
+            ("--max-windows", args.max_windows),
+        ):
+            if value is not None:
+                raise InvalidArgumentError(f"{flag} sets the --eval perplexity; add --eval DATA")
     assert config.device is not None  # _prune_config sets it
     # Under torchrun, every rank prunes its share and rank 0 alone evaluates and writes.
     with launched(config.device) as device:
