@@ -5,6 +5,8 @@ storage order)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -216,3 +218,50 @@ def test_a_fold_the_traced_forward_contradicts_is_left_out():
         ("gate_proj", "up_proj"): None,  # x is read by the concatenation too
         ("down_proj",): "linear",
     }
+
+
+def tiny_qwen2_vl() -> torch.nn.Module:
+    """A vision-language model whose vision tower (4 blocks) outnumbers its language
+    model's (2): text never runs the tower."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    vision = dict(
+        depth=4, embed_dim=32, hidden_size=64, num_heads=4, in_channels=3, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2,
+    )  # fmt: skip
+    config = Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=500, video_token_id=501,
+        vision_start_token_id=502,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def test_a_vision_language_model_prunes_its_language_model():
+    model = tiny_qwen2_vl()
+    path, blocks = find_blocks(model)
+    assert path.endswith("language_model.layers") and len(blocks) == 2
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 400, (4, 16), generator=torch.Generator().manual_seed(1))
+    report = ria.prune(
+        model, sparsity="2:4", calibration=ids, nsamples=4, seqlen=16, progress=False
+    )
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(f"{path}.") for n in changed)
+    assert any(d.name.startswith("model.visual.") for d in report.coverage.dense)
+
+
+def test_blocks_the_forward_never_runs_are_refused():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    # LLaMA runs config.num_hidden_layers blocks: a third one is never called.
+    extra = copy.deepcopy(model.model.layers[0])
+    model.model.layers = torch.nn.ModuleList([*model.model.layers, extra])
+    with pytest.raises(ria.UnsupportedModelError, match="never ran decoder block 2"):
+        ria.prune(model, sparsity="2:4", calibration=ids, nsamples=2, seqlen=8, progress=False)

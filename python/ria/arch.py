@@ -29,8 +29,10 @@ def model_type(model: nn.Module) -> str:
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks: the longest `nn.ModuleList` of identical modules that contain
-    `nn.Linear`s (`model.layers`, OPT's `model.decoder.layers`, ...)."""
-    candidates = [
+    `nn.Linear`s (`model.layers`, OPT's `model.decoder.layers`, ...), searched in the
+    language model that `get_decoder()` names where it names one holding such a list (a
+    vision-language model's vision tower can have more blocks, and text never runs it)."""
+    lists = [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList)
@@ -38,12 +40,28 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         and len({type(b) for b in module}) == 1
         and any(isinstance(m, nn.Linear) for m in module[0].modules())
     ]
+    decoder = _decoder(model)
+    inside = {id(m) for m in decoder.modules()} if decoder is not None else set()
+    candidates = [c for c in lists if id(c[1]) in inside] or lists
     if not candidates:
         raise UnsupportedModelError(
             f"cannot find decoder blocks with nn.Linear layers in {type(model).__name__} "
             f"(model_type={model_type(model)!r})"
         )
     return max(candidates, key=lambda c: len(c[1]))
+
+
+def _decoder(model: nn.Module) -> nn.Module | None:
+    """The language model by transformers' own lookup (`PreTrainedModel.get_decoder`), or
+    None where the model has none."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if not callable(get_decoder):
+        return None
+    try:
+        decoder = get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):  # its "exotic model" cases
+        return None
+    return decoder if isinstance(decoder, nn.Module) else None
 
 
 def linear_at(block: nn.Module, name: str) -> nn.Linear:

@@ -135,6 +135,12 @@ def capture_block_inputs(
         for start in range(0, windows.shape[0], batch_size):
             with suppress(_Caught):
                 model(windows[start : start + batch_size].to(device), use_cache=False)
+    unreached = [i for i, seen in enumerate(per_block) if not seen]
+    if unreached:  # else a block would be calibrated on nothing, or on another's inputs
+        raise UnsupportedModelError(
+            f"the model's forward on token ids never ran decoder block {unreached[0]} "
+            f"(of {len(blocks)} found): ria calibrates the blocks a text forward runs"
+        )
     return CalibrationInputs(hidden, per_block)
 
 
