@@ -32,6 +32,7 @@ from ria.sparse import sparsify as sparsify_fn
 from ria.sparse.cslt_lib import cusparselt_version
 from ria.sparse.plan_cache import cached_choices_run, plan_key
 from ria.sparse.sparsify import (
+    buckets_without_sparse_kernel,
     build_forms,
     choose_backend,
     cusparselt_version_warning,
@@ -57,6 +58,16 @@ def test_dense_is_chosen_only_when_allowed():
     ) == ("cusparselt")
     with pytest.raises(InvalidArgumentError, match="no sparse kernel"):
         choose_backend({"dense": 1.0}, allow_dense=True, dense_margin=0.05)
+
+
+def test_buckets_no_sparse_kernel_serves_are_found():
+    """A shape cuSPARSELt refuses has only the Triton kernel (<= 256 tokens) and mma.sp
+    (<= 64): larger buckets could run only dense, so without allow_dense the layer stays
+    an nn.Linear rather than keeping a dense copy beside its sparse one."""
+    usable = {"dense", "triton"}
+    assert buckets_without_sparse_kernel("auto", [1, 256, 1024, 4096], usable) == [1024, 4096]
+    assert buckets_without_sparse_kernel("auto", [1, 4096], usable | {"cusparselt"}) == []
+    assert buckets_without_sparse_kernel("triton", [4096], usable) == []  # asked for by name
 
 
 def test_a_converted_layer_keeps_only_its_sparse_forms():
@@ -343,6 +354,27 @@ def allocated() -> int:
     gc.collect()
     torch.cuda.synchronize()
     return torch.cuda.memory_allocated()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_shape_without_a_sparse_kernel_for_every_bucket_stays_dense():
+    model = prune_model_24(tiny_model("llama", hidden_size=64, intermediate_size=200))
+    model = model.to(torch.bfloat16).cuda()  # 200 rows: cuSPARSELt refuses gate/up
+    report = sparsify_fn(model, batch_sizes=[1, 16, 1024], plan_cache=False)
+    gate = next(lr for lr in report.layers if lr.name.endswith("layers.0.mlp.gate_proj"))
+    assert not gate.converted and "no sparse kernel runs 1024 tokens" in gate.reason
+    assert isinstance(model.get_submodule(gate.name), torch.nn.Linear)
+    report = sparsify_fn(
+        prune_model_24(tiny_model("llama", hidden_size=64, intermediate_size=200))
+        .to(torch.bfloat16)
+        .cuda(),
+        batch_sizes=[1, 16, 1024],
+        allow_dense=True,
+        plan_cache=False,
+    )
+    gate = next(lr for lr in report.layers if lr.name.endswith("layers.0.mlp.gate_proj"))
+    assert gate.converted and gate.plan[1024] == "dense"
 
 
 @pytest.mark.gpu

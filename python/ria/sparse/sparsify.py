@@ -71,6 +71,7 @@ __all__ = [
     "SparseLayerReport",
     "SparsifyReport",
     "WeightForms",
+    "buckets_without_sparse_kernel",
     "build_forms",
     "choose_backend",
     "cusparselt_version_warning",
@@ -280,6 +281,14 @@ def _candidates(backend: str, m: int, usable: set[str]) -> list[str]:
         return [backend]
     too_many = {TRITON: MAX_M, MMA: MAX_TOKENS, MMA_CSLT: MAX_TOKENS}
     return [b for b in BACKENDS if b in usable and m <= too_many.get(b, m)]
+
+
+def buckets_without_sparse_kernel(
+    backend: str, buckets: Sequence[int], usable: set[str]
+) -> list[int]:
+    """The token-count buckets that no sparse kernel in `usable` serves (with `backend`
+    "auto"; a named backend serves them all): only dense cuBLAS could run them."""
+    return [m for m in buckets if not set(_candidates(backend, m, usable)) - {DENSE}]
 
 
 def choose_backend(times_us: dict[str, float], *, allow_dense: bool, dense_margin: float) -> str:
@@ -913,6 +922,15 @@ def sparsify(
             # mma's layout cannot serve every bucket, so keep_one_layout would drop it:
             # neither pack nor time it.
             shape_usable -= {MMA}
+        bare = buckets_without_sparse_kernel(backend, buckets, shape_usable)
+        if bare and not allow_dense:  # it would keep a dense copy beside the sparse one
+            why = (
+                f"no sparse kernel runs {max(bare)} tokens at this shape "
+                f"({cslt_shape_status(n, k) or 'cuSPARSELt unavailable'}); allow_dense=True "
+                "converts it with dense buckets"
+            )
+            report.layers.extend(SparseLayerReport(name, n, k, False, why) for name, _ in members)
+            continue
         _convert_group(model, shape, [*members], planner, shape_usable, tune_layers, report)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda lr: order.get(lr.name, len(order)))
