@@ -66,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a causal LM and save it")
     p.add_argument("model", metavar="MODEL_OR_PATH", help=f"HF name or directory, or '{DEMO}'")
-    p.add_argument("--sparsity", default=CLI_SPARSITY, help="a fraction (0.5) or N:M (2:4, 4:8)")
+    p.add_argument(
+        "--sparsity",
+        default=CLI_SPARSITY,
+        help="a fraction such as 0.5, or N:M such as 2:4 or 4:8 (default: %(default)s)",
+    )
     p.add_argument("--method", default=default["method"], choices=METHODS)
     p.add_argument(
         "--permute",

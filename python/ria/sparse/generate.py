@@ -494,6 +494,10 @@ def generate(
         max_new_tokens: most tokens to generate per sequence.
         attention_mask: `(B, q)`, 0 marks padding; prompts must be padded on the left.
         do_sample: sample (with `temperature`, `top_k`, `top_p`) instead of greedy.
+        temperature: the logits are divided by it before sampling (> 0).
+        top_k: sample among the k most likely tokens (None: all).
+        top_p: sample among the fewest most likely tokens whose probabilities add up to
+            at least p, in (0, 1] (None or 1.0: all).
         generator: the random source of sampling, on the model's device (None: torch's
             default generator).
         eos_token_id: token(s) that end a sequence (None: the model's generation config;

@@ -840,7 +840,7 @@ def sparsify(
         fuse_siblings: run 2:4 Linears that read the same tensor (q/k/v, gate/up) as one
             layer over their concatenated rows (`ria.sparse.siblings`; found by one forward
             on the model's `dummy_inputs`); the report lists the groups in `fused`. Off by
-            default until its GPU tests have run (README "GPU").
+            default: it speeds decode up but slows prefill (README "GPU").
         verbose: print the report table.
         dtype: None (keep the weights' fp16/bf16) or "fp8": e4m3 weights with per-row
             scales, tokens quantized per call, output in the model's dtype; the layers
