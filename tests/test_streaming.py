@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from helpers import (
     tiny_config,
     tiny_model,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import ria
@@ -108,7 +109,7 @@ def assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings, offload=
     expected, got = tensors(in_memory), tensors(streamed)
     assert sorted(got) == sorted(expected)
     for key, value in expected.items():
-        assert got[key].dtype == dtype and torch.equal(got[key], value), key
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
     permuted = bool(settings.get("permute"))
     assert (in_memory / PERMUTATION_FILE).exists() == permuted
     if permuted:
@@ -164,6 +165,90 @@ def test_a_failure_midway_leaves_no_output_and_no_staging(
     assert calls == linears_per_block + 1  # block 0 was pruned (and written) first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
     assert [p.name for p in earlier.iterdir()] == ["config.json"]  # the old one, untouched
+
+
+KILLED_STREAMING = textwrap.dedent(
+    """
+    import time
+    import ria
+    import ria.pruning.pipeline
+
+    score, calls = ria.pruning.pipeline.score_matrix, 0
+
+    def stalling(*args, **kwargs):  # in block 1, after block 0's outputs are spilled
+        global calls
+        calls += 1
+        if calls > 7:
+            print("pruning", flush=True)
+            time.sleep(600)
+        return score(*args, **kwargs)
+
+    ria.pruning.pipeline.score_matrix = stalling
+    ria.prune_checkpoint({src!r}, {out!r}, offload_activations=True, sparsity="2:4",
+                         calibration="austen", nsamples=4, seqlen=32, progress=False,
+                         device="cpu")
+    """
+)
+
+
+def test_a_killed_streaming_prune_leaves_spilled_activations_the_next_write_removes(
+    tmp_path, checkpoint
+):
+    out = tmp_path / "out"
+    script = KILLED_STREAMING.format(src=str(checkpoint), out=str(out))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "pruning\n"
+    finally:
+        child.kill()
+        child.wait()
+    assert not out.exists()
+    spilled = [p for p in tmp_path.iterdir() if p.name.startswith(".out.activations-")]
+    assert len(spilled) == 1 and any(spilled[0].iterdir())
+    # Spilled activations of a run still alive (pid 1 always is) are left alone.
+    alive = tmp_path / ".out.activations-1-0123abcd"
+    alive.mkdir()
+
+    ria.prune_checkpoint(checkpoint, out, sparsity="2:4", **CALIB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"]
+
+
+def test_a_checkpoint_saved_with_channel_orders_is_refused(tmp_path, checkpoint):
+    # Its blocks are stored without their orders, which only `load_pruned` restores.
+    src = tmp_path / "permuted"
+    shutil.copytree(checkpoint, src)
+    save_file({"model.layers.0.mlp.down_proj": torch.arange(32)}, src / PERMUTATION_FILE)
+    with pytest.raises(ria.InvalidArgumentError, match=r"channel orders.*ria\.load_pruned"):
+        ria.prune_checkpoint(src, tmp_path / "out", sparsity="2:4", **CALIB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["permuted"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "strict"),
+    # gpt_oss keeps its norms in float32 in float16 (`_keep_in_fp32_modules`); a strict list
+    # holds in bfloat16 too (no tiny family that streams has one: gpt_oss's list is made one).
+    [(torch.float16, False), (torch.bfloat16, True)],
+)
+def test_what_from_pretrained_keeps_in_float32_stays_in_float32(
+    tmp_path, tokenizer, monkeypatch, dtype, strict
+):
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssPreTrainedModel
+
+    if strict:
+        keep = GptOssPreTrainedModel._keep_in_fp32_modules
+        monkeypatch.setattr(GptOssPreTrainedModel, "_keep_in_fp32_modules", None)
+        monkeypatch.setattr(GptOssPreTrainedModel, "_keep_in_fp32_modules_strict", keep)
+    model = tiny_model("gpt_oss")
+    with torch.no_grad():  # norms of ones would survive any rounding
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size=SHARD)
+    tokenizer.save_pretrained(src)
+    assert_streaming_matches(tmp_path, src, tokenizer, {"sparsity": "2:4", "dtype": dtype, **CALIB})
+    kept = {k for k, v in tensors(tmp_path / "streamed").items() if v.dtype == torch.float32}
+    assert kept and all("norm" in k for k in kept), kept
 
 
 def test_a_hub_id_is_read_from_the_local_cache_only(tmp_path, checkpoint, monkeypatch):

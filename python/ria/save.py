@@ -2,8 +2,9 @@
 
 The directory is written atomically: everything goes to a hidden staging directory
 beside the target, which is renamed into place only once complete, so a crash or Ctrl-C
-never leaves a half-written model that looks complete; what a killed save leaves there
-(named with its process id) is removed by the next save of the same target.
+never leaves a half-written model that looks complete; what a killed save (or streaming
+prune) leaves there, named with its process id, is removed by the next save of the same
+target.
 
 Channel orders that live in gathers (`ChannelGather`, gathered module inputs,
 `GatheredLinear`) are taken out of the weights (see `ria.permutation`) and saved to
@@ -77,7 +78,7 @@ def staged(out: Path) -> Iterator[Path]:
     (`check_target`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
-    staging = _sibling(out, "incomplete")
+    staging = sibling(out, "incomplete")
     try:
         staging.mkdir()
         yield staging
@@ -161,16 +162,17 @@ def _is_checkpoint(path: Path) -> bool:
     return isinstance(config, dict) and "ria" in config
 
 
-def _sibling(out: Path, kind: str) -> Path:
+def sibling(out: Path, kind: str) -> Path:
     """A hidden directory name beside `out` for this process's writes (staging: "incomplete",
-    a replaced checkpoint: "old"); the pid says whether its writer is still alive."""
+    a replaced checkpoint: "old", the streaming prune's spilled activations: "activations");
+    the pid says whether its writer is still alive."""
     return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def remove_stale_staging(out: Path) -> list[Path]:
-    """Removes what saves of `out` killed midway left beside it: staging directories, and
-    replaced checkpoints once `out` exists again. Only those whose writing process is
-    gone; returns what was removed."""
+    """Removes what saves of `out` killed midway left beside it: staging directories (and
+    a streaming prune's spilled activations), and replaced checkpoints once `out` exists
+    again. Only those whose writing process is gone; returns what was removed."""
     removed = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
         kind, pid = _stale_kind(path, out.name)
@@ -182,7 +184,8 @@ def remove_stale_staging(out: Path) -> list[Path]:
 
 
 def _stale_kind(path: Path, name: str) -> tuple[str | None, int]:
-    match = re.fullmatch(rf"\.{re.escape(name)}\.(incomplete|old)-(\d+)-[0-9a-f]{{8}}", path.name)
+    kinds = "incomplete|old|activations"
+    match = re.fullmatch(rf"\.{re.escape(name)}\.({kinds})-(\d+)-[0-9a-f]{{8}}", path.name)
     if match is None or not path.is_dir():
         return None, 0
     return match[1], int(match[2])
@@ -204,7 +207,7 @@ def _swap_into_place(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
         return
-    old = _sibling(out, "old")
+    old = sibling(out, "old")
     out.rename(old)
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)

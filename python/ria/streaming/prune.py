@@ -11,7 +11,7 @@ the calibration activations and one block with its scores (see `prune_checkpoint
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -27,7 +27,7 @@ from ..errors import InvalidArgumentError
 from ..permutation import OrderInfo, plain_state_dict
 from ..pruning import Placement, PruneConfig, PruneReport, prune_with
 from ..pruning.distributed import current
-from ..save import check_target, save_extras, save_orders, staged
+from ..save import PERMUTATION_FILE, check_target, save_extras, save_orders, sibling, staged
 from .memory import release_freed_memory
 from .skeleton import (
     build_skeleton,
@@ -64,7 +64,8 @@ def prune_checkpoint(
     Args:
         src: a checkpoint directory with safetensors weights (one file or shards with an
             index), or a Hugging Face Hub id already in the local cache (nothing is
-            downloaded).
+            downloaded); not one saved with channel orders (`ria.load_pruned` restores
+            them first): prune that in memory.
         out_dir: the output directory, written atomically like `ria.save_pruned`: a hidden
             staging directory beside it is renamed into place only when complete.
         tokenizer: for calibration text, saved with the model; None loads `src`'s own
@@ -119,7 +120,7 @@ def prune_checkpoint_with(
     if offload_activations is not None:
         require_bool("offload_activations", offload_activations)
     check_target(out, overwrite)
-    source = CheckpointSource(resolve_checkpoint(src))
+    source = _source(src)
     model = build_skeleton(source, dtype)
     if tokenizer is None:
         tokenizer = _own_tokenizer(source.directory)
@@ -141,7 +142,7 @@ def prune_checkpoint_with(
     ):
         spill = None
         if offload_activations and config.needs_data:
-            spill = Path(stack.enter_context(_spill_directory(out)))
+            spill = stack.enter_context(_spill_directory(out))
         load_outside(model, source, path, device)
         streamed = _StreamedBlocks(model, source, staging, device)
         report = prune_with(model, tokenizer, config, streamed, spill)
@@ -163,11 +164,25 @@ def read_by_block(
     block rank 0 holds; the pruned blocks come to every rank from their owners. Host
     memory: one block and the weights outside the blocks, not the model."""
     check_dtype(dtype)
-    source = CheckpointSource(resolve_checkpoint(src))
+    source = _source(src)
     model = build_skeleton(source, dtype)
     path, _ = find_blocks(model)
     load_outside(model, source, path, device)
     return model, _StreamedBlocks(model, source, None, device)
+
+
+def _source(src: str | Path) -> CheckpointSource:
+    """The checkpoint `src`, refused if it was saved with channel orders: its blocks are
+    read as stored, but `load_pruned` restores the orders first (the in-memory prune's
+    input), and the result would silently differ and lose them."""
+    source = CheckpointSource(resolve_checkpoint(src))
+    if (source.directory / PERMUTATION_FILE).exists():
+        raise InvalidArgumentError(
+            f"{source.directory} was saved by ria with channel orders ({PERMUTATION_FILE}), "
+            "which the streaming prune cannot apply to its blocks; prune it in memory: "
+            "ria.load_pruned then ria.prune (CLI: ria prune without --low-memory)"
+        )
+    return source
 
 
 def _activation_bytes(model: PreTrainedModel, config: PruneConfig) -> int:
@@ -182,9 +197,17 @@ def _physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _spill_directory(out: Path) -> tempfile.TemporaryDirectory[str]:
-    """A temporary directory beside `out` (same disk as the output), deleted on exit."""
-    return tempfile.TemporaryDirectory(prefix=f".{out.name}.activations-", dir=out.parent)
+@contextmanager
+def _spill_directory(out: Path) -> Iterator[Path]:
+    """A directory beside `out` (same disk as the output), deleted on exit; named with this
+    process's id like the staging directory, so that the next write of `out` removes it
+    if this process is killed (`ria.save.remove_stale_staging`)."""
+    spill = sibling(out, "activations")
+    spill.mkdir(parents=True)
+    try:
+        yield spill
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def _config(prune_kwargs: dict[str, Any]) -> PruneConfig:

@@ -30,18 +30,38 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def build_skeleton(source: CheckpointSource, dtype: str | torch.dtype = "auto") -> PreTrainedModel:
     """The causal LM of `source`'s config, every weight on the meta device, in `dtype`
     ("auto": the config's dtype, else the checkpoint's first floating tensor's, as
-    `from_pretrained(dtype="auto")` chooses). Buffers computed at construction (rotary
-    frequencies) are real."""
+    `from_pretrained(dtype="auto")` chooses), but what `from_pretrained` keeps in
+    float32. Buffers computed at construction (rotary frequencies) are real."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source.directory)
+    resolved = _resolve(dtype, config, source)
     with init_empty_weights(include_buffers=False):
-        model: PreTrainedModel = AutoModelForCausalLM.from_config(
-            config, dtype=_resolve(dtype, config, source)
-        )
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=resolved)
+    _keep_in_fp32(model, resolved)
     model.eval()
     return model
+
+
+def _keep_in_fp32(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Gives the weights `from_pretrained(dtype=dtype)` keeps in float32 (the model's
+    `_keep_in_fp32_modules` in float16, `_keep_in_fp32_modules_strict` in float16 and
+    bfloat16) that dtype here too: `from_config` ignores those lists, and blocks must be
+    pruned and saved as the in-memory prune does. Transformers' own rule and matching."""
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan: dict[str, torch.dtype] = model._get_dtype_plan(dtype)
+    if not plan:
+        return
+    pattern, group_to_key = build_glob_alternation(list(plan))[:2]
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        match = pattern.search(name)
+        if match is None or match.lastgroup is None or not tensor.is_floating_point():
+            continue
+        kept = plan[group_to_key[match.lastgroup]]
+        set_module_tensor_to_device(model, name, tensor.device, value=tensor.to(kept), dtype=kept)
 
 
 def check_dtype(dtype: object) -> None:
