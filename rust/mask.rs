@@ -127,6 +127,8 @@ pub fn kept_sum(scores: MatRef<f32>, keep: &[bool]) -> Result<f64> {
             scores.rows()
         );
     }
+    // A NaN or inf would make the sum NaN or inf, silently.
+    scores.check_finite("scores")?;
     Ok((0..scores.rows())
         .into_par_iter()
         .map(|r| kept_row_sum(scores.row(r), &keep[r * cols..(r + 1) * cols]))
@@ -361,6 +363,16 @@ mod tests {
         let got = kept_sum(scores, &keep).unwrap();
         assert!((got - expected).abs() <= 1e-12 * expected.abs());
         assert!(kept_sum(scores, &keep[1..]).is_err());
+    }
+
+    #[test]
+    fn kept_sum_refuses_non_finite_scores() {
+        let mut values = vec![1.0f32; 12];
+        values[7] = f32::NAN;
+        let keep = vec![false; 12];
+        let scores = MatRef::new(&values, 3, 4, "scores").unwrap();
+        let err = kept_sum(scores, &keep).unwrap_err();
+        assert_eq!(err.0, "scores contains NaN at (1, 3)");
     }
 
     #[test]

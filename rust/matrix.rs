@@ -118,6 +118,9 @@ pub fn permute_in_place<T: Copy + Default + Send + Sync>(
     row_order: Option<&[u32]>,
     col_order: Option<&[u32]>,
 ) {
+    if data.is_empty() {
+        return; // nothing moves; and `chunks_mut(0)` panics when `cols` is 0
+    }
     if let Some(order) = row_order {
         permute_rows(data, cols, order);
     }
@@ -194,5 +197,13 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn permute_in_place_of_an_empty_matrix_does_nothing() {
+        let mut data: Vec<u32> = Vec::new();
+        permute_in_place(&mut data, 0, Some(&[0, 1, 2]), Some(&[]));
+        permute_in_place(&mut data, 3, Some(&[]), Some(&[2, 1, 0]));
+        assert!(data.is_empty());
     }
 }

@@ -258,9 +258,11 @@ impl<'py> Weight<'py> {
     fn typed(&self) -> PyResult<WeightRef<'_>> {
         let (rows, cols) = self.shape();
         Ok(match self {
-            Weight::F32(a) => WeightRef::F32(MatRef::new(slice(a)?, rows, cols, "weight")?),
+            Weight::F32(a) => {
+                WeightRef::F32(MatRef::new(slice(a, "weight")?, rows, cols, "weight")?)
+            }
             Weight::Bits16(a, half) => {
-                let bits = slice(a)?;
+                let bits = slice(a, "weight")?;
                 match half {
                     Half::F16 => {
                         WeightRef::F16(MatRef::new(bits.reinterpret_cast(), rows, cols, "weight")?)
@@ -327,13 +329,18 @@ impl WeightFn<Vec<f32>> for Magnitude {
     }
 }
 
+/// The array `name` as a slice. `as_slice` also refuses a misaligned array (numpy's
+/// `ascontiguousarray` leaves one misaligned), and accepts a Fortran-ordered one, which
+/// would then be read as rows.
 fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
+    name: &str,
 ) -> PyResult<&'a [T]> {
-    // `as_slice` also accepts a Fortran-ordered array, which would then be read as rows.
     match a.as_slice() {
         Ok(data) if a.is_c_contiguous() => Ok(data),
-        _ => Err(InvalidArgumentError::new_err("array must be C-contiguous")),
+        _ => Err(InvalidArgumentError::new_err(format!(
+            "{name} must be a C-contiguous and aligned array"
+        ))),
     }
 }
 
@@ -359,7 +366,10 @@ fn ria_score<'py>(
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let alpha = option_value::<f64>("alpha", alpha, -MAX_ALPHA..=MAX_ALPHA)? as f32;
     let weight = Weight::extract(weight, weight_format)?;
-    let act = act_norm.as_ref().map(slice).transpose()?;
+    let act = act_norm
+        .as_ref()
+        .map(|a| slice(a, "act_norm"))
+        .transpose()?;
     let out = weight.with(
         py,
         Ria {
@@ -379,7 +389,7 @@ fn wanda_score<'py>(
     act_norm: PyReadonlyArray1<'py, f32>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let weight = Weight::extract(weight, weight_format)?;
-    let out = weight.with(py, Wanda(slice(&act_norm)?))?;
+    let out = weight.with(py, Wanda(slice(&act_norm, "act_norm")?))?;
     let (rows, cols) = weight.shape();
     Ok(into_matrix(py, out, rows, cols))
 }
@@ -403,7 +413,7 @@ fn pattern(n: &Bound<'_, PyAny>, m: &Bound<'_, PyAny>) -> PyResult<(usize, usize
 
 fn scores_ref<'a>(a: &'a PyReadonlyArray2<'_, f32>, name: &str) -> PyResult<MatRef<'a, f32>> {
     let s = a.shape();
-    Ok(MatRef::new(slice(a)?, s[0], s[1], name)?)
+    Ok(MatRef::new(slice(a, name)?, s[0], s[1], name)?)
 }
 
 #[pyfunction]
@@ -435,7 +445,7 @@ fn kept_score(
             s.cols()
         )));
     }
-    let keep = slice(&keep)?;
+    let keep = slice(&keep, "keep")?;
     run(py, || mask::kept_sum(s, keep))
 }
 
@@ -450,15 +460,25 @@ fn permute_in_place(
     cols: Option<PyReadonlyArray1<'_, i64>>,
 ) -> PyResult<()> {
     let [n_rows, n_cols] = [scores.shape()[0], scores.shape()[1]];
-    let rows = rows.map(|p| permutation(slice(&p)?, n_rows)).transpose()?;
-    let cols = cols.map(|p| permutation(slice(&p)?, n_cols)).transpose()?;
+    // Refused like every other function's empty input (`MatRef::new`).
+    if n_rows == 0 || n_cols == 0 {
+        return Err(InvalidArgumentError::new_err(format!(
+            "scores is empty (shape {n_rows} x {n_cols})"
+        )));
+    }
+    let rows = rows
+        .map(|p| permutation(slice(&p, "rows")?, n_rows, "rows"))
+        .transpose()?;
+    let cols = cols
+        .map(|p| permutation(slice(&p, "cols")?, n_cols, "cols"))
+        .transpose()?;
     // `as_slice_mut` also accepts a Fortran-ordered array, which would be read as rows.
     let c_order = scores.is_c_contiguous();
     let data = match scores.as_slice_mut() {
         Ok(data) if c_order => data,
         _ => {
             return Err(InvalidArgumentError::new_err(
-                "scores must be a C-contiguous float32 array",
+                "scores must be a C-contiguous and aligned float32 array",
             ));
         }
     };
@@ -482,29 +502,34 @@ fn unstructured_mask<'py>(
     Ok(into_matrix(py, out, s.rows(), s.cols()))
 }
 
-fn score_refs<'a>(scores: &'a [PyReadonlyArray2<'_, f32>]) -> PyResult<Vec<MatRef<'a, f32>>> {
-    let single = scores.len() == 1;
+/// The score matrices of one problem; `name(i)` names the `i`-th in errors.
+fn score_refs<'a>(
+    scores: &'a [PyReadonlyArray2<'_, f32>],
+    name: impl Fn(usize) -> String,
+) -> PyResult<Vec<MatRef<'a, f32>>> {
     scores
         .iter()
         .enumerate()
-        .map(|(i, a)| {
-            scores_ref(
-                a,
-                &if single {
-                    "scores".to_string()
-                } else {
-                    format!("scores[{i}]")
-                },
-            )
-        })
+        .map(|(i, a)| scores_ref(a, &name(i)))
         .collect()
 }
 
-/// Checks that `perm` is a permutation of `0..cols` and converts it.
-fn permutation(perm: &[i64], cols: usize) -> PyResult<Vec<u32>> {
+/// Names the matrices of `search_permutation`'s and `retained_score`'s `scores`.
+fn scores_name(count: usize) -> impl Fn(usize) -> String {
+    move |i| {
+        if count == 1 {
+            "scores".to_string()
+        } else {
+            format!("scores[{i}]")
+        }
+    }
+}
+
+/// Checks that `perm` (the argument `name`) is a permutation of `0..cols` and converts it.
+fn permutation(perm: &[i64], cols: usize, name: &str) -> PyResult<Vec<u32>> {
     if perm.len() != cols {
         return Err(InvalidArgumentError::new_err(format!(
-            "perm has {} entries, expected {cols}",
+            "{name} has {} entries, expected {cols}",
             perm.len()
         )));
     }
@@ -513,7 +538,7 @@ fn permutation(perm: &[i64], cols: usize) -> PyResult<Vec<u32>> {
         .map(|&p| {
             if p < 0 || p as usize >= cols || std::mem::replace(&mut seen[p as usize], true) {
                 Err(InvalidArgumentError::new_err(format!(
-                    "perm is not a permutation of 0..{cols}: {p} is out of range or repeated"
+                    "{name} is not a permutation of 0..{cols}: {p} is out of range or repeated"
                 )))
             } else {
                 Ok(p as u32)
@@ -532,10 +557,10 @@ fn retained_score(
     perm: Option<PyReadonlyArray1<'_, i64>>,
 ) -> PyResult<f64> {
     let (n, m) = pattern(n, m)?;
-    let mats = score_refs(&scores)?;
+    let mats = score_refs(&scores, scores_name(scores.len()))?;
     let problem = run(py, || Problem::new(&mats, n, m))?;
     let perm = match perm {
-        Some(p) => permutation(slice(&p)?, problem.cols())?,
+        Some(p) => permutation(slice(&p, "perm")?, problem.cols(), "perm")?,
         None => (0..problem.cols() as u32).collect(),
     };
     run(py, || Ok(problem.retained(&perm)))
@@ -1042,7 +1067,7 @@ fn search_permutation(
     let (n, m) = pattern(n, m)?;
     let options = search_options(options)?;
     let pool = pool(py, options.threads)?;
-    let mats = score_refs(&scores)?;
+    let mats = score_refs(&scores, scores_name(scores.len()))?;
     let outcome = run_interruptible(py, &pool, |stop| {
         let problem = Problem::new(&mats, n, m)?;
         permute::search_with(&problem, &options.core, stop)
@@ -1070,7 +1095,8 @@ fn search_permutations(
     let pool = pool(py, options.threads)?;
     let mats = problems
         .iter()
-        .map(|scores| score_refs(scores))
+        .enumerate()
+        .map(|(k, scores)| score_refs(scores, |i| format!("problems[{k}][{i}]")))
         .collect::<PyResult<Vec<_>>>()?;
     let found = run_interruptible(py, &pool, |stop| {
         permute::search_all(&mats, n, m, &options.core, stop)
@@ -1191,7 +1217,7 @@ fn refine_mask<'py>(
     let w = weight.typed()?;
     let gram = scores_ref(&gram, "gram")?;
     let residual = scores_ref(&residual, "residual")?;
-    let mut refined = slice(&keep)?.to_vec();
+    let mut refined = slice(&keep, "keep")?.to_vec();
     let outcome = run_interruptible(py, &*pool(py, None)?, |stop| {
         w.apply(Refine {
             gram,

@@ -16,6 +16,7 @@ import pytest
 
 import ria
 from ria import _core
+from ria.core import permute_in_place
 from ria.errors import InvalidArgumentError, InvalidTypeError, RiaError
 
 PYTHON_DIR = str(Path(ria.__file__).resolve().parent.parent)
@@ -217,3 +218,75 @@ def test_every_error_is_a_ria_error():
     ):
         with pytest.raises(RiaError):
             call()
+
+
+def test_permute_in_place_refuses_an_empty_matrix():
+    # A matrix with no columns panicked in the core (rows split into chunks of 0).
+    for shape in [(4, 0), (0, 4)]:
+        with pytest.raises(InvalidArgumentError, match=r"scores is empty \(shape"):
+            permute_in_place(np.zeros(shape, np.float32), cols=np.arange(shape[1]))
+
+
+def test_kept_score_refuses_non_finite_scores():
+    # The sum came back NaN or inf without an error.
+    keep = np.ones((2, 4), bool)
+    for bad in [np.nan, np.inf]:
+        s = np.ones((2, 4), np.float32)
+        s[1, 2] = bad
+        with pytest.raises(InvalidArgumentError, match=r"scores contains (NaN|inf) at \(1, 2\)"):
+            ria.kept_score(s, keep)
+
+
+def _misaligned(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `array` one byte into a buffer, so not aligned (unless its
+    items are single bytes)."""
+    out = np.ndarray(array.shape, array.dtype, buffer=bytearray(array.nbytes + 1), offset=1)
+    out[...] = array
+    assert out.flags.c_contiguous and out.flags.aligned == (array.itemsize == 1)
+    return out
+
+
+def test_misaligned_arrays_are_read():
+    # np.ascontiguousarray left them misaligned and the core refused them as
+    # "array must be C-contiguous".
+    s = np.random.default_rng(0).random((4, 8), dtype=np.float32)
+    for dtype in [np.float32, np.float16]:
+        np.testing.assert_array_equal(
+            ria.magnitude_score(_misaligned(s.astype(dtype))), ria.magnitude_score(s.astype(dtype))
+        )
+    np.testing.assert_array_equal(ria.nm_mask(_misaligned(s), 2, 4), ria.nm_mask(s, 2, 4))
+    keep = np.ones((4, 8), bool)
+    assert ria.kept_score(_misaligned(s), _misaligned(keep)) == ria.kept_score(s, keep)
+    perm = np.arange(8)[::-1].copy()
+    assert ria.retained_score(s, 2, 4, _misaligned(perm)) == ria.retained_score(s, 2, 4, perm)
+    # Where no copy is made, the refusal names the argument and says why.
+    with pytest.raises(InvalidArgumentError, match="scores must be a C-contiguous and aligned"):
+        _core.nm_mask(_misaligned(s), 2, 4)
+    with pytest.raises(InvalidArgumentError, match="scores must be a C-contiguous and aligned"):
+        permute_in_place(_misaligned(s), cols=perm)
+
+
+def test_big_endian_arrays_are_read_as_their_values():
+    # A big-endian weight was refused as "unsupported dtype >f4".
+    w = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    for dtype in [">f4", ">f2", ">f8"]:
+        big = w.astype(dtype)
+        np.testing.assert_array_equal(ria.magnitude_score(big), np.abs(big.astype(np.float32)))
+    s = np.abs(w)
+    np.testing.assert_array_equal(ria.nm_mask(s.astype(">f4"), 2, 4), ria.nm_mask(s, 2, 4))
+    perm = np.arange(8)[::-1].copy()
+    assert ria.retained_score(s, 2, 4, perm.astype(">i8")) == ria.retained_score(s, 2, 4, perm)
+
+
+def test_errors_name_the_argument_at_fault():
+    s = np.ones((4, 8), np.float32)
+    with pytest.raises(InvalidArgumentError, match=r"expected the scores' \(4, 8\)"):
+        ria.kept_score(s, np.ones((4, 7), bool))
+    with pytest.raises(InvalidArgumentError, match="rows has 3 entries, expected 4"):
+        permute_in_place(s, rows=np.arange(3))
+    with pytest.raises(InvalidArgumentError, match=r"cols is not a permutation of 0\.\.8"):
+        permute_in_place(s, cols=np.zeros(8, np.int64))
+    with pytest.raises(InvalidTypeError, match=r"scores must be a float32 array.*got float64"):
+        permute_in_place(s.astype(np.float64), cols=np.arange(8))
+    with pytest.raises(InvalidArgumentError, match=r"problems\[1\]\[1\] is empty"):
+        ria.search_permutations([[s], [s, np.ones((0, 8), np.float32)]], 2, 4)

@@ -1,7 +1,8 @@
 """Turning user inputs (numpy arrays, torch tensors) into what the Rust core reads.
 
-The core reads C-contiguous arrays; 16-bit floats travel as their raw bits (`uint16`)
-with the format named, so a bf16 weight is never upcast or copied on the Python side.
+The core reads C-contiguous, aligned arrays in native byte order; 16-bit floats travel as
+their raw bits (`uint16`) with the format named, so a bf16 weight is never upcast or copied
+on the Python side.
 """
 
 from __future__ import annotations
@@ -35,11 +36,25 @@ def _asarray(x: ArrayLike, name: str) -> np.ndarray:
         raise InvalidArgumentError(f"{name} is not an array: {e}") from None
 
 
+def _c_array(array: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """`array` (as `dtype`) C-contiguous and aligned: `np.ascontiguousarray` leaves a
+    misaligned array (one at an odd offset in a buffer) misaligned, and the core refuses it."""
+    return np.require(array, dtype, ["C", "A"])
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """`array` in native byte order: 16-bit weights travel as their raw bits, which must
+    be the value's, and a big-endian float32 is not `np.float32`."""
+    if array.dtype.isnative:
+        return array
+    return array.astype(array.dtype.newbyteorder("="))
+
+
 def _float32(array: np.ndarray) -> np.ndarray:
     """C-contiguous float32; values beyond float32's range become inf without a warning
     (the core then refuses them, naming their position)."""
     with np.errstate(over="ignore"):
-        return np.ascontiguousarray(array, dtype=np.float32)
+        return _c_array(array, np.float32)
 
 
 def _check_2d(shape: tuple[int, ...], name: str) -> None:
@@ -67,16 +82,16 @@ def weight_array(weight: ArrayLike, name: str = "weight") -> tuple[np.ndarray, s
         if fmt == "f32":
             return t.numpy(), fmt
         return t.view(torch.int16).numpy().view(np.uint16), fmt
-    array = _asarray(weight, name)
+    array = _native(_asarray(weight, name))
     _check_2d(array.shape, name)
     if array.dtype == np.float32:
-        return np.ascontiguousarray(array), "f32"
+        return _c_array(array), "f32"
     if array.dtype == np.float64:
         return _float32(array), "f32"
     if array.dtype == np.float16:
-        return np.ascontiguousarray(array).view(np.uint16), "f16"
+        return _c_array(array).view(np.uint16), "f16"
     if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16
-        return np.ascontiguousarray(array).view(np.uint16), "bf16"
+        return _c_array(array).view(np.uint16), "bf16"
     raise InvalidTypeError(
         f"{name} has unsupported dtype {array.dtype}; use float32, float16 or bfloat16"
     )
@@ -106,13 +121,14 @@ def score_list(scores: ArrayLike | list[ArrayLike] | tuple[ArrayLike, ...]) -> l
     return [float32_array(scores, "scores", 2)]
 
 
-def bool_array(x: ArrayLike, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A C-contiguous bool array of exactly `shape` (a mask: no other dtype is converted)."""
+def bool_array(x: ArrayLike, name: str, shape: tuple[int, ...], like: str) -> np.ndarray:
+    """A C-contiguous bool array of exactly `shape`, that of the argument `like` names
+    ("the weight's") in errors (a mask: no other dtype is converted)."""
     array = x.detach().cpu().numpy() if is_tensor(x) else _asarray(x, name)
     if array.dtype != np.bool_:
         raise InvalidTypeError(f"{name} must be a bool array, got {array.dtype}")
     if array.shape != tuple(shape):
         raise InvalidArgumentError(
-            f"{name} has shape {tuple(array.shape)}, expected the weight's {tuple(shape)}"
+            f"{name} has shape {tuple(array.shape)}, expected {like} {tuple(shape)}"
         )
-    return np.ascontiguousarray(array)
+    return _c_array(array)

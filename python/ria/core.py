@@ -110,13 +110,13 @@ def unstructured_mask(scores: ArrayLike, sparsity: float, per_row: bool = False)
     return _core.unstructured_mask(s, round(float(sparsity) * count), per_row)
 
 
-def _perm_array(perm: ArrayLike) -> np.ndarray:
+def _perm_array(perm: ArrayLike, name: str = "perm") -> np.ndarray:
     p = np.asarray(perm.cpu() if hasattr(perm, "cpu") else perm)
     if p.ndim != 1 or p.dtype.kind not in "iu":
         raise InvalidArgumentError(
-            f"perm must be a 1-D integer array, got {p.dtype} of shape {p.shape}"
+            f"{name} must be a 1-D integer array, got {p.dtype} of shape {p.shape}"
         )
-    return np.ascontiguousarray(p, dtype=np.int64)
+    return np.require(p, np.int64, ["C", "A"])  # aligned too: the core refuses misaligned
 
 
 def kept_score(scores: ArrayLike, keep: ArrayLike) -> float:
@@ -124,7 +124,7 @@ def kept_score(scores: ArrayLike, keep: ArrayLike) -> float:
     keeps, in float64: rows summed in parallel in the core, then in row order, so the
     result does not depend on the thread count."""
     s = float32_array(scores, "scores", 2)
-    return _core.kept_score(s, bool_array(keep, "keep", s.shape))
+    return _core.kept_score(s, bool_array(keep, "keep", s.shape, "the scores'"))
 
 
 def permute_in_place(
@@ -135,10 +135,14 @@ def permute_in_place(
     copy (a new one's fresh memory pages cost more than the gather), rows in parallel."""
     if not isinstance(scores, np.ndarray):
         raise InvalidTypeError(f"scores must be a numpy array, got {type(scores).__name__}")
+    if scores.dtype != np.float32:  # permuted in place, so never converted
+        raise InvalidTypeError(
+            f"scores must be a float32 array (in native byte order), got {scores.dtype}"
+        )
     _core.permute_in_place(
         scores,
-        None if rows is None else _perm_array(rows),
-        None if cols is None else _perm_array(cols),
+        None if rows is None else _perm_array(rows, "rows"),
+        None if cols is None else _perm_array(cols, "cols"),
     )
 
 
@@ -275,7 +279,7 @@ def refine_mask(
     """
     w, fmt = weight_array(weight)
     g = float32_array(gram, "gram", 2)
-    k = bool_array(keep, "keep", w.shape)
+    k = bool_array(keep, "keep", w.shape, "the weight's")
     if g.shape != (w.shape[1], w.shape[1]):
         raise InvalidArgumentError(
             f"gram has shape {g.shape}, expected ({w.shape[1]}, {w.shape[1]}) "
