@@ -168,17 +168,16 @@ class Sparse24Linear(nn.Module):
         self._handle = register_compiled_layer(self)  # a copy (deepcopy, pickle) is another
 
     def _apply(self, fn: Any, recurse: bool = True) -> Sparse24Linear:
-        # .to()/.cuda() move the buffers; a cast would read cuSPARSELt's buffer (metadata
-        # bits after the values) as numbers, so the weight forms keep their dtype.
-        form = next(
-            t for t in (self.packed, self.values, self.mma_values, self.weight) if t is not None
-        )
-        target = fn(torch.empty(0, dtype=form.dtype, device=form.device)).dtype
-        if target != form.dtype:
+        # .to()/.cuda()/.half() move or cast the buffers; the other forms cast value by
+        # value, but a cast would read cuSPARSELt's buffer (metadata bits after the values)
+        # as numbers and split the values view that shares it.
+        packed = self.packed
+        target = None if packed is None else fn(packed.new_empty(0)).dtype
+        if packed is not None and target != packed.dtype:
             raise InvalidArgumentError(
-                f"a Sparse24Linear's weight is in {form.dtype} kernel formats and cannot be "
-                f"cast to {target}: cast the model before ria.sparsify (a model cast halfway "
-                f"by this call can be cast back to {form.dtype})"
+                f"a Sparse24Linear holding cuSPARSELt's {packed.dtype} buffer cannot be cast "
+                f"to {target}: cast the model before ria.sparsify (a model cast halfway by "
+                f"this call can be cast back to {packed.dtype})"
             )
         self._runners = {}  # they hold the buffers' addresses
         self._matmuls = {}
