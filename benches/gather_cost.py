@@ -63,7 +63,8 @@ def set_free_orders(model: torch.nn.Module, on: bool) -> int:
 
 
 def set_folded_orders(model: torch.nn.Module, on: bool) -> int:
-    """Wraps each block's two norms in a `ChannelGather` with a random order (or unwraps)."""
+    """Wraps each block's two norms in a `ChannelGather` with a random order (or unwraps
+    them); returns the gathers installed."""
     g = torch.Generator().manual_seed(5)
     count = 0
     for layer in model.model.layers:
@@ -72,9 +73,9 @@ def set_folded_orders(model: torch.nn.Module, on: bool) -> int:
             if on:
                 order = torch.randperm(norm.weight.numel(), generator=g)
                 setattr(layer, norm_name, ChannelGather(norm, order.cuda(), readers))
+                count += 1
             elif isinstance(norm, ChannelGather):
                 setattr(layer, norm_name, norm.norm)
-            count += 1
     return count
 
 
@@ -86,7 +87,7 @@ def layout_run(layers: int, buckets: tuple[int, ...], prefill: bool) -> dict:
     report = sparsify(model, batch_sizes=list(buckets))
     log(f"built, timed dense, sparsified in {time.perf_counter() - t0:.1f}s")
     plain = timings(model, prefill)
-    set_folded_orders(model, True)
+    folded_gathers = set_folded_orders(model, True)
     folded = timings(model, prefill)
     set_folded_orders(model, False)
     free_layers = set_free_orders(model, True)
@@ -98,7 +99,7 @@ def layout_run(layers: int, buckets: tuple[int, ...], prefill: bool) -> dict:
     return {
         "buckets": list(buckets),
         "free_gathered_layers": free_layers,
-        "folded_gathers": 2 * layers,
+        "folded_gathers": folded_gathers,
         "plans": {r.name.rsplit(".", 1)[-1]: r.plan for r in report.layers[:7]},
         "dense": dense,
         "plain": plain,

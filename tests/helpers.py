@@ -3,6 +3,8 @@ tokenizer trained on the shipped text sample (fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib import resources
 
 import pytest
@@ -224,3 +226,14 @@ def traced_layouts(model: torch.nn.Module) -> list[BlockLayout]:
         block_layout(model, b, lambda b=b, i=i: run_block(b, inputs.at(i)))
         for i, b in enumerate(blocks)
     ]
+
+
+def kill_when_it_prints(script: str, line: str) -> None:
+    """Runs Python `script` in a child process and kills it (SIGKILL, no cleanup) as soon
+    as it prints `line`: what a killed run leaves behind is then on disk."""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == line + "\n"
+    finally:
+        child.kill()
+        child.wait()

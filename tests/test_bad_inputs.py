@@ -10,7 +10,6 @@ import gc
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
@@ -22,7 +21,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import FAST_SEARCH, logits, sample_text, tiny_model, traced_layouts
+from helpers import (
+    FAST_SEARCH,
+    kill_when_it_prints,
+    logits,
+    sample_text,
+    tiny_model,
+    traced_layouts,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -488,13 +494,9 @@ KILLED_SAVE = textwrap.dedent(
 
 def test_a_killed_save_leaves_nothing_and_the_next_save_cleans_up(tmp_path):
     out = tmp_path / "out"
-    script = KILLED_SAVE.format(tests=str(Path(__file__).parent), out=str(out))
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "saving\n"
-    finally:
-        child.kill()
-        child.wait()
+    kill_when_it_prints(
+        KILLED_SAVE.format(tests=str(Path(__file__).parent), out=str(out)), "saving"
+    )
     assert not out.exists()
     staged = [p for p in tmp_path.iterdir() if p.name.startswith(".out.incomplete-")]
     assert len(staged) == 1 and (staged[0] / "config.json").exists()

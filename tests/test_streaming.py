@@ -17,6 +17,7 @@ from helpers import (
     FAST_SEARCH,
     VOCAB,
     assert_nm,
+    kill_when_it_prints,
     logits,
     pruned_linears,
     tiny_config,
@@ -195,13 +196,7 @@ def test_a_killed_streaming_prune_leaves_spilled_activations_the_next_write_remo
     tmp_path, checkpoint
 ):
     out = tmp_path / "out"
-    script = KILLED_STREAMING.format(src=str(checkpoint), out=str(out))
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "pruning\n"
-    finally:
-        child.kill()
-        child.wait()
+    kill_when_it_prints(KILLED_STREAMING.format(src=str(checkpoint), out=str(out)), "pruning")
     assert not out.exists()
     spilled = [p for p in tmp_path.iterdir() if p.name.startswith(".out.activations-")]
     assert len(spilled) == 1 and any(spilled[0].iterdir())

@@ -36,7 +36,7 @@ def _asarray(x: ArrayLike, name: str) -> np.ndarray:
         raise InvalidArgumentError(f"{name} is not an array: {e}") from None
 
 
-def _c_array(array: np.ndarray, dtype: Any = None) -> np.ndarray:
+def c_array(array: np.ndarray, dtype: Any = None) -> np.ndarray:
     """`array` (as `dtype`) C-contiguous and aligned: `np.ascontiguousarray` leaves a
     misaligned array (one at an odd offset in a buffer) misaligned, and the core refuses it."""
     return np.require(array, dtype, ["C", "A"])
@@ -54,7 +54,7 @@ def _float32(array: np.ndarray) -> np.ndarray:
     """C-contiguous float32; values beyond float32's range become inf without a warning
     (the core then refuses them, naming their position)."""
     with np.errstate(over="ignore"):
-        return _c_array(array, np.float32)
+        return c_array(array, np.float32)
 
 
 def _check_2d(shape: tuple[int, ...], name: str) -> None:
@@ -85,13 +85,13 @@ def weight_array(weight: ArrayLike, name: str = "weight") -> tuple[np.ndarray, s
     array = _native(_asarray(weight, name))
     _check_2d(array.shape, name)
     if array.dtype == np.float32:
-        return _c_array(array), "f32"
+        return c_array(array), "f32"
     if array.dtype == np.float64:
         return _float32(array), "f32"
     if array.dtype == np.float16:
-        return _c_array(array).view(np.uint16), "f16"
+        return c_array(array).view(np.uint16), "f16"
     if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16
-        return _c_array(array).view(np.uint16), "bf16"
+        return c_array(array).view(np.uint16), "bf16"
     raise InvalidTypeError(
         f"{name} has unsupported dtype {array.dtype}; use float32, float16 or bfloat16"
     )
@@ -131,4 +131,4 @@ def bool_array(x: ArrayLike, name: str, shape: tuple[int, ...], like: str) -> np
         raise InvalidArgumentError(
             f"{name} has shape {tuple(array.shape)}, expected {like} {tuple(shape)}"
         )
-    return _c_array(array)
+    return c_array(array)

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import _core
-from ._arrays import ArrayLike, bool_array, float32_array, is_tensor, score_list, weight_array
+from ._arrays import (
+    ArrayLike,
+    bool_array,
+    c_array,
+    float32_array,
+    is_tensor,
+    score_list,
+    weight_array,
+)
 from ._core import PermutationResult, RefineStats, SearchOptions, __version__
 from .errors import InvalidArgumentError, InvalidTypeError
 
@@ -116,7 +124,7 @@ def _perm_array(perm: ArrayLike, name: str = "perm") -> np.ndarray:
         raise InvalidArgumentError(
             f"{name} must be a 1-D integer array, got {p.dtype} of shape {p.shape}"
         )
-    return np.require(p, np.int64, ["C", "A"])  # aligned too: the core refuses misaligned
+    return c_array(p, np.int64)
 
 
 def kept_score(scores: ArrayLike, keep: ArrayLike) -> float:

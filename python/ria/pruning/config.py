@@ -18,7 +18,15 @@ from ..core import SearchOptions
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..permutation import PERMUTATION_MODES, PermutationMode
 
-__all__ = ["ALPHA_GRID", "DEFAULT_PERMUTATION", "METHODS", "Method", "PruneConfig", "Sparsity"]
+__all__ = [
+    "ALPHA_GRID",
+    "DEFAULT_ALPHA",
+    "DEFAULT_PERMUTATION",
+    "METHODS",
+    "Method",
+    "PruneConfig",
+    "Sparsity",
+]
 
 Method = Literal["ria", "wanda", "magnitude", "sparsegpt"]
 METHODS: tuple[str, ...] = get_args(Method)

@@ -53,7 +53,7 @@ from ..permutation import (
 )
 from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
-from .config import ALPHA_GRID, Method, PruneConfig, Sparsity
+from .config import ALPHA_GRID, DEFAULT_ALPHA, Method, PruneConfig, Sparsity
 from .coverage import MIN_COVERAGE, Coverage, decoder_coverage
 from .distributed import BlockCosts, BlockSplit, Ranks, SharedSearch, current
 from .error import relative_output_error
@@ -87,7 +87,7 @@ def prune(
     calibration: Any = "c4",
     nsamples: int = 128,
     seqlen: int = 2048,
-    alpha: float | str = 0.5,
+    alpha: float | str = DEFAULT_ALPHA,
     per_row: bool | None = None,
     reconstruct: bool = False,
     refine: bool = False,

@@ -909,12 +909,6 @@ def sparsify(
     planner = _Planner(cache, buckets, backend, options)
     for shape, members in group_layers(model, _why_not_for(backend), strict, report).items():
         n, k = shape[0], shape[1]
-        if cslt_shape_status(n, k) is not None and not (usable - {DENSE, CUSPARSELT, MMA_CSLT}):
-            for name, _ in members:
-                report.layers.append(
-                    SparseLayerReport(name, n, k, False, cslt_shape_status(n, k) or "")
-                )
-            continue
         shape_usable = usable - ({CUSPARSELT} if cslt_shape_status(n, k) else set())
         if mma_cslt_shape_status(n, k) is not None:
             shape_usable -= {MMA_CSLT}
@@ -922,13 +916,17 @@ def sparsify(
             # mma's layout cannot serve every bucket, so keep_one_layout would drop it:
             # neither pack nor time it.
             shape_usable -= {MMA}
+        # A layer some bucket could run only dense stays an nn.Linear: without allow_dense
+        # it would keep a dense copy beside its sparse one, and with no bucket sparse it
+        # would be a dense layer in another form.
         bare = buckets_without_sparse_kernel(backend, buckets, shape_usable)
-        if bare and not allow_dense:  # it would keep a dense copy beside the sparse one
-            why = (
-                f"no sparse kernel runs {max(bare)} tokens at this shape "
-                f"({cslt_shape_status(n, k) or 'cuSPARSELt unavailable'}); allow_dense=True "
-                "converts it with dense buckets"
-            )
+        if bare and (not allow_dense or len(bare) == len(buckets)):
+            why = cslt_shape_status(n, k) or "cuSPARSELt is unavailable"
+            if len(bare) < len(buckets):
+                why = (
+                    f"no sparse kernel runs {max(bare)} tokens at this shape ({why}); "
+                    "allow_dense=True converts it with dense buckets"
+                )
             report.layers.extend(SparseLayerReport(name, n, k, False, why) for name, _ in members)
             continue
         _convert_group(model, shape, [*members], planner, shape_usable, tune_layers, report)
