@@ -195,6 +195,27 @@ def test_a_prune_refused_before_any_block_leaves_the_record_as_it_was(tokenizer)
     assert model.config.ria == record
 
 
+@pytest.mark.parametrize("method", ["ria", "sparsegpt"])
+def test_a_linear_the_forward_never_calls_is_pruned_by_magnitude(tokenizer, method):
+    # All-zero statistics would give every RIA score 0 (an arbitrary mask) and have the
+    # OBS update zero the whole matrix.
+    model = tiny_model("llama")
+    for block in find_blocks(model)[1]:
+        block.mlp.unused = torch.nn.Linear(64, 64, bias=False)  # a branch nothing takes
+    before = [b.mlp.unused.weight.detach().clone() for b in find_blocks(model)[1]]
+    report = ria.prune(model, tokenizer, sparsity="2:4", method=method, **CALIB)
+
+    for block, dense in zip(find_blocks(model)[1], before, strict=True):
+        keep = torch.from_numpy(ria.core.nm_mask(ria.core.magnitude_score(dense), 2, 4))
+        torch.testing.assert_close(block.mlp.unused.weight, dense * keep, rtol=0, atol=0)
+    unused = [r.name for r in report.uncalibrated]
+    assert unused == [f"model.layers.{i}.mlp.unused" for i in range(len(before))]
+    assert not report.weight_only_experts
+    assert f"{len(before)} matrices never ran on the calibration data" in str(report)
+    called = [r for r in report.layers if not r.name.endswith("unused")]
+    assert called and not any(r.weight_only for r in called)
+
+
 def test_unknown_method(tokenizer):
     with pytest.raises(ValueError, match="unknown method 'obd'"):
         ria.prune(tiny_model("llama"), tokenizer, method="obd", **CALIB)

@@ -103,7 +103,8 @@ def prune(
     """Prunes every matrix inside the decoder blocks of a causal LM, in place: each
     `nn.Linear`, and each expert of fused MoE experts (calibrated on the tokens the
     model's router sends it; an expert routed fewer than `MIN_ROUTED_TOKENS` is pruned by
-    magnitude, and the report says which).
+    magnitude, and the report says which). A Linear the calibration forward never calls
+    is pruned by magnitude too, and named in the report.
 
     Routers, embeddings and the LM head are never pruned. The model keeps its class, dtype and
     devices, and stays a normal Hugging Face model (`ria.save_pruned` writes it). Every
@@ -370,8 +371,9 @@ class _BlockStep:
         self.alphas: dict[str, float] = {}
         self.search_seconds: list[float] = []  # each search job's, in the plan's order
         self.score_seconds: dict[str, float] = {}  # each matrix's scoring here
-        # Experts routed fewer than MIN_ROUTED_TOKENS calibration tokens: their scores are
-        # weight-only, and no mask refinement or OBS update fits them to so few tokens.
+        # Experts routed fewer than MIN_ROUTED_TOKENS calibration tokens, and matrices
+        # that saw none: their scores are weight-only, and no mask refinement or OBS
+        # update fits them to so few tokens.
         self.weight_only: set[str] = set()
 
     def run(self, inputs: BlockInputs | None, traced: BlockInputs | None) -> list[LayerReport]:
@@ -484,7 +486,7 @@ class _BlockStep:
         self, inputs: BlockInputs | None, split: BlockSplit | None = None
     ) -> dict[str, InputStats]:
         """Input statistics of every matrix on the dense block (empty without data);
-        notes the experts routed too few tokens to use theirs. Split over ranks, a rank
+        notes the matrices that saw too few tokens to use theirs. Split over ranks, a rank
         keeps only the Gram matrices of what `split` has it score (alpha="auto") or prune."""
         if inputs is None:
             return {}
@@ -505,10 +507,13 @@ class _BlockStep:
                 self.ranks.reduce_stats(f"summing {self.prefix}'s statistics", stats, gram_ranks)
         for s in {id(s): s for s in stats.values()}.values():
             s.finish()
+        # A Linear the block's forward never called (a branch calibration text does not
+        # take) has all-zero statistics: its RIA scores would all be zero and its OBS
+        # update would zero it, so it is scored by magnitude like a starved expert.
         self.weight_only = {
             name
             for name, s in stats.items()
-            if self.matrices[name].expert is not None and s.tokens < MIN_ROUTED_TOKENS
+            if s.tokens < (MIN_ROUTED_TOKENS if self.matrices[name].expert is not None else 1)
         }
         return stats
 
@@ -516,7 +521,7 @@ class _BlockStep:
         self, stats: dict[str, InputStats], names: tuple[str, ...] | None = None
     ) -> dict[str, np.ndarray]:
         """Importance of every weight of the matrices `names` (all by default), `(out,
-        in)` float32 per matrix; all finite. Experts routed too few tokens get their
+        in)` float32 per matrix; all finite. Matrices that saw too few tokens get their
         weights' magnitude."""
         scores = {}
         with self.timer("scores"):

@@ -25,8 +25,9 @@ class LayerReport:
     `output_error` is `||(W - W') X^T||^2 / ||W X^T||^2` on the calibration inputs, when
     `X^T X` was collected (refine, reconstruct, SparseGPT, alpha="auto", measure_error);
     `alpha` the exponent alpha="auto" chose; `refinement` what mask refinement did.
-    For an expert, `routed_tokens` counts the calibration tokens the router sent it;
-    `weight_only` says it got too few and was scored by magnitude instead.
+    For an expert, `routed_tokens` counts the calibration tokens the router sent it.
+    `weight_only` says the matrix was scored by magnitude instead of on its inputs: an
+    expert routed too few tokens, or a Linear the calibration forward never called.
     """
 
     name: str
@@ -90,7 +91,24 @@ class PruneReport:
     @property
     def weight_only_experts(self) -> list[LayerReport]:
         """The experts scored on their weights alone (routed too few calibration tokens)."""
-        return [r for r in self.layers if r.weight_only]
+        return [r for r in self.layers if r.weight_only and r.routed_tokens is not None]
+
+    @property
+    def uncalibrated(self) -> list[LayerReport]:
+        """The Linears the calibration forward never called, scored by magnitude."""
+        return [r for r in self.layers if r.weight_only and r.routed_tokens is None]
+
+    def uncalibrated_summary(self) -> str | None:
+        """One line naming the Linears pruned without calibration data, or None."""
+        unused = self.uncalibrated
+        if not unused:
+            return None
+        shown = ", ".join(r.name for r in unused[:4])
+        more = f" and {len(unused) - 4} more" if len(unused) > 4 else ""
+        return (
+            f"{len(unused)} matrices never ran on the calibration data and were pruned by "
+            f"magnitude: {shown}{more}"
+        )
 
     def experts_summary(self) -> str | None:
         """One line on the experts' calibration, or None when there are none."""
@@ -147,9 +165,9 @@ class PruneReport:
         )
         if self.coverage is not None:
             lines.append(self.coverage.summary())
-        experts = self.experts_summary()
-        if experts is not None:
-            lines.append(experts)
+        for summary in (self.experts_summary(), self.uncalibrated_summary()):
+            if summary is not None:
+                lines.append(summary)
         permutation = self.permutation_summary()
         if permutation is not None:
             lines.append(permutation)
