@@ -282,6 +282,8 @@ TABLE = [
         "--out is empty"),
     Bad("cli-out-under-file", ["prune", "{missing}", "--out", "{file}/pruned"],
         InvalidArgumentError, "file is not a directory"),
+    Bad("cli-nothing-kept", ["prune", "{ckpt}", "--sparsity", "2:4"], InvalidArgumentError,
+        "nothing of the prune would be kept: give --out DIR"),
     Bad("cli-eval-flags-alone", ["prune", "{missing}", "--max-windows", "5"],
         InvalidArgumentError, "--max-windows sets the --eval perplexity; add --eval DATA"),
     Bad("cli-json-no-dir", ["prune", "{missing}", "--json", "{tmp}/no-dir/r.json"],

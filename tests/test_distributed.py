@@ -169,6 +169,11 @@ def _worker(rank: int, work: str) -> None:
     dist.destroy_process_group()
 
 
+def keep(work: Path) -> list[str]:
+    """What `ria prune` is told to keep when a test needs no checkpoint: the report."""
+    return ["--json", str(work / "report.json")]
+
+
 def cli_loads(work: Path) -> int:
     """How many times `ria prune` (in memory, without permutation) loads the whole model
     in this process."""
@@ -181,7 +186,7 @@ def cli_loads(work: Path) -> int:
 
     cli._load = counting
     try:
-        assert main([*CLI_SETTINGS[:1], str(work / "src"), *CLI_SETTINGS[1:]]) == 0
+        assert main([*CLI_SETTINGS[:1], str(work / "src"), *CLI_SETTINGS[1:], *keep(work)]) == 0
     finally:
         cli._load = load
     return len(loads)
@@ -199,7 +204,7 @@ def cli_failing_to_load(work: Path, rank: int) -> tuple[int, str]:
     err = io.StringIO()
     try:
         with redirect_stderr(err):
-            code = main([*CLI_SETTINGS[:1], str(work / "src"), *CLI_SETTINGS[1:]])
+            code = main([*CLI_SETTINGS[:1], str(work / "src"), *CLI_SETTINGS[1:], *keep(work)])
     finally:
         cli._load = load
     return code, err.getvalue()

@@ -291,6 +291,11 @@ def _prune_in_memory(args: argparse.Namespace, config: PruneConfig) -> int:
 
     _check_outputs(args)
     check_model(args.model)
+    if not (args.out or args.json or args.eval):
+        raise InvalidArgumentError(
+            "nothing of the prune would be kept: give --out DIR to save the model "
+            "(or --json PATH for the report, --eval DATA for its perplexity)"
+        )
     assert config.device is not None  # _prune_config sets it
     writer = is_writer()
     model: Any
