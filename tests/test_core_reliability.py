@@ -264,6 +264,10 @@ def test_misaligned_arrays_are_read():
         _core.nm_mask(_misaligned(s), 2, 4)
     with pytest.raises(InvalidArgumentError, match="scores must be a C-contiguous and aligned"):
         permute_in_place(_misaligned(s), cols=perm)
+    frozen = s.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(InvalidArgumentError, match="scores is read-only"):
+        permute_in_place(frozen, cols=perm)
 
 
 def test_big_endian_arrays_are_read_as_their_values():

@@ -147,6 +147,8 @@ def permute_in_place(
         raise InvalidTypeError(
             f"scores must be a float32 array (in native byte order), got {scores.dtype}"
         )
+    if not scores.flags.writeable:
+        raise InvalidArgumentError("scores is read-only; permute_in_place writes into it")
     _core.permute_in_place(
         scores,
         None if rows is None else _perm_array(rows, "rows"),
