@@ -290,6 +290,25 @@ def test_only_safetensors_checkpoints_stream(tmp_path):
         ria.prune_checkpoint(tmp_path / "bin", tmp_path / "bin")
 
 
+def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path, checkpoint):
+    # transformers loads model.safetensors when both it and an index are there; streaming
+    # read the index, so the pruned weights were another model's.
+    both = tmp_path / "both"
+    shutil.copytree(checkpoint, both)
+    tiny_model("llama", seed=1, tie_word_embeddings=True).save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "model.safetensors", both)
+    ria.prune_checkpoint(both, tmp_path / "out", sparsity="2:4", method="magnitude", progress=False)
+
+    model = AutoModelForCausalLM.from_pretrained(both)
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(model.state_dict()[key], load_file(both / "model.safetensors")[key])
+    ria.prune(model, sparsity="2:4", method="magnitude", progress=False)
+    written = tensors(tmp_path / "out")
+    for name, value in model.state_dict().items():
+        if name in written:
+            assert torch.equal(written[name], value), name
+
+
 def test_cli_low_memory(tmp_path, checkpoint, capsys):
     out = tmp_path / "out"
     common = ["prune", str(checkpoint), "--low-memory", "--no-progress", "--device", "cpu"]

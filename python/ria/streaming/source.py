@@ -86,7 +86,12 @@ class CheckpointSource:
 
 
 def _weight_map(directory: Path) -> dict[str, str]:
-    """Tensor name -> file name (relative to `directory`)."""
+    """Tensor name -> file name (relative to `directory`). A single file wins over an
+    index beside it, as in transformers' `from_pretrained`."""
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), SINGLE_FILE)
     index = directory / INDEX_FILE
     if index.is_file():
         try:
@@ -96,10 +101,6 @@ def _weight_map(directory: Path) -> dict[str, str]:
         if not isinstance(weight_map, dict):
             raise InvalidArgumentError(f"{index}: 'weight_map' is not an object")
         return {str(k): str(v) for k, v in weight_map.items()}
-    single = directory / SINGLE_FILE
-    if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), SINGLE_FILE)
     raise InvalidArgumentError(
         f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE}: the streaming prune reads "
         "safetensors checkpoints only"
