@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
 import pytest
 import torch
 from helpers import prune_model_24, tiny_model
@@ -88,6 +89,72 @@ def test_a_full_cache_and_an_unsupported_attention_are_ria_errors(model):
     other.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UnsupportedModelError, match="flash_attention_2"):
         StaticGenerator(other, 1, 8)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt_oss"])
+def test_sliding_window_layers_match_hf_past_the_window_and_across_calls(family):
+    # A window of 5 inside a cache of 256: the masks were the cache's width (a crash at the
+    # first step), and transformers' sliding layer kept a host token count that a kept
+    # generator never reset (wrong tokens once the calls added up past the cache).
+    types = ["sliding_attention", "full_attention"]
+    model = tiny_model(family, sliding_window=5, layer_types=types)
+    ids, mask = padded_prompts()
+    ref = model.generate(
+        ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+        pad_token_id=0,
+    )  # fmt: skip
+    gen = StaticGenerator(model, 3, 32)
+    for _ in range(6):  # 6 x 15 tokens through one cache of 32
+        new = gen.generate(ids, 8, attention_mask=mask)
+        assert torch.equal(torch.cat([ids, new], 1), ref)
+    alone = model.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(generate(model, ids[:1], 8, eos_token_id=(), cuda_graph=False), alone)
+
+
+def test_attention_the_generator_cannot_mask_is_refused():
+    model = tiny_model("llama4")  # chunked attention layers
+    with pytest.raises(UnsupportedModelError, match="'chunked_attention'"):
+        StaticGenerator(model, 1, 8)
+
+
+def test_sampling_settings_left_unset_are_the_generation_configs_as_in_hf():
+    model = tiny_model("llama")
+    prompt = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    rows = prompt.expand(256, 5)  # one next-token distribution, drawn 256 times
+
+    def drawn(**settings) -> set[int]:
+        g = torch.Generator().manual_seed(0)
+        out = generate(model, rows, 1, do_sample=True, temperature=100.0, generator=g,
+                       eos_token_id=(), cuda_graph=False, **settings)  # fmt: skip
+        return set(out[:, -1].tolist())
+
+    top = set(model(prompt).logits[0, -1].topk(50).indices.tolist())
+    assert model.generation_config.top_k is None
+    assert 3 < len(drawn()) <= 50 and drawn() <= top  # transformers' default top_k=50
+    assert len(drawn(top_k=0)) > 50  # 0: no top-k, as in model.generate
+    model.generation_config.top_k = 3
+    assert len(drawn()) == 3 and drawn() <= top
+    assert len(drawn(top_k=0)) > 50
+
+
+def test_prompts_and_token_ids_of_other_types():
+    model = tiny_model("llama")
+    ids, _ = padded_prompts()
+    with pytest.raises(InvalidArgumentError, match=r"input_ids must be \(batch, tokens\)"):
+        generate(model, ids[0], 2, cuda_graph=False)
+    with pytest.raises(InvalidArgumentError, match="at least one token"):
+        generate(model, ids[:, :0], 2, cuda_graph=False)
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens must be an int"):
+        generate(model, ids, 2.0, cuda_graph=False)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="top_k must be a positive int"):
+        generate(model, ids, 2, do_sample=True, top_k=2.5, cuda_graph=False)  # type: ignore[arg-type]
+    plain = generate(model, ids, 3, eos_token_id=[7, 9], cuda_graph=False)
+    for eos in (np.array([7, 9]), torch.tensor([7, 9])):
+        assert torch.equal(generate(model, ids, 3, eos_token_id=eos, cuda_graph=False), plain)
+    assert torch.equal(
+        generate(model, ids, 3, eos_token_id=np.int64(7), cuda_graph=False),
+        generate(model, ids, 3, eos_token_id=7, cuda_graph=False),
+    )
 
 
 def test_filter_logits_top_k_top_p_temperature():

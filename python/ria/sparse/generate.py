@@ -10,6 +10,9 @@ CUDA graphs, so dense and sparse models run with no per-kernel host overhead.
   (greedy or sampled from noise filled before each replay, see `sampling.py`), emits the pad
   token for finished sequences, and advances the counters, so consecutive replays decode
   consecutive tokens.
+- Sliding-window layers get a full-length cache layer and their window from the masks
+  (`_unslid_layers`): transformers' own sliding layer counts tokens on the host, which
+  replays do not advance.
 - `generate` keeps its `StaticGenerator`s (and so their graphs) per model, batch size and
   cache length, and drops them when the model changes (`model_fingerprint`) or on
   `clear_generators`, which `sparsify` calls.
@@ -25,6 +28,7 @@ CUDA graphs, so dense and sparse models run with no per-kernel host overhead.
 from __future__ import annotations
 
 import inspect
+import numbers
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -114,6 +118,7 @@ class StaticGenerator:
             )
         self.device = device
         self.cache = _static_cache_class()(config=model.config, max_cache_len=max_cache_len)
+        self._window, self._mixed = _unslid_layers(self.cache, model.config, max_cache_len)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -155,10 +160,26 @@ class StaticGenerator:
         ids: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None,
+        query_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if mask is not None and self._additive_mask:
-            mask = torch.zeros(mask.shape, dtype=self._dtype, device=self.device).masked_fill(
-                ~mask, torch.finfo(self._dtype).min
+        """The model's last-position logits for `ids` at `positions`; `mask` `(B, 1, q, L)`
+        (True: may attend) is the full-attention mask of queries in cache slots
+        `query_slots` `(q,)` (None: the model builds its own masks)."""
+        masks: torch.Tensor | dict[str, torch.Tensor] | None = mask
+        if mask is not None and self._window is not None:
+            assert query_slots is not None
+            # Sliding layers see only the last `window` slots: transformers'
+            # `kv_idx > q_idx - window` on cache slots.
+            band = self._kv_arange[None, :] > query_slots[:, None] - self._window
+            sliding = mask & band
+            masks = {"full_attention": mask, "sliding_attention": sliding}
+            if not self._mixed:
+                masks = sliding
+        if masks is not None and self._additive_mask:
+            masks = (
+                {kind: self._additive(m) for kind, m in masks.items()}
+                if isinstance(masks, dict)
+                else self._additive(masks)
             )
         kwargs = {self._cache_kw: self.cache, **self._extra}
         call = _call_model
@@ -168,11 +189,18 @@ class StaticGenerator:
             self.model,
             input_ids=ids,
             position_ids=positions,
-            attention_mask=mask,
+            attention_mask=masks,
             use_cache=True,
             **kwargs,
         )
         return logits
+
+    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
+        """A boolean mask as eager attention adds it: 0 where allowed, the dtype's min not."""
+        blocked = torch.finfo(self._dtype).min
+        return torch.zeros(mask.shape, dtype=self._dtype, device=self.device).masked_fill(
+            ~mask, blocked
+        )
 
     def _lengths(self) -> list[torch.Tensor]:
         """Each cache layer's device-side token counter (transformers >= 5 StaticLayer)."""
@@ -198,7 +226,7 @@ class StaticGenerator:
         allowed |= torch.eye(q, dtype=torch.bool, device=self.device)  # no all-masked row
         mask = torch.zeros(b, 1, q, self.max_cache_len, dtype=torch.bool, device=self.device)
         mask[:, 0, :, :q] = allowed
-        return self._forward(ids, positions, mask)
+        return self._forward(ids, positions, mask, rows)
 
     def _select(self, logits: torch.Tensor, sampling: Sampling | None) -> None:
         """Write the next tokens into `_ids`: chosen for running sequences, pad for finished."""
@@ -209,7 +237,7 @@ class StaticGenerator:
 
     def _step_call(self, sampling: Sampling | None) -> torch.Tensor:
         mask = (self._kv_arange <= self._slot) & self._valid
-        logits = self._forward(self._ids, self._pos, mask[:, None, None, :])
+        logits = self._forward(self._ids, self._pos, mask[:, None, None, :], self._slot)
         self._select(logits, sampling)
         self._pos.add_(1)
         self._slot.add_(1)
@@ -375,6 +403,43 @@ class StaticGenerator:
         return out
 
 
+def _unslid_layers(cache: object, config: object, max_cache_len: int) -> tuple[int | None, bool]:
+    """Gives every sliding-window layer of `cache` a full-length `StaticLayer`, in place:
+    transformers' sliding layer keeps a host-side token count the generator's replays
+    would not advance (and calls on a kept generator would not reset), and holds fewer
+    slots than the generator's masks. The window is then applied by the masks
+    (`_forward`). Returns the window (None: no sliding layers) and whether full-attention
+    layers are there too.
+
+    Raises UnsupportedModelError for any attention other than full and sliding-window
+    (chunked, linear, hybrid): their caches and masks are not the generator's.
+    """
+    from transformers.cache_utils import StaticLayer, get_layer_types_and_kwargs
+
+    text = config.get_text_config(decoder=True)  # type: ignore[attr-defined]
+    kinds, _ = get_layer_types_and_kwargs(text)
+    other = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+    if other:
+        raise UnsupportedModelError(
+            f"attention layers of type {', '.join(map(repr, other))}: ria's generator runs "
+            "full and sliding-window attention only"
+        )
+    layers = cache.layers  # type: ignore[attr-defined]
+    if len(layers) != len(kinds):
+        raise UnsupportedModelError(
+            f"the KV cache has {len(layers)} layers for {len(kinds)} attention layers"
+        )
+    if "sliding_attention" not in kinds:
+        return None, False
+    window = getattr(text, "sliding_window", None)
+    if not isinstance(window, int) or window < 1:
+        raise UnsupportedModelError(f"sliding-window layers with sliding_window={window!r}")
+    for i, kind in enumerate(kinds):
+        if kind == "sliding_attention":
+            layers[i] = StaticLayer(max_cache_len=max_cache_len)
+    return window, "full_attention" in kinds
+
+
 def _call_model(model: nn.Module, **kwargs: object) -> torch.Tensor:
     """The model's last-position logits `(B, vocab)` for one forward."""
     logits: torch.Tensor = model(**kwargs).logits[:, -1, :]
@@ -461,10 +526,60 @@ def clear_generators(model: nn.Module | None = None) -> None:
         _GENERATORS.pop(model, None)
 
 
-def _token_ids(value: int | Sequence[int] | None) -> list[int]:
+def _token_ids(value: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+    """Token ids as a list: one id (a Python, numpy or 0-d tensor int) or several."""
     if value is None:
         return []
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+    try:
+        ids = torch.as_tensor(value).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is not None and ids.numel() == 0:
+        return []  # `()`: never stop early
+    if ids is None or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise InvalidArgumentError(f"token ids must be ints, got {value!r}")
+    return [int(v) for v in ids.tolist()]
+
+
+# What transformers' `generate` samples with when neither the call nor the model's
+# generation config sets a value (`GenerationConfig`'s defaults for unset fields).
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def _sampling(
+    config: object, temperature: float | None, top_k: int | None, top_p: float | None
+) -> Sampling:
+    """The sampling settings `model.generate(do_sample=True, ...)` would use: the call's,
+    else the generation config's, else transformers' defaults; top_k 0 and top_p 1.0
+    filter nothing, as there."""
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    chosen: dict[str, object] = {}
+    for name, value in given.items():
+        if value is None:
+            value = getattr(config, name, None)
+        chosen[name] = _SAMPLING_DEFAULTS[name] if value is None else value
+    k = chosen["top_k"]
+    return Sampling(
+        float(chosen["temperature"]),  # type: ignore[arg-type]
+        None if k == 0 and not isinstance(k, bool) else k,  # type: ignore[arg-type]
+        float(chosen["top_p"]),  # type: ignore[arg-type]
+    )
+
+
+def _check_prompt(input_ids: object, max_new_tokens: object) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise InvalidArgumentError(
+            f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}"
+        )
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise InvalidArgumentError(
+            f"input_ids must be (batch, tokens) with at least one token, got "
+            f"{tuple(input_ids.shape)}"
+        )
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise InvalidArgumentError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise InvalidArgumentError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
 
 
 @torch.no_grad()
@@ -475,11 +590,11 @@ def generate(
     *,
     attention_mask: torch.Tensor | None = None,
     do_sample: bool = False,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
+    eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
     pad_token_id: int | None = None,
     max_cache_len: int | None = None,
     cuda_graph: bool | None = None,
@@ -493,11 +608,15 @@ def generate(
         input_ids: `(B, q)` prompt token ids.
         max_new_tokens: most tokens to generate per sequence.
         attention_mask: `(B, q)`, 0 marks padding; prompts must be padded on the left.
-        do_sample: sample (with `temperature`, `top_k`, `top_p`) instead of greedy.
+        do_sample: sample (with `temperature`, `top_k`, `top_p`) instead of greedy. Not
+            read from the generation config: greedy unless asked.
         temperature: the logits are divided by it before sampling (> 0).
-        top_k: sample among the k most likely tokens (None: all).
+        top_k: sample among the k most likely tokens (0: all).
         top_p: sample among the fewest most likely tokens whose probabilities add up to
-            at least p, in (0, 1] (None or 1.0: all).
+            at least p, in (0, 1] (1.0: all).
+            Each of the three left None is the model's generation config's, or
+            transformers' default (1.0, 50, 1.0), as in `model.generate`; the config's
+            other logits processors (repetition penalty, ...) are not applied.
         generator: the random source of sampling, on the model's device (None: torch's
             default generator).
         eos_token_id: token(s) that end a sequence (None: the model's generation config;
@@ -516,9 +635,10 @@ def generate(
         `(B, q + n)`: the prompts followed by `n <= max_new_tokens` tokens (fewer when
         every sequence stopped at EOS).
     """
+    _check_prompt(input_ids, max_new_tokens)
     b, q = input_ids.shape
-    sampling = Sampling(temperature, top_k, top_p) if do_sample else None
     config = getattr(model, "generation_config", None)
+    sampling = _sampling(config, temperature, top_k, top_p) if do_sample else None
     eos = _token_ids(
         getattr(config, "eos_token_id", None) if eos_token_id is None else eos_token_id
     )
@@ -535,6 +655,6 @@ def generate(
         sampling=sampling,
         generator=generator,
         eos_token_id=eos,
-        pad_token_id=int(pad_token_id),
+        pad_token_id=_token_ids(pad_token_id)[0],
     )
     return torch.cat([input_ids.to(new.device), new], dim=1)
