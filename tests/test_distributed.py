@@ -147,6 +147,7 @@ def _worker(rank: int, work: str) -> None:
     stream(work_dir / "src", work_dir / "streamed")
     stream(work_dir / "src", work_dir / "spilled", spill=True)
     results["loaded whole"] = cli_loads(work_dir)
+    results["moe loaded whole"] = cli_loads(work_dir, "moe")
     results["cli failing to load"] = cli_failing_to_load(work_dir, rank)
 
     # Every rank searches and applies block 1's orders (whatever it prunes): rank 1 fails
@@ -174,9 +175,9 @@ def keep(work: Path) -> list[str]:
     return ["--json", str(work / "report.json")]
 
 
-def cli_loads(work: Path) -> int:
-    """How many times `ria prune` (in memory, without permutation) loads the whole model
-    in this process."""
+def cli_loads(work: Path, checkpoint: str = "src") -> int:
+    """How many times `ria prune` (in memory, without permutation) of `work/checkpoint`
+    loads the whole model in this process."""
     loads = []
     load = cli._load
 
@@ -186,7 +187,8 @@ def cli_loads(work: Path) -> int:
 
     cli._load = counting
     try:
-        assert main([*CLI_SETTINGS[:1], str(work / "src"), *CLI_SETTINGS[1:], *keep(work)]) == 0
+        argv = [*CLI_SETTINGS[:1], str(work / checkpoint), *CLI_SETTINGS[1:], *keep(work)]
+        assert main(argv) == 0
     finally:
         cli._load = load
     return len(loads)
@@ -215,6 +217,9 @@ def source(tmp_path_factory, tokenizer) -> Path:
     work = tmp_path_factory.mktemp("dist")
     tiny_model("llama").save_pretrained(work / "src")
     tokenizer.save_pretrained(work / "src")
+    # Saved with its experts one by one, fused by transformers on loading.
+    tiny_model("mixtral").save_pretrained(work / "moe")
+    tokenizer.save_pretrained(work / "moe")
     return work
 
 
@@ -382,6 +387,9 @@ def test_a_rank_failing_midway_stops_every_rank_and_leaves_no_output(ranks, sour
 def test_only_rank_0_loads_the_whole_model_in_the_cli(ranks):
     # Rank 1 reads each block from the checkpoint's shards when it visits it.
     assert [r["loaded whole"] for r in ranks] == [1, 0]
+    # A checkpoint whose blocks it cannot read under their names: it loads it whole too
+    # (it stopped every rank at block 0).
+    assert [r["moe loaded whole"] for r in ranks] == [1, 1]
 
 
 def test_rank_0_failing_to_load_stops_every_rank_of_the_cli(ranks):

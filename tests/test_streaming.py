@@ -309,6 +309,20 @@ def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path
             assert torch.equal(written[name], value), name
 
 
+def test_a_checkpoint_stored_under_converted_names_is_refused_before_calibrating(
+    tmp_path, tokenizer
+):
+    # transformers 5 saves Mixtral's fused experts one by one and fuses them on loading;
+    # the block reader found no `experts.gate_up_proj` at block 0, after calibrating (the
+    # message checked is the up-front check's).
+    tiny_model("mixtral").save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    assert not ria.streaming.readable_by_block(ria.streaming.CheckpointSource(tmp_path / "moe"))
+    with pytest.raises(ria.InvalidArgumentError, match="cannot be read block by block"):
+        ria.prune_checkpoint(tmp_path / "moe", tmp_path / "out", **CALIB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
+
+
 def test_cli_low_memory(tmp_path, checkpoint, capsys):
     out = tmp_path / "out"
     common = ["prune", str(checkpoint), "--low-memory", "--no-progress", "--device", "cpu"]

@@ -1,7 +1,7 @@
 """Pruning checkpoints bigger than host memory: `prune_checkpoint` streams decoder blocks
 from safetensors shards through `ria.prune`'s block loop into a new checkpoint."""
 
-from .prune import prune_checkpoint, prune_checkpoint_with, read_by_block
+from .prune import prune_checkpoint, prune_checkpoint_with, read_by_block, readable_by_block
 from .skeleton import DTYPES
 from .source import CheckpointSource, resolve_checkpoint
 
@@ -11,5 +11,6 @@ __all__ = [
     "prune_checkpoint",
     "prune_checkpoint_with",
     "read_by_block",
+    "readable_by_block",
     "resolve_checkpoint",
 ]

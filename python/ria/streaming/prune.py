@@ -31,6 +31,7 @@ from ..save import PERMUTATION_FILE, check_target, save_extras, save_orders, sib
 from .memory import release_freed_memory
 from .skeleton import (
     build_skeleton,
+    check_block_tensors,
     check_dtype,
     free_outside,
     load_block,
@@ -43,7 +44,7 @@ from .writer import ShardWriter
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["prune_checkpoint", "prune_checkpoint_with", "read_by_block"]
+__all__ = ["prune_checkpoint", "prune_checkpoint_with", "read_by_block", "readable_by_block"]
 
 
 def prune_checkpoint(
@@ -126,6 +127,7 @@ def prune_checkpoint_with(
         tokenizer = _own_tokenizer(source.directory)
     device = config.device or default_device()
     path, _ = find_blocks(model)
+    check_block_tensors(model, source, path)  # before the calibration pass, not at block 0
     if offload_activations is None:
         offload_activations = (
             device.type == "cpu" and 2 * _activation_bytes(model, config) > _physical_memory() / 4
@@ -167,8 +169,20 @@ def read_by_block(
     source = _source(src)
     model = build_skeleton(source, dtype)
     path, _ = find_blocks(model)
+    check_block_tensors(model, source, path)
     load_outside(model, source, path, device)
     return model, _StreamedBlocks(model, source, None, device)
+
+
+def readable_by_block(source: CheckpointSource, dtype: str | torch.dtype = "auto") -> bool:
+    """Whether `read_by_block` can read `source`: every tensor of its decoder blocks is
+    stored under the name the model built from its config gives it."""
+    model = build_skeleton(source, dtype)
+    try:
+        check_block_tensors(model, source, find_blocks(model)[0])
+    except InvalidArgumentError:
+        return False
+    return True
 
 
 def _source(src: str | Path) -> CheckpointSource:

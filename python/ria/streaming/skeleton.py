@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DTYPES",
     "build_skeleton",
+    "check_block_tensors",
     "check_dtype",
     "free_outside",
     "load_block",
@@ -117,6 +118,19 @@ def load_outside(
         raise InvalidArgumentError(
             f"{source.directory} has no tensor {missing[0]!r} (and it is not tied to one "
             "that it has)"
+        )
+
+
+def check_block_tensors(model: torch.nn.Module, source: CheckpointSource, blocks_path: str) -> None:
+    """Fails, before any work, when `source` lacks a tensor of the blocks under
+    `blocks_path` (checkpoints stored under other names, which transformers converts on
+    loading: its MoE experts saved one by one, say)."""
+    missing = [k for k in model.state_dict() if k.startswith(f"{blocks_path}.") and k not in source]
+    if missing:
+        raise InvalidArgumentError(
+            f"{source.directory} has no tensor {missing[0]!r} ({len(missing)} block tensors "
+            "missing), which the model built from its config expects: checkpoints whose "
+            "tensor names transformers converts on loading cannot be read block by block"
         )
 
 
