@@ -148,6 +148,7 @@ def _worker(rank: int, work: str) -> None:
     stream(work_dir / "src", work_dir / "spilled", spill=True)
     results["loaded whole"] = cli_loads(work_dir)
     results["moe loaded whole"] = cli_loads(work_dir, "moe")
+    results["mismatched"] = mismatched(rank)
     results["cli failing to load"] = cli_failing_to_load(work_dir, rank)
 
     # Every rank searches and applies block 1's orders (whatever it prunes): rank 1 fails
@@ -168,6 +169,23 @@ def _worker(rank: int, work: str) -> None:
         pipeline._BlockStep.permute = permute
     torch.save(results, work_dir / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def mismatched(rank: int) -> dict[str, str]:
+    """The errors of prunes where rank 1 alone has another seed, or its own windows (a
+    data-parallel habit), and whether the model was left untouched."""
+    errors = {}
+    for what, change in [("seed", dict(seed=1)), ("windows", dict(calibration=windows() + 1))]:
+        settings = {"calibration": windows(), **CALIB, "sparsity": "2:4"}
+        model = tiny_model("llama")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            ria.prune(model, **{**settings, **(change if rank == 1 else {})})
+        except ria.DistributedError as exc:
+            errors[what] = str(exc)
+        after = model.state_dict()
+        errors[f"{what} untouched"] = all(torch.equal(v, after[k]) for k, v in before.items())
+    return errors
 
 
 def keep(work: Path) -> list[str]:
@@ -390,6 +408,16 @@ def test_only_rank_0_loads_the_whole_model_in_the_cli(ranks):
     # A checkpoint whose blocks it cannot read under their names: it loads it whole too
     # (it stopped every rank at block 0).
     assert [r["moe loaded whole"] for r in ranks] == [1, 1]
+
+
+def test_ranks_given_other_settings_or_windows_are_refused_before_pruning(ranks):
+    for r in ranks:
+        errors = r["mismatched"]
+        assert "ranks [1] of 2 disagree with rank 0 in their settings" in errors["seed"]
+        assert "ranks [1] of 2 disagree with rank 0 in their calibration windows" in errors[
+            "windows"
+        ]
+        assert errors["seed untouched"] and errors["windows untouched"]
 
 
 def test_rank_0_failing_to_load_stops_every_rank_of_the_cli(ranks):

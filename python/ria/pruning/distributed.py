@@ -31,6 +31,7 @@ one-process code unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -385,7 +386,10 @@ class Ranks:
 
     def windows(self, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
         """This rank's contiguous share of the calibration windows `(n, seqlen)`: whole
-        batches of `batch_size`, so every batch is the one a single process runs."""
+        batches of `batch_size`, so every batch is the one a single process runs. Every
+        rank must have made the same windows (its own data shard would be a silent mix)."""
+        digest = hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()
+        self.check_same("in their calibration windows", (tuple(windows.shape), digest))
         batches = math.ceil(windows.shape[0] / batch_size)
         if batches < self.world:
             raise InvalidArgumentError(
@@ -419,46 +423,51 @@ class Ranks:
         users: dict[int, set[int]] = {id(s): set() for s in unique}
         for name, s in stats.items():
             users[id(s)] |= set(range(self.world)) if gram_ranks is None else gram_ranks[name]
-        counts = torch.tensor(
-            [v for s in unique for v in (len(s.partials or ()), s.tokens)], dtype=torch.int64
-        )
+        counts = [v for s in unique for v in (len(s.partials or ()), s.tokens)]
         local = [torch.stack(s.partials) for s in unique if s.partials]
         flat = torch.cat([p.reshape(-1) for p in local]) if local else torch.zeros(0)
+        all_counts = self.gather_objects(what, counts)
+        # Every buffer before the ranks meet again: a failure here (out of memory) reaches
+        # the others at that `sync`, not as a collective that never completes.
+        sizes = [
+            sum(c[2 * i] * unique[i].sumsq.numel() for i in range(len(unique))) for c in all_counts
+        ]
+        padded = torch.zeros(max(sizes), dtype=torch.float32, device=self.device)
+        padded[: flat.numel()] = flat.to(self.device, torch.float32)
+        all_flat = [torch.empty_like(padded) for _ in range(self.world)]
+        # float64 on the device already (no copy) unless collected elsewhere
+        totals = {
+            id(s): s.hessian.to(self.device, torch.float64)
+            for s in unique
+            if s.hessian is not None and users[id(s)]
+        }
         self.sync(what)
         with self._talking(what):
-            all_counts = self._all_gather(counts.to(self.device))
-            sizes = [
-                sum(int(c[2 * i]) * unique[i].sumsq.numel() for i in range(len(unique)))
-                for c in all_counts
-            ]
-            padded = torch.zeros(max(sizes), dtype=torch.float32, device=self.device)
-            padded[: flat.numel()] = flat.to(self.device, torch.float32)
-            all_flat = self._all_gather(padded)
+            dist.all_gather(all_flat, padded)
             for s in unique:
-                if s.hessian is None:
+                if id(s) not in totals:
                     continue
                 ranks = users[id(s)]  # the same sets on every rank: split is deterministic
-                if not ranks:
-                    s.hessian = None
-                    continue
-                total = s.hessian.to(self.device, torch.float64)  # float64 already
                 if len(ranks) == 1:
-                    dist.reduce(total, dst=min(ranks))
+                    dist.reduce(totals[id(s)], dst=min(ranks))
                 else:
-                    dist.all_reduce(total)
-                if self.rank in ranks:
-                    s.hessian.copy_(total)
-                else:
-                    s.hessian = None
-                del total
+                    dist.all_reduce(totals[id(s)])
+        for s in unique:
+            if s.hessian is None:
+                continue
+            if self.rank in users[id(s)]:
+                s.hessian.copy_(totals.pop(id(s)))  # a no-op when it was reduced in place
+            else:
+                s.hessian = None
+        del totals
         offsets = [0] * self.world
         for i, s in enumerate(unique):
             channels = s.sumsq.numel()
             acc = torch.zeros(channels, dtype=torch.float32, device=self.device)
             tokens = 0
             for r in range(self.world):
-                k = int(all_counts[r][2 * i])
-                tokens += int(all_counts[r][2 * i + 1])
+                k = all_counts[r][2 * i]
+                tokens += all_counts[r][2 * i + 1]
                 rows = all_flat[r][offsets[r] : offsets[r] + k * channels].view(k, channels)
                 offsets[r] += k * channels
                 for row in rows:  # one process adds the batches' partials in this order
@@ -466,11 +475,6 @@ class Ranks:
             s.sumsq.copy_(acc)
             s.tokens = tokens
             s.partials = None
-
-    def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        out = [torch.empty_like(tensor) for _ in range(self.world)]
-        dist.all_gather(out, tensor)
-        return out
 
     # ---- per-matrix work
 
@@ -524,20 +528,29 @@ class Ranks:
         """Sends every matrix's pruned weight from its owner (`owners[name]`, a rank) to
         every rank (in place, bit for bit) and returns every matrix's `results` entry
         (made by its owner)."""
+        # The wire buffers before the ranks meet (a failure here reaches the others at
+        # that `sync`): the weights themselves where they are contiguous on the group's
+        # device, received in place, so no memory is needed.
+        wire, in_place = {}, set()
+        for name, matrix in matrices.items():
+            weight = matrix.weight.detach()
+            if weight.device == self.device and weight.is_contiguous():
+                wire[name] = weight
+                in_place.add(name)
+            elif owners[name] == self.rank:
+                wire[name] = weight.to(self.device).contiguous()
+            else:
+                wire[name] = torch.empty(weight.shape, dtype=weight.dtype, device=self.device)
         merged: dict[str, T] = {}
         for part in self.gather_objects(what, results):
             merged.update(part)
         with self._talking(what):
-            for name, matrix in matrices.items():
-                weight = matrix.weight
-                if owners[name] == self.rank:
-                    data = weight.detach().to(self.device).contiguous()
-                else:
-                    data = torch.empty(weight.shape, dtype=weight.dtype, device=self.device)
+            for name in matrices:
                 # As bytes: exact for any dtype, and gloo reduces no bfloat16.
-                dist.broadcast(data.view(-1).view(torch.uint8), src=owners[name])
-                if owners[name] != self.rank:
-                    weight.copy_(data)
+                dist.broadcast(wire[name].view(-1).view(torch.uint8), src=owners[name])
+        for name, matrix in matrices.items():
+            if owners[name] != self.rank and name not in in_place:
+                matrix.weight.detach().copy_(wire[name])
         return merged
 
 

@@ -234,6 +234,9 @@ def prune_with(
             nullcontext() if ranks is None else ranks.agreeing("the end of the prune"),
         ):
             inputs = probe = None
+            if ranks is not None:  # each rank's own: a rank given others prunes wrongly
+                settings = {**config.to_dict(), "batch_size": config.batch_size}
+                ranks.check_same("in their settings", settings)
             if config.needs_data:
                 with timer("calibration"):
                     windows = calibration_windows(
