@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from ria import cli
 from ria.cli import main
 from ria.pruning import pipeline
 from ria.pruning.config import ALPHA_GRID
-from ria.pruning.distributed import balanced, batch_ranges, split_block
+from ria.pruning.distributed import balanced, batch_ranges, launched, split_block
 from ria.pruning.report import LayerReport
 
 WORLD = 2
@@ -261,6 +262,20 @@ def alone(source) -> dict:
     return out
 
 
+def test_torchrun_groups_outwait_rank_0_loading_or_saving_alone(monkeypatch):
+    # NCCL's default (10 minutes) aborted the ranks waiting while rank 0 loaded, evaluated
+    # or saved a large model by itself.
+    made = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RAYON_NUM_THREADS", "1")  # restored after the test
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: made.update(kw))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    with launched(torch.device("cpu")) as device:
+        assert device == torch.device("cpu")
+    assert made["timeout"] >= timedelta(hours=1)
+
+
 def test_the_split_is_fixed_and_balanced():
     assert batch_ranges(4, 2) == [range(0, 2), range(2, 4)]
     assert batch_ranges(5, 3) == [range(0, 2), range(2, 4), range(4, 5)]
@@ -414,9 +429,9 @@ def test_ranks_given_other_settings_or_windows_are_refused_before_pruning(ranks)
     for r in ranks:
         errors = r["mismatched"]
         assert "ranks [1] of 2 disagree with rank 0 in their settings" in errors["seed"]
-        assert "ranks [1] of 2 disagree with rank 0 in their calibration windows" in errors[
-            "windows"
-        ]
+        assert (
+            "ranks [1] of 2 disagree with rank 0 in their calibration windows" in errors["windows"]
+        )
         assert errors["seed untouched"] and errors["windows untouched"]
 
 

@@ -37,6 +37,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from .matrices import PrunableMatrix
 
 __all__ = [
+    "GROUP_TIMEOUT",
     "BlockCosts",
     "BlockSplit",
     "Ranks",
@@ -65,6 +67,11 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# How long a rank waits for the others in one collective before its group gives up. The
+# other ranks wait while rank 0 alone loads, evaluates or saves the whole model, which
+# takes longer than NCCL's default 10 minutes for the largest models.
+GROUP_TIMEOUT = timedelta(hours=2)
 
 
 def current() -> Ranks | None:
@@ -97,9 +104,9 @@ def launched(device: torch.device) -> Iterator[torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=GROUP_TIMEOUT)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
     try:
         yield device
     finally:

@@ -235,6 +235,7 @@ def prune_with(
         ):
             inputs = probe = None
             if ranks is not None:  # each rank's own: a rank given others prunes wrongly
+                _check_group_device(plan.device, ranks.device)
                 settings = {**config.to_dict(), "batch_size": config.batch_size}
                 ranks.check_same("in their settings", settings)
             if config.needs_data:
@@ -334,6 +335,16 @@ def _refuse_freely_permuting_experts(path: str, blocks: nn.ModuleList) -> None:
                 "supported (each expert would gather its tokens' input); use "
                 'permute="folded" (permute=True)'
             )
+
+
+def _check_group_device(device: torch.device, group: torch.device) -> None:
+    """Refuses a CUDA device other than the one NCCL's collectives run on (the current
+    CUDA device): they would move every statistic and weight between GPUs, or hang."""
+    if device.type == group.type == "cuda" and device.index not in (None, group.index):
+        raise InvalidArgumentError(
+            f"this rank prunes on {device} but its current CUDA device, which NCCL uses, "
+            f"is {group}: call torch.cuda.set_device({str(device)!r}) before the prune"
+        )
 
 
 def _probe_tokens(model: PreTrainedModel, tokens: int = 16) -> torch.Tensor:
