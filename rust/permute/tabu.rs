@@ -11,7 +11,7 @@
 //! it just left for a few steps) unless it beats the best state seen (aspiration).
 
 use super::kernel::relu_sum;
-use super::problem::{MAX_M, Problem, kept_sum, nth_largest};
+use super::problem::{MAX_M, Problem, leave_one_out};
 use rand::RngExt;
 use rand_pcg::Pcg64Mcg;
 use std::time::Instant;
@@ -27,6 +27,8 @@ pub struct Tabu<'a> {
     /// Column-indexed leave-one-out N-th largest values (`cols x rows`) and top-N sums.
     loo_t: Vec<f32>,
     loo_sum: Vec<f64>,
+    /// One group's `loo_t`, member by member (`m x rows`), before it is scattered.
+    scratch: Vec<f32>,
     /// `d[a * cols + b]`, see the module docs.
     d: Vec<f32>,
     /// `tabu_until[col * groups + g]`: step before which `col` may not enter group g.
@@ -47,6 +49,7 @@ impl<'a> Tabu<'a> {
             values,
             loo_t: vec![0.0; cols * rows],
             loo_sum: vec![0.0; cols],
+            scratch: vec![0.0; problem.m() * rows],
             d: Vec::new(),
             tabu_until: vec![0; cols * groups],
         };
@@ -65,29 +68,24 @@ impl<'a> Tabu<'a> {
         self.values.iter().sum()
     }
 
-    /// Recomputes `loo_t` / `loo_sum` for the columns of group `g`.
-    fn refresh_leave_one_out(&mut self, g: usize) {
+    /// Recomputes `loo_t` / `loo_sum` for the columns of group `g`; returns the group's
+    /// value, bit for bit what [`Problem::group_value`] gives.
+    fn refresh_leave_one_out(&mut self, g: usize) -> f64 {
         let (m, n, rows) = (self.problem.m(), self.problem.n(), self.problem.rows());
         let members = &self.perm[g * m..(g + 1) * m];
-        for skip in 0..m {
-            let mut rest: [&[f32]; MAX_M] = [&[]; MAX_M];
-            for (k, &c) in members
-                .iter()
-                .enumerate()
-                .filter(|(k, _)| *k != skip)
-                .map(|(_, c)| c)
-                .enumerate()
-            {
-                rest[k] = self.problem.column(c);
-            }
-            let col = members[skip] as usize;
-            nth_largest(
-                &rest[..m - 1],
-                n,
-                &mut self.loo_t[col * rows..(col + 1) * rows],
-            );
-            self.loo_sum[col] = kept_sum(&rest[..m - 1], n);
+        let mut columns: [&[f32]; MAX_M] = [&[]; MAX_M];
+        for (c, &j) in columns.iter_mut().zip(members) {
+            *c = self.problem.column(j);
         }
+        let mut sums = [0.0f64; MAX_M];
+        let value = leave_one_out(&columns[..m], n, &mut self.scratch, &mut sums[..m]);
+        for (k, &c) in members.iter().enumerate() {
+            let c = c as usize;
+            self.loo_t[c * rows..(c + 1) * rows]
+                .copy_from_slice(&self.scratch[k * rows..(k + 1) * rows]);
+            self.loo_sum[c] = sums[k];
+        }
+        value
     }
 
     /// Recomputes the rows of `d` for the columns of groups `g` and `h`.
@@ -169,8 +167,7 @@ impl<'a> Tabu<'a> {
             self.perm.swap(pa, pb);
             self.pos.swap(a, b);
             for g in [ga, gb] {
-                self.values[g] = self.problem.group_value(&self.perm[g * m..(g + 1) * m]);
-                self.refresh_leave_one_out(g);
+                self.values[g] = self.refresh_leave_one_out(g);
             }
             self.refresh_rows(ga, gb);
             // Saturating: `tenure` may be any positive count.
@@ -186,5 +183,62 @@ impl<'a> Tabu<'a> {
             step += 1;
         }
         (best.0, best.1, step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matrix::MatRef;
+    use crate::permute::problem::tests::direct_leave_one_out;
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+
+    /// Every column's `loo_t` / `loo_sum` and every group's value equal the direct
+    /// computation over the other columns of its group.
+    fn assert_consistent(tabu: &Tabu) {
+        let (p, m, rows) = (tabu.problem, tabu.problem.m(), tabu.problem.rows());
+        for (g, members) in tabu.perm.chunks(m).enumerate() {
+            let columns: Vec<&[f32]> = members.iter().map(|&c| p.column(c)).collect();
+            assert_eq!(tabu.values[g], p.group_value(members));
+            for (k, &c) in members.iter().enumerate() {
+                let c = c as usize;
+                let (t, sum) = direct_leave_one_out(&columns, p.n(), k);
+                assert_eq!(&tabu.loo_t[c * rows..(c + 1) * rows], &t[..]);
+                assert_eq!(tabu.loo_sum[c], sum);
+            }
+        }
+    }
+
+    #[test]
+    fn leave_one_out_tables_stay_exact_through_swaps() {
+        let mut rng = Pcg64Mcg::seed_from_u64(5);
+        for (n, m) in [(1, 2), (2, 4), (3, 4), (4, 8), (8, 16), (16, 32)] {
+            let (rows, cols) = (21, 4 * m);
+            // Values from a small set: many ties within a row.
+            let s: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(0..5u32) as f32)
+                .collect();
+            let p = Problem::new(&[MatRef::new(&s, rows, cols, "s").unwrap()], n, m).unwrap();
+            let mut perm: Vec<u32> = (0..cols as u32).collect();
+            perm.shuffle(&mut rng);
+            let values = p.group_values(&perm);
+            let mut tabu = Tabu::new(&p, perm, values);
+            assert_consistent(&tabu);
+            for _ in 0..10 {
+                let (pa, pb) = (rng.random_range(0..cols), rng.random_range(0..cols));
+                let (ga, gb) = (pa / m, pb / m);
+                if ga == gb {
+                    continue;
+                }
+                let (a, b) = (tabu.perm[pa] as usize, tabu.perm[pb] as usize);
+                tabu.perm.swap(pa, pb);
+                tabu.pos.swap(a, b);
+                for g in [ga, gb] {
+                    tabu.values[g] = tabu.refresh_leave_one_out(g);
+                }
+                assert_consistent(&tabu);
+            }
+        }
     }
 }
