@@ -163,6 +163,12 @@ def test_cli_eval(tiny_checkpoint, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
+def test_cli_eval_under_torchrun_is_refused(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # every rank would evaluate and write the JSON
+    assert main(["eval", str(tiny_checkpoint), "--ppl", "austen"]) == 2
+    assert "run it without torchrun" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_input_without_a_traceback(tiny_checkpoint, capsys):
     assert main(["prune", str(tiny_checkpoint), "--sparsity", "3/4", "--no-progress"]) == 2
     assert "bad sparsity '3/4'" in capsys.readouterr().err

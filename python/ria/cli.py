@@ -377,6 +377,8 @@ def _prune_low_memory(args: argparse.Namespace, config: PruneConfig) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .eval import perplexity, zero_shot
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would evaluate and write
+        raise InvalidArgumentError("ria eval runs in one process: run it without torchrun")
     if not args.ppl and not args.zero_shot:
         raise InvalidArgumentError("nothing to evaluate: pass --ppl DATA and/or --zero-shot TASKS")
     check_perplexity_args(args.seqlen, 1, args.max_windows)
