@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from helpers import needs_cuda, prune_model_24, random_24, tiny_model
@@ -64,6 +65,21 @@ def test_quantize_rows_error_bound_and_zeros():
     bound = torch.maximum(x.abs() * 2.0**-4, s[:, None] * 2.0**-10)
     assert bool(((back - x).abs() <= bound).all())
     assert torch.equal(q.float().abs().amax(1) > E4M3_MAX / 2 - 16, torch.ones(8, dtype=torch.bool))
+
+
+def test_a_non_finite_token_gives_nan_not_saturated_values():
+    # inf's bits read as a finite 2**120 scale: the inf saturated to 448 and the rest of
+    # the token went to 0, so a layer whose inf column was pruned returned the bias.
+    scale, inv = pow2_scale(torch.tensor([float("inf"), float("nan"), 1.0]))
+    assert bool(scale[:2].isnan().all() and inv[:2].isnan().all()) and scale[2] == 2.0**-8
+    lin = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight[:, 0] = 0.0
+    x = torch.ones(3, 64, dtype=torch.bfloat16)
+    x[0, 0], x[1, 5] = float("inf"), float("nan")
+    y = fp8_layer(lin)(x)
+    assert bool(y[:2].isnan().all()) and bool(y[2].isfinite().all())
+    assert bool(lin(x)[:2].isnan().all())  # as the Linear itself
 
 
 def test_quantize_weight_keeps_24_and_rejects_non_finite():
@@ -176,6 +192,22 @@ def test_quantize_linears_picks_24_layers_or_all():
     assert isinstance(model.model.layers[1].mlp.up_proj, Fp8Linear)
     ids = torch.randint(0, 100, (1, 8))
     assert torch.isfinite(model(ids).logits).all()
+    # fp8 dense takes any width: 6 inputs are no 2:4 groups, but quantize per row alike.
+    odd = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)).to(torch.bfloat16)
+    assert quantize_linears(odd, sparse=False) == ["0", "1"]
+
+
+def test_sparsify_checks_buckets_and_tune_layers_before_anything():
+    model = prune_model_24(tiny_model("llama")).to(torch.bfloat16)
+    for dtype in (None, "fp8"):
+        for bad in ([0, 16], [1.5], []):
+            with pytest.raises(ria.InvalidArgumentError, match="batch_sizes must be positive"):
+                sparsify(model, dtype=dtype, batch_sizes=bad)
+        with pytest.raises(ria.InvalidArgumentError, match="tune_layers must be >= 1"):
+            sparsify(model, dtype=dtype, tune_layers=0)
+    # numpy integers key the plan cache's JSON like ints
+    report = sparsify(model, batch_sizes=np.array([16, 1, 16]))
+    assert report.batch_sizes == (1, 16) and all(type(b) is int for b in report.batch_sizes)
 
 
 def test_a_model_with_fp8_layers_is_not_saved(tmp_path):
@@ -296,10 +328,14 @@ def test_quantize_tokens_is_bit_identical(m):
 
     x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda") * 3
     x[0] = 0.0
+    if m >= 5:  # non-finite tokens: NaN scales on both sides
+        x[3, 7], x[4, 9] = float("inf"), float("nan")
     q, s = quantize_tokens(x, m + 7)
     rq, rs = quantize_rows(x.cpu())
-    assert torch.equal(q[:m].cpu().view(torch.uint8), rq.view(torch.uint8))
-    assert torch.equal(s[:m].cpu(), rs)
+    finite = x.isfinite().all(-1).cpu()
+    assert torch.equal(q[:m].cpu()[finite].view(torch.uint8), rq[finite].view(torch.uint8))
+    assert torch.equal(s[:m].cpu()[finite], rs[finite])
+    assert bool(s[:m].cpu()[~finite].isnan().all()) and bool(rs[~finite].isnan().all())
     assert bool((q[m:].float() == 0).all()) and bool((s[m:] == 0).all())
 
 

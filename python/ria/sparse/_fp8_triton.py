@@ -44,8 +44,9 @@ def quantize_kernel(
         amax = tl.maximum(tl.max(tl.abs(x), axis=0), _MIN_AMAX)
         bits = amax.to(tl.int32, bitcast=True)
         e = ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > _MANTISSA_175).to(tl.int32)
-        scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
-        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+        poison = tl.sum(x * 0.0, axis=0)  # NaN when the row holds NaN or inf (fp8.pow2_scale)
+        scale = ((e + 127) << 23).to(tl.float32, bitcast=True) + poison
+        inv = ((127 - e) << 23).to(tl.float32, bitcast=True) + poison
         tl.store(q_ptr + row * K + offs, (x * inv).to(tl.float8e4nv), mask=inside)
         tl.store(s_ptr + row, scale)
     else:  # padding rows: zeros, scale 0

@@ -50,21 +50,25 @@ def pow2_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     reciprocal, both fp32 and exact: `e` is the smallest integer with `amax <= 448 * 2**e`.
 
     Computed on the float's bits (exponent and mantissa), the same integer arithmetic the
-    GPU quantization kernel does, so both give identical scales.
+    GPU quantization kernel does, so both give identical scales. A NaN or infinite `amax`
+    gives NaN for both (its bits would read as a finite 2**120), so the row's output is
+    NaN, as a Linear's would be, not saturated values.
     """
-    bits = amax.float().clamp_min(MIN_AMAX).view(torch.int32)
+    amax = amax.float()
+    bits = amax.clamp_min(MIN_AMAX).view(torch.int32)
     # amax = 1.m * 2**(exp - 127) fits 448 * 2**(exp - 135) = 1.75 * 2**(exp - 127) iff m <= .75
     exp = (bits >> 23) & 0xFF
     e = exp - 135 + ((bits & 0x7FFFFF) > MANTISSA_175).int()
-    scale = ((e + 127) << 23).view(torch.float32)
-    inv = ((127 - e) << 23).view(torch.float32)
+    poison = amax * 0  # 0, or NaN where amax is NaN or inf
+    scale = ((e + 127) << 23).view(torch.float32) + poison
+    inv = ((127 - e) << 23).view(torch.float32) + poison
     return scale, inv
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of `x` `(R, K)` as e4m3 `(R, K)` and their power-of-two scales `(R,)` fp32:
     `x ~= q.float() * scale[:, None]`. NaN or inf in a row makes that row's scale and
-    values non-finite (the kernels do the same; no check, which would cost a sync)."""
+    values NaN (the kernels do the same; no check, which would cost a sync)."""
     if x.dim() != 2:
         raise InvalidArgumentError(f"quantize_rows: x must be 2-D, got shape {tuple(x.shape)}")
     xf = x.float()
