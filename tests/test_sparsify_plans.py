@@ -262,6 +262,10 @@ def test_plan_cache_ignores_bad_files_with_a_warning(tmp_path: Path):
 
     load_warns(good[: len(good) // 2], "ignoring")  # truncated JSON
     load_warns("[1, 2]", "ignoring")
+    load_warns("[" * 100_000, "ignoring")  # nested past the parser's recursion limit
+    path.write_bytes(b"\xff" + good.encode())  # not UTF-8
+    with pytest.warns(UserWarning, match="ignoring"):
+        assert cache.load(key, (1, 16), USABLE) is None
     foreign = json.loads(good)
     foreign["key"]["versions"]["torch"] = "2.10.0"
     load_warns(json.dumps(foreign), "key differs")

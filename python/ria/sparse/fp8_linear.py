@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import require_int
 from .._torch import replace_module
 from ..errors import InvalidArgumentError
 from .cslt import CsltConfig, cslt_view, share_cslt_buffer
@@ -473,18 +474,17 @@ def sparsify_fp8(
     `fuse_siblings`, convertible Linears that read the same tensor are fused first
     (`sparsify.fuse_convertible_siblings`): one quantization of their input and one GEMM."""
     from .sparsify import (
-        DEFAULT_BATCH_SIZES,
         SparseLayerReport,
         SparsifyReport,
         fuse_convertible_siblings,
         group_layers,
         shape_plan_key,
+        token_buckets,
     )
 
     t0 = time.perf_counter()
-    buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
-    if not buckets or buckets[0] < 1:
-        raise InvalidArgumentError(f"batch_sizes must be positive token counts, got {buckets}")
+    buckets = token_buckets(batch_sizes)
+    require_int("tune_layers", tune_layers, minimum=1)
     label = "fp8" if sparse else "fp8 dense"
     report = SparsifyReport(False, "", label, buckets)
     reason = fp8_status()
@@ -498,8 +498,8 @@ def sparsify_fp8(
     clear_generators(model)
 
     def why_not(why: str | None, n: int, k: int) -> str | None:
-        if not sparse and why is not None and why.startswith(("not 2:4", "in_features=")):
-            why = None  # fp8 dense takes any pattern
+        if not sparse:
+            why = _dense_fp8_reason(why)
         why = why or fp8_dense_shape_status(n, k)
         if why is None and sparse:
             why = fp8_cslt_shape_status(n, k)
@@ -582,6 +582,12 @@ def sparsify_fp8(
 
 
 @torch.no_grad()
+def _dense_fp8_reason(why: str | None) -> str | None:
+    """Why a Linear cannot run fp8 dense, from why it cannot run 2:4 (`find_linears`):
+    fp8 dense takes any pattern and any width."""
+    return None if why is not None and why.startswith(("not 2:4", "in_features=")) else why
+
+
 def quantize_linears(model: nn.Module, *, sparse: bool = True) -> list[str]:
     """Replace (in place) the fp16/bf16 Linears of `model` on any device by `Fp8Linear`s
     with the default plan (fp8 dense; off CUDA the reference), untuned: for measuring what
@@ -591,7 +597,7 @@ def quantize_linears(model: nn.Module, *, sparse: bool = True) -> list[str]:
 
     done = []
     for name, mod, why in find_linears(model, require_cuda=False):
-        if why is None or (not sparse and why.startswith("not 2:4")):
+        if (why if sparse else _dense_fp8_reason(why)) is None:
             replace_module(model, name, fp8_layer(mod))
             done.append(name)
     return done

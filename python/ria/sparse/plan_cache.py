@@ -225,7 +225,7 @@ class PlanCache:
         """The cached plan of `key`, or None (missing, or unusable with a warning)."""
         path = self.path(key)
         try:
-            text = path.read_text("utf-8")
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -234,11 +234,11 @@ class PlanCache:
             )
             return None
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))  # a bad byte is a ValueError too
             if data.get("key") != json.loads(json.dumps(key)):
                 raise ValueError("its key differs from this layer's (stale or foreign file)")
             return _decode(data, buckets, usable)
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
             warnings.warn(f"sparsify plan cache: ignoring {path}: {e}; tuning again", stacklevel=2)
             return None
 

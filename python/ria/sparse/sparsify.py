@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import require_int
 from .._torch import replace_module
 from ..arch import expert_matrices, fused_experts
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, InvalidTypeError
 from .cslt import (
     CsltConfig,
     cslt_best_config,
@@ -83,6 +84,7 @@ __all__ = [
     "slower_than_dense_warning",
     "sparse_layer",
     "sparsify",
+    "token_buckets",
 ]
 
 
@@ -213,6 +215,21 @@ class SparsifyReport:
             f"cuSPARSELt {self.cusparselt or 'not loaded'}{note}"
         )
         return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
+
+
+def token_buckets(batch_sizes: Iterable[int] | None) -> tuple[int, ...]:
+    """`batch_sizes` (None: `DEFAULT_BATCH_SIZES`) as sorted distinct ints, each >= 1
+    (numpy integers welcome: they key the plan cache's JSON)."""
+    values = DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes
+    try:
+        buckets = tuple(sorted({require_int("batch_sizes", b, minimum=1) for b in values}))
+    except (InvalidArgumentError, InvalidTypeError):
+        buckets = ()
+    if not buckets:
+        raise InvalidArgumentError(
+            f"batch_sizes must be positive integer token counts, got {batch_sizes!r}"
+        )
+    return buckets
 
 
 def find_linears(
@@ -877,9 +894,8 @@ def sparsify(
             plan_cache=plan_cache, fuse_siblings=fuse_siblings, verbose=verbose,
         )  # fmt: skip
     t0 = time.perf_counter()
-    buckets = tuple(sorted(set(DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes)))
-    if not buckets or buckets[0] < 1:
-        raise InvalidArgumentError(f"batch_sizes must be positive token counts, got {buckets}")
+    buckets = token_buckets(batch_sizes)
+    require_int("tune_layers", tune_layers, minimum=1)
     usable, reason = _usable_backends(backend)
     report = SparsifyReport(False, reason or "", backend, buckets)
     report.layers.extend(_dense_masked_experts(model))
