@@ -120,15 +120,22 @@ def block_layout(model: nn.Module, block: nn.Module, run: Callable[[], Any] | No
     folds = tuple(block_folds(model, block))  # type: ignore[arg-type]
     if run is None:
         return BlockLayout((), folds)
-    traced, made_from = _trace(block, run)
+    targets = {_fold_target(f) for f in folds if not isinstance(f, ExpertFold)}
+    traced, made_from, outputs = _trace(block, run, targets)
     alone = {g.readers[0] for g in traced if len(g.readers) == 1}
     # A fold whose names match a rule but whose forward does not (its target's input is
-    # not made from the fold's rows, or is shared with other readers) is left out: its
-    # target is then placed like any other reader.
+    # not made from the fold's rows, or is shared with other readers, or passes through an
+    # operation that depends on channel order on the way) is left out: its target is then
+    # placed like any other reader.
     kept = tuple(
         f
         for f in folds
-        if isinstance(f, ExpertFold) or (_fold_target(f) in alone and _fold_holds(f, made_from))
+        if isinstance(f, ExpertFold)
+        or (
+            _fold_target(f) in alone
+            and _fold_holds(f, made_from)
+            and _fold_keeps_output(block, f, run, outputs[_fold_target(f)])
+        )
     )
     targets = {_fold_target(f) for f in kept}
     groups = tuple(g for g in traced if not set(g.readers) <= targets)
@@ -151,6 +158,68 @@ def _fold_holds(fold: Fold, made_from: dict[str, frozenset[str]]) -> bool:
     if isinstance(fold, HeadFold):
         return fold.v_source in made_from.get(fold.o_proj, frozenset())
     return True
+
+
+# Largest change of a fold target's output, relative to its norm, that a random fold
+# order may make: a valid fold changes only the order of its target's sums (the last bit
+# of some outputs in the model's dtype, 2**-8 relative in bfloat16 at most); an operation
+# with per-channel weights between the fold's rows and its target (BitNet's sub-norms,
+# Qwen3-Next's output gate) changes it by the spread of those weights.
+_FOLD_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+_HALF_FOLD_TOLERANCE = 1e-2
+
+
+def _fold_keeps_output(
+    block: nn.Module, fold: Fold, run: Callable[[], Any], reference: torch.Tensor
+) -> bool:
+    """Whether the fold's target computes what it computed in the traced forward
+    (`reference`) when the fold's weights carry a random order: checks what the trace
+    cannot see, the operations between the fold's rows and its target."""
+    from .apply import BlockPermutation, reordered_params, reorders  # apply imports this
+
+    g = torch.Generator().manual_seed(0)
+    perm = BlockPermutation()
+    if isinstance(fold, MlpFold):
+        down = block.get_submodule(fold.down)
+        assert isinstance(down, nn.Linear)  # a traced fold's target is a Linear
+        perm.hidden[fold.down] = torch.randperm(down.in_features, generator=g)
+    else:
+        assert isinstance(fold, HeadFold)
+        h = fold.heads
+        perm.heads[fold.o_proj] = torch.stack(
+            [torch.randperm(h.head_dim, generator=g) for _ in range(h.num_kv_heads)]
+        )
+    swaps = reordered_params(block, reorders(block, BlockLayout((), (fold,)), perm))
+    saved = [(param, param.data) for param, _ in swaps]
+    try:
+        for param, data in swaps:
+            param.data = data
+        with _first_outputs(block, {_fold_target(fold)}) as outputs, torch.no_grad():
+            run()
+        output = outputs[_fold_target(fold)]
+    finally:
+        for param, data in saved:
+            param.data = data
+    change = (output.double() - reference.double()).norm() / reference.double().norm()
+    tolerance = _FOLD_TOLERANCE.get(reference.dtype, _HALF_FOLD_TOLERANCE)
+    return bool(change <= tolerance) or not bool(reference.any())
+
+
+@contextmanager
+def _first_outputs(block: nn.Module, names: set[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the context, keeps the output of each module `names` (relative to `block`)
+    at its first call. Entered before `_tracing`, so the trace's hooks run after these and
+    see no read in their copies."""
+    outputs: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        for name in names:
+
+            def keep(_m: nn.Module, _a: Any, out: Any, name: str = name) -> None:
+                if name not in outputs:
+                    outputs[name] = _output_tensor(out).detach().clone()
+
+            stack.callback(block.get_submodule(name).register_forward_hook(keep).remove)
+        yield outputs
 
 
 @dataclass
@@ -284,12 +353,12 @@ def _tracing(block: nn.Module, readers: set[str]) -> Iterator[_Trace]:
 
 
 def _trace(
-    block: nn.Module, run: Callable[[], Any]
-) -> tuple[list[InputGroup], dict[str, frozenset[str]]]:
-    """The block's input groups, and for each reader the readers whose outputs its input
-    was computed from."""
+    block: nn.Module, run: Callable[[], Any], kept: set[str]
+) -> tuple[list[InputGroup], dict[str, frozenset[str]], dict[str, torch.Tensor]]:
+    """The block's input groups, for each reader the readers whose outputs its input
+    was computed from, and the output of each module `kept` at its first call."""
     readers = block_readers(block)
-    with _tracing(block, set(readers)) as trace:
+    with _first_outputs(block, kept) as outputs, _tracing(block, set(readers)) as trace:
         run()
     block_call = trace.calls[""][0]
     # The block's output leaves it: a read by whatever comes next.
@@ -310,7 +379,7 @@ def _trace(
     made_from = {
         name: trace.sources.get(key, frozenset()) for key, ns in by_input.items() for name in ns
     }
-    return groups, made_from
+    return groups, made_from, outputs
 
 
 def _placed(

@@ -249,8 +249,9 @@ def prune_with(
                     inputs = capture_block_inputs(
                         model, plan.blocks, windows, config.batch_size, spill
                     )
-            elif config.permutation_mode == "folded":
-                # No calibration data, but the folded orders need a traced forward per block.
+            elif config.permutation_mode is not None:
+                # No calibration data, but orders need a traced forward per block: folded
+                # ones for their groups, both for checking the folds on real outputs.
                 probe = capture_block_inputs(model, plan.blocks, _probe_tokens(model), 1)
             quiet = not config.progress or (ranks is not None and ranks.rank != 0)
             bar = tqdm(range(len(plan.blocks)), desc="pruning", unit="block", disable=quiet)
