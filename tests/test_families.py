@@ -134,6 +134,38 @@ def test_folded_prune_is_24_in_storage_order_and_round_trips(family, tokenizer, 
     torch.testing.assert_close(logits(restored, ids), pruned, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["folded", "free"])
+def test_save_pretrained_of_a_permuted_model_writes_what_save_pruned_writes(
+    mode, tokenizer, tmp_path
+):
+    # DESIGN's one-liner: prune(permute=True), then model.save_pretrained(out). It wrote
+    # the weights in their permuted order: the reloaded model computed another function.
+    model = tiny_model("llama")
+    windows = ria.pruning.calibration_windows("austen", tokenizer, 2, 32, seed=0)
+    ria.prune(model, sparsity="2:4", permute=mode, calibration=windows, nsamples=2,
+              seqlen=32, progress=False, permutation_options=FAST_SEARCH)  # fmt: skip
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    pruned = logits(model, ids)
+    model.save_pretrained(tmp_path / "hf")
+    ria.save_pruned(model, tmp_path / "ria")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(logits(plain, ids), pruned, rtol=1e-5, atol=1e-5)
+    assert saved_orders(tmp_path / "hf").keys() == saved_orders(tmp_path / "ria").keys() != set()
+    restored = ria.load_pruned(tmp_path / "hf")
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    # A copy saves itself, and a loaded model saves as it was loaded.
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.zero_()
+    twin.save_pretrained(tmp_path / "twin")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "twin")
+    assert not reloaded.lm_head.weight.any() and model.lm_head.weight.any()
+    restored.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    torch.testing.assert_close(logits(again, ids), pruned, rtol=1e-5, atol=1e-5)
+
+
 class _Shared(torch.nn.Module):
     """A block whose norm output is read by two Linears and by the residual add too, and
     whose third Linear reads the raw input alone."""

@@ -33,7 +33,7 @@ from torch import nn
 
 from ._checks import require_bool, require_path
 from .errors import InvalidArgumentError, OutputExistsError
-from .permutation import OrderInfo, plain_state_dict, restore_orders
+from .permutation import OrderInfo, is_permuted, plain_state_dict, restore_orders
 from .pruning import INCOMPLETE, PruneReport
 
 if TYPE_CHECKING:
@@ -107,6 +107,43 @@ def save_extras(directory: Path, tokenizer: Any = None, report: PruneReport | No
         tokenizer.save_pretrained(directory)
     if report is not None:
         report.to_json(directory / REPORT_FILE)
+
+
+class PlainSavePretrained:
+    """`save_pretrained` of a model that may carry channel orders (`ria.prune` with
+    `permute`, `load_pruned` install it on the model as an instance attribute): the model
+    is written as `save_pruned` writes it, plain weights that `from_pretrained` reads as the
+    same function plus the orders file `load_pruned` restores, instead of weights in the
+    permuted order (a different function once reloaded). Held by the model, so a deepcopy
+    or pickle of the model holds its own."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        save = type(model).save_pretrained
+        # ria's own call (save_pruned, the streaming writer) passes the plain state dict
+        if kwargs.get("state_dict") is not None or not is_permuted(model):
+            return save(model, save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub"):
+            raise InvalidArgumentError(
+                "save_pretrained(push_to_hub=True) would upload before the channel orders "
+                "are written: save the model, then upload the directory (or use push_to_hub)"
+            )
+        check_savable(model)
+        state, orders, infos = plain_state_dict(model)
+        kwargs["state_dict"] = state
+        result = save(model, save_directory, *args, **kwargs)
+        save_orders(Path(save_directory), orders, infos)
+        return result
+
+
+def keep_plain_on_save(model: PreTrainedModel) -> None:
+    """Makes `model.save_pretrained` write a model carrying channel orders as a plain
+    checkpoint with its orders file (`PlainSavePretrained`)."""
+    if hasattr(type(model), "save_pretrained"):
+        model.save_pretrained = PlainSavePretrained(model)  # type: ignore[method-assign]
 
 
 def check_savable(model: nn.Module) -> None:
@@ -238,6 +275,7 @@ def load_pruned(path: str | Path, **kwargs: Any) -> PreTrainedModel:
         restore_orders(model, orders, infos)
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(f"{orders_file}: {exc}") from None
+    keep_plain_on_save(model)
     return model
 
 

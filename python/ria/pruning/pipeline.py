@@ -226,6 +226,10 @@ def prune_with(
     # touched (calibration text, vocabulary) puts the previous record back.
     previous = getattr(model.config, "ria", None)
     model.config.ria = {**config.to_dict(), "status": INCOMPLETE, "version": __version__}
+    if config.permutation_mode is not None:
+        from ..save import keep_plain_on_save  # ria.save imports this package
+
+        keep_plain_on_save(model)  # so model.save_pretrained writes the orders out
     touched = False
     try:
         with (
