@@ -67,6 +67,18 @@ def test_load_pruned_restores_the_storage_order(tmp_path, tokenizer, permuted):
     torch.testing.assert_close(logits(restored, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
+def test_load_pruned_refuses_offloaded_weights(tmp_path, tokenizer, permuted):
+    # accelerate keeps block 1 on disk and its parameters on the meta device: the orders
+    # were applied to the placeholders (the offloaded weights stayed in plain order) and
+    # the gathers indexed with meta tensors, giving garbage logits without an error.
+    model, report = permuted
+    out = ria.save_pruned(model, tmp_path / "out", tokenizer, report)
+    where = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+             "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    with pytest.raises(ria.InvalidArgumentError, match="offloaded"):
+        ria.load_pruned(out, device_map=where, offload_folder=tmp_path / "offload")
+
+
 def test_an_interrupted_save_leaves_nothing_that_looks_complete(
     tmp_path, tokenizer, permuted, monkeypatch
 ):

@@ -162,6 +162,13 @@ def restore_orders(
 def _permuted(key: str, module: nn.Module, param: str, order: torch.Tensor) -> Swaps:
     """`(parameter, data with input columns in order)` of `module.param`, `order` checked."""
     tensor = getattr(module, param)
+    if tensor.is_meta:  # accelerate keeps the weight elsewhere and loads it per forward
+        raise InvalidArgumentError(
+            f"order {key!r}: the weights it reorders are offloaded (a device_map with "
+            "'cpu' or 'disk' offload), where their order cannot be restored; load the "
+            "model onto devices that hold it (from_pretrained alone reads the same "
+            "function, without the N:M storage order)"
+        )
     dim = matrix_dim(module, tensor, 1)
     _check_order(order, tensor.shape[dim], key)
     return [(tensor, tensor.data.index_select(dim, order.to(tensor.device)))]
