@@ -344,6 +344,12 @@ def test_a_vision_language_model_prunes_its_language_model():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(f"{path}.") for n in changed)
     assert any(d.name.startswith("model.visual.") for d in report.coverage.dense)
+    # Its head geometry is in the text config: o_proj's order is folded into v's rows
+    # (it was gathered per call, the model config having no num_attention_heads).
+    assert {type(f).__name__ for f in block_layout(model, blocks[0], None).folds} == {
+        "HeadFold",
+        "MlpFold",
+    }
 
 
 def test_blocks_the_forward_never_runs_are_refused():

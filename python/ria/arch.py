@@ -11,7 +11,7 @@ apart (attention within a head, the gated activation of an MLP).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -86,8 +86,15 @@ class Heads:
     head_dim: int
 
 
+def _text_config(config: Any) -> Any:
+    """The config of the language model: its own, or a multimodal model's text part."""
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
+
+
 def attention_heads(model: PreTrainedModel) -> Heads:
-    config = model.config
+    """The decoder's attention geometry (a vision-language model's text config)."""
+    config = _text_config(model.config)
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -193,6 +200,8 @@ def block_folds(model: PreTrainedModel, block: nn.Module) -> list[Fold]:
 def _head_fold(model: nn.Module, kids: dict[str, nn.Linear], prefix: str) -> HeadFold | None:
     o_name = next((k for k in ("o_proj", "out_proj") if k in kids), None)
     config = getattr(model, "config", None)
+    if config is not None:
+        config = _text_config(config)
     if o_name is None or config is None or not hasattr(config, "num_attention_heads"):
         return None
     heads = attention_heads(model)  # type: ignore[arg-type]
