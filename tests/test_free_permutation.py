@@ -87,3 +87,23 @@ def test_unknown_permutation_mode_is_refused_before_anything_changes(tokenizer):
     with pytest.raises(ria.InvalidArgumentError, match="permute must be"):
         ria.prune(model, tokenizer, sparsity="2:4", permute="shared", **CALIB)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _DoubledLinear(torch.nn.Linear):
+    """A Linear subclass with a forward of its own, which a gathered Linear would drop."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_a_linear_with_its_own_forward_is_never_gathered(tokenizer):
+    model = tiny_model("llama")
+    for block in find_blocks(model)[1]:
+        up = block.mlp.up_proj
+        doubled = _DoubledLinear(up.in_features, up.out_features, bias=False)
+        doubled.weight = up.weight
+        block.mlp.up_proj = doubled
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ria.UnsupportedModelError, match="_DoubledLinear: it has a forward"):
+        ria.prune(model, tokenizer, sparsity="2:4", permute="free", **CALIB)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

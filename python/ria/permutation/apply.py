@@ -26,7 +26,7 @@ from torch import nn
 from .._interrupts import interrupts_deferred
 from .._torch import replace_module
 from ..arch import input_params, matrix_dim
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from .wiring import BlockLayout
 
 
@@ -40,6 +40,11 @@ class GatheredLinear(nn.Linear):
     input_order: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, linear: nn.Linear, order: torch.Tensor) -> None:
+        if type(linear).forward is not nn.Linear.forward:  # it would compute F.linear instead
+            raise UnsupportedModelError(
+                f"cannot gather the input of a {type(linear).__name__}: it has a forward of "
+                "its own, which a gathered Linear would replace; use permute=False"
+            )
         nn.Module.__init__(self)  # adopts `linear`'s parameters instead of allocating new ones
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
