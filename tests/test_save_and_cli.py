@@ -67,7 +67,7 @@ def test_load_pruned_restores_the_storage_order(tmp_path, tokenizer, permuted):
     torch.testing.assert_close(logits(restored, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_load_pruned_refuses_offloaded_weights(tmp_path, tokenizer, permuted):
+def test_offloaded_weights_are_refused_by_load_pruned_and_prune(tmp_path, tokenizer, permuted):
     # accelerate keeps block 1 on disk and its parameters on the meta device: the orders
     # were applied to the placeholders (the offloaded weights stayed in plain order) and
     # the gathers indexed with meta tensors, giving garbage logits without an error.
@@ -77,6 +77,13 @@ def test_load_pruned_refuses_offloaded_weights(tmp_path, tokenizer, permuted):
              "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
     with pytest.raises(ria.InvalidArgumentError, match="offloaded"):
         ria.load_pruned(out, device_map=where, offload_folder=tmp_path / "offload")
+    # Nor does prune reach them: refused before anything changes (it failed at block 1
+    # with torch's "Cannot copy out of meta tensor").
+    plain = AutoModelForCausalLM.from_pretrained(
+        out, device_map=where, offload_folder=tmp_path / "offload2"
+    )
+    with pytest.raises(ria.UnsupportedModelError, match=r"model\.layers\.1\..* is offloaded"):
+        ria.prune(plain, tokenizer, sparsity="2:4", **CALIB)
 
 
 def test_an_interrupted_save_leaves_nothing_that_looks_complete(

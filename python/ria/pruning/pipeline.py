@@ -214,7 +214,7 @@ def prune_with(
     """
     started = time.perf_counter()
     ranks = current()  # None: this process prunes alone
-    plan = _plan(model, config)
+    plan = _plan(model, config, placed=placement is not None)
     report = PruneReport(config.to_dict(), coverage=plan.coverage)
     timer = StageTimer(report)
 
@@ -297,14 +297,23 @@ class _Plan:
     coverage: Coverage
 
 
-def _plan(model: PreTrainedModel, config: PruneConfig) -> _Plan:
-    """Checks everything that can be checked before the first block is changed."""
+def _plan(model: PreTrainedModel, config: PruneConfig, placed: bool = False) -> _Plan:
+    """Checks everything that can be checked before the first block is changed; `placed`:
+    a `Placement` brings each block's weights (the streaming prune's meta skeleton)."""
     mode = config.permutation_mode
     path, blocks = find_blocks(model)
     if mode == "free":
         _refuse_freely_permuting_experts(path, blocks)
     target = config.sparsity
     for i, block in enumerate(blocks):
+        offloaded = next((n for n, p in block.named_parameters() if p.is_meta), None)
+        if offloaded is not None and not placed:
+            raise UnsupportedModelError(
+                f"{path}.{i}.{offloaded} is offloaded (on the meta device: a device_map with "
+                "'cpu' or 'disk' offload), where ria cannot prune it; for a model bigger "
+                "than memory use ria.prune_checkpoint (ria prune --low-memory). Nothing was "
+                "changed"
+            )
         if mode is not None and is_permuted(block):
             raise InvalidArgumentError(
                 f"{path}.{i} is already permuted (this model was pruned with permutation "
