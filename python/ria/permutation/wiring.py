@@ -114,14 +114,18 @@ def block_readers(block: nn.Module) -> dict[str, nn.Module]:
     return dict(sorted(readers.items(), key=lambda kv: order[kv[0]]))
 
 
-def block_layout(model: nn.Module, block: nn.Module, run: Callable[[], Any] | None) -> BlockLayout:
+def block_layout(
+    model: nn.Module, block: nn.Module, run: Callable[[], Any] | None, check_folds: bool = True
+) -> BlockLayout:
     """The block's layout: its folds, and, when `run` (one forward of `block` on real
-    inputs) is given, its input groups traced from that forward."""
+    inputs) is given, its input groups traced from that forward and the folds that agree
+    with it (`check_folds`: also run once per fold with the fold's weights in a random
+    order; needed only for permuting)."""
     folds = tuple(block_folds(model, block))  # type: ignore[arg-type]
     if run is None:
         return BlockLayout((), folds)
     targets = {_fold_target(f) for f in folds if not isinstance(f, ExpertFold)}
-    traced, made_from, outputs = _trace(block, run, targets)
+    traced, made_from, outputs = _trace(block, run, targets if check_folds else set())
     alone = {g.readers[0] for g in traced if len(g.readers) == 1}
     # A fold whose names match a rule but whose forward does not (its target's input is
     # not made from the fold's rows, or is shared with other readers, or passes through an
@@ -134,7 +138,7 @@ def block_layout(model: nn.Module, block: nn.Module, run: Callable[[], Any] | No
         or (
             _fold_target(f) in alone
             and _fold_holds(f, made_from)
-            and _fold_keeps_output(block, f, run, outputs[_fold_target(f)])
+            and (not check_folds or _fold_keeps_output(block, f, run, outputs[_fold_target(f)]))
         )
     )
     targets = {_fold_target(f) for f in kept}

@@ -490,7 +490,12 @@ class _BlockStep:
             return block_layout(self.model, self.block, None)
         first = BlockInputs([next(iter(traced.hidden))], traced.kwargs)  # list or spilled
         with self.timer("statistics"), naming(self.prefix):
-            layout = block_layout(self.model, self.block, lambda: run_block(self.block, first))
+            layout = block_layout(
+                self.model,
+                self.block,
+                lambda: run_block(self.block, first),
+                check_folds=self.config.permutation_mode is not None,
+            )
         if self.ranks is not None:  # each traced its own first batch: the wiring must agree
             with self.timer("communication"):
                 self.ranks.check_same(f"tracing {self.prefix}", repr(layout))
