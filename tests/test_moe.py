@@ -138,10 +138,12 @@ def test_3d_weights_of_an_undeclared_layout_stay_dense(tokenizer):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_sparsify_says_experts_run_dense_masked(tokenizer):
+@pytest.mark.parametrize("dtype", [None, "fp8"])
+def test_sparsify_says_experts_run_dense_masked(tokenizer, dtype):
+    # The fp8 report left them out.
     model = tiny_model("qwen3_moe")
     ria.prune(model, tokenizer, sparsity="2:4", method="magnitude", progress=False)
-    report = ria.sparsify(model)
+    report = ria.sparsify(model, dtype=dtype)
     experts = report.dense_masked_experts
     assert {(e.name, e.out_features, e.in_features) for e in experts} == {
         (f"model.layers.{i}.mlp.experts.{name}", *shape)

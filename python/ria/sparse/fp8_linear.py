@@ -476,6 +476,8 @@ def sparsify_fp8(
     from .sparsify import (
         SparseLayerReport,
         SparsifyReport,
+        cusparselt_version_warning,
+        dense_masked_experts,
         fuse_convertible_siblings,
         group_layers,
         shape_plan_key,
@@ -487,12 +489,17 @@ def sparsify_fp8(
     require_int("tune_layers", tune_layers, minimum=1)
     label = "fp8" if sparse else "fp8 dense"
     report = SparsifyReport(False, "", label, buckets)
+    report.layers.extend(dense_masked_experts(model))
     reason = fp8_status()
     if reason is not None:
         report.reason = f"{reason}: model left unchanged"
         return report
     if sparse and torch.backends.cusparselt.is_available():
         report.cusparselt_version = cusparselt_version()
+        note = cusparselt_version_warning(report.cusparselt_version)
+        if note is not None:
+            report.warnings.append(note)
+            warnings.warn(note, stacklevel=2)
     cache = None if plan_cache is False else PlanCache(None if plan_cache is True else plan_cache)
     report.plan_cache = None if cache is None else str(cache.directory)
     clear_generators(model)

@@ -76,6 +76,7 @@ __all__ = [
     "build_forms",
     "choose_backend",
     "cusparselt_version_warning",
+    "dense_masked_experts",
     "find_linears",
     "fuse_convertible_siblings",
     "group_layers",
@@ -534,7 +535,7 @@ def _usable_backends(backend: str) -> tuple[set[str], str | None]:
     return usable | {DENSE}, None
 
 
-def _dense_masked_experts(model: nn.Module) -> list[SparseLayerReport]:
+def dense_masked_experts(model: nn.Module) -> list[SparseLayerReport]:
     """One entry per fused experts parameter (shape of one expert's `(out, in)` matrix)."""
     found = []
     for path, experts in fused_experts(model).items():
@@ -898,7 +899,7 @@ def sparsify(
     require_int("tune_layers", tune_layers, minimum=1)
     usable, reason = _usable_backends(backend)
     report = SparsifyReport(False, reason or "", backend, buckets)
-    report.layers.extend(_dense_masked_experts(model))
+    report.layers.extend(dense_masked_experts(model))
     if reason is not None:
         return report
     cache = None
