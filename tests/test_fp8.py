@@ -37,7 +37,7 @@ from ria.sparse.fp8_linear import (
     fp8_layer,
     quantize_linears,
 )
-from ria.sparse.linear import DENSE, Choice
+from ria.sparse.linear import DENSE, Choice, Sparse24Linear
 from ria.sparse.siblings import fuse_model_siblings
 
 # -- format (CPU) --------------------------------------------------------------------------
@@ -80,6 +80,15 @@ def test_a_non_finite_token_gives_nan_not_saturated_values():
     y = fp8_layer(lin)(x)
     assert bool(y[:2].isnan().all()) and bool(y[2].isfinite().all())
     assert bool(lin(x)[:2].isnan().all())  # as the Linear itself
+
+
+def test_converted_layers_name_a_wrong_input_width():
+    # It was torch's "shape '[2, 8]' is invalid for input of size 8".
+    lin = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    sparse = Sparse24Linear(64, 32, {1 << 20: Choice("dense")}, weight=lin.weight.detach())
+    for layer in (fp8_layer(lin), sparse):
+        with pytest.raises(InvalidArgumentError, match=r"input has 48 features .* takes 64"):
+            layer(torch.ones(2, 48, dtype=torch.bfloat16))
 
 
 def test_quantize_weight_keeps_24_and_rejects_non_finite():

@@ -275,6 +275,11 @@ class Sparse24Linear(nn.Module):
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise InvalidArgumentError(
+                f"input has {x.shape[-1]} features in its last dimension; this layer takes "
+                f"{self.in_features}"
+            )
         x2 = x.reshape(-1, self.in_features)
         if self.input_order is not None:
             x2 = x2.index_select(1, self.input_order)  # a gather per call (contiguous)
