@@ -11,7 +11,12 @@ import pytest
 import torch
 from helpers import prune_model_24, tiny_model
 
-from ria.errors import CacheFullError, InvalidArgumentError, UnsupportedModelError
+from ria.errors import (
+    CacheFullError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    UnsupportedModelError,
+)
 from ria.sparse import (
     Sampling,
     StaticGenerator,
@@ -144,9 +149,9 @@ def test_prompts_and_token_ids_of_other_types():
         generate(model, ids[0], 2, cuda_graph=False)
     with pytest.raises(InvalidArgumentError, match="at least one token"):
         generate(model, ids[:, :0], 2, cuda_graph=False)
-    with pytest.raises(InvalidArgumentError, match="max_new_tokens must be an int"):
+    with pytest.raises(InvalidTypeError, match="max_new_tokens must be an integer"):
         generate(model, ids, 2.0, cuda_graph=False)  # type: ignore[arg-type]
-    with pytest.raises(InvalidArgumentError, match="top_k must be a positive int"):
+    with pytest.raises(InvalidTypeError, match="top_k must be an integer"):
         generate(model, ids, 2, do_sample=True, top_k=2.5, cuda_graph=False)  # type: ignore[arg-type]
     plain = generate(model, ids, 3, eos_token_id=[7, 9], cuda_graph=False)
     for eos in (np.array([7, 9]), torch.tensor([7, 9])):

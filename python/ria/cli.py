@@ -28,9 +28,9 @@ from .save import PERMUTATION_FILE, check_target, load_pruned, save_pruned
 from .streaming import (
     DTYPES,
     CheckpointSource,
+    UnreadableByBlockError,
     prune_checkpoint_with,
     read_by_block,
-    readable_by_block,
     resolve_checkpoint,
 )
 
@@ -204,25 +204,24 @@ def _tokenizer(path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def _streamable(name: str, dtype: str) -> Path | None:
+def _streamable(name: str) -> Path | None:
     """The local safetensors checkpoint of MODEL when a rank other than 0 of a prune split
     over processes can read it block by block (`read_by_block`) instead of loading it
     whole: only rank 0 needs the whole model (it evaluates and saves), so host memory
     holds one copy, not one per rank. None (load it whole, as rank 0 does) for a Hub id
     not in the local cache (rank 0 downloads it; give its directory, or download it
-    first), a checkpoint without safetensors or stored under other tensor names than the
-    model's (transformers converts them on loading), and one saved with channel orders
-    (rank 0 restores them on load, `load_pruned`; its blocks are not the stored ones)."""
+    first), a checkpoint without safetensors, and one saved with channel orders (rank 0
+    restores them on load, `load_pruned`; its blocks are not the stored ones)."""
     if name == DEMO:
         from .demo import smollm2_path
 
         name = str(smollm2_path())
     try:
         path = resolve_checkpoint(name)
-        readable = readable_by_block(CheckpointSource(path), dtype)  # has safetensors weights
+        CheckpointSource(path)  # has safetensors weights
     except InvalidArgumentError:
         return None
-    return path if readable and not (path / PERMUTATION_FILE).exists() else None
+    return None if (path / PERMUTATION_FILE).exists() else path
 
 
 def _prune_config(args: argparse.Namespace) -> PruneConfig:
@@ -304,11 +303,14 @@ def _prune_in_memory(args: argparse.Namespace, config: PruneConfig) -> int:
     placement = None
     # Ranks load differently: one failing stops the others here, not in the prune.
     with agreeing(f"loading {args.model}"):
-        streamed = None if writer else _streamable(args.model, args.dtype)
+        streamed = None if writer else _streamable(args.model)
         if streamed is not None:  # a rank other than 0 reads one block at a time
-            model, placement = read_by_block(streamed, args.dtype, config.device)
-            tokenizer = _tokenizer(streamed)
-        else:
+            try:
+                model, placement = read_by_block(streamed, args.dtype, config.device)
+                tokenizer = _tokenizer(streamed)
+            except UnreadableByBlockError:  # stored under names transformers converts
+                streamed = None
+        if streamed is None:
             model, tokenizer = _load(args.model, args.dtype)
     progress = config.progress
     device = config.device

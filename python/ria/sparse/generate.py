@@ -28,7 +28,6 @@ CUDA graphs, so dense and sparse models run with no per-kernel host overhead.
 from __future__ import annotations
 
 import inspect
-import numbers
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._checks import require_int
 from ..errors import CacheFullError, InvalidArgumentError, UnsupportedModelError
 from .graphs import capture
 from .sampling import Sampling, next_tokens
@@ -566,7 +566,7 @@ def _sampling(
     )
 
 
-def _check_prompt(input_ids: object, max_new_tokens: object) -> None:
+def _check_prompt(input_ids: object) -> None:
     if not isinstance(input_ids, torch.Tensor):
         raise InvalidArgumentError(
             f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}"
@@ -578,8 +578,6 @@ def _check_prompt(input_ids: object, max_new_tokens: object) -> None:
         )
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise InvalidArgumentError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
-        raise InvalidArgumentError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
 
 
 @torch.no_grad()
@@ -635,7 +633,8 @@ def generate(
         `(B, q + n)`: the prompts followed by `n <= max_new_tokens` tokens (fewer when
         every sequence stopped at EOS).
     """
-    _check_prompt(input_ids, max_new_tokens)
+    _check_prompt(input_ids)
+    max_new_tokens = require_int("max_new_tokens", max_new_tokens, minimum=1)
     b, q = input_ids.shape
     config = getattr(model, "generation_config", None)
     sampling = _sampling(config, temperature, top_k, top_p) if do_sample else None

@@ -11,11 +11,11 @@ replay draw the same tokens from the same seed.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
+from .._checks import require_int
 from ..errors import InvalidArgumentError
 
 __all__ = ["Sampling", "filter_logits", "next_tokens"]
@@ -39,11 +39,8 @@ class Sampling:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise InvalidArgumentError(f"temperature must be > 0, got {self.temperature}")
-        k = self.top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
-            raise InvalidArgumentError(f"top_k must be a positive int or None, got {k!r}")
-        if k is not None:
-            object.__setattr__(self, "top_k", int(k))  # a numpy int hashes as an int
+        if self.top_k is not None:  # a numpy int becomes an int (hashes as one)
+            object.__setattr__(self, "top_k", require_int("top_k", self.top_k, minimum=1))
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InvalidArgumentError(f"top_p must be in (0, 1] or None, got {self.top_p}")
 

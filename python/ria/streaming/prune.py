@@ -44,7 +44,7 @@ from .writer import ShardWriter
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["prune_checkpoint", "prune_checkpoint_with", "read_by_block", "readable_by_block"]
+__all__ = ["prune_checkpoint", "prune_checkpoint_with", "read_by_block"]
 
 
 def prune_checkpoint(
@@ -164,7 +164,10 @@ def read_by_block(
     the block loop visits it and frees it afterwards, writing nothing. Every rank visits
     block i while it is still dense, so loading it from the dense checkpoint gives the
     block rank 0 holds; the pruned blocks come to every rank from their owners. Host
-    memory: one block and the weights outside the blocks, not the model."""
+    memory: one block and the weights outside the blocks, not the model.
+
+    Raises `UnreadableByBlockError`, before loading anything, for a checkpoint stored
+    under names transformers converts on loading (load it whole instead)."""
     check_dtype(dtype)
     source = _source(src)
     model = build_skeleton(source, dtype)
@@ -172,17 +175,6 @@ def read_by_block(
     check_block_tensors(model, source, path)
     load_outside(model, source, path, device)
     return model, _StreamedBlocks(model, source, None, device)
-
-
-def readable_by_block(source: CheckpointSource, dtype: str | torch.dtype = "auto") -> bool:
-    """Whether `read_by_block` can read `source`: every tensor of its decoder blocks is
-    stored under the name the model built from its config gives it."""
-    model = build_skeleton(source, dtype)
-    try:
-        check_block_tensors(model, source, find_blocks(model)[0])
-    except InvalidArgumentError:
-        return False
-    return True
 
 
 def _source(src: str | Path) -> CheckpointSource:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "UnreadableByBlockError",
     "build_skeleton",
     "check_block_tensors",
     "check_dtype",
@@ -115,10 +116,15 @@ def load_outside(
         if param.is_meta and not name.startswith(f"{blocks_path}.")
     ]
     if missing:
-        raise InvalidArgumentError(
+        raise UnreadableByBlockError(
             f"{source.directory} has no tensor {missing[0]!r} (and it is not tied to one "
             "that it has)"
         )
+
+
+class UnreadableByBlockError(InvalidArgumentError):
+    """A checkpoint whose blocks cannot be read by name: its tensors are stored under
+    names transformers converts on loading (`from_pretrained` still reads it whole)."""
 
 
 def check_block_tensors(model: torch.nn.Module, source: CheckpointSource, blocks_path: str) -> None:
@@ -127,7 +133,7 @@ def check_block_tensors(model: torch.nn.Module, source: CheckpointSource, blocks
     loading: its MoE experts saved one by one, say)."""
     missing = [k for k in model.state_dict() if k.startswith(f"{blocks_path}.") and k not in source]
     if missing:
-        raise InvalidArgumentError(
+        raise UnreadableByBlockError(
             f"{source.directory} has no tensor {missing[0]!r} ({len(missing)} block tensors "
             "missing), which the model built from its config expects: checkpoints whose "
             "tensor names transformers converts on loading cannot be read block by block"
