@@ -246,6 +246,20 @@ def test_sparse_linear_refuses_a_cast_of_its_weight_forms():
     mod.to("cpu")  # a move is fine
 
 
+@pytest.mark.parametrize("backend", ["triton", "mma_cslt", "cusparselt"])
+def test_sparse_linear_says_its_kernels_need_cuda(backend):
+    # It failed in kernel terms ("x is on cpu, the weight on cpu", Triton's "0 active
+    # drivers") after `model.cpu()`.
+    w = random_24(24, 64)
+    compact = pack_24(w)
+    packed = torch.cat([compact.values.reshape(-1), torch.zeros(96, dtype=w.dtype)])
+    if backend == "mma_cslt":
+        compact = Compact24(compact.values, to_cslt_layout(compact), 64, "cslt")
+    mod = Sparse24Linear(64, 24, {1: Choice(backend)}, compact=compact, packed=packed)
+    with pytest.raises(ria.InvalidArgumentError, match=f"{backend} kernel runs on CUDA only"):
+        mod(torch.randn(3, 64, dtype=w.dtype))
+
+
 def test_sparse_linear_reads_its_input_through_its_order_on_cpu():
     """A free channel order (from a `GatheredLinear`): `x[..., order] @ W.T + b`."""
     w = random_24(24, 64, dtype=torch.float32)

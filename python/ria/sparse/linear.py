@@ -219,6 +219,12 @@ class Sparse24Linear(nn.Module):
         """`(M, K)` contiguous -> `(M, N)` with the kernel planned for `M` in the current
         mode (graph capture or eager)."""
         key = (x.shape[0], not (x.is_cuda and graph_mode()))
+        if not x.is_cuda and (backend := self.choice_for(x.shape[0], eager=True).backend) != DENSE:
+            raise InvalidArgumentError(
+                f"this layer's {backend} kernel runs on CUDA only and the input is on "
+                f"{x.device}: move the model to the GPU (a model for the CPU is one before "
+                "ria.sparsify)"
+            )
         run = self._runners.get(key)
         if run is None:
             if len(self._runners) >= MAX_RUNNERS:  # many distinct token counts: start over
