@@ -309,17 +309,35 @@ def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path
             assert torch.equal(written[name], value), name
 
 
-def test_a_checkpoint_stored_under_converted_names_is_refused_before_calibrating(
-    tmp_path, tokenizer
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_experts_stored_one_by_one_stream_as_from_pretrained_fuses_them(
+    tmp_path, tokenizer, family
 ):
-    # transformers 5 saves Mixtral's fused experts one by one and fuses them on loading;
-    # the block reader found no `experts.gate_up_proj` at block 0, after calibrating (the
-    # message checked is the up-front check's).
-    tiny_model("mixtral").save_pretrained(tmp_path / "moe")
-    tokenizer.save_pretrained(tmp_path / "moe")
-    with pytest.raises(ria.streaming.UnreadableByBlockError, match="cannot be read block by"):
-        ria.prune_checkpoint(tmp_path / "moe", tmp_path / "out", **CALIB)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
+    # transformers 5 saves these models' fused experts one expert at a time and fuses
+    # them on loading; the block reader looked for the fused names and refused them.
+    # DeepSeek-V3 mixes a dense block (0) with MoE blocks: conversions per block differ.
+    source = tmp_path / family
+    tiny_model(family).save_pretrained(source, max_shard_size=SHARD)
+    tokenizer.save_pretrained(source)
+    assert not any("experts.gate_up_proj" in k for k in tensors(source))  # stored unfused
+    settings = dict(sparsity="2:4", permute="folded", permutation_options=FAST_SEARCH)
+    assert_streaming_matches(tmp_path, source, tokenizer, {**settings, **CALIB})
+    assert not any("experts.gate_up_proj" in k for k in tensors(tmp_path / "streamed"))
+
+
+def test_a_checkpoint_lacking_a_block_tensor_is_refused_before_calibrating(
+    tmp_path, checkpoint, tokenizer
+):
+    source = tmp_path / "lacking"
+    shutil.copytree(checkpoint, source)
+    name = "model.layers.1.mlp.up_proj.weight"
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    shard = source / index["weight_map"].pop(name)
+    save_file({k: v for k, v in load_file(shard).items() if k != name}, shard)
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ria.streaming.UnreadableByBlockError, match=f"no tensor '{name}'"):
+        ria.prune_checkpoint(source, tmp_path / "out", **CALIB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lacking"]
 
 
 def test_cli_low_memory(tmp_path, checkpoint, capsys):

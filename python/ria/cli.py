@@ -308,7 +308,7 @@ def _prune_in_memory(args: argparse.Namespace, config: PruneConfig) -> int:
             try:
                 model, placement = read_by_block(streamed, args.dtype, config.device)
                 tokenizer = _tokenizer(streamed)
-            except UnreadableByBlockError:  # stored under names transformers converts
+            except UnreadableByBlockError:  # lacks block tensors: from_pretrained decides
                 streamed = None
         if streamed is None:
             model, tokenizer = _load(args.model, args.dtype)

@@ -28,10 +28,11 @@ from ..permutation import OrderInfo, plain_state_dict
 from ..pruning import Placement, PruneConfig, PruneReport, prune_with
 from ..pruning.distributed import current
 from ..save import PERMUTATION_FILE, check_target, save_extras, save_orders, sibling, staged
+from .conversion import ConvertedBlocks
 from .memory import release_freed_memory
 from .skeleton import (
+    block_reader,
     build_skeleton,
-    check_block_tensors,
     check_dtype,
     free_outside,
     load_block,
@@ -127,7 +128,7 @@ def prune_checkpoint_with(
         tokenizer = _own_tokenizer(source.directory)
     device = config.device or default_device()
     path, _ = find_blocks(model)
-    check_block_tensors(model, source, path)  # before the calibration pass, not at block 0
+    converted = block_reader(model, source, path)  # fails before calibrating, not at block 0
     if offload_activations is None:
         offload_activations = (
             device.type == "cpu" and 2 * _activation_bytes(model, config) > _physical_memory() / 4
@@ -146,7 +147,7 @@ def prune_checkpoint_with(
         if offload_activations and config.needs_data:
             spill = stack.enter_context(_spill_directory(out))
         load_outside(model, source, path, device)
-        streamed = _StreamedBlocks(model, source, staging, device)
+        streamed = _StreamedBlocks(model, source, staging, device, converted)
         report = prune_with(model, tokenizer, config, streamed, spill)
         if staging is not None:
             streamed.finish()
@@ -166,15 +167,15 @@ def read_by_block(
     block rank 0 holds; the pruned blocks come to every rank from their owners. Host
     memory: one block and the weights outside the blocks, not the model.
 
-    Raises `UnreadableByBlockError`, before loading anything, for a checkpoint stored
-    under names transformers converts on loading (load it whole instead)."""
+    Raises `UnreadableByBlockError`, before loading anything, for a checkpoint lacking
+    block tensors under any name transformers reads (load it whole instead)."""
     check_dtype(dtype)
     source = _source(src)
     model = build_skeleton(source, dtype)
     path, _ = find_blocks(model)
-    check_block_tensors(model, source, path)
+    converted = block_reader(model, source, path)
     load_outside(model, source, path, device)
-    return model, _StreamedBlocks(model, source, None, device)
+    return model, _StreamedBlocks(model, source, None, device, converted)
 
 
 def _source(src: str | Path) -> CheckpointSource:
@@ -255,8 +256,10 @@ class _StreamedBlocks:
         source: CheckpointSource,
         staging: Path | None,
         device: torch.device,
+        converted: ConvertedBlocks | None,
     ) -> None:
         self.model, self.source, self.staging, self.device = model, source, staging, device
+        self.converted = converted
         self.path, blocks = find_blocks(model)
         self.index = {id(block): i for i, block in enumerate(blocks)}
         self.writer = None if staging is None else ShardWriter(staging, len(blocks) + 1)
@@ -278,12 +281,13 @@ class _StreamedBlocks:
             self._write_outside()
         where = f"{self.path}.{self.index[id(block)]}"
         try:
-            load_block(block, where, self.source, self.device)
+            load_block(block, where, self.source, self.device, self.converted)
             yield block
             if self.writer is None:
                 return
             state, orders, infos = plain_state_dict(self.model, where)
-            self.writer.write(state)
+            # under the checkpoint's names, as save_pruned's save_pretrained writes them
+            self.writer.write(state if self.converted is None else self.converted.revert(state))
             self.orders.update(orders)
             self.order_infos.update(infos)
         finally:

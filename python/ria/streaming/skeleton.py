@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InvalidArgumentError
+from .conversion import ConvertedBlocks
 from .source import CheckpointSource
 
 if TYPE_CHECKING:
@@ -17,8 +18,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DTYPES",
     "UnreadableByBlockError",
+    "block_reader",
     "build_skeleton",
-    "check_block_tensors",
     "check_dtype",
     "free_outside",
     "load_block",
@@ -123,27 +124,43 @@ def load_outside(
 
 
 class UnreadableByBlockError(InvalidArgumentError):
-    """A checkpoint whose blocks cannot be read by name: its tensors are stored under
-    names transformers converts on loading (`from_pretrained` still reads it whole)."""
+    """A checkpoint whose blocks cannot be read by name: some block tensor the model
+    expects is stored neither under its own name nor under one transformers converts."""
 
 
-def check_block_tensors(model: torch.nn.Module, source: CheckpointSource, blocks_path: str) -> None:
-    """Fails, before any work, when `source` lacks a tensor of the blocks under
-    `blocks_path` (checkpoints stored under other names, which transformers converts on
-    loading: its MoE experts saved one by one, say)."""
-    missing = [k for k in model.state_dict() if k.startswith(f"{blocks_path}.") and k not in source]
+def block_reader(
+    model: torch.nn.Module, source: CheckpointSource, blocks_path: str
+) -> ConvertedBlocks | None:
+    """How `load_block` reads the blocks under `blocks_path`: None when every block
+    tensor is stored under the model's own name, else the conversions transformers applies
+    on loading (experts stored one by one, say). Fails, before any work, when some block
+    tensor is made by no checkpoint tensor."""
+    head = f"{blocks_path}."
+    if all(k in source for k in model.state_dict() if k.startswith(head)):
+        return None
+    converted = ConvertedBlocks(model, source, blocks_path)  # type: ignore[arg-type]
+    missing = converted.missing()
     if missing:
         raise UnreadableByBlockError(
             f"{source.directory} has no tensor {missing[0]!r} ({len(missing)} block tensors "
-            "missing), which the model built from its config expects: checkpoints whose "
-            "tensor names transformers converts on loading cannot be read block by block"
+            "missing), which the model built from its config expects, under that name or "
+            "one transformers converts on loading"
         )
+    return converted
 
 
 def load_block(
-    block: torch.nn.Module, prefix: str, source: CheckpointSource, device: torch.device
+    block: torch.nn.Module,
+    prefix: str,
+    source: CheckpointSource,
+    device: torch.device,
+    converted: ConvertedBlocks | None = None,
 ) -> None:
-    """Loads one block's weights (state-dict keys under `prefix.`) onto `device`."""
+    """Loads one block's weights (state-dict keys under `prefix.`) onto `device`, through
+    `converted` (from `block_reader`) when given."""
+    if converted is not None:
+        converted.load(block, prefix, device)
+        return
     expected = block.state_dict()
     tensors = source.load(f"{prefix}.{k}" for k in expected)
     block.load_state_dict(
