@@ -30,6 +30,7 @@ from ria.sparse import (
 )
 from ria.sparse import sparsify as sparsify_fn
 from ria.sparse.cslt_lib import cusparselt_version
+from ria.sparse.fp8_linear import fp8_slower_warnings
 from ria.sparse.plan_cache import cached_choices_run, plan_key
 from ria.sparse.sparsify import (
     buckets_without_sparse_kernel,
@@ -343,6 +344,24 @@ def test_report_warns_where_the_chosen_kernel_is_slower_than_dense():
     fast.eager_times_us = {}
     assert slower_than_dense_warning([fast], margin=0.05) is None
     assert slower_than_dense_warning([fast], margin=0.0) is not None
+
+
+def test_fp8_report_warns_where_fp8_is_slower_than_bf16_or_fp8_dense():
+    # The fp8 report gave neither warning: its tuning times name fp8 dense's two forms
+    # and bf16 cuBLAS ("dense"), which the bf16 warning alone does not tell apart.
+    times = {
+        1: {"dense": 12.0, "fp8_dense": 10.0, "fp8_dense_unscaled": 9.0, "fp8_mma": 6.0},
+        64: {"dense": 12.0, "fp8_dense": 12.0, "fp8_dense_unscaled": 9.0, "fp8_cusparselt": 13.0},
+    }
+    plan = {1: "fp8_mma", 64: "fp8_cusparselt"}
+    layer = SparseLayerReport("q", 64, 64, True, plan=plan, times_us=times)
+    bf16, fp8 = fp8_slower_warnings([layer], sparse=True, margin=0.05)
+    assert bf16.startswith("fp8 is slower than the unconverted layers")
+    assert "M<=64: 1 of 1 layers at 0.92-0.92x" in bf16 and "M<=1" not in bf16
+    assert fp8.startswith("fp8 2:4 is slower than fp8 dense")
+    assert "M<=64: 1 of 1 layers at 0.69-0.69x" in fp8 and "allow_dense=True" in fp8
+    assert len(fp8_slower_warnings([layer], sparse=False, margin=0.05)) == 1
+    assert fp8_slower_warnings([layer], sparse=True, margin=0.5) == []
 
 
 # -- CUDA --------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ from .mma_sp import (
 from .plan_cache import PlanCache, TunedPlan, cached_choices_run, library_versions
 
 if TYPE_CHECKING:
-    from .sparsify import SparsifyReport
+    from .sparsify import SparseLayerReport, SparsifyReport
 
 FP8_DENSE = "fp8_dense"
 FP8_DENSE_UNSCALED = "fp8_dense_unscaled"
@@ -92,6 +92,7 @@ __all__ = [
     "Fp8Linear",
     "choose_fp8_plan",
     "fp8_layer",
+    "fp8_slower_warnings",
     "quantize_linears",
     "sparsify_fp8",
 ]
@@ -586,11 +587,44 @@ def sparsify_fp8(
     report.applied = bool(report.converted)
     if not report.applied:
         report.reason = f"no {'2:4-sparse ' if sparse else ''}fp16/bf16 CUDA linear layer found"
+    for note in fp8_slower_warnings(report.layers, sparse, dense_margin):
+        report.warnings.append(note)
+        warnings.warn(note, stacklevel=2)
     report.seconds = time.perf_counter() - t0
     if verbose:
         print(report)
         print(report.markdown())
     return report
+
+
+def fp8_slower_warnings(
+    layers: Sequence[SparseLayerReport], sparse: bool, margin: float
+) -> list[str]:
+    """The fp8 report's speed warnings, from the tuning times of the converted `layers`:
+    token buckets where the chosen fp8 kernel is slower (by more than `margin`, a
+    fraction) than the layer before conversion (cuBLAS in its own dtype), and, for 2:4
+    layers, than fp8 dense (the same quantization without pruning)."""
+    from .sparsify import slower_than_dense_warning
+
+    notes = [
+        slower_than_dense_warning(
+            layers,
+            margin,
+            slower="fp8 is slower than the unconverted layers (cuBLAS in their dtype)",
+            remedy="calls of those sizes run slower than before ria.sparsify",
+        )
+    ]
+    if sparse:
+        notes.append(
+            slower_than_dense_warning(
+                layers,
+                margin,
+                against=FP8_DENSE_KERNELS,
+                slower="fp8 2:4 is slower than fp8 dense",
+                remedy="allow_dense=True keeps the dense e4m3 weight for them (more memory)",
+            )
+        )
+    return [note for note in notes if note is not None]
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,14 +112,18 @@ class SparseLayerReport:
     sparse_bytes: int = 0
     plan_source: str = ""  # "cache" (read from the plan cache) or "tuned" (timed now)
 
-    def speedup(self, bucket: int, eager: bool = False) -> float | None:
-        """Dense time over the chosen kernel's time at `bucket` under graph replay (or in
-        eager calls), if both were measured."""
+    def speedup(
+        self, bucket: int, eager: bool = False, against: Collection[str] = (DENSE,)
+    ) -> float | None:
+        """Time of the fastest of `against` (cuBLAS in the layer's dtype) over the chosen
+        kernel's time at `bucket` under graph replay (or in eager calls), if both were
+        measured."""
         times = (self.eager_times_us if eager else self.times_us).get(bucket, {})
         chosen = (self.eager_plan if eager else self.plan).get(bucket)
-        if DENSE not in times or chosen not in times:
+        base = [times[b] for b in against if b in times]
+        if not base or chosen not in times:
             return None
-        return times[DENSE] / times[chosen]
+        return min(base) / times[chosen]
 
 
 @dataclass
@@ -636,17 +640,26 @@ def cusparselt_version_warning(version: int | None) -> str | None:
     return None
 
 
-def slower_than_dense_warning(layers: Iterable[SparseLayerReport], margin: float) -> str | None:
-    """Which token buckets the converted `layers` run slower than dense (the chosen kernel's
-    time over cuBLAS's by more than `margin`, a fraction), under graph replay and in eager
-    calls, or None: without a dense copy the model is slower there, and the report says so."""
+def slower_than_dense_warning(
+    layers: Iterable[SparseLayerReport],
+    margin: float,
+    *,
+    against: Collection[str] = (DENSE,),
+    slower: str = "2:4 is slower than dense",
+    remedy: str = "calls of those sizes run slower than the dense model; allow_dense=True "
+    "keeps dense weights for them (more memory)",
+) -> str | None:
+    """Which token buckets the converted `layers` run slower than the fastest of `against`
+    (the chosen kernel's time over that one's by more than `margin`, a fraction), under
+    graph replay and in eager calls, or None: the warning the report carries, `slower`
+    (what is slower than what) and `remedy` around the buckets."""
     converted = [lr for lr in layers if lr.converted]
     parts = []
     for eager, mode in ((False, "graph replay"), (True, "eager calls")):
         slow: dict[int, list[float]] = {}
         for lr in converted:
             for bucket in lr.eager_plan if eager else lr.plan:
-                s = lr.speedup(bucket, eager)
+                s = lr.speedup(bucket, eager, against)
                 if s is not None and s < 1 - margin:
                     slow.setdefault(bucket, []).append(s)
         if slow:
@@ -657,12 +670,7 @@ def slower_than_dense_warning(layers: Iterable[SparseLayerReport], margin: float
             parts.append(f"{mode}: {where}")
     if not parts:
         return None
-    return (
-        "2:4 is slower than dense in these token buckets ("
-        + "; ".join(parts)
-        + "): calls of those sizes run slower than the dense model; allow_dense=True keeps "
-        "dense weights for them (more memory)"
-    )
+    return f"{slower} in these token buckets ({'; '.join(parts)}): {remedy}"
 
 
 def _cached_plan_works(entry: TunedPlan, f: WeightForms) -> bool:
