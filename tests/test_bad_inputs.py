@@ -360,6 +360,35 @@ def test_a_loaded_permuted_model_is_not_permuted_again(tokenizer, tmp_path):
     assert_second_permutation_refused(loaded, tokenizer, "2:4")
 
 
+@pytest.mark.parametrize("how", ["config", "fp8 weight", "int8 weight"])
+def test_a_quantized_model_is_refused_before_anything_changes(tokenizer, how):
+    # Its stored numbers are not its weights (packs, fp8 with block scales): pruned as
+    # numbers, with a success report.
+    model = tiny_model("llama")
+    down = model.model.layers[1].mlp.down_proj
+    if how == "config":  # how transformers marks GPTQ, AWQ, bitsandbytes, fp8 checkpoints
+        model.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+        match = r"quantized \(gptq\)"
+    else:
+        dtype = torch.float8_e4m3fn if how == "fp8 weight" else torch.int8
+        down.weight = torch.nn.Parameter(down.weight.data.to(dtype), requires_grad=False)
+        match = rf"model\.layers\.1\.mlp\.down_proj holds {dtype}"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ria.UnsupportedModelError, match=match):
+        ria.prune(model, tokenizer, sparsity="2:4", nsamples=2, seqlen=16, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_quantized_checkpoint_is_refused_by_the_streaming_prune(tmp_path, tokenizer):
+    source = tmp_path / "quantized"
+    model = tiny_model("llama")
+    model.config.quantization_config = {"quant_method": "fp8", "weight_block_size": [8, 8]}
+    model.save_pretrained(source)
+    with pytest.raises(ria.UnsupportedModelError, match=r"quantized \(fp8\)"):
+        ria.prune_checkpoint(source, tmp_path / "out", tokenizer=tokenizer, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quantized"]
+
+
 # --- an interrupted prune is marked, and not saved --------------------------------------
 
 

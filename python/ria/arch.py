@@ -320,3 +320,17 @@ def is_router(block: nn.Module, name: str) -> bool:
             return True
     parent = block.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else block
     return isinstance(module, nn.Linear) and hasattr(parent, "experts")
+
+
+def quantization_method(config: object) -> str | None:
+    """The `quant_method` of `config.quantization_config` (transformers stores a dict or a
+    config object), or None for a config without quantization."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    return str(getattr(method, "value", method) or "unknown method")

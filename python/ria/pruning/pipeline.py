@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._torch import default_device, module_device
-from ..arch import find_blocks, fused_experts
+from ..arch import find_blocks, fused_experts, quantization_method
 from ..core import (
     PermutationResult,
     RefineStats,
@@ -302,6 +302,7 @@ def _plan(model: PreTrainedModel, config: PruneConfig, placed: bool = False) -> 
     a `Placement` brings each block's weights (the streaming prune's meta skeleton)."""
     mode = config.permutation_mode
     path, blocks = find_blocks(model)
+    _refuse_quantized(model, path, blocks)
     if mode == "free":
         _refuse_freely_permuting_experts(path, blocks)
     target = config.sparsity
@@ -339,6 +340,32 @@ def _plan(model: PreTrainedModel, config: PruneConfig, placed: bool = False) -> 
     if device.type == "cuda" and not dispatched and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device={str(device)!r} but CUDA is not available here")
     return _Plan(path, blocks, device, coverage)
+
+
+# Weights ria's scores, masks and updates are defined on.
+_FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _refuse_quantized(model: PreTrainedModel, path: str, blocks: nn.ModuleList) -> None:
+    """Refuses a quantized model: its stored numbers are not its weights (int8 or 4-bit
+    packs, fp8 with block scales), so scores, masks and updates on them would be wrong.
+    GGUF checkpoints pass when transformers dequantized them on loading (float weights)."""
+    fix = (
+        "load it unquantized (dequantized), prune it, then quantize it (ria.sparsify(model, "
+        'dtype="fp8") runs fp8 2:4). Nothing was changed'
+    )
+    method = quantization_method(model.config)
+    if method is not None and method != "gguf":
+        raise UnsupportedModelError(
+            f"this model is quantized ({method}); ria prunes float weights: {fix}"
+        )
+    for i, block in enumerate(blocks):
+        for name, matrix in block_matrices(block).items():
+            if matrix.param.dtype not in _FLOAT_WEIGHTS:
+                raise UnsupportedModelError(
+                    f"{path}.{i}.{name} holds {matrix.param.dtype} weights (quantized); ria "
+                    f"prunes float weights: {fix}"
+                )
 
 
 def _refuse_freely_permuting_experts(path: str, blocks: nn.ModuleList) -> None:
