@@ -173,12 +173,18 @@ def _worker(rank: int, work: str) -> None:
 
 
 def mismatched(rank: int) -> dict[str, str]:
-    """The errors of prunes where rank 1 alone has another seed, or its own windows (a
-    data-parallel habit), and whether the model was left untouched."""
+    """The errors of prunes where rank 1 alone has another seed, its own windows (a
+    data-parallel habit) or other weights (another revision of the checkpoint), and
+    whether the model was left untouched."""
     errors = {}
-    for what, change in [("seed", dict(seed=1)), ("windows", dict(calibration=windows() + 1))]:
+    cases = [
+        ("seed", dict(seed=1), 0),
+        ("windows", dict(calibration=windows() + 1), 0),
+        ("weights", {}, 1),
+    ]
+    for what, change, model_seed in cases:
         settings = {"calibration": windows(), **CALIB, "sparsity": "2:4"}
-        model = tiny_model("llama")
+        model = tiny_model("llama", seed=model_seed if rank == 1 else 0)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         try:
             ria.prune(model, **{**settings, **(change if rank == 1 else {})})
@@ -425,14 +431,16 @@ def test_only_rank_0_loads_the_whole_model_in_the_cli(ranks):
     assert [r["moe loaded whole"] for r in ranks] == [1, 0]
 
 
-def test_ranks_given_other_settings_or_windows_are_refused_before_pruning(ranks):
+def test_ranks_given_other_settings_windows_or_weights_are_refused_before_pruning(ranks):
     for r in ranks:
         errors = r["mismatched"]
         assert "ranks [1] of 2 disagree with rank 0 in their settings" in errors["seed"]
         assert (
             "ranks [1] of 2 disagree with rank 0 in their calibration windows" in errors["windows"]
         )
+        assert "disagree with rank 0 in their input embeddings" in errors["weights"]
         assert errors["seed untouched"] and errors["windows untouched"]
+        assert errors["weights untouched"]
 
 
 def test_rank_0_failing_to_load_stops_every_rank_of_the_cli(ranks):

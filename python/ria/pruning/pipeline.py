@@ -242,6 +242,9 @@ def prune_with(
                 _check_group_device(plan.device, ranks.device)
                 settings = {**config.to_dict(), "batch_size": config.batch_size}
                 ranks.check_same("in their settings", settings)
+                embeddings = model.get_input_embeddings().weight
+                assert isinstance(embeddings, torch.Tensor)
+                ranks.check_same_weights("in their input embeddings", embeddings)
             if config.needs_data:
                 with timer("calibration"):
                     windows = calibration_windows(
