@@ -10,6 +10,7 @@ import gc
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
@@ -531,12 +532,19 @@ def test_a_killed_save_leaves_nothing_and_the_next_save_cleans_up(tmp_path):
     assert not out.exists()
     staged = [p for p in tmp_path.iterdir() if p.name.startswith(".out.incomplete-")]
     assert len(staged) == 1 and (staged[0] / "config.json").exists()
-    # A staging directory whose writer is alive (pid 1 always is) is left alone.
+    # A staging directory whose writer is alive (pid 1 always is) is left alone, and so is
+    # one another host wrote on a shared filesystem: its pid means nothing here.
     alive = tmp_path / ".out.incomplete-1-0123abcd"
     alive.mkdir()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    elsewhere = tmp_path / f".out.incomplete-other_host-{finished.pid}-0123abcd"
+    elsewhere.mkdir()
+    host = staged[0].name.removeprefix(".out.incomplete-").rsplit("-", 2)[0]
+    (tmp_path / f".out.incomplete-{host}-{finished.pid}-4567abcd").mkdir()  # this host's: gone
 
     ria.save_pruned(tiny_model("llama"), out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, elsewhere.name, "out"]
 
 
 # --- the CLI never discards a finished prune --------------------------------------------

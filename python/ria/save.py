@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -202,30 +203,42 @@ def _is_checkpoint(path: Path) -> bool:
 def sibling(out: Path, kind: str) -> Path:
     """A hidden directory name beside `out` for this process's writes (staging: "incomplete",
     a replaced checkpoint: "old", the streaming prune's spilled activations: "activations");
-    the pid says whether its writer is still alive."""
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    the host and pid say whether its writer is still alive (on a shared filesystem, only
+    its own host can tell)."""
+    return out.parent / f".{out.name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _host() -> str:
+    """This machine's name as a directory name can hold it."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "_"
 
 
 def remove_stale_staging(out: Path) -> list[Path]:
     """Removes what saves of `out` killed midway left beside it: staging directories (and
     a streaming prune's spilled activations), and replaced checkpoints once `out` exists
-    again. Only those whose writing process is gone; returns what was removed."""
+    again. Only those whose writing process is gone: written on this host (other hosts'
+    on a shared filesystem are left alone) by a process that no longer runs. Returns what
+    was removed."""
     removed = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
-        kind, pid = _stale_kind(path, out.name)
-        if kind is None or (kind == "old" and not out.exists()) or _alive(pid):
+        kind, host, pid = _stale_kind(path, out.name)
+        if kind is None or (kind == "old" and not out.exists()):
+            continue
+        if host not in (None, _host()) or _alive(pid):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
 
 
-def _stale_kind(path: Path, name: str) -> tuple[str | None, int]:
+def _stale_kind(path: Path, name: str) -> tuple[str | None, str | None, int]:
+    """The kind, host (None: written before names had one) and pid of a `sibling` name."""
     kinds = "incomplete|old|activations"
-    match = re.fullmatch(rf"\.{re.escape(name)}\.({kinds})-(\d+)-[0-9a-f]{{8}}", path.name)
+    pattern = rf"\.{re.escape(name)}\.({kinds})-(?:([A-Za-z0-9_.]+)-)?(\d+)-[0-9a-f]{{8}}"
+    match = re.fullmatch(pattern, path.name)
     if match is None or not path.is_dir():
-        return None, 0
-    return match[1], int(match[2])
+        return None, None, 0
+    return match[1], match[2], int(match[3])
 
 
 def _alive(pid: int) -> bool:
