@@ -341,6 +341,8 @@ def test_graph_replay_past_a_sliding_window_matches_hf(family):
     # generator's full-length layers and masks carry the window instead.
     types = ["sliding_attention", "full_attention"]
     model = tiny_model(family, sliding_window=5, layer_types=types).cuda()
+    if family == "gpt_oss":  # float32 grouped_mm copies to the host: not capturable
+        model.set_experts_implementation("batched_mm")
     ids, mask = (t.cuda() for t in padded_prompts())
     ref = model.generate(
         ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
@@ -351,6 +353,24 @@ def test_graph_replay_past_a_sliding_window_matches_hf(family):
     for _ in range(3):  # replays of the same graphs: the eager path's kernels and masks
         out = generate(model, ids, 8, attention_mask=mask, eos_token_id=(), cuda_graph=True)
         assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_model_that_cannot_be_captured_runs_eagerly_unless_graphs_are_asked_for():
+    # MoE experts that loop over the experts hit sync with the host: the capture failed
+    # with a CUDA error out of `ria.generate` (default cuda_graph=None).
+    model = tiny_model("gpt_oss").cuda()
+    model.set_experts_implementation("eager")
+    ids, mask = (t.cuda() for t in padded_prompts())
+    eager = generate(model, ids, 6, attention_mask=mask, eos_token_id=(), cuda_graph=False)
+    with pytest.warns(UserWarning, match="cannot be captured in a CUDA graph.*batched_mm"):
+        out = generate(model, ids, 6, attention_mask=mask, eos_token_id=())
+    assert torch.equal(out, eager)
+    assert torch.equal(generate(model, ids, 6, attention_mask=mask, eos_token_id=()), eager)
+    clear_generators(model)
+    with pytest.raises(UnsupportedModelError, match="cuda_graph=False"):
+        generate(model, ids, 6, attention_mask=mask, eos_token_id=(), cuda_graph=True)
 
 
 @pytest.mark.gpu

@@ -28,9 +28,11 @@ CUDA graphs, so dense and sparse models run with no per-kernel host overhead.
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -39,6 +41,8 @@ from .._checks import require_int
 from ..errors import CacheFullError, InvalidArgumentError, UnsupportedModelError
 from .graphs import capture
 from .sampling import Sampling, next_tokens
+
+T = TypeVar("T")
 
 __all__ = [
     "CACHE_LEN_STEP",
@@ -112,6 +116,7 @@ class StaticGenerator:
         self.max_cache_len = max_cache_len
         device = next(model.parameters()).device
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self._graphs_asked = cuda_graph is True  # else a model that cannot be captured runs eagerly
         if self.cuda_graph and device.type != "cuda":
             raise InvalidArgumentError(
                 f"cuda_graph=True needs a CUDA model, this one is on {device}"
@@ -290,28 +295,10 @@ class StaticGenerator:
         padding = _padding(attention_mask, ids.shape, self.device)
         self.cache.query_offset = 0
         try:
-            if not self.cuda_graph:
+            logits = self._graphed_prefill(ids, padding) if self.cuda_graph else None
+            if logits is None:  # eager, or the model could not be captured
                 logits = self._prefill_call(ids, padding)
                 self._cache_ready = True
-            else:
-                key = (q, padding is not None)
-                if not self._cache_ready:  # the first call initialises the cache eagerly
-                    self._prefill_call(ids, padding)
-                    self._cache_ready = True
-                if key not in self._prefill_graphs:
-                    while len(self._prefill_graphs) >= MAX_PREFILL_GRAPHS:
-                        self._prefill_graphs.popitem(last=False)
-                    buf = ids.clone()
-                    pbuf = None if padding is None else padding.clone()
-                    graph, out = capture(lambda: self._prefill_call(buf, pbuf), warmup=1)
-                    self._prefill_graphs[key] = (graph, buf, pbuf, out)
-                self._prefill_graphs.move_to_end(key)
-                graph, buf, pbuf, out = self._prefill_graphs[key]
-                buf.copy_(ids)
-                if pbuf is not None and padding is not None:
-                    pbuf.copy_(padding)
-                graph.replay()
-                logits = out
         finally:
             self.cache.query_offset = None
         self.pos = q
@@ -330,6 +317,64 @@ class StaticGenerator:
         self._select(logits, sampling)
         return logits
 
+    def _graphed_prefill(
+        self, ids: torch.Tensor, padding: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The prefill logits by graph replay (captured for this prompt length first), or
+        None when the model cannot be captured (`_captured`)."""
+        key = (ids.shape[1], padding is not None)
+        if not self._cache_ready:  # the first call initialises the cache eagerly
+            self._prefill_call(ids, padding)
+            self._cache_ready = True
+        if key not in self._prefill_graphs:
+            while len(self._prefill_graphs) >= MAX_PREFILL_GRAPHS:
+                self._prefill_graphs.popitem(last=False)
+            buf = ids.clone()
+            pbuf = None if padding is None else padding.clone()
+            captured = self._captured(lambda: self._prefill_call(buf, pbuf))
+            if captured is None:
+                return None
+            graph, out = captured
+            self._prefill_graphs[key] = (graph, buf, pbuf, out)
+        self._prefill_graphs.move_to_end(key)
+        graph, buf, pbuf, out = self._prefill_graphs[key]
+        buf.copy_(ids)
+        if pbuf is not None and padding is not None:
+            pbuf.copy_(padding)
+        graph.replay()
+        return out
+
+    def _captured(self, call: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T] | None:
+        """`call` captured as a CUDA graph (after one warm-up call), or None when the model
+        cannot be captured (host copies or syncs inside its forward, such as MoE experts
+        that loop over the experts hit): graphs are then off for this generator, with a
+        warning, unless they were asked for (`cuda_graph=True`: an error)."""
+        try:
+            return capture(call, warmup=1)
+        except RuntimeError as exc:  # torch.AcceleratorError is one too
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            experts = getattr(self.model.config, "_experts_implementation", None)
+            hint = (
+                f"; its MoE experts run {experts!r}: "
+                'model.set_experts_implementation("batched_mm") can be captured'
+                if experts not in (None, "batched_mm")
+                else ""
+            )
+            if self._graphs_asked:
+                raise UnsupportedModelError(
+                    f"this model cannot be captured in a CUDA graph ({why}){hint}; "
+                    "generate with cuda_graph=False"
+                ) from exc
+            warnings.warn(
+                f"this model cannot be captured in a CUDA graph ({why}){hint}: it runs "
+                "eagerly, without graphs (slower)",
+                stacklevel=4,
+            )
+            self.cuda_graph = False
+            self._prefill_graphs.clear()
+            self._step_graphs.clear()
+            return None
+
     def prefill_graph(self, q: int, padded: bool = False) -> torch.cuda.CUDAGraph | None:
         """The captured prefill graph for prompt length `q` (after one `prefill` of that
         length, with or without padding)."""
@@ -345,20 +390,30 @@ class StaticGenerator:
         if self.pos >= self.max_cache_len:
             raise CacheFullError(f"KV cache full ({self.max_cache_len} tokens)")
         self._draw_noise(sampling, generator)
-        if not self.cuda_graph:
+        graph = self._step_graph(sampling) if self.cuda_graph else None
+        if graph is None:  # eager, or the model could not be captured
             self._step_call(sampling)
         else:
-            graph = self._step_graphs.get(sampling)
-            if graph is None:
-                state = [self._ids, self._pos, self._slot, self._done, *self._lengths()]
-                saved = [t.clone() for t in state]
-                graph, _ = capture(lambda: self._step_call(sampling), warmup=1)
-                for t, s in zip(state, saved, strict=True):  # undo the warm-up step
-                    t.copy_(s)
-                self._step_graphs[sampling] = graph
             graph.replay()
         self.pos += 1
         return self._ids
+
+    def _step_graph(self, sampling: Sampling | None) -> torch.cuda.CUDAGraph | None:
+        """The decode-step graph for `sampling`, captured on first use; None when the
+        model cannot be captured (`_captured`)."""
+        graph = self._step_graphs.get(sampling)
+        if graph is None:
+            state = [self._ids, self._pos, self._slot, self._done, *self._lengths()]
+            saved = [t.clone() for t in state]
+            try:
+                captured = self._captured(lambda: self._step_call(sampling))
+            finally:
+                for t, s in zip(state, saved, strict=True):  # undo the warm-up step
+                    t.copy_(s)
+            if captured is None:
+                return None
+            graph = self._step_graphs[sampling] = captured[0]
+        return graph
 
     def step_graph(self, sampling: Sampling | None = None) -> torch.cuda.CUDAGraph | None:
         """The captured decode-step graph for `sampling` (after the first such `step`)."""
