@@ -24,7 +24,7 @@ from helpers import (
     tiny_model,
 )
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 import ria
 import ria.pruning.pipeline
@@ -47,7 +47,10 @@ SHARD = "40KB"
 def checkpoint(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama with tied embeddings, saved in many shards with its tokenizer."""
     path = tmp_path_factory.mktemp("src") / "tiny"
-    tiny_model("llama", tie_word_embeddings=True).save_pretrained(path, max_shard_size=SHARD)
+    model = tiny_model("llama", tie_word_embeddings=True)
+    # As a Hub model's: sampling defaults and several end-of-sequence ids.
+    model.generation_config = GenerationConfig(eos_token_id=[2, 7], do_sample=True, temperature=0.6)
+    model.save_pretrained(path, max_shard_size=SHARD)
     tokenizer.save_pretrained(path)
     assert len(list(path.glob("model-*.safetensors"))) > 3
     return path
@@ -122,8 +125,11 @@ def assert_streaming_matches(tmp_path, checkpoint, tokenizer, settings, offload=
             ria.save.saved_orders_with_infos(d / PERMUTATION_FILE)[1] for d in (in_memory, streamed)
         ]
         assert infos[0] == infos[1]
+    for name in ("config.json", "generation_config.json"):  # the latter was the default one
+        assert json.loads((streamed / name).read_text()) == json.loads(
+            (in_memory / name).read_text()
+        )
     config = json.loads((in_memory / "config.json").read_text())
-    assert json.loads((streamed / "config.json").read_text()) == config
     assert config["ria"]["sparsity"] == str(settings["sparsity"])
     assert [layer.sparsity for layer in stream_report.layers] == [
         layer.sparsity for layer in report.layers
@@ -246,6 +252,27 @@ def test_what_from_pretrained_keeps_in_float32_stays_in_float32(
     assert kept and all("norm" in k for k in kept), kept
 
 
+def test_dtype_auto_without_a_config_dtype_is_the_first_shards_as_in_from_pretrained(tmp_path):
+    # The first floating tensor by name over all shards (lm_head, in the last shard) was
+    # taken: a bf16 checkpoint with a float32 LM head was pruned and written in float32.
+    source = tmp_path / "src"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(source, max_shard_size=SHARD)
+    config = json.loads((source / "config.json").read_text())
+    config.pop("dtype", None)
+    (source / "config.json").write_text(json.dumps(config))
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    shard = source / index["weight_map"]["lm_head.weight"]
+    stored = load_file(shard)
+    stored["lm_head.weight"] = stored["lm_head.weight"].float()
+    save_file(stored, shard, metadata={"format": "pt"})
+    expected = AutoModelForCausalLM.from_pretrained(source, dtype="auto").dtype
+    assert expected == torch.bfloat16
+    ria.prune_checkpoint(
+        source, tmp_path / "out", sparsity="2:4", method="magnitude", progress=False
+    )
+    assert tensors(tmp_path / "out")["model.layers.0.mlp.up_proj.weight"].dtype == expected
+
+
 def test_a_hub_id_is_read_from_the_local_cache_only(tmp_path, checkpoint, monkeypatch):
     import huggingface_hub.constants
 
@@ -325,17 +352,70 @@ def test_experts_stored_one_by_one_stream_as_from_pretrained_fuses_them(
     assert not any("experts.gate_up_proj" in k for k in tensors(tmp_path / "streamed"))
 
 
-def test_a_checkpoint_lacking_a_block_tensor_is_refused_before_calibrating(
-    tmp_path, checkpoint, tokenizer
+@pytest.mark.parametrize("stored", ["hub layout", "own names"])
+def test_a_vision_language_checkpoint_streams_under_the_names_it_stores(
+    tmp_path, tokenizer, stored
 ):
+    # Gemma 3 with a vision tower: `save_pretrained` writes `language_model.model.*`,
+    # which the weights outside the blocks were read as (refused: "no tensor"); stored
+    # under the model's own names, the streamed copy renamed them (a mixed layout).
+    source = tmp_path / "vlm"
+    tiny_vlm().save_pretrained(
+        source, max_shard_size="100KB", save_original_format=stored == "hub layout"
+    )
+    tokenizer.save_pretrained(source)
+    settings = dict(sparsity="2:4", permute="folded", permutation_options=FAST_SEARCH)
+    assert_streaming_matches(tmp_path, source, tokenizer, {**settings, **CALIB})
+    hub = any(k.startswith("language_model.") for k in tensors(tmp_path / "streamed"))
+    assert hub == (stored == "hub layout")
+
+
+def tiny_vlm() -> torch.nn.Module:
+    """A two-block Gemma 3 with a two-layer vision tower."""
+    from transformers import Gemma3Config
+
+    text = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=28, patch_size=14,
+    )  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4,
+        image_token_index=VOCAB - 12, boi_token_index=VOCAB - 11, eoi_token_index=VOCAB - 10,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("stored", "named"),
+    [
+        ("model.layers.1.mlp.up_proj.weight",) * 2,
+        (
+            "model.layers.1.block_sparse_moe.experts.1.w3.weight",
+            "model.layers.1.mlp.experts.gate_up_proj",
+        ),
+    ],
+)
+def test_a_checkpoint_lacking_a_block_tensor_is_refused_before_calibrating(
+    tmp_path, checkpoint, tokenizer, stored, named
+):
+    # One expert of a fused tensor missing was found at that block, after calibrating and
+    # pruning the blocks before it.
     source = tmp_path / "lacking"
-    shutil.copytree(checkpoint, source)
-    name = "model.layers.1.mlp.up_proj.weight"
+    if "experts" in stored:
+        tiny_model("mixtral").save_pretrained(source, max_shard_size=SHARD)
+        tokenizer.save_pretrained(source)
+    else:
+        shutil.copytree(checkpoint, source)
     index = json.loads((source / "model.safetensors.index.json").read_text())
-    shard = source / index["weight_map"].pop(name)
-    save_file({k: v for k, v in load_file(shard).items() if k != name}, shard)
+    shard = source / index["weight_map"].pop(stored)
+    save_file({k: v for k, v in load_file(shard).items() if k != stored}, shard)
     (source / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ria.streaming.UnreadableByBlockError, match=f"no tensor '{name}'"):
+    with pytest.raises(ria.streaming.UnreadableByBlockError, match=f"no tensor '{named}'"):
         ria.prune_checkpoint(source, tmp_path / "out", **CALIB)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lacking"]
 

@@ -1,9 +1,11 @@
-"""Blocks of checkpoints stored under the names transformers converts on loading (the fused
-experts of Mixtral, Qwen3-MoE or DeepSeek-V3, saved one expert at a time and fused by
-`from_pretrained`): transformers' own conversion mapping says which checkpoint tensors
-make each block, and its loader converts one block's tensors at a time. Saving reverts
-the conversion as `save_pretrained` does, so the streamed checkpoint keeps the layout of
-the one read."""
+"""The names a checkpoint stores its tensors under, against the model's own: transformers
+renames and converts some on loading (the fused experts of Mixtral, Qwen3-MoE or
+DeepSeek-V3, stored one expert at a time; a vision-language model's `language_model.model.*`
+prefixes). Its own conversion mapping says which stored tensors make each part of the
+model (a block, or the weights outside the blocks), and its loader converts one part at a
+time. The transforms that matched a stored name are recorded on the model as
+`from_pretrained` records them, so saving reverts exactly those: the streamed checkpoint
+keeps the layout of the one read."""
 
 from __future__ import annotations
 
@@ -17,21 +19,22 @@ from .source import CheckpointSource
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["ConvertedBlocks"]
-
-_ABSENT = object()
+__all__ = ["StoredNames"]
 
 
-class ConvertedBlocks:
-    """Which checkpoint tensors of `source` make each block under `blocks_path` once
-    renamed and converted as `from_pretrained` would, and loading them block by block.
+class StoredNames:
+    """Which stored tensors of `source` make each part of `model` (block i under
+    `blocks_path`, or everything outside the blocks) once renamed and converted as
+    `from_pretrained` would, and loading a part through them.
 
-    Only names are read here (no tensor): `missing` tells, before any work, which block
-    tensors of `model` no checkpoint tensor makes."""
+    Built from names only (no tensor is read). Sets `model._weight_conversions` to the
+    transforms some stored name matched, as `from_pretrained` does, so `save_pretrained`
+    and `revert` write the names the checkpoint uses."""
 
     def __init__(self, model: PreTrainedModel, source: CheckpointSource, blocks_path: str) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
+            MergeModulelist,
             WeightConverter,
             WeightRenaming,
             rename_source_key,
@@ -43,8 +46,9 @@ class ConvertedBlocks:
         converters = [t for t in self.mapping if isinstance(t, WeightConverter)]
         by_pattern = {p: c for c in converters for p in c.source_patterns}
         expected = model.state_dict()
-        self.made: set[str] = set()  # block tensors some checkpoint tensor makes
-        self.sources: dict[str, list[str]] = {}  # block prefix -> its checkpoint tensors
+        self.made: set[str] = set()  # model tensors some stored tensor makes
+        self.parts: dict[str | None, list[str]] = {}  # part (None: outside) -> stored names
+        stacked: dict[tuple[str, str], int] = {}  # (fused target, pattern) -> stored pieces
         for key in source.files:
             target, pattern = rename_source_key(
                 key, renamings, converters, model.base_model_prefix, expected
@@ -52,52 +56,48 @@ class ConvertedBlocks:
             if pattern is None:
                 targets = [target]
             else:  # a converter may make several tensors (a fused qkv split in three)
-                first, *_ = by_pattern[pattern].target_patterns
-                targets = [target.replace(first, t) for t in by_pattern[pattern].target_patterns]
-            prefix = self._block_of(target)
-            if prefix is not None:
-                self.made.update(t for t in targets if t in expected)
-                self.sources.setdefault(prefix, []).append(key)
+                converter = by_pattern[pattern]
+                first, *_ = converter.target_patterns
+                targets = [target.replace(first, t) for t in converter.target_patterns]
+                if any(isinstance(op, MergeModulelist) for op in converter.operations):
+                    stacked[(target, pattern)] = stacked.get((target, pattern), 0) + 1
+            self.made.update(t for t in targets if t in expected)
+            self.parts.setdefault(self.part_of(target), []).append(key)
+        # A fused tensor stacks one stored piece per expert: one missing leaves it unmade.
+        for (target, _), pieces in stacked.items():
+            if target in expected and pieces != expected[target].shape[0]:
+                self.made.discard(target)
+        self.used = [t for t in self.mapping if t.was_used()]
+        model.__dict__["_weight_conversions"] = self.used  # what from_pretrained records
 
-    def _block_of(self, key: str) -> str | None:
-        """`blocks_path.i` for a key inside block i, else None."""
+    def part_of(self, key: str) -> str | None:
+        """`blocks_path.i` for a key inside block i, else None (outside the blocks)."""
         head = f"{self.blocks_path}."
         if not key.startswith(head):
             return None
         index, _, _ = key[len(head) :].partition(".")
         return f"{head}{index}" if index.isdigit() else None
 
-    def missing(self) -> list[str]:
-        """The block tensors of the model that no checkpoint tensor makes."""
-        head = f"{self.blocks_path}."
-        return [k for k in self.model.state_dict() if k.startswith(head) and k not in self.made]
+    def missing(self, keys: list[str]) -> list[str]:
+        """Those of the model's tensors `keys` that no stored tensor makes."""
+        return [k for k in keys if k not in self.made]
 
-    def load(self, block: torch.nn.Module, prefix: str, device: torch.device) -> None:
-        """Loads block `prefix` (`blocks_path.i`) converted as `from_pretrained` would, in
-        the skeleton's dtypes, onto `device`."""
+    def load(self, part: str | None, device: torch.device) -> None:
+        """Loads `part` (`blocks_path.i`, or None: the weights outside the blocks) converted
+        as `from_pretrained` would, in the skeleton's dtypes, onto `device` (the part's
+        tensors the checkpoint lacks stay on the meta device)."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        tensors = self.source.load(self.sources.get(prefix, []))
-        config = LoadStateDictConfig(device_map={"": "cpu"}, weight_mapping=self.mapping)  # type: ignore[arg-type]
+        tensors = self.source.load(self.parts.get(part, []))
+        config = LoadStateDictConfig(device_map={"": str(device)}, weight_mapping=self.mapping)  # type: ignore[arg-type]
         extra: dict[str, Any] = {}
         if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters:
             extra["tp_plan"] = None  # transformers < 5.2x: a required argument
-        before = self.model.__dict__.get("_weight_conversions", _ABSENT)
         try:
             convert_and_load_state_dict_in_model(self.model, tensors, config, **extra)
-        finally:  # it records the block's conversions, which `revert` must not take alone
-            if before is _ABSENT:
-                self.model.__dict__.pop("_weight_conversions", None)
-            else:
-                self.model.__dict__["_weight_conversions"] = before
-        for name, tensor in block.state_dict(keep_vars=True).items():
-            if tensor.is_meta:
-                raise RuntimeError(
-                    f"transformers' conversion left {prefix}.{name} unloaded (a tensor of "
-                    f"the wrong shape in {self.source.directory}?)"
-                )
-        block.to(device)
+        finally:  # it records the part's transforms only: keep the whole checkpoint's
+            self.model.__dict__["_weight_conversions"] = self.used
 
     def revert(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`state` (the model's names) under the checkpoint's names, as `save_pretrained`

@@ -28,16 +28,16 @@ from ..permutation import OrderInfo, plain_state_dict
 from ..pruning import Placement, PruneConfig, PruneReport, prune_with
 from ..pruning.distributed import current
 from ..save import PERMUTATION_FILE, check_target, save_extras, save_orders, sibling, staged
-from .conversion import ConvertedBlocks
+from .conversion import StoredNames
 from .memory import release_freed_memory
 from .skeleton import (
-    block_reader,
     build_skeleton,
     check_dtype,
     free_outside,
     load_block,
     load_outside,
     outside_keys,
+    stored_names,
 )
 from .source import SINGLE_FILE, CheckpointSource, resolve_checkpoint
 from .writer import ShardWriter
@@ -128,7 +128,7 @@ def prune_checkpoint_with(
         tokenizer = _own_tokenizer(source.directory)
     device = config.device or default_device()
     path, _ = find_blocks(model)
-    converted = block_reader(model, source, path)  # fails before calibrating, not at block 0
+    names = stored_names(model, source, path)  # fails before calibrating, not at block 0
     if offload_activations is None:
         offload_activations = (
             device.type == "cpu" and 2 * _activation_bytes(model, config) > _physical_memory() / 4
@@ -146,8 +146,8 @@ def prune_checkpoint_with(
         spill = None
         if offload_activations and config.needs_data:
             spill = stack.enter_context(_spill_directory(out))
-        load_outside(model, source, path, device)
-        streamed = _StreamedBlocks(model, source, staging, device, converted)
+        load_outside(model, source, path, device, names)
+        streamed = _StreamedBlocks(model, source, staging, device, names)
         report = prune_with(model, tokenizer, config, streamed, spill)
         if staging is not None:
             streamed.finish()
@@ -173,9 +173,9 @@ def read_by_block(
     source = _source(src)
     model = build_skeleton(source, dtype)
     path, _ = find_blocks(model)
-    converted = block_reader(model, source, path)
-    load_outside(model, source, path, device)
-    return model, _StreamedBlocks(model, source, None, device, converted)
+    names = stored_names(model, source, path)
+    load_outside(model, source, path, device, names)
+    return model, _StreamedBlocks(model, source, None, device, names)
 
 
 def _source(src: str | Path) -> CheckpointSource:
@@ -256,10 +256,10 @@ class _StreamedBlocks:
         source: CheckpointSource,
         staging: Path | None,
         device: torch.device,
-        converted: ConvertedBlocks | None,
+        names: StoredNames,
     ) -> None:
         self.model, self.source, self.staging, self.device = model, source, staging, device
-        self.converted = converted
+        self.names = names
         self.path, blocks = find_blocks(model)
         self.index = {id(block): i for i, block in enumerate(blocks)}
         self.writer = None if staging is None else ShardWriter(staging, len(blocks) + 1)
@@ -281,13 +281,13 @@ class _StreamedBlocks:
             self._write_outside()
         where = f"{self.path}.{self.index[id(block)]}"
         try:
-            load_block(block, where, self.source, self.device, self.converted)
+            load_block(block, where, self.source, self.device, self.names)
             yield block
             if self.writer is None:
                 return
             state, orders, infos = plain_state_dict(self.model, where)
             # under the checkpoint's names, as save_pruned's save_pretrained writes them
-            self.writer.write(state if self.converted is None else self.converted.revert(state))
+            self.writer.write(self.names.revert(state) if self.names.used else state)
             self.orders.update(orders)
             self.order_infos.update(infos)
         finally:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InvalidArgumentError
-from .conversion import ConvertedBlocks
+from .conversion import StoredNames
 from .source import CheckpointSource
 
 if TYPE_CHECKING:
@@ -18,13 +18,13 @@ if TYPE_CHECKING:
 __all__ = [
     "DTYPES",
     "UnreadableByBlockError",
-    "block_reader",
     "build_skeleton",
     "check_dtype",
     "free_outside",
     "load_block",
     "load_outside",
     "outside_keys",
+    "stored_names",
 ]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -34,7 +34,9 @@ def build_skeleton(source: CheckpointSource, dtype: str | torch.dtype = "auto") 
     """The causal LM of `source`'s config, every weight on the meta device, in `dtype`
     ("auto": the config's dtype, else the checkpoint's first floating tensor's, as
     `from_pretrained(dtype="auto")` chooses), but what `from_pretrained` keeps in
-    float32. Buffers computed at construction (rotary frequencies) are real."""
+    float32. Buffers computed at construction (rotary frequencies) are real; the
+    checkpoint's generation config (sampling defaults, end-of-sequence ids) is read as
+    `from_pretrained` reads it."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -42,6 +44,10 @@ def build_skeleton(source: CheckpointSource, dtype: str | torch.dtype = "auto") 
     resolved = _resolve(dtype, config, source)
     with init_empty_weights(include_buffers=False):
         model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=resolved)
+    if (source.directory / "generation_config.json").is_file():  # as from_pretrained reads it
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(source.directory)
     _keep_in_fp32(model, resolved)
     model.eval()
     return model
@@ -93,18 +99,27 @@ def outside_keys(model: torch.nn.Module, blocks_path: str) -> list[str]:
 
 
 def load_outside(
-    model: PreTrainedModel, source: CheckpointSource, blocks_path: str, device: torch.device
+    model: PreTrainedModel,
+    source: CheckpointSource,
+    blocks_path: str,
+    device: torch.device,
+    names: StoredNames,
 ) -> None:
     """Loads the weights outside the blocks onto `device` (tied ones, like an LM head
-    sharing the embedding, are tied again rather than read) and moves the buffers there."""
+    sharing the embedding, are tied again rather than read; stored under other names,
+    through `names`) and moves the buffers there."""
     expected = model.state_dict()
     keys = outside_keys(model, blocks_path)
-    tensors = source.load(k for k in keys if k in source)
-    model.load_state_dict(
-        {k: _cast(t, expected[k].dtype).to(device) for k, t in tensors.items()},
-        strict=False,
-        assign=True,
-    )
+    tied = _tied_aliases(model)
+    if all(k in source for k in keys if k not in tied):
+        tensors = source.load(k for k in keys if k in source)
+        model.load_state_dict(
+            {k: _cast(t, expected[k].dtype).to(device) for k, t in tensors.items()},
+            strict=False,
+            assign=True,
+        )
+    else:
+        names.load(None, device)
     model.tie_weights()
     from accelerate.utils import set_module_tensor_to_device
 
@@ -123,30 +138,36 @@ def load_outside(
         )
 
 
+def _tied_aliases(model: PreTrainedModel) -> set[str]:
+    """State-dict keys that alias another parameter (a tied LM head): read through it."""
+    seen: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.setdefault(id(param), name)
+    return aliases
+
+
 class UnreadableByBlockError(InvalidArgumentError):
     """A checkpoint whose blocks cannot be read by name: some block tensor the model
     expects is stored neither under its own name nor under one transformers converts."""
 
 
-def block_reader(
-    model: torch.nn.Module, source: CheckpointSource, blocks_path: str
-) -> ConvertedBlocks | None:
-    """How `load_block` reads the blocks under `blocks_path`: None when every block
-    tensor is stored under the model's own name, else the conversions transformers applies
-    on loading (experts stored one by one, say). Fails, before any work, when some block
-    tensor is made by no checkpoint tensor."""
+def stored_names(model: PreTrainedModel, source: CheckpointSource, blocks_path: str) -> StoredNames:
+    """The names `source` stores the model's tensors under (`StoredNames`, which the
+    loaders below read through). Fails, before any work, when some block tensor is made
+    by no stored tensor."""
+    names = StoredNames(model, source, blocks_path)
     head = f"{blocks_path}."
-    if all(k in source for k in model.state_dict() if k.startswith(head)):
-        return None
-    converted = ConvertedBlocks(model, source, blocks_path)  # type: ignore[arg-type]
-    missing = converted.missing()
+    missing = names.missing([k for k in model.state_dict() if k.startswith(head)])
     if missing:
         raise UnreadableByBlockError(
             f"{source.directory} has no tensor {missing[0]!r} ({len(missing)} block tensors "
             "missing), which the model built from its config expects, under that name or "
             "one transformers converts on loading"
         )
-    return converted
+    return names
 
 
 def load_block(
@@ -154,19 +175,26 @@ def load_block(
     prefix: str,
     source: CheckpointSource,
     device: torch.device,
-    converted: ConvertedBlocks | None = None,
+    names: StoredNames,
 ) -> None:
-    """Loads one block's weights (state-dict keys under `prefix.`) onto `device`, through
-    `converted` (from `block_reader`) when given."""
-    if converted is not None:
-        converted.load(block, prefix, device)
-        return
+    """Loads one block's weights (state-dict keys under `prefix.`) onto `device`: by name,
+    or through `names` when the checkpoint stores them under other names."""
     expected = block.state_dict()
-    tensors = source.load(f"{prefix}.{k}" for k in expected)
-    block.load_state_dict(
-        {k: _cast(tensors[f"{prefix}.{k}"], t.dtype) for k, t in expected.items()},
-        assign=True,
-    )
+    if all(f"{prefix}.{k}" in source for k in expected):
+        tensors = source.load(f"{prefix}.{k}" for k in expected)
+        block.load_state_dict(
+            {k: _cast(tensors[f"{prefix}.{k}"], t.dtype) for k, t in expected.items()},
+            assign=True,
+        )
+        block.to(device)
+        return
+    names.load(prefix, device)
+    unloaded = [k for k, t in block.state_dict(keep_vars=True).items() if t.is_meta]
+    if unloaded:
+        raise UnreadableByBlockError(
+            f"transformers' conversion left {prefix}.{unloaded[0]} unloaded: a stored "
+            f"tensor of {source.directory} is missing or of the wrong shape"
+        )
     block.to(device)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -51,19 +52,24 @@ class CheckpointSource:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.files = _weight_map(directory)
+        self.files, self.index_metadata = _weight_map(directory)
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
     def first_float_dtype(self) -> torch.dtype | None:
-        """The dtype of the first floating-point tensor (what `dtype="auto"` falls back to
-        when the config names none, as in transformers)."""
-        for key in sorted(self.files):
-            with safe_open(self.directory / self.files[key], framework="pt") as f:
+        """What `dtype="auto"` falls back to when the config names no dtype, as in
+        transformers: the index's `metadata.dtype`, else the first floating-point tensor of
+        the first file (in that file's order)."""
+        named = self.index_metadata.get("dtype")
+        if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+            return getattr(torch, named)  # type: ignore[no-any-return]
+        with safe_open(self.directory / min(self.files.values()), framework="pt") as f:
+            names = f.keys()  # in the file's order, as transformers reads them
+            for key in names:
                 dtype = f.get_slice(key).get_dtype()
-            if dtype in _FLOAT_DTYPES:
-                return _FLOAT_DTYPES[dtype]
+                if dtype in _FLOAT_DTYPES:
+                    return _FLOAT_DTYPES[dtype]
         return None
 
     def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -85,22 +91,28 @@ class CheckpointSource:
         return out
 
 
-def _weight_map(directory: Path) -> dict[str, str]:
-    """Tensor name -> file name (relative to `directory`). A single file wins over an
-    index beside it, as in transformers' `from_pretrained`."""
+def _weight_map(directory: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """Tensor name -> file name (relative to `directory`), and the index's `metadata` (empty
+    for a single file). A single file wins over an index beside it, as in transformers'
+    `from_pretrained`."""
     single = directory / SINGLE_FILE
     if single.is_file():
         with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), SINGLE_FILE)
+            return dict.fromkeys(f.keys(), SINGLE_FILE), {}
     index = directory / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+            content = json.loads(index.read_text("utf-8"))
+            weight_map = content["weight_map"]
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidArgumentError(f"{index} is not a safetensors index: {exc}") from None
         if not isinstance(weight_map, dict):
             raise InvalidArgumentError(f"{index}: 'weight_map' is not an object")
-        return {str(k): str(v) for k, v in weight_map.items()}
+        metadata = content.get("metadata")
+        return (
+            {str(k): str(v) for k, v in weight_map.items()},
+            metadata if isinstance(metadata, dict) else {},
+        )
     raise InvalidArgumentError(
         f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE}: the streaming prune reads "
         "safetensors checkpoints only"
