@@ -4,19 +4,26 @@ built from that sample at test time."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import random
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import VOCAB, sample_text, tiny_model
 
+import ria
+import ria.cli
 import ria.eval
 from ria.data import load_documents
+from ria.errors import InvalidArgumentError, InvalidTypeError
 from ria.eval import perplexity, zero_shot
+from ria.pruning import calibration_windows
 
 SEQLEN = 128
 
@@ -217,6 +224,102 @@ def test_errors(llama, tokenizer, text, ids):
         perplexity(llama, None, ids.float(), seqlen=SEQLEN, progress=False)
 
 
+def test_padded_token_ids_are_refused(llama, tokenizer, text, ids):
+    # A padded batch: its rows would be joined with their padding scored as text.
+    docs = [d for d in text.split("\n\n") if d.strip()][:8]
+    padded = tokenizer(docs, padding=True, return_tensors="pt").input_ids
+    assert (padded == tokenizer.pad_token_id).any()
+    with pytest.raises(InvalidArgumentError, match=r"look padded.*unpadded ids as one stream"):
+        perplexity(llama, tokenizer, padded, seqlen=SEQLEN, progress=False)
+    windows = tokenizer(
+        docs, padding="max_length", max_length=SEQLEN, truncation=True, return_tensors="pt"
+    ).input_ids
+    with pytest.raises(InvalidArgumentError, match="look padded"):
+        calibration_windows(windows, tokenizer, len(docs), SEQLEN)
+    # Unpadded inputs pass: a (1, n) tokenizer output, a stream, windows cut from a stream.
+    one_row = tokenizer(text, return_tensors="pt").input_ids
+    assert perplexity(llama, tokenizer, one_row, seqlen=SEQLEN, progress=False) == perplexity(
+        llama, tokenizer, ids, seqlen=SEQLEN, progress=False
+    )
+    cut = ids[: 4 * SEQLEN].view(4, SEQLEN)
+    perplexity(llama, tokenizer, cut, seqlen=SEQLEN, progress=False)
+    assert torch.equal(calibration_windows(cut, tokenizer, 4, SEQLEN), cut)
+
+
+def test_seqlen_beyond_the_model_context_is_refused_before_any_forward(tokenizer, text):
+    # OPT's positions are learned (an IndexError past them); LLaMA's RoPE would compute on.
+    for family in ("opt", "llama"):
+        model = tiny_model(family)
+        context = model.config.max_position_embeddings
+        with (
+            forward_shapes(model) as shapes,
+            pytest.raises(InvalidArgumentError, match=rf"seqlen={2 * context}.*{context} tokens"),
+        ):
+            perplexity(model, tokenizer, text * 3, seqlen=2 * context, progress=False)
+        with pytest.raises(InvalidArgumentError, match=rf"seqlen={2 * context}.*{context} tokens"):
+            ria.prune(
+                model, tokenizer, sparsity=0.5, method="wanda", calibration=text * 3,
+                nsamples=2, seqlen=2 * context, progress=False,
+            )  # fmt: skip
+        assert shapes == []
+
+
+def test_cli_default_seqlen_is_capped_at_the_model_context(tokenizer, tmp_path, capsys):
+    path = tmp_path / "opt"
+    tiny_model("opt").save_pretrained(path)  # learned positions, 512 of them
+    tokenizer.save_pretrained(path)
+    args = ["eval", str(path), "--ppl", "austen", "--max-windows", "1", "--device", "cpu"]
+    assert ria.cli.main([*args, "--no-progress"]) == 0
+    assert "seqlen 512)" in capsys.readouterr().out
+    assert ria.cli.main([*args, "--seqlen", "1024"]) == 2  # the user's own is not capped
+    assert "seqlen=1024 is longer than the model's context of 512" in capsys.readouterr().err
+    report = tmp_path / "report.json"
+    prune = ["prune", str(path), "--method", "wanda", "--calibration", "austen"]
+    code = ria.cli.main(
+        [*prune, "--nsamples", "1", "--json", str(report), "--device", "cpu", "--no-progress"]
+    )
+    assert code == 0
+    assert json.loads(report.read_text())["settings"]["seqlen"] == 512
+
+
+def test_a_file_that_is_not_utf8_is_refused(llama, tokenizer, tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("Émma Woodhouse, handsome, clever, and rich".encode("latin-1"))
+    with pytest.raises(InvalidArgumentError, match=r"latin1.txt is not UTF-8 text \(byte 0"):
+        perplexity(llama, tokenizer, str(path), seqlen=SEQLEN, progress=False)
+    with pytest.raises(InvalidArgumentError, match="is not UTF-8 text"):
+        load_documents(tmp_path, "train")  # a directory of .txt files
+
+
+def test_a_dataset_with_missing_text_is_refused():
+    datasets = pytest.importorskip("datasets")
+    rows = datasets.Dataset.from_dict({"text": ["Emma Woodhouse,", None, "handsome"]})
+    with pytest.raises(InvalidTypeError, match=r"'text' column must contain only strings"):
+        load_documents(rows, "test")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prune", "--calibration", "", "--out", "OUT"],
+        ["prune", "--eval", "", "--out", "OUT"],
+        ["eval", "--ppl", ""],
+        ["eval", "--ppl", "austen", "--zero-shot", ""],
+    ],
+    ids=["calibration", "eval", "ppl", "zero-shot"],
+)
+def test_cli_refuses_empty_data_flags(args, tokenizer, tmp_path, capsys, monkeypatch):
+    def load(*_):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ria.cli, "_load", load)
+    command, *flags = args
+    flags = [str(tmp_path / "out") if f == "OUT" else f for f in flags]
+    assert ria.cli.main([command, "demo", *flags, "--device", "cpu"]) == 2
+    flag = flags[flags.index("") - 1]
+    assert f"{flag} is empty" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- zero-shot
 
 TASK = "austen_next_word"
@@ -298,6 +401,41 @@ def test_zero_shot_on_a_local_task(llama, tokenizer, tmp_path):
         scores = [choice_logprob(llama, tokenizer, doc["context"], " " + c) for c in doc["choices"]]
         correct += int(max(range(2), key=scores.__getitem__) == doc["label"])
     assert metrics["acc"] == pytest.approx(correct / limit)
+
+
+def test_zero_shot_leaves_the_tokenizer_and_the_global_random_states(llama, tokenizer, tmp_path):
+    pytest.importorskip("lm_eval")
+    build_next_word_task(tmp_path)
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None  # lm-eval sets one on the tokenizer it is given
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    zero_shot(llama, tok, [TASK], limit=2, batch_size=2, task_dir=tmp_path)
+    assert tok.pad_token is None
+    got = (random.random(), np.random.random(), torch.rand(1).item())
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    assert got == (random.random(), np.random.random(), torch.rand(1).item())
+
+
+def test_unknown_zero_shot_tasks_are_refused_before_loading(
+    llama, tokenizer, tmp_path, capsys, monkeypatch
+):
+    pytest.importorskip("lm_eval")
+
+    def load(*_):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ria.cli, "_load", load)
+    code = ria.cli.main(
+        ["eval", "demo", "--ppl", "austen", "--zero-shot", "rte,nosuchtask", "--device", "cpu"]
+    )
+    assert code == 2
+    assert "unknown zero-shot task 'nosuchtask'" in capsys.readouterr().err
+    with pytest.raises(InvalidArgumentError, match="unknown zero-shot task 'nosuchtask'"):
+        zero_shot(llama, tokenizer, ["nosuchtask"])
 
 
 def test_zero_shot_needs_lm_eval(llama, tokenizer, monkeypatch):

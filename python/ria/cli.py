@@ -19,8 +19,9 @@ from typing import Any
 
 from ._torch import default_device
 from .core import __version__
+from .data import context_length
 from .errors import InvalidArgumentError, RiaError
-from .eval import check_limit, check_perplexity_args, check_task_dir
+from .eval import check_limit, check_perplexity_args, check_task_dir, check_tasks
 from .permutation import PERMUTATION_MODES
 from .pruning import METHODS, PruneConfig, prune_with
 from .pruning.distributed import agreeing, is_writer, launched
@@ -40,6 +41,8 @@ DEMO_DEFAULTS: dict[str, Any] = {"calibration": "austen", "nsamples": 32, "seqle
 # The CLI prunes for sparse tensor cores unless told otherwise; every other default is
 # `ria.prune`'s own.
 CLI_SPARSITY = "2:4"
+# `ria eval --seqlen` unless given: the papers' window, or the model's context if shorter.
+EVAL_SEQLEN = 2048
 # A Hugging Face Hub id: "name" or "org/name" (letters, digits, "-", "_", ".").
 HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
@@ -94,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seqlen",
         type=int,
-        help=f"tokens per window ({default['seqlen']}; demo {DEMO_DEFAULTS['seqlen']})",
+        help=f"tokens per window ({default['seqlen']}; demo {DEMO_DEFAULTS['seqlen']}; at "
+        "most the model's context)",
     )
     p.add_argument(
         "--alpha",
@@ -133,7 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy")
     e.add_argument("model", metavar="MODEL_OR_PATH", help=f"HF name or directory, or '{DEMO}'")
     e.add_argument("--ppl", metavar="DATA", help="wikitext2, c4, or a text file")
-    e.add_argument("--seqlen", type=int, default=2048, help="perplexity window in tokens")
+    e.add_argument(
+        "--seqlen",
+        type=int,
+        help=f"perplexity window in tokens (default: {EVAL_SEQLEN}, or the model's context "
+        "if shorter)",
+    )
     e.add_argument("--max-windows", type=int, help="limit perplexity windows")
     e.add_argument("--zero-shot", metavar="TASKS", help="comma-separated lm-eval tasks")
     e.add_argument("--limit", type=int, help="examples per zero-shot task")
@@ -224,14 +233,34 @@ def _streamable(name: str) -> Path | None:
     return None if (path / PERMUTATION_FILE).exists() else path
 
 
+_DATA_HINT = {
+    "--calibration": "c4, wikitext2, austen, or a text file/directory",
+    "--eval": "wikitext2, c4, austen, or a text file",
+    "--ppl": "wikitext2, c4, austen, or a text file",
+    "--zero-shot": "comma-separated lm-eval task names",
+}
+
+
+def _check_given(args: argparse.Namespace, *flags: str) -> None:
+    """Refuses an empty string given to a data flag (`--eval ""`), which would otherwise
+    read as the flag left out."""
+    for flag in flags:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None and not value.strip():
+            raise InvalidArgumentError(
+                f"{flag} is empty; give {_DATA_HINT[flag]}, or leave {flag} out"
+            )
+
+
 def _prune_config(args: argparse.Namespace) -> PruneConfig:
     """The settings the command line asks for, validated before anything is loaded."""
+    _check_given(args, "--calibration", "--eval")
     defaults = DEMO_DEFAULTS if args.model == DEMO else PruneConfig.defaults()
     return PruneConfig(
         sparsity=args.sparsity,
         method=args.method,
         permute=args.permute,
-        calibration=args.calibration or defaults["calibration"],
+        calibration=defaults["calibration"] if args.calibration is None else args.calibration,
         nsamples=defaults["nsamples"] if args.nsamples is None else args.nsamples,
         seqlen=defaults["seqlen"] if args.seqlen is None else args.seqlen,
         alpha=args.alpha,
@@ -312,6 +341,9 @@ def _prune_in_memory(args: argparse.Namespace, config: PruneConfig) -> int:
                 streamed = None
         if streamed is None:
             model, tokenizer = _load(args.model, args.dtype)
+    context = context_length(model)
+    if args.seqlen is None and context is not None and config.seqlen > context:
+        config = replace(config, seqlen=context)  # the default, not the user's, is too long
     progress = config.progress
     device = config.device
     ppl = {}
@@ -381,30 +413,39 @@ def _eval(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would evaluate and write
         raise InvalidArgumentError("ria eval runs in one process: run it without torchrun")
+    _check_given(args, "--ppl", "--zero-shot")
     if not args.ppl and not args.zero_shot:
         raise InvalidArgumentError("nothing to evaluate: pass --ppl DATA and/or --zero-shot TASKS")
-    check_perplexity_args(args.seqlen, 1, args.max_windows)
+    check_perplexity_args(EVAL_SEQLEN if args.seqlen is None else args.seqlen, 1, args.max_windows)
     if args.zero_shot:
         check_limit(args.limit)
         if args.task_dir is not None:
             check_task_dir(args.task_dir, args.trust_task_code)
     _check_outputs(args)
     check_model(args.model)
+    if args.zero_shot:  # before the model is loaded and its perplexity computed
+        tasks = check_tasks(
+            [t.strip() for t in args.zero_shot.split(",") if t.strip()],
+            args.task_dir,
+            args.trust_task_code,
+        )
     model, tokenizer = _load(args.model, args.dtype)
     model.to(args.device or default_device())
     results: dict[str, Any] = {}
     if args.ppl:
+        seqlen = args.seqlen
+        if seqlen is None:  # the default, capped at the model's context
+            seqlen = min(EVAL_SEQLEN, context_length(model) or EVAL_SEQLEN)
         results["perplexity"] = perplexity(
             model,
             tokenizer,
             args.ppl,
-            seqlen=args.seqlen,
+            seqlen=seqlen,
             max_windows=args.max_windows,
             progress=not args.no_progress,
         )
-        print(f"perplexity ({args.ppl}, seqlen {args.seqlen}): {results['perplexity']:.4f}")
+        print(f"perplexity ({args.ppl}, seqlen {seqlen}): {results['perplexity']:.4f}")
     if args.zero_shot:
-        tasks = [t.strip() for t in args.zero_shot.split(",") if t.strip()]
         results["zero_shot"] = zero_shot(
             model,
             tokenizer,

@@ -51,15 +51,22 @@ def load_documents(source: TextSource, split: Split) -> list[str]:
             raise InvalidArgumentError(
                 f"the dataset has no 'text' column (columns: {source.column_names})"
             )
-        return list(source["text"])
+        return _strings(source["text"], "the dataset's 'text' column")
     if isinstance(source, Sequence):
-        docs = list(source)
-        if not all(isinstance(d, str) for d in docs):
-            raise InvalidTypeError(
-                "a list of calibration/evaluation texts must contain only strings"
-            )
-        return docs
+        return _strings(source, "a list of calibration/evaluation texts")
     raise InvalidTypeError(f"unsupported text source of type {type(source).__name__}")
+
+
+def _strings(docs: Sequence[Any], what: str) -> list[str]:
+    """`docs` as a list, refused unless every item is a string (`what` names them)."""
+    out = list(docs)
+    for doc in out:
+        if not isinstance(doc, str):
+            raise InvalidTypeError(
+                f"{what} must contain only strings, found {type(doc).__name__}; "
+                "drop or fill those rows"
+            )
+    return out
 
 
 def join_documents(docs: Sequence[str]) -> str:
@@ -109,10 +116,20 @@ def _read_path(path: Path) -> list[str]:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise InvalidArgumentError(f"directory {path} contains no .txt files")
-        return [f.read_text("utf-8") for f in files]
+        return [_read_utf8(f) for f in files]
     if not path.exists():
         raise InputNotFoundError(f"no such text file: {path}")
-    return [path.read_text("utf-8")]
+    return [_read_utf8(path)]
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8 "
+            f"first, e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt"
+        ) from None
 
 
 def _is_dataset(source: object) -> bool:
@@ -158,6 +175,54 @@ def token_ids(data: torch.Tensor, what: str) -> torch.Tensor:
     if data.numel() == 0:
         raise InvalidArgumentError(f"the {what} token tensor is empty")
     return data.detach().to("cpu", torch.long)
+
+
+def check_unpadded(ids: torch.Tensor, tokenizer: Any, what: str) -> None:
+    """Refuses a `(rows, n)` id tensor padded by `tokenizer`: a row that starts or ends with
+    its pad token (two or more when the pad token is also its BOS or EOS, which may end a
+    document). Such rows are read as one stream, so the padding would be text.
+
+    Without a tokenizer, or one without a pad token, nothing can be told and nothing is
+    checked; nor are 1-D streams and single rows (a tokenizer's `(1, n)` output).
+    """
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if ids.dim() != 2 or ids.shape[0] < 2 or not isinstance(pad, int):
+        return
+    ends = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)}
+    run = min(2 if pad in ends else 1, ids.shape[1])
+    padded = (ids[:, :run] == pad).all(dim=1) | (ids[:, -run:] == pad).all(dim=1)
+    if padded.any():
+        row = int(padded.nonzero()[0, 0])
+        raise InvalidArgumentError(
+            f"{what} token ids of shape {tuple(ids.shape)} look padded: row {row} starts or "
+            f"ends with the pad token (id {pad}), which would be read as text; pass unpadded "
+            "ids as one stream (tokenizer(text, return_tensors='pt').input_ids) or the text"
+        )
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence `model` was made for, in tokens: its (text) config's
+    `max_position_embeddings`, or `n_positions` (GPT-2-like); None if it names neither."""
+    config = getattr(model, "config", None)
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        config = get_text_config()
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: nn.Module, seqlen: int, what: str) -> None:
+    """Refuses windows of `seqlen` tokens longer than the model's context: models with
+    learned positions fail on them, RoPE models compute past what they were trained on."""
+    context = context_length(model)
+    if context is not None and seqlen > context:
+        raise InvalidArgumentError(
+            f"{what} seqlen={seqlen} is longer than the model's context of {context} tokens "
+            f"(its config's max_position_embeddings or n_positions); give seqlen <= {context}"
+        )
 
 
 def check_vocabulary(model: nn.Module, ids: torch.Tensor, what: str) -> None:

@@ -9,11 +9,15 @@ optional dependency: ``pip install 'ria-rs[eval]'``).
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import numbers
 import os
+import random
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,15 @@ from tqdm.auto import tqdm
 
 from ._checks import require_bool, require_int
 from ._torch import module_device
-from .data import TextSource, check_vocabulary, join_documents, load_documents, token_ids
+from .data import (
+    TextSource,
+    check_context,
+    check_unpadded,
+    check_vocabulary,
+    join_documents,
+    load_documents,
+    token_ids,
+)
 from .errors import InvalidArgumentError, InvalidTypeError, MissingDependencyError
 
 __all__ = [
@@ -33,6 +45,7 @@ __all__ = [
     "check_limit",
     "check_perplexity_args",
     "check_task_dir",
+    "check_tasks",
     "perplexity",
     "zero_shot",
 ]
@@ -89,9 +102,13 @@ def perplexity(
               sample), a path to a text file or a directory of ``*.txt`` files, the text
               itself (a string with whitespace), a list of strings, a `datasets.Dataset`
               with a "text" column; documents are joined with ``"\\n\\n"``;
-            - token ids: an integer tensor of shape ``(n,)`` or ``(rows, n)`` (rows are
-              concatenated in order, so a tokenizer's ``(1, n)`` output works as is).
-        seqlen: tokens per window (>= 2); the papers use 2048.
+            - token ids: an integer tensor of shape ``(n,)`` or ``(rows, n)``. The rows are
+              joined in order as one stream (a tokenizer's ``(1, n)`` output works as
+              is), so they must not be padded: a batch whose rows start or end with the
+              tokenizer's pad token is refused (pass the ids unpadded, as one stream).
+        seqlen: tokens per window (>= 2, at most the model's context:
+            ``max_position_embeddings`` or ``n_positions`` of its config); the papers use
+            2048.
         batch_size: windows per forward pass (>= 1). Changes speed and memory, not the
             result (up to floating-point rounding).
         max_windows: evaluate only the first `max_windows` windows (>= 1); None for all.
@@ -101,13 +118,15 @@ def perplexity(
         The perplexity, a float >= 1 (nats-based: ``exp`` of the mean NLL).
 
     Raises:
-        ValueError: seqlen < 2, batch_size or max_windows < 1, an unknown dataset name, a
-            text with fewer than `seqlen` tokens, or token ids outside the vocabulary.
+        ValueError: seqlen < 2 or longer than the model's context, batch_size or
+            max_windows < 1, an unknown dataset name, a text with fewer than `seqlen`
+            tokens, padded token ids, or token ids outside the vocabulary.
         TypeError: `tokenizer` is None while `data` is text, or token ids that are not an
             integer tensor of 1 or 2 dimensions.
     """
     seqlen, batch_size, max_windows = check_perplexity_args(seqlen, batch_size, max_windows)
     require_bool("progress", progress)
+    check_context(model, seqlen, "evaluation")
     ids = _token_stream(tokenizer, data, seqlen)
     n_tokens = ids.numel()
     n_windows = n_tokens // seqlen
@@ -190,7 +209,9 @@ def zero_shot(
     ``lm_eval.simple_evaluate`` on `tasks` (lm-eval task names; the default is the RIA
     paper's suite: boolq, rte, hellaswag, arc_challenge, winogrande, which need the
     Hugging Face Hub or its cache). The model stays on its device; its training mode is
-    restored afterwards.
+    restored afterwards. lm-eval gets a copy of `tokenizer` (it sets a pad token on the
+    one it is given), and the global random states it reseeds (Python's `random`, NumPy,
+    torch on the CPU and CUDA) are put back afterwards, so the caller's are unchanged.
 
     Args:
         model: a Hugging Face causal LM.
@@ -217,48 +238,107 @@ def zero_shot(
 
     Raises:
         ImportError: lm-evaluation-harness is not installed.
-        ValueError: `tasks` is empty, or `task_dir` is not a directory or holds Python
-            files without `trust_task_code=True`.
+        ValueError: `tasks` is empty or names a task lm-eval does not know, or `task_dir`
+            is not a directory or holds Python files without `trust_task_code=True`.
+    """
+    batch_size = require_int("batch_size", batch_size, minimum=1)
+    num_fewshot = require_int("num_fewshot", num_fewshot, minimum=0)
+    check_limit(limit)
+    task_list = check_tasks(tasks, task_dir, trust_task_code)
+    import lm_eval  # check_tasks found it
+    from lm_eval.models.huggingface import HFLM
+
+    task_manager = _task_manager(tuple(task_list), None if task_dir is None else str(task_dir))
+    was_training = model.training
+    try:
+        with _kept_random_states():
+            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=task_list,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                task_manager=task_manager,
+                log_samples=False,
+            )
+    finally:
+        model.train(was_training)
+    if out is None:  # a non-zero rank of a distributed run
+        return {}
+    return {task: _flatten_metrics(metrics) for task, metrics in out["results"].items()}
+
+
+def check_tasks(
+    tasks: Iterable[str],
+    task_dir: str | os.PathLike[str] | None = None,
+    trust_task_code: bool = False,
+) -> list[str]:
+    """`zero_shot`'s task names as a list, each checked to be an lm-eval task, group or tag
+    (built in or in `task_dir`) or a task YAML file, so that a typo fails before the model
+    is loaded or evaluated. Indexing lm-eval's tasks takes seconds; `zero_shot` reuses it.
+
+    Raises:
+        ImportError: lm-evaluation-harness is not installed.
+        ValueError: no tasks, an unknown task, or a bad `task_dir` (`check_task_dir`).
     """
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)
     if not task_list:
         raise InvalidArgumentError("no zero-shot tasks given")
     if task_dir is not None:
         check_task_dir(task_dir, trust_task_code)
-    batch_size = require_int("batch_size", batch_size, minimum=1)
-    num_fewshot = require_int("num_fewshot", num_fewshot, minimum=0)
-    check_limit(limit)
     try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
+        import lm_eval  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError(LM_EVAL_HINT) from exc
-
-    task_manager = None
-    if task_dir is not None:
-        # Indexing lm-eval's thousands of built-in tasks takes seconds: skip it when the
-        # local directory defines every requested task.
-        task_manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-        if not set(task_list) <= set(task_manager.all_tasks):
-            task_manager = TaskManager(include_path=str(task_dir))
-
-    was_training = model.training
-    try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=task_list,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            task_manager=task_manager,
-            log_samples=False,
+    manager = _task_manager(tuple(task_list), None if task_dir is None else str(task_dir))
+    unknown = [t for t in task_list if t not in manager.all_tasks and not Path(t).is_file()]
+    if unknown:
+        where = "lm-eval's tasks" + ("" if task_dir is None else f" or {task_dir}")
+        raise InvalidArgumentError(
+            f"unknown zero-shot task{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}: not a task, group or tag in {where}, nor a "
+            "task YAML file; `lm-eval ls tasks` lists them"
         )
+    return task_list
+
+
+def _task_manager(tasks: tuple[str, ...], task_dir: str | None) -> Any:
+    """lm-eval's index of the tasks built in and those of `task_dir`. Indexing the
+    thousands of built-in tasks takes seconds: it is skipped when `task_dir` defines every
+    task asked for, and without `task_dir` it is built once (`check_tasks` then
+    `zero_shot` use the same)."""
+    from lm_eval.tasks import TaskManager
+
+    if task_dir is None:
+        return _builtin_tasks()
+    manager = TaskManager(include_path=task_dir, include_defaults=False)
+    if set(tasks) <= set(manager.all_tasks):
+        return manager
+    return TaskManager(include_path=task_dir)
+
+
+@functools.cache
+def _builtin_tasks() -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@contextmanager
+def _kept_random_states() -> Iterator[None]:
+    """Puts back the global random states (Python, NumPy, torch CPU and CUDA) on exit."""
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
     finally:
-        model.train(was_training)
-    if out is None:  # a non-zero rank of a distributed run
-        return {}
-    return {task: _flatten_metrics(metrics) for task, metrics in out["results"].items()}
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def check_limit(limit: object) -> None:
@@ -297,7 +377,9 @@ def check_task_dir(task_dir: str | os.PathLike[str], trust_task_code: bool) -> N
 def _token_stream(tokenizer: Any, data: TextSource, seqlen: int) -> torch.Tensor:
     """The evaluation tokens as one 1-D int64 tensor (CPU), shape ``(n_tokens,)``."""
     if isinstance(data, torch.Tensor):
-        return token_ids(data, "evaluation").reshape(-1)
+        given = token_ids(data, "evaluation")
+        check_unpadded(given, tokenizer, "evaluation")
+        return given.reshape(-1)
     if tokenizer is None:
         raise InvalidTypeError("a tokenizer is needed to evaluate text; pass token ids to skip it")
     is_c4 = isinstance(data, str) and data.lower() == "c4"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..data import TextSource, join_documents, load_documents, token_ids
+from ..data import TextSource, check_unpadded, join_documents, load_documents, token_ids
 from ..errors import InvalidArgumentError
 
 # Documents drawn before giving up on finding one longer than seqlen (C4 only).
@@ -27,13 +27,16 @@ def calibration_windows(
 
     `source` is anything `ria.data.load_documents` reads, or token ids: a LongTensor of
     shape `(n, seqlen)` is used as is (its first `nsamples` rows), a 1-D one is a token
-    stream to sample windows from.
+    stream to sample windows from. Windows given as a tensor must not be padded: with a
+    `tokenizer` that has a pad token, rows that start or end with it are refused.
+    `seqlen` is not checked against a model's context here (there is no model): callers
+    that have one check it (`ria.data.check_context`).
     """
     if nsamples < 1 or seqlen < 1:
         raise InvalidArgumentError(f"nsamples and seqlen must be >= 1, got {nsamples} and {seqlen}")
     rng = random.Random(seed)
     if isinstance(source, torch.Tensor):
-        return _from_tokens(source, nsamples, seqlen, rng)
+        return _from_tokens(source, tokenizer, nsamples, seqlen, rng)
     if tokenizer is None:
         raise InvalidArgumentError("a tokenizer is needed to calibrate on text; pass tokenizer=...")
     if isinstance(source, str) and source.lower() == "c4":
@@ -46,9 +49,10 @@ def calibration_windows(
 
 
 def _from_tokens(
-    tokens: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random
+    tokens: torch.Tensor, tokenizer: Any, nsamples: int, seqlen: int, rng: random.Random
 ) -> torch.Tensor:
     tokens = token_ids(tokens, "calibration")
+    check_unpadded(tokens, tokenizer, "calibration")
     if tokens.dim() == 1:
         return _sample(tokens, nsamples, seqlen, rng)
     if tokens.shape[1] != seqlen:

@@ -38,7 +38,7 @@ from ..core import (
     unstructured_mask,
     wanda_score,
 )
-from ..data import check_vocabulary
+from ..data import check_context, check_vocabulary
 from ..errors import DistributedError, InvalidArgumentError, RiaError, UnsupportedModelError
 from ..permutation import (
     BlockLayout,
@@ -250,6 +250,7 @@ def prune_with(
                     windows = calibration_windows(
                         config.calibration, tokenizer, config.nsamples, config.seqlen, config.seed
                     )
+                    check_context(model, config.seqlen, "calibration")
                     check_vocabulary(model, windows, "calibration")
                     if ranks is not None:
                         windows = ranks.windows(windows, config.batch_size)
