@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .._checks import require_int
+from ..arch import fused_experts
 from ..errors import CacheFullError, InvalidArgumentError, UnsupportedModelError
 from .graphs import capture
 from .sampling import Sampling, next_tokens
@@ -357,7 +358,7 @@ class StaticGenerator:
             hint = (
                 f"; its MoE experts run {experts!r}: "
                 'model.set_experts_implementation("batched_mm") can be captured'
-                if experts not in (None, "batched_mm")
+                if fused_experts(self.model) and experts != "batched_mm"
                 else ""
             )
             if self._graphs_asked:
