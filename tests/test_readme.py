@@ -50,7 +50,8 @@ def test_the_readme_has_snippets():
 
 def test_usage_snippet(tmp_path, monkeypatch):
     checkpoint = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(checkpoint)
+    # The snippet keeps ria.prune's default 2048-token windows, as a 7B model's context allows.
+    tiny_model("llama", max_position_embeddings=4096).save_pretrained(checkpoint)
     build_tokenizer().save_pretrained(checkpoint)
     local_datasets(monkeypatch)
     monkeypatch.chdir(tmp_path)
