@@ -361,6 +361,21 @@ def test_a_loaded_permuted_model_is_not_permuted_again(tokenizer, tmp_path):
     assert_second_permutation_refused(loaded, tokenizer, "2:4")
 
 
+def test_nm_pruning_a_freely_ordered_model_without_permutation_is_refused(tokenizer):
+    # Its Linears are N:M along their own orders: N:M masks along the plain columns would
+    # leave them N:M in neither (sparsify would then keep every layer dense).
+    model = tiny_model("llama")
+    ria.prune(
+        model, tokenizer, sparsity="2:4", permute="free", permutation_options=FAST_SEARCH,
+        **CALIB,
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InvalidArgumentError, match=r"q_proj is N:M along a channel order"):
+        ria.prune(model, tokenizer, sparsity="2:4", **CALIB)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ria.prune(model, tokenizer, sparsity=0.6, **CALIB)  # unstructured: any column order
+
+
 @pytest.mark.parametrize("how", ["config", "fp8 weight", "int8 weight"])
 def test_a_quantized_model_is_refused_before_anything_changes(tokenizer, how):
     # Its stored numbers are not its weights (packs, fp8 with block scales): pruned as

@@ -1,5 +1,6 @@
-"""Free channel orders: every Linear its own input order, applied by gathering its input
-(`GatheredLinear`), down's order folded into gate/up rows where the family allows it."""
+"""Free channel orders: every Linear its own input order (a `GatheredLinear` while its block
+is pruned, then a plain Linear N:M along its `nm_order`), down's order folded into gate/up
+rows where the family allows it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from transformers import AutoModelForCausalLM
 
 import ria
 from ria.arch import block_linears, find_blocks
-from ria.permutation import GatheredLinear, apply_block, block_layout, search_block
+from ria.permutation import (
+    GatheredLinear,
+    apply_block,
+    block_layout,
+    nm_order,
+    search_block,
+    settle_orders,
+    weight_in_nm_order,
+)
 from ria.save import saved_orders
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
@@ -41,6 +50,30 @@ def test_free_orders_alone_leave_logits_unchanged(family):
     # down's order is folded into gate/up rows: one fewer gather per block.
     assert gathered == linears - len(find_blocks(model)[1])
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
+    settle_orders(model)  # as prune does after each block
+    ordered = [m for m in model.modules() if nm_order(m) is not None]
+    assert len(ordered) == gathered and all(type(m) is torch.nn.Linear for m in ordered)
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
+
+
+def test_an_edit_of_a_weight_means_the_same_after_free_orders():
+    """What PEFT's LoRA merge does (`weight += B @ A`, learned on the Linear's own input)
+    adds `x @ (B @ A).T` to every Linear of a freely ordered model: their weights are in
+    the columns' original order (a gathered Linear's were not, and the merged model
+    computed another function: max logit error 0.9 on a tiny Llama)."""
+    model = tiny_model("llama")
+    permute_with_random_scores(model)
+    settle_orders(model)
+    g = torch.Generator().manual_seed(0)
+    for name, linear in pruned_linears(model).items():
+        x = torch.randn(3, linear.in_features, generator=g)
+        delta = torch.randn(linear.out_features, 2, generator=g) @ torch.randn(
+            2, linear.in_features, generator=g
+        )
+        with torch.no_grad():
+            expected = linear(x) + x @ delta.T
+            linear.weight += delta
+            torch.testing.assert_close(linear(x), expected, msg=name)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
@@ -50,21 +83,25 @@ def test_free_prune_is_nm_in_storage_order_and_round_trips(tmp_path, tokenizer, 
         model, tokenizer, sparsity="2:4", permute="free", permutation_options=FAST_SEARCH, **CALIB
     )
     assert report.settings["permute"] == "free"
+    assert not any(isinstance(m, GatheredLinear) for m in model.modules())  # settled
     for linear in pruned_linears(model).values():
-        assert_nm(linear.weight, 2, 4)
+        assert type(linear) is torch.nn.Linear
+        assert_nm(weight_in_nm_order(linear), 2, 4)
     assert all(r.permutation is not None and r.permutation["efficacy"] >= 0 for r in report.layers)
 
     out = ria.save_pruned(model, tmp_path / "out", tokenizer, report)
     ids = torch.randint(0, 512, (1, 20))
     plain = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits(plain, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
-    # Every gathered Linear's order is stored under that Linear's path...
-    gathered = {n for n, m in model.named_modules() if isinstance(m, GatheredLinear)}
-    assert set(saved_orders(out)) == gathered
-    # ...and load_pruned puts the weights back into their N:M storage order.
+    # Every Linear's own order is stored under that Linear's path...
+    ordered = {n: nm_order(m) for n, m in model.named_modules() if nm_order(m) is not None}
+    assert set(saved_orders(out)) == set(ordered)
+    # ...and load_pruned gives them back, the weights as stored.
     restored = ria.load_pruned(out)
     for name, linear in pruned_linears(restored).items():
         assert torch.equal(linear.weight, pruned_linears(model)[name].weight)
+        own, saved = nm_order(linear), ordered.get(name)  # down's order is in gate/up rows
+        assert own is None if saved is None else torch.equal(own, saved)
     torch.testing.assert_close(logits(restored, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import ria
 from ria.cli import main
-from ria.permutation import ChannelGather, GatheredLinear
+from ria.permutation import ChannelGather, GatheredLinear, nm_order, weight_in_nm_order
 from ria.save import PERMUTATION_FILE
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
@@ -22,9 +22,13 @@ def logits(model, ids):
         return model(ids).logits
 
 
-# Modules that carry a tiny Llama's orders (2 blocks): the attention and MLP norms
+# How many modules carry a tiny Llama's orders (2 blocks): the attention and MLP norms
 # (folded), or q/k/v/o/gate/up (free; down's order is folded into gate/up rows).
-CARRIERS = {"folded": (ChannelGather, 4), "free": (GatheredLinear, 12)}
+CARRIERS = {"folded": 4, "free": 12}
+
+
+def carries_order(module: torch.nn.Module) -> bool:
+    return isinstance(module, ChannelGather) or nm_order(module) is not None
 
 
 @pytest.fixture(params=["folded", "free"])
@@ -58,25 +62,31 @@ def test_load_pruned_restores_the_storage_order(tmp_path, tokenizer, permuted):
     model, report = permuted
     out = ria.save_pruned(model, tmp_path / "out", tokenizer, report)
     restored = ria.load_pruned(out)
-    carrier, count = CARRIERS[report.settings["permute"]]
-    assert sum(isinstance(m, carrier) for m in restored.modules()) == count
+    assert sum(map(carries_order, restored.modules())) == CARRIERS[report.settings["permute"]]
     for name, linear in pruned_linears(restored).items():
-        assert_nm(linear.weight, 2, 4)
+        assert_nm(weight_in_nm_order(linear), 2, 4)
         assert torch.equal(linear.weight, pruned_linears(model)[name].weight)
     ids = torch.randint(0, 512, (1, 20))
     torch.testing.assert_close(logits(restored, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_offloaded_weights_are_refused_by_load_pruned_and_prune(tmp_path, tokenizer, permuted):
-    # accelerate keeps block 1 on disk and its parameters on the meta device: the orders
+    # accelerate keeps block 1 on disk and its parameters on the meta device: folded orders
     # were applied to the placeholders (the offloaded weights stayed in plain order) and
-    # the gathers indexed with meta tensors, giving garbage logits without an error.
+    # the gathers indexed with meta tensors, giving garbage logits without an error. Free
+    # orders change no weight: they load.
     model, report = permuted
     out = ria.save_pruned(model, tmp_path / "out", tokenizer, report)
     where = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
              "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
-    with pytest.raises(ria.InvalidArgumentError, match="offloaded"):
-        ria.load_pruned(out, device_map=where, offload_folder=tmp_path / "offload")
+    if report.settings["permute"] == "free":
+        offloaded = ria.load_pruned(out, device_map=where, offload_folder=tmp_path / "offload")
+        assert sum(map(carries_order, offloaded.modules())) == CARRIERS["free"]
+        ids = torch.randint(0, 512, (1, 20))
+        torch.testing.assert_close(logits(offloaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(ria.InvalidArgumentError, match="offloaded"):
+            ria.load_pruned(out, device_map=where, offload_folder=tmp_path / "offload")
     # Nor does prune reach them: refused before anything changes (it failed at block 1
     # with torch's "Cannot copy out of meta tensor").
     plain = AutoModelForCausalLM.from_pretrained(

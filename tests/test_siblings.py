@@ -14,7 +14,7 @@ from test_generation import OLD_DYNAMO
 from torch import nn
 
 from ria.errors import InvalidArgumentError
-from ria.permutation.apply import GatheredLinear
+from ria.permutation import GatheredLinear, LinearOrder
 from ria.sparse import Choice, Sparse24Linear, find_linears, sparsify
 from ria.sparse.siblings import (
     FusedLinear,
@@ -127,6 +127,9 @@ def test_layers_that_cannot_be_fused_are_named():
     assert sibling_problem([a, b]) == "some have a bias, some not"
     assert sibling_problem([a, nn.Linear(6, 4)]) == "different input widths"
     assert "GatheredLinear" in str(sibling_problem([a, GatheredLinear(a, torch.arange(8))]))
+    ordered = torch.nn.Linear(8, 4)
+    LinearOrder(torch.arange(8).flip(0)).install(ordered)  # a settled free order
+    assert "order of its own" in str(sibling_problem([a, ordered]))
     model = nn.Sequential(a, b)
     with pytest.raises(InvalidArgumentError, match=r"cannot fuse \['0', '1'\]"):
         fuse_siblings(model, [("0", "1")])

@@ -51,7 +51,9 @@ from .streaming import prune_checkpoint
 
 if TYPE_CHECKING:
     from . import eval, sparse
-    from .sparse import Sparse24Linear, SparsifyReport, StaticGenerator, generate, sparsify
+    from .sparse.generate import StaticGenerator, generate
+    from .sparse.linear import Sparse24Linear
+    from .sparse.sparsify import SparsifyReport, sparsify
 
 # Attributes loaded on first access: name -> module that defines it.
 _LAZY = {

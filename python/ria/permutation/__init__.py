@@ -1,7 +1,8 @@
 """Deployable channel permutation for N:M sparsity: finding which modules of a block read
 the same tensor (`block_layout`, by tracing one forward), finding the block's input
 orders (`search_block`, on the Rust solver), applying them so the model computes the same
-function (`apply_block`, `ChannelGather`, `GatheredLinear`), and taking them out of / back
+function (`apply_block`, `ChannelGather`, `GatheredLinear`, then `settle_orders`: a
+Linear's own order as its `nm_order`), and taking them out of / back
 into plain checkpoints (`plain_state_dict`, `restore_orders`). See ARCHITECTURE.md for the
 contract: which orders are shared, folded into weights, or gathered.
 """
@@ -10,12 +11,16 @@ from .apply import (
     BlockPermutation,
     ChannelGather,
     GatheredLinear,
+    LinearOrder,
     Orders,
     apply_block,
     input_gather,
     is_permuted,
     matrix_orders,
+    nm_order,
     reorders,
+    settle_orders,
+    weight_in_nm_order,
 )
 from .checkpoint import OrderInfo, plain_state_dict, restore_orders
 from .search import (
@@ -36,6 +41,7 @@ __all__ = [
     "ChannelGather",
     "GatheredLinear",
     "InputGroup",
+    "LinearOrder",
     "OrderInfo",
     "Orders",
     "PermutationMode",
@@ -47,8 +53,11 @@ __all__ = [
     "input_gather",
     "is_permuted",
     "matrix_orders",
+    "nm_order",
     "plain_state_dict",
     "reorders",
     "restore_orders",
     "search_block",
+    "settle_orders",
+    "weight_in_nm_order",
 ]

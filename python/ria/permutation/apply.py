@@ -2,9 +2,12 @@
 its pruned weights N:M in storage order (ARCHITECTURE.md, "The permutation contract").
 
 Two kinds of order, which a block may mix:
-- gathered (`BlockPermutation.inputs`, the "free" mode): a Linear of its own input order,
-  replaced by a `GatheredLinear` that reads its input through the order. Works for any
-  Linear of any family; costs one gather of the input per call unless a kernel fuses it.
+- a Linear's own (`BlockPermutation.inputs`, the "free" mode): while its block is pruned,
+  the Linear is a `GatheredLinear` (weight stored in the order, input gathered through it,
+  so every pruning stage works in storage order); `settle_orders` then hands the plain
+  Linear back with its weight in original order and the order as its `nm_order`, the
+  order along which the weight is N:M. Works for any Linear of any family; costs nothing
+  in PyTorch, a gather of the input per call in the sparse runtime unless a kernel fuses it.
 - folded (the "folded" mode): orders shared by the modules that read one tensor (an
   `InputGroup` of `wiring.py`), applied once per group where the trace says
   (`ChannelGather` on the norm that makes the tensor, `gather_input` on the module that
@@ -35,9 +38,14 @@ class GatheredLinear(nn.Linear):
     `F.linear(x[..., order], W, b)`, with `W` stored in that order (so an N:M mask chosen
     in permuted order is N:M in storage order). Same parameters and state-dict keys as
     the `nn.Linear` it replaces; the order is a non-persistent buffer (checkpoints store
-    the weight in original order and the order separately, see `checkpoint.py`)."""
+    the weight in original order and the order separately, see `checkpoint.py`).
+
+    The working form of a free order while its block is pruned: `settle_orders` puts the
+    replaced Linear back afterwards. Left in a model, PEFT's LoRA merge and any tool that
+    edits `weight` as a plain Linear's would write in the wrong column order."""
 
     input_order: torch.Tensor  # a buffer, registered in __init__
+    replaced: nn.Linear  # the Linear it stands for, sharing its parameters
 
     def __init__(self, linear: nn.Linear, order: torch.Tensor) -> None:
         if type(linear).forward is not nn.Linear.forward:  # it would compute F.linear instead
@@ -52,9 +60,43 @@ class GatheredLinear(nn.Linear):
         self.register_buffer(
             "input_order", order.to(linear.weight.device, torch.long), persistent=False
         )
+        self.__dict__["replaced"] = linear  # not a submodule: its parameters are ours
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.index_select(-1, self.input_order))
+
+
+# A Linear whose weight is N:M along an order of its input columns (a settled free order)
+# carries that order in this non-persistent buffer; it computes plain `F.linear(x, W, b)`.
+NM_ORDER = "ria_nm_order"
+
+
+def nm_order(module: nn.Module) -> torch.Tensor | None:
+    """The input-column order along which a settled Linear's weight is N:M (`weight[:,
+    order]` is N:M; a LongTensor `new -> old`), or None when the module has none."""
+    order = getattr(module, NM_ORDER, None)
+    return order if isinstance(order, torch.Tensor) else None
+
+
+def weight_in_nm_order(linear: nn.Linear) -> torch.Tensor:
+    """`linear`'s weight (detached) with its columns in `nm_order` (a copy), or the weight
+    itself when it has none: the form in which it is N:M, which the sparse kernels read."""
+    weight = linear.weight.detach()
+    order = nm_order(linear)
+    return weight if order is None else weight.index_select(1, order.to(weight.device))
+
+
+@dataclass(frozen=True)
+class LinearOrder:
+    """An `nm_order` to be installed on a Linear by `swap_in` (its weight unchanged)."""
+
+    order: torch.Tensor
+
+    def install(self, module: nn.Module) -> None:
+        device = next(module.parameters(), torch.empty(0)).device
+        if device.type == "meta":  # an offloaded weight: the order is read on conversion only
+            device = torch.device("cpu")
+        module.register_buffer(NM_ORDER, self.order.to(device, torch.long), persistent=False)
 
 
 class ChannelGather(nn.Module):
@@ -242,7 +284,9 @@ def reordered_params(block: nn.Module, changes: list[Reorder]) -> Swaps:
 def is_permuted(block: nn.Module) -> bool:
     """Whether a block already carries gathers (it was permuted before)."""
     return any(
-        isinstance(m, (ChannelGather, GatheredLinear)) or input_gather(m) is not None
+        isinstance(m, (ChannelGather, GatheredLinear))
+        or input_gather(m) is not None
+        or nm_order(m) is not None
         for m in block.modules()
     )
 
@@ -264,7 +308,12 @@ def relative_to_parent(carrier: str, readers: tuple[str, ...]) -> tuple[str, ...
     return tuple(r[len(parent) + 1 :] if parent else r for r in readers)
 
 
-def swap_in(root: nn.Module, swaps: Swaps, gathers: dict[str, nn.Module | InputGather]) -> None:
+# What `swap_in` puts at a path: a module in place of the one there, or something installed
+# on the module there.
+Installed = nn.Module | InputGather | LinearOrder
+
+
+def swap_in(root: nn.Module, swaps: Swaps, gathers: dict[str, Installed]) -> None:
     """Installs new parameter data and gathers (paths relative to `root`) as one step:
     Ctrl-C is deferred until all are in place, so the model never computes a
     half-permuted function. Everything passed in must be computed beforehand."""
@@ -272,10 +321,28 @@ def swap_in(root: nn.Module, swaps: Swaps, gathers: dict[str, nn.Module | InputG
         for param, data in swaps:
             param.data = data
         for path, gather in gathers.items():
-            if isinstance(gather, InputGather):
-                gather.install(root.get_submodule(path))
-            else:
+            if isinstance(gather, nn.Module):
                 replace_module(root, path, gather)
+            else:
+                gather.install(root.get_submodule(path))
+
+
+def settle_orders(root: nn.Module) -> None:
+    """Puts every `GatheredLinear` under `root` back as the Linear it replaced, its weight
+    columns in their original order and its order kept as `nm_order`: the same function
+    without a gather, and a Linear that PEFT merges, quantizers and `save_pretrained`
+    read as what it is. Atomic like `apply_block`."""
+    swaps: Swaps = []
+    gathers: dict[str, Installed] = {}
+    for path, module in root.named_modules():
+        if isinstance(module, GatheredLinear):
+            plain = module.replaced
+            plain.weight, plain.bias = module.weight, module.bias  # (the same, or reassigned)
+            inverse = torch.argsort(module.input_order)
+            swaps.append((module.weight, module.weight.data.index_select(1, inverse)))
+            plain.register_buffer(NM_ORDER, module.input_order, persistent=False)
+            gathers[path] = plain
+    swap_in(root, swaps, gathers)
 
 
 def apply_block(block: nn.Module, layout: BlockLayout, perm: BlockPermutation) -> None:
@@ -291,7 +358,7 @@ def apply_block(block: nn.Module, layout: BlockLayout, perm: BlockPermutation) -
             "permutation before); nothing was changed"
         )
     swaps = reordered_params(block, reorders(block, layout, perm))
-    gathers: dict[str, nn.Module | InputGather] = {}
+    gathers: dict[str, Installed] = {}
     for name, own in perm.inputs.items():
         gathers[name] = GatheredLinear(_linear(block, name), own)
     for group in layout.groups:

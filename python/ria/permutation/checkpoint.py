@@ -1,11 +1,13 @@
 """Permuted models as plain Hugging Face checkpoints: `plain_state_dict` takes the gathers
 out (`ChannelGather`s, gathered module inputs, `GatheredLinear`s: the modules reading a
 gathered tensor get their original column order back, so the checkpoint computes the same
-function without them) and returns the orders, which `ria.save_pruned` stores beside the
-weights; `restore_orders` puts them back after a plain load, so pruned weights are N:M in
-storage order again. An order's key is the path of the module that carries it: a norm
-whose output is gathered, a module whose input is gathered, or a gathered Linear; its
-`OrderInfo` says which, and which modules read it (stored as the file's metadata).
+function without them) and returns the orders, with the `nm_order`s of Linears (already
+in original order), which `ria.save_pruned` stores beside the weights; `restore_orders`
+puts them back after a plain load, so pruned weights are N:M in storage order again (a
+Linear's own order: along its `nm_order`). An order's key is the path of the module that
+carries it: a norm whose output is gathered, a module whose input is gathered, or a
+Linear of its own order; its `OrderInfo` says which, and which modules read it (stored as
+the file's metadata).
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from .apply import (
     ChannelGather,
     GatheredLinear,
     InputGather,
+    Installed,
+    LinearOrder,
     Swaps,
     gathered,
     input_gather,
     is_permuted,
+    nm_order,
     swap_in,
 )
 from .wiring import Gather
@@ -78,6 +83,9 @@ def plain_state_dict(
             orders[path], infos[path] = module.input_order.detach().cpu(), OrderInfo("linear")
             _unpermute(state, path, module, "weight", module.input_order)
             continue
+        if (own := nm_order(module)) is not None:  # its weight is in original order
+            orders[path], infos[path] = own.detach().cpu(), OrderInfo("linear")
+            continue
         info: Gather
         if isinstance(module, ChannelGather):
             order, readers, info = module.order, module.readers, "output"
@@ -118,7 +126,7 @@ def restore_orders(
     that is not gathered yet); on any error or Ctrl-C nothing is changed.
     """
     swaps: Swaps = []
-    gathers: dict[str, nn.Module | InputGather] = {}
+    gathers: dict[str, Installed] = {}
     for path, order in orders.items():
         try:
             target = model.get_submodule(path)
@@ -138,8 +146,8 @@ def restore_orders(
         if info.gather == "linear":
             if not isinstance(target, nn.Linear):
                 raise InvalidArgumentError(f"order {path!r}: {path} is not an nn.Linear")
-            swaps += _permuted(path, target, "weight", order)
-            gathers[path] = GatheredLinear(target, order)
+            _check_order(order, target.in_features, path)
+            gathers[path] = LinearOrder(order)  # the weight stays as stored
             continue
         parent_path = path.rpartition(".")[0]
         parent = model.get_submodule(parent_path)

@@ -49,7 +49,9 @@ from ..permutation import (
     block_layout,
     is_permuted,
     matrix_orders,
+    nm_order,
     reorders,
+    settle_orders,
 )
 from .calibration import calibration_windows
 from .capture import BlockInputs, InputStats, capture_block_inputs, collecting_stats, run_block
@@ -326,6 +328,13 @@ def _plan(model: PreTrainedModel, config: PruneConfig, placed: bool = False) -> 
             )
         if not target.structured:
             continue
+        ordered = next((n for n, m in block.named_modules() if nm_order(m) is not None), None)
+        if ordered is not None:  # its N:M groups are along its order, not its columns
+            raise InvalidArgumentError(
+                f"{path}.{i}.{ordered} is N:M along a channel order of its own (this model "
+                "was pruned with permute='free' before); load the dense model to prune it "
+                "to N:M again. Nothing was changed"
+            )
         for name, matrix in block_matrices(block).items():
             if matrix.shape[1] % target.m:
                 raise InvalidArgumentError(
@@ -479,6 +488,7 @@ class _BlockStep:
                 {name: layers[name].seconds for name in self.matrices},
                 {name: shared[name][1] for name in self.matrices},
             )
+        settle_orders(self.block)  # free orders: plain Linears again, weights in plain order
         return [layers[name] for name in self.matrices]
 
     def prune_matrix(

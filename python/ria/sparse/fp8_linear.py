@@ -38,6 +38,7 @@ from torch import nn
 from .._checks import require_int
 from .._torch import replace_module
 from ..errors import InvalidArgumentError
+from ..permutation import nm_order, weight_in_nm_order
 from .cslt import CsltConfig, cslt_view, share_cslt_buffer
 from .cslt_lib import cusparselt_version
 from .format import MMA_PAIR_COLS, Compact24, Mma24, pack_24, pack_mma24_e4m3, tensor_bytes
@@ -267,8 +268,10 @@ def fp8_layer(linear: nn.Linear, plan: Mapping[int, Choice] | None = None) -> Fp
     only). Where the plan reads cuSPARSELt's buffer with our kernel but this layer's buffer
     is not in the layout it reads (`cslt.share_cslt_buffer`), its buckets run cuSPARSELt."""
     plan = plan or {1: Choice(FP8_DENSE)}
-    weight = quantize_weight(linear.weight)
     used = {c.backend for c in plan.values()}
+    # Only 2:4 kernels need a free order (`nm_order`) and its gather: fp8 dense reads any.
+    ordered = not used <= FP8_DENSE_KERNELS
+    weight = quantize_weight(weight_in_nm_order(linear) if ordered else linear.weight.detach())
     packed = fp8_cslt_compress(weight) if used & FP8_CSLT_KERNELS else None
     if packed is not None and FP8_MMA_CSLT in used and _cslt_layout(weight, packed) is None:
         plan = {
@@ -281,7 +284,7 @@ def fp8_layer(linear: nn.Linear, plan: Mapping[int, Choice] | None = None) -> Fp
         packed=packed,
         mma=pack_mma24_e4m3(weight.values) if FP8_MMA in used else None,
         bias=None if linear.bias is None else linear.bias.detach(),
-        input_order=getattr(linear, "input_order", None),
+        input_order=nm_order(linear) if ordered else None,
     )
 
 
@@ -535,7 +538,7 @@ def sparsify_fp8(
     versions = library_versions() if cache is not None else {}
 
     def forms(mod: nn.Linear) -> _Forms:
-        w = quantize_weight(mod.weight)
+        w = quantize_weight(weight_in_nm_order(mod))
         bias = None if mod.bias is None else mod.bias.detach()
         f = _Forms(w, bias, mod.weight.detach(), torch.ones(1, device=w.scale.device))
         if sparse:

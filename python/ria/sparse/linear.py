@@ -91,8 +91,8 @@ class Sparse24Linear(nn.Module):
         mma: the weight in the mma.sp fragment layout (needed if the plan uses mma).
         weight: the dense (masked) weight (needed if the plan uses dense).
         bias: `(out_features,)` or None.
-        input_order: the channel order the weight is stored in (a free permutation, from
-            a `ria.permutation.GatheredLinear`): the layer computes `x[..., order] @ W.T`.
+        input_order: the channel order the weight is stored in (a free permutation: a
+            Linear's `ria.permutation.nm_order`): the layer computes `x[..., order] @ W.T`.
     """
 
     # Buffers (registered in __init__): the weight forms the plan uses, None for the others.

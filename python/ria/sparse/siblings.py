@@ -28,6 +28,7 @@ from torch import nn
 
 from .._torch import replace_module
 from ..errors import InvalidArgumentError
+from ..permutation import nm_order
 
 __all__ = [
     "FusedLinear",
@@ -171,6 +172,8 @@ def sibling_problem(layers: Sequence[nn.Module]) -> str | None:
     for layer in layers:
         if type(layer) is not nn.Linear:
             return f"a {type(layer).__name__} is not a plain nn.Linear"
+        if nm_order(layer) is not None:
+            return "a layer is N:M along an input order of its own (free permutation)"
     first = layers[0]
     assert isinstance(first, nn.Linear)
     for layer in layers[1:]:

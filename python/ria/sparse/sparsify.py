@@ -30,6 +30,7 @@ from .._checks import require_int
 from .._torch import replace_module
 from ..arch import expert_matrices, fused_experts
 from ..errors import InvalidArgumentError, InvalidTypeError
+from ..permutation import nm_order, weight_in_nm_order
 from .cslt import (
     CsltConfig,
     cslt_best_config,
@@ -259,7 +260,7 @@ def find_linears(
         elif require_cuda and mod.weight.device.type != "cuda":
             reason = f"on {mod.weight.device.type}, not CUDA"
         else:
-            reason = check_24(mod.weight)
+            reason = check_24(weight_in_nm_order(mod))
         found.append((name, mod, reason))
     return found
 
@@ -474,10 +475,10 @@ def _make_choice(backend: str, configs: BucketConfigs) -> Choice:
 
 
 def build_forms(mod: nn.Linear, need: set[str]) -> WeightForms:
-    """The weight forms of `mod` that the backends in `need` read (the dense weight is
-    always referenced, not copied)."""
+    """The weight forms of `mod` that the backends in `need` read, from its weight in
+    `nm_order` (referenced, not copied, when it has none)."""
     f = WeightForms(
-        weight=mod.weight.detach(), bias=None if mod.bias is None else mod.bias.detach()
+        weight=weight_in_nm_order(mod), bias=None if mod.bias is None else mod.bias.detach()
     )
     if need & {CUSPARSELT, MMA_CSLT}:
         f.packed = cslt_compress(f.weight)
@@ -797,8 +798,8 @@ def _convert_group(
         elif used & {TRITON, MMA_CSLT} and f.compact is not None and f.packed is not None:
             f.compact = share_cslt_buffer(f.compact, f.packed)
         layer_plan = _for_this_layer(tuned, f, usable, name)
-        # A free channel order (`ria.permutation.GatheredLinear`) travels along.
-        new = sparse_layer(f, layer_plan, getattr(mod, "input_order", None))
+        # A free channel order (`ria.permutation.nm_order`) travels along.
+        new = sparse_layer(f, layer_plan, nm_order(mod))
         replace_module(model, name, new)
         report.layers.append(
             SparseLayerReport(
