@@ -31,7 +31,7 @@ from ria.permutation import (
     search_block,
 )
 from ria.pruning import block_matrices
-from ria.save import saved_orders
+from ria.save import PERMUTATION_FILE, saved_orders
 
 # Where each family's shared orders are applied, per block (readers -> gather), as the
 # trace must find them: the norm before the readers, else the module that receives the
@@ -164,6 +164,34 @@ def test_save_pretrained_of_a_permuted_model_writes_what_save_pruned_writes(
     restored.save_pretrained(tmp_path / "again")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
     torch.testing.assert_close(logits(again, ids), pruned, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["folded", "free"])
+def test_save_pretrained_makes_a_state_dict_passed_in_plain(mode, tokenizer, tmp_path):
+    # Trainer under FSDP or DeepSpeed saves `model.save_pretrained(out, state_dict=its
+    # gathered copy)`: the copy, keyed as the model's own, was written as it was (folded
+    # orders: reader columns permuted, norms under ChannelGather's keys, which
+    # from_pretrained only warns about). DeepSpeed may leave frozen parameters out.
+    model = tiny_model("llama")
+    ria.prune(model, tokenizer, sparsity="2:4", permute=mode, nsamples=2, seqlen=32,
+              calibration="austen", progress=False, permutation_options=FAST_SEARCH)  # fmt: skip
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "hf", state_dict=gathered)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(logits(plain, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert saved_orders(tmp_path / "hf").keys() == saved_orders(ria.save_pruned(
+        model, tmp_path / "ria")).keys() != set()  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in gathered.items())  # unchanged
+    # Without the embeddings (as if frozen and left out): the rest is still made plain.
+    del gathered["model.embed_tokens.weight"]
+    model.save_pretrained(tmp_path / "partial", state_dict=gathered)
+    again = ria.load_pruned(tmp_path / "partial")  # (the embeddings re-initialised)
+    blocks = {k: v for k, v in again.state_dict().items() if ".layers." in k}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in blocks.items())
+    # Not the main process: the weights are its to write or not, the orders file is not.
+    model.save_pretrained(tmp_path / "rank1", state_dict=gathered, is_main_process=False)
+    assert not (tmp_path / "rank1" / PERMUTATION_FILE).exists()
 
 
 class _Shared(torch.nn.Module):

@@ -65,7 +65,7 @@ def save_pruned(
     check_target(out, overwrite)
     with staged(out) as staging:
         state, orders, infos = plain_state_dict(model)
-        model.save_pretrained(staging, state_dict=state)
+        write_pretrained(model, staging, state)
         save_orders(staging, orders, infos)
         save_extras(staging, tokenizer, report)
     return out
@@ -124,8 +124,7 @@ class PlainSavePretrained:
     def __call__(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
         model = self.model
         save = type(model).save_pretrained
-        # ria's own call (save_pruned, the streaming writer) passes the plain state dict
-        if kwargs.get("state_dict") is not None or not is_permuted(model):
+        if not is_permuted(model):
             return save(model, save_directory, *args, **kwargs)
         if kwargs.get("push_to_hub"):
             raise InvalidArgumentError(
@@ -133,11 +132,22 @@ class PlainSavePretrained:
                 "are written: save the model, then upload the directory (or use push_to_hub)"
             )
         check_savable(model)
-        state, orders, infos = plain_state_dict(model)
+        # A state dict passed in (Trainer under FSDP or DeepSpeed passes its gathered copy)
+        # is the model's, in permuted order: made plain as the model's own would be.
+        state, orders, infos = plain_state_dict(model, state=kwargs.get("state_dict"))
         kwargs["state_dict"] = state
         result = save(model, save_directory, *args, **kwargs)
-        save_orders(Path(save_directory), orders, infos)
+        if kwargs.get("is_main_process", True):  # (the ranks that write the weights)
+            save_orders(Path(save_directory), orders, infos)
         return result
+
+
+def write_pretrained(
+    model: PreTrainedModel, directory: Path, state: dict[str, torch.Tensor]
+) -> None:
+    """The class's own `save_pretrained` of `state`, already plain (ria's writers): the
+    instance's `PlainSavePretrained` would take it for the model's permuted state."""
+    type(model).save_pretrained(model, directory, state_dict=state)
 
 
 def keep_plain_on_save(model: PreTrainedModel) -> None:

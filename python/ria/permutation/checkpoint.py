@@ -13,6 +13,7 @@ the file's metadata).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -65,17 +66,21 @@ class OrderInfo:
 
 
 def plain_state_dict(
-    model: nn.Module, within: str = ""
+    model: nn.Module, within: str = "", state: Mapping[str, torch.Tensor] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, OrderInfo]]:
     """The model's state dict as a plain checkpoint of the same architecture, the gather
     orders that were taken out of it (`"<carrier path>": order`) and how each is applied.
 
     `within` (a submodule's path, e.g. one decoder block) limits all three to that
     submodule, keyed as in the whole model's state dict (the streaming prune writes
-    block by block).
+    block by block). `state`: a state dict of the model made elsewhere (keyed as its own:
+    a training framework's gathered copy), made plain instead of the model's own; keys
+    it lacks (frozen parameters left out) are skipped.
     """
     root = model.get_submodule(within)
-    state = root.state_dict(prefix=f"{within}." if within else "")
+    if state is None:
+        state = root.state_dict(prefix=f"{within}." if within else "")
+    state = dict(state)  # (the caller's mapping is not changed)
     orders: dict[str, torch.Tensor] = {}
     infos: dict[str, OrderInfo] = {}
     for path, module in root.named_modules(prefix=within):
@@ -110,6 +115,8 @@ def _unpermute(
 ) -> None:
     """Puts the input columns of `path.param` in `state` back in their original order."""
     key = f"{path}.{param}"
+    if key not in state:
+        return
     dim = matrix_dim(module, getattr(module, param), 1)
     inverse = torch.argsort(order).to(state[key].device)
     state[key] = state[key].index_select(dim, inverse)

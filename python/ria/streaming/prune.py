@@ -27,7 +27,15 @@ from ..errors import InvalidArgumentError
 from ..permutation import OrderInfo, plain_state_dict
 from ..pruning import Placement, PruneConfig, PruneReport, prune_with
 from ..pruning.distributed import current
-from ..save import PERMUTATION_FILE, check_target, save_extras, save_orders, sibling, staged
+from ..save import (
+    PERMUTATION_FILE,
+    check_target,
+    save_extras,
+    save_orders,
+    sibling,
+    staged,
+    write_pretrained,
+)
 from .conversion import StoredNames
 from .memory import release_freed_memory
 from .skeleton import (
@@ -300,7 +308,7 @@ class _StreamedBlocks:
         if self.staging is not None and self.writer is not None:
             keys = set(outside_keys(self.model, self.path))
             state = {k: v for k, v in self.model.state_dict().items() if k in keys}
-            self.model.save_pretrained(self.staging, state_dict=state)
+            write_pretrained(self.model, self.staging, state)
             self.writer.adopt(self.staging / SINGLE_FILE)
         free_outside(self.model, self.path)
         release_freed_memory()
