@@ -221,6 +221,56 @@ void mma_sp(float* d, const uint4& a, const unsigned* b, unsigned e) {
   w.sync->arrive_and_wait();  // operands are overwritten by the next mma.sp
 }
 
+// prmt.b32 (default mode): result byte i is byte n_i of {b, a} (a: 0..3, b: 4..7), n_i the
+// selector's nibble i (its sign-replicate bit unused here).
+inline unsigned prmt(unsigned a, unsigned b, unsigned selector) {
+  const unsigned long long bytes = a | ((unsigned long long)b << 32);
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= (unsigned)((bytes >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
+}
+
+// d += A B for the warp, mma.sp m16n8k64 .e4m3: A (16 x 64, 2:4) and B (64 x 8) in e4m3.
+// From the PTX ISA ("Matrix Fragments for sparse mma.m16n8k64 with .u8/.s8/.e4m3/.e5m2"):
+// a_i (byte i % 4 of register i / 4) at row g for i in 0..3 and 8..11, else g + 8, among the
+// kept values of columns 8t .. 8t + 7 (i < 8) or 32 + 8t .. (i >= 8); b_i at k = 16 (i / 4)
+// + 4t + i % 4, column g (one register per 16 rows, as the ISA's four B figures split it).
+// Metadata (selector 0, every lane): lane 4g + t describes row g + 8 (t % 2), columns
+// 32 (t / 2) .. + 31, 4 bits per group of 4 from bit 0 (CUTLASS's ELayout_64x64 for
+// sparse GMMA 64xNx64, the same figure in the ISA).
+inline void mma_sp64(float* d, const uint4& a, const unsigned* b, unsigned e) {
+  const int lane = threadIdx.x & 31;
+  host::Warp& w = *host::warp;
+  w.a[lane] = a;
+  for (int i = 0; i < 4; ++i) w.b[lane][i] = b[i];
+  w.e[lane] = e;
+  w.sync->arrive_and_wait();
+  float A[16][64] = {}, B[64][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    const unsigned regs[4] = {w.a[l].x, w.a[l].y, w.a[l].z, w.a[l].w};
+    for (int i = 0; i < 16; ++i) {
+      const unsigned char v = (unsigned char)(regs[i / 4] >> (8 * (i % 4)));
+      const int row = ((i / 4) % 2 == 0) ? g : g + 8;
+      const int compressed = 4 * t + (i % 4) + (i >= 8 ? 16 : 0);  // 2 per group of 4
+      const int group = compressed / 2, slot = compressed % 2;
+      const unsigned word = w.e[4 * (row % 8) + 2 * (group / 8) + (row >= 8)];
+      const int bit = 4 * (group % 8) + 2 * slot;
+      A[row][4 * group + ((word >> bit) & 3)] = host::e4m3(v);
+    }
+    for (int i = 0; i < 16; ++i)
+      B[16 * (i / 4) + 4 * t + i % 4][g] = host::e4m3((unsigned char)(w.b[l][i / 4] >> (8 * (i % 4))));
+  }
+  const int g = lane >> 2, t = lane & 3;
+  for (int c = 0; c < 4; ++c) {  // c0, c1 at row g, columns 2t, 2t + 1; c2, c3 at row g + 8
+    const int row = g + 8 * (c >> 1), col = 2 * t + (c & 1);
+    float s = 0.f;
+    for (int k = 0; k < 64; ++k) s += A[row][k] * B[k][col];
+    d[c] += s;
+  }
+  w.sync->arrive_and_wait();
+}
+
 #if RIA_ORDER == 64
 #define RIA_HOST_INDEX long long
 #else

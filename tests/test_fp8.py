@@ -394,6 +394,30 @@ def test_fp8_kernels_match_reference(m, bias):
 
 
 @needs_cuda
+@pytest.mark.parametrize("m", [1, 9, 33, 64])
+def test_k64_e4m3_kernel_matches_reference(m):
+    """The k64 form (e4m3 straight to mma.sp m16n8k64) on the fragments and on cuSPARSELt's
+    e4m3 buffer, 1-8 token tiles: one instruction on sm_89 / sm_120; on sm_90 ptxas emulates
+    it exactly, so its regrouping of A, B and the metadata is checked there too."""
+    from ria.sparse.cslt import share_cslt_buffer
+    from ria.sparse.fp8_kernels import fp8_cslt_compress, quantize_tokens
+    from ria.sparse.mma_sp import MmaConfig, mma24_fp8_linear
+
+    w = quantize_weight(random_24(192, 640, device="cuda"))
+    b = torch.randn(192, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(m, 640, dtype=torch.bfloat16, device="cuda")
+    ref = fp8_linear_reference(x.cpu(), Fp8Weight(w.values.cpu(), w.scale.cpu()), b.cpu())
+    q, q_scale = quantize_tokens(x)
+    view = share_cslt_buffer(pack_24(w.values), fp8_cslt_compress(w))
+    for weight, cfg in [
+        (pack_mma24_e4m3(w.values), MmaConfig(2, 8, 2, k64=True)),
+        (view, MmaConfig(2, 8, 1, k64=True)),  # (a unit: four k-steps)
+        (view, MmaConfig(1, 16, 2, hint=2, late_b=1, k64=True)),
+    ]:
+        _close_to_reference(mma24_fp8_linear(q, q_scale, weight, w.scale, b, config=cfg), ref)
+
+
+@needs_cuda
 @pytest.mark.parametrize("m", [1, 8])
 def test_programmatic_e4m3_launch_reads_each_replays_tokens(m):
     """Under graph replay the mma.sp kernel, launched programmatically right after the

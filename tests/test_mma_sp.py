@@ -232,6 +232,27 @@ def test_mma_e4m3_kernel_on_host(tmp_path, n, k, m, cfg, bias):
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
+@pytest.mark.parametrize("cslt", [False, True], ids=["fragments", "cusparselt"])
+@pytest.mark.parametrize(
+    "n, k, m, cfg, bias, late_b",
+    [
+        # one token tile, B with the batch; ragged K (fragments) / K % 128 == 64 (buffer)
+        (64, 192, 3, (2, 4, 2), True, 0),
+        # three token tiles; units split unevenly over the warps
+        (128, 640, 20, (2, 8, 2), False, 0),
+        # a full 8-tile batch, B per step
+        (64, 1024, 64, (1, 8, 1), True, 1),
+    ],
+)
+def test_mma_e4m3_k64_kernel_on_host(tmp_path, n, k, m, cfg, bias, late_b, cslt):
+    """The k64 form (e4m3 operands straight to mma.sp m16n8k64, emulated from the PTX ISA's
+    fragment rules and CUTLASS's metadata layout) equals the fp8 reference on both weight
+    forms: its regrouping of A, B and the metadata is consistent."""
+    extra = {"RIA_K64": 1, "RIA_PREFETCH_B": int(not late_b and m <= 8)}
+    _run_on_host(tmp_path, n, k, m, cfg, torch.bfloat16, None, bias, True, cslt, extra=extra)
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++ (C++20) to build the host emulation")
 @pytest.mark.parametrize(
     "n, k, m, cfg, bias",
     [
@@ -335,7 +356,8 @@ def test_mma_kernel_every_config_and_strided_input():
         x = big[:, :k]  # row stride 2k: read in place
         ref = _reference(x, w, None, None)
         for cfg in CONFIGS:
-            if not cfg.tiled:  # the tiled kernel reads cuSPARSELt's buffer only
+            # (the tiled kernel reads cuSPARSELt's buffer only; k64 is an e4m3 form)
+            if not cfg.tiled and not cfg.k64:
                 assert _rel_err(mma24_linear(x, p, config=cfg), ref) < 1e-2, (m, cfg)
 
 
@@ -484,6 +506,42 @@ def test_cusparselt_buffer_is_shared_when_it_decodes_to_the_weight():
     assert shared.layout == "cslt" and torch.equal(unpack_24(shared), w)
     unordered = share_cslt_buffer(c, buffer_with(2 | 2 << 2, (1.5, 0.0)))
     assert unordered.layout == "rows" and unordered.values is c.values  # values differ too
+
+
+def test_k64_shapes_are_e4m3_plain_ones_offered_where_native(monkeypatch):
+    from ria.sparse import mma_sp
+    from ria.sparse.mma_sp import MmaConfig
+
+    k64 = MmaConfig(1, 16, 2, hint=2, k64=True)
+    assert str(k64) == "r1w16u2h2k64" and k64 != MmaConfig(1, 16, 2, hint=2)
+    for bad in (dict(stages=3, warps=4), dict(stages=4, warps=4, split=2, wgmma=True)):
+        with pytest.raises(InvalidArgumentError, match="k64"):
+            MmaConfig(**{"row_tiles": 1, "unroll": 2, "k64": True, **bad})
+    with pytest.raises(InvalidArgumentError, match="e4m3 kernel's form"):
+        mma_sp.kernel_source(torch.bfloat16, k64, 1, 0)  # not e4m3
+    assert "#define RIA_K64 1" in mma_sp.kernel_source(torch.bfloat16, k64, 1, 0, e4m3=True)
+    with pytest.raises(InvalidArgumentError, match="e4m3 kernel's form"):
+        mma_sp.mma24_linear(torch.zeros(2, 64, dtype=torch.bfloat16),
+                            pack_mma24(random_24(16, 64)), config=k64)  # fmt: skip
+    for capability, native in [((9, 0), False), ((10, 0), False), ((8, 9), True), ((12, 0), True)]:
+        monkeypatch.setattr(mma_sp, "_capability", lambda c=capability: c)
+        for m in (1, 8, 16, 64):
+            for cslt in (False, True):
+                shapes = mma_sp.e4m3_candidates(m, cslt)
+                assert any(c.k64 for c in shapes) == native, (capability, m, cslt)
+                assert not shapes[0].k64  # the widened default
+
+
+def test_a_k64_shape_is_timed_only_after_agreeing_with_a_widened_one():
+    from ria.sparse import mma_sp
+    from ria.sparse.mma_sp import MmaConfig
+
+    k64 = MmaConfig(1, 16, 2, k64=True)
+    widened = torch.tensor([[1.0, -2.0], [4.0, 0.5]])
+    assert mma_sp._k64_agrees(widened + 1e-3, widened, k64)
+    assert not mma_sp._k64_agrees(widened, None, k64)  # nothing to agree with
+    with pytest.warns(UserWarning, match="r1w16u2k64 shape .* disagrees"):
+        assert not mma_sp._k64_agrees(widened.flip(1), widened, k64)
 
 
 def test_mma_candidates_without_clusters(monkeypatch):

@@ -47,8 +47,8 @@ def test_wgmma_config_fields_and_checks():
     assert mma_sp._grid(mc, 4096 // 16) == (32, 4, 1)
     assert mma_sp._grid(mc, 208 // 16) == (2, 4, 1)  # 2 row blocks of 128: one pair
     assert mma_sp._grid(mc, 48 // 16) == (2, 4, 1)  # a block past N completes the pair
-    assert "#define RIA_MC 2" in mma_sp._kernel_source(torch.bfloat16, mc, 2, 0, cslt=True)
-    assert "#define RIA_MC 2" not in mma_sp._kernel_source(torch.bfloat16, WG, 2, 0, cslt=True)
+    assert "#define RIA_MC 2" in mma_sp.kernel_source(torch.bfloat16, mc, 2, 0, cslt=True)
+    assert "#define RIA_MC 2" not in mma_sp.kernel_source(torch.bfloat16, WG, 2, 0, cslt=True)
 
 
 @pytest.mark.parametrize("tiles", [1, 3, 8])

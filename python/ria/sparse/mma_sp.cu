@@ -48,6 +48,24 @@
 // loads per pair instead: 1.2-1.8x slower than the same kernel on its own fragments.
 // Needs K % 64 == 0.
 
+// RIA_K64 (with RIA_E4M3; the fragments or cuSPARSELt's e4m3 buffer): the e4m3 operands go
+// to mma.sp m16n8k64 .e4m3 as they are, one mma per 64 columns instead of two f16 mma.sp
+// after 4 + 4 * RIA_NT widening cvt per 32 (a quarter-rate instruction: at M = 32-64 the
+// widening, not the weight's bytes, sets the speed). ptxas 13 makes it one QMMA.SP.16864 on
+// sm_89 and sm_120 only; on sm_90 and sm_100 it emulates it with two HMMA.SP.16832, F2FP
+// conversions and lane shuffles (more work than the widened form), so mma_sp.py offers it on
+// the former. The weight is read exactly as above;
+// only which 2:4 group fills which of the k64 fragment's 16 group slots changes (mma.sp
+// takes the groups in any order when B and the metadata follow): slot S = 8 * hi + 2 * t + b
+// (the fragment: lane quad position t holds slots 2t, 2t + 1 of rows g and g + 8 in
+// registers 0 and 1, slots 8 + 2t, 9 + 2t in 2 and 3) is group k64_group(...) below, B's
+// register i of lane t holds the 4 columns of slot 4i + t, and lane t supplies the metadata
+// of row g + 8 * (t % 2), slots 8 * (t / 2) .. + 7, a nibble each (selector 0: all four
+// lanes of a quad; CUTLASS's ELayout_64x64, the PTX ISA's sparse m16n8k64 8-bit figures).
+// Not yet run on a GPU: the host emulation (tests/mma_sp_host.h) follows the PTX ISA's
+// text for A and B and CUTLASS's metadata layout (on an sm_90 GPU ptxas's emulation of the
+// instruction checks the same; tests/test_fp8.py).
+
 // With one token tile, the batch's B fragments are loaded together with A (their latency
 // then overlaps the weight's); with more, each k-step loads its own (measured faster: the
 // registers go to more warps in flight).
@@ -62,6 +80,14 @@
 #endif
 // k-steps per unit of a warp's work: a pair, or four on cuSPARSELt's e4m3 buffer (above)
 #define RIA_KSTEPS (RIA_CSLT && RIA_E4M3 ? 4 : 2)
+#ifndef RIA_K64
+#define RIA_K64 0
+#endif
+#if RIA_K64 && (!RIA_E4M3 || RIA_TILED || RIA_ORDER)
+#error "RIA_K64 is the plain kernel's e4m3 form (no input order)"
+#endif
+// mma.sp per unit and token tile: one per k-step, or with RIA_K64 one per 64 columns
+#define RIA_QSTEPS (RIA_K64 ? RIA_KSTEPS / 2 : RIA_KSTEPS)
 #ifndef RIA_TILED
 #define RIA_TILED 0
 #endif
@@ -237,6 +263,23 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u16 v) {
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(v));
   return r;
 }
+
+// Bytes of {b, a} (a: 0..3, b: 4..7) picked by the selector's nibbles, low byte first.
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 selector) {
+  u32 r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
+  return r;
+}
+
+// d += A B over 64 columns: A's 16 kept e4m3 per lane in `a`, B's 16 in `b`, the metadata
+// of the lane's row and 8 groups in `e` (selector 0).
+__device__ __forceinline__ void mma_sp64(float* d, const uint4& a, const u32* b, u32 e) {
+  asm("mma.sp::ordered_metadata.sync.aligned.m16n8k64.row.col.f32.e4m3.e4m3.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
+        "r"(e));
+}
 #endif
 
 #if RIA_E4M3
@@ -296,6 +339,62 @@ __device__ __forceinline__ void load_b(u32 (&b)[RIA_NT][4], const x_t* __restric
     }
   }
 }
+
+#if RIA_K64
+// The group (of the unit's, 4 columns each) that fills slot S of k64 step v's fragment: on
+// the fragments (a unit: one step) slot 2t + b of each half is group t + 4b of that k-step
+// (what lane t holds of it: bytes 0, 1 and 4, 5 of its 8 for row g, 2, 3 and 6, 7 for g + 8);
+// on cuSPARSELt's e4m3 buffer (a unit: 128 columns, two steps) slot 2t + b is group
+// 8t + 4v + b and 8 + 2t + b is 8t + 4v + 2 + b (lane t's 16 bytes a row hold 8t .. 8t + 7).
+__device__ __forceinline__ int k64_group(int v, int slot) {
+  const int hi = slot >> 3, t = (slot & 7) >> 1, b = slot & 1;
+#if RIA_CSLT
+  return 8 * t + 4 * v + 2 * hi + b;
+#else
+  return 8 * hi + t + 4 * b;
+#endif
+}
+
+// B of k64 step v of unit p for the RIA_NT token tiles: lane (g, t) holds in register i the
+// 4 columns of slot 4i + t of token 8j + g (4 bytes: a group is 4 adjacent columns).
+__device__ __forceinline__ void load_b64(u32 (&b)[RIA_NT][4], const x_t* __restrict__ x, int ldx,
+                                         int g, int t, int M, int K, int p, int v) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int k = 64 * RIA_KSTEPS / 2 * p + 4 * k64_group(v, 4 * i + t);
+    const bool in_k = k < K;  // K % 4 == 0: a group is in or out whole
+#pragma unroll
+    for (int j = 0; j < RIA_NT; ++j) {
+      const int token = 8 * j + g;
+      b[j][i] = token < M && in_k ? *reinterpret_cast<const u32*>(x + (long long)token * ldx + k)
+                                  : 0u;
+    }
+  }
+}
+
+#if !RIA_CSLT
+// A of a pair from its two k-steps' 8-byte fragments (s0, s1): rows g | g + 8 of slots 2t,
+// 2t + 1 (groups t, t + 4 of step 0), then of slots 8 + 2t, 9 + 2t (the same of step 1).
+__device__ __forceinline__ uint4 k64_a(uint2 s0, uint2 s1) {
+  return uint4{prmt(s0.x, s0.y, 0x5410), prmt(s0.x, s0.y, 0x7632), prmt(s1.x, s1.y, 0x5410),
+               prmt(s1.x, s1.y, 0x7632)};
+}
+
+// Nibbles 0..3 of `v` to nibbles 0, 2, 4, 6.
+__device__ __forceinline__ u32 spread_nibbles(u32 v) {
+  v = (v | (v << 8)) & 0x00FF00FFu;
+  return (v | (v << 4)) & 0x0F0F0F0Fu;
+}
+
+// Lane t's k64 metadata from the pair's words of lanes 4g + 2h, 4g + 2h + 1 (h = t / 2: k-step
+// h's groups 0..3 and 4..7, row g in bits 0..15, g + 8 in 16..31): row g + 8 * (t % 2)'s
+// nibbles with slot 2i + b (group i + 4b) at nibble 2i + b.
+__device__ __forceinline__ u32 k64_meta(uint2 w, int t) {
+  const int s = 16 * (t & 1);
+  return spread_nibbles((w.x >> s) & 0xFFFFu) | (spread_nibbles((w.y >> s) & 0xFFFFu) << 4);
+}
+#endif
+#endif
 
 #if RIA_CSLT
 // The fragment's metadata word of lane quad position t from cuSPARSELt's words `lo` and `hi`
@@ -365,7 +464,7 @@ extern "C" __global__ void RIA_BOUNDS
       for (int c = 0; c < 4; ++c) acc[r][j][c] = 0.f;
 
   for (int p0 = pb; p0 < pe; p0 += RIA_U) {
-    uint4 a[RIA_R][RIA_KSTEPS * RIA_U];
+    uint4 a[RIA_R][RIA_QSTEPS * RIA_U];
     u32 e[RIA_R][RIA_KSTEPS / 2 * RIA_U];
     // All loads first, unconditionally (clamped indices re-read valid data; their products
     // are skipped or land in rows that are never written).
@@ -387,6 +486,21 @@ extern "C" __global__ void RIA_BOUNDS
           lo = ld_stream(vals16 + v0);
           hi = ld_stream(vals16 + v0 + 8 * row_q);
         }
+#if RIA_K64
+        // k64 step v: lane t's groups 8t + 4v .. + 3 of rows g (lo) and g + 8 (hi); the
+        // metadata of row g + 8 * (t % 2), slots 2i + b: bytes t % 2 and 2 + t % 2 of word
+        // 4g + 2v + t / 2 of both k-chunks (groups 4v + 2h + b and 8 + 4v + 2h + b of each,
+        // h = t / 2, row g in bytes 0, 2 and g + 8 in 1, 3).
+        a[r][2 * u] = uint4{lo.x, hi.x, lo.y, hi.y};
+        a[r][2 * u + 1] = uint4{lo.z, hi.z, lo.w, hi.w};
+        const long long w0 = 128 * ((tile >> 2) * (long long)(K >> 6) + 2 * p) +
+                             32 * (tile & 3) + 4 * g + (t >> 1);
+#pragma unroll
+        for (int v = 0; v < 2; ++v)
+          e[r][2 * u + v] = prmt(ld_stream(meta + w0 + 2 * v),
+                                 whole ? ld_stream(meta + w0 + 128 + 2 * v) : 0x44444444u,
+                                 0x6420u + 0x1111u * (t & 1));
+#else
 #pragma unroll
         for (int half = 0; half < 2; ++half) {  // k-steps 2 * half, 2 * half + 1
           const uint4 wl = widen(half ? uint2{lo.z, lo.w} : uint2{lo.x, lo.y});
@@ -400,6 +514,7 @@ extern "C" __global__ void RIA_BOUNDS
         for (int v = 0; v < 2; ++v)  // k-steps 2v, 2v + 1
           e[r][2 * u + v] = cslt_meta_e4m3(ld_stream(meta + w0 + 2 * v),
                                            whole ? ld_stream(meta + w0 + 128 + 2 * v) : 0x44444444u, t);
+#endif
 #elif RIA_CSLT
         // K % 64 == 32: the last pair has one k-tile; its other half reads as zero weights
         // with valid (0, 1) indices.
@@ -417,6 +532,12 @@ extern "C" __global__ void RIA_BOUNDS
         const long long w0 =
             16 * ((tile >> 2) * 4 * (long long)(K >> 5) + (tile & 3)) + 128 * p + 2 * g + (t >> 1);
         e[r][u] = cslt_meta(ld_stream(meta + w0), whole ? ld_stream(meta + w0 + 64) : 0x44444444u, t);
+#elif RIA_K64
+        const long long f0 = (tile * steps + 2 * p) * 32 + lane;
+        a[r][u] = k64_a(ld_stream(vals + f0), ld_stream(vals + f0 + 32));
+        e[r][u] = k64_meta(
+            ld_stream(reinterpret_cast<const uint2*>(meta + (tile * pairs + p) * 32 + 4 * g + 2 * (t >> 1))),
+            t);
 #else
         a[r][2 * u] = widen(ld_stream(vals + (tile * steps + 2 * p) * 32 + lane));
         a[r][2 * u + 1] = widen(ld_stream(vals + (tile * steps + 2 * p + 1) * 32 + lane));
@@ -424,36 +545,46 @@ extern "C" __global__ void RIA_BOUNDS
 #endif
       }
     }
-    // B of k-step q of the batch (q = RIA_KSTEPS * u + h): unit min(p0 + u, pe - 1), step h.
+    // B of mma step q of the batch (q = RIA_QSTEPS * u + h): unit min(p0 + u, pe - 1), step h.
+#if RIA_K64
+#define RIA_LOAD_B(b, p, h) load_b64(b, x, ldx, g, t, M, K, p, h)
+#else
+#define RIA_LOAD_B(b, p, h) load_b(b, x, ldx, order, g, t, M, K, p, h)
+#endif
 #if RIA_PREFETCH_B
-    u32 b[RIA_KSTEPS * RIA_U][RIA_NT][4];  // the whole batch's B, loaded together with A
+    u32 b[RIA_QSTEPS * RIA_U][RIA_NT][4];  // the whole batch's B, loaded together with A
 #pragma unroll
-    for (int q = 0; q < RIA_KSTEPS * RIA_U; ++q)
-      load_b(b[q], x, ldx, order, g, t, M, K, min(p0 + q / RIA_KSTEPS, pe - 1), q % RIA_KSTEPS);
+    for (int q = 0; q < RIA_QSTEPS * RIA_U; ++q)
+      RIA_LOAD_B(b[q], min(p0 + q / RIA_QSTEPS, pe - 1), q % RIA_QSTEPS);
 #endif
 #pragma unroll
-    for (int q = 0; q < RIA_KSTEPS * RIA_U; ++q) {
-      const int u = q / RIA_KSTEPS, h = q % RIA_KSTEPS;
+    for (int q = 0; q < RIA_QSTEPS * RIA_U; ++q) {
+      const int u = q / RIA_QSTEPS, h = q % RIA_QSTEPS;
 #if RIA_PREFETCH_B
       const u32(&bq)[RIA_NT][4] = b[q];
 #endif
       if (p0 + u < pe) {
 #if !RIA_PREFETCH_B
         u32 bq[RIA_NT][4];
-        load_b(bq, x, ldx, order, g, t, M, K, p0 + u, h);
+        RIA_LOAD_B(bq, p0 + u, h);
 #endif
 #pragma unroll
         for (int r = 0; r < RIA_R; ++r)
 #pragma unroll
           for (int j = 0; j < RIA_NT; ++j) {
+#if RIA_K64
+            mma_sp64(acc[r][j], a[r][q], bq[j], e[r][q]);
+#else
             const u32 eq = e[r][q / 2];  // one metadata word per two k-steps
             if (h % 2 == 0)
               mma_sp<0>(acc[r][j], a[r][q], bq[j], eq);
             else
               mma_sp<1>(acc[r][j], a[r][q], bq[j], eq);
+#endif
           }
       }
     }
+#undef RIA_LOAD_B
   }
 
   // Add the warps' partial sums: partial[warp][entry][lane], entry = (r, j, c).

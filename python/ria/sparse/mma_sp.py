@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ __all__ = [
     "e4m3_candidates",
     "kernel_cache_dir",
     "kernel_fingerprint",
+    "kernel_source",
     "mma24_fp8_linear",
     "mma24_linear",
     "mma_best_config",
@@ -74,6 +76,13 @@ class MmaConfig:
     the compiler for registers that let that many blocks share an SM (RIA_MINB: at most
     65536 / (min_blocks * 32 * warps) per thread, spilling if it must).
 
+    `k64` (plain kernel, e4m3 only): the e4m3 operands go to mma.sp m16n8k64 as they are,
+    instead of being widened to fp16 for two m16n8k32 (`mma_sp.cu`, RIA_K64); the same
+    weight forms. One native instruction on compute capability 8.9 and 12.x only (ptxas
+    emulates it on 9.0 and 10.0), where `e4m3_candidates` offers it. Not yet run on a GPU
+    (host emulation only): `mma_best_config` times a k64 shape only after its output
+    agreed with a widened one's.
+
     With `wgmma` (the streaming warpgroup kernel, `wgmma_sp.cu`, compute capability 9.0
     only, the tiled kernel's inputs): a producer warp fills `stages` shared-memory stages of
     `unroll` (even) pairs of k-steps with the copy engine (TMA), `warps // 4` consumer
@@ -92,8 +101,11 @@ class MmaConfig:
     wgmma: bool = False
     multicast: int = 1
     min_blocks: int = 0
+    k64: bool = False
 
     def __post_init__(self) -> None:
+        if self.k64 and (self.tiled or self.wgmma):
+            raise InvalidArgumentError(f"k64 is the plain kernel's e4m3 form: {self!r}")
         if min(self.row_tiles, self.warps, self.unroll, self.split) < 1 or self.warps > 32:
             raise InvalidArgumentError(
                 f"MmaConfig needs positive fields and at most 32 warps, got {self!r}"
@@ -142,6 +154,7 @@ class MmaConfig:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
         extra = (f"h{self.hint}" if self.hint else "") + ("b" if self.late_b else "")
         extra += f"n{self.min_blocks}" if self.min_blocks else ""
+        extra += "k64" if self.k64 else ""
         return f"r{self.row_tiles}w{self.warps}u{self.unroll}{extra}"
 
     @property
@@ -240,9 +253,16 @@ def _per_e4m3_unit(shapes: tuple[MmaConfig, ...]) -> tuple[MmaConfig, ...]:
     return tuple(replace(c, unroll=max(1, c.unroll // 2)) for c in shapes)
 
 
+def _k64(shapes: tuple[MmaConfig, ...]) -> tuple[MmaConfig, ...]:
+    """`shapes` (plain ones) fed to mma.sp m16n8k64 on the e4m3 operands (`MmaConfig.k64`)."""
+    return tuple(replace(c, k64=True) for c in shapes)
+
+
 CONFIGS = tuple(
     dict.fromkeys(
-        _FEW
+        _k64(_FEW[:1] + _SOME + _MANY + _CSLT_ONE[:1] + _CSLT_FEW[:1])
+        + _k64(_per_e4m3_unit(_SOME + _MANY))
+        + _FEW
         + _SOME
         + _MANY
         + _per_e4m3_unit(_FEW + _SOME + _MANY)
@@ -323,7 +343,7 @@ def mma_status(device: torch.device | None = None) -> str | None:
 @functools.cache
 def _nvrtc_status(arch: str) -> str | None:
     try:
-        _compile(_kernel_source(torch.bfloat16, default_config(1), 1, 0), arch)
+        _compile(kernel_source(torch.bfloat16, default_config(1), 1, 0), arch)
     except (ImportError, OSError, RuntimeError) as err:  # no NVRTC library, or it failed
         return f"NVRTC cannot compile the mma.sp kernel for sm_{arch}: {err}"
     return None
@@ -379,16 +399,17 @@ def _compile(source: str, arch: str) -> bytes:
     return binary
 
 
-def _kernel_source(
+def kernel_source(
     dtype: torch.dtype,
     config: MmaConfig,
     tiles: int,
-    order_bits: int,
+    order_bits: int = 0,
     e4m3: bool = False,
     cslt: bool = False,
 ) -> str:
-    """The kernel for output (and, unless `e4m3`, operand) `dtype` and the launch shape,
-    reading the weight from cuSPARSELt's buffer if `cslt`."""
+    """The CUDA source NVRTC compiles for output (and, unless `e4m3`, operand) `dtype`, the
+    launch shape and `tiles` 8-token tiles, reading the input through an order of
+    `order_bits` (0: none, 32, 64) and the weight from cuSPARSELt's buffer if `cslt`."""
     defines = {
         "RIA_F16": int(dtype == torch.float16),
         "RIA_R": config.row_tiles,
@@ -408,6 +429,10 @@ def _kernel_source(
         defines["RIA_PREFETCH_B"] = 0
     if config.min_blocks:
         defines["RIA_MINB"] = config.min_blocks
+    if config.k64:
+        if not e4m3:
+            raise InvalidArgumentError(f"{config}: k64 is the e4m3 kernel's form")
+        defines["RIA_K64"] = 1
     if config.tiled:  # (only then: the plain kernels' sources and disk cache keys stay)
         defines |= {"RIA_TILED": 1, "RIA_S": config.stages, "RIA_SK": config.split}
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
@@ -482,7 +507,7 @@ def compile_kernels(
         for c in (candidates(m, cslt) if shapes is None else shapes)
     }
     sources = [
-        (_kernel_source(dtype, c, t, bits, cslt=cslt), _arch(c)) for c, t in sorted(jobs, key=str)
+        (kernel_source(dtype, c, t, bits, cslt=cslt), _arch(c)) for c, t in sorted(jobs, key=str)
     ]
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda job: _compile(*job), sources))
@@ -504,7 +529,7 @@ def _kernel(
 
         if config.wgmma and not _has_wgmma():
             raise InvalidArgumentError(f"{config} needs wgmma (compute capability 9.0)")
-        source = _kernel_source(dtype, config, tiles, order_bits, e4m3, cslt)
+        source = kernel_source(dtype, config, tiles, order_bits, e4m3, cslt)
         binary = _compile(source, _arch(config))
         loaded = _utils._cuda_load_module(binary, [_ENTRY])
         kernel = loaded[_ENTRY] if isinstance(loaded, dict) else getattr(loaded, _ENTRY)
@@ -661,6 +686,8 @@ def mma24_linear(
     Returns:
         `(M, N)` in `x`'s dtype.
     """
+    if config is not None and config.k64:
+        raise InvalidArgumentError(f"{config}: k64 is the e4m3 kernel's form (mma24_fp8_linear)")
     if config is not None and config.tiled and (order is not None or isinstance(packed, Mma24)):
         raise InvalidArgumentError(
             f"the tiled kernel ({config}) reads cuSPARSELt's buffer without an input order"
@@ -927,6 +954,24 @@ def mma24_fp8_linear(
     return out
 
 
+def _k64_agrees(y: torch.Tensor, widened: torch.Tensor | None, config: MmaConfig) -> bool:
+    """Whether a k64 shape's output equals a widened shape's on the same call (both sum
+    exact e4m3 products in fp32; their orders differ): the k64 form's fragment layouts are
+    read from the PTX ISA and CUTLASS, not yet checked on a GPU, so it is timed only after
+    agreeing here, and otherwise left out with a warning."""
+    if widened is None:
+        return False  # nothing to check it against: not timed
+    tolerance = 1e-2 * float(widened.float().abs().max()) + 1e-6
+    if float((y.float() - widened.float()).abs().max()) <= tolerance:
+        return True
+    warnings.warn(
+        f"the e4m3 kernel's {config} shape (mma.sp m16n8k64) disagrees with the widened form "
+        "on this GPU; not used (please report it)",
+        stacklevel=4,
+    )
+    return False
+
+
 def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     """The launch shapes worth timing for the e4m3 kernel at `m` tokens: the plain ones of
     `candidates(m)`; on cuSPARSELt's buffer (`cslt`) also the fragments' with half the
@@ -934,13 +979,27 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     buffer's own shapes were picked for bf16. On an H200 (benches/results/fp8_gemm_h200.json)
     the halved shapes won at 16-64 tokens (gate/up 22.4 against 28.7 us at M = 16), the
     buffer's own at 1-8. At M <= 8 also the register-capped shapes that won a shape there
-    (`_E4M3_CAPPED`, `_E4M3_CSLT_CAPPED`)."""
+    (`_E4M3_CAPPED`, `_E4M3_CSLT_CAPPED`). Then the k64 form (`MmaConfig.k64`) of the
+    first shape at M <= 8 and of every plain shape above, where the widening it saves
+    grows with the token tiles, on GPUs where it is one instruction (`_has_native_k64`)."""
     plain = tuple(c for c in candidates(m) if _has_e4m3_form(c))
     if not cslt:
-        return (*plain, *_E4M3_CAPPED) if m <= 8 else plain
-    own = (c for c in candidates(m, cslt=True) if _has_e4m3_form(c))
-    capped = _E4M3_CSLT_CAPPED if m <= 8 else ()
-    return tuple(dict.fromkeys((*_per_e4m3_unit(plain), *own, *capped)))
+        widened = (*plain, *_E4M3_CAPPED) if m <= 8 else plain
+        native = plain[:1] if m <= 8 else plain
+    else:
+        own = tuple(c for c in candidates(m, cslt=True) if _has_e4m3_form(c))
+        capped = _E4M3_CSLT_CAPPED if m <= 8 else ()
+        widened = tuple(dict.fromkeys((*_per_e4m3_unit(plain), *own, *capped)))
+        native = own[:1] if m <= 8 else _per_e4m3_unit(plain)
+    return (*widened, *_k64(native)) if _has_native_k64() else widened
+
+
+def _has_native_k64() -> bool:
+    """Whether mma.sp m16n8k64 .e4m3 is one instruction on the current GPU (QMMA.SP in
+    ptxas 13's output for sm_89 and sm_120; sm_90 and sm_100 get an emulation); True
+    without CUDA, where the shapes are only listed."""
+    capability = _capability()
+    return capability is None or capability == (8, 9) or capability[0] == 12
 
 
 def _has_e4m3_form(config: MmaConfig) -> bool:
@@ -973,19 +1032,23 @@ def mma_best_config(
             configs = tuple(c for c in configs if not c.tiled)
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
+    widened: torch.Tensor | None = None  # a widened e4m3 shape's output, for the k64 shapes
     for cfg in configs:
 
-        def call(i: int, cfg: MmaConfig = cfg) -> None:
+        def call(i: int, cfg: MmaConfig = cfg) -> torch.Tensor:
             p = packed[i]
             if fp8_scales is None:
-                mma24_linear(x, p, bias, order=order, config=cfg)
-            else:
-                mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
+                return mma24_linear(x, p, bias, order=order, config=cfg)
+            return mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
 
         try:
+            if cfg.k64 and not _k64_agrees(call(0), widened, cfg):
+                continue
             us = rotation_time_us(call, range(len(packed)), iters=10, repeats=3)
         except RuntimeError:  # a launch shape this GPU refuses (registers, shared memory)
             continue
+        if fp8_scales is not None and not cfg.k64 and widened is None:
+            widened = call(0)
         times[str(cfg)] = us
         if us < best_us:
             best, best_us = cfg, us
