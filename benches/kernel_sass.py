@@ -24,25 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ria.sparse.mma_sp import MmaConfig, kernel_source
-
-
-def _compile(source: str, arch: str) -> tuple[bytes, str]:
-    """(cubin, ptxas's log) of `source` for `arch` (e.g. "sm_90a")."""
-    from cuda.bindings import nvrtc
-
-    _, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"mma_sp.cu", 0, [], [])
-    options = [b"-std=c++17", f"-arch={arch}".encode(), b"--ptxas-options=-v"]
-    (result,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
-    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        raise RuntimeError(f"{arch}: {log.decode(errors='replace')}")
-    _, size = nvrtc.nvrtcGetCUBINSize(prog)
-    cubin = b" " * size
-    nvrtc.nvrtcGetCUBIN(prog, cubin)
-    return cubin, log.decode(errors="replace")
+from ria.sparse.mma_sp import MmaConfig, kernel_source, nvrtc_cubin
 
 
 def _nvdisasm() -> str | None:
@@ -83,7 +65,7 @@ def main() -> None:
                 for k64 in (False, True):
                     config = MmaConfig(r, w, u // 2 if cslt else u, k64=k64)
                     source = kernel_source(torch.bfloat16, config, tiles, e4m3=True, cslt=cslt)
-                    cubin, log = _compile(source, arch)
+                    cubin, log = nvrtc_cubin(source, arch)
                     used = [line.strip() for line in log.splitlines() if "registers" in line]
                     form = "cuSPARSELt buffer" if cslt else "fragments"
                     regs = used[-1] if used else ""

@@ -10,6 +10,7 @@ the disk cache of compiled kernels.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from importlib import resources
@@ -30,6 +31,7 @@ from ria.sparse.format import (
     unpack_mma24,
 )
 from ria.sparse.fp8 import fp8_linear_reference, quantize_rows, quantize_weight
+from ria.sparse.mma_sp import MmaConfig
 
 # -- layout (CPU) ------------------------------------------------------------------------
 
@@ -394,7 +396,7 @@ def test_mma_config_rejects_bad_shapes():
         for cslt in (False, True):
             assert set(candidates(m, cslt)) <= set(CONFIGS)
             assert set(e4m3_candidates(m, cslt)) <= set(CONFIGS)
-            assert not any(c.tiled for c in e4m3_candidates(m, cslt))
+            assert not any(c.tiled and not c.wgmma for c in e4m3_candidates(m, cslt))
             assert default_config(m, cslt) == candidates(m, cslt)[0]
             # The tiled kernel reads no input order: an ordered call defaults to a plain one.
             assert not default_config(m, cslt, ordered=True).tiled
@@ -532,16 +534,53 @@ def test_k64_shapes_are_e4m3_plain_ones_offered_where_native(monkeypatch):
                 assert not shapes[0].k64  # the widened default
 
 
-def test_a_k64_shape_is_timed_only_after_agreeing_with_a_widened_one():
+def test_unproven_e4m3_shapes_are_timed_only_after_agreeing_with_a_widened_one():
+    """k64 and wgmma e4m3 shapes (not yet run on a GPU) are checked against a plain
+    widened shape's output before `mma_best_config` times them."""
     from ria.sparse import mma_sp
     from ria.sparse.mma_sp import MmaConfig
 
     k64 = MmaConfig(1, 16, 2, k64=True)
+    assert mma_sp._unproven(k64) and mma_sp._unproven(MmaConfig(1, 4, 2, 4, 2, wgmma=True))
+    assert not mma_sp._unproven(MmaConfig(1, 16, 2, hint=2))
     widened = torch.tensor([[1.0, -2.0], [4.0, 0.5]])
-    assert mma_sp._k64_agrees(widened + 1e-3, widened, k64)
-    assert not mma_sp._k64_agrees(widened, None, k64)  # nothing to agree with
-    with pytest.warns(UserWarning, match="r1w16u2k64 shape .* disagrees"):
-        assert not mma_sp._k64_agrees(widened.flip(1), widened, k64)
+    assert mma_sp._agrees(widened + 1e-3, widened, k64)
+    assert not mma_sp._agrees(widened, None, k64)  # nothing to agree with
+    with pytest.warns(UserWarning, match="r1w16u2k64 shape disagrees"):
+        assert not mma_sp._agrees(widened.flip(1), widened, k64)
+
+
+def _has_nvrtc() -> bool:
+    try:
+        from cuda.bindings import nvrtc  # noqa: F401  (torch's CUDA wheels bring it)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_nvrtc(), reason="needs NVRTC from cuda-bindings")
+@pytest.mark.parametrize(
+    "arch, config, e4m3, cslt",
+    [
+        ("sm_90", MmaConfig(2, 8, 2), False, False),  # bf16 on the fragments
+        ("sm_90", MmaConfig(2, 8, 1), True, True),  # e4m3, widened, on cuSPARSELt's buffer
+        ("sm_89", MmaConfig(2, 8, 2, k64=True), True, False),  # the k64 form, both weights
+        ("sm_120a", MmaConfig(1, 16, 2, hint=2, late_b=1, k64=True), True, True),
+        ("sm_90a", MmaConfig(2, 4, 2, 3, 4), False, True),  # the tiled kernel
+        ("sm_90a", MmaConfig(3, 4, 2, 5, 2, wgmma=True, multicast=2), False, True),
+        ("sm_90a", MmaConfig(1, 4, 4, 4, 2, wgmma=True), True, True),  # wgmma e4m3
+    ],
+)
+def test_kernel_forms_compile_for_their_targets(arch, config, e4m3, cslt):
+    """Each form of the kernel compiles (NVRTC and ptxas, no GPU needed) at 1 and 8 token
+    tiles without spilling: a GPU session then starts from kernels that build."""
+    from ria.sparse.mma_sp import kernel_source, nvrtc_cubin
+
+    for tiles in (1, 8):
+        cubin, log = nvrtc_cubin(kernel_source(torch.bfloat16, config, tiles, 0, e4m3, cslt), arch)
+        assert cubin and "registers" in log, log
+        spilled = [int(b) for b in re.findall(r"(\d+) bytes spill stores", log)]
+        assert spilled and not any(spilled), (config, tiles, log)
 
 
 def test_mma_candidates_without_clusters(monkeypatch):

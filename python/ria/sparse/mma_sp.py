@@ -34,6 +34,7 @@ from .graphs import rotation_time_us
 __all__ = [
     "CONFIGS",
     "MAX_TOKENS",
+    "SMEM_LIMIT",
     "MmaConfig",
     "MmaLaunch",
     "MmaWeight",
@@ -49,9 +50,11 @@ __all__ = [
     "mma24_linear",
     "mma_best_config",
     "mma_status",
+    "nvrtc_cubin",
 ]
 
 MAX_TOKENS = 64  # 8 token tiles of 8: beyond this the weight is re-read per 64 tokens
+SMEM_LIMIT = 227 * 1024  # dynamic shared memory a block may have on sm_90
 TOKEN_TILE = 8  # mma.sp's N
 _ENTRY = "ria_mma_sp24"
 
@@ -399,6 +402,30 @@ def _compile(source: str, arch: str) -> bytes:
     return binary
 
 
+def nvrtc_cubin(source: str, arch: str) -> tuple[bytes, str]:
+    """(cubin, ptxas's log with its register and spill counts) of a kernel `source` for
+    `arch` (e.g. "sm_90a"), through NVRTC from `cuda-bindings` (which torch's CUDA wheels
+    install): no GPU needed, so kernels are checked for every target on any machine.
+    Raises RuntimeError with NVRTC's log when it fails, ImportError without cuda-bindings."""
+    from cuda.bindings import nvrtc
+
+    _, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"ria_kernel.cu", 0, [], [])
+    try:
+        options = [b"-std=c++17", f"-arch={arch}".encode(), b"--ptxas-options=-v"]
+        (result,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC ({arch}): {log.decode(errors='replace')}")
+        _, size = nvrtc.nvrtcGetCUBINSize(prog)
+        cubin = b" " * size
+        nvrtc.nvrtcGetCUBIN(prog, cubin)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return cubin, log.decode(errors="replace")
+
+
 def kernel_source(
     dtype: torch.dtype,
     config: MmaConfig,
@@ -421,7 +448,7 @@ def kernel_source(
         "RIA_CSLT": int(cslt),
     }
     if config.wgmma:
-        return _wgmma_source(dtype, config, tiles)
+        return _wgmma_source(dtype, config, tiles, e4m3)
     # (only when set: the other kernels' sources and disk cache keys stay)
     if config.hint:
         defines["RIA_LDH"] = config.hint
@@ -438,8 +465,9 @@ def kernel_source(
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _source()
 
 
-def _wgmma_source(dtype: torch.dtype, config: MmaConfig, tiles: int) -> str:
-    """`wgmma_sp.cu` for `tiles` token tiles, with its settings and `wgmma_wrapper`."""
+def _wgmma_source(dtype: torch.dtype, config: MmaConfig, tiles: int, e4m3: bool = False) -> str:
+    """`wgmma_sp.cu` for `tiles` token tiles (e4m3 operands if `e4m3`), with its settings and
+    `wgmma_wrapper`."""
     defines = {
         "RIA_F16": int(dtype == torch.float16),
         "RIA_R": config.row_tiles,
@@ -452,17 +480,21 @@ def _wgmma_source(dtype: torch.dtype, config: MmaConfig, tiles: int) -> str:
     }
     if config.multicast > 1:  # (only then: the other shapes' sources and cache keys stay)
         defines["RIA_MC"] = config.multicast
+    if e4m3:
+        defines["RIA_E4M3"] = 1
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
-    return head + wgmma_wrapper(tiles, dtype) + _source("wgmma_sp.cu")
+    return head + wgmma_wrapper(tiles, dtype, e4m3) + _source("wgmma_sp.cu")
 
 
-def wgmma_wrapper(tiles: int, dtype: torch.dtype) -> str:
-    """CUDA source of `wgmma_ss<SEL>(acc, da, db, e)`: one m64nNk32 sparse wgmma with A and
-    B through the shared-memory descriptors `da`, `db` (both K-major), the metadata word `e`
+def wgmma_wrapper(tiles: int, dtype: torch.dtype, e4m3: bool = False) -> str:
+    """CUDA source of `wgmma_ss<SEL>(acc, da, db, e)`: one m64nNk32 sparse wgmma (with
+    `e4m3`: m64nNk64 on e4m3 operands, which have no transpose operands) with A and B
+    through the shared-memory descriptors `da`, `db` (both K-major), the metadata word `e`
     (sparsity selector SEL) from a register, fp32 accumulators `acc` (N / 2 per thread,
     added to: scale-d 1)."""
     n_acc = 4 * tiles
-    ab = "f16" if dtype == torch.float16 else "bf16"
+    ab = "e4m3" if e4m3 else "f16" if dtype == torch.float16 else "bf16"
+    shape, transposes = ("k64", "") if e4m3 else ("k32", ", 0, 0")
     acc = ", ".join(f"%{i}" for i in range(n_acc))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(n_acc))
     return (
@@ -471,8 +503,9 @@ def wgmma_wrapper(tiles: int, dtype: torch.dtype) -> str:
         "unsigned long long da, unsigned long long db, unsigned int e) {\n"
         '  asm volatile("{\\n.reg .pred p;\\n'
         f"setp.ne.b32 p, %{n_acc + 3}, 0;\\n"
-        f"wgmma.mma_async.sp.sync.aligned.m64n{8 * tiles}k32.f32.{ab}.{ab} "
-        f'{{{acc}}}, %{n_acc}, %{n_acc + 1}, %{n_acc + 2}, %{n_acc + 4}, p, 1, 1, 0, 0;\\n}}\\n"\n'
+        f"wgmma.mma_async.sp.sync.aligned.m64n{8 * tiles}{shape}.f32.{ab}.{ab} "
+        f"{{{acc}}}, %{n_acc}, %{n_acc + 1}, %{n_acc + 2}, %{n_acc + 4}, "
+        f'p, 1, 1{transposes};\\n}}\\n"\n'
         f"      : {outs}\n"
         '      : "l"(da), "l"(db), "r"(e), "r"(1), "n"(SEL));\n'
         "}\n"
@@ -533,14 +566,14 @@ def _kernel(
         binary = _compile(source, _arch(config))
         loaded = _utils._cuda_load_module(binary, [_ENTRY])
         kernel = loaded[_ENTRY] if isinstance(loaded, dict) else getattr(loaded, _ENTRY)
-        smem = _smem_bytes(config, tiles)
+        smem = _smem_bytes(config, tiles, e4m3)
         if smem >= 48 * 1024:
             kernel.set_shared_memory_config(smem)
         _KERNELS[key] = kernel
     return kernel
 
 
-def _smem_bytes(config: MmaConfig, tiles: int) -> int:
+def _smem_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
     """Dynamic shared memory per block. Plain kernel: the warps' partial sums, fp32 per
     warp, row tile, token tile, lane. Tiled kernel (as RIA_STAGE_BYTES in mma_sp.cu):
     `stages` stages of values (rows x (64 * unroll + 16) bytes), tokens (8 * tiles x
@@ -548,7 +581,7 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
     `split > 1` at least the block's fp32 sums (rows x tokens) for the cluster's reduction.
     Wgmma kernel: `wgmma_smem_bytes`."""
     if config.wgmma:
-        return wgmma_smem_bytes(config, tiles)
+        return wgmma_smem_bytes(config, tiles, e4m3)
     if not config.tiled:
         return 4 * config.warps * config.row_tiles * tiles * 4 * 32
     rows, u = 16 * config.row_tiles * config.warps, config.unroll
@@ -557,20 +590,22 @@ def _smem_bytes(config: MmaConfig, tiles: int) -> int:
     return max(config.stages * stage, sums)
 
 
-def wgmma_stage_bytes(config: MmaConfig, tiles: int) -> int:
+def wgmma_stage_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
     """Bytes of one stage of the streaming kernel (RIA_STAGE_BYTES in wgmma_sp.cu): values
     (rows x 64 * unroll bytes: half the stage's columns, 2 bytes each), tokens (8 * tiles x
-    128 * unroll bytes) and metadata (256 bytes per 64 rows and k-tile of 32 columns)."""
+    128 * unroll bytes) and metadata (256 bytes per 64 rows and k-tile of 32 columns). With
+    `e4m3` a k-tile is 64 columns of 1-byte values: the same bytes, and 512 of metadata."""
     rows, u = 16 * config.row_tiles * config.warps, config.unroll
-    return rows * 64 * u + 8 * tiles * 128 * u + rows // 64 * 2 * u * 256
+    meta = 512 if e4m3 else 256
+    return rows * 64 * u + 8 * tiles * 128 * u + rows // 64 * 2 * u * meta
 
 
-def wgmma_smem_bytes(config: MmaConfig, tiles: int) -> int:
+def wgmma_smem_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
     """Dynamic shared memory of the streaming kernel: its stages and two 8-byte barriers per
     stage, plus 1024 bytes to align the swizzled boxes; the stages also hold the block's fp32
     sums (tokens x (rows + 4)) at the end."""
     rows = 16 * config.row_tiles * config.warps
-    stages = config.stages * wgmma_stage_bytes(config, tiles)
+    stages = config.stages * wgmma_stage_bytes(config, tiles, e4m3)
     return max(stages, 4 * 8 * tiles * (rows + 4)) + 16 * config.stages + 1024
 
 
@@ -776,19 +811,27 @@ def _wgmma_args(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     config: MmaConfig,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[Any]:
     """Arguments of the wgmma kernel (`wgmma_sp.cu`): the tokens' and the values'
     tensor maps (the values `(N, K/2)`, boxes of 64 compressed columns x the block's rows,
-    streamed with 256-byte L2 fetches), the metadata, bias, output; `out` at index 5."""
+    streamed with 256-byte L2 fetches; e4m3 tensors are described as 2-byte elements, half
+    as many), the metadata, bias, output (`out` at index 5), then the e4m3 form's token and
+    row `scales` (None: 16-bit operands)."""
     from .tma import encode_2d
 
     n, k = packed.out_features, packed.in_features
     if packed.meta.data_ptr() % 16:
         raise InvalidArgumentError(f"{config} copies the metadata in bulk: align it to 16 bytes")
     rows = 16 * config.row_tiles * config.warps
-    wmap = encode_2d(packed.values.data_ptr(), k // 2, n, k, (64, rows), l2_promotion=256)
+    width = 1 if scales is None else 2  # values per 2-byte element the copy engine moves
+    row_bytes = k // 2 * packed.values.element_size()
+    wmap = encode_2d(
+        packed.values.data_ptr(), k // 2 // width, n, row_bytes, (64, rows), l2_promotion=256
+    )
+    unused = packed.values  # (never read: the 16-bit form has no scales)
     return [
-        _x_map(x.data_ptr(), x.shape[0], k, x.stride(0)),
+        _x_map(x.data_ptr(), x.shape[0], k // width, x.stride(0) // width),
         wmap,
         packed.meta,
         packed.values if bias is None else bias,  # (never read without bias)
@@ -798,6 +841,7 @@ def _wgmma_args(
         x.shape[0],
         n,
         k,
+        *(scales or (unused, unused)),
     ]
 
 
@@ -808,11 +852,11 @@ def _x_alignment(config: MmaConfig) -> int:
 
 
 def _launch_shape(
-    config: MmaConfig, tiles: int, row_tiles: int
+    config: MmaConfig, tiles: int, row_tiles: int, e4m3: bool = False
 ) -> tuple[tuple[int, int, int], int, int]:
     """(grid, threads per block, dynamic shared memory bytes) of one launch."""
     threads = 32 * config.warps + (32 if config.wgmma else 0)  # + the wgmma kernel's producer
-    return _grid(config, row_tiles), threads, _smem_bytes(config, tiles)
+    return _grid(config, row_tiles), threads, _smem_bytes(config, tiles, e4m3)
 
 
 def _launch(kernel: Any, config: MmaConfig, tiles: int, row_tiles: int, args: list[Any]) -> None:
@@ -936,37 +980,47 @@ def mma24_fp8_linear(
     config = config or e4m3_candidates(m, cslt)[0]
     if not _has_e4m3_form(config):
         raise InvalidArgumentError(f"the {config} kernel has no e4m3 form")
+    if config.wgmma and not isinstance(packed, Compact24):
+        raise InvalidArgumentError(f"the {config} kernel reads cuSPARSELt's e4m3 buffer only")
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     tiles = -(-m // TOKEN_TILE)
     kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True, cslt=cslt)
     row_tiles, pairs = _tiles_pairs(packed)
     unused = packed.values
-    args = [
-        q, k, packed.values, packed.meta, unused, unused if bias is None else bias,
-        int(bias is not None), out, n, m, n, k, row_tiles, pairs, q_scale, scale,
-    ]  # fmt: skip
+    if isinstance(packed, Compact24) and config.wgmma:
+        args = _wgmma_args(q, packed, bias, out, config, scales=(q_scale, scale))
+    else:
+        args = [
+            q, k, packed.values, packed.meta, unused, unused if bias is None else bias,
+            int(bias is not None), out, n, m, n, k, row_tiles, pairs, q_scale, scale,
+        ]  # fmt: skip
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     if programmatic is None:
         programmatic = programmatic_launches(device)
-    grid, block, smem = _launch_shape(config, tiles, row_tiles)
+    grid, block, smem = _launch_shape(config, tiles, row_tiles, e4m3=True)
     launch = PreparedLaunch(kernel.func, grid, block, smem, args, (), programmatic=programmatic)
     launch(stream=raw_stream(device))
     return out
 
 
-def _k64_agrees(y: torch.Tensor, widened: torch.Tensor | None, config: MmaConfig) -> bool:
-    """Whether a k64 shape's output equals a widened shape's on the same call (both sum
-    exact e4m3 products in fp32; their orders differ): the k64 form's fragment layouts are
-    read from the PTX ISA and CUTLASS, not yet checked on a GPU, so it is timed only after
-    agreeing here, and otherwise left out with a warning."""
+def _unproven(config: MmaConfig) -> bool:
+    """e4m3 forms whose operand layouts are read from the PTX ISA and CUTLASS but have not
+    yet run on a GPU: the k64 shapes and the wgmma kernel's."""
+    return config.k64 or config.wgmma
+
+
+def _agrees(y: torch.Tensor, widened: torch.Tensor | None, config: MmaConfig) -> bool:
+    """Whether an unproven e4m3 shape's output equals a plain widened shape's on the same
+    call (both sum exact e4m3 products in fp32, in different orders): such a shape is timed
+    only after agreeing here, and otherwise left out with a warning."""
     if widened is None:
         return False  # nothing to check it against: not timed
     tolerance = 1e-2 * float(widened.float().abs().max()) + 1e-6
     if float((y.float() - widened.float()).abs().max()) <= tolerance:
         return True
     warnings.warn(
-        f"the e4m3 kernel's {config} shape (mma.sp m16n8k64) disagrees with the widened form "
-        "on this GPU; not used (please report it)",
+        f"the e4m3 kernel's {config} shape disagrees with the plain widened form on this "
+        "GPU; not used (please report it)",
         stacklevel=4,
     )
     return False
@@ -979,7 +1033,11 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     buffer's own shapes were picked for bf16. On an H200 (benches/results/fp8_gemm_h200.json)
     the halved shapes won at 16-64 tokens (gate/up 22.4 against 28.7 us at M = 16), the
     buffer's own at 1-8. At M <= 8 also the register-capped shapes that won a shape there
-    (`_E4M3_CAPPED`, `_E4M3_CSLT_CAPPED`). Then the k64 form (`MmaConfig.k64`) of the
+    (`_E4M3_CAPPED`, `_E4M3_CSLT_CAPPED`). On cuSPARSELt's buffer at M > 8 on sm_90 the
+    buffer's own shapes include the streaming wgmma kernel's (its e4m3 form: wgmma.sp
+    m64nNk64, Hopper's native FP8; not yet run on a GPU, so `mma_best_config` times it
+    only after it agreed with a widened shape), less those whose stages do not fit in
+    `SMEM_LIMIT` with e4m3's larger metadata. Then the k64 form (`MmaConfig.k64`) of the
     first shape at M <= 8 and of every plain shape above, where the widening it saves
     grows with the token tiles, on GPUs where it is one instruction (`_has_native_k64`)."""
     plain = tuple(c for c in candidates(m) if _has_e4m3_form(c))
@@ -987,7 +1045,12 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
         widened = (*plain, *_E4M3_CAPPED) if m <= 8 else plain
         native = plain[:1] if m <= 8 else plain
     else:
-        own = tuple(c for c in candidates(m, cslt=True) if _has_e4m3_form(c))
+        own = tuple(
+            c
+            for c in candidates(m, cslt=True)
+            if _has_e4m3_form(c)  # (its metadata is twice bf16's: a wgmma shape may not fit)
+            and (not c.wgmma or wgmma_smem_bytes(c, -(-m // TOKEN_TILE), True) <= SMEM_LIMIT)
+        )
         capped = _E4M3_CSLT_CAPPED if m <= 8 else ()
         widened = tuple(dict.fromkeys((*_per_e4m3_unit(plain), *own, *capped)))
         native = own[:1] if m <= 8 else _per_e4m3_unit(plain)
@@ -1003,8 +1066,9 @@ def _has_native_k64() -> bool:
 
 
 def _has_e4m3_form(config: MmaConfig) -> bool:
-    """The plain mma.sp kernel has an e4m3 form; the staged ones (tiled, wgmma) do not."""
-    return not config.tiled
+    """The plain mma.sp kernel and the streaming wgmma kernel (on cuSPARSELt's buffer) have
+    an e4m3 form; the tiled one does not."""
+    return config.wgmma or not config.tiled
 
 
 def mma_best_config(
@@ -1032,7 +1096,7 @@ def mma_best_config(
             configs = tuple(c for c in configs if not c.tiled)
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
-    widened: torch.Tensor | None = None  # a widened e4m3 shape's output, for the k64 shapes
+    widened: torch.Tensor | None = None  # a plain widened e4m3 shape's output, for checks
     for cfg in configs:
 
         def call(i: int, cfg: MmaConfig = cfg) -> torch.Tensor:
@@ -1042,12 +1106,12 @@ def mma_best_config(
             return mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
 
         try:
-            if cfg.k64 and not _k64_agrees(call(0), widened, cfg):
+            if fp8_scales is not None and _unproven(cfg) and not _agrees(call(0), widened, cfg):
                 continue
             us = rotation_time_us(call, range(len(packed)), iters=10, repeats=3)
         except RuntimeError:  # a launch shape this GPU refuses (registers, shared memory)
             continue
-        if fp8_scales is not None and not cfg.k64 and widened is None:
+        if fp8_scales is not None and not _unproven(cfg) and widened is None:
             widened = call(0)
         times[str(cfg)] = us
         if us < best_us:

@@ -42,9 +42,22 @@
 // and 64-row blocks it exceeds the weight's). A stage is then refilled only when the consumers
 // of both blocks released it: each consumer warp arrives on the `empty` barrier of both.
 //
+// RIA_E4M3: e4m3 tokens (quantized per token before: the launch is programmatic, so every
+// thread first waits for that kernel) and cuSPARSELt's e4m3 buffer, wgmma.sp m64nNk64 .e4m3
+// (Hopper's FP8 tensor-core path; its warp-level mma.sp is emulated, see mma_sp.cu). The byte
+// geometry is the same: a k-tile is 64 columns, 32 bytes of a row's kept values and 64 of a
+// token's, so the boxes and copy coordinates (the host describes both tensors to the copy
+// engine as 2-byte elements) do not change; the metadata doubles (128 words per 64-row tile and
+// k-tile, cuSPARSELt's e4m3 order, format.cslt_nibble_index(e4m3=True)) and every lane of a
+// quad supplies it with selector 0: lane (g, t) of warp q holds row 16q + g + 8 (t % 2),
+// groups 8 (t / 2) .. + 7 of the k-tile, a nibble each in order (CUTLASS's ELayout_64x64,
+// the PTX ISA's m16n8k64 8-bit figure), i.e. byte 2 (t / 2) + t % 2 of the tile's words
+// 4g .. 4g + 3 of warp q's 32 (meta_image_e4m3). The fp32 sums are scaled by the token's and
+// the row's power-of-two scales before the bias. Not yet run on a GPU.
+//
 // Compile-time settings (prepended by mma_sp.py with the wrapper `wgmma_ss` from
-// mma_sp.wgmma_wrapper): RIA_F16, RIA_R, RIA_WG, RIA_U (even), RIA_S, RIA_SK, RIA_MC, RIA_NT
-// and RIA_NACC = 4 * RIA_NT.
+// mma_sp.wgmma_wrapper): RIA_F16, RIA_R, RIA_WG, RIA_U (even), RIA_S, RIA_SK, RIA_MC, RIA_NT,
+// RIA_NACC = 4 * RIA_NT and RIA_E4M3.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -57,10 +70,15 @@ struct __align__(64) TmaMap {
 #define RIA_THREADS (128 * RIA_WG + 32)  // consumer warpgroups, then the producer warp
 #define RIA_ROWS (64 * RIA_R * RIA_WG)
 #define RIA_NTOK (8 * RIA_NT)
-#define RIA_KT (2 * RIA_U)                     // k-tiles (32 columns) per stage
+#ifndef RIA_E4M3
+#define RIA_E4M3 0
+#endif
+#define RIA_KT (2 * RIA_U)                     // k-tiles (32 columns; e4m3 64) per stage
 #define RIA_A_BOX (RIA_ROWS * 128)             // one values box: 4 k-tiles
 #define RIA_X_BOX (RIA_NTOK * 128)             // one tokens box: 2 k-tiles
-#define RIA_META_TILE (RIA_KT * 256)           // metadata of one 64-row tile per stage
+#define RIA_META_KT (RIA_E4M3 ? 512 : 256)     // metadata bytes of a 64-row tile per k-tile
+#define RIA_META_TILE (RIA_KT * RIA_META_KT)   // metadata of one 64-row tile per stage
+#define RIA_EW (RIA_E4M3 ? RIA_KT : RIA_U)     // metadata registers per tile and stage
 #define RIA_A_BYTES (RIA_U / 2 * RIA_A_BOX)
 #define RIA_X_BYTES (RIA_U * RIA_X_BOX)
 #define RIA_STAGE_BYTES (RIA_A_BYTES + RIA_X_BYTES + RIA_ROWS / 64 * RIA_META_TILE)
@@ -229,10 +247,26 @@ __device__ __forceinline__ u32 meta_image(u32 w0, u32 w1, int t) {
   return lo | (hi << 16);
 }
 
+// e4m3: wgmma's metadata register for lane quad position t from the tile's cuSPARSELt words
+// 4g .. 4g + 3 of its warp (`w`): byte 2 (t / 2) + t % 2 of each (rows g | g + 8, groups
+// 2j, 2j + 1 | 2j + 8, 2j + 9 of word j, the even group low), in word order.
+__device__ __forceinline__ u32 meta_image_e4m3(uint4 w, int t) {
+  const u32 b = 2 * (t >> 1) + (t & 1), pick = b | ((b + 4) << 4);
+  u32 lo, hi, v;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(lo) : "r"(w.x), "r"(w.y), "r"(pick));
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(hi) : "r"(w.z), "r"(w.w), "r"(pick));
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(v) : "r"(lo), "r"(hi), "r"(0x5410));
+  return v;
+}
+
+// Metadata register `i` of the stage (a k-tile pair for 16-bit types, a k-tile for e4m3)
+// for k-tile kt, and its sparsity selector.
+#define RIA_E_OF(kt) (RIA_E4M3 ? (kt) : (kt) >> 1)
+
 // The wgmma of one stage for this warpgroup's tiles: all 2U k-tiles (KTS = RIA_KT), or the
 // first `kts` of a stage cut short by K (KTS = 0).
 template <int KTS>
-__device__ __forceinline__ void issue_stage(float (&acc)[RIA_R][RIA_NACC], const u32 (&e)[RIA_R][RIA_U],
+__device__ __forceinline__ void issue_stage(float (&acc)[RIA_R][RIA_NACC], const u32 (&e)[RIA_R][RIA_EW],
                                             u32 stage, int wg, int kts = RIA_KT) {
 #pragma unroll
   for (int p = 0; p < RIA_U; ++p) {
@@ -244,10 +278,10 @@ __device__ __forceinline__ void issue_stage(float (&acc)[RIA_R][RIA_NACC], const
 #pragma unroll
         for (int r = 0; r < RIA_R; ++r) {
           const u32 aa = stage + (kt >> 2) * RIA_A_BOX + (wg * RIA_R + r) * 8192 + (kt & 3) * 32;
-          if (h == 0)
-            wgmma_ss<0>(acc[r], sw128_desc(aa), db, e[r][p]);
+          if (h == 0 || RIA_E4M3)  // (e4m3: selector 0 only)
+            wgmma_ss<0>(acc[r], sw128_desc(aa), db, e[r][RIA_E_OF(kt)]);
           else
-            wgmma_ss<1>(acc[r], sw128_desc(aa), db, e[r][p]);
+            wgmma_ss<1>(acc[r], sw128_desc(aa), db, e[r][RIA_E_OF(kt)]);
         }
       }
     }
@@ -257,7 +291,8 @@ __device__ __forceinline__ void issue_stage(float (&acc)[RIA_R][RIA_NACC], const
 extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
     ria_mma_sp24(const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap,
                  const u32* __restrict__ meta, const u16* __restrict__ bias, int has_bias,
-                 u16* __restrict__ y, int ldy, int M, int N, int K) {
+                 u16* __restrict__ y, int ldy, int M, int N, int K,
+                 const float* __restrict__ x_scale, const float* __restrict__ w_scale) {
   extern __shared__ uint4 smem_words[];
   // Swizzled boxes need 1024-byte aligned atoms: the host asks for 1024 bytes more.
   const u32 raw0 = smem_addr(smem_words);
@@ -265,7 +300,7 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
   char* smem = (char*)smem_words + (smem0 - raw0);
   const u32 bars = smem0 + RIA_S * RIA_STAGE_BYTES;  // full[S], then empty[S]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int kt_total = K >> 5;
+  const int kt_total = K >> (RIA_E4M3 ? 6 : 5);
   const int chunks = (kt_total + RIA_KT - 1) / RIA_KT;
   const int cb = (int)((long long)chunks * blockIdx.y / RIA_SK);
   const int ce = (int)((long long)chunks * (blockIdx.y + 1) / RIA_SK);
@@ -274,6 +309,10 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
   const int blocks64 = (N + 63) >> 6;  // 64-row blocks of the metadata
   const int mx = blockIdx.x % RIA_MC;  // this block's place in its multicast pair
   static_assert(RIA_NTOK * RIA_PITCH * 4 <= RIA_S * RIA_STAGE_BYTES, "the sums reuse the stages");
+#if RIA_E4M3
+  // A programmatic launch (mma_sp.py): the token quantization ahead of it may still run.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -308,7 +347,7 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
         int tiles = 0;
 #pragma unroll
         for (int r = 0; r < RIA_ROWS / 64; ++r) tiles += (row0 >> 6) + r < blocks64;
-        mbar_expect_tx(full, aboxes * RIA_A_BOX + xboxes * RIA_X_BOX + tiles * kts * 256);
+        mbar_expect_tx(full, aboxes * RIA_A_BOX + xboxes * RIA_X_BOX + tiles * kts * RIA_META_KT);
         for (int a = 0; a < aboxes; ++a)
           tma_2d(stage + a * RIA_A_BOX, &wmap, 16 * kt0 + 64 * a, row0, full);
 #if RIA_MC > 1
@@ -322,7 +361,8 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
 #endif
         for (int r = 0; r < tiles; ++r)
           bulk_copy(stage + RIA_A_BYTES + RIA_X_BYTES + r * RIA_META_TILE,
-                    meta + 64 * ((long long)((row0 >> 6) + r) * kt_total + kt0), kts * 256, full);
+                    meta + RIA_META_KT / 4 * ((long long)((row0 >> 6) + r) * kt_total + kt0),
+                    kts * RIA_META_KT, full);
       }
     }
     __syncwarp();
@@ -334,10 +374,19 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
       const char* mstage = smem + s * RIA_STAGE_BYTES + RIA_A_BYTES + RIA_X_BYTES;
       const int kts = min(RIA_KT, kt_total - (cb + i) * RIA_KT);
       mbar_wait(bars + 8 * s, (i / RIA_S) & 1);
-      u32 e[RIA_R][RIA_U];
+      u32 e[RIA_R][RIA_EW];
 #pragma unroll
       for (int r = 0; r < RIA_R; ++r) {
         const int tile = wg * RIA_R + r;
+#if RIA_E4M3
+#pragma unroll
+        for (int kt = 0; kt < RIA_KT; ++kt) {
+          const uint4 w = kt < kts ? *reinterpret_cast<const uint4*>(
+                                         mstage + tile * RIA_META_TILE + kt * 512 + (32 * q + 4 * g) * 4)
+                                   : uint4{0x44444444u, 0x44444444u, 0x44444444u, 0x44444444u};
+          e[r][kt] = meta_image_e4m3(w, t);
+        }
+#else
 #pragma unroll
         for (int p = 0; p < RIA_U; ++p) {
           const int kt = 2 * p + (t >> 1);
@@ -346,6 +395,7 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
                                    : uint2{0x44444444u, 0x44444444u};
           e[r][p] = meta_image(w.x, w.y, t);
         }
+#endif
       }
 #pragma unroll
       for (int r = 0; r < RIA_R; ++r) fence_acc(acc[r]);
@@ -413,6 +463,9 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
       for (int e4 = 0; e4 < 4; ++e4)
         if (row + e4 < N) {
           float v = sv[e4];
+#if RIA_E4M3
+          v = v * x_scale[token] * w_scale[row + e4];  // powers of two: exact
+#endif
           if (has_bias) v += to_f32(bias[row + e4]);
           y[(long long)token * ldy + row + e4] = from_f32(v);
         }
