@@ -3,6 +3,7 @@ tokenizer trained on the shipped text sample (fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from importlib import resources
@@ -32,7 +33,12 @@ from transformers import (
 
 import ria
 from ria.arch import block_linears, find_blocks
-from ria.permutation import BlockLayout, block_layout
+from ria.permutation import (
+    BlockLayout,
+    apply_recorded_orders,
+    block_layout,
+    weight_in_nm_order,
+)
 from ria.pruning import capture_block_inputs, run_block
 
 VOCAB = 512
@@ -200,6 +206,16 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 def assert_nm(weight: torch.Tensor, n: int, m: int) -> None:
     nonzero = (weight != 0).reshape(weight.shape[0], -1, m).sum(dim=-1)
     assert (nonzero <= n).all(), "a group of m keeps more than n weights"
+
+
+def assert_nm_as_sparsified(model: torch.nn.Module, n: int, m: int) -> None:
+    """Every pruned Linear of `model` is N:M in the order the sparse runtime reads it: on a
+    copy, the recorded shared orders applied (as `ria.sparsify` applies them), each
+    Linear through its own `nm_order`."""
+    view = copy.deepcopy(model)
+    apply_recorded_orders(view)
+    for linear in pruned_linears(view).values():
+        assert_nm(weight_in_nm_order(linear), n, m)
 
 
 def along_input(module: torch.nn.Module, param: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,12 @@ import ria
 from ria.arch import attention_heads, block_linears, find_blocks
 from ria.cli import main, run
 from ria.errors import InputNotFoundError, InvalidArgumentError, InvalidTypeError
-from ria.permutation import BlockPermutation, ChannelGather, apply_block
+from ria.permutation import (
+    BlockPermutation,
+    ChannelGather,
+    apply_block,
+    apply_recorded_orders,
+)
 from ria.save import PERMUTATION_FILE
 
 CALIB = dict(calibration="austen", nsamples=4, seqlen=32, progress=False)
@@ -361,19 +366,41 @@ def test_a_loaded_permuted_model_is_not_permuted_again(tokenizer, tmp_path):
     assert_second_permutation_refused(loaded, tokenizer, "2:4")
 
 
-def test_nm_pruning_a_freely_ordered_model_without_permutation_is_refused(tokenizer):
-    # Its Linears are N:M along their own orders: N:M masks along the plain columns would
-    # leave them N:M in neither (sparsify would then keep every layer dense).
+@pytest.mark.parametrize("mode, carrier", [("free", "q_proj"), ("folded", "input_layernorm")])
+def test_nm_pruning_a_permuted_model_without_permutation_is_refused(tokenizer, mode, carrier):
+    # Its weights are N:M along recorded orders (a Linear's own, or its group's on the
+    # norm): N:M masks along the plain columns would leave them N:M in neither (sparsify
+    # would then keep every layer dense).
     model = tiny_model("llama")
     ria.prune(
-        model, tokenizer, sparsity="2:4", permute="free", permutation_options=FAST_SEARCH,
+        model, tokenizer, sparsity="2:4", permute=mode, permutation_options=FAST_SEARCH,
         **CALIB,
     )  # fmt: skip
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(InvalidArgumentError, match=r"q_proj is N:M along a channel order"):
+    with pytest.raises(InvalidArgumentError, match=rf"{carrier} carries a channel order"):
         ria.prune(model, tokenizer, sparsity="2:4", **CALIB)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     ria.prune(model, tokenizer, sparsity=0.6, **CALIB)  # unstructured: any column order
+
+
+class _Packed(torch.Tensor):
+    """A tensor subclass, as quantization libraries' packed weights are (optimum-quanto's:
+    index_select dequantizes, and an assignment to .data is dropped)."""
+
+
+def test_recorded_orders_refuse_a_weight_they_cannot_reorder(tokenizer):
+    model = tiny_model("llama")
+    ria.prune(
+        model, tokenizer, sparsity="2:4", permute="folded", permutation_options=FAST_SEARCH,
+        **CALIB,
+    )  # fmt: skip
+    k = model.model.layers[1].self_attn.k_proj
+    packed = torch.Tensor._make_subclass(_Packed, k.weight.data)
+    k.weight = torch.nn.Parameter(packed, requires_grad=False)  # (as quantizers install theirs)
+    before = logits(model, IDS)
+    with pytest.raises(ria.UnsupportedModelError, match=r"k_proj\.weight is a _Packed"):
+        apply_recorded_orders(model)
+    torch.testing.assert_close(logits(model, IDS), before, rtol=0, atol=0)  # nothing changed
 
 
 @pytest.mark.parametrize("how", ["config", "fp8 weight", "int8 weight"])

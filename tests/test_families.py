@@ -26,9 +26,13 @@ from ria.arch import find_blocks
 from ria.permutation import (
     ChannelGather,
     apply_block,
+    apply_recorded_orders,
     block_layout,
+    group_order,
     input_gather,
+    nm_order,
     search_block,
+    weight_in_nm_order,
 )
 from ria.pruning import block_matrices
 from ria.save import PERMUTATION_FILE, saved_orders
@@ -79,22 +83,30 @@ def test_folded_orders_alone_leave_logits_unchanged(family):
 
 
 def decoder_24(model) -> tuple[int, int]:
-    """(parameters in 2:4 rows along their input, in storage order, the decoder's matmul
+    """(parameters in 2:4 rows along their input, in the order the sparse runtime reads
+    them: the recorded orders applied, a Linear's own order taken, the decoder's matmul
     parameters), read from the weights."""
+    model = copy.deepcopy(model)
+    apply_recorded_orders(model)
     in_24 = total = 0
     for block in find_blocks(model)[1]:
         for module in block.modules():
             for name, param in module.named_parameters(recurse=False):
                 if param.dim() < 2 or name.endswith("bias"):
                     continue
-                rows = along_input(module, param.detach())
+                own = nm_order(module) is not None and name == "weight"
+                weight = weight_in_nm_order(module) if own else param.detach()
+                rows = along_input(module, weight)
                 total += param.numel()
                 in_24 += int(rows_in_nm(rows, 2, 4).sum()) * rows.shape[1]
     return in_24, total
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_folded_prune_is_24_in_storage_order_and_round_trips(family, tokenizer, tmp_path):
+def test_folded_prune_is_24_along_its_orders_and_round_trips(family, tokenizer, tmp_path):
+    """After pruning, the model is plain in PyTorch (no gather; the readers' weights in
+    original column order, each group's order recorded on its carrier), and 2:4 in storage
+    order once the recorded orders are applied, as `ria.sparsify` applies them."""
     model = tiny_model(family)
     windows = ria.pruning.calibration_windows("austen", tokenizer, 2, 32, seed=0)
     report = ria.prune(
@@ -107,6 +119,10 @@ def test_folded_prune_is_24_in_storage_order_and_round_trips(family, tokenizer, 
         progress=False,
         permutation_options=FAST_SEARCH,
     )
+    assert not any(isinstance(m, ChannelGather) or input_gather(m) for m in model.modules())
+    carriers = {n for n, m in model.named_modules() if group_order(m) is not None}
+    applied = copy.deepcopy(model)
+    apply_recorded_orders(applied)  # (as sparsify does)
     in_24, total = decoder_24(model)
     assert in_24 >= 0.95 * total
     assert report.coverage is not None  # and it counts what the weights say
@@ -125,13 +141,36 @@ def test_folded_prune_is_24_in_storage_order_and_round_trips(family, tokenizer, 
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     assert not any(isinstance(m, ChannelGather) or input_gather(m) for m in plain.modules())
     torch.testing.assert_close(logits(plain, ids), pruned, rtol=1e-4, atol=1e-4)
-    assert set(saved_orders(out)) == {g["carrier"] for g in groups}
+    assert set(saved_orders(out)) == {g["carrier"] for g in groups} == carriers
+    torch.testing.assert_close(logits(applied, ids), pruned, rtol=1e-5, atol=1e-5)
 
     restored = ria.load_pruned(out).eval()
     assert restored.state_dict().keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
     torch.testing.assert_close(logits(restored, ids), pruned, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2", "qwen3_moe", "deepseek_v3"])
+def test_a_pruned_model_is_its_plain_checkpoint_in_memory(family, tokenizer, tmp_path):
+    """After a folded prune the model's parameters, names and values, are those of its
+    plain checkpoint (no ChannelGather keys, readers in original column order), so what
+    tools exchange with it by state dict or by module means the same on both sides: a
+    Trainer resuming from its plain checkpoint (`load_state_dict`), accelerate's
+    `save_model`, PEFT adapters moved to a plain `from_pretrained` (each of those computed
+    another function while the gathers lived in the model)."""
+    model = tiny_model(family)
+    ria.prune(model, tokenizer, sparsity="2:4", permute="folded", calibration="austen",
+              nsamples=2, seqlen=32, progress=False, permutation_options=FAST_SEARCH)  # fmt: skip
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    pruned = logits(model, ids)
+    plain = AutoModelForCausalLM.from_pretrained(ria.save_pruned(model, tmp_path / "out"))
+    state = model.state_dict()
+    assert state.keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+    model.load_state_dict(plain.state_dict())  # (Trainer's resume)
+    torch.testing.assert_close(logits(model, ids), pruned, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(plain.eval(), ids), pruned, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["folded", "free"])

@@ -11,9 +11,12 @@ Two kinds of order, which a block may mix:
 - folded (the "folded" mode): orders shared by the modules that read one tensor (an
   `InputGroup` of `wiring.py`), applied once per group where the trace says
   (`ChannelGather` on the norm that makes the tensor, `gather_input` on the module that
-  receives it, or a `GatheredLinear` for a group of one), and orders carried at no
-  run-time cost by the folds of `ria.arch` (o_proj's within-head order in v's rows;
-  down's in gate/up's rows, per expert for fused experts).
+  receives it, or a `GatheredLinear` for a group of one) while the block is pruned, then
+  settled like a Linear's own: the readers' weights back in original column order and the
+  order recorded on the module that carried it (`group_order`), which `ria.sparsify` applies
+  again (`apply_recorded_orders`); and orders carried at no run-time cost by the folds of
+  `ria.arch` (o_proj's within-head order in v's rows; down's in gate/up's rows, per expert
+  for fused experts), which stay in the weights.
 
 Plain Hugging Face checkpoints cannot hold these gathers; `ria.permutation.checkpoint`
 takes them out for saving and puts them back after loading.
@@ -86,6 +89,47 @@ def weight_in_nm_order(linear: nn.Linear) -> torch.Tensor:
     return weight if order is None else weight.index_select(1, order.to(weight.device))
 
 
+# A settled folded order, recorded on the module that carried its gather (a norm whose
+# output, or a module whose input, was gathered): the order in GROUP_ORDER (a non-persistent
+# buffer), how it is applied and the modules that read it (relative to the carrier's parent)
+# in GROUP_GATHER and GROUP_READERS. The readers' weights are in original column order, N:M
+# along the order.
+GROUP_ORDER = "ria_group_order"
+GROUP_GATHER = "ria_group_gather"
+GROUP_READERS = "ria_group_readers"
+
+
+@dataclass(frozen=True)
+class GroupOrder:
+    """A folded order as recorded on its carrier: `gather` ("output": the carrier's output
+    is gathered, by a `ChannelGather`; "input": its input, by `InputGather`), `readers`."""
+
+    order: torch.Tensor
+    readers: tuple[str, ...]
+    gather: str
+
+    def install(self, module: nn.Module) -> None:
+        device = next(module.parameters(), torch.empty(0)).device
+        if device.type == "meta":  # an offloaded carrier: the order is read on conversion only
+            device = torch.device("cpu")
+        module.register_buffer(GROUP_ORDER, self.order.to(device, torch.long), persistent=False)
+        setattr(module, GROUP_GATHER, self.gather)
+        setattr(module, GROUP_READERS, self.readers)
+
+
+def group_order(module: nn.Module) -> GroupOrder | None:
+    """The settled folded order recorded on `module` (see GROUP_ORDER), else None."""
+    order = getattr(module, GROUP_ORDER, None)
+    if not isinstance(order, torch.Tensor):
+        return None
+    return GroupOrder(order, tuple(getattr(module, GROUP_READERS)), getattr(module, GROUP_GATHER))
+
+
+def _remove_group_order(module: nn.Module) -> None:
+    for name in (GROUP_ORDER, GROUP_GATHER, GROUP_READERS):
+        delattr(module, name)
+
+
 @dataclass(frozen=True)
 class LinearOrder:
     """An `nm_order` to be installed on a Linear by `swap_in` (its weight unchanged)."""
@@ -139,6 +183,10 @@ def _gather_input_hook(
     return args, {**kwargs, "hidden_states": gathered}
 
 
+# Where InputGather.install keeps its hook's handle (so that settling can remove it).
+_INPUT_HOOK = "_ria_input_gather_hook"
+
+
 @dataclass(frozen=True)
 class InputGather:
     """A gather of a module's input, to be installed on it by `swap_in`."""
@@ -150,7 +198,14 @@ class InputGather:
         device = next(module.parameters(), torch.empty(0)).device
         module.register_buffer(INPUT_ORDER, self.order.to(device, torch.long), persistent=False)
         setattr(module, INPUT_READERS, self.readers)
-        module.register_forward_pre_hook(_gather_input_hook, with_kwargs=True)
+        handle = module.register_forward_pre_hook(_gather_input_hook, with_kwargs=True)
+        module.__dict__[_INPUT_HOOK] = handle
+
+
+def _remove_input_gather(module: nn.Module) -> None:
+    module.__dict__.pop(_INPUT_HOOK).remove()
+    delattr(module, INPUT_ORDER)  # (the buffer)
+    delattr(module, INPUT_READERS)
 
 
 def input_gather(module: nn.Module) -> tuple[torch.Tensor, tuple[str, ...]] | None:
@@ -287,6 +342,7 @@ def is_permuted(block: nn.Module) -> bool:
         isinstance(m, (ChannelGather, GatheredLinear))
         or input_gather(m) is not None
         or nm_order(m) is not None
+        or group_order(m) is not None
         for m in block.modules()
     )
 
@@ -310,7 +366,7 @@ def relative_to_parent(carrier: str, readers: tuple[str, ...]) -> tuple[str, ...
 
 # What `swap_in` puts at a path: a module in place of the one there, or something installed
 # on the module there.
-Installed = nn.Module | InputGather | LinearOrder
+Installed = nn.Module | InputGather | LinearOrder | GroupOrder
 
 
 def swap_in(root: nn.Module, swaps: Swaps, gathers: dict[str, Installed]) -> None:
@@ -328,21 +384,95 @@ def swap_in(root: nn.Module, swaps: Swaps, gathers: dict[str, Installed]) -> Non
 
 
 def settle_orders(root: nn.Module) -> None:
-    """Puts every `GatheredLinear` under `root` back as the Linear it replaced, its weight
-    columns in their original order and its order kept as `nm_order`: the same function
-    without a gather, and a Linear that PEFT merges, quantizers and `save_pretrained`
-    read as what it is. Atomic like `apply_block`."""
+    """Takes every gather under `root` out of the forward, after its block is pruned: each
+    `GatheredLinear` becomes the Linear it replaced, its weight columns in original order
+    and its order kept as `nm_order`; each `ChannelGather` gives its norm back and each
+    gathered module input loses its gather, their readers' input columns back in original
+    order and the order recorded on the norm or module (`group_order`). The same function,
+    with no gather in PyTorch, and modules whose weights mean what they say to every tool
+    that edits, saves, loads or quantizes them (PEFT merges and adapters, Trainer resumes,
+    accelerate's `save_model`, quantizers). `ria.sparsify` applies the recorded orders
+    again (`apply_recorded_orders`). Atomic like `apply_block`."""
     swaps: Swaps = []
-    gathers: dict[str, Installed] = {}
+    linears: list[tuple[str, nn.Linear, GatheredLinear]] = []
+    norms: list[tuple[str, nn.Module, GroupOrder]] = []
+    inputs: list[tuple[nn.Module, GroupOrder]] = []
     for path, module in root.named_modules():
         if isinstance(module, GatheredLinear):
             plain = module.replaced
-            plain.weight, plain.bias = module.weight, module.bias  # (the same, or reassigned)
             inverse = torch.argsort(module.input_order)
             swaps.append((module.weight, module.weight.data.index_select(1, inverse)))
-            plain.register_buffer(NM_ORDER, module.input_order, persistent=False)
-            gathers[path] = plain
-    swap_in(root, swaps, gathers)
+            linears.append((path, plain, module))
+            continue
+        record: GroupOrder
+        if isinstance(module, ChannelGather):
+            record = GroupOrder(module.order, module.readers, "output")
+            norms.append((path, module.norm, record))
+        elif (found := input_gather(module)) is not None:
+            record = GroupOrder(found[0], found[1], "input")
+            inputs.append((module, record))
+        else:
+            continue
+        swaps += _reader_swaps(root, path, record, torch.argsort(record.order))
+    with interrupts_deferred():
+        for param, data in swaps:
+            param.data = data
+        for path, plain, gathered_linear in linears:
+            plain.weight, plain.bias = gathered_linear.weight, gathered_linear.bias
+            replace_module(root, path, plain)
+            LinearOrder(gathered_linear.input_order).install(plain)
+        for path, norm, record in norms:
+            replace_module(root, path, norm)
+            record.install(norm)
+        for module, record in inputs:
+            _remove_input_gather(module)
+            record.install(module)
+
+
+def apply_recorded_orders(root: nn.Module) -> None:
+    """Applies every folded order recorded under `root` (`group_order`, left by
+    `settle_orders` or `ria.load_pruned`) again: its readers' input columns in the order,
+    N:M in storage order, and one gather per group (a `ChannelGather` on the norm, or the
+    module's input gathered), as `ria.sparsify` runs them; the same function. Linears'
+    own orders (`nm_order`) stay: the sparse kernels gather their input per layer. Atomic
+    like `apply_block`."""
+    swaps: Swaps = []
+    found: list[tuple[str, nn.Module, GroupOrder]] = []
+    for path, module in root.named_modules():
+        record = group_order(module)
+        if record is not None:
+            swaps += _reader_swaps(root, path, record, record.order)
+            found.append((path, module, record))
+    with interrupts_deferred():
+        for param, data in swaps:
+            param.data = data
+        for path, module, record in found:
+            _remove_group_order(module)
+            if record.gather == "output":
+                order = record.order.to(next(module.parameters(), record.order).device)
+                replace_module(root, path, ChannelGather(module, order, record.readers))
+            else:
+                InputGather(record.order, record.readers).install(module)
+
+
+def _reader_swaps(root: nn.Module, carrier: str, record: GroupOrder, order: torch.Tensor) -> Swaps:
+    """`(parameter, data)` with the input columns of every parameter of the carrier's
+    readers taken through `order`."""
+    parent = root.get_submodule(carrier.rpartition(".")[0])
+    swaps: Swaps = []
+    for reader in record.readers:
+        module = parent.get_submodule(reader)
+        for name in input_params(module):
+            param = getattr(module, name)
+            if type(param.data) is not torch.Tensor:  # its data would not take the order
+                raise UnsupportedModelError(
+                    f"{reader}.{name} is a {type(param.data).__name__} (a quantized weight?): "
+                    "the channel order its weights are N:M along cannot be applied to it; "
+                    "nothing was changed"
+                )
+            dim = matrix_dim(module, param, 1)
+            swaps.append((param, param.data.index_select(dim, order.to(param.device))))
+    return swaps
 
 
 def apply_block(block: nn.Module, layout: BlockLayout, perm: BlockPermutation) -> None:

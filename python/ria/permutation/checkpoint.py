@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -24,11 +25,10 @@ from ..errors import InvalidArgumentError
 from .apply import (
     ChannelGather,
     GatheredLinear,
-    InputGather,
+    GroupOrder,
     Installed,
     LinearOrder,
-    Swaps,
-    gathered,
+    group_order,
     input_gather,
     is_permuted,
     nm_order,
@@ -91,6 +91,10 @@ def plain_state_dict(
         if (own := nm_order(module)) is not None:  # its weight is in original order
             orders[path], infos[path] = own.detach().cpu(), OrderInfo("linear")
             continue
+        if (record := group_order(module)) is not None:  # its readers' too
+            orders[path] = record.order.detach().cpu()
+            infos[path] = OrderInfo(cast(Gather, record.gather), record.readers)
+            continue
         info: Gather
         if isinstance(module, ChannelGather):
             order, readers, info = module.order, module.readers, "output"
@@ -125,15 +129,16 @@ def _unpermute(
 def restore_orders(
     model: nn.Module, orders: dict[str, torch.Tensor], infos: dict[str, OrderInfo]
 ) -> None:
-    """Re-applies gather orders saved by `plain_state_dict` to a plainly loaded model.
+    """Records the orders saved by `plain_state_dict` on a plainly loaded model, as
+    `settle_orders` leaves them after pruning: a Linear's own as its `nm_order`, a shared
+    one on its carrier (`group_order`); no weight changes (`ria.sparsify` applies them).
 
     `infos` says how each is applied (an order without one must be on a Linear: its
-    own input). Every order is checked and every new tensor computed first (each order
-    must be a permutation of the input channels of every matrix it reorders, on a module
-    that is not gathered yet); on any error or Ctrl-C nothing is changed.
+    own input). Every order is checked first (a permutation of the input channels of every
+    matrix it orders, on a module that carries none yet); on any error or Ctrl-C nothing is
+    changed.
     """
-    swaps: Swaps = []
-    gathers: dict[str, Installed] = {}
+    records: dict[str, Installed] = {}
     for path, order in orders.items():
         try:
             target = model.get_submodule(path)
@@ -154,10 +159,9 @@ def restore_orders(
             if not isinstance(target, nn.Linear):
                 raise InvalidArgumentError(f"order {path!r}: {path} is not an nn.Linear")
             _check_order(order, target.in_features, path)
-            gathers[path] = LinearOrder(order)  # the weight stays as stored
+            records[path] = LinearOrder(order)  # the weight stays as stored
             continue
-        parent_path = path.rpartition(".")[0]
-        parent = model.get_submodule(parent_path)
+        parent = model.get_submodule(path.rpartition(".")[0])
         for reader in info.readers:
             try:
                 module = parent.get_submodule(reader)
@@ -166,27 +170,10 @@ def restore_orders(
                     f"order {path!r}: the model has no module {reader} beside it"
                 ) from None
             for param in input_params(module):
-                swaps += _permuted(path, module, param, order)
-        if info.gather == "output":
-            gathers[path] = gathered(parent, path.rpartition(".")[2], order, info.readers)
-        else:
-            gathers[path] = InputGather(order, info.readers)
-    swap_in(model, swaps, gathers)
-
-
-def _permuted(key: str, module: nn.Module, param: str, order: torch.Tensor) -> Swaps:
-    """`(parameter, data with input columns in order)` of `module.param`, `order` checked."""
-    tensor = getattr(module, param)
-    if tensor.is_meta:  # accelerate keeps the weight elsewhere and loads it per forward
-        raise InvalidArgumentError(
-            f"order {key!r}: the weights it reorders are offloaded (a device_map with "
-            "'cpu' or 'disk' offload), where their order cannot be restored; load the "
-            "model onto devices that hold it (from_pretrained alone reads the same "
-            "function, without the N:M storage order)"
-        )
-    dim = matrix_dim(module, tensor, 1)
-    _check_order(order, tensor.shape[dim], key)
-    return [(tensor, tensor.data.index_select(dim, order.to(tensor.device)))]
+                tensor = getattr(module, param)
+                _check_order(order, tensor.shape[matrix_dim(module, tensor, 1)], path)
+        records[path] = GroupOrder(order, info.readers, info.gather)
+    swap_in(model, [], records)
 
 
 def _check_order(order: torch.Tensor, size: int, key: str) -> None:

@@ -47,6 +47,7 @@ from ..permutation import (
     SearchStats,
     apply_block,
     block_layout,
+    group_order,
     is_permuted,
     matrix_orders,
     nm_order,
@@ -328,12 +329,16 @@ def _plan(model: PreTrainedModel, config: PruneConfig, placed: bool = False) -> 
             )
         if not target.structured:
             continue
-        ordered = next((n for n, m in block.named_modules() if nm_order(m) is not None), None)
-        if ordered is not None:  # its N:M groups are along its order, not its columns
+        ordered = next(
+            (n for n, m in block.named_modules() if nm_order(m) is not None or group_order(m)),
+            None,
+        )
+        if ordered is not None:  # N:M groups along the order, not the plain columns
             raise InvalidArgumentError(
-                f"{path}.{i}.{ordered} is N:M along a channel order of its own (this model "
-                "was pruned with permute='free' before); load the dense model to prune it "
-                "to N:M again. Nothing was changed"
+                f"{path}.{i}.{ordered} carries a channel order its weights are N:M along (this "
+                "model was pruned with permutation before); N:M masks along the plain columns "
+                "would be N:M in neither order. Load the dense model to prune it to N:M "
+                "again. Nothing was changed"
             )
         for name, matrix in block_matrices(block).items():
             if matrix.shape[1] % target.m:

@@ -38,7 +38,7 @@ from torch import nn
 from .._checks import require_int
 from .._torch import replace_module
 from ..errors import InvalidArgumentError
-from ..permutation import nm_order, weight_in_nm_order
+from ..permutation import apply_recorded_orders, nm_order, weight_in_nm_order
 from .cslt import CsltConfig, cslt_view, share_cslt_buffer
 from .cslt_lib import cusparselt_version
 from .format import MMA_PAIR_COLS, Compact24, Mma24, pack_24, pack_mma24_e4m3, tensor_bytes
@@ -512,6 +512,8 @@ def sparsify_fp8(
     cache = None if plan_cache is False else PlanCache(None if plan_cache is True else plan_cache)
     report.plan_cache = None if cache is None else str(cache.directory)
     clear_generators(model)
+    if sparse:  # folded orders: weights N:M in storage, one gather a group (dense reads any)
+        apply_recorded_orders(model)
 
     def why_not(why: str | None, n: int, k: int) -> str | None:
         if not sparse:
@@ -644,6 +646,8 @@ def quantize_linears(model: nn.Module, *, sparse: bool = True) -> list[str]:
     stays. Returns the names converted."""
     from .sparsify import find_linears
 
+    if sparse:  # folded orders applied as sparsify applies them
+        apply_recorded_orders(model)
     done = []
     for name, mod, why in find_linears(model, require_cuda=False):
         if (why if sparse else _dense_fp8_reason(why)) is None:

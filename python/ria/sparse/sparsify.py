@@ -30,7 +30,7 @@ from .._checks import require_int
 from .._torch import replace_module
 from ..arch import expert_matrices, fused_experts
 from ..errors import InvalidArgumentError, InvalidTypeError
-from ..permutation import nm_order, weight_in_nm_order
+from ..permutation import apply_recorded_orders, nm_order, weight_in_nm_order
 from .cslt import (
     CsltConfig,
     cslt_best_config,
@@ -922,6 +922,7 @@ def sparsify(
             report.warnings.append(note)
             warnings.warn(note, stacklevel=2)
     clear_generators(model)  # their graphs replay the layers about to be replaced
+    apply_recorded_orders(model)  # folded orders: weights N:M in storage, one gather a group
     if fuse_siblings:
         fuse_convertible_siblings(model, _why_not_for(backend), report)
 
