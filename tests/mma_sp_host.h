@@ -180,16 +180,38 @@ inline unsigned short from_f32(float f) {  // round to nearest even
 #endif
 }
 
-// d += A B for the warp: A (16 x 32, 2:4) from every lane's 8 kept values and the metadata
-// of the lanes the selector names, B (32 x 8) from every lane's 4 registers.
-template <int SEL>
-void mma_sp(float* d, const uint4& a, const unsigned* b, unsigned e) {
+namespace host {
+// This lane's operands of a warp-wide mma.sp, once every lane has put its own in.
+inline Warp& exchange(const uint4& a, const unsigned* b, unsigned e) {
   const int lane = threadIdx.x & 31;
-  host::Warp& w = *host::warp;
+  Warp& w = *warp;
   w.a[lane] = a;
   for (int i = 0; i < 4; ++i) w.b[lane][i] = b[i];
   w.e[lane] = e;
   w.sync->arrive_and_wait();
+  return w;
+}
+
+// d += this lane's accumulators of A B (c0, c1 at row g, columns 2t, 2t + 1; c2, c3 at
+// row g + 8), then lets the warp's operands be overwritten by the next instruction.
+template <int K>
+void accumulate(float* d, const float (&A)[16][K], const float (&B)[K][8]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  for (int c = 0; c < 4; ++c) {
+    const int row = g + 8 * (c >> 1), col = 2 * t + (c & 1);
+    float s = 0.f;
+    for (int k = 0; k < K; ++k) s += A[row][k] * B[k][col];
+    d[c] += s;
+  }
+  warp->sync->arrive_and_wait();
+}
+}  // namespace host
+
+// d += A B for the warp: A (16 x 32, 2:4) from every lane's 8 kept values and the metadata
+// of the lanes the selector names, B (32 x 8) from every lane's 4 registers.
+template <int SEL>
+void mma_sp(float* d, const uint4& a, const unsigned* b, unsigned e) {
+  const host::Warp& w = host::exchange(a, b, e);
   float A[16][32] = {}, B[32][8];
   for (int l = 0; l < 32; ++l) {
     const int g = l >> 2, t = l & 3;
@@ -211,14 +233,7 @@ void mma_sp(float* d, const uint4& a, const unsigned* b, unsigned e) {
       B[2 * t + (i & 1) + 8 * (i / 2)][g] =
           host::element((unsigned short)(w.b[l][i / 2] >> (16 * (i % 2))));
   }
-  const int g = lane >> 2, t = lane & 3;
-  for (int c = 0; c < 4; ++c) {  // c0, c1 at row g, columns 2t, 2t + 1; c2, c3 at row g + 8
-    const int row = g + 8 * (c >> 1), col = 2 * t + (c & 1);
-    float s = 0.f;
-    for (int k = 0; k < 32; ++k) s += A[row][k] * B[k][col];
-    d[c] += s;
-  }
-  w.sync->arrive_and_wait();  // operands are overwritten by the next mma.sp
+  host::accumulate(d, A, B);
 }
 
 // prmt.b32 (default mode): result byte i is byte n_i of {b, a} (a: 0..3, b: 4..7), n_i the
@@ -239,12 +254,7 @@ inline unsigned prmt(unsigned a, unsigned b, unsigned selector) {
 // 32 (t / 2) .. + 31, 4 bits per group of 4 from bit 0 (CUTLASS's ELayout_64x64 for
 // sparse GMMA 64xNx64, the same figure in the ISA).
 inline void mma_sp64(float* d, const uint4& a, const unsigned* b, unsigned e) {
-  const int lane = threadIdx.x & 31;
-  host::Warp& w = *host::warp;
-  w.a[lane] = a;
-  for (int i = 0; i < 4; ++i) w.b[lane][i] = b[i];
-  w.e[lane] = e;
-  w.sync->arrive_and_wait();
+  const host::Warp& w = host::exchange(a, b, e);
   float A[16][64] = {}, B[64][8];
   for (int l = 0; l < 32; ++l) {
     const int g = l >> 2, t = l & 3;
@@ -261,14 +271,7 @@ inline void mma_sp64(float* d, const uint4& a, const unsigned* b, unsigned e) {
     for (int i = 0; i < 16; ++i)
       B[16 * (i / 4) + 4 * t + i % 4][g] = host::e4m3((unsigned char)(w.b[l][i / 4] >> (8 * (i % 4))));
   }
-  const int g = lane >> 2, t = lane & 3;
-  for (int c = 0; c < 4; ++c) {  // c0, c1 at row g, columns 2t, 2t + 1; c2, c3 at row g + 8
-    const int row = g + 8 * (c >> 1), col = 2 * t + (c & 1);
-    float s = 0.f;
-    for (int k = 0; k < 64; ++k) s += A[row][k] * B[k][col];
-    d[c] += s;
-  }
-  w.sync->arrive_and_wait();
+  host::accumulate(d, A, B);
 }
 
 #if RIA_ORDER == 64
