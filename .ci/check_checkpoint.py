@@ -1,6 +1,7 @@
 """CI: the README's main command left a checkpoint that plain transformers reloads as a
-2:4-pruned model, and that `ria.load_pruned` reloads with every pruned weight 2:4 in
-storage order, both computing the same function.
+2:4-pruned model, and that `ria.load_pruned` reloads with its channel orders, every pruned
+weight 2:4 in storage order once they are applied as `ria.sparsify` applies them, both
+computing the same function.
 
     python .ci/check_checkpoint.py DIR
 """
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import ria
 from ria.arch import block_linears, find_blocks
+from ria.permutation import apply_recorded_orders, weight_in_nm_order
 
 
 def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -33,9 +35,11 @@ def main(path: str) -> None:
         # 2:4 zeroes half of every row (a quantised model may hold a few zeros of its own).
         zeros = (linear.weight == 0).sum(dim=1)
         assert int(zeros.min()) >= linear.in_features // 2, f"{name} is not pruned to 2:4"
+    apply_recorded_orders(stored)  # shared orders: one gather a group, weights reordered
     for name, linear in decoder_linears(stored).items():
-        kept = (linear.weight != 0).reshape(linear.out_features, -1, 4).sum(-1)
-        assert int(kept.max()) <= 2, f"{name} is not 2:4 in storage order"
+        weight = weight_in_nm_order(linear)  # a Linear's own order (free), if any
+        kept = (weight != 0).reshape(linear.out_features, -1, 4).sum(-1)
+        assert int(kept.max()) <= 2, f"{name} is not 2:4 along its channel order"
     ids = torch.arange(1, 65)[None]
     with torch.no_grad():
         a, b = plain(ids).logits, stored(ids).logits
