@@ -54,7 +54,7 @@ def save_pruned(
 ) -> Path:
     """Saves model (+ tokenizer, + report) to `out_dir`; reloadable with plain
     `AutoModelForCausalLM.from_pretrained` (same function; `load_pruned` also restores
-    the storage order the sparse kernels need).
+    the channel orders the sparse kernels read the weights in).
 
     `overwrite=True` replaces only an earlier checkpoint (a directory whose config.json
     has a `ria` section) or an empty directory, never anything else.
@@ -274,8 +274,10 @@ def _swap_into_place(staging: Path, out: Path) -> None:
 
 
 def load_pruned(path: str | Path, **kwargs: Any) -> PreTrainedModel:
-    """Loads a model saved by `save_pruned`, with its channel orders restored (so pruned
-    weights are N:M in storage order again). `kwargs` go to `from_pretrained`."""
+    """Loads a model saved by `save_pruned`, with its channel orders recorded as pruning
+    left them (`ria.permutation.nm_order`, `group_order`; no weight changes: the model is
+    the plain checkpoint in memory, and `ria.sparsify` applies the orders so the pruned
+    weights are N:M in storage order). `kwargs` go to `from_pretrained`."""
     from transformers import AutoModelForCausalLM
 
     path = require_path("path", path)
@@ -290,7 +292,7 @@ def load_pruned(path: str | Path, **kwargs: Any) -> PreTrainedModel:
         if (getattr(model.config, "ria", None) or {}).get("permute"):
             raise InvalidArgumentError(
                 f"{path} was pruned with channel permutation but {PERMUTATION_FILE} is "
-                "missing: its weights would load without their N:M storage order"
+                "missing: its weights would load without the orders they are N:M along"
             )
         return model
     try:

@@ -1,13 +1,12 @@
-"""Permuted models as plain Hugging Face checkpoints: `plain_state_dict` takes the gathers
-out (`ChannelGather`s, gathered module inputs, `GatheredLinear`s: the modules reading a
-gathered tensor get their original column order back, so the checkpoint computes the same
-function without them) and returns the orders, with the `nm_order`s of Linears (already
-in original order), which `ria.save_pruned` stores beside the weights; `restore_orders`
-puts them back after a plain load, so pruned weights are N:M in storage order again (a
-Linear's own order: along its `nm_order`). An order's key is the path of the module that
-carries it: a norm whose output is gathered, a module whose input is gathered, or a
-Linear of its own order; its `OrderInfo` says which, and which modules read it (stored as
-the file's metadata).
+"""Permuted models as plain Hugging Face checkpoints: `plain_state_dict` returns the state
+dict of a pruned model (already plain: its orders are recorded, `settle_orders`; gathers
+still in a model, as `apply_block` or `ria.sparsify` leave them, are taken out: the modules
+reading a gathered tensor get their original column order back) and its orders, which
+`ria.save_pruned` stores beside the weights; `restore_orders` records them again after a
+plain load, changing no weight (`ria.sparsify` applies them). An order's key is the path
+of the module that carries it: a norm whose output is gathered, a module whose input is
+gathered, or a Linear of its own order; its `OrderInfo` says which, and which modules read
+it (stored as the file's metadata).
 """
 
 from __future__ import annotations
