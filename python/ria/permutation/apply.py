@@ -109,10 +109,7 @@ class GroupOrder:
     gather: str
 
     def install(self, module: nn.Module) -> None:
-        device = next(module.parameters(), torch.empty(0)).device
-        if device.type == "meta":  # an offloaded carrier: the order is read on conversion only
-            device = torch.device("cpu")
-        module.register_buffer(GROUP_ORDER, self.order.to(device, torch.long), persistent=False)
+        _register_order(module, GROUP_ORDER, self.order)
         setattr(module, GROUP_GATHER, self.gather)
         setattr(module, GROUP_READERS, self.readers)
 
@@ -137,10 +134,16 @@ class LinearOrder:
     order: torch.Tensor
 
     def install(self, module: nn.Module) -> None:
-        device = next(module.parameters(), torch.empty(0)).device
-        if device.type == "meta":  # an offloaded weight: the order is read on conversion only
-            device = torch.device("cpu")
-        module.register_buffer(NM_ORDER, self.order.to(device, torch.long), persistent=False)
+        _register_order(module, NM_ORDER, self.order)
+
+
+def _register_order(module: nn.Module, name: str, order: torch.Tensor) -> None:
+    """`order` as the module's non-persistent buffer `name` (int64, on the module's device;
+    on the CPU for an offloaded module, where it is only read on conversion)."""
+    device = next(module.parameters(), torch.empty(0)).device
+    if device.type == "meta":
+        device = torch.device("cpu")
+    module.register_buffer(name, order.to(device, torch.long), persistent=False)
 
 
 class ChannelGather(nn.Module):
@@ -195,8 +198,7 @@ class InputGather:
     readers: tuple[str, ...]
 
     def install(self, module: nn.Module) -> None:
-        device = next(module.parameters(), torch.empty(0)).device
-        module.register_buffer(INPUT_ORDER, self.order.to(device, torch.long), persistent=False)
+        _register_order(module, INPUT_ORDER, self.order)  # (the hook moves it to the input)
         setattr(module, INPUT_READERS, self.readers)
         handle = module.register_forward_pre_hook(_gather_input_hook, with_kwargs=True)
         module.__dict__[_INPUT_HOOK] = handle
@@ -337,7 +339,7 @@ def reordered_params(block: nn.Module, changes: list[Reorder]) -> Swaps:
 
 
 def is_permuted(block: nn.Module) -> bool:
-    """Whether a block already carries gathers (it was permuted before)."""
+    """Whether a block already carries gathers or recorded orders (it was permuted before)."""
     return any(
         isinstance(m, (ChannelGather, GatheredLinear))
         or input_gather(m) is not None

@@ -493,7 +493,7 @@ class _BlockStep:
                 {name: layers[name].seconds for name in self.matrices},
                 {name: shared[name][1] for name in self.matrices},
             )
-        settle_orders(self.block)  # free orders: plain Linears again, weights in plain order
+        settle_orders(self.block)  # no gathers in the forward: orders recorded, weights plain
         return [layers[name] for name in self.matrices]
 
     def prune_matrix(

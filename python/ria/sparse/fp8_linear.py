@@ -540,7 +540,7 @@ def sparsify_fp8(
     versions = library_versions() if cache is not None else {}
 
     def forms(mod: nn.Linear) -> _Forms:
-        w = quantize_weight(weight_in_nm_order(mod))
+        w = quantize_weight(weight_in_nm_order(mod) if sparse else mod.weight.detach())
         bias = None if mod.bias is None else mod.bias.detach()
         f = _Forms(w, bias, mod.weight.detach(), torch.ones(1, device=w.scale.device))
         if sparse:

@@ -1097,6 +1097,7 @@ def mma_best_config(
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
     widened: torch.Tensor | None = None  # a plain widened e4m3 shape's output, for checks
+    checks = fp8_scales is not None and any(_unproven(c) for c in configs)
     for cfg in configs:
 
         def call(i: int, cfg: MmaConfig = cfg) -> torch.Tensor:
@@ -1106,12 +1107,12 @@ def mma_best_config(
             return mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
 
         try:
-            if fp8_scales is not None and _unproven(cfg) and not _agrees(call(0), widened, cfg):
+            if checks and _unproven(cfg) and not _agrees(call(0), widened, cfg):
                 continue
             us = rotation_time_us(call, range(len(packed)), iters=10, repeats=3)
         except RuntimeError:  # a launch shape this GPU refuses (registers, shared memory)
             continue
-        if fp8_scales is not None and not _unproven(cfg) and widened is None:
+        if checks and not _unproven(cfg) and widened is None:
             widened = call(0)
         times[str(cfg)] = us
         if us < best_us:
