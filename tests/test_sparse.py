@@ -483,3 +483,53 @@ def test_sparsify_a_model_pruned_and_permuted_by_ria():
     with torch.no_grad():
         out = model(ids).logits.float()
     assert _rel_err(out, ref) < 2e-2
+
+
+def _folded_model(dtype: torch.dtype) -> torch.nn.Module:
+    model = tiny_model("llama").to("cuda", dtype)
+    ria.prune(
+        model, sparsity="2:4", method="magnitude", permute=True, calibration=None,
+        progress=False, permutation_options={"tabu_steps": 20},
+    )  # fmt: skip
+    return model
+
+
+def _gathers(model: torch.nn.Module) -> int:
+    from ria.permutation import ChannelGather, input_gather
+
+    return sum(isinstance(m, ChannelGather) or input_gather(m) is not None for m in model.modules())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [None, "fp8"])
+def test_a_strict_refusal_leaves_the_model_as_it_came(dtype):
+    """sparsify applies the folded orders before it checks the layers; a strict refusal
+    takes them back out, so the model stays plain (no gather in its forward)."""
+    from ria.sparse.fp8_kernels import fp8_status
+
+    if dtype == "fp8" and fp8_status() is not None:
+        pytest.skip(fp8_status())
+    model = _folded_model(torch.bfloat16)
+    dense = model.model.layers[1].mlp.up_proj  # a reader of the MLP norm's folded order
+    dense.weight.data.normal_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ria.InvalidArgumentError, match=r"layers\.1\.mlp\.up_proj.*not 2:4"):
+        sparsify(model, dtype=dtype, strict=True)
+    assert _gathers(model) == 0
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@needs_cuda
+def test_a_sparsify_that_converts_nothing_leaves_the_model_plain():
+    """float32 layers are not converted: the folded orders applied for the kernels are
+    taken back out instead of costing a gather per group for nothing."""
+    model = _folded_model(torch.float32)
+    ids = torch.randint(0, 512, (2, 24), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = sparsify(model, batch_sizes=[1, 16])
+    assert not report.applied and _gathers(model) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)

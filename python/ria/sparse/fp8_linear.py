@@ -485,10 +485,12 @@ def sparsify_fp8(
     from .sparsify import (
         SparseLayerReport,
         SparsifyReport,
+        apply_orders_for_kernels,
         cusparselt_version_warning,
         dense_masked_experts,
         fuse_convertible_siblings,
         group_layers,
+        settle_orders_if_unconverted,
         shape_plan_key,
         token_buckets,
     )
@@ -512,8 +514,6 @@ def sparsify_fp8(
     cache = None if plan_cache is False else PlanCache(None if plan_cache is True else plan_cache)
     report.plan_cache = None if cache is None else str(cache.directory)
     clear_generators(model)
-    if sparse:  # folded orders: weights N:M in storage, one gather a group (dense reads any)
-        apply_recorded_orders(model)
 
     def why_not(why: str | None, n: int, k: int) -> str | None:
         if not sparse:
@@ -523,9 +523,11 @@ def sparsify_fp8(
             why = fp8_cslt_shape_status(n, k)
         return why
 
+    if sparse:  # fp8 dense reads any column order
+        apply_orders_for_kernels(model, why_not, strict)
     if fuse_siblings:
         fuse_convertible_siblings(model, why_not, report)
-    groups = group_layers(model, why_not, strict, report)
+    groups = group_layers(model, why_not, report)
     use_mma = sparse and mma_status() is None
     usable = set(FP8_DENSE_KERNELS)
     if sparse:
@@ -590,6 +592,8 @@ def sparsify_fp8(
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda lr: order.get(lr.name, len(order)))
     report.applied = bool(report.converted)
+    if sparse:
+        settle_orders_if_unconverted(model, report)
     if not report.applied:
         report.reason = f"no {'2:4-sparse ' if sparse else ''}fp16/bf16 CUDA linear layer found"
     for note in fp8_slower_warnings(report.layers, sparse, dense_margin):

@@ -30,7 +30,7 @@ from .._checks import require_int
 from .._torch import replace_module
 from ..arch import expert_matrices, fused_experts
 from ..errors import InvalidArgumentError, InvalidTypeError
-from ..permutation import apply_recorded_orders, nm_order, weight_in_nm_order
+from ..permutation import apply_recorded_orders, nm_order, settle_orders, weight_in_nm_order
 from .cslt import (
     CsltConfig,
     cslt_best_config,
@@ -552,22 +552,44 @@ def dense_masked_experts(model: nn.Module) -> list[SparseLayerReport]:
     return found
 
 
+def apply_orders_for_kernels(
+    model: nn.Module, why_not: Callable[[str | None, int, int], str | None], strict: bool
+) -> None:
+    """Applies the folded orders recorded in `model` (`apply_recorded_orders`: weights N:M
+    in storage, one gather a group), as the sparse kernels read them. With `strict`, a
+    layer that is not 2:4 along them (`why_not(find_linears' reason, out, in)` says "not
+    2:4") raises InvalidArgumentError naming it, the orders taken back out first: a
+    refused model is left as it came."""
+    apply_recorded_orders(model)
+    if not strict:
+        return
+    for name, mod, why in find_linears(model):
+        why = why_not(why, *mod.weight.shape)
+        if why is not None and why.startswith("not 2:4"):
+            settle_orders(model)
+            raise InvalidArgumentError(f"{name}: {why}; nothing was changed")
+
+
+def settle_orders_if_unconverted(model: nn.Module, report: SparsifyReport) -> None:
+    """Takes the gathers `apply_orders_for_kernels` put in the forward back out when no layer
+    was converted (nor fused): they would only cost time."""
+    if not report.converted and not report.fused:
+        settle_orders(model)
+
+
 def group_layers(
     model: nn.Module,
     why_not: Callable[[str | None, int, int], str | None],
-    strict: bool,
     report: SparsifyReport,
 ) -> dict[_ShapeKey, list[tuple[str, nn.Linear]]]:
     """Convertible layers grouped by (out, in, dtype, bias, device); the rest go to
     `report`. `why_not(why, out, in)`: the reason a layer is not converted, given
-    `find_linears`'s (None: it is); with `strict` a layer that is not 2:4 raises."""
+    `find_linears`'s (None: it is)."""
     groups: dict[_ShapeKey, list[tuple[str, nn.Linear]]] = {}
     for name, mod, why in find_linears(model):
         n, k = mod.weight.shape
         why = why_not(why, n, k)
         if why is not None:
-            if strict and why.startswith("not 2:4"):
-                raise InvalidArgumentError(f"{name}: {why}")
             report.layers.append(SparseLayerReport(name, n, k, converted=False, reason=why))
             continue
         key = (n, k, mod.weight.dtype, mod.bias is not None, str(mod.weight.device))
@@ -922,7 +944,7 @@ def sparsify(
             report.warnings.append(note)
             warnings.warn(note, stacklevel=2)
     clear_generators(model)  # their graphs replay the layers about to be replaced
-    apply_recorded_orders(model)  # folded orders: weights N:M in storage, one gather a group
+    apply_orders_for_kernels(model, _why_not_for(backend), strict)
     if fuse_siblings:
         fuse_convertible_siblings(model, _why_not_for(backend), report)
 
@@ -934,7 +956,7 @@ def sparsify(
         "eager_calls": EAGER_CALLS,  # eager plans timed on another call path are stale
     }
     planner = _Planner(cache, buckets, backend, options)
-    for shape, members in group_layers(model, _why_not_for(backend), strict, report).items():
+    for shape, members in group_layers(model, _why_not_for(backend), report).items():
         n, k = shape[0], shape[1]
         shape_usable = usable - ({CUSPARSELT} if cslt_shape_status(n, k) else set())
         if mma_cslt_shape_status(n, k) is not None:
@@ -960,6 +982,7 @@ def sparsify(
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda lr: order.get(lr.name, len(order)))
     report.applied = bool(report.converted)
+    settle_orders_if_unconverted(model, report)
     if not report.applied:
         report.reason = "no 2:4-sparse fp16/bf16 CUDA linear layer found"
     note = slower_than_dense_warning(report.layers, dense_margin)
