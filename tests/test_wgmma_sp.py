@@ -301,6 +301,9 @@ def test_wgmma_e4m3_kernel_reads_cusparselt_e4m3_buffer():
 
     extra = [c for c in EXTRA if mma_sp.wgmma_smem_bytes(c, 8, True) <= mma_sp.SMEM_LIMIT]
     shapes = [c for c in mma_sp.CONFIGS if c.wgmma] + extra
+    counts = (9, 16, 24, 33, 64)
+    fits = [c for c in shapes if mma_sp.wgmma_smem_bytes(c, 8, True) <= mma_sp.SMEM_LIMIT]
+    mma_sp.compile_kernels(torch.bfloat16, counts, cslt=True, configs=fits, e4m3=True, threads=16)
     for n, k in [(64, 128), (192, 1344), (256, 512), (4096, 4096), (11008, 4096), (4096, 11008)]:
         w = quantize_weight(random_24(n, k, device="cuda", seed=n + k))
         view = share_cslt_buffer(pack_24(w.values), fp8_cslt_compress(w))
@@ -308,7 +311,7 @@ def test_wgmma_e4m3_kernel_reads_cusparselt_e4m3_buffer():
         cpu_w = Fp8Weight(w.values.cpu(), w.scale.cpu())
         b = torch.randn(n, dtype=torch.bfloat16, device="cuda")
         small = n * k < 2**20
-        for m in (9, 16, 24, 33, 64) if small else (16, 33, 64):
+        for m in counts if small else (16, 33, 64):
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             q, q_scale = quantize_tokens(x)
             for bias in (None, b) if small else (b,):

@@ -527,20 +527,23 @@ def compile_kernels(
     *,
     cslt: bool = False,
     configs: Iterable[MmaConfig] | None = None,
+    e4m3: bool = False,
 ) -> None:
     """Compile (or find in the disk cache) the kernels `mma_best_config` times for these
     token counts (for weights in cuSPARSELt's buffer if `cslt`; `configs` instead of each
-    count's `candidates`), in parallel threads (NVRTC runs outside the GIL), so first calls
-    do not."""
+    count's `candidates`, or `e4m3_candidates` with `e4m3`: e4m3 operands, `dtype` out),
+    in parallel threads (NVRTC runs outside the GIL), so first calls do not."""
     bits = _ORDER_BITS[order_dtype]
     shapes = None if configs is None else tuple(configs)
+    listed = e4m3_candidates if e4m3 else candidates
     jobs = {
         (c, -(-m // TOKEN_TILE))
         for m in token_counts
-        for c in (candidates(m, cslt) if shapes is None else shapes)
+        for c in (listed(m, cslt) if shapes is None else shapes)
     }
     sources = [
-        (kernel_source(dtype, c, t, bits, cslt=cslt), _arch(c)) for c, t in sorted(jobs, key=str)
+        (kernel_source(dtype, c, t, bits, e4m3=e4m3, cslt=cslt), _arch(c))
+        for c, t in sorted(jobs, key=str)
     ]
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda job: _compile(*job), sources))
