@@ -12,6 +12,7 @@ a hash of the source, the options, the GPU architecture and the torch/CUDA versi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -1097,6 +1098,12 @@ def mma_best_config(
         configs = configs or candidates(m, cslt=cslt)
         if order is not None or not cslt:  # shapes the tiled kernel lacks
             configs = tuple(c for c in configs if not c.tiled)
+    with contextlib.suppress(RuntimeError):  # a shape NVRTC refuses is skipped below
+        compile_kernels(
+            torch.bfloat16 if fp8_scales is not None else x.dtype, (m,),
+            None if order is None else order.dtype, cslt=cslt, configs=configs,
+            e4m3=fp8_scales is not None,
+        )  # fmt: skip
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
     widened: torch.Tensor | None = None  # a plain widened e4m3 shape's output, for checks
