@@ -877,7 +877,8 @@ def sparsify(
         batch_sizes: token counts (batch x new tokens) to tune for; each is the upper bound
             of a bucket. Default `DEFAULT_BATCH_SIZES`.
         strict: raise InvalidArgumentError for a CUDA fp16/bf16 linear layer that is not 2:4
-            instead of skipping it (the output embedding is always skipped).
+            instead of skipping it (the output embedding is always skipped), before any
+            layer is changed.
         allow_dense: opt in to keeping a layer's dense weight beside its sparse forms, run by
             cuBLAS in the buckets where it beats the best sparse kernel by more than
             `dense_margin` (a fraction). Costs the dense bytes of those layers.
