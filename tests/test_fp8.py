@@ -520,6 +520,21 @@ def test_sparsify_fp8_keeps_free_channel_orders():
     _assert_layers_match_reference(model, reference, len(report.converted))
 
 
+@needs_cuda
+def test_sparsify_fp8_tunes_an_fp16_model_with_biases():
+    """fp16 output and bias (Qwen2's q/k/v): the decode kernels are tuned in the model's
+    dtype (they were timed with bf16 output, whose bias check refused an fp16 bias)."""
+    model = prune_model_24(tiny_model("qwen2", hidden_size=256, intermediate_size=512))
+    model = model.to(torch.float16)
+    reference = copy.deepcopy(model)
+    quantize_linears(reference)
+    model = model.cuda()
+    report = sparsify(model, dtype="fp8", batch_sizes=[1, 16, 64], plan_cache=False)
+    assert report.applied and len(report.converted) == 7 * len(model.model.layers)
+    assert any(model.get_submodule(lr.name).bias is not None for lr in report.converted)
+    _assert_layers_match_reference(model, reference, len(report.converted))
+
+
 def _assert_layers_match_reference(model, reference, converted: int) -> None:
     """Every fp8 layer of `model`, on the inputs it saw inside the model, against the
     same layer of the CPU `reference`; the argmax of the logits agrees on 90% of tokens.

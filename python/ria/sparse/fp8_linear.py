@@ -379,7 +379,7 @@ def _tune(
                     continue
                 mweights = [w for w in weights if w is not None]
                 cfgs[backend], _ = mma_best_config(
-                    mweights, q, forms[0].bias, fp8_scales=(q_scale, scales)
+                    mweights, q, forms[0].bias, fp8_scales=(q_scale, scales), out_dtype=x.dtype
                 )
                 cands.append(backend)
         for b in [c for c in cands if c != FP8_DENSE]:

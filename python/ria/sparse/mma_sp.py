@@ -1083,13 +1083,14 @@ def mma_best_config(
     order: torch.Tensor | None = None,
     configs: tuple[MmaConfig, ...] | None = None,
     fp8_scales: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[MmaConfig, dict[str, float]]:
     """The fastest configuration for `x` on weights of one shape, timed under CUDA-graph
     replay over `packed` in rotation (default candidates: `candidates(M)`, for e4m3
     `e4m3_candidates(M)`); also every candidate's microseconds per call. With `fp8_scales`
     = (token scales, each weight's row scales), `x` holds e4m3 tokens and `packed` e4m3
-    weights (`mma24_fp8_linear`). `packed` may hold cuSPARSELt buffers ("cslt" `Compact24`s)
-    instead of fragments."""
+    weights (`mma24_fp8_linear`, output and bias in `out_dtype`). `packed` may hold
+    cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments."""
     cslt = isinstance(packed[0], Compact24)
     m = x.shape[0]
     if fp8_scales is not None:
@@ -1100,7 +1101,7 @@ def mma_best_config(
             configs = tuple(c for c in configs if not c.tiled)
     with contextlib.suppress(RuntimeError):  # a shape NVRTC refuses is skipped below
         compile_kernels(
-            torch.bfloat16 if fp8_scales is not None else x.dtype, (m,),
+            out_dtype if fp8_scales is not None else x.dtype, (m,),
             None if order is None else order.dtype, cslt=cslt, configs=configs,
             e4m3=fp8_scales is not None,
         )  # fmt: skip
@@ -1114,7 +1115,10 @@ def mma_best_config(
             p = packed[i]
             if fp8_scales is None:
                 return mma24_linear(x, p, bias, order=order, config=cfg)
-            return mma24_fp8_linear(x, fp8_scales[0], p, fp8_scales[1][i], bias, config=cfg)
+            scale = fp8_scales[1][i]
+            return mma24_fp8_linear(
+                x, fp8_scales[0], p, scale, bias, out_dtype=out_dtype, config=cfg
+            )
 
         try:
             if checks and _unproven(cfg) and not _agrees(call(0), widened, cfg):
