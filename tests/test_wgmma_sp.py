@@ -298,6 +298,7 @@ def test_wgmma_e4m3_kernel_reads_cusparselt_e4m3_buffer():
     from ria.sparse.cslt import share_cslt_buffer
     from ria.sparse.fp8 import Fp8Weight, fp8_linear_reference, quantize_weight
     from ria.sparse.fp8_kernels import fp8_cslt_compress, quantize_tokens
+    from ria.sparse.fp8_linear import AGREE_TOLERANCE
 
     extra = [c for c in EXTRA if mma_sp.wgmma_smem_bytes(c, 8, True) <= mma_sp.SMEM_LIMIT]
     shapes = [c for c in mma_sp.CONFIGS if c.wgmma] + extra
@@ -320,9 +321,13 @@ def test_wgmma_e4m3_kernel_reads_cusparselt_e4m3_buffer():
                     if mma_sp.wgmma_smem_bytes(cfg, -(-m // 8), True) > mma_sp.SMEM_LIMIT:
                         continue
                     y = mma_sp.mma24_fp8_linear(q, q_scale, view, w.scale, bias, config=cfg)
+                    # Hopper's FP8 tensor cores sum with fewer bits than fp32, as cuSPARSELt's
+                    # fp8 GEMM does (H100, 2026-12-06: up to 7.1e-3 of the largest output at
+                    # K = 4096, fewer outputs off the fewer k-tiles a block sums); a layout
+                    # error is off by whole products.
                     torch.testing.assert_close(
-                        y.float().cpu(), ref.float(), rtol=2**-7,
-                        atol=1e-4 * float(ref.abs().max()), msg=f"{n}x{k} M={m} {cfg}",
+                        y.float().cpu(), ref.float(), rtol=0,
+                        atol=AGREE_TOLERANCE * float(ref.abs().max()), msg=f"{n}x{k} M={m} {cfg}",
                     )  # fmt: skip
 
 
