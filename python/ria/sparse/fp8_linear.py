@@ -336,7 +336,7 @@ def _time_us(backend: str, forms: Sequence[_Forms], x: torch.Tensor, configs: _C
 # (cuSPARSELt 0.8.0, `python benches/fp8_speed.py --only accuracy`), up to 1/126 of the
 # largest output at K = 11008 (a mean bias of -2e-4 toward zero), where the widened mma.sp
 # and row-wise `_scaled_mm` stay within bf16's rounding (1/256); our wgmma e4m3 form, on the
-# same FP8 tensor cores, sums like cuSPARSELt (H100: up to 7.1e-3 at K = 4096). A kernel
+# same FP8 tensor cores, sums like cuSPARSELt (`mma_sp.E4M3_AGREE_TOLERANCE`). A kernel
 # reading a layout wrongly is off by whole products: far more.
 AGREE_TOLERANCE = 2**-6
 
