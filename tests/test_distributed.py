@@ -468,3 +468,35 @@ def test_torchrun_runs_the_cli_and_rank_0_writes(source, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert_same_tensors(tmp_path / "split", tmp_path / "alone")
+
+
+# Run by torchrun in a fresh interpreter: a module binding `group.WORLD` as a default
+# argument, imported inside `launched` (transformers does, loading a model), must not keep
+# the group alive past it.
+OUTLIVES = """
+import gc, sys, weakref
+import torch, torch.distributed as dist
+from ria.pruning.distributed import launched
+if "torch.distributed.nn" in sys.modules:
+    sys.exit("torch.distributed.nn was imported before launched(): nothing to test")
+with launched(torch.device("cpu")):
+    rank, group = dist.get_rank(), weakref.ref(dist.group.WORLD)
+    import torch.distributed.nn
+gc.collect()
+print(f"rank {rank}: group {'alive' if group() is not None else 'freed'}")
+"""
+
+
+def test_the_group_is_freed_when_launched_ends_whatever_was_imported_inside(tmp_path):
+    # Otherwise gloo's threads outlive it into interpreter shutdown, where they can abort
+    # a rank that finished ("terminate called without an active exception", seen in CI).
+    script = tmp_path / "outlives.py"
+    script.write_text(OUTLIVES)
+    launch = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+        "--standalone", str(script),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.split("\n")[:-1]) == [f"rank {r}: group freed" for r in range(WORLD)]

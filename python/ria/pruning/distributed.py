@@ -32,10 +32,11 @@ one-process code unchanged.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -73,6 +74,18 @@ T = TypeVar("T")
 # takes longer than NCCL's default 10 minutes for the largest models.
 GROUP_TIMEOUT = timedelta(hours=2)
 
+# torch modules whose functions take `group=dist.group.WORLD` as a default argument, which
+# Python evaluates once, at import. Imported after `launched` creates the group
+# (transformers imports torch.distributed.nn, through FSDP, when it loads a model), they
+# would hold the group past `destroy_process_group`: it would then be freed during
+# interpreter shutdown, where its gloo threads can abort a finished rank ("terminate
+# called without an active exception"). Imported before, their defaults are None.
+_BIND_WORLD_AT_IMPORT = (
+    "torch.distributed.nn",
+    "torch.distributed.fsdp.sharded_grad_scaler",
+    "torch.distributed.optim.zero_redundancy_optimizer",
+)
+
 
 def current() -> Ranks | None:
     """The process group this process prunes in, or None when it prunes alone (no group
@@ -91,8 +104,9 @@ def launched(device: torch.device) -> Iterator[torch.device]:
     """Under torchrun (`WORLD_SIZE` > 1, no process group yet): initialises the group from
     torchrun's environment, NCCL with this rank on `cuda:LOCAL_RANK` when `device` is a
     CUDA device, gloo otherwise; yields the device this rank prunes on and destroys the
-    group at the end. The Rust core's worker threads are split between the node's ranks
-    (`RAYON_NUM_THREADS`, unless set). Otherwise yields `device` and does nothing."""
+    group at the end (freed then, not at interpreter shutdown). The Rust core's worker
+    threads are split between the node's ranks (`RAYON_NUM_THREADS`, unless set).
+    Otherwise yields `device` and does nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield device
         return
@@ -101,6 +115,9 @@ def launched(device: torch.device) -> Iterator[torch.device]:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (cores or 1) // local)))
+    for module in _BIND_WORLD_AT_IMPORT:
+        with suppress(ImportError):  # a torch without it cannot capture the group either
+            importlib.import_module(module)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
