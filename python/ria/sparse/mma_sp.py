@@ -238,6 +238,13 @@ _WG_MANY = (  # M <= 64
     MmaConfig(3, 4, 2, 5, 2, wgmma=True, multicast=2),
     MmaConfig(3, 4, 2, 5, 2, wgmma=True),
 )
+# e4m3's metadata is twice bf16's: at 57-64 tokens the 5-stage 192-row shapes above need
+# 235 KB, more than `SMEM_LIMIT`; e4m3 times them with 4 stages (189 KB) instead
+# (`e4m3_candidates`). bf16's fastest gate/up shape at M = 64 on an H100 was the first.
+_E4M3_WG_FEWER_STAGES = (
+    MmaConfig(3, 4, 2, 4, 2, wgmma=True, multicast=2),
+    MmaConfig(3, 4, 2, 4, 2, wgmma=True),
+)
 
 
 # e4m3 at M <= 8 with a register cap (`min_blocks`): the capped shapes that beat every
@@ -284,6 +291,7 @@ CONFIGS = tuple(
         + _CSLT_MANY
         + _WG_HALF
         + _WG_MANY
+        + _E4M3_WG_FEWER_STAGES
         + _E4M3_CAPPED
         + _E4M3_CSLT_CAPPED
     )
@@ -1047,9 +1055,9 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     buffer's own at 1-8. At M <= 8 also the register-capped shapes that won a shape there
     (`_E4M3_CAPPED`, `_E4M3_CSLT_CAPPED`). On cuSPARSELt's buffer at M > 8 on sm_90 the
     buffer's own shapes include the streaming wgmma kernel's (its e4m3 form: wgmma.sp
-    m64nNk64, Hopper's native FP8; not yet run on a GPU, so `mma_best_config` times it
-    only after it agreed with a widened shape), less those whose stages do not fit in
-    `SMEM_LIMIT` with e4m3's larger metadata. Then the k64 form (`MmaConfig.k64`) of the
+    m64nNk64, Hopper's native FP8, which `mma_best_config` times only after it agreed with
+    a widened shape), with fewer stages where theirs do not fit in `SMEM_LIMIT` with
+    e4m3's larger metadata (`_E4M3_WG_FEWER_STAGES`). Then the k64 form (`MmaConfig.k64`) of the
     first shape at M <= 8 and of every plain shape above, where the widening it saves
     grows with the token tiles, on GPUs where it is one instruction (`_has_native_k64`)."""
     plain = tuple(c for c in candidates(m) if _has_e4m3_form(c))
@@ -1057,16 +1065,26 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
         widened = (*plain, *_E4M3_CAPPED) if m <= 8 else plain
         native = plain[:1] if m <= 8 else plain
     else:
+        tiles = -(-m // TOKEN_TILE)
         own = tuple(
-            c
-            for c in candidates(m, cslt=True)
-            if _has_e4m3_form(c)  # (its metadata is twice bf16's: a wgmma shape may not fit)
-            and (not c.wgmma or wgmma_smem_bytes(c, -(-m // TOKEN_TILE), True) <= SMEM_LIMIT)
+            dict.fromkeys(
+                _with_stages_that_fit_e4m3(c, tiles)
+                for c in candidates(m, cslt=True)
+                if _has_e4m3_form(c)
+            )
         )
         capped = _E4M3_CSLT_CAPPED if m <= 8 else ()
         widened = tuple(dict.fromkeys((*_per_e4m3_unit(plain), *own, *capped)))
         native = own[:1] if m <= 8 else _per_e4m3_unit(plain)
     return (*widened, *_k64(native)) if _has_native_k64() else widened
+
+
+def _with_stages_that_fit_e4m3(config: MmaConfig, tiles: int) -> MmaConfig:
+    """`config`, or for a wgmma shape whose stages do not fit in `SMEM_LIMIT` with e4m3's
+    metadata at `tiles` token tiles, the same shape with as many stages as fit (at least 2)."""
+    while config.wgmma and config.stages > 2 and wgmma_smem_bytes(config, tiles, True) > SMEM_LIMIT:
+        config = replace(config, stages=config.stages - 1)
+    return config
 
 
 def _has_native_k64() -> bool:
