@@ -173,6 +173,8 @@ def test_wgmma_e4m3_shapes_fit_and_read_the_buffer_only(monkeypatch):
         assert big not in mma_sp.e4m3_candidates(64, True)
         assert big in mma_sp.e4m3_candidates(56, True)
         assert fewer not in mma_sp.e4m3_candidates(56, True)
+    for m in range(9, 65):  # every shape offered is one the GPU tests run
+        assert set(mma_sp.e4m3_candidates(m, True)) <= set(mma_sp.CONFIGS), m
     from ria.sparse.format import pack_mma24_e4m3
     from ria.sparse.fp8 import quantize_rows, quantize_weight
 

@@ -238,12 +238,46 @@ _WG_MANY = (  # M <= 64
     MmaConfig(3, 4, 2, 5, 2, wgmma=True, multicast=2),
     MmaConfig(3, 4, 2, 5, 2, wgmma=True),
 )
+
+
+def wgmma_stage_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
+    """Bytes of one stage of the streaming kernel (RIA_STAGE_BYTES in wgmma_sp.cu): values
+    (rows x 64 * unroll bytes: half the stage's columns, 2 bytes each), tokens (8 * tiles x
+    128 * unroll bytes) and metadata (256 bytes per 64 rows and k-tile of 32 columns). With
+    `e4m3` a k-tile is 64 columns of 1-byte values: the same bytes, and 512 of metadata."""
+    rows, u = 16 * config.row_tiles * config.warps, config.unroll
+    meta = 512 if e4m3 else 256
+    return rows * 64 * u + 8 * tiles * 128 * u + rows // 64 * 2 * u * meta
+
+
+def wgmma_smem_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
+    """Dynamic shared memory of the streaming kernel: its stages and two 8-byte barriers per
+    stage, plus 1024 bytes to align the swizzled boxes; the stages also hold the block's fp32
+    sums (tokens x (rows + 4)) at the end."""
+    rows = 16 * config.row_tiles * config.warps
+    stages = config.stages * wgmma_stage_bytes(config, tiles, e4m3)
+    return max(stages, 4 * 8 * tiles * (rows + 4)) + 16 * config.stages + 1024
+
+
+def _with_stages_that_fit_e4m3(config: MmaConfig, tiles: int) -> MmaConfig:
+    """`config`, or for a wgmma shape whose stages do not fit in `SMEM_LIMIT` with e4m3's
+    metadata at `tiles` token tiles, the same shape with as many stages as fit (at least 2)."""
+    while config.wgmma and config.stages > 2 and wgmma_smem_bytes(config, tiles, True) > SMEM_LIMIT:
+        config = replace(config, stages=config.stages - 1)
+    return config
+
+
 # e4m3's metadata is twice bf16's: at 57-64 tokens the 5-stage 192-row shapes above need
-# 235 KB, more than `SMEM_LIMIT`; e4m3 times them with 4 stages (189 KB) instead
-# (`e4m3_candidates`). bf16's fastest gate/up shape at M = 64 on an H100 was the first.
-_E4M3_WG_FEWER_STAGES = (
-    MmaConfig(3, 4, 2, 4, 2, wgmma=True, multicast=2),
-    MmaConfig(3, 4, 2, 4, 2, wgmma=True),
+# 235 KB, more than `SMEM_LIMIT`, and e4m3 times them with 4 stages (189 KB) instead (bf16's
+# fastest gate/up shape at M = 64 on an H200 was the multicast one): every wgmma shape with
+# the stages that fit at each token count it serves (`e4m3_candidates`).
+_E4M3_WG_FITTING = tuple(
+    dict.fromkeys(
+        _with_stages_that_fit_e4m3(c, tiles)
+        for shapes, tokens in ((_WG_HALF, 32), (_WG_MANY, MAX_TOKENS))
+        for c in shapes
+        for tiles in range(2, -(-tokens // TOKEN_TILE) + 1)
+    )
 )
 
 
@@ -291,7 +325,7 @@ CONFIGS = tuple(
         + _CSLT_MANY
         + _WG_HALF
         + _WG_MANY
-        + _E4M3_WG_FEWER_STAGES
+        + _E4M3_WG_FITTING
         + _E4M3_CAPPED
         + _E4M3_CSLT_CAPPED
     )
@@ -607,25 +641,6 @@ def _smem_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
     stage = rows * (64 * u + 16) + 8 * tiles * (128 * u + 16) + rows // 64 * 2 * u * 256
     sums = 4 * rows * 8 * tiles if config.split > 1 else 0
     return max(config.stages * stage, sums)
-
-
-def wgmma_stage_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
-    """Bytes of one stage of the streaming kernel (RIA_STAGE_BYTES in wgmma_sp.cu): values
-    (rows x 64 * unroll bytes: half the stage's columns, 2 bytes each), tokens (8 * tiles x
-    128 * unroll bytes) and metadata (256 bytes per 64 rows and k-tile of 32 columns). With
-    `e4m3` a k-tile is 64 columns of 1-byte values: the same bytes, and 512 of metadata."""
-    rows, u = 16 * config.row_tiles * config.warps, config.unroll
-    meta = 512 if e4m3 else 256
-    return rows * 64 * u + 8 * tiles * 128 * u + rows // 64 * 2 * u * meta
-
-
-def wgmma_smem_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
-    """Dynamic shared memory of the streaming kernel: its stages and two 8-byte barriers per
-    stage, plus 1024 bytes to align the swizzled boxes; the stages also hold the block's fp32
-    sums (tokens x (rows + 4)) at the end."""
-    rows = 16 * config.row_tiles * config.warps
-    stages = config.stages * wgmma_stage_bytes(config, tiles, e4m3)
-    return max(stages, 4 * 8 * tiles * (rows + 4)) + 16 * config.stages + 1024
 
 
 def _grid(config: MmaConfig, row_tiles: int) -> tuple[int, int, int]:
@@ -1057,9 +1072,10 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     buffer's own shapes include the streaming wgmma kernel's (its e4m3 form: wgmma.sp
     m64nNk64, Hopper's native FP8, which `mma_best_config` times only after it agreed with
     a widened shape), with fewer stages where theirs do not fit in `SMEM_LIMIT` with
-    e4m3's larger metadata (`_E4M3_WG_FEWER_STAGES`). Then the k64 form (`MmaConfig.k64`) of the
-    first shape at M <= 8 and of every plain shape above, where the widening it saves
-    grows with the token tiles, on GPUs where it is one instruction (`_has_native_k64`)."""
+    e4m3's larger metadata (`_with_stages_that_fit_e4m3`). Then the k64 form
+    (`MmaConfig.k64`) of the first shape at M <= 8 and of every plain shape above, where
+    the widening it saves grows with the token tiles, on GPUs where it is one instruction
+    (`_has_native_k64`)."""
     plain = tuple(c for c in candidates(m) if _has_e4m3_form(c))
     if not cslt:
         widened = (*plain, *_E4M3_CAPPED) if m <= 8 else plain
@@ -1077,14 +1093,6 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
         widened = tuple(dict.fromkeys((*_per_e4m3_unit(plain), *own, *capped)))
         native = own[:1] if m <= 8 else _per_e4m3_unit(plain)
     return (*widened, *_k64(native)) if _has_native_k64() else widened
-
-
-def _with_stages_that_fit_e4m3(config: MmaConfig, tiles: int) -> MmaConfig:
-    """`config`, or for a wgmma shape whose stages do not fit in `SMEM_LIMIT` with e4m3's
-    metadata at `tiles` token tiles, the same shape with as many stages as fit (at least 2)."""
-    while config.wgmma and config.stages > 2 and wgmma_smem_bytes(config, tiles, True) > SMEM_LIMIT:
-        config = replace(config, stages=config.stages - 1)
-    return config
 
 
 def _has_native_k64() -> bool:
