@@ -323,6 +323,13 @@ def test_triton_kernels_hash_on_the_installed_triton():
 CSLT_ATOL = 5e-4
 
 
+def _sums_on_fp8_tensor_cores(choice: Choice) -> bool:
+    """cuSPARSELt's fp8 GEMM and our wgmma e4m3 form accumulate on Hopper's FP8 tensor cores,
+    with fewer bits than fp32 (an H100 put a wgmma layer of the tiny model 1.1e-4 of its
+    largest output from the reference, 2026-12-06); the other kernels sum in fp32."""
+    return choice.backend == FP8_CUSPARSELT or (choice.mma is not None and choice.mma.wgmma)
+
+
 def _close_to_reference(got: torch.Tensor, ref: torch.Tensor, atol: float = 1e-4) -> None:
     """Equal up to fp32 summation order and one output rounding (bf16: 2**-8 relative);
     `atol` is relative to the largest output."""
@@ -537,7 +544,8 @@ def test_sparsify_fp8_tunes_an_fp16_model_with_biases():
 
 def _assert_layers_match_reference(model, reference, converted: int) -> None:
     """Every fp8 layer of `model`, on the inputs it saw inside the model, against the
-    same layer of the CPU `reference`; the argmax of the logits agrees on 90% of tokens.
+    same layer of the CPU `reference`; the argmax of the logits agrees wherever the
+    reference's top two are clearly apart.
     The logits are not compared closely: a kernel's fp32 sums run in another order than
     the reference's, so a layer's bf16 output may differ by a rounding step, and the next
     layer's per-token e4m3 quantization turns some of those into whole e4m3 steps (1/8
@@ -558,8 +566,8 @@ def _assert_layers_match_reference(model, reference, converted: int) -> None:
             hook.remove()
         assert len(seen) == converted
         for name, (x, out) in seen.items():
-            cslt = FP8_CUSPARSELT in {c.backend for c in model.get_submodule(name).plan.values()}
-            atol = CSLT_ATOL if cslt else 1e-4
+            choice = model.get_submodule(name).choice_for(x.numel() // x.shape[-1])
+            atol = CSLT_ATOL if _sums_on_fp8_tensor_cores(choice) else 1e-4
             _close_to_reference(out, reference.get_submodule(name)(x.cpu()), atol)
         ref = reference(ids).logits.float()
     # Where the reference's top two logits are clearly apart (more than the 2.75e-2 the
