@@ -537,7 +537,7 @@ def model_fingerprint(model: nn.Module) -> tuple[object, ...]:
 class _ModelGenerators:
     def __init__(self, fingerprint: tuple[object, ...]) -> None:
         self.fingerprint = fingerprint
-        self.by_key: OrderedDict[tuple[int, int, bool, bool], StaticGenerator] = OrderedDict()
+        self.by_key: OrderedDict[tuple[int, int, bool, bool, bool], StaticGenerator] = OrderedDict()
 
 
 _GENERATORS: weakref.WeakKeyDictionary[nn.Module, _ModelGenerators] = weakref.WeakKeyDictionary()
@@ -560,9 +560,10 @@ def cached_generator(
     entry = _GENERATORS.get(model)
     if entry is None or entry.fingerprint != fingerprint:
         entry = _GENERATORS[model] = _ModelGenerators(fingerprint)
-    if cuda_graph is None:
-        cuda_graph = next(model.parameters()).device.type == "cuda"
-    key = (batch_size, max_cache_len, cuda_graph, compile)
+    graphs = next(model.parameters()).device.type == "cuda" if cuda_graph is None else cuda_graph
+    # Graphs asked for (True) and graphs by default (None) are kept apart: under None a model
+    # that cannot be captured falls back to eager, under True that is an error.
+    key = (batch_size, max_cache_len, graphs, cuda_graph is True, compile)
     gen = entry.by_key.get(key)
     if gen is None:
         while len(entry.by_key) >= MAX_CACHED_GENERATORS:
