@@ -375,6 +375,27 @@ def test_a_model_that_cannot_be_captured_runs_eagerly_unless_graphs_are_asked_fo
 
 @pytest.mark.gpu
 @needs_cuda
+def test_a_failed_capture_leaves_the_process_able_to_capture_again():
+    """A host sync inside the captured call fails the capture. Before torch 2.12 that left
+    the allocator routing to the failed graph's pool and the capture stream current, and
+    every later `empty_cache` or capture in the process failed (on an H100 with torch 2.11,
+    the 41 GPU tests after the one above)."""
+    from ria.sparse.graphs import capture
+
+    x = torch.ones(4, device="cuda")
+    stream = torch.cuda.current_stream()
+    with pytest.raises(RuntimeError):
+        capture(lambda: (x * 2).sum().item(), warmup=1)
+    assert torch.cuda.current_stream() == stream
+    torch.cuda.empty_cache()
+    graph, out = capture(lambda: x * 3, warmup=1)
+    x.fill_(2.0)
+    graph.replay()
+    assert torch.equal(out, torch.full_like(x, 6.0))
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_hf_static_cache_generate_compiles_over_sparse_layers():
     """transformers' own fast path: `cache_implementation="static"` compiles the forward
     (inductor, CUDA graphs), which sees each sparse layer as one custom op."""

@@ -7,6 +7,7 @@ sparse alike.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -58,11 +59,33 @@ def capture(
                 fn()
         finally:
             _warming.active = False
-    torch.cuda.current_stream().wait_stream(stream)
+    caller_stream = torch.cuda.current_stream()
+    caller_stream.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
+    pool = torch.cuda.graph_pool_handle() if pool is None else pool
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    except BaseException:
+        _undo_failed_capture(caller_stream, pool)
+        raise
     return graph, out
+
+
+def _undo_failed_capture(caller_stream: torch.cuda.Stream, pool: _POOL_HANDLE) -> None:
+    """Before torch 2.12 (pytorch PR #180395), a capture that failed (a host sync inside it)
+    left `capture_end` raising before the allocator stopped routing allocations to the
+    graph's pool, and `torch.cuda.graph` never restored the stream: the next
+    `empty_cache` or capture in the process failed ("captures_underway.empty()"), so a
+    model that cannot be captured broke every CUDA call after it. Undo both; on a torch
+    that did it already, ending the routing again raises and is ignored."""
+    torch.cuda.set_stream(caller_stream)
+    end_routing = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+        torch._C, "_cuda_endAllocateCurrentStreamToPool", None
+    )  # private, no public way to undo a failed capture; renamed in torch 2.6-2.8
+    if end_routing is not None:
+        with contextlib.suppress(RuntimeError):
+            end_routing(caller_stream.device_index, pool)
 
 
 def time_graph(graph: torch.cuda.CUDAGraph, *, iters: int = 20, repeats: int = 3) -> float:
