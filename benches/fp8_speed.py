@@ -23,7 +23,8 @@ Sections (`--only` picks some):
         e4m3 operands (float64): largest error over the largest output, and the mean signed
         error over the mean magnitude (negative: sums pulled toward zero, as an accumulator
         that truncates does), for each kernel sparsify may pick; cuSPARSELt with the
-        configuration it searched and with its default, in bf16 and (a zero bias) fp32.
+        configuration it searched and with its default, in bf16 and (a zero bias) fp32;
+        our kernel on cuSPARSELt's buffer with its default shape and its tuned one.
   launch  fp8 2:4 and fp8 dense whole models with their kernels launched programmatically
         (the default on sm_90) and plainly (`ria.sparse.launch.plain_launches`), in
         alternating rounds, side by side.
@@ -264,6 +265,11 @@ def bench_accuracy(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
             outs["mma.sp fragments"] = mma24_fp8_linear(qx, sx, frags, w.scale, None)
             if views is not None:
                 outs["mma.sp cuSPARSELt buffer"] = mma24_fp8_linear(qx, sx, views[0], w.scale, None)
+                # The shape sparsify would pick (a wgmma one at 9-64 tokens on sm_90).
+                tuned, _ = mma_best_config(views, qx, None, fp8_scales=(sx, [w.scale]))
+                outs[f"mma.sp cuSPARSELt buffer, tuned {tuned}"] = mma24_fp8_linear(
+                    qx, sx, views[0], w.scale, None, config=tuned
+                )
         for kernel, got in outs.items():
             err = got.double() - exact
             row = {
@@ -341,17 +347,23 @@ VARIANTS = {
 
 
 def bench_e2e(
-    layers: int, decode_steps: int, save, compiled: tuple[int, ...] = (), fuse: bool = False
+    layers: int,
+    decode_steps: int,
+    save,
+    compiled: tuple[int, ...] = (),
+    fuse: bool = False,
+    only: tuple[str, ...] = (),
 ) -> dict:
     """The variants in turn (each a copy of one model); `save(result)` after each.
     `compiled`: decode batches also timed with the step compiled (`gpu_speed.time_e2e`).
-    `fuse`: also the three sparsified variants with `fuse_siblings=True`."""
+    `fuse`: also the three sparsified variants with `fuse_siblings=True`. `only`: these
+    labels of VARIANTS alone (all when empty)."""
     base = build_model(layers, prune_all=False)
     result: dict = {"layers": layers, "variants": {}}
     outs = {}
-    variants = dict(VARIANTS)
+    variants = {k: v for k, v in VARIANTS.items() if not only or k in only}
     if fuse:
-        for label, options in VARIANTS.items():
+        for label, options in list(variants.items()):
             if options is not None:
                 variants[f"{label}, fused"] = {**options, "fuse_siblings": True}
     for label, options in variants.items():
@@ -385,7 +397,7 @@ def bench_e2e(
         row = result["variants"][label]
         own = "fp8 dense" if label.startswith("fp8") else "bf16 dense"
         for ref_label in dict.fromkeys(["bf16 dense", own]):
-            if ref_label != label:
+            if ref_label != label and ref_label in outs:
                 row[f"vs_{ref_label.replace(' ', '_')}"] = logits_error(out, outs[ref_label])
     return result
 
@@ -441,7 +453,10 @@ def e2e_table(r: dict) -> str:
         out[1] += "---:|"
     for key, name in keys:
         t = [v[label]["timings"][key] for label in labels]
-        fp8d, fp824, bf16d = (v[x]["timings"][key] for x in ("fp8 dense", "fp8 2:4", "bf16 dense"))
+        fp8d, fp824, bf16d = (
+            v[x]["timings"][key] if x in v else math.nan
+            for x in ("fp8 dense", "fp8 2:4", "bf16 dense")
+        )  # a variant left out (--variants): its ratio reads nan
         row = (
             f"| {name} | " + " | ".join(f"{x:.2f}" for x in t)
             + f" | {fp8d / fp824:.2f}x | {bf16d / fp824:.2f}x |"
@@ -513,6 +528,9 @@ def main() -> None:
     ap.add_argument(
         "--fuse", action="store_true", help="e2e: also each sparsified variant with fused siblings"
     )
+    ap.add_argument(
+        "--variants", default="", help="e2e: comma list of VARIANTS labels (default: all)"
+    )
     ap.add_argument("--out", default="benches/results/fp8_h200.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -532,7 +550,8 @@ def main() -> None:
             path.write_text(json.dumps({**out, "e2e": partial}, indent=1))
 
         compiled = tuple(int(b) for b in args.compiled.split(",") if b)
-        out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, compiled, args.fuse)
+        only = tuple(v for v in args.variants.split(",") if v)
+        out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, compiled, args.fuse, only)
         return (
             f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
             + e2e_table(out["e2e"])
