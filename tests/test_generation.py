@@ -5,6 +5,7 @@ dropped when the model changes. Eager on the CPU; graph replay on CUDA (marked g
 from __future__ import annotations
 
 import gc
+import importlib
 
 import numpy as np
 import pytest
@@ -222,6 +223,28 @@ def test_generators_are_kept_per_model_and_shape_and_dropped_on_change():
     gc.collect()
     with pytest.raises(ReferenceError):  # generators never keep a model alive
         _ = alive.model
+
+
+def test_a_generator_made_by_default_may_fall_back_to_eager(monkeypatch):
+    """`generate`'s default (cuda_graph=None) reaches the generator as None, which runs a
+    model that cannot be captured eagerly with a warning; only an explicit True makes that an
+    error. (None was resolved to True first, so the default raised on such a model.) Kept
+    apart, a True call never reuses a generator that fell back."""
+    # The module: as an attribute of `ria.sparse`, `generate` is the function.
+    generate_mod = importlib.import_module("ria.sparse.generate")
+
+    made: list[bool | None] = []
+
+    class Recorded:
+        def __init__(self, *args: object, cuda_graph: bool | None = None, **kwargs: object):
+            made.append(cuda_graph)
+
+    monkeypatch.setattr(generate_mod, "StaticGenerator", Recorded)
+    model = tiny_model("llama")
+    default = cached_generator(model, 1, 64)
+    asked = cached_generator(model, 1, 64, cuda_graph=True)
+    assert made == [None, True] and asked is not default
+    assert cached_generator(model, 1, 64) is default
 
 
 # The compiled fast path needs a newer torch than our floor: torch 2.6's dynamo cannot trace
