@@ -82,7 +82,7 @@ def _undo_failed_capture(caller_stream: torch.cuda.Stream, pool: _POOL_HANDLE) -
     torch.cuda.set_stream(caller_stream)
     end_routing = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
         torch._C, "_cuda_endAllocateCurrentStreamToPool", None
-    )  # private, no public way to undo a failed capture; renamed in torch 2.6-2.8
+    )  # private (no public way to undo a failed capture), under its newer or older name
     if end_routing is not None:
         with contextlib.suppress(RuntimeError):
             end_routing(caller_stream.device_index, pool)
