@@ -400,9 +400,9 @@ def test_a_model_that_cannot_be_captured_runs_eagerly_unless_graphs_are_asked_fo
 @needs_cuda
 def test_a_failed_capture_leaves_the_process_able_to_capture_again():
     """A host sync inside the captured call fails the capture. Before torch 2.12 that left
-    the allocator routing to the failed graph's pool and the capture stream current, and
-    every later `empty_cache` or capture in the process failed (on an H100 with torch 2.11,
-    the 41 GPU tests after the one above)."""
+    the allocator with a capture underway, the default CUDA generator in capture mode and
+    the capture stream current, and every later `empty_cache`, capture or random op in the
+    process failed (on an H100 with torch 2.11, the 41 GPU tests after the one above)."""
     from ria.sparse.graphs import capture
 
     x = torch.ones(4, device="cuda")
@@ -411,6 +411,7 @@ def test_a_failed_capture_leaves_the_process_able_to_capture_again():
         capture(lambda: (x * 2).sum().item(), warmup=1)
     assert torch.cuda.current_stream() == stream
     torch.cuda.empty_cache()
+    assert torch.randn(4, device="cuda").isfinite().all()
     graph, out = capture(lambda: x * 3, warmup=1)
     x.fill_(2.0)
     graph.replay()

@@ -73,12 +73,14 @@ def capture(
 
 
 def _undo_failed_capture(caller_stream: torch.cuda.Stream, pool: _POOL_HANDLE) -> None:
-    """Before torch 2.12 (pytorch PR #180395), a capture that failed (a host sync inside it)
-    left `capture_end` raising before the allocator stopped routing allocations to the
-    graph's pool, and `torch.cuda.graph` never restored the stream: the next
-    `empty_cache` or capture in the process failed ("captures_underway.empty()"), so a
-    model that cannot be captured broke every CUDA call after it. Undo both; on a torch
-    that did it already, ending the routing again raises and is ignored."""
+    """Before torch 2.12 (pytorch PR #180395), `capture_end` raised on a capture that failed
+    (a host sync inside it) before it finished: the allocator kept a capture underway (the
+    next `empty_cache`, which every capture starts with, fails `captures_underway.empty()`),
+    the device's default CUDA generator stayed in capture mode (every later random op on the
+    device raises "Offset increment outside graph capture"), and `torch.cuda.graph` left the
+    capture stream current. Undo all three; on a torch that finished, ending the allocator's
+    capture again raises and is ignored, and the small capture that ends the generator's
+    capture mode (capture_begin starts it, a completed capture_end ends it) changes nothing."""
     torch.cuda.set_stream(caller_stream)
     end_routing = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
         torch._C, "_cuda_endAllocateCurrentStreamToPool", None
@@ -86,6 +88,8 @@ def _undo_failed_capture(caller_stream: torch.cuda.Stream, pool: _POOL_HANDLE) -
     if end_routing is not None:
         with contextlib.suppress(RuntimeError):
             end_routing(caller_stream.device_index, pool)
+    with contextlib.suppress(RuntimeError), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        torch.zeros(1, device=caller_stream.device)  # a broken context: the caller's error stands
 
 
 def time_graph(graph: torch.cuda.CUDAGraph, *, iters: int = 20, repeats: int = 3) -> float:
