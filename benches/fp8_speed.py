@@ -550,8 +550,8 @@ def main() -> None:
             path.write_text(json.dumps({**out, "e2e": partial}, indent=1))
 
         compiled = tuple(int(b) for b in args.compiled.split(",") if b)
-        only = tuple(v for v in args.variants.split(",") if v)
-        out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, compiled, args.fuse, only)
+        labels = tuple(v for v in args.variants.split(",") if v)
+        out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, compiled, args.fuse, labels)
         return (
             f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
             + e2e_table(out["e2e"])

@@ -560,10 +560,12 @@ def cached_generator(
     entry = _GENERATORS.get(model)
     if entry is None or entry.fingerprint != fingerprint:
         entry = _GENERATORS[model] = _ModelGenerators(fingerprint)
-    graphs = next(model.parameters()).device.type == "cuda" if cuda_graph is None else cuda_graph
+    use_graphs = (
+        next(model.parameters()).device.type == "cuda" if cuda_graph is None else cuda_graph
+    )
     # Graphs asked for (True) and graphs by default (None) are kept apart: under None a model
     # that cannot be captured falls back to eager, under True that is an error.
-    key = (batch_size, max_cache_len, graphs, cuda_graph is True, compile)
+    key = (batch_size, max_cache_len, use_graphs, cuda_graph is True, compile)
     gen = entry.by_key.get(key)
     if gen is None:
         while len(entry.by_key) >= MAX_CACHED_GENERATORS:
