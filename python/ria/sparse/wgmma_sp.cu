@@ -42,8 +42,9 @@
 // and 64-row blocks it exceeds the weight's). A stage is then refilled only when the consumers
 // of both blocks released it: each consumer warp arrives on the `empty` barrier of both.
 //
-// RIA_E4M3: e4m3 tokens (quantized per token before: the launch is programmatic, so every
-// thread first waits for that kernel) and cuSPARSELt's e4m3 buffer, wgmma.sp m64nNk64 .e4m3
+// RIA_E4M3: e4m3 tokens (quantized per token before: the launch is programmatic, so the
+// producer copies the first stage's weight before it waits for that kernel, every other
+// thread waits first) and cuSPARSELt's e4m3 buffer, wgmma.sp m64nNk64 .e4m3
 // (Hopper's FP8 tensor-core path; its warp-level mma.sp is emulated, see mma_sp.cu). The byte
 // geometry is the same: a k-tile is 64 columns, 32 bytes of a row's kept values and 64 of a
 // token's, so the boxes and copy coordinates (the host describes both tensors to the copy
@@ -192,6 +193,64 @@ __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u
       : "memory");
 }
 
+// Under a programmatic launch (e4m3: after the token quantization, mma_sp.py) this waits for
+// the kernel ahead to finish and for its writes; a no-op for a plain launch.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if RIA_E4M3
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// The producer's copies of stage i (k-tiles (cb + i) * RIA_KT ..) into buffer i % RIA_S, in
+// two parts: the weight's (values and metadata; it arms the stage's `full` barrier for all of
+// the stage's bytes) and then the tokens'.
+struct StageCopies {
+  const TmaMap* xmap;
+  const TmaMap* wmap;
+  const u32* meta;
+  u32 bars, smem0;
+  int cb, kt_total, row0, N, mx;
+
+  __device__ __forceinline__ u32 full(int i) const { return bars + 8 * (i % RIA_S); }
+  __device__ __forceinline__ u32 stage(int i) const {
+    return smem0 + (i % RIA_S) * RIA_STAGE_BYTES;
+  }
+  __device__ __forceinline__ int kt0(int i) const { return (cb + i) * RIA_KT; }
+  __device__ __forceinline__ int kts(int i) const { return min(RIA_KT, kt_total - kt0(i)); }
+  __device__ __forceinline__ int token_boxes(int i) const { return (kts(i) + 1) >> 1; }
+
+  __device__ __forceinline__ void weight(int i) const {
+    const int k0 = kt0(i), n_kt = kts(i);
+    // (a block past N, there to complete a multicast pair, copies only its partner's tokens)
+    const int aboxes = row0 < N ? (n_kt + 3) >> 2 : 0;
+    const int blocks64 = (N + 63) >> 6;  // 64-row blocks of the metadata
+    int tiles = 0;
+#pragma unroll
+    for (int r = 0; r < RIA_ROWS / 64; ++r) tiles += (row0 >> 6) + r < blocks64;
+    const int meta_bytes = tiles * n_kt * RIA_META_KT;
+    mbar_expect_tx(full(i), aboxes * RIA_A_BOX + token_boxes(i) * RIA_X_BOX + meta_bytes);
+    for (int a = 0; a < aboxes; ++a)
+      tma_2d(stage(i) + a * RIA_A_BOX, wmap, 16 * k0 + 64 * a, row0, full(i));
+    for (int r = 0; r < tiles; ++r)
+      bulk_copy(stage(i) + RIA_A_BYTES + RIA_X_BYTES + r * RIA_META_TILE,
+                meta + RIA_META_KT / 4 * ((long long)((row0 >> 6) + r) * kt_total + k0),
+                n_kt * RIA_META_KT, full(i));
+  }
+
+  __device__ __forceinline__ void tokens(int i) const {
+    const int k0 = kt0(i), boxes = token_boxes(i);
+#if RIA_MC > 1
+    const u16 pair = (u16)(((1u << RIA_MC) - 1) << (RIA_MC * blockIdx.y));  // cluster ranks
+    for (int b = mx; b < boxes; b += RIA_MC)
+      tma_2d_multicast(stage(i) + RIA_A_BYTES + b * RIA_X_BOX, xmap, 32 * k0 + 64 * b, 0, full(i),
+                       pair);
+#else
+    for (int b = 0; b < boxes; ++b)
+      tma_2d(stage(i) + RIA_A_BYTES + b * RIA_X_BOX, xmap, 32 * k0 + 64 * b, 0, full(i));
+#endif
+  }
+};
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -308,14 +367,8 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
   const int ce = (int)((long long)chunks * (blockIdx.y + 1) / RIA_SK);
   const int n = ce - cb;
   const int row0 = blockIdx.x * RIA_ROWS;
-  const int blocks64 = (N + 63) >> 6;  // 64-row blocks of the metadata
   const int mx = blockIdx.x % RIA_MC;  // this block's place in its multicast pair
   static_assert(RIA_NTOK * RIA_PITCH * 4 <= RIA_S * RIA_STAGE_BYTES, "the sums reuse the stages");
-#if RIA_E4M3
-  // A programmatic launch (mma_sp.py): the token quantization ahead of it may still run.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < RIA_S; ++s) {
@@ -329,6 +382,8 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
 #else
   __syncthreads();
 #endif
+  const int producer = warp == 4 * RIA_WG;
+  if (!producer) wait_for_prior_grid();
 
   float acc[RIA_R][RIA_NACC];
 #pragma unroll
@@ -336,37 +391,21 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
 #pragma unroll
     for (int i = 0; i < RIA_NACC; ++i) acc[r][i] = 0.f;
 
-  if (warp == 4 * RIA_WG) {  // the producer
-    if (lane == 0) {
+  if (producer) {
+    const StageCopies copies{&xmap, &wmap, meta, bars, smem0, cb, kt_total, row0, N, mx};
+    // e4m3 (launched programmatically after the token quantization): the first stage's
+    // weight, the kernel's own input, streams in while that kernel still runs, the tokens
+    // after its end. (The weight of every first stage ahead, or an L2 prefetch of it, was
+    // slower: the first tokens then queue behind it. H100, 2026-12-06.)
+    if (lane == 0 && RIA_E4M3 && n > 0) copies.weight(0);
+    __syncwarp();
+    wait_for_prior_grid();
+    if (lane == 0)
       for (int i = 0; i < n; ++i) {
-        const int s = i % RIA_S;
-        const u32 full = bars + 8 * s, stage = smem0 + s * RIA_STAGE_BYTES;
-        if (i >= RIA_S) mbar_wait_cluster(bars + 8 * (RIA_S + s), ((i / RIA_S) - 1) & 1);
-        const int kt0 = (cb + i) * RIA_KT;
-        const int kts = min(RIA_KT, kt_total - kt0);  // k-tiles of this stage
-        // (a block past N, there to complete a multicast pair, copies only its partner's tokens)
-        const int xboxes = (kts + 1) >> 1, aboxes = row0 < N ? (kts + 3) >> 2 : 0;
-        int tiles = 0;
-#pragma unroll
-        for (int r = 0; r < RIA_ROWS / 64; ++r) tiles += (row0 >> 6) + r < blocks64;
-        mbar_expect_tx(full, aboxes * RIA_A_BOX + xboxes * RIA_X_BOX + tiles * kts * RIA_META_KT);
-        for (int a = 0; a < aboxes; ++a)
-          tma_2d(stage + a * RIA_A_BOX, &wmap, 16 * kt0 + 64 * a, row0, full);
-#if RIA_MC > 1
-        const u16 pair = (u16)(((1u << RIA_MC) - 1) << (RIA_MC * blockIdx.y));  // cluster ranks
-        for (int b = mx; b < xboxes; b += RIA_MC)
-          tma_2d_multicast(stage + RIA_A_BYTES + b * RIA_X_BOX, &xmap, 32 * kt0 + 64 * b, 0, full,
-                           pair);
-#else
-        for (int b = 0; b < xboxes; ++b)
-          tma_2d(stage + RIA_A_BYTES + b * RIA_X_BOX, &xmap, 32 * kt0 + 64 * b, 0, full);
-#endif
-        for (int r = 0; r < tiles; ++r)
-          bulk_copy(stage + RIA_A_BYTES + RIA_X_BYTES + r * RIA_META_TILE,
-                    meta + RIA_META_KT / 4 * ((long long)((row0 >> 6) + r) * kt_total + kt0),
-                    kts * RIA_META_KT, full);
+        if (i >= RIA_S) mbar_wait_cluster(bars + 8 * (RIA_S + i % RIA_S), ((i / RIA_S) - 1) & 1);
+        if (i > 0 || !RIA_E4M3) copies.weight(i);
+        copies.tokens(i);
       }
-    }
     __syncwarp();
   } else {  // consumer warpgroup wg: warp q = rows 16q .. 16q + 15 of each of its tiles
     const int wg = warp >> 2, q = warp & 3, g = lane >> 2, t = lane & 3;
