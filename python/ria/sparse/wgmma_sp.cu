@@ -397,13 +397,14 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
     // weight, the kernel's own input, streams in while that kernel still runs, the tokens
     // after its end. (The weight of every first stage ahead, or an L2 prefetch of it, was
     // slower: the first tokens then queue behind it. H100, 2026-12-06.)
-    if (lane == 0 && RIA_E4M3 && n > 0) copies.weight(0);
+    const bool early = RIA_E4M3 && n > 0;  // stage 0's weight copied before the wait
+    if (lane == 0 && early) copies.weight(0);
     __syncwarp();
     wait_for_prior_grid();
     if (lane == 0)
       for (int i = 0; i < n; ++i) {
         if (i >= RIA_S) mbar_wait_cluster(bars + 8 * (RIA_S + i % RIA_S), ((i / RIA_S) - 1) & 1);
-        if (i > 0 || !RIA_E4M3) copies.weight(i);
+        if (i > 0 || !early) copies.weight(i);
         copies.tokens(i);
       }
     __syncwarp();
