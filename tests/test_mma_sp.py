@@ -453,7 +453,7 @@ def test_mma_cslt_kernel_reads_cusparselt_buffer(dtype, bias):
         order = torch.randperm(k, device="cuda", dtype=torch.int32)
         ref = _reference(x, w, b, order)
         for cfg in CONFIGS:
-            if not cfg.tiled:  # (no input order in the tiled kernel)
+            if not cfg.tiled and not cfg.k64:  # (no input order in the tiled kernel; k64: e4m3)
                 assert _rel_err(mma24_linear(x, c, b, order=order, config=cfg), ref) < 1e-2, cfg
 
 
@@ -663,7 +663,7 @@ def test_mma_streaming_kernel_reads_cusparselt_buffer(dtype):
     from ria.sparse.cslt import cslt_compress, share_cslt_buffer
     from ria.sparse.mma_sp import CONFIGS, MmaConfig, compile_kernels, mma24_linear
 
-    shapes = [c for c in CONFIGS if c.streaming]
+    shapes = [c for c in CONFIGS if c.streaming and not c.k64]  # (k64: the e4m3 kernel's)
     shapes += [MmaConfig(2, 4, 2, hint=3), MmaConfig(2, 8, 2, hint=1, late_b=1)]
     shapes = list(dict.fromkeys(shapes))
     compile_kernels(dtype, (1,), cslt=True, configs=shapes, threads=16)
