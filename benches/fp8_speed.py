@@ -25,13 +25,20 @@ Sections (`--only` picks some):
         that truncates does), for each kernel sparsify may pick; cuSPARSELt with the
         configuration it searched and with its default, in bf16 and (a zero bias) fp32;
         our kernel on cuSPARSELt's buffer with its default shape and its tuned one.
+  shapes  the streaming wgmma kernel's e4m3 launch shapes (`wgmma_e4m3_grid`: rows per
+        block, unroll, stages, K split, token multicast) on cuSPARSELt's e4m3 buffer at
+        each M (> 8): every shape's GEMM alone (`mma_best_config`, which first checks each
+        wgmma shape's output against a widened one), then the fastest of them and every
+        shape `e4m3_candidates` times (what tuning picks from now) with the token
+        quantization before each GEMM, as a layer runs it, in two rounds; fp8 dense (the
+        faster form) with its quantization beside them.
   launch  fp8 2:4 and fp8 dense whole models with their kernels launched programmatically
         (the default on sm_90) and plainly (`ria.sparse.launch.plain_launches`), in
         alternating rounds, side by side.
 
 Timing helpers, model and workloads are benches/gpu_speed.py's. Writes JSON (default
 benches/results/fp8_h200.json) and prints markdown tables.
-Usage: python benches/fp8_speed.py [--only gemm,e2e,accuracy,launch] [--layers 32]
+Usage: python benches/fp8_speed.py [--only gemm,e2e,shapes,accuracy,launch] [--layers 32]
     [--m 1,16,64,1024]
 """
 
@@ -41,6 +48,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import itertools
 import json
 import math
 import time
@@ -81,13 +89,17 @@ from ria.sparse.fp8_kernels import (
     quantize_tokens,
 )
 from ria.sparse.fp8_linear import Fp8Linear
-from ria.sparse.graphs import time_call
+from ria.sparse.graphs import rotation_time_us, time_call
 from ria.sparse.launch import plain_launches
 from ria.sparse.mma_sp import (
     MAX_TOKENS,
+    SMEM_LIMIT,
+    MmaConfig,
+    e4m3_candidates,
     mma24_fp8_linear,
     mma24_linear,
     mma_best_config,
+    wgmma_smem_bytes,
 )
 
 DTYPE = torch.bfloat16
@@ -233,6 +245,130 @@ def time_fp8_mma(
         ]
     )
     return out
+
+
+# The streaming kernel's e4m3 shapes swept by `--only shapes`: (row tiles, warps) give 64,
+# 128, 192 or 256 rows per block; unroll, stages, K split and token multicast around the
+# shapes bf16's H200 sweep kept (`mma_sp._WG_HALF`, `_WG_MANY`).
+SWEEP_ROWS = ((1, 4), (2, 4), (3, 4), (4, 4), (1, 8), (2, 8))
+SWEEP_UNROLL = (2, 4, 8)
+SWEEP_STAGES = (2, 3, 4, 5, 6, 8)
+SWEEP_SPLIT = (1, 2, 4, 8)
+SWEEP_MULTICAST = (1, 2)
+SMS = 132  # an H100 SXM's multiprocessors: the sweep keeps 48 .. 2 x SMS blocks
+
+
+def wgmma_e4m3_grid(n: int, k: int, m: int) -> tuple[MmaConfig, ...]:
+    """The wgmma e4m3 shapes worth timing for an `(n, k)` weight at `m` tokens: those whose
+    stages fit in `SMEM_LIMIT`, with no more stages than a block has k-chunks (more would
+    change nothing but the shared memory), every block of the K split given a chunk, and
+    between 48 and 2 x SMS blocks in all."""
+    tiles, k_tiles = -(-m // 8), k // 64  # token tiles of 8; e4m3 k-tiles of 64 columns
+    shapes = []
+    for (r, w), u, s, sk, mc in itertools.product(
+        SWEEP_ROWS, SWEEP_UNROLL, SWEEP_STAGES, SWEEP_SPLIT, SWEEP_MULTICAST
+    ):
+        if sk * mc > 8:
+            continue
+        config = MmaConfig(r, w, u, s, sk, wgmma=True, multicast=mc)
+        chunks = -(-k_tiles // (2 * u))
+        row_blocks = -(-n // (16 * r * w))
+        row_blocks += row_blocks % mc  # (a multicast pair is completed by an idle block)
+        if (
+            sk <= chunks
+            and s <= max(2, -(-chunks // sk))
+            and 48 <= row_blocks * sk <= 2 * SMS
+            and wgmma_smem_bytes(config, tiles, e4m3=True) <= SMEM_LIMIT
+        ):
+            shapes.append(config)
+    return tuple(shapes)
+
+
+def bench_wgmma_shapes(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
+    """`wgmma_e4m3_grid` at each of `ms_list` on one weight shape (cuSPARSELt's e4m3 buffer,
+    copies rotating over > STREAM_BYTES), `wgmma_shapes_at` each count."""
+    w0 = prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02)
+    ws = distinct_copies(w0, max(1, math.ceil(STREAM_BYTES / (n * k * 2))), seed=n + k)
+    q8 = [quantize_weight(w) for w in ws]
+    views = _views([pack_24(q.values) for q in q8], [fp8_cslt_compress(q) for q in q8])
+    del ws, w0
+    if views is None:
+        raise RuntimeError(f"{name}: cuSPARSELt's e4m3 buffer is not read in place here")
+    rows = []
+    for m in ms_list:
+        row = wgmma_shapes_at(torch.randn(m, k, dtype=DTYPE, device="cuda"), q8, views)
+        rows.append({"shape": name, "n": n, "k": k, "m": m, **row})
+        q, best, cand = row["with_quantization_us"], row["best"], row["candidates_best"]
+        log(
+            f"{name} M={m}: {row['checked_and_timed']} of {row['grid']} shapes timed; with "
+            f"quantization best {best} {q[best]:.2f}, candidates' {cand} {q[cand]:.2f}; "
+            f"fp8 dense {row['fp8_dense_us']:.2f} us"
+        )
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def wgmma_shapes_at(x: torch.Tensor, q8: list, views: list, top: int = 8) -> dict:
+    """Each shape of `wgmma_e4m3_grid` and of `e4m3_candidates` at `x`'s token count over
+    `views` (e4m3 weights `q8` in cuSPARSELt's buffer): the GEMM alone on quantized tokens
+    (`mma_best_config`, which checks each wgmma shape's output against a widened one
+    first), then the `top` fastest and the candidates' wgmma shapes with the quantization
+    before each GEMM (two rounds, the faster kept), and fp8 dense with its quantization."""
+    m, k = x.shape
+    n = q8[0].values.shape[0]
+    qx, sx = quantize_tokens(x)
+    scales = [q.scale for q in q8]
+    current = [c for c in e4m3_candidates(m, cslt=True) if c.wgmma]
+    grid = wgmma_e4m3_grid(n, k, m)
+    widened = MmaConfig(2, 8, 2)  # the reference each wgmma shape is checked against
+    shapes = {str(c): c for c in (widened, *current, *grid)}
+    _, alone = mma_best_config(
+        views, qx, None, configs=tuple(shapes.values()), fp8_scales=(sx, scales)
+    )
+    ranked = sorted((us, key) for key, us in alone.items() if shapes[key].wgmma)
+    timed = list(dict.fromkeys([key for _, key in ranked[:top]] + [str(c) for c in current]))
+    with_quant: dict[str, float] = {}
+    for _ in range(2):
+        for key in timed:
+            if key in alone:  # (not: failed its check or its launch above)
+
+                def call(i: int, cfg: MmaConfig = shapes[key]) -> None:
+                    mma24_fp8_linear(*quantize_tokens(x), views[i], scales[i], None, config=cfg)
+
+                us = rotation_time_us(call, range(len(views)), iters=10, repeats=3)
+                with_quant[key] = min(with_quant.get(key, math.inf), us)
+    unit = torch.ones(1, device=x.device)
+    dense = min(
+        rotation_time_us(lambda i: fp8_dense_linear(x, q8[i]), range(len(q8))),
+        rotation_time_us(lambda i: fp8_dense_unscaled_linear(x, q8[i], unit), range(len(q8))),
+    )
+    in_current = [str(c) for c in current if str(c) in with_quant]
+    return {
+        "grid": len(grid),
+        "checked_and_timed": len(alone) - (str(widened) in alone),
+        "gemm_alone_us": alone,
+        "with_quantization_us": with_quant,
+        "fp8_dense_us": dense,
+        "best": min(with_quant, key=with_quant.__getitem__),
+        "candidates_best": min(in_current, key=with_quant.__getitem__),
+    }
+
+
+def wgmma_shapes_table(rows: list[dict]) -> str:
+    out = [
+        "| shape | M | shapes timed | fastest, with quantization (us) | of the candidates "
+        "(us) | fp8 dense (us) | fp8 2:4 / fp8 dense: fastest, candidates |",
+        "|---|---:|---:|---|---|---:|---:|",
+    ]
+    for r in rows:
+        q, d = r["with_quantization_us"], r["fp8_dense_us"]
+        b, c = r["best"], r["candidates_best"]
+        out.append(
+            f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['checked_and_timed']} | "
+            f"{b} {q[b]:.2f} | {c} {q[c]:.2f} | {d:.2f} | {d / q[b]:.2f}x, {d / q[c]:.2f}x |"
+        )
+    return "\n".join(out)
 
 
 def bench_accuracy(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
@@ -518,7 +654,9 @@ def launch_table(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="gemm,e2e", help="comma list of: gemm, e2e, accuracy, launch")
+    ap.add_argument(
+        "--only", default="gemm,e2e", help="comma list of: gemm, e2e, shapes, accuracy, launch"
+    )
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--m", default="1,16,64,1024", help="GEMM token counts")
     ap.add_argument("--decode-steps", type=int, default=16)
@@ -571,7 +709,17 @@ def main() -> None:
             + launch_table(out["launch"])
         )
 
-    sections = {"gemm": gemm, "e2e": e2e, "accuracy": accuracy, "launch": launch}
+    def shapes() -> str:
+        ms = [int(m) for m in args.m.split(",") if 8 < int(m) <= MAX_TOKENS]
+        out["shapes"] = []
+        for nm, (n, k) in SHAPES.items():  # saved after each: the sweep is long
+            out["shapes"] += bench_wgmma_shapes(nm, n, k, ms)
+            path.write_text(json.dumps(out, indent=1))
+        return "### wgmma e4m3 launch shapes\n\n" + wgmma_shapes_table(out["shapes"])
+
+    sections = {
+        "gemm": gemm, "e2e": e2e, "shapes": shapes, "accuracy": accuracy, "launch": launch,
+    }  # fmt: skip
     for name, body in sections.items():
         if name in only:
             run_section(name, body, out, path, tables)
