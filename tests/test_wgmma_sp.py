@@ -296,6 +296,8 @@ def test_wgmma_kernel_reads_cusparselt_buffer(dtype):
             for bias in (None, b) if small else (b,):
                 ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
                 for cfg in shapes:
+                    if mma_sp.wgmma_smem_bytes(cfg, -(-m // 8)) > mma_sp.SMEM_LIMIT:
+                        continue  # (an e4m3 shape for fewer tokens: bf16 never times it here)
                     assert_mma_config_matches(x, c, bias, ref, cfg)
 
 

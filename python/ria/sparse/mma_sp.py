@@ -240,6 +240,32 @@ _WG_MANY = (  # M <= 64
 )
 
 
+# e4m3 on the streaming kernel, from its own sweep (H100, 2026-12-06, `python
+# benches/fp8_speed.py --only shapes --m 16,32,64`, benches/results/fp8_shapes_h100.json:
+# 128-233 shapes per LLaMA-2-7B shape and token count, each timed with the token
+# quantization before it): no K split won q/k/v/o and gate/up at 16-64 tokens and down at
+# 16-32 (a cluster's start and its partial sums' exchange cost more than the SMs it adds),
+# with 64 or 128 rows per block and as few stages as keep the copies streaming; down at 64
+# kept a split of 2. Against the bf16-picked shapes above, with quantization: q/k/v/o
+# 7.95 / 8.41 / 9.65 us at M = 16 / 32 / 64 (9.25 / 9.72 / 10.48 before), gate/up 14.09 /
+# 14.62 / 15.71 (17.38 / 16.74 / 20.05), down 14.66 / 15.26 / 16.56 (15.59 / 16.42 /
+# 17.34). These lead the e4m3 wgmma candidates.
+_E4M3_WG_HALF = (  # M <= 32
+    MmaConfig(1, 4, 8, 3, 1, wgmma=True),
+    MmaConfig(1, 8, 2, 5, 1, wgmma=True),
+    MmaConfig(1, 8, 4, 3, 1, wgmma=True),
+    MmaConfig(1, 4, 2, 4, 1, wgmma=True),
+    MmaConfig(1, 4, 4, 3, 2, wgmma=True),
+)
+_E4M3_WG_MANY = (  # M <= 64
+    MmaConfig(1, 4, 4, 3, 1, wgmma=True),
+    MmaConfig(1, 4, 2, 4, 1, wgmma=True),
+    MmaConfig(1, 8, 2, 5, 1, wgmma=True),
+    MmaConfig(1, 4, 4, 3, 2, wgmma=True),
+    MmaConfig(1, 4, 2, 6, 2, wgmma=True),
+)
+
+
 def wgmma_stage_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
     """Bytes of one stage of the streaming kernel (RIA_STAGE_BYTES in wgmma_sp.cu): values
     (rows x 64 * unroll bytes: half the stage's columns, 2 bytes each), tokens (8 * tiles x
@@ -274,7 +300,10 @@ def _with_stages_that_fit_e4m3(config: MmaConfig, tiles: int) -> MmaConfig:
 _E4M3_WG_FITTING = tuple(
     dict.fromkeys(
         _with_stages_that_fit_e4m3(c, tiles)
-        for shapes, tokens in ((_WG_HALF, 32), (_WG_MANY, MAX_TOKENS))
+        for shapes, tokens in (
+            (_WG_HALF + _E4M3_WG_HALF, 32),
+            (_WG_MANY + _E4M3_WG_MANY, MAX_TOKENS),
+        )
         for c in shapes
         for tiles in range(2, -(-tokens // TOKEN_TILE) + 1)
     )
@@ -1071,7 +1100,8 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     (`_E4M3_CAPPED`, `_E4M3_CSLT_CAPPED`). On cuSPARSELt's buffer at M > 8 on sm_90 the
     buffer's own shapes include the streaming wgmma kernel's (its e4m3 form: wgmma.sp
     m64nNk64, Hopper's native FP8, which `mma_best_config` times only after it agreed with
-    a widened shape), with fewer stages where theirs do not fit in `SMEM_LIMIT` with
+    a widened shape), e4m3's own sweep's first (`_E4M3_WG_HALF`, `_E4M3_WG_MANY`), then
+    bf16's, with fewer stages where theirs do not fit in `SMEM_LIMIT` with
     e4m3's larger metadata (`_with_stages_that_fit_e4m3`). Then the k64 form
     (`MmaConfig.k64`) of the first shape at M <= 8 and of every plain shape above, where
     the widening it saves grows with the token tiles, on GPUs where it is one instruction
@@ -1082,10 +1112,11 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
         native = plain[:1] if m <= 8 else plain
     else:
         tiles = -(-m // TOKEN_TILE)
+        streaming = _E4M3_WG_HALF if m <= 32 else _E4M3_WG_MANY
         own = tuple(
             dict.fromkeys(
                 _with_stages_that_fit_e4m3(c, tiles)
-                for c in candidates(m, cslt=True)
+                for c in (*(streaming if m > 8 and _has_wgmma() else ()), *candidates(m, True))
                 if _has_e4m3_form(c)
             )
         )
