@@ -226,17 +226,27 @@ _CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8,
 # LLaMA shapes at M = 16, 32 and 64 (1.23-1.57x dense), so it leads the candidates (the
 # untuned default there); these shapes won a shape and count or came within 5%: 64-row
 # blocks with 256-byte row pieces per stage and a cluster of 2 over K on 4096 rows, token
-# multicast between row-block pairs (`multicast=2`) on 11008.
+# multicast between row-block pairs (`multicast=2`) on 11008. The shapes after those four
+# (three) come from e4m3's sweep (`_E4M3_WG_HALF` below), timed for bf16 on an H100
+# (2026-12-06, `python benches/decode_kernels.py --wgmma-sweep --ms 16,32,64`,
+# benches/results/decode_kernels_h100_wgmma.json): fewer stages, and no K split on q/k/v/o
+# and gate/up, 4.6-20% faster than the first four there (gate/up M = 64: 22.7 against 27.3
+# us), 2% on down at M = 16-32, none on down at 64.
 _WG_HALF = (  # M <= 32
     MmaConfig(1, 4, 4, 4, 2, wgmma=True),
     MmaConfig(1, 4, 2, 4, 2, wgmma=True, multicast=2),
     MmaConfig(1, 4, 2, 4, 4, wgmma=True),
     MmaConfig(3, 4, 2, 5, 2, wgmma=True),
+    MmaConfig(1, 4, 8, 3, 1, wgmma=True),
+    MmaConfig(1, 8, 4, 3, 1, wgmma=True),
+    MmaConfig(1, 4, 8, 3, 2, wgmma=True),
 )
 _WG_MANY = (  # M <= 64
     MmaConfig(1, 4, 4, 4, 2, wgmma=True),
     MmaConfig(3, 4, 2, 5, 2, wgmma=True, multicast=2),
     MmaConfig(3, 4, 2, 5, 2, wgmma=True),
+    MmaConfig(1, 4, 4, 3, 2, wgmma=True),
+    MmaConfig(1, 8, 4, 3, 1, wgmma=True),
 )
 
 
