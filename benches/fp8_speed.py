@@ -300,7 +300,8 @@ def bench_wgmma_shapes(name: str, n: int, k: int, ms_list: list[int]) -> list[di
         rows.append({"shape": name, "n": n, "k": k, "m": m, **row})
         q, best, cand = row["with_quantization_us"], row["best"], row["candidates_best"]
         log(
-            f"{name} M={m}: {row['checked_and_timed']} of {row['grid']} shapes timed; with "
+            f"{name} M={m}: {row['checked_and_timed']} shapes checked and timed (the grid's "
+            f"{row['grid']} and the candidates'); with "
             f"quantization best {best} {q[best]:.2f}, candidates' {cand} {q[cand]:.2f}; "
             f"fp8 dense {row['fp8_dense_us']:.2f} us"
         )
