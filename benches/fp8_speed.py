@@ -255,14 +255,13 @@ SWEEP_UNROLL = (2, 4, 8)
 SWEEP_STAGES = (2, 3, 4, 5, 6, 8)
 SWEEP_SPLIT = (1, 2, 4, 8)
 SWEEP_MULTICAST = (1, 2)
-SMS = 132  # an H100 SXM's multiprocessors: the sweep keeps 48 .. 2 x SMS blocks
 
 
-def wgmma_e4m3_grid(n: int, k: int, m: int) -> tuple[MmaConfig, ...]:
-    """The wgmma e4m3 shapes worth timing for an `(n, k)` weight at `m` tokens: those whose
-    stages fit in `SMEM_LIMIT`, with no more stages than a block has k-chunks (more would
-    change nothing but the shared memory), every block of the K split given a chunk, and
-    between 48 and 2 x SMS blocks in all."""
+def wgmma_e4m3_grid(n: int, k: int, m: int, sms: int) -> tuple[MmaConfig, ...]:
+    """The wgmma e4m3 shapes worth timing for an `(n, k)` weight at `m` tokens on a GPU of
+    `sms` multiprocessors: those whose stages fit in `SMEM_LIMIT`, with no more stages than
+    a block has k-chunks (more would change nothing but the shared memory), every block of
+    the K split given a chunk, and between 48 and 2 x `sms` blocks in all."""
     tiles, k_tiles = -(-m // 8), k // 64  # token tiles of 8; e4m3 k-tiles of 64 columns
     shapes = []
     for (r, w), u, s, sk, mc in itertools.product(
@@ -277,7 +276,7 @@ def wgmma_e4m3_grid(n: int, k: int, m: int) -> tuple[MmaConfig, ...]:
         if (
             sk <= chunks
             and s <= max(2, -(-chunks // sk))
-            and 48 <= row_blocks * sk <= 2 * SMS
+            and 48 <= row_blocks * sk <= 2 * sms
             and wgmma_smem_bytes(config, tiles, e4m3=True) <= SMEM_LIMIT
         ):
             shapes.append(config)
@@ -320,9 +319,12 @@ def wgmma_shapes_at(x: torch.Tensor, q8: list, views: list, top: int = 8) -> dic
     n = q8[0].values.shape[0]
     qx, sx = quantize_tokens(x)
     scales = [q.scale for q in q8]
-    current = [c for c in e4m3_candidates(m, cslt=True) if c.wgmma]
-    grid = wgmma_e4m3_grid(n, k, m)
-    widened = MmaConfig(2, 8, 2)  # the reference each wgmma shape is checked against
+    listed = e4m3_candidates(m, cslt=True)
+    current = [c for c in listed if c.wgmma]
+    grid = wgmma_e4m3_grid(
+        n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count
+    )
+    widened = listed[0]  # the proven default: what each wgmma shape is checked against
     shapes = {str(c): c for c in (widened, *current, *grid)}
     _, alone = mma_best_config(
         views, qx, None, configs=tuple(shapes.values()), fp8_scales=(sx, scales)

@@ -381,10 +381,18 @@ def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
             shapes = _CSLT_HALF if m <= 32 else _CSLT_MANY
         else:
             shapes = (_CSLT_ONE if m == 1 else _CSLT_FEW) if m <= 8 else _CSLT_SOME
-        if m > 8 and _has_wgmma():  # the streaming kernel first: the default where it runs
-            shapes = (*(_WG_HALF if m <= 32 else _WG_MANY), *shapes)
+        shapes = (*_streaming_shapes(m), *shapes)  # first: the default where it runs
         return shapes if _has_clusters() else tuple(c for c in shapes if c.split == 1)
     return _FEW if m <= 8 else _SOME if m <= 16 else _MANY
+
+
+def _streaming_shapes(m: int, e4m3: bool = False) -> tuple[MmaConfig, ...]:
+    """The streaming wgmma kernel's shapes for `m` tokens (none at M <= 8 or off sm_90):
+    bf16's, or with `e4m3` e4m3's own sweep's first, then bf16's."""
+    if m <= 8 or not _has_wgmma():
+        return ()
+    bf16 = _WG_HALF if m <= 32 else _WG_MANY
+    return (*(_E4M3_WG_HALF if m <= 32 else _E4M3_WG_MANY), *bf16) if e4m3 else bf16
 
 
 def _has_clusters() -> bool:
@@ -1122,11 +1130,10 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
         native = plain[:1] if m <= 8 else plain
     else:
         tiles = -(-m // TOKEN_TILE)
-        streaming = _E4M3_WG_HALF if m <= 32 else _E4M3_WG_MANY
         own = tuple(
             dict.fromkeys(
                 _with_stages_that_fit_e4m3(c, tiles)
-                for c in (*(streaming if m > 8 and _has_wgmma() else ()), *candidates(m, True))
+                for c in (*_streaming_shapes(m, e4m3=True), *candidates(m, cslt=True))
                 if _has_e4m3_form(c)
             )
         )
