@@ -168,11 +168,12 @@ def test_fp8_linear_rejects_bad_plans():
         Fp8Linear(w, {})
 
 
-def test_compiled_fp8_layers_run_as_one_op_each():
-    """torch.compile traces an Fp8Linear as one `ria::sparse_linear` call (its kernel choice
-    and launches are not traceable: a bisect over buckets broke compiled decode on a GPU).
-    An MLP block, not the whole model: dynamo before torch 2.11 cannot trace transformers'
-    model wrapper."""
+def test_compiled_fp8_layers_trace_the_quantization_and_run_one_op_each():
+    """torch.compile traces an Fp8Linear's token quantization (`quantize_rows`, so inductor
+    can fuse it into the kernel before) and then one `ria::fp8_quantized_linear` call (its
+    kernel choice and launches are not traceable: a bisect over buckets broke compiled
+    decode on a GPU). An MLP block, not the whole model: dynamo before torch 2.11 cannot
+    trace transformers' model wrapper."""
     model = prune_model_24(tiny_model("llama")).to(torch.bfloat16)
     quantize_linears(model, sparse=True)
     mlp = model.model.layers[0].mlp
@@ -181,13 +182,15 @@ def test_compiled_fp8_layers_run_as_one_op_each():
     ops: list[object] = []
 
     def backend(gm: torch.fx.GraphModule, _inputs: list) -> object:
-        ops.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        ops.extend(n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
         return gm.forward
 
     with torch.no_grad():
         ref = mlp(x)
         out = torch.compile(mlp, backend=backend, fullgraph=True)(x)
-    assert ops.count(torch.ops.ria.sparse_linear) == 3  # gate, up, down
+    assert ops.count(torch.ops.ria.fp8_quantized_linear) == 3  # gate, up, down
+    assert ops.count("amax") == 3  # each layer's tokens quantized in the traced graph
+    assert torch.ops.ria.sparse_linear not in ops
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
@@ -453,6 +456,31 @@ def test_programmatic_e4m3_launch_reads_each_replays_tokens(m):
             x.normal_()
             graph.replay()
             assert torch.equal(y, step(weight, False))
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 64, 100])
+def test_compiled_fp8_layer_equals_its_eager_call(m):
+    """Under inductor the tokens are quantized by generated code (`quantize_rows` traced)
+    instead of `quantize_tokens`: the same bits, so every backend's output is identical to
+    the eager layer's, cuSPARSELt's too (its operand padded to 16 rows by a copy there)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 256, bias=True).to(torch.bfloat16).cuda()
+    with torch.no_grad():
+        linear.weight.copy_(random_24(256, 512, device="cuda"))
+    plans = {
+        "mma": {64: Choice(FP8_MMA), 128: Choice(FP8_CUSPARSELT)},
+        "mma_cslt": {64: Choice(FP8_MMA_CSLT), 128: Choice(FP8_CUSPARSELT)},
+        "dense": {64: Choice(FP8_DENSE), 128: Choice(FP8_DENSE_UNSCALED)},
+    }
+    x = torch.randn(m, 512, dtype=torch.bfloat16, device="cuda") * 4
+    for name, plan in plans.items():
+        layer = fp8_layer(linear, plan)
+        torch.compiler.reset()
+        with torch.no_grad():
+            got = torch.compile(lambda t, layer=layer: layer(t * 0.5), fullgraph=True)(x)
+            want = layer(x * 0.5)
+        assert torch.equal(got, want), (name, layer.choice_for(m))
 
 
 @needs_cuda

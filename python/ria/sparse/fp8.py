@@ -39,6 +39,7 @@ __all__ = [
     "MIN_AMAX",
     "Fp8Weight",
     "fp8_linear_reference",
+    "fp8_quantized_reference",
     "pow2_scale",
     "quantize_rows",
     "quantize_weight",
@@ -130,9 +131,23 @@ def fp8_linear_reference(
     k = weight.in_features
     if x.shape[-1] != k:
         raise InvalidArgumentError(f"x has {x.shape[-1]} features, the weight expects {k}")
-    qx, sx = quantize_rows(x.reshape(-1, k))
-    acc = qx.float() @ weight.values.float().t()
-    y = acc * sx[:, None] * weight.scale[None, :]
+    y = fp8_quantized_reference(
+        *quantize_rows(x.reshape(-1, k)), weight, bias, out_dtype or x.dtype
+    )
+    return y.view(*x.shape[:-1], weight.out_features)
+
+
+def fp8_quantized_reference(
+    q: torch.Tensor,
+    q_scale: torch.Tensor,
+    weight: Fp8Weight,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`fp8_linear_reference` on tokens already quantized (`quantize_rows`): `q` `(M, K)`
+    e4m3, `q_scale` `(M,)` fp32 -> `(M, N)` in `out_dtype`."""
+    acc = q.float() @ weight.values.float().t()
+    y = acc * q_scale[:, None] * weight.scale[None, :]
     if bias is not None:
         y = y + bias.float()
-    return y.to(out_dtype or x.dtype).view(*x.shape[:-1], weight.out_features)
+    return y.to(out_dtype)

@@ -19,6 +19,10 @@ order of the fp32 sums, except cuSPARSELt's (below):
   with fewer bits than fp32 (as `_scaled_mm(use_fast_accum=True)` does): up to 1/126 of the
   largest output off at K = 11008, a mean bias of -2e-4 toward zero (H200, cuSPARSELt 0.8.0,
   `python benches/fp8_speed.py --only accuracy`).
+
+Each `*_linear(x, ...)` is `quantize_tokens` and then its `*_gemm(q, q_scale, ...)`; a
+compiled model calls the latter on tokens its traced code quantized (`fp8.quantize_rows`,
+which inductor fuses into the kernel that made `x`: `fp8_linear.Fp8Linear.forward`).
 """
 
 from __future__ import annotations
@@ -40,12 +44,16 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
 
 __all__ = [
     "CSLT_M_ALIGN",
+    "cslt_rows",
     "fp8_cslt_best_config",
     "fp8_cslt_compress",
+    "fp8_cslt_gemm",
     "fp8_cslt_linear",
     "fp8_cslt_shape_status",
+    "fp8_dense_gemm",
     "fp8_dense_linear",
     "fp8_dense_shape_status",
+    "fp8_dense_unscaled_gemm",
     "fp8_dense_unscaled_linear",
     "fp8_status",
     "quantize_tokens",
@@ -107,14 +115,25 @@ def fp8_dense_linear(
 ) -> torch.Tensor:
     """`x @ W.T + bias` for `x` `(M, K)` bf16/fp16 CUDA, with `torch._scaled_mm` (fp8 dense);
     out in `x`'s dtype."""
-    q, s = quantize_tokens(x)
+    return fp8_dense_gemm(*quantize_tokens(x), weight, bias, x.dtype)
+
+
+def fp8_dense_gemm(
+    q: torch.Tensor,
+    q_scale: torch.Tensor,
+    weight: Fp8Weight,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`fp8_dense_linear` on tokens already quantized (`quantize_tokens`: `q` `(M, K)` e4m3,
+    `q_scale` `(M,)` fp32)."""
     return torch._scaled_mm(
         q,
         weight.values.t(),  # (K, N) column-major: the layout _scaled_mm wants
-        scale_a=s[:, None],
+        scale_a=q_scale[:, None],
         scale_b=weight.scale[None, :],
         bias=bias,
-        out_dtype=x.dtype,
+        out_dtype=out_dtype,
     )
 
 
@@ -152,15 +171,26 @@ def fp8_dense_unscaled_linear(
 ) -> torch.Tensor:
     """`fp8_dense_linear`'s result with `torch._scaled_mm`'s tensor-wise path: `unit` is a
     one-element fp32 tensor holding 1.0 on `x`'s device (made once, outside graph capture)."""
-    q, s = quantize_tokens(x)
+    return fp8_dense_unscaled_gemm(*quantize_tokens(x), weight, unit, bias, x.dtype)
+
+
+def fp8_dense_unscaled_gemm(
+    q: torch.Tensor,
+    q_scale: torch.Tensor,
+    weight: Fp8Weight,
+    unit: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`fp8_dense_unscaled_linear` on tokens already quantized (as `fp8_dense_gemm`)."""
     acc = torch._scaled_mm(
         q,
         weight.values.t(),
         scale_a=unit,
         scale_b=unit,
-        out_dtype=_raw_dtype(x.dtype, bias is not None),
+        out_dtype=_raw_dtype(out_dtype, bias is not None),
     )
-    return _apply_scales(acc, s, weight.scale, bias, x.shape[0], x.dtype)
+    return _apply_scales(acc, q_scale, weight.scale, bias, q.shape[0], out_dtype)
 
 
 def fp8_cslt_compress(weight: Fp8Weight) -> torch.Tensor:
@@ -195,9 +225,36 @@ def fp8_cslt_linear(
     """`x @ W.T + bias` for `x` `(M, K)` bf16/fp16 CUDA with cuSPARSELt's fp8 2:4 GEMM over
     `packed` (`fp8_cslt_compress`) and the weight's row scales `scale` `(N,)`."""
     m = x.shape[0]
-    q, sx = quantize_tokens(x, -(-m // CSLT_M_ALIGN) * CSLT_M_ALIGN)
-    acc = _cslt_raw(packed, q, config or CsltConfig(), _raw_dtype(x.dtype, bias is not None))
-    return _apply_scales(acc, sx, scale, bias, m, x.dtype)
+    q, q_scale = quantize_tokens(x, cslt_rows(m))
+    return fp8_cslt_gemm(q, q_scale, m, packed, scale, bias, config, x.dtype)
+
+
+def cslt_rows(m: int) -> int:
+    """The rows of cuSPARSELt's fp8 token operand for `m` tokens (zero rows after them)."""
+    return -(-m // CSLT_M_ALIGN) * CSLT_M_ALIGN
+
+
+def fp8_cslt_gemm(
+    q: torch.Tensor,
+    q_scale: torch.Tensor,
+    m: int,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: CsltConfig | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`fp8_cslt_linear` on tokens already quantized: `q` `(R, K)` e4m3 and `q_scale` `(R,)`
+    whose first `m` rows are the tokens; with `R == cslt_rows(m)` the rows after them must
+    be zeros (`quantize_tokens(x, R)` writes them), otherwise they are copied into such an
+    operand first."""
+    rows = cslt_rows(m)
+    if q.shape[0] != rows:
+        padded = torch.zeros(rows, q.shape[1], dtype=torch.uint8, device=q.device)
+        padded[:m] = q[:m].view(torch.uint8)  # e4m3 zeros are zero bytes
+        q = padded.view(q.dtype)
+    acc = _cslt_raw(packed, q, config or CsltConfig(), _raw_dtype(out_dtype, bias is not None))
+    return _apply_scales(acc, q_scale, scale, bias, m, out_dtype)
 
 
 def fp8_cslt_best_config(
@@ -206,8 +263,7 @@ def fp8_cslt_best_config(
     """The fastest cuSPARSELt fp8 configuration for `x`'s token count on weights of one
     shape: cuSPARSELt's own search, then every algorithm id timed under graph replay over
     `packed` in rotation (the search times eagerly)."""
-    m = x.shape[0]
-    q, _ = quantize_tokens(x, -(-m // CSLT_M_ALIGN) * CSLT_M_ALIGN)
+    q, _ = quantize_tokens(x, cslt_rows(x.shape[0]))
     search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
     configs = {CsltConfig(a) for a in range(max_algs)}  # ids past the last one raise, skipped
     if search is not None:

@@ -42,21 +42,31 @@ from ..permutation import apply_recorded_orders, nm_order, weight_in_nm_order
 from .cslt import CsltConfig, cslt_view, share_cslt_buffer
 from .cslt_lib import cusparselt_version
 from .format import MMA_PAIR_COLS, Compact24, Mma24, pack_24, pack_mma24_e4m3, tensor_bytes
-from .fp8 import Fp8Weight, fp8_linear_reference, quantize_weight
+from .fp8 import (
+    Fp8Weight,
+    fp8_linear_reference,
+    fp8_quantized_reference,
+    quantize_rows,
+    quantize_weight,
+)
 from .fp8_kernels import (
+    cslt_rows,
     fp8_cslt_best_config,
     fp8_cslt_compress,
+    fp8_cslt_gemm,
     fp8_cslt_linear,
     fp8_cslt_shape_status,
+    fp8_dense_gemm,
     fp8_dense_linear,
     fp8_dense_shape_status,
+    fp8_dense_unscaled_gemm,
     fp8_dense_unscaled_linear,
     fp8_status,
     quantize_tokens,
 )
 from .generate import clear_generators
 from .graphs import rotation_time_us
-from .linear import DENSE, Choice, register_compiled_layer, storage_bytes
+from .linear import DENSE, Choice, compiled_layer, register_compiled_layer, storage_bytes
 from .mma_sp import (
     MAX_TOKENS,
     MmaConfig,
@@ -93,6 +103,7 @@ __all__ = [
     "Fp8Linear",
     "choose_fp8_plan",
     "fp8_layer",
+    "fp8_quantized_linear",
     "fp8_slower_warnings",
     "quantize_linears",
     "sparsify_fp8",
@@ -198,12 +209,43 @@ class Fp8Linear(nn.Module):
         return storage_bytes(self.values, self.packed, self.mma_values, self.mma_meta, self.scale)
 
     def linear_2d(self, x: torch.Tensor) -> torch.Tensor:
-        """`(M, K)` contiguous -> `(M, N)`."""
+        """`(M, K)` contiguous -> `(M, N)`: the tokens quantized (`quantize_tokens`), then
+        the plan's GEMM."""
         if not x.is_cuda:
-            if self.values is None:
-                raise InvalidArgumentError("Fp8Linear: no e4m3 values held for a CPU call")
-            return fp8_linear_reference(x, Fp8Weight(self.values, self.scale), self.bias)
-        choice = self.choice_for(x.shape[0])
+            return fp8_quantized_reference(
+                *quantize_rows(x), self._reference_weight(), self.bias, x.dtype
+            )
+        m = x.shape[0]
+        choice = self.choice_for(m)
+        q, q_scale = quantize_tokens(x, cslt_rows(m) if choice.backend == FP8_CUSPARSELT else m)
+        return self._gemm(choice, q, q_scale, m, x.dtype)
+
+    def quantized_2d(
+        self, q: torch.Tensor, q_scale: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The layer on tokens already quantized (`fp8.quantize_rows`: `q` `(M, K)` e4m3,
+        `q_scale` `(M,)` fp32) -> `(M, N)` in `out_dtype`; what a compiled forward calls."""
+        if not q.is_cuda:
+            return fp8_quantized_reference(
+                q, q_scale, self._reference_weight(), self.bias, out_dtype
+            )
+        m = q.shape[0]
+        return self._gemm(self.choice_for(m), q.contiguous(), q_scale, m, out_dtype)
+
+    def _reference_weight(self) -> Fp8Weight:
+        if self.values is None:
+            raise InvalidArgumentError("Fp8Linear: no e4m3 values held for a CPU call")
+        return Fp8Weight(self.values, self.scale)
+
+    def _gemm(
+        self,
+        choice: Choice,
+        q: torch.Tensor,
+        q_scale: torch.Tensor,
+        m: int,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """`choice`'s GEMM on the first `m` of the quantized rows `q`, `q_scale` (CUDA)."""
         if choice.backend in (FP8_MMA, FP8_MMA_CSLT):
             weight: MmaWeight
             if choice.backend == FP8_MMA:
@@ -212,18 +254,30 @@ class Fp8Linear(nn.Module):
             else:
                 assert self.packed is not None
                 weight = cslt_view(self.packed, self.out_features, self.in_features)
-            parts = [x[i : i + MAX_TOKENS] for i in range(0, x.shape[0], MAX_TOKENS)]
-            ys = [_mma(p, weight, self.scale, self.bias, choice.mma) for p in parts]
+            ys = [
+                mma24_fp8_linear(
+                    q[i : i + MAX_TOKENS],
+                    q_scale[i : i + MAX_TOKENS],
+                    weight,
+                    self.scale,
+                    self.bias,
+                    out_dtype=out_dtype,
+                    config=choice.mma,
+                )
+                for i in range(0, m, MAX_TOKENS)
+            ]
             return ys[0] if len(ys) == 1 else torch.cat(ys)
         if choice.backend == FP8_CUSPARSELT:
             assert self.packed is not None  # __init__ checks the plan's forms are given
-            return fp8_cslt_linear(x, self.packed, self.scale, self.bias, choice.cslt)
+            return fp8_cslt_gemm(
+                q, q_scale, m, self.packed, self.scale, self.bias, choice.cslt, out_dtype
+            )
         assert self.values is not None
         dense = Fp8Weight(self.values, self.scale)
         if choice.backend == FP8_DENSE_UNSCALED:
             assert self.unit is not None
-            return fp8_dense_unscaled_linear(x, dense, self.unit, self.bias)
-        return fp8_dense_linear(x, dense, self.bias)
+            return fp8_dense_unscaled_gemm(q, q_scale, dense, self.unit, self.bias, out_dtype)
+        return fp8_dense_gemm(q, q_scale, dense, self.bias, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -234,12 +288,14 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.input_order is not None:
             x2 = x2.index_select(1, self.input_order)
-        elif not x2.is_contiguous():
-            x2 = x2.contiguous()
-        if torch.compiler.is_compiling():  # the kernel choice and launches as one op
-            y: torch.Tensor = torch.ops.ria.sparse_linear(x2, self._handle)
+        if torch.compiler.is_compiling():
+            # The quantization as traced code, which inductor fuses into the kernel that
+            # made x (a norm, SiLU-mul, the attention's output copy), and the kernel choice
+            # and launches as one op: one kernel less per layer than eager calls.
+            q, q_scale = quantize_rows(x2)
+            y: torch.Tensor = torch.ops.ria.fp8_quantized_linear(q, q_scale, self._handle, x2.dtype)
         else:
-            y = self.linear_2d(x2)
+            y = self.linear_2d(x2.contiguous())
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -249,6 +305,29 @@ class Fp8Linear(nn.Module):
             f"bias={self.bias is not None}, gathered={self.input_order is not None}, "
             f"plan=[{plan}]"
         )
+
+
+@torch.library.custom_op("ria::fp8_quantized_linear", mutates_args=())
+def fp8_quantized_linear(
+    q: torch.Tensor, q_scale: torch.Tensor, layer: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """`Fp8Linear.quantized_2d` of the layer registered as `layer`
+    (`linear.register_compiled_layer`): the op `torch.compile` sees for an fp8 layer, after
+    the traced quantization of its input."""
+    return _fp8_layer(layer).quantized_2d(q, q_scale, out_dtype)
+
+
+@fp8_quantized_linear.register_fake
+def _fp8_quantized_linear_fake(
+    q: torch.Tensor, q_scale: torch.Tensor, layer: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    return q.new_empty(q.shape[0], _fp8_layer(layer).out_features, dtype=out_dtype)
+
+
+def _fp8_layer(handle: int) -> Fp8Linear:
+    layer = compiled_layer(handle)
+    assert isinstance(layer, Fp8Linear)
+    return layer
 
 
 def _mma(

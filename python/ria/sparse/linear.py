@@ -61,6 +61,7 @@ __all__ = [
     "Choice",
     "ConvertedLinear",
     "Sparse24Linear",
+    "compiled_layer",
     "register_compiled_layer",
     "sparse_linear",
 ]
@@ -373,17 +374,23 @@ def register_compiled_layer(layer: ConvertedLinear) -> int:
     return handle
 
 
+def compiled_layer(handle: int) -> ConvertedLinear:
+    """The layer registered under `handle` (`register_compiled_layer`), for custom ops that
+    name a layer by handle."""
+    return _LAYERS[handle]
+
+
 @torch.library.custom_op("ria::sparse_linear", mutates_args=())
 def sparse_linear(x: torch.Tensor, layer: int) -> torch.Tensor:
     """Converted layer number `layer` (`register_compiled_layer`) on `(M, K)` contiguous
     `x`: the op `torch.compile` sees in place of the layer's Python (its kernel choice and
     launches, which dynamo cannot trace)."""
-    return _LAYERS[layer].linear_2d(x)
+    return compiled_layer(layer).linear_2d(x)
 
 
 @sparse_linear.register_fake
 def _sparse_linear_fake(x: torch.Tensor, layer: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], _LAYERS[layer].out_features)
+    return x.new_empty(x.shape[0], compiled_layer(layer).out_features)
 
 
 def storage_bytes(*tensors: torch.Tensor | None) -> int:
