@@ -306,14 +306,15 @@ def test_wgmma_kernel_reads_cusparselt_buffer(dtype):
 def test_wgmma_e4m3_kernel_reads_cusparselt_e4m3_buffer():
     """The e4m3 form (wgmma.sp m64nNk64 .e4m3 on cuSPARSELt's e4m3 buffer, scales in the
     epilogue) against the fp8 reference: every e4m3 wgmma shape tuning may pick and a few
-    more, odd k-tile counts (a stage cut short), 9..64 tokens, bias or none."""
+    more, odd k-tile counts (a stage cut short), 1..64 tokens (one token tile of 8 at
+    M <= 8), bias or none."""
     from ria.sparse.cslt import share_cslt_buffer
     from ria.sparse.fp8 import Fp8Weight, fp8_linear_reference, quantize_weight
     from ria.sparse.fp8_kernels import fp8_cslt_compress, quantize_tokens
 
     extra = [c for c in EXTRA if mma_sp.wgmma_smem_bytes(c, 8, True) <= mma_sp.SMEM_LIMIT]
     shapes = [c for c in mma_sp.CONFIGS if c.wgmma] + extra
-    counts = (9, 16, 24, 33, 64)
+    counts = (1, 5, 8, 9, 16, 24, 33, 64)
     mma_sp.compile_kernels(torch.bfloat16, counts, cslt=True, configs=shapes, e4m3=True, threads=16)
     for n, k in [(64, 128), (192, 1344), (256, 512), (4096, 4096), (11008, 4096), (4096, 11008)]:
         w = quantize_weight(random_24(n, k, device="cuda", seed=n + k))
@@ -322,7 +323,7 @@ def test_wgmma_e4m3_kernel_reads_cusparselt_e4m3_buffer():
         cpu_w = Fp8Weight(w.values.cpu(), w.scale.cpu())
         b = torch.randn(n, dtype=torch.bfloat16, device="cuda")
         small = n * k < 2**20
-        for m in counts if small else (16, 33, 64):
+        for m in counts if small else (1, 8, 16, 33, 64):
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             q, q_scale = quantize_tokens(x)
             for bias in (None, b) if small else (b,):

@@ -387,10 +387,12 @@ def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
 
 
 def _streaming_shapes(m: int, e4m3: bool = False) -> tuple[MmaConfig, ...]:
-    """The streaming wgmma kernel's shapes for `m` tokens (none at M <= 8 or off sm_90):
-    bf16's, or with `e4m3` e4m3's own sweep's first, then bf16's."""
-    if m <= 8 or not _has_wgmma():
+    """The streaming wgmma kernel's shapes for `m` tokens (none off sm_90): bf16's (none at
+    M <= 8), or with `e4m3` e4m3's own sweep's first, then bf16's above 8 tokens."""
+    if not _has_wgmma() or (m <= 8 and not e4m3):
         return ()
+    if m <= 8:
+        return _E4M3_WG_HALF
     bf16 = _WG_HALF if m <= 32 else _WG_MANY
     return (*(_E4M3_WG_HALF if m <= 32 else _E4M3_WG_MANY), *bf16) if e4m3 else bf16
 
@@ -1115,13 +1117,14 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     buffer's own shapes were picked for bf16. On an H200 (benches/results/fp8_gemm_h200.json)
     the halved shapes won at 16-64 tokens (gate/up 22.4 against 28.7 us at M = 16), the
     buffer's own at 1-8. At M <= 8 also the register-capped shapes that won a shape there
-    (`_E4M3_CAPPED`, `_E4M3_CSLT_CAPPED`). On cuSPARSELt's buffer at M > 8 on sm_90 the
-    buffer's own shapes include the streaming wgmma kernel's (its e4m3 form: wgmma.sp
-    m64nNk64, Hopper's native FP8, which `mma_best_config` times only after it agreed with
-    a widened shape), e4m3's own sweep's first (`_E4M3_WG_HALF`, `_E4M3_WG_MANY`), then
-    bf16's, with fewer stages where theirs do not fit in `SMEM_LIMIT` with
-    e4m3's larger metadata (`_with_stages_that_fit_e4m3`). Then the k64 form
-    (`MmaConfig.k64`) of the first shape at M <= 8 and of every plain shape above, where
+    (`_E4M3_CAPPED`, `_E4M3_CSLT_CAPPED`). On cuSPARSELt's buffer on sm_90 the buffer's
+    own shapes include the streaming wgmma kernel's (its e4m3 form: wgmma.sp m64nNk64,
+    Hopper's native FP8, which `mma_best_config` times only after it agreed with a widened
+    shape), e4m3's own sweep's first (`_E4M3_WG_HALF`, `_E4M3_WG_MANY`; at M <= 8, one
+    token tile of 8, those of `_E4M3_WG_HALF` alone), then bf16's above 8 tokens, with
+    fewer stages where theirs do not fit in `SMEM_LIMIT` with e4m3's larger metadata
+    (`_with_stages_that_fit_e4m3`). Then the k64 form (`MmaConfig.k64`) of the first plain
+    shape at M <= 8 and of every plain shape above, where
     the widening it saves grows with the token tiles, on GPUs where it is one instruction
     (`_has_native_k64`)."""
     plain = tuple(c for c in candidates(m) if _has_e4m3_form(c))
@@ -1139,7 +1142,7 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
         )
         capped = _E4M3_CSLT_CAPPED if m <= 8 else ()
         widened = tuple(dict.fromkeys((*_per_e4m3_unit(plain), *own, *capped)))
-        native = own[:1] if m <= 8 else _per_e4m3_unit(plain)
+        native = tuple(c for c in own if not c.wgmma)[:1] if m <= 8 else _per_e4m3_unit(plain)
     return (*widened, *_k64(native)) if _has_native_k64() else widened
 
 
