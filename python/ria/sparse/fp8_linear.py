@@ -17,6 +17,9 @@ Off CUDA the layer runs `fp8.fp8_linear_reference`, the definition the kernels m
 
 The plan is timed for graph replay only: eager calls use it too, and eager cuSPARSELt pays
 its host set-up on every call, so fp8 2:4 layers are for `ria.generate` / CUDA graphs.
+Under `torch.compile` the tokens are quantized by traced code (`fp8.quantize_rows`, the same
+bits as `quantize_tokens`), which inductor fuses into the kernel that made the input, and
+the plan's GEMM is one custom op on them (`ria::fp8_quantized_linear`).
 Plans are cached on disk like the fp16/bf16 ones (`plan_cache.py`; their keys name the fp8
 backends, so the two never mix).
 """
