@@ -246,7 +246,8 @@ def test_plan_cache_keeps_the_wgmma_shape(tmp_path, shape):
 
 def test_plans_are_retuned_when_the_tuned_shapes_change(monkeypatch):
     """The plan cache's versions carry a fingerprint of the kernel sources and of the launch
-    shapes tuning times: a plan timed before the streaming kernel existed is not reused."""
+    shapes tuning times, per token count: a plan timed before the streaming kernel existed,
+    or before a count's candidates changed, is not reused."""
     from ria.sparse.plan_cache import library_versions
 
     now = mma_sp.kernel_fingerprint()
@@ -254,6 +255,18 @@ def test_plans_are_retuned_when_the_tuned_shapes_change(monkeypatch):
     monkeypatch.setattr(mma_sp, "CONFIGS", tuple(c for c in mma_sp.CONFIGS if not c.wgmma))
     mma_sp.kernel_fingerprint.cache_clear()
     try:
+        assert mma_sp.kernel_fingerprint() != now
+        monkeypatch.undo()
+        mma_sp.kernel_fingerprint.cache_clear()
+        assert mma_sp.kernel_fingerprint() == now
+        # A token count gaining a shape CONFIGS holds already (wgmma at 1-8 tokens did).
+        timed = mma_sp.e4m3_candidates
+        monkeypatch.setattr(
+            mma_sp,
+            "e4m3_candidates",
+            lambda m, cslt=False: timed(m, cslt)[: -1 if m == 1 else None],
+        )
+        mma_sp.kernel_fingerprint.cache_clear()
         assert mma_sp.kernel_fingerprint() != now
     finally:
         mma_sp.kernel_fingerprint.cache_clear()

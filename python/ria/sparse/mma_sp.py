@@ -458,9 +458,17 @@ def kernel_cache_dir() -> Path:
 
 @functools.cache
 def kernel_fingerprint() -> str:
-    """A short hash of the kernel sources and of every launch shape tuning may time
-    (`CONFIGS`): it changes whenever either does."""
-    text = "\0".join([*(_source(f) for f in _SOURCES), repr(CONFIGS)])
+    """A short hash of the kernel sources, of every launch shape tuning may time (`CONFIGS`)
+    and of which ones it times per token count on this GPU (`candidates`,
+    `e4m3_candidates`): it changes whenever any does, so a cached plan is retuned when a
+    token count gains a shape that `CONFIGS` already held."""
+    counts = (1, 8, 9, 16, 17, 32, 33, 64)  # each list is constant between these bounds
+    per_count = [
+        (m, cslt, candidates(m, cslt), e4m3_candidates(m, cslt))
+        for m in counts
+        for cslt in (False, True)
+    ]
+    text = "\0".join([*(_source(f) for f in _SOURCES), repr(CONFIGS), repr(per_count)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
