@@ -220,8 +220,8 @@ _CSLT_HALF = (  # M <= 32
 )
 _CSLT_MANY = (_T1, MmaConfig(2, 8, 2, 3, 4), MmaConfig(2, 8, 2), MmaConfig(4, 8, 2))
 # The streaming warpgroup kernel (MmaConfig(R, W, U, stages, split, wgmma=True), sm_90
-# only) for M > 8: a producer warp streams the weight and tokens with TMA into `stages`
-# shared-memory stages, 64 * R * W / 4 rows per block. On an H200
+# only) for M > 8 (e4m3: any M, below): a producer warp streams the weight and tokens with
+# TMA into `stages` shared-memory stages, 64 * R * W / 4 rows per block. On an H200
 # (benches/results/decode_kernels_h200_wgmma.json) it beat every other kernel on the three
 # LLaMA shapes at M = 16, 32 and 64 (1.23-1.57x dense), so it leads the candidates (the
 # untuned default there); these shapes won a shape and count or came within 5%: 64-row
@@ -259,7 +259,11 @@ _WG_MANY = (  # M <= 64
 # kept a split of 2. Against the bf16-picked shapes above, with quantization: q/k/v/o
 # 7.95 / 8.41 / 9.65 us at M = 16 / 32 / 64 (9.25 / 9.72 / 10.48 before), gate/up 14.09 /
 # 14.62 / 15.71 (17.38 / 16.74 / 20.05), down 14.66 / 15.26 / 16.56 (15.59 / 16.42 /
-# 17.34). These lead the e4m3 wgmma candidates.
+# 17.34). These lead the e4m3 wgmma candidates; at 1-8 tokens (one token tile)
+# `_E4M3_WG_HALF` are the only ones, not swept there: with them on an H100 (2026-12-06,
+# `python benches/fp8_speed.py --only gemm --m 1,8`, benches/results/fp8_gemm_h100_m1_8.json)
+# tuning picked wgmma for gate/up and down at M = 1 and 8 (M = 8: 14.2 against 21.5 and
+# 15.5 against 19.9 us with quantization) and for q/k/v/o at 8.
 _E4M3_WG_HALF = (  # M <= 32
     MmaConfig(1, 4, 8, 3, 1, wgmma=True),
     MmaConfig(1, 8, 2, 5, 1, wgmma=True),
@@ -388,12 +392,10 @@ def candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
 
 def _streaming_shapes(m: int, e4m3: bool = False) -> tuple[MmaConfig, ...]:
     """The streaming wgmma kernel's shapes for `m` tokens (none off sm_90): bf16's (none at
-    M <= 8), or with `e4m3` e4m3's own sweep's first, then bf16's above 8 tokens."""
-    if not _has_wgmma() or (m <= 8 and not e4m3):
+    M <= 8), or with `e4m3` e4m3's own sweep's first, then bf16's."""
+    if not _has_wgmma():
         return ()
-    if m <= 8:
-        return _E4M3_WG_HALF
-    bf16 = _WG_HALF if m <= 32 else _WG_MANY
+    bf16 = () if m <= 8 else _WG_HALF if m <= 32 else _WG_MANY
     return (*(_E4M3_WG_HALF if m <= 32 else _E4M3_WG_MANY), *bf16) if e4m3 else bf16
 
 
@@ -462,10 +464,9 @@ def kernel_fingerprint() -> str:
     and of which ones it times per token count on this GPU (`candidates`,
     `e4m3_candidates`): it changes whenever any does, so a cached plan is retuned when a
     token count gains a shape that `CONFIGS` already held."""
-    counts = (1, 8, 9, 16, 17, 32, 33, 64)  # each list is constant between these bounds
     per_count = [
         (m, cslt, candidates(m, cslt), e4m3_candidates(m, cslt))
-        for m in counts
+        for m in range(1, MAX_TOKENS + 1)
         for cslt in (False, True)
     ]
     text = "\0".join([*(_source(f) for f in _SOURCES), repr(CONFIGS), repr(per_count)])
