@@ -215,9 +215,7 @@ class Fp8Linear(nn.Module):
         """`(M, K)` contiguous -> `(M, N)`: the tokens quantized (`quantize_tokens`), then
         the plan's GEMM."""
         if not x.is_cuda:
-            return fp8_quantized_reference(
-                *quantize_rows(x), self._reference_weight(), self.bias, x.dtype
-            )
+            return fp8_linear_reference(x, self._reference_weight(), self.bias)
         m = x.shape[0]
         choice = self.choice_for(m)
         q, q_scale = quantize_tokens(x, cslt_rows(m) if choice.backend == FP8_CUSPARSELT else m)
