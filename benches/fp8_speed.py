@@ -100,6 +100,7 @@ from ria.sparse.mma_sp import (
     mma24_linear,
     mma_best_config,
     wgmma_smem_bytes,
+    wgmma_stage_bytes,
 )
 
 DTYPE = torch.bfloat16
@@ -196,14 +197,14 @@ def bench_m(name: str, x: torch.Tensor, forms: dict[str, list]) -> dict:
             for p in packed8
         ]
     )
-    if m <= MAX_TOKENS:
-        scales = [q.scale for q in q8]
-        row["fp8_cslt_us"] = row["fp8_24_us"]
-        # fp8_mma: over the e4m3 fragments; fp8_mma_cslt: over cuSPARSELt's e4m3 buffer
-        for key, weights in (("fp8_mma", forms["mma8"]), ("fp8_mma_cslt", forms["cslt8_view"])):
-            if weights is not None:
-                row |= time_fp8_mma(key, weights, scales, x, per_call)
-                row["fp8_24_us"] = min(row["fp8_24_us"], row[f"{key}_us"])
+    scales = [q.scale for q in q8]
+    row["fp8_cslt_us"] = row["fp8_24_us"]
+    # fp8_mma: over the e4m3 fragments (M <= 64); fp8_mma_cslt: over cuSPARSELt's e4m3
+    # buffer (any M on sm_90: the wgmma kernel's prefill shapes above 64)
+    for key, weights in (("fp8_mma", forms["mma8"]), ("fp8_mma_cslt", forms["cslt8_view"])):
+        if weights is not None and e4m3_candidates(m, cslt=key == "fp8_mma_cslt"):
+            row |= time_fp8_mma(key, weights, scales, x, per_call)
+            row["fp8_24_us"] = min(row["fp8_24_us"], row[f"{key}_us"])
     row["quantize_us"] = 1e3 * time_call(lambda: quantize_tokens(x))
     row["fp8_cslt_alg"] = [cfg8.alg_id, cfg8.split_k, cfg8.split_k_mode]
     row["fp8_24_over_fp8_dense"] = row["fp8_dense_us"] / row["fp8_24_us"]
@@ -255,13 +256,20 @@ SWEEP_UNROLL = (2, 4, 8)
 SWEEP_STAGES = (2, 3, 4, 5, 6, 8)
 SWEEP_SPLIT = (1, 2, 4, 8)
 SWEEP_MULTICAST = (1, 2)
+# Prefill (M > MAX_TOKENS): blocks of 8 * token_tiles tokens over the grid, two consumer
+# warpgroups at most, no K split (the grid has blocks enough), up to 128 fp32 sums a thread.
+SWEEP_PREFILL_ROWS = ((1, 4), (2, 4), (1, 8), (2, 8))
+SWEEP_TOKEN_TILES = (8, 16, 32)
 
 
 def wgmma_e4m3_grid(n: int, k: int, m: int, sms: int) -> tuple[MmaConfig, ...]:
     """The wgmma e4m3 shapes worth timing for an `(n, k)` weight at `m` tokens on a GPU of
     `sms` multiprocessors: those whose stages fit in `SMEM_LIMIT`, with no more stages than
     a block has k-chunks (more would change nothing but the shared memory), every block of
-    the K split given a chunk, and between 48 and 2 x `sms` blocks in all."""
+    the K split given a chunk, and between 48 and 2 x `sms` blocks in all. Above MAX_TOKENS:
+    `wgmma_e4m3_prefill_grid`."""
+    if m > MAX_TOKENS:
+        return wgmma_e4m3_prefill_grid()
     tiles, k_tiles = -(-m // 8), k // 64  # token tiles of 8; e4m3 k-tiles of 64 columns
     shapes = []
     for (r, w), u, s, sk, mc in itertools.product(
@@ -283,38 +291,56 @@ def wgmma_e4m3_grid(n: int, k: int, m: int, sms: int) -> tuple[MmaConfig, ...]:
     return tuple(shapes)
 
 
+def wgmma_e4m3_prefill_grid() -> tuple[MmaConfig, ...]:
+    """The prefill shapes (`MmaConfig.token_tiles`) worth timing: up to 256 rows and 128
+    sums a thread (row tiles x token tiles <= 32), unroll 2 or 4, 2-5 stages, token multicast
+    or none, stages fitting in `SMEM_LIMIT` and holding the block's fp32 sums."""
+    shapes = []
+    for (r, w), nt, u, s, mc in itertools.product(
+        SWEEP_PREFILL_ROWS, SWEEP_TOKEN_TILES, (2, 4), (2, 3, 4, 5), SWEEP_MULTICAST
+    ):
+        config = MmaConfig(r, w, u, s, 1, wgmma=True, multicast=mc, token_tiles=nt)
+        stages = s * wgmma_stage_bytes(config, nt, e4m3=True)
+        sums = 4 * 8 * nt * (16 * r * w + 4)
+        if r * nt <= 32 and sums <= stages and wgmma_smem_bytes(config, nt, True) <= SMEM_LIMIT:
+            shapes.append(config)
+    return tuple(shapes)
+
+
 def bench_wgmma_shapes(name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
     """`wgmma_e4m3_grid` at each of `ms_list` on one weight shape (cuSPARSELt's e4m3 buffer,
     copies rotating over > STREAM_BYTES), `wgmma_shapes_at` each count."""
     w0 = prune_24(torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02)
     ws = distinct_copies(w0, max(1, math.ceil(STREAM_BYTES / (n * k * 2))), seed=n + k)
     q8 = [quantize_weight(w) for w in ws]
-    views = _views([pack_24(q.values) for q in q8], [fp8_cslt_compress(q) for q in q8])
+    packed8 = [fp8_cslt_compress(q) for q in q8]
+    views = _views([pack_24(q.values) for q in q8], packed8)
     del ws, w0
     if views is None:
         raise RuntimeError(f"{name}: cuSPARSELt's e4m3 buffer is not read in place here")
     rows = []
     for m in ms_list:
-        row = wgmma_shapes_at(torch.randn(m, k, dtype=DTYPE, device="cuda"), q8, views)
+        row = wgmma_shapes_at(torch.randn(m, k, dtype=DTYPE, device="cuda"), q8, views, packed8)
         rows.append({"shape": name, "n": n, "k": k, "m": m, **row})
         q, best, cand = row["with_quantization_us"], row["best"], row["candidates_best"]
         log(
             f"{name} M={m}: {row['checked_and_timed']} shapes checked and timed (the grid's "
             f"{row['grid']} and the candidates'); with "
             f"quantization best {best} {q[best]:.2f}, candidates' {cand} {q[cand]:.2f}; "
-            f"fp8 dense {row['fp8_dense_us']:.2f} us"
+            f"fp8 dense {row['fp8_dense_us']:.2f}, cuSPARSELt {row['fp8_cslt_us']:.2f} us"
         )
     gc.collect()
     torch.cuda.empty_cache()
     return rows
 
 
-def wgmma_shapes_at(x: torch.Tensor, q8: list, views: list, top: int = 8) -> dict:
+def wgmma_shapes_at(x: torch.Tensor, q8: list, views: list, packed8: list, top: int = 8) -> dict:
     """Each shape of `wgmma_e4m3_grid` and of `e4m3_candidates` at `x`'s token count over
-    `views` (e4m3 weights `q8` in cuSPARSELt's buffer): the GEMM alone on quantized tokens
-    (`mma_best_config`, which checks each wgmma shape's output against a widened one
-    first), then the `top` fastest and the candidates' wgmma shapes with the quantization
-    before each GEMM (two rounds, the faster kept), and fp8 dense with its quantization."""
+    `views` (e4m3 weights `q8` in cuSPARSELt's buffer `packed8`): the GEMM alone on
+    quantized tokens (`mma_best_config`, which checks each wgmma shape's output against a
+    widened one first), then the `top` fastest and the candidates' wgmma shapes with the
+    quantization before each GEMM (two rounds, the faster kept), and fp8 dense (the faster
+    form) and cuSPARSELt's fp8 2:4 GEMM (searched) with their quantization."""
     m, k = x.shape
     n = q8[0].values.shape[0]
     qx, sx = quantize_tokens(x)
@@ -324,8 +350,10 @@ def wgmma_shapes_at(x: torch.Tensor, q8: list, views: list, top: int = 8) -> dic
     grid = wgmma_e4m3_grid(
         n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count
     )
-    widened = listed[0]  # the proven default: what each wgmma shape is checked against
-    shapes = {str(c): c for c in (widened, *current, *grid)}
+    # the proven default, what each wgmma shape is checked against (above MAX_TOKENS
+    # mma_best_config runs the plain kernel per 64 tokens for that)
+    widened = () if m > MAX_TOKENS else (listed[0],)
+    shapes = {str(c): c for c in (*widened, *current, *grid)}
     _, alone = mma_best_config(
         views, qx, None, configs=tuple(shapes.values()), fp8_scales=(sx, scales)
     )
@@ -346,13 +374,18 @@ def wgmma_shapes_at(x: torch.Tensor, q8: list, views: list, top: int = 8) -> dic
         rotation_time_us(lambda i: fp8_dense_linear(x, q8[i]), range(len(q8))),
         rotation_time_us(lambda i: fp8_dense_unscaled_linear(x, q8[i], unit), range(len(q8))),
     )
+    cfg8 = fp8_cslt_best_config(packed8, x)
+    cslt = rotation_time_us(
+        lambda i: fp8_cslt_linear(x, packed8[i], scales[i], None, cfg8), range(len(packed8))
+    )
     in_current = [str(c) for c in current if str(c) in with_quant]
     return {
         "grid": len(grid),
-        "checked_and_timed": len(alone) - (str(widened) in alone),
+        "checked_and_timed": len(alone) - sum(str(c) in alone for c in widened),
         "gemm_alone_us": alone,
         "with_quantization_us": with_quant,
         "fp8_dense_us": dense,
+        "fp8_cslt_us": cslt,
         "best": min(with_quant, key=with_quant.__getitem__),
         "candidates_best": min(in_current, key=with_quant.__getitem__),
     }
@@ -361,15 +394,17 @@ def wgmma_shapes_at(x: torch.Tensor, q8: list, views: list, top: int = 8) -> dic
 def wgmma_shapes_table(rows: list[dict]) -> str:
     out = [
         "| shape | M | shapes timed | fastest, with quantization (us) | of the candidates "
-        "(us) | fp8 dense (us) | fp8 2:4 / fp8 dense: fastest, candidates |",
-        "|---|---:|---:|---|---|---:|---:|",
+        "(us) | fp8 dense (us) | cuSPARSELt fp8 2:4 (us) | fp8 2:4 / fp8 dense: fastest, "
+        "candidates |",
+        "|---|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         q, d = r["with_quantization_us"], r["fp8_dense_us"]
         b, c = r["best"], r["candidates_best"]
         out.append(
             f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['checked_and_timed']} | "
-            f"{b} {q[b]:.2f} | {c} {q[c]:.2f} | {d:.2f} | {d / q[b]:.2f}x, {d / q[c]:.2f}x |"
+            f"{b} {q[b]:.2f} | {c} {q[c]:.2f} | {d:.2f} | {r['fp8_cslt_us']:.2f} | "
+            f"{d / q[b]:.2f}x, {d / q[c]:.2f}x |"
         )
     return "\n".join(out)
 
@@ -713,7 +748,7 @@ def main() -> None:
         )
 
     def shapes() -> str:
-        ms = [int(m) for m in args.m.split(",") if int(m) <= MAX_TOKENS]
+        ms = [int(m) for m in args.m.split(",")]
         out["shapes"] = []
         for nm, (n, k) in SHAPES.items():  # saved after each: the sweep is long
             out["shapes"] += bench_wgmma_shapes(nm, n, k, ms)

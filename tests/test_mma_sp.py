@@ -569,18 +569,22 @@ def _has_nvrtc() -> bool:
         ("sm_90a", MmaConfig(2, 4, 2, 3, 4), False, True),  # the tiled kernel
         ("sm_90a", MmaConfig(3, 4, 2, 5, 2, wgmma=True, multicast=2), False, True),
         ("sm_90a", MmaConfig(1, 4, 4, 4, 2, wgmma=True), True, True),  # wgmma e4m3
+        ("sm_90a", MmaConfig(2, 8, 2, 3, 1, wgmma=True, token_tiles=16), True, True),  # prefill
     ],
 )
 def test_kernel_forms_compile_for_their_targets(arch, config, e4m3, cslt):
     """Each form of the kernel compiles (NVRTC and ptxas, no GPU needed) at 1 and 8 token
-    tiles without spilling: a GPU session then starts from kernels that build."""
+    tiles (a prefill shape: its own) without spilling, and no wgmma is serialized (ptxas
+    C7519/C7515: a wgmma under a branch made it wait for each one, 2026-12-06): a GPU session
+    then starts from kernels that build as meant."""
     from ria.sparse.mma_sp import kernel_source, nvrtc_cubin
 
-    for tiles in (1, 8):
+    for tiles in (config.token_tiles,) if config.token_tiles else (1, 8):
         cubin, log = nvrtc_cubin(kernel_source(torch.bfloat16, config, tiles, 0, e4m3, cslt), arch)
         assert cubin and "registers" in log, log
         spilled = [int(b) for b in re.findall(r"(\d+) bytes spill stores", log)]
         assert spilled and not any(spilled), (config, tiles, log)
+        assert "serialized" not in log, (config, tiles, log)
 
 
 def test_mma_candidates_without_clusters(monkeypatch):

@@ -51,6 +51,45 @@ def test_wgmma_config_fields_and_checks():
     assert "#define RIA_MC 2" not in mma_sp.kernel_source(torch.bfloat16, WG, 2, 0, cslt=True)
 
 
+def test_wgmma_prefill_shape_fields_and_grid():
+    """`token_tiles` (the wgmma kernel's only): blocks of 8 * token_tiles tokens over the
+    grid's third dimension for any token count."""
+    pre = MmaConfig(2, 8, 2, 3, 1, wgmma=True, token_tiles=16)
+    assert str(pre) == "g2w8u2s3k1t16" and pre != MmaConfig(2, 8, 2, 3, 1, wgmma=True)
+    for bad in [dict(token_tiles=33), dict(token_tiles=-1), dict(wgmma=False)]:
+        with pytest.raises(InvalidArgumentError, match="token_tiles"):
+            MmaConfig(
+                **{
+                    **dict(row_tiles=2, warps=8, unroll=2, stages=3, token_tiles=16, wgmma=True),
+                    **bad,
+                }
+            )
+    assert mma_sp.token_tiles(pre, 5) == 16 and mma_sp.token_tiles(WG, 20) == 3
+    assert [mma_sp.token_blocks(pre, m) for m in (1, 128, 129, 2048)] == [1, 1, 2, 16]
+    assert mma_sp.token_blocks(WG, 64) == 1
+    assert mma_sp._launch_shape(pre, 16, 4096 // 16, True, 8)[0] == (16, 1, 8)
+
+
+def test_prefill_shapes_only_on_the_buffer_where_wgmma_runs(monkeypatch):
+    """Above 64 tokens the e4m3 tuner times the prefill shapes on cuSPARSELt's buffer on
+    sm_90 and nothing else; a call with no shape for its count says so."""
+    from ria.sparse.format import pack_mma24_e4m3
+    from ria.sparse.fp8 import quantize_rows, quantize_weight
+
+    monkeypatch.setattr(mma_sp, "_has_wgmma", lambda: True)
+    for m in (65, 1024, 4096):
+        shapes = mma_sp.e4m3_candidates(m, cslt=True)
+        assert shapes and all(c.token_tiles and c.wgmma for c in shapes), m
+        assert mma_sp.e4m3_candidates(m) == ()  # the fragments: decode only
+    assert not any(c.token_tiles for m in (1, 9, 64) for c in mma_sp.e4m3_candidates(m, True))
+    monkeypatch.setattr(mma_sp, "_has_wgmma", lambda: False)
+    assert mma_sp.e4m3_candidates(1024, cslt=True) == ()
+    w = quantize_weight(random_24(64, 128, dtype=torch.float32))
+    q, q_scale = quantize_rows(torch.randn(65, 128))
+    with pytest.raises(InvalidArgumentError, match="no e4m3 launch shape takes 65 tokens"):
+        mma_sp.mma24_fp8_linear(q, q_scale, pack_mma24_e4m3(w.values), w.scale)
+
+
 @pytest.mark.parametrize("tiles", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_wgmma_wrapper_operands(tiles, dtype):
@@ -259,15 +298,17 @@ def test_plans_are_retuned_when_the_tuned_shapes_change(monkeypatch):
         monkeypatch.undo()
         mma_sp.kernel_fingerprint.cache_clear()
         assert mma_sp.kernel_fingerprint() == now
-        # A token count gaining a shape CONFIGS holds already (wgmma at 1-8 tokens did).
+        # A token count gaining a shape CONFIGS holds already (wgmma at 1-8 tokens did), or
+        # the prefill counts (above 64) losing one.
         timed = mma_sp.e4m3_candidates
-        monkeypatch.setattr(
-            mma_sp,
-            "e4m3_candidates",
-            lambda m, cslt=False: timed(m, cslt)[: -1 if m == 1 else None],
-        )
-        mma_sp.kernel_fingerprint.cache_clear()
-        assert mma_sp.kernel_fingerprint() != now
+        for changed in (1, 65):
+            monkeypatch.setattr(
+                mma_sp,
+                "e4m3_candidates",
+                lambda m, cslt=False, c=changed: timed(m, cslt)[: -1 if m == c else None],
+            )
+            mma_sp.kernel_fingerprint.cache_clear()
+            assert mma_sp.kernel_fingerprint() != now, changed
     finally:
         mma_sp.kernel_fingerprint.cache_clear()
 
@@ -309,7 +350,7 @@ def test_wgmma_kernel_reads_cusparselt_buffer(dtype):
             for bias in (None, b) if small else (b,):
                 ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
                 for cfg in shapes:
-                    if mma_sp.wgmma_smem_bytes(cfg, -(-m // 8)) > mma_sp.SMEM_LIMIT:
+                    if mma_sp.wgmma_smem_bytes(cfg, mma_sp.token_tiles(cfg, m)) > mma_sp.SMEM_LIMIT:
                         continue  # (an e4m3 shape for fewer tokens: bf16 never times it here)
                     assert_mma_config_matches(x, c, bias, ref, cfg)
 
@@ -342,7 +383,8 @@ def test_wgmma_e4m3_kernel_reads_cusparselt_e4m3_buffer():
             for bias in (None, b) if small else (b,):
                 ref = fp8_linear_reference(x.cpu(), cpu_w, None if bias is None else bias.cpu())
                 for cfg in shapes:
-                    if mma_sp.wgmma_smem_bytes(cfg, -(-m // 8), True) > mma_sp.SMEM_LIMIT:
+                    tiles = mma_sp.token_tiles(cfg, m)
+                    if mma_sp.wgmma_smem_bytes(cfg, tiles, True) > mma_sp.SMEM_LIMIT:
                         continue
                     y = mma_sp.mma24_fp8_linear(q, q_scale, view, w.scale, bias, config=cfg)
                     # Hopper's FP8 tensor cores sum with fewer bits than fp32, as cuSPARSELt's
@@ -351,6 +393,46 @@ def test_wgmma_e4m3_kernel_reads_cusparselt_e4m3_buffer():
                     torch.testing.assert_close(
                         y.float().cpu(), ref.float(), rtol=0, atol=atol, msg=f"{n}x{k} M={m} {cfg}"
                     )
+
+
+@needs_cuda
+@pytest.mark.skipif(not _is_hopper(), reason="wgmma needs compute capability 9.0")
+def test_wgmma_prefill_shapes_cover_any_token_count():
+    """The prefill shapes (blocks of 8 * token_tiles tokens over the grid) on more tokens
+    than a decode launch takes, the last token block partly empty and K ending inside a
+    stage: e4m3 against the fp8 reference, bf16 against the exact product; and the tuner
+    picks one at such a count after checking it against the plain kernel run 64 tokens at
+    a time."""
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
+    from ria.sparse.fp8 import Fp8Weight, fp8_linear_reference, quantize_weight
+    from ria.sparse.fp8_kernels import fp8_cslt_compress, quantize_tokens
+
+    shapes = mma_sp.e4m3_candidates(1024, cslt=True)
+    assert shapes and all(c.token_tiles for c in shapes)
+    for n, k in [(192, 1344), (4096, 4096)]:
+        w = quantize_weight(random_24(n, k, device="cuda", seed=n + k))
+        view = share_cslt_buffer(pack_24(w.values), fp8_cslt_compress(w))
+        cpu_w = Fp8Weight(w.values.cpu(), w.scale.cpu())
+        b = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+        for m in (65, 300, 1000):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            q, q_scale = quantize_tokens(x)
+            ref = fp8_linear_reference(x.cpu(), cpu_w, b.cpu()).float()
+            atol = mma_sp.E4M3_AGREE_TOLERANCE * float(ref.abs().max())
+            for cfg in shapes:
+                y = mma_sp.mma24_fp8_linear(q, q_scale, view, w.scale, b, config=cfg)
+                torch.testing.assert_close(
+                    y.float().cpu(), ref, rtol=0, atol=atol, msg=f"{n}x{k} M={m} {cfg}"
+                )
+        best, times = mma_sp.mma_best_config([view], q, b, fp8_scales=(q_scale, [w.scale]))
+        assert best in shapes and set(times) == {str(c) for c in shapes}
+        wb = random_24(n, k, device="cuda", seed=n)
+        c = share_cslt_buffer(pack_24(wb), cslt_compress(wb))
+        x = torch.randn(300, k, dtype=torch.bfloat16, device="cuda")
+        ref = x.double() @ wb.double().t()
+        for cfg in shapes:
+            y = mma_sp.mma24_linear(x, c, None, config=cfg)
+            assert float((y.double() - ref).norm() / ref.norm()) < 1e-2, (n, k, cfg)
 
 
 @needs_cuda

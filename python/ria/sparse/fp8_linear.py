@@ -3,9 +3,10 @@ tokens quantized per call), 2:4 sparse or dense, bf16/fp16 out.
 
 Per layer shape and token-count bucket the plan runs the kernel that measured fastest under
 CUDA-graph replay (`choose_fp8_plan`): for 2:4 layers cuSPARSELt's fp8 2:4 GEMM or the own
-`mma.sp` decode kernel (`mma_sp.mma24_fp8_linear`, M <= 64), which reads either its e4m3
-fragments (`FP8_MMA`) or cuSPARSELt's e4m3 buffer in place (`FP8_MMA_CSLT`: one copy serves
-decode and prefill; the buffer's layout is checked per layer); fp8 dense (`torch._scaled_mm`,
+`mma.sp` / wgmma kernels (`mma_sp.mma24_fp8_linear`), which read either their e4m3
+fragments (`FP8_MMA`, M <= 64) or cuSPARSELt's e4m3 buffer in place (`FP8_MMA_CSLT`: one
+copy serves decode and prefill, any M on sm_90 through the wgmma kernel's token blocks; the
+buffer's layout is checked per layer); fp8 dense (`torch._scaled_mm`,
 with the scales in its epilogue or, often faster, unscaled and scaled by a second kernel) is
 the per-layer fallback where it is faster over all buckets. Each candidate's output is
 checked against `fp8.fp8_linear_reference` once before it is timed (`AGREE_TOLERANCE`).
@@ -74,6 +75,7 @@ from .mma_sp import (
     MAX_TOKENS,
     MmaConfig,
     MmaWeight,
+    e4m3_candidates,
     mma24_fp8_linear,
     mma_best_config,
     mma_status,
@@ -255,17 +257,19 @@ class Fp8Linear(nn.Module):
             else:
                 assert self.packed is not None
                 weight = cslt_view(self.packed, self.out_features, self.in_features)
+            # (a decode shape takes at most MAX_TOKENS; a prefill shape any count at once)
+            step = m if choice.mma is not None and choice.mma.token_tiles else MAX_TOKENS
             ys = [
                 mma24_fp8_linear(
-                    q[i : i + MAX_TOKENS],
-                    q_scale[i : i + MAX_TOKENS],
+                    q[i : i + step],
+                    q_scale[i : i + step],
                     weight,
                     self.scale,
                     self.bias,
                     out_dtype=out_dtype,
                     config=choice.mma,
                 )
-                for i in range(0, m, MAX_TOKENS)
+                for i in range(0, m, step)
             ]
             return ys[0] if len(ys) == 1 else torch.cat(ys)
         if choice.backend == FP8_CUSPARSELT:
@@ -456,8 +460,9 @@ def _tune(
                 (FP8_MMA, [f.mma for f in forms]),
                 (FP8_MMA_CSLT, [f.cslt for f in forms]),
             ):
-                if m > MAX_TOKENS or any(w is None for w in weights):
-                    continue
+                shapes = e4m3_candidates(m, cslt=backend == FP8_MMA_CSLT)
+                if not shapes or any(w is None for w in weights):
+                    continue  # (above MAX_TOKENS only the buffer's prefill shapes, on sm_90)
                 mweights = [w for w in weights if w is not None]
                 cfgs[backend], _ = mma_best_config(
                     mweights, q, forms[0].bias, fp8_scales=(q_scale, scales), out_dtype=x.dtype

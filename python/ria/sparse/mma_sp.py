@@ -1,4 +1,5 @@
-"""Decode kernel on sparse tensor cores: `y = x[:, order] @ W.T (+ bias)` for 1..64 tokens.
+"""Decode kernels on sparse tensor cores: `y = x[:, order] @ W.T (+ bias)` for 1..64 tokens
+(any count with the streaming wgmma kernel's prefill shapes, `MmaConfig.token_tiles`).
 
 The weight is `mma.sp`'s sparse operand A (m16n8k32, fp16/bf16), either packed once by
 `format.pack_mma24` into exactly the fragments the instruction takes, or read in place from
@@ -53,6 +54,8 @@ __all__ = [
     "mma_best_config",
     "mma_status",
     "nvrtc_cubin",
+    "token_blocks",
+    "token_tiles",
 ]
 
 MAX_TOKENS = 64  # 8 token tiles of 8: beyond this the weight is re-read per 64 tokens
@@ -100,7 +103,9 @@ class MmaConfig:
     warpgroups of `row_tiles` 64-row tiles each (at most 256 rows per block) run wgmma.sp
     with both operands in shared memory, `split` blocks of a cluster split the input
     columns; with `multicast` = 2, pairs of row blocks share each stage's token copies (a
-    cluster of 2 x `split` blocks)."""
+    cluster of 2 x `split` blocks). `token_tiles` = t > 0 (wgmma only) gives each block
+    8t tokens (t <= 32: wgmma's N <= 256) and the grid a block per 8t tokens, for any token
+    count (prefill); 0: one block holds all the call's tokens (at most `MAX_TOKENS`)."""
 
     row_tiles: int = 1
     warps: int = 16
@@ -113,6 +118,7 @@ class MmaConfig:
     multicast: int = 1
     min_blocks: int = 0
     k64: bool = False
+    token_tiles: int = 0
 
     def __post_init__(self) -> None:
         if self.k64 and (self.tiled or self.wgmma):
@@ -151,6 +157,10 @@ class MmaConfig:
             raise InvalidArgumentError(
                 f"multicast is 1 or 2, the wgmma kernel's, in clusters of <= 8 blocks: {self!r}"
             )
+        if self.token_tiles and (not self.wgmma or not 1 <= self.token_tiles <= 32):
+            raise InvalidArgumentError(
+                f"token_tiles is the wgmma kernel's, 1..32 tiles of 8 tokens: {self!r}"
+            )
 
     @property
     def tiled(self) -> bool:
@@ -160,6 +170,7 @@ class MmaConfig:
     def __str__(self) -> str:
         if self.wgmma:
             mc = f"m{self.multicast}" if self.multicast > 1 else ""
+            mc += f"t{self.token_tiles}" if self.token_tiles else ""
             return f"g{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}{mc}"
         if self.tiled:
             return f"t{self.row_tiles}w{self.warps}u{self.unroll}s{self.stages}k{self.split}"
@@ -173,6 +184,25 @@ class MmaConfig:
         """Whether this plain shape uses either of the M <= 8 streaming options (a cache
         hint, late B loads)."""
         return bool(self.hint or self.late_b)
+
+
+def token_tiles(config: MmaConfig, m: int) -> int:
+    """8-token tiles one block of `config` holds for a call on `m` tokens."""
+    return config.token_tiles or -(-m // TOKEN_TILE)
+
+
+def token_blocks(config: MmaConfig, m: int) -> int:
+    """Blocks along the tokens (the grid's third dimension) for a call on `m` tokens."""
+    return -(-m // (TOKEN_TILE * config.token_tiles)) if config.token_tiles else 1
+
+
+def _check_tokens(m: int, config: MmaConfig) -> None:
+    """A token count the launch shape serves: 1..MAX_TOKENS, or any with `token_tiles`."""
+    if m < 1 or (m > MAX_TOKENS and not config.token_tiles):
+        raise InvalidArgumentError(
+            f"{m} tokens; the {config} kernel takes 1..{MAX_TOKENS} (a wgmma shape with "
+            "token_tiles takes any count)"
+        )
 
 
 # Launch shapes timed by `mma_best_config`, per token count: the ones that won a shape on
@@ -280,6 +310,17 @@ _E4M3_WG_MANY = (  # M <= 64
 )
 
 
+# e4m3 prefill (M > MAX_TOKENS) on the streaming kernel with blocks of 128-256 tokens over the
+# grid (`token_tiles`), two consumer warpgroups.
+# PREFILL_SWEEP_PLACEHOLDER
+_E4M3_WG_PREFILL = (
+    MmaConfig(2, 8, 2, 3, 1, wgmma=True, token_tiles=16),
+    MmaConfig(1, 8, 2, 2, 1, wgmma=True, token_tiles=32),
+    MmaConfig(2, 8, 2, 3, 1, wgmma=True, multicast=2, token_tiles=16),
+    MmaConfig(1, 8, 2, 2, 1, wgmma=True, token_tiles=16),
+)
+
+
 def wgmma_stage_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
     """Bytes of one stage of the streaming kernel (RIA_STAGE_BYTES in wgmma_sp.cu): values
     (rows x 64 * unroll bytes: half the stage's columns, 2 bytes each), tokens (8 * tiles x
@@ -371,6 +412,7 @@ CONFIGS = tuple(
         + _E4M3_WG_FITTING
         + _E4M3_CAPPED
         + _E4M3_CSLT_CAPPED
+        + _E4M3_WG_PREFILL
     )
 )
 
@@ -466,7 +508,7 @@ def kernel_fingerprint() -> str:
     token count gains a shape that `CONFIGS` already held."""
     per_count = [
         (m, cslt, candidates(m, cslt), e4m3_candidates(m, cslt))
-        for m in range(1, MAX_TOKENS + 1)
+        for m in range(1, MAX_TOKENS + 2)  # (every count above MAX_TOKENS has the same lists)
         for cslt in (False, True)
     ]
     text = "\0".join([*(_source(f) for f in _SOURCES), repr(CONFIGS), repr(per_count)])
@@ -645,7 +687,7 @@ def compile_kernels(
     shapes = None if configs is None else tuple(configs)
     listed = e4m3_candidates if e4m3 else candidates
     jobs = {
-        (c, -(-m // TOKEN_TILE))
+        (c, token_tiles(c, m))
         for m in token_counts
         for c in (listed(m, cslt) if shapes is None else shapes)
     }
@@ -701,14 +743,15 @@ def _smem_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
     return max(config.stages * stage, sums)
 
 
-def _grid(config: MmaConfig, row_tiles: int) -> tuple[int, int, int]:
+def _grid(config: MmaConfig, row_tiles: int, token_blocks: int = 1) -> tuple[int, int, int]:
     """Blocks: one per `config.row_tiles` row tiles (plain kernel), or per block of
     16 * row_tiles * warps rows (tiled kernel; wgmma kernel: 64 * row_tiles * warps / 4,
-    rounded up to whole multicast pairs) times `split`."""
+    rounded up to whole multicast pairs) times `split`, times the wgmma kernel's
+    `token_blocks`."""
     if not config.tiled:
         return (-(-row_tiles // config.row_tiles), 1, 1)
     blocks = -(-row_tiles // (config.row_tiles * config.warps))
-    return (-(-blocks // config.multicast) * config.multicast, config.split, 1)
+    return (-(-blocks // config.multicast) * config.multicast, config.split, token_blocks)
 
 
 def _check(
@@ -721,8 +764,6 @@ def _check(
         _check_cslt(packed)
     if x.dim() != 2 or x.shape[1] != packed.in_features:
         raise InvalidArgumentError(f"x must be (M, {packed.in_features}), got {tuple(x.shape)}")
-    if not 1 <= x.shape[0] <= MAX_TOKENS:
-        raise InvalidArgumentError(f"x has {x.shape[0]} tokens; the kernel takes 1..{MAX_TOKENS}")
     if x.dtype != packed.values.dtype or x.dtype not in (torch.float16, torch.bfloat16):
         raise InvalidArgumentError(
             f"x is {x.dtype}, the weight {packed.values.dtype}; both must be fp16 or bf16"
@@ -798,8 +839,8 @@ def mma24_linear(
     """`x[:, order] @ W.T + bias` on sparse tensor cores, accumulated in fp32.
 
     Args:
-        x: `(M, K)` CUDA activations, fp16/bf16, `1 <= M <= MAX_TOKENS`, unit column stride
-            (copied otherwise).
+        x: `(M, K)` CUDA activations, fp16/bf16, `1 <= M <= MAX_TOKENS` (any M for a wgmma
+            shape with `token_tiles`), unit column stride (copied otherwise).
         packed: the 2:4 weight `(N, K)`, same dtype and device: an `Mma24` from
             `format.pack_mma24`, or a `Compact24` in cuSPARSELt's layout (`layout="cslt"`,
             values `(N, K/2)` row-major, `N % 16 == 0`, `K % 32 == 0`; e.g. from
@@ -821,10 +862,11 @@ def mma24_linear(
         )
     if config is not None and config.split > 1 and not _has_clusters():
         raise InvalidArgumentError(f"{config} needs thread-block clusters (compute capability 9.0)")
-    _check(x, packed, bias, order)
     m = x.shape[0]
-    n = packed.out_features
     config = config or default_config(m, isinstance(packed, Compact24), order is not None)
+    _check_tokens(m, config)
+    _check(x, packed, bias, order)
+    n = packed.out_features
     align = _x_alignment(config)
     if x.stride(1) != 1 or x.stride(0) * x.element_size() % align or x.data_ptr() % align:
         x = x.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy
@@ -836,7 +878,7 @@ def mma24_linear(
     if config.wgmma:  # tensor maps are by-value parameters: torch's kernel call takes none
         from .launch import PreparedLaunch, raw_stream
 
-        grid, block, smem = _launch_shape(config, tiles, row_tiles)
+        grid, block, smem = _launch_shape(config, tiles, row_tiles, False, token_blocks(config, m))
         PreparedLaunch(kernel.func, grid, block, smem, args, patched=())(
             stream=raw_stream(x.device.index if x.device.index is not None else 0)
         )
@@ -859,7 +901,8 @@ def _prepare(
     m = x.shape[0]
     cslt = isinstance(packed, Compact24)
     config = config or default_config(m, cslt, order is not None)
-    tiles = -(-m // TOKEN_TILE)
+    _check_tokens(m, config)
+    tiles = token_tiles(config, m)
     bits = _ORDER_BITS[None if order is None else order.dtype]
     kernel = _kernel(x.dtype, config, tiles, bits, cslt=cslt)
     row_tiles, pairs = _tiles_pairs(packed)
@@ -888,12 +931,12 @@ def _prepare(
     return kernel, config, tiles, row_tiles, args
 
 
-def _x_map(x_ptr: int, m: int, k: int, ldx: int, out: Any = None) -> Any:
+def _x_map(x_ptr: int, m: int, k: int, ldx: int, tiles: int, out: Any = None) -> Any:
     """The wgmma kernel's tensor map of the tokens: `(m, k)` at `x_ptr`, `ldx` elements
-    between rows, boxes of 64 columns x 8 * ceil(m / 8) tokens (zeros past m and k)."""
+    between rows, boxes of 64 columns x 8 * `tiles` tokens (zeros past m and k)."""
     from .tma import encode_2d
 
-    box = (64, TOKEN_TILE * -(-m // TOKEN_TILE))
+    box = (64, TOKEN_TILE * tiles)
     return encode_2d(x_ptr, k, m, 2 * ldx, box, l2_promotion=128, out=out)
 
 
@@ -916,6 +959,7 @@ def _wgmma_args(
     if packed.meta.data_ptr() % 16:
         raise InvalidArgumentError(f"{config} copies the metadata in bulk: align it to 16 bytes")
     rows = 16 * config.row_tiles * config.warps
+    tiles = token_tiles(config, x.shape[0])
     width = 1 if scales is None else 2  # values per 2-byte element the copy engine moves
     row_bytes = k // 2 * packed.values.element_size()
     wmap = encode_2d(
@@ -923,7 +967,7 @@ def _wgmma_args(
     )
     unused = packed.values  # (never read: the 16-bit form has no scales)
     return [
-        _x_map(x.data_ptr(), x.shape[0], k // width, x.stride(0) // width),
+        _x_map(x.data_ptr(), x.shape[0], k // width, x.stride(0) // width, tiles),
         wmap,
         packed.meta,
         packed.values if bias is None else bias,  # (never read without bias)
@@ -944,11 +988,11 @@ def _x_alignment(config: MmaConfig) -> int:
 
 
 def _launch_shape(
-    config: MmaConfig, tiles: int, row_tiles: int, e4m3: bool = False
+    config: MmaConfig, tiles: int, row_tiles: int, e4m3: bool = False, token_blocks: int = 1
 ) -> tuple[tuple[int, int, int], int, int]:
     """(grid, threads per block, dynamic shared memory bytes) of one launch."""
     threads = 32 * config.warps + (32 if config.wgmma else 0)  # + the wgmma kernel's producer
-    return _grid(config, row_tiles), threads, _smem_bytes(config, tiles, e4m3)
+    return _grid(config, row_tiles, token_blocks), threads, _smem_bytes(config, tiles, e4m3)
 
 
 def _launch(kernel: Any, config: MmaConfig, tiles: int, row_tiles: int, args: list[Any]) -> None:
@@ -983,8 +1027,10 @@ class MmaLaunch:
             kernel, self.config, tiles, row_tiles, args = _prepare(
                 x, packed, bias, order, config, out
             )
-        grid, block, smem = _launch_shape(self.config, tiles, row_tiles)
+        blocks = token_blocks(self.config, m)
+        grid, block, smem = _launch_shape(self.config, tiles, row_tiles, False, blocks)
         self.m, self.n, self.k = m, packed.out_features, packed.in_features
+        self._tiles = tiles
         self.dtype, self.device = dtype, device
         self._device_index = device.index if device.index is not None else 0
         self._align = _x_alignment(self.config)
@@ -1015,7 +1061,7 @@ class MmaLaunch:
             self._launch(x.data_ptr(), out.data_ptr(), stream=stream)
             return out
         if x.data_ptr() != self._x_ptr:
-            _x_map(x.data_ptr(), self.m, self.k, self.k, out=self._xmap)
+            _x_map(x.data_ptr(), self.m, self.k, self.k, self._tiles, out=self._xmap)
             self._x_ptr = x.data_ptr()
         self._launch(out.data_ptr(), stream=stream)
         return out
@@ -1042,8 +1088,9 @@ def mma24_fp8_linear(
     0.4-1.0 us less per quantize + GEMM at 1-64 tokens, `benches/fp8_speed.py`).
 
     Args:
-        q: `(M, K)` float8_e4m3fn tokens, contiguous, `1 <= M <= MAX_TOKENS`
-            (`fp8_kernels.quantize_tokens`); q_scale: `(M,)` fp32.
+        q: `(M, K)` float8_e4m3fn tokens, contiguous, `1 <= M <= MAX_TOKENS` (any M for a
+            wgmma shape with `token_tiles`) (`fp8_kernels.quantize_tokens`); q_scale: `(M,)`
+            fp32.
         packed: the weight from `format.pack_mma24_e4m3` (e4m3 values), or cuSPARSELt's
             e4m3 buffer as a "cslt" `Compact24` (`cslt.share_cslt_buffer`; K % 64 == 0),
             read in place; scale: `(N,)` fp32.
@@ -1061,21 +1108,29 @@ def mma24_fp8_linear(
         _check_cslt(packed)
     if q.dtype != torch.float8_e4m3fn or packed.values.dtype != torch.float8_e4m3fn:
         raise InvalidArgumentError(f"q is {q.dtype}, the weight {packed.values.dtype}; need e4m3")
-    if k != packed.in_features or not 1 <= m <= MAX_TOKENS or not q.is_contiguous():
+    if k != packed.in_features or not q.is_contiguous():
         raise InvalidArgumentError(
-            f"q must be contiguous (M <= {MAX_TOKENS}, {packed.in_features}), got {tuple(q.shape)}"
+            f"q must be contiguous (M, {packed.in_features}), got {tuple(q.shape)}"
         )
     if out_dtype not in (torch.float16, torch.bfloat16):
         raise InvalidArgumentError(f"out_dtype must be fp16 or bf16, got {out_dtype}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != out_dtype):
         raise InvalidArgumentError(f"bias must be ({n},) {out_dtype}")
-    config = config or e4m3_candidates(m, cslt)[0]
+    if config is None:
+        listed = e4m3_candidates(m, cslt)
+        if not listed:
+            raise InvalidArgumentError(
+                f"no e4m3 launch shape takes {m} tokens on this weight form and GPU (above "
+                f"{MAX_TOKENS}: the wgmma kernel on cuSPARSELt's buffer, compute capability 9.0)"
+            )
+        config = listed[0]
+    _check_tokens(m, config)
     if not _has_e4m3_form(config):
         raise InvalidArgumentError(f"the {config} kernel has no e4m3 form")
     if config.wgmma and not isinstance(packed, Compact24):
         raise InvalidArgumentError(f"the {config} kernel reads cuSPARSELt's e4m3 buffer only")
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
-    tiles = -(-m // TOKEN_TILE)
+    tiles = token_tiles(config, m)
     kernel = _kernel(out_dtype, config, tiles, 0, e4m3=True, cslt=cslt)
     row_tiles, pairs = _tiles_pairs(packed)
     unused = packed.values
@@ -1089,7 +1144,7 @@ def mma24_fp8_linear(
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     if programmatic is None:
         programmatic = programmatic_launches(device)
-    grid, block, smem = _launch_shape(config, tiles, row_tiles, e4m3=True)
+    grid, block, smem = _launch_shape(config, tiles, row_tiles, True, token_blocks(config, m))
     launch = PreparedLaunch(kernel.func, grid, block, smem, args, (), programmatic=programmatic)
     launch(stream=raw_stream(device))
     return out
@@ -1119,6 +1174,28 @@ def _agrees(y: torch.Tensor, widened: torch.Tensor | None, config: MmaConfig) ->
     return False
 
 
+def _widened_in_chunks(
+    packed: MmaWeight,
+    q: torch.Tensor,
+    q_scale: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The plain widened e4m3 kernel's output on any number of tokens, `MAX_TOKENS` at a
+    time: what a prefill shape is checked against before it is timed."""
+    cslt = isinstance(packed, Compact24)
+    plain = next(c for c in e4m3_candidates(MAX_TOKENS, cslt) if not _unproven(c))
+    chunks = [
+        mma24_fp8_linear(
+            q[i : i + MAX_TOKENS], q_scale[i : i + MAX_TOKENS], packed, scale, bias,
+            out_dtype=out_dtype, config=plain,
+        )
+        for i in range(0, q.shape[0], MAX_TOKENS)
+    ]  # fmt: skip
+    return torch.cat(chunks)
+
+
 def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     """The launch shapes worth timing for the e4m3 kernel at `m` tokens: the plain ones of
     `candidates(m)`; on cuSPARSELt's buffer (`cslt`) also the fragments' with half the
@@ -1135,7 +1212,10 @@ def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
     (`_with_stages_that_fit_e4m3`). Then the k64 form (`MmaConfig.k64`) of the first plain
     shape at M <= 8 and of every plain shape above, where
     the widening it saves grows with the token tiles, on GPUs where it is one instruction
-    (`_has_native_k64`)."""
+    (`_has_native_k64`). Above `MAX_TOKENS` (prefill): the streaming kernel's shapes with
+    token blocks (`_E4M3_WG_PREFILL`) on cuSPARSELt's buffer on sm_90, else none."""
+    if m > MAX_TOKENS:
+        return _E4M3_WG_PREFILL if cslt and _has_wgmma() else ()
     plain = tuple(c for c in candidates(m) if _has_e4m3_form(c))
     if not cslt:
         widened = (*plain, *_E4M3_CAPPED) if m <= 8 else plain
@@ -1193,6 +1273,8 @@ def mma_best_config(
         configs = configs or candidates(m, cslt=cslt)
         if order is not None or not cslt:  # shapes the tiled kernel lacks
             configs = tuple(c for c in configs if not c.tiled)
+    if not configs:
+        raise InvalidArgumentError(f"no launch shape to time at {m} tokens on this weight form")
     with contextlib.suppress(RuntimeError):  # a shape NVRTC refuses is skipped below
         compile_kernels(
             out_dtype if fp8_scales is not None else x.dtype, (m,),
@@ -1203,6 +1285,9 @@ def mma_best_config(
     best, best_us = configs[0], float("inf")
     widened: torch.Tensor | None = None  # a plain widened e4m3 shape's output, for checks
     checks = fp8_scales is not None and any(_unproven(c) for c in configs)
+    if checks and m > MAX_TOKENS:  # no plain shape takes m tokens: it runs per MAX_TOKENS
+        assert fp8_scales is not None
+        widened = _widened_in_chunks(packed[0], x, fp8_scales[0], fp8_scales[1][0], bias, out_dtype)
     for cfg in configs:
 
         def call(i: int, cfg: MmaConfig = cfg) -> torch.Tensor:

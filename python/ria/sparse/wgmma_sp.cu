@@ -1,4 +1,6 @@
-// y = x @ W^T (+ bias) for M = 9..64 tokens on Hopper: a warp-specialised streaming kernel.
+// y = x @ W^T (+ bias) on Hopper: a warp-specialised streaming kernel, for decode (one block
+// of up to 64 tokens, the weight streamed once) and, with blocks of up to 256 tokens over the
+// grid's third dimension, prefill.
 // One producer warp fills RIA_S shared-memory stages with the bulk-copy engine (TMA); the
 // consumer warpgroups run wgmma.mma_async.sp m64nNk32 with BOTH operands read from shared
 // memory through matrix descriptors. W is read in place from cuSPARSELt's compressed buffer
@@ -6,7 +8,8 @@
 // format.cslt_nibble_index), one weight copy.
 //
 // Plan. A block owns RIA_ROWS = 64 * RIA_R * RIA_WG rows (consumer warpgroup w: 64-row tiles
-// w * RIA_R .. + RIA_R - 1) and, with RIA_SK > 1, one of the RIA_SK blocks of a cluster that
+// w * RIA_R .. + RIA_R - 1), tokens blockIdx.z * RIA_NTOK .. + RIA_NTOK - 1 (RIA_NTOK = 8 *
+// RIA_NT; one token block at decode) and, with RIA_SK > 1, one of the RIA_SK blocks of a cluster that
 // split the input columns; their fp32 partial sums are added through distributed shared memory
 // in a fixed order (deterministic, no atomics). A stage holds RIA_U pairs of k-tiles (64 * U
 // input columns):
@@ -89,8 +92,9 @@ struct __align__(64) TmaMap {
 #ifndef RIA_MC
 #define RIA_MC 1
 #endif
-#if RIA_U % 2 || RIA_S < 2 || RIA_SK < 1 || RIA_MC < 1 || RIA_SK * RIA_MC > 8 || RIA_ROWS > 256
-#error "wgmma_sp needs an even RIA_U, RIA_S >= 2, clusters of at most 8 and at most 256 rows"
+#if RIA_U % 2 || RIA_S < 2 || RIA_SK < 1 || RIA_MC < 1 || RIA_SK * RIA_MC > 8 || RIA_ROWS > 256 || \
+    RIA_NT > 32
+#error "wgmma_sp needs an even RIA_U, RIA_S >= 2, clusters of at most 8, at most 256 rows and 256 tokens"
 #endif
 #define RIA_CLUSTERED (RIA_SK * RIA_MC > 1)
 #if RIA_CLUSTERED
@@ -209,7 +213,7 @@ struct StageCopies {
   const TmaMap* wmap;
   const u32* meta;
   u32 bars, smem0;
-  int cb, kt_total, row0, N, mx;
+  int cb, kt_total, row0, N, mx, tok0;
 
   __device__ __forceinline__ u32 full(int i) const { return bars + 8 * (i % RIA_S); }
   __device__ __forceinline__ u32 stage(int i) const {
@@ -217,18 +221,20 @@ struct StageCopies {
   }
   __device__ __forceinline__ int kt0(int i) const { return (cb + i) * RIA_KT; }
   __device__ __forceinline__ int kts(int i) const { return min(RIA_KT, kt_total - kt0(i)); }
-  __device__ __forceinline__ int token_boxes(int i) const { return (kts(i) + 1) >> 1; }
 
+  // Whole boxes even where K ends inside the stage: the copy engine fills the columns past K
+  // with zeros, so every stage runs all its wgmma (a wgmma under a branch is serialized by
+  // ptxas, C7519) and the k-tiles past K add 0.
   __device__ __forceinline__ void weight(int i) const {
     const int k0 = kt0(i), n_kt = kts(i);
     // (a block past N, there to complete a multicast pair, copies only its partner's tokens)
-    const int aboxes = row0 < N ? (n_kt + 3) >> 2 : 0;
+    const int aboxes = row0 < N ? RIA_U / 2 : 0;
     const int blocks64 = (N + 63) >> 6;  // 64-row blocks of the metadata
     int tiles = 0;
 #pragma unroll
     for (int r = 0; r < RIA_ROWS / 64; ++r) tiles += (row0 >> 6) + r < blocks64;
     const int meta_bytes = tiles * n_kt * RIA_META_KT;
-    mbar_expect_tx(full(i), aboxes * RIA_A_BOX + token_boxes(i) * RIA_X_BOX + meta_bytes);
+    mbar_expect_tx(full(i), aboxes * RIA_A_BOX + RIA_X_BYTES + meta_bytes);
     for (int a = 0; a < aboxes; ++a)
       tma_2d(stage(i) + a * RIA_A_BOX, wmap, 16 * k0 + 64 * a, row0, full(i));
     for (int r = 0; r < tiles; ++r)
@@ -238,15 +244,15 @@ struct StageCopies {
   }
 
   __device__ __forceinline__ void tokens(int i) const {
-    const int k0 = kt0(i), boxes = token_boxes(i);
+    const int k0 = kt0(i);
 #if RIA_MC > 1
     const u16 pair = (u16)(((1u << RIA_MC) - 1) << (RIA_MC * blockIdx.y));  // cluster ranks
-    for (int b = mx; b < boxes; b += RIA_MC)
-      tma_2d_multicast(stage(i) + RIA_A_BYTES + b * RIA_X_BOX, xmap, 32 * k0 + 64 * b, 0, full(i),
-                       pair);
+    for (int b = mx; b < RIA_U; b += RIA_MC)
+      tma_2d_multicast(stage(i) + RIA_A_BYTES + b * RIA_X_BOX, xmap, 32 * k0 + 64 * b, tok0,
+                       full(i), pair);
 #else
-    for (int b = 0; b < boxes; ++b)
-      tma_2d(stage(i) + RIA_A_BYTES + b * RIA_X_BOX, xmap, 32 * k0 + 64 * b, 0, full(i));
+    for (int b = 0; b < RIA_U; ++b)
+      tma_2d(stage(i) + RIA_A_BYTES + b * RIA_X_BOX, xmap, 32 * k0 + 64 * b, tok0, full(i));
 #endif
   }
 };
@@ -324,26 +330,23 @@ __device__ __forceinline__ u32 meta_image_e4m3(uint4 w, int t) {
 // for k-tile kt, and its sparsity selector.
 #define RIA_E_OF(kt) (RIA_E4M3 ? (kt) : (kt) >> 1)
 
-// The wgmma of one stage for this warpgroup's tiles: all 2U k-tiles (KTS = RIA_KT), or the
-// first `kts` of a stage cut short by K (KTS = 0).
-template <int KTS>
+// The wgmma of one stage for this warpgroup's tiles: all 2U k-tiles, without branches
+// (a stage cut short by K holds zeros past it).
 __device__ __forceinline__ void issue_stage(float (&acc)[RIA_R][RIA_NACC], const u32 (&e)[RIA_R][RIA_EW],
-                                            u32 stage, int wg, int kts = RIA_KT) {
+                                            u32 stage, int wg) {
 #pragma unroll
   for (int p = 0; p < RIA_U; ++p) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int kt = 2 * p + h;
-      if (KTS == RIA_KT || kt < kts) {
-        const u64 db = sw128_desc(stage + RIA_A_BYTES + (kt >> 1) * RIA_X_BOX + (kt & 1) * 64);
+      const u64 db = sw128_desc(stage + RIA_A_BYTES + (kt >> 1) * RIA_X_BOX + (kt & 1) * 64);
 #pragma unroll
-        for (int r = 0; r < RIA_R; ++r) {
-          const u32 aa = stage + (kt >> 2) * RIA_A_BOX + (wg * RIA_R + r) * 8192 + (kt & 3) * 32;
-          if (h == 0 || RIA_E4M3)  // (e4m3: selector 0 only)
-            wgmma_ss<0>(acc[r], sw128_desc(aa), db, e[r][RIA_E_OF(kt)]);
-          else
-            wgmma_ss<1>(acc[r], sw128_desc(aa), db, e[r][RIA_E_OF(kt)]);
-        }
+      for (int r = 0; r < RIA_R; ++r) {
+        const u32 aa = stage + (kt >> 2) * RIA_A_BOX + (wg * RIA_R + r) * 8192 + (kt & 3) * 32;
+        if (h == 0 || RIA_E4M3)  // (e4m3: selector 0 only)
+          wgmma_ss<0>(acc[r], sw128_desc(aa), db, e[r][RIA_E_OF(kt)]);
+        else
+          wgmma_ss<1>(acc[r], sw128_desc(aa), db, e[r][RIA_E_OF(kt)]);
       }
     }
   }
@@ -367,6 +370,7 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
   const int ce = (int)((long long)chunks * (blockIdx.y + 1) / RIA_SK);
   const int n = ce - cb;
   const int row0 = blockIdx.x * RIA_ROWS;
+  const int tok0 = blockIdx.z * RIA_NTOK;
   const int mx = blockIdx.x % RIA_MC;  // this block's place in its multicast pair
   static_assert(RIA_NTOK * RIA_PITCH * 4 <= RIA_S * RIA_STAGE_BYTES, "the sums reuse the stages");
   if (threadIdx.x == 0) {
@@ -392,7 +396,7 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
     for (int i = 0; i < RIA_NACC; ++i) acc[r][i] = 0.f;
 
   if (producer) {
-    const StageCopies copies{&xmap, &wmap, meta, bars, smem0, cb, kt_total, row0, N, mx};
+    const StageCopies copies{&xmap, &wmap, meta, bars, smem0, cb, kt_total, row0, N, mx, tok0};
     // e4m3 (launched programmatically after the token quantization): the first stage's
     // weight, the kernel's own input, streams in while that kernel still runs, the tokens
     // after its end. (The weight of every first stage ahead, or an L2 prefetch of it, was
@@ -410,13 +414,19 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
     __syncwarp();
   } else {  // consumer warpgroup wg: warp q = rows 16q .. 16q + 15 of each of its tiles
     const int wg = warp >> 2, q = warp & 3, g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < n; ++i) {
-      const int s = i % RIA_S;
-      const u32 stage = smem0 + s * RIA_STAGE_BYTES;
-      const char* mstage = smem + s * RIA_STAGE_BYTES + RIA_A_BYTES + RIA_X_BYTES;
+    // Stage `s` is free again (its wgmma done), here and with multicast in the partner.
+    const auto release = [&](int s) {
+      __syncwarp();
+#if RIA_MC > 1
+      if (lane < RIA_MC) mbar_arrive_remote(bars + 8 * (RIA_S + s), lane + RIA_MC * blockIdx.y);
+#else
+      if (lane == 0) mbar_arrive(bars + 8 * (RIA_S + s));
+#endif
+    };
+    // Stage i's metadata registers, from its shared memory (a default past K).
+    const auto load_meta = [&](int i, u32 (&e)[RIA_R][RIA_EW]) {
+      const char* mstage = smem + (i % RIA_S) * RIA_STAGE_BYTES + RIA_A_BYTES + RIA_X_BYTES;
       const int kts = min(RIA_KT, kt_total - (cb + i) * RIA_KT);
-      mbar_wait(bars + 8 * s, (i / RIA_S) & 1);
-      u32 e[RIA_R][RIA_EW];
 #pragma unroll
       for (int r = 0; r < RIA_R; ++r) {
         const int tile = wg * RIA_R + r;
@@ -439,24 +449,24 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
         }
 #endif
       }
+    };
+    // Waits for stage i's copies, then issues its wgmma as one group.
+    const auto issue = [&](int i, u32 (&e)[RIA_R][RIA_EW]) {
+      mbar_wait(bars + 8 * (i % RIA_S), (i / RIA_S) & 1);
+      load_meta(i, e);
+      wgmma_fence();
+      issue_stage(acc, e, smem0 + (i % RIA_S) * RIA_STAGE_BYTES, wg);
+      wgmma_commit();
+    };
+    for (int i = 0; i < n; ++i) {
+      u32 e[RIA_R][RIA_EW];
 #pragma unroll
       for (int r = 0; r < RIA_R; ++r) fence_acc(acc[r]);
-      wgmma_fence();
-      if (kts == RIA_KT)  // (a whole stage: one batch without branches between the wgmma)
-        issue_stage<RIA_KT>(acc, e, stage, wg);
-      else
-        issue_stage<0>(acc, e, stage, wg, kts);
-      wgmma_commit();
+      issue(i, e);
       wgmma_wait_all();
 #pragma unroll
       for (int r = 0; r < RIA_R; ++r) fence_acc(acc[r]);
-      __syncwarp();
-#if RIA_MC > 1
-      if (lane < RIA_MC)  // the stage is free again, here and in the partner
-        mbar_arrive_remote(bars + 8 * (RIA_S + s), lane + RIA_MC * blockIdx.y);
-#else
-      if (lane == 0) mbar_arrive(bars + 8 * (RIA_S + s));  // the stage is free again
-#endif
+      release(i % RIA_S);
     }
   }
   __syncthreads();  // every stage is read and every copy landed: the sums reuse the memory
@@ -486,7 +496,7 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
   constexpr int Q4 = RIA_ROWS / 4;
   for (int idx = threadIdx.x + RIA_THREADS * blockIdx.y; idx < RIA_NTOK * Q4;
        idx += RIA_THREADS * RIA_SK) {
-    const int token = idx / Q4, r4 = idx % Q4;
+    const int token = idx / Q4, r4 = idx % Q4, tok = tok0 + token;
     const float* src = part + token * RIA_PITCH + 4 * r4;
 #if RIA_SK > 1
     float4 sum = cluster_load4(src, mx);
@@ -499,17 +509,17 @@ extern "C" __global__ void RIA_CLUSTER __launch_bounds__(RIA_THREADS, 1)
     const float4 sum = *reinterpret_cast<const float4*>(src);
 #endif
     const int row = row0 + 4 * r4;
-    if (token < M) {
+    if (tok < M) {
       const float sv[4] = {sum.x, sum.y, sum.z, sum.w};
 #pragma unroll
       for (int e4 = 0; e4 < 4; ++e4)
         if (row + e4 < N) {
           float v = sv[e4];
 #if RIA_E4M3
-          v = v * x_scale[token] * w_scale[row + e4];  // powers of two: exact
+          v = v * x_scale[tok] * w_scale[row + e4];  // powers of two: exact
 #endif
           if (has_bias) v += to_f32(bias[row + e4]);
-          y[(long long)token * ldy + row + e4] = from_f32(v);
+          y[(long long)tok * ldy + row + e4] = from_f32(v);
         }
     }
   }
