@@ -323,6 +323,7 @@ def bench_wgmma_shapes(name: str, n: int, k: int, ms_list: list[int]) -> list[di
         row = wgmma_shapes_at(torch.randn(m, k, dtype=DTYPE, device="cuda"), q8, views, packed8)
         rows.append({"shape": name, "n": n, "k": k, "m": m, **row})
         q, best, cand = row["with_quantization_us"], row["best"], row["candidates_best"]
+        q = {**q, None: math.nan}
         log(
             f"{name} M={m}: {row['checked_and_timed']} shapes checked and timed (the grid's "
             f"{row['grid']} and the candidates'); with "
@@ -386,8 +387,9 @@ def wgmma_shapes_at(x: torch.Tensor, q8: list, views: list, packed8: list, top: 
         "with_quantization_us": with_quant,
         "fp8_dense_us": dense,
         "fp8_cslt_us": cslt,
-        "best": min(with_quant, key=with_quant.__getitem__),
-        "candidates_best": min(in_current, key=with_quant.__getitem__),
+        "best": min(with_quant, key=with_quant.__getitem__) if with_quant else None,
+        # (None: no candidate passed its check here, which the log and table show)
+        "candidates_best": min(in_current, key=with_quant.__getitem__) if in_current else None,
     }
 
 
@@ -401,6 +403,7 @@ def wgmma_shapes_table(rows: list[dict]) -> str:
     for r in rows:
         q, d = r["with_quantization_us"], r["fp8_dense_us"]
         b, c = r["best"], r["candidates_best"]
+        q = {**q, None: math.nan}
         out.append(
             f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['checked_and_timed']} | "
             f"{b} {q[b]:.2f} | {c} {q[c]:.2f} | {d:.2f} | {r['fp8_cslt_us']:.2f} | "

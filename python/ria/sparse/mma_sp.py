@@ -311,8 +311,11 @@ _E4M3_WG_MANY = (  # M <= 64
 
 
 # e4m3 prefill (M > MAX_TOKENS) on the streaming kernel with blocks of 128-256 tokens over the
-# grid (`token_tiles`), two consumer warpgroups.
-# PREFILL_SWEEP_PLACEHOLDER
+# grid (`token_tiles`), two consumer warpgroups: from a first sweep of 82 shapes (the grid of
+# `benches/fp8_speed.py --only shapes` above 64 tokens) on an H100 (2026-12-06, a dev script,
+# GEMM alone), the four fastest on q/k/v/o at 1024 tokens, which hold the fastest of every
+# LLaMA-2-7B shape at 1024 and 2048; that sweep predates the branch-free stages (ptxas had
+# serialized the wgmma at 16 token tiles) and was not re-run since.
 _E4M3_WG_PREFILL = (
     MmaConfig(2, 8, 2, 3, 1, wgmma=True, token_tiles=16),
     MmaConfig(1, 8, 2, 2, 1, wgmma=True, token_tiles=32),
@@ -743,15 +746,15 @@ def _smem_bytes(config: MmaConfig, tiles: int, e4m3: bool = False) -> int:
     return max(config.stages * stage, sums)
 
 
-def _grid(config: MmaConfig, row_tiles: int, token_blocks: int = 1) -> tuple[int, int, int]:
+def _grid(config: MmaConfig, row_tiles: int, blocks_z: int = 1) -> tuple[int, int, int]:
     """Blocks: one per `config.row_tiles` row tiles (plain kernel), or per block of
     16 * row_tiles * warps rows (tiled kernel; wgmma kernel: 64 * row_tiles * warps / 4,
-    rounded up to whole multicast pairs) times `split`, times the wgmma kernel's
-    `token_blocks`."""
+    rounded up to whole multicast pairs) times `split`, times the wgmma kernel's token
+    blocks `blocks_z` (`token_blocks`)."""
     if not config.tiled:
         return (-(-row_tiles // config.row_tiles), 1, 1)
     blocks = -(-row_tiles // (config.row_tiles * config.warps))
-    return (-(-blocks // config.multicast) * config.multicast, config.split, token_blocks)
+    return (-(-blocks // config.multicast) * config.multicast, config.split, blocks_z)
 
 
 def _check(
@@ -988,11 +991,12 @@ def _x_alignment(config: MmaConfig) -> int:
 
 
 def _launch_shape(
-    config: MmaConfig, tiles: int, row_tiles: int, e4m3: bool = False, token_blocks: int = 1
+    config: MmaConfig, tiles: int, row_tiles: int, e4m3: bool = False, blocks_z: int = 1
 ) -> tuple[tuple[int, int, int], int, int]:
-    """(grid, threads per block, dynamic shared memory bytes) of one launch."""
+    """(grid, threads per block, dynamic shared memory bytes) of one launch (`blocks_z`:
+    the wgmma kernel's token blocks)."""
     threads = 32 * config.warps + (32 if config.wgmma else 0)  # + the wgmma kernel's producer
-    return _grid(config, row_tiles, token_blocks), threads, _smem_bytes(config, tiles, e4m3)
+    return _grid(config, row_tiles, blocks_z), threads, _smem_bytes(config, tiles, e4m3)
 
 
 def _launch(kernel: Any, config: MmaConfig, tiles: int, row_tiles: int, args: list[Any]) -> None:
