@@ -534,20 +534,26 @@ def test_k64_shapes_are_e4m3_plain_ones_offered_where_native(monkeypatch):
                 assert not shapes[0].k64  # the widened default
 
 
-def test_unproven_e4m3_shapes_are_timed_only_after_agreeing_with_a_widened_one():
-    """k64 and wgmma e4m3 shapes (not yet run on a GPU) are checked against a plain
-    widened shape's output before `mma_best_config` times them."""
+def test_unproven_shapes_are_timed_only_after_agreeing_with_a_plain_one():
+    """k64 and wgmma shapes are checked against a plain shape's output before
+    `mma_best_config` times them, within their dtype's bound."""
     from ria.sparse import mma_sp
-    from ria.sparse.mma_sp import MmaConfig
+    from ria.sparse.mma_sp import BF16_AGREE_TOLERANCE, E4M3_AGREE_TOLERANCE, MmaConfig
 
     k64 = MmaConfig(1, 16, 2, k64=True)
     assert mma_sp._unproven(k64) and mma_sp._unproven(MmaConfig(1, 4, 2, 4, 2, wgmma=True))
     assert not mma_sp._unproven(MmaConfig(1, 16, 2, hint=2))
-    widened = torch.tensor([[1.0, -2.0], [4.0, 0.5]])
-    assert mma_sp._agrees(widened + 1e-3, widened, k64)
-    assert not mma_sp._agrees(widened, None, k64)  # nothing to agree with
+    plain = torch.tensor([[1.0, -2.0], [4.0, 0.5]])
+    assert mma_sp._agrees(plain + 1e-3, plain, k64, BF16_AGREE_TOLERANCE)
+    assert not mma_sp._agrees(plain, None, k64, E4M3_AGREE_TOLERANCE)  # nothing to agree with
     with pytest.warns(UserWarning, match="r1w16u2k64 shape disagrees"):
-        assert not mma_sp._agrees(widened.flip(1), widened, k64)
+        assert not mma_sp._agrees(plain.flip(1), plain, k64, E4M3_AGREE_TOLERANCE)
+    # 0.05 off at a largest output of 4: within bf16's bound (2 bf16 ulps: 0.0625), not
+    # e4m3's (0.04); the bound scales with the largest output
+    assert mma_sp._agrees(plain + 0.05, plain, k64, BF16_AGREE_TOLERANCE)
+    with pytest.warns(UserWarning, match="disagrees"):
+        assert not mma_sp._agrees(plain + 0.05, plain, k64, E4M3_AGREE_TOLERANCE)
+    assert mma_sp._agrees(10 * plain + 0.35, 10 * plain, k64, E4M3_AGREE_TOLERANCE)
 
 
 def _has_nvrtc() -> bool:

@@ -437,6 +437,38 @@ def test_wgmma_prefill_shapes_cover_any_token_count():
 
 @needs_cuda
 @pytest.mark.skipif(not _is_hopper(), reason="wgmma needs compute capability 9.0")
+def test_bf16_tuning_leaves_out_a_wgmma_shape_that_disagrees(monkeypatch):
+    """bf16 tuning checks each wgmma shape's output against the plain kernel's before it
+    times it: on this GPU every one agrees, and one reading the weight wrongly (here its
+    output columns shifted) is left out with a warning."""
+    import warnings
+
+    from ria.sparse.cslt import cslt_compress, share_cslt_buffer
+
+    w = random_24(4096, 4096, device="cuda", seed=5)
+    c = share_cslt_buffer(pack_24(w), cslt_compress(w))
+    for m in (16, 64):
+        x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda")
+        wgmma = {str(cfg) for cfg in mma_sp.candidates(m, cslt=True) if cfg.wgmma}
+        assert wgmma
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a disagreeing shape would raise here
+            _, times = mma_sp.mma_best_config([c], x)
+        assert wgmma <= set(times), m
+    real = mma_sp.mma24_linear
+
+    def misread(x, w, bias=None, **kw):
+        y = real(x, w, bias, **kw)
+        return y.roll(1, dims=1) if kw["config"].wgmma else y
+
+    monkeypatch.setattr(mma_sp, "mma24_linear", misread)
+    with pytest.warns(UserWarning, match="disagrees with its plain form"):
+        _, times = mma_sp.mma_best_config([c], x)
+    assert times and not wgmma & set(times)
+
+
+@needs_cuda
+@pytest.mark.skipif(not _is_hopper(), reason="wgmma needs compute capability 9.0")
 def test_wgmma_prepared_launch_follows_the_tokens():
     """`MmaLaunch` with a wgmma shape rewrites its tokens' tensor map when x moves: two
     inputs in turn, each matching its own product, the same bits on a repeat."""

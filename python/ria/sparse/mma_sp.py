@@ -34,6 +34,7 @@ from .format import COLS_PER_WORD, MMA_PAIR_COLS, MMA_TILE_ROWS, Compact24, Mma2
 from .graphs import rotation_time_us
 
 __all__ = [
+    "BF16_AGREE_TOLERANCE",
     "CONFIGS",
     "E4M3_AGREE_TOLERANCE",
     "MAX_TOKENS",
@@ -61,12 +62,15 @@ __all__ = [
 MAX_TOKENS = 64  # 8 token tiles of 8: beyond this the weight is re-read per 64 tokens
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory a block may have on sm_90
 TOKEN_TILE = 8  # mma.sp's N
-# How far an unproven e4m3 shape's output (k64, wgmma) may be from the widened kernel's, as
+# How far an unproven e4m3 shape's output (k64, wgmma) may be from a plain (widened) one's, as
 # a fraction of the largest output. The wgmma form sums on Hopper's FP8 tensor cores with
 # fewer bits than fp32, as cuSPARSELt's fp8 GEMM does: up to 7.1e-3 at K = 4096 on an H100
 # (2026-12-06), and every shape tuning picked on the 7B shapes (K up to 11008) was within
 # this. A layout error is off by whole products.
 E4M3_AGREE_TOLERANCE = 1e-2
+# The same for bf16's wgmma shapes: exact products summed in fp32 in another order, each
+# output rounded to bf16, so one ulp apart (2**-7 of a value) and a little; doubled.
+BF16_AGREE_TOLERANCE = 2**-6
 _ENTRY = "ria_mma_sp24"
 
 
@@ -1155,49 +1159,60 @@ def mma24_fp8_linear(
 
 
 def _unproven(config: MmaConfig) -> bool:
-    """e4m3 forms whose operand layouts are read from the PTX ISA and CUTLASS and have run
-    on one GPU only (an H100, 2026-12-06: k64 emulated there, wgmma): the k64 shapes and
-    the wgmma kernel's, checked before they are timed."""
+    """Shapes `mma_best_config` checks against a plain one before timing them: the wgmma
+    kernel's (bf16 and e4m3: one kernel for every stage count, token count and cluster, too
+    many forms for the tests to run each on every GPU) and e4m3's k64 (operand layouts read
+    from the PTX ISA and CUTLASS, emulated on the one GPU it ran on, an H100)."""
     return config.k64 or config.wgmma
 
 
-def _agrees(y: torch.Tensor, widened: torch.Tensor | None, config: MmaConfig) -> bool:
-    """Whether an unproven e4m3 shape's output equals a plain widened shape's (exact
-    products summed in fp32) on the same call, within `E4M3_AGREE_TOLERANCE`: such a shape
-    is timed only after agreeing here, and otherwise left out with a warning."""
-    if widened is None:
+def _agrees(
+    y: torch.Tensor, plain: torch.Tensor | None, config: MmaConfig, tolerance: float
+) -> bool:
+    """Whether an unproven shape's output equals a plain shape's on the same call within
+    `tolerance` of the largest output (`E4M3_AGREE_TOLERANCE`, `BF16_AGREE_TOLERANCE`):
+    such a shape is timed only after agreeing here, and otherwise left out with a warning."""
+    if plain is None:
         return False  # nothing to check it against: not timed
-    tolerance = E4M3_AGREE_TOLERANCE * float(widened.float().abs().max()) + 1e-6
-    if float((y.float() - widened.float()).abs().max()) <= tolerance:
+    bound = tolerance * float(plain.float().abs().max()) + 1e-6
+    if float((y.float() - plain.float()).abs().max()) <= bound:
         return True
     warnings.warn(
-        f"the e4m3 kernel's {config} shape disagrees with the plain widened form on this "
-        "GPU; not used (please report it)",
+        f"the mma.sp kernel's {config} shape disagrees with its plain form on this GPU; "
+        "not used (please report it)",
         stacklevel=4,
     )
     return False
 
 
-def _widened_in_chunks(
+def _plain_output(
     packed: MmaWeight,
-    q: torch.Tensor,
-    q_scale: torch.Tensor,
-    scale: torch.Tensor,
+    x: torch.Tensor,
     bias: torch.Tensor | None,
+    order: torch.Tensor | None,
+    fp8_scales: tuple[torch.Tensor, list[torch.Tensor]] | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The plain widened e4m3 kernel's output on any number of tokens, `MAX_TOKENS` at a
-    time: what a prefill shape is checked against before it is timed."""
+    """The first plain shape's output on `x` (any number of tokens, `MAX_TOKENS` at a time;
+    arguments as `mma_best_config`'s, on its first weight): what the unproven shapes are
+    checked against before they are timed."""
     cslt = isinstance(packed, Compact24)
-    plain = next(c for c in e4m3_candidates(MAX_TOKENS, cslt) if not _unproven(c))
-    chunks = [
-        mma24_fp8_linear(
-            q[i : i + MAX_TOKENS], q_scale[i : i + MAX_TOKENS], packed, scale, bias,
-            out_dtype=out_dtype, config=plain,
+    m = min(x.shape[0], MAX_TOKENS)
+
+    def run(rows: slice) -> torch.Tensor:
+        if fp8_scales is None:
+            plain = next(
+                c for c in candidates(m, cslt)
+                if not _unproven(c) and not (c.tiled and (order is not None or not cslt))
+            )  # fmt: skip
+            return mma24_linear(x[rows], packed, bias, order=order, config=plain)
+        plain = next(c for c in e4m3_candidates(m, cslt) if not _unproven(c))
+        q_scale, scale = fp8_scales[0][rows], fp8_scales[1][0]
+        return mma24_fp8_linear(
+            x[rows], q_scale, packed, scale, bias, out_dtype=out_dtype, config=plain
         )
-        for i in range(0, q.shape[0], MAX_TOKENS)
-    ]  # fmt: skip
-    return torch.cat(chunks)
+
+    return torch.cat([run(slice(i, i + MAX_TOKENS)) for i in range(0, x.shape[0], MAX_TOKENS)])
 
 
 def e4m3_candidates(m: int, cslt: bool = False) -> tuple[MmaConfig, ...]:
@@ -1268,7 +1283,10 @@ def mma_best_config(
     `e4m3_candidates(M)`); also every candidate's microseconds per call. With `fp8_scales`
     = (token scales, each weight's row scales), `x` holds e4m3 tokens and `packed` e4m3
     weights (`mma24_fp8_linear`, output and bias in `out_dtype`). `packed` may hold
-    cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments."""
+    cuSPARSELt buffers ("cslt" `Compact24`s) instead of fragments. The wgmma and k64 shapes
+    are timed only after their output on the first weight agreed with the first plain
+    shape's (`E4M3_AGREE_TOLERANCE`, `BF16_AGREE_TOLERANCE`); one that disagrees is left out
+    with a warning."""
     cslt = isinstance(packed[0], Compact24)
     m = x.shape[0]
     if fp8_scales is not None:
@@ -1287,11 +1305,10 @@ def mma_best_config(
         )  # fmt: skip
     times: dict[str, float] = {}
     best, best_us = configs[0], float("inf")
-    widened: torch.Tensor | None = None  # a plain widened e4m3 shape's output, for checks
-    checks = fp8_scales is not None and any(_unproven(c) for c in configs)
-    if checks and m > MAX_TOKENS:  # no plain shape takes m tokens: it runs per MAX_TOKENS
-        assert fp8_scales is not None
-        widened = _widened_in_chunks(packed[0], x, fp8_scales[0], fp8_scales[1][0], bias, out_dtype)
+    plain: torch.Tensor | None = None  # a plain shape's output, for the unproven ones
+    if any(_unproven(c) for c in configs):
+        plain = _plain_output(packed[0], x, bias, order, fp8_scales, out_dtype)
+    tolerance = BF16_AGREE_TOLERANCE if fp8_scales is None else E4M3_AGREE_TOLERANCE
     for cfg in configs:
 
         def call(i: int, cfg: MmaConfig = cfg) -> torch.Tensor:
@@ -1304,13 +1321,11 @@ def mma_best_config(
             )
 
         try:
-            if checks and _unproven(cfg) and not _agrees(call(0), widened, cfg):
+            if _unproven(cfg) and not _agrees(call(0), plain, cfg, tolerance):
                 continue
             us = rotation_time_us(call, range(len(packed)), iters=10, repeats=3)
         except RuntimeError:  # a launch shape this GPU refuses (registers, shared memory)
             continue
-        if checks and not _unproven(cfg) and widened is None:
-            widened = call(0)
         times[str(cfg)] = us
         if us < best_us:
             best, best_us = cfg, us
