@@ -315,16 +315,15 @@ _E4M3_WG_MANY = (  # M <= 64
 
 
 # e4m3 prefill (M > MAX_TOKENS) on the streaming kernel with blocks of 128-256 tokens over the
-# grid (`token_tiles`), two consumer warpgroups: from a first sweep of 82 shapes (the grid of
-# `benches/fp8_speed.py --only shapes` above 64 tokens) on an H100 (2026-12-06, a dev script,
-# GEMM alone), the four fastest on q/k/v/o at 1024 tokens, which hold the fastest of every
-# LLaMA-2-7B shape at 1024 and 2048; that sweep predates the branch-free stages (ptxas had
-# serialized the wgmma at 16 token tiles) and was not re-run since.
+# grid (`token_tiles`): from `python benches/fp8_speed.py --only shapes --m 1024,2048` (82
+# shapes on the LLaMA-2-7B shapes, H100, 2026-12-06, benches/results/fp8_shapes_prefill_h100.json),
+# each case's fastest with the token quantization (the first two), then the two next by mean
+# time relative to each case's fastest.
 _E4M3_WG_PREFILL = (
     MmaConfig(2, 8, 2, 3, 1, wgmma=True, token_tiles=16),
-    MmaConfig(1, 8, 2, 2, 1, wgmma=True, token_tiles=32),
-    MmaConfig(2, 8, 2, 3, 1, wgmma=True, multicast=2, token_tiles=16),
     MmaConfig(1, 8, 2, 2, 1, wgmma=True, token_tiles=16),
+    MmaConfig(2, 4, 2, 2, 1, wgmma=True, token_tiles=16),
+    MmaConfig(1, 8, 2, 2, 1, wgmma=True, token_tiles=32),
 )
 
 
