@@ -18,7 +18,10 @@ Sections (`--only` picks some):
         error against bf16 dense and against the dense model of the same precision (fp8
         2:4 against fp8 dense: the same e4m3 weights and tokens, so a kernel check).
         With --fuse, also the three sparsified variants with `fuse_siblings=True` (q/k/v
-        and gate/up as one layer each).
+        and gate/up as one layer each). --prefills and --decode-batches pick the
+        workloads; --compiled (decode batches) and --compiled-prefill also time them with
+        the model compiled by inductor before capture (`ria.generate(compile=True)`'s
+        mode; 100-160 s of compiling each on an H100).
   accuracy  per GEMM and fp8 kernel, the output's error against the exact sum of the same
         e4m3 operands (float64): largest error over the largest output, and the mean signed
         error over the mean magnitude (negative: sums pulled toward zero, as an accumulator
@@ -51,6 +54,7 @@ import gc
 import itertools
 import json
 import math
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -527,14 +531,17 @@ def bench_e2e(
     layers: int,
     decode_steps: int,
     save,
-    compiled: tuple[int, ...] = (),
+    workloads: dict | None = None,
     fuse: bool = False,
     only: tuple[str, ...] = (),
 ) -> dict:
     """The variants in turn (each a copy of one model); `save(result)` after each.
-    `compiled`: decode batches also timed with the step compiled (`gpu_speed.time_e2e`).
-    `fuse`: also the three sparsified variants with `fuse_siblings=True`. `only`: these
-    labels of VARIANTS alone (all when empty)."""
+    `workloads`: `gpu_speed.time_e2e`'s keyword arguments (prefills, decode batches, which
+    of them also compiled; its defaults when None). `fuse`: also the three sparsified
+    variants with `fuse_siblings=True`. `only`: these labels of VARIANTS alone (all when
+    empty)."""
+    workloads = workloads or {}
+    uncompiled = {**workloads, "compiled_batches": (), "compiled_prefill": False}
     base = build_model(layers, prune_all=False)
     result: dict = {"layers": layers, "variants": {}}
     outs = {}
@@ -555,11 +562,11 @@ def bench_e2e(
             log(f"{label}: {report}")
         row["linear_bytes"] = weight_bytes(model)
         try:
-            row["timings"], outs[label] = time_e2e(model, decode_steps, compiled_batches=compiled)
+            row["timings"], outs[label] = time_e2e(model, decode_steps, **workloads)
         except Exception:  # e.g. a compile failure: the graph-replay timings still count
             row["compiled_error"] = traceback.format_exc()
             log(row["compiled_error"])
-            row["timings"], outs[label] = time_e2e(model, decode_steps)
+            row["timings"], outs[label] = time_e2e(model, decode_steps, **uncompiled)
         result["variants"][label] = row
         save(result)
         if model is not base:
@@ -612,18 +619,22 @@ def error_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def workload_name(key: str) -> str | None:
+    """The table's name of a `gpu_speed.time_e2e` timing key (None: not a time)."""
+    if m := re.fullmatch(r"prefill_(\d+)x(\d+)(_compiled)?_ms", key):
+        return f"prefill {m[1]}x{m[2]}{', compiled' if m[3] else ''} (ms)"
+    if m := re.fullmatch(r"decode_b(\d+)(_compiled)?_ms_per_step", key):
+        return f"decode batch {m[1]}{', compiled' if m[2] else ''} (ms/step)"
+    return None
+
+
 def e2e_table(r: dict) -> str:
     v = r["variants"]
     labels = list(v)
     out = ["| workload | " + " | ".join(labels) + " | fp8 2:4 / fp8 dense | fp8 2:4 / bf16 dense |"]
     out.append("|---|" + "---:|" * (len(labels) + 2))
-    keys = [(f"prefill_{b}x{q}_ms", f"prefill {b}x{q} (ms)") for b, q in [(8, 128), (1, 2048)]]
-    keys += [(f"decode_b{b}_ms_per_step", f"decode batch {b} (ms/step)") for b in (1, 16)]
-    keys += [
-        (f"decode_b{b}_compiled_ms_per_step", f"decode batch {b}, compiled (ms/step)")
-        for b in (1, 16)
-        if all(f"decode_b{b}_compiled_ms_per_step" in v[x]["timings"] for x in labels)
-    ]
+    timed = [k for k in v[labels[0]]["timings"] if all(k in v[x]["timings"] for x in labels)]
+    keys = [(k, workload_name(k)) for k in timed if workload_name(k)]
     fused = "fp8 2:4, fused" in v and "fp8 dense, fused" in v
     if fused:
         out[0] += " fused: fp8 2:4 / fp8 dense |"
@@ -705,6 +716,13 @@ def main() -> None:
         "--compiled", default="", help="decode batches also timed with the step compiled (1,16)"
     )
     ap.add_argument(
+        "--compiled-prefill", action="store_true", help="e2e: prefills also timed compiled"
+    )
+    ap.add_argument("--prefills", default="8x128,1x2048", help="e2e: prefill workloads, BxQ")
+    ap.add_argument(
+        "--decode-batches", default="1,16", help="e2e: decode batch sizes (empty: none)"
+    )
+    ap.add_argument(
         "--fuse", action="store_true", help="e2e: also each sparsified variant with fused siblings"
     )
     ap.add_argument(
@@ -728,9 +746,16 @@ def main() -> None:
         def save(partial: dict) -> None:
             path.write_text(json.dumps({**out, "e2e": partial}, indent=1))
 
-        compiled = tuple(int(b) for b in args.compiled.split(",") if b)
+        workloads = {
+            "prefills": tuple(
+                (int(b), int(q)) for b, q in (p.split("x") for p in args.prefills.split(",") if p)
+            ),
+            "decode_batches": tuple(int(b) for b in args.decode_batches.split(",") if b),
+            "compiled_batches": tuple(int(b) for b in args.compiled.split(",") if b),
+            "compiled_prefill": args.compiled_prefill,
+        }
         labels = tuple(v for v in args.variants.split(",") if v)
-        out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, compiled, args.fuse, labels)
+        out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, workloads, args.fuse, labels)
         return (
             f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
             + e2e_table(out["e2e"])
