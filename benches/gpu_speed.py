@@ -379,8 +379,11 @@ def time_e2e(
         t0 = time.perf_counter()
         gen.prefill(ids)  # compiles, then captures
         res[f"prefill_{b}x{q}_compiled_first_s"] = time.perf_counter() - t0
-        ms = time_graph(gen.prefill_graph(q), iters=10, repeats=3)
+        graph = gen.prefill_graph(q)
+        ms = time_graph(graph, iters=10, repeats=3)
         res[f"prefill_{b}x{q}_compiled_ms"] = ms
+        if (b, q) == prefills[0]:  # what inductor left of the model's other kernels
+            res[f"prefill_{b}x{q}_compiled_profile"] = kernel_breakdown(graph.replay)
         outs[f"prefill_{b}x{q}_compiled_logits"] = gen.prefill(ids).float().clone()
         log(f"  prefill {b}x{q}, compiled: {ms:.2f} ms")
         del gen
