@@ -277,9 +277,30 @@ def test_torchrun_groups_outwait_rank_0_loading_or_saving_alone(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: made.update(kw))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(dist, "barrier", lambda: None)
     with launched(torch.device("cpu")) as device:
         assert device == torch.device("cpu")
     assert made["timeout"] >= timedelta(hours=1)
+
+
+def test_ranks_meet_before_the_group_is_torn_down(monkeypatch):
+    # Under torchrun at torch 2.6, a rank whose peer had already destroyed the gloo group
+    # and exited could hang for good in its own destroy_process_group (2 of 15 CLI runs, two
+    # at a time on 2 cores; 0 of 24 with the barrier).
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RAYON_NUM_THREADS", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: None)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    with launched(torch.device("cpu")):
+        pass
+    assert calls == ["barrier", "destroy"]
+    calls.clear()  # a rank that failed: no waiting for ranks that may never arrive
+    with pytest.raises(RuntimeError, match="rank failed"), launched(torch.device("cpu")):
+        raise RuntimeError("rank failed")
+    assert calls == ["destroy"]
 
 
 def test_the_split_is_fixed_and_balanced():

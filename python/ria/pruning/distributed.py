@@ -104,7 +104,8 @@ def launched(device: torch.device) -> Iterator[torch.device]:
     """Under torchrun (`WORLD_SIZE` > 1, no process group yet): initialises the group from
     torchrun's environment, NCCL with this rank on `cuda:LOCAL_RANK` when `device` is a
     CUDA device, gloo otherwise; yields the device this rank prunes on and destroys the
-    group at the end (freed then, not at interpreter shutdown). The Rust core's worker
+    group at the end (freed then, not at interpreter shutdown; after a barrier unless the
+    body raised). The Rust core's worker
     threads are split between the node's ranks (`RAYON_NUM_THREADS`, unless set).
     Otherwise yields `device` and does nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -126,8 +127,13 @@ def launched(device: torch.device) -> Iterator[torch.device]:
         dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
     try:
         yield device
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Every rank done with the group before any tears it down: gloo's teardown on one rank
+    # could hang for good once its peer had already destroyed the group and exited.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def agreeing(what: str) -> AbstractContextManager[None]:
