@@ -465,7 +465,12 @@ def _tune(
                     continue  # (above MAX_TOKENS only the buffer's prefill shapes, on sm_90)
                 mweights = [w for w in weights if w is not None]
                 cfgs[backend], _ = mma_best_config(
-                    mweights, q, forms[0].bias, fp8_scales=(q_scale, scales), out_dtype=x.dtype
+                    mweights,
+                    q,
+                    forms[0].bias,
+                    configs=shapes,
+                    fp8_scales=(q_scale, scales),
+                    out_dtype=x.dtype,
                 )
                 cands.append(backend)
         for b in [c for c in cands if c != FP8_DENSE]:

@@ -1197,15 +1197,17 @@ def _plain_output(
     checked against before they are timed."""
     cslt = isinstance(packed, Compact24)
     m = min(x.shape[0], MAX_TOKENS)
+    if fp8_scales is None:
+        plain = next(
+            c for c in candidates(m, cslt)
+            if not _unproven(c) and not (c.tiled and (order is not None or not cslt))
+        )  # fmt: skip
+    else:
+        plain = next(c for c in e4m3_candidates(m, cslt) if not _unproven(c))
 
     def run(rows: slice) -> torch.Tensor:
         if fp8_scales is None:
-            plain = next(
-                c for c in candidates(m, cslt)
-                if not _unproven(c) and not (c.tiled and (order is not None or not cslt))
-            )  # fmt: skip
             return mma24_linear(x[rows], packed, bias, order=order, config=plain)
-        plain = next(c for c in e4m3_candidates(m, cslt) if not _unproven(c))
         q_scale, scale = fp8_scales[0][rows], fp8_scales[1][0]
         return mma24_fp8_linear(
             x[rows], q_scale, packed, scale, bias, out_dtype=out_dtype, config=plain
