@@ -301,6 +301,15 @@ def test_ranks_meet_before_the_group_is_torn_down(monkeypatch):
     with pytest.raises(RuntimeError, match="rank failed"), launched(torch.device("cpu")):
         raise RuntimeError("rank failed")
     assert calls == ["destroy"]
+    calls.clear()  # a barrier that fails (a peer gone) still frees this rank's group
+
+    def lost_peer() -> None:
+        raise RuntimeError("connection closed by peer")
+
+    monkeypatch.setattr(dist, "barrier", lost_peer)
+    with pytest.raises(RuntimeError, match="closed by peer"), launched(torch.device("cpu")):
+        pass
+    assert calls == ["destroy"]
 
 
 def test_the_split_is_fixed_and_balanced():

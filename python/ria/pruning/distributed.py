@@ -132,8 +132,10 @@ def launched(device: torch.device) -> Iterator[torch.device]:
         raise
     # Every rank done with the group before any tears it down: gloo's teardown on one rank
     # could hang for good once its peer had already destroyed the group and exited.
-    dist.barrier()
-    dist.destroy_process_group()
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def agreeing(what: str) -> AbstractContextManager[None]:
