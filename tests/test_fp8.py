@@ -194,6 +194,45 @@ def test_compiled_fp8_layers_trace_the_quantization_and_run_one_op_each():
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_unscaled_buckets_trace_their_scaling(bias):
+    """Under torch.compile a token count whose bucket runs an unscaled kernel gets
+    `ria::fp8_unscaled_linear` and its scaling as traced ops (for inductor to fuse into the
+    next kernel), in bf16 without bias, fp32 with one; a bucket whose kernel scales its own
+    output keeps the one opaque `ria::fp8_quantized_linear`. Either way the output equals
+    the eager layer's bits. Once dynamo makes the token count symbolic (automatic dynamic
+    shapes, `ria.generate(compile=True)`'s mode: a second count compiles again), the graph is
+    guarded only at the bucket bound where that changes: the counts on one side share it."""
+    torch.manual_seed(0)
+    w = quantize_weight(random_24(32, 64))
+    b = torch.randn(32, dtype=torch.bfloat16) if bias else None
+    plan = {4: Choice(FP8_DENSE_UNSCALED), 8: Choice(FP8_DENSE_UNSCALED), 64: Choice(FP8_DENSE)}
+    layer = Fp8Linear(w, plan, bias=b)
+    unscaled = torch.ops.ria.fp8_unscaled_linear
+    scaled = torch.ops.ria.fp8_quantized_linear
+    for dynamic in (False, None):
+        graphs: list[list[object]] = []
+
+        def backend(gm: torch.fx.GraphModule, _inputs: list, graphs: list = graphs) -> object:
+            graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+            return gm.forward
+
+        torch.compiler.reset()
+        compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=dynamic)
+        for m in (3, 6, 2, 40, 50):
+            x = torch.randn(m, 64, dtype=torch.bfloat16) * 4
+            with torch.no_grad():
+                assert torch.equal(compiled(x), layer(x)), (m, dynamic)
+            ops = graphs[-1]
+            if m <= 8:  # buckets 4 and 8: unscaled
+                assert unscaled in ops and scaled not in ops, (m, dynamic)
+            else:  # bucket 64: _scaled_mm scales in its epilogue
+                assert scaled in ops and unscaled not in ops, (m, dynamic)
+        # static: one graph per count; automatic: 3 static, then 6 symbolic (<= 8: buckets 4
+        # and 8 alike, so also for 2), then 40 symbolic (> 8) also for 50
+        assert len(graphs) == (5 if dynamic is False else 3), dynamic
+
+
 def test_quantize_linears_picks_24_layers_or_all():
     model = prune_model_24(tiny_model("llama")).to(torch.bfloat16)
     model.model.layers[0].mlp.up_proj.weight.data.normal_()  # no longer 2:4
@@ -463,7 +502,10 @@ def test_programmatic_e4m3_launch_reads_each_replays_tokens(m):
 def test_compiled_fp8_layer_equals_its_eager_call(m):
     """Under inductor the tokens are quantized by generated code (`quantize_rows` traced)
     instead of `quantize_tokens`: the same bits, so every backend's output is identical to
-    the eager layer's, cuSPARSELt's too (its operand padded to 16 rows by a copy there)."""
+    the eager layer's, cuSPARSELt's too (its operand padded to 16 rows by a copy there).
+    At 100 tokens the plans' kernels leave their product unscaled (cuSPARSELt's,
+    `_scaled_mm`'s tensor-wise path) and inductor's code scales it (`fp8.apply_scales`)
+    instead of the scaling kernel: the same bits again (power-of-two scales are exact)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 256, bias=True).to(torch.bfloat16).cuda()
     with torch.no_grad():

@@ -38,11 +38,13 @@ __all__ = [
     "MANTISSA_175",
     "MIN_AMAX",
     "Fp8Weight",
+    "apply_scales",
     "fp8_linear_reference",
     "fp8_quantized_reference",
     "pow2_scale",
     "quantize_rows",
     "quantize_weight",
+    "unscaled_dtype",
 ]
 
 
@@ -147,7 +149,30 @@ def fp8_quantized_reference(
     """`fp8_linear_reference` on tokens already quantized (`quantize_rows`): `q` `(M, K)`
     e4m3, `q_scale` `(M,)` fp32 -> `(M, N)` in `out_dtype`."""
     acc = q.float() @ weight.values.float().t()
-    y = acc * q_scale[:, None] * weight.scale[None, :]
+    return apply_scales(acc, q_scale, weight.scale, bias, out_dtype)
+
+
+def unscaled_dtype(out_dtype: torch.dtype, has_bias: bool) -> torch.dtype:
+    """The dtype an unscaled e4m3 product `(M, N)` is kept in before `apply_scales`, for an
+    output in `out_dtype`: bf16 for bf16 without bias (scaling it by powers of two later is
+    exact, so the output is rounded once), else fp32 (adding a bias to a rounded product
+    would round twice: up to 2 bf16 ulps off; the unscaled sums, up to 448**2 * K,
+    overflow fp16)."""
+    return out_dtype if out_dtype == torch.bfloat16 and not has_bias else torch.float32
+
+
+def apply_scales(
+    acc: torch.Tensor,
+    q_scale: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """An unscaled e4m3 product `acc` `(M, N)` (fp32, or `unscaled_dtype`) times the token
+    scales `q_scale` `(M,)` and the weight's row scales `scale` `(N,)`, plus `bias`, in fp32,
+    cast once to `out_dtype`: the reference's epilogue, and what a compiled `Fp8Linear`
+    traces after an unscaled kernel so inductor fuses it into the kernel reading its output."""
+    y = acc.float() * q_scale[:, None] * scale[None, :]
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)

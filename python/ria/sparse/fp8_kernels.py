@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .cslt import CsltConfig, alignment_status
-from .fp8 import E4M3, Fp8Weight
+from .fp8 import E4M3, Fp8Weight, unscaled_dtype
 from .graphs import time_call
 from .launch import programmatic_launches
 
@@ -49,9 +49,11 @@ __all__ = [
     "fp8_cslt_compress",
     "fp8_cslt_gemm",
     "fp8_cslt_linear",
+    "fp8_cslt_product",
     "fp8_cslt_shape_status",
     "fp8_dense_gemm",
     "fp8_dense_linear",
+    "fp8_dense_product",
     "fp8_dense_shape_status",
     "fp8_dense_unscaled_gemm",
     "fp8_dense_unscaled_linear",
@@ -137,14 +139,6 @@ def fp8_dense_gemm(
     )
 
 
-def _raw_dtype(dtype: torch.dtype, has_bias: bool) -> torch.dtype:
-    """The dtype of an unscaled e4m3 product for a model of `dtype`: bf16 for bf16 without
-    bias (scaling it by powers of two later is exact, so the output is rounded once), else
-    fp32 (adding a bias to a rounded product would round twice: up to 2 bf16 ulps off; the
-    unscaled sums, up to 448**2 * K, overflow fp16)."""
-    return dtype if dtype == torch.bfloat16 and not has_bias else torch.float32
-
-
 def _apply_scales(
     acc: torch.Tensor,
     sx: torch.Tensor,
@@ -183,14 +177,16 @@ def fp8_dense_unscaled_gemm(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """`fp8_dense_unscaled_linear` on tokens already quantized (as `fp8_dense_gemm`)."""
-    acc = torch._scaled_mm(
-        q,
-        weight.values.t(),
-        scale_a=unit,
-        scale_b=unit,
-        out_dtype=_raw_dtype(out_dtype, bias is not None),
-    )
+    acc = fp8_dense_product(q, weight, unit, unscaled_dtype(out_dtype, bias is not None))
     return _apply_scales(acc, q_scale, weight.scale, bias, q.shape[0], out_dtype)
+
+
+def fp8_dense_product(
+    q: torch.Tensor, weight: Fp8Weight, unit: torch.Tensor, raw_dtype: torch.dtype
+) -> torch.Tensor:
+    """The unscaled `q @ W.T` `(M, N)` in `raw_dtype` (`fp8.unscaled_dtype`), with
+    `torch._scaled_mm`'s tensor-wise path (`unit` as in `fp8_dense_unscaled_linear`)."""
+    return torch._scaled_mm(q, weight.values.t(), scale_a=unit, scale_b=unit, out_dtype=raw_dtype)
 
 
 def fp8_cslt_compress(weight: Fp8Weight) -> torch.Tensor:
@@ -201,7 +197,7 @@ def fp8_cslt_compress(weight: Fp8Weight) -> torch.Tensor:
 def _cslt_raw(
     packed: torch.Tensor, q: torch.Tensor, config: CsltConfig, raw_dtype: torch.dtype
 ) -> torch.Tensor:
-    """cuSPARSELt's unscaled `q @ W.T` `(rows, N)` for padded e4m3 `q` in `_raw_dtype`."""
+    """cuSPARSELt's unscaled `q @ W.T` `(rows, N)` for padded e4m3 `q` in `fp8.unscaled_dtype`."""
     extra: dict[str, Any] = {}
     if config.split_k > 1:
         extra = {"split_k": config.split_k, "split_k_mode": config.split_k_mode}
@@ -248,13 +244,26 @@ def fp8_cslt_gemm(
     whose first `m` rows are the tokens; with `R == cslt_rows(m)` the rows after them must
     be zeros (`quantize_tokens(x, R)` writes them), otherwise they are copied into such an
     operand first."""
+    acc = fp8_cslt_product(q, m, packed, config, unscaled_dtype(out_dtype, bias is not None))
+    return _apply_scales(acc, q_scale, scale, bias, m, out_dtype)
+
+
+def fp8_cslt_product(
+    q: torch.Tensor,
+    m: int,
+    packed: torch.Tensor,
+    config: CsltConfig | None,
+    raw_dtype: torch.dtype,
+) -> torch.Tensor:
+    """cuSPARSELt's unscaled `q @ W.T` `(m, N)` in `raw_dtype` (`fp8.unscaled_dtype`) for
+    the first `m` rows of `q` (padded as `fp8_cslt_gemm` says)."""
     rows = cslt_rows(m)
     if q.shape[0] != rows:
         padded = torch.zeros(rows, q.shape[1], dtype=torch.uint8, device=q.device)
         padded[:m] = q[:m].view(torch.uint8)  # e4m3 zeros are zero bytes
         q = padded.view(q.dtype)
-    acc = _cslt_raw(packed, q, config or CsltConfig(), _raw_dtype(out_dtype, bias is not None))
-    return _apply_scales(acc, q_scale, scale, bias, m, out_dtype)
+    acc = _cslt_raw(packed, q, config or CsltConfig(), raw_dtype)
+    return acc if rows == m else acc[:m]
 
 
 def fp8_cslt_best_config(
@@ -275,7 +284,7 @@ def fp8_cslt_best_config(
 
         def call(cfg: CsltConfig = cfg) -> None:
             for p in packed:
-                _cslt_raw(p, q, cfg, _raw_dtype(x.dtype, False))  # bias: fp32, same GEMM
+                _cslt_raw(p, q, cfg, unscaled_dtype(x.dtype, False))  # bias: fp32, same GEMM
 
         try:
             ms = time_call(call, iters=3, repeats=1)

@@ -20,7 +20,12 @@ The plan is timed for graph replay only: eager calls use it too, and eager cuSPA
 its host set-up on every call, so fp8 2:4 layers are for `ria.generate` / CUDA graphs.
 Under `torch.compile` the tokens are quantized by traced code (`fp8.quantize_rows`, the same
 bits as `quantize_tokens`), which inductor fuses into the kernel that made the input, and
-the plan's GEMM is one custom op on them (`ria::fp8_quantized_linear`).
+the plan's GEMM is one custom op on them (`ria::fp8_quantized_linear`). Where the token count
+is static and its bucket runs a kernel that leaves its product unscaled (cuSPARSELt's,
+`_scaled_mm`'s tensor-wise path: `FP8_UNSCALED_KERNELS`), the op returns that product
+(`ria::fp8_unscaled_linear`) and the scaling is traced too (`fp8.apply_scales`, the same
+arithmetic as the scaling kernel eager calls launch), so inductor fuses it into the kernel
+that reads the output instead of running a kernel of its own.
 Plans are cached on disk like the fp16/bf16 ones (`plan_cache.py`; their keys name the fp8
 backends, so the two never mix).
 """
@@ -48,10 +53,12 @@ from .cslt_lib import cusparselt_version
 from .format import MMA_PAIR_COLS, Compact24, Mma24, pack_24, pack_mma24_e4m3, tensor_bytes
 from .fp8 import (
     Fp8Weight,
+    apply_scales,
     fp8_linear_reference,
     fp8_quantized_reference,
     quantize_rows,
     quantize_weight,
+    unscaled_dtype,
 )
 from .fp8_kernels import (
     cslt_rows,
@@ -59,9 +66,11 @@ from .fp8_kernels import (
     fp8_cslt_compress,
     fp8_cslt_gemm,
     fp8_cslt_linear,
+    fp8_cslt_product,
     fp8_cslt_shape_status,
     fp8_dense_gemm,
     fp8_dense_linear,
+    fp8_dense_product,
     fp8_dense_shape_status,
     fp8_dense_unscaled_gemm,
     fp8_dense_unscaled_linear,
@@ -95,6 +104,9 @@ FP8_BACKENDS = (FP8_DENSE, FP8_DENSE_UNSCALED, FP8_CUSPARSELT, FP8_MMA, FP8_MMA_
 FP8_CSLT_KERNELS = frozenset({FP8_CUSPARSELT, FP8_MMA_CSLT})
 # The kernels that read the dense e4m3 weight.
 FP8_DENSE_KERNELS = frozenset({FP8_DENSE, FP8_DENSE_UNSCALED})
+# The kernels whose product is scaled afterwards (by a second kernel, or by traced code
+# under torch.compile): cuSPARSELt refuses a per-row alpha for fp8; the other is faster so.
+FP8_UNSCALED_KERNELS = frozenset({FP8_CUSPARSELT, FP8_DENSE_UNSCALED})
 
 __all__ = [
     "FP8_BACKENDS",
@@ -105,11 +117,13 @@ __all__ = [
     "FP8_DENSE_UNSCALED",
     "FP8_MMA",
     "FP8_MMA_CSLT",
+    "FP8_UNSCALED_KERNELS",
     "Fp8Linear",
     "choose_fp8_plan",
     "fp8_layer",
     "fp8_quantized_linear",
     "fp8_slower_warnings",
+    "fp8_unscaled_linear",
     "quantize_linears",
     "sparsify_fp8",
 ]
@@ -166,6 +180,14 @@ class Fp8Linear(nn.Module):
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self._buckets = sorted(plan)
         self._choices = [plan[b] for b in self._buckets]
+        # (bound, unscaled) where the buckets up to bound (and above the previous bound) run
+        # unscaled kernels or not, and the next bucket does the other; the last run has none.
+        unscaled = [c.backend in FP8_UNSCALED_KERNELS for c in self._choices]
+        self._unscaled_edges = tuple(
+            (b, u)
+            for b, u, after in zip(self._buckets[:-1], unscaled[:-1], unscaled[1:], strict=True)
+            if u != after
+        )
         keep_values = bool(used & FP8_DENSE_KERNELS) or not weight.values.is_cuda
         # Non-persistent: a checkpoint of the converted model is not mistaken for a bf16 one.
         self.register_buffer("values", weight.values if keep_values else None, persistent=False)
@@ -209,6 +231,16 @@ class Fp8Linear(nn.Module):
         i = min(bisect.bisect_left(self._buckets, m), len(self._buckets) - 1)
         return self._choices[i]
 
+    def _unscaled_for(self, m: int | torch.SymInt) -> bool:
+        """Whether `m` tokens run a kernel of `FP8_UNSCALED_KERNELS`, tested only against the
+        bucket bounds where that changes: under dynamo a test on a symbolic token count is a
+        guard, so a prompt length on the same side reuses the compiled graph. A loop over
+        `_unscaled_edges`: dynamo does not trace bisect."""
+        for bound, unscaled in self._unscaled_edges:
+            if m <= bound:
+                return unscaled
+        return self._choices[-1].backend in FP8_UNSCALED_KERNELS
+
     def weight_bytes(self) -> int:
         """Bytes of the weight forms held (values, compressed weight, scales), bias excluded."""
         return storage_bytes(self.values, self.packed, self.mma_values, self.mma_meta, self.scale)
@@ -234,6 +266,27 @@ class Fp8Linear(nn.Module):
             )
         m = q.shape[0]
         return self._gemm(self.choice_for(m), q.contiguous(), q_scale, m, out_dtype)
+
+    def unscaled_2d(self, q: torch.Tensor, raw_dtype: torch.dtype) -> torch.Tensor:
+        """The unscaled product `q @ W.T` `(M, N)` in `raw_dtype` (`fp8.unscaled_dtype`) of
+        the plan's kernel for `M` tokens, one of `FP8_UNSCALED_KERNELS`; what a compiled
+        forward calls before scaling it in traced code (`fp8.apply_scales`)."""
+        m = q.shape[0]
+        if not q.is_cuda:
+            values = self._reference_weight().values
+            return (q.float() @ values.float().t()).to(raw_dtype)
+        choice = self.choice_for(m)
+        if choice.backend == FP8_CUSPARSELT:
+            assert self.packed is not None
+            return fp8_cslt_product(q.contiguous(), m, self.packed, choice.cslt, raw_dtype)
+        if choice.backend != FP8_DENSE_UNSCALED:
+            raise InvalidArgumentError(
+                f"{choice.backend} scales its own output; unscaled_2d takes the buckets of "
+                f"{sorted(FP8_UNSCALED_KERNELS)}"
+            )
+        assert self.values is not None and self.unit is not None
+        dense = Fp8Weight(self.values, self.scale)
+        return fp8_dense_product(q.contiguous(), dense, self.unit, raw_dtype)
 
     def _reference_weight(self) -> Fp8Weight:
         if self.values is None:
@@ -298,7 +351,14 @@ class Fp8Linear(nn.Module):
             # made x (a norm, SiLU-mul, the attention's output copy), and the kernel choice
             # and launches as one op: one kernel less per layer than eager calls.
             q, q_scale = quantize_rows(x2)
-            y: torch.Tensor = torch.ops.ria.fp8_quantized_linear(q, q_scale, self._handle, x2.dtype)
+            if self._unscaled_for(x2.shape[0]):
+                # Its scaling traced too: fused into the kernel that reads y (SiLU-mul,
+                # the residual add, the next quantization), not a kernel of its own.
+                raw = unscaled_dtype(x2.dtype, self.bias is not None)
+                acc = torch.ops.ria.fp8_unscaled_linear(q, self._handle, raw)
+                y: torch.Tensor = apply_scales(acc, q_scale, self.scale, self.bias, x2.dtype)
+            else:
+                y = torch.ops.ria.fp8_quantized_linear(q, q_scale, self._handle, x2.dtype)
         else:
             y = self.linear_2d(x2.contiguous())
         return y.view(*x.shape[:-1], self.out_features)
@@ -327,6 +387,19 @@ def _fp8_quantized_linear_fake(
     q: torch.Tensor, q_scale: torch.Tensor, layer: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
     return q.new_empty(q.shape[0], _fp8_layer(layer).out_features, dtype=out_dtype)
+
+
+@torch.library.custom_op("ria::fp8_unscaled_linear", mutates_args=())
+def fp8_unscaled_linear(q: torch.Tensor, layer: int, raw_dtype: torch.dtype) -> torch.Tensor:
+    """`Fp8Linear.unscaled_2d` of the layer registered as `layer`: the op `torch.compile`
+    sees for an fp8 layer whose bucket leaves its product unscaled, before the traced
+    scaling (`fp8.apply_scales`)."""
+    return _fp8_layer(layer).unscaled_2d(q, raw_dtype)
+
+
+@fp8_unscaled_linear.register_fake
+def _fp8_unscaled_linear_fake(q: torch.Tensor, layer: int, raw_dtype: torch.dtype) -> torch.Tensor:
+    return q.new_empty(q.shape[0], _fp8_layer(layer).out_features, dtype=raw_dtype)
 
 
 def _fp8_layer(handle: int) -> Fp8Linear:
