@@ -22,7 +22,8 @@ CUDA graphs, so dense and sparse models run with no per-kernel host overhead.
   much time in as in its GEMMs. The 2:4 layers stay one custom op each. The first prefill
   of a generator runs eagerly (it creates the KV cache's tensors, which a compiled graph
   cannot); a new prompt length compiles again (dynamo's automatic dynamic shapes then
-  make the prompt length symbolic).
+  make the prompt length symbolic, guarded only where an fp8 layer's kernel changes between
+  scaling its own output and leaving that to traced code: `Fp8Linear.forward`).
 """
 
 from __future__ import annotations
