@@ -41,6 +41,7 @@ __all__ = [
     "apply_scales",
     "fp8_linear_reference",
     "fp8_quantized_reference",
+    "fp8_unscaled_reference",
     "pow2_scale",
     "quantize_rows",
     "quantize_weight",
@@ -148,8 +149,13 @@ def fp8_quantized_reference(
 ) -> torch.Tensor:
     """`fp8_linear_reference` on tokens already quantized (`quantize_rows`): `q` `(M, K)`
     e4m3, `q_scale` `(M,)` fp32 -> `(M, N)` in `out_dtype`."""
-    acc = q.float() @ weight.values.float().t()
-    return apply_scales(acc, q_scale, weight.scale, bias, out_dtype)
+    return apply_scales(fp8_unscaled_reference(q, weight), q_scale, weight.scale, bias, out_dtype)
+
+
+def fp8_unscaled_reference(q: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
+    """The unscaled product of e4m3 tokens `q` `(M, K)` and the weight's e4m3 values,
+    `(M, N)` fp32: exact products, summed in fp32."""
+    return q.float() @ weight.values.float().t()
 
 
 def unscaled_dtype(out_dtype: torch.dtype, has_bias: bool) -> torch.dtype:

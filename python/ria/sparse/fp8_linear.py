@@ -56,6 +56,7 @@ from .fp8 import (
     apply_scales,
     fp8_linear_reference,
     fp8_quantized_reference,
+    fp8_unscaled_reference,
     quantize_rows,
     quantize_weight,
     unscaled_dtype,
@@ -273,8 +274,7 @@ class Fp8Linear(nn.Module):
         forward calls before scaling it in traced code (`fp8.apply_scales`)."""
         m = q.shape[0]
         if not q.is_cuda:
-            values = self._reference_weight().values
-            return (q.float() @ values.float().t()).to(raw_dtype)
+            return fp8_unscaled_reference(q, self._reference_weight()).to(raw_dtype)
         choice = self.choice_for(m)
         if choice.backend == FP8_CUSPARSELT:
             assert self.packed is not None
