@@ -20,8 +20,8 @@ The plan is timed for graph replay only: eager calls use it too, and eager cuSPA
 its host set-up on every call, so fp8 2:4 layers are for `ria.generate` / CUDA graphs.
 Under `torch.compile` the tokens are quantized by traced code (`fp8.quantize_rows`, the same
 bits as `quantize_tokens`), which inductor fuses into the kernel that made the input, and
-the plan's GEMM is one custom op on them (`ria::fp8_quantized_linear`). Where the token count
-is static and its bucket runs a kernel that leaves its product unscaled (cuSPARSELt's,
+the plan's GEMM is one custom op on them (`ria::fp8_quantized_linear`). Where the token count's
+bucket runs a kernel that leaves its product unscaled (cuSPARSELt's,
 `_scaled_mm`'s tensor-wise path: `FP8_UNSCALED_KERNELS`), the op returns that product
 (`ria::fp8_unscaled_linear`) and the scaling is traced too (`fp8.apply_scales`, the same
 arithmetic as the scaling kernel eager calls launch), so inductor fuses it into the kernel
