@@ -561,13 +561,19 @@ def bench_e2e(
             }
             log(f"{label}: {report}")
         row["linear_bytes"] = weight_bytes(model)
+        row["timings"] = {}
+        result["variants"][label] = row
+
+        def keep(timings: dict, row: dict = row) -> None:  # saved per workload, not per variant
+            row["timings"] = timings
+            save(result)
+
         try:
-            row["timings"], outs[label] = time_e2e(model, decode_steps, **workloads)
+            row["timings"], outs[label] = time_e2e(model, decode_steps, **workloads, progress=keep)
         except Exception:  # e.g. a compile failure: the graph-replay timings still count
             row["compiled_error"] = traceback.format_exc()
             log(row["compiled_error"])
-            row["timings"], outs[label] = time_e2e(model, decode_steps, **uncompiled)
-        result["variants"][label] = row
+            row["timings"], outs[label] = time_e2e(model, decode_steps, **uncompiled, progress=keep)
         save(result)
         if model is not base:
             del model

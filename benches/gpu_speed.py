@@ -336,13 +336,16 @@ def time_e2e(
     prefills: tuple[tuple[int, int], ...] = ((8, 128), (1, 2048)),
     compiled_batches: tuple[int, ...] = (),
     compiled_prefill: bool = False,
+    progress: Callable[[dict], None] = lambda timings: None,
 ) -> tuple[dict, dict]:
     """Graph-replay timings and the outputs used for the correctness check.
     `compiled_batches`: decode batches also timed with the step compiled by inductor before
     capture (`ria.generate(compile=True)`'s mode), keys `decode_b{B}_compiled_*`;
-    `compiled_prefill`: the prefills too, keys `prefill_{B}x{Q}_compiled_*`."""
+    `compiled_prefill`: the prefills too, keys `prefill_{B}x{Q}_compiled_*`. `progress` gets
+    the timings so far after each workload (to save them: a run cut short keeps those)."""
     g = torch.Generator(device="cuda").manual_seed(7)
-    res, outs = {}, {}
+    res: dict = {}
+    outs: dict = {}
     for b, q in prefills:
         ids = torch.randint(0, VOCAB, (b, q), device="cuda", generator=g)
         gen = StaticGenerator(model, b, q)
@@ -355,6 +358,7 @@ def time_e2e(
             res[f"prefill_{b}x{q}_profile"] = kernel_breakdown(graph.replay)
         outs[f"prefill_{b}x{q}_logits"] = gen.prefill(ids).float().clone()
         log(f"  prefill {b}x{q}: {ms:.2f} ms")
+        progress(res)
         del gen
     for b in decode_batches:
         ids = torch.randint(0, VOCAB, (b, 512), device="cuda", generator=g)
@@ -371,6 +375,7 @@ def time_e2e(
             gen.prefill(ids)  # rewind again: the timing replays advanced the cache
             graph = gen.step_graph()
             res["decode_b1_profile"] = kernel_breakdown(graph.replay)
+        progress(res)
         del gen
     for b, q in prefills if compiled_prefill else ():
         ids = torch.randint(0, VOCAB, (b, q), device="cuda", generator=g)
@@ -386,6 +391,7 @@ def time_e2e(
             res[f"prefill_{b}x{q}_compiled_profile"] = kernel_breakdown(graph.replay)
         outs[f"prefill_{b}x{q}_compiled_logits"] = gen.prefill(ids).float().clone()
         log(f"  prefill {b}x{q}, compiled: {ms:.2f} ms")
+        progress(res)
         del gen
         torch._dynamo.reset()  # one static-shape compile per prompt size
     for b in compiled_batches:
@@ -404,6 +410,7 @@ def time_e2e(
         if b == 1:
             gen.prefill(ids)
             res["decode_b1_compiled_profile"] = kernel_breakdown(gen.step_graph().replay)
+        progress(res)
         del gen
         torch._dynamo.reset()  # drop the compiled code (and its graphs) of this model
     return res, outs
