@@ -139,17 +139,17 @@ def fp8_dense_gemm(
     )
 
 
-def _apply_scales(
+def _scale_on_gpu(
     acc: torch.Tensor,
     sx: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
-    m: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """`acc[:m] * sx[:m, None] * scale[None, :] + bias` in `dtype`, one Triton kernel, for an
-    unscaled product `acc` `(>= m, N)` (any strides)."""
-    n = acc.shape[1]
+    """`fp8.apply_scales` as one Triton kernel: `acc * sx[:, None] * scale[None, :] + bias`
+    in `dtype` for an unscaled product `acc` `(M, N)` (any strides). Eager and
+    graph-replayed calls launch it; a compiled layer traces `apply_scales` instead."""
+    m, n = acc.shape
     out = torch.empty(m, n, dtype=dtype, device=acc.device)
     block_m = 16 if m <= 16 else 64
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, 128))
@@ -178,7 +178,7 @@ def fp8_dense_unscaled_gemm(
 ) -> torch.Tensor:
     """`fp8_dense_unscaled_linear` on tokens already quantized (as `fp8_dense_gemm`)."""
     acc = fp8_dense_product(q, weight, unit, unscaled_dtype(out_dtype, bias is not None))
-    return _apply_scales(acc, q_scale, weight.scale, bias, q.shape[0], out_dtype)
+    return _scale_on_gpu(acc, q_scale, weight.scale, bias, out_dtype)
 
 
 def fp8_dense_product(
@@ -245,7 +245,7 @@ def fp8_cslt_gemm(
     be zeros (`quantize_tokens(x, R)` writes them), otherwise they are copied into such an
     operand first."""
     acc = fp8_cslt_product(q, m, packed, config, unscaled_dtype(out_dtype, bias is not None))
-    return _apply_scales(acc, q_scale, scale, bias, m, out_dtype)
+    return _scale_on_gpu(acc, q_scale, scale, bias, out_dtype)
 
 
 def fp8_cslt_product(
