@@ -14,7 +14,7 @@ weight; 2:4 forms: 9/16 of that). Writes JSON to benches/results/ and prints a t
 Usage: python benches/decode_kernels.py [--out PATH] [--ms 1,4,8,16,32,64] [--cslt-sweep]
 [--tiled-sweep]
 
-With `--wgmma-sweep` (default --ms 1,8,16,32,64, --out .../decode_kernels_h200_wgmma.json):
+With `--wgmma-sweep` (default --ms 1,8,16,32,64, --out .../decode_kernels_<card>_wgmma.json):
 only dense, cuSPARSELt, the best mma.sp kernel on cuSPARSELt's buffer before the wgmma kernels
 ("old": plain and tiled shapes of `candidates`) and the streaming wgmma kernel ("wgmma",
 `wgmma_sp.cu`: its shapes in `candidates` and WGMMA_SWEEP, each timed), side by side, and what
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_speed import distinct_copies, prune_24
+from gpu_speed import default_results_path, distinct_copies, prune_24
 
 from ria.sparse import pack_24, sparse24_linear
 from ria.sparse.cslt import cslt_best_config, cslt_compress, cslt_linear, share_cslt_buffer
@@ -378,7 +378,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "--out", default=None, help="default: benches/results/decode_kernels_h200*.json"
+        "--out", default=None, help="default: benches/results/decode_kernels_<card>[_wgmma].json"
     )
     ap.add_argument(
         "--ms", default=None, help="default: 1,4,8,16,32,64 (--wgmma-sweep: 1,8,16,32,64)"
@@ -393,7 +393,7 @@ def main() -> None:
     MAX_SPLIT = args.tiled_max_split
     wg = args.wgmma_sweep
     ms = [int(v) for v in (args.ms or ("1,8,16,32,64" if wg else "1,4,8,16,32,64")).split(",")]
-    out = args.out or f"benches/results/decode_kernels_h200{'_wgmma' if wg else ''}.json"
+    out = args.out or default_results_path("decode_kernels" + ("_wgmma" if wg else ""))
     t0 = time.perf_counter()
     if wg:
         for m in ms:

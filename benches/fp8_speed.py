@@ -40,7 +40,7 @@ Sections (`--only` picks some):
         alternating rounds, side by side.
 
 Timing helpers, model and workloads are benches/gpu_speed.py's. Writes JSON (default
-benches/results/fp8_h200.json) and prints markdown tables.
+benches/results/fp8_<card>.json) and prints markdown tables.
 Usage: python benches/fp8_speed.py [--only gemm,e2e,shapes,accuracy,launch] [--layers 32]
     [--m 1,16,64,1024]
 """
@@ -66,6 +66,7 @@ from gpu_speed import (
     SHAPES,
     STREAM_BYTES,
     build_model,
+    default_results_path,
     distinct_copies,
     environment,
     log,
@@ -734,12 +735,12 @@ def main() -> None:
     ap.add_argument(
         "--variants", default="", help="e2e: comma list of VARIANTS labels (default: all)"
     )
-    ap.add_argument("--out", default="benches/results/fp8_h200.json")
+    ap.add_argument("--out", default=None, help="default: benches/results/fp8_<card>.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
     out: dict = {"env": environment(), "command": " ".join(__import__("sys").argv)}
     out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    path = Path(args.out)
+    path = Path(args.out or default_results_path("fp8"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tables = []
 

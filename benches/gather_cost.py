@@ -13,7 +13,7 @@ decode-only buckets (1, 16, 64: the mma.sp layout). Timing only: the orders are 
 the function differs from the unordered model's; correctness of gathered layers is tested
 in tests/test_sparse.py and tests/test_prune.py.
 
-Usage: python benches/gather_cost.py [--layers 32] [--out benches/results/gather_cost_h200.json]
+Usage: python benches/gather_cost.py [--layers 32] [--out benches/results/gather_cost_<card>.json]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_speed import build_model, environment, log, time_e2e
+from gpu_speed import build_model, default_results_path, environment, log, time_e2e
 
 from ria.permutation import ChannelGather
 from ria.sparse import DEFAULT_BATCH_SIZES, Sparse24Linear, sparsify
@@ -115,15 +115,16 @@ def layout_run(layers: int, buckets: tuple[int, ...], prefill: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--out", default="benches/results/gather_cost_h200.json")
+    ap.add_argument("--out", default=None, help="default: benches/results/gather_cost_<card>.json")
     args = ap.parse_args()
     result = {"env": environment(), "command": " ".join(__import__("sys").argv)}
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result["layers"] = args.layers
     result["default_layout"] = layout_run(args.layers, DEFAULT_BATCH_SIZES, prefill=True)
     result["decode_layout"] = layout_run(args.layers, (1, 16, 64), prefill=False)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    path = Path(args.out or default_results_path("gather_cost"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
     print("| layout, workload | dense | 2:4 | 2:4 + folded | 2:4 + free | folded | free |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for layout in ("default_layout", "decode_layout"):

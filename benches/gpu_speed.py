@@ -31,6 +31,7 @@ import gc
 import json
 import math
 import platform
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -865,6 +866,16 @@ def environment() -> dict:
     }
 
 
+def default_results_path(stem: str) -> str:
+    """`benches/results/{stem}_{card}.json`, `card` the running GPU's model ("h100", "h200";
+    "cpu" without CUDA), so a default run never overwrites another card's figures."""
+    card = "cpu"
+    if torch.cuda.is_available():  # "NVIDIA H100 80GB HBM3" -> h100; "...A100-SXM4-80GB" -> a100
+        words = re.findall(r"[a-z0-9]+", torch.cuda.get_device_name().lower())
+        card = next((w for w in words if any(c.isdigit() for c in w)), "gpu")
+    return f"benches/results/{stem}_{card}.json"
+
+
 def run_section(
     name: str, body: Callable[[], str | None], out: dict, path: Path, tables: list[str]
 ) -> None:
@@ -923,7 +934,7 @@ def main() -> None:
         action="store_true",
         help="fusion section: skip the decode-only buckets' plans",
     )
-    ap.add_argument("--out", default="benches/results/gpu_h200.json")
+    ap.add_argument("--out", default=None, help="default: benches/results/gpu_<card>.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
     out: dict = {"env": environment(), "command": " ".join(__import__("sys").argv)}
@@ -931,7 +942,7 @@ def main() -> None:
     out["copy_GBps"] = copy_bandwidth()
     log(f"{out['env']}; D2D copy {out['copy_GBps']:.0f} GB/s")
     tables = []
-    path = Path(args.out)
+    path = Path(args.out or default_results_path("gpu"))
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def gemm() -> str:
