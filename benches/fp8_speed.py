@@ -528,6 +528,18 @@ VARIANTS = {
 }
 
 
+def variant_labels(spec: str) -> tuple[str, ...]:
+    """`--variants`' comma list as labels; "fused" after a comma belongs to the label before
+    it ("fp8 2:4, fused,bf16 dense" -> ("fp8 2:4, fused", "bf16 dense"))."""
+    labels: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if part == "fused" and labels:
+            labels[-1] += ", fused"
+        elif part:
+            labels.append(part)
+    return tuple(labels)
+
+
 def bench_e2e(
     layers: int,
     decode_steps: int,
@@ -539,18 +551,23 @@ def bench_e2e(
     """The variants in turn (each a copy of one model); `save(result)` after each.
     `workloads`: `gpu_speed.time_e2e`'s keyword arguments (prefills, decode batches, which
     of them also compiled; its defaults when None). `fuse`: also the three sparsified
-    variants with `fuse_siblings=True`. `only`: these labels of VARIANTS alone (all when
-    empty)."""
+    variants with `fuse_siblings=True`. `only`: these labels alone (all of VARIANTS when
+    empty), a sparsified one's fused form by its label + ", fused" ("fp8 2:4, fused")."""
     workloads = workloads or {}
     uncompiled = {**workloads, "compiled_batches": (), "compiled_prefill": False}
+    fused = {f"{k}, fused": {**v, "fuse_siblings": True} for k, v in VARIANTS.items() if v}
+    unknown = set(only) - set(VARIANTS) - set(fused)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}: of {[*VARIANTS, *fused]}")
+    every = {**VARIANTS, **fused}
+    variants = {k: every[k] for k in only or VARIANTS}  # in the order asked for
+    if fuse:
+        variants |= {
+            f"{k}, fused": fused[f"{k}, fused"] for k in variants if f"{k}, fused" in fused
+        }
     base = build_model(layers, prune_all=False)
     result: dict = {"layers": layers, "variants": {}}
     outs = {}
-    variants = {k: v for k, v in VARIANTS.items() if not only or k in only}
-    if fuse:
-        for label, options in list(variants.items()):
-            if options is not None:
-                variants[f"{label}, fused"] = {**options, "fuse_siblings": True}
     for label, options in variants.items():
         model = base if options is None else copy.deepcopy(base)  # base stays bf16 dense
         row: dict = {}
@@ -733,7 +750,9 @@ def main() -> None:
         "--fuse", action="store_true", help="e2e: also each sparsified variant with fused siblings"
     )
     ap.add_argument(
-        "--variants", default="", help="e2e: comma list of VARIANTS labels (default: all)"
+        "--variants",
+        default="",
+        help='e2e: comma list of VARIANTS labels, or one + ", fused" (default: all)',
     )
     ap.add_argument("--out", default=None, help="default: benches/results/fp8_<card>.json")
     args = ap.parse_args()
@@ -761,7 +780,7 @@ def main() -> None:
             "compiled_batches": tuple(int(b) for b in args.compiled.split(",") if b),
             "compiled_prefill": args.compiled_prefill,
         }
-        labels = tuple(v for v in args.variants.split(",") if v)
+        labels = variant_labels(args.variants)
         out["e2e"] = bench_e2e(args.layers, args.decode_steps, save, workloads, args.fuse, labels)
         return (
             f"### End to end, LLaMA-2-7B shapes, {args.layers} layers\n\n"
