@@ -556,10 +556,9 @@ def bench_e2e(
     workloads = workloads or {}
     uncompiled = {**workloads, "compiled_batches": (), "compiled_prefill": False}
     fused = {f"{k}, fused": {**v, "fuse_siblings": True} for k, v in VARIANTS.items() if v}
-    unknown = set(only) - set(VARIANTS) - set(fused)
-    if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}: of {[*VARIANTS, *fused]}")
     every = {**VARIANTS, **fused}
+    if unknown := set(only) - set(every):
+        raise SystemExit(f"unknown variants {sorted(unknown)}: of {list(every)}")
     variants = {k: every[k] for k in only or VARIANTS}  # in the order asked for
     if fuse:
         variants |= {
