@@ -372,10 +372,9 @@ def time_e2e(
         res[f"decode_b{b}_ms_per_step"] = ms
         res[f"decode_b{b}_tok_s"] = b / ms * 1e3
         log(f"  decode b={b}: {ms:.3f} ms/step, {b / ms * 1e3:.1f} tok/s")
-        if b == 1:  # where one graph-replayed decode step spends its GPU time
-            gen.prefill(ids)  # rewind again: the timing replays advanced the cache
-            graph = gen.step_graph()
-            res["decode_b1_profile"] = kernel_breakdown(graph.replay)
+        # where one graph-replayed decode step spends its GPU time
+        gen.prefill(ids)  # rewind again: the timing replays advanced the cache
+        res[f"decode_b{b}_profile"] = kernel_breakdown(gen.step_graph().replay)
         progress(res)
         del gen
     for b, q in prefills if compiled_prefill else ():
@@ -408,9 +407,8 @@ def time_e2e(
         res[f"decode_b{b}_compiled_ms_per_step"] = ms
         res[f"decode_b{b}_compiled_tok_s"] = b / ms * 1e3
         log(f"  decode b={b}, compiled: {ms:.3f} ms/step")
-        if b == 1:
-            gen.prefill(ids)
-            res["decode_b1_compiled_profile"] = kernel_breakdown(gen.step_graph().replay)
+        gen.prefill(ids)
+        res[f"decode_b{b}_compiled_profile"] = kernel_breakdown(gen.step_graph().replay)
         progress(res)
         del gen
         torch._dynamo.reset()  # drop the compiled code (and its graphs) of this model
