@@ -57,7 +57,7 @@ import math
 import re
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -629,7 +629,7 @@ def error_table(r: dict) -> str:
         (label, key[3:].replace("_", " "), errs)
         for label, row in r["variants"].items()
         for key, errs in row.items()
-        if key.startswith("vs_")
+        if key.startswith("vs_") and errs  # empty: no prefill ran, so no logits to compare
     ]
     if not rows:
         return ""
@@ -651,36 +651,34 @@ def workload_name(key: str) -> str | None:
     return None
 
 
+def ratio_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
+    """The (2:4 variant, baseline) pairs the e2e table compares, where both ran: each fp8
+    2:4 form against fp8 dense of the same form (fused or not) and against bf16 dense."""
+    pairs = []
+    for label in labels:
+        if label.startswith("fp8 2:4"):
+            form = label.removeprefix("fp8 2:4")  # "" or ", fused"
+            pairs += [(label, b) for b in (f"fp8 dense{form}", "bf16 dense") if b in labels]
+    return pairs
+
+
 def e2e_table(r: dict) -> str:
+    """Each workload's time per variant, then each of `ratio_pairs`' speedups (the
+    baseline's time over the 2:4 variant's)."""
     v = r["variants"]
     labels = list(v)
-    out = ["| workload | " + " | ".join(labels) + " | fp8 2:4 / fp8 dense | fp8 2:4 / bf16 dense |"]
-    out.append("|---|" + "---:|" * (len(labels) + 2))
+    pairs = ratio_pairs(labels)
+    out = ["| workload | " + " | ".join([*labels, *(f"{a} / {b}" for a, b in pairs)]) + " |"]
+    out.append("|---|" + "---:|" * (len(labels) + len(pairs)))
     timed = [k for k in v[labels[0]]["timings"] if all(k in v[x]["timings"] for x in labels)]
-    keys = [(k, workload_name(k)) for k in timed if workload_name(k)]
-    fused = "fp8 2:4, fused" in v and "fp8 dense, fused" in v
-    if fused:
-        out[0] += " fused: fp8 2:4 / fp8 dense |"
-        out[1] += "---:|"
-    for key, name in keys:
-        t = [v[label]["timings"][key] for label in labels]
-        fp8d, fp824, bf16d = (
-            v[x]["timings"][key] if x in v else math.nan
-            for x in ("fp8 dense", "fp8 2:4", "bf16 dense")
-        )  # a variant left out (--variants): its ratio reads nan
-        row = (
-            f"| {name} | " + " | ".join(f"{x:.2f}" for x in t)
-            + f" | {fp8d / fp824:.2f}x | {bf16d / fp824:.2f}x |"
-        )  # fmt: skip
-        if fused:
-            fd, f24 = (v[x]["timings"][key] for x in ("fp8 dense, fused", "fp8 2:4, fused"))
-            row += f" {fd / f24:.2f}x |"
-        out.append(row)
-    gib = [v[label]["linear_bytes"] / 2**30 for label in labels]
-    out.append(
-        "| decoder Linear weights (GiB) | " + " | ".join(f"{x:.2f}" for x in gib)
-        + " | | |" + (" |" if fused else "")
-    )  # fmt: skip
+    for key in timed:
+        if (name := workload_name(key)) is None:
+            continue
+        t = {label: v[label]["timings"][key] for label in labels}
+        cells = [f"{t[x]:.2f}" for x in labels] + [f"{t[b] / t[a]:.2f}x" for a, b in pairs]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    gib = [f"{v[label]['linear_bytes'] / 2**30:.2f}" for label in labels]
+    out.append("| decoder Linear weights (GiB) | " + " | ".join(gib) + " |" + " |" * len(pairs))
     return "\n".join(out)
 
 
