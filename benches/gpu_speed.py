@@ -342,8 +342,10 @@ def time_e2e(
     """Graph-replay timings and the outputs used for the correctness check.
     `compiled_batches`: decode batches also timed with the step compiled by inductor before
     capture (`ria.generate(compile=True)`'s mode), keys `decode_b{B}_compiled_*`;
-    `compiled_prefill`: the prefills too, keys `prefill_{B}x{Q}_compiled_*`. `progress` gets
-    the timings so far after each workload (to save them: a run cut short keeps those)."""
+    `compiled_prefill`: the prefills too, keys `prefill_{B}x{Q}_compiled_*`. Each decode
+    batch's step and the first prefill, in each mode, also get `kernel_breakdown`'s profile
+    (`*_profile` keys). `progress` gets the timings so far after each workload (to save
+    them: a run cut short keeps those)."""
     g = torch.Generator(device="cuda").manual_seed(7)
     res: dict = {}
     outs: dict = {}
